@@ -1,0 +1,1 @@
+"""Pipeline definitions and routing rules (installed as radnode.pipelines)."""

@@ -143,3 +143,14 @@ def load_config(path: str | Path | None) -> Config:
         where = f" line {mark.line + 1}" if mark else ""
         raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
     return parse_config(data, str(path))
+
+
+CONFIG_ENV = "RADNODE_CONFIG"
+"""Environment variable naming the configuration file, for apps started as separate processes or MAPs."""
+
+
+def config_from_environment() -> Config:
+    """The configuration an app process should use: the file in $RADNODE_CONFIG, else defaults."""
+    import os
+
+    return load_config(os.environ.get(CONFIG_ENV) or None)

@@ -40,3 +40,37 @@ def _totalseg_reference_dir() -> Path:
 def totalseg_reference() -> Path:
     """Folder with example_ct_dicom/, example_ct_sm.nii.gz, example_seg.nii.gz, … (real CT, real labels)."""
     return _totalseg_reference_dir()
+
+
+def restore_totalseg_dicom(reference: Path, target: Path, *, patient_id: str = "TS0001",
+                           accession: str = "TSACC1") -> list[Path]:
+    """Write the real TotalSegmentator CT series with the UIDs its distribution stripped put back.
+
+    Study/Series/SOP Instance UIDs and SOP Class UID are empty in the shipped files (only the file
+    meta keeps the SOP UIDs); a PACS would refuse them, so they are restored as a sender would have them.
+    """
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    target.mkdir(parents=True, exist_ok=True)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    written = []
+    for src in sorted((reference / "example_ct_dicom").iterdir()):
+        ds = pydicom.dcmread(src)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.PatientID, ds.PatientName, ds.AccessionNumber = patient_id, "Totalseg^Example", accession
+        ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 2, ds.get("InstanceNumber") or len(written) + 1
+        out = target / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(out, enforce_file_format=True)
+        written.append(out)
+    return written
+
+
+@pytest.fixture
+def real_ct_folder(totalseg_reference: Path, tmp_path: Path) -> Path:
+    """A folder holding the real 20-slice CT series (JPEG 2000 lossless) with its UIDs restored."""
+    folder = tmp_path / "real_ct"
+    restore_totalseg_dicom(totalseg_reference, folder)
+    return folder

@@ -1,0 +1,1 @@
+"""CT body-composition and lung application: model-free tissue segmentation, SEG + SR + FHIR out."""

@@ -1,0 +1,74 @@
+"""The embedded default pipeline: CT tissue segmentation and measurements as a MONAI Deploy application.
+
+Runs anywhere (no model, no GPU): DICOM folder → series selection → volume → tissue segmentation →
+measurements → DICOM SEG, TID 1500 SR and FHIR Bundle in the output folder. Inputs and outputs follow
+the MAP contract (``--input/--output`` or HOLOSCAN_INPUT_PATH / HOLOSCAN_OUTPUT_PATH).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from monai.deploy.core import Application
+from holoscan.conditions import CountCondition
+
+import radnode
+from radnode.config import config_from_environment
+from radnode.imaging.series import CT_IMAGE_STORAGE, VolumeCriteria
+from radnode.operators.ct_tissue import CTMeasurementOperator, CTTissueSegmentationOperator
+from radnode.operators.dicom_input import (
+    SeriesToVolumeOperator,
+    StudyFolderLoaderOperator,
+    VolumeSeriesSelectorOperator,
+)
+from radnode.operators.result_writers import (
+    FhirReportWriterOperator,
+    MeasurementReportWriterOperator,
+    SegmentationWriterOperator,
+)
+from radnode.outputs.algorithm import AlgorithmInfo
+
+log = logging.getLogger(__name__)
+
+ALGORITHM = AlgorithmInfo(name="radnode CT tissue", version=radnode.__version__)
+CRITERIA = VolumeCriteria(modality="CT", sop_classes=(CT_IMAGE_STORAGE,), min_slices=10)
+
+
+class CTTissueApp(Application):
+    """Segments body, lungs, bone, fat and muscle on an axial CT and reports volumes and attenuation."""
+
+    name = "ct_tissue"
+    description = "CT tissue segmentation (body, lungs, bone, adipose tissue, skeletal muscle) with measurements"
+    version = radnode.__version__
+
+    def compose(self) -> None:
+        context = Application.init_app_context(self.argv)
+        config = config_from_environment()
+        input_folder, output_folder = Path(context.input_path), Path(context.output_path)
+        log.info("ct_tissue: input %s, output %s", input_folder, output_folder)
+        writer_settings = dict(output_folder=output_folder, algorithm=ALGORITHM, uid_root=config.uid_root)
+
+        loader = StudyFolderLoaderOperator(self, CountCondition(self, 1), input_folder=input_folder, name="loader")
+        selector = VolumeSeriesSelectorOperator(self, criteria=CRITERIA, name="series_selector")
+        to_volume = SeriesToVolumeOperator(self, name="series_to_volume")
+        segment = CTTissueSegmentationOperator(self, name="tissue_segmentation")
+        measure = CTMeasurementOperator(self, algorithm_name=ALGORITHM.name, algorithm_version=ALGORITHM.version,
+                                        name="measurements")
+        seg_writer = SegmentationWriterOperator(self, name="seg_writer", **writer_settings)
+        sr_writer = MeasurementReportWriterOperator(self, name="sr_writer", **writer_settings)
+        fhir_writer = FhirReportWriterOperator(self, name="fhir_writer", **writer_settings)
+
+        self.add_flow(loader, selector, {("study", "study")})
+        self.add_flow(selector, to_volume, {("series", "series")})
+        self.add_flow(to_volume, segment, {("volume", "volume")})
+        self.add_flow(to_volume, measure, {("volume", "volume")})
+        self.add_flow(segment, measure, {("segments", "segments")})
+        self.add_flow(to_volume, seg_writer, {("volume", "volume")})
+        self.add_flow(measure, seg_writer, {("result", "result")})
+        self.add_flow(to_volume, sr_writer, {("volume", "volume")})
+        self.add_flow(seg_writer, sr_writer, {("seg", "seg")})
+        self.add_flow(measure, sr_writer, {("result", "result")})
+        self.add_flow(to_volume, fhir_writer, {("volume", "volume")})
+        self.add_flow(measure, fhir_writer, {("result", "result")})
+        self.add_flow(sr_writer, fhir_writer, {("sr", "sr")})

@@ -1,0 +1,47 @@
+"""Operators for the model-free CT tissue pipeline: segmentation and measurements."""
+
+from __future__ import annotations
+
+import logging
+
+from monai.deploy.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
+
+from radnode.imaging.ct_tissue import segment_ct_tissues
+from radnode.measure import measure_ct
+from radnode.results import PipelineResult
+
+log = logging.getLogger(__name__)
+
+
+class CTTissueSegmentationOperator(Operator):
+    """Segments body, lungs, bone, adipose tissue and skeletal muscle by thresholds and morphology."""
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("volume")
+        spec.output("segments")
+
+    def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
+        segments = segment_ct_tissues(op_input.receive("volume"))
+        log.info("segmented %s", ", ".join(f"{s.structure.key} ({int(s.mask.sum())} voxels)" for s in segments))
+        op_output.emit(segments, "segments")
+
+
+class CTMeasurementOperator(Operator):
+    """Measures volume, attenuation and the lung emphysema index per segment."""
+
+    def __init__(self, fragment, *args, algorithm_name: str, algorithm_version: str, **kwargs):
+        self.algorithm_name = algorithm_name
+        self.algorithm_version = algorithm_version
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("volume")
+        spec.input("segments")
+        spec.output("result")
+
+    def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
+        volume = op_input.receive("volume")
+        segments = op_input.receive("segments")
+        result = PipelineResult(segments=segments, measurements=measure_ct(volume, segments),
+                                algorithm_name=self.algorithm_name, algorithm_version=self.algorithm_version)
+        op_output.emit(result, "result")

@@ -1,0 +1,133 @@
+"""Running one pipeline application on a folder: in-process, with the MAP input/output contract.
+
+``radnode run``, the node's per-job subprocess and each app's ``__main__`` (the MAP command) all come
+through here, so the three give the same outputs: the result files plus ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pydicom
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FILE = "manifest.json"
+HOLOSCAN_STACK_BYTES = 32 * 1024 * 1024
+
+
+def prepare_holoscan_process() -> None:
+    """Quiet Holoscan's per-run info logging and raise the stack limit it asks for (32 MB), where allowed."""
+    os.environ.setdefault("HOLOSCAN_LOG_LEVEL", "WARN")
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    if soft != resource.RLIM_INFINITY and soft < HOLOSCAN_STACK_BYTES:
+        target = HOLOSCAN_STACK_BYTES if hard == resource.RLIM_INFINITY else min(HOLOSCAN_STACK_BYTES, hard)
+        resource.setrlimit(resource.RLIMIT_STACK, (target, hard))
+
+
+@dataclass
+class OutputFile:
+    """One file a run wrote, with what a router needs to know about it."""
+
+    file: str
+    kind: str
+    """``dicom`` or ``fhir``."""
+    sop_class: str | None = None
+    sop_instance_uid: str | None = None
+    series_instance_uid: str | None = None
+    modality: str | None = None
+
+
+@dataclass
+class RunManifest:
+    """What a pipeline run produced, written as ``manifest.json`` next to the outputs."""
+
+    pipeline: str
+    version: str
+    input: str
+    outputs: list[OutputFile]
+    measurements: list[dict]
+    seconds: float
+    study_instance_uid: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def write(self, folder: Path) -> Path:
+        path = folder / MANIFEST_FILE
+        tmp = path.with_name(f".{MANIFEST_FILE}.tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def read(cls, folder: Path) -> "RunManifest":
+        data = json.loads((folder / MANIFEST_FILE).read_text())
+        data["outputs"] = [OutputFile(**o) for o in data["outputs"]]
+        return cls(**data)
+
+
+def _describe_outputs(folder: Path) -> tuple[list[OutputFile], list[dict], str | None]:
+    """List the files in an output folder; measurements are read back from the SR so they match it."""
+    from radnode.outputs.sr import read_measurements
+
+    outputs: list[OutputFile] = []
+    measurements: list[dict] = []
+    study_uid = None
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or path.name == MANIFEST_FILE:
+            continue
+        if path.suffix == ".dcm":
+            ds = pydicom.dcmread(path)
+            study_uid = str(ds.StudyInstanceUID)
+            outputs.append(OutputFile(path.name, "dicom", str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                      str(ds.SeriesInstanceUID), str(ds.Modality)))
+            if ds.Modality == "SR":
+                measurements = read_measurements(ds)
+        elif path.suffix == ".json":
+            outputs.append(OutputFile(path.name, "fhir"))
+    return outputs, measurements, study_uid
+
+
+def run_app(pipeline_name: str, input_folder: Path, output_folder: Path) -> RunManifest:
+    """Run the named pipeline's application once, in this process, and write its manifest."""
+    from radnode.pipelines.registry import get_pipeline
+
+    spec = get_pipeline(pipeline_name)
+    input_folder, output_folder = Path(input_folder).resolve(), Path(output_folder).resolve()
+    output_folder.mkdir(parents=True, exist_ok=True)
+    prepare_holoscan_process()
+    app_cls = spec.load_app_class()
+    started = time.monotonic()
+    app = app_cls(argv=[sys.argv[0], "--input", str(input_folder), "--output", str(output_folder)])
+    app.run()
+    outputs, measurements, study_uid = _describe_outputs(output_folder)
+    manifest = RunManifest(pipeline=spec.name, version=str(app_cls.version), input=str(input_folder),
+                           outputs=outputs, measurements=measurements,
+                           seconds=round(time.monotonic() - started, 3), study_instance_uid=study_uid)
+    manifest.write(output_folder)
+    return manifest
+
+
+def app_main(pipeline_name: str) -> int:
+    """The MAP command of an app: paths from --input/--output or HOLOSCAN_INPUT_PATH/HOLOSCAN_OUTPUT_PATH."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"python -m radnode.apps.{pipeline_name}")
+    parser.add_argument("-i", "--input", default=os.environ.get("HOLOSCAN_INPUT_PATH", "input"))
+    parser.add_argument("-o", "--output", default=os.environ.get("HOLOSCAN_OUTPUT_PATH", "output"))
+    parser.add_argument("-m", "--model", default=os.environ.get("HOLOSCAN_MODEL_PATH"))
+    parser.add_argument("-w", "--workdir", default=os.environ.get("HOLOSCAN_WORKDIR"))
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run_app(pipeline_name, Path(args.input), Path(args.output))
+    except Exception as e:  # the last stderr line is the job's recorded reason
+        print(f"{pipeline_name} failed: {e}", file=sys.stderr)
+        return 1
+    return 0
