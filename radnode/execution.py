@@ -104,7 +104,10 @@ def run_app(pipeline_name: str, input_folder: Path, output_folder: Path) -> RunM
     prepare_holoscan_process()
     app_cls = spec.load_app_class()
     started = time.monotonic()
-    app = app_cls(argv=[sys.argv[0], "--input", str(input_folder), "--output", str(output_folder)])
+    # The SDK configures logging from --log-level; keep it at whatever this process asked for.
+    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
+    app = app_cls(argv=[pipeline_name, "--input", str(input_folder), "--output", str(output_folder),
+                        "--log-level", "WARN" if level == "WARNING" else level])
     app.run()
     outputs, measurements, study_uid = _describe_outputs(output_folder)
     manifest = RunManifest(pipeline=spec.name, version=str(app_cls.version), input=str(input_folder),

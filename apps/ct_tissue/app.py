@@ -12,6 +12,7 @@ from pathlib import Path
 
 from monai.deploy.core import Application
 from holoscan.conditions import CountCondition
+from pydicom.sr.codedict import codes
 
 import radnode
 from radnode.config import config_from_environment
@@ -31,7 +32,9 @@ from radnode.outputs.algorithm import AlgorithmInfo
 
 log = logging.getLogger(__name__)
 
-ALGORITHM = AlgorithmInfo(name="radnode CT tissue", version=radnode.__version__)
+# Thresholds and morphology, not a learned model: the SEG says so in its algorithm family (CID 7162).
+ALGORITHM = AlgorithmInfo(name="radnode CT tissue", version=radnode.__version__,
+                          family=codes.cid7162.MorphologicalOperations)
 CRITERIA = VolumeCriteria(modality="CT", sop_classes=(CT_IMAGE_STORAGE,), min_slices=10)
 
 
@@ -43,7 +46,8 @@ class CTTissueApp(Application):
     version = radnode.__version__
 
     def compose(self) -> None:
-        context = Application.init_app_context(self.argv)
+        # Holoscan strips the program name from argv; the SDK's parser expects it back in front.
+        context = Application.init_app_context([self.name, *self.argv])
         config = config_from_environment()
         input_folder, output_folder = Path(context.input_path), Path(context.output_path)
         log.info("ct_tissue: input %s, output %s", input_folder, output_folder)

@@ -1,0 +1,165 @@
+"""The measurements of a pipeline result as a TID 1500 Measurement Report (Comprehensive 3D SR).
+
+One TID 1411 volumetric measurement group per segment points at that segment of the SEG, so a reader
+finds for every number the region it was measured on. :func:`read_measurements` parses a report back;
+the run manifest and the FHIR Bundle take their numbers from it so all outputs agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import highdicom as hd
+from pydicom import Dataset
+from pydicom.sr.coding import Code
+from pydicom.sr.codedict import codes
+
+from radnode.imaging.volume import Volume
+from radnode.outputs.algorithm import AlgorithmInfo, declare_private_coding_schemes, device_uid, new_uid
+from radnode.results import PipelineResult, Structure
+
+SR_SERIES_NUMBER = 902
+"""Default Series Number for the measurement report, next to the SEG's 901."""
+
+PROCEDURE_REPORTED: dict[str, Code] = {
+    "CT": codes.cid100.CTUnspecifiedBodyRegion,  # LN 25045-6
+    "MR": codes.cid100.MRIUnspecifiedBodyRegion,  # LN 25056-3
+    "PT": codes.cid100.PETUnspecifiedBodyRegion,  # LN 44136-0
+}
+"""Procedure Reported (CID 100 Quantitative Diagnostic Imaging Procedure) by modality; these LOINC codes
+name the imaging study without claiming a body region the pipeline does not know."""
+
+ANATOMICAL_STRUCTURE_CATEGORIES = {"123037004", "91723000"}
+"""SNOMED CT category codes (CID 7150) whose property type is itself an anatomic location (finding site)."""
+
+
+def procedure_reported(modality: str) -> Code:
+    """The CID 100 procedure code for a modality; SCT 363679005 "Imaging procedure" when none is specific."""
+    return PROCEDURE_REPORTED.get(modality.upper(), codes.cid100.ImagingProcedure)
+
+
+def _finding_sites(structure: Structure) -> list[hd.sr.FindingSite] | None:
+    """Finding Site for anatomical structures (the structure itself, with laterality); none for tissues."""
+    if structure.category.scheme_designator != "SCT" or structure.category.value not in ANATOMICAL_STRUCTURE_CATEGORIES:
+        return None
+    return [hd.sr.FindingSite(anatomic_location=structure.property_type, laterality=structure.laterality)]
+
+
+def build_measurement_report(
+    volume: Volume,
+    seg: Dataset,
+    result: PipelineResult,
+    algorithm: AlgorithmInfo,
+    *,
+    uid_root: str,
+    series_number: int = SR_SERIES_NUMBER,
+) -> hd.sr.Comprehensive3DSR:
+    """A TID 1500 report with one TID 1411 group per SEG segment, measurements from ``result``.
+
+    Segments are matched to result structures by Tracking ID (the structure key, as written by
+    :func:`radnode.outputs.seg.build_segmentation`); the group reuses the segment's Tracking UID.
+    Evidence is the source series and the SEG.
+    """
+    structures = {s.structure.key: s.structure for s in result.segments}
+    series_uid = str(volume.study.SeriesInstanceUID)
+    algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version,
+                                                 family=algorithm.family, manufacturer=algorithm.manufacturer)
+    groups = []
+    for item in seg.SegmentSequence:
+        key = str(item.TrackingID)
+        if key not in structures:
+            raise ValueError(f"SEG segment {item.SegmentNumber} ({key!r}) has no structure in the result")
+        structure = structures[key]
+        sites = _finding_sites(structure)
+        measurements = [
+            hd.sr.Measurement(
+                name=m.name,
+                value=float(m.value),
+                unit=m.unit,
+                derivation=m.derivation,
+                algorithm_id=algorithm_id,
+                finding_sites=sites,
+            )
+            for m in result.measurements_for(key)
+        ]
+        groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=item.TrackingUID, identifier=key),
+            referenced_segment=hd.sr.ReferencedSegment(
+                sop_class_uid=seg.SOPClassUID,
+                sop_instance_uid=seg.SOPInstanceUID,
+                segment_number=int(item.SegmentNumber),
+                source_series=hd.sr.SourceSeriesForSegmentation(series_uid),
+            ),
+            finding_category=structure.category,
+            finding_type=structure.property_type,
+            finding_sites=sites,
+            algorithm_id=algorithm_id,
+            measurements=measurements,
+        ))
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid(algorithm, uid_root),
+            name=algorithm.name,
+            manufacturer_name=algorithm.manufacturer,
+            model_name=algorithm.name,
+            serial_number=algorithm.device_serial_number,
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=procedure_reported(volume.modality),
+        imaging_measurements=groups,
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[*volume.source, seg],
+        content=report[0],
+        series_instance_uid=new_uid(uid_root),
+        series_number=series_number,
+        sop_instance_uid=new_uid(uid_root),
+        instance_number=1,
+        manufacturer=algorithm.manufacturer,
+        series_description=f"{algorithm.name} measurements",
+        is_complete=True,
+        contributing_equipment=[algorithm.contributing_equipment()],
+    )
+    declare_private_coding_schemes(sr, uid_root)
+    return sr
+
+
+def _code(concept: Dataset | None) -> dict[str, str] | None:
+    """A coded concept as a plain mapping (value, scheme_designator, meaning)."""
+    if concept is None:
+        return None
+    return {"value": str(concept.value), "scheme_designator": str(concept.scheme_designator),
+            "meaning": str(concept.meaning)}
+
+
+def read_measurements(sr_dataset: Dataset) -> list[dict[str, Any]]:
+    """Every measurement of a TID 1500 report, in document order, as plain data.
+
+    Each item: ``structure`` (Tracking Identifier), ``tracking_uid``, ``segment_number`` and
+    ``seg_sop_instance_uid`` (the referenced SEG segment, None if the group references none),
+    ``finding_type``, ``concept``, ``derivation`` (mappings of value/scheme_designator/meaning or None),
+    ``value`` (float) and ``unit`` (UCUM code).
+    """
+    sr = hd.sr.Comprehensive3DSR.from_dataset(sr_dataset, copy=True)
+    rows: list[dict[str, Any]] = []
+    for group in sr.content.get_volumetric_roi_measurement_groups():
+        segment = group.referenced_segment
+        segment_item = segment[0] if segment is not None else None
+        for m in group.get_measurements():
+            rows.append({
+                "structure": group.tracking_identifier,
+                "tracking_uid": str(group.tracking_uid) if group.tracking_uid else None,
+                "segment_number": (int(segment_item.ReferencedSOPSequence[0].ReferencedSegmentNumber)
+                                   if segment_item is not None else None),
+                "seg_sop_instance_uid": (str(segment_item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                                         if segment_item is not None else None),
+                "finding_type": _code(group.finding_type),
+                "concept": _code(m.name),
+                "derivation": _code(m.derivation),
+                "value": m.value,
+                "unit": str(m.unit.value),
+            })
+    return rows

@@ -1,0 +1,385 @@
+"""DICOM SEG, TID 1500 SR and FHIR Bundle written for the synthetic chest CT phantom.
+
+Checks the files as a receiver sees them: dciodvfy on the written DICOM, geometry against the source
+files read back from disk, masks and numbers decoded back, and the Bundle accepted by a real FHIR server.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+from pydicom.sr.codedict import codes
+
+from radnode.imaging.series import Series, VolumeCriteria, build_volume, load_volume
+from radnode.imaging.volume import Volume
+from radnode.outputs.algorithm import AlgorithmInfo
+from radnode.outputs.fhir import build_report_bundle, bundle_to_json
+from radnode.outputs.seg import build_segmentation
+from radnode.outputs.sr import build_measurement_report, read_measurements
+from radnode.results import PipelineResult, Segment
+from factories import ACCESSION, PATIENT, STRUCTURES, make_ct_series, phantom_masks, phantom_result, write_series
+
+UID_ROOT = "1.2.826.0.1.3680043.8.498."
+ALGORITHM = AlgorithmInfo(name="radnode test phantom", version="1.0")
+FHIR_SYSTEMS = {"SCT": "http://snomed.info/sct", "DCM": "http://dicom.nema.org/resources/ontology/DCM",
+                "LN": "http://loinc.org", "UCUM": "http://unitsofmeasure.org"}
+
+
+@pytest.fixture(scope="module")
+def source_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The phantom series written as files (40 slices of 64×64)."""
+    folder = tmp_path_factory.mktemp("ct")
+    write_series(make_ct_series(), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def source_files(source_folder: Path) -> dict[str, pydicom.Dataset]:
+    """The source slices as read from disk, by SOP Instance UID (independent of the Volume)."""
+    return {str(ds.SOPInstanceUID): ds for ds in map(pydicom.dcmread, sorted(source_folder.iterdir()))}
+
+
+@pytest.fixture(scope="module")
+def volume(source_folder: Path) -> Volume:
+    loaded, skipped = load_volume(source_folder, VolumeCriteria())
+    assert skipped == []
+    return loaded
+
+
+@pytest.fixture(scope="module")
+def result(volume: Volume) -> PipelineResult:
+    return phantom_result(volume)
+
+
+@pytest.fixture(scope="module")
+def outputs(volume: Volume, result: PipelineResult, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """SEG and SR built from the phantom and written to disk."""
+    folder = tmp_path_factory.mktemp("out")
+    seg = build_segmentation(volume, result.segments, ALGORITHM, uid_root=UID_ROOT)
+    seg.save_as(folder / "seg.dcm")
+    sr = build_measurement_report(volume, seg, result, ALGORITHM, uid_root=UID_ROOT)
+    sr.save_as(folder / "sr.dcm")
+    return {"seg": folder / "seg.dcm", "sr": folder / "sr.dcm"}
+
+
+@pytest.fixture(scope="module")
+def seg_file(outputs: dict[str, Path]) -> pydicom.Dataset:
+    return pydicom.dcmread(outputs["seg"])
+
+
+@pytest.fixture(scope="module")
+def sr_file(outputs: dict[str, Path]) -> pydicom.Dataset:
+    return pydicom.dcmread(outputs["sr"])
+
+
+@pytest.mark.parametrize("kind, iod", [("seg", "Segmentation"), ("sr", "Comprehensive3DSR")])
+def test_written_dicom_passes_dciodvfy(outputs: dict[str, Path], kind: str, iod: str) -> None:
+    dciodvfy = shutil.which("dciodvfy")
+    assert dciodvfy, "dciodvfy (dicom3tools) is needed to verify the written objects"
+    run = subprocess.run([dciodvfy, str(outputs[kind])], capture_output=True, text=True, check=False)
+    report = (run.stdout + run.stderr).splitlines()
+    assert iod in report, f"dciodvfy did not recognise the {iod} IOD: {report[:5]}"
+    assert [line for line in report if line.startswith("Error")] == []
+
+
+def test_seg_frames_lie_on_their_source_slices(seg_file: pydicom.Dataset, source_files: dict[str, pydicom.Dataset],
+                                               volume: Volume) -> None:
+    first = next(iter(source_files.values()))
+    assert seg_file.FrameOfReferenceUID == first.FrameOfReferenceUID
+    assert seg_file.StudyInstanceUID == first.StudyInstanceUID
+    assert seg_file.ReferencedSeriesSequence[0].SeriesInstanceUID == first.SeriesInstanceUID
+    shared = seg_file.SharedFunctionalGroupsSequence[0]
+    assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == \
+        [float(v) for v in first.ImageOrientationPatient]
+    assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == [float(v) for v in first.PixelSpacing]
+    for frame in seg_file.PerFrameFunctionalGroupsSequence:
+        source_uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        assert position == [float(v) for v in source_files[source_uid].ImagePositionPatient]
+    assert {str(ds.SOPInstanceUID) for ds in volume.source} == set(source_files)
+
+
+def test_seg_decodes_to_the_input_masks(outputs: dict[str, Path], volume: Volume, result: PipelineResult) -> None:
+    seg = hd.seg.segread(outputs["seg"])
+    masks = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in volume.source],
+        segment_numbers=list(range(1, len(result.segments) + 1)),
+        assert_missing_frames_are_empty=True,
+    )
+    expected = np.stack([s.mask for s in result.segments], axis=-1)
+    assert masks.shape == expected.shape
+    assert np.array_equal(masks.astype(bool), expected)
+    assert seg.SegmentsOverlap == "YES"
+
+
+def test_seg_omits_empty_frames(seg_file: pydicom.Dataset, result: PipelineResult) -> None:
+    frames_with_content = sum(int(s.mask.any(axis=(1, 2)).sum()) for s in result.segments)
+    assert frames_with_content < len(result.segments) * result.segments[0].mask.shape[0]  # lungs leave slices empty
+    assert seg_file.NumberOfFrames == frames_with_content
+
+
+def test_seg_segments_are_coded_and_identify_the_algorithm(seg_file: pydicom.Dataset) -> None:
+    assert [item.TrackingID for item in seg_file.SegmentSequence] == list(STRUCTURES)
+    for item, structure in zip(seg_file.SegmentSequence, STRUCTURES.values(), strict=True):
+        assert item.SegmentLabel == structure.label
+        assert item.SegmentAlgorithmType == "AUTOMATIC"
+        category = item.SegmentedPropertyCategoryCodeSequence[0]
+        prop = item.SegmentedPropertyTypeCodeSequence[0]
+        assert (category.CodeValue, category.CodingSchemeDesignator) == (structure.category.value, "SCT")
+        assert (prop.CodeValue, prop.CodingSchemeDesignator) == (structure.property_type.value, "SCT")
+        modifiers = [m.CodeValue for m in prop.get("SegmentedPropertyTypeModifierCodeSequence", [])]
+        assert modifiers == ([structure.laterality.value] if structure.laterality else [])
+        algorithm = item.SegmentationAlgorithmIdentificationSequence[0]
+        assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == (ALGORITHM.name, ALGORITHM.version)
+        assert algorithm.AlgorithmFamilyCodeSequence[0].CodeValue == codes.cid7162.ArtificialIntelligence.value
+        assert "SegmentedPropertyTypeModifierCodeSequence" not in structure.property_type  # shared code untouched
+
+
+@pytest.mark.parametrize("kind", ["seg", "sr"])
+def test_contributing_equipment_names_the_algorithm(outputs: dict[str, Path], kind: str) -> None:
+    ds = pydicom.dcmread(outputs[kind])
+    items = [i for i in ds.ContributingEquipmentSequence if i.get("ManufacturerModelName") == ALGORITHM.name]
+    assert len(items) == 1
+    item = items[0]
+    assert item.Manufacturer == "radnode"
+    assert item.SoftwareVersions == ALGORITHM.version
+    purpose = item.PurposeOfReferenceCodeSequence[0]
+    assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("109102", "DCM")
+
+
+def test_sr_measurements_read_back_equal_the_result(sr_file: pydicom.Dataset, seg_file: pydicom.Dataset,
+                                                    result: PipelineResult) -> None:
+    rows = read_measurements(sr_file)
+    read_back = [(r["structure"], r["concept"]["value"], r["concept"]["scheme_designator"], r["value"], r["unit"],
+                  r["derivation"]["value"] if r["derivation"] else None) for r in rows]
+    expected = [(m.structure_key, m.name.value, m.name.scheme_designator, m.value, m.unit.value,
+                 m.derivation.value if m.derivation else None) for m in result.measurements]
+    assert sorted(read_back) == sorted(expected)
+    segments = {str(item.TrackingID): item for item in seg_file.SegmentSequence}
+    for row in rows:
+        segment = segments[row["structure"]]
+        assert row["segment_number"] == segment.SegmentNumber
+        assert row["tracking_uid"] == segment.TrackingUID
+        assert row["seg_sop_instance_uid"] == seg_file.SOPInstanceUID
+        assert row["finding_type"]["value"] == STRUCTURES[row["structure"]].property_type.value
+
+
+def test_sr_is_a_tid_1500_report_with_evidence(sr_file: pydicom.Dataset, seg_file: pydicom.Dataset,
+                                              source_files: dict[str, pydicom.Dataset]) -> None:
+    sr = hd.sr.Comprehensive3DSR.from_dataset(sr_file)
+    assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
+    procedure = [i for i in sr.ContentSequence if i.name == codes.DCM.ProcedureReported]
+    assert [(p.value.value, p.value.scheme_designator) for p in procedure] == [("25045-6", "LN")]
+    evidence = {str(ref.ReferencedSOPInstanceUID)
+                for study in sr.CurrentRequestedProcedureEvidenceSequence
+                for series in study.ReferencedSeriesSequence for ref in series.ReferencedSOPSequence}
+    assert evidence == set(source_files) | {str(seg_file.SOPInstanceUID)}
+    groups = sr.content.get_volumetric_roi_measurement_groups()
+    assert len(groups) == len(STRUCTURES)
+    for group in groups:
+        structure = STRUCTURES[group.tracking_identifier]
+        sites = [s.value.value for s in group.finding_sites]
+        assert sites == ([structure.property_type.value] if structure.category.value == "91723000" else [])
+        for measurement in group.get_measurements():
+            texts = {(i.ConceptNameCodeSequence[0].CodeValue, i.TextValue)
+                     for i in measurement[0].ContentSequence if i.ValueType == "TEXT"}
+            assert {(codes.DCM.AlgorithmName.value, ALGORITHM.name),
+                    (codes.DCM.AlgorithmVersion.value, ALGORITHM.version)} <= texts
+    schemes = {str(i.CodingSchemeDesignator): i for i in sr_file.CodingSchemeIdentificationSequence}
+    assert set(schemes) == {"99RADNODE"}
+    assert pydicom.uid.UID(schemes["99RADNODE"].CodingSchemeUID).is_valid
+
+
+def test_seg_frames_follow_the_source_whatever_the_arrival_order(volume: Volume,
+                                                                 source_files: dict[str, pydicom.Dataset]) -> None:
+    """Datasets handed over shuffled still give frames on their own slices and the same masks."""
+    datasets = list(source_files.values())
+    random.Random(7).shuffle(datasets)
+    shuffled = build_volume(Series(str(datasets[0].SeriesInstanceUID), datasets, [Path("x.dcm")] * len(datasets)))
+    masks = phantom_masks(*shuffled.shape)
+    seg = build_segmentation(shuffled, [Segment(STRUCTURES["lung_left"], masks["lung_left"])], ALGORITHM,
+                             uid_root=UID_ROOT)
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        source_uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        assert [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient] == \
+            [float(v) for v in source_files[source_uid].ImagePositionPatient]
+    decoded = seg.get_pixels_by_source_instance([str(ds.SOPInstanceUID) for ds in volume.source], [1],
+                                                assert_missing_frames_are_empty=True)
+    assert np.array_equal(decoded[..., 0].astype(bool), masks["lung_left"])
+
+
+def test_seg_refuses_a_mask_off_the_volume_grid(volume: Volume) -> None:
+    wrong = Segment(STRUCTURES["body"], np.ones(volume.shape[:2], dtype=bool))
+    with pytest.raises(ValueError, match="body"):
+        build_segmentation(volume, [wrong], ALGORITHM, uid_root=UID_ROOT)
+
+
+@pytest.fixture(scope="module")
+def bundle_json(volume: Volume, result: PipelineResult, sr_file: pydicom.Dataset) -> str:
+    return bundle_to_json(build_report_bundle(volume, result, sr_file, ALGORITHM, conclusion="Phantom study."))
+
+
+def _resources(bundle: dict, resource_type: str) -> list[dict]:
+    return [e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == resource_type]
+
+
+def test_fhir_bundle_round_trips_through_fhir_resources(bundle_json: str) -> None:
+    parsed = Bundle.model_validate_json(bundle_json)
+    assert parsed.type == "transaction"
+    assert json.loads(bundle_to_json(parsed)) == json.loads(bundle_json)
+    for entry in json.loads(bundle_json)["entry"]:
+        assert entry["fullUrl"].startswith("urn:uuid:")
+        assert entry["request"] == {"method": "POST", "url": entry["resource"]["resourceType"],
+                                    **({"ifNoneExist": entry["request"]["ifNoneExist"]}
+                                       if "ifNoneExist" in entry["request"] else {})}
+
+
+def test_fhir_observations_carry_the_sr_values(bundle_json: str, sr_file: pydicom.Dataset) -> None:
+    bundle = json.loads(bundle_json)
+    private = {str(i.CodingSchemeDesignator): f"urn:oid:{i.CodingSchemeUID}"
+               for i in sr_file.CodingSchemeIdentificationSequence}
+    systems = {**FHIR_SYSTEMS, **private}
+    expected = {(STRUCTURES[r["structure"]].label, systems[r["concept"]["scheme_designator"]], r["concept"]["value"]):
+                (r["value"], r["unit"]) for r in read_measurements(sr_file)}
+    observations = _resources(bundle, "Observation")
+    found = {}
+    for obs in observations:
+        coding = obs["code"]["coding"][0]
+        quantity = obs["valueQuantity"]
+        assert quantity["system"] == FHIR_SYSTEMS["UCUM"] and quantity["code"] == quantity["unit"]
+        assert obs["status"] == "preliminary"
+        assert obs["category"][0]["coding"][0]["code"] == "imaging"
+        found[(obs["bodySite"]["text"], coding["system"], coding["code"])] = (quantity["value"], quantity["code"])
+    assert len(observations) == len(expected)
+    assert found == expected
+
+
+def test_fhir_diagnostic_report_ties_patient_study_order_and_sr(bundle_json: str, sr_file: pydicom.Dataset,
+                                                                volume: Volume) -> None:
+    bundle = json.loads(bundle_json)
+    urls = {e["resource"]["resourceType"]: e["fullUrl"] for e in bundle["entry"]}
+    report = _resources(bundle, "DiagnosticReport")[0]
+    assert report["status"] == "preliminary"
+    assert {(c["system"], c["code"]) for c in report["category"][0]["coding"]} == {
+        ("http://terminology.hl7.org/CodeSystem/v2-0074", "RAD"), ("http://loinc.org", "LP29684-5")}
+    assert report["code"]["coding"][0] == {"system": "http://loinc.org", "code": "25045-6",
+                                           "display": "CT unspecified body region"}
+    assert report["subject"] == {"reference": urls["Patient"]}
+    assert report["imagingStudy"] == [{"reference": urls["ImagingStudy"]}]
+    assert {"system": "urn:dicom:uid", "value": f"urn:oid:{sr_file.SOPInstanceUID}"} in report["identifier"]
+    assert report["basedOn"][0]["type"] == "ServiceRequest"
+    assert report["basedOn"][0]["identifier"]["value"] == ACCESSION
+    assert report["effectiveDateTime"].startswith("2024-03-12T10:15:00")
+    assert report["conclusion"] == "Phantom study."
+    observation_urls = [e["fullUrl"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"]
+    assert [r["reference"] for r in report["result"]] == observation_urls
+    study = _resources(bundle, "ImagingStudy")[0]
+    assert {"system": "urn:dicom:uid", "value": f"urn:oid:{volume.study.StudyInstanceUID}"} in study["identifier"]
+    patient_entry = next(e for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
+    assert patient_entry["request"]["ifNoneExist"] == f"identifier={PATIENT['PatientID']}"
+    patient = patient_entry["resource"]
+    assert (patient["birthDate"], patient["gender"], patient["name"][0]["family"]) == ("1960-05-21", "female",
+                                                                                     "Phantom")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(method: str, url: str, body: str | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, method=method, data=body.encode() if body is not None else None,
+                                     headers={"Content-Type": "application/fhir+json",
+                                              "Accept": "application/fhir+json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+
+
+@pytest.fixture(scope="module")
+def fhir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real FHIR R4 server (sekmet-fhir, strict inbound validation) on a free loopback port."""
+    folder = tmp_path_factory.mktemp("sekmet")
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}/fhir"
+    settings = folder / "settings.yaml"
+    settings.write_text(f"base_url: {base}\ndata_dir: {folder / 'data'}\nsimulator:\n  enabled: false\n"
+                        "validation:\n  inbound: strict\n")
+    sekmet = Path(sys.executable).with_name("sekmet")
+    log = (folder / "server.log").open("w")
+    process = subprocess.Popen([str(sekmet), "serve", "--config", str(settings), "--host", "127.0.0.1",
+                                "--port", str(port)], cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if _http("GET", f"{base}/metadata")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert process.poll() is None, f"sekmet exited: {(folder / 'server.log').read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "sekmet did not answer within 60 s"
+            time.sleep(0.3)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def test_fhir_server_accepts_the_transaction(fhir_server: str, bundle_json: str, sr_file: pydicom.Dataset) -> None:
+    status, response = _http("POST", fhir_server, bundle_json)
+    assert status == 200, response
+    assert response["type"] == "transaction-response"
+    sent = json.loads(bundle_json)["entry"]
+    statuses = [e["response"]["status"] for e in response["entry"]]
+    assert statuses == ["201 Created"] * len(sent)
+    for entry, answer in zip(sent, response["entry"], strict=True):
+        location = answer["response"]["location"].split("/_history/")[0]
+        got_status, resource = _http("GET", location)
+        assert got_status == 200
+        assert resource["resourceType"] == entry["resource"]["resourceType"]
+    report_url = response["entry"][-1]["response"]["location"].split("/_history/")[0]
+    report = _http("GET", report_url)[1]
+    values = []
+    for reference in report["result"]:
+        observation = _http("GET", f"{fhir_server}/{reference['reference']}")[1]
+        values.append(observation["valueQuantity"]["value"])
+    assert values == [r["value"] for r in read_measurements(sr_file)]
+
+    again_status, again = _http("POST", fhir_server, bundle_json)  # a resend must not duplicate the patient
+    assert again_status == 200, again
+    assert again["entry"][0]["response"]["status"] == "200 OK"
+    patients = _http("GET", f"{fhir_server}/Patient?identifier={PATIENT['PatientID']}")[1]
+    assert patients["total"] == 1
+
+
+def test_fhir_server_refuses_an_observation_without_status(fhir_server: str, bundle_json: str) -> None:
+    """The server really validates: the acceptance above means something."""
+    bundle = json.loads(bundle_json)
+    next(e for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation")["resource"].pop("status")
+    status, response = _http("POST", fhir_server, json.dumps(bundle))
+    assert status == 400
+    assert response["resourceType"] == "OperationOutcome"
