@@ -1,0 +1,161 @@
+"""The node: Storage SCP, job scheduler and egress over one data folder, safe to kill and restart.
+
+On disk under ``config.data_dir``::
+
+    radnode.db                      job store (SQLite, WAL)
+    node-config.yaml                the configuration job processes get via $RADNODE_CONFIG
+    spool/<study>/<series>/<sop>.dcm  received instances, as they arrived
+    spool/.incoming/                temporary files of writes in progress
+    jobs/<job_id>/in/               hard links to the instances the job covers
+    jobs/<job_id>/out/              what the job command wrote
+    jobs/<job_id>/stdout.log, stderr.log
+    outbox/<job_id>/                copy of every output, kept whatever the deliveries do
+
+On start, spool files the store does not know are indexed, jobs left ``running`` run again from
+scratch, and jobs left ``delivering`` carry on with only the deliveries not recorded as done.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable, Sequence
+
+import yaml
+
+from radnode.config import Config
+from radnode.node.egress import Egress
+from radnode.node.scp import Ingest, Spool, StorageSCP
+from radnode.node.store import Delivery, Event, Job, JobStore
+from radnode.node.worker import DEFAULT_JOB_COMMAND, Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    """One radnode instance; ``start()`` returns once it listens, ``stop()`` ends it cleanly."""
+
+    def __init__(self, config: Config, job_command: Sequence[str] = DEFAULT_JOB_COMMAND,
+                 poll_seconds: float = 0.2, sync_spool: bool = True) -> None:
+        """``job_command`` is run as ``COMMAND INPUT_DIR --output OUT_DIR --pipeline NAME`` per job;
+        ``sync_spool`` fsyncs each received instance before acknowledging it (see :class:`Spool`)."""
+        self.config = config.model_copy(update={"data_dir": config.data_dir.resolve()})
+        self.job_command = list(job_command)
+        self.poll_seconds = poll_seconds
+        self.sync_spool = sync_spool
+        self.store: JobStore | None = None
+        self._scp: StorageSCP | None = None
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Recover what a previous run left, then listen and schedule."""
+        data = self.config.data_dir
+        data.mkdir(parents=True, exist_ok=True)
+        config_file = data / "node-config.yaml"
+        config_file.write_text(yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
+        self.store = store = JobStore(data / "radnode.db")
+        spool = Spool(data / "spool", fsync=self.sync_spool)
+        ingest = Ingest(spool, store, self.config.processing.default_pipeline)
+        self._recover(store, spool, ingest)
+        egress = Egress(self.config, store)
+        scheduler = Scheduler(self.config, store, egress, self.job_command, config_file)
+        self._scp = StorageSCP(self.config.ingress, ingest)
+        self._scp.start()
+        self._stopping.clear()
+        self._threads = [self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
+                         self._loop("egress", egress.deliver_due)]
+
+    @staticmethod
+    def _recover(store: JobStore, spool: Spool, ingest: Ingest) -> None:
+        """Drop half-written spool files, index unknown ones, queue interrupted jobs to run again."""
+        if partial := spool.discard_partial():
+            log.warning("discarded %d partial spool writes", partial)
+        if found := ingest.reindex():
+            log.warning("indexed %d spool files the job store did not know", found)
+        for job_id in store.running_jobs():
+            store.requeue(job_id, "node restarted while the job was running; partial output discarded")
+            log.warning("job %d was running when the node stopped; it runs again", job_id)
+
+    def _loop(self, name: str, step: Callable[[], None], on_exit: Callable[[], None] | None = None) -> threading.Thread:
+        """A thread calling ``step`` every ``poll_seconds`` until stop; an error is logged, never fatal.
+
+        ``on_exit`` runs in the same thread at the end: job processes are tied to the thread that started
+        them (they get SIGKILL when it ends), so the scheduler ends them gracefully from there.
+        """
+        def run() -> None:
+            while not self._stopping.is_set():
+                try:
+                    step()
+                except Exception:
+                    log.exception("%s step failed; carrying on", name)
+                self._stopping.wait(self.poll_seconds)
+            if on_exit is not None:
+                on_exit()
+
+        thread = threading.Thread(target=run, name=f"radnode-{name}", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        """Stop listening, end running jobs (they run again at the next start) and close the store."""
+        if self.store is None:
+            return
+        if self._scp is not None:
+            self._scp.stop()
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join()
+        self.store.close()
+        self.store = None
+
+    def __enter__(self) -> "Node":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def port(self) -> int:
+        """The DICOM port the node listens on (useful with ``ingress.port: 0``)."""
+        if self._scp is None:
+            raise RuntimeError("the node is not started")
+        return self._scp.port
+
+    def _store(self) -> JobStore:
+        if self.store is None:
+            raise RuntimeError("the node is not started")
+        return self.store
+
+    def job(self, job_id: int) -> Job | None:
+        """One job's state and counts."""
+        return self._store().job(job_id)
+
+    def jobs(self) -> list[Job]:
+        """Every job, oldest first."""
+        return self._store().jobs()
+
+    def events(self, job_id: int, after_id: int = 0) -> list[Event]:
+        """A job's event log (``after_id`` to poll only new lines)."""
+        return self._store().events(job_id, after_id)
+
+    def deliveries(self, job_id: int) -> list[Delivery]:
+        """A job's deliveries with their attempts and last errors."""
+        return self._store().deliveries(job_id)
+
+
+def run_node(config: Config, job_command: Sequence[str] = DEFAULT_JOB_COMMAND, sync_spool: bool = True) -> None:
+    """Run a node until SIGTERM or SIGINT, then stop it cleanly (the ``radnode serve`` command)."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    node = Node(config, job_command, sync_spool=sync_spool)
+    node.start()
+    log.info("radnode %s listening on %s:%d, data in %s", config.ingress.ae_title, config.ingress.host,
+                node.port, config.data_dir)
+    try:
+        stop.wait()
+    finally:
+        node.stop()

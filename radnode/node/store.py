@@ -1,0 +1,453 @@
+"""The node's durable job store: instances, jobs, their event log and deliveries in one SQLite file.
+
+The spool on disk is the source of truth for received data; this store is its index plus the state of
+every job. All access goes through one connection under a lock (SQLite in WAL mode), so the SCP's
+association threads, the scheduler and egress can share it. Every transition is an explicit method
+guarded by the state it leaves, so calling it twice does no harm.
+
+Job states: ``received → queued → running → delivering → done / failed``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+
+class JobState(StrEnum):
+    """Where a job is in its life; ``done`` and ``failed`` are final."""
+
+    RECEIVED = "received"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DELIVERING = "delivering"
+    DONE = "done"
+    FAILED = "failed"
+
+
+FINAL_STATES = (JobState.DONE, JobState.FAILED)
+
+
+class Arrival(StrEnum):
+    """What recording an instance meant for its study."""
+
+    NEW = "new"
+    """Part of a study still being received."""
+    LATE = "late"
+    """Its study's job had already started; kept and logged, not part of that job's input."""
+    DUPLICATE = "duplicate"
+    """The SOP instance was already indexed; the first copy is kept."""
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One received SOP instance and where it came from."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str
+    modality: str
+    sop_class_uid: str
+    path: str
+    calling_ae: str = ""
+    peer_address: str = ""
+    association_id: str = ""
+    received_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Job:
+    """A pipeline run for one study, from first instance to delivered results."""
+
+    id: int
+    study_instance_uid: str
+    patient_id: str
+    pipeline: str
+    state: JobState
+    calling_ae: str
+    peer_address: str
+    instances: int
+    late_instances: int
+    created_at: float
+    last_instance_at: float
+    updated_at: float
+    runs: int
+    reason: str | None
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line of a job's append-only log."""
+
+    id: int
+    job_id: int
+    at: float
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One object for one destination of one job, with its retry state."""
+
+    id: int
+    job_id: int
+    destination: str
+    object: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    study_instance_uid TEXT NOT NULL,
+    patient_id TEXT NOT NULL DEFAULT '',
+    pipeline TEXT NOT NULL,
+    state TEXT NOT NULL,
+    calling_ae TEXT NOT NULL DEFAULT '',
+    peer_address TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    last_instance_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    runs INTEGER NOT NULL DEFAULT 0,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_instance_uid);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    series_instance_uid TEXT NOT NULL,
+    patient_id TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    calling_ae TEXT NOT NULL,
+    peer_address TEXT NOT NULL,
+    association_id TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    path TEXT NOT NULL,
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    late INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS instances_job ON instances (job_id);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    message TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id INTEGER NOT NULL REFERENCES jobs (id),
+    destination TEXT NOT NULL,
+    object TEXT NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_error TEXT,
+    done_at REAL,
+    UNIQUE (job_id, destination, object)
+);
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
+"""
+
+_JOB_COLUMNS = (
+    "j.id, j.study_instance_uid, j.patient_id, j.pipeline, j.state, j.calling_ae, j.peer_address, "
+    "(SELECT count(*) FROM instances i WHERE i.job_id = j.id AND i.late = 0), "
+    "(SELECT count(*) FROM instances i WHERE i.job_id = j.id AND i.late = 1), "
+    "j.created_at, j.last_instance_at, j.updated_at, j.runs, j.reason"
+)
+
+
+def _job(row: tuple) -> Job:
+    return Job(*row[:4], JobState(row[4]), *row[5:])
+
+
+class JobStore:
+    """Thread-safe access to the node's SQLite database (``data_dir/radnode.db``)."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
+        self._lock = threading.RLock()
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        """Close the connection; the store cannot be used afterwards."""
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One serialized write transaction, rolled back on any error."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _query(self, sql: str, params: Iterable = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, tuple(params)).fetchall()
+
+    @staticmethod
+    def _log(db: sqlite3.Connection, job_id: int, kind: str, message: str, at: float | None = None) -> None:
+        db.execute("INSERT INTO events (job_id, at, kind, message) VALUES (?, ?, ?, ?)",
+                   (job_id, time.time() if at is None else at, kind, message))
+
+    # --- ingress ---------------------------------------------------------------------------------
+
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        """Whether this SOP instance is already indexed."""
+        return bool(self._query("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)))
+
+    def indexed_paths(self) -> set[str]:
+        """The spool paths of every indexed instance (for re-indexing after a crash)."""
+        return {row[0] for row in self._query("SELECT path FROM instances")}
+
+    def record_instance(self, inst: Instance, pipeline: str) -> tuple[Arrival, int]:
+        """Index a received instance under its study's job (created on the first one); idempotent.
+
+        Returns what the arrival meant and the job it belongs to.
+        """
+        with self._tx() as db:
+            row = db.execute("SELECT job_id FROM instances WHERE sop_instance_uid = ?",
+                             (inst.sop_instance_uid,)).fetchone()
+            if row:
+                self._log(db, row[0], "duplicate",
+                          f"{inst.sop_instance_uid} received again from {inst.calling_ae or '?'} "
+                          f"({inst.peer_address or '?'}); first copy kept", inst.received_at)
+                return Arrival.DUPLICATE, row[0]
+            job = db.execute("SELECT id, state FROM jobs WHERE study_instance_uid = ? ORDER BY id DESC LIMIT 1",
+                             (inst.study_instance_uid,)).fetchone()
+            if job is None:
+                job_id = db.execute(
+                    "INSERT INTO jobs (study_instance_uid, patient_id, pipeline, state, calling_ae, peer_address,"
+                    " created_at, last_instance_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (inst.study_instance_uid, inst.patient_id, pipeline, JobState.RECEIVED, inst.calling_ae,
+                     inst.peer_address, inst.received_at, inst.received_at, inst.received_at)).lastrowid
+                self._log(db, job_id, "received",
+                          f"study {inst.study_instance_uid} arriving from {inst.calling_ae or '?'} "
+                          f"({inst.peer_address or '?'}), association {inst.association_id or '?'}",
+                          inst.received_at)
+                arrival = Arrival.NEW
+            else:
+                job_id, state = job
+                arrival = Arrival.NEW if state == JobState.RECEIVED else Arrival.LATE
+                if arrival is Arrival.NEW:
+                    db.execute("UPDATE jobs SET last_instance_at = max(last_instance_at, ?) WHERE id = ?",
+                               (inst.received_at, job_id))
+                else:
+                    self._log(db, job_id, "late",
+                              f"{inst.modality} {inst.sop_instance_uid} (series {inst.series_instance_uid}) "
+                              f"arrived from {inst.calling_ae or '?'} after the job was {state}; kept in the "
+                              "spool, not part of this job's input", inst.received_at)
+            db.execute(
+                "INSERT INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid, patient_id,"
+                " modality, sop_class_uid, calling_ae, peer_address, association_id, received_at, path, job_id,"
+                " late) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (inst.sop_instance_uid, inst.study_instance_uid, inst.series_instance_uid, inst.patient_id,
+                 inst.modality, inst.sop_class_uid, inst.calling_ae, inst.peer_address, inst.association_id,
+                 inst.received_at, inst.path, job_id, int(arrival is Arrival.LATE)))
+            return arrival, job_id
+
+    # --- scheduling ------------------------------------------------------------------------------
+
+    def queue_complete_studies(self, idle_seconds: float, now: float | None = None) -> list[int]:
+        """Move ``received`` jobs whose study had no new instance for ``idle_seconds`` to ``queued``."""
+        now = time.time() if now is None else now
+        queued = []
+        with self._tx() as db:
+            rows = db.execute("SELECT id FROM jobs WHERE state = ? AND last_instance_at <= ? ORDER BY id",
+                              (JobState.RECEIVED, now - idle_seconds)).fetchall()
+            for (job_id,) in rows:
+                summary = db.execute(
+                    "SELECT count(*), count(DISTINCT series_instance_uid), group_concat(DISTINCT modality),"
+                    " group_concat(DISTINCT calling_ae || ' (' || peer_address || ')'),"
+                    " count(DISTINCT association_id) FROM instances WHERE job_id = ? AND late = 0",
+                    (job_id,)).fetchone()
+                self._transition(db, job_id, (JobState.RECEIVED,), JobState.QUEUED)
+                self._log(db, job_id, "queued",
+                          f"study complete: {summary[0]} instances in {summary[1]} series ({summary[2]}) from "
+                          f"{summary[3]} over {summary[4]} association(s)", now)
+                queued.append(job_id)
+        return queued
+
+    def next_queued(self) -> Job | None:
+        """The oldest queued job, if any."""
+        rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs j WHERE j.state = ? ORDER BY j.id LIMIT 1",
+                           (JobState.QUEUED,))
+        return _job(rows[0]) if rows else None
+
+    def start_job(self, job_id: int, command: str) -> bool:
+        """``queued → running``; counts the run and logs the command. False if the job was not queued."""
+        with self._tx() as db:
+            if not self._transition(db, job_id, (JobState.QUEUED,), JobState.RUNNING):
+                return False
+            db.execute("UPDATE jobs SET runs = runs + 1 WHERE id = ?", (job_id,))
+            self._log(db, job_id, "running", command)
+            return True
+
+    def job_inputs(self, job_id: int) -> list[Instance]:
+        """The instances a job covers: those received before it was queued (late ones excluded)."""
+        rows = self._query(
+            "SELECT sop_instance_uid, study_instance_uid, series_instance_uid, patient_id, modality, sop_class_uid,"
+            " path, calling_ae, peer_address, association_id, received_at FROM instances"
+            " WHERE job_id = ? AND late = 0 ORDER BY received_at", (job_id,))
+        return [Instance(*row) for row in rows]
+
+    def requeue(self, job_id: int, why: str) -> bool:
+        """``running → queued`` (interrupted by shutdown or crash); the run will start again from scratch."""
+        with self._tx() as db:
+            if not self._transition(db, job_id, (JobState.RUNNING,), JobState.QUEUED):
+                return False
+            self._log(db, job_id, "requeued", why)
+            return True
+
+    def running_jobs(self) -> list[int]:
+        """Ids of the jobs recorded as running."""
+        return [row[0] for row in self._query("SELECT id FROM jobs WHERE state = ?", (JobState.RUNNING,))]
+
+    def begin_delivery(self, job_id: int, summary: str, deliveries: list[tuple[str, str]]) -> bool:
+        """``running → delivering`` with its (destination, object) deliveries; straight to ``done`` if none."""
+        now = time.time()
+        with self._tx() as db:
+            target = JobState.DELIVERING if deliveries else JobState.DONE
+            if not self._transition(db, job_id, (JobState.RUNNING,), target):
+                return False
+            self._log(db, job_id, "finished", summary)
+            db.executemany("INSERT OR IGNORE INTO deliveries (job_id, destination, object, next_attempt_at)"
+                           " VALUES (?, ?, ?, ?)", [(job_id, d, o, now) for d, o in deliveries])
+            if not deliveries:
+                self._log(db, job_id, "done", "nothing to deliver beyond the outbox")
+            return True
+
+    def fail_job(self, job_id: int, reason: str) -> bool:
+        """Any unfinished state → ``failed`` with the reason; False if the job was already final."""
+        with self._tx() as db:
+            unfinished = tuple(s for s in JobState if s not in FINAL_STATES)
+            if not self._transition(db, job_id, unfinished, JobState.FAILED):
+                return False
+            db.execute("UPDATE jobs SET reason = ? WHERE id = ?", (reason, job_id))
+            self._log(db, job_id, "failed", reason)
+            return True
+
+    # --- egress ----------------------------------------------------------------------------------
+
+    def due_deliveries(self, now: float | None = None) -> list[Delivery]:
+        """Pending deliveries whose next attempt is due, of jobs that are delivering."""
+        rows = self._query(
+            "SELECT d.id, d.job_id, d.destination, d.object, d.state, d.attempts, d.next_attempt_at, d.last_error"
+            " FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE j.state = ? AND d.state = 'pending'"
+            " AND d.next_attempt_at <= ? ORDER BY d.job_id, d.destination, d.id",
+            (JobState.DELIVERING, time.time() if now is None else now))
+        return [Delivery(*row) for row in rows]
+
+    def deliveries(self, job_id: int) -> list[Delivery]:
+        """Every delivery of a job."""
+        rows = self._query(
+            "SELECT id, job_id, destination, object, state, attempts, next_attempt_at, last_error"
+            " FROM deliveries WHERE job_id = ? ORDER BY destination, object", (job_id,))
+        return [Delivery(*row) for row in rows]
+
+    def delivery_done(self, delivery_id: int, message: str) -> None:
+        """Record a delivery as done: it will never be attempted again."""
+        with self._tx() as db:
+            row = db.execute("UPDATE deliveries SET state = 'done', attempts = attempts + 1, done_at = ?,"
+                             " last_error = NULL WHERE id = ? AND state = 'pending' RETURNING job_id",
+                             (time.time(), delivery_id)).fetchone()
+            if row:
+                self._log(db, row[0], "delivered", message)
+
+    def delivery_failed(self, delivery_id: int, error: str, max_attempts: int, backoff: tuple[float, float]) -> None:
+        """Count a failed attempt: retry after exponential back-off, or give up after ``max_attempts``."""
+        initial, ceiling = backoff
+        with self._tx() as db:
+            row = db.execute("SELECT job_id, attempts, destination, object FROM deliveries"
+                             " WHERE id = ? AND state = 'pending'", (delivery_id,)).fetchone()
+            if row is None:
+                return
+            job_id, attempts, destination, obj = row
+            attempts += 1
+            exhausted = attempts >= max_attempts
+            delay = min(initial * 2 ** (attempts - 1), ceiling)
+            db.execute("UPDATE deliveries SET attempts = ?, last_error = ?, next_attempt_at = ?, state = ?"
+                       " WHERE id = ?", (attempts, error, time.time() + delay,
+                                         "failed" if exhausted else "pending", delivery_id))
+            retry = "giving up" if exhausted else f"retry in {delay:g} s"
+            self._log(db, job_id, "delivery-error", f"{obj} → {destination}: attempt {attempts}: {error}; {retry}")
+
+    def settle_job(self, job_id: int) -> JobState | None:
+        """``delivering → done`` when every delivery is done, ``→ failed`` when the rest gave up."""
+        with self._tx() as db:
+            counts = dict(db.execute("SELECT state, count(*) FROM deliveries WHERE job_id = ? GROUP BY state",
+                                     (job_id,)).fetchall())
+            if counts.get("pending"):
+                return None
+            if not counts.get("failed"):
+                if self._transition(db, job_id, (JobState.DELIVERING,), JobState.DONE):
+                    self._log(db, job_id, "done", f"{counts.get('done', 0)} deliveries done")
+                    return JobState.DONE
+                return None
+            failed = db.execute("SELECT destination, object, attempts, last_error FROM deliveries WHERE job_id = ?"
+                                " AND state = 'failed' ORDER BY id LIMIT 1", (job_id,)).fetchone()
+            reason = (f"delivery of {failed[1]} to {failed[0]} failed after {failed[2]} attempts: {failed[3]}"
+                      f" ({counts['failed']} undelivered; results remain in the outbox)")
+            if self._transition(db, job_id, (JobState.DELIVERING,), JobState.FAILED):
+                db.execute("UPDATE jobs SET reason = ? WHERE id = ?", (reason, job_id))
+                self._log(db, job_id, "failed", reason)
+                return JobState.FAILED
+            return None
+
+    # --- introspection ---------------------------------------------------------------------------
+
+    def job(self, job_id: int) -> Job | None:
+        """One job with its instance counts, or None."""
+        rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs j WHERE j.id = ?", (job_id,))
+        return _job(rows[0]) if rows else None
+
+    def jobs(self, state: JobState | None = None) -> list[Job]:
+        """All jobs (or those in one state), oldest first."""
+        where, params = ("WHERE j.state = ?", (state,)) if state else ("", ())
+        return [_job(row) for row in self._query(f"SELECT {_JOB_COLUMNS} FROM jobs j {where} ORDER BY j.id", params)]
+
+    def events(self, job_id: int, after_id: int = 0) -> list[Event]:
+        """A job's event log in order (``after_id`` for polling only what is new)."""
+        rows = self._query("SELECT id, job_id, at, kind, message FROM events WHERE job_id = ? AND id > ? ORDER BY id",
+                           (job_id, after_id))
+        return [Event(*row) for row in rows]
+
+    def instances(self, job_id: int) -> list[Instance]:
+        """Every instance recorded for a job, late ones included."""
+        rows = self._query(
+            "SELECT sop_instance_uid, study_instance_uid, series_instance_uid, patient_id, modality, sop_class_uid,"
+            " path, calling_ae, peer_address, association_id, received_at FROM instances WHERE job_id = ?"
+            " ORDER BY received_at", (job_id,))
+        return [Instance(*row) for row in rows]
+
+    # --- helpers ---------------------------------------------------------------------------------
+
+    def _transition(self, db: sqlite3.Connection, job_id: int, sources: tuple[JobState, ...],
+                    target: JobState) -> bool:
+        marks = ", ".join("?" * len(sources))
+        cur = db.execute(f"UPDATE jobs SET state = ?, updated_at = ? WHERE id = ? AND state IN ({marks})",
+                         (target, time.time(), job_id, *sources))
+        return cur.rowcount == 1

@@ -1,0 +1,177 @@
+"""The scheduler: turns complete studies into jobs and runs each job in its own process.
+
+A job's input is a folder of hard links to the instances it covers (so instances arriving late do not
+change a running job's input); the job command writes into the job's ``out`` folder. A job that fails,
+crashes or overruns ``processing.job_timeout_seconds`` (its process group is killed) ends ``failed``
+with the reason; the node and the other jobs carry on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from radnode.config import CONFIG_ENV, Config
+from radnode.node.egress import Egress
+from radnode.node.store import JobStore
+
+log = logging.getLogger(__name__)
+
+DEFAULT_JOB_COMMAND: tuple[str, ...] = (sys.executable, "-m", "radnode", "run")
+"""Called as ``COMMAND INPUT_DIR --output OUT_DIR --pipeline NAME``."""
+
+STOP_GRACE_SECONDS = 5.0
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: get SIGKILL when the thread that started it (the scheduler) ends.
+
+    So no job process outlives a crashed node and runs on beside the re-run after a restart.
+    """
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass
+class JobProcess:
+    """A job's running process and its hard deadline."""
+
+    job_id: int
+    process: subprocess.Popen
+    deadline: float
+    """``time.monotonic()`` after which the process group is killed."""
+    stderr_path: Path
+
+
+def job_dir(config: Config, job_id: int) -> Path:
+    """``data_dir/jobs/<job_id>``: ``in/`` (links to the input), ``out/``, ``stdout.log``, ``stderr.log``."""
+    return config.data_dir / "jobs" / str(job_id)
+
+
+def last_line(path: Path) -> str:
+    """The last non-empty line of a text file ('' if none)."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return next((line.strip() for line in reversed(lines) if line.strip()), "")
+
+
+class Scheduler:
+    """Queues complete studies, starts queued jobs up to the concurrency limit, reaps and times them out."""
+
+    def __init__(self, config: Config, store: JobStore, egress: Egress, command: Sequence[str],
+                 config_file: Path) -> None:
+        self.config = config
+        self.store = store
+        self.egress = egress
+        self.command = list(command)
+        self.config_file = config_file
+        self.running: dict[int, JobProcess] = {}
+
+    def tick(self) -> None:
+        """One scheduling round; called repeatedly by the node's scheduler thread."""
+        for job_id in self.store.queue_complete_studies(self.config.ingress.study_idle_seconds):
+            log.info("job %d queued", job_id)
+        for job_id in list(self.running):
+            self._reap(self.running[job_id])
+        while len(self.running) < self.config.processing.max_concurrent_jobs:
+            job = self.store.next_queued()
+            if job is None:
+                break
+            self._start(job.id, job.pipeline)
+
+    def _prepare(self, job_id: int) -> tuple[Path, Path]:
+        """A fresh ``in/`` of hard links to the job's instances and an empty ``out/``."""
+        root = job_dir(self.config, job_id)
+        inputs, outputs = root / "in", root / "out"
+        for folder in (inputs, outputs):
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+        for inst in self.store.job_inputs(job_id):
+            link = inputs / f"{inst.sop_instance_uid}.dcm"
+            try:
+                os.link(inst.path, link)
+            except OSError:  # another file system: copy instead
+                shutil.copy2(inst.path, link)
+        return inputs, outputs
+
+    def _start(self, job_id: int, pipeline: str) -> None:
+        try:
+            inputs, outputs = self._prepare(job_id)
+        except OSError as e:
+            self.store.fail_job(job_id, f"cannot prepare the job's input: {e}")
+            return
+        argv = [*self.command, str(inputs), "--output", str(outputs), "--pipeline", pipeline]
+        if not self.store.start_job(job_id, shlex.join(argv)):
+            return
+        root = job_dir(self.config, job_id)
+        env = {**os.environ, CONFIG_ENV: str(self.config_file)}
+        with open(root / "stdout.log", "wb") as out, open(root / "stderr.log", "wb") as err:
+            try:
+                process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=root,
+                                           env=env, start_new_session=True, preexec_fn=_die_with_parent)
+            except OSError as e:
+                self.store.fail_job(job_id, f"cannot start the job command: {e}")
+                return
+        deadline = time.monotonic() + self.config.processing.job_timeout_seconds
+        self.running[job_id] = JobProcess(job_id, process, deadline, root / "stderr.log")
+        log.info("job %d running (pid %d): %s", job_id, process.pid, shlex.join(argv))
+
+    def _reap(self, job: JobProcess) -> None:
+        status = job.process.poll()
+        if status is None:
+            if time.monotonic() < job.deadline:
+                return
+            _kill_group(job.process)
+            del self.running[job.job_id]
+            self.store.fail_job(job.job_id, f"timed out after {self.config.processing.job_timeout_seconds:g} s")
+            log.warning("job %d timed out", job.job_id)
+            return
+        del self.running[job.job_id]
+        if status != 0:
+            reason = last_line(job.stderr_path) or _describe_status(status)
+            self.store.fail_job(job.job_id, reason)
+            log.warning("job %d failed: %s", job.job_id, reason)
+            return
+        self.egress.stage(job.job_id, job_dir(self.config, job.job_id) / "out")
+
+    def stop(self) -> None:
+        """End running jobs (SIGTERM, then SIGKILL) and queue them to run again at the next start."""
+        for job in self.running.values():
+            _kill_group(job.process, grace=STOP_GRACE_SECONDS)
+            self.store.requeue(job.job_id, "node stopped while the job was running; it will run again")
+        self.running.clear()
+
+
+def _describe_status(status: int) -> str:
+    if status < 0:
+        return f"job process killed by {signal.Signals(-status).name}"
+    return f"job process exited with status {status}"
+
+
+def _kill_group(process: subprocess.Popen, grace: float = 0.0) -> None:
+    """Terminate the job's whole process group: SIGTERM and a grace period when given, then SIGKILL."""
+    try:
+        if grace:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(grace)
+                return
+            except subprocess.TimeoutExpired:
+                pass
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()

@@ -1,0 +1,306 @@
+"""The whole node: studies in over DICOM, jobs in their own processes, results out; killed and restarted.
+
+Jobs run a stand-in job command (a real Python subprocess written by the test) unless the test is the
+end-to-end one, which runs the real ``radnode run`` on a real CT series.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+import yaml
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
+
+from radnode.config import Config
+from radnode.node.service import Node
+from radnode.node.store import Job, JobState, JobStore
+from test_egress import FhirServer, StoreSCP, wait_until
+from test_scp import ECHOSCU, free_port, storescu, write_study
+
+STAND_IN = textwrap.dedent('''
+    """Stand-in for `radnode run INPUT --output OUT --pipeline NAME`: one derived result per study."""
+    import argparse, json, os, pathlib, sys, time
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("input")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--pipeline")
+    args = parser.parse_args()
+    out = pathlib.Path(args.output)
+    (out.parent / "pid").write_text(str(os.getpid()))
+    images = [ds for ds in map(pydicom.dcmread, sorted(pathlib.Path(args.input).iterdir())) if "PixelData" in ds]
+    if not images:
+        print("loading the input", file=sys.stderr)
+        print("no image series in the input", file=sys.stderr)
+        sys.exit(3)
+    time.sleep(float(os.environ.get("STAND_IN_SECONDS_" + str(images[0].PatientID), "0")))
+    result = images[0]
+    result.SOPInstanceUID = result.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    result.SeriesInstanceUID, result.SeriesDescription = generate_uid(), "stand-in result"
+    result.save_as(out / "result.dcm")
+    (out / "fhir-bundle.json").write_text(json.dumps({"resourceType": "Bundle", "type": "transaction"}))
+    (out / "manifest.json").write_text(json.dumps({"inputs": len(images)}))
+''')
+
+
+@pytest.fixture
+def stand_in(tmp_path: Path) -> list[str]:
+    """The job command: the stand-in script run by this Python."""
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    return [sys.executable, str(script)]
+
+
+def node_config(tmp_path: Path, port: int = 0, **sections: dict) -> Config:
+    """Small idle and retry times so each test takes seconds."""
+    data: dict = {"data_dir": str(tmp_path / "data"),
+                  "ingress": {"host": "127.0.0.1", "port": port, "study_idle_seconds": 0.5},
+                  "egress": {"retry_initial_seconds": 0.2, "retry_max_seconds": 0.5, "max_attempts": 50,
+                             "timeout_seconds": 5},
+                  "processing": {"job_timeout_seconds": 60}}
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return Config.model_validate(data)
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[StoreSCP]:
+    receiver = StoreSCP(tmp_path / "pacs").start()
+    yield receiver
+    receiver.stop()
+
+
+def final_job(node: Node, job_id: int, timeout: float = 30) -> Job:
+    """Wait until the job is done or failed, and return it."""
+    wait_until(lambda: node.job(job_id).state in (JobState.DONE, JobState.FAILED), timeout)  # type: ignore[union-attr]
+    job = node.job(job_id)
+    assert job is not None
+    return job
+
+
+def jobs_by_patient(node: Node, expected: int) -> dict[str, Job]:
+    wait_until(lambda: len(node.jobs()) == expected)
+    return {job.patient_id: job for job in node.jobs()}
+
+
+def write_text_report(folder: Path, patient_id: str) -> Path:
+    """A non-image object (Basic Text SR) of its own study."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = BasicTextSRStorage, generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.Modality, ds.ValueType = patient_id, "SR", "CONTAINER"
+    path = folder / "report.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_a_failing_job_is_recorded_while_another_study_completes(tmp_path: Path, stand_in: list[str],
+                                                                  pacs: StoreSCP) -> None:
+    fhir = FhirServer()
+    config = node_config(tmp_path, egress={"destinations": [pacs.peer.model_dump()], "fhir_url": fhir.url},
+                         processing={"max_concurrent_jobs": 2})
+    write_study(tmp_path / "good", n=5, patient_id="GOOD")
+    write_text_report(tmp_path / "bad", patient_id="BAD")
+    try:
+        with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
+            for folder in ("bad", "good"):
+                assert storescu(node.port, tmp_path / folder, calling_ae="SCANNER").returncode == 0
+            jobs = jobs_by_patient(node, 2)
+            bad, good = final_job(node, jobs["BAD"].id), final_job(node, jobs["GOOD"].id)
+            assert bad.state is JobState.FAILED and bad.reason == "no image series in the input"
+            assert good.state is JobState.DONE and good.instances == 5 and good.calling_ae == "SCANNER"
+            kinds = [e.kind for e in node.events(good.id)]
+            assert kinds == ["received", "queued", "running", "finished", "delivered", "delivered", "done"]
+            assert [e.kind for e in node.events(bad.id)][-1] == "failed"
+    finally:
+        fhir.stop()
+    assert len(pacs.received()) == 1 and len(fhir.posts) == 1
+    outbox = tmp_path / "data" / "outbox" / str(good.id)
+    assert sorted(p.name for p in outbox.iterdir()) == ["fhir-bundle.json", "manifest.json", "result.dcm"]
+
+
+def test_a_job_over_its_time_limit_is_killed_and_the_next_one_runs(tmp_path: Path, stand_in: list[str],
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STAND_IN_SECONDS_SLOW", "60")
+    config = node_config(tmp_path, processing={"job_timeout_seconds": 1.5, "max_concurrent_jobs": 1})
+    write_study(tmp_path / "slow", n=2, patient_id="SLOW")
+    write_study(tmp_path / "quick", n=2, patient_id="QUICK")
+    with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
+        assert storescu(node.port, tmp_path / "slow").returncode == 0
+        wait_until(lambda: any(j.state is JobState.RUNNING for j in node.jobs()))
+        assert storescu(node.port, tmp_path / "quick").returncode == 0
+        jobs = jobs_by_patient(node, 2)
+        slow, quick = final_job(node, jobs["SLOW"].id), final_job(node, jobs["QUICK"].id)
+        assert slow.state is JobState.FAILED and slow.reason == "timed out after 1.5 s"
+        assert quick.state is JobState.DONE
+    pid = int((tmp_path / "data" / "jobs" / str(slow.id) / "pid").read_text())
+    assert not _alive(pid)
+
+
+def test_instances_arriving_while_the_job_runs_are_kept_but_not_its_input(
+        tmp_path: Path, stand_in: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STAND_IN_SECONDS_P1", "2")
+    config = node_config(tmp_path)
+    first = write_study(tmp_path / "first", n=3)
+    study_uid = pydicom.dcmread(first[0]).StudyInstanceUID
+    write_study(tmp_path / "late", n=1, study_uid=study_uid)
+    with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
+        assert storescu(node.port, tmp_path / "first").returncode == 0
+        wait_until(lambda: node.jobs() and node.jobs()[0].state is JobState.RUNNING)
+        assert storescu(node.port, tmp_path / "late").returncode == 0
+        job = final_job(node, node.jobs()[0].id)
+        assert job.state is JobState.DONE and (job.instances, job.late_instances) == (3, 1)
+        assert "late" in [e.kind for e in node.events(job.id)]
+    manifest = (tmp_path / "data" / "outbox" / str(job.id) / "manifest.json").read_text()
+    assert manifest == '{"inputs": 3}'
+    assert len(list((tmp_path / "data" / "spool" / study_uid).glob("*/*.dcm"))) == 4
+
+
+def test_stopped_while_running_the_job_is_ended_and_runs_again_at_the_next_start(
+        tmp_path: Path, stand_in: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STAND_IN_SECONDS_P1", "30")
+    config = node_config(tmp_path)
+    write_study(tmp_path / "study", n=2)
+    with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
+        assert storescu(node.port, tmp_path / "study").returncode == 0
+        wait_until(lambda: node.jobs() and node.jobs()[0].state is JobState.RUNNING)
+        pid_file = tmp_path / "data" / "jobs" / "1" / "pid"
+        wait_until(pid_file.exists)
+    assert not _alive(int(pid_file.read_text()))
+    monkeypatch.setenv("STAND_IN_SECONDS_P1", "0")
+    with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
+        job = final_job(node, 1)
+        assert job.state is JobState.DONE and job.runs == 2
+        (requeued,) = [e for e in node.events(1) if e.kind == "requeued"]
+        assert "node stopped while the job was running" in requeued.message
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class NodeProcess:
+    """The node as its own process (what ``radnode serve`` runs), killable with SIGKILL."""
+
+    def __init__(self, config: Config, job_command: list[str], env: dict[str, str]) -> None:
+        self.config, self.job_command, self.env = config, job_command, env
+        self.config_file = config.data_dir.parent / "node.yaml"
+        self.config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "NodeProcess":
+        code = ("import sys; from radnode.config import load_config; from radnode.node.service import run_node; "
+                "run_node(load_config(sys.argv[1]), job_command=sys.argv[2:])")
+        self.process = subprocess.Popen([sys.executable, "-c", code, str(self.config_file), *self.job_command],
+                                        env=self.env, stderr=subprocess.DEVNULL)
+        port = str(self.config.ingress.port)
+        wait_until(lambda: subprocess.run([ECHOSCU, "-aec", "RADNODE", "127.0.0.1", port],
+                                          capture_output=True).returncode == 0)
+        return self
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def terminate(self) -> None:
+        assert self.process is not None
+        self.process.terminate()
+        assert self.process.wait(20) == 0
+
+
+def _only_job(store: JobStore, state: JobState) -> Callable[[], bool]:
+    return lambda: [j.state for j in store.jobs()] == [state]
+
+
+def test_killed_while_running_the_job_runs_again_and_delivers_once(tmp_path: Path, stand_in: list[str],
+                                                                   pacs: StoreSCP) -> None:
+    config = node_config(tmp_path, port=free_port(), egress={"destinations": [pacs.peer.model_dump()]})
+    node = NodeProcess(config, stand_in, {**os.environ, "STAND_IN_SECONDS_P1": "1.5"}).start()
+    write_study(tmp_path / "study", n=4)
+    assert storescu(config.ingress.port, tmp_path / "study").returncode == 0
+    store = JobStore(config.data_dir / "radnode.db")
+    wait_until(_only_job(store, JobState.RUNNING))
+    pid_file = config.data_dir / "jobs" / "1" / "pid"
+    wait_until(pid_file.exists)
+    node.kill()
+    wait_until(lambda: not _alive(int(pid_file.read_text())), timeout=5)  # no orphan job outlives the node
+    assert pacs.received() == []
+    node.start()
+    wait_until(_only_job(store, JobState.DONE))
+    node.terminate()
+    (job,) = store.jobs()
+    assert job.runs == 2 and job.instances == 4
+    assert "requeued" in [e.kind for e in store.events(job.id)]
+    (result,) = (config.data_dir / "outbox" / "1").glob("*.dcm")
+    assert pacs.received() == [pydicom.dcmread(result).SOPInstanceUID]
+    store.close()
+
+
+def test_killed_while_delivering_only_undelivered_results_are_sent(tmp_path: Path, stand_in: list[str],
+                                                                   pacs: StoreSCP) -> None:
+    second = StoreSCP(tmp_path / "archive", ae_title="ARCHIVE")
+    destinations = [pacs.peer.model_dump(), second.peer.model_dump()]
+    config = node_config(tmp_path, port=free_port(), egress={"destinations": destinations})
+    node = NodeProcess(config, stand_in, dict(os.environ)).start()
+    write_study(tmp_path / "study", n=2)
+    assert storescu(config.ingress.port, tmp_path / "study").returncode == 0
+    store = JobStore(config.data_dir / "radnode.db")
+    wait_until(lambda: {(d.destination, d.state, d.attempts >= 2) for d in store.deliveries(1)}
+               == {(f"dicom:{pacs.peer}", "done", False), (f"dicom:{second.peer}", "pending", True)})
+    node.kill()
+    second.start()
+    try:
+        node.start()
+        wait_until(_only_job(store, JobState.DONE))
+        node.terminate()
+        assert len(pacs.received()) == 1 and second.received() == pacs.received()
+    finally:
+        second.stop()
+    (job,) = store.jobs()
+    assert job.runs == 1
+    store.close()
+
+
+@pytest.mark.slow
+def test_end_to_end_with_the_real_pipeline_on_a_phantom_ct(tmp_path: Path, pacs: StoreSCP) -> None:
+    """A phantom CT series over DICOM through ``radnode run`` in its own process; SEG/SR and FHIR out."""
+    from radnode.phantom import make_ct_phantom, write_ct_series
+
+    write_ct_series(make_ct_phantom(n_slices=40, size=128), tmp_path / "ct")
+    fhir = FhirServer()
+    config = node_config(tmp_path, egress={"destinations": [pacs.peer.model_dump()], "fhir_url": fhir.url},
+                         processing={"job_timeout_seconds": 300})
+    try:
+        with Node(config) as node:
+            assert storescu(node.port, tmp_path / "ct", calling_ae="CT_SCANNER").returncode == 0
+            wait_until(lambda: len(node.jobs()) == 1)
+            job = final_job(node, node.jobs()[0].id, timeout=300)
+            assert job.state is JobState.DONE, job.reason
+            assert job.instances == 40
+    finally:
+        fhir.stop()
+    modalities = sorted(pydicom.dcmread(p, stop_before_pixels=True).Modality for p in pacs.folder.iterdir())
+    assert "SEG" in modalities and "SR" in modalities
+    ((_, content_type, bundle),) = fhir.posts
+    assert content_type == "application/fhir+json"
+    assert bundle["resourceType"] == "Bundle" and bundle["type"] == "transaction"

@@ -1,0 +1,119 @@
+"""The job store on a real SQLite file: transitions, late and duplicate instances, retries, reopening."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from radnode.node.store import Arrival, Instance, JobState, JobStore
+
+
+def instance(sop: str, study: str = "1.2.3", received_at: float | None = None) -> Instance:
+    return Instance(sop_instance_uid=sop, study_instance_uid=study, series_instance_uid=f"{study}.1",
+                    patient_id="P1", modality="CT", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                    path=f"/spool/{sop}.dcm", calling_ae="SCANNER", peer_address="127.0.0.1:4000",
+                    association_id="a1", received_at=time.time() if received_at is None else received_at)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> JobStore:
+    return JobStore(tmp_path / "radnode.db")
+
+
+def test_a_study_becomes_a_job_queued_only_after_it_went_idle(store: JobStore) -> None:
+    now = time.time()
+    assert store.record_instance(instance("1.1", received_at=now - 10), "ct_tissue")[0] is Arrival.NEW
+    arrival, job_id = store.record_instance(instance("1.2", received_at=now - 1), "ct_tissue")
+    assert arrival is Arrival.NEW
+    assert store.queue_complete_studies(idle_seconds=3, now=now) == []
+    assert store.queue_complete_studies(idle_seconds=3, now=now + 2) == [job_id]
+    job = store.job(job_id)
+    assert job is not None and job.state is JobState.QUEUED and job.instances == 2
+    assert "2 instances in 1 series (CT) from SCANNER (127.0.0.1:4000)" in store.events(job_id)[-1].message
+
+
+def test_late_and_duplicate_instances_are_recorded_not_lost(store: JobStore) -> None:
+    _, job_id = store.record_instance(instance("1.1", received_at=0), "ct_tissue")
+    store.queue_complete_studies(idle_seconds=1)
+    assert store.start_job(job_id, "run")
+    assert store.record_instance(instance("1.2"), "ct_tissue") == (Arrival.LATE, job_id)
+    assert store.record_instance(instance("1.1"), "ct_tissue") == (Arrival.DUPLICATE, job_id)
+    assert [i.sop_instance_uid for i in store.job_inputs(job_id)] == ["1.1"]
+    assert {i.sop_instance_uid for i in store.instances(job_id)} == {"1.1", "1.2"}
+    job = store.job(job_id)
+    assert job is not None and (job.instances, job.late_instances) == (1, 1)
+    kinds = [e.kind for e in store.events(job_id)]
+    assert kinds == ["received", "queued", "running", "late", "duplicate"]
+
+
+def test_transitions_are_guarded_and_safe_to_repeat(store: JobStore) -> None:
+    _, job_id = store.record_instance(instance("1.1", received_at=0), "ct_tissue")
+    assert not store.start_job(job_id, "run")  # not queued yet
+    store.queue_complete_studies(idle_seconds=1)
+    assert store.start_job(job_id, "run")
+    assert not store.start_job(job_id, "run")
+    assert store.begin_delivery(job_id, "1 output", [("dicom:PACS@h:104", "seg.dcm")])
+    assert not store.begin_delivery(job_id, "1 output", [("dicom:PACS@h:104", "seg.dcm")])
+    assert len(store.deliveries(job_id)) == 1
+    assert store.fail_job(job_id, "broken")
+    assert not store.fail_job(job_id, "broken again")
+    job = store.job(job_id)
+    assert job is not None and job.state is JobState.FAILED and job.reason == "broken"
+
+
+def _delivering_job(store: JobStore, plan: list[tuple[str, str]]) -> int:
+    _, job_id = store.record_instance(instance("1.1", received_at=0), "ct_tissue")
+    store.queue_complete_studies(idle_seconds=1)
+    store.start_job(job_id, "run")
+    store.begin_delivery(job_id, "outputs", plan)
+    return job_id
+
+
+def test_failed_delivery_backs_off_exponentially_then_gives_up(store: JobStore) -> None:
+    job_id = _delivering_job(store, [("dicom:PACS@h:104", "seg.dcm"), ("fhir:http://f", "fhir-bundle.json")])
+    seg, fhir = store.deliveries(job_id)  # ordered by destination
+    assert (fhir.object, seg.object) == ("fhir-bundle.json", "seg.dcm")
+    store.delivery_done(fhir.id, "posted")
+    delays = []
+    for attempt in range(1, 4):
+        before = time.time()
+        store.delivery_failed(seg.id, "connection refused", max_attempts=3, backoff=(1.0, 3.0))
+        (current,) = [d for d in store.deliveries(job_id) if d.id == seg.id]
+        delays.append(round(current.next_attempt_at - before))
+        assert current.attempts == attempt and current.last_error == "connection refused"
+        if attempt < 3:
+            assert store.settle_job(job_id) is None
+    assert delays[:2] == [1, 2]
+    assert store.settle_job(job_id) is JobState.FAILED
+    job = store.job(job_id)
+    assert job is not None and "seg.dcm to dicom:PACS@h:104 failed after 3 attempts: connection refused" in job.reason
+
+
+def test_done_deliveries_are_never_due_again_and_the_job_completes(store: JobStore) -> None:
+    job_id = _delivering_job(store, [("dicom:PACS@h:104", "a.dcm"), ("dicom:PACS@h:104", "b.dcm")])
+    first, second = store.deliveries(job_id)
+    store.delivery_done(first.id, "sent")
+    store.delivery_done(first.id, "sent again")  # a repeat changes nothing
+    assert [d.object for d in store.due_deliveries()] == ["b.dcm"]
+    assert store.settle_job(job_id) is None
+    store.delivery_done(second.id, "sent")
+    assert store.due_deliveries() == []
+    assert store.settle_job(job_id) is JobState.DONE
+    assert [e.kind for e in store.events(job_id)].count("delivered") == 2
+
+
+def test_state_survives_reopening_and_running_jobs_can_be_requeued(tmp_path: Path) -> None:
+    store = JobStore(tmp_path / "radnode.db")
+    _, job_id = store.record_instance(instance("1.1", received_at=0), "ct_tissue")
+    store.queue_complete_studies(idle_seconds=1)
+    store.start_job(job_id, "run")
+    store.close()
+    reopened = JobStore(tmp_path / "radnode.db")
+    assert reopened.running_jobs() == [job_id]
+    assert reopened.requeue(job_id, "restarted")
+    assert not reopened.requeue(job_id, "restarted")
+    job = reopened.next_queued()
+    assert job is not None and job.id == job_id and job.runs == 1
+    reopened.close()
