@@ -1,0 +1,335 @@
+"""MONAI Application Package (MAP) build contexts for the apps under ``apps/``.
+
+``map_build(app, output)`` writes a folder that ``docker build`` turns into a MAP: the manifests
+``app.json``/``pkg.json`` exactly as they sit in ``/etc/holoscan/``, the app's ``app.yaml`` (at
+``HOLOSCAN_CONFIG_PATH``), the app source (``/opt/holoscan/app``), its models (``/opt/holoscan/models``),
+a radnode wheel, the pinned requirements, the MAP ``tools`` entrypoint and a Dockerfile (Python 3.11
+slim, non-root user ``holoscan``).
+
+Why not the SDK's packager: ``monai-deploy package`` / ``holoscan package`` (holoscan-cli ≤ 3.x) renders
+these files and then immediately runs ``docker buildx`` on an NVIDIA CUDA base image; there is no
+render-only mode and no container engine on the build machines, and holoscan-cli 4/5 (the one
+monai-deploy-app-sdk 4 pulls in) no longer ships the packager at all. So the manifests are produced
+here with the packager's own field set, defaults and layout (holoscan-cli 3.11 ``DefaultValues`` and
+``ApplicationConfiguration.populate_app_manifest``/``populate_package_manifest``), and
+``tests/test_map.py`` checks them field by field against that packager code run on the same app.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, TextIO
+
+import yaml
+
+import radnode
+
+REPO = Path(__file__).resolve().parents[1]
+APPS_DIR = REPO / "apps"
+APP_METADATA_FILE = "app.yaml"
+
+# The MAP layout: holoscan-cli 3.11 packager DefaultValues / EnvironmentVariables (the producer the
+# MONAI Deploy App SDK documents), and the MAP specification's table of important paths.
+MAP_API_VERSION = "1.0.0"
+SDK_NAME = "monai-deploy"
+APP_DIR = "/opt/holoscan/app"
+MODELS_DIR = "/opt/holoscan/models"
+DOCS_DIR = "/opt/holoscan/docs"
+WORK_DIR = "/var/holoscan"
+INPUT_DIR = "input/"
+OUTPUT_DIR = "output/"
+CONFIG_PATH = "/var/holoscan/app.yaml"
+LOGS_DIR = "/var/holoscan/logs"
+APP_MANIFEST_PATH = "/etc/holoscan/app.json"
+PKG_MANIFEST_PATH = "/etc/holoscan/pkg.json"
+MAP_USER = "holoscan"
+PLATFORM_CONFIG = "dgpu"
+"""What the packager records for an x86_64 target; the app itself needs no GPU (``resources.gpu: 0``)."""
+BASE_IMAGE = "python:3.11-slim-bookworm"
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+"""Where a CPU-only torch comes from; PyPI's default torch wheel pulls in CUDA libraries (gigabytes)."""
+
+_MEMORY = re.compile(r"^\d+(\.\d+)?(Mi|Gi)$")
+
+
+class MapError(ValueError):
+    """An app that cannot be packaged as it stands; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class AppMetadata:
+    """An app's ``apps/<app>/app.yaml``: the packager's ``--config`` file plus radnode's timeout/output list."""
+
+    name: str
+    title: str
+    version: str
+    input_formats: list[str]
+    output_formats: list[str]
+    output_files: list[str]
+    timeout: int
+    resources: dict[str, Any]
+    models: dict[str, str] = field(default_factory=dict)
+    """Model name → folder relative to the app folder, copied to ``/opt/holoscan/models/<name>``."""
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, app: str) -> "AppMetadata":
+        path = APPS_DIR / app / APP_METADATA_FILE
+        if not path.is_file():
+            raise MapError(f"{path}: missing; every packaged app needs its MAP metadata there")
+        raw = yaml.safe_load(path.read_text()) or {}
+        application, resources = raw.get("application"), raw.get("resources")
+        if not isinstance(application, dict) or not isinstance(resources, dict):
+            raise MapError(f"{path}: needs an 'application' and a 'resources' mapping")
+        for key in ("title", "version"):
+            if not application.get(key):
+                raise MapError(f"{path}: application.{key} is required")
+        for key in ("memory", "gpuMemory", "sharedMemory"):
+            if key in resources and not _MEMORY.match(str(resources[key])):
+                raise MapError(f"{path}: resources.{key}={resources[key]!r}; expected e.g. '4Gi' or '512Mi'")
+        for key in ("cpu", "gpu"):
+            if key in resources and (not isinstance(resources[key], (int, float)) or resources[key] < 0):
+                raise MapError(f"{path}: resources.{key} must be a number ≥ 0")
+        timeout = application.get("timeout", 0)
+        if not isinstance(timeout, int) or timeout < 0:
+            raise MapError(f"{path}: application.timeout must be whole seconds ≥ 0")
+        return cls(name=app, title=str(application["title"]), version=str(application["version"]),
+                    input_formats=list(application.get("input-formats") or ["file"]),
+                    output_formats=list(application.get("output-formats") or ["file"]),
+                    output_files=list(application.get("output-files") or []),
+                    timeout=timeout, resources=dict(resources), models=dict(raw.get("models") or {}), raw=raw)
+
+
+def packaged_apps() -> list[str]:
+    """Registered pipelines, in registry order; each must be a folder ``apps/<name>`` with a ``__main__``."""
+    from radnode.pipelines.registry import PIPELINES
+
+    return list(PIPELINES)
+
+
+def app_command(app: str) -> list[str]:
+    """The MAP command (argv form): the app's ``__main__`` honours the HOLOSCAN_* variables."""
+    return ["python3", "-m", f"radnode.apps.{app}"]
+
+
+def map_environment() -> dict[str, str]:
+    """``app.json#environment``: the HOLOSCAN_* contract, valued as the packager writes it."""
+    return {
+        "HOLOSCAN_APPLICATION": APP_DIR,
+        "HOLOSCAN_INPUT_PATH": INPUT_DIR,
+        "HOLOSCAN_OUTPUT_PATH": OUTPUT_DIR,
+        "HOLOSCAN_WORKDIR": WORK_DIR,
+        "HOLOSCAN_MODEL_PATH": MODELS_DIR,
+        "HOLOSCAN_CONFIG_PATH": CONFIG_PATH,
+        "HOLOSCAN_APP_MANIFEST_PATH": APP_MANIFEST_PATH,
+        "HOLOSCAN_PKG_MANIFEST_PATH": PKG_MANIFEST_PATH,
+        "HOLOSCAN_DOCS_PATH": DOCS_DIR,
+        "HOLOSCAN_LOGS_PATH": LOGS_DIR,
+    }
+
+
+def app_manifest(meta: AppMetadata) -> dict[str, Any]:
+    """``/etc/holoscan/app.json``.
+
+    ``command`` is the JSON-encoded argv string, as the packager writes it (the spec's "shell command").
+    ``output`` carries both the packager's ``formats`` list and the spec's required ``format`` object
+    (which names the files the app writes).
+    """
+    return {
+        "apiVersion": MAP_API_VERSION,
+        "command": json.dumps(app_command(meta.name)),
+        "environment": map_environment(),
+        "input": {"path": INPUT_DIR, "formats": meta.input_formats},
+        "liveness": None,
+        "output": {"path": OUTPUT_DIR, "formats": meta.output_formats,
+                   "format": {"type": meta.output_formats[0] if meta.output_formats else "file",
+                              "files": meta.output_files}},
+        "readiness": None,
+        "sdk": SDK_NAME,
+        "sdkVersion": metadata.version("monai-deploy-app-sdk"),
+        "timeout": meta.timeout,
+        "version": meta.version,
+        "workingDirectory": WORK_DIR,
+    }
+
+
+def package_manifest(meta: AppMetadata) -> dict[str, Any]:
+    """``/etc/holoscan/pkg.json``; ``models`` maps name → absolute path, as the packager writes it."""
+    return {
+        "apiVersion": MAP_API_VERSION,
+        "applicationRoot": APP_DIR,
+        "modelRoot": MODELS_DIR,
+        "models": {name: f"{MODELS_DIR}/{name}" for name in meta.models},
+        "resources": meta.resources,
+        "version": meta.version,
+        "platformConfig": PLATFORM_CONFIG,
+    }
+
+
+def pinned_requirements(root: str = "radnode") -> list[str]:
+    """``name==version`` for every distribution ``root`` needs, as installed here (the tested set).
+
+    Extras are not followed; environment markers are evaluated for this interpreter (CPython 3.11 on
+    Linux, the MAP's too). The image installs exactly these versions, so it runs what the tests ran.
+    """
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: dict[str, str] = {}
+    stack = [canonicalize_name(root)]
+    while stack:
+        name = stack.pop()
+        if name in seen:
+            continue
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue  # an optional platform dependency that is not installed here
+        seen[name] = dist.version
+        for spec in dist.requires or []:
+            req = Requirement(spec)
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            stack.append(canonicalize_name(req.name))
+    seen.pop(canonicalize_name(root), None)
+    return [f"{name}=={version}" for name, version in sorted(seen.items())]
+
+
+def package_dirs() -> dict[str, str]:
+    """pyproject's ``[tool.setuptools] package-dir``: package → folder (what the wheel is built from)."""
+    import tomllib
+
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    return dict(config["tool"]["setuptools"].get("package-dir") or {"radnode": "radnode"})
+
+
+def build_wheel(target: Path) -> Path:
+    """Build radnode's wheel from this checkout into ``target`` (no network: the venv's setuptools).
+
+    The sources are copied to a scratch folder first, so setuptools' ``build/`` and ``*.egg-info``
+    never land in the checkout.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        for name in ("pyproject.toml", "README.md", "LICENSE"):
+            if (REPO / name).is_file():
+                shutil.copy2(REPO / name, src / name)
+        for folder in sorted(set(package_dirs().values())):
+            shutil.copytree(REPO / folder, src / folder, ignore=ignore)
+        out = Path(tmp) / "wheel"
+        subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                        "-w", str(out), str(src)], check=True, capture_output=True, text=True)
+        wheels = list(out.glob("radnode-*.whl"))
+        if len(wheels) != 1:
+            raise MapError(f"expected one radnode wheel, pip wrote {[w.name for w in wheels]}")
+        return Path(shutil.copy2(wheels[0], target / wheels[0].name))
+
+
+DOCKERFILE_TEMPLATE = REPO / "deploy" / "map" / "Dockerfile.template"
+TOOLS_SCRIPT = REPO / "deploy" / "map" / "tools.sh"
+
+
+def render_dockerfile(meta: AppMetadata, wheel_name: str) -> str:
+    """The MAP Dockerfile from ``deploy/map/Dockerfile.template`` (``{{KEY}}`` placeholders)."""
+    env = map_environment() | {"HOLOSCAN_INPUT_PATH": f"{WORK_DIR}/{INPUT_DIR}",
+                               "HOLOSCAN_OUTPUT_PATH": f"{WORK_DIR}/{OUTPUT_DIR}",
+                               "HOLOSCAN_TIMEOUT": str(meta.timeout)}
+    values = {
+        "BASE_IMAGE": BASE_IMAGE, "TITLE": meta.title, "VERSION": meta.version, "APP": meta.name,
+        "SDK_VERSION": metadata.version("monai-deploy-app-sdk"), "USER": MAP_USER, "WHEEL": wheel_name,
+        "TORCH_INDEX": TORCH_CPU_INDEX, "ENV": "\n".join(f"ENV {k}={v}" for k, v in env.items()),
+        "APP_DIR": APP_DIR, "MODELS_DIR": MODELS_DIR, "DOCS_DIR": DOCS_DIR, "WORK_DIR": WORK_DIR,
+        "INPUT_PATH": env["HOLOSCAN_INPUT_PATH"], "OUTPUT_PATH": env["HOLOSCAN_OUTPUT_PATH"],
+        "LOGS_DIR": LOGS_DIR, "CONFIG_PATH": CONFIG_PATH, "APP_MANIFEST": APP_MANIFEST_PATH,
+        "PKG_MANIFEST": PKG_MANIFEST_PATH, "COMMAND": json.dumps(app_command(meta.name)),
+    }
+    text = DOCKERFILE_TEMPLATE.read_text()
+    for key, value in values.items():
+        text = text.replace("{{" + key + "}}", value)
+    leftover = re.findall(r"\{\{[A-Z_]+\}\}", text)
+    if leftover:
+        raise MapError(f"{DOCKERFILE_TEMPLATE}: unknown placeholders {leftover}")
+    return text
+
+
+def map_build(app: str, output: Path, *, wheel: Path | None = None) -> int:
+    """Write the MAP build context of ``app`` into ``output``; ``radnode map build APP --output DIR``.
+
+    ``wheel`` reuses an already built radnode wheel (otherwise one is built from this checkout).
+    Returns 0, or 2 with the reason on stderr. Build the image with ``docker build -t NAME OUTPUT``.
+    """
+    try:
+        context = write_build_context(app, Path(output), wheel=wheel)
+    except (MapError, KeyError, subprocess.CalledProcessError, OSError) as e:
+        detail = getattr(e, "stderr", None) or ""
+        print(f"radnode map build: {e}{': ' + detail.strip() if detail else ''}", file=sys.stderr)
+        return 2
+    print(f"MAP build context for {app} in {context}; build it with: docker build -t radnode-{app} {context}")
+    return 0
+
+
+def write_build_context(app: str, output: Path, *, wheel: Path | None = None) -> Path:
+    """Write the build context (see the module docstring) and return its folder."""
+    from radnode.pipelines.registry import get_pipeline
+
+    get_pipeline(app)  # unknown names fail with the list of known ones
+    source = APPS_DIR / app
+    if not (source / "__main__.py").is_file():
+        raise MapError(f"{source}: no __main__.py; the MAP command runs `python -m radnode.apps.{app}`")
+    meta = AppMetadata.load(app)
+    output.mkdir(parents=True, exist_ok=True)
+    for stale in ("app", "models", "docs", "dist"):
+        shutil.rmtree(output / stale, ignore_errors=True)
+
+    (output / "app.json").write_text(json.dumps(app_manifest(meta), indent=4) + "\n")
+    (output / "pkg.json").write_text(json.dumps(package_manifest(meta), indent=4) + "\n")
+    shutil.copy2(source / APP_METADATA_FILE, output / "app.yaml")
+    shutil.copytree(source, output / "app", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "models"))
+    models = output / "models"
+    models.mkdir()
+    for name, rel in meta.models.items():
+        src = (source / rel).resolve()
+        if not src.exists():
+            raise MapError(f"{source / APP_METADATA_FILE}: model {name!r} path {rel!r} does not exist")
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, models / name)
+    docs = output / "docs"
+    docs.mkdir()
+    shutil.copy2(REPO / "deploy" / "map" / "README.md", docs / "README.md")
+    dist = output / "dist"
+    dist.mkdir()
+    wheel_path = Path(shutil.copy2(wheel, dist / Path(wheel).name)) if wheel else build_wheel(dist)
+    (output / "requirements.txt").write_text(
+        f"# Pinned from the environment radnode {radnode.__version__} was tested in.\n"
+        f"--extra-index-url {TORCH_CPU_INDEX}\n" + "\n".join(pinned_requirements()) + "\n")
+    shutil.copy2(TOOLS_SCRIPT, output / "tools")
+    (output / "tools").chmod(0o755)
+    (output / ".dockerignore").write_text("**/__pycache__\n**/*.pyc\n")
+    (output / "Dockerfile").write_text(render_dockerfile(meta, wheel_path.name))
+    return output
+
+
+def map_list(out: TextIO = sys.stdout) -> int:
+    """List the packageable apps with version, resources and timeout; ``radnode map list``."""
+    status = 0
+    for app in packaged_apps():
+        try:
+            meta = AppMetadata.load(app)
+        except MapError as e:
+            print(f"{app:16} not packageable: {e}", file=out)
+            status = 2
+            continue
+        r = meta.resources
+        print(f"{app:16} {meta.version:8} cpu {r.get('cpu', 1)}, memory {r.get('memory', '1Gi')}, "
+              f"gpu {r.get('gpu', 0)}, timeout {meta.timeout or 'none'} s  {meta.title}", file=out)
+    return status
