@@ -80,6 +80,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(Path(args.workdir), n_slices=args.slices)
 
 
+def cmd_map_list(args: argparse.Namespace) -> int:
+    """List the apps that package as MAPs."""
+    from radnode.map import map_list
+
+    return map_list()
+
+
+def cmd_map_build(args: argparse.Namespace) -> int:
+    """Write the MAP build context (app.json, pkg.json, Dockerfile, wheel) for one app."""
+    from radnode.map import map_build
+
+    return map_build(args.app, Path(args.output))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radnode", description=__doc__)
     parser.add_argument("--version", action="version", version=f"radnode {__version__}")
@@ -110,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipelines = sub.add_parser("pipelines", help="list the pipelines")
     pipelines.set_defaults(func=cmd_pipelines)
+
+    map_parser = sub.add_parser("map", help="MONAI Application Packages of the apps")
+    map_sub = map_parser.add_subparsers(dest="map_command", required=True)
+    map_sub.add_parser("list", help="list the apps").set_defaults(func=cmd_map_list)
+    map_build = map_sub.add_parser("build", help="write an app's MAP build context")
+    map_build.add_argument("app", help="app name (a folder under apps/)")
+    map_build.add_argument("--output", "-o", required=True, help="folder for the build context")
+    map_build.set_defaults(func=cmd_map_build)
     return parser
 
 

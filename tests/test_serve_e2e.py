@@ -1,0 +1,133 @@
+"""Issue-level acceptance through the real command: ``radnode serve`` in its own process, DCMTK storescu
+sending a real CT, DCMTK storescp as the PACS, a real FHIR server as the EHR, dciodvfy as the judge."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import yaml
+from fhir.resources.R4B.bundle import Bundle
+
+from radnode.node.store import FINAL_STATES, JobState, JobStore
+from radnode.outputs.sr import read_measurements
+from radnode.peers import FhirServer, StoreSCP, free_port
+
+STORESCU = "/usr/bin/storescu"
+ECHOSCU = "/usr/bin/echoscu"
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    """Lines dciodvfy reports as errors for a file (empty when the object is valid)."""
+    result = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
+
+
+class ServeProcess:
+    """``radnode serve`` started as a user would, with a config file; stopped with SIGTERM."""
+
+    def __init__(self, data_dir: Path, pacs: StoreSCP, fhir: FhirServer, idle: float = 2.0) -> None:
+        self.data_dir, self.port = data_dir, free_port()
+        config = data_dir.parent / "radnode.yaml"
+        config.write_text(yaml.safe_dump({"ingress": {"host": "127.0.0.1", "study_idle_seconds": idle},
+                                          "processing": {"max_concurrent_jobs": 2, "job_timeout_seconds": 300}}))
+        self.log = (data_dir.parent / "serve.log").open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "radnode", "-v", "serve", "--config", str(config), "--port", str(self.port),
+             "--data-dir", str(data_dir), "--destination", pacs.address, "--fhir-url", fhir.base_url],
+            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "HOLOSCAN_LOG_LEVEL": "WARN"})
+        deadline = time.monotonic() + 60
+        while subprocess.run([ECHOSCU, "-aec", "RADNODE", "127.0.0.1", str(self.port)],
+                             capture_output=True).returncode != 0:
+            assert self.process.poll() is None, "radnode serve exited at start"
+            assert time.monotonic() < deadline, "radnode serve did not answer C-ECHO"
+            time.sleep(0.3)
+
+    def send(self, *paths: Path, calling_ae: str = "CT_SCANNER") -> None:
+        # -xv: propose JPEG 2000 lossless, as the real series is stored (sent as it is, never transcoded)
+        result = subprocess.run([STORESCU, "-xv", "-aet", calling_ae, "-aec", "RADNODE", "127.0.0.1", str(self.port),
+                                 *map(str, paths)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+
+    def jobs_when_final(self, expected: int, timeout: float = 420) -> list:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (self.data_dir / "radnode.db").exists():
+                store = JobStore(self.data_dir / "radnode.db")
+                try:
+                    jobs = store.jobs()
+                    if len(jobs) >= expected and all(j.state in FINAL_STATES for j in jobs):
+                        return [(j, store.events(j.id)) for j in jobs]
+                finally:
+                    store.close()
+            assert self.process.poll() is None, "radnode serve died"
+            time.sleep(0.5)
+        raise AssertionError(f"jobs not final within {timeout} s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+        self.log.close()
+
+
+@pytest.fixture
+def peers(tmp_path: Path) -> Iterator[tuple[StoreSCP, FhirServer]]:
+    with StoreSCP(tmp_path / "pacs") as pacs, FhirServer(tmp_path / "ehr") as fhir:
+        yield pacs, fhir
+
+
+@pytest.mark.slow
+def test_real_ct_over_storescu_gives_valid_seg_sr_and_matching_fhir(
+        real_ct_folder: Path, tmp_path: Path, peers: tuple[StoreSCP, FhirServer]) -> None:
+    pacs, fhir = peers
+    files = sorted(real_ct_folder.iterdir())
+    random.Random(7).shuffle(files)  # arrival order must not matter
+    node = ServeProcess(tmp_path / "node", pacs, fhir)
+    try:
+        node.send(*files)
+        ((job, events),) = node.jobs_when_final(1)
+    finally:
+        node.stop()
+    assert job.state is JobState.DONE, f"{job.reason}: {[e.message for e in events]}"
+
+    received = {pydicom.dcmread(p).Modality: p for p in pacs.received()}
+    assert set(received) == {"SEG", "SR"}
+    for path in received.values():
+        assert dciodvfy_errors(path) == []
+
+    # The SEG overlays the source exactly: each frame's position is its source slice's position.
+    sources = {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in files)}
+    seg = pydicom.dcmread(received["SEG"])
+    assert seg.FrameOfReferenceUID == next(iter(sources.values())).FrameOfReferenceUID
+    orientation = seg.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+    assert np.allclose([float(v) for v in orientation], [float(v) for v in sources[seg.ReferencedSeriesSequence[0]
+                       .ReferencedInstanceSequence[0].ReferencedSOPInstanceUID].ImageOrientationPatient])
+    for frame in seg.PerFrameFunctionalGroupsSequence:
+        source_uid = frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        position = frame.PlanePositionSequence[0].ImagePositionPatient
+        assert np.allclose([float(v) for v in position], [float(v) for v in sources[source_uid].ImagePositionPatient])
+
+    # The FHIR server holds a DiagnosticReport whose Observations carry the SR's numbers.
+    sr_values = sorted((m["concept"]["value"], (m["derivation"] or {}).get("value"), m["value"])
+                       for m in read_measurements(pydicom.dcmread(received["SR"])))
+    assert len(sr_values) >= 8
+    observations = Bundle.model_validate(fhir.search("Observation", "_count=200")).entry
+    fhir_values = sorted((o.resource.code.coding[0].code,
+                          o.resource.method.coding[0].code if o.resource.method.coding else None,
+                          float(o.resource.valueQuantity.value)) for o in observations)
+    assert fhir_values == sr_values
+    reports = fhir.search("DiagnosticReport")
+    assert reports["total"] == 1
+    assert reports["entry"][0]["resource"]["status"] == "preliminary"
+    outbox = tmp_path / "node" / "outbox" / str(job.id)
+    Bundle.model_validate(json.loads((outbox / "fhir-bundle.json").read_text()))
