@@ -48,6 +48,7 @@ def restore_totalseg_dicom(reference: Path, target: Path, *, patient_id: str = "
 
     Study/Series/SOP Instance UIDs and SOP Class UID are empty in the shipped files (only the file
     meta keeps the SOP UIDs); a PACS would refuse them, so they are restored as a sender would have them.
+    Every call makes a new study: fresh Study, Series and SOP Instance UIDs.
     """
     import pydicom
     from pydicom.uid import generate_uid
@@ -58,7 +59,7 @@ def restore_totalseg_dicom(reference: Path, target: Path, *, patient_id: str = "
     for src in sorted((reference / "example_ct_dicom").iterdir()):
         ds = pydicom.dcmread(src)
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
         ds.PatientID, ds.PatientName, ds.AccessionNumber = patient_id, "Totalseg^Example", accession
         ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 2, ds.get("InstanceNumber") or len(written) + 1

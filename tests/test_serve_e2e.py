@@ -131,3 +131,51 @@ def test_real_ct_over_storescu_gives_valid_seg_sr_and_matching_fhir(
     assert reports["entry"][0]["resource"]["status"] == "preliminary"
     outbox = tmp_path / "node" / "outbox" / str(job.id)
     Bundle.model_validate(json.loads((outbox / "fhir-bundle.json").read_text()))
+
+
+@pytest.mark.slow
+def test_bad_studies_fail_with_reasons_while_a_good_one_completes(
+        totalseg_reference: Path, tmp_path: Path, peers: tuple[StoreSCP, FhirServer]) -> None:
+    from conftest import restore_totalseg_dicom
+    from pydicom.data import get_testdata_file
+    from pydicom.encaps import encapsulate, generate_frames
+
+    pacs, fhir = peers
+    good = restore_totalseg_dicom(totalseg_reference, tmp_path / "good", patient_id="GOOD")
+    gap = restore_totalseg_dicom(totalseg_reference, tmp_path / "gap", patient_id="GAP")
+    by_z = sorted(gap, key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+    by_z[8].unlink()
+    corrupt = restore_totalseg_dicom(totalseg_reference, tmp_path / "corrupt", patient_id="CORRUPT")
+    victim = pydicom.dcmread(corrupt[4])
+    codestream = next(generate_frames(victim.PixelData, number_of_frames=1))
+    victim.PixelData = encapsulate([codestream[: len(codestream) // 3]])  # a truncated JPEG 2000 codestream
+    victim.save_as(corrupt[4])
+    report = pydicom.dcmread(get_testdata_file("test-SR.dcm"))
+    report.PatientID = "NOIMAGE"
+    report.StudyInstanceUID, report.SeriesInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    report.SOPInstanceUID = pydicom.uid.generate_uid()
+    report.save_as(tmp_path / "report.dcm")
+
+    node = ServeProcess(tmp_path / "node", pacs, fhir)
+    try:
+        node.send(*[p for p in gap if p.exists()], calling_ae="SCANNER_A")
+        node.send(*corrupt, calling_ae="SCANNER_B")
+        node.send(tmp_path / "report.dcm", calling_ae="SCANNER_C")
+        node.send(*good, calling_ae="SCANNER_D")
+        jobs = {job.patient_id: (job, events) for job, events in node.jobs_when_final(4)}
+        # the node keeps serving after all of it
+        assert subprocess.run([ECHOSCU, "-aec", "RADNODE", "127.0.0.1", str(node.port)]).returncode == 0
+    finally:
+        node.stop()
+    assert jobs["GOOD"][0].state is JobState.DONE
+    expected_reasons = {"GAP": "1 slice(s) missing between", "CORRUPT": "pixel data cannot be decoded",
+                        "NOIMAGE": "modality SR"}
+    for patient, fragment in expected_reasons.items():
+        job, events = jobs[patient]
+        assert job.state is JobState.FAILED, patient
+        assert fragment in (job.reason or ""), (patient, job.reason)
+        assert any(fragment in e.message for e in events), patient
+    # nothing received was lost: every instance sent is in the spool
+    spooled = {p.name for p in (tmp_path / "node" / "spool").rglob("*.dcm")}
+    sent = [p for p in gap + corrupt + good if p.exists()] + [tmp_path / "report.dcm"]
+    assert len(spooled) == len(sent)
