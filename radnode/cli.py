@@ -11,9 +11,12 @@ from radnode import __version__
 from radnode.config import Config, DicomPeer, load_config, parse_config
 
 
+REPORT_BACKENDS = ("template", "local", "openai")
+
+
 def _fail(message: str) -> int:
-    """One line on stderr, the reason; the caller returns the exit status."""
-    print(f"radnode: {message}", file=sys.stderr)
+    """One line on stderr, the reason (the job log records it); the caller returns the exit status."""
+    print(f"radnode: {' '.join(message.split())}", file=sys.stderr)
     return 2
 
 
@@ -31,6 +34,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         from radnode.config import CONFIG_ENV
         os.environ[CONFIG_ENV] = str(Path(args.config).resolve())
+    if args.report_backend:
+        import os
+
+        from radnode.config import REPORT_BACKEND_ENV
+        os.environ[REPORT_BACKEND_ENV] = args.report_backend
     pipeline = args.pipeline or config.processing.default_pipeline
     manifest = run_app(pipeline, Path(args.input), Path(args.output))
     print(f"{manifest.pipeline} {manifest.version}: {len(manifest.outputs)} outputs in {args.output} "
@@ -49,6 +57,18 @@ def cmd_pipelines(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_check(args: argparse.Namespace) -> int:
+    """Load and probe a model folder; list what would stop it from running."""
+    from radnode.models.loading import check_model_folder
+
+    problems = check_model_folder(Path(args.folder))
+    for problem in problems:
+        print(f"problem: {problem}")
+    if not problems:
+        print(f"{args.folder}: ok")
+    return 2 if problems else 0
+
+
 def serve_config(args: argparse.Namespace) -> Config:
     """The configuration file with the command-line flags laid over it, validated once more."""
     data = _load(args).model_dump(mode="json")
@@ -62,6 +82,14 @@ def serve_config(args: argparse.Namespace) -> Config:
         data["egress"]["fhir_url"] = args.fhir_url
     if args.data_dir:
         data["data_dir"] = args.data_dir
+    if args.report_backend:
+        data["report"]["backend"] = args.report_backend
+    if args.rules:
+        data["rules"] = args.rules
+    if args.orthanc_url:
+        data["orthanc"]["url"] = args.orthanc_url
+    if args.api_port is not None:
+        data["api"]["port"] = args.api_port
     return parse_config(data, "command line")
 
 
@@ -94,6 +122,35 @@ def cmd_map_build(args: argparse.Namespace) -> int:
     return map_build(args.app, Path(args.output))
 
 
+def cmd_rules_check(args: argparse.Namespace) -> int:
+    """Validate a rule file: 0 and a summary, or 1 and ``FILE:LINE: reason``."""
+    from radnode.pipelines.registry import PIPELINES
+    from radnode.pipelines.rules import check_rules_file
+
+    config = _load(args)
+    return check_rules_file(args.rules, known_pipelines=PIPELINES.keys() | {config.processing.default_pipeline},
+                            known_destinations=config.egress.named_destinations.keys() if args.config else None)
+
+
+def cmd_rules_test(args: argparse.Namespace) -> int:
+    """Show, per series under a path, which rules match and why, and the resulting route."""
+    from radnode.pipelines.rules import RoutingContext, test_rules_on_path
+
+    context = RoutingContext(calling_ae=args.calling_ae or "", called_ae=args.called_ae or "")
+    return test_rules_on_path(args.rules, args.path, context=context)
+
+
+def cmd_orthanc_config(args: argparse.Namespace) -> int:
+    """Write an Orthanc configuration (storage, radnode plugin, DICOMweb) into a folder."""
+    from radnode.orthanc_config import write_orthanc_config
+
+    path = write_orthanc_config(Path(args.output), args.http_port, args.dicom_port, args.node_url,
+                                aet=args.aet, stable_age=args.stable_age)
+    print(f"wrote {path}; run: Orthanc {path}  and  radnode serve --orthanc-url http://127.0.0.1:{args.http_port}"
+          f" (HTTP API at {args.node_url})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radnode", description=__doc__)
     parser.add_argument("--version", action="version", version=f"radnode {__version__}")
@@ -105,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output", "-o", required=True, help="folder for the results (.dcm, .json)")
     run.add_argument("--pipeline", help="pipeline name (default: from configuration)")
     run.add_argument("--config", help="configuration YAML file")
+    run.add_argument("--report-backend", choices=REPORT_BACKENDS, help="who writes the report text")
     run.set_defaults(func=cmd_run)
 
     serve = sub.add_parser("serve", help="run the node (DICOM Storage SCP, jobs, egress)")
@@ -115,7 +173,33 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--destination", action="append", metavar="AET@HOST:PORT",
                        help="DICOM destination for results (repeatable)")
     serve.add_argument("--fhir-url", help="FHIR R4 base URL for DiagnosticReport bundles")
+    serve.add_argument("--rules", help="routing rule file (YAML, see docs/rules.md)")
+    serve.add_argument("--orthanc-url", help="Orthanc REST URL: take studies from its plugin, store results back")
+    serve.add_argument("--api-port", type=int, help="port of the node's HTTP API for the plugin (default 8765)")
+    serve.add_argument("--report-backend", choices=REPORT_BACKENDS, help="who writes the report text")
     serve.set_defaults(func=cmd_serve)
+
+    rules = sub.add_parser("rules", help="check routing rule files and try them on data")
+    rules_sub = rules.add_subparsers(dest="rules_command", required=True)
+    check = rules_sub.add_parser("check", help="validate a rule file (refused with FILE:LINE: reason)")
+    check.add_argument("rules", help="rule file")
+    check.add_argument("--config", help="configuration YAML (to check forward destination names)")
+    check.set_defaults(func=cmd_rules_check)
+    trial = rules_sub.add_parser("test", help="which rules match each series under PATH, and why")
+    trial.add_argument("rules", help="rule file")
+    trial.add_argument("path", help="DICOM file or folder")
+    trial.add_argument("--calling-ae", help="calling AE title to assume")
+    trial.add_argument("--called-ae", help="called AE title to assume")
+    trial.set_defaults(func=cmd_rules_test)
+
+    orthanc = sub.add_parser("orthanc-config", help="write an Orthanc configuration that feeds this node")
+    orthanc.add_argument("--output", "-o", required=True, help="folder for orthanc.json, the plugin and storage")
+    orthanc.add_argument("--http-port", type=int, default=8042, help="Orthanc's HTTP port (default 8042)")
+    orthanc.add_argument("--dicom-port", type=int, default=4242, help="Orthanc's DICOM port (default 4242)")
+    orthanc.add_argument("--node-url", default="http://127.0.0.1:8765", help="the node's HTTP API")
+    orthanc.add_argument("--aet", default="ORTHANC", help="Orthanc's AE title")
+    orthanc.add_argument("--stable-age", type=int, default=2, help="seconds until Orthanc calls a study stable")
+    orthanc.set_defaults(func=cmd_orthanc_config)
 
     demo = sub.add_parser("demo", help="phantom CT study through the node end to end")
     demo.add_argument("--workdir", default="radnode-demo", help="where the demo keeps its data")
@@ -124,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pipelines = sub.add_parser("pipelines", help="list the pipelines")
     pipelines.set_defaults(func=cmd_pipelines)
+
+    models = sub.add_parser("models", help="model folders (MONAI bundle, TorchScript + model.yaml)")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    check = models_sub.add_parser("check", help="load and probe a model folder, list its problems")
+    check.add_argument("folder", help="the model folder")
+    check.set_defaults(func=cmd_models_check)
 
     map_parser = sub.add_parser("map", help="MONAI Application Packages of the apps")
     map_sub = map_parser.add_subparsers(dest="map_command", required=True)

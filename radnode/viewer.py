@@ -88,6 +88,11 @@ class OrthancServer:
     aet: str = "RADNODEPACS"
     storage: Path | None = None
     keep: bool = False
+    node_url: str | None = None
+    """With a URL, the radnode plugin runs and sends its events to the node there."""
+    stable_age: int = 1
+    modalities: dict[str, list] = field(default_factory=dict)
+    """Orthanc's DicomModalities: name → [AET, host, port]."""
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _own_storage: bool = field(default=False, init=False, repr=False)
 
@@ -101,24 +106,11 @@ class OrthancServer:
 
     def config(self) -> dict:
         """Orthanc's configuration: loopback only, no authentication, DICOMweb at /dicom-web/."""
+        from radnode.orthanc_config import orthanc_settings
+
         assert self.storage is not None
-        return {
-            "Name": "radnode-viewer",
-            "StorageDirectory": str(self.storage / "db"),
-            "IndexDirectory": str(self.storage / "db"),
-            "HttpPort": self.http_port,
-            "DicomPort": self.dicom_port,
-            "DicomAet": self.aet,
-            "RemoteAccessAllowed": False,
-            "AuthenticationEnabled": False,
-            "HttpServerEnabled": True,
-            "DicomServerEnabled": True,
-            "HttpThreadsCount": 8,
-            "StableAge": 1,
-            "Plugins": [str(ORTHANC_DICOMWEB_PLUGIN)],
-            "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "Ssl": False,
-                         "StudiesMetadata": "Full", "SeriesMetadata": "Full"},
-        }
+        return orthanc_settings(self.storage, self.http_port, self.dicom_port, aet=self.aet, node_url=self.node_url,
+                                stable_age=self.stable_age, modalities=self.modalities, name="radnode-viewer")
 
     def start(self, timeout: float = 30.0) -> "OrthancServer":
         """Start Orthanc and wait until its REST API and the DICOMweb plugin answer."""

@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 FHIR_BUNDLE = "fhir-bundle.json"
 DICOM_PREFIX = "dicom:"
 FHIR_PREFIX = "fhir:"
+ORTHANC = "orthanc"
+"""Destination: store into the configured Orthanc (``POST /instances``)."""
+ORTHANC_MODALITY = "orthanc-modality:"
+"""Destination prefix: store into Orthanc, then have Orthanc C-STORE to one of its modalities."""
+ORTHANC_DICOMWEB = "orthanc-dicomweb:"
+"""Destination prefix: store into Orthanc, then have Orthanc STOW-RS to one of its DICOMweb servers."""
 
 
 def outbox_dir(config: Config, job_id: int) -> Path:
@@ -65,19 +71,39 @@ class Egress:
         unique: dict[str, DicomPeer] = {str(p): p for p in peers}
         return list(unique.values())
 
+    def named_destination(self, name: str) -> str:
+        """The delivery destination for a name the routing rules use in ``forward:``."""
+        target = self.config.egress.named_destinations.get(name)
+        if target is None:
+            raise KeyError(f"forward destination {name!r} is not in egress.named_destinations")
+        if target.startswith((ORTHANC_MODALITY, ORTHANC_DICOMWEB)):
+            return target
+        return f"{DICOM_PREFIX}{DicomPeer.parse(target)}"
+
     def stage(self, job_id: int, outputs: Path) -> None:
-        """Copy a finished run's outputs to the outbox and move the job to ``delivering`` with its deliveries."""
+        """Copy a finished run's outputs to the outbox and move the job to ``delivering`` with its deliveries.
+
+        Results go to the configured destinations, back to Orthanc and to the study's route ``forward``
+        destinations; a forward-only job (no pipeline) sends the study itself to its forwards only.
+        """
         job = self.store.job(job_id)
         if job is None:
             return
         try:
             names = _copy_durably(outputs, outbox_dir(self.config, job_id))
-        except OSError as e:
-            self.store.fail_job(job_id, f"cannot copy the results to the outbox: {e}")
+            forwards = [self.named_destination(name) for name in job.forwards]
+        except (OSError, KeyError) as e:
+            self.store.fail_job(job_id, f"cannot stage the results: {e}")
             return
         dicom = [n for n in names if n.endswith(".dcm")]
-        plan = [(f"{DICOM_PREFIX}{peer}", name) for peer in self.dicom_destinations(job.calling_ae) for name in dicom]
-        if self.config.egress.fhir_url and FHIR_BUNDLE in names:
+        if job.pipeline:
+            targets = [f"{DICOM_PREFIX}{peer}" for peer in self.dicom_destinations(job.calling_ae)]
+            targets += [ORTHANC] if self.config.orthanc.url and self.config.orthanc.results_to_orthanc else []
+        else:
+            targets = []
+        targets = list(dict.fromkeys(targets + forwards))
+        plan = [(target, name) for target in targets for name in dicom]
+        if job.pipeline and self.config.egress.fhir_url and FHIR_BUNDLE in names:
             plan.append((f"{FHIR_PREFIX}{self.config.egress.fhir_url}", FHIR_BUNDLE))
         summary = (f"{len(names)} outputs ({len(dicom)} DICOM) copied to the outbox; "
                    f"{len(plan)} deliveries planned")
@@ -92,6 +118,8 @@ class Egress:
             folder = outbox_dir(self.config, job_id)
             if destination.startswith(DICOM_PREFIX):
                 self._send_dicom(DicomPeer.parse(destination.removeprefix(DICOM_PREFIX)), folder, deliveries)
+            elif destination == ORTHANC or destination.startswith((ORTHANC_MODALITY, ORTHANC_DICOMWEB)):
+                self._send_orthanc(destination, folder, deliveries)
             else:
                 self._post_fhir(destination.removeprefix(FHIR_PREFIX), folder, deliveries)
         for job_id in {job_id for job_id, _ in groups}:
@@ -158,6 +186,48 @@ class Egress:
         else:
             comment = f": {status.ErrorComment}" if "ErrorComment" in status else ""
             self._failed(delivery, f"{peer} answered status 0x{code:04X}{comment}")
+
+    def _orthanc(self, method: str, path: str, **kwargs: object) -> requests.Response:
+        """A request to the configured Orthanc's REST API; raises for HTTP errors."""
+        orthanc = self.config.orthanc
+        if not orthanc.url:
+            raise requests.RequestException("orthanc.url is not configured")
+        auth = (orthanc.username, orthanc.password) if orthanc.username else None
+        response = requests.request(method, f"{orthanc.url}{path}", auth=auth,
+                                    timeout=self.config.egress.timeout_seconds, **kwargs)  # type: ignore[arg-type]
+        if response.status_code >= 400:
+            raise requests.RequestException(f"{method} {path}: HTTP {response.status_code} {response.text[:200]}")
+        return response
+
+    def _send_orthanc(self, destination: str, folder: Path, deliveries: list[Delivery]) -> None:
+        """Store each object into Orthanc (``POST /instances``); for a modality or DICOMweb server Orthanc
+        then sends them all in one synchronous job, and they are done only when that succeeded."""
+        stored: list[tuple[Delivery, str]] = []
+        for delivery in deliveries:
+            try:
+                answer = self._orthanc("POST", "/instances", data=(folder / delivery.object).read_bytes(),
+                                       headers={"Content-Type": "application/dicom"}).json()
+                stored.append((delivery, answer["ID"]))
+            except (requests.RequestException, OSError, ValueError, KeyError) as e:
+                self._failed(delivery, f"store into Orthanc: {e}")
+        if destination == ORTHANC:
+            for delivery, orthanc_id in stored:
+                self.store.delivery_done(delivery.id, f"{delivery.object} → Orthanc (instance {orthanc_id})")
+            return
+        if not stored:
+            return
+        if destination.startswith(ORTHANC_MODALITY):
+            path = f"/modalities/{destination.removeprefix(ORTHANC_MODALITY)}/store"
+        else:
+            path = f"/dicom-web/servers/{destination.removeprefix(ORTHANC_DICOMWEB)}/stow"
+        try:
+            self._orthanc("POST", path, json={"Resources": [i for _, i in stored], "Synchronous": True})
+        except requests.RequestException as e:
+            for delivery, _ in stored:
+                self._failed(delivery, f"Orthanc {path}: {e}")
+            return
+        for delivery, _ in stored:
+            self.store.delivery_done(delivery.id, f"{delivery.object} → {destination} via Orthanc")
 
     def _post_fhir(self, url: str, folder: Path, deliveries: list[Delivery]) -> None:
         """POST each Bundle as application/fhir+json; any 2xx answer is a delivery."""

@@ -31,7 +31,9 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from radnode.config import IngressConfig
-from radnode.node.store import Arrival, Instance, JobStore
+from radnode.node.completeness import COMPLETENESS_TAGS, expected_instances
+from radnode.node.store import Arrival, Instance, JobStore, SeriesRoute
+from radnode.pipelines.rules import RoutingContext, RuleSet
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,7 @@ class Origin:
     calling_ae: str
     peer_address: str
     association_id: str
+    called_ae: str = ""
 
 
 class Spool:
@@ -120,10 +123,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def index_tags(stream: BytesIO | Path) -> Dataset:
-    """Parse only the tags the index needs (stops before pixel data)."""
+class Router:
+    """The routing decision for a series from its first instance: the rule set's, or the default pipeline."""
+
+    def __init__(self, default_pipeline: str, rules: RuleSet | None = None, late_instances: str = "rerun") -> None:
+        self.default_pipeline = default_pipeline
+        self.rules = rules
+        self.late_instances = late_instances
+        self.tags = sorted({*INDEX_TAGS, *COMPLETENESS_TAGS, *(rules.keywords if rules else ())})
+        """The tags parsed on receipt: the index's, the expected-count signals and what the rules read."""
+
+    def route(self, ds: Dataset, origin: "Origin") -> SeriesRoute:
+        """The series' route; without rules every series goes to the default pipeline."""
+        if self.rules is None:
+            return SeriesRoute((self.default_pipeline,), late_instances=self.late_instances)
+        decision = self.rules.route(ds, RoutingContext(calling_ae=origin.calling_ae, called_ae=origin.called_ae))
+        c = decision.completeness
+        nothing_to_do = not (decision.pipelines or decision.forwards)
+        return SeriesRoute(decision.pipelines, decision.forwards, decision.discard or nothing_to_do,
+                           decision.priority.rank, c.study_idle_seconds, c.series_grace_seconds,
+                           str(c.late_instances or self.late_instances), decision.describe())
+
+
+def index_tags(stream: BytesIO | Path, tags: list[str] = INDEX_TAGS) -> Dataset:
+    """Parse only the tags the index (and the router) needs (stops before pixel data)."""
     try:
-        return pydicom.dcmread(stream, stop_before_pixels=True, specific_tags=INDEX_TAGS)
+        return pydicom.dcmread(stream, stop_before_pixels=True, specific_tags=tags)
     except (InvalidDicomError, EOFError, ValueError, OSError) as e:
         raise Refused(f"cannot read data set: {e}") from e
 
@@ -139,21 +164,30 @@ def describe(ds: Dataset, path: Path, origin: Origin, received_at: float) -> Ins
 
 
 class Ingest:
-    """What the node does with one received instance: refuse, or spool and index it."""
+    """What the node does with one received instance: refuse, or spool, route and index it.
 
-    def __init__(self, spool: Spool, store: JobStore, pipeline: str) -> None:
+    Both ingress paths (the node's own SCP and instances pulled from Orthanc) come through here.
+    """
+
+    def __init__(self, spool: Spool, store: JobStore, pipeline: str, router: Router | None = None) -> None:
         self.spool = spool
         self.store = store
         self.pipeline = pipeline
+        self.router = router or Router(pipeline, late_instances="ignore")
 
-    def receive(self, meta: bytes, dataset: memoryview, origin: Origin) -> Arrival:
-        """Spool the encoded instance as it arrived and index it; raises Refused when it cannot be kept."""
-        ds = index_tags(BytesIO(meta + dataset))
+    def receive(self, meta: bytes | memoryview, dataset: bytes | memoryview, origin: Origin) -> Arrival:
+        """Spool the encoded instance as it arrived and index it; raises Refused when it cannot be kept.
+
+        ``meta`` is the preamble and file meta, ``dataset`` the encoded data set (a whole Part 10 file may
+        be passed as ``meta`` with an empty ``dataset``).
+        """
+        ds = index_tags(BytesIO(bytes(meta) + bytes(dataset)), self.router.tags)
         path = self.spool.path_for(ds.get("StudyInstanceUID", ""), ds.get("SeriesInstanceUID", ""),
                                    ds.get("SOPInstanceUID", ""))
         if not self.store.has_instance(str(ds.SOPInstanceUID)):
             self.spool.write(path, meta, dataset)
-        arrival, job_id = self.store.record_instance(describe(ds, path, origin, time.time()), self.pipeline)
+        arrival, job_id = self.store.record_instance(describe(ds, path, origin, time.time()), self.pipeline,
+                                                     self.router.route(ds, origin), expected_instances(ds))
         if arrival is not Arrival.NEW:
             log.info("%s instance %s from %s (job %d)", arrival, ds.SOPInstanceUID, origin.calling_ae, job_id)
         return arrival
@@ -167,8 +201,9 @@ class Ingest:
             if str(path) in known:
                 continue
             try:
-                ds = index_tags(path)
-                self.store.record_instance(describe(ds, path, origin, path.stat().st_mtime), self.pipeline)
+                ds = index_tags(path, self.router.tags)
+                self.store.record_instance(describe(ds, path, origin, path.stat().st_mtime), self.pipeline,
+                                           self.router.route(ds, origin), expected_instances(ds))
                 count += 1
             except Refused as e:
                 log.error("spool file %s cannot be indexed: %s", path, e)
@@ -238,7 +273,8 @@ class StorageSCP:
     def _on_store(self, event: Event) -> int | Dataset:
         requestor = event.assoc.requestor
         tally = self._tally(event.assoc)
-        origin = Origin(requestor.ae_title, f"{requestor.address}:{requestor.port}", tally.id)
+        origin = Origin(requestor.ae_title, f"{requestor.address}:{requestor.port}", tally.id,
+                        event.assoc.acceptor.ae_title)
         meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
         try:
             arrival = self.ingest.receive(meta, event.request.DataSet.getbuffer(), origin)
@@ -262,6 +298,8 @@ class StorageSCP:
             tally = self._tallies.pop(event.assoc, None)
         if tally is None:
             return
+        if event.event is evt.EVT_RELEASED:  # an abort may leave the study half sent: no early trigger
+            self.ingest.store.association_released(tally.id)
         requestor = event.assoc.requestor
         log.info("association %s from %s (%s:%d) %s: %d stored, %d duplicate, %d refused", tally.id,
                  requestor.ae_title, requestor.address, requestor.port, event.event.name.removeprefix("EVT_").lower(),

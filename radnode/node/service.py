@@ -11,6 +11,11 @@ On disk under ``config.data_dir``::
     jobs/<job_id>/stdout.log, stderr.log
     outbox/<job_id>/                copy of every output, kept whatever the deliveries do
 
+With ``orthanc.url`` set, the node also listens for the Orthanc plugin's events on its HTTP API
+(``api.host``/``api.port``) and pulls instances from Orthanc into the same spool; results go back into
+Orthanc. With ``rules`` set, every series is routed by the rule file (pipelines, forwards, discard,
+priority, completeness).
+
 On start, spool files the store does not know are indexed, jobs left ``running`` run again from
 scratch, and jobs left ``delivering`` carry on with only the deliveries not recorded as done.
 """
@@ -26,9 +31,13 @@ import yaml
 
 from radnode.config import Config
 from radnode.node.egress import Egress
-from radnode.node.scp import Ingest, Spool, StorageSCP
-from radnode.node.store import Delivery, Event, Job, JobStore
+from radnode.node.http_api import NodeApi
+from radnode.node.orthanc_ingress import OrthancIngress
+from radnode.node.scp import Ingest, Router, Spool, StorageSCP
+from radnode.node.store import Delivery, Event, Job, JobState, JobStore
 from radnode.node.worker import DEFAULT_JOB_COMMAND, Scheduler
+from radnode.pipelines.registry import PIPELINES
+from radnode.pipelines.rules import RuleSet, load_rules
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +55,8 @@ class Node:
         self.sync_spool = sync_spool
         self.store: JobStore | None = None
         self._scp: StorageSCP | None = None
+        self._api: NodeApi | None = None
+        self._orthanc: OrthancIngress | None = None
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -55,17 +66,38 @@ class Node:
         data.mkdir(parents=True, exist_ok=True)
         config_file = data / "node-config.yaml"
         config_file.write_text(yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
+        router = Router(self.config.processing.default_pipeline, self.load_rules(),
+                        self.config.ingress.late_instances)
         self.store = store = JobStore(data / "radnode.db")
         spool = Spool(data / "spool", fsync=self.sync_spool)
-        ingest = Ingest(spool, store, self.config.processing.default_pipeline)
+        ingest = Ingest(spool, store, self.config.processing.default_pipeline, router)
         self._recover(store, spool, ingest)
         egress = Egress(self.config, store)
         scheduler = Scheduler(self.config, store, egress, self.job_command, config_file)
         self._scp = StorageSCP(self.config.ingress, ingest)
         self._scp.start()
+        if self.config.orthanc.url:
+            self._orthanc = OrthancIngress(self.config.orthanc, ingest, self.config.egress.timeout_seconds)
+            self._orthanc.start()
+            self._api = NodeApi(self.config.api.host, self.config.api.port, self._orthanc.submit, self._health)
+            self._api.start()
         self._stopping.clear()
         self._threads = [self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
                          self._loop("egress", egress.deliver_due)]
+
+    def load_rules(self) -> RuleSet | None:
+        """The configured rule file, checked against the known pipelines and named destinations."""
+        if self.config.rules is None:
+            return None
+        return load_rules(self.config.rules, known_pipelines=PIPELINES.keys() | {self.config.processing.default_pipeline},
+                          known_destinations=self.config.egress.named_destinations.keys())
+
+    def _health(self) -> dict[str, object]:
+        """What ``GET /health`` answers: job counts by state."""
+        counts = {state.value: 0 for state in JobState}
+        for job in self._store().jobs():
+            counts[job.state.value] += 1
+        return {"status": "ok", "jobs": counts}
 
     @staticmethod
     def _recover(store: JobStore, spool: Spool, ingest: Ingest) -> None:
@@ -104,6 +136,12 @@ class Node:
             return
         if self._scp is not None:
             self._scp.stop()
+        if self._api is not None:
+            self._api.stop()
+            self._api = None
+        if self._orthanc is not None:
+            self._orthanc.stop()
+            self._orthanc = None
         self._stopping.set()
         for thread in self._threads:
             thread.join()
@@ -123,6 +161,13 @@ class Node:
         if self._scp is None:
             raise RuntimeError("the node is not started")
         return self._scp.port
+
+    @property
+    def api_port(self) -> int:
+        """The HTTP API's port (started only with ``orthanc.url``)."""
+        if self._api is None:
+            raise RuntimeError("the HTTP API is not started (no orthanc.url)")
+        return self._api.port
 
     def _store(self) -> JobStore:
         if self.store is None:

@@ -5,7 +5,11 @@ every job. All access goes through one connection under a lock (SQLite in WAL mo
 association threads, the scheduler and egress can share it. Every transition is an explicit method
 guarded by the state it leaves, so calling it twice does no harm.
 
-Job states: ``received → queued → running → delivering → done / failed``.
+Job states: ``received → queued → running → delivering → done / failed``. A job whose study gets
+late instances under the ``rerun`` policy goes back from ``queued``/``running`` to ``received``.
+
+Each series has a row with its routing decision (taken on its first instance), its expected instance
+count and the association that last delivered to it, which the completeness policy reads.
 """
 
 from __future__ import annotations
@@ -63,6 +67,35 @@ class Instance:
 
 
 @dataclass(frozen=True)
+class SeriesRoute:
+    """What the routing rules decided for a series (taken on its first instance)."""
+
+    pipelines: tuple[str, ...]
+    forwards: tuple[str, ...] = ()
+    discard: bool = False
+    priority: int = 1
+    """Higher runs first: 0 off-peak, 1 routine, 2 stat."""
+    study_idle_seconds: float | None = None
+    series_grace_seconds: float | None = None
+    late_instances: str = "ignore"
+    """``rerun``, ``ignore`` or ``new-job``: what instances arriving after the study was queued do."""
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class SeriesState:
+    """One series of a receiving job: its route and what arrived of it (input to the completeness policy)."""
+
+    series_instance_uid: str
+    route: SeriesRoute
+    received: int
+    expected: int | None
+    last_instance_at: float
+    released_at: float | None
+    stable_at: float | None
+
+
+@dataclass(frozen=True)
 class Job:
     """A pipeline run for one study, from first instance to delivered results."""
 
@@ -80,6 +113,9 @@ class Job:
     updated_at: float
     runs: int
     reason: str | None
+    priority: int = 1
+    forwards: tuple[str, ...] = ()
+    """Destinations of the study's route: results go there, or the study itself on a forward-only route."""
 
 
 @dataclass(frozen=True)
@@ -120,7 +156,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     last_instance_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     runs INTEGER NOT NULL DEFAULT 0,
-    reason TEXT
+    reason TEXT,
+    priority INTEGER NOT NULL DEFAULT 1,
+    forwards TEXT NOT NULL DEFAULT '',
+    whole_study INTEGER NOT NULL DEFAULT 0,
+    restart_requested INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_instance_uid);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
@@ -161,18 +201,56 @@ CREATE TABLE IF NOT EXISTS deliveries (
     UNIQUE (job_id, destination, object)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
+CREATE TABLE IF NOT EXISTS series (
+    series_instance_uid TEXT PRIMARY KEY,
+    study_instance_uid TEXT NOT NULL,
+    pipelines TEXT NOT NULL,
+    forwards TEXT NOT NULL,
+    discard INTEGER NOT NULL,
+    priority INTEGER NOT NULL,
+    study_idle_seconds REAL,
+    series_grace_seconds REAL,
+    late_instances TEXT NOT NULL,
+    description TEXT NOT NULL,
+    expected INTEGER,
+    last_association_id TEXT NOT NULL DEFAULT '',
+    released_at REAL,
+    stable_at REAL
+);
+CREATE INDEX IF NOT EXISTS series_study ON series (study_instance_uid);
+CREATE INDEX IF NOT EXISTS series_association ON series (last_association_id);
 """
+
+_JOB_MIGRATIONS = {"priority": "INTEGER NOT NULL DEFAULT 1", "forwards": "TEXT NOT NULL DEFAULT ''",
+                   "whole_study": "INTEGER NOT NULL DEFAULT 0", "restart_requested": "INTEGER NOT NULL DEFAULT 0"}
+"""Job columns added after the first release, added to older databases on open."""
 
 _JOB_COLUMNS = (
     "j.id, j.study_instance_uid, j.patient_id, j.pipeline, j.state, j.calling_ae, j.peer_address, "
     "(SELECT count(*) FROM instances i WHERE i.job_id = j.id AND i.late = 0), "
     "(SELECT count(*) FROM instances i WHERE i.job_id = j.id AND i.late = 1), "
-    "j.created_at, j.last_instance_at, j.updated_at, j.runs, j.reason"
+    "j.created_at, j.last_instance_at, j.updated_at, j.runs, j.reason, j.priority, j.forwards"
 )
+
+_INSTANCE_COLUMNS = ("sop_instance_uid, study_instance_uid, series_instance_uid, patient_id, modality, sop_class_uid,"
+                     " path, calling_ae, peer_address, association_id, received_at")
 
 
 def _job(row: tuple) -> Job:
-    return Job(*row[:4], JobState(row[4]), *row[5:])
+    return Job(*row[:4], JobState(row[4]), *row[5:15], _split(row[15]))
+
+
+def _split(text: str) -> tuple[str, ...]:
+    return tuple(t for t in text.split(",") if t)
+
+
+def _route(row: tuple) -> SeriesRoute:
+    """A SeriesRoute from (pipelines, forwards, discard, priority, study_idle, series_grace, late, description)."""
+    return SeriesRoute(_split(row[0]), _split(row[1]), bool(row[2]), row[3], row[4], row[5], row[6], row[7])
+
+
+_ROUTE_COLUMNS = ("pipelines, forwards, discard, priority, study_idle_seconds, series_grace_seconds,"
+                  " late_instances, description")
 
 
 class JobStore:
@@ -186,6 +264,10 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, definition in _JOB_MIGRATIONS.items():
+            if name not in columns:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
 
     def close(self) -> None:
         """Close the connection; the store cannot be used afterwards."""
@@ -223,11 +305,15 @@ class JobStore:
         """The spool paths of every indexed instance (for re-indexing after a crash)."""
         return {row[0] for row in self._query("SELECT path FROM instances")}
 
-    def record_instance(self, inst: Instance, pipeline: str) -> tuple[Arrival, int]:
+    def record_instance(self, inst: Instance, pipeline: str, route: SeriesRoute | None = None,
+                        expected: int | None = None) -> tuple[Arrival, int]:
         """Index a received instance under its study's job (created on the first one); idempotent.
 
+        ``route`` is the series' routing decision (used on its first instance; without one the series goes
+        to ``pipeline`` and late instances are only recorded); ``expected`` its expected instance count.
         Returns what the arrival meant and the job it belongs to.
         """
+        route = route or SeriesRoute((pipeline,))
         with self._tx() as db:
             row = db.execute("SELECT job_id FROM instances WHERE sop_instance_uid = ?",
                              (inst.sop_instance_uid,)).fetchone()
@@ -236,30 +322,19 @@ class JobStore:
                           f"{inst.sop_instance_uid} received again from {inst.calling_ae or '?'} "
                           f"({inst.peer_address or '?'}); first copy kept", inst.received_at)
                 return Arrival.DUPLICATE, row[0]
+            route = self._series_arrival(db, inst, route, expected)
             job = db.execute("SELECT id, state FROM jobs WHERE study_instance_uid = ? ORDER BY id DESC LIMIT 1",
                              (inst.study_instance_uid,)).fetchone()
+            arrival = Arrival.NEW
             if job is None:
-                job_id = db.execute(
-                    "INSERT INTO jobs (study_instance_uid, patient_id, pipeline, state, calling_ae, peer_address,"
-                    " created_at, last_instance_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (inst.study_instance_uid, inst.patient_id, pipeline, JobState.RECEIVED, inst.calling_ae,
-                     inst.peer_address, inst.received_at, inst.received_at, inst.received_at)).lastrowid
-                self._log(db, job_id, "received",
-                          f"study {inst.study_instance_uid} arriving from {inst.calling_ae or '?'} "
-                          f"({inst.peer_address or '?'}), association {inst.association_id or '?'}",
-                          inst.received_at)
-                arrival = Arrival.NEW
+                job_id = self._new_job(db, inst, route, whole_study=False)
+            elif job[1] == JobState.RECEIVED:
+                job_id = job[0]
             else:
-                job_id, state = job
-                arrival = Arrival.NEW if state == JobState.RECEIVED else Arrival.LATE
-                if arrival is Arrival.NEW:
-                    db.execute("UPDATE jobs SET last_instance_at = max(last_instance_at, ?) WHERE id = ?",
-                               (inst.received_at, job_id))
-                else:
-                    self._log(db, job_id, "late",
-                              f"{inst.modality} {inst.sop_instance_uid} (series {inst.series_instance_uid}) "
-                              f"arrived from {inst.calling_ae or '?'} after the job was {state}; kept in the "
-                              "spool, not part of this job's input", inst.received_at)
+                arrival, job_id = self._late(db, inst, route, *job)
+            if arrival is Arrival.NEW:
+                db.execute("UPDATE jobs SET last_instance_at = max(last_instance_at, ?) WHERE id = ?",
+                           (inst.received_at, job_id))
             db.execute(
                 "INSERT INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid, patient_id,"
                 " modality, sop_class_uid, calling_ae, peer_address, association_id, received_at, path, job_id,"
@@ -269,7 +344,123 @@ class JobStore:
                  inst.received_at, inst.path, job_id, int(arrival is Arrival.LATE)))
             return arrival, job_id
 
+    def _series_arrival(self, db: sqlite3.Connection, inst: Instance, route: SeriesRoute,
+                        expected: int | None) -> SeriesRoute:
+        """Record the series' route on its first instance and the association now delivering to it."""
+        db.execute(
+            f"INSERT OR IGNORE INTO series (series_instance_uid, study_instance_uid, {_ROUTE_COLUMNS}, expected)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (inst.series_instance_uid, inst.study_instance_uid, ",".join(route.pipelines), ",".join(route.forwards),
+             int(route.discard), route.priority, route.study_idle_seconds, route.series_grace_seconds,
+             route.late_instances, route.description, expected))
+        db.execute("UPDATE series SET last_association_id = ?, released_at = NULL, stable_at = NULL,"
+                   " expected = coalesce(expected, ?) WHERE series_instance_uid = ?",
+                   (inst.association_id, expected, inst.series_instance_uid))
+        row = db.execute(f"SELECT {_ROUTE_COLUMNS} FROM series WHERE series_instance_uid = ?",
+                         (inst.series_instance_uid,)).fetchone()
+        return _route(row)
+
+    def _new_job(self, db: sqlite3.Connection, inst: Instance, route: SeriesRoute, whole_study: bool) -> int:
+        job_id = db.execute(
+            "INSERT INTO jobs (study_instance_uid, patient_id, pipeline, state, calling_ae, peer_address,"
+            " created_at, last_instance_at, updated_at, priority, whole_study) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (inst.study_instance_uid, inst.patient_id, route.pipelines[0] if route.pipelines else "",
+             JobState.RECEIVED, inst.calling_ae, inst.peer_address, inst.received_at, inst.received_at,
+             inst.received_at, route.priority, int(whole_study))).lastrowid
+        self._log(db, job_id, "received",
+                  f"study {inst.study_instance_uid} arriving from {inst.calling_ae or '?'} "
+                  f"({inst.peer_address or '?'}), association {inst.association_id or '?'}", inst.received_at)
+        return job_id
+
+    def _late(self, db: sqlite3.Connection, inst: Instance, route: SeriesRoute, job_id: int,
+              state: str) -> tuple[Arrival, int]:
+        """An instance of a study whose latest job is past ``received``: apply the series' late policy."""
+        what = (f"{inst.modality} {inst.sop_instance_uid} (series {inst.series_instance_uid}) arrived from "
+                f"{inst.calling_ae or '?'} after the job was {state}")
+        policy = "ignore" if route.discard else route.late_instances
+        if policy == "rerun" and state in (JobState.QUEUED, JobState.RUNNING):
+            if state == JobState.QUEUED:
+                self._transition(db, job_id, (JobState.QUEUED,), JobState.RECEIVED)
+            else:
+                db.execute("UPDATE jobs SET restart_requested = 1 WHERE id = ?", (job_id,))
+            self._log(db, job_id, "late", f"{what}; added to the input, the job waits for the study again "
+                                          "and runs from scratch (late_instances: rerun)", inst.received_at)
+            return Arrival.NEW, job_id
+        if policy in ("rerun", "new-job"):
+            new_id = self._new_job(db, inst, route, whole_study=policy == "rerun")
+            scope = "the whole study" if policy == "rerun" else "the late instances"
+            self._log(db, job_id, "late", f"{what}; job {new_id} processes {scope} (late_instances: {policy})",
+                      inst.received_at)
+            return Arrival.NEW, new_id
+        reason = "its series is discarded by the routing rules" if route.discard else "late_instances: ignore"
+        self._log(db, job_id, "late", f"{what}; kept in the spool, not part of this job's input ({reason})",
+                  inst.received_at)
+        return Arrival.LATE, job_id
+
+    def association_released(self, association_id: str, at: float | None = None) -> int:
+        """The association that last delivered to some series was released; returns how many series."""
+        with self._tx() as db:
+            return db.execute("UPDATE series SET released_at = ? WHERE last_association_id = ? AND released_at IS NULL",
+                              (time.time() if at is None else at, association_id)).rowcount
+
+    def study_stable(self, study_instance_uid: str, at: float | None = None) -> int:
+        """Orthanc reported the study stable: its series are complete; returns how many series."""
+        with self._tx() as db:
+            return db.execute("UPDATE series SET stable_at = ? WHERE study_instance_uid = ?",
+                              (time.time() if at is None else at, study_instance_uid)).rowcount
+
     # --- scheduling ------------------------------------------------------------------------------
+
+    def receiving(self) -> dict[int, list[SeriesState]]:
+        """The series of every ``received`` job with what arrived of each, for the completeness policy."""
+        rows = self._query(
+            f"SELECT i.job_id, s.series_instance_uid, {', '.join('s.' + c.strip() for c in _ROUTE_COLUMNS.split(','))},"
+            " count(*), s.expected, max(i.received_at), s.released_at, s.stable_at"
+            " FROM jobs j JOIN instances i ON i.job_id = j.id AND i.late = 0"
+            " JOIN series s ON s.series_instance_uid = i.series_instance_uid"
+            " WHERE j.state = ? GROUP BY i.job_id, s.series_instance_uid ORDER BY i.job_id", (JobState.RECEIVED,))
+        studies: dict[int, list[SeriesState]] = {}
+        for row in rows:
+            studies.setdefault(row[0], []).append(SeriesState(row[1], _route(row[2:10]), *row[10:]))
+        return studies
+
+    def queue_job(self, job_id: int, why: str, now: float | None = None) -> JobState | None:
+        """``received → queued`` with the study's route (first pipeline, most urgent priority, forwards);
+        ``→ done`` at once when the rules discard every series. Returns the new state, None if not received."""
+        now = time.time() if now is None else now
+        with self._tx() as db:
+            routes = [_route(r) for r in db.execute(
+                f"SELECT DISTINCT {_ROUTE_COLUMNS} FROM series WHERE series_instance_uid IN"
+                " (SELECT series_instance_uid FROM instances WHERE job_id = ? AND late = 0)", (job_id,))]
+            kept = [r for r in routes if not r.discard]
+            if not kept:
+                if not self._transition(db, job_id, (JobState.RECEIVED,), JobState.DONE):
+                    return None
+                self._log(db, job_id, "done", f"study complete ({why}); every series is discarded by the "
+                                              f"routing rules: {'; '.join(sorted({r.description for r in routes}))}")
+                return JobState.DONE
+            pipelines = list(dict.fromkeys(p for r in kept for p in r.pipelines))
+            forwards = list(dict.fromkeys(f for r in kept for f in r.forwards))
+            db.execute("UPDATE jobs SET pipeline = ?, priority = ?, forwards = ?, restart_requested = 0 WHERE id = ?",
+                       (pipelines[0] if pipelines else "", max(r.priority for r in kept), ",".join(forwards), job_id))
+            if not self._queue(db, job_id, now, why):
+                return None
+            if len(pipelines) > 1:
+                self._log(db, job_id, "route", f"rules select {', '.join(pipelines)}; this job runs {pipelines[0]}")
+            return JobState.QUEUED
+
+    def _queue(self, db: sqlite3.Connection, job_id: int, now: float, why: str) -> bool:
+        summary = db.execute(
+            "SELECT count(*), count(DISTINCT series_instance_uid), group_concat(DISTINCT modality),"
+            " group_concat(DISTINCT calling_ae || ' (' || peer_address || ')'),"
+            " count(DISTINCT association_id) FROM instances WHERE job_id = ? AND late = 0",
+            (job_id,)).fetchone()
+        if not self._transition(db, job_id, (JobState.RECEIVED,), JobState.QUEUED):
+            return False
+        self._log(db, job_id, "queued",
+                  f"study complete: {summary[0]} instances in {summary[1]} series ({summary[2]}) from "
+                  f"{summary[3]} over {summary[4]} association(s)" + (f"; {why}" if why else ""), now)
+        return True
 
     def queue_complete_studies(self, idle_seconds: float, now: float | None = None) -> list[int]:
         """Move ``received`` jobs whose study had no new instance for ``idle_seconds`` to ``queued``."""
@@ -279,22 +470,28 @@ class JobStore:
             rows = db.execute("SELECT id FROM jobs WHERE state = ? AND last_instance_at <= ? ORDER BY id",
                               (JobState.RECEIVED, now - idle_seconds)).fetchall()
             for (job_id,) in rows:
-                summary = db.execute(
-                    "SELECT count(*), count(DISTINCT series_instance_uid), group_concat(DISTINCT modality),"
-                    " group_concat(DISTINCT calling_ae || ' (' || peer_address || ')'),"
-                    " count(DISTINCT association_id) FROM instances WHERE job_id = ? AND late = 0",
-                    (job_id,)).fetchone()
-                self._transition(db, job_id, (JobState.RECEIVED,), JobState.QUEUED)
-                self._log(db, job_id, "queued",
-                          f"study complete: {summary[0]} instances in {summary[1]} series ({summary[2]}) from "
-                          f"{summary[3]} over {summary[4]} association(s)", now)
-                queued.append(job_id)
+                if self._queue(db, job_id, now, ""):
+                    queued.append(job_id)
         return queued
 
+    def restart_requested(self) -> list[int]:
+        """Running jobs whose study got late instances under ``late_instances: rerun``."""
+        return [row[0] for row in self._query("SELECT id FROM jobs WHERE state = ? AND restart_requested = 1",
+                                              (JobState.RUNNING,))]
+
+    def restart(self, job_id: int) -> bool:
+        """``running → received``: the run was stopped for late instances; the job waits for its study again."""
+        with self._tx() as db:
+            if not self._transition(db, job_id, (JobState.RUNNING,), JobState.RECEIVED):
+                return False
+            db.execute("UPDATE jobs SET restart_requested = 0 WHERE id = ?", (job_id,))
+            self._log(db, job_id, "restarted", "run stopped for late instances; partial output discarded")
+            return True
+
     def next_queued(self) -> Job | None:
-        """The oldest queued job, if any."""
-        rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs j WHERE j.state = ? ORDER BY j.id LIMIT 1",
-                           (JobState.QUEUED,))
+        """The queued job to run next: most urgent priority first, then the earliest arrival."""
+        rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs j WHERE j.state = ?"
+                           " ORDER BY j.priority DESC, j.created_at, j.id LIMIT 1", (JobState.QUEUED,))
         return _job(rows[0]) if rows else None
 
     def start_job(self, job_id: int, command: str) -> bool:
@@ -307,11 +504,15 @@ class JobStore:
             return True
 
     def job_inputs(self, job_id: int) -> list[Instance]:
-        """The instances a job covers: those received before it was queued (late ones excluded)."""
+        """The instances a job covers: those received before it was queued (late ones and series the rules
+        discard excluded); a re-run of a finished study covers the study's earlier jobs' instances too."""
         rows = self._query(
-            "SELECT sop_instance_uid, study_instance_uid, series_instance_uid, patient_id, modality, sop_class_uid,"
-            " path, calling_ae, peer_address, association_id, received_at FROM instances"
-            " WHERE job_id = ? AND late = 0 ORDER BY received_at", (job_id,))
+            f"SELECT {', '.join('i.' + c.strip() for c in _INSTANCE_COLUMNS.split(','))}"
+            " FROM instances i JOIN jobs j ON j.id = ?"
+            " WHERE i.late = 0 AND (i.job_id = j.id OR (j.whole_study = 1 AND i.study_instance_uid ="
+            " j.study_instance_uid AND i.job_id < j.id))"
+            " AND i.series_instance_uid NOT IN (SELECT series_instance_uid FROM series WHERE discard = 1)"
+            " ORDER BY i.received_at", (job_id,))
         return [Instance(*row) for row in rows]
 
     def requeue(self, job_id: int, why: str) -> bool:

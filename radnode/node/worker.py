@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from radnode.config import CONFIG_ENV, Config
+from radnode.node.completeness import CompletenessSettings, SeriesProgress, study_verdict
 from radnode.node.egress import Egress
-from radnode.node.store import JobStore
+from radnode.node.store import JobStore, SeriesState
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +69,24 @@ def last_line(path: Path) -> str:
     return next((line.strip() for line in reversed(lines) if line.strip()), "")
 
 
+def completeness_settings(config: Config) -> CompletenessSettings:
+    """The node's completeness defaults from ``ingress.*``."""
+    ingress = config.ingress
+    return CompletenessSettings(ingress.study_idle_seconds, ingress.association_grace_seconds,
+                                ingress.study_grace_seconds)
+
+
+def progress(series: SeriesState) -> SeriesProgress:
+    """The completeness policy's view of a series."""
+    route = series.route
+    return SeriesProgress(series.series_instance_uid, series.received, series.expected, series.last_instance_at,
+                          series.released_at, series.stable_at, route.study_idle_seconds,
+                          route.series_grace_seconds, route.discard)
+
+
 class Scheduler:
-    """Queues complete studies, starts queued jobs up to the concurrency limit, reaps and times them out."""
+    """Queues complete studies, starts queued jobs (most urgent first) up to the concurrency limit, reaps
+    them and kills those over their time limit or restarted for late instances."""
 
     def __init__(self, config: Config, store: JobStore, egress: Egress, command: Sequence[str],
                  config_file: Path) -> None:
@@ -79,18 +96,44 @@ class Scheduler:
         self.command = list(command)
         self.config_file = config_file
         self.running: dict[int, JobProcess] = {}
+        self.completeness = completeness_settings(config)
 
     def tick(self) -> None:
         """One scheduling round; called repeatedly by the node's scheduler thread."""
-        for job_id in self.store.queue_complete_studies(self.config.ingress.study_idle_seconds):
-            log.info("job %d queued", job_id)
+        self.queue_complete_studies()
+        for job_id in self.store.restart_requested():
+            if job_id in self.running:
+                _kill_group(self.running.pop(job_id).process)
+            self.store.restart(job_id)
         for job_id in list(self.running):
             self._reap(self.running[job_id])
         while len(self.running) < self.config.processing.max_concurrent_jobs:
             job = self.store.next_queued()
             if job is None:
                 break
-            self._start(job.id, job.pipeline)
+            if job.pipeline:
+                self._start(job.id, job.pipeline)
+            else:
+                self._forward(job.id)
+
+    def queue_complete_studies(self) -> None:
+        """Queue every receiving study the completeness policy judges complete now."""
+        now = time.time()
+        for job_id, series in self.store.receiving().items():
+            verdict = study_verdict([progress(s) for s in series], now, self.completeness)
+            if verdict.complete:
+                state = self.store.queue_job(job_id, verdict.reason, now)
+                log.info("job %d %s: %s", job_id, state, verdict.reason)
+
+    def _forward(self, job_id: int) -> None:
+        """A forward-only route: no pipeline; the study's own instances are delivered to the route's forwards."""
+        try:
+            inputs, _ = self._prepare(job_id)
+        except OSError as e:
+            self.store.fail_job(job_id, f"cannot prepare the job's input: {e}")
+            return
+        if self.store.start_job(job_id, "forward-only route: no pipeline"):
+            self.egress.stage(job_id, inputs)
 
     def _prepare(self, job_id: int) -> tuple[Path, Path]:
         """A fresh ``in/`` of hard links to the job's instances and an empty ``out/``."""

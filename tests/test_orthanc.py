@@ -1,0 +1,109 @@
+"""The Orthanc path end to end: a real Orthanc with the radnode plugin, the node, DCMTK storescu/storescp.
+
+A CT sent to Orthanc with storescu is pulled by the node on the plugin's events, processed by the real
+``radnode run``; the SEG and SR are stored back into Orthanc and, by the route's ``forward``, sent by
+Orthanc to a second DICOM destination. Nothing is triggered by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from radnode.config import Config
+from radnode.node.service import Node
+from radnode.node.store import JobState
+from radnode.orthanc_config import write_orthanc_config
+from radnode.viewer import ORTHANC_BINARY, OrthancServer
+from test_egress import StoreSCP, wait_until
+from test_scp import free_port, storescu
+
+pytestmark = pytest.mark.skipif(not ORTHANC_BINARY.exists(), reason="Orthanc is not installed")
+
+RULES = """\
+rules:
+  - name: derived-objects
+    when: {Modality: {in: [SEG, SR]}}
+    discard: true
+    stop: true
+  - name: ct
+    when: {Modality: CT, ImageType: AXIAL}
+    pipelines: [ct_tissue]
+    forward: [SECOND]
+"""
+
+
+@pytest.fixture
+def second(tmp_path: Path) -> Iterator[StoreSCP]:
+    receiver = StoreSCP(tmp_path / "second", ae_title="SECOND").start()
+    yield receiver
+    receiver.stop()
+
+
+def test_orthanc_config_command_writes_a_configuration_orthanc_starts_with(tmp_path: Path) -> None:
+    http_port, dicom_port = free_port(), free_port()
+    folder = Path("/var/tmp") / f"radnode-test-{tmp_path.name}"
+    result = subprocess.run(["radnode", "orthanc-config", "--output", str(folder), "--http-port", str(http_port),
+                             "--dicom-port", str(dicom_port), "--node-url", "http://127.0.0.1:9"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=60,
+                            env={"PATH": str(Path(__file__).resolve().parents[1] / ".venv" / "bin")})
+    assert result.returncode == 0, result.stderr
+    settings = json.loads((folder / "orthanc.json").read_text())
+    assert settings["RadNode"]["NodeUrl"] == "http://127.0.0.1:9"
+    assert Path(settings["PythonScript"]) == folder / "radnode_plugin.py"
+    orthanc = subprocess.Popen([str(ORTHANC_BINARY), str(folder / "orthanc.json")], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        def plugins() -> list[str] | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/plugins", timeout=2) as r:
+                    return json.loads(r.read())
+            except OSError:
+                return None
+        wait_until(plugins, timeout=30, step=0.2)
+        assert {"python", "dicom-web"} <= set(plugins() or [])
+    finally:
+        orthanc.terminate()
+        orthanc.wait(20)
+        subprocess.run(["rm", "-rf", str(folder)], check=True)
+
+
+@pytest.mark.slow
+def test_a_ct_sent_to_orthanc_comes_back_as_seg_and_sr_and_is_forwarded(tmp_path: Path, second: StoreSCP) -> None:
+    from radnode.phantom import make_ct_phantom, write_ct_series
+
+    write_ct_series(make_ct_phantom(n_slices=24, size=128), tmp_path / "ct")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    api_port = free_port()
+    with OrthancServer(node_url=f"http://127.0.0.1:{api_port}", stable_age=1,
+                       modalities={"SECOND": ["SECOND", "127.0.0.1", second.port]}) as orthanc:
+        config = Config.model_validate({
+            "data_dir": str(tmp_path / "data"), "rules": str(rules),
+            "ingress": {"host": "127.0.0.1", "port": 0},
+            "orthanc": {"url": orthanc.url}, "api": {"port": api_port},
+            "egress": {"named_destinations": {"SECOND": "orthanc-modality:SECOND"}, "retry_initial_seconds": 0.5,
+                       "timeout_seconds": 30},
+            "processing": {"job_timeout_seconds": 300}})
+        with Node(config, poll_seconds=0.1) as node:
+            sent = storescu(orthanc.dicom_port, tmp_path / "ct", calling_ae="CT_SCANNER", called_ae=orthanc.aet)
+            assert sent.returncode == 0, sent.stderr
+            wait_until(lambda: node.jobs() and node.jobs()[0].state in (JobState.DONE, JobState.FAILED), timeout=300)
+            (job,) = node.jobs()
+            assert job.state is JobState.DONE, job.reason
+            assert (job.instances, job.calling_ae, job.pipeline) == (24, "CT_SCANNER", "ct_tissue")
+            (study_id,) = orthanc.get_json("/studies")  # type: ignore[misc]
+            modalities = sorted(s["MainDicomTags"]["Modality"]
+                                for s in orthanc.get_json(f"/studies/{study_id}/series"))  # type: ignore[union-attr]
+            assert modalities == ["CT", "SEG", "SR"]
+            # The results came back through the plugin too: recorded, discarded by the rules, no second job.
+            wait_until(lambda: node.job(job.id).late_instances == 2, timeout=30)  # type: ignore[union-attr]
+            assert len(node.jobs()) == 1
+    forwarded = sorted(pydicom.dcmread(p, stop_before_pixels=True).Modality for p in second.folder.iterdir())
+    assert forwarded == ["SEG", "SR"]
