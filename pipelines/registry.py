@@ -34,6 +34,12 @@ PIPELINES: dict[str, PipelineSpec] = {
             description="CT: body, lungs, bone, adipose tissue, skeletal muscle; volumes, HU, emphysema index",
             modalities=("CT",),
         ),
+        PipelineSpec(
+            name="mri_brain",
+            app="radnode.apps.mri_brain.app:MRIBrainApp",
+            description="MRI 3D T1: brain extraction (deepbet), intracranial and brain volumes, uncertainty map",
+            modalities=("MR",),
+        ),
     )
 }
 

@@ -151,6 +151,16 @@ def cmd_orthanc_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run the benchmark suite, print its table and write the results JSON."""
+    from radnode.bench import FULL, QUICK, run_suite, table
+
+    results = run_suite(QUICK if args.quick else FULL, Path(args.output))
+    print(table(results))
+    print(f"results written to {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radnode", description=__doc__)
     parser.add_argument("--version", action="version", version=f"radnode {__version__}")
@@ -205,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default="radnode-demo", help="where the demo keeps its data")
     demo.add_argument("--slices", type=int, default=220, help="phantom slices (at least 200 for the full demo)")
     demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser("bench", help="benchmarks side by side with DCMTK, Orthanc, pynetdicom, highdicom")
+    bench.add_argument("--quick", action="store_true", help="fewer repeats and sizes (a few minutes)")
+    bench.add_argument("--output", default="bench-results.json", help="results JSON file")
+    bench.set_defaults(func=cmd_bench)
 
     pipelines = sub.add_parser("pipelines", help="list the pipelines")
     pipelines.set_defaults(func=cmd_pipelines)

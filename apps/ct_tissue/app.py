@@ -23,11 +23,8 @@ from radnode.operators.dicom_input import (
     StudyFolderLoaderOperator,
     VolumeSeriesSelectorOperator,
 )
-from radnode.operators.result_writers import (
-    FhirReportWriterOperator,
-    MeasurementReportWriterOperator,
-    SegmentationWriterOperator,
-)
+from radnode.operators.report import ReportWriterOperator
+from radnode.operators.result_writers import MeasurementReportWriterOperator, SegmentationWriterOperator
 from radnode.outputs.algorithm import AlgorithmInfo
 
 log = logging.getLogger(__name__)
@@ -61,7 +58,7 @@ class CTTissueApp(Application):
                                         name="measurements")
         seg_writer = SegmentationWriterOperator(self, name="seg_writer", **writer_settings)
         sr_writer = MeasurementReportWriterOperator(self, name="sr_writer", **writer_settings)
-        fhir_writer = FhirReportWriterOperator(self, name="fhir_writer", **writer_settings)
+        report_writer = ReportWriterOperator(self, name="report_writer", report_config=config.report, **writer_settings)
 
         self.add_flow(loader, selector, {("study", "study")})
         self.add_flow(selector, to_volume, {("series", "series")})
@@ -73,6 +70,6 @@ class CTTissueApp(Application):
         self.add_flow(to_volume, sr_writer, {("volume", "volume")})
         self.add_flow(seg_writer, sr_writer, {("seg", "seg")})
         self.add_flow(measure, sr_writer, {("result", "result")})
-        self.add_flow(to_volume, fhir_writer, {("volume", "volume")})
-        self.add_flow(measure, fhir_writer, {("result", "result")})
-        self.add_flow(sr_writer, fhir_writer, {("sr", "sr")})
+        self.add_flow(to_volume, report_writer, {("volume", "volume")})
+        self.add_flow(measure, report_writer, {("result", "result")})
+        self.add_flow(sr_writer, report_writer, {("sr", "sr")})

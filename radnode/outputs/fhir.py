@@ -8,6 +8,7 @@ shape in R4, which is what the receiving servers speak.
 
 from __future__ import annotations
 
+import base64
 import uuid
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -20,6 +21,7 @@ from radnode.imaging.volume import Volume
 from radnode.outputs.algorithm import AlgorithmInfo
 from radnode.outputs.sr import procedure_reported, read_measurements
 from radnode.results import PipelineResult, Structure
+from radnode.uncertainty import NEEDS_REVIEW, UNCERTAINTY_CONCEPTS, UncertainPipelineResult
 
 CODE_SYSTEMS = {
     "SCT": "http://snomed.info/sct",
@@ -39,6 +41,9 @@ DIAGNOSTIC_IMAGING_STUDY = {"system": CODE_SYSTEMS["LN"], "code": "18748-4", "di
 """DiagnosticReport.code when the modality has no LOINC study code in :data:`radnode.outputs.sr.PROCEDURE_REPORTED`."""
 ADMINISTRATIVE_SEX = {"M": "male", "F": "female", "O": "other"}
 DEVICE_OBSERVER_UID = ("121012", "DCM")
+V3_INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+_PAST_LIMIT = {"UNC-AGREEMENT": ("L", "Low")}
+"""Interpretation of an uncertainty score past its limit: agreement is too low, the others too high."""
 
 
 def _system(designator: str, private_schemes: dict[str, str]) -> str:
@@ -130,6 +135,22 @@ def _body_site(structure: Structure, private_schemes: dict[str, str]) -> dict[st
     return {"coding": [_coding(structure.property_type, private_schemes)], "text": structure.label}
 
 
+def _uncertainty_annotation(result: PipelineResult, structure_key: str, concept: str) -> dict[str, Any]:
+    """Observation.interpretation (N, or H/L past the limit) and a note for an uncertainty score."""
+    if (concept not in UNCERTAINTY_CONCEPTS or not isinstance(result, UncertainPipelineResult)
+            or result.uncertainty is None):
+        return {}
+    report = result.uncertainty
+    scores = report.scores_for(structure_key)
+    exceeded = scores.exceeded(report.limits) if scores is not None else {}
+    code, display = _PAST_LIMIT.get(concept, ("H", "High")) if concept in exceeded else ("N", "Normal")
+    note = (f"Segmentation uncertainty from {report.n_samples} samples ({report.method}). "
+            + (f"Past its limit, human review required: {exceeded[concept]}." if concept in exceeded
+               else "Within its limit."))
+    return {"interpretation": [{"coding": [{"system": V3_INTERPRETATION, "code": code, "display": display}]}],
+            "note": [{"text": note}]}
+
+
 def build_report_bundle(
     volume: Volume,
     result: PipelineResult,
@@ -137,6 +158,8 @@ def build_report_bundle(
     algorithm: AlgorithmInfo,
     *,
     conclusion: str | None = None,
+    conclusion_codes: list[dict[str, str]] | None = None,
+    presented_forms: list[tuple[str, bytes, str]] | None = None,
     patient_identifier_system: str | None = None,
 ) -> Bundle:
     """A transaction Bundle reporting the SR's measurements for the study of ``volume``.
@@ -144,6 +167,8 @@ def build_report_bundle(
     Patient, ImagingStudy and Device are created only if no resource with the same identifier exists
     (``ifNoneExist``); the DiagnosticReport and Observations are always new. ``patient_identifier_system``
     is the FHIR system of the site's Patient IDs; without it the Patient is matched on the value alone.
+    A result with uncertainty gives its score Observations an interpretation and a note, and a flagged
+    study a DiagnosticReport conclusion and conclusionCode saying it needs human review.
     """
     study = volume.study
     private_schemes = {str(i.CodingSchemeDesignator): str(i.CodingSchemeUID)
@@ -215,6 +240,7 @@ def build_report_bundle(
         }
         if effective:
             observation["effectiveDateTime"] = effective
+        observation.update(_uncertainty_annotation(result, row["structure"], row["concept"]["value"]))
         observation_entries.append(_entry(observation))
 
     report_code = procedure_reported(volume.modality)
@@ -235,8 +261,20 @@ def build_report_bundle(
         report["basedOn"] = [{"type": "ServiceRequest", "identifier": accession}]
     if effective:
         report["effectiveDateTime"] = effective
+    if isinstance(result, UncertainPipelineResult) and result.uncertainty and result.uncertainty.needs_review:
+        # Marked in the report itself so any FHIR consumer (worklist, EHR) sees it, not only the node.
+        reasons = "; ".join(result.uncertainty.review_reasons)
+        conclusion = f"{conclusion + ' ' if conclusion else ''}Flagged for human review: {reasons}."
+        report["conclusionCode"] = [{"coding": [_coding(NEEDS_REVIEW, private_schemes)]}]
     if conclusion:
         report["conclusion"] = conclusion
+    if conclusion_codes:
+        report.setdefault("conclusionCode", []).extend({"coding": [_coding(code, private_schemes)]}
+                                                       for code in conclusion_codes)
+    if presented_forms:
+        report["presentedForm"] = [{"contentType": content_type, "language": "en",
+                                    "data": base64.b64encode(data).decode("ascii"), "title": title}
+                                   for content_type, data, title in presented_forms]
     entries = [patient_entry, study_entry, device_entry, *observation_entries, _entry(report)]
     return Bundle.model_validate({"resourceType": "Bundle", "type": "transaction", "entry": entries})
 

@@ -17,6 +17,7 @@ from pydicom.sr.codedict import codes
 from radnode.imaging.volume import Volume
 from radnode.outputs.algorithm import AlgorithmInfo, declare_private_coding_schemes, device_uid, new_uid
 from radnode.results import PipelineResult, Structure
+from radnode.uncertainty import NEEDS_REVIEW, NO_REVIEW_NEEDED, REVIEW_FINDING, UncertainPipelineResult
 
 SR_SERIES_NUMBER = 902
 """Default Series Number for the measurement report, next to the SEG's 901."""
@@ -45,6 +46,17 @@ def _finding_sites(structure: Structure) -> list[hd.sr.FindingSite] | None:
     return [hd.sr.FindingSite(anatomic_location=structure.property_type, laterality=structure.laterality)]
 
 
+def _review_evaluations(result: PipelineResult, key: str) -> list[hd.sr.QualitativeEvaluation] | None:
+    """The segment's review decision from its uncertainty scores, when the result carries uncertainty."""
+    if not isinstance(result, UncertainPipelineResult) or result.uncertainty is None:
+        return None
+    scores = result.uncertainty.scores_for(key)
+    if scores is None:
+        return None
+    flagged = bool(scores.exceeded(result.uncertainty.limits))
+    return [hd.sr.QualitativeEvaluation(REVIEW_FINDING, NEEDS_REVIEW if flagged else NO_REVIEW_NEEDED)]
+
+
 def build_measurement_report(
     volume: Volume,
     seg: Dataset,
@@ -58,7 +70,8 @@ def build_measurement_report(
 
     Segments are matched to result structures by Tracking ID (the structure key, as written by
     :func:`radnode.outputs.seg.build_segmentation`); the group reuses the segment's Tracking UID.
-    Evidence is the source series and the SEG.
+    Evidence is the source series and the SEG. A result with uncertainty adds to each scored group a
+    qualitative evaluation "Automatic segmentation quality": human review required or not.
     """
     structures = {s.structure.key: s.structure for s in result.segments}
     series_uid = str(volume.study.SeriesInstanceUID)
@@ -95,6 +108,7 @@ def build_measurement_report(
             finding_sites=sites,
             algorithm_id=algorithm_id,
             measurements=measurements,
+            qualitative_evaluations=_review_evaluations(result, key),
         ))
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,

@@ -1,0 +1,85 @@
+"""Operators of the MRI brain pipeline: 3D T1 series selection, brain extraction and brain volumetry."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from monai.deploy.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
+
+from radnode.imaging.brain import extract_brain
+from radnode.models.inference import segment_volumes
+from radnode.imaging.mri import select_t1_series
+from radnode.models.deepbet import load_deepbet
+from radnode.uncertainty import UncertainPipelineResult, UncertaintyThresholds
+
+log = logging.getLogger(__name__)
+
+
+class T1SeriesSelectorOperator(Operator):
+    """Chooses the 3D T1-weighted series by its acquisition attributes and logs why others were skipped."""
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("study")
+        spec.output("series")
+        spec.output("skipped")
+
+    def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
+        series, skipped = select_t1_series(op_input.receive("study"))
+        log.info("selected %s", series.describe())
+        for reason in skipped:
+            log.info("skipped %s", reason)
+        op_output.emit(series, "series")
+        op_output.emit(skipped, "skipped")
+
+
+class BrainExtractionOperator(Operator):
+    """Brain mask (deepbet) with mirror test-time augmentation; the networks load when the app is composed,
+    so missing or wrong weights stop the run before any study is read."""
+
+    def __init__(self, fragment, *args, model_folder: Path | None = None,
+                 thresholds: UncertaintyThresholds = UncertaintyThresholds(), **kwargs):
+        self.models = load_deepbet(model_folder)
+        self.thresholds = thresholds
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("volume")
+        spec.output("extraction")
+
+    def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
+        extraction = extract_brain(op_input.receive("volume"), self.models, limits=self.thresholds)
+        log.info("brain extraction: %s", ", ".join(f"{s.structure.key} {int(s.mask.sum())} voxels"
+                                                   for s in extraction.segments))
+        op_output.emit(extraction, "extraction")
+
+
+class BrainMeasurementOperator(Operator):
+    """Intracranial and brain volumes plus the uncertainty scores, as one result for the writers."""
+
+    def __init__(self, fragment, *args, algorithm_name: str, algorithm_version: str, **kwargs):
+        self.algorithm_name = algorithm_name
+        self.algorithm_version = algorithm_version
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("volume")
+        spec.input("extraction")
+        spec.input("skipped")
+        spec.output("result")
+
+    def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
+        volume = op_input.receive("volume")
+        extraction = op_input.receive("extraction")
+        skipped = op_input.receive("skipped")
+        uncertainty = extraction.uncertainty
+        result = UncertainPipelineResult(
+            segments=extraction.segments,
+            measurements=segment_volumes(volume, extraction.segments) + uncertainty.measurements(),
+            algorithm_name=self.algorithm_name, algorithm_version=self.algorithm_version,
+            notes=[f"skipped {reason}" for reason in skipped] + uncertainty.review_reasons,
+            uncertainty=uncertainty,
+        )
+        if uncertainty.needs_review:
+            log.warning("flagged for human review: %s", "; ".join(uncertainty.review_reasons))
+        op_output.emit(result, "result")

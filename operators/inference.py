@@ -1,0 +1,86 @@
+"""Operators running a model folder's network(s): sliding-window inference with uncertainty samples,
+results mapped back to the source grid, and per-segment volumes for the writers."""
+
+from __future__ import annotations
+
+import logging
+
+from monai.deploy.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
+
+from radnode.models.inference import InferenceOptions, postprocess, predict_samples, segment_volumes
+from radnode.models.loading import LoadedModel
+from radnode.uncertainty import UncertainPipelineResult, UncertaintyThresholds
+
+log = logging.getLogger(__name__)
+
+
+class SlidingWindowInferenceOperator(Operator):
+    """Softmax samples from every ensemble member, mirror and dropout pass (mixed precision on CUDA)."""
+
+    def __init__(self, fragment, *args, model: LoadedModel, options: InferenceOptions = InferenceOptions(),
+                 **kwargs):
+        self.model = model
+        self.options = options
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("prepared")
+        spec.output("prepared_out")
+        spec.output("samples")
+
+    def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
+        prepared = op_input.receive("prepared")
+        samples, method = predict_samples(self.model, prepared, self.options)
+        log.info("%d samples (%s) on %s", len(samples), method, self.model.device)
+        op_output.emit(prepared, "prepared_out")
+        op_output.emit((samples, method), "samples")
+
+
+class ModelPostprocessOperator(Operator):
+    """Samples → source grid, consensus segments, uncertainty map and per-segment scores."""
+
+    def __init__(self, fragment, *args, model: LoadedModel,
+                 thresholds: UncertaintyThresholds = UncertaintyThresholds(), **kwargs):
+        self.model = model
+        self.thresholds = thresholds
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("prepared")
+        spec.input("samples")
+        spec.output("extraction")
+
+    def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
+        prepared = op_input.receive("prepared")
+        samples, method = op_input.receive("samples")
+        op_output.emit(postprocess(samples, prepared, self.model.spec, method, self.thresholds), "extraction")
+
+
+class SegmentVolumeMeasurementOperator(Operator):
+    """Segment volumes plus uncertainty scores as one result; a flagged study is logged as such."""
+
+    def __init__(self, fragment, *args, algorithm_name: str, algorithm_version: str, **kwargs):
+        self.algorithm_name = algorithm_name
+        self.algorithm_version = algorithm_version
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("volume")
+        spec.input("extraction")
+        spec.output("result")
+
+    def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
+        volume = op_input.receive("volume")
+        extraction = op_input.receive("extraction")
+        uncertainty = extraction.uncertainty
+        segments = [s for s in extraction.segments if s.mask.any()]
+        if uncertainty.needs_review:
+            log.warning("flagged for human review: %s", "; ".join(uncertainty.review_reasons))
+        op_output.emit(UncertainPipelineResult(
+            segments=segments,
+            measurements=segment_volumes(volume, segments) + [m for m in uncertainty.measurements()
+                                                              if any(s.structure.key == m.structure_key
+                                                                     for s in segments)],
+            algorithm_name=self.algorithm_name, algorithm_version=self.algorithm_version,
+            notes=uncertainty.review_reasons, uncertainty=uncertainty,
+        ), "result")

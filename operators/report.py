@@ -1,0 +1,70 @@
+"""Operator that writes the report: structured findings → verified text → SR, PDF, text and FHIR Bundle.
+
+It takes the place of the plain FHIR writer in an app: the Bundle it writes carries, besides the
+measurement Observations, the DiagnosticReport conclusion (the Impression), the coded findings and the
+report as text/plain and PDF. Which backend writes the text comes from the node configuration.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from monai.deploy.core import ExecutionContext, InputContext, OperatorSpec, OutputContext
+
+from radnode.config import ReportConfig
+from radnode.execution import timed_phase
+from radnode.operators.result_writers import FHIR_FILE, _write_atomically, _WriterOperator
+from radnode.outputs.fhir import build_report_bundle, bundle_to_json
+from radnode.report.findings import structured_findings
+from radnode.report.generate import generate_report
+from radnode.report.pdf import report_pdf
+from radnode.report.sr import build_text_report
+
+log = logging.getLogger(__name__)
+
+REPORT_TEXT_FILE = "report.txt"
+REPORT_PDF_FILE = "report.pdf"
+REPORT_SR_FILE = "report-sr.dcm"
+
+
+class ReportWriterOperator(_WriterOperator):
+    """Writes the report text (plain, PDF, Comprehensive SR) and the FHIR Bundle with conclusion and forms."""
+
+    def __init__(self, fragment, *args, report_config: ReportConfig, **kwargs):
+        self.report_config = report_config
+        super().__init__(fragment, *args, **kwargs)
+
+    def setup(self, spec: OperatorSpec) -> None:
+        spec.input("volume")
+        spec.input("result")
+        spec.input("sr")
+
+    @timed_phase("write_report_fhir")
+    def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
+        volume = op_input.receive("volume")
+        result = op_input.receive("result")
+        sr = op_input.receive("sr")
+        findings = structured_findings(result, volume.modality)
+        report = generate_report(findings, self.report_config)
+        for rejection in report.removed:
+            log.warning("report: verifier removed %r (%s)", rejection.sentence, rejection.reason)
+        if report.fallback_reason:
+            log.warning("report: %s backend not used, template text released: %s", report.requested_backend,
+                        report.fallback_reason)
+        text = report.text()
+        pdf = report_pdf(report, f"{volume.study.get('StudyDescription', 'Imaging study')} - AI preliminary report")
+        out = self.output_folder
+        _write_atomically(out / REPORT_TEXT_FILE, lambda p: p.write_text(text))
+        _write_atomically(out / REPORT_PDF_FILE, lambda p: p.write_bytes(pdf))
+        text_sr = build_text_report(volume, sr, report, self.algorithm, uid_root=self.uid_root)
+        _write_atomically(out / REPORT_SR_FILE, text_sr.save_as)
+        codes = [{"value": f.code.value, "scheme_designator": f.code.scheme, "meaning": f.code.meaning}
+                 for f in findings.present]
+        bundle = build_report_bundle(volume, result, sr, self.algorithm, conclusion=report.conclusion,
+                                     conclusion_codes=list({c["value"]: c for c in codes}.values()),
+                                     presented_forms=[("text/plain", text.encode(), "Report (text)"),
+                                                      ("application/pdf", pdf, "Report (PDF)")])
+        _write_atomically(out / FHIR_FILE, lambda p: p.write_text(bundle_to_json(bundle)))
+        log.info("wrote %s, %s, %s, %s (%s)", REPORT_TEXT_FILE, REPORT_PDF_FILE, REPORT_SR_FILE, FHIR_FILE,
+                 report.generator)
