@@ -879,3 +879,21 @@ def test_rules_on_path(rules_path: str | Path, target_path: str | Path, out: Tex
 
 
 test_rules_on_path.__test__ = False  # type: ignore[attr-defined]  # a CLI helper, not a pytest test
+
+
+def pipelines_for_folder(rules: RuleSet, folder: str | Path,
+                         context: RoutingContext | None = None) -> tuple[list[str], list[str]]:
+    """The pipelines the rules choose for the series under ``folder`` (most urgent first), and per series why.
+
+    Backs ``radnode run`` without ``--pipeline``: the same decision the node would take on receipt.
+    """
+    series, _ = _read_headers(Path(folder))
+    chosen: dict[str, int] = {}
+    reasons: list[str] = []
+    for uid, headers in series.items():
+        decision = rules.route(headers.first, context)
+        reasons.append(f"{headers.describe(uid)}: {decision.describe()}")
+        if not decision.discard:
+            for name in decision.pipelines:
+                chosen[name] = max(chosen.get(name, 0), decision.priority.rank)
+    return sorted(chosen, key=lambda name: -chosen[name]), reasons

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 from radnode import __version__
-from radnode.config import Config, DicomPeer, load_config, parse_config
+from radnode.config import CONFIG_ENV, REPORT_BACKEND_ENV, Config, DicomPeer, load_config, parse_config
 
 
 REPORT_BACKENDS = ("template", "local", "openai")
@@ -24,22 +25,30 @@ def _load(args: argparse.Namespace) -> Config:
     return load_config(getattr(args, "config", None))
 
 
+def _routed_pipeline(config: Config, folder: Path) -> str:
+    """The pipeline the routing rules (the configured file, else the shipped defaults) choose for a folder."""
+    from radnode.pipelines.registry import PIPELINES
+    from radnode.pipelines.rules import DEFAULT_RULES, load_rules, pipelines_for_folder
+
+    rules = load_rules(config.rules or DEFAULT_RULES, known_pipelines=PIPELINES.keys())
+    chosen, reasons = pipelines_for_folder(rules, folder)
+    if not chosen:
+        raise ValueError(f"no routing rule selects a pipeline for {folder}: " + "; ".join(reasons or ["no DICOM series"]))
+    if len(chosen) > 1:
+        print(f"rules chose {', '.join(chosen)}; running {chosen[0]} (use --pipeline for another)", file=sys.stderr)
+    return chosen[0]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     """Run one pipeline on a folder of DICOM files, outputs as files, no network."""
     from radnode.execution import run_app
 
     config = _load(args)
     if args.config:
-        import os
-
-        from radnode.config import CONFIG_ENV
         os.environ[CONFIG_ENV] = str(Path(args.config).resolve())
     if args.report_backend:
-        import os
-
-        from radnode.config import REPORT_BACKEND_ENV
         os.environ[REPORT_BACKEND_ENV] = args.report_backend
-    pipeline = args.pipeline or config.processing.default_pipeline
+    pipeline = args.pipeline or _routed_pipeline(config, Path(args.input))
     manifest = run_app(pipeline, Path(args.input), Path(args.output))
     print(f"{manifest.pipeline} {manifest.version}: {len(manifest.outputs)} outputs in {args.output} "
           f"({manifest.seconds:.1f} s)")
@@ -170,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a pipeline once on a folder of DICOM files")
     run.add_argument("input", help="folder of DICOM files (one study)")
     run.add_argument("--output", "-o", required=True, help="folder for the results (.dcm, .json)")
-    run.add_argument("--pipeline", help="pipeline name (default: from configuration)")
+    run.add_argument("--pipeline", help="pipeline name (default: chosen by the routing rules)")
     run.add_argument("--config", help="configuration YAML file")
     run.add_argument("--report-backend", choices=REPORT_BACKENDS, help="who writes the report text")
     run.set_defaults(func=cmd_run)

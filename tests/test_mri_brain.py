@@ -30,7 +30,6 @@ from radnode.uncertainty import dice
 
 TEMPLATES = Path("/usr/share/mricron/templates")
 T1, REFERENCE = TEMPLATES / "ch2.nii.gz", TEMPLATES / "ch2bet.nii.gz"
-pytestmark = pytest.mark.skipif(not T1.exists(), reason="needs mricron-data (apt-get install mricron-data)")
 
 
 def _every_other_slice(volume: Volume) -> Volume:
@@ -180,3 +179,11 @@ def test_missing_weights_fail_at_start_up(tmp_path: Path, monkeypatch: pytest.Mo
     (tmp_path / "bbox_model.pt").write_bytes(b"not a model")
     with pytest.raises(ModelError, match="not a loadable TorchScript model"):
         load_deepbet()
+
+
+def test_default_routing_sends_the_t1_study_to_the_brain_pipeline(study: Path, real_ct_folder: Path) -> None:
+    from radnode.cli import _routed_pipeline
+    from radnode.config import Config
+
+    assert _routed_pipeline(Config(), study) == "mri_brain"
+    assert _routed_pipeline(Config(), real_ct_folder) == "ct_tissue"

@@ -95,10 +95,17 @@ def test_default_rules_discard_derived_objects_and_stop(make: Callable[[], Datas
     assert [o.rule for o in skipped] == ["ct-axial-volume", "mr-t1-brain"]
 
 
-def test_default_rules_fail_against_the_registry_until_mri_brain_exists() -> None:
-    with pytest.raises(RuleError, match="unknown pipeline 'mri_brain'") as err:
-        load_rules(DEFAULT_RULES, known_pipelines=PIPELINES)
-    assert err.value.line == DEFAULT_RULES.read_text().splitlines().index("    pipelines: [mri_brain]") + 1
+def test_default_rules_name_only_registered_pipelines() -> None:
+    rules = load_rules(DEFAULT_RULES, known_pipelines=PIPELINES)
+    assert {p for rule in rules.rules for p in rule.pipelines} <= set(PIPELINES)
+
+
+def test_an_unregistered_pipeline_is_refused_on_its_line(tmp_path) -> None:
+    text = DEFAULT_RULES.read_text().replace("pipelines: [mri_brain]", "pipelines: [mri_brian]")
+    (tmp_path / "rules.yaml").write_text(text)
+    with pytest.raises(RuleError, match="unknown pipeline 'mri_brian'") as err:
+        load_rules(tmp_path / "rules.yaml", known_pipelines=PIPELINES)
+    assert err.value.line == text.splitlines().index("    pipelines: [mri_brian]") + 1
 
 
 # --- the language -----------------------------------------------------------------------------
