@@ -6,6 +6,7 @@ import logging
 
 from monai.deploy.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
 
+from radnode.execution import timed_phase
 from radnode.imaging.ct_tissue import segment_ct_tissues
 from radnode.measure import measure_ct
 from radnode.results import PipelineResult
@@ -20,6 +21,7 @@ class CTTissueSegmentationOperator(Operator):
         spec.input("volume")
         spec.output("segments")
 
+    @timed_phase("segment")
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         segments = segment_ct_tissues(op_input.receive("volume"))
         log.info("segmented %s", ", ".join(f"{s.structure.key} ({int(s.mask.sum())} voxels)" for s in segments))
@@ -39,6 +41,7 @@ class CTMeasurementOperator(Operator):
         spec.input("segments")
         spec.output("result")
 
+    @timed_phase("measure")
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         volume = op_input.receive("volume")
         segments = op_input.receive("segments")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from monai.deploy.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
 
+from radnode.execution import timed_phase
 from radnode.imaging.series import VolumeCriteria, build_volume, read_study_folder, select_volume_series
 
 log = logging.getLogger(__name__)
@@ -22,6 +23,7 @@ class StudyFolderLoaderOperator(Operator):
     def setup(self, spec: OperatorSpec) -> None:
         spec.output("study")
 
+    @timed_phase("load")
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         study = read_study_folder(self.input_folder)
         log.info("read %d series from %s", len(study.series), self.input_folder)
@@ -39,6 +41,7 @@ class VolumeSeriesSelectorOperator(Operator):
         spec.input("study")
         spec.output("series")
 
+    @timed_phase("select_series")
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         series, skipped = select_volume_series(op_input.receive("study"), self.criteria)
         log.info("selected %s", series.describe())
@@ -54,6 +57,7 @@ class SeriesToVolumeOperator(Operator):
         spec.input("series")
         spec.output("volume")
 
+    @timed_phase("build_volume")
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         volume = build_volume(op_input.receive("series"))
         log.info("volume %s voxels, spacing %s mm", "x".join(map(str, volume.shape)),

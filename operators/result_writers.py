@@ -11,6 +11,7 @@ from pathlib import Path
 
 from monai.deploy.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
 
+from radnode.execution import timed_phase
 from radnode.outputs.algorithm import AlgorithmInfo
 from radnode.outputs.fhir import build_report_bundle, bundle_to_json
 from radnode.outputs.seg import build_segmentation
@@ -48,6 +49,7 @@ class SegmentationWriterOperator(_WriterOperator):
         spec.input("result")
         spec.output("seg")
 
+    @timed_phase("write_seg")
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         volume = op_input.receive("volume")
         result = op_input.receive("result")
@@ -67,6 +69,7 @@ class MeasurementReportWriterOperator(_WriterOperator):
         spec.input("result")
         spec.output("sr")
 
+    @timed_phase("write_sr")
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         volume = op_input.receive("volume")
         seg = op_input.receive("seg")
@@ -85,6 +88,7 @@ class FhirReportWriterOperator(_WriterOperator):
         spec.input("result")
         spec.input("sr")
 
+    @timed_phase("write_fhir")
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         volume = op_input.receive("volume")
         result = op_input.receive("result")

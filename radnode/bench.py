@@ -1,0 +1,215 @@
+"""``radnode bench``: the benchmark suite, each benchmark against its peers in the same run.
+
+Runs ingest, trigger latency, end to end, SEG writing (and the GPU pipelines where a GPU is present),
+prints one table and writes every measured figure, the ratios and the target checks to a JSON file.
+The benchmarks live in :mod:`radnode.benchmarks`; trigger latency is ``bench/trigger_latency.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import importlib.util
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+import radnode
+from radnode.benchmarks import Studies, end_to_end, ingest, seg_writing, summary
+from radnode.viewer import ORTHANC_STORAGE_ROOT
+
+BENCH_SCRIPTS = Path(radnode.__file__).resolve().parents[1] / "bench"
+"""Benchmark scripts kept beside the source (not installed): trigger_latency.py, gpu_inference.py."""
+BENCHMARKS = ("ingest", "trigger", "end_to_end", "seg_writing", "gpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Sizes and repeats of one suite run."""
+
+    benchmarks: tuple[str, ...] = BENCHMARKS
+    ct_size: int = 512
+    ingest_slices: int = 300
+    senders: tuple[int, ...] = (1, 8)
+    ingest_repeats: int = 3
+    ingest_peers: tuple[str, ...] = ingest.PEERS
+    trigger_slices: int = 20
+    trigger_repeats: int = 5
+    e2e_slices: tuple[int, ...] = (100, 300, 600)
+    seg_slices: int = 300
+    seg_size: int = 256
+    seg_counts: tuple[int, ...] = (6, 50, 117)
+    seg_repeats: int = 3
+    gpu_slices: int = 300
+
+
+FULL = Plan()
+QUICK = Plan(ingest_repeats=1, trigger_repeats=2, e2e_slices=(100,), seg_size=128, seg_repeats=1)
+
+
+def machine() -> dict:
+    """What the figures were measured on."""
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    memory = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal:"))
+    return {"cpu": model, "cores": os.cpu_count(), "memory_gb": round(memory / 2**30, 1),
+            "system": platform.platform(), "python": platform.python_version(), "radnode": radnode.__version__,
+            "load_average_at_start": os.getloadavg()}
+
+
+def _bench_script(name: str) -> ModuleType | None:
+    """``bench/<name>.py`` loaded as a module, or None where the checkout has no such script."""
+    path = BENCH_SCRIPTS / f"{name}.py"
+    if not path.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(f"radnode_bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def trigger_latency(plan: Plan, studies: Studies, work: Path) -> dict:
+    """Last instance → job running, per path of ``bench/trigger_latency.py``, its modes taking turns."""
+    module = _bench_script("trigger_latency")
+    if module is None:
+        return {"skipped": f"{BENCH_SCRIPTS / 'trigger_latency.py'} not found"}
+    modes = ["scp", "scp-fixed", "orthanc"]
+    study = studies.ct(plan.trigger_slices)[0].parent
+    samples: dict[str, list[float]] = {m: [] for m in modes}
+    for i in range(plan.trigger_repeats):
+        for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
+            samples[mode].append(module.run_once(mode, study, work / f"trigger-{mode}-{i}"))
+    return {"slices": plan.trigger_slices, "repeats": plan.trigger_repeats,
+            "modes": {m: {"seconds": [round(s, 3) for s in v], **{k: round(x, 3) for k, x in summary(v).items()}}
+                      for m, v in samples.items()}}
+
+
+def gpu(plan: Plan) -> dict:
+    """``bench/gpu_inference.py`` (time per phase, GPU memory) where torch sees a CUDA device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no NVIDIA GPU visible to torch"}
+    module = _bench_script("gpu_inference")
+    if module is None:
+        return {"skipped": f"{BENCH_SCRIPTS / 'gpu_inference.py'} not found"}
+    return module.run(plan.ct_size, plan.gpu_slices)
+
+
+def targets(results: dict) -> dict:
+    """The issue's targets, checked against the figures measured in this run (absent ones omitted)."""
+    checks: dict[str, dict] = {}
+    one = results.get("ingest", {}).get("senders", {}).get("1", {})
+    if "radnode" in one and "pynetdicom_minimal" in one:
+        ratio = one["pynetdicom_minimal"]["radnode_ratio"]
+        checks["ingest_vs_minimal_pynetdicom"] = {"value": ratio, "target": ">= 0.8", "met": ratio >= 0.8}
+    if "radnode" in one and "orthanc" in one:
+        ratio = one["orthanc"]["radnode_ratio"]
+        checks["ingest_vs_orthanc"] = {"value": ratio, "target": ">= 5", "met": ratio >= 5}
+    modes = results.get("trigger", {}).get("modes", {})
+    if "scp" in modes:
+        value = modes["scp"]["median"]
+        checks["trigger_latency_scp_s"] = {"value": value, "target": "< 1", "met": value < 1}
+    e2e = results.get("end_to_end", {})
+    if "300" in e2e:
+        value = e2e["300"]["total_seconds"]
+        checks["end_to_end_300_slices_s"] = {"value": value, "target": "< 60", "met": value < 60,
+                                             "slowest_phase": e2e["300"]["slowest_phase"]}
+    if "600" in e2e:
+        value = e2e["600"]["peak_rss_over_pixel_data"]
+        checks["peak_memory_600_over_pixel_data"] = {"value": value, "target": "< 4", "met": value < 4}
+    seg = results.get("seg_writing", {}).get("segments", {})
+    ratios = {n: rows["node"]["time_ratio_vs_highdicom_default"] for n, rows in seg.items()
+              if "time_ratio_vs_highdicom_default" in rows.get("node", {})}
+    if ratios:
+        checks["seg_writing_vs_highdicom_default"] = {
+            "value": ratios, "target": "<= 1 (time ratio)", "met": all(r <= 1 for r in ratios.values()),
+            "decode_to_input": all(row["decodes_to_input"] for rows in seg.values() for row in rows.values())}
+    return checks
+
+
+def run_suite(plan: Plan, output: Path | None = None) -> dict:
+    """Run the planned benchmarks; returns (and writes to ``output``) the results."""
+    started = time.monotonic()
+    results: dict = {"started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+                     "machine": machine(), "plan": dataclasses.asdict(plan)}
+    with tempfile.TemporaryDirectory(dir=ORTHANC_STORAGE_ROOT, prefix="radnode-bench-") as tmp:
+        work = Path(tmp)
+        studies = Studies(work / "studies", plan.ct_size)
+        if "ingest" in plan.benchmarks:
+            results["ingest"] = ingest.run(studies.ct(plan.ingest_slices), plan.senders, plan.ingest_repeats,
+                                           plan.ingest_peers)
+        if "trigger" in plan.benchmarks:
+            results["trigger"] = trigger_latency(plan, Studies(work / "small", 128), work)
+        if "end_to_end" in plan.benchmarks:
+            results["end_to_end"] = end_to_end.run({n: (studies.ct(n), studies.pixel_bytes(n))
+                                                    for n in plan.e2e_slices})
+        if "seg_writing" in plan.benchmarks:
+            source = Studies(work / "seg", plan.seg_size).ct(plan.seg_slices)[0].parent
+            results["seg_writing"] = seg_writing.run(source, plan.seg_counts, plan.seg_repeats)
+        if "gpu" in plan.benchmarks:
+            results["gpu"] = gpu(plan)
+    results["targets"] = targets(results)
+    results["seconds"] = round(time.monotonic() - started, 1)
+    if output is not None:
+        output.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def table(results: dict) -> str:
+    """The results as a plain-text table (Markdown-compatible rows)."""
+    m = results["machine"]
+    lines = [f"radnode {m['radnode']} bench, {results['started']}: {m['cpu']}, {m['cores']} cores, "
+             f"{m['memory_gb']} GB, load average at start {m['load_average_at_start'][0]:.2f}", ""]
+    if "ingest" in results:
+        i = results["ingest"]
+        lines += [f"Ingest: {i['instances']} instances, {i['megabytes']} MB, storescu over loopback, "
+                  f"median of {i['repeats']}",
+                  "| receiver | senders | instances/s | MB/s | radnode ÷ receiver |", "|---|---|---|---|---|"]
+        for n, rows in i["senders"].items():
+            lines += [f"| {peer} | {n} | {r['instances_per_s']} | {r['mb_per_s']} | {r['radnode_ratio']} |"
+                      for peer, r in rows.items()]
+        lines.append("")
+    if "trigger" in results:
+        t = results["trigger"]
+        if "skipped" in t:
+            lines += [f"Trigger latency: skipped ({t['skipped']})", ""]
+        else:
+            lines += [f"Trigger latency (last instance → job running), {t['slices']}-slice study, one association",
+                      "| path | median s | min s | max s |", "|---|---|---|---|"]
+            lines += [f"| {mode} | {r['median']} | {r['min']} | {r['max']} |" for mode, r in t["modes"].items()]
+            lines.append("")
+    if "end_to_end" in results:
+        runs = results["end_to_end"]
+        phases = list(dict.fromkeys(p for r in runs.values() for p in r["phases"]))
+        lines += ["End to end (study in → SEG + SR + FHIR delivered), seconds per phase",
+                  "| phase | " + " | ".join(f"{n} slices" for n in runs) + " |", "|---" * (len(runs) + 1) + "|"]
+        lines += [f"| {p} | " + " | ".join(str(r["phases"].get(p, "")) for r in runs.values()) + " |"
+                  for p in phases]
+        lines += ["| **total** | " + " | ".join(str(r["total_seconds"]) for r in runs.values()) + " |",
+                  "| slowest phase | " + " | ".join(r["slowest_phase"] for r in runs.values()) + " |",
+                  "| job peak RSS MB | " + " | ".join(str(r["peak_rss_mb"]) for r in runs.values()) + " |",
+                  "| peak RSS ÷ pixel data | " + " | ".join(str(r["peak_rss_over_pixel_data"])
+                                                          for r in runs.values()) + " |", ""]
+    if "seg_writing" in results:
+        s = results["seg_writing"]
+        lines += [f"SEG writing, {s['slices']} slices of {s['rows']}×{s['columns']}, median of {s['repeats']}",
+                  "| segments | writer | frames | seconds | peak extra MB | decodes to input | node ÷ highdicom |",
+                  "|---|---|---|---|---|---|---|"]
+        for n, rows in s["segments"].items():
+            lines += [f"| {n} | {w} | {r['frames']} | {r['seconds']} | {r['peak_extra_mb']} | "
+                      f"{r['decodes_to_input']} | {r.get('time_ratio_vs_highdicom_default', '')} |"
+                      for w, r in rows.items()]
+        lines.append("")
+    if "gpu" in results:
+        lines += [f"GPU: {results['gpu'].get('skipped', 'see JSON')}", ""]
+    lines += ["Targets", "| check | value | target | met |", "|---|---|---|---|"]
+    lines += [f"| {name} | {c['value']} | {c['target']} | {c['met']} |" for name, c in results["targets"].items()]
+    lines.append(f"\nsuite ran {results['seconds']} s")
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""Smoke test of the benchmark driver at tiny sizes: JSON structure, ratios derived from measured values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from radnode.bench import Plan, run_suite, table
+
+TINY = Plan(benchmarks=("ingest", "seg_writing"), ct_size=128, ingest_slices=20, senders=(1, 2), ingest_repeats=1,
+            ingest_peers=("radnode", "pynetdicom_minimal", "dcmtk_storescp"), seg_slices=20, seg_size=128,
+            seg_counts=(2, 3), seg_repeats=1)
+
+
+@pytest.mark.slow
+def test_tiny_suite_writes_measured_results(tmp_path: Path) -> None:
+    output = tmp_path / "results.json"
+    results = run_suite(TINY, output)
+    assert json.loads(output.read_text()) == json.loads(json.dumps(results))
+    assert {"machine", "plan", "ingest", "seg_writing", "targets", "seconds"} <= results.keys()
+
+    ingest = results["ingest"]
+    assert ingest["instances"] == 20
+    for rows in ingest["senders"].values():
+        assert set(rows) == set(TINY.ingest_peers)
+        for row in rows.values():
+            assert len(row["seconds"]) == 1 and row["seconds"][0] > 0
+            assert row["instances_per_s"] == pytest.approx(20 / row["seconds"][0], rel=0.01)
+            assert row["radnode_ratio"] == pytest.approx(
+                rows["radnode"]["instances_per_s"] / row["instances_per_s"], abs=0.01)
+    ratio = ingest["senders"]["1"]["pynetdicom_minimal"]["radnode_ratio"]
+    assert results["targets"]["ingest_vs_minimal_pynetdicom"] == {"value": ratio, "target": ">= 0.8",
+                                                                  "met": ratio >= 0.8}
+
+    seg = results["seg_writing"]["segments"]
+    assert set(seg) == {"2", "3"}
+    for rows in seg.values():
+        assert all(row["decodes_to_input"] and row["seconds"] > 0 and row["frames"] > 0 for row in rows.values())
+        assert rows["node"]["time_ratio_vs_highdicom_default"] == pytest.approx(
+            rows["node"]["seconds"] / rows["highdicom_default"]["seconds"], abs=0.01)
+    assert "| radnode | 1 |" in table(results)
