@@ -21,7 +21,6 @@ import torch
 import yaml
 from monai.networks.nets import SegResNet
 
-from radnode.imaging.volume import Volume
 from radnode.models.inference import InferenceOptions, array_backend, postprocess, predict_samples, preprocess
 from radnode.models.loading import load_model_folder
 from radnode.outputs.algorithm import AlgorithmInfo

@@ -25,7 +25,8 @@ from radnode.config import Config
 from radnode.node.service import Node
 from radnode.node.store import JobState
 from radnode.phantom import make_ct_phantom, write_ct_series
-from radnode.viewer import OrthancServer, free_port
+from radnode.peers import free_port
+from radnode.viewer import OrthancServer
 
 STORESCU = "/usr/bin/storescu"
 JOB_COMMAND = ["/bin/true"]

@@ -8,7 +8,6 @@ report as text/plain and PDF. Which backend writes the text comes from the node 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from monai.deploy.core import ExecutionContext, InputContext, OperatorSpec, OutputContext
 

@@ -14,6 +14,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from radnode.config import DicomPeer
+
 STORESCP = "/usr/bin/storescp"  # DCMTK's, not pynetdicom's command of the same name in the venv
 
 
@@ -62,7 +64,10 @@ class _Peer:
 
 
 class StoreSCP(_Peer):
-    """DCMTK ``storescp`` writing every received instance into ``folder`` (a PACS stand-in that is real DICOM)."""
+    """DCMTK ``storescp`` writing every received instance into ``folder``: a PACS that is real DICOM.
+
+    Each reception gets its own file (``+uf``), so an instance sent twice shows up twice.
+    """
 
     def __init__(self, folder: Path, ae_title: str = "PACS", port: int | None = None) -> None:
         if not Path(STORESCP).exists():
@@ -72,17 +77,30 @@ class StoreSCP(_Peer):
         self.log_path = self.folder.parent / f"{self.folder.name}-storescp.log"
         log = self.log_path.open("w")
         self.process = subprocess.Popen(
-            [STORESCP, "--aetitle", ae_title, "--output-directory", str(self.folder),
+            [STORESCP, "--aetitle", ae_title, "--output-directory", str(self.folder), "--unique-filenames",
              "--filename-extension", ".dcm", str(self.port)],
             stdout=log, stderr=subprocess.STDOUT)
         _wait_until(lambda: _port_open(self.port), self.process, "storescp", self.log_path, 15)
 
     @property
     def address(self) -> str:
+        """``AET@HOST:PORT`` as the node's command line takes it."""
         return f"{self.ae_title}@127.0.0.1:{self.port}"
 
+    @property
+    def peer(self) -> DicomPeer:
+        """The receiver as a destination of the node's configuration."""
+        return DicomPeer(ae_title=self.ae_title, host="127.0.0.1", port=self.port)
+
     def received(self) -> list[Path]:
+        """Every file received so far, repeats included."""
         return sorted(self.folder.glob("*.dcm"))
+
+    def received_uids(self) -> list[str]:
+        """SOP Instance UIDs of every reception, repeats included."""
+        import pydicom
+
+        return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in self.received()]
 
 
 class FhirServer(_Peer):

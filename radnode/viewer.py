@@ -14,7 +14,6 @@ import logging
 import mimetypes
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -26,6 +25,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from urllib.parse import urlsplit
+
+from radnode.peers import free_port
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,6 @@ _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authoriz
 
 class ViewerUnavailableError(RuntimeError):
     """OHIF's build or Orthanc is not installed; the message says which install step is missing."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now (the OS picks it)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def find_ohif_dist(version: str = OHIF_VERSION) -> Path:

@@ -21,10 +21,10 @@ from radnode.execution import RunManifest
 from radnode.node.egress import outbox_dir
 from radnode.node.service import Node
 from radnode.node.store import JobState
-from radnode.orthanc_config import write_orthanc_config
 from radnode.viewer import ORTHANC_BINARY, OrthancServer
-from test_egress import StoreSCP, wait_until
-from test_scp import free_port, storescu
+from radnode.peers import StoreSCP, free_port
+from test_egress import wait_until
+from test_scp import storescu
 
 pytestmark = pytest.mark.skipif(not ORTHANC_BINARY.exists(), reason="Orthanc is not installed")
 
@@ -43,9 +43,8 @@ rules:
 
 @pytest.fixture
 def second(tmp_path: Path) -> Iterator[StoreSCP]:
-    receiver = StoreSCP(tmp_path / "second", ae_title="SECOND").start()
-    yield receiver
-    receiver.stop()
+    with StoreSCP(tmp_path / "second", ae_title="SECOND") as receiver:
+        yield receiver
 
 
 def test_orthanc_config_command_writes_a_configuration_orthanc_starts_with(tmp_path: Path) -> None:

@@ -9,10 +9,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import socket
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -31,6 +28,7 @@ from radnode.outputs.algorithm import AlgorithmInfo
 from radnode.outputs.fhir import build_report_bundle, bundle_to_json
 from radnode.outputs.seg import build_segmentation
 from radnode.outputs.sr import build_measurement_report, read_measurements
+from radnode.peers import FhirServer
 from radnode.results import PipelineResult, Segment
 from factories import ACCESSION, PATIENT, STRUCTURES, make_ct_series, phantom_masks, phantom_result, write_series
 
@@ -297,12 +295,6 @@ def test_fhir_diagnostic_report_ties_patient_study_order_and_sr(bundle_json: str
                                                                                      "Phantom")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _http(method: str, url: str, body: str | None = None) -> tuple[int, dict]:
     request = urllib.request.Request(url, method=method, data=body.encode() if body is not None else None,
                                      headers={"Content-Type": "application/fhir+json",
@@ -317,36 +309,8 @@ def _http(method: str, url: str, body: str | None = None) -> tuple[int, dict]:
 @pytest.fixture(scope="module")
 def fhir_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real FHIR R4 server (sekmet-fhir, strict inbound validation) on a free loopback port."""
-    folder = tmp_path_factory.mktemp("sekmet")
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}/fhir"
-    settings = folder / "settings.yaml"
-    settings.write_text(f"base_url: {base}\ndata_dir: {folder / 'data'}\nsimulator:\n  enabled: false\n"
-                        "validation:\n  inbound: strict\n")
-    sekmet = Path(sys.executable).with_name("sekmet")
-    log = (folder / "server.log").open("w")
-    process = subprocess.Popen([str(sekmet), "serve", "--config", str(settings), "--host", "127.0.0.1",
-                                "--port", str(port)], cwd=folder, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if _http("GET", f"{base}/metadata")[0] == 200:
-                    break
-            except OSError:
-                pass
-            assert process.poll() is None, f"sekmet exited: {(folder / 'server.log').read_text()[-2000:]}"
-            assert time.monotonic() < deadline, "sekmet did not answer within 60 s"
-            time.sleep(0.3)
-        yield base
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
+    with FhirServer(tmp_path_factory.mktemp("sekmet")) as server:
+        yield server.base_url
 
 
 def test_fhir_server_accepts_the_transaction(fhir_server: str, bundle_json: str, sr_file: pydicom.Dataset) -> None:

@@ -6,7 +6,6 @@ Also holds the helpers the node tests share: small CT series on disk and sending
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,13 +22,6 @@ from radnode.node.store import JobStore
 
 STORESCU = "/usr/bin/storescu"
 ECHOSCU = "/usr/bin/echoscu"
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ct_slice(study_uid: str, series_uid: str, number: int, patient_id: str = "P1") -> Dataset:

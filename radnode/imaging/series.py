@@ -6,7 +6,6 @@ and z=−130.0"), because the job log is where a PACS administrator looks when n
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
