@@ -221,6 +221,21 @@ def test_seg_frames_follow_the_source_whatever_the_arrival_order(volume: Volume,
     assert np.array_equal(decoded[..., 0].astype(bool), masks["lung_left"])
 
 
+def test_disjoint_segments_decode_to_the_input_masks(volume: Volume, tmp_path: Path) -> None:
+    """Segments that never overlap take the label-map path; the SEG must decode to the same masks."""
+    labels = np.random.default_rng(3).integers(0, 4, size=volume.shape)
+    labels[:5] = 0  # some empty frames
+    keys = ["lung_left", "lung_right", "bone"]
+    segments = [Segment(STRUCTURES[key], labels == number) for number, key in enumerate(keys, start=1)]
+    build_segmentation(volume, segments, ALGORITHM, uid_root=UID_ROOT).save_as(tmp_path / "seg.dcm")
+    seg = hd.seg.segread(tmp_path / "seg.dcm")
+    masks = seg.get_pixels_by_source_instance(
+        source_sop_instance_uids=[str(ds.SOPInstanceUID) for ds in volume.source], segment_numbers=[1, 2, 3],
+        assert_missing_frames_are_empty=True)
+    assert np.array_equal(masks.astype(bool), np.stack([s.mask for s in segments], axis=-1))
+    assert seg.SegmentsOverlap == "NO"
+
+
 def test_seg_refuses_a_mask_off_the_volume_grid(volume: Volume) -> None:
     wrong = Segment(STRUCTURES["body"], np.ones(volume.shape[:2], dtype=bool))
     with pytest.raises(ValueError, match="body"):
