@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from monai.deploy.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
+from holoscan.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
 
 from radnode.execution import timed_phase
 from radnode.imaging.ct_tissue import segment_ct_tissues

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from monai.deploy.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
+from holoscan.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
 
 from radnode.execution import timed_phase
 from radnode.imaging.series import VolumeCriteria, build_volume, read_study_folder, select_volume_series

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 
-from monai.deploy.core import ExecutionContext, InputContext, OperatorSpec, OutputContext
+from holoscan.core import ExecutionContext, InputContext, OperatorSpec, OutputContext
 
 from radnode.config import ReportConfig
 from radnode.execution import timed_phase

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import argparse
 import logging
 import os
 import resource
@@ -131,11 +132,8 @@ def run_app(pipeline_name: str, input_folder: Path, output_folder: Path) -> RunM
     prepare_holoscan_process()
     app_cls = spec.load_app_class()
     started = time.monotonic()
-    # The SDK configures logging from --log-level; keep it at whatever this process asked for.
-    level = logging.getLevelName(logging.getLogger().getEffectiveLevel())
-    app = app_cls(argv=[pipeline_name, "--input", str(input_folder), "--output", str(output_folder),
-                        "--log-level", "WARN" if level == "WARNING" else level])
-    _phase_seconds.clear()
+    # Holoscan drops argv[0] (the program name) before handing argv to the application.
+    app = app_cls(argv=[pipeline_name, "--input", str(input_folder), "--output", str(output_folder)])
     app.run()
     outputs, measurements, study_uid = _describe_outputs(output_folder)
     manifest = RunManifest(pipeline=spec.name, version=str(app_cls.version), input=str(input_folder),
@@ -147,16 +145,29 @@ def run_app(pipeline_name: str, input_folder: Path, output_folder: Path) -> RunM
     return manifest
 
 
-def app_main(pipeline_name: str) -> int:
-    """The MAP command of an app: paths from --input/--output or HOLOSCAN_INPUT_PATH/HOLOSCAN_OUTPUT_PATH."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog=f"python -m radnode.apps.{pipeline_name}")
+def _map_arguments(prog: str) -> argparse.ArgumentParser:
+    """The MAP command's arguments, each defaulting to its HOLOSCAN_* variable as a MAP host sets them."""
+    parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("-i", "--input", default=os.environ.get("HOLOSCAN_INPUT_PATH", "input"))
     parser.add_argument("-o", "--output", default=os.environ.get("HOLOSCAN_OUTPUT_PATH", "output"))
     parser.add_argument("-m", "--model", default=os.environ.get("HOLOSCAN_MODEL_PATH"))
     parser.add_argument("-w", "--workdir", default=os.environ.get("HOLOSCAN_WORKDIR"))
-    args = parser.parse_args()
+    return parser
+
+
+def app_paths(app_name: str, argv: list[str]) -> tuple[Path, Path]:
+    """Input and output folders of an app from its argv (Holoscan's ``Application.argv``) or HOLOSCAN_*.
+
+    This is the part of monai.deploy.core's ``init_app_context`` the apps need; importing that module
+    imports all of MONAI (torch, transformers: about 8 s per job on 2 cores), which model-free apps skip.
+    """
+    args, _ = _map_arguments(f"python -m radnode.apps.{app_name}").parse_known_args(argv)
+    return Path(args.input), Path(args.output)
+
+
+def app_main(pipeline_name: str) -> int:
+    """The MAP command of an app: paths from --input/--output or HOLOSCAN_INPUT_PATH/HOLOSCAN_OUTPUT_PATH."""
+    args = _map_arguments(f"python -m radnode.apps.{pipeline_name}").parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         run_app(pipeline_name, Path(args.input), Path(args.output))

@@ -8,14 +8,14 @@ the MAP contract (``--input/--output`` or HOLOSCAN_INPUT_PATH / HOLOSCAN_OUTPUT_
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
-from monai.deploy.core import Application
+from holoscan.core import Application
 from holoscan.conditions import CountCondition
 from pydicom.sr.codedict import codes
 
 import radnode
 from radnode.config import config_from_environment
+from radnode.execution import app_paths
 from radnode.imaging.series import CT_IMAGE_STORAGE, VolumeCriteria
 from radnode.operators.ct_tissue import CTMeasurementOperator, CTTissueSegmentationOperator
 from radnode.operators.dicom_input import (
@@ -43,10 +43,8 @@ class CTTissueApp(Application):
     version = radnode.__version__
 
     def compose(self) -> None:
-        # Holoscan strips the program name from argv; the SDK's parser expects it back in front.
-        context = Application.init_app_context([self.name, *self.argv])
+        input_folder, output_folder = app_paths(self.name, list(self.argv))
         config = config_from_environment()
-        input_folder, output_folder = Path(context.input_path), Path(context.output_path)
         log.info("ct_tissue: input %s, output %s", input_folder, output_folder)
         writer_settings = dict(output_folder=output_folder, algorithm=ALGORITHM, uid_root=config.uid_root)
 

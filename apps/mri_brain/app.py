@@ -9,13 +9,13 @@ The networks are loaded while composing, so missing weights fail before any stud
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from holoscan.conditions import CountCondition
-from monai.deploy.core import Application
+from holoscan.core import Application
 
 import radnode
 from radnode.config import config_from_environment
+from radnode.execution import app_paths
 from radnode.operators.brain import BrainExtractionOperator, BrainMeasurementOperator, T1SeriesSelectorOperator
 from radnode.operators.dicom_input import SeriesToVolumeOperator, StudyFolderLoaderOperator
 from radnode.operators.result_writers import (
@@ -39,10 +39,8 @@ class MRIBrainApp(Application):
     version = radnode.__version__
 
     def compose(self) -> None:
-        # Holoscan strips the program name from argv; the SDK's parser expects it back in front.
-        context = Application.init_app_context([self.name, *self.argv])
+        input_folder, output_folder = app_paths(self.name, list(self.argv))
         config = config_from_environment()
-        input_folder, output_folder = Path(context.input_path), Path(context.output_path)
         log.info("mri_brain: input %s, output %s", input_folder, output_folder)
         writers = dict(output_folder=output_folder, algorithm=ALGORITHM, uid_root=config.uid_root)
 
