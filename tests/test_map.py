@@ -194,6 +194,19 @@ def _measurements(path: Path) -> list[tuple]:
     return [(r["structure"], r["segment_number"], r["concept"]["value"], r["unit"], r["value"]) for r in rows]
 
 
+def _study_for(app: str, real_ct_folder: Path, tmp_path: Path) -> Path:
+    """A real study of the kind the app takes: the TotalSegmentator CT, or Colin27 written as a T1 MR series."""
+    modalities = PIPELINES[app].modalities
+    if "CT" in modalities:
+        return real_ct_folder
+    if "MR" in modalities:
+        from radnode.imaging.mri import nifti_to_axial_volume, write_mr_series
+
+        write_mr_series(nifti_to_axial_volume("/usr/share/mricron/templates/ch2.nii.gz"), tmp_path / "t1")
+        return tmp_path / "t1"
+    raise AssertionError(f"no test study for {app} ({modalities})")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("app", APPS)
 def test_map_command_gives_the_same_results_as_radnode_run(contexts: dict[str, Path], app: str,
@@ -202,9 +215,10 @@ def test_map_command_gives_the_same_results_as_radnode_run(contexts: dict[str, P
 
     ``python3`` in the command is this venv's interpreter here; in the image it is the image's python3.
     """
+    study = _study_for(app, real_ct_folder, tmp_path)
     manifest, _ = _load(contexts[app])
     by_run = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "radnode", "run", str(real_ct_folder), "--output", str(by_run),
+    result = subprocess.run([sys.executable, "-m", "radnode", "run", str(study), "--output", str(by_run),
                              "--pipeline", app], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -212,7 +226,7 @@ def test_map_command_gives_the_same_results_as_radnode_run(contexts: dict[str, P
     workdir.mkdir()
     argv = json.loads(manifest["command"])
     argv[0] = sys.executable
-    env = os.environ | {"HOLOSCAN_INPUT_PATH": str(real_ct_folder), "HOLOSCAN_OUTPUT_PATH": str(workdir / "output"),
+    env = os.environ | {"HOLOSCAN_INPUT_PATH": str(study), "HOLOSCAN_OUTPUT_PATH": str(workdir / "output"),
                         "HOLOSCAN_WORKDIR": str(workdir), "HOLOSCAN_MODEL_PATH": str(contexts[app] / "models")}
     result = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True,
                             timeout=manifest["timeout"])

@@ -99,10 +99,11 @@ def test_real_ct_over_storescu_gives_valid_seg_sr_and_matching_fhir(
         node.stop()
     assert job.state is JobState.DONE, f"{job.reason}: {[e.message for e in events]}"
 
-    received = {pydicom.dcmread(p).Modality: p for p in pacs.received()}
-    assert set(received) == {"SEG", "SR"}
-    for path in received.values():
+    received = {pydicom.dcmread(p).SOPClassUID.name: p for p in pacs.received()}
+    assert set(received) == {"Segmentation Storage", "Comprehensive 3D SR Storage", "Comprehensive SR Storage"}
+    for path in received.values():  # the SEG, the TID 1500 measurement report, the text report
         assert dciodvfy_errors(path) == []
+    received["SEG"], received["SR"] = received["Segmentation Storage"], received["Comprehensive 3D SR Storage"]
 
     # The SEG overlays the source exactly: each frame's position is its source slice's position.
     sources = {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(p, stop_before_pixels=True) for p in files)}
