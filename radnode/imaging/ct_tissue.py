@@ -53,6 +53,9 @@ MARROW_MIN_MEAN_HU = 60.0
 SKIN_MAX_MM = 4.0
 MUSCLE_FAT_GAP_MM = 3.0
 """Fat runs up to this long inside muscle are intramuscular; longer ones end the body wall."""
+MUSCLE_ANGLE_WINDOW_DEGREES = 15.0
+MUSCLE_THICKNESS_SLACK_MM = 8.0
+"""A ray's muscle may be this much thicker than the median of the rays within the window around it."""
 COARSE_MM = 2.0
 
 _IN_PLANE = np.zeros((3, 3, 3), dtype=bool)
@@ -392,6 +395,14 @@ def _body_wall_muscle_coarse(
         run[begin] = 0
         r_outer[begin] = radius
         r_inner[begin] = radius
+
+    # A ray that slips through a gap in the fat plane runs on into an organ (liver, spleen) and draws a
+    # streak. Neighbouring rays do not: cap each ray's muscle thickness near the median of its neighbours.
+    thickness = np.where(r_outer >= 0, r_outer - r_inner, 0.0)
+    window = max(3, int(n_angles * MUSCLE_ANGLE_WINDOW_DEGREES / 360) | 1)
+    typical = ndi.median_filter(thickness, size=(1, window), mode="wrap")
+    r_inner = np.where(r_outer >= 0, r_outer - np.minimum(thickness, typical + MUSCLE_THICKNESS_SLACK_MM / pixel),
+                       r_inner)
 
     dy = yy[None, :, :] - cy[:, None, None]
     dx = xx[None, :, :] - cx[:, None, None]
