@@ -120,6 +120,10 @@ def test_verifier_rejects_adversarial_sentences(cases: dict[str, tuple]) -> None
         "The lungs are normal.": "normal",
         "The patient has a long smoking history.": "nothing",
         f"Left lung volume is {volume_left:g} HU.": "number",  # right number, wrong unit
+        # seen from SmolLM2 on cases the tests did not tune on: a real structure, invented context
+        "The patient was diagnosed with emphysema in the left lung based on medical history.": "words",
+        "The left lung shows emphysema, as typical of COPD patients.": "words",
+        "The bone shows no changes after bone marrow transplantation.": "words",
     }
     for sentence, reason in adversarial.items():
         verdict = check_sentence(sentence, findings)
@@ -133,6 +137,8 @@ def test_impression_completeness_check(cases: dict[str, tuple]) -> None:
     findings = cases["emphysema"][2]
     assert [f.finding for f in missing_from_impression(["No low bone attenuation."], findings)] == ["emphysema"]
     assert missing_from_impression(["Emphysema in the left lung."], findings) == []
+    # an Impression that never says where the emphysema is has not stated it
+    assert [f.finding for f in missing_from_impression(["Emphysema."], findings)] == ["emphysema"]
 
 
 class _Scripted:

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 from radnode.report.findings import Finding, StructuredFindings
+from radnode.report.template import limitations, template_report
 
 STRUCTURE_TERMS: dict[str, str] = {
     r"lungs?|pulmonary|parenchyma": "lung", r"bones?|osseous|skeleton": "bone",
@@ -39,6 +40,17 @@ FINDING_TERMS: dict[str, str] = {
 }
 """Finding words → canonical finding names of the reference ranges; the last group is findings no
 measurement can support, so stating or denying them is always unsupported."""
+
+REPORTING_WORDS = frozenset("""
+a an the of in on at and or with without is are was were be been there this these those its their both each
+either neither nor no not none shows show showing shown demonstrates demonstrate demonstrating measures measure
+measured measuring measurement measurements has have total volume volumes mean average attenuation value values
+percent percentage fraction low below above under over within reference range ranges limit limits threshold
+normal abnormal abnormality abnormalities evidence findings finding impression seen noted present absent
+consistent compatible which that than for to by as from hu ml mm cc laa hounsfield units unit milliliters
+millilitres assessed segmented segment segmentation structure structures side sides also respectively
+""".split())
+"""Words any report may use to state measurements; everything else must come from the findings' own text."""
 
 NEGATION = re.compile(r"\b(?:no|not|without|absent|negative for|free of|nor|neither|none|rules? out|"
                       r"excluded?)\b(?:\W+\w+){0,4}\W*$")
@@ -177,7 +189,19 @@ def check_sentence(sentence: str, findings: StructuredFindings) -> str | None:
             return f"calls {_names(scope, findings)} abnormal, but no finding is present"
     if not grounded:
         return "states nothing that the findings contain"
+    if foreign := sorted(set(re.findall(r"[a-z]+", text)) - _vocabulary(findings)):
+        return f"uses words the findings do not support: {', '.join(foreign[:8])}"
     return None
+
+
+def _vocabulary(findings: StructuredFindings) -> frozenset[str]:
+    """The closed vocabulary of a released sentence: the template's own wording of these findings, the
+    structure and finding names, and plain reporting words. A model can reorder and shorten, not add:
+    "diagnosed", "history", "transplantation" or "COPD" never reach the report."""
+    template = template_report(findings)
+    text = " ".join([*template.findings, *template.impression, *limitations(findings),
+                     *(s.label for s in findings.structures.values()), *(f.finding for f in findings.findings)])
+    return REPORTING_WORDS | frozenset(re.findall(r"[a-z]+", text.lower()))
 
 
 def _names(scope: set[str], findings: StructuredFindings) -> str:
@@ -204,8 +228,9 @@ def missing_from_impression(impression: list[str], findings: StructuredFindings)
         for sentence in impression:
             text = " ".join(sentence.lower().split())
             structures, _ = _structures_named(text, findings)
-            scope = _in_scope(structures, _sides(text), findings)
-            if finding.quantity.structure_key in scope and (finding.finding, False) in _finding_mentions(text):
+            scope = _in_scope(structures, _sides(text), findings)  # a sentence must name where the finding is
+            if (structures and finding.quantity.structure_key in scope
+                    and (finding.finding, False) in _finding_mentions(text)):
                 stated = True
                 break
         if not stated:
