@@ -21,8 +21,8 @@ ground truth, BLEU/ROUGE-L against a reference text per case, and wall time per 
 ``radnode bench`` can call :func:`run`.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: radnode/bench.py loads this file without registering it in
+# sys.modules, and dataclasses then cannot resolve string annotations.
 import argparse
 import json
 import os
@@ -132,7 +132,12 @@ _UNMEASURED_ANATOMY = re.compile(
     r"pleura\w*|trachea\w*|bronch\w*|airways?|thyroid|pancrea\w*|bowel|colon|stomach|mediastin\w*|lymph|"
     r"adrenal\w*|bladder|ribs?)\b")
 _EMPHYSEMA = re.compile(r"\bemphysem\w*")
-_LOW_BONE = re.compile(r"\blow bone (?:attenuation|density)|osteopeni\w*|osteoporo\w*|\bbone (?:mineral )?density")
+_LOW_BONE = re.compile(r"\b(?:low|reduced|decreased) bone (?:mineral )?(?:attenuation|density)|"
+                       r"osteopeni\w*|osteoporo\w*")
+_UNMEASURED_QUANTITY = re.compile(
+    r"\b(?:marrow|transplant\w*|graft\w*|perfusion|ventilation|metabol\w*|mineraliz\w*|remodel\w*|biops\w*|"
+    r"laborator\w*|blood|serum|levels?|capacity|spirometr\w*|function(?:al)?|density measurements?)\b")
+"""Examinations and quantities the pipeline does not measure: a sentence reporting them is invented."""
 _LIVER_FINDING = re.compile(r"steatosis|fatty (?:liver|infiltration)")
 _VERTEBRAL_FINDING = re.compile(r"trabecular")
 _OTHER_FINDING = re.compile(
@@ -164,7 +169,7 @@ class Truth:
     """structure key → reference limits (value, unit) the findings compare it with."""
 
     @classmethod
-    def of(cls, case: Case, findings: StructuredFindings) -> Truth:
+    def of(cls, case: Case, findings: StructuredFindings) -> "Truth":
         measured: dict[str, dict[str, tuple[float, str]]] = {}
         for q in findings.quantities:
             measured.setdefault(q.structure_key, {})[q.name] = (q.value, q.unit)
@@ -247,6 +252,9 @@ def truth_check(sentence: str, truth: Truth) -> str | None:
                                                                                        "attenuation")):
         if pattern.search(text):
             return f"mentions {what}, which was not assessed"
+    invented = _UNMEASURED_QUANTITY.search(text)
+    if invented:
+        return f"reports {invented.group(0)}, which nothing measured"
     other = _OTHER_FINDING.search(text)
     if other:
         return f"mentions {other.group(0)}, which nothing measured"
