@@ -1,8 +1,18 @@
-"""The pipelines this node can run, by name: each is a MONAI Deploy application under ``apps/``."""
+"""The pipelines this node can run, by name: the MONAI Deploy applications under ``apps/`` and the site's own.
+
+A site adds its applications without changing radnode: ``RADNODE_PIPELINES`` lists them as
+``name=package.module:Class`` entries (separated by commas or whitespace), e.g.
+``RADNODE_PIPELINES="body_comp=site_apps.body_comp.app:BodyCompApp"``. The package must be importable
+(installed, or on ``PYTHONPATH``) in the node and in its job processes, which inherit the variable; its
+``__main__`` (``python -m site_apps.body_comp``, the app's MAP command) calls
+``radnode.execution.app_main("body_comp")``.
+"""
 
 from __future__ import annotations
 
 import importlib
+import os
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,6 +34,13 @@ class PipelineSpec:
         module, _, cls = self.app.partition(":")
         return getattr(importlib.import_module(module), cls)
 
+    @property
+    def map_module(self) -> str:
+        """The package whose ``__main__`` is the app's MAP command (run with ``python -m``), e.g.
+        ``radnode.apps.ct_tissue``."""
+        module = self.app.partition(":")[0]
+        return module.rpartition(".")[0] or module
+
 
 PIPELINES: dict[str, PipelineSpec] = {
     spec.name: spec
@@ -44,16 +61,47 @@ PIPELINES: dict[str, PipelineSpec] = {
 }
 
 
+SITE_PIPELINES_ENV = "RADNODE_PIPELINES"
+"""Environment variable listing the site's own pipelines (see the module docstring)."""
+
+_SITE_ENTRY = re.compile(r"([A-Za-z][\w-]*)=([A-Za-z_][\w.]*:[A-Za-z_]\w*)")
+
+
+class PipelineRegistryError(ValueError):
+    """A ``RADNODE_PIPELINES`` entry that cannot be used; the message says which and why."""
+
+
+def site_pipelines() -> dict[str, PipelineSpec]:
+    """The pipelines ``$RADNODE_PIPELINES`` registers now (read on every call, so job processes see them too)."""
+    sites: dict[str, PipelineSpec] = {}
+    for entry in re.split(r"[\s,]+", os.environ.get(SITE_PIPELINES_ENV, "").strip()):
+        if not entry:
+            continue
+        match = _SITE_ENTRY.fullmatch(entry)
+        if match is None:
+            raise PipelineRegistryError(f"${SITE_PIPELINES_ENV}: {entry!r} is not name=package.module:Class")
+        name, app = match.groups()
+        if name in PIPELINES or name in sites:
+            raise PipelineRegistryError(f"${SITE_PIPELINES_ENV}: pipeline {name!r} is already registered")
+        sites[name] = PipelineSpec(name=name, app=app, description=f"site application {app}", modalities=())
+    return sites
+
+
+def registered_pipelines() -> dict[str, PipelineSpec]:
+    """The built-in pipelines, then the site's (``$RADNODE_PIPELINES``)."""
+    return PIPELINES | site_pipelines()
+
+
 class UnknownPipelineError(KeyError):
     """A pipeline name that is not registered."""
 
     def __str__(self) -> str:
-        return f"unknown pipeline {self.args[0]!r}; known: {', '.join(sorted(PIPELINES))}"
+        return f"unknown pipeline {self.args[0]!r}; known: {', '.join(sorted(registered_pipelines()))}"
 
 
 def get_pipeline(name: str) -> PipelineSpec:
-    """The registered pipeline ``name`` or UnknownPipelineError listing the known ones."""
+    """The registered pipeline ``name`` (built-in or site) or UnknownPipelineError listing the known ones."""
     try:
-        return PIPELINES[name]
+        return registered_pipelines()[name]
     except KeyError:
         raise UnknownPipelineError(name) from None

@@ -92,6 +92,39 @@ class Completeness:
         return ", ".join(f"{k}={v}" for k, v in vars(self).items() if v is not None)
 
 
+class ExecutionMode(StrEnum):
+    """How a routed pipeline's application runs (``radnode/node/executors.py``)."""
+
+    IN_PROCESS = "in-process"
+    SUBPROCESS = "subprocess"
+    CONTAINER = "container"
+
+    @property
+    def isolation(self) -> int:
+        """Higher isolates the app more from the node."""
+        return {"in-process": 0, "subprocess": 1, "container": 2}[self.value]
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Per-route execution settings; ``None`` leaves the node's default (in-process; the timeout of the
+    MAP, else ``processing.job_timeout_seconds``)."""
+
+    mode: ExecutionMode | None = None
+    timeout_seconds: float | None = None
+
+    def merged(self, other: Execution) -> Execution:
+        """Both routes' needs: the more isolated mode and the longer timeout."""
+        modes = [m for m in (self.mode, other.mode) if m is not None]
+        timeouts = [t for t in (self.timeout_seconds, other.timeout_seconds) if t is not None]
+        return Execution(max(modes, key=lambda m: m.isolation) if modes else None,
+                         max(timeouts) if timeouts else None)
+
+    def describe(self) -> str:
+        """``mode=…, timeout_seconds=…`` of the settings that are set, or an empty string."""
+        return ", ".join(f"{k}={v}" for k, v in vars(self).items() if v is not None)
+
+
 @dataclass(frozen=True)
 class RoutingContext:
     """What the node knows about an arrival besides the data set; empty means unknown."""
@@ -427,6 +460,7 @@ class Rule:
     discard: bool
     priority: Priority
     completeness: Completeness
+    execution: Execution
     stop: bool
     line: int
 
@@ -437,6 +471,7 @@ class Rule:
         parts += [f"forward {', '.join(self.forward)}"] if self.forward else []
         parts += [f"priority {self.priority}"]
         parts += [f"completeness {self.completeness.describe()}"] if self.completeness.describe() else []
+        parts += [f"execution {self.execution.describe()}"] if self.execution.describe() else []
         parts += ["stop"] if self.stop else []
         return "; ".join(parts)
 
@@ -462,6 +497,7 @@ class RouteDecision:
     """Set by any matching discard rule; it then has no pipelines and no forwards."""
     priority: Priority = Priority.ROUTINE
     completeness: Completeness = field(default_factory=Completeness)
+    execution: Execution = field(default_factory=Execution)
     matched_rules: tuple[str, ...] = ()
 
     def describe(self) -> str:
@@ -475,6 +511,7 @@ class RouteDecision:
             parts += [f"forward {', '.join(self.forwards)}"] if self.forwards else []
             action = "; ".join(parts or ["no action"]) + f"; priority {self.priority}"
             action += f"; completeness {self.completeness.describe()}" if self.completeness.describe() else ""
+            action += f"; execution {self.execution.describe()}" if self.execution.describe() else ""
         return f"{action} (rules: {', '.join(self.matched_rules)})"
 
 
@@ -503,13 +540,15 @@ class RuleSet:
         return outcomes
 
     def route(self, attributes: Dataset | Mapping[str, Any], context: RoutingContext | None = None) -> RouteDecision:
-        """The decision for one series: union of pipelines and forwards, most urgent priority, longest waits."""
+        """The decision for one series: union of pipelines and forwards, most urgent priority, longest waits,
+        most isolated execution mode and longest timeout."""
         matched = [r for r, o in zip(self.rules, self.evaluate(attributes, context), strict=True) if o.matched]
         if not matched:
             return RouteDecision()
-        completeness = Completeness()
+        completeness, execution = Completeness(), Execution()
         for rule in matched:
             completeness = completeness.merged(rule.completeness)
+            execution = execution.merged(rule.execution)
         discard = any(r.discard for r in matched)
         return RouteDecision(
             pipelines=() if discard else tuple(dict.fromkeys(p for r in matched for p in r.pipelines)),
@@ -517,6 +556,7 @@ class RuleSet:
             discard=discard,
             priority=max((r.priority for r in matched), key=lambda p: p.rank),
             completeness=completeness,
+            execution=execution,
             matched_rules=tuple(r.name for r in matched),
         )
 
@@ -537,6 +577,13 @@ class _CompletenessSpec(BaseModel):
     late_instances: Literal["rerun", "ignore", "new-job"] | None = None
 
 
+class _ExecutionSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    mode: Literal["in-process", "subprocess", "container"] | None = None
+    timeout_seconds: Annotated[float, Field(gt=0)] | None = None
+
+
 class _RuleSpec(BaseModel):
     """A rule's keys other than ``when``, type-checked; semantics are checked by the parser."""
 
@@ -549,11 +596,14 @@ class _RuleSpec(BaseModel):
     discard: bool = False
     priority: Literal["stat", "routine", "off-peak"] = "routine"
     completeness: _CompletenessSpec = _CompletenessSpec()
+    execution: _ExecutionSpec = _ExecutionSpec()
     stop: bool = False
     final: bool = False
 
 
 _RULE_KEYS = ("name", "description", "when", *(k for k in _RuleSpec.model_fields if k not in ("name", "description")))
+_SECTION_KEYS = {"completeness": tuple(_CompletenessSpec.model_fields), "execution": tuple(_ExecutionSpec.model_fields)}
+"""The keys of the rule keys that are mappings themselves."""
 
 
 def _uid_names() -> dict[str, str]:
@@ -579,9 +629,10 @@ class _Parser:
     """Turns the line-annotated YAML data of one file into a RuleSet, raising RuleError at the first mistake."""
 
     def __init__(self, path: str, known_pipelines: Collection[str] | None,
-                 known_destinations: Collection[str] | None) -> None:
+                 known_destinations: Collection[str] | None, execution_modes: Collection[str] | None) -> None:
         self.path = path
         self.known_pipelines, self.known_destinations = known_pipelines, known_destinations
+        self.execution_modes = execution_modes
 
     def error(self, line: int | None, reason: str) -> RuleError:
         return RuleError(self.path, line, reason)
@@ -618,22 +669,31 @@ class _Parser:
         if spec.discard and (spec.pipelines or spec.forward):
             raise self.error(node.key_lines["discard"],
                              f"{label}: 'discard' cannot be combined with pipelines or forward")
-        if not (spec.discard or spec.pipelines or spec.forward or {"priority", "completeness"} & node.keys()):
-            raise self.error(node.line,
-                             f"{label}: no action; give pipelines, forward, discard, priority or completeness")
+        modifiers = {"priority", "completeness", "execution"}
+        if not (spec.discard or spec.pipelines or spec.forward or modifiers & node.keys()):
+            raise self.error(node.line, f"{label}: no action; give pipelines, forward, discard, priority, "
+                                        "completeness or execution")
         self._check_names(node, "pipelines", self.known_pipelines, "pipeline", label)
         self._check_names(node, "forward", self.known_destinations, "destination", label)
+        mode = spec.execution.mode
+        if mode is not None and self.execution_modes is not None and mode not in self.execution_modes:
+            hint = "; set processing.container_engine (docker or podman) to run MAP containers" \
+                if mode == ExecutionMode.CONTAINER else ""
+            raise self.error(node["execution"].value_lines["mode"],
+                             f"{label}: execution mode '{mode}' is not available on this node (available: "
+                             f"{', '.join(self.execution_modes)}){hint}")
         try:
             condition = self.condition(node["when"], node.value_lines["when"])
         except RuleError as e:
             raise self.error(e.line, f"{label}: {e.reason}") from None
-        c = spec.completeness
+        c, x = spec.completeness, spec.execution
         return Rule(
             name=spec.name, description=spec.description.strip(), condition=condition,
             pipelines=tuple(dict.fromkeys(spec.pipelines)), forward=tuple(dict.fromkeys(spec.forward)),
             discard=spec.discard, priority=Priority(spec.priority),
             completeness=Completeness(c.study_idle_seconds, c.series_grace_seconds,
                                       LateInstances(c.late_instances) if c.late_instances else None),
+            execution=Execution(ExecutionMode(x.mode) if x.mode else None, x.timeout_seconds),
             stop=spec.stop or spec.final, line=node.line,
         )
 
@@ -660,7 +720,7 @@ class _Parser:
                 break
         key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
         if err["type"] == "extra_forbidden":
-            allowed = _RULE_KEYS if len(loc) == 1 else tuple(_CompletenessSpec.model_fields)
+            allowed = _RULE_KEYS if len(loc) == 1 else _SECTION_KEYS[str(loc[0])]
             return self.error(line, f"{label}: unknown key '{key}'{_suggest(str(loc[-1]), allowed)}; "
                                     f"expected one of: {', '.join(allowed)}")
         if err["type"] == "missing":
@@ -765,8 +825,10 @@ class _Parser:
 
 
 def parse_rules(text: str, source: str = "<rules>", known_pipelines: Collection[str] | None = None,
-                known_destinations: Collection[str] | None = None) -> RuleSet:
-    """Parse rule-file text; ``source`` names it in errors. Pipelines/destinations are checked when given."""
+                known_destinations: Collection[str] | None = None,
+                execution_modes: Collection[str] | None = None) -> RuleSet:
+    """Parse rule-file text; ``source`` names it in errors. Pipelines, destinations and execution modes are
+    checked against what the node has when given."""
     try:
         data = yaml.load(text, Loader=_LineLoader)  # a SafeLoader subclass: plain data only
     except yaml.MarkedYAMLError as e:
@@ -778,17 +840,18 @@ def parse_rules(text: str, source: str = "<rules>", known_pipelines: Collection[
         raise RuleError(source, None, f"not valid YAML: {e}") from None
     if data is None:
         raise RuleError(source, None, "empty rule file; expected 'rules:' with a list of rules")
-    return _Parser(source, known_pipelines, known_destinations).rule_set(data)
+    return _Parser(source, known_pipelines, known_destinations, execution_modes).rule_set(data)
 
 
 def load_rules(path: str | Path, known_pipelines: Collection[str] | None = None,
-               known_destinations: Collection[str] | None = None) -> RuleSet:
+               known_destinations: Collection[str] | None = None,
+               execution_modes: Collection[str] | None = None) -> RuleSet:
     """Load and validate a rule file, raising RuleError (``FILE:LINE: reason``) on the first mistake."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise RuleError(str(path), None, f"cannot read rule file ({getattr(e, 'strerror', None) or e})") from None
-    return parse_rules(text, str(path), known_pipelines, known_destinations)
+    return parse_rules(text, str(path), known_pipelines, known_destinations, execution_modes)
 
 
 # --- command-line helpers ---------------------------------------------------------------------

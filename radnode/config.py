@@ -107,7 +107,12 @@ class ProcessingConfig(_Strict):
     default_pipeline: str = "ct_tissue"
     max_concurrent_jobs: Annotated[int, Field(ge=1)] = 1
     job_timeout_seconds: Annotated[float, Field(gt=0)] = 1800.0
-    """A pipeline run still going after this long is killed and the job fails with that reason."""
+    """A pipeline run still going after this long is killed and the job fails with that reason; a route's
+    ``execution.timeout_seconds``, or for MAP execution the MAP's own ``timeout``, comes first."""
+    container_engine: Literal["docker", "podman"] | None = None
+    """Runs MAP containers for routes with ``execution: {mode: container}``; unset: such routes are refused."""
+    map_images: dict[str, str] = {}
+    """Pipeline name → MAP image for container execution; default ``radnode-<pipeline>`` (``radnode map build``)."""
 
 
 class OrthancConfig(_Strict):

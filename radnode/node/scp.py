@@ -124,7 +124,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Router:
-    """The routing decision for a series from its first instance: the rule set's, or the default pipeline."""
+    """The routing decision for a series from its first instance: the rule set's (execution settings
+    included), or the default pipeline run the node's default way."""
 
     def __init__(self, default_pipeline: str, rules: RuleSet | None = None, late_instances: str = "rerun") -> None:
         self.default_pipeline = default_pipeline
@@ -142,7 +143,7 @@ class Router:
         nothing_to_do = not (decision.pipelines or decision.forwards)
         return SeriesRoute(decision.pipelines, decision.forwards, decision.discard or nothing_to_do,
                            decision.priority.rank, c.study_idle_seconds, c.series_grace_seconds,
-                           str(c.late_instances or self.late_instances), decision.describe())
+                           str(c.late_instances or self.late_instances), decision.describe(), decision.execution)
 
 
 def index_tags(stream: BytesIO | Path, tags: list[str] = INDEX_TAGS) -> Dataset:

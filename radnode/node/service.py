@@ -8,13 +8,14 @@ On disk under ``config.data_dir``::
     spool/.incoming/                temporary files of writes in progress
     jobs/<job_id>/in/               hard links to the instances the job covers
     jobs/<job_id>/out/              what the job command wrote
+    jobs/<job_id>/work/             HOLOSCAN_WORKDIR of a job run as its MAP command (subprocess execution)
     jobs/<job_id>/stdout.log, stderr.log
     outbox/<job_id>/                copy of every output, kept whatever the deliveries do
 
 With ``orthanc.url`` set, the node also listens for the Orthanc plugin's events on its HTTP API
 (``api.host``/``api.port``) and pulls instances from Orthanc into the same spool; results go back into
 Orthanc. With ``rules`` set, every series is routed by the rule file (pipelines, forwards, discard,
-priority, completeness).
+priority, completeness, execution: in-process, subprocess or container, see ``executors.py``).
 
 On start, spool files the store does not know are indexed, jobs left ``running`` run again from
 scratch, and jobs left ``delivering`` carry on with only the deliveries not recorded as done.
@@ -31,12 +32,13 @@ import yaml
 
 from radnode.config import Config
 from radnode.node.egress import Egress
+from radnode.node.executors import execution_modes
 from radnode.node.http_api import NodeApi
 from radnode.node.orthanc_ingress import OrthancIngress
 from radnode.node.scp import Ingest, Router, Spool, StorageSCP
 from radnode.node.store import Delivery, Event, Job, JobState, JobStore
 from radnode.node.worker import DEFAULT_JOB_COMMAND, Scheduler
-from radnode.pipelines.registry import PIPELINES
+from radnode.pipelines.registry import registered_pipelines
 from radnode.pipelines.rules import RuleSet, load_rules
 
 log = logging.getLogger(__name__)
@@ -86,11 +88,14 @@ class Node:
                          self._loop("egress", egress.deliver_due)]
 
     def load_rules(self) -> RuleSet | None:
-        """The configured rule file, checked against the known pipelines and named destinations."""
+        """The configured rule file, checked against the known pipelines (built-in and site), the named
+        destinations and the execution modes this node has (container only with an engine configured)."""
         if self.config.rules is None:
             return None
-        return load_rules(self.config.rules, known_pipelines=PIPELINES.keys() | {self.config.processing.default_pipeline},
-                          known_destinations=self.config.egress.named_destinations.keys())
+        known = registered_pipelines().keys() | {self.config.processing.default_pipeline}
+        return load_rules(self.config.rules, known_pipelines=known,
+                          known_destinations=self.config.egress.named_destinations.keys(),
+                          execution_modes=execution_modes(self.config))
 
     def _health(self) -> dict[str, object]:
         """What ``GET /health`` answers: job counts by state."""

@@ -8,8 +8,10 @@ guarded by the state it leaves, so calling it twice does no harm.
 Job states: ``received → queued → running → delivering → done / failed``. A job whose study gets
 late instances under the ``rerun`` policy goes back from ``queued``/``running`` to ``received``.
 
-Each series has a row with its routing decision (taken on its first instance), its expected instance
-count and the association that last delivered to it, which the completeness policy reads.
+Each series has a row with its routing decision (taken on its first instance, execution settings
+included), its expected instance count and the association that last delivered to it, which the
+completeness policy reads. A queued job keeps the execution settings of its route, so a restart runs it
+the same way.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+
+from radnode.pipelines.rules import Execution, ExecutionMode
 
 
 class JobState(StrEnum):
@@ -80,6 +84,8 @@ class SeriesRoute:
     late_instances: str = "ignore"
     """``rerun``, ``ignore`` or ``new-job``: what instances arriving after the study was queued do."""
     description: str = ""
+    execution: Execution = Execution()
+    """How the pipeline runs and its timeout; unset parts leave the node's defaults."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,8 @@ class Job:
     priority: int = 1
     forwards: tuple[str, ...] = ()
     """Destinations of the study's route: results go there, or the study itself on a forward-only route."""
+    execution: Execution = Execution()
+    """The execution settings of the routes that chose the job's pipeline (set when it is queued)."""
 
 
 @dataclass(frozen=True)
@@ -160,7 +168,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     priority INTEGER NOT NULL DEFAULT 1,
     forwards TEXT NOT NULL DEFAULT '',
     whole_study INTEGER NOT NULL DEFAULT 0,
-    restart_requested INTEGER NOT NULL DEFAULT 0
+    restart_requested INTEGER NOT NULL DEFAULT 0,
+    execution_mode TEXT NOT NULL DEFAULT '',
+    timeout_seconds REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_instance_uid);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
@@ -212,6 +222,8 @@ CREATE TABLE IF NOT EXISTS series (
     series_grace_seconds REAL,
     late_instances TEXT NOT NULL,
     description TEXT NOT NULL,
+    execution_mode TEXT NOT NULL DEFAULT '',
+    timeout_seconds REAL,
     expected INTEGER,
     last_association_id TEXT NOT NULL DEFAULT '',
     released_at REAL,
@@ -221,15 +233,21 @@ CREATE INDEX IF NOT EXISTS series_study ON series (study_instance_uid);
 CREATE INDEX IF NOT EXISTS series_association ON series (last_association_id);
 """
 
-_JOB_MIGRATIONS = {"priority": "INTEGER NOT NULL DEFAULT 1", "forwards": "TEXT NOT NULL DEFAULT ''",
-                   "whole_study": "INTEGER NOT NULL DEFAULT 0", "restart_requested": "INTEGER NOT NULL DEFAULT 0"}
-"""Job columns added after the first release, added to older databases on open."""
+_EXECUTION_COLUMNS = {"execution_mode": "TEXT NOT NULL DEFAULT ''", "timeout_seconds": "REAL"}
+_MIGRATIONS = {
+    "jobs": {"priority": "INTEGER NOT NULL DEFAULT 1", "forwards": "TEXT NOT NULL DEFAULT ''",
+             "whole_study": "INTEGER NOT NULL DEFAULT 0", "restart_requested": "INTEGER NOT NULL DEFAULT 0",
+             **_EXECUTION_COLUMNS},
+    "series": _EXECUTION_COLUMNS,
+}
+"""Columns added after the first release, per table, added to older databases on open."""
 
 _JOB_COLUMNS = (
     "j.id, j.study_instance_uid, j.patient_id, j.pipeline, j.state, j.calling_ae, j.peer_address, "
     "(SELECT count(*) FROM instances i WHERE i.job_id = j.id AND i.late = 0), "
     "(SELECT count(*) FROM instances i WHERE i.job_id = j.id AND i.late = 1), "
-    "j.created_at, j.last_instance_at, j.updated_at, j.runs, j.reason, j.priority, j.forwards"
+    "j.created_at, j.last_instance_at, j.updated_at, j.runs, j.reason, j.priority, j.forwards,"
+    " j.execution_mode, j.timeout_seconds"
 )
 
 _INSTANCE_COLUMNS = ("sop_instance_uid, study_instance_uid, series_instance_uid, patient_id, modality, sop_class_uid,"
@@ -237,7 +255,12 @@ _INSTANCE_COLUMNS = ("sop_instance_uid, study_instance_uid, series_instance_uid,
 
 
 def _job(row: tuple) -> Job:
-    return Job(*row[:4], JobState(row[4]), *row[5:15], _split(row[15]))
+    return Job(*row[:4], JobState(row[4]), *row[5:15], _split(row[15]), _execution(row[16], row[17]))
+
+
+def _execution(mode: str, timeout_seconds: float | None) -> Execution:
+    """Execution settings from their two columns ('' mode: the node's default)."""
+    return Execution(ExecutionMode(mode) if mode else None, timeout_seconds)
 
 
 def _split(text: str) -> tuple[str, ...]:
@@ -245,12 +268,14 @@ def _split(text: str) -> tuple[str, ...]:
 
 
 def _route(row: tuple) -> SeriesRoute:
-    """A SeriesRoute from (pipelines, forwards, discard, priority, study_idle, series_grace, late, description)."""
-    return SeriesRoute(_split(row[0]), _split(row[1]), bool(row[2]), row[3], row[4], row[5], row[6], row[7])
+    """A SeriesRoute from the series row's ``_ROUTE_COLUMNS``."""
+    return SeriesRoute(_split(row[0]), _split(row[1]), bool(row[2]), row[3], row[4], row[5], row[6], row[7],
+                       _execution(row[8], row[9]))
 
 
 _ROUTE_COLUMNS = ("pipelines, forwards, discard, priority, study_idle_seconds, series_grace_seconds,"
-                  " late_instances, description")
+                  " late_instances, description, execution_mode, timeout_seconds")
+_ROUTE_COLUMN_COUNT = len(_ROUTE_COLUMNS.split(","))
 
 
 class JobStore:
@@ -264,10 +289,11 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(SCHEMA)
-        columns = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
-        for name, definition in _JOB_MIGRATIONS.items():
-            if name not in columns:
-                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
+        for table, added in _MIGRATIONS.items():
+            columns = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            for name, definition in added.items():
+                if name not in columns:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
 
     def close(self) -> None:
         """Close the connection; the store cannot be used afterwards."""
@@ -349,10 +375,11 @@ class JobStore:
         """Record the series' route on its first instance and the association now delivering to it."""
         db.execute(
             f"INSERT OR IGNORE INTO series (series_instance_uid, study_instance_uid, {_ROUTE_COLUMNS}, expected)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            f" VALUES ({', '.join('?' * (_ROUTE_COLUMN_COUNT + 3))})",
             (inst.series_instance_uid, inst.study_instance_uid, ",".join(route.pipelines), ",".join(route.forwards),
              int(route.discard), route.priority, route.study_idle_seconds, route.series_grace_seconds,
-             route.late_instances, route.description, expected))
+             route.late_instances, route.description, route.execution.mode or "", route.execution.timeout_seconds,
+             expected))
         db.execute("UPDATE series SET last_association_id = ?, released_at = NULL, stable_at = NULL,"
                    " expected = coalesce(expected, ?) WHERE series_instance_uid = ?",
                    (inst.association_id, expected, inst.series_instance_uid))
@@ -421,12 +448,14 @@ class JobStore:
             " WHERE j.state = ? GROUP BY i.job_id, s.series_instance_uid ORDER BY i.job_id", (JobState.RECEIVED,))
         studies: dict[int, list[SeriesState]] = {}
         for row in rows:
-            studies.setdefault(row[0], []).append(SeriesState(row[1], _route(row[2:10]), *row[10:]))
+            end = 2 + _ROUTE_COLUMN_COUNT
+            studies.setdefault(row[0], []).append(SeriesState(row[1], _route(row[2:end]), *row[end:]))
         return studies
 
     def queue_job(self, job_id: int, why: str, now: float | None = None) -> JobState | None:
-        """``received → queued`` with the study's route (first pipeline, most urgent priority, forwards);
-        ``→ done`` at once when the rules discard every series. Returns the new state, None if not received."""
+        """``received → queued`` with the study's route (first pipeline, most urgent priority, forwards, the
+        execution of the routes choosing that pipeline merged); ``→ done`` at once when the rules discard every
+        series. Returns the new state, None if not received."""
         now = time.time() if now is None else now
         with self._tx() as db:
             routes = [_route(r) for r in db.execute(
@@ -441,8 +470,14 @@ class JobStore:
                 return JobState.DONE
             pipelines = list(dict.fromkeys(p for r in kept for p in r.pipelines))
             forwards = list(dict.fromkeys(f for r in kept for f in r.forwards))
-            db.execute("UPDATE jobs SET pipeline = ?, priority = ?, forwards = ?, restart_requested = 0 WHERE id = ?",
-                       (pipelines[0] if pipelines else "", max(r.priority for r in kept), ",".join(forwards), job_id))
+            execution = Execution()
+            for route in kept:
+                if pipelines and pipelines[0] in route.pipelines:
+                    execution = execution.merged(route.execution)
+            db.execute("UPDATE jobs SET pipeline = ?, priority = ?, forwards = ?, restart_requested = 0,"
+                       " execution_mode = ?, timeout_seconds = ? WHERE id = ?",
+                       (pipelines[0] if pipelines else "", max(r.priority for r in kept), ",".join(forwards),
+                        execution.mode or "", execution.timeout_seconds, job_id))
             if not self._queue(db, job_id, now, why):
                 return None
             if len(pipelines) > 1:

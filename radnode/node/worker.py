@@ -1,9 +1,12 @@
 """The scheduler: turns complete studies into jobs and runs each job in its own process.
 
 A job's input is a folder of hard links to the instances it covers (so instances arriving late do not
-change a running job's input); the job command writes into the job's ``out`` folder. A job that fails,
-crashes or overruns ``processing.job_timeout_seconds`` (its process group is killed) ends ``failed``
-with the reason; the node and the other jobs carry on.
+change a running job's input); the job's command writes into the job's ``out`` folder. The command is
+built by the executor its route chose (``executors.py``: in-process, subprocess or container). A job
+that fails, crashes or overruns its timeout (the route's, the MAP's or ``processing.job_timeout_seconds``;
+its process group is killed, and a container removed) ends ``failed`` with the reason — ``timed out
+after N s``, with the mode in brackets unless it is the default in-process — and the node and the other
+jobs carry on.
 """
 
 from __future__ import annotations
@@ -21,15 +24,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from radnode.config import CONFIG_ENV, Config
+from radnode.config import Config
 from radnode.node.completeness import CompletenessSettings, SeriesProgress, study_verdict
 from radnode.node.egress import Egress
-from radnode.node.store import JobStore, SeriesState
+from radnode.node.executors import ExecutionError, JobRun, Launch, executors, resolve_timeout
+from radnode.node.store import Job, JobStore, SeriesState
+from radnode.pipelines.rules import ExecutionMode
 
 log = logging.getLogger(__name__)
 
 DEFAULT_JOB_COMMAND: tuple[str, ...] = (sys.executable, "-m", "radnode", "run")
-"""Called as ``COMMAND INPUT_DIR --output OUT_DIR --pipeline NAME``."""
+"""The in-process executor's command, called as ``COMMAND INPUT_DIR --output OUT_DIR --pipeline NAME``."""
 
 STOP_GRACE_SECONDS = 5.0
 _PR_SET_PDEATHSIG = 1
@@ -46,17 +51,33 @@ def _die_with_parent() -> None:
 
 @dataclass
 class JobProcess:
-    """A job's running process and its hard deadline."""
+    """A job's running process, how it runs and its hard deadline."""
 
     job_id: int
     process: subprocess.Popen
+    launch: Launch
+    mode: ExecutionMode
+    timeout_seconds: float
     deadline: float
     """``time.monotonic()`` after which the process group is killed."""
     stderr_path: Path
 
+    def end(self, grace: float = 0.0) -> None:
+        """Kill the process group (see :func:`_kill_group`), then run the launch's stop command, if any."""
+        _kill_group(self.process, grace)
+        if self.launch.stop_argv:
+            try:
+                result = subprocess.run(self.launch.stop_argv, capture_output=True, text=True, timeout=60)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                log.error("job %d: %s failed: %s", self.job_id, shlex.join(self.launch.stop_argv), e)
+                return
+            if result.returncode != 0:  # e.g. the container had already ended and removed itself
+                log.info("job %d: %s: %s", self.job_id, shlex.join(self.launch.stop_argv), result.stderr.strip())
+
 
 def job_dir(config: Config, job_id: int) -> Path:
-    """``data_dir/jobs/<job_id>``: ``in/`` (links to the input), ``out/``, ``stdout.log``, ``stderr.log``."""
+    """``data_dir/jobs/<job_id>``: ``in/`` (links to the input), ``out/``, ``stdout.log``, ``stderr.log``, and
+    ``work/`` (``HOLOSCAN_WORKDIR``) for subprocess execution."""
     return config.data_dir / "jobs" / str(job_id)
 
 
@@ -93,8 +114,8 @@ class Scheduler:
         self.config = config
         self.store = store
         self.egress = egress
-        self.command = list(command)
         self.config_file = config_file
+        self.executors = executors(config, command, config_file)
         self.running: dict[int, JobProcess] = {}
         self.completeness = completeness_settings(config)
 
@@ -103,7 +124,7 @@ class Scheduler:
         self.queue_complete_studies()
         for job_id in self.store.restart_requested():
             if job_id in self.running:
-                _kill_group(self.running.pop(job_id).process)
+                self.running.pop(job_id).end()
             self.store.restart(job_id)
         for job_id in list(self.running):
             self._reap(self.running[job_id])
@@ -112,7 +133,7 @@ class Scheduler:
             if job is None:
                 break
             if job.pipeline:
-                self._start(job.id, job.pipeline)
+                self._start(job)
             else:
                 self._forward(job.id)
 
@@ -150,36 +171,52 @@ class Scheduler:
                 shutil.copy2(inst.path, link)
         return inputs, outputs
 
-    def _start(self, job_id: int, pipeline: str) -> None:
+    def _start(self, job: Job) -> None:
+        """Start the job's pipeline the way its route asks, under its timeout; the command, mode and timeout
+        go into the job's ``running`` event."""
+        mode = job.execution.mode or ExecutionMode.IN_PROCESS
+        executor = self.executors.get(mode)
+        if executor is None:
+            self.store.fail_job(job.id, f"the route asks for {mode} execution, which this node cannot do "
+                                        "(processing.container_engine is not set)")
+            return
         try:
-            inputs, outputs = self._prepare(job_id)
+            self._prepare(job.id)
         except OSError as e:
-            self.store.fail_job(job_id, f"cannot prepare the job's input: {e}")
+            self.store.fail_job(job.id, f"cannot prepare the job's input: {e}")
             return
-        argv = [*self.command, str(inputs), "--output", str(outputs), "--pipeline", pipeline]
-        if not self.store.start_job(job_id, shlex.join(argv)):
+        root = job_dir(self.config, job.id)
+        try:
+            launch = executor.launch(JobRun(job.id, job.pipeline, root))
+            timeout = resolve_timeout(mode, job.pipeline, job.execution.timeout_seconds,
+                                      self.config.processing.job_timeout_seconds)
+        except (ExecutionError, OSError) as e:
+            self.store.fail_job(job.id, f"cannot start {job.pipeline} ({mode}): {e}")
             return
-        root = job_dir(self.config, job_id)
-        env = {**os.environ, CONFIG_ENV: str(self.config_file)}
+        command = shlex.join(launch.argv)
+        if not self.store.start_job(job.id, f"{mode}: {command} (timeout {timeout.seconds:g} s, {timeout.source})"):
+            return
         with open(root / "stdout.log", "wb") as out, open(root / "stderr.log", "wb") as err:
             try:
-                process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=root,
-                                           env=env, start_new_session=True, preexec_fn=_die_with_parent)
+                process = subprocess.Popen(launch.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                           cwd=launch.cwd, env=launch.env, start_new_session=True,
+                                           preexec_fn=_die_with_parent)
             except OSError as e:
-                self.store.fail_job(job_id, f"cannot start the job command: {e}")
+                self.store.fail_job(job.id, f"cannot start the job command: {e}")
                 return
-        deadline = time.monotonic() + self.config.processing.job_timeout_seconds
-        self.running[job_id] = JobProcess(job_id, process, deadline, root / "stderr.log")
-        log.info("job %d running (pid %d): %s", job_id, process.pid, shlex.join(argv))
+        self.running[job.id] = JobProcess(job.id, process, launch, mode, timeout.seconds,
+                                          time.monotonic() + timeout.seconds, root / "stderr.log")
+        log.info("job %d running %s (pid %d): %s", job.id, mode, process.pid, command)
 
     def _reap(self, job: JobProcess) -> None:
         status = job.process.poll()
         if status is None:
             if time.monotonic() < job.deadline:
                 return
-            _kill_group(job.process)
+            job.end()
             del self.running[job.job_id]
-            self.store.fail_job(job.job_id, f"timed out after {self.config.processing.job_timeout_seconds:g} s")
+            mode = "" if job.mode is ExecutionMode.IN_PROCESS else f" ({job.mode})"
+            self.store.fail_job(job.job_id, f"timed out after {job.timeout_seconds:g} s{mode}")
             log.warning("job %d timed out", job.job_id)
             return
         del self.running[job.job_id]
@@ -193,7 +230,7 @@ class Scheduler:
     def stop(self) -> None:
         """End running jobs (SIGTERM, then SIGKILL) and queue them to run again at the next start."""
         for job in self.running.values():
-            _kill_group(job.process, grace=STOP_GRACE_SECONDS)
+            job.end(grace=STOP_GRACE_SECONDS)
             self.store.requeue(job.job_id, "node stopped while the job was running; it will run again")
         self.running.clear()
 

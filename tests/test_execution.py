@@ -1,0 +1,269 @@
+"""One execution contract, chosen per route: in-process, subprocess (the MAP command) or container.
+
+The slow app is a real MONAI Deploy (Holoscan) application package written by the test and registered
+through ``$RADNODE_PIPELINES``, the site-pipeline extension point; nothing in the shipped apps knows it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from radnode.node.executors import (
+    CONTAINER_CONFIG_PATH,
+    ContainerExecutor,
+    JobRun,
+    SubprocessExecutor,
+    Timeout,
+    resolve_timeout,
+)
+from radnode.node.egress import Egress
+from radnode.node.service import Node
+from radnode.node.store import Instance, JobState, JobStore, SeriesRoute
+from radnode.node.worker import Scheduler
+from radnode.outputs.sr import read_measurements
+from radnode.pipelines.registry import PipelineRegistryError, get_pipeline
+from radnode.pipelines.rules import Execution, ExecutionMode, RuleError, parse_rules
+from conftest import restore_totalseg_dicom
+from test_node import final_job, jobs_by_patient, node_config, stand_in  # noqa: F401 - stand_in is a fixture
+from test_scp import storescu, write_study
+
+SLOW_APP = {
+    "__init__.py": '"""A site application that never finishes: its only operator sleeps."""\n',
+    "app.py": textwrap.dedent('''
+        import os
+        import time
+        from pathlib import Path
+
+        from holoscan.conditions import CountCondition
+        from holoscan.core import Application, Operator, OperatorSpec
+
+
+        class SleepOperator(Operator):
+            def setup(self, spec: OperatorSpec) -> None:
+                pass
+
+            def compute(self, op_input, op_output, context) -> None:
+                Path(os.environ["HOLOSCAN_WORKDIR"], "sleeping.pid").write_text(str(os.getpid()))
+                time.sleep(600)
+
+
+        class SlowApp(Application):
+            version = "0.0.1"
+
+            def compose(self) -> None:
+                self.add_operator(SleepOperator(self, CountCondition(self, 1), name="sleep"))
+    '''),
+    "__main__.py": textwrap.dedent('''
+        from radnode.execution import app_main
+
+        raise SystemExit(app_main("slow_site"))
+    '''),
+}
+
+CT_ROUTES = """\
+  - name: ct
+    when: {Modality: CT}
+    pipelines: [ct_tissue]
+  - name: map-host
+    when: {calling_ae: MAP_HOST}
+    execution: {mode: subprocess}
+"""
+SITE_ROUTE = """\
+rules:
+  - name: site-app
+    when: {calling_ae: SITE_CT}
+    pipelines: [slow_site]
+    execution: {mode: subprocess, timeout_seconds: 5}
+    stop: true
+"""
+
+
+def _rules(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "rules.yaml"
+    path.write_text(text)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _running_event(node: Node, job_id: int) -> str:
+    return next(e.message for e in node.events(job_id) if e.kind == "running")
+
+
+def test_a_subprocess_route_with_a_5_s_timeout_kills_the_slow_app_and_the_in_process_study_proceeds(
+        tmp_path: Path, stand_in: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    site = tmp_path / "site"
+    (site / "slowsite").mkdir(parents=True)
+    for name, text in SLOW_APP.items():
+        (site / "slowsite" / name).write_text(text)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("RADNODE_PIPELINES", "slow_site=slowsite.app:SlowApp")
+    config = node_config(tmp_path, processing={"max_concurrent_jobs": 2}).model_copy(
+        update={"rules": _rules(tmp_path, SITE_ROUTE + CT_ROUTES)})
+    write_study(tmp_path / "slow", n=2, patient_id="SLOW")
+    write_study(tmp_path / "quick", n=2, patient_id="QUICK")
+    with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
+        assert storescu(node.port, tmp_path / "slow", calling_ae="SITE_CT").returncode == 0
+        assert storescu(node.port, tmp_path / "quick").returncode == 0
+        jobs = jobs_by_patient(node, 2)
+        slow, quick = final_job(node, jobs["SLOW"].id), final_job(node, jobs["QUICK"].id)
+        slow_events = {e.kind: e for e in node.events(slow.id)}
+        quick_command = _running_event(node, quick.id)
+    assert slow.pipeline == "slow_site" and slow.execution == Execution(ExecutionMode.SUBPROCESS, 5)
+    assert slow.state is JobState.FAILED and slow.reason == "timed out after 5 s (subprocess)"
+    running, failed = slow_events["running"], slow_events["failed"]
+    assert running.message == f"subprocess: {sys.executable} -m slowsite (timeout 5 s, route)"
+    assert failed.message == slow.reason and 5 <= failed.at - running.at < 8
+    pid_file = tmp_path / "data" / "jobs" / str(slow.id) / "work" / "sleeping.pid"
+    assert pid_file.exists(), "the app never reached its operator: the kill did not hit a running app"
+    assert not _alive(int(pid_file.read_text()))
+    assert quick.state is JobState.DONE and quick.execution == Execution()
+    assert quick_command.startswith(f"in-process: {sys.executable} ")
+    assert quick_command.endswith("--pipeline ct_tissue (timeout 60 s, processing.job_timeout_seconds)")
+
+
+@pytest.mark.slow
+def test_subprocess_execution_gives_the_same_outputs_as_in_process_on_a_real_ct(
+        tmp_path: Path, totalseg_reference: Path, real_ct_folder: Path) -> None:
+    second_copy = tmp_path / "real_ct_again"
+    restore_totalseg_dicom(totalseg_reference, second_copy, patient_id="TS0002")
+    config = node_config(tmp_path).model_copy(update={"rules": _rules(tmp_path, "rules:\n" + CT_ROUTES)})
+    with Node(config, poll_seconds=0.1) as node:  # the real job command: python -m radnode run
+        assert storescu(node.port, real_ct_folder, options=("-xv",)).returncode == 0
+        assert storescu(node.port, second_copy, calling_ae="MAP_HOST", options=("-xv",)).returncode == 0
+        jobs = jobs_by_patient(node, 2)
+        in_process, by_map = (final_job(node, jobs[p].id, timeout=300) for p in ("TS0001", "TS0002"))
+        commands = [_running_event(node, job.id) for job in (in_process, by_map)]
+    assert (in_process.state, by_map.state) == (JobState.DONE, JobState.DONE), (in_process.reason, by_map.reason)
+    assert commands[0].startswith("in-process: ") and commands[0].endswith("processing.job_timeout_seconds)")
+    assert commands[1] == f"subprocess: {sys.executable} -m radnode.apps.ct_tissue (timeout 900 s, MAP app.json)"
+    outbox = tmp_path / "data" / "outbox"
+    files = [sorted(p.name for p in (outbox / str(job.id)).iterdir()) for job in (in_process, by_map)]
+    assert files[0] == files[1] and "sr.dcm" in files[0]
+
+    def values(job_id: int) -> list[tuple]:
+        rows = read_measurements(pydicom.dcmread(outbox / str(job_id) / "sr.dcm"))
+        return [(r["structure"], r["concept"]["value"], r["unit"], r["value"]) for r in rows]
+
+    assert values(in_process.id) and values(in_process.id) == values(by_map.id)
+
+
+def test_the_container_command_mounts_the_job_folders_and_applies_the_map_resources(tmp_path: Path) -> None:
+    config_file = tmp_path / "node-config.yaml"
+    run = JobRun(7, "ct_tissue", tmp_path / "jobs" / "7")
+    launch = ContainerExecutor("podman", {}, config_file, {"PATH": "/usr/bin"}).launch(run)
+    argv = launch.argv
+    name = argv[argv.index("--name") + 1]
+    assert argv[:3] == ["podman", "run", "--rm"] and name.startswith("radnode-job-7-")
+    options = dict(zip(argv[3:-1:2], argv[4:-1:2], strict=True))  # every option takes one value
+    assert options["--cpus"] == "2" and options["--memory"] == "4Gi" and options["--shm-size"] == "64Mi"
+    assert "--gpus" not in options  # resources.gpu: 0
+    assert options["--user"] == f"{os.getuid()}:{os.getgid()}"
+    mounts = [v for k, v in zip(argv[3:-1:2], argv[4:-1:2], strict=True) if k == "-v"]
+    assert mounts == [f"{run.inputs}:/var/holoscan/input:ro", f"{run.outputs}:/var/holoscan/output",
+                      f"{config_file}:{CONTAINER_CONFIG_PATH}:ro"]
+    env = dict(v.split("=", 1) for k, v in zip(argv[3:-1:2], argv[4:-1:2], strict=True) if k == "-e")
+    assert env == {"HOLOSCAN_INPUT_PATH": "/var/holoscan/input", "HOLOSCAN_OUTPUT_PATH": "/var/holoscan/output",
+                   "HOLOSCAN_WORKDIR": "/var/holoscan", "HOLOSCAN_MODEL_PATH": "/opt/holoscan/models",
+                   "RADNODE_CONFIG": CONTAINER_CONFIG_PATH, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2",
+                   "OPENBLAS_NUM_THREADS": "2"}
+    assert argv[-1] == "radnode-ct_tissue"
+    assert launch.stop_argv == ["podman", "rm", "--force", name]
+    custom = ContainerExecutor("docker", {"ct_tissue": "registry.local/ct:1"}, config_file, {}).launch(run)
+    assert custom.argv[0] == "docker" and custom.argv[-1] == "registry.local/ct:1"
+
+
+def test_the_subprocess_command_is_the_map_command_with_the_map_environment(tmp_path: Path) -> None:
+    run = JobRun(3, "ct_tissue", tmp_path / "jobs" / "3")
+    launch = SubprocessExecutor({"PATH": "/usr/bin"}).launch(run)
+    assert launch.argv == [sys.executable, "-m", "radnode.apps.ct_tissue"]
+    assert get_pipeline("ct_tissue").map_module == "radnode.apps.ct_tissue"
+    work = run.root / "work"
+    assert launch.cwd == work and (work / "models").is_dir()
+    assert {k: launch.env[k] for k in ("HOLOSCAN_INPUT_PATH", "HOLOSCAN_OUTPUT_PATH", "HOLOSCAN_WORKDIR",
+                                       "HOLOSCAN_MODEL_PATH", "OMP_NUM_THREADS", "PATH")} == {
+        "HOLOSCAN_INPUT_PATH": str(run.inputs), "HOLOSCAN_OUTPUT_PATH": str(run.outputs),
+        "HOLOSCAN_WORKDIR": str(work), "HOLOSCAN_MODEL_PATH": str(work / "models"), "OMP_NUM_THREADS": "2",
+        "PATH": "/usr/bin"}
+
+
+def test_the_timeout_comes_from_the_route_then_the_map_then_the_node() -> None:
+    node = Timeout(60, "processing.job_timeout_seconds")
+    assert resolve_timeout(ExecutionMode.SUBPROCESS, "ct_tissue", 5, 60) == Timeout(5, "route")
+    assert resolve_timeout(ExecutionMode.SUBPROCESS, "ct_tissue", None, 60) == Timeout(900, "MAP app.json")
+    assert resolve_timeout(ExecutionMode.CONTAINER, "mri_brain", None, 60) == Timeout(900, "MAP app.json")
+    assert resolve_timeout(ExecutionMode.IN_PROCESS, "ct_tissue", None, 60) == node
+    assert resolve_timeout(ExecutionMode.IN_PROCESS, "ct_tissue", 5, 60) == Timeout(5, "route")
+
+
+def test_a_container_route_is_refused_at_load_without_an_engine(tmp_path: Path) -> None:
+    rules = _rules(tmp_path, "rules:\n  - name: ct\n    when: {Modality: CT}\n    pipelines: [ct_tissue]\n"
+                             "    execution:\n      mode: container\n")
+    with pytest.raises(RuleError) as refused:
+        Node(node_config(tmp_path).model_copy(update={"rules": rules})).load_rules()
+    assert refused.value.line == 6
+    assert refused.value.reason == ("rule 'ct': execution mode 'container' is not available on this node (available: "
+                                    "in-process, subprocess); set processing.container_engine (docker or podman) "
+                                    "to run MAP containers")
+    with_engine = node_config(tmp_path, processing={"container_engine": "docker"}).model_copy(update={"rules": rules})
+    (rule,) = Node(with_engine).load_rules().rules  # type: ignore[union-attr]
+    assert rule.execution == Execution(ExecutionMode.CONTAINER)
+
+
+def test_execution_keys_are_checked_with_line_numbers() -> None:
+    def reason(execution: str) -> str:
+        text = f"rules:\n  - name: r\n    when: {{Modality: CT}}\n    pipelines: [ct_tissue]\n" \
+               f"    execution: {execution}\n"
+        with pytest.raises(RuleError) as refused:
+            parse_rules(text, "r.yaml")
+        return str(refused.value)
+
+    assert reason("{mode: docker}").startswith("r.yaml:5: rule 'r': 'execution.mode': Input should be 'in-process'")
+    assert reason("{timeout_seconds: 0}").startswith("r.yaml:5: rule 'r': 'execution.timeout_seconds': Input should "
+                                                     "be greater than 0")
+    assert reason("{timout_seconds: 5}") == ("r.yaml:5: rule 'r': unknown key 'execution.timout_seconds'; did you "
+                                             "mean 'timeout_seconds'?; expected one of: mode, timeout_seconds")
+
+
+def test_a_stored_container_route_fails_its_job_when_the_node_has_no_engine(tmp_path: Path) -> None:
+    config = node_config(tmp_path)
+    store = JobStore(tmp_path / "data" / "radnode.db")
+    path = write_study(tmp_path / "study", n=1)[0]
+    ds = pydicom.dcmread(path)
+    instance = Instance(str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), "P1", "CT",
+                        str(ds.SOPClassUID), str(path))
+    route = SeriesRoute(("ct_tissue",), execution=Execution(ExecutionMode.CONTAINER, 30))
+    _, job_id = store.record_instance(instance, "ct_tissue", route)
+    store.queue_job(job_id, "test")
+    store.close()
+    store = JobStore(tmp_path / "data" / "radnode.db")  # as after a restart
+    assert store.job(job_id).execution == Execution(ExecutionMode.CONTAINER, 30)  # type: ignore[union-attr]
+    scheduler = Scheduler(config, store, Egress(config, store), ["unused"], tmp_path / "node-config.yaml")
+    scheduler.tick()
+    job = store.job(job_id)
+    assert job is not None and job.state is JobState.FAILED
+    assert job.reason == ("the route asks for container execution, which this node cannot do "
+                          "(processing.container_engine is not set)")
+    store.close()
+
+
+def test_site_pipelines_are_registered_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RADNODE_PIPELINES", "body_comp=site_apps.body_comp.app:BodyCompApp, other=pkg:App")
+    assert get_pipeline("body_comp").map_module == "site_apps.body_comp"
+    assert get_pipeline("other").map_module == "pkg"
+    for bad in ("ct_tissue=site.app:App", "nameless", "x=module_without_class"):
+        monkeypatch.setenv("RADNODE_PIPELINES", bad)
+        with pytest.raises(PipelineRegistryError, match="RADNODE_PIPELINES"):
+            get_pipeline("x")
