@@ -27,10 +27,10 @@ def _load(args: argparse.Namespace) -> Config:
 
 def _routed_pipeline(config: Config, folder: Path) -> str:
     """The pipeline the routing rules (the configured file, else the shipped defaults) choose for a folder."""
-    from radnode.pipelines.registry import PIPELINES
+    from radnode.pipelines.registry import registered_pipelines
     from radnode.pipelines.rules import DEFAULT_RULES, load_rules, pipelines_for_folder
 
-    rules = load_rules(config.rules or DEFAULT_RULES, known_pipelines=PIPELINES.keys())
+    rules = load_rules(config.rules or DEFAULT_RULES, known_pipelines=registered_pipelines().keys())
     chosen, reasons = pipelines_for_folder(rules, folder)
     if not chosen:
         raise ValueError(f"no routing rule selects a pipeline for {folder}: " + "; ".join(reasons or ["no DICOM series"]))
@@ -59,9 +59,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_pipelines(args: argparse.Namespace) -> int:
     """List the registered pipelines."""
-    from radnode.pipelines.registry import PIPELINES
+    from radnode.pipelines.registry import registered_pipelines
 
-    for spec in PIPELINES.values():
+    for spec in registered_pipelines().values():
         print(f"{spec.name:16} {'/'.join(spec.modalities):6} {spec.description}")
     return 0
 
@@ -133,11 +133,12 @@ def cmd_map_build(args: argparse.Namespace) -> int:
 
 def cmd_rules_check(args: argparse.Namespace) -> int:
     """Validate a rule file: 0 and a summary, or 1 and ``FILE:LINE: reason``."""
-    from radnode.pipelines.registry import PIPELINES
+    from radnode.pipelines.registry import registered_pipelines
     from radnode.pipelines.rules import check_rules_file
 
     config = _load(args)
-    return check_rules_file(args.rules, known_pipelines=PIPELINES.keys() | {config.processing.default_pipeline},
+    return check_rules_file(args.rules,
+                            known_pipelines=registered_pipelines().keys() | {config.processing.default_pipeline},
                             known_destinations=config.egress.named_destinations.keys() if args.config else None)
 
 
