@@ -58,6 +58,10 @@ class IngressConfig(_Strict):
     series reached their expected counts (another series may follow in the same association)."""
     late_instances: Literal["rerun", "ignore", "new-job"] = "ignore"
     """What instances arriving after their study was queued do, unless the study's route says otherwise."""
+    sync_spool: bool = True
+    """fsync each received instance (and its folder) before acknowledging it: an acknowledged instance then
+    survives a power loss, at about 7 ms per instance on the development disk (Orthanc's
+    SyncStorageArea does the same by default). Off, it survives a crash of the node but not of the machine."""
     max_pdu: Annotated[int, Field(ge=0)] = 0
     """Maximum PDU size offered (0 = unlimited, fastest for large studies)."""
 

@@ -26,7 +26,7 @@ from radnode.viewer import ORTHANC_STORAGE_ROOT, OrthancServer
 
 PEERS = ("radnode", "radnode_no_fsync", "pynetdicom_minimal", "dcmtk_storescp", "orthanc")
 """``radnode``: the node as shipped (fsync per instance, SQLite index, completeness); ``radnode_no_fsync``:
-the same with ``sync_spool=False``; ``pynetdicom_minimal``: a pynetdicom SCP that only writes the bytes."""
+the same with ``ingress.sync_spool: false``; ``pynetdicom_minimal``: a pynetdicom SCP that only writes the bytes."""
 
 Receiver = tuple[int, str, Callable[[], int]]
 """(DICOM port, called AE title, how many instances the receiver holds now)."""
@@ -61,8 +61,9 @@ def minimal_scp(folder: Path) -> Iterator[Receiver]:
 @contextlib.contextmanager
 def radnode_scp(folder: Path, sync_spool: bool) -> Iterator[Receiver]:
     """The node with its full bookkeeping; jobs run ``/bin/true`` so no pipeline competes for the CPU."""
-    config = Config.model_validate({"data_dir": str(folder), "ingress": {"host": "127.0.0.1", "port": 0}})
-    with Node(config, job_command=["/bin/true"], sync_spool=sync_spool) as node:
+    config = Config.model_validate({"data_dir": str(folder),
+                                    "ingress": {"host": "127.0.0.1", "port": 0, "sync_spool": sync_spool}})
+    with Node(config, job_command=["/bin/true"]) as node:
         spool = node.config.data_dir / "spool"
         yield node.port, config.ingress.ae_title, lambda: sum(1 for _ in spool.glob("*/*/*.dcm"))
 

@@ -48,13 +48,12 @@ class Node:
     """One radnode instance; ``start()`` returns once it listens, ``stop()`` ends it cleanly."""
 
     def __init__(self, config: Config, job_command: Sequence[str] = DEFAULT_JOB_COMMAND,
-                 poll_seconds: float = 0.2, sync_spool: bool = True) -> None:
+                 poll_seconds: float = 0.2) -> None:
         """``job_command`` is run as ``COMMAND INPUT_DIR --output OUT_DIR --pipeline NAME`` per job;
-        ``sync_spool`` fsyncs each received instance before acknowledging it (see :class:`Spool`)."""
+        ``ingress.sync_spool`` fsyncs each received instance before acknowledging it (see :class:`Spool`)."""
         self.config = config.model_copy(update={"data_dir": config.data_dir.resolve()})
         self.job_command = list(job_command)
         self.poll_seconds = poll_seconds
-        self.sync_spool = sync_spool
         self.store: JobStore | None = None
         self._scp: StorageSCP | None = None
         self._api: NodeApi | None = None
@@ -71,7 +70,7 @@ class Node:
         router = Router(self.config.processing.default_pipeline, self.load_rules(),
                         self.config.ingress.late_instances)
         self.store = store = JobStore(data / "radnode.db")
-        spool = Spool(data / "spool", fsync=self.sync_spool)
+        spool = Spool(data / "spool", fsync=self.config.ingress.sync_spool)
         ingest = Ingest(spool, store, self.config.processing.default_pipeline, router)
         self._recover(store, spool, ingest)
         egress = Egress(self.config, store)
@@ -196,12 +195,12 @@ class Node:
         return self._store().deliveries(job_id)
 
 
-def run_node(config: Config, job_command: Sequence[str] = DEFAULT_JOB_COMMAND, sync_spool: bool = True) -> None:
+def run_node(config: Config, job_command: Sequence[str] = DEFAULT_JOB_COMMAND) -> None:
     """Run a node until SIGTERM or SIGINT, then stop it cleanly (the ``radnode serve`` command)."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
-    node = Node(config, job_command, sync_spool=sync_spool)
+    node = Node(config, job_command)
     node.start()
     log.info("radnode %s listening on %s:%d, data in %s", config.ingress.ae_title, config.ingress.host,
                 node.port, config.data_dir)
