@@ -134,6 +134,11 @@ def run_demo(workdir: Path, n_slices: int = 220) -> int:
         masks = _seg_masks(out / "seg.dcm", source_order)
         print("      agreement with the phantom's truth (Dice): " + ", ".join(
             f"{key} {_dice(masks[key], truth):.3f}" for key, truth in phantom.truth.items() if key in masks))
+        report = out / "report.txt"
+        if report.exists():
+            print("      draft report (verified against the measurements before release):")
+            for line in report.read_text().splitlines():
+                print(f"        {line}")
     print(f"done in {time.monotonic() - started:.0f} s")
     return 0
 
