@@ -10,15 +10,14 @@ ImagePositionPatient z increases with the index. Columns run to patient left (+x
 
 from __future__ import annotations
 
-import datetime as _dt
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, PYDICOM_ROOT_UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_ROOT_UID, CTImageStorage, generate_uid
 from scipy import ndimage as ndi
+
+from radnode.imaging.synthetic import SeriesIdentity, write_image_series
 
 FIELD_OF_VIEW_MM = 400.0
 SLICE_SPACING_MM = 1.5
@@ -339,75 +338,20 @@ def write_ct_series(
     With ``shuffle`` the files are named by SOP Instance UID and returned in random order, so readers
     must sort by geometry rather than by file name.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    now = _dt.datetime.now()
-    study_uid = study_uid or generate_uid(prefix=uid_root)
-    series_uid = generate_uid(prefix=uid_root)
-    frame_uid = generate_uid(prefix=uid_root)
     dz, dy, dx = phantom.spacing
-    positions = phantom.positions
-    n_slices, rows, cols = phantom.hu.shape
-    paths = []
-    for index in range(n_slices):
-        sop_uid = generate_uid(prefix=uid_root)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["DERIVED", "PRIMARY", "AXIAL"]
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = now.strftime("%Y%m%d")
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = now.strftime("%H%M%S")
-        ds.AccessionNumber = accession
-        ds.Modality = "CT"
-        ds.Manufacturer = "radnode"
-        ds.ManufacturerModelName = "Synthetic CT phantom"
-        ds.ReferringPhysicianName = ""
-        ds.StudyDescription = "Synthetic CT phantom"
-        ds.SeriesDescription = "Phantom CT thorax-abdomen"
-        ds.PatientName = patient_name
-        ds.PatientID = patient_id
-        ds.PatientBirthDate = ""
-        ds.PatientSex = "O"
-        ds.BodyPartExamined = "CHEST"
-        ds.SliceThickness = f"{dz:g}"
-        ds.KVP = "120"
-        ds.PatientPosition = "HFS"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.StudyID = "1"
-        ds.SeriesNumber = 1
-        ds.AcquisitionNumber = 1
-        ds.InstanceNumber = index + 1
-        ds.ImagePositionPatient = [f"{v:.4f}" for v in positions[index]]
-        ds.ImageOrientationPatient = [f"{v:g}" for v in phantom.orientation]
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
-        ds.SliceLocation = f"{positions[index][2]:.4f}"
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = rows, cols
-        ds.PixelSpacing = [f"{dy:.10g}", f"{dx:.10g}"]
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 1
-        ds.WindowCenter = "40"
-        ds.WindowWidth = "400"
-        ds.RescaleIntercept = "0"
-        ds.RescaleSlope = "1"
-        ds.RescaleType = "HU"
-        ds.PixelData = np.ascontiguousarray(phantom.hu[index], dtype="<i2").tobytes()
-        name = f"{sop_uid}.dcm" if shuffle else f"CT{index + 1:04d}.dcm"
-        path = out_dir / name
-        pydicom.dcmwrite(path, ds, enforce_file_format=True)
-        paths.append(path)
+    identity = SeriesIdentity(
+        patient_id=patient_id, patient_name=patient_name, accession=accession,
+        study_uid=study_uid or generate_uid(prefix=uid_root), series_uid=generate_uid(prefix=uid_root),
+        frame_of_reference_uid=generate_uid(prefix=uid_root), study_description="Synthetic CT phantom",
+        series_description="Phantom CT thorax-abdomen", series_number=1, body_part="CHEST",
+        model_name="Synthetic CT phantom")
+    ct_attributes = {"SliceThickness": f"{dz:g}", "KVP": "120", "WindowCenter": "40", "WindowWidth": "400",
+                     "RescaleIntercept": "0", "RescaleSlope": "1", "RescaleType": "HU"}
+    paths = write_image_series(
+        phantom.hu.astype(np.int16, copy=False), phantom.positions, phantom.orientation, (dy, dx), out_dir,
+        sop_class_uid=CTImageStorage, modality="CT", image_type=["DERIVED", "PRIMARY", "AXIAL"],
+        identity=identity, modality_attributes=ct_attributes, uid_root=uid_root,
+        file_name=lambda index, sop_uid: f"{sop_uid}.dcm" if shuffle else f"CT{index + 1:04d}.dcm")
     if shuffle:
         order = np.random.default_rng().permutation(len(paths))
         paths = [paths[i] for i in order]

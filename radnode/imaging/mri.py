@@ -8,13 +8,11 @@ echo and repetition times, scanning sequence) and says for every other series wh
 
 from __future__ import annotations
 
-import datetime as _dt
 from pathlib import Path
 
 import numpy as np
-import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, PYDICOM_ROOT_UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
 from radnode.imaging.series import (
     MR_IMAGE_STORAGE,
@@ -24,6 +22,7 @@ from radnode.imaging.series import (
     VolumeCriteria,
     check_series,
 )
+from radnode.imaging.synthetic import SeriesIdentity, write_image_series
 from radnode.imaging.volume import Volume
 
 MR_VOLUME_CRITERIA = VolumeCriteria(modality="MR", sop_classes=(MR_IMAGE_STORAGE,), min_slices=64,
@@ -156,82 +155,26 @@ def write_mr_series(
     The acquisition attributes (TE, TR, TI, MR Acquisition Type, Scanning Sequence) are those a T1
     selector reads, so tests can build multi-series studies with T1, T2, FLAIR-like series.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    now = _dt.datetime.now()
-    study_uid = study_uid or generate_uid(prefix=uid_root)
-    series_uid = generate_uid(prefix=uid_root)
-    frame_uid = frame_of_reference_uid or generate_uid(prefix=uid_root)
     pixels = volume.array - float(volume.array.min())
     scale = 65535.0 / float(pixels.max()) if pixels.max() > 65535 else 1.0
-    stored = np.rint(pixels * scale).astype("<u2")
     dz, dy, dx = volume.spacing
-    normal = volume.slice_direction
-    paths: list[Path] = []
-    for index in range(volume.shape[0]):
-        sop_uid = generate_uid(prefix=uid_root)
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
-        ds.SOPClassUID = MR_IMAGE_STORAGE
-        ds.SOPInstanceUID = sop_uid
-        ds.StudyDate = ds.SeriesDate = ds.ContentDate = ds.AcquisitionDate = now.strftime("%Y%m%d")
-        ds.StudyTime = ds.SeriesTime = ds.ContentTime = ds.AcquisitionTime = now.strftime("%H%M%S")
-        ds.AccessionNumber = accession
-        ds.Modality = "MR"
-        ds.Manufacturer = "radnode"
-        ds.ManufacturerModelName = "Synthetic MR writer"
-        ds.ReferringPhysicianName = ""
-        ds.StudyDescription = "MR brain"
-        ds.SeriesDescription = series_description
-        ds.ProtocolName = series_description
-        ds.PatientName = patient_name
-        ds.PatientID = patient_id
-        ds.PatientBirthDate = ""
-        ds.PatientSex = "O"
-        ds.BodyPartExamined = "HEAD"
-        ds.PatientPosition = "HFS"
-        ds.ScanningSequence = list(scanning_sequence)
-        ds.SequenceVariant = ["SK", "SP", "MP"] if "IR" in scanning_sequence else ["SP"]
-        ds.ScanOptions = ""
-        ds.MRAcquisitionType = acquisition_type
-        ds.SliceThickness = f"{dz:g}"
-        ds.SpacingBetweenSlices = f"{dz:g}"
-        ds.RepetitionTime = f"{repetition_time_ms:g}"
-        ds.EchoTime = f"{echo_time_ms:g}"
-        if inversion_time_ms is not None:
-            ds.InversionTime = f"{inversion_time_ms:g}"
-        ds.EchoTrainLength = 1
-        ds.MagneticFieldStrength = "3"
-        ds.ImagingFrequency = "123.2"
-        ds.ImagedNucleus = "1H"
-        ds.StudyInstanceUID = study_uid
-        ds.SeriesInstanceUID = series_uid
-        ds.StudyID = "1"
-        ds.SeriesNumber = series_number
-        ds.AcquisitionNumber = 1
-        ds.InstanceNumber = index + 1
-        ds.ImagePositionPatient = [f"{v:.4f}" for v in volume.positions[index]]
-        ds.ImageOrientationPatient = [f"{v:.6g}" for v in volume.orientation]
-        ds.FrameOfReferenceUID = frame_uid
-        ds.PositionReferenceIndicator = ""
-        ds.SliceLocation = f"{float(np.dot(normal, volume.positions[index])):.4f}"
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.Rows, ds.Columns = volume.shape[1], volume.shape[2]
-        ds.PixelSpacing = [f"{dy:.10g}", f"{dx:.10g}"]
-        ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
-        ds.PixelRepresentation = 0
-        ds.PixelData = np.ascontiguousarray(stored[index]).tobytes()
-        path = out_dir / f"MR{series_number:03d}_{index + 1:04d}.dcm"
-        pydicom.dcmwrite(path, ds, enforce_file_format=True)
-        paths.append(path)
+    identity = SeriesIdentity(
+        patient_id=patient_id, patient_name=patient_name, accession=accession,
+        study_uid=study_uid or generate_uid(prefix=uid_root), series_uid=generate_uid(prefix=uid_root),
+        frame_of_reference_uid=frame_of_reference_uid or generate_uid(prefix=uid_root),
+        study_description="MR brain", series_description=series_description, series_number=series_number,
+        body_part="HEAD", model_name="Synthetic MR writer")
+    mr_attributes: dict[str, object] = {
+        "ProtocolName": series_description, "ScanningSequence": list(scanning_sequence),
+        "SequenceVariant": ["SK", "SP", "MP"] if "IR" in scanning_sequence else ["SP"], "ScanOptions": "",
+        "MRAcquisitionType": acquisition_type, "SliceThickness": f"{dz:g}", "SpacingBetweenSlices": f"{dz:g}",
+        "RepetitionTime": f"{repetition_time_ms:g}", "EchoTime": f"{echo_time_ms:g}", "EchoTrainLength": 1,
+        "MagneticFieldStrength": "3", "ImagingFrequency": "123.2", "ImagedNucleus": "1H"}
+    if inversion_time_ms is not None:
+        mr_attributes["InversionTime"] = f"{inversion_time_ms:g}"
+    paths = write_image_series(
+        np.rint(pixels * scale).astype(np.uint16), volume.positions, volume.orientation, (dy, dx), out_dir,
+        sop_class_uid=MR_IMAGE_STORAGE, modality="MR", image_type=["ORIGINAL", "PRIMARY", "M", "NONE"],
+        identity=identity, modality_attributes=mr_attributes, uid_root=uid_root,
+        file_name=lambda index, sop_uid: f"MR{series_number:03d}_{index + 1:04d}.dcm")
     return paths
