@@ -38,6 +38,11 @@ class AlgorithmInfo:
             name=self.name, family=self.family, version=self.version, source=self.manufacturer,
         )
 
+    def image_equipment(self) -> dict[str, str]:
+        """General Equipment of a generated image object (SEG, Parametric Map), as highdicom's keywords."""
+        return {"manufacturer": self.manufacturer, "manufacturer_model_name": self.name,
+                "software_versions": self.version, "device_serial_number": self.device_serial_number}
+
     def contributing_equipment(self) -> hd.ContributingEquipment:
         """Contributing Equipment item naming the algorithm as the equipment that made the new instance.
 
