@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from radnode.models.errors import ModelError
+from radnode.models.loading import load_torchscript
 
 BBOX_MODEL_FILE = "bbox_model.pt"
 MODEL_FILE = "model.pt"
@@ -59,14 +60,11 @@ def _deepbet_version() -> str:
         return "unknown"
 
 
-def _load(path: Path, device: torch.device) -> torch.jit.ScriptModule:
+def _load(path: Path, device: torch.device) -> torch.nn.Module:
+    """One deepbet network, probed with a forward pass so wrong weights fail here."""
     if not path.is_file():
         raise ModelError(f"{path}: deepbet weights missing")
-    try:
-        model = torch.jit.load(str(path), map_location=device)
-    except (RuntimeError, ValueError) as e:
-        raise ModelError(f"{path}: not a loadable TorchScript model ({e})") from None
-    model.eval()
+    model = load_torchscript(path, device)
     with torch.no_grad():
         out = model(torch.zeros(PROBE_SHAPE, device=device))
     if tuple(out.shape) != (1, OUTPUT_CLASSES, *PROBE_SHAPE[2:]):

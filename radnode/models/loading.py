@@ -96,7 +96,8 @@ def _probe(network: torch.nn.Module, spec: ModelSpec, where: str) -> None:
                          f"{', '.join(map(str, spec.patch_size))}) for {len(spec.labels)} labels + background")
 
 
-def _load_torchscript(path: Path, device: torch.device) -> torch.nn.Module:
+def load_torchscript(path: Path, device: torch.device) -> torch.nn.Module:
+    """A TorchScript file in eval mode, or ModelError naming the file and what is wrong with it."""
     if not path.is_file():
         raise ModelError(f"{path}: weights file missing")
     try:
@@ -111,7 +112,7 @@ def _load_sidecar(folder: Path, device: torch.device) -> LoadedModel:
     spec = parse_model_yaml(data, str(folder / SIDECAR), name=folder.name)
     weights = data.get("weights", "model.ts")
     files = [weights] if isinstance(weights, str) else list(weights)
-    networks = [_load_torchscript(folder / f, device) for f in files]
+    networks = [load_torchscript(folder / f, device) for f in files]
     for f, network in zip(files, networks):
         _probe(network, spec, str(folder / f))
     return LoadedModel(spec, networks, folder, "torchscript")
@@ -179,7 +180,7 @@ def _load_bundle(folder: Path, device: torch.device) -> LoadedModel:
     if weights is None:
         raise ModelError(f"{folder / 'models'}: no weights ({' or '.join(BUNDLE_WEIGHTS)})")
     if weights.suffix == ".ts":
-        network = _load_torchscript(weights, device)
+        network = load_torchscript(weights, device)
     else:
         if parser is None or "network_def" not in parser.get():
             raise ModelError(f"{folder}: {weights.name} is a state dict but no configs/inference.* defines network_def")
