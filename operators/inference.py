@@ -7,6 +7,7 @@ import logging
 
 from monai.deploy.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
 
+from radnode.config import config_from_environment
 from radnode.models.inference import InferenceOptions, postprocess, predict_samples, segment_volumes
 from radnode.models.loading import LoadedModel
 from radnode.uncertainty import UncertainPipelineResult, UncertaintyThresholds
@@ -39,10 +40,12 @@ class SlidingWindowInferenceOperator(Operator):
 class ModelPostprocessOperator(Operator):
     """Samples → source grid, consensus segments, uncertainty map and per-segment scores."""
 
-    def __init__(self, fragment, *args, model: LoadedModel,
-                 thresholds: UncertaintyThresholds = UncertaintyThresholds(), **kwargs):
+    def __init__(self, fragment, *args, model: LoadedModel, thresholds: UncertaintyThresholds | None = None,
+                 **kwargs):
+        """``thresholds``: when the study is flagged for review; default the node's ``uncertainty`` settings
+        (the configuration in $RADNODE_CONFIG)."""
         self.model = model
-        self.thresholds = thresholds
+        self.thresholds = thresholds or config_from_environment().uncertainty.thresholds()
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:

@@ -12,7 +12,7 @@ import logging
 from holoscan.core import ExecutionContext, InputContext, OperatorSpec, OutputContext
 
 from radnode.config import ReportConfig
-from radnode.execution import timed_phase
+from radnode.execution import record_review, timed_phase
 from radnode.operators.result_writers import FHIR_FILE, _write_atomically, _WriterOperator
 from radnode.outputs.fhir import build_report_bundle, bundle_to_json
 from radnode.report.findings import structured_findings
@@ -65,5 +65,6 @@ class ReportWriterOperator(_WriterOperator):
                                      presented_forms=[("text/plain", text.encode(), "Report (text)"),
                                                       ("application/pdf", pdf, "Report (PDF)")])
         _write_atomically(out / FHIR_FILE, lambda p: p.write_text(bundle_to_json(bundle)))
+        record_review(result)  # the manifest's review decision is the one this DiagnosticReport states
         log.info("wrote %s, %s, %s, %s (%s)", REPORT_TEXT_FILE, REPORT_PDF_FILE, REPORT_SR_FILE, FHIR_FILE,
                  report.generator)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from holoscan.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
 
-from radnode.execution import timed_phase
+from radnode.execution import record_review, timed_phase
 from radnode.outputs.algorithm import AlgorithmInfo
 from radnode.outputs.fhir import build_report_bundle, bundle_to_json
 from radnode.outputs.seg import build_segmentation
@@ -81,7 +81,8 @@ class MeasurementReportWriterOperator(_WriterOperator):
 
 
 class FhirReportWriterOperator(_WriterOperator):
-    """Writes the FHIR R4 transaction Bundle (DiagnosticReport + one Observation per measurement)."""
+    """Writes the FHIR R4 transaction Bundle (DiagnosticReport + one Observation per measurement) and records
+    the result's review decision for the run's manifest."""
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("volume")
@@ -95,4 +96,5 @@ class FhirReportWriterOperator(_WriterOperator):
         sr = op_input.receive("sr")
         bundle = build_report_bundle(volume, result, sr, self.algorithm)
         _write_atomically(self.output_folder / FHIR_FILE, lambda p: p.write_text(bundle_to_json(bundle)))
+        record_review(result)  # the manifest's review decision is the one this DiagnosticReport states
         log.info("wrote %s", FHIR_FILE)

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if TYPE_CHECKING:  # radnode.uncertainty imports highdicom and SciPy; only the apps need it
+    from radnode.uncertainty import UncertaintyThresholds
 
 # pydicom's registered example root; a site sets its own (ISO/DICOM registered) root here.
 DEFAULT_UID_ROOT = "1.2.826.0.1.3680043.8.498."
@@ -138,10 +141,31 @@ class OrthancConfig(_Strict):
 
 
 class ApiConfig(_Strict):
-    """The node's small HTTP endpoint (Orthanc plugin events, health); started when Orthanc is configured."""
+    """The node's small HTTP endpoint (Orthanc plugin events, health, the job list); started when Orthanc is
+    configured or ``enabled`` is set."""
 
     host: str = "127.0.0.1"
     port: Annotated[int, Field(ge=0, le=65535)] = 8765
+    enabled: bool = False
+    """Start it without Orthanc too, for its job list (``GET /jobs?needs_review=true``: a review worklist)."""
+
+
+class UncertaintyConfig(_Strict):
+    """When a pipeline that scores its uncertainty flags a study for human review: any segment score past
+    its limit (scores are normalised entropies and Dice overlaps, all in [0, 1])."""
+
+    max_mean: Annotated[float, Field(ge=0, le=1)] = 0.10
+    """Largest acceptable mean normalised entropy inside a segment."""
+    max_boundary: Annotated[float, Field(ge=0, le=1)] = 0.65
+    """Largest acceptable mean normalised entropy on a segment's boundary."""
+    min_agreement: Annotated[float, Field(ge=0, le=1)] = 0.90
+    """Smallest acceptable mean Dice between the samples' masks and the consensus mask."""
+
+    def thresholds(self) -> "UncertaintyThresholds":
+        """These limits as the pipelines' :class:`radnode.uncertainty.UncertaintyThresholds`."""
+        from radnode.uncertainty import UncertaintyThresholds
+
+        return UncertaintyThresholds(self.max_mean, self.max_boundary, self.min_agreement)
 
 
 class ReportConfig(_Strict):
@@ -178,6 +202,7 @@ class Config(_Strict):
     report: ReportConfig = ReportConfig()
     orthanc: OrthancConfig = OrthancConfig()
     api: ApiConfig = ApiConfig()
+    uncertainty: UncertaintyConfig = UncertaintyConfig()
     rules: Path | None = None
     """Routing rule file (``pipelines/default_rules.yaml`` is the shipped one); unset: every series goes to
     ``processing.default_pipeline``."""

@@ -68,6 +68,56 @@ class OutputFile:
 
 
 @dataclass
+class ReviewDecision:
+    """A study-level review decision from the run's segmentation uncertainty (as the DiagnosticReport states it)."""
+
+    needs_review: bool
+    reasons: list[str]
+    """One sentence per score past its limit, e.g. ``lesion: mean uncertainty 0.471 > 0.2``."""
+    exceeded: list[dict[str, Any]]
+    """Each score past its limit: ``structure``, ``score`` (mean, boundary, agreement), ``code`` (its SR/FHIR
+    concept), ``value``, ``limit`` (the setting, e.g. ``max_mean``) and ``threshold``."""
+    thresholds: dict[str, float]
+    """The limits the run applied (the ``uncertainty`` settings): max_mean, max_boundary, min_agreement."""
+    method: str = ""
+    """How the samples were made, e.g. ``TTA (mirrors) x MC dropout (2)``."""
+    samples: int = 0
+
+
+_SCORES = {"UNC-MEAN": ("mean", "max_mean"), "UNC-BOUNDARY": ("boundary", "max_boundary"),
+           "UNC-AGREEMENT": ("agreement", "min_agreement")}
+"""Uncertainty concept code → (score attribute, limit attribute) (see :mod:`radnode.uncertainty`)."""
+
+
+def review_decision(report: Any) -> ReviewDecision:
+    """The review decision of a :class:`radnode.uncertainty.UncertaintyReport`, with the scores that decided it."""
+    limits = report.limits
+    exceeded = []
+    for segment in report.segments:
+        for code in segment.exceeded(limits):
+            score, limit = _SCORES[code]
+            exceeded.append({"structure": segment.structure_key, "score": score, "code": code,
+                             "value": round(float(getattr(segment, score)), 4), "limit": limit,
+                             "threshold": float(getattr(limits, limit))})
+    return ReviewDecision(needs_review=report.needs_review, reasons=list(report.review_reasons), exceeded=exceeded,
+                          thresholds={name: float(getattr(limits, name)) for _, name in _SCORES.values()},
+                          method=str(report.method), samples=int(report.n_samples))
+
+
+_review: ReviewDecision | None = None
+"""The review decision of the run in progress in this process (see :func:`record_review`)."""
+
+
+def record_review(result: Any) -> None:
+    """Called by the writer of the DiagnosticReport with the result it reports: the result's review decision
+    goes into the manifest, so the node's job store holds what the report says. A result without uncertainty
+    leaves the run's review ``None`` (not assessed)."""
+    global _review
+    report = getattr(result, "uncertainty", None)
+    _review = None if report is None else review_decision(report)
+
+
+@dataclass
 class RunManifest:
     """What a pipeline run produced, written as ``manifest.json`` next to the outputs."""
 
@@ -83,6 +133,9 @@ class RunManifest:
     """Seconds per operator phase (``load``, ``segment``, ``write_seg``, …), in the order they ran."""
     peak_rss_bytes: int = 0
     """Peak resident memory of the process that ran the app (its whole life, imports included)."""
+    review: ReviewDecision | None = None
+    """Whether the study needs human review, from the segmentation uncertainty; None: not assessed (the
+    pipeline scores no uncertainty). The node copies it into its job store."""
 
     def write(self, folder: Path) -> Path:
         path = folder / MANIFEST_FILE
@@ -95,6 +148,8 @@ class RunManifest:
     def read(cls, folder: Path) -> "RunManifest":
         data = json.loads((folder / MANIFEST_FILE).read_text())
         data["outputs"] = [OutputFile(**o) for o in data["outputs"]]
+        if data.get("review") is not None:
+            data["review"] = ReviewDecision(**data["review"])
         return cls(**data)
 
 
@@ -131,6 +186,8 @@ def run_app(pipeline_name: str, input_folder: Path, output_folder: Path) -> RunM
     output_folder.mkdir(parents=True, exist_ok=True)
     prepare_holoscan_process()
     app_cls = spec.load_app_class()
+    global _review
+    _review = None
     started = time.monotonic()
     # Holoscan drops argv[0] (the program name) before handing argv to the application.
     app = app_cls(argv=[pipeline_name, "--input", str(input_folder), "--output", str(output_folder)])
@@ -140,7 +197,8 @@ def run_app(pipeline_name: str, input_folder: Path, output_folder: Path) -> RunM
                            outputs=outputs, measurements=measurements,
                            seconds=round(time.monotonic() - started, 3), study_instance_uid=study_uid,
                            phases={name: round(s, 3) for name, s in _phase_seconds.items()},
-                           peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                           peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                           review=_review)
     manifest.write(output_folder)
     return manifest
 

@@ -5,6 +5,7 @@ a pipeline (preprocess → sliding window → postprocess → SEG/SR/FHIR/Parame
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import highdicom as hd
@@ -134,16 +135,22 @@ def test_bundle_loads_with_contract_from_its_configs(bundle: Path) -> None:
     assert model.has_dropout
 
 
+TINY_MODEL_FOLDER_ENV = "TINY_MODEL_FOLDER"
+"""The model folder of :class:`TinyModelApp` run in a job process (``RADNODE_PIPELINES=tiny_model=test_models:…``)."""
+
+
 class TinyModelApp(Application):
-    """A pipeline composed of the model operators, as an app for a model folder would be."""
+    """A pipeline composed of the model operators, as an app for a model folder would be; its review
+    thresholds are the configuration's ``uncertainty`` settings."""
 
     name = "tiny_model"
     version = "0.1.0"
-    model_folder: Path
+    model_folder: Path | None = None
+    """Set by an in-process test; else ``$TINY_MODEL_FOLDER``."""
 
     def compose(self) -> None:
         context = Application.init_app_context([self.name, *self.argv])
-        model = load_model_folder(self.model_folder)
+        model = load_model_folder(self.model_folder or Path(os.environ[TINY_MODEL_FOLDER_ENV]))
         algorithm = AlgorithmInfo(name=model.spec.name, version=model.spec.version)
         writers = dict(output_folder=Path(context.output_path), algorithm=algorithm,
                        uid_root=pydicom.uid.PYDICOM_ROOT_UID)

@@ -123,6 +123,7 @@ def test_a_failing_job_is_recorded_while_another_study_completes(tmp_path: Path,
             bad, good = final_job(node, jobs["BAD"].id), final_job(node, jobs["GOOD"].id)
             assert bad.state is JobState.FAILED and bad.reason == "no image series in the input"
             assert good.state is JobState.DONE and good.instances == 5 and good.calling_ae == "SCANNER"
+            assert good.needs_review is None  # its manifest has no review decision: not assessed
             kinds = [e.kind for e in node.events(good.id)]
             assert kinds == ["received", "queued", "running", "finished", "delivered", "delivered", "done"]
             assert [e.kind for e in node.events(bad.id)][-1] == "failed"

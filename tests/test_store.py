@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
 import pytest
 
-from radnode.node.store import Arrival, Instance, JobState, JobStore
+from radnode.node.store import SCHEMA, Arrival, Instance, JobState, JobStore
 
 
 def instance(sop: str, study: str = "1.2.3", received_at: float | None = None) -> Instance:
@@ -117,3 +118,52 @@ def test_state_survives_reopening_and_running_jobs_can_be_requeued(tmp_path: Pat
     job = reopened.next_queued()
     assert job is not None and job.id == job_id and job.runs == 1
     reopened.close()
+
+
+def test_review_state_is_recorded_filterable_and_cleared_by_a_new_run(store: JobStore) -> None:
+    jobs = []
+    for study in ("1.2.3", "1.2.4", "1.2.5"):
+        _, job_id = store.record_instance(instance(f"{study}.1", study=study, received_at=0), "tiny_model")
+        jobs.append(job_id)
+    flagged, clear, unassessed = jobs
+    store.queue_complete_studies(idle_seconds=1)
+    assert not store.record_review(flagged, True, ["lesion: mean uncertainty 0.471 > 0.2"])  # not running
+    for job_id in jobs:
+        store.start_job(job_id, "run")
+    assert store.record_review(flagged, True, ["lesion: mean uncertainty 0.471 > 0.2"])
+    assert store.record_review(clear, False, [])
+    for job_id in jobs:
+        store.begin_delivery(job_id, "outputs", [])
+    job = store.job(flagged)
+    assert job is not None and job.state is JobState.DONE
+    assert job.needs_review is True and job.review_reasons == ("lesion: mean uncertainty 0.471 > 0.2",)
+    assert (store.job(clear).needs_review, store.job(unassessed).needs_review) == (False, None)  # type: ignore[union-attr]
+    assert [j.id for j in store.jobs(needs_review=True)] == [flagged]
+    assert [j.id for j in store.jobs(needs_review=False)] == [clear]
+    assert [j.id for j in store.jobs(JobState.DONE, needs_review=True)] == [flagged]
+    assert store.jobs(JobState.FAILED, needs_review=True) == []
+    review = [e.message for e in store.events(flagged) if e.kind == "review"]
+    assert review == ["flagged for human review: lesion: mean uncertainty 0.471 > 0.2"]
+    # A job that runs again (here: the node stopped before it was staged) decides afresh.
+    _, again = store.record_instance(instance("1.2.6.1", study="1.2.6", received_at=0), "tiny_model")
+    store.queue_complete_studies(idle_seconds=1)
+    store.start_job(again, "run")
+    store.record_review(again, True, ["lesion: sample agreement 0.5 < 0.9"])
+    assert store.requeue(again, "node stopped") and store.start_job(again, "run again")
+    job = store.job(again)
+    assert job is not None and job.needs_review is None and job.review_reasons == ()
+
+
+def test_a_store_from_before_review_states_gets_them_on_open(tmp_path: Path) -> None:
+    old_schema = SCHEMA.replace(",\n    needs_review INTEGER,\n    review_reasons TEXT NOT NULL DEFAULT ''", "")
+    assert "needs_review" not in old_schema
+    db = sqlite3.connect(tmp_path / "radnode.db")
+    db.executescript(old_schema)
+    db.execute("INSERT INTO jobs (study_instance_uid, pipeline, state, created_at, last_instance_at, updated_at)"
+               " VALUES ('1.2.3', 'ct_tissue', 'done', 0, 0, 0)")
+    db.commit()
+    db.close()
+    store = JobStore(tmp_path / "radnode.db")
+    (job,) = store.jobs()
+    assert job.needs_review is None and job.review_reasons == ()
+    store.close()

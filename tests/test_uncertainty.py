@@ -1,12 +1,23 @@
 """Does the uncertainty mean something? Inputs made harder in known ways must score higher, the scores must
-rank the worse segmentations first, and the map must point at the wrong voxels. Also the metric helpers."""
+rank the worse segmentations first, and the map must point at the wrong voxels. Also the metric helpers,
+and the review flag end to end: configured limits → the run's manifest → the node's job store and API,
+agreeing with the DiagnosticReport."""
 
 from __future__ import annotations
+
+import json
+import os
+import re
+import urllib.error
+import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from radnode.config import Config
+from radnode.execution import RunManifest
 from radnode.imaging.volume import Volume
 from radnode.models.inference import InferenceOptions, segment_with_model
 from radnode.models.loading import load_model_folder
@@ -19,7 +30,14 @@ from radnode.uncertainty import (
     spearman,
     summarise_samples,
 )
-from test_models import SPACING, synthetic_ct, train_tiny_unet, write_bundle
+from radnode.node.egress import outbox_dir
+from radnode.node.service import Node
+from radnode.node.store import JobState
+from radnode.peers import free_port
+from test_egress import wait_until
+from test_models import TINY_MODEL_FOLDER_ENV, SPACING, _write_case, synthetic_ct, train_tiny_unet, write_bundle
+from test_node import final_job, node_config
+from test_scp import storescu
 
 DEGRADATIONS = {
     "clean": lambda hu, rng: hu,
@@ -59,9 +77,20 @@ def test_metric_helpers() -> None:
     assert dice(np.ones(3, bool), np.zeros(3, bool)) == 0.0
 
 
+def test_configured_limits_default_to_the_pipelines_defaults() -> None:
+    assert Config().uncertainty.thresholds() == UncertaintyThresholds()
+    config = Config.model_validate({"uncertainty": {"max_mean": 0.2}})
+    assert config.uncertainty.thresholds() == UncertaintyThresholds(max_mean=0.2)
+
+
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory):
-    return load_model_folder(write_bundle(tmp_path_factory.mktemp("unc") / "bundle", train_tiny_unet()))
+def bundle_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_bundle(tmp_path_factory.mktemp("unc") / "bundle", train_tiny_unet())
+
+
+@pytest.fixture(scope="module")
+def model(bundle_folder: Path):
+    return load_model_folder(bundle_folder)
 
 
 def test_degraded_inputs_score_higher_and_rank_errors(model) -> None:
@@ -95,3 +124,65 @@ def test_degraded_inputs_score_higher_and_rank_errors(model) -> None:
     assert rho > 0.4
     assert voxel_auroc > 0.8
     assert ece < 0.1
+
+
+def _get_json(port: int, path: str) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
+        return json.loads(answer.read())
+
+
+def _diagnostic_report(outbox: Path) -> dict:
+    bundle = json.loads((outbox / "fhir-bundle.json").read_text())
+    return next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
+
+
+@pytest.mark.slow
+def test_a_study_past_a_configured_limit_is_marked_for_review_in_the_job_store(
+        tmp_path: Path, bundle_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same study through two nodes running the model as a site pipeline in job processes; they differ only
+    in ``uncertainty.max_mean``: below the model's mean uncertainty (about 0.47 on this case), then above it."""
+    tests = str(Path(__file__).resolve().parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("RADNODE_PIPELINES", "tiny_model=test_models:TinyModelApp")
+    monkeypatch.setenv(TINY_MODEL_FOLDER_ENV, str(bundle_folder))
+    case = _write_case(tmp_path / "case", seed=100)
+    for name, max_mean in (("flagged", 0.2), ("clear", 0.8)):
+        api_port = free_port()
+        config = node_config(tmp_path / name, processing={"default_pipeline": "tiny_model", "job_timeout_seconds": 300},
+                             uncertainty={"max_mean": max_mean, "max_boundary": 0.9, "min_agreement": 0.8},
+                             api={"enabled": True, "port": api_port})
+        with Node(config, poll_seconds=0.1) as node:
+            assert storescu(node.port, case).returncode == 0
+            wait_until(lambda: len(node.jobs()) == 1)
+            job = final_job(node, node.jobs()[0].id, timeout=300)
+            assert job.state is JobState.DONE, job.reason
+            listed = {flag: [j["id"] for j in _get_json(api_port, f"/jobs?needs_review={flag}")["jobs"]]
+                      for flag in ("true", "false")}
+            one = _get_json(api_port, f"/jobs/{job.id}")
+            health = _get_json(api_port, "/health")
+            with pytest.raises(urllib.error.HTTPError, match="400"):
+                _get_json(api_port, "/jobs?needs_review=maybe")
+            review_events = [e.message for e in node.events(job.id) if e.kind == "review"]
+        manifest = RunManifest.read(outbox_dir(config, job.id))
+        report = _diagnostic_report(outbox_dir(config, job.id))
+        flagged_in_report = any(c["code"] == "REVIEW-REQUIRED" for concept in report.get("conclusionCode", [])
+                                for c in concept["coding"])
+        assert manifest.review is not None
+        assert manifest.review.thresholds == {"max_mean": max_mean, "max_boundary": 0.9, "min_agreement": 0.8}
+        assert job.needs_review is manifest.review.needs_review is flagged_in_report is (name == "flagged")
+        assert list(job.review_reasons) == manifest.review.reasons == one["review_reasons"]
+        assert one["needs_review"] is job.needs_review and one["state"] == "done"
+        assert health["needs_review"] == int(job.needs_review)
+        if name == "flagged":
+            (reason,) = job.review_reasons
+            assert re.fullmatch(r"lesion: mean uncertainty 0\.\d{3} > 0\.2", reason)
+            (exceeded,) = manifest.review.exceeded
+            assert exceeded["value"] > 0.2 and {k: exceeded[k] for k in ("structure", "score", "limit", "threshold")} \
+                == {"structure": "lesion", "score": "mean", "limit": "max_mean", "threshold": 0.2}
+            assert f"Flagged for human review: {reason}." in report["conclusion"]
+            assert listed == {"true": [job.id], "false": []}
+            assert review_events == [f"flagged for human review: {reason}"]
+        else:
+            assert job.review_reasons == () and manifest.review.exceeded == [] and "conclusion" not in report
+            assert listed == {"true": [], "false": [job.id]}
+            assert review_events == ["within the uncertainty limits: no review needed"]

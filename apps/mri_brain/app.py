@@ -47,7 +47,7 @@ class MRIBrainApp(Application):
         loader = StudyFolderLoaderOperator(self, CountCondition(self, 1), input_folder=input_folder, name="loader")
         selector = T1SeriesSelectorOperator(self, name="t1_selector")
         to_volume = SeriesToVolumeOperator(self, name="series_to_volume")
-        extract = BrainExtractionOperator(self, name="brain_extraction")
+        extract = BrainExtractionOperator(self, thresholds=config.uncertainty.thresholds(), name="brain_extraction")
         measure = BrainMeasurementOperator(self, algorithm_name=ALGORITHM.name, algorithm_version=ALGORITHM.version,
                                            name="measurements")
         seg_writer = SegmentationWriterOperator(self, name="seg_writer", **writers)

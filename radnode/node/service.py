@@ -14,7 +14,8 @@ On disk under ``config.data_dir``::
 
 With ``orthanc.url`` set, the node also listens for the Orthanc plugin's events on its HTTP API
 (``api.host``/``api.port``) and pulls instances from Orthanc into the same spool; results go back into
-Orthanc. With ``rules`` set, every series is routed by the rule file (pipelines, forwards, discard,
+Orthanc. The API also lists the jobs (``GET /jobs?needs_review=true``: studies flagged for human review);
+``api.enabled`` starts it without Orthanc. With ``rules`` set, every series is routed by the rule file (pipelines, forwards, discard,
 priority, completeness, execution: in-process, subprocess or container, see ``executors.py``).
 
 On start, spool files the store does not know are indexed, jobs left ``running`` run again from
@@ -80,7 +81,9 @@ class Node:
         if self.config.orthanc.url:
             self._orthanc = OrthancIngress(self.config.orthanc, ingest, self.config.egress.timeout_seconds)
             self._orthanc.start()
-            self._api = NodeApi(self.config.api.host, self.config.api.port, self._orthanc.submit, self._health)
+        if self.config.orthanc.url or self.config.api.enabled:
+            on_event = self._orthanc.submit if self._orthanc is not None else _no_orthanc
+            self._api = NodeApi(self.config.api.host, self.config.api.port, on_event, self._health, jobs=self)
             self._api.start()
         self._stopping.clear()
         self._threads = [self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
@@ -97,11 +100,13 @@ class Node:
                           execution_modes=execution_modes(self.config))
 
     def _health(self) -> dict[str, object]:
-        """What ``GET /health`` answers: job counts by state."""
+        """What ``GET /health`` answers: job counts by state, and how many jobs are flagged for review."""
         counts = {state.value: 0 for state in JobState}
+        flagged = 0
         for job in self._store().jobs():
             counts[job.state.value] += 1
-        return {"status": "ok", "jobs": counts}
+            flagged += job.needs_review is True
+        return {"status": "ok", "jobs": counts, "needs_review": flagged}
 
     @staticmethod
     def _recover(store: JobStore, spool: Spool, ingest: Ingest) -> None:
@@ -168,9 +173,9 @@ class Node:
 
     @property
     def api_port(self) -> int:
-        """The HTTP API's port (started only with ``orthanc.url``)."""
+        """The HTTP API's port (started with ``orthanc.url`` or ``api.enabled``)."""
         if self._api is None:
-            raise RuntimeError("the HTTP API is not started (no orthanc.url)")
+            raise RuntimeError("the HTTP API is not started (neither orthanc.url nor api.enabled)")
         return self._api.port
 
     def _store(self) -> JobStore:
@@ -182,9 +187,9 @@ class Node:
         """One job's state and counts."""
         return self._store().job(job_id)
 
-    def jobs(self) -> list[Job]:
-        """Every job, oldest first."""
-        return self._store().jobs()
+    def jobs(self, state: JobState | None = None, needs_review: bool | None = None) -> list[Job]:
+        """Every job, oldest first, or those in a state and/or flagged (or not) for review."""
+        return self._store().jobs(state, needs_review)
 
     def events(self, job_id: int, after_id: int = 0) -> list[Event]:
         """A job's event log (``after_id`` to poll only new lines)."""
@@ -193,6 +198,11 @@ class Node:
     def deliveries(self, job_id: int) -> list[Delivery]:
         """A job's deliveries with their attempts and last errors."""
         return self._store().deliveries(job_id)
+
+
+def _no_orthanc(event: object) -> None:
+    """The plugin endpoint of a node without Orthanc: every event is refused (400)."""
+    raise ValueError("this node takes no Orthanc events (orthanc.url is not set)")
 
 
 def run_node(config: Config, job_command: Sequence[str] = DEFAULT_JOB_COMMAND) -> None:

@@ -8,6 +8,10 @@ guarded by the state it leaves, so calling it twice does no harm.
 Job states: ``received → queued → running → delivering → done / failed``. A job whose study gets
 late instances under the ``rerun`` policy goes back from ``queued``/``running`` to ``received``.
 
+A job whose pipeline scores its uncertainty carries a review state (``needs_review``, ``review_reasons``):
+set from the run's manifest when the run ends, true when the study is flagged for human review, NULL when
+not assessed (no uncertainty, or not run yet).
+
 Each series has a row with its routing decision (taken on its first instance, execution settings
 included), its expected instance count and the association that last delivered to it, which the
 completeness policy reads. A queued job keeps the execution settings of its route, so a restart runs it
@@ -16,6 +20,7 @@ the same way.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -124,6 +129,10 @@ class Job:
     """Destinations of the study's route: results go there, or the study itself on a forward-only route."""
     execution: Execution = Execution()
     """The execution settings of the routes that chose the job's pipeline (set when it is queued)."""
+    needs_review: bool | None = None
+    """The run flagged the study for human review (its uncertainty passed a limit); None: not assessed."""
+    review_reasons: tuple[str, ...] = ()
+    """Why, one sentence per score past its limit (e.g. ``lesion: mean uncertainty 0.471 > 0.2``)."""
 
 
 @dataclass(frozen=True)
@@ -170,7 +179,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     whole_study INTEGER NOT NULL DEFAULT 0,
     restart_requested INTEGER NOT NULL DEFAULT 0,
     execution_mode TEXT NOT NULL DEFAULT '',
-    timeout_seconds REAL
+    timeout_seconds REAL,
+    needs_review INTEGER,
+    review_reasons TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_instance_uid);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
@@ -237,7 +248,7 @@ _EXECUTION_COLUMNS = {"execution_mode": "TEXT NOT NULL DEFAULT ''", "timeout_sec
 _MIGRATIONS = {
     "jobs": {"priority": "INTEGER NOT NULL DEFAULT 1", "forwards": "TEXT NOT NULL DEFAULT ''",
              "whole_study": "INTEGER NOT NULL DEFAULT 0", "restart_requested": "INTEGER NOT NULL DEFAULT 0",
-             **_EXECUTION_COLUMNS},
+             **_EXECUTION_COLUMNS, "needs_review": "INTEGER", "review_reasons": "TEXT NOT NULL DEFAULT ''"},
     "series": _EXECUTION_COLUMNS,
 }
 """Columns added after the first release, per table, added to older databases on open."""
@@ -247,7 +258,7 @@ _JOB_COLUMNS = (
     "(SELECT count(*) FROM instances i WHERE i.job_id = j.id AND i.late = 0), "
     "(SELECT count(*) FROM instances i WHERE i.job_id = j.id AND i.late = 1), "
     "j.created_at, j.last_instance_at, j.updated_at, j.runs, j.reason, j.priority, j.forwards,"
-    " j.execution_mode, j.timeout_seconds"
+    " j.execution_mode, j.timeout_seconds, j.needs_review, j.review_reasons"
 )
 
 _INSTANCE_COLUMNS = ("sop_instance_uid, study_instance_uid, series_instance_uid, patient_id, modality, sop_class_uid,"
@@ -255,7 +266,8 @@ _INSTANCE_COLUMNS = ("sop_instance_uid, study_instance_uid, series_instance_uid,
 
 
 def _job(row: tuple) -> Job:
-    return Job(*row[:4], JobState(row[4]), *row[5:15], _split(row[15]), _execution(row[16], row[17]))
+    return Job(*row[:4], JobState(row[4]), *row[5:15], _split(row[15]), _execution(row[16], row[17]),
+               None if row[18] is None else bool(row[18]), tuple(json.loads(row[19] or "[]")))
 
 
 def _execution(mode: str, timeout_seconds: float | None) -> Execution:
@@ -530,11 +542,13 @@ class JobStore:
         return _job(rows[0]) if rows else None
 
     def start_job(self, job_id: int, command: str) -> bool:
-        """``queued → running``; counts the run and logs the command. False if the job was not queued."""
+        """``queued → running``; counts the run and logs the command; a previous run's review state is cleared.
+        False if the job was not queued."""
         with self._tx() as db:
             if not self._transition(db, job_id, (JobState.QUEUED,), JobState.RUNNING):
                 return False
-            db.execute("UPDATE jobs SET runs = runs + 1 WHERE id = ?", (job_id,))
+            db.execute("UPDATE jobs SET runs = runs + 1, needs_review = NULL, review_reasons = '' WHERE id = ?",
+                       (job_id,))
             self._log(db, job_id, "running", command)
             return True
 
@@ -561,6 +575,19 @@ class JobStore:
     def running_jobs(self) -> list[int]:
         """Ids of the jobs recorded as running."""
         return [row[0] for row in self._query("SELECT id FROM jobs WHERE state = ?", (JobState.RUNNING,))]
+
+    def record_review(self, job_id: int, needs_review: bool, reasons: Iterable[str]) -> bool:
+        """The finished run's review decision (from its manifest), for a running job; logged as a ``review``
+        event. False if the job is not running."""
+        reasons = [str(r) for r in reasons]
+        with self._tx() as db:
+            cur = db.execute("UPDATE jobs SET needs_review = ?, review_reasons = ? WHERE id = ? AND state = ?",
+                             (int(needs_review), json.dumps(reasons), job_id, JobState.RUNNING))
+            if cur.rowcount != 1:
+                return False
+            self._log(db, job_id, "review", f"flagged for human review: {'; '.join(reasons) or 'no reason given'}"
+                      if needs_review else "within the uncertainty limits: no review needed")
+            return True
 
     def begin_delivery(self, job_id: int, summary: str, deliveries: list[tuple[str, str]]) -> bool:
         """``running → delivering`` with its (destination, object) deliveries; straight to ``done`` if none."""
@@ -660,9 +687,17 @@ class JobStore:
         rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs j WHERE j.id = ?", (job_id,))
         return _job(rows[0]) if rows else None
 
-    def jobs(self, state: JobState | None = None) -> list[Job]:
-        """All jobs (or those in one state), oldest first."""
-        where, params = ("WHERE j.state = ?", (state,)) if state else ("", ())
+    def jobs(self, state: JobState | None = None, needs_review: bool | None = None) -> list[Job]:
+        """All jobs, oldest first; or those in one ``state``, those flagged for review (``needs_review=True``)
+        or those assessed and not flagged (``False``; jobs not assessed are neither)."""
+        conditions, params = [], []
+        if state:
+            conditions.append("j.state = ?")
+            params.append(state)
+        if needs_review is not None:
+            conditions.append("j.needs_review = ?")
+            params.append(int(needs_review))
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         return [_job(row) for row in self._query(f"SELECT {_JOB_COLUMNS} FROM jobs j {where} ORDER BY j.id", params)]
 
     def events(self, job_id: int, after_id: int = 0) -> list[Event]:

@@ -6,12 +6,14 @@ built by the executor its route chose (``executors.py``: in-process, subprocess 
 that fails, crashes or overruns its timeout (the route's, the MAP's or ``processing.job_timeout_seconds``;
 its process group is killed, and a container removed) ends ``failed`` with the reason — ``timed out
 after N s``, with the mode in brackets unless it is the default in-process — and the node and the other
-jobs carry on.
+jobs carry on. A run that ends well has its review decision (``review`` in ``out/manifest.json``, written by
+pipelines that score their uncertainty) copied into the job store before its results are staged.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import shlex
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from radnode.config import Config
+from radnode.execution import MANIFEST_FILE
 from radnode.node.completeness import CompletenessSettings, SeriesProgress, study_verdict
 from radnode.node.egress import Egress
 from radnode.node.executors import ExecutionError, JobRun, Launch, executors, resolve_timeout
@@ -88,6 +91,20 @@ def last_line(path: Path) -> str:
     except OSError:
         return ""
     return next((line.strip() for line in reversed(lines) if line.strip()), "")
+
+
+def run_review(outputs: Path) -> tuple[bool, list[str]] | None:
+    """The review decision in a run's manifest (flagged, reasons); None when the run did not assess one or the
+    manifest is missing or not radnode's (a site command may write its own)."""
+    try:
+        manifest = json.loads((outputs / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    review = manifest.get("review") if isinstance(manifest, dict) else None
+    if not isinstance(review, dict) or not isinstance(review.get("needs_review"), bool):
+        return None
+    reasons = review.get("reasons")
+    return review["needs_review"], [str(r) for r in reasons] if isinstance(reasons, list) else []
 
 
 def completeness_settings(config: Config) -> CompletenessSettings:
@@ -225,7 +242,13 @@ class Scheduler:
             self.store.fail_job(job.job_id, reason)
             log.warning("job %d failed: %s", job.job_id, reason)
             return
-        self.egress.stage(job.job_id, job_dir(self.config, job.job_id) / "out")
+        outputs = job_dir(self.config, job.job_id) / "out"
+        review = run_review(outputs)
+        if review is not None:
+            self.store.record_review(job.job_id, *review)
+            if review[0]:
+                log.warning("job %d flagged for human review: %s", job.job_id, "; ".join(review[1]))
+        self.egress.stage(job.job_id, outputs)
 
     def stop(self) -> None:
         """End running jobs (SIGTERM, then SIGKILL) and queue them to run again at the next start."""
