@@ -5,13 +5,16 @@ probability map over the same grid. Their mean is the prediction; its normalised
 is the voxel-wise uncertainty map (0 = certain, 1 = uniform over the classes). Per segment the map is
 summarised inside the segment and on its boundary, and the samples' agreement is the mean Dice of
 each sample's mask with the consensus mask. A study is flagged for human review when any score
-passes a configurable threshold. The evaluation helpers (Spearman, AUROC, ECE) support the claim that
+passes a configurable threshold. The summary runs where the samples are: NumPy/SciPy on the CPU, CuPy
+on the GPU (the same functions; only the final map and masks come back to host memory). The evaluation helpers (Spearman, AUROC, ECE) support the claim that
 these numbers mean something (``bench/uncertainty_eval.py``, ``tests/test_uncertainty.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 from highdicom.sr import CodedConcept
@@ -122,28 +125,44 @@ class UncertainPipelineResult(PipelineResult):
     uncertainty: UncertaintyReport | None = None
 
 
-def normalised_entropy(probabilities: np.ndarray) -> np.ndarray:
+def array_modules(array: Any) -> tuple[ModuleType, ModuleType]:
+    """The array module and its ndimage for ``array``: CuPy/cupyx when it lives on the GPU, NumPy/SciPy otherwise."""
+    if type(array).__module__.startswith("cupy"):
+        import cupy
+        import cupyx.scipy.ndimage as cupy_ndimage
+
+        return cupy, cupy_ndimage
+    return np, ndi
+
+
+def to_host(array: Any) -> np.ndarray:
+    """A NumPy copy of a CuPy array; NumPy arrays pass through."""
+    return array.get() if hasattr(array, "get") and not isinstance(array, np.ndarray) else np.asarray(array)
+
+
+def normalised_entropy(probabilities: Any) -> Any:
     """Predictive entropy of class probabilities ``(C, ...)`` divided by log C, so it lies in [0, 1]."""
+    xp, _ = array_modules(probabilities)
     n_classes = probabilities.shape[0]
-    p = np.clip(probabilities, 1e-7, 1.0)
-    return (-(p * np.log(p)).sum(axis=0) / np.log(max(n_classes, 2))).astype(np.float32)
+    p = xp.clip(probabilities, 1e-7, 1.0)
+    return (-(p * xp.log(p)).sum(axis=0) / np.log(max(n_classes, 2))).astype(xp.float32)
 
 
-def boundary_band(mask: np.ndarray, width: int = BOUNDARY_WIDTH_VOXELS) -> np.ndarray:
+def boundary_band(mask: Any, width: int = BOUNDARY_WIDTH_VOXELS) -> Any:
     """Voxels within ``width`` voxels of the mask surface, on both sides."""
     if not mask.any():
         return mask.copy()
-    return ndi.binary_dilation(mask, iterations=width) & ~ndi.binary_erosion(mask, iterations=width)
+    _, ndimage = array_modules(mask)
+    return ndimage.binary_dilation(mask, iterations=width) & ~ndimage.binary_erosion(mask, iterations=width)
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
+def dice(a: Any, b: Any) -> float:
     """Dice overlap of two boolean masks; 1.0 when both are empty."""
     total = int(a.sum()) + int(b.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
+    return 1.0 if total == 0 else 2.0 * int((a & b).sum()) / total
 
 
-def segment_uncertainty(key: str, uncertainty_map: np.ndarray, consensus: np.ndarray,
-                        sample_masks: list[np.ndarray]) -> SegmentUncertainty:
+def segment_uncertainty(key: str, uncertainty_map: Any, consensus: Any, sample_masks: list[Any]) -> SegmentUncertainty:
     """Scores of one segment: mean map inside and on the boundary, mean Dice of samples with the consensus."""
     inside = float(uncertainty_map[consensus].mean()) if consensus.any() else 0.0
     band = boundary_band(consensus)
@@ -152,13 +171,13 @@ def segment_uncertainty(key: str, uncertainty_map: np.ndarray, consensus: np.nda
     return SegmentUncertainty(key, inside, boundary, agreement)
 
 
-def summarise_samples(samples: np.ndarray, labels: dict[int, str], method: str,
-                      limits: UncertaintyThresholds = UncertaintyThresholds()
-                      ) -> tuple[np.ndarray, UncertaintyReport]:
+def summarise_samples(samples: Any, labels: dict[int, str], method: str,
+                      limits: UncertaintyThresholds = UncertaintyThresholds()) -> tuple[Any, UncertaintyReport]:
     """Mean probabilities and the uncertainty report from ``samples`` of shape ``(S, C, ...)``.
 
     ``labels`` maps class index (not 0, the background) to structure key. Sample masks are each
-    sample's argmax; the consensus is the argmax of the mean.
+    sample's argmax; the consensus is the argmax of the mean. The mean stays in the samples' array
+    module (NumPy or CuPy); the report's map is always NumPy.
     """
     mean = samples.mean(axis=0)
     uncertainty_map = normalised_entropy(mean)
@@ -166,7 +185,7 @@ def summarise_samples(samples: np.ndarray, labels: dict[int, str], method: str,
     sample_labels = samples.argmax(axis=1)
     scores = [segment_uncertainty(key, uncertainty_map, consensus == index,
                                   [s == index for s in sample_labels]) for index, key in labels.items()]
-    return mean, UncertaintyReport(uncertainty_map, scores, method, int(samples.shape[0]), limits)
+    return mean, UncertaintyReport(to_host(uncertainty_map), scores, method, int(samples.shape[0]), limits)
 
 
 # Evaluation: does the uncertainty rank bad segmentations first, and are the probabilities calibrated?

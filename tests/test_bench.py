@@ -41,3 +41,22 @@ def test_tiny_suite_writes_measured_results(tmp_path: Path) -> None:
         assert rows["node"]["time_ratio_vs_highdicom_default"] == pytest.approx(
             rows["node"]["seconds"] / rows["highdicom_default"]["seconds"], abs=0.01)
     assert "| radnode | 1 |" in table(results)
+
+
+@pytest.mark.slow
+def test_inference_benchmark_compares_with_the_stock_sdk_operator(tmp_path: Path) -> None:
+    """Without a GPU the inference benchmark runs on the CPU at the plan's reduced size and says so."""
+    plan = Plan(benchmarks=("gpu",), cpu_inference_size=128, cpu_inference_slices=20)
+    results = run_suite(plan, tmp_path / "results.json")
+    g = results["gpu"]
+    import torch
+
+    if not torch.cuda.is_available():
+        assert g["device"].startswith("CPU") and g["input_shape"] == [20, 128, 128]
+    radnode_s, stock_s = g["seconds"]["radnode"], g["seconds"]["stock_sdk"]
+    assert set(radnode_s) == {"load_dicom", "load_model", "preprocess", "inference", "postprocess", "seg_write"}
+    assert all(v > 0 for v in [*radnode_s.values(), *stock_s.values()])
+    ours = radnode_s["preprocess"] + radnode_s["inference"] + radnode_s["postprocess"]
+    assert g["stock_over_radnode"]["preprocess_inference_postprocess"] == pytest.approx(
+        stock_s["preprocess_inference_postprocess"] / ours, abs=0.02)
+    assert "Inference on" in table(results)

@@ -175,14 +175,15 @@ def predict_samples(model: LoadedModel, prepared: Prepared, options: InferenceOp
 
 def postprocess(samples: list[Any], prepared: Prepared, spec: ModelSpec, method: str,
                 limits: UncertaintyThresholds = UncertaintyThresholds()) -> UncertainSegmentation:
-    """Samples back on the source grid (linear resampling of probabilities), consensus masks and uncertainty."""
+    """Samples back on the source grid (linear resampling of probabilities), consensus masks and uncertainty,
+    computed on the preprocessing back end (GPU with CuPy); masks, map and mean probabilities return as NumPy."""
     backend = prepared.backend
-    restored = np.stack([backend.to_numpy(resample(s, prepared.source_shape, backend, order=1)) for s in samples])
+    restored = backend.xp.stack([resample(s, prepared.source_shape, backend, order=1) for s in samples])
     labels = {index: structure.key for index, structure in spec.labels.items()}
-    mean, report = summarise_samples(restored, labels, method, limits)
+    mean, report = summarise_samples(restored, labels, method, limits)  # on the GPU when the samples are
     consensus = mean.argmax(axis=0)
-    segments = [Segment(structure, consensus == index) for index, structure in spec.labels.items()]
-    return UncertainSegmentation(segments, report, mean)
+    segments = [Segment(structure, backend.to_numpy(consensus == index)) for index, structure in spec.labels.items()]
+    return UncertainSegmentation(segments, report, backend.to_numpy(mean))
 
 
 def segment_volumes(volume: Volume, segments: list[Segment]) -> list[Measurement]:
