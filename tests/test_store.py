@@ -167,3 +167,17 @@ def test_a_store_from_before_review_states_gets_them_on_open(tmp_path: Path) -> 
     (job,) = store.jobs()
     assert job.needs_review is None and job.review_reasons == ()
     store.close()
+
+
+
+def test_job_counts_agree_with_the_job_list(store: JobStore) -> None:
+    """The health probe's SQL counts equal counting the listed jobs, flagged ones included."""
+    jobs = [store.record_instance(instance(f"1.2.{n}.1", study=f"1.2.{n}", received_at=0), "tiny_model")[1]
+            for n in range(3)]
+    store.queue_complete_studies(idle_seconds=1)
+    store.start_job(jobs[0], "run")
+    store.record_review(jobs[0], True, ["lesion: mean uncertainty 0.471 > 0.2"])
+    counts, flagged = store.job_counts()
+    assert counts == {state.value: sum(j.state is state for j in store.jobs()) for state in JobState}
+    assert counts["running"] == 1 and sum(counts.values()) == 3
+    assert flagged == len(store.jobs(needs_review=True)) == 1

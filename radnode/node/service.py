@@ -101,11 +101,7 @@ class Node:
 
     def _health(self) -> dict[str, object]:
         """What ``GET /health`` answers: job counts by state, and how many jobs are flagged for review."""
-        counts = {state.value: 0 for state in JobState}
-        flagged = 0
-        for job in self._store().jobs():
-            counts[job.state.value] += 1
-            flagged += job.needs_review is True
+        counts, flagged = self._store().job_counts()
         return {"status": "ok", "jobs": counts, "needs_review": flagged}
 
     @staticmethod

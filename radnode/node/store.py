@@ -700,6 +700,13 @@ class JobStore:
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         return [_job(row) for row in self._query(f"SELECT {_JOB_COLUMNS} FROM jobs j {where} ORDER BY j.id", params)]
 
+    def job_counts(self) -> tuple[dict[str, int], int]:
+        """Jobs per state and how many are flagged for review, counted in SQL (cheap for a health probe)."""
+        counts = {state.value: 0 for state in JobState}
+        counts.update({state: n for state, n in self._query("SELECT state, COUNT(*) FROM jobs GROUP BY state")})
+        flagged = self._query("SELECT COUNT(*) FROM jobs WHERE needs_review = 1")[0][0]
+        return counts, int(flagged)
+
     def events(self, job_id: int, after_id: int = 0) -> list[Event]:
         """A job's event log in order (``after_id`` for polling only what is new)."""
         rows = self._query("SELECT id, job_id, at, kind, message FROM events WHERE job_id = ? AND id > ? ORDER BY id",
