@@ -3,13 +3,17 @@
 A phantom CT study (512×512, ≥200 slices) goes over a real DICOM association to a running node; the
 node runs the ct_tissue MONAI Deploy app in a job process and delivers the SEG and SR to a PACS (DCMTK
 storescp) and the FHIR Bundle to an EHR (a sekmet FHIR R4 server), all on loopback. The demo then shows
-where every output went, the measurements, and how well the SEG matches the phantom's truth.
+where every output went, the measurements, and how well the SEG matches the phantom's truth. With
+``viewer``, the study and what the PACS received go into a private Orthanc and OHIF shows them
+(:func:`radnode.viewer.serve_study`) until Ctrl-C.
 """
 
 from __future__ import annotations
 
 import shutil
+import signal
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -25,12 +29,30 @@ from radnode.node.service import Node
 from radnode.node.store import FINAL_STATES, JobState
 from radnode.peers import FhirServer, StoreSCP, free_port
 from radnode.phantom import make_ct_phantom, write_ct_series
+from radnode.viewer import ServedStudy, ViewerUnavailableError, check_viewer_installed, serve_study
 
 MARKER = ".radnode-demo"
 
 
-def _step(n: int, text: str) -> None:
-    print(f"[{n}/6] {text}", flush=True)
+def _step(n: int, text: str, total: int = 6) -> None:
+    print(f"[{n}/{total}] {text}", flush=True)
+
+
+def until_interrupted(served: ServedStudy) -> None:
+    """Keep the viewer up until Ctrl-C (or SIGTERM), so that Orthanc is stopped and its storage removed."""
+    print("      Ctrl-C stops the viewer", flush=True)
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("      stopping the viewer", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fresh_workdir(workdir: Path) -> Path:
@@ -82,16 +104,32 @@ def _seg_masks(seg_path: Path, source_order: list[str]) -> dict[str, np.ndarray]
     return masks
 
 
-def run_demo(workdir: Path, n_slices: int = 220) -> int:
-    """Run the demo; returns the exit status (0 when the results reached the PACS and the EHR)."""
+def run_demo(workdir: Path, n_slices: int = 220, *, viewer: bool = False, viewer_port: int = 0,
+             wait: Callable[[ServedStudy], None] = until_interrupted) -> int:
+    """Run the demo; returns the exit status (0 when the results reached the PACS and the EHR).
+
+    With ``viewer``, afterwards the study and the results the PACS received are shown in OHIF at
+    ``127.0.0.1:viewer_port`` (0: a free port) while ``wait`` runs (default: until Ctrl-C).
+    """
+    total = 7 if viewer else 6
+    if viewer:
+        try:
+            check_viewer_installed()  # before the demo, not after it
+        except ViewerUnavailableError as e:
+            print(f"radnode demo --viewer: {e}")
+            return 1
     workdir = _fresh_workdir(Path(workdir))
     started = time.monotonic()
-    _step(1, f"making a phantom CT study ({n_slices} slices of 512×512) in {workdir / 'study'}")
+
+    def step(n: int, text: str) -> None:
+        _step(n, text, total)
+
+    step(1, f"making a phantom CT study ({n_slices} slices of 512×512) in {workdir / 'study'}")
     phantom = make_ct_phantom(n_slices=n_slices)
     files = write_ct_series(phantom, workdir / "study", shuffle=True)
 
     with ExitStack() as stack:
-        _step(2, "starting a PACS (DCMTK storescp) and an EHR (sekmet FHIR R4 server) on loopback")
+        step(2, "starting a PACS (DCMTK storescp) and an EHR (sekmet FHIR R4 server) on loopback")
         pacs = stack.enter_context(StoreSCP(workdir / "pacs"))
         ehr = stack.enter_context(FhirServer(workdir / "ehr"))
         config = Config(
@@ -102,19 +140,19 @@ def run_demo(workdir: Path, n_slices: int = 220) -> int:
         node = stack.enter_context(Node(config))
         print(f"      node RADNODE listening on 127.0.0.1:{node.port}, data in {config.data_dir}")
 
-        _step(3, f"sending {len(files)} instances to the node over one DICOM association")
+        step(3, f"sending {len(files)} instances to the node over one DICOM association")
         accepted = send_study(files, node.port, config.ingress.ae_title)
         if accepted != len(files):
             print(f"      only {accepted} of {len(files)} instances were accepted")
             return 1
 
-        _step(4, "waiting for the study to complete, the pipeline to run and the results to be delivered")
+        step(4, "waiting for the study to complete, the pipeline to run and the results to be delivered")
         job = _follow_job(node, timeout=900)
         if job is None or job.state != JobState.DONE:
             print(f"      job ended {job.state if job else 'never started'}: {job.reason if job else ''}")
             return 1
 
-        _step(5, "where the results went")
+        step(5, "where the results went")
         out = outbox_dir(config, job.id)
         print(f"      outbox : {out}")
         for path in pacs.received():
@@ -125,7 +163,7 @@ def run_demo(workdir: Path, n_slices: int = 220) -> int:
         print(f"      EHR    : {reports.get('total')} DiagnosticReport(s), "
               f"{observations.get('total')} Observation(s) at {ehr.base_url}")
 
-        _step(6, "measurements (from the SR; the FHIR Observations carry the same numbers)")
+        step(6, "measurements (from the SR; the FHIR Observations carry the same numbers)")
         manifest = RunManifest.read(out)
         _print_measurements(manifest.measurements)
         source_order = [str(ds.SOPInstanceUID) for ds in sorted(
@@ -139,7 +177,16 @@ def run_demo(workdir: Path, n_slices: int = 220) -> int:
             print("      draft report (verified against the measurements before release):")
             for line in report.read_text().splitlines():
                 print(f"        {line}")
+        delivered = pacs.received()
     print(f"done in {time.monotonic() - started:.0f} s")
+    if viewer:
+        step(7, "the study and the results the PACS received, in Orthanc, shown by OHIF")
+        with serve_study([*files, *delivered], port=viewer_port) as served:
+            print(f"      Orthanc (DICOMweb): {served.orthanc.dicomweb_url}")
+            print(f"      OHIF, the processed study: {served.url}", flush=True)
+            print("      in OHIF, double-click the SEG for its overlay and the measurements SR for the Measurements "
+                  "panel (Yes to tracking)")
+            wait(served)
     return 0
 
 

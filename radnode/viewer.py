@@ -20,6 +20,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -59,6 +61,15 @@ def find_ohif_dist(version: str = OHIF_VERSION) -> Path:
         raise ViewerUnavailableError(f"OHIF build not found at {candidate}; run deploy/ohif/install.sh "
                                      f"(or set {OHIF_DIST_ENV} to an @ohif/app dist/ folder)")
     return candidate
+
+
+def check_viewer_installed() -> Path:
+    """OHIF's dist/ when it and Orthanc with DICOMweb are installed; else ViewerUnavailableError saying how."""
+    dist = find_ohif_dist()
+    if not ORTHANC_BINARY.exists() or not ORTHANC_DICOMWEB_PLUGIN.exists():
+        raise ViewerUnavailableError("Orthanc or its DICOMweb plugin is missing: apt-get install orthanc "
+                                     "orthanc-dicomweb (scripts/bootstrap.sh installs them)")
+    return dist
 
 
 def render_app_config(dicomweb_root: str = DICOMWEB_PREFIX, *, template: Path = APP_CONFIG_TEMPLATE,
@@ -328,3 +339,37 @@ class ViewerServer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+# ------------------------------------------------------------------------------- one study, end to end
+
+@dataclass(frozen=True)
+class ServedStudy:
+    """A study stored in a private Orthanc and shown by OHIF in front of it (see :func:`serve_study`)."""
+
+    orthanc: OrthancServer
+    viewer: ViewerServer
+    study_uid: str
+
+    @property
+    def url(self) -> str:
+        """The OHIF page that opens the study (CT, SEG and SR side by side in the study browser)."""
+        return self.viewer.viewer_url(self.study_uid)
+
+
+@contextmanager
+def serve_study(files: Iterable[Path], *, port: int = 0, dist: Path | None = None) -> Iterator[ServedStudy]:
+    """Store one study's DICOM files (source images and results) in a private Orthanc and serve OHIF for it
+    on ``127.0.0.1:port`` (0: a free port) until the block ends; both stop and Orthanc's storage goes."""
+    import pydicom
+
+    files = [Path(f) for f in files]
+    studies = {str(pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
+               for f in files}
+    if len(studies) != 1:
+        raise ValueError(f"serve_study shows one study; the files hold {len(studies)}")
+    dist = dist or check_viewer_installed()
+    with OrthancServer() as orthanc:
+        orthanc.upload(files)
+        with ViewerServer(orthanc.url, dist=dist, port=port) as viewer:
+            yield ServedStudy(orthanc, viewer, studies.pop())

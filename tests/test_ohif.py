@@ -1,6 +1,10 @@
 """Results in OHIF: a processed study (CT + radnode's SEG and SR) in Orthanc, opened in OHIF in headless
-Chromium, the SEG loaded as an overlay the way a reader does (double-click its thumbnail, confirm), and
-the overlay checked in the screenshot's pixels where the segments are.
+Chromium the way a reader does it. The SEG is loaded as an overlay (double-click its thumbnail, confirm)
+and the overlay checked in the screenshot's pixels where the segments are. Then the SR is opened
+(double-click, "track measurements?" → Yes): OHIF's Measurements panel must list every structure's
+largest cross-section with its area from the SR, and each outline must be drawn where the SR puts it.
+The last screenshot (.cache/artifacts/ohif-sr-measurements.png) shows the CT with the segmentation
+overlay, the outlines and the Measurements panel.
 
 Chromium is driven over the DevTools protocol on a pipe (``--remote-debugging-pipe``: fd 3 in, fd 4 out,
 NUL-separated JSON), so no websocket library or browser download is needed. Needs
@@ -18,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
+from radnode.outputs.sr import CROSS_SECTION_TRACKING_PREFIX
 from radnode.viewer import (ORTHANC_BINARY, ORTHANC_DICOMWEB_PLUGIN, OrthancServer, ViewerServer,
                             ViewerUnavailableError, find_ohif_dist)
 
@@ -205,11 +211,14 @@ def _masks_by_source(seg_path: Path) -> dict[str, np.ndarray]:
 
 
 FIND_THUMBNAIL = """(() => {
-  const el = [...document.querySelectorAll('div')].find(e => e.children.length < 6
+  // The innermost element whose text starts with the modality: a list that holds the SR row above the
+  // SEG row also starts with "SR", and its centre lies between the two rows.
+  const found = [...document.querySelectorAll('div')].filter(e => e.children.length < 6
       && /^%s\\b/.test((e.innerText || '').trim()) && e.getBoundingClientRect().width > 50
       && e.getBoundingClientRect().x < 300);
-  if (!el) return null;
-  const r = el.getBoundingClientRect();
+  if (!found.length) return null;
+  const area = e => e.getBoundingClientRect().width * e.getBoundingClientRect().height;
+  const r = found.sort((a, b) => area(a) - area(b))[0].getBoundingClientRect();
   return [r.x + r.width / 2, r.y + r.height / 2];
 })()"""
 
@@ -220,10 +229,134 @@ CLICK_YES = """(() => {
 
 VIEWPORT_JS = "window.cornerstone.getEnabledElements().find(e => e.viewport.getImageIds && e.viewport.getImageIds().length)"
 
+MEASUREMENTS_PANEL = "document.querySelector('[data-cy=trackedMeasurements-panel]')"
+
+CENTRE_OF = """(() => {
+  const e = %s; if (!e) return null;
+  const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2];
+})()"""
+
+PANEL_ROW = """(() => {
+  const panel = %s; if (!panel) return null;
+  const e = [...panel.querySelectorAll('*')].find(e => e.children.length === 0 && (e.innerText || '').trim() === %s);
+  if (!e) return null; const r = e.getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2];
+})()"""
+
+SET_ANNOTATIONS_VISIBLE = """(() => {
+  const e = %s; const visibility = window.cornerstoneTools.annotation.visibility;
+  for (const m of window.services.measurementService.getMeasurements()) visibility.setAnnotationVisibility(m.uid, %s);
+  e.viewport.render(); return true;
+})()"""
+
+
+def _cross_sections(sr_path: Path) -> list[dict[str, Any]]:
+    """The SR's cross-section groups, read as a viewer reads them: label (the group's Comment), area (its
+    NUM), outline (the SCOORD the area is inferred from, (n, 2) column/row) and the image it lies on."""
+    sr = pydicom.dcmread(sr_path)
+
+    def code(item: pydicom.Dataset) -> str:
+        return str(item.ConceptNameCodeSequence[0].CodeValue)
+
+    imaging = next(i for i in sr.ContentSequence if code(i) == "126010")  # Imaging Measurements
+    found = []
+    for group in imaging.ContentSequence:
+        items = group.ContentSequence
+        tracking = next(str(i.TextValue) for i in items if code(i) == "112039")  # Tracking Identifier
+        if not tracking.startswith(CROSS_SECTION_TRACKING_PREFIX):
+            continue
+        area = next(i for i in items if i.ValueType == "NUM")
+        outline = next(i for i in area.ContentSequence if i.ValueType == "SCOORD")
+        found.append({
+            "label": next(str(i.TextValue) for i in items if code(i) == "121106"),  # Comment
+            "area": float(area.MeasuredValueSequence[0].NumericValue),
+            "points": np.asarray(outline.GraphicData, dtype=float).reshape(-1, 2),
+            "sop_uid": str(outline.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID),
+        })
+    return found
+
+
+def _inside_outline(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Pixels whose centres lie inside a closed polyline (even-odd rule), as (rows, columns) booleans."""
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
+    px, py = cols.ravel() + 0.5, rows.ravel() + 0.5
+    inside = np.zeros(px.shape, dtype=bool)
+    for (x0, y0), (x1, y1) in zip(points[:-1], points[1:]):
+        if y0 != y1:
+            crosses = (y0 > py) != (y1 > py)
+            inside ^= crosses & (px < x0 + (py - y0) * (x1 - x0) / (y1 - y0))
+    return inside.reshape(shape)
+
+
+def _ohif_numbers(value: float) -> set[str]:
+    """How OHIF's panel may print an area of 100 mm² or more: toFixed(0) of the SR's value, or of the
+    area it computes itself from the outline once the image is shown (the SR rounds to 0.1 mm²)."""
+    return {str(int(np.floor(value))), str(int(np.floor(value + 0.5))), str(int(np.ceil(value)))}
+
+
+def _open_sr_measurements(browser: Chromium, sections: list[dict[str, Any]]) -> dict[str, Any]:
+    """Open the SR as a reader does, list its measurements, go to the largest outline's image and
+    screenshot it with and without the annotations drawn; what the checks need, as plain data."""
+    where = browser.wait_for(FIND_THUMBNAIL % "SR", what="the SR thumbnail in the study browser")
+    browser.click(where[0], where[1], count=2)
+    browser.wait_for("document.body.innerText.includes('tracking measurements')", timeout=60,
+                     what="OHIF's 'continue tracking measurements for this study?' prompt for the SR")
+    yes = browser.wait_for(CLICK_YES, timeout=30, what="the prompt's Yes button")
+    browser.click(yes[0], yes[1])
+    browser.wait_for(f"window.services.measurementService.getMeasurements().length === {len(sections)}",
+                     what=f"OHIF to load the SR's {len(sections)} measurements")
+    tab = browser.wait_for(CENTRE_OF % "document.querySelector('[data-cy=trackedMeasurements-btn]')",
+                           what="the Measurements panel's tab")
+    browser.click(tab[0], tab[1])
+    panel_text = browser.wait_for(f"(() => {{ const p = {MEASUREMENTS_PANEL}; return p && p.innerText.includes("
+                                  f"'Measurements ({len(sections)})') ? p.innerText : null; }})()",
+                                  what="the Measurements panel listing the SR's measurements")
+    # A reader clicks a measurement in the panel: OHIF shows its image. The largest outline is checked.
+    checked = max(sections, key=lambda section: section["area"])
+    row = browser.wait_for(PANEL_ROW % (MEASUREMENTS_PANEL, json.dumps(checked["label"])),
+                           what=f"the panel row of {checked['label']}")
+    browser.click(row[0], row[1])
+    browser.wait_for(f"{VIEWPORT_JS}.viewport.getCurrentImageId().includes('{checked['sop_uid']}')", timeout=30,
+                     what=f"the image of {checked['label']}'s outline in view")
+    time.sleep(3.0)
+    shown = browser.screenshot()
+    browser.evaluate(SET_ANNOTATIONS_VISIBLE % (VIEWPORT_JS, "false"))
+    time.sleep(1.5)
+    hidden = browser.screenshot()
+    browser.evaluate(SET_ANNOTATIONS_VISIBLE % (VIEWPORT_JS, "true"))
+    # The outline and pixel centres inside it → page coordinates, through the transform OHIF draws SCOORDs with.
+    points = checked["points"]
+    along = np.concatenate([points, (points[:-1] + points[1:]) / 2])
+    image_shape = (int(points[:, 1].max()) + 2, int(points[:, 0].max()) + 2)
+    interior = np.argwhere(ndimage.binary_erosion(_inside_outline(points, image_shape), iterations=4))
+    interior = interior[np.random.default_rng(1).choice(len(interior), size=min(400, len(interior)), replace=False)]
+    probe = json.dumps([[float(x), float(y)] for x, y in along] + [[c + 0.5, r + 0.5] for r, c in interior])
+    page_xy = browser.evaluate(f"""(() => {{
+        const vp = {VIEWPORT_JS}.viewport; const rect = vp.canvas.getBoundingClientRect();
+        const imageId = vp.getCurrentImageId();
+        return {probe}.map(p => {{
+          const c = vp.worldToCanvas(window.cornerstone.utilities.imageToWorldCoords(imageId, p));
+          return [c[0] + rect.left, c[1] + rect.top];
+        }});
+    }})()""")
+    panel_box = browser.evaluate(f"(() => {{ const r = {MEASUREMENTS_PANEL}.getBoundingClientRect(); "
+                                 f"return [r.left, r.top, r.right, r.bottom]; }})()")
+    return {"panel_text": panel_text, "panel_box": panel_box, "checked": checked, "shown": shown, "hidden": hidden,
+            "outline_xy": page_xy[:len(along)], "interior_xy": page_xy[len(along):]}
+
+
+def _changed_near(shown: np.ndarray, hidden: np.ndarray, xy: list[list[float]], radius: int) -> np.ndarray:
+    """Per page point: whether any pixel within ``radius`` differs between the two screenshots."""
+    difference = np.abs(shown - hidden).sum(axis=2) > 60
+    if radius:
+        difference = ndimage.binary_dilation(difference, iterations=radius)
+    at = np.rint(np.asarray(xy)).astype(int)
+    return difference[at[:, 1], at[:, 0]]
+
 
 @pytest.mark.slow
-def test_seg_overlay_and_sr_show_in_ohif(ohif_prerequisites: Path, processed_study: tuple[list[Path], Path, Path],
-                                         tmp_path: Path) -> None:
+def test_seg_overlay_and_sr_measurements_show_in_ohif(ohif_prerequisites: Path,
+                                                      processed_study: tuple[list[Path], Path, Path],
+                                                      tmp_path: Path) -> None:
     ct_files, seg_path, sr_path = processed_study
     study_uid = str(pydicom.dcmread(seg_path).StudyInstanceUID)
     union_by_uid = _masks_by_source(seg_path)
@@ -236,6 +369,13 @@ def test_seg_overlay_and_sr_show_in_ohif(ohif_prerequisites: Path, processed_stu
     inside = inside[rng.choice(len(inside), size=min(400, len(inside)), replace=False)]
     outside = outside[rng.choice(len(outside), size=min(400, len(outside)), replace=False)]
     assert len(inside) >= 100, "too little segmented area on the chosen slice to check on screen"
+    # Every segment with voxels has a cross-section in the SR, which OHIF is to list.
+    seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
+    segments_with_voxels = {int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+                            for f in seg.PerFrameFunctionalGroupsSequence}
+    sections = _cross_sections(sr_path)
+    assert len(sections) == len(segments_with_voxels) >= 1
+    assert all(section["area"] >= 100 for section in sections), "areas under 100 mm² print differently in OHIF"
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     profile = tmp_path / "chromium-profile"
@@ -272,7 +412,7 @@ def test_seg_overlay_and_sr_show_in_ohif(ohif_prerequisites: Path, processed_stu
                                  what="the SEG to load")
                 n_segments = browser.evaluate("Object.keys(window.services.segmentationService"
                                               ".getSegmentations()[0].segments).length")
-                assert n_segments == len(pydicom.dcmread(seg_path).SegmentSequence)
+                assert n_segments == len(seg.SegmentSequence)
                 # Hydrating the SEG re-displays the CT (possibly as a volume, at the first segmented
                 # slice): go to the checked slice again through cornerstone and wait until it is shown.
                 time.sleep(2.0)
@@ -294,11 +434,12 @@ def test_seg_overlay_and_sr_show_in_ohif(ohif_prerequisites: Path, processed_stu
                       const c = vp.worldToCanvas(w); return [c[0] + rect.left, c[1] + rect.top];
                     }});
                 }})()""")
-                sr_listed = browser.evaluate(FIND_THUMBNAIL % "SR")
+                sr = _open_sr_measurements(browser, sections)
             finally:
                 browser.close()
     (ARTIFACTS / "ohif-before-seg.png").write_bytes(before_png)
     (ARTIFACTS / "ohif-seg-overlay.png").write_bytes(after_png)
+    (ARTIFACTS / "ohif-sr-measurements.png").write_bytes(sr["shown"])
     shutil.copy2(tmp_path / "chromium.log", ARTIFACTS / "ohif-chromium.log")
 
     before, after = _png_to_rgb(before_png), _png_to_rgb(after_png)
@@ -314,4 +455,58 @@ def test_seg_overlay_and_sr_show_in_ohif(ohif_prerequisites: Path, processed_stu
     assert outside_tinted < 0.05, f"{outside_tinted:.0%} of pixels away from every segment are tinted"
     grey_before = (np.ptp(before[xy[:, 1], xy[:, 0]], axis=1) <= 8).mean()
     assert grey_before > 0.98, "the image was not grey at the checked points before the SEG was loaded"
-    assert sr_listed
+
+    # The Measurements panel lists every cross-section: its structure, then its area (mm²) from the SR.
+    lines = [line.strip() for line in sr["panel_text"].splitlines() if line.strip()]
+    labels = [section["label"] for section in sections]
+    assert [line for line in lines if line in labels] == labels, f"panel lists {lines}"
+    for n, section in enumerate(sections):
+        start = lines.index(section["label"])
+        end = lines.index(labels[n + 1]) if n + 1 < len(labels) else len(lines)
+        assert any(line.split()[0] in _ohif_numbers(section["area"]) for line in lines[start:end]), \
+            f"{section['label']}: area {section['area']} mm² not in its panel entry {lines[start:end]}"
+    # The panel is drawn: its region of the screenshot holds text, not just the panel's background.
+    shown, hidden = _png_to_rgb(sr["shown"]), _png_to_rgb(sr["hidden"])
+    left, top, right, bottom = (int(round(v)) for v in sr["panel_box"])
+    assert right - left > 150 and bottom - top > 100, f"the Measurements panel is not open: {sr['panel_box']}"
+    panel = shown[top:bottom, left:right].mean(axis=2)
+    text_pixels = int((panel > 150).sum())
+    assert text_pixels > 150 * len(sections), f"the Measurements panel region is empty ({text_pixels} text pixels)"
+    # The largest outline is drawn where the SR puts it: hiding OHIF's annotations changes the pixels along
+    # the outline, and hardly any inside it (text boxes and other outlines on the same image excepted).
+    on_outline = _changed_near(shown, hidden, sr["outline_xy"], radius=2).mean()
+    inside_changed = _changed_near(shown, hidden, sr["interior_xy"], radius=0).mean()
+    label = sr["checked"]["label"]
+    assert on_outline > 0.9, f"only {on_outline:.0%} of {label}'s outline is drawn on screen"
+    assert inside_changed < 0.2, f"{inside_changed:.0%} of the pixels inside {label}'s outline changed with it"
+
+
+@pytest.mark.slow
+def test_demo_viewer_serves_the_processed_study(ohif_prerequisites: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """``radnode demo --viewer`` end to end on a short phantom: the node's results and the study end up in
+    Orthanc, and the printed OHIF address serves the viewer and, through it, the study's three series."""
+    from radnode.demo import run_demo
+    from radnode.viewer import ServedStudy
+
+    seen: dict[str, Any] = {}
+
+    def look(served: ServedStudy) -> None:  # in place of waiting for Ctrl-C: what a browser asks first
+        with urllib.request.urlopen(served.url, timeout=30) as r:
+            seen["page"] = r.read().decode()
+        with urllib.request.urlopen(f"{served.viewer.url}/app-config.js", timeout=30) as r:
+            seen["config"] = r.read().decode()
+        with urllib.request.urlopen(f"{served.viewer.url}/dicom-web/studies/{served.study_uid}/series",
+                                    timeout=30) as r:
+            seen["series"] = json.loads(r.read())
+        seen["url"] = served.url
+
+    status = run_demo(tmp_path / "demo", n_slices=24, viewer=True, wait=look)
+    printed = capsys.readouterr().out
+    assert status == 0, printed[-3000:]
+    assert f"OHIF, the processed study: {seen['url']}" in printed
+    assert "<title>" in seen["page"] and "app-config.js" in seen["page"]
+    assert "/dicom-web" in seen["config"]
+    by_modality = {s["00080060"]["Value"][0]: s for s in seen["series"]}
+    assert {"CT", "SEG", "SR"} <= set(by_modality)
+    assert by_modality["CT"]["00201209"]["Value"][0] == 24  # Number of Series Related Instances

@@ -1,8 +1,12 @@
 """The measurements of a pipeline result as a TID 1500 Measurement Report (Comprehensive 3D SR).
 
 One TID 1411 volumetric measurement group per segment points at that segment of the SEG, so a reader
-finds for every number the region it was measured on. :func:`read_measurements` parses a report back;
-the run manifest and the FHIR Bundle take their numbers from it so all outputs agree.
+finds for every number the region it was measured on. Before it, a cross-section group (TID 1501) with
+the same Tracking Unique Identifier gives the area of the segment's largest cross-section, inferred from
+its outline on that source image: the form in which viewers (OHIF among them) list a measurement and
+show it; OHIF 3 shows nothing of a group without image coordinates. :func:`read_measurements` parses the
+volumetric measurements (the pipeline's numbers) back; the run manifest and the FHIR Bundle take their
+numbers from it so all outputs agree. The cross-section areas locate each structure for a reader.
 """
 
 from __future__ import annotations
@@ -10,12 +14,14 @@ from __future__ import annotations
 from typing import Any
 
 import highdicom as hd
+import numpy as np
 from pydicom import Dataset
 from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
 
 from radnode.imaging.volume import Volume
 from radnode.outputs.algorithm import AlgorithmInfo, declare_private_coding_schemes, device_uid, new_uid
+from radnode.outputs.contour import largest_cross_section
 from radnode.results import PipelineResult, Structure
 from radnode.uncertainty import NEEDS_REVIEW, NO_REVIEW_NEEDED, REVIEW_FINDING, UncertainPipelineResult
 
@@ -29,6 +35,11 @@ PROCEDURE_REPORTED: dict[str, Code] = {
 }
 """Procedure Reported (CID 100 Quantitative Diagnostic Imaging Procedure) by modality; these LOINC codes
 name the imaging study without claiming a body region the pipeline does not know."""
+
+CROSS_SECTION_TRACKING_PREFIX = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI:"
+"""Tracking Identifier of the cross-section groups, the structure key after it: OHIF's SR import (the
+Cornerstone3D adapters) loads a measurement group into its Measurements panel only if the identifier names
+one of its tools, and a closed outline with its area is its freehand ROI."""
 
 ANATOMICAL_STRUCTURE_CATEGORIES = {"123037004", "91723000"}
 """SNOMED CT category codes (CID 7150) whose property type is itself an anatomic location (finding site)."""
@@ -57,6 +68,49 @@ def _review_evaluations(result: PipelineResult, key: str) -> list[hd.sr.Qualitat
     return [hd.sr.QualitativeEvaluation(REVIEW_FINDING, NEEDS_REVIEW if flagged else NO_REVIEW_NEEDED)]
 
 
+def _cross_section_group(
+    volume: Volume,
+    segment_mask: np.ndarray,
+    tracking_uid: str,
+    structure: Structure,
+    sites: list[hd.sr.FindingSite] | None,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
+    """A TID 1501 group: the area of the segment's largest cross-section, inferred from its outline on
+    its source image (:func:`radnode.outputs.contour.largest_cross_section`); None for an empty segment."""
+    section = largest_cross_section(segment_mask)
+    if section is None:
+        return None
+    image = volume.source[section.slice_index]
+    outline = hd.sr.CoordinatesForMeasurement(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=section.points.astype(np.float32),
+        source_image=hd.sr.SourceImageForRegion(str(image.SOPClassUID), str(image.SOPInstanceUID)),
+    )
+    area = hd.sr.Measurement(
+        name=codes.SCT.Area,
+        value=round(section.area_pixels * volume.spacing[1] * volume.spacing[2], 1),
+        unit=codes.UCUM.SquareMillimeter,
+        algorithm_id=algorithm_id,
+        finding_sites=sites,
+        referenced_coordinates=[outline],
+    )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(uid=tracking_uid,
+                                                     identifier=CROSS_SECTION_TRACKING_PREFIX + structure.key),
+        finding_category=structure.category,
+        finding_type=structure.property_type,
+        finding_sites=sites,
+        algorithm_id=algorithm_id,
+        measurements=[area],
+    )
+    # The structure's name as a text qualitative evaluation: what a viewer labels the outline with
+    # (the coded finding alone loses laterality: two "Lung" entries).
+    group[0].ContentSequence.append(hd.sr.TextContentItem(
+        name=codes.DCM.Comment, value=structure.label, relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    return group
+
+
 def build_measurement_report(
     volume: Volume,
     seg: Dataset,
@@ -72,8 +126,11 @@ def build_measurement_report(
     :func:`radnode.outputs.seg.build_segmentation`); the group reuses the segment's Tracking UID.
     Evidence is the source series and the SEG. A result with uncertainty adds to each scored group a
     qualitative evaluation "Automatic segmentation quality": human review required or not.
+    Each segment with voxels also gets a cross-section group (:func:`_cross_section_group`) just before
+    its volumetric group; a segment without voxels, measurements or evaluation gets no group at all.
     """
     structures = {s.structure.key: s.structure for s in result.segments}
+    masks = {s.structure.key: s.mask for s in result.segments}
     series_uid = str(volume.study.SeriesInstanceUID)
     algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version,
                                                  family=algorithm.family, manufacturer=algorithm.manufacturer)
@@ -95,6 +152,12 @@ def build_measurement_report(
             )
             for m in result.measurements_for(key)
         ]
+        evaluations = _review_evaluations(result, key)
+        cross_section = _cross_section_group(volume, masks[key], item.TrackingUID, structure, sites, algorithm_id)
+        if cross_section is None and not measurements and not evaluations:
+            continue  # an empty segment with nothing said about it: no group (viewers need a region per group)
+        if cross_section is not None:
+            groups.append(cross_section)
         groups.append(hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=hd.sr.TrackingIdentifier(uid=item.TrackingUID, identifier=key),
             referenced_segment=hd.sr.ReferencedSegment(
@@ -108,7 +171,7 @@ def build_measurement_report(
             finding_sites=sites,
             algorithm_id=algorithm_id,
             measurements=measurements,
-            qualitative_evaluations=_review_evaluations(result, key),
+            qualitative_evaluations=evaluations,
         ))
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
