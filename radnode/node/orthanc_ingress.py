@@ -70,7 +70,7 @@ class OrthancIngress:
                 try:
                     self._handle(event)
                     break
-                except (requests.RequestException, ValueError, KeyError) as e:
+                except (requests.RequestException, ValueError, KeyError, OSError) as e:  # OSError: disk low
                     if wait is None:
                         log.error("Orthanc event %s %s dropped: %s", event["type"], event["id"], e)
                     else:

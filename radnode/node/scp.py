@@ -4,13 +4,19 @@ Each instance is stored as the bytes that arrived (file meta + the peer's encode
 decoded and re-encoded), atomically, under ``spool/<Study UID>/<Series UID>/<SOP UID>.dcm``, then
 indexed in the job store. Only the few tags the index needs are parsed. The pynetdicom handlers only
 pick the bytes and the sender out of the event and hand them to :class:`Ingest`.
+
+A :class:`DiskGuard` keeps ``retention.min_free_disk_gb`` / ``min_free_disk_percent`` free on the spool's file
+system: below it a C-STORE is answered A700 (out of resources) before anything is written, C-ECHO still
+answers, and storing resumes by itself once space is back.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import shutil
 import threading
 import time
 import uuid
@@ -30,9 +36,9 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from radnode.config import IngressConfig
+from radnode.config import IngressConfig, RetentionConfig
 from radnode.node.completeness import COMPLETENESS_TAGS, expected_instances
-from radnode.node.store import Arrival, Instance, JobStore, SeriesRoute
+from radnode.node.store import Arrival, Instance, InstanceBeingPurged, JobStore, SeriesRoute
 from radnode.pipelines.rules import RoutingContext, RuleSet
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,63 @@ _UID = re.compile(r"[0-9A-Za-z_-]+(\.[0-9A-Za-z_-]+)*")
 
 class Refused(Exception):
     """An instance that cannot be accepted; the message goes into the C-STORE response and the log."""
+
+
+class OutOfSpace(OSError):
+    """The spool's file system is under its free-space minimum; ``strerror`` is short enough for an
+    ErrorComment (64 characters), the guard's log line has the details."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.ENOSPC, message)
+
+
+GB = 1e9
+
+
+class DiskGuard:
+    """Refuses writes into the spool while its file system would have less free space than the larger of
+    ``min_free_bytes`` and ``min_free_percent`` of its size once the write is done.
+
+    One ``statvfs`` per write (microseconds); the free space counted is what an unprivileged process may use.
+    The first refusal is logged with the free space (then at most every ``LOG_EVERY_SECONDS``), and the
+    return above the minimum once.
+    """
+
+    LOG_EVERY_SECONDS = 60.0
+
+    def __init__(self, path: Path, min_free_bytes: float = 0.0, min_free_percent: float = 0.0) -> None:
+        self.path = path
+        self.min_free_bytes = min_free_bytes
+        self.min_free_percent = min_free_percent
+        self._low = False
+        self._logged_at = -float("inf")
+
+    @classmethod
+    def from_config(cls, path: Path, retention: RetentionConfig) -> "DiskGuard":
+        """The guard ``retention.min_free_disk_gb`` / ``min_free_disk_percent`` ask for."""
+        return cls(path, retention.min_free_disk_gb * GB, retention.min_free_disk_percent)
+
+    def check(self, incoming: int) -> None:
+        """Raise :class:`OutOfSpace` if writing ``incoming`` bytes would leave less than the minimum free."""
+        if not (self.min_free_bytes or self.min_free_percent):
+            return
+        usage = shutil.disk_usage(self.path)
+        minimum = max(self.min_free_bytes, usage.total * self.min_free_percent / 100)
+        if usage.free - incoming >= minimum:
+            if self._low:
+                self._low = False
+                log.warning("free space on %s is %.2f GB again (minimum %.2f GB): storing resumes", self.path,
+                            usage.free / GB, minimum / GB)
+            return
+        now = time.monotonic()
+        if not self._low or now - self._logged_at >= self.LOG_EVERY_SECONDS:
+            self._logged_at = now
+            log.error("refusing C-STORE (A700 out of resources): %.2f GB free on the file system of %s "
+                      "(%.1f %% of %.1f GB), under the minimum of %.2f GB (retention.min_free_disk_gb %g, "
+                      "min_free_disk_percent %g)", usage.free / GB, self.path, 100 * usage.free / usage.total,
+                      usage.total / GB, minimum / GB, self.min_free_bytes / GB, self.min_free_percent)
+        self._low = True
+        raise OutOfSpace(f"disk low: {usage.free / GB:.2f} GB free, minimum {minimum / GB:.2f} GB")
 
 
 @dataclass(frozen=True)
@@ -95,8 +158,14 @@ class Spool:
                 if self.fsync:
                     f.flush()
                     os.fsync(f.fileno())
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp, target)
+            for attempt in range(3):  # a retention purge may remove the folder, emptied, in between
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(temp, target)
+                    break
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
@@ -170,22 +239,31 @@ class Ingest:
     Both ingress paths (the node's own SCP and instances pulled from Orthanc) come through here.
     """
 
-    def __init__(self, spool: Spool, store: JobStore, pipeline: str, router: Router | None = None) -> None:
+    def __init__(self, spool: Spool, store: JobStore, pipeline: str, router: Router | None = None,
+                 guard: DiskGuard | None = None) -> None:
         self.spool = spool
         self.store = store
         self.pipeline = pipeline
         self.router = router or Router(pipeline, late_instances="ignore")
+        self.guard = guard
 
     def receive(self, meta: bytes | memoryview, dataset: bytes | memoryview, origin: Origin) -> Arrival:
         """Spool the encoded instance as it arrived and index it; raises Refused when it cannot be kept.
 
         ``meta`` is the preamble and file meta, ``dataset`` the encoded data set (a whole Part 10 file may
-        be passed as ``meta`` with an empty ``dataset``).
+        be passed as ``meta`` with an empty ``dataset``). Raises OSError when it cannot be written:
+        :class:`OutOfSpace` under the disk guard's minimum (nothing is written), ``InstanceBeingPurged``
+        while retention is removing its earlier copy.
         """
         ds = index_tags(BytesIO(bytes(meta) + bytes(dataset)), self.router.tags)
         path = self.spool.path_for(ds.get("StudyInstanceUID", ""), ds.get("SeriesInstanceUID", ""),
                                    ds.get("SOPInstanceUID", ""))
-        if not self.store.has_instance(str(ds.SOPInstanceUID)):
+        sop_uid = str(ds.SOPInstanceUID)
+        if not self.store.has_instance(sop_uid):
+            if self.store.being_purged(sop_uid):
+                raise InstanceBeingPurged(f"{sop_uid} is being removed by retention; send it again later")
+            if self.guard is not None:
+                self.guard.check(len(meta) + len(dataset))
             self.spool.write(path, meta, dataset)
         arrival, job_id = self.store.record_instance(describe(ds, path, origin, time.time()), self.pipeline,
                                                      self.router.route(ds, origin), expected_instances(ds))
@@ -284,6 +362,9 @@ class StorageSCP:
             log.warning("refused C-STORE %s from %s (%s): %s", event.request.AffectedSOPInstanceUID,
                         origin.calling_ae, origin.peer_address, e)
             return _failure(STATUS_CANNOT_UNDERSTAND, str(e))
+        except OutOfSpace as e:  # the guard logged it, with the free space
+            tally.refused += 1
+            return _failure(STATUS_OUT_OF_RESOURCES, str(e.strerror))
         except OSError as e:
             tally.refused += 1
             log.error("cannot spool C-STORE from %s: %s", origin.calling_ae, e)

@@ -16,10 +16,16 @@ Each series has a row with its routing decision (taken on its first instance, ex
 included), its expected instance count and the association that last delivered to it, which the
 completeness policy reads. A queued job keeps the execution settings of its route, so a restart runs it
 the same way.
+
+Retention (``retention.py``) removes a final job's files once it is due; its rows stay. The purge is recorded
+in the database first (the instances get ``purged_at``, the job ``purge_started_at`` with the same value),
+then the files go, then the job gets ``purged_at`` and a ``purged`` event: a purge a crash interrupts is
+finished by the next one, and a file still on disk whose row says purged is never indexed again.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import threading
@@ -45,6 +51,14 @@ class JobState(StrEnum):
 
 
 FINAL_STATES = (JobState.DONE, JobState.FAILED)
+
+
+class InstanceBeingPurged(OSError):
+    """An instance arrived again while the retention purge removing its earlier copy is under way (a
+    transient refusal: the sender is told to try again later)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EBUSY, message)
 
 
 class Arrival(StrEnum):
@@ -133,6 +147,8 @@ class Job:
     """The run flagged the study for human review (its uncertainty passed a limit); None: not assessed."""
     review_reasons: tuple[str, ...] = ()
     """Why, one sentence per score past its limit (e.g. ``lesion: mean uncertainty 0.471 > 0.2``)."""
+    purged_at: float | None = None
+    """When retention last removed the job's files (spool instances, job folder, outbox); None: never."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +160,24 @@ class Event:
     at: float
     kind: str
     message: str
+
+
+@dataclass(frozen=True)
+class PurgePlan:
+    """What one retention purge of one job removes, as recorded in the store before any file goes."""
+
+    job_id: int
+    state: JobState
+    final_at: float
+    """When the job reached its final state (its ``updated_at``)."""
+    marker: float
+    """The purge's start: ``purge_started_at`` of the job and ``purged_at`` of the instances it removes."""
+    paths: tuple[str, ...]
+    """Spool files of the instances this purge removes."""
+    kept_for: tuple[tuple[int, int], ...] = ()
+    """(job id, instances): instances of this job kept because that newer, not yet purgeable job needs them."""
+    resumed: bool = False
+    """Finishing a purge that was interrupted (the node or the command stopped between its steps)."""
 
 
 @dataclass(frozen=True)
@@ -181,7 +215,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     execution_mode TEXT NOT NULL DEFAULT '',
     timeout_seconds REAL,
     needs_review INTEGER,
-    review_reasons TEXT NOT NULL DEFAULT ''
+    review_reasons TEXT NOT NULL DEFAULT '',
+    purge_started_at REAL,
+    purged_at REAL
 );
 CREATE INDEX IF NOT EXISTS jobs_study ON jobs (study_instance_uid);
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
@@ -198,7 +234,8 @@ CREATE TABLE IF NOT EXISTS instances (
     received_at REAL NOT NULL,
     path TEXT NOT NULL,
     job_id INTEGER NOT NULL REFERENCES jobs (id),
-    late INTEGER NOT NULL DEFAULT 0
+    late INTEGER NOT NULL DEFAULT 0,
+    purged_at REAL
 );
 CREATE INDEX IF NOT EXISTS instances_job ON instances (job_id);
 CREATE TABLE IF NOT EXISTS events (
@@ -248,17 +285,26 @@ _EXECUTION_COLUMNS = {"execution_mode": "TEXT NOT NULL DEFAULT ''", "timeout_sec
 _MIGRATIONS = {
     "jobs": {"priority": "INTEGER NOT NULL DEFAULT 1", "forwards": "TEXT NOT NULL DEFAULT ''",
              "whole_study": "INTEGER NOT NULL DEFAULT 0", "restart_requested": "INTEGER NOT NULL DEFAULT 0",
-             **_EXECUTION_COLUMNS, "needs_review": "INTEGER", "review_reasons": "TEXT NOT NULL DEFAULT ''"},
+             **_EXECUTION_COLUMNS, "needs_review": "INTEGER", "review_reasons": "TEXT NOT NULL DEFAULT ''",
+             "purge_started_at": "REAL", "purged_at": "REAL"},
     "series": _EXECUTION_COLUMNS,
+    "instances": {"purged_at": "REAL"},
 }
 """Columns added after the first release, per table, added to older databases on open."""
+
+_INDEXES_AFTER_MIGRATION = """
+CREATE INDEX IF NOT EXISTS instances_kept ON instances (job_id) WHERE purged_at IS NULL;
+CREATE INDEX IF NOT EXISTS jobs_purging ON jobs (purge_started_at) WHERE purge_started_at IS NOT NULL;
+"""
+"""Indexes on migrated columns: the instances still on disk per job, purges left unfinished (retention's
+look for what is due stays a probe per final job however many purged instances the store holds)."""
 
 _JOB_COLUMNS = (
     "j.id, j.study_instance_uid, j.patient_id, j.pipeline, j.state, j.calling_ae, j.peer_address, "
     "(SELECT count(*) FROM instances i WHERE i.job_id = j.id AND i.late = 0), "
     "(SELECT count(*) FROM instances i WHERE i.job_id = j.id AND i.late = 1), "
     "j.created_at, j.last_instance_at, j.updated_at, j.runs, j.reason, j.priority, j.forwards,"
-    " j.execution_mode, j.timeout_seconds, j.needs_review, j.review_reasons"
+    " j.execution_mode, j.timeout_seconds, j.needs_review, j.review_reasons, j.purged_at"
 )
 
 _INSTANCE_COLUMNS = ("sop_instance_uid, study_instance_uid, series_instance_uid, patient_id, modality, sop_class_uid,"
@@ -267,7 +313,20 @@ _INSTANCE_COLUMNS = ("sop_instance_uid, study_instance_uid, series_instance_uid,
 
 def _job(row: tuple) -> Job:
     return Job(*row[:4], JobState(row[4]), *row[5:15], _split(row[15]), _execution(row[16], row[17]),
-               None if row[18] is None else bool(row[18]), tuple(json.loads(row[19] or "[]")))
+               None if row[18] is None else bool(row[18]), tuple(json.loads(row[19] or "[]")), row[20])
+
+
+def _purgeable(j: str) -> str:
+    """SQL: job ``j`` is purgeable: final before its state's cutoff (``:done_before``, ``:failed_before``; NULL
+    never) and no delivery of it still pending."""
+    return (f"(({j}.state = 'done' AND {j}.updated_at <= :done_before) OR ({j}.state = 'failed'"
+            f" AND {j}.updated_at <= :failed_before)) AND NOT EXISTS (SELECT 1 FROM deliveries d"
+            f" WHERE d.job_id = {j}.id AND d.state = 'pending')")
+
+
+def _cutoff(j: str) -> str:
+    """SQL: the cutoff time of job ``j``'s state."""
+    return f"(CASE {j}.state WHEN 'done' THEN :done_before ELSE :failed_before END)"
 
 
 def _execution(mode: str, timeout_seconds: float | None) -> Execution:
@@ -306,6 +365,7 @@ class JobStore:
             for name, definition in added.items():
                 if name not in columns:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
+        self._db.executescript(_INDEXES_AFTER_MIGRATION)
 
     def close(self) -> None:
         """Close the connection; the store cannot be used afterwards."""
@@ -313,8 +373,8 @@ class JobStore:
             self._db.close()
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One serialized write transaction, rolled back on any error."""
+    def _tx(self, commit: bool = True) -> Iterator[sqlite3.Connection]:
+        """One serialized write transaction, rolled back on any error (and at the end unless ``commit``)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
@@ -322,11 +382,11 @@ class JobStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            self._db.execute("COMMIT" if commit else "ROLLBACK")
 
-    def _query(self, sql: str, params: Iterable = ()) -> list[tuple]:
+    def _query(self, sql: str, params: Iterable | dict = ()) -> list[tuple]:
         with self._lock:
-            return self._db.execute(sql, tuple(params)).fetchall()
+            return self._db.execute(sql, params if isinstance(params, dict) else tuple(params)).fetchall()
 
     @staticmethod
     def _log(db: sqlite3.Connection, job_id: int, kind: str, message: str, at: float | None = None) -> None:
@@ -336,11 +396,19 @@ class JobStore:
     # --- ingress ---------------------------------------------------------------------------------
 
     def has_instance(self, sop_instance_uid: str) -> bool:
-        """Whether this SOP instance is already indexed."""
-        return bool(self._query("SELECT 1 FROM instances WHERE sop_instance_uid = ?", (sop_instance_uid,)))
+        """Whether this SOP instance is indexed and its file kept (one retention removed is received anew)."""
+        return bool(self._query("SELECT 1 FROM instances WHERE sop_instance_uid = ? AND purged_at IS NULL",
+                                (sop_instance_uid,)))
+
+    def being_purged(self, sop_instance_uid: str) -> bool:
+        """Whether a retention purge that removes this instance's file is under way (not finished)."""
+        return bool(self._query(
+            "SELECT 1 FROM instances i JOIN jobs j ON j.id = i.job_id WHERE i.sop_instance_uid = ?"
+            " AND i.purged_at IS NOT NULL AND i.purged_at = j.purge_started_at", (sop_instance_uid,)))
 
     def indexed_paths(self) -> set[str]:
-        """The spool paths of every indexed instance (for re-indexing after a crash)."""
+        """The spool paths of every indexed instance, purged ones included (for re-indexing after a crash: a
+        file an interrupted purge left behind is not indexed again)."""
         return {row[0] for row in self._query("SELECT path FROM instances")}
 
     def record_instance(self, inst: Instance, pipeline: str, route: SeriesRoute | None = None,
@@ -349,12 +417,24 @@ class JobStore:
 
         ``route`` is the series' routing decision (used on its first instance; without one the series goes
         to ``pipeline`` and late instances are only recorded); ``expected`` its expected instance count.
-        Returns what the arrival meant and the job it belongs to.
+        Returns what the arrival meant and the job it belongs to. An instance whose file retention removed
+        is indexed anew (its old row leaves its old job, whose log says so); ``InstanceBeingPurged`` while
+        that removal is still under way.
         """
         route = route or SeriesRoute((pipeline,))
         with self._tx() as db:
-            row = db.execute("SELECT job_id FROM instances WHERE sop_instance_uid = ?",
+            row = db.execute("SELECT i.job_id, i.purged_at, j.purge_started_at FROM instances i"
+                             " JOIN jobs j ON j.id = i.job_id WHERE i.sop_instance_uid = ?",
                              (inst.sop_instance_uid,)).fetchone()
+            if row and row[1] is not None:
+                if row[1] == row[2]:
+                    raise InstanceBeingPurged(f"{inst.sop_instance_uid} is being removed by the retention purge "
+                                              f"of job {row[0]}; send it again later")
+                db.execute("DELETE FROM instances WHERE sop_instance_uid = ?", (inst.sop_instance_uid,))
+                self._log(db, row[0], "re-received",
+                          f"{inst.sop_instance_uid}, purged by retention, received again from "
+                          f"{inst.calling_ae or '?'} ({inst.peer_address or '?'}); indexed anew", inst.received_at)
+                row = None
             if row:
                 self._log(db, row[0], "duplicate",
                           f"{inst.sop_instance_uid} received again from {inst.calling_ae or '?'} "
@@ -428,6 +508,10 @@ class JobStore:
         if policy in ("rerun", "new-job"):
             new_id = self._new_job(db, inst, route, whole_study=policy == "rerun")
             scope = "the whole study" if policy == "rerun" else "the late instances"
+            purged = db.execute("SELECT count(*) FROM instances WHERE study_instance_uid = ? AND purged_at IS NOT"
+                                " NULL AND late = 0", (inst.study_instance_uid,)).fetchone()[0]
+            if policy == "rerun" and purged:
+                scope += f" (less {purged} earlier instance(s) retention already removed)"
             self._log(db, job_id, "late", f"{what}; job {new_id} processes {scope} (late_instances: {policy})",
                       inst.received_at)
             return Arrival.NEW, new_id
@@ -554,12 +638,13 @@ class JobStore:
 
     def job_inputs(self, job_id: int) -> list[Instance]:
         """The instances a job covers: those received before it was queued (late ones and series the rules
-        discard excluded); a re-run of a finished study covers the study's earlier jobs' instances too."""
+        discard excluded); a re-run of a finished study covers the study's earlier jobs' instances too (those
+        retention removed excepted)."""
         rows = self._query(
             f"SELECT {', '.join('i.' + c.strip() for c in _INSTANCE_COLUMNS.split(','))}"
             " FROM instances i JOIN jobs j ON j.id = ?"
-            " WHERE i.late = 0 AND (i.job_id = j.id OR (j.whole_study = 1 AND i.study_instance_uid ="
-            " j.study_instance_uid AND i.job_id < j.id))"
+            " WHERE i.late = 0 AND i.purged_at IS NULL AND (i.job_id = j.id OR (j.whole_study = 1 AND"
+            " i.study_instance_uid = j.study_instance_uid AND i.job_id < j.id))"
             " AND i.series_instance_uid NOT IN (SELECT series_instance_uid FROM series WHERE discard = 1)"
             " ORDER BY i.received_at", (job_id,))
         return [Instance(*row) for row in rows]
@@ -679,6 +764,75 @@ class JobStore:
                 self._log(db, job_id, "failed", reason)
                 return JobState.FAILED
             return None
+
+    # --- retention -------------------------------------------------------------------------------
+
+    def purge_due(self, done_before: float | None, failed_before: float | None) -> list[int]:
+        """Jobs with files for retention to remove, oldest first: purges left unfinished, then purgeable jobs
+        (see :func:`_purgeable`; ``done_before``/``failed_before``: final before this time, None: kept forever)
+        never purged yet, or with an instance received before that time still on disk (a late instance, or
+        one kept for a newer job). One indexed query; nothing due is cheap."""
+        params = {"done_before": done_before, "failed_before": failed_before}
+        rows = self._query(
+            "SELECT id FROM jobs WHERE purge_started_at IS NOT NULL UNION"
+            f" SELECT j.id FROM jobs j WHERE j.state IN ('done', 'failed') AND {_purgeable('j')}"
+            " AND (j.purged_at IS NULL OR EXISTS (SELECT 1 FROM instances i WHERE i.job_id = j.id"
+            f" AND i.purged_at IS NULL AND i.received_at <= {_cutoff('j')})) ORDER BY 1", params)
+        return [row[0] for row in rows]
+
+    def begin_purge(self, job_id: int, done_before: float | None, failed_before: float | None,
+                    dry_run: bool = False) -> PurgePlan | None:
+        """Record a purge of the job's files before any is removed: its instances received before the cutoff
+        get ``purged_at`` (except those a newer, not purgeable whole-study job of the study still needs), the
+        job ``purge_started_at``. A purge left unfinished is returned as it was recorded (``resumed``). None
+        when the job is not purgeable, or was purged and nothing new is due. ``dry_run``: the same decision,
+        rolled back."""
+        params = {"job": job_id, "done_before": done_before, "failed_before": failed_before}
+        with self._tx(commit=not dry_run) as db:
+            row = db.execute(f"SELECT j.state, j.updated_at, j.purge_started_at, j.purged_at, {_purgeable('j')}"
+                             " FROM jobs j WHERE j.id = :job", params).fetchone()
+            if row is None:
+                return None
+            state, final_at, started, purged_at, purgeable = row
+            kept: dict[int, int] = {}
+            if started is None:
+                if state not in FINAL_STATES or not purgeable:
+                    return None
+                marker = time.time()
+                fresh = []
+                keeper_sql = ("SELECT min(k.id) FROM jobs k WHERE i.late = 0 AND k.whole_study = 1"
+                              " AND k.study_instance_uid = i.study_instance_uid AND k.id > i.job_id"
+                              f" AND k.purged_at IS NULL AND k.purge_started_at IS NULL AND NOT ({_purgeable('k')})")
+                for sop, keeper in db.execute(
+                        f"SELECT i.sop_instance_uid, ({keeper_sql}) FROM instances i JOIN jobs j ON j.id = i.job_id"
+                        f" WHERE i.job_id = :job AND i.purged_at IS NULL AND i.received_at <= {_cutoff('j')}"
+                        " ORDER BY i.received_at", params).fetchall():
+                    if keeper is None:
+                        fresh.append(sop)
+                    else:
+                        kept[keeper] = kept.get(keeper, 0) + 1
+                if not fresh and purged_at is not None:
+                    return None
+                db.executemany("UPDATE instances SET purged_at = ? WHERE sop_instance_uid = ?",
+                               [(marker, sop) for sop in fresh])
+                db.execute("UPDATE jobs SET purge_started_at = ? WHERE id = ?", (marker, job_id))
+            else:
+                marker = started
+            paths = tuple(r[0] for r in db.execute("SELECT path FROM instances WHERE job_id = ? AND purged_at = ?"
+                                                   " ORDER BY received_at", (job_id, marker)))
+            return PurgePlan(job_id, JobState(state), final_at, marker, paths, tuple(sorted(kept.items())),
+                             resumed=started is not None)
+
+    def finish_purge(self, job_id: int, marker: float, message: str) -> bool:
+        """The purge's files are gone: the job gets ``purged_at`` and a ``purged`` event with ``message``.
+        False if that purge was already finished (by another process, say)."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE jobs SET purge_started_at = NULL, purged_at = ? WHERE id = ?"
+                             " AND purge_started_at = ?", (time.time(), job_id, marker))
+            if cur.rowcount != 1:
+                return False
+            self._log(db, job_id, "purged", message)
+            return True
 
     # --- introspection ---------------------------------------------------------------------------
 
