@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 from holoscan.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
 
 from radnode.execution import timed_phase
-from radnode.imaging.series import VolumeCriteria, build_volume, read_study_folder, select_volume_series
+from radnode.imaging.series import Series, VolumeCriteria, build_volume, read_study_folder, select_volume_series
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +34,11 @@ class StudyFolderLoaderOperator(Operator):
 class VolumeSeriesSelectorOperator(Operator):
     """Chooses the one series to process by explicit criteria and logs why every other one was skipped."""
 
-    def __init__(self, fragment, *args, criteria: VolumeCriteria, **kwargs):
+    def __init__(self, fragment, *args, criteria: VolumeCriteria,
+                 series_check: Callable[[Series], str | None] | None = None, **kwargs):
+        """``series_check``: why a usable volume series is still not wanted, or None (see select_volume_series)."""
         self.criteria = criteria
+        self.series_check = series_check
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
@@ -43,7 +47,7 @@ class VolumeSeriesSelectorOperator(Operator):
 
     @timed_phase("select_series")
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
-        series, skipped = select_volume_series(op_input.receive("study"), self.criteria)
+        series, skipped = select_volume_series(op_input.receive("study"), self.criteria, self.series_check)
         log.info("selected %s", series.describe())
         for reason in skipped:
             log.info("skipped %s", reason)

@@ -8,8 +8,10 @@ import logging
 from monai.deploy.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
 
 from radnode.config import config_from_environment
+from radnode.measure import MILLILITER, VOLUME
 from radnode.models.inference import InferenceOptions, postprocess, predict_samples, segment_volumes
 from radnode.models.loading import LoadedModel
+from radnode.results import Measurement
 from radnode.uncertainty import UncertainPipelineResult, UncertaintyThresholds
 
 log = logging.getLogger(__name__)
@@ -77,13 +79,17 @@ class SegmentVolumeMeasurementOperator(Operator):
         extraction = op_input.receive("extraction")
         uncertainty = extraction.uncertainty
         segments = [s for s in extraction.segments if s.mask.any()]
+        volumes = segment_volumes(volume, segments)
+        if not segments:  # nothing found is a result too: every segment empty, 0 mL, instead of no SEG at all
+            log.info("no segment has any voxel: %s", ", ".join(s.structure.key for s in extraction.segments))
+            segments = list(extraction.segments)
+            volumes = [Measurement(s.structure.key, VOLUME, 0.0, MILLILITER) for s in segments]
         if uncertainty.needs_review:
             log.warning("flagged for human review: %s", "; ".join(uncertainty.review_reasons))
         op_output.emit(UncertainPipelineResult(
             segments=segments,
-            measurements=segment_volumes(volume, segments) + [m for m in uncertainty.measurements()
-                                                              if any(s.structure.key == m.structure_key
-                                                                     for s in segments)],
+            measurements=volumes + [m for m in uncertainty.measurements()
+                                    if any(s.structure.key == m.structure_key for s in segments)],
             algorithm_name=self.algorithm_name, algorithm_version=self.algorithm_version,
             notes=uncertainty.review_reasons, uncertainty=uncertainty,
         ), "result")

@@ -6,6 +6,10 @@ A site adds its applications without changing radnode: ``RADNODE_PIPELINES`` lis
 (installed, or on ``PYTHONPATH``) in the node and in its job processes, which inherit the variable; its
 ``__main__`` (``python -m site_apps.body_comp``, the app's MAP command) calls
 ``radnode.execution.app_main("body_comp")``.
+
+A site with several models of its own registers one name per model for the shipped model app, e.g.
+``RADNODE_PIPELINES="liver=radnode.apps.model_seg.app:ModelSegApp"``, and says in ``processing.models``
+which model folder each name runs.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ class PipelineSpec:
     """``module:Class`` of the MONAI Deploy Application."""
     description: str
     modalities: tuple[str, ...]
+    takes_model: bool = False
+    """Runs a model folder the site points it to (``--model``, ``HOLOSCAN_MODEL_PATH``, ``processing.models``)."""
 
     def load_app_class(self) -> "type[Application]":
         module, _, cls = self.app.partition(":")
@@ -41,6 +47,9 @@ class PipelineSpec:
         module = self.app.partition(":")[0]
         return module.rpartition(".")[0] or module
 
+
+MODEL_SEG_APP = "radnode.apps.model_seg.app:ModelSegApp"
+"""The application that runs a site's model folder; a site pipeline naming it takes a model folder too."""
 
 PIPELINES: dict[str, PipelineSpec] = {
     spec.name: spec
@@ -56,6 +65,14 @@ PIPELINES: dict[str, PipelineSpec] = {
             app="radnode.apps.mri_brain.app:MRIBrainApp",
             description="MRI 3D T1: brain extraction (deepbet), intracranial and brain volumes, uncertainty map",
             modalities=("MR",),
+        ),
+        PipelineSpec(
+            name="model_seg",
+            app=MODEL_SEG_APP,
+            description="your own model folder (MONAI bundle, TorchScript + model.yaml): segments, volumes, "
+                        "uncertainty map",
+            modalities=("CT", "MR"),
+            takes_model=True,
         ),
     )
 }
@@ -83,7 +100,8 @@ def site_pipelines() -> dict[str, PipelineSpec]:
         name, app = match.groups()
         if name in PIPELINES or name in sites:
             raise PipelineRegistryError(f"${SITE_PIPELINES_ENV}: pipeline {name!r} is already registered")
-        sites[name] = PipelineSpec(name=name, app=app, description=f"site application {app}", modalities=())
+        sites[name] = PipelineSpec(name=name, app=app, description=f"site application {app}", modalities=(),
+                                   takes_model=app == MODEL_SEG_APP)
     return sites
 
 

@@ -843,6 +843,25 @@ def parse_rules(text: str, source: str = "<rules>", known_pipelines: Collection[
     return _Parser(source, known_pipelines, known_destinations, execution_modes).rule_set(data)
 
 
+def parse_condition(data: Any, source: str) -> Condition:
+    """A ``when:`` condition given as plain data from elsewhere (e.g. a model's ``input.series``), checked
+    exactly as in a rule file; a mistake is a RuleError ``SOURCE: reason`` (plain data has no lines)."""
+    try:
+        node = yaml.load(yaml.safe_dump(data), Loader=_LineLoader)  # re-read with the rule files' loader
+    except yaml.YAMLError as e:
+        raise RuleError(source, None, f"not a condition ({e})") from None
+    try:
+        return _Parser(source, None, None, None).condition(node, 1)
+    except RuleError as e:
+        raise RuleError(source, None, e.reason) from None
+
+
+def condition_problem(condition: Condition, attributes: Dataset | Mapping[str, Any]) -> str | None:
+    """Why ``attributes`` (a series' first instance) do not satisfy ``condition``, or None when they do."""
+    verdict = condition.explain(_Subject(attributes, RoutingContext()))
+    return None if verdict.matched else "; ".join(line.strip() for line in verdict.reasons)
+
+
 def load_rules(path: str | Path, known_pipelines: Collection[str] | None = None,
                known_destinations: Collection[str] | None = None,
                execution_modes: Collection[str] | None = None) -> RuleSet:

@@ -48,8 +48,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         os.environ[CONFIG_ENV] = str(Path(args.config).resolve())
     if args.report_backend:
         os.environ[REPORT_BACKEND_ENV] = args.report_backend
-    pipeline = args.pipeline or _routed_pipeline(config, Path(args.input))
-    manifest = run_app(pipeline, Path(args.input), Path(args.output))
+    models = [Path(m) for m in args.model or ()]
+    pipeline = args.pipeline or ("model_seg" if models else _routed_pipeline(config, Path(args.input)))
+    if not models and args.config:
+        models = list(config.processing.models.get(pipeline, []))  # as the node gives them to its jobs
+    manifest = run_app(pipeline, Path(args.input), Path(args.output), models)
     print(f"{manifest.pipeline} {manifest.version}: {len(manifest.outputs)} outputs in {args.output} "
           f"({manifest.seconds:.1f} s)")
     for out in manifest.outputs:
@@ -114,7 +117,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The main job end to end on the embedded default: phantom CT in over DICOM, results out."""
     from radnode.demo import run_demo
 
-    return run_demo(Path(args.workdir), n_slices=args.slices)
+    return run_demo(Path(args.workdir), n_slices=args.slices, viewer=args.viewer, viewer_port=args.viewer_port)
 
 
 def cmd_map_list(args: argparse.Namespace) -> int:
@@ -128,7 +131,7 @@ def cmd_map_build(args: argparse.Namespace) -> int:
     """Write the MAP build context (app.json, pkg.json, Dockerfile, wheel) for one app."""
     from radnode.map import map_build
 
-    return map_build(args.app, Path(args.output))
+    return map_build(args.app, Path(args.output), models=[Path(m) for m in args.model or ()])
 
 
 def cmd_rules_check(args: argparse.Namespace) -> int:
@@ -171,6 +174,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    """Remove the spool instances, job folders and outboxes of jobs past ``retention.done_days`` /
+    ``failed_days`` (beside a running node too); 1 if a purge could not finish (the next one carries on)."""
+    from radnode.node.retention import purge_data_dir
+
+    report = purge_data_dir(_load(args), dry_run=args.dry_run)
+    for result in report.results:
+        print(f"job {result.job_id} ({result.state}): {result.describe(dry_run=args.dry_run)}")
+    print(report.summary())
+    return 1 if any(r.error for r in report.results) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radnode", description=__doc__)
     parser.add_argument("--version", action="version", version=f"radnode {__version__}")
@@ -180,7 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a pipeline once on a folder of DICOM files")
     run.add_argument("input", help="folder of DICOM files (one study)")
     run.add_argument("--output", "-o", required=True, help="folder for the results (.dcm, .json)")
-    run.add_argument("--pipeline", help="pipeline name (default: chosen by the routing rules)")
+    run.add_argument("--pipeline", help="pipeline name (default: chosen by the routing rules; model_seg with --model)")
+    run.add_argument("--model", action="append", metavar="DIR",
+                     help="your model folder (MONAI bundle, TorchScript + model.yaml) for model_seg; repeat for an "
+                          "ensemble (default: the configuration's processing.models)")
     run.add_argument("--config", help="configuration YAML file")
     run.add_argument("--report-backend", choices=REPORT_BACKENDS, help="who writes the report text")
     run.set_defaults(func=cmd_run)
@@ -224,6 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="phantom CT study through the node end to end")
     demo.add_argument("--workdir", default="radnode-demo", help="where the demo keeps its data")
     demo.add_argument("--slices", type=int, default=220, help="phantom slices (at least 200 for the full demo)")
+    demo.add_argument("--viewer", action="store_true",
+                      help="afterwards show the study and its results in OHIF (a private Orthanc behind it) "
+                           "until Ctrl-C; needs deploy/ohif/install.sh")
+    demo.add_argument("--viewer-port", type=int, default=0, help="OHIF's port on 127.0.0.1 (default: a free one)")
     demo.set_defaults(func=cmd_demo)
 
     bench = sub.add_parser("bench", help="benchmarks side by side with DCMTK, Orthanc, pynetdicom, highdicom")
@@ -246,7 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     map_build = map_sub.add_parser("build", help="write an app's MAP build context")
     map_build.add_argument("app", help="app name (a folder under apps/)")
     map_build.add_argument("--output", "-o", required=True, help="folder for the build context")
+    map_build.add_argument("--model", action="append", metavar="DIR",
+                           help="model folder to package at /opt/holoscan/models/<its name> (model_seg; repeatable)")
     map_build.set_defaults(func=cmd_map_build)
+
+    purge = sub.add_parser("purge", help="remove the files of jobs past their retention (job rows and logs stay)")
+    purge.add_argument("--config", help="configuration YAML file (data_dir, retention)")
+    purge.add_argument("--dry-run", action="store_true", help="say what would be removed; remove nothing")
+    purge.set_defaults(func=cmd_purge)
     return parser
 
 

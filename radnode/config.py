@@ -120,6 +120,21 @@ class ProcessingConfig(_Strict):
     """Runs MAP containers for routes with ``execution: {mode: container}``; unset: such routes are refused."""
     map_images: dict[str, str] = {}
     """Pipeline name → MAP image for container execution; default ``radnode-<pipeline>`` (``radnode map build``)."""
+    models: dict[str, list[Path]] = {}
+    """Pipeline name → the model folder it runs (``model_seg``, or a site name for the same app): one folder, or
+    a list of folders run as an ensemble. Handed to the job as ``HOLOSCAN_MODEL_PATH``, whatever the route's
+    execution mode; checked when the node starts."""
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _model_lists(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        folders = {name: [item] if isinstance(item, (str, Path)) else item for name, item in v.items()}
+        for name, items in folders.items():
+            if isinstance(items, list) and not items:
+                raise ValueError(f"pipeline {name!r}: expected a model folder or a non-empty list of them")
+        return folders
 
 
 class OrthancConfig(_Strict):
@@ -168,6 +183,34 @@ class UncertaintyConfig(_Strict):
         return UncertaintyThresholds(self.max_mean, self.max_boundary, self.min_agreement)
 
 
+class RetentionConfig(_Strict):
+    """How long received studies and results are kept on disk, and how much free space ingress keeps.
+
+    A job's spool instances, its ``jobs/<id>`` folder and its ``outbox/<id>`` are removed once the job is
+    final, every delivery is settled (none pending) and it has been final for the number of days of its
+    state; the job row and its event log stay (audit trail) with a ``purged`` event saying what went and
+    how many bytes were freed. An instance a newer job of the same study still needs (a whole-study re-run)
+    stays until that job is purgeable too. 0 days keeps forever.
+    """
+
+    done_days: Annotated[float, Field(ge=0)] = 7.0
+    """Days a ``done`` job's data is kept after it was done (every result delivered): a week covers a
+    re-send, a question from the reading room or a re-run over a weekend and a holiday."""
+    failed_days: Annotated[float, Field(ge=0)] = 30.0
+    """Days a ``failed`` job's data is kept after it failed. Longer than ``done_days`` because failed work
+    needs an operator's look (the input to reproduce the failure, the results a destination never got),
+    and a month spans holidays and a monthly review; not forever by default, because a systematic failure
+    (a misrouted modality failing every study) would otherwise fill the disk and stop ingress. 0: forever."""
+    interval_minutes: Annotated[float, Field(gt=0)] = 60.0
+    """How often the node looks for data due for removal (also once at start, which finishes a purge a
+    crash interrupted); a look with nothing due is a single query."""
+    min_free_disk_gb: Annotated[float, Field(ge=0)] = 2.0
+    """C-STORE is refused (status A700, out of resources) while the spool's file system would have less
+    than this free after the instance; storing resumes by itself when space is back. 0: no limit."""
+    min_free_disk_percent: Annotated[float, Field(ge=0, le=100)] = 2.0
+    """The same guard as a share of the file system's size; the larger of the two limits applies."""
+
+
 class ReportConfig(_Strict):
     """How the report text is written: a deterministic template, or a language model whose text is verified."""
 
@@ -203,6 +246,7 @@ class Config(_Strict):
     orthanc: OrthancConfig = OrthancConfig()
     api: ApiConfig = ApiConfig()
     uncertainty: UncertaintyConfig = UncertaintyConfig()
+    retention: RetentionConfig = RetentionConfig()
     rules: Path | None = None
     """Routing rule file (``pipelines/default_rules.yaml`` is the shipped one); unset: every series goes to
     ``processing.default_pipeline``."""

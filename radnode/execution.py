@@ -14,7 +14,7 @@ import os
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,11 +177,17 @@ def _describe_outputs(folder: Path) -> tuple[list[OutputFile], list[dict], str |
     return outputs, measurements, study_uid
 
 
-def run_app(pipeline_name: str, input_folder: Path, output_folder: Path) -> RunManifest:
-    """Run the named pipeline's application once, in this process, and write its manifest."""
+def run_app(pipeline_name: str, input_folder: Path, output_folder: Path, models: Sequence[Path] = ()) -> RunManifest:
+    """Run the named pipeline's application once, in this process, and write its manifest.
+
+    ``models``: the model folder(s) of a pipeline that runs the site's model (``model_seg``), passed on as
+    ``--model``; without them the app reads ``HOLOSCAN_MODEL_PATH``."""
     from radnode.pipelines.registry import get_pipeline
 
     spec = get_pipeline(pipeline_name)
+    if models and not spec.takes_model:
+        raise ValueError(f"pipeline {pipeline_name} runs no model folder of yours; --model is for "
+                         "model_seg (or a site pipeline running its app)")
     input_folder, output_folder = Path(input_folder).resolve(), Path(output_folder).resolve()
     output_folder.mkdir(parents=True, exist_ok=True)
     prepare_holoscan_process()
@@ -190,7 +196,8 @@ def run_app(pipeline_name: str, input_folder: Path, output_folder: Path) -> RunM
     _review = None
     started = time.monotonic()
     # Holoscan drops argv[0] (the program name) before handing argv to the application.
-    app = app_cls(argv=[pipeline_name, "--input", str(input_folder), "--output", str(output_folder)])
+    app = app_cls(argv=[pipeline_name, "--input", str(input_folder), "--output", str(output_folder),
+                        *(a for m in models for a in ("--model", str(Path(m).resolve())))])
     app.run()
     outputs, measurements, study_uid = _describe_outputs(output_folder)
     manifest = RunManifest(pipeline=spec.name, version=str(app_cls.version), input=str(input_folder),
@@ -208,7 +215,8 @@ def _map_arguments(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("-i", "--input", default=os.environ.get("HOLOSCAN_INPUT_PATH", "input"))
     parser.add_argument("-o", "--output", default=os.environ.get("HOLOSCAN_OUTPUT_PATH", "output"))
-    parser.add_argument("-m", "--model", default=os.environ.get("HOLOSCAN_MODEL_PATH"))
+    parser.add_argument("-m", "--model", action="append", help="model folder (repeatable: an ensemble); "
+                        "default $HOLOSCAN_MODEL_PATH")
     parser.add_argument("-w", "--workdir", default=os.environ.get("HOLOSCAN_WORKDIR"))
     return parser
 
@@ -223,12 +231,32 @@ def app_paths(app_name: str, argv: list[str]) -> tuple[Path, Path]:
     return Path(args.input), Path(args.output)
 
 
+def app_model_folders(app_name: str, argv: list[str]) -> list[Path]:
+    """The model folders an app was given: every ``--model`` in its argv, else ``$HOLOSCAN_MODEL_PATH`` (a
+    model folder, or a folder of them as a MAP's ``/opt/holoscan/models``), each expanded by
+    :func:`radnode.models.loading.model_folders`. ModelError (the ``radnode models check`` message) when
+    there is none or one is not a model folder."""
+    from radnode.models.errors import ModelError
+    from radnode.models.loading import model_folders
+
+    args, _ = _map_arguments(f"python -m radnode.apps.{app_name}").parse_known_args(argv)
+    given = args.model or ([os.environ["HOLOSCAN_MODEL_PATH"]] if os.environ.get("HOLOSCAN_MODEL_PATH") else [])
+    if not given:
+        raise ModelError(f"{app_name}: no model folder; give --model DIR (radnode run) or set HOLOSCAN_MODEL_PATH "
+                         "(a MAP host, or processing.models in the node's configuration)")
+    return [folder for path in given for folder in model_folders(path)]
+
+
 def app_main(pipeline_name: str) -> int:
-    """The MAP command of an app: paths from --input/--output or HOLOSCAN_INPUT_PATH/HOLOSCAN_OUTPUT_PATH."""
+    """The MAP command of an app: paths from --input/--output or HOLOSCAN_INPUT_PATH/HOLOSCAN_OUTPUT_PATH, the
+    model folders (apps that run one) from --model or HOLOSCAN_MODEL_PATH."""
+    from radnode.pipelines.registry import get_pipeline
+
     args = _map_arguments(f"python -m radnode.apps.{pipeline_name}").parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        run_app(pipeline_name, Path(args.input), Path(args.output))
+        models = [Path(m) for m in args.model or ()] if get_pipeline(pipeline_name).takes_model else []
+        run_app(pipeline_name, Path(args.input), Path(args.output), models)
     except Exception as e:  # the last stderr line is the job's recorded reason
         print(f"{pipeline_name} failed: {e}", file=sys.stderr)
         return 1

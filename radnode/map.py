@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -161,13 +162,26 @@ def app_manifest(meta: AppMetadata) -> dict[str, Any]:
     }
 
 
-def package_manifest(meta: AppMetadata) -> dict[str, Any]:
-    """``/etc/holoscan/pkg.json``; ``models`` maps name → absolute path, as the packager writes it."""
+def model_names(models: Sequence[Path]) -> list[tuple[str, Path]]:
+    """Each model folder (absolute) with its name in a MAP's models folder: its own, ``NAME-2``… when taken."""
+    named: list[tuple[str, Path]] = []
+    for model in models:
+        name, n = Path(model).name, 1
+        while any(name == taken for taken, _ in named):
+            n += 1
+            name = f"{Path(model).name}-{n}"
+        named.append((name, Path(model).resolve()))
+    return named
+
+
+def package_manifest(meta: AppMetadata, extra_models: Sequence[str] = ()) -> dict[str, Any]:
+    """``/etc/holoscan/pkg.json``; ``models`` maps name → absolute path, as the packager writes it (the app's
+    own models, then ``extra_models``: the names of the folders given with ``--model``)."""
     return {
         "apiVersion": MAP_API_VERSION,
         "applicationRoot": APP_DIR,
         "modelRoot": MODELS_DIR,
-        "models": {name: f"{MODELS_DIR}/{name}" for name in meta.models},
+        "models": {name: f"{MODELS_DIR}/{name}" for name in [*meta.models, *extra_models]},
         "resources": meta.resources,
         "version": meta.version,
         "platformConfig": PLATFORM_CONFIG,
@@ -263,14 +277,15 @@ def render_dockerfile(meta: AppMetadata, wheel_name: str) -> str:
     return text
 
 
-def map_build(app: str, output: Path, *, wheel: Path | None = None) -> int:
-    """Write the MAP build context of ``app`` into ``output``; ``radnode map build APP --output DIR``.
+def map_build(app: str, output: Path, *, wheel: Path | None = None, models: Sequence[Path] = ()) -> int:
+    """Write the MAP build context of ``app`` into ``output``; ``radnode map build APP --output DIR [--model DIR]``.
 
-    ``wheel`` reuses an already built radnode wheel (otherwise one is built from this checkout).
+    ``wheel`` reuses an already built radnode wheel (otherwise one is built from this checkout); ``models``
+    are model folders for an app that runs one (``model_seg``), checked and copied into the image.
     Returns 0, or 2 with the reason on stderr. Build the image with ``docker build -t NAME OUTPUT``.
     """
     try:
-        context = write_build_context(app, Path(output), wheel=wheel)
+        context = write_build_context(app, Path(output), wheel=wheel, models=models)
     except (MapError, KeyError, subprocess.CalledProcessError, OSError) as e:
         detail = getattr(e, "stderr", None) or ""
         print(f"radnode map build: {e}{': ' + detail.strip() if detail else ''}", file=sys.stderr)
@@ -279,30 +294,48 @@ def map_build(app: str, output: Path, *, wheel: Path | None = None) -> int:
     return 0
 
 
-def write_build_context(app: str, output: Path, *, wheel: Path | None = None) -> Path:
-    """Write the build context (see the module docstring) and return its folder."""
+def write_build_context(app: str, output: Path, *, wheel: Path | None = None, models: Sequence[Path] = ()) -> Path:
+    """Write the build context (see the module docstring) and return its folder.
+
+    ``models``: model folders copied to ``models/<name>`` (``/opt/holoscan/models/<name>`` in the image, listed
+    in ``pkg.json``) after ``radnode models check``; only for an app that runs a model folder."""
     from radnode.pipelines.registry import get_pipeline
 
-    get_pipeline(app)  # unknown names fail with the list of known ones
+    spec = get_pipeline(app)  # unknown names fail with the list of known ones
     source = APPS_DIR / app
     if not (source / "__main__.py").is_file():
         raise MapError(f"{source}: no __main__.py; the MAP command runs `python -m radnode.apps.{app}`")
     meta = AppMetadata.load(app)
+    if models and not spec.takes_model:
+        raise MapError(f"{app} runs no model folder of yours; --model is for model_seg")
+    site_models = model_names(models)
+    if site_models:
+        from radnode.models.loading import check_model_folder
+
+        for name, folder in site_models:
+            if name in meta.models:
+                raise MapError(f"--model {folder}: the app has its own model named {name!r}")
+            problems = check_model_folder(folder)
+            if problems:
+                raise MapError(f"--model: {problems[0]}")
     output.mkdir(parents=True, exist_ok=True)
     for stale in ("app", "models", "docs", "dist"):
         shutil.rmtree(output / stale, ignore_errors=True)
 
     (output / "app.json").write_text(json.dumps(app_manifest(meta), indent=4) + "\n")
-    (output / "pkg.json").write_text(json.dumps(package_manifest(meta), indent=4) + "\n")
+    pkg = package_manifest(meta, [name for name, _ in site_models])
+    (output / "pkg.json").write_text(json.dumps(pkg, indent=4) + "\n")
     shutil.copy2(source / APP_METADATA_FILE, output / "app.yaml")
     shutil.copytree(source, output / "app", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "models"))
-    models = output / "models"
-    models.mkdir()
+    models_dir = output / "models"
+    models_dir.mkdir()
     for name, rel in meta.models.items():
         src = (source / rel).resolve()
         if not src.exists():
             raise MapError(f"{source / APP_METADATA_FILE}: model {name!r} path {rel!r} does not exist")
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, models / name)
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, models_dir / name)
+    for name, folder in site_models:
+        shutil.copytree(folder, models_dir / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     docs = output / "docs"
     docs.mkdir()
     shutil.copy2(REPO / "deploy" / "map" / "README.md", docs / "README.md")

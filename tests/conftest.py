@@ -75,3 +75,19 @@ def real_ct_folder(totalseg_reference: Path, tmp_path: Path) -> Path:
     folder = tmp_path / "real_ct"
     restore_totalseg_dicom(totalseg_reference, folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_unet():
+    """The small UNet of ``test_models`` trained briefly on synthetic CT (about 7 s, once per session)."""
+    from test_models import train_tiny_unet
+
+    return train_tiny_unet()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_unet) -> Path:
+    """That network as a MONAI bundle folder (metadata, inference config, state dict), as a site would have it."""
+    from test_models import write_bundle
+
+    return write_bundle(tmp_path_factory.mktemp("models") / "tiny_bundle", tiny_unet)

@@ -37,6 +37,11 @@ def test_valid_file_loads(tmp_path: Path) -> None:
         ("egress:\n  fhir_url: ftp://x\n", r"key 'egress.fhir_url': .*http"),
         ("ingress: [1, 2\n", r"radnode.yaml: line \d+ not valid YAML"),
         ("- just\n- a list\n", r"expected a mapping"),
+        ("processing:\n  models:\n    model_seg: []\n",
+         r"radnode.yaml: key 'processing.models': .*'model_seg': expected a model folder or a non-empty list"),
+        ("processing:\n  models: [/srv/model]\n", r"radnode.yaml: key 'processing.models': .*dictionary"),
+        ("processing:\n  models:\n    model_seg: {dir: /srv/model}\n",
+         r"radnode.yaml: key 'processing.models.model_seg': .*list"),
     ],
 )
 def test_mistakes_are_refused_with_file_key_and_expectation(tmp_path: Path, text: str, expected: str) -> None:
@@ -44,6 +49,13 @@ def test_mistakes_are_refused_with_file_key_and_expectation(tmp_path: Path, text
     f.write_text(text)
     with pytest.raises(ConfigError, match=expected):
         load_config(f)
+
+
+def test_model_folders_per_pipeline(tmp_path: Path) -> None:
+    f = tmp_path / "radnode.yaml"
+    f.write_text("processing:\n  models:\n    model_seg: /srv/models/liver\n    lesions: [/srv/f0, /srv/f1]\n")
+    assert load_config(f).processing.models == {"model_seg": [Path("/srv/models/liver")],
+                                                "lesions": [Path("/srv/f0"), Path("/srv/f1")]}
 
 
 def test_serve_flags_override_the_file(tmp_path: Path) -> None:

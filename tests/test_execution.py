@@ -14,12 +14,15 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from radnode.config import ConfigError
 from radnode.node.executors import (
     CONTAINER_CONFIG_PATH,
     ContainerExecutor,
+    InProcessExecutor,
     JobRun,
     SubprocessExecutor,
     Timeout,
+    check_models,
     resolve_timeout,
 )
 from radnode.node.egress import Egress
@@ -197,6 +200,58 @@ def test_the_subprocess_command_is_the_map_command_with_the_map_environment(tmp_
         "HOLOSCAN_INPUT_PATH": str(run.inputs), "HOLOSCAN_OUTPUT_PATH": str(run.outputs),
         "HOLOSCAN_WORKDIR": str(work), "HOLOSCAN_MODEL_PATH": str(work / "models"), "OMP_NUM_THREADS": "2",
         "PATH": "/usr/bin"}
+
+
+def test_every_executor_hands_the_configured_model_folders_to_the_job(tmp_path: Path) -> None:
+    """``processing.models``: the folder itself (in-process), links in work/models (subprocess), read-only
+    mounts under /var/holoscan/models over the image's own (container); an ensemble as several entries."""
+    one, fold0, fold1 = (tmp_path / "site" / n for n in ("liver", "fold0", "fold1"))
+    other = tmp_path / "elsewhere" / "fold0"  # same folder name as fold0: gets its own name in the layout
+    for folder in (one, fold0, fold1, other):
+        folder.mkdir(parents=True)
+    models = {"model_seg": [one], "lesions": [fold0, fold1, other]}
+    run = JobRun(5, "model_seg", tmp_path / "jobs" / "5")
+    assert InProcessExecutor(["radnode-run"], {}, models).launch(run).env == {"HOLOSCAN_MODEL_PATH": str(one)}
+    ensemble = JobRun(6, "lesions", tmp_path / "jobs" / "6")
+    env = InProcessExecutor(["radnode-run"], {}, models).launch(ensemble).env
+    links = Path(env["HOLOSCAN_MODEL_PATH"])
+    assert links == ensemble.root / "models"
+    assert {p.name: p.resolve() for p in links.iterdir()} == {"fold0": fold0, "fold1": fold1, "fold0-2": other}
+    assert InProcessExecutor(["radnode-run"], {}, models).launch(JobRun(7, "ct_tissue", tmp_path / "j7")).env == {}
+
+    launch = SubprocessExecutor({}, models).launch(run)
+    work_models = run.root / "work" / "models"
+    assert launch.env["HOLOSCAN_MODEL_PATH"] == str(work_models)
+    assert [(p.name, p.resolve()) for p in work_models.iterdir()] == [("liver", one)]
+
+    argv = ContainerExecutor("docker", {}, tmp_path / "c.yaml", {}, models).launch(ensemble).argv
+    pairs = list(zip(argv[3:-1:2], argv[4:-1:2], strict=True))
+    assert [v for k, v in pairs if k == "-v"][3:] == [f"{fold0}:/var/holoscan/models/fold0:ro",
+                                                      f"{fold1}:/var/holoscan/models/fold1:ro",
+                                                      f"{other}:/var/holoscan/models/fold0-2:ro"]
+    assert "HOLOSCAN_MODEL_PATH=/var/holoscan/models" in [v for k, v in pairs if k == "-e"]
+    plain = ContainerExecutor("docker", {}, tmp_path / "c.yaml", {}, models).launch(JobRun(8, "mri_brain", tmp_path))
+    assert "HOLOSCAN_MODEL_PATH=/opt/holoscan/models" in plain.argv  # the image's own models
+
+
+def test_configured_model_folders_are_checked_when_the_node_starts(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "liver").mkdir()
+
+    def refusal(models: dict) -> str:
+        with pytest.raises(ConfigError) as refused:
+            Node(node_config(tmp_path, processing={"models": models})).start()
+        return str(refused.value)
+
+    assert refusal({"model_seg": str(tmp_path / "missing")}) == \
+        f"processing.models.model_seg: {tmp_path / 'missing'}: not a folder"
+    assert refusal({"liver": str(tmp_path / "liver")}).startswith(
+        "processing.models.liver: unknown pipeline 'liver' (known: ct_tissue, model_seg, mri_brain")
+    assert refusal({"ct_tissue": str(tmp_path / "liver")}) == ("processing.models.ct_tissue: pipeline 'ct_tissue' "
+                                                               "runs no model folder of yours (those that do: model_seg)")
+    monkeypatch.setenv("RADNODE_PIPELINES", "liver=radnode.apps.model_seg.app:ModelSegApp")
+    assert get_pipeline("liver").takes_model
+    check_models(node_config(tmp_path, processing={"models": {"liver": str(tmp_path / "liver")}}))
 
 
 def test_the_timeout_comes_from_the_route_then_the_map_then_the_node() -> None:

@@ -1,6 +1,6 @@
 """MAP packaging: every registered app's build context holds spec-conformant manifests that agree with the
 Holoscan/MONAI Deploy packager, and the MAP command run as a hosting service would gives the same
-results as ``radnode run``."""
+results as ``radnode run``. ``model_seg`` is packaged with the small bundle the tests train (``--model``)."""
 
 from __future__ import annotations
 
@@ -38,10 +38,16 @@ def radnode_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return radmap.build_wheel(tmp_path_factory.mktemp("wheel"))
 
 
+def _models(app: str, bundle: Path) -> list[Path]:
+    """What an app is packaged with: the site's model for the app that runs one, nothing for the others."""
+    return [bundle] if PIPELINES[app].takes_model else []
+
+
 @pytest.fixture(scope="session")
-def contexts(radnode_wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+def contexts(radnode_wheel: Path, tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("map")
-    return {app: radmap.write_build_context(app, root / app, wheel=radnode_wheel) for app in APPS}
+    return {app: radmap.write_build_context(app, root / app, wheel=radnode_wheel, models=_models(app, tiny_bundle))
+            for app in APPS}
 
 
 def _load(context: Path) -> tuple[dict, dict]:
@@ -113,6 +119,11 @@ def test_build_context_layout(contexts: dict[str, Path], app: str) -> None:
     assert "monai-deploy-app-sdk==4.0.0" in requirements
     assert any(r.startswith("torch==") for r in requirements) and any(r.startswith("pydicom==") for r in requirements)
     assert (context / "app" / "__main__.py").is_file() and os.access(context / "tools", os.X_OK)
+    _, pkg = _load(context)
+    assert sorted(pkg["models"]) == sorted(p.name for p in (context / "models").iterdir())
+    if PIPELINES[app].takes_model:  # the bundle given with --model, at /opt/holoscan/models/<its name>
+        assert pkg["models"] == {"tiny_bundle": "/opt/holoscan/models/tiny_bundle"}
+        assert (context / "models" / "tiny_bundle" / "configs" / "metadata.json").is_file()
     result = subprocess.run(["bash", "-n", str(context / "tools")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
@@ -135,6 +146,9 @@ from holoscan_cli.packager.parameters import PackageBuildParameters
 params = PackageBuildParameters()
 params.application = Path(sys.argv[1])
 params.timeout = int(sys.argv[3])
+if len(sys.argv) > 4:  # the packager's --models: a folder with one sub-folder per model
+    from holoscan_cli.packager.models import Models
+    params.models = Models().build(Path(sys.argv[4]))
 reader = ApplicationConfiguration()
 reader.read(Path(sys.argv[2]))
 print(json.dumps({"app": reader.populate_app_manifest(params).data,
@@ -149,8 +163,9 @@ print(json.dumps({"app": reader.populate_app_manifest(params).data,
 def test_manifests_agree_with_the_holoscan_packager(contexts: dict[str, Path], app: str) -> None:
     """The packager's own code, fed the same app.yaml, writes the same manifest fields and values."""
     ours_app, ours_pkg = _load(contexts[app])
+    models = [str(contexts[app] / "models")] if any((contexts[app] / "models").iterdir()) else []
     result = subprocess.run([str(_packager_python()), "-c", PACKAGER_PROBE, str(REPO / "apps" / app),
-                             str(REPO / "apps" / app / "app.yaml"), str(ours_app["timeout"])],
+                             str(REPO / "apps" / app / "app.yaml"), str(ours_app["timeout"]), *models],
                             capture_output=True, text=True, check=True)
     theirs = json.loads(result.stdout)
     assert set(theirs["app"]) == set(ours_app)
@@ -178,11 +193,26 @@ def test_map_build_refuses_unknown_app(tmp_path: Path, capsys: pytest.CaptureFix
     assert "no_such_app" in capsys.readouterr().err and not (tmp_path / "ctx").exists()
 
 
+def test_map_build_checks_the_model_it_packages(tmp_path: Path, tiny_bundle: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    assert radmap.map_build("model_seg", tmp_path / "ctx", models=[tmp_path / "empty"]) == 2
+    assert capsys.readouterr().err.startswith(f"radnode map build: --model: {tmp_path / 'empty'}: not a model folder")
+    assert radmap.map_build("ct_tissue", tmp_path / "ctx", models=[tiny_bundle]) == 2
+    assert "ct_tissue runs no model folder of yours" in capsys.readouterr().err
+    assert not (tmp_path / "ctx").exists()
+
+
 def _seg_summary(path: Path) -> tuple[list[tuple[int, str]], np.ndarray, list[str]]:
     ds = pydicom.dcmread(path)
     segments = [(int(s.SegmentNumber), str(s.SegmentLabel)) for s in ds.SegmentSequence]
-    frame_refs = [f"{int(f.SegmentIdentificationSequence[0].ReferencedSegmentNumber)}:"
-                  f"{f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID}"
+    shared = ds.SharedFunctionalGroupsSequence[0]  # holds the segment when there is only one
+
+    def segment(frame: pydicom.Dataset) -> int:
+        return int((frame if "SegmentIdentificationSequence" in frame else shared)
+                   .SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+
+    frame_refs = [f"{segment(f)}:{f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID}"
                   for f in ds.PerFrameFunctionalGroupsSequence]
     return segments, ds.pixel_array, frame_refs
 
@@ -195,8 +225,13 @@ def _measurements(path: Path) -> list[tuple]:
 
 
 def _study_for(app: str, real_ct_folder: Path, tmp_path: Path) -> Path:
-    """A real study of the kind the app takes: the TotalSegmentator CT, or Colin27 written as a T1 MR series."""
+    """A real study of the kind the app takes: the TotalSegmentator CT, or Colin27 written as a T1 MR series;
+    for the site's model the synthetic CT it was trained for."""
     modalities = PIPELINES[app].modalities
+    if PIPELINES[app].takes_model:
+        from test_models import _write_case
+
+        return _write_case(tmp_path / "lesion_ct", seed=100)
     if "CT" in modalities:
         return real_ct_folder
     if "MR" in modalities:
@@ -209,7 +244,7 @@ def _study_for(app: str, real_ct_folder: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("app", APPS)
-def test_map_command_gives_the_same_results_as_radnode_run(contexts: dict[str, Path], app: str,
+def test_map_command_gives_the_same_results_as_radnode_run(contexts: dict[str, Path], app: str, tiny_bundle: Path,
                                                            real_ct_folder: Path, tmp_path: Path) -> None:
     """app.json#command with the HOLOSCAN_* variables (as a MAP host runs it) vs ``radnode run``.
 
@@ -218,8 +253,9 @@ def test_map_command_gives_the_same_results_as_radnode_run(contexts: dict[str, P
     study = _study_for(app, real_ct_folder, tmp_path)
     manifest, _ = _load(contexts[app])
     by_run = tmp_path / "run"
+    model_args = [a for m in _models(app, tiny_bundle) for a in ("--model", str(m))]
     result = subprocess.run([sys.executable, "-m", "radnode", "run", str(study), "--output", str(by_run),
-                             "--pipeline", app], capture_output=True, text=True, timeout=900)
+                             "--pipeline", app, *model_args], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
 
     workdir = tmp_path / "holoscan"

@@ -1,11 +1,11 @@
 """Model folders: a MONAI bundle trained here on synthetic CT, its TorchScript + sidecar export, and the
-start-up checks that refuse missing or mismatched weights. The bundle runs through the same operators as
-a pipeline (preprocess → sliding window → postprocess → SEG/SR/FHIR/Parametric Map)."""
+start-up checks that refuse missing or mismatched weights. The bundle runs through the shipped ``model_seg``
+pipeline (``radnode run --model``: series selection → preprocess → sliding window → postprocess →
+SEG/SR/FHIR/Parametric Map), which must find the synthetic lesion and write valid objects."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import highdicom as hd
@@ -14,34 +14,20 @@ import pydicom
 import pytest
 import torch
 import yaml
-from holoscan.conditions import CountCondition
-from monai.deploy.core import Application
+from fhir.resources.R4B.bundle import Bundle
 from monai.networks.nets import UNet
 
+from radnode.apps.model_seg.app import series_selection
 from radnode.cli import main as cli_main
 from radnode.execution import prepare_holoscan_process
-from radnode.imaging.series import load_volume
+from radnode.imaging.series import InputError, VolumeCriteria, load_volume, read_study_folder, select_volume_series
 from radnode.models.errors import ModelError
 from radnode.models.inference import InferenceOptions, array_backend, segment_with_model
-from radnode.models.loading import check_model_folder, load_ensemble, load_model_folder
-from radnode.operators.dicom_input import SeriesToVolumeOperator, StudyFolderLoaderOperator, VolumeSeriesSelectorOperator
-from radnode.operators.inference import (
-    ModelPostprocessOperator,
-    SegmentVolumeMeasurementOperator,
-    SlidingWindowInferenceOperator,
-)
-from radnode.operators.preprocess import ModelPreprocessOperator
-from radnode.operators.result_writers import (
-    FhirReportWriterOperator,
-    MeasurementReportWriterOperator,
-    SegmentationWriterOperator,
-)
-from radnode.operators.uncertainty import UncertaintyMapWriterOperator
-from radnode.outputs.algorithm import AlgorithmInfo
+from radnode.models.loading import check_model_folder, load_ensemble, load_model_folder, model_folders
 from radnode.outputs.sr import read_measurements
 from radnode.phantom import CTPhantom, write_ct_series
-from radnode.imaging.series import VolumeCriteria
 from radnode.uncertainty import dice
+from test_mri_brain import _dciodvfy_errors
 
 SHAPE, SPACING, PATCH = (24, 48, 48), (3.0, 2.0, 2.0), (16, 32, 32)
 NETWORK = {"_target_": "monai.networks.nets.UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
@@ -107,13 +93,13 @@ def write_bundle(folder: Path, network: torch.nn.Module) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained() -> UNet:
-    return train_tiny_unet()
+def trained(tiny_unet: UNet) -> UNet:
+    return tiny_unet  # conftest: train_tiny_unet(), once per session
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory: pytest.TempPathFactory, trained: UNet) -> Path:
-    return write_bundle(tmp_path_factory.mktemp("models") / "tiny_bundle", trained)
+def bundle(tiny_bundle: Path) -> Path:
+    return tiny_bundle  # conftest: write_bundle(…/tiny_bundle, trained), once per session
 
 
 @pytest.fixture(scope="module")
@@ -135,69 +121,169 @@ def test_bundle_loads_with_contract_from_its_configs(bundle: Path) -> None:
     assert model.has_dropout
 
 
-TINY_MODEL_FOLDER_ENV = "TINY_MODEL_FOLDER"
-"""The model folder of :class:`TinyModelApp` run in a job process (``RADNODE_PIPELINES=tiny_model=test_models:…``)."""
-
-
-class TinyModelApp(Application):
-    """A pipeline composed of the model operators, as an app for a model folder would be; its review
-    thresholds are the configuration's ``uncertainty`` settings."""
-
-    name = "tiny_model"
-    version = "0.1.0"
-    model_folder: Path | None = None
-    """Set by an in-process test; else ``$TINY_MODEL_FOLDER``."""
-
-    def compose(self) -> None:
-        context = Application.init_app_context([self.name, *self.argv])
-        model = load_model_folder(self.model_folder or Path(os.environ[TINY_MODEL_FOLDER_ENV]))
-        algorithm = AlgorithmInfo(name=model.spec.name, version=model.spec.version)
-        writers = dict(output_folder=Path(context.output_path), algorithm=algorithm,
-                       uid_root=pydicom.uid.PYDICOM_ROOT_UID)
-        loader = StudyFolderLoaderOperator(self, CountCondition(self, 1), input_folder=Path(context.input_path),
-                                           name="loader")
-        selector = VolumeSeriesSelectorOperator(self, criteria=VolumeCriteria(), name="selector")
-        to_volume = SeriesToVolumeOperator(self, name="to_volume")
-        prepare = ModelPreprocessOperator(self, model_spec=model.spec, name="preprocess")
-        infer = SlidingWindowInferenceOperator(self, model=model, options=InferenceOptions(mc_dropout_passes=2),
-                                               name="inference")
-        post = ModelPostprocessOperator(self, model=model, name="postprocess")
-        measure = SegmentVolumeMeasurementOperator(self, algorithm_name=algorithm.name,
-                                                   algorithm_version=algorithm.version, name="measure")
-        seg = SegmentationWriterOperator(self, name="seg", **writers)
-        sr = MeasurementReportWriterOperator(self, name="sr", **writers)
-        fhir = FhirReportWriterOperator(self, name="fhir", **writers)
-        pmap = UncertaintyMapWriterOperator(self, name="pmap", **writers)
-        self.add_flow(loader, selector, {("study", "study")})
-        self.add_flow(selector, to_volume, {("series", "series")})
-        self.add_flow(to_volume, prepare, {("volume", "volume")})
-        self.add_flow(prepare, infer, {("prepared", "prepared")})
-        self.add_flow(infer, post, {("prepared_out", "prepared"), ("samples", "samples")})
-        self.add_flow(to_volume, measure, {("volume", "volume")})
-        self.add_flow(post, measure, {("extraction", "extraction")})
-        for writer in (seg, sr, fhir, pmap):
-            self.add_flow(to_volume, writer, {("volume", "volume")})
-            self.add_flow(measure, writer, {("result", "result")})
-        self.add_flow(seg, sr, {("seg", "seg")})
-        self.add_flow(sr, fhir, {("sr", "sr")})
-
-
-def test_bundle_runs_through_the_pipeline_operators(bundle: Path, ct_case: tuple[Path, np.ndarray],
-                                                    tmp_path: Path) -> None:
-    folder, truth = ct_case
+@pytest.fixture(scope="module")
+def shipped_run(bundle: Path, ct_case: tuple[Path, np.ndarray], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``radnode run CASE --output OUT --model BUNDLE``: the shipped model_seg pipeline on the trained bundle."""
+    out = tmp_path_factory.mktemp("model_seg")
     prepare_holoscan_process()
-    TinyModelApp.model_folder = bundle
-    TinyModelApp(argv=["tiny_model", "--input", str(folder), "--output", str(tmp_path)]).run()
-    assert {p.name for p in tmp_path.iterdir()} >= {"seg.dcm", "sr.dcm", "fhir-bundle.json", "uncertainty-map.dcm"}
-    volume, _ = load_volume(folder, VolumeCriteria())
-    seg = hd.seg.segread(tmp_path / "seg.dcm")
-    mask = seg.get_pixels_by_source_instance([str(ds.SOPInstanceUID) for ds in volume.source], [1],
+    assert cli_main(["run", str(ct_case[0]), "--output", str(out), "--model", str(bundle)]) == 0
+    return out
+
+
+def _lesion_mask(run: Path, case: Path) -> np.ndarray:
+    volume, _ = load_volume(case, VolumeCriteria())
+    seg = hd.seg.segread(run / "seg.dcm")
+    return seg.get_pixels_by_source_instance([str(ds.SOPInstanceUID) for ds in volume.source], [1],
                                              assert_missing_frames_are_empty=True)[..., 0].astype(bool)
-    assert dice(mask, truth) >= 0.8
-    rows = read_measurements(pydicom.dcmread(tmp_path / "sr.dcm"))
+
+
+def test_the_shipped_pipeline_runs_the_bundle_and_finds_the_lesion(shipped_run: Path,
+                                                                   ct_case: tuple[Path, np.ndarray]) -> None:
+    folder, truth = ct_case
+    manifest = json.loads((shipped_run / "manifest.json").read_text())
+    assert manifest["pipeline"] == "model_seg"
+    assert {o["file"] for o in manifest["outputs"]} == {"seg.dcm", "sr.dcm", "fhir-bundle.json",
+                                                        "uncertainty-map.dcm"}
+    assert manifest["review"]["samples"] == 8  # 4 mirrors x 2 Monte Carlo dropout passes
+    seg = pydicom.dcmread(shipped_run / "seg.dcm")
+    assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["lesion"]
+    assert str(seg.SegmentSequence[0].SegmentAlgorithmName) == "tiny lesion"
+    assert dice(_lesion_mask(shipped_run, folder), truth) >= 0.8
+
+
+def test_the_shipped_pipeline_reports_volume_and_uncertainty_in_sr_and_fhir(shipped_run: Path,
+                                                                            ct_case: tuple[Path, np.ndarray]) -> None:
+    rows = read_measurements(pydicom.dcmread(shipped_run / "sr.dcm"))
     assert {r["concept"]["value"] for r in rows} == {"118565006", "UNC-MEAN", "UNC-BOUNDARY", "UNC-AGREEMENT"}
-    lesion_ml = next(r["value"] for r in rows if r["concept"]["value"] == "118565006")
-    assert lesion_ml == pytest.approx(mask.sum() * np.prod(SPACING) / 1000, abs=0.05)  # SR agrees with SEG
+    by_code = {r["concept"]["value"]: r["value"] for r in rows}
+    mask = _lesion_mask(shipped_run, ct_case[0])
+    assert by_code["118565006"] == pytest.approx(mask.sum() * np.prod(SPACING) / 1000, abs=0.05)  # SR = SEG
+    assert 0 <= by_code["UNC-MEAN"] <= 1 and 0 <= by_code["UNC-AGREEMENT"] <= 1
+    bundle = Bundle.model_validate_json((shipped_run / "fhir-bundle.json").read_text())
+    observations = {o.code.text: o for o in (e.resource for e in bundle.entry)
+                    if o.get_resource_type() == "Observation"}
+    assert float(observations["lesion Volume"].valueQuantity.value) == pytest.approx(by_code["118565006"])
+    assert observations["lesion Volume"].valueQuantity.code == "mL"
+    assert len([o for o in observations.values() if o.interpretation]) == 3  # the uncertainty scores
+    report = next(e.resource for e in bundle.entry if e.resource.get_resource_type() == "DiagnosticReport")
+    assert len(report.result) == len(observations) == len(rows)
+
+
+@pytest.mark.parametrize("name, iod", [("seg.dcm", "Segmentation"), ("sr.dcm", "Comprehensive3DSR"),
+                                       ("uncertainty-map.dcm", "ParametricMap")])
+def test_the_shipped_pipelines_outputs_pass_dciodvfy(shipped_run: Path, name: str, iod: str) -> None:
+    report, errors = _dciodvfy_errors(shipped_run / name)
+    assert iod in report, f"dciodvfy did not recognise the {iod} IOD: {report[:5]}"
+    assert errors == []
+
+
+def test_nothing_found_is_reported_as_empty_segments_not_a_failure(bundle: Path, tmp_path: Path) -> None:
+    """A study without a lesion: the SEG holds the empty segment, SR and FHIR say 0 mL."""
+    rng = np.random.default_rng(5)
+    hu = 40.0 + rng.normal(0, 25, SHAPE)
+    write_ct_series(CTPhantom(np.rint(hu).astype(np.int16), SPACING, {}), tmp_path / "normal")
+    prepare_holoscan_process()
+    assert cli_main(["run", str(tmp_path / "normal"), "--output", str(tmp_path / "out"), "--model", str(bundle)]) == 0
+    rows = read_measurements(pydicom.dcmread(tmp_path / "out" / "sr.dcm"))
+    assert next(r["value"] for r in rows if r["concept"]["value"] == "118565006") == 0
+    assert not pydicom.dcmread(tmp_path / "out" / "seg.dcm").pixel_array.any()
+
+
+def test_a_missing_or_wrong_model_folder_fails_at_start_up_with_the_check_message(
+        ct_case: tuple[Path, np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HOLOSCAN_MODEL_PATH", raising=False)
+    prepare_holoscan_process()
+    (tmp_path / "empty").mkdir()
+    (problem,) = check_model_folder(tmp_path / "empty")
+    assert cli_main(["run", str(ct_case[0]), "--output", str(tmp_path / "out"), "--model", str(tmp_path / "empty")]) == 2
+    assert capsys.readouterr().err.strip() == f"radnode: {problem}"
+    assert cli_main(["run", str(ct_case[0]), "--output", str(tmp_path / "out"), "--pipeline", "model_seg"]) == 2
+    assert "model_seg: no model folder; give --model DIR" in capsys.readouterr().err
+    assert cli_main(["run", str(ct_case[0]), "--output", str(tmp_path / "out"), "--pipeline", "ct_tissue",
+                     "--model", str(tmp_path / "empty")]) == 2
+    assert "pipeline ct_tissue runs no model folder of yours" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "seg.dcm").exists()
+
+
+def test_a_folder_of_model_folders_is_an_ensemble(bundle: Path, tmp_path: Path) -> None:
+    """HOLOSCAN_MODEL_PATH as a MAP has it (/opt/holoscan/models/<name>/…): every sub-folder a member."""
+    assert model_folders(bundle) == [bundle]
+    for name in ("fold1", "fold0"):
+        (tmp_path / "models" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "models" / name).symlink_to(bundle)
+    assert [p.name for p in model_folders(tmp_path / "models")] == ["fold0", "fold1"]
+    (tmp_path / "models" / "notes").mkdir()
+    with pytest.raises(ModelError, match=r"models/notes: not a model folder"):
+        model_folders(tmp_path / "models")
+    with pytest.raises(ModelError, match=r"configs: not a model folder"):
+        model_folders(bundle / "configs")  # a folder holding no model names itself, not its sub-folders
+
+
+def _describe(folder: Path, description: str) -> Path:
+    for path in folder.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.SeriesDescription = description
+        ds.save_as(path)
+    return folder
+
+
+def test_the_series_is_the_largest_volume_of_the_models_modality_unless_the_model_says_more(
+        trained: UNet, tmp_path: Path) -> None:
+    hu, truth = synthetic_ct(seed=7)
+    study_uid = pydicom.uid.generate_uid()
+    write_ct_series(CTPhantom(np.rint(hu).astype(np.int16), SPACING, {"lesion": truth}), tmp_path / "study" / "a",
+                    study_uid=study_uid)
+    _describe(tmp_path / "study" / "a", "Lesion protocol")
+    thicker = np.rint(np.concatenate([hu, hu[:8]])).astype(np.int16)
+    write_ct_series(CTPhantom(thicker, SPACING, {}), tmp_path / "study" / "b", study_uid=study_uid)
+    study = read_study_folder(tmp_path / "study")
+    torch.jit.script(trained).save(str(tmp_path / "model.ts"))
+    sidecar = {"name": "tiny lesion ts", "weights": "model.ts",
+               "input": {"patch_size": list(PATCH), "spacing": list(SPACING)},
+               "labels": {1: "lesion"}}
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(sidecar))
+    spec = load_model_folder(tmp_path).spec
+    assert spec.modality == "CT" and spec.series is None
+    chosen, skipped = select_volume_series(study, *series_selection(spec))
+    assert len(chosen.datasets) == 32 and "has more or thinner slices" in skipped[0]
+
+    sidecar["input"]["series"] = {"SeriesDescription": {"matches": "(?i)lesion"}}
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(sidecar))
+    spec = load_model_folder(tmp_path).spec
+    chosen, skipped = select_volume_series(study, *series_selection(spec))
+    assert str(chosen.first.SeriesDescription) == "Lesion protocol"
+    assert skipped == ["series 1 'Phantom CT thorax-abdomen' (CT, 32 instances): not the series tiny lesion ts "
+                       "reads (SeriesDescription matches '(?i)lesion' not matched: 'Phantom CT thorax-abdomen')"]
+
+    sidecar["input"]["modality"] = "MR"
+    (tmp_path / "model.yaml").write_text(yaml.safe_dump(sidecar))
+    with pytest.raises(InputError, match="no usable MR volume"):
+        select_volume_series(study, *series_selection(load_model_folder(tmp_path).spec))
+
+
+def test_modality_and_series_condition_are_checked_at_load(bundle: Path, tmp_path: Path) -> None:
+    metadata = json.loads((bundle / "configs" / "metadata.json").read_text())
+    metadata["network_data_format"]["inputs"]["image"]["modality"] = "MRI"  # as Model Zoo bundles write it
+    copy = tmp_path / "mr_bundle"
+    (copy / "configs").mkdir(parents=True)
+    (copy / "models").mkdir()
+    (copy / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    (copy / "configs" / "inference.json").write_text((bundle / "configs" / "inference.json").read_text())
+    (copy / "models" / "model.pt").write_bytes((bundle / "models" / "model.pt").read_bytes())
+    assert load_model_folder(copy).spec.modality == "MR"
+    sidecar = tmp_path / "sidecar"
+    sidecar.mkdir()
+    for series, message in (({"SeriesDescription": {"regex": "x"}}, "unknown operator 'regex'"),
+                            ({"SeriesDescriptoin": "x"}, "did you mean 'SeriesDescription'")):
+        (sidecar / "model.yaml").write_text(yaml.safe_dump({"input": {"patch_size": list(PATCH), "series": series},
+                                                            "labels": {1: "x"}}))
+        problems = check_model_folder(sidecar)
+        assert len(problems) == 1 and problems[0].startswith(f"{sidecar / 'model.yaml'}: input.series: ")
+        assert message in problems[0]
+    (sidecar / "model.yaml").write_text(yaml.safe_dump({"input": {"patch_size": list(PATCH), "modality": "US"},
+                                                        "labels": {1: "x"}}))
+    assert check_model_folder(sidecar) == [f"{sidecar / 'model.yaml'}: input.modality 'US'; expected one of CT, MR"]
 
 
 def test_torchscript_with_sidecar_matches_the_bundle(trained: UNet, bundle: Path, tmp_path: Path) -> None:

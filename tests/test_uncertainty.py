@@ -6,7 +6,6 @@ agreeing with the DiagnosticReport."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import urllib.error
 import urllib.request
@@ -35,7 +34,7 @@ from radnode.node.service import Node
 from radnode.node.store import JobState
 from radnode.peers import free_port
 from test_egress import wait_until
-from test_models import TINY_MODEL_FOLDER_ENV, SPACING, _write_case, synthetic_ct, train_tiny_unet, write_bundle
+from test_models import SPACING, _write_case, synthetic_ct
 from test_node import final_job, node_config
 from test_scp import storescu
 
@@ -84,8 +83,8 @@ def test_configured_limits_default_to_the_pipelines_defaults() -> None:
 
 
 @pytest.fixture(scope="module")
-def bundle_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_bundle(tmp_path_factory.mktemp("unc") / "bundle", train_tiny_unet())
+def bundle_folder(tiny_bundle: Path) -> Path:
+    return tiny_bundle  # conftest: the small bundle test_models trains, once per session
 
 
 @pytest.fixture(scope="module")
@@ -136,21 +135,34 @@ def _diagnostic_report(outbox: Path) -> dict:
     return next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
 
 
+SUBPROCESS_ROUTE = """\
+rules:
+  - name: lesion-model
+    when: {Modality: CT}
+    pipelines: [model_seg]
+    execution: {mode: subprocess}
+"""
+
+
 @pytest.mark.slow
 def test_a_study_past_a_configured_limit_is_marked_for_review_in_the_job_store(
         tmp_path: Path, bundle_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The same study through two nodes running the model as a site pipeline in job processes; they differ only
-    in ``uncertainty.max_mean``: below the model's mean uncertainty (about 0.47 on this case), then above it."""
-    tests = str(Path(__file__).resolve().parent)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("RADNODE_PIPELINES", "tiny_model=test_models:TinyModelApp")
-    monkeypatch.setenv(TINY_MODEL_FOLDER_ENV, str(bundle_folder))
+    """The same study through two nodes running the shipped ``model_seg`` pipeline on the bundle their
+    configuration names (``processing.models``) in job processes; they differ only in ``uncertainty.max_mean``:
+    below the model's mean uncertainty (about 0.47 on this case), then above it. The first runs the job
+    in-process (the default pipeline), the second as the app's MAP command (a subprocess route)."""
+    monkeypatch.delenv("HOLOSCAN_MODEL_PATH", raising=False)
     case = _write_case(tmp_path / "case", seed=100)
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(SUBPROCESS_ROUTE)
     for name, max_mean in (("flagged", 0.2), ("clear", 0.8)):
         api_port = free_port()
-        config = node_config(tmp_path / name, processing={"default_pipeline": "tiny_model", "job_timeout_seconds": 300},
+        config = node_config(tmp_path / name, processing={"default_pipeline": "model_seg", "job_timeout_seconds": 300,
+                                                          "models": {"model_seg": str(bundle_folder)}},
                              uncertainty={"max_mean": max_mean, "max_boundary": 0.9, "min_agreement": 0.8},
                              api={"enabled": True, "port": api_port})
+        if name == "clear":
+            config = config.model_copy(update={"rules": rules})
         with Node(config, poll_seconds=0.1) as node:
             assert storescu(node.port, case).returncode == 0
             wait_until(lambda: len(node.jobs()) == 1)
@@ -163,7 +175,10 @@ def test_a_study_past_a_configured_limit_is_marked_for_review_in_the_job_store(
             with pytest.raises(urllib.error.HTTPError, match="400"):
                 _get_json(api_port, "/jobs?needs_review=maybe")
             review_events = [e.message for e in node.events(job.id) if e.kind == "review"]
+            running = next(e.message for e in node.events(job.id) if e.kind == "running")
         manifest = RunManifest.read(outbox_dir(config, job.id))
+        assert manifest.pipeline == "model_seg"
+        assert running.startswith("subprocess: " if name == "clear" else "in-process: "), running
         report = _diagnostic_report(outbox_dir(config, job.id))
         flagged_in_report = any(c["code"] == "REVIEW-REQUIRED" for concept in report.get("conclusionCode", [])
                                 for c in concept["coding"])

@@ -6,7 +6,7 @@ and z=−130.0"), because the job log is where a PACS administrator looks when n
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,18 +161,20 @@ def _spacing_problem(series: Series, normal: np.ndarray, tolerance: float) -> st
     return None
 
 
-def select_volume_series(study: StudyInput, criteria: VolumeCriteria) -> tuple[Series, list[str]]:
+def select_volume_series(study: StudyInput, criteria: VolumeCriteria,
+                         series_check: Callable[[Series], str | None] | None = None) -> tuple[Series, list[str]]:
     """Pick the series to process and say why each other one was skipped.
 
-    Among usable series the one with most slices wins, then the thinnest slices.
-    Raises InputError listing every rejection when none is usable.
+    ``series_check`` (optional) says why a series that is a usable volume is still not the one wanted (e.g. a
+    model's ``input.series`` condition), or None. Among usable series the one with most slices wins, then the
+    thinnest slices. Raises InputError listing every rejection when none is usable.
     """
     if study.unreadable:
         raise InputError("unreadable input: " + "; ".join(study.unreadable))
     usable: list[Series] = []
     skipped: list[str] = []
     for series in study.series:
-        problem = check_series(series, criteria)
+        problem = check_series(series, criteria) or (series_check(series) if series_check else None)
         (skipped.append(problem) if problem else usable.append(series))
     if not usable:
         raise InputError(f"no usable {criteria.modality} volume: " + "; ".join(skipped))

@@ -145,6 +145,7 @@ def _bundle_spec(folder: Path, metadata: dict[str, Any], parser: Any) -> ModelSp
         outputs = metadata["network_data_format"]["outputs"]["pred"]
         channel_def = outputs["channel_def"]
         in_channels = int(metadata["network_data_format"]["inputs"]["image"].get("num_channels", 1))
+        modality = metadata["network_data_format"]["inputs"]["image"].get("modality")  # the bundle spec's field
     except (KeyError, TypeError):
         raise ModelError(f"{where}: network_data_format.outputs.pred.channel_def missing") from None
     config = parser.get() if parser is not None else {}
@@ -157,7 +158,7 @@ def _bundle_spec(folder: Path, metadata: dict[str, Any], parser: Any) -> ModelSp
     if window is not None:
         normalisation = {"kind": "window", "low": float(window["a_min"]), "high": float(window["a_max"])}
     return parse_model_yaml({
-        "input": {"patch_size": list(inferer["roi_size"]), "channels": in_channels,
+        "input": {"patch_size": list(inferer["roi_size"]), "channels": in_channels, "modality": modality,
                   # MONAI's pixdim is (x, y, z) in RAS order; the node's grid is (slice, row, column).
                   "spacing": list(reversed([float(v) for v in spacing["pixdim"]])) if spacing else None,
                   "normalisation": normalisation},
@@ -233,3 +234,37 @@ def check_model_folder(folder: str | Path) -> list[str]:
     except ModelError as e:
         return [str(e)]
     return []
+
+
+def model_folders(path: str | Path) -> list[Path]:
+    """The model folder(s) a path names, as the MAP contract hands them over (``HOLOSCAN_MODEL_PATH``,
+    ``/opt/holoscan/models``): the path itself when it is a model folder, else each of its sub-folders (by
+    name; several form an ensemble). ModelError, as ``radnode models check`` words it, when it holds none."""
+    path = Path(path)
+    try:
+        model_kind(path)
+        return [path]
+    except ModelError as e:
+        if not path.is_dir():
+            raise
+        not_a_model = e
+    found: list[Path] = []
+    problems: list[ModelError] = []
+    for sub in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            model_kind(sub)
+            found.append(sub)
+        except ModelError as e:
+            problems.append(e)
+    if not found:
+        raise not_a_model  # e.g. a bundle folder without configs/metadata.json: name the folder itself
+    if problems:
+        raise problems[0]  # a folder of models with something else in it
+    return found
+
+
+def load_models(folders: list[Path], device: torch.device | None = None) -> LoadedModel:
+    """One model folder, or several as an ensemble (:func:`load_ensemble`)."""
+    if not folders:
+        raise ModelError("no model folder given")
+    return load_model_folder(folders[0], device) if len(folders) == 1 else load_ensemble(folders, device)

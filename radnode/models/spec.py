@@ -52,6 +52,11 @@ class ModelSpec:
     """Target voxel size (slice, row, column) in mm; None keeps the source spacing."""
     normalisation: Normalisation = Normalisation()
     in_channels: int = 1
+    modality: str = "CT"
+    """The modality of the series the model reads, ``CT`` or ``MR`` (``input.modality``)."""
+    series: Any = None
+    """Further attributes that series must have, as a routing-rule condition (``input.series``, the language
+    of ``docs/rules.md``), parsed; None: any volume series of the modality."""
 
     @property
     def out_channels(self) -> int:
@@ -96,6 +101,25 @@ def parse_labels(raw: dict[Any, Any], where: str) -> dict[int, Structure]:
     return labels
 
 
+MODALITIES = {"CT": "CT", "MR": "MR", "MRI": "MR"}
+"""Modalities a model may read (as DICOM Modality); MONAI bundles often write ``MRI``."""
+
+
+def _series_selection(source: dict[str, Any], where: str) -> tuple[str, Any]:
+    """``input.modality`` (default CT) and ``input.series`` (a rule condition, checked now) of a model."""
+    modality = MODALITIES.get(str(source.get("modality") or "CT").strip().upper())
+    if modality is None:
+        raise ModelError(f"{where}: input.modality {source.get('modality')!r}; expected one of CT, MR")
+    if source.get("series") is None:
+        return modality, None
+    from radnode.pipelines.rules import RuleError, parse_condition
+
+    try:
+        return modality, parse_condition(source["series"], f"{where}: input.series")
+    except RuleError as e:
+        raise ModelError(str(e)) from None
+
+
 def parse_model_yaml(data: dict[str, Any], where: str, *, name: str, version: str = "unknown") -> ModelSpec:
     """A ModelSpec from a sidecar YAML or a bundle's ``radnode`` mapping::
 
@@ -104,6 +128,8 @@ def parse_model_yaml(data: dict[str, Any], where: str, *, name: str, version: st
           spacing: [1.5, 1.5, 1.5] # mm (slice, row, column); omit to keep the source spacing
           normalisation: {kind: window, low: -160, high: 240}   # or zscore, or percentile low/high
           patch_size: [96, 96, 96]
+          modality: CT             # or MR; the series read is the largest volume series of it
+          series: {SeriesDescription: {matches: "(?i)venous"}}   # optional: a condition as in rule files
         labels:
           1: {key: liver, name: Liver, code: [10200004, SCT, Liver]}
     """
@@ -120,6 +146,7 @@ def parse_model_yaml(data: dict[str, Any], where: str, *, name: str, version: st
     if spacing is not None and (len(spacing) != 3 or min(float(v) for v in spacing) <= 0):
         raise ModelError(f"{where}: input.spacing must be three positive numbers (mm), got {spacing}")
     norm = source.get("normalisation", {}) or {}
+    modality, series = _series_selection(source, where)
     if "labels" not in data:
         raise ModelError(f"{where}: labels missing")
     return ModelSpec(
@@ -130,5 +157,7 @@ def parse_model_yaml(data: dict[str, Any], where: str, *, name: str, version: st
         spacing=tuple(float(v) for v in spacing) if spacing is not None else None,  # type: ignore[arg-type]
         normalisation=Normalisation(str(norm.get("kind", "zscore")), norm.get("low"), norm.get("high")),
         in_channels=int(source.get("channels", 1)),
+        modality=modality,
+        series=series,
     )
 

@@ -14,11 +14,17 @@ the same failure reporting (the last stderr line). Only the command differs:
     The app's MAP command (``app.json#command``, ``python -m radnode.apps.<app>``; for a site pipeline
     ``python -m <its package>``) with the variables a MAP host sets: ``HOLOSCAN_INPUT_PATH``,
     ``HOLOSCAN_OUTPUT_PATH``, ``HOLOSCAN_WORKDIR`` (``jobs/<id>/work``, also the working directory) and
-    ``HOLOSCAN_MODEL_PATH`` (``work/models``: a link per model of the app). It runs on the node's Python.
+    ``HOLOSCAN_MODEL_PATH`` (``work/models``: a link per model of the app, or per folder the node's
+    ``processing.models`` gives the pipeline). It runs on the node's Python.
 ``container``
     ``docker run`` / ``podman run`` of the app's MAP image, input mounted read-only and output writable
     at the MAP's paths, the same variables, as the node's user, with the MAP's resource requests
-    (``pkg.json#resources``) as limits. Only when ``processing.container_engine`` names an engine.
+    (``pkg.json#resources``) as limits; ``processing.models`` folders of the pipeline are mounted read-only
+    at ``/var/holoscan/models/<name>`` (then ``HOLOSCAN_MODEL_PATH``, over the image's own
+    ``/opt/holoscan/models``). Only when ``processing.container_engine`` names an engine.
+
+A pipeline with ``processing.models`` gets its model folder(s) in every mode: in-process as
+``HOLOSCAN_MODEL_PATH`` in the job command's environment (the folder; for an ensemble a folder of links).
 
 Resource requests outside a container: ``resources.cpu`` sets the thread pools (``OMP_NUM_THREADS``,
 which torch's intra-op pool follows, ``MKL_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``) so the app uses about
@@ -40,16 +46,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from radnode.config import CONFIG_ENV, Config
+from radnode.config import CONFIG_ENV, Config, ConfigError
 from radnode.map import APP_METADATA_FILE, APPS_DIR, INPUT_DIR, MODELS_DIR, OUTPUT_DIR, WORK_DIR, AppMetadata, \
-    MapError, app_manifest
-from radnode.pipelines.registry import PIPELINES, UnknownPipelineError, get_pipeline
+    MapError, app_manifest, model_names
+from radnode.pipelines.registry import PIPELINES, UnknownPipelineError, get_pipeline, registered_pipelines
 from radnode.pipelines.rules import ExecutionMode
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 """Thread-pool sizes set from ``resources.cpu`` (torch's intra-op pool follows ``OMP_NUM_THREADS``)."""
 CONTAINER_CONFIG_PATH = f"{WORK_DIR}/radnode-config.yaml"
 """Where the node's configuration is mounted in a MAP container (the apps read it via $RADNODE_CONFIG)."""
+SITE_MODELS_DIR = f"{WORK_DIR}/models"
+"""Where ``processing.models`` folders are mounted in a MAP container (its ``HOLOSCAN_MODEL_PATH`` then)."""
 
 
 class ExecutionError(ValueError):
@@ -143,23 +151,43 @@ def thread_environment(resources: Mapping[str, object]) -> dict[str, str]:
     return dict.fromkeys(THREAD_VARIABLES, str(max(1, math.ceil(cpu))))
 
 
+def link_models(folder: Path, models: Sequence[Path]) -> Path:
+    """``folder``, made afresh, with a link per model folder (a MAP's models layout, which the app reads as an
+    ensemble when it holds several)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    for name, model in model_names(models):
+        (folder / name).symlink_to(model)
+    return folder
+
+
 class InProcessExecutor:
     """The node's job command: radnode's runner runs the app in the job process (see the module docstring)."""
 
-    def __init__(self, command: Sequence[str], env: Mapping[str, str]) -> None:
-        """``command`` is called as ``COMMAND INPUT_DIR --output OUT_DIR --pipeline NAME``."""
-        self.command, self.env = list(command), dict(env)
+    def __init__(self, command: Sequence[str], env: Mapping[str, str],
+                 models: Mapping[str, Sequence[Path]] | None = None) -> None:
+        """``command`` is called as ``COMMAND INPUT_DIR --output OUT_DIR --pipeline NAME``; ``models``
+        (``processing.models``): the model folder(s) of a pipeline, given to its run as ``HOLOSCAN_MODEL_PATH``
+        (the folder, or ``jobs/<id>/models`` with a link to each of an ensemble's)."""
+        self.command, self.env, self.models = list(command), dict(env), dict(models or {})
 
     def launch(self, run: JobRun) -> Launch:
         argv = [*self.command, str(run.inputs), "--output", str(run.outputs), "--pipeline", run.pipeline]
-        return Launch(argv, self.env, run.root)
+        env = self.env
+        models = self.models.get(run.pipeline)
+        if models:
+            path = Path(models[0]).resolve() if len(models) == 1 else link_models(run.root / "models", models)
+            env = {**env, "HOLOSCAN_MODEL_PATH": str(path)}
+        return Launch(argv, env, run.root)
 
 
 class SubprocessExecutor:
     """The app's MAP command on the node's Python, with the MAP environment (see the module docstring)."""
 
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self.env = dict(env)
+    def __init__(self, env: Mapping[str, str], models: Mapping[str, Sequence[Path]] | None = None) -> None:
+        """``models`` (``processing.models``): a pipeline's model folder(s), linked in ``HOLOSCAN_MODEL_PATH``
+        instead of the app's own."""
+        self.env, self.models = dict(env), dict(models or {})
 
     def launch(self, run: JobRun) -> Launch:
         meta = map_metadata(run.pipeline)
@@ -167,8 +195,11 @@ class SubprocessExecutor:
         shutil.rmtree(work, ignore_errors=True)  # fresh for every run, as a MAP container's is
         models = work / "models"
         models.mkdir(parents=True)
-        for name, rel in (meta.models if meta else {}).items():
-            (models / name).symlink_to((APPS_DIR / run.pipeline / rel).resolve())
+        if self.models.get(run.pipeline):
+            link_models(models, self.models[run.pipeline])
+        else:
+            for name, rel in (meta.models if meta else {}).items():
+                (models / name).symlink_to((APPS_DIR / run.pipeline / rel).resolve())
         env = {**self.env, **thread_environment(meta.resources if meta else {}),
                "HOLOSCAN_INPUT_PATH": str(run.inputs), "HOLOSCAN_OUTPUT_PATH": str(run.outputs),
                "HOLOSCAN_WORKDIR": str(work), "HOLOSCAN_MODEL_PATH": str(models)}
@@ -178,18 +209,24 @@ class SubprocessExecutor:
 class ContainerExecutor:
     """``ENGINE run`` of the app's MAP image with the MAP's paths, variables and resources."""
 
-    def __init__(self, engine: str, images: Mapping[str, str], config_file: Path, env: Mapping[str, str]) -> None:
+    def __init__(self, engine: str, images: Mapping[str, str], config_file: Path, env: Mapping[str, str],
+                 models: Mapping[str, Sequence[Path]] | None = None) -> None:
         """``engine``: ``docker`` or ``podman``; ``images``: pipeline → image (default ``radnode-<pipeline>``);
-        ``config_file`` is mounted for the app; ``env`` is the engine client's own environment."""
+        ``config_file`` is mounted for the app; ``env`` is the engine client's own environment; ``models``
+        (``processing.models``): a pipeline's model folder(s), mounted read-only under ``SITE_MODELS_DIR``,
+        which is then the run's ``HOLOSCAN_MODEL_PATH`` instead of the image's ``/opt/holoscan/models``."""
         self.engine, self.images, self.config_file, self.env = engine, dict(images), config_file, dict(env)
+        self.models = dict(models or {})
 
     def launch(self, run: JobRun) -> Launch:
         meta = map_metadata(run.pipeline)
         resources = meta.resources if meta else {}
         name = f"radnode-job-{run.job_id}-{uuid.uuid4().hex[:8]}"
         input_path, output_path = f"{WORK_DIR}/{INPUT_DIR}".rstrip("/"), f"{WORK_DIR}/{OUTPUT_DIR}".rstrip("/")
+        site_models = self.models.get(run.pipeline) or []
+        model_path = SITE_MODELS_DIR if site_models else MODELS_DIR
         variables = {"HOLOSCAN_INPUT_PATH": input_path, "HOLOSCAN_OUTPUT_PATH": output_path,
-                     "HOLOSCAN_WORKDIR": WORK_DIR, "HOLOSCAN_MODEL_PATH": MODELS_DIR,
+                     "HOLOSCAN_WORKDIR": WORK_DIR, "HOLOSCAN_MODEL_PATH": model_path,
                      CONFIG_ENV: CONTAINER_CONFIG_PATH, **thread_environment(resources)}
         argv = [self.engine, "run", "--rm", "--name", name, "--user", f"{os.getuid()}:{os.getgid()}"]
         for flag, key in (("--cpus", "cpu"), ("--memory", "memory"), ("--shm-size", "sharedMemory")):
@@ -199,6 +236,8 @@ class ContainerExecutor:
             argv += ["--gpus", str(resources["gpu"])]
         argv += ["-v", f"{run.inputs}:{input_path}:ro", "-v", f"{run.outputs}:{output_path}",
                  "-v", f"{self.config_file}:{CONTAINER_CONFIG_PATH}:ro"]
+        for name, model in model_names(site_models):
+            argv += ["-v", f"{model}:{SITE_MODELS_DIR}/{name}:ro"]
         for key, value in variables.items():
             argv += ["-e", f"{key}={value}"]
         argv.append(self.images.get(run.pipeline, f"radnode-{run.pipeline}"))
@@ -214,12 +253,31 @@ def execution_modes(config: Config) -> tuple[ExecutionMode, ...]:
 def executors(config: Config, job_command: Sequence[str], config_file: Path) -> dict[ExecutionMode, Executor]:
     """The executors this node has: in-process and subprocess always, container with an engine configured."""
     env = {**os.environ, CONFIG_ENV: str(config_file)}
+    models = config.processing.models
     available: dict[ExecutionMode, Executor] = {
-        ExecutionMode.IN_PROCESS: InProcessExecutor(job_command, env),
-        ExecutionMode.SUBPROCESS: SubprocessExecutor(env),
+        ExecutionMode.IN_PROCESS: InProcessExecutor(job_command, env, models),
+        ExecutionMode.SUBPROCESS: SubprocessExecutor(env, models),
     }
     engine = config.processing.container_engine
     if engine:
         available[ExecutionMode.CONTAINER] = ContainerExecutor(engine, config.processing.map_images, config_file,
-                                                               dict(os.environ))
+                                                               dict(os.environ), models)
     return available
+
+
+def check_models(config: Config) -> None:
+    """``processing.models`` against this node: every name a registered pipeline that runs a model folder
+    (built-in or ``$RADNODE_PIPELINES``), every folder present; ConfigError naming the key otherwise. (The
+    job loads and probes the model when it starts; ``radnode models check DIR`` does the same beforehand.)"""
+    known = registered_pipelines()
+    for name, folders in config.processing.models.items():
+        key = f"processing.models.{name}"
+        if name not in known:
+            raise ConfigError(f"{key}: unknown pipeline {name!r} (known: {', '.join(sorted(known))})")
+        if not known[name].takes_model:
+            takers = sorted(n for n, spec in known.items() if spec.takes_model)
+            raise ConfigError(f"{key}: pipeline {name!r} runs no model folder of yours (those that do: "
+                              f"{', '.join(takers)})")
+        for folder in folders:
+            if not Path(folder).is_dir():
+                raise ConfigError(f"{key}: {folder}: not a folder")

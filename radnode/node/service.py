@@ -9,6 +9,7 @@ On disk under ``config.data_dir``::
     jobs/<job_id>/in/               hard links to the instances the job covers
     jobs/<job_id>/out/              what the job command wrote
     jobs/<job_id>/work/             HOLOSCAN_WORKDIR of a job run as its MAP command (subprocess execution)
+    jobs/<job_id>/models/           links to the folders of an ensemble in processing.models (in-process)
     jobs/<job_id>/stdout.log, stderr.log
     outbox/<job_id>/                copy of every output, kept whatever the deliveries do
 
@@ -20,6 +21,11 @@ priority, completeness, execution: in-process, subprocess or container, see ``ex
 
 On start, spool files the store does not know are indexed, jobs left ``running`` run again from
 scratch, and jobs left ``delivering`` carry on with only the deliveries not recorded as done.
+
+Retention (``retention.py``) removes the files of jobs final for longer than ``retention.done_days`` /
+``failed_days`` in its own thread, at start (finishing a purge a crash interrupted) and every
+``retention.interval_minutes``; the disk guard refuses C-STOREs while the spool's file system is under
+``retention.min_free_disk_gb`` / ``min_free_disk_percent`` free.
 """
 
 from __future__ import annotations
@@ -33,10 +39,11 @@ import yaml
 
 from radnode.config import Config
 from radnode.node.egress import Egress
-from radnode.node.executors import execution_modes
+from radnode.node.executors import check_models, execution_modes
 from radnode.node.http_api import NodeApi
 from radnode.node.orthanc_ingress import OrthancIngress
-from radnode.node.scp import Ingest, Router, Spool, StorageSCP
+from radnode.node.retention import Retention
+from radnode.node.scp import DiskGuard, Ingest, Router, Spool, StorageSCP
 from radnode.node.store import Delivery, Event, Job, JobState, JobStore
 from radnode.node.worker import DEFAULT_JOB_COMMAND, Scheduler
 from radnode.pipelines.registry import registered_pipelines
@@ -59,11 +66,14 @@ class Node:
         self._scp: StorageSCP | None = None
         self._api: NodeApi | None = None
         self._orthanc: OrthancIngress | None = None
+        self.disk_guard: DiskGuard | None = None
+        """Checked before every spool write (set on start, from ``retention.min_free_disk_*``)."""
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         """Recover what a previous run left, then listen and schedule."""
+        check_models(self.config)
         data = self.config.data_dir
         data.mkdir(parents=True, exist_ok=True)
         config_file = data / "node-config.yaml"
@@ -72,7 +82,8 @@ class Node:
                         self.config.ingress.late_instances)
         self.store = store = JobStore(data / "radnode.db")
         spool = Spool(data / "spool", fsync=self.config.ingress.sync_spool)
-        ingest = Ingest(spool, store, self.config.processing.default_pipeline, router)
+        self.disk_guard = DiskGuard.from_config(spool.root, self.config.retention)
+        ingest = Ingest(spool, store, self.config.processing.default_pipeline, router, self.disk_guard)
         self._recover(store, spool, ingest)
         egress = Egress(self.config, store)
         scheduler = Scheduler(self.config, store, egress, self.job_command, config_file)
@@ -86,8 +97,9 @@ class Node:
             self._api = NodeApi(self.config.api.host, self.config.api.port, on_event, self._health, jobs=self)
             self._api.start()
         self._stopping.clear()
+        retention = Retention(self.config, store, should_stop=self._stopping.is_set)
         self._threads = [self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
-                         self._loop("egress", egress.deliver_due)]
+                         self._loop("egress", egress.deliver_due), self._loop("retention", retention.tick)]
 
     def load_rules(self) -> RuleSet | None:
         """The configured rule file, checked against the known pipelines (built-in and site), the named

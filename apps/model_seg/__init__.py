@@ -1,0 +1,1 @@
+"""Model segmentation application: the site's own model folder (MONAI bundle or TorchScript + model.yaml)."""
