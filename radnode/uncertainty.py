@@ -171,21 +171,25 @@ def segment_uncertainty(key: str, uncertainty_map: Any, consensus: Any, sample_m
     return SegmentUncertainty(key, inside, boundary, agreement)
 
 
-def summarise_samples(samples: Any, labels: dict[int, str], method: str,
-                      limits: UncertaintyThresholds = UncertaintyThresholds()) -> tuple[Any, UncertaintyReport]:
-    """Mean probabilities and the uncertainty report from ``samples`` of shape ``(S, C, ...)``.
+def summarise(mean: Any, sample_labels: list[Any], labels: dict[int, str], method: str,
+              limits: UncertaintyThresholds = UncertaintyThresholds()) -> UncertaintyReport:
+    """The uncertainty report from the mean class probabilities ``(C, ...)`` and each sample's label map.
 
-    ``labels`` maps class index (not 0, the background) to structure key. Sample masks are each
-    sample's argmax; the consensus is the argmax of the mean. The mean stays in the samples' array
-    module (NumPy or CuPy); the report's map is always NumPy.
+    ``labels`` maps class index (not 0, the background) to structure key; the consensus is the argmax of
+    the mean. Runs in the arrays' module (NumPy or CuPy); the report's map is always NumPy.
     """
-    mean = samples.mean(axis=0)
     uncertainty_map = normalised_entropy(mean)
     consensus = mean.argmax(axis=0)
-    sample_labels = samples.argmax(axis=1)
-    scores = [segment_uncertainty(key, uncertainty_map, consensus == index,
-                                  [s == index for s in sample_labels]) for index, key in labels.items()]
-    return mean, UncertaintyReport(to_host(uncertainty_map), scores, method, int(samples.shape[0]), limits)
+    scores = [segment_uncertainty(key, uncertainty_map, consensus == index, [s == index for s in sample_labels])
+              for index, key in labels.items()]
+    return UncertaintyReport(to_host(uncertainty_map), scores, method, len(sample_labels), limits)
+
+
+def summarise_samples(samples: Any, labels: dict[int, str], method: str,
+                      limits: UncertaintyThresholds = UncertaintyThresholds()) -> tuple[Any, UncertaintyReport]:
+    """Mean probabilities and the uncertainty report from stacked ``samples`` of shape ``(S, C, ...)``."""
+    mean = samples.mean(axis=0)
+    return mean, summarise(mean, list(samples.argmax(axis=1)), labels, method, limits)
 
 
 # Evaluation: does the uncertainty rank bad segmentations first, and are the probabilities calibrated?

@@ -66,6 +66,28 @@ def test_normalised_entropy_and_sample_summary() -> None:
     assert report.review_reasons == ["x: sample agreement 0.500 < 0.9"]  # consensus of a 50/50 split is empty
 
 
+
+def test_streaming_postprocess_equals_the_stacked_summary() -> None:
+    """postprocess restores one sample at a time (memory); its result equals summarising the stacked samples."""
+    from radnode.models.inference import Prepared, array_backend, postprocess, resample
+    from radnode.models.spec import ModelSpec
+    from radnode.results import Structure
+
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(5, 3, 6, 7, 8)).astype(np.float32)
+    samples = list(np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True))
+    backend = array_backend(prefer_gpu=False)
+    source = (9, 10, 12)
+    structures = {1: Structure("a", "A", None, None), 2: Structure("b", "B", None, None)}  # type: ignore[arg-type]
+    spec = ModelSpec("m", "0", structures, (4, 4, 4))
+    result = postprocess(samples, Prepared(samples[0][:1], source, backend), spec, "test")
+    stacked = np.stack([resample(s, source, backend) for s in samples])
+    mean, report = summarise_samples(stacked, {1: "a", 2: "b"}, "test")
+    assert np.allclose(result.probabilities, mean, atol=1e-6)
+    assert np.allclose(result.uncertainty.map, report.map, atol=1e-6)
+    assert result.uncertainty.segments == report.segments and result.uncertainty.n_samples == 5
+    assert [s.mask.sum() for s in result.segments] == [(mean.argmax(0) == i).sum() for i in (1, 2)]
+
 def test_metric_helpers() -> None:
     assert auroc(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 1.0
     assert auroc(np.array([0.9, 0.2, 0.8, 0.1]), np.array([0, 0, 1, 1])) == 0.25

@@ -23,7 +23,7 @@ from radnode.measure import MILLILITER, VOLUME, VOLUME_DECIMALS
 from radnode.models.loading import LoadedModel
 from radnode.models.spec import ModelSpec
 from radnode.results import Measurement, Segment
-from radnode.uncertainty import UncertainSegmentation, UncertaintyThresholds, summarise_samples
+from radnode.uncertainty import UncertainSegmentation, UncertaintyThresholds, summarise
 
 log = logging.getLogger(__name__)
 
@@ -176,11 +176,22 @@ def predict_samples(model: LoadedModel, prepared: Prepared, options: InferenceOp
 def postprocess(samples: list[Any], prepared: Prepared, spec: ModelSpec, method: str,
                 limits: UncertaintyThresholds = UncertaintyThresholds()) -> UncertainSegmentation:
     """Samples back on the source grid (linear resampling of probabilities), consensus masks and uncertainty,
-    computed on the preprocessing back end (GPU with CuPy); masks, map and mean probabilities return as NumPy."""
-    backend = prepared.backend
-    restored = backend.xp.stack([resample(s, prepared.source_shape, backend, order=1) for s in samples])
+    computed on the preprocessing back end (GPU with CuPy) one sample at a time (a running sum and each
+    sample's label map, never the stack); masks, map and mean probabilities return as NumPy."""
+    backend, xp = prepared.backend, prepared.backend.xp
+    total, sample_labels = None, []
+    for sample in samples:  # one source-grid sample at a time: S stacked samples of a 512²×300 CT are 10 GB
+        restored = resample(sample, prepared.source_shape, backend, order=1)
+        sample_labels.append(restored.argmax(axis=0).astype(xp.uint8))
+        if total is None:
+            total = restored.astype(xp.float32, copy=True)
+        else:
+            total += restored
+        del restored
+    total /= len(samples)
+    mean = total
     labels = {index: structure.key for index, structure in spec.labels.items()}
-    mean, report = summarise_samples(restored, labels, method, limits)  # on the GPU when the samples are
+    report = summarise(mean, sample_labels, labels, method, limits)  # on the GPU when the samples are
     consensus = mean.argmax(axis=0)
     segments = [Segment(structure, backend.to_numpy(consensus == index)) for index, structure in spec.labels.items()]
     return UncertainSegmentation(segments, report, backend.to_numpy(mean))
