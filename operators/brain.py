@@ -34,7 +34,7 @@ class T1SeriesSelectorOperator(Operator):
 
 
 class BrainExtractionOperator(Operator):
-    """Brain mask (deepbet) with mirror test-time augmentation; the networks load when the app is composed,
+    """Brain mask (deepbet) with test-time augmentation (radnode.imaging.brain); the networks load when the app is composed,
     so missing or wrong weights stop the run before any study is read."""
 
     def __init__(self, fragment, *args, model_folder: Path | None = None,

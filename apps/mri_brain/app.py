@@ -1,7 +1,7 @@
 """The MRI brain pipeline as a MONAI Deploy application.
 
 DICOM folder → 3D T1 series selection (reasons for every skipped series) → volume → deepbet brain
-extraction with mirror test-time augmentation → intracranial and brain-parenchyma volumes plus
+extraction with test-time augmentation (mirror, rotations, scaling, shifts, gamma) → intracranial and brain-parenchyma volumes plus
 uncertainty scores → DICOM SEG, TID 1500 SR, FHIR Bundle and an uncertainty Parametric Map.
 The networks are loaded while composing, so missing weights fail before any study is read.
 """
