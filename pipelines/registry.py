@@ -41,6 +41,12 @@ class PipelineSpec:
         return getattr(importlib.import_module(module), cls)
 
     @property
+    def built_in_app(self) -> str | None:
+        """The built-in pipeline whose application this one runs: itself for a built-in, ``model_seg`` for a
+        site name registered on model_seg's class (one per model); None for a site's own application."""
+        return next((spec.name for spec in PIPELINES.values() if spec.app == self.app), None)
+
+    @property
     def map_module(self) -> str:
         """The package whose ``__main__`` is the app's MAP command (run with ``python -m``), e.g.
         ``radnode.apps.ct_tissue``."""

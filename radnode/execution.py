@@ -247,12 +247,23 @@ def app_model_folders(app_name: str, argv: list[str]) -> list[Path]:
     return [folder for path in given for folder in model_folders(path)]
 
 
+PIPELINE_ENV = "RADNODE_PIPELINE"
+"""Set by the node's executors to the job's pipeline name, so an app registered under a site name (e.g. one
+per model on model_seg's class) records that name in its manifest."""
+
+
 def app_main(pipeline_name: str) -> int:
     """The MAP command of an app: paths from --input/--output or HOLOSCAN_INPUT_PATH/HOLOSCAN_OUTPUT_PATH, the
-    model folders (apps that run one) from --model or HOLOSCAN_MODEL_PATH."""
-    from radnode.pipelines.registry import get_pipeline
+    model folders (apps that run one) from --model or HOLOSCAN_MODEL_PATH; the pipeline name from
+    ``$RADNODE_PIPELINE`` when that names a pipeline running this same app."""
+    from radnode.pipelines.registry import UnknownPipelineError, get_pipeline
 
     args = _map_arguments(f"python -m radnode.apps.{pipeline_name}").parse_args()
+    try:
+        if (alias := os.environ.get(PIPELINE_ENV)) and get_pipeline(alias).built_in_app == pipeline_name:
+            pipeline_name = alias
+    except UnknownPipelineError:
+        pass
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         models = [Path(m) for m in args.model or ()] if get_pipeline(pipeline_name).takes_model else []

@@ -180,7 +180,8 @@ def test_the_container_command_mounts_the_job_folders_and_applies_the_map_resour
     env = dict(v.split("=", 1) for k, v in zip(argv[3:-1:2], argv[4:-1:2], strict=True) if k == "-e")
     assert env == {"HOLOSCAN_INPUT_PATH": "/var/holoscan/input", "HOLOSCAN_OUTPUT_PATH": "/var/holoscan/output",
                    "HOLOSCAN_WORKDIR": "/var/holoscan", "HOLOSCAN_MODEL_PATH": "/opt/holoscan/models",
-                   "RADNODE_CONFIG": CONTAINER_CONFIG_PATH, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2",
+                   "RADNODE_CONFIG": CONTAINER_CONFIG_PATH, "RADNODE_PIPELINE": "ct_tissue", "OMP_NUM_THREADS": "2",
+                   "MKL_NUM_THREADS": "2",
                    "OPENBLAS_NUM_THREADS": "2"}
     assert argv[-1] == "radnode-ct_tissue"
     assert launch.stop_argv == ["podman", "rm", "--force", name]
@@ -262,6 +263,21 @@ def test_the_timeout_comes_from_the_route_then_the_map_then_the_node() -> None:
     assert resolve_timeout(ExecutionMode.IN_PROCESS, "ct_tissue", None, 60) == node
     assert resolve_timeout(ExecutionMode.IN_PROCESS, "ct_tissue", 5, 60) == Timeout(5, "route")
 
+
+
+def test_a_site_name_on_a_built_in_app_shares_its_map(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One name per model on model_seg's class: model_seg's MAP timeout, command and image, and the job's own
+    name handed to the app (its manifest records ``liver``, not ``model_seg``)."""
+    monkeypatch.setenv("RADNODE_PIPELINES", "liver=radnode.apps.model_seg.app:ModelSegApp, own=site.app:App")
+    assert get_pipeline("liver").built_in_app == "model_seg" and get_pipeline("own").built_in_app is None
+    assert resolve_timeout(ExecutionMode.SUBPROCESS, "liver", None, 60) == \
+        resolve_timeout(ExecutionMode.SUBPROCESS, "model_seg", None, 60) == Timeout(1800, "MAP app.json")
+    run = JobRun(9, "liver", tmp_path / "jobs" / "9")
+    launch = SubprocessExecutor({}).launch(run)
+    assert launch.argv == SubprocessExecutor({}).launch(JobRun(10, "model_seg", tmp_path / "jobs" / "10")).argv
+    assert launch.env["RADNODE_PIPELINE"] == "liver"
+    argv = ContainerExecutor("docker", {}, tmp_path / "c.yaml", {}).launch(run).argv
+    assert argv[-1] == "radnode-model_seg" and "RADNODE_PIPELINE=liver" in argv
 
 def test_a_container_route_is_refused_at_load_without_an_engine(tmp_path: Path) -> None:
     rules = _rules(tmp_path, "rules:\n  - name: ct\n    when: {Modality: CT}\n    pipelines: [ct_tissue]\n"

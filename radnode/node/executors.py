@@ -47,9 +47,10 @@ from pathlib import Path
 from typing import Protocol
 
 from radnode.config import CONFIG_ENV, Config, ConfigError
+from radnode.execution import PIPELINE_ENV
 from radnode.map import APP_METADATA_FILE, APPS_DIR, INPUT_DIR, MODELS_DIR, OUTPUT_DIR, WORK_DIR, AppMetadata, \
     MapError, app_manifest, model_names
-from radnode.pipelines.registry import PIPELINES, UnknownPipelineError, get_pipeline, registered_pipelines
+from radnode.pipelines.registry import UnknownPipelineError, get_pipeline, registered_pipelines
 from radnode.pipelines.rules import ExecutionMode
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
@@ -108,11 +109,17 @@ class Executor(Protocol):
 
 
 def map_metadata(pipeline: str) -> AppMetadata | None:
-    """The MAP metadata (``apps/<app>/app.yaml``) of a built-in pipeline; None for a site pipeline."""
-    if pipeline not in PIPELINES or not (APPS_DIR / pipeline / APP_METADATA_FILE).is_file():
+    """The MAP metadata (``apps/<app>/app.yaml``) of the built-in app a pipeline runs (a site name registered
+    on a built-in app's class, e.g. one per model on model_seg, shares that app's MAP); None for a site's own
+    application or an unknown name."""
+    try:
+        app = get_pipeline(pipeline).built_in_app
+    except UnknownPipelineError:
+        return None
+    if app is None or not (APPS_DIR / app / APP_METADATA_FILE).is_file():
         return None
     try:
-        return AppMetadata.load(pipeline)
+        return AppMetadata.load(app)
     except MapError as e:
         raise ExecutionError(str(e)) from None
 
@@ -199,10 +206,10 @@ class SubprocessExecutor:
             link_models(models, self.models[run.pipeline])
         else:
             for name, rel in (meta.models if meta else {}).items():
-                (models / name).symlink_to((APPS_DIR / run.pipeline / rel).resolve())
+                (models / name).symlink_to((APPS_DIR / meta.name / rel).resolve())  # type: ignore[union-attr]
         env = {**self.env, **thread_environment(meta.resources if meta else {}),
                "HOLOSCAN_INPUT_PATH": str(run.inputs), "HOLOSCAN_OUTPUT_PATH": str(run.outputs),
-               "HOLOSCAN_WORKDIR": str(work), "HOLOSCAN_MODEL_PATH": str(models)}
+               "HOLOSCAN_WORKDIR": str(work), "HOLOSCAN_MODEL_PATH": str(models), PIPELINE_ENV: run.pipeline}
         return Launch(map_command(run.pipeline), env, work)
 
 
@@ -211,7 +218,7 @@ class ContainerExecutor:
 
     def __init__(self, engine: str, images: Mapping[str, str], config_file: Path, env: Mapping[str, str],
                  models: Mapping[str, Sequence[Path]] | None = None) -> None:
-        """``engine``: ``docker`` or ``podman``; ``images``: pipeline → image (default ``radnode-<pipeline>``);
+        """``engine``: ``docker`` or ``podman``; ``images``: pipeline → image (default ``radnode-<app>``, the built-in app it runs);
         ``config_file`` is mounted for the app; ``env`` is the engine client's own environment; ``models``
         (``processing.models``): a pipeline's model folder(s), mounted read-only under ``SITE_MODELS_DIR``,
         which is then the run's ``HOLOSCAN_MODEL_PATH`` instead of the image's ``/opt/holoscan/models``."""
@@ -227,7 +234,7 @@ class ContainerExecutor:
         model_path = SITE_MODELS_DIR if site_models else MODELS_DIR
         variables = {"HOLOSCAN_INPUT_PATH": input_path, "HOLOSCAN_OUTPUT_PATH": output_path,
                      "HOLOSCAN_WORKDIR": WORK_DIR, "HOLOSCAN_MODEL_PATH": model_path,
-                     CONFIG_ENV: CONTAINER_CONFIG_PATH, **thread_environment(resources)}
+                     CONFIG_ENV: CONTAINER_CONFIG_PATH, PIPELINE_ENV: run.pipeline, **thread_environment(resources)}
         argv = [self.engine, "run", "--rm", "--name", name, "--user", f"{os.getuid()}:{os.getgid()}"]
         for flag, key in (("--cpus", "cpu"), ("--memory", "memory"), ("--shm-size", "sharedMemory")):
             if resources.get(key):
@@ -240,7 +247,7 @@ class ContainerExecutor:
             argv += ["-v", f"{model}:{SITE_MODELS_DIR}/{name}:ro"]
         for key, value in variables.items():
             argv += ["-e", f"{key}={value}"]
-        argv.append(self.images.get(run.pipeline, f"radnode-{run.pipeline}"))
+        argv.append(self.images.get(run.pipeline, f"radnode-{meta.name if meta else run.pipeline}"))
         return Launch(argv, self.env, run.root, stop_argv=[self.engine, "rm", "--force", name])
 
 
