@@ -274,3 +274,32 @@ def test_killed_while_delivering_only_undelivered_results_are_sent(tmp_path: Pat
     (job,) = store.jobs()
     assert job.runs == 1
     store.close()
+
+
+def test_every_pipeline_the_rules_select_runs_and_delivers_and_the_study_is_forwarded_once(
+        tmp_path: Path, stand_in: list[str], pacs: StoreSCP, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RADNODE_PIPELINES", "ct_copy=radnode.apps.ct_tissue.app:CTTissueApp")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - name: ct\n    when: {Modality: CT}\n    pipelines: [ct_tissue, ct_copy]\n"
+                     "    forward: [ARCHIVE]\n")
+    with StoreSCP(tmp_path / "archive") as archive:
+        config = node_config(tmp_path, egress={"destinations": [pacs.peer.model_dump()],
+                                               "named_destinations": {"ARCHIVE": str(archive.peer)}})
+        config = config.model_copy(update={"rules": rules})
+        write_study(tmp_path / "study", n=3, patient_id="P1")
+        with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
+            assert storescu(node.port, tmp_path / "study").returncode == 0
+            wait_until(lambda: len(node.jobs()) == 2)
+            main, sibling = (final_job(node, j.id) for j in node.jobs())
+            assert (main.pipeline, main.state, main.forwards, main.sibling_of) == (
+                "ct_tissue", JobState.DONE, ("ARCHIVE",), None)
+            assert (sibling.pipeline, sibling.state, sibling.forwards, sibling.sibling_of) == (
+                "ct_copy", JobState.DONE, (), main.id)
+            assert main.instances == sibling.instances == 3
+            assert [e.kind for e in node.events(sibling.id)] == ["queued", "running", "finished", "delivered", "done"]
+            assert any(e.kind == "route" and f"started sibling job {sibling.id} (ct_copy)" in e.message
+                       for e in node.events(main.id))
+        results = [pydicom.dcmread(p) for p in pacs.received()]
+        forwarded = [pydicom.dcmread(p) for p in archive.received()]
+    assert len(results) == 2 and len({ds.SOPInstanceUID for ds in results}) == 2
+    assert len(forwarded) == 1 and forwarded[0].SOPInstanceUID in {ds.SOPInstanceUID for ds in results}

@@ -23,7 +23,7 @@ from radnode.config import Config
 from radnode.node.retention import DAY, Retention, purge_data_dir
 from radnode.node.scp import Ingest, Spool
 from radnode.node.service import Node
-from radnode.node.store import SCHEMA, InstanceBeingPurged, JobState, JobStore
+from radnode.node.store import SCHEMA, Instance, InstanceBeingPurged, JobState, JobStore, SeriesRoute
 from radnode.peers import StoreSCP, free_port
 from test_egress import wait_until
 from test_node import final_job, jobs_by_patient, node_config, write_text_report
@@ -342,4 +342,30 @@ def test_a_store_from_before_retention_gets_its_columns_on_open(tmp_path: Path) 
     store = JobStore(tmp_path / "radnode.db")
     (job,) = store.jobs()
     assert job.purged_at is None and store.purge_due(time.time(), None) == [job.id]
+    store.close()
+
+
+def test_a_main_jobs_instances_are_kept_while_its_sibling_job_needs_them(tmp_path: Path) -> None:
+    """Rules selecting two pipelines: the sibling job reads the main job's instances; purging the main job
+    first keeps them for it, and the next purge after the sibling's takes them."""
+    store = JobStore(tmp_path / "radnode.db")
+    route = SeriesRoute(("ct_tissue", "lung"))
+    for n in range(2):
+        _, main = store.record_instance(Instance(f"1.{n}", "1.2.3", "1.2.3.1", "P1", "CT", CTImageStorage,
+                                                 f"/spool/1.{n}.dcm", received_at=n), "ct_tissue", route)
+    assert store.queue_job(main, "idle") is JobState.QUEUED
+    (sibling,) = [j.id for j in store.jobs() if j.sibling_of == main]
+    for job_id in (main, sibling):
+        assert store.start_job(job_id, "run")
+    assert store.begin_delivery(main, "nothing", [])
+    later = time.time() + 10
+    assert store.purge_due(later, later) == [main]
+    plan = store.begin_purge(main, later, later)
+    assert plan is not None and plan.paths == () and plan.kept_for == ((sibling, 2),)
+    assert store.finish_purge(main, plan.marker, "nothing removed")
+    assert [i.sop_instance_uid for i in store.job_inputs(sibling)] == ["1.0", "1.1"]
+    assert store.begin_delivery(sibling, "nothing", [])
+    assert store.purge_due(later, later) == [main, sibling]
+    plan = store.begin_purge(main, later, later)
+    assert plan is not None and plan.paths == ("/spool/1.0.dcm", "/spool/1.1.dcm") and plan.kept_for == ()
     store.close()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from radnode.node.store import SCHEMA, Arrival, Instance, JobState, JobStore
+from radnode.node.store import SCHEMA, Arrival, Instance, JobState, JobStore, SeriesRoute
+from radnode.pipelines.rules import Execution, ExecutionMode
 
 
 def instance(sop: str, study: str = "1.2.3", received_at: float | None = None) -> Instance:
@@ -181,3 +183,54 @@ def test_job_counts_agree_with_the_job_list(store: JobStore) -> None:
     assert counts == {state.value: sum(j.state is state for j in store.jobs()) for state in JobState}
     assert counts["running"] == 1 and sum(counts.values()) == 3
     assert flagged == len(store.jobs(needs_review=True)) == 1
+
+
+def test_every_selected_pipeline_runs_as_its_own_job_with_the_main_jobs_input(store: JobStore) -> None:
+    ct = SeriesRoute(("ct_tissue", "lung"), forwards=("ARCHIVE",), late_instances="rerun",
+                     execution=Execution(ExecutionMode.SUBPROCESS, 60))
+    chest = SeriesRoute(("lung", "nodules"), priority=2, late_instances="rerun", execution=Execution(None, 300))
+    _, main = store.record_instance(instance("1.1", received_at=0), "ct_tissue", ct)
+    store.record_instance(replace(instance("1.2", received_at=1), series_instance_uid="1.2.3.2"), "lung", chest)
+    assert store.queue_job(main, "idle") is JobState.QUEUED
+    jobs = store.jobs()
+    assert [(j.id, j.pipeline, j.state, j.sibling_of) for j in jobs] == [
+        (main, "ct_tissue", JobState.QUEUED, None), (main + 1, "lung", JobState.QUEUED, main),
+        (main + 2, "nodules", JobState.QUEUED, main)]
+    first, lung, nodules = jobs
+    assert first.forwards == ("ARCHIVE",) and lung.forwards == nodules.forwards == ()
+    assert {j.priority for j in jobs} == {2}
+    assert first.execution == Execution(ExecutionMode.SUBPROCESS, 60)
+    assert lung.execution == Execution(ExecutionMode.SUBPROCESS, 300) and nodules.execution == Execution(None, 300)
+    inputs = [i.sop_instance_uid for i in store.job_inputs(main)]
+    assert inputs == ["1.1", "1.2"] and all([i.sop_instance_uid for i in store.job_inputs(j.id)] == inputs
+                                            for j in (lung, nodules))
+    assert lung.instances == 2 and store.instances(lung.id) == []
+    route = store.events(main)[-1]
+    assert route.kind == "route" and route.message == (f"rules select ct_tissue, lung, nodules; this job runs "
+                                                       f"ct_tissue; started sibling job {lung.id} (lung), "
+                                                       f"job {nodules.id} (nodules)")
+    (queued,) = store.events(lung.id)
+    assert queued.kind == "queued" and queued.message.startswith(
+        f"sibling of job {main}: the rules select ct_tissue, lung, nodules for study 1.2.3; this job runs lung")
+    # each runs and finishes on its own
+    assert store.next_queued().id == main and store.start_job(main, "run")
+    assert store.next_queued().id == lung.id and store.start_job(lung.id, "run")
+    assert store.begin_delivery(lung.id, "nothing", []) and store.job(lung.id).state is JobState.DONE
+
+    # a late instance (rerun) goes to the main job only; re-queued, it starts no sibling again
+    assert store.record_instance(instance("1.3"), "ct_tissue") == (Arrival.NEW, main)
+    assert store.restart_requested() == [main] and store.restart(main)
+    assert store.queue_job(main, "idle") is JobState.QUEUED
+    assert len(store.jobs()) == 3 and [i.sop_instance_uid for i in store.job_inputs(nodules.id)] == [
+        "1.1", "1.2", "1.3"]
+    assert store.events(main)[-1].message.endswith(
+        f"already run by sibling job {lung.id} (lung), job {nodules.id} (nodules), not started again"
+        " (late instances re-run this job only)")
+    # once the main job is final, a late instance (rerun) makes a whole-study job with its own sibling(s)
+    assert store.start_job(main, "run") and store.begin_delivery(main, "nothing", [])
+    arrival, rerun = store.record_instance(instance("1.4"), "ct_tissue")
+    assert arrival is Arrival.NEW and rerun == nodules.id + 1
+    assert store.queue_job(rerun, "idle") is JobState.QUEUED
+    siblings = [j for j in store.jobs() if j.sibling_of == rerun]
+    assert [j.pipeline for j in siblings] == ["lung"]  # the routes of the series its own instances belong to
+    assert [i.sop_instance_uid for i in store.job_inputs(siblings[0].id)] == ["1.1", "1.2", "1.3", "1.4"]

@@ -8,6 +8,15 @@ guarded by the state it leaves, so calling it twice does no harm.
 Job states: ``received → queued → running → delivering → done / failed``. A job whose study gets
 late instances under the ``rerun`` policy goes back from ``queued``/``running`` to ``received``.
 
+When the rules select several pipelines for a study, its job (the *main* job) runs the first and, when it is
+queued, starts one *sibling* job per other pipeline (``sibling_of`` = the main job), queued at once with the
+execution of the routes choosing that pipeline and the study's priority. A sibling owns no instances: its
+input is the main job's (``job_inputs``). Only the main job delivers to the route's ``forwards``, so the study
+is forwarded once. Siblings are invisible to the arrival of later instances: late instances apply to the main
+job only (``rerun`` re-runs the main job's pipeline; its siblings are not started again, but a pipeline the
+study's routes select anew gets its sibling), and retention keeps the main job's instances while a sibling
+still needs them.
+
 A job whose pipeline scores its uncertainty carries a review state (``needs_review``, ``review_reasons``):
 set from the run's manifest when the run ends, true when the study is flagged for human review, NULL when
 not assessed (no uncertainty, or not run yet).
@@ -149,6 +158,9 @@ class Job:
     """Why, one sentence per score past its limit (e.g. ``lesion: mean uncertainty 0.471 > 0.2``)."""
     purged_at: float | None = None
     """When retention last removed the job's files (spool instances, job folder, outbox); None: never."""
+    sibling_of: int | None = None
+    """The main job this job runs another selected pipeline for (its input is that job's; see the module
+    docstring); None for a study's own job. A sibling's ``instances`` are the main job's."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +228,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     timeout_seconds REAL,
     needs_review INTEGER,
     review_reasons TEXT NOT NULL DEFAULT '',
+    sibling_of INTEGER REFERENCES jobs (id),
     purge_started_at REAL,
     purged_at REAL
 );
@@ -286,7 +299,7 @@ _MIGRATIONS = {
     "jobs": {"priority": "INTEGER NOT NULL DEFAULT 1", "forwards": "TEXT NOT NULL DEFAULT ''",
              "whole_study": "INTEGER NOT NULL DEFAULT 0", "restart_requested": "INTEGER NOT NULL DEFAULT 0",
              **_EXECUTION_COLUMNS, "needs_review": "INTEGER", "review_reasons": "TEXT NOT NULL DEFAULT ''",
-             "purge_started_at": "REAL", "purged_at": "REAL"},
+             "purge_started_at": "REAL", "purged_at": "REAL", "sibling_of": "INTEGER REFERENCES jobs (id)"},
     "series": _EXECUTION_COLUMNS,
     "instances": {"purged_at": "REAL"},
 }
@@ -295,16 +308,17 @@ _MIGRATIONS = {
 _INDEXES_AFTER_MIGRATION = """
 CREATE INDEX IF NOT EXISTS instances_kept ON instances (job_id) WHERE purged_at IS NULL;
 CREATE INDEX IF NOT EXISTS jobs_purging ON jobs (purge_started_at) WHERE purge_started_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_siblings ON jobs (sibling_of) WHERE sibling_of IS NOT NULL;
 """
 """Indexes on migrated columns: the instances still on disk per job, purges left unfinished (retention's
 look for what is due stays a probe per final job however many purged instances the store holds)."""
 
 _JOB_COLUMNS = (
     "j.id, j.study_instance_uid, j.patient_id, j.pipeline, j.state, j.calling_ae, j.peer_address, "
-    "(SELECT count(*) FROM instances i WHERE i.job_id = j.id AND i.late = 0), "
+    "(SELECT count(*) FROM instances i WHERE i.job_id = coalesce(j.sibling_of, j.id) AND i.late = 0), "
     "(SELECT count(*) FROM instances i WHERE i.job_id = j.id AND i.late = 1), "
     "j.created_at, j.last_instance_at, j.updated_at, j.runs, j.reason, j.priority, j.forwards,"
-    " j.execution_mode, j.timeout_seconds, j.needs_review, j.review_reasons, j.purged_at"
+    " j.execution_mode, j.timeout_seconds, j.needs_review, j.review_reasons, j.purged_at, j.sibling_of"
 )
 
 _INSTANCE_COLUMNS = ("sop_instance_uid, study_instance_uid, series_instance_uid, patient_id, modality, sop_class_uid,"
@@ -313,7 +327,7 @@ _INSTANCE_COLUMNS = ("sop_instance_uid, study_instance_uid, series_instance_uid,
 
 def _job(row: tuple) -> Job:
     return Job(*row[:4], JobState(row[4]), *row[5:15], _split(row[15]), _execution(row[16], row[17]),
-               None if row[18] is None else bool(row[18]), tuple(json.loads(row[19] or "[]")), row[20])
+               None if row[18] is None else bool(row[18]), tuple(json.loads(row[19] or "[]")), row[20], row[21])
 
 
 def _purgeable(j: str) -> str:
@@ -441,8 +455,8 @@ class JobStore:
                           f"({inst.peer_address or '?'}); first copy kept", inst.received_at)
                 return Arrival.DUPLICATE, row[0]
             route = self._series_arrival(db, inst, route, expected)
-            job = db.execute("SELECT id, state FROM jobs WHERE study_instance_uid = ? ORDER BY id DESC LIMIT 1",
-                             (inst.study_instance_uid,)).fetchone()
+            job = db.execute("SELECT id, state FROM jobs WHERE study_instance_uid = ? AND sibling_of IS NULL"
+                             " ORDER BY id DESC LIMIT 1", (inst.study_instance_uid,)).fetchone()
             arrival = Arrival.NEW
             if job is None:
                 job_id = self._new_job(db, inst, route, whole_study=False)
@@ -551,7 +565,10 @@ class JobStore:
     def queue_job(self, job_id: int, why: str, now: float | None = None) -> JobState | None:
         """``received → queued`` with the study's route (first pipeline, most urgent priority, forwards, the
         execution of the routes choosing that pipeline merged); ``→ done`` at once when the rules discard every
-        series. Returns the new state, None if not received."""
+        series. Every further pipeline the routes select gets a sibling job, queued at once with the same
+        priority and its own merged execution, no forwards (the study is forwarded once, by this job); one that
+        already has a sibling (this job re-queued after a ``rerun``) gets none again. Returns the new state,
+        None if not received."""
         now = time.time() if now is None else now
         with self._tx() as db:
             routes = [_route(r) for r in db.execute(
@@ -566,19 +583,57 @@ class JobStore:
                 return JobState.DONE
             pipelines = list(dict.fromkeys(p for r in kept for p in r.pipelines))
             forwards = list(dict.fromkeys(f for r in kept for f in r.forwards))
-            execution = Execution()
-            for route in kept:
-                if pipelines and pipelines[0] in route.pipelines:
-                    execution = execution.merged(route.execution)
+            priority = max(r.priority for r in kept)
+            execution = self._pipeline_execution(kept, pipelines[0]) if pipelines else Execution()
             db.execute("UPDATE jobs SET pipeline = ?, priority = ?, forwards = ?, restart_requested = 0,"
                        " execution_mode = ?, timeout_seconds = ? WHERE id = ?",
-                       (pipelines[0] if pipelines else "", max(r.priority for r in kept), ",".join(forwards),
+                       (pipelines[0] if pipelines else "", priority, ",".join(forwards),
                         execution.mode or "", execution.timeout_seconds, job_id))
             if not self._queue(db, job_id, now, why):
                 return None
             if len(pipelines) > 1:
-                self._log(db, job_id, "route", f"rules select {', '.join(pipelines)}; this job runs {pipelines[0]}")
+                self._start_siblings(db, job_id, kept, pipelines, priority, now)
             return JobState.QUEUED
+
+    @staticmethod
+    def _pipeline_execution(routes: list[SeriesRoute], pipeline: str) -> Execution:
+        """The execution settings of the routes choosing ``pipeline``, merged."""
+        execution = Execution()
+        for route in routes:
+            if pipeline in route.pipelines:
+                execution = execution.merged(route.execution)
+        return execution
+
+    def _start_siblings(self, db: sqlite3.Connection, job_id: int, routes: list[SeriesRoute],
+                        pipelines: list[str], priority: int, now: float) -> None:
+        """A queued sibling job of the main job ``job_id`` for each of ``pipelines[1:]`` without one yet."""
+        existing = dict(db.execute("SELECT pipeline, id FROM jobs WHERE sibling_of = ? ORDER BY id",
+                                   (job_id,)).fetchall())
+        main = db.execute("SELECT study_instance_uid, patient_id, calling_ae, peer_address, created_at,"
+                          " last_instance_at, whole_study FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        started, earlier = [], []
+        for pipeline in pipelines[1:]:
+            if pipeline in existing:
+                earlier.append(f"job {existing[pipeline]} ({pipeline})")
+                continue
+            execution = self._pipeline_execution(routes, pipeline)
+            sibling = db.execute(
+                "INSERT INTO jobs (study_instance_uid, patient_id, pipeline, state, calling_ae, peer_address,"
+                " created_at, last_instance_at, updated_at, priority, whole_study, execution_mode, timeout_seconds,"
+                " sibling_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (main[0], main[1], pipeline, JobState.QUEUED, main[2], main[3], main[4], main[5], now, priority,
+                 main[6], execution.mode or "", execution.timeout_seconds, job_id)).lastrowid
+            self._log(db, sibling, "queued",
+                      f"sibling of job {job_id}: the rules select {', '.join(pipelines)} for study {main[0]}; "
+                      f"this job runs {pipeline} on job {job_id}'s input (forwards are sent by job {job_id})", now)
+            started.append(f"job {sibling} ({pipeline})")
+        message = f"rules select {', '.join(pipelines)}; this job runs {pipelines[0]}"
+        if started:
+            message += f"; started sibling {', '.join(started)}"
+        if earlier:
+            message += (f"; already run by sibling {', '.join(earlier)}, not started again"
+                        " (late instances re-run this job only)")
+        self._log(db, job_id, "route", message, now)
 
     def _queue(self, db: sqlite3.Connection, job_id: int, now: float, why: str) -> bool:
         summary = db.execute(
@@ -639,10 +694,10 @@ class JobStore:
     def job_inputs(self, job_id: int) -> list[Instance]:
         """The instances a job covers: those received before it was queued (late ones and series the rules
         discard excluded); a re-run of a finished study covers the study's earlier jobs' instances too (those
-        retention removed excepted)."""
+        retention removed excepted); a sibling job covers its main job's."""
         rows = self._query(
             f"SELECT {', '.join('i.' + c.strip() for c in _INSTANCE_COLUMNS.split(','))}"
-            " FROM instances i JOIN jobs j ON j.id = ?"
+            " FROM instances i JOIN jobs j ON j.id = (SELECT coalesce(sibling_of, id) FROM jobs WHERE id = ?)"
             " WHERE i.late = 0 AND i.purged_at IS NULL AND (i.job_id = j.id OR (j.whole_study = 1 AND"
             " i.study_instance_uid = j.study_instance_uid AND i.job_id < j.id))"
             " AND i.series_instance_uid NOT IN (SELECT series_instance_uid FROM series WHERE discard = 1)"
@@ -783,7 +838,8 @@ class JobStore:
     def begin_purge(self, job_id: int, done_before: float | None, failed_before: float | None,
                     dry_run: bool = False) -> PurgePlan | None:
         """Record a purge of the job's files before any is removed: its instances received before the cutoff
-        get ``purged_at`` (except those a newer, not purgeable whole-study job of the study still needs), the
+        get ``purged_at`` (except those a newer, not purgeable whole-study job of the study or a sibling job
+        still needs), the
         job ``purge_started_at``. A purge left unfinished is returned as it was recorded (``resumed``). None
         when the job is not purgeable, or was purged and nothing new is due. ``dry_run``: the same decision,
         rolled back."""
@@ -800,8 +856,9 @@ class JobStore:
                     return None
                 marker = time.time()
                 fresh = []
-                keeper_sql = ("SELECT min(k.id) FROM jobs k WHERE i.late = 0 AND k.whole_study = 1"
-                              " AND k.study_instance_uid = i.study_instance_uid AND k.id > i.job_id"
+                keeper_sql = ("SELECT min(k.id) FROM jobs k WHERE i.late = 0 AND (k.sibling_of = i.job_id"
+                              " OR (k.whole_study = 1 AND k.study_instance_uid = i.study_instance_uid"
+                              " AND coalesce(k.sibling_of, k.id) > i.job_id))"
                               f" AND k.purged_at IS NULL AND k.purge_started_at IS NULL AND NOT ({_purgeable('k')})")
                 for sop, keeper in db.execute(
                         f"SELECT i.sop_instance_uid, ({keeper_sql}) FROM instances i JOIN jobs j ON j.id = i.job_id"
