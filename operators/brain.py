@@ -12,6 +12,7 @@ from radnode.models.inference import segment_volumes
 from radnode.imaging.mri import select_t1_series
 from radnode.models.deepbet import load_deepbet
 from radnode.uncertainty import UncertainPipelineResult, UncertaintyThresholds
+from radnode.operators.measurement import MeasurementOperator
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,8 @@ class BrainExtractionOperator(Operator):
         op_output.emit(extraction, "extraction")
 
 
-class BrainMeasurementOperator(Operator):
+class BrainMeasurementOperator(MeasurementOperator):
     """Intracranial and brain volumes plus the uncertainty scores, as one result for the writers."""
-
-    def __init__(self, fragment, *args, algorithm_name: str, algorithm_version: str, **kwargs):
-        self.algorithm_name = algorithm_name
-        self.algorithm_version = algorithm_version
-        super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("volume")
@@ -76,7 +72,7 @@ class BrainMeasurementOperator(Operator):
         result = UncertainPipelineResult(
             segments=extraction.segments,
             measurements=segment_volumes(volume, extraction.segments) + uncertainty.measurements(),
-            algorithm_name=self.algorithm_name, algorithm_version=self.algorithm_version,
+            algorithm_name=self.algorithm.name, algorithm_version=self.algorithm.version,
             notes=[f"skipped {reason}" for reason in skipped] + uncertainty.review_reasons,
             uncertainty=uncertainty,
         )

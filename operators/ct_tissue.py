@@ -10,6 +10,7 @@ from radnode.execution import timed_phase
 from radnode.imaging.ct_tissue import segment_ct_tissues
 from radnode.measure import measure_ct
 from radnode.results import PipelineResult
+from radnode.operators.measurement import MeasurementOperator
 
 log = logging.getLogger(__name__)
 
@@ -28,13 +29,8 @@ class CTTissueSegmentationOperator(Operator):
         op_output.emit(segments, "segments")
 
 
-class CTMeasurementOperator(Operator):
+class CTMeasurementOperator(MeasurementOperator):
     """Measures volume, attenuation and the lung emphysema index per segment."""
-
-    def __init__(self, fragment, *args, algorithm_name: str, algorithm_version: str, **kwargs):
-        self.algorithm_name = algorithm_name
-        self.algorithm_version = algorithm_version
-        super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("volume")
@@ -46,5 +42,5 @@ class CTMeasurementOperator(Operator):
         volume = op_input.receive("volume")
         segments = op_input.receive("segments")
         result = PipelineResult(segments=segments, measurements=measure_ct(volume, segments),
-                                algorithm_name=self.algorithm_name, algorithm_version=self.algorithm_version)
+                                algorithm_name=self.algorithm.name, algorithm_version=self.algorithm.version)
         op_output.emit(result, "result")

@@ -13,6 +13,7 @@ from radnode.models.inference import InferenceOptions, postprocess, predict_samp
 from radnode.models.loading import LoadedModel
 from radnode.results import Measurement
 from radnode.uncertainty import UncertainPipelineResult, UncertaintyThresholds
+from radnode.operators.measurement import MeasurementOperator
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +62,8 @@ class ModelPostprocessOperator(Operator):
         op_output.emit(postprocess(samples, prepared, self.model.spec, method, self.thresholds), "extraction")
 
 
-class SegmentVolumeMeasurementOperator(Operator):
+class SegmentVolumeMeasurementOperator(MeasurementOperator):
     """Segment volumes plus uncertainty scores as one result; a flagged study is logged as such."""
-
-    def __init__(self, fragment, *args, algorithm_name: str, algorithm_version: str, **kwargs):
-        self.algorithm_name = algorithm_name
-        self.algorithm_version = algorithm_version
-        super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("volume")
@@ -90,6 +86,6 @@ class SegmentVolumeMeasurementOperator(Operator):
             segments=segments,
             measurements=volumes + [m for m in uncertainty.measurements()
                                     if any(s.structure.key == m.structure_key for s in segments)],
-            algorithm_name=self.algorithm_name, algorithm_version=self.algorithm_version,
+            algorithm_name=self.algorithm.name, algorithm_version=self.algorithm.version,
             notes=uncertainty.review_reasons, uncertainty=uncertainty,
         ), "result")

@@ -1,12 +1,18 @@
-"""Operator writing a result's voxel-wise uncertainty as a DICOM Parametric Map next to the SEG and SR."""
+"""Operator writing a result's voxel-wise uncertainty as a DICOM Parametric Map next to the SEG and SR, and the
+output stage every pipeline with uncertainty shares."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from monai.deploy.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
+from monai.deploy.core import Application, ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
 
+from radnode.operators.result_writers import (
+    FhirReportWriterOperator,
+    MeasurementReportWriterOperator,
+    SegmentationWriterOperator,
+)
 from radnode.outputs.algorithm import AlgorithmInfo
 from radnode.outputs.pmap import build_uncertainty_map
 
@@ -41,3 +47,20 @@ class UncertaintyMapWriterOperator(Operator):
         pmap.save_as(tmp)
         tmp.replace(target)
         log.info("wrote %s (%s, %d samples)", PMAP_FILE, report.method, report.n_samples)
+
+
+def add_uncertain_result_writers(app: Application, volume_source: Operator, result_source: Operator, *,
+                                 output_folder: Path, algorithm: AlgorithmInfo, uid_root: str) -> None:
+    """The output stage of a pipeline whose result carries uncertainty: DICOM SEG → TID 1500 SR → FHIR Bundle,
+    and the uncertainty Parametric Map; each takes ``volume`` from ``volume_source`` and ``result`` from
+    ``result_source``."""
+    writers = dict(output_folder=output_folder, algorithm=algorithm, uid_root=uid_root)
+    seg_writer = SegmentationWriterOperator(app, name="seg_writer", **writers)
+    sr_writer = MeasurementReportWriterOperator(app, name="sr_writer", **writers)
+    fhir_writer = FhirReportWriterOperator(app, name="fhir_writer", **writers)
+    pmap_writer = UncertaintyMapWriterOperator(app, name="pmap_writer", **writers)
+    for writer in (seg_writer, sr_writer, fhir_writer, pmap_writer):
+        app.add_flow(volume_source, writer, {("volume", "volume")})
+        app.add_flow(result_source, writer, {("result", "result")})
+    app.add_flow(seg_writer, sr_writer, {("seg", "seg")})
+    app.add_flow(sr_writer, fhir_writer, {("sr", "sr")})

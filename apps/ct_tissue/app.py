@@ -52,8 +52,7 @@ class CTTissueApp(Application):
         selector = VolumeSeriesSelectorOperator(self, criteria=CRITERIA, name="series_selector")
         to_volume = SeriesToVolumeOperator(self, name="series_to_volume")
         segment = CTTissueSegmentationOperator(self, name="tissue_segmentation")
-        measure = CTMeasurementOperator(self, algorithm_name=ALGORITHM.name, algorithm_version=ALGORITHM.version,
-                                        name="measurements")
+        measure = CTMeasurementOperator(self, algorithm=ALGORITHM, name="measurements")
         seg_writer = SegmentationWriterOperator(self, name="seg_writer", **writer_settings)
         sr_writer = MeasurementReportWriterOperator(self, name="sr_writer", **writer_settings)
         report_writer = ReportWriterOperator(self, name="report_writer", report_config=config.report, **writer_settings)

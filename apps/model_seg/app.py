@@ -42,12 +42,7 @@ from radnode.operators.inference import (
     SlidingWindowInferenceOperator,
 )
 from radnode.operators.preprocess import ModelPreprocessOperator
-from radnode.operators.result_writers import (
-    FhirReportWriterOperator,
-    MeasurementReportWriterOperator,
-    SegmentationWriterOperator,
-)
-from radnode.operators.uncertainty import UncertaintyMapWriterOperator
+from radnode.operators.uncertainty import add_uncertain_result_writers
 from radnode.outputs.algorithm import AlgorithmInfo
 from radnode.pipelines.rules import condition_problem
 
@@ -105,12 +100,7 @@ class ModelSegApp(Application):
         infer = SlidingWindowInferenceOperator(self, model=model, options=INFERENCE, name="inference")
         post = ModelPostprocessOperator(self, model=model, thresholds=config.uncertainty.thresholds(),
                                         name="postprocess")
-        measure = SegmentVolumeMeasurementOperator(self, algorithm_name=algorithm.name,
-                                                   algorithm_version=algorithm.version, name="measurements")
-        seg_writer = SegmentationWriterOperator(self, name="seg_writer", **writers)
-        sr_writer = MeasurementReportWriterOperator(self, name="sr_writer", **writers)
-        fhir_writer = FhirReportWriterOperator(self, name="fhir_writer", **writers)
-        pmap_writer = UncertaintyMapWriterOperator(self, name="pmap_writer", **writers)
+        measure = SegmentVolumeMeasurementOperator(self, algorithm=algorithm, name="measurements")
 
         self.add_flow(loader, selector, {("study", "study")})
         self.add_flow(selector, to_volume, {("series", "series")})
@@ -119,8 +109,4 @@ class ModelSegApp(Application):
         self.add_flow(infer, post, {("prepared_out", "prepared"), ("samples", "samples")})
         self.add_flow(to_volume, measure, {("volume", "volume")})
         self.add_flow(post, measure, {("extraction", "extraction")})
-        for writer in (seg_writer, sr_writer, fhir_writer, pmap_writer):
-            self.add_flow(to_volume, writer, {("volume", "volume")})
-            self.add_flow(measure, writer, {("result", "result")})
-        self.add_flow(seg_writer, sr_writer, {("seg", "seg")})
-        self.add_flow(sr_writer, fhir_writer, {("sr", "sr")})
+        add_uncertain_result_writers(self, to_volume, measure, **writers)

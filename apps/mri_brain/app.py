@@ -18,12 +18,7 @@ from radnode.config import config_from_environment
 from radnode.execution import app_paths
 from radnode.operators.brain import BrainExtractionOperator, BrainMeasurementOperator, T1SeriesSelectorOperator
 from radnode.operators.dicom_input import SeriesToVolumeOperator, StudyFolderLoaderOperator
-from radnode.operators.result_writers import (
-    FhirReportWriterOperator,
-    MeasurementReportWriterOperator,
-    SegmentationWriterOperator,
-)
-from radnode.operators.uncertainty import UncertaintyMapWriterOperator
+from radnode.operators.uncertainty import add_uncertain_result_writers
 from radnode.outputs.algorithm import AlgorithmInfo
 
 log = logging.getLogger(__name__)
@@ -48,12 +43,7 @@ class MRIBrainApp(Application):
         selector = T1SeriesSelectorOperator(self, name="t1_selector")
         to_volume = SeriesToVolumeOperator(self, name="series_to_volume")
         extract = BrainExtractionOperator(self, thresholds=config.uncertainty.thresholds(), name="brain_extraction")
-        measure = BrainMeasurementOperator(self, algorithm_name=ALGORITHM.name, algorithm_version=ALGORITHM.version,
-                                           name="measurements")
-        seg_writer = SegmentationWriterOperator(self, name="seg_writer", **writers)
-        sr_writer = MeasurementReportWriterOperator(self, name="sr_writer", **writers)
-        fhir_writer = FhirReportWriterOperator(self, name="fhir_writer", **writers)
-        pmap_writer = UncertaintyMapWriterOperator(self, name="pmap_writer", **writers)
+        measure = BrainMeasurementOperator(self, algorithm=ALGORITHM, name="measurements")
 
         self.add_flow(loader, selector, {("study", "study")})
         self.add_flow(selector, to_volume, {("series", "series")})
@@ -61,8 +51,4 @@ class MRIBrainApp(Application):
         self.add_flow(to_volume, extract, {("volume", "volume")})
         self.add_flow(to_volume, measure, {("volume", "volume")})
         self.add_flow(extract, measure, {("extraction", "extraction")})
-        for writer in (seg_writer, sr_writer, fhir_writer, pmap_writer):
-            self.add_flow(to_volume, writer, {("volume", "volume")})
-            self.add_flow(measure, writer, {("result", "result")})
-        self.add_flow(seg_writer, sr_writer, {("seg", "seg")})
-        self.add_flow(sr_writer, fhir_writer, {("sr", "sr")})
+        add_uncertain_result_writers(self, to_volume, measure, **writers)
