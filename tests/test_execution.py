@@ -33,7 +33,7 @@ from radnode.outputs.sr import read_measurements
 from radnode.pipelines.registry import PipelineRegistryError, get_pipeline
 from radnode.pipelines.rules import Execution, ExecutionMode, RuleError, parse_rules
 from conftest import restore_totalseg_dicom
-from test_node import final_job, jobs_by_patient, node_config, stand_in  # noqa: F401 - stand_in is a fixture
+from test_node import _alive, final_job, jobs_by_patient, node_config, stand_in  # noqa: F401 - stand_in is a fixture
 from test_scp import storescu, write_study
 
 SLOW_APP = {
@@ -91,14 +91,6 @@ def _rules(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "rules.yaml"
     path.write_text(text)
     return path
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _running_event(node: Node, job_id: int) -> str:

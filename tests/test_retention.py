@@ -29,6 +29,7 @@ from test_egress import wait_until
 from test_node import final_job, jobs_by_patient, node_config, write_text_report
 from test_node import stand_in  # noqa: F401 - stand_in is a fixture
 from test_scp import ECHOSCU, ct_slice, storescu, write_study
+from test_store import open_store_made_by
 
 
 def files_under(*folders: Path) -> dict[str, int]:
@@ -333,13 +334,7 @@ def test_a_store_from_before_retention_gets_its_columns_on_open(tmp_path: Path) 
     old_schema = (SCHEMA.replace(",\n    purge_started_at REAL,\n    purged_at REAL\n", "\n")
                   .replace(",\n    purged_at REAL\n", "\n"))
     assert "purge" not in old_schema
-    db = sqlite3.connect(tmp_path / "radnode.db")
-    db.executescript(old_schema)
-    db.execute("INSERT INTO jobs (study_instance_uid, pipeline, state, created_at, last_instance_at, updated_at)"
-               " VALUES ('1.2.3', 'ct_tissue', 'done', 0, 0, 0)")
-    db.commit()
-    db.close()
-    store = JobStore(tmp_path / "radnode.db")
+    store = open_store_made_by(old_schema, tmp_path / "radnode.db")
     (job,) = store.jobs()
     assert job.purged_at is None and store.purge_due(time.time(), None) == [job.id]
     store.close()

@@ -156,16 +156,21 @@ def test_review_state_is_recorded_filterable_and_cleared_by_a_new_run(store: Job
     assert job is not None and job.needs_review is None and job.review_reasons == ()
 
 
-def test_a_store_from_before_review_states_gets_them_on_open(tmp_path: Path) -> None:
-    old_schema = SCHEMA.replace(",\n    needs_review INTEGER,\n    review_reasons TEXT NOT NULL DEFAULT ''", "")
-    assert "needs_review" not in old_schema
-    db = sqlite3.connect(tmp_path / "radnode.db")
+def open_store_made_by(old_schema: str, path: Path) -> JobStore:
+    """A job store written by an older schema, holding one done job, opened (and so migrated) by this version."""
+    db = sqlite3.connect(path)
     db.executescript(old_schema)
     db.execute("INSERT INTO jobs (study_instance_uid, pipeline, state, created_at, last_instance_at, updated_at)"
                " VALUES ('1.2.3', 'ct_tissue', 'done', 0, 0, 0)")
     db.commit()
     db.close()
-    store = JobStore(tmp_path / "radnode.db")
+    return JobStore(path)
+
+
+def test_a_store_from_before_review_states_gets_them_on_open(tmp_path: Path) -> None:
+    old_schema = SCHEMA.replace(",\n    needs_review INTEGER,\n    review_reasons TEXT NOT NULL DEFAULT ''", "")
+    assert "needs_review" not in old_schema
+    store = open_store_made_by(old_schema, tmp_path / "radnode.db")
     (job,) = store.jobs()
     assert job.needs_review is None and job.review_reasons == ()
     store.close()
