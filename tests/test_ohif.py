@@ -32,8 +32,8 @@ import pytest
 from scipy import ndimage
 
 from radnode.outputs.sr import CROSS_SECTION_TRACKING_PREFIX
-from radnode.viewer import (ORTHANC_BINARY, ORTHANC_DICOMWEB_PLUGIN, OrthancServer, ViewerServer,
-                            ViewerUnavailableError, find_ohif_dist)
+from radnode.viewer import (ORTHANC_BINARY, ORTHANC_DICOMWEB_PLUGIN, ViewerUnavailableError, find_ohif_dist,
+                            serve_study)
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / ".cache" / "artifacts"
@@ -380,63 +380,61 @@ def test_seg_overlay_and_sr_measurements_show_in_ohif(ohif_prerequisites: Path,
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     profile = tmp_path / "chromium-profile"
     profile.mkdir()
-    with OrthancServer() as orthanc:
-        stored = orthanc.upload([*ct_files, seg_path, sr_path])
-        assert len(stored) == len(ct_files) + 2
-        series = orthanc.get_json(f"/dicom-web/studies/{study_uid}/series")
+    with serve_study([*ct_files, seg_path, sr_path], dist=ohif_prerequisites) as served:
+        assert len(served.orthanc.get_json("/instances")) == len(ct_files) + 2
+        series = served.orthanc.get_json(f"/dicom-web/studies/{study_uid}/series")
         assert {s["00080060"]["Value"][0] for s in series} == {"CT", "SEG", "SR"}
-        with ViewerServer(orthanc.url, dist=ohif_prerequisites) as viewer:
-            browser = Chromium(profile, tmp_path / "chromium.log")
-            try:
-                browser.open(viewer.viewer_url(study_uid),
-                             init_script="localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));")
-                browser.wait_for("!!window.services && window.services.displaySetService.getActiveDisplaySets()"
-                                 ".length >= 3", what="OHIF to list the study's display sets")
-                modalities = browser.evaluate("window.services.displaySetService.getActiveDisplaySets()"
-                                              ".map(d => d.Modality).sort()")
-                assert modalities == ["CT", "SEG", "SR"]
-                browser.wait_for(f"(() => {{ const e = {VIEWPORT_JS}; return e && e.viewport.getImageIds().length "
-                                 f"=== {len(ct_files)}; }})()", what="the CT in the viewport")
-                index = browser.evaluate(f"{VIEWPORT_JS}.viewport.getImageIds().findIndex(i => i.includes("
-                                         f"'{target_uid}'))")
-                assert index >= 0
-                browser.evaluate(f"{VIEWPORT_JS}.viewport.setImageIdIndex({index})")
-                time.sleep(2.0)
-                before_png = browser.screenshot()
+        browser = Chromium(profile, tmp_path / "chromium.log")
+        try:
+            browser.open(served.url,
+                         init_script="localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));")
+            browser.wait_for("!!window.services && window.services.displaySetService.getActiveDisplaySets()"
+                             ".length >= 3", what="OHIF to list the study's display sets")
+            modalities = browser.evaluate("window.services.displaySetService.getActiveDisplaySets()"
+                                          ".map(d => d.Modality).sort()")
+            assert modalities == ["CT", "SEG", "SR"]
+            browser.wait_for(f"(() => {{ const e = {VIEWPORT_JS}; return e && e.viewport.getImageIds().length "
+                             f"=== {len(ct_files)}; }})()", what="the CT in the viewport")
+            index = browser.evaluate(f"{VIEWPORT_JS}.viewport.getImageIds().findIndex(i => i.includes("
+                                     f"'{target_uid}'))")
+            assert index >= 0
+            browser.evaluate(f"{VIEWPORT_JS}.viewport.setImageIdIndex({index})")
+            time.sleep(2.0)
+            before_png = browser.screenshot()
 
-                where = browser.wait_for(FIND_THUMBNAIL % "SEG", what="the SEG thumbnail in the study browser")
-                browser.click(where[0], where[1], count=2)
-                yes = browser.wait_for(CLICK_YES, timeout=30, what="OHIF's 'open this Segmentation?' prompt")
-                browser.click(yes[0], yes[1])
-                browser.wait_for("window.services.segmentationService.getSegmentations().length > 0",
-                                 what="the SEG to load")
-                n_segments = browser.evaluate("Object.keys(window.services.segmentationService"
-                                              ".getSegmentations()[0].segments).length")
-                assert n_segments == len(seg.SegmentSequence)
-                # Hydrating the SEG re-displays the CT (possibly as a volume, at the first segmented
-                # slice): go to the checked slice again through cornerstone and wait until it is shown.
-                time.sleep(2.0)
-                browser.evaluate(f"""(() => {{ const e = {VIEWPORT_JS};
-                    const i = e.viewport.getImageIds().findIndex(i => i.includes('{target_uid}'));
-                    return window.cornerstone.utilities.jumpToSlice(e.viewport.element, {{imageIndex: i}}); }})()""")
-                browser.wait_for(f"{VIEWPORT_JS}.viewport.getCurrentImageId().includes('{target_uid}')",
-                                 timeout=30, what="the checked slice in view")
-                time.sleep(3.0)
-                after_png = browser.screenshot()
-                # Mask pixels (row, col) → page coordinates through cornerstone's own transforms.
-                points = json.dumps([[int(c), int(r)] for r, c in np.concatenate([inside, outside])])
-                canvas_xy = browser.evaluate(f"""(() => {{
-                    const e = {VIEWPORT_JS}; const vp = e.viewport;
-                    const rect = vp.canvas.getBoundingClientRect();
-                    const imageId = vp.getCurrentImageId();
-                    return {points}.map(p => {{
-                      const w = window.cornerstone.utilities.imageToWorldCoords(imageId, [p[0] + 0.5, p[1] + 0.5]);
-                      const c = vp.worldToCanvas(w); return [c[0] + rect.left, c[1] + rect.top];
-                    }});
-                }})()""")
-                sr = _open_sr_measurements(browser, sections)
-            finally:
-                browser.close()
+            where = browser.wait_for(FIND_THUMBNAIL % "SEG", what="the SEG thumbnail in the study browser")
+            browser.click(where[0], where[1], count=2)
+            yes = browser.wait_for(CLICK_YES, timeout=30, what="OHIF's 'open this Segmentation?' prompt")
+            browser.click(yes[0], yes[1])
+            browser.wait_for("window.services.segmentationService.getSegmentations().length > 0",
+                             what="the SEG to load")
+            n_segments = browser.evaluate("Object.keys(window.services.segmentationService"
+                                          ".getSegmentations()[0].segments).length")
+            assert n_segments == len(seg.SegmentSequence)
+            # Hydrating the SEG re-displays the CT (possibly as a volume, at the first segmented
+            # slice): go to the checked slice again through cornerstone and wait until it is shown.
+            time.sleep(2.0)
+            browser.evaluate(f"""(() => {{ const e = {VIEWPORT_JS};
+                const i = e.viewport.getImageIds().findIndex(i => i.includes('{target_uid}'));
+                return window.cornerstone.utilities.jumpToSlice(e.viewport.element, {{imageIndex: i}}); }})()""")
+            browser.wait_for(f"{VIEWPORT_JS}.viewport.getCurrentImageId().includes('{target_uid}')",
+                             timeout=30, what="the checked slice in view")
+            time.sleep(3.0)
+            after_png = browser.screenshot()
+            # Mask pixels (row, col) → page coordinates through cornerstone's own transforms.
+            points = json.dumps([[int(c), int(r)] for r, c in np.concatenate([inside, outside])])
+            canvas_xy = browser.evaluate(f"""(() => {{
+                const e = {VIEWPORT_JS}; const vp = e.viewport;
+                const rect = vp.canvas.getBoundingClientRect();
+                const imageId = vp.getCurrentImageId();
+                return {points}.map(p => {{
+                  const w = window.cornerstone.utilities.imageToWorldCoords(imageId, [p[0] + 0.5, p[1] + 0.5]);
+                  const c = vp.worldToCanvas(w); return [c[0] + rect.left, c[1] + rect.top];
+                }});
+            }})()""")
+            sr = _open_sr_measurements(browser, sections)
+        finally:
+            browser.close()
     (ARTIFACTS / "ohif-before-seg.png").write_bytes(before_png)
     (ARTIFACTS / "ohif-seg-overlay.png").write_bytes(after_png)
     (ARTIFACTS / "ohif-sr-measurements.png").write_bytes(sr["shown"])
