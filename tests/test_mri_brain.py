@@ -37,7 +37,11 @@ from radnode.imaging.volume import Volume
 from radnode.models.deepbet import MODEL_DIR_ENV, load_deepbet
 from radnode.models.errors import ModelError
 from radnode.outputs.sr import read_measurements
+from radnode.node.store import JobState
+from radnode.peers import FhirServer, StoreSCP
+from radnode.pipelines.rules import DEFAULT_RULES
 from radnode.uncertainty import dice, spearman
+from test_serve_e2e import ServeProcess, peers  # noqa: F401 - peers is a fixture
 
 TEMPLATES = Path("/usr/share/mricron/templates")
 T1, REFERENCE = TEMPLATES / "ch2.nii.gz", TEMPLATES / "ch2bet.nii.gz"
@@ -118,6 +122,36 @@ def test_brain_mask_matches_the_reference_extraction(outputs: Path, study: Path)
     reference = nifti_to_axial_volume(REFERENCE).array > 0
     assert mask.shape[:3] == reference.shape
     assert dice(mask[..., 0].astype(bool), reference) >= 0.9
+
+
+
+@pytest.mark.slow
+def test_t1_study_sent_to_the_node_returns_the_brain_seg_and_volumes(
+        study: Path, tmp_path: Path, peers: tuple[StoreSCP, FhirServer]) -> None:
+    """The acceptance path: the multi-series MR study over storescu to ``radnode serve`` with the shipped
+    rules; the PACS gets the brain SEG (Dice ≥ 0.9 vs ch2bet), the SR and the uncertainty map, the EHR the
+    brain volumes the SR holds."""
+    pacs, fhir = peers
+    node = ServeProcess(tmp_path / "node", pacs, fhir, rules=DEFAULT_RULES)
+    try:
+        node.send(*sorted(study.rglob("*.dcm")), calling_ae="MR_SCANNER")
+        ((job, events),) = node.jobs_when_final(1)
+    finally:
+        node.stop()
+    assert (job.pipeline, job.state) == ("mri_brain", JobState.DONE), f"{job.reason}: {[e.message for e in events]}"
+    received = {pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID.name: p for p in pacs.received()}
+    assert set(received) == {"Segmentation Storage", "Comprehensive 3D SR Storage", "Parametric Map Storage"}
+    seg = hd.seg.segread(received["Segmentation Storage"])
+    mask = seg.get_pixels_by_source_instance(source_sop_instance_uids=_t1_uids_foot_to_head(study),
+                                             segment_numbers=[1], assert_missing_frames_are_empty=True)
+    assert dice(mask[..., 0].astype(bool), nifti_to_axial_volume(REFERENCE).array > 0) >= 0.9
+    volumes = {m["structure"]: m["value"] for m in read_measurements(pydicom.dcmread(
+        received["Comprehensive 3D SR Storage"])) if m["concept"]["meaning"] == "Volume"}
+    assert set(volumes) == {"intracranial", "brain"} and 900 < volumes["brain"] < volumes["intracranial"]
+    observations = Bundle.model_validate(fhir.search("Observation", "_count=200")).entry
+    fhir_volumes = sorted(float(o.resource.valueQuantity.value) for o in observations
+                          if o.resource.code.coding[0].code == "118565006")
+    assert fhir_volumes == sorted(volumes.values())
 
 
 def _dciodvfy_errors(path: Path) -> tuple[list[str], list[str]]:
