@@ -1,13 +1,22 @@
-"""Shared fixtures: real reference data fetched from PyPI packages (never from elsewhere)."""
+"""Shared fixtures: real reference data (fetched from PyPI packages, never from elsewhere), the tiny model,
+the job command stand-in and the real peers (DCMTK storescp as the PACS, a sekmet FHIR R4 server as the EHR).
+
+Data builders are in ``factories.py``, other shared utilities in ``support/``.
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import tarfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from factories import restore_totalseg_dicom, train_tiny_unet, write_bundle
+from radnode.peers import FhirServer, StoreSCP
+from support.node import STAND_IN
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "testdata"
@@ -42,33 +51,6 @@ def totalseg_reference() -> Path:
     return _totalseg_reference_dir()
 
 
-def restore_totalseg_dicom(reference: Path, target: Path, *, patient_id: str = "TS0001",
-                           accession: str = "TSACC1") -> list[Path]:
-    """Write the real TotalSegmentator CT series with the UIDs its distribution stripped put back.
-
-    Study/Series/SOP Instance UIDs and SOP Class UID are empty in the shipped files (only the file
-    meta keeps the SOP UIDs); a PACS would refuse them, so they are restored as a sender would have them.
-    Every call makes a new study: fresh Study, Series and SOP Instance UIDs.
-    """
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    target.mkdir(parents=True, exist_ok=True)
-    study_uid, series_uid = generate_uid(), generate_uid()
-    written = []
-    for src in sorted((reference / "example_ct_dicom").iterdir()):
-        ds = pydicom.dcmread(src)
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-        ds.PatientID, ds.PatientName, ds.AccessionNumber = patient_id, "Totalseg^Example", accession
-        ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 2, ds.get("InstanceNumber") or len(written) + 1
-        out = target / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(out, enforce_file_format=True)
-        written.append(out)
-    return written
-
-
 @pytest.fixture
 def real_ct_folder(totalseg_reference: Path, tmp_path: Path) -> Path:
     """A folder holding the real 20-slice CT series (JPEG 2000 lossless) with its UIDs restored."""
@@ -79,15 +61,40 @@ def real_ct_folder(totalseg_reference: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_unet():
-    """The small UNet of ``test_models`` trained briefly on synthetic CT (about 7 s, once per session)."""
-    from test_models import train_tiny_unet
-
+    """The small UNet of ``factories.train_tiny_unet`` trained briefly on synthetic CT (about 7 s, once per session)."""
     return train_tiny_unet()
 
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_unet) -> Path:
     """That network as a MONAI bundle folder (metadata, inference config, state dict), as a site would have it."""
-    from test_models import write_bundle
-
     return write_bundle(tmp_path_factory.mktemp("models") / "tiny_bundle", tiny_unet)
+
+
+@pytest.fixture
+def stand_in(tmp_path: Path) -> list[str]:
+    """The job command: the stand-in script (``support.node.STAND_IN``) run by this Python."""
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    return [sys.executable, str(script)]
+
+
+@pytest.fixture
+def pacs(tmp_path: Path) -> Iterator[StoreSCP]:
+    """DCMTK storescp as the PACS, on a free port, receiving into ``tmp_path/pacs``."""
+    with StoreSCP(tmp_path / "pacs") as receiver:
+        yield receiver
+
+
+@pytest.fixture
+def fhir(tmp_path: Path) -> Iterator[FhirServer]:
+    """A sekmet FHIR R4 server as the EHR, on a free port, its data in ``tmp_path/fhir``."""
+    with FhirServer(tmp_path / "fhir") as server:
+        yield server
+
+
+@pytest.fixture
+def peers(tmp_path: Path) -> Iterator[tuple[StoreSCP, FhirServer]]:
+    """The PACS and the EHR together, for ``radnode serve`` runs (``support.node.ServeProcess``)."""
+    with StoreSCP(tmp_path / "pacs") as pacs, FhirServer(tmp_path / "ehr") as fhir:
+        yield pacs, fhir

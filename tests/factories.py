@@ -1,25 +1,43 @@
-"""A synthetic chest CT phantom as a real DICOM series, with its true masks and a PipelineResult.
+"""Builders of the data tests share: studies on disk, CT series, text reports, FHIR bundles, models, stores.
 
-The phantom is geometric (body ellipse, subcutaneous fat ring, two lungs with an emphysema patch,
-spine, paraspinal muscle), so every mask is known exactly and every measurement is computed from the
-loaded volume. Slices are numbered head to feet (InstanceNumber 1 is the most superior slice), the
-opposite of the volume's array order, as many scanners do. Reusable by any test needing a CT series.
+Plain functions, no fixtures (those are in ``conftest.py``). Every synthetic image series is written by
+``radnode.imaging.synthetic``, the project's one writer of synthetic series.
+
+- ``write_study``: a small CT study (16×16 pixels), what the node tests send over DICOM.
+- ``write_chest_phantom``: a geometric chest CT phantom with its true masks (``phantom_masks``) and a
+  ``PipelineResult`` computed from it (``phantom_result``). Slices are numbered head to feet
+  (InstanceNumber 1 is the most superior slice), the opposite of the volume's array order, as many scanners do.
+- ``lesion_ct`` / ``write_lesion_case``: soft tissue with one lesion, what the tiny model is trained on;
+  ``train_tiny_unet`` and ``write_bundle`` make that model and its MONAI bundle.
+- ``restore_totalseg_dicom``: the real TotalSegmentator CT with the UIDs its distribution stripped put back.
+- ``write_text_report``, ``PATIENT_BUNDLE``, ``open_store_made_by``: a non-image object, a FHIR
+  transaction that can be counted, a job store written by an older schema.
 """
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pydicom
 from highdicom.sr import CodedConcept
-from pydicom import Dataset
-from pydicom.dataset import FileMetaDataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_ROOT_UID, BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
 
 from radnode.imaging.series import CT_IMAGE_STORAGE
+from radnode.imaging.synthetic import SeriesIdentity, write_image_series
 from radnode.imaging.volume import Volume
+from radnode.node.store import JobStore
+from radnode.phantom import CTPhantom, write_ct_series
 from radnode.results import Measurement, PipelineResult, Segment, Structure
+
+if TYPE_CHECKING:
+    import torch
+    from monai.networks.nets import UNet
 
 PATIENT = {"PatientName": "Phantom^Chest", "PatientID": "PHANTOM001", "PatientBirthDate": "19600521",
            "PatientSex": "F"}
@@ -92,67 +110,32 @@ def phantom_hounsfield(masks: dict[str, np.ndarray], seed: int = 0) -> np.ndarra
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
 
 
-def make_ct_series(n_slices: int = 40, rows: int = 64, columns: int = 64, *, seed: int = 0) -> list[Dataset]:
-    """The phantom as single-frame CT Image Storage datasets with pixel data, in InstanceNumber order."""
+def write_chest_phantom(folder: Path, n_slices: int = 40, rows: int = 64, columns: int = 64, *,
+                        seed: int = 0) -> list[Path]:
+    """The phantom as single-frame CT Image Storage files in ``folder``, returned in InstanceNumber order."""
     masks = phantom_masks(n_slices, rows, columns)
     stored = (phantom_hounsfield(masks, seed) + 1024).astype(np.uint16)  # Rescale Intercept −1024
-    study_uid, series_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
-    spacing = FIELD_OF_VIEW_MM / columns, FIELD_OF_VIEW_MM / rows
+    column_mm, row_mm = FIELD_OF_VIEW_MM / columns, FIELD_OF_VIEW_MM / rows
     z0 = -300.0
-    datasets = []
-    for instance_number, k in enumerate(reversed(range(n_slices)), start=1):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SOPClassUID = CT_IMAGE_STORAGE
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
-        ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = STUDY_DATE
-        ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = STUDY_TIME
-        ds.AccessionNumber = ACCESSION
-        ds.Modality = "CT"
-        ds.Manufacturer = "Phantom Scanners"
-        ds.ManufacturerModelName = "Geometric CT"
-        ds.InstitutionName = "Radnode Test Hospital"
-        ds.ReferringPhysicianName = "Referrer^Rita"
-        ds.StudyDescription = "CT CHEST WITHOUT CONTRAST"
-        ds.SeriesDescription = "Chest 2.5mm"
-        for keyword, value in PATIENT.items():
-            setattr(ds, keyword, value)
-        ds.BodyPartExamined = "CHEST"
-        ds.SliceThickness = SLICE_SPACING_MM
-        ds.KVP = 120
-        ds.PatientPosition = "HFS"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-        ds.StudyID, ds.SeriesNumber, ds.AcquisitionNumber, ds.InstanceNumber = "1", 3, 1, instance_number
-        ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_uid, ""
-        ds.ImagePositionPatient = [-FIELD_OF_VIEW_MM / 2 + spacing[0] / 2, -FIELD_OF_VIEW_MM / 2 + spacing[1] / 2,
-                                   z0 + k * SLICE_SPACING_MM]
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.SliceLocation = z0 + k * SLICE_SPACING_MM
-        ds.PixelSpacing = [spacing[1], spacing[0]]
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows, ds.Columns = rows, columns
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
-        ds.WindowCenter, ds.WindowWidth = -600, 1500
-        ds.PixelData = stored[k].tobytes()
-        datasets.append(ds)
-    return datasets
-
-
-def write_series(datasets: list[Dataset], folder: Path) -> list[Path]:
-    """Write each dataset as a DICOM file named by its SOP Instance UID."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for ds in datasets:
-        path = folder / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+    head_first = list(reversed(range(n_slices)))  # InstanceNumber 1 is the most superior slice
+    positions = np.array([[-FIELD_OF_VIEW_MM / 2 + column_mm / 2, -FIELD_OF_VIEW_MM / 2 + row_mm / 2,
+                           z0 + k * SLICE_SPACING_MM] for k in head_first])
+    identity = SeriesIdentity(
+        patient_id=PATIENT["PatientID"], patient_name=PATIENT["PatientName"], accession=ACCESSION,
+        study_uid=generate_uid(), series_uid=generate_uid(), frame_of_reference_uid=generate_uid(),
+        study_description="CT CHEST WITHOUT CONTRAST", series_description="Chest 2.5mm", series_number=3,
+        body_part="CHEST", model_name="Geometric CT")
+    dates = {f"{kind}{part}": value for kind in ("Study", "Series", "Acquisition", "Content")
+             for part, value in (("Date", STUDY_DATE), ("Time", STUDY_TIME))}
+    scanner = {**dates, "PatientBirthDate": PATIENT["PatientBirthDate"], "PatientSex": PATIENT["PatientSex"],
+               "Manufacturer": "Phantom Scanners", "InstitutionName": "Radnode Test Hospital",
+               "ReferringPhysicianName": "Referrer^Rita", "SliceThickness": SLICE_SPACING_MM, "KVP": 120,
+               "RescaleIntercept": -1024, "RescaleSlope": 1, "RescaleType": "HU",
+               "WindowCenter": -600, "WindowWidth": 1500}
+    return write_image_series(stored[head_first], positions, (1, 0, 0, 0, 1, 0), (row_mm, column_mm), folder,
+                              sop_class_uid=CT_IMAGE_STORAGE, modality="CT", image_type=["ORIGINAL", "PRIMARY", "AXIAL"],
+                              identity=identity, modality_attributes=scanner, uid_root=PYDICOM_ROOT_UID,
+                              file_name=lambda _, sop_uid: f"{sop_uid}.dcm")
 
 
 def phantom_result(volume: Volume, algorithm_name: str = "radnode test phantom",
@@ -173,3 +156,153 @@ def phantom_result(volume: Volume, algorithm_name: str = "radnode test phantom",
         if key.startswith("lung_"):
             measurements.append(Measurement(key, LAA950, 100.0 * float((values < -950).mean()), PERCENT))
     return PipelineResult(segments, measurements, algorithm_name, algorithm_version)
+
+
+def write_study(folder: Path, n: int = 3, patient_id: str = "P1", study_uid: str | None = None) -> list[Path]:
+    """Write an ``n``-slice CT series (16×16 pixels, 2.5 mm apart) of one (new) study into ``folder``."""
+    numbers = range(1, n + 1)
+    pixels = np.stack([(np.arange(256, dtype=np.int16) * number).reshape(16, 16) for number in numbers])
+    positions = np.array([[0.0, 0.0, 2.5 * number] for number in numbers])
+    identity = SeriesIdentity(
+        patient_id=patient_id, patient_name="Test^Patient", accession="", study_uid=study_uid or generate_uid(),
+        series_uid=generate_uid(), frame_of_reference_uid=generate_uid(), study_description="CT test study",
+        series_description="Axial 2.5mm", series_number=1, body_part="", model_name="Test CT")
+    return write_image_series(pixels, positions, (1, 0, 0, 0, 1, 0), (1.0, 1.0), folder,
+                              sop_class_uid=CT_IMAGE_STORAGE, modality="CT", image_type=["ORIGINAL", "PRIMARY", "AXIAL"],
+                              identity=identity, modality_attributes={"SliceThickness": 2.5, "RescaleIntercept": 0,
+                                                                      "RescaleSlope": 1},
+                              uid_root=PYDICOM_ROOT_UID, file_name=lambda _, sop_uid: f"{sop_uid}.dcm")
+
+
+def write_text_report(folder: Path, patient_id: str) -> Path:
+    """A non-image object (Basic Text SR) of its own study."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID, ds.SOPInstanceUID = BasicTextSRStorage, generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.PatientID, ds.Modality, ds.ValueType = patient_id, "SR", "CONTAINER"
+    path = folder / "report.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+PATIENT_BUNDLE = {"resourceType": "Bundle", "type": "transaction", "entry": [
+    {"fullUrl": "urn:uuid:3f2504e0-4f89-11d3-9a0c-0305e82c3301",
+     "resource": {"resourceType": "Patient", "identifier": [{"system": "urn:radnode:test", "value": "P1"}]},
+     "request": {"method": "POST", "url": "Patient"}}]}
+"""A small real transaction: the FHIR server stores one Patient per delivery, so deliveries can be counted."""
+
+
+def open_store_made_by(old_schema: str, path: Path) -> JobStore:
+    """A job store written by an older schema, holding one done job, opened (and so migrated) by this version."""
+    db = sqlite3.connect(path)
+    db.executescript(old_schema)
+    db.execute("INSERT INTO jobs (study_instance_uid, pipeline, state, created_at, last_instance_at, updated_at)"
+               " VALUES ('1.2.3', 'ct_tissue', 'done', 0, 0, 0)")
+    db.commit()
+    db.close()
+    return JobStore(path)
+
+
+def restore_totalseg_dicom(reference: Path, target: Path, *, patient_id: str = "TS0001",
+                           accession: str = "TSACC1") -> list[Path]:
+    """Write the real TotalSegmentator CT series with the UIDs its distribution stripped put back.
+
+    Study/Series/SOP Instance UIDs and SOP Class UID are empty in the shipped files (only the file
+    meta keeps the SOP UIDs); a PACS would refuse them, so they are restored as a sender would have them.
+    Every call makes a new study: fresh Study, Series and SOP Instance UIDs.
+    """
+    target.mkdir(parents=True, exist_ok=True)
+    study_uid, series_uid = generate_uid(), generate_uid()
+    written = []
+    for src in sorted((reference / "example_ct_dicom").iterdir()):
+        ds = pydicom.dcmread(src)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
+        ds.PatientID, ds.PatientName, ds.AccessionNumber = patient_id, "Totalseg^Example", accession
+        ds.StudyID, ds.SeriesNumber, ds.InstanceNumber = "1", 2, ds.get("InstanceNumber") or len(written) + 1
+        out = target / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(out, enforce_file_format=True)
+        written.append(out)
+    return written
+
+
+LESION_SHAPE, LESION_SPACING, LESION_PATCH = (24, 48, 48), (3.0, 2.0, 2.0), (16, 32, 32)
+"""The lesion CT's voxels ``[slice, row, column]``, its spacing (mm) and the tiny model's patch."""
+TINY_NETWORK = {"_target_": "monai.networks.nets.UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
+                "channels": [8, 16], "strides": [2], "num_res_units": 1, "dropout": 0.1}
+
+
+def lesion_ct(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Soft tissue (40 HU) with one brighter ellipsoid 'lesion' (120 HU) at a random place, noise 25 HU."""
+    rng = np.random.default_rng(seed)
+    z, y, x = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in LESION_SHAPE], indexing="ij")
+    centre = rng.uniform([8, 16, 16], [16, 32, 32])
+    radii = rng.uniform([3, 6, 6], [5, 10, 10])
+    truth = (((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2
+             + ((x - centre[2]) / radii[2]) ** 2) <= 1
+    hu = np.where(truth, 120.0, 40.0) + rng.normal(0, 25, LESION_SHAPE)
+    return hu.astype(np.float32), truth
+
+
+def write_lesion_case(folder: Path, seed: int) -> Path:
+    """``lesion_ct(seed)`` written as a CT series into ``folder``."""
+    hu, truth = lesion_ct(seed)
+    write_ct_series(CTPhantom(np.rint(hu).astype(np.int16), LESION_SPACING, {"lesion": truth}), folder)
+    return folder
+
+
+def _window(hu: np.ndarray) -> np.ndarray:
+    return np.clip((hu + 100.0) / 400.0, 0, 1).astype(np.float32)  # the bundle's ScaleIntensityRanged
+
+
+def train_tiny_unet(steps: int = 30) -> "UNet":
+    """A small UNet trained for a few seconds on synthetic CT patches: good enough to segment them."""
+    import torch
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    network = UNet(**{k: v for k, v in TINY_NETWORK.items() if k != "_target_"})
+    optimiser = torch.optim.Adam(network.parameters(), lr=2e-2)
+    cases = [lesion_ct(seed) for seed in range(8)]
+    for step in range(steps):
+        hu, truth = cases[step % len(cases)]
+        image = torch.from_numpy(_window(hu))[None, None]
+        target = torch.from_numpy(truth.astype(np.int64))[None]
+        loss = torch.nn.functional.cross_entropy(network(image), target, weight=torch.tensor([1.0, 3.0]))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    return network.eval()
+
+
+def write_bundle(folder: Path, network: "torch.nn.Module") -> Path:
+    """A MONAI bundle as the Model Zoo lays them out: metadata, inference config, state dict."""
+    import torch
+
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    metadata = {
+        "name": "tiny lesion", "version": "0.1.0",
+        "network_data_format": {"inputs": {"image": {"type": "image", "num_channels": 1}},
+                                "outputs": {"pred": {"type": "image", "num_channels": 2,
+                                                     "channel_def": {"0": "background", "1": "lesion"}}}},
+    }
+    inference = {
+        "network_def": TINY_NETWORK,
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            {"_target_": "LoadImaged", "keys": "image"},
+            {"_target_": "Spacingd", "keys": "image",
+             "pixdim": [LESION_SPACING[2], LESION_SPACING[1], LESION_SPACING[0]]},
+            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -100, "a_max": 300, "b_min": 0,
+             "b_max": 1, "clip": True}]},
+        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": list(LESION_PATCH), "sw_batch_size": 2},
+    }
+    (folder / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    (folder / "configs" / "inference.json").write_text(json.dumps(inference))
+    torch.save(network.state_dict(), folder / "models" / "model.pt")
+    return folder

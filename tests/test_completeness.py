@@ -1,6 +1,6 @@
 """Study completeness: the policy on recorded arrivals, and the node on real associations (storescu).
 
-The node tests run a stand-in job command (tests/test_node.py); timings here only bound what must not
+The node tests run a stand-in job command (``support.node.STAND_IN``); timings here only bound what must not
 happen (a half study queued) with wide margins; latency figures are measured in bench/.
 """
 
@@ -12,12 +12,13 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from factories import write_study
 from radnode.node.completeness import CompletenessSettings, SeriesProgress, expected_instances, study_verdict
 from radnode.node.service import Node
 from radnode.node.store import JobState
-from test_egress import wait_until
-from test_node import final_job, node_config, stand_in  # noqa: F401 - stand_in is a fixture
-from test_scp import storescu, write_study
+from support.dicom_tools import storescu
+from support.node import final_job, node_config
+from support.waiting import wait_until
 
 SETTINGS = CompletenessSettings(idle_seconds=10, series_grace_seconds=0.5, study_grace_seconds=1.0)
 

@@ -14,25 +14,15 @@ import pydicom
 import pytest
 from scipy import ndimage
 
+from factories import STRUCTURES, phantom_result, write_chest_phantom
 from radnode.imaging.series import VolumeCriteria, load_volume
 from radnode.outputs.algorithm import AlgorithmInfo
 from radnode.outputs.contour import largest_cross_section, outline, polygon_area
 from radnode.outputs.seg import build_segmentation
 from radnode.outputs.sr import CROSS_SECTION_TRACKING_PREFIX, build_measurement_report, read_measurements
-from factories import STRUCTURES, make_ct_series, phantom_result, write_series
+from support.geometry import inside_outline
 
 FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
-
-
-def rasterise(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Pixels whose centres a closed polyline encloses (even-odd rule), independent of the code under test."""
-    rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
-    px, py = cols.ravel() + 0.5, rows.ravel() + 0.5
-    inside = np.zeros(px.shape, dtype=bool)
-    for (x0, y0), (x1, y1) in zip(points[:-1], points[1:]):
-        if y0 != y1:
-            inside ^= ((y0 > py) != (y1 > py)) & (px < x0 + (py - y0) * (x1 - x0) / (y1 - y0))
-    return inside.reshape(shape)
 
 
 def largest_region(image: np.ndarray) -> np.ndarray:
@@ -53,7 +43,7 @@ def test_outline_encloses_exactly_the_region_holes_and_touching_corners_included
         points = outline(region)
         assert (points[0] == points[-1]).all()
         assert polygon_area(points) == region.sum()
-        assert (rasterise(points, region.shape) == region).all()
+        assert (inside_outline(points, region.shape) == region).all()
         checked += 1
     assert checked > 150
 
@@ -64,7 +54,7 @@ def test_ring_is_outlined_with_its_hole_cut_out() -> None:
     ring[6:18, 6:18] = False
     points = outline(ring)
     assert polygon_area(points) == ring.sum() == 400 - 144
-    assert (rasterise(points, ring.shape) == ring).all()
+    assert (inside_outline(points, ring.shape) == ring).all()
     # Straight runs are merged: the square ring needs its 8 corners and the two ends of the cut, twice.
     assert len(points) - 1 <= 12
 
@@ -78,7 +68,7 @@ def test_largest_cross_section_is_the_largest_region_on_any_slice() -> None:
     section = largest_cross_section(mask)
     assert section is not None
     assert section.slice_index == 2 and section.area_pixels == 49
-    assert (rasterise(section.points, mask.shape[1:]) == mask[2]).all()
+    assert (inside_outline(section.points, mask.shape[1:]) == mask[2]).all()
     assert largest_cross_section(np.zeros((3, 8, 8), dtype=bool)) is None
 
 
@@ -86,7 +76,7 @@ def test_largest_cross_section_is_the_largest_region_on_any_slice() -> None:
 def report(tmp_path_factory: pytest.TempPathFactory):
     """The chest phantom's SEG and SR, written and read back."""
     folder = tmp_path_factory.mktemp("ct")
-    write_series(make_ct_series(), folder)
+    write_chest_phantom(folder)
     volume, _ = load_volume(folder, VolumeCriteria())
     result = phantom_result(volume)
     algorithm = AlgorithmInfo(name="radnode test phantom", version="1.0")
@@ -128,7 +118,7 @@ def test_sr_has_a_cross_section_before_each_volumetric_group(report) -> None:
         # The outline is the largest region of that segment on any slice, on the slice it names.
         region = largest_region(masks[key][z])
         assert region.sum() == max(largest_region(s).sum() for s in masks[key] if s.any())
-        assert (rasterise(points, region.shape) == region).all()
+        assert (inside_outline(points, region.shape) == region).all()
         expected = round(region.sum() * volume.spacing[1] * volume.spacing[2], 1)
         assert float(area.MeasuredValueSequence[0].NumericValue) == pytest.approx(expected, abs=0.05)
 

@@ -35,7 +35,7 @@ from radnode.config import Config, load_config
 from radnode.node.service import Node
 from radnode.peers import free_port
 from radnode.viewer import DICOMWEB_PREFIX, OHIF_VERSION, ORTHANC_BINARY, render_app_config
-from test_egress import wait_until
+from support.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE = REPO / "deploy" / "compose"
@@ -460,7 +460,7 @@ def deployed_orthanc(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
 def test_orthanc_starts_with_the_recipe_configuration_and_feeds_a_real_node(
         deployed_orthanc: dict[str, Any], tmp_path: Path) -> None:
-    from factories import make_ct_series, write_series
+    from factories import write_chest_phantom
 
     url, settings = deployed_orthanc["url"], deployed_orthanc["settings"]
     with urllib.request.urlopen(f"{url}/plugins", timeout=10) as r:
@@ -472,7 +472,7 @@ def test_orthanc_starts_with_the_recipe_configuration_and_feeds_a_real_node(
         "ingress": config.ingress.model_copy(update={"port": 0, "host": "127.0.0.1"}),
         "api": config.api.model_copy(update={"port": node_port, "host": "127.0.0.1"}),
         "orthanc": config.orthanc.model_copy(update={"url": url})})
-    files = write_series(make_ct_series(n_slices=2, rows=16, columns=16), tmp_path / "ct")
+    files = write_chest_phantom(tmp_path / "ct", n_slices=2, rows=16, columns=16)
     with Node(local):
         for path in files:
             request = urllib.request.Request(f"{url}/instances", data=path.read_bytes(), method="POST",
@@ -511,10 +511,10 @@ def _nginx() -> str | None:
 @pytest.mark.skipif(_nginx() is None, reason="nginx is not installed (apt-get install nginx-light)")
 def test_nginx_serves_the_viewer_and_proxies_dicomweb_to_orthanc(deployed_orthanc: dict[str, Any],
                                                                   tmp_path: Path) -> None:
-    from factories import make_ct_series, write_series
+    from factories import write_chest_phantom
 
     binary, url = _nginx(), deployed_orthanc["url"]
-    files = write_series(make_ct_series(n_slices=1, rows=16, columns=16), tmp_path / "ct")
+    files = write_chest_phantom(tmp_path / "ct", n_slices=1, rows=16, columns=16)
     request = urllib.request.Request(f"{url}/instances", data=files[0].read_bytes(), method="POST",
                                      headers={"Content-Type": "application/dicom"})
     urllib.request.urlopen(request, timeout=30).close()

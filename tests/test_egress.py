@@ -1,56 +1,20 @@
-"""Egress against real peers: DCMTK storescp as the PACS, a sekmet FHIR R4 server as the EHR.
-
-Also holds the receiver helpers the node tests share.
-"""
+"""Egress against real peers: DCMTK storescp as the PACS, a sekmet FHIR R4 server as the EHR."""
 
 from __future__ import annotations
 
 import json
 import shutil
-import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pydicom
-import pytest
 
+from factories import PATIENT_BUNDLE, write_study
 from radnode.config import Config, DicomPeer
 from radnode.node.egress import Egress, outbox_dir
 from radnode.node.store import Instance, JobState, JobStore
 from radnode.peers import FhirServer, StoreSCP, free_port
-from test_scp import write_study
-
-
-def wait_until(condition: Callable[[], object], timeout: float = 20.0, step: float = 0.05) -> None:
-    """Poll until ``condition()`` is true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout} s")
-        time.sleep(step)
-
-
-@pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[StoreSCP]:
-    with StoreSCP(tmp_path / "pacs") as receiver:
-        yield receiver
-
-
-@pytest.fixture
-def fhir(tmp_path: Path) -> Iterator[FhirServer]:
-    with FhirServer(tmp_path / "fhir") as server:
-        yield server
-
-
-PATIENT_BUNDLE = {"resourceType": "Bundle", "type": "transaction", "entry": [
-    {"fullUrl": "urn:uuid:3f2504e0-4f89-11d3-9a0c-0305e82c3301",
-     "resource": {"resourceType": "Patient", "identifier": [{"system": "urn:radnode:test", "value": "P1"}]},
-     "request": {"method": "POST", "url": "Patient"}}]}
-"""A small real transaction: the FHIR server stores one Patient per delivery, so deliveries can be counted."""
-
-
-def patients(fhir: FhirServer) -> int:
-    return int(fhir.search("Patient", "_summary=count")["total"])
+from support.node import patients
+from support.waiting import wait_until
 
 
 def finished_job(store: JobStore, tmp_path: Path, calling_ae: str = "SCANNER") -> tuple[int, Path, list[str]]:

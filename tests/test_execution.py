@@ -14,6 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from factories import restore_totalseg_dicom, write_study
 from radnode.config import ConfigError
 from radnode.node.executors import (
     CONTAINER_CONFIG_PATH,
@@ -32,9 +33,8 @@ from radnode.node.worker import Scheduler
 from radnode.outputs.sr import read_measurements
 from radnode.pipelines.registry import PipelineRegistryError, get_pipeline
 from radnode.pipelines.rules import Execution, ExecutionMode, RuleError, parse_rules
-from conftest import restore_totalseg_dicom
-from test_node import _alive, final_job, jobs_by_patient, node_config, stand_in  # noqa: F401 - stand_in is a fixture
-from test_scp import storescu, write_study
+from support.dicom_tools import storescu
+from support.node import final_job, jobs_by_patient, node_config, process_alive
 
 SLOW_APP = {
     "__init__.py": '"""A site application that never finishes: its only operator sleeps."""\n',
@@ -123,7 +123,7 @@ def test_a_subprocess_route_with_a_5_s_timeout_kills_the_slow_app_and_the_in_pro
     assert failed.message == slow.reason and 5 <= failed.at - running.at < 8
     pid_file = tmp_path / "data" / "jobs" / str(slow.id) / "work" / "sleeping.pid"
     assert pid_file.exists(), "the app never reached its operator: the kill did not hit a running app"
-    assert not _alive(int(pid_file.read_text()))
+    assert not process_alive(int(pid_file.read_text()))
     assert quick.state is JobState.DONE and quick.execution == Execution()
     assert quick_command.startswith(f"in-process: {sys.executable} ")
     assert quick_command.endswith("--pipeline ct_tissue (timeout 60 s, processing.job_timeout_seconds)")

@@ -17,6 +17,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from factories import write_lesion_case
 from radnode import map as radmap
 from radnode.pipelines.registry import PIPELINES
 
@@ -229,9 +230,7 @@ def _study_for(app: str, real_ct_folder: Path, tmp_path: Path) -> Path:
     for the site's model the synthetic CT it was trained for."""
     modalities = PIPELINES[app].modalities
     if PIPELINES[app].takes_model:
-        from test_models import _write_case
-
-        return _write_case(tmp_path / "lesion_ct", seed=100)
+        return write_lesion_case(tmp_path / "lesion_ct", seed=100)
     if "CT" in modalities:
         return real_ct_folder
     if "MR" in modalities:

@@ -17,6 +17,7 @@ import yaml
 from fhir.resources.R4B.bundle import Bundle
 from monai.networks.nets import UNet
 
+from factories import LESION_PATCH, LESION_SHAPE, LESION_SPACING, lesion_ct, write_lesion_case
 from radnode.apps.model_seg.app import series_selection
 from radnode.cli import main as cli_main
 from radnode.execution import prepare_holoscan_process
@@ -27,74 +28,11 @@ from radnode.models.loading import check_model_folder, load_ensemble, load_model
 from radnode.outputs.sr import read_measurements
 from radnode.phantom import CTPhantom, write_ct_series
 from radnode.uncertainty import dice
-from test_mri_brain import _dciodvfy_errors
-
-SHAPE, SPACING, PATCH = (24, 48, 48), (3.0, 2.0, 2.0), (16, 32, 32)
-NETWORK = {"_target_": "monai.networks.nets.UNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2,
-           "channels": [8, 16], "strides": [2], "num_res_units": 1, "dropout": 0.1}
-
-
-def synthetic_ct(seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Soft tissue (40 HU) with one brighter ellipsoid 'lesion' (120 HU) at a random place, noise 25 HU."""
-    rng = np.random.default_rng(seed)
-    z, y, x = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in SHAPE], indexing="ij")
-    centre = rng.uniform([8, 16, 16], [16, 32, 32])
-    radii = rng.uniform([3, 6, 6], [5, 10, 10])
-    truth = (((z - centre[0]) / radii[0]) ** 2 + ((y - centre[1]) / radii[1]) ** 2
-             + ((x - centre[2]) / radii[2]) ** 2) <= 1
-    hu = np.where(truth, 120.0, 40.0) + rng.normal(0, 25, SHAPE)
-    return hu.astype(np.float32), truth
-
-
-def _window(hu: np.ndarray) -> np.ndarray:
-    return np.clip((hu + 100.0) / 400.0, 0, 1).astype(np.float32)  # the bundle's ScaleIntensityRanged
-
-
-def train_tiny_unet(steps: int = 30) -> UNet:
-    """A small UNet trained for a few seconds on synthetic CT patches: good enough to segment them."""
-    torch.manual_seed(0)
-    network = UNet(**{k: v for k, v in NETWORK.items() if k != "_target_"})
-    optimiser = torch.optim.Adam(network.parameters(), lr=2e-2)
-    cases = [synthetic_ct(seed) for seed in range(8)]
-    for step in range(steps):
-        hu, truth = cases[step % len(cases)]
-        image = torch.from_numpy(_window(hu))[None, None]
-        target = torch.from_numpy(truth.astype(np.int64))[None]
-        loss = torch.nn.functional.cross_entropy(network(image), target, weight=torch.tensor([1.0, 3.0]))
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    return network.eval()
-
-
-def write_bundle(folder: Path, network: torch.nn.Module) -> Path:
-    """A MONAI bundle as the Model Zoo lays them out: metadata, inference config, state dict."""
-    (folder / "configs").mkdir(parents=True)
-    (folder / "models").mkdir()
-    metadata = {
-        "name": "tiny lesion", "version": "0.1.0",
-        "network_data_format": {"inputs": {"image": {"type": "image", "num_channels": 1}},
-                                "outputs": {"pred": {"type": "image", "num_channels": 2,
-                                                     "channel_def": {"0": "background", "1": "lesion"}}}},
-    }
-    inference = {
-        "network_def": NETWORK,
-        "preprocessing": {"_target_": "Compose", "transforms": [
-            {"_target_": "LoadImaged", "keys": "image"},
-            {"_target_": "Spacingd", "keys": "image", "pixdim": [SPACING[2], SPACING[1], SPACING[0]]},
-            {"_target_": "ScaleIntensityRanged", "keys": "image", "a_min": -100, "a_max": 300, "b_min": 0,
-             "b_max": 1, "clip": True}]},
-        "inferer": {"_target_": "SlidingWindowInferer", "roi_size": list(PATCH), "sw_batch_size": 2},
-    }
-    (folder / "configs" / "metadata.json").write_text(json.dumps(metadata))
-    (folder / "configs" / "inference.json").write_text(json.dumps(inference))
-    torch.save(network.state_dict(), folder / "models" / "model.pt")
-    return folder
-
+from support.dicom_tools import dciodvfy_report
 
 @pytest.fixture(scope="module")
 def trained(tiny_unet: UNet) -> UNet:
-    return tiny_unet  # conftest: train_tiny_unet(), once per session
+    return tiny_unet  # conftest: factories.train_tiny_unet(), once per session
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +42,9 @@ def bundle(tiny_bundle: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def ct_case(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, np.ndarray]:
-    hu, truth = synthetic_ct(seed=100)
+    hu, truth = lesion_ct(seed=100)
     folder = tmp_path_factory.mktemp("ct_case")
-    write_ct_series(CTPhantom(np.rint(hu).astype(np.int16), SPACING, {"lesion": truth}), folder)
+    write_ct_series(CTPhantom(np.rint(hu).astype(np.int16), LESION_SPACING, {"lesion": truth}), folder)
     return folder, truth
 
 
@@ -115,7 +53,7 @@ def test_bundle_loads_with_contract_from_its_configs(bundle: Path) -> None:
     model = load_model_folder(bundle)
     assert model.kind == "bundle"
     assert [s.key for s in model.spec.labels.values()] == ["lesion"]
-    assert model.spec.patch_size == PATCH and model.spec.spacing == SPACING
+    assert model.spec.patch_size == LESION_PATCH and model.spec.spacing == LESION_SPACING
     assert (model.spec.normalisation.kind, model.spec.normalisation.low, model.spec.normalisation.high) == \
         ("window", -100.0, 300.0)
     assert model.has_dropout
@@ -157,7 +95,7 @@ def test_the_shipped_pipeline_reports_volume_and_uncertainty_in_sr_and_fhir(ship
     assert {r["concept"]["value"] for r in rows} == {"118565006", "UNC-MEAN", "UNC-BOUNDARY", "UNC-AGREEMENT"}
     by_code = {r["concept"]["value"]: r["value"] for r in rows}
     mask = _lesion_mask(shipped_run, ct_case[0])
-    assert by_code["118565006"] == pytest.approx(mask.sum() * np.prod(SPACING) / 1000, abs=0.05)  # SR = SEG
+    assert by_code["118565006"] == pytest.approx(mask.sum() * np.prod(LESION_SPACING) / 1000, abs=0.05)  # SR = SEG
     assert 0 <= by_code["UNC-MEAN"] <= 1 and 0 <= by_code["UNC-AGREEMENT"] <= 1
     bundle = Bundle.model_validate_json((shipped_run / "fhir-bundle.json").read_text())
     observations = {o.code.text: o for o in (e.resource for e in bundle.entry)
@@ -172,7 +110,7 @@ def test_the_shipped_pipeline_reports_volume_and_uncertainty_in_sr_and_fhir(ship
 @pytest.mark.parametrize("name, iod", [("seg.dcm", "Segmentation"), ("sr.dcm", "Comprehensive3DSR"),
                                        ("uncertainty-map.dcm", "ParametricMap")])
 def test_the_shipped_pipelines_outputs_pass_dciodvfy(shipped_run: Path, name: str, iod: str) -> None:
-    report, errors = _dciodvfy_errors(shipped_run / name)
+    report, errors = dciodvfy_report(shipped_run / name)
     assert iod in report, f"dciodvfy did not recognise the {iod} IOD: {report[:5]}"
     assert errors == []
 
@@ -180,8 +118,8 @@ def test_the_shipped_pipelines_outputs_pass_dciodvfy(shipped_run: Path, name: st
 def test_nothing_found_is_reported_as_empty_segments_not_a_failure(bundle: Path, tmp_path: Path) -> None:
     """A study without a lesion: the SEG holds the empty segment, SR and FHIR say 0 mL."""
     rng = np.random.default_rng(5)
-    hu = 40.0 + rng.normal(0, 25, SHAPE)
-    write_ct_series(CTPhantom(np.rint(hu).astype(np.int16), SPACING, {}), tmp_path / "normal")
+    hu = 40.0 + rng.normal(0, 25, LESION_SHAPE)
+    write_ct_series(CTPhantom(np.rint(hu).astype(np.int16), LESION_SPACING, {}), tmp_path / "normal")
     prepare_holoscan_process()
     assert cli_main(["run", str(tmp_path / "normal"), "--output", str(tmp_path / "out"), "--model", str(bundle)]) == 0
     rows = read_measurements(pydicom.dcmread(tmp_path / "out" / "sr.dcm"))
@@ -230,17 +168,17 @@ def _describe(folder: Path, description: str) -> Path:
 
 def test_the_series_is_the_largest_volume_of_the_models_modality_unless_the_model_says_more(
         trained: UNet, tmp_path: Path) -> None:
-    hu, truth = synthetic_ct(seed=7)
+    hu, truth = lesion_ct(seed=7)
     study_uid = pydicom.uid.generate_uid()
-    write_ct_series(CTPhantom(np.rint(hu).astype(np.int16), SPACING, {"lesion": truth}), tmp_path / "study" / "a",
+    write_ct_series(CTPhantom(np.rint(hu).astype(np.int16), LESION_SPACING, {"lesion": truth}), tmp_path / "study" / "a",
                     study_uid=study_uid)
     _describe(tmp_path / "study" / "a", "Lesion protocol")
     thicker = np.rint(np.concatenate([hu, hu[:8]])).astype(np.int16)
-    write_ct_series(CTPhantom(thicker, SPACING, {}), tmp_path / "study" / "b", study_uid=study_uid)
+    write_ct_series(CTPhantom(thicker, LESION_SPACING, {}), tmp_path / "study" / "b", study_uid=study_uid)
     study = read_study_folder(tmp_path / "study")
     torch.jit.script(trained).save(str(tmp_path / "model.ts"))
     sidecar = {"name": "tiny lesion ts", "weights": "model.ts",
-               "input": {"patch_size": list(PATCH), "spacing": list(SPACING)},
+               "input": {"patch_size": list(LESION_PATCH), "spacing": list(LESION_SPACING)},
                "labels": {1: "lesion"}}
     (tmp_path / "model.yaml").write_text(yaml.safe_dump(sidecar))
     spec = load_model_folder(tmp_path).spec
@@ -276,12 +214,12 @@ def test_modality_and_series_condition_are_checked_at_load(bundle: Path, tmp_pat
     sidecar.mkdir()
     for series, message in (({"SeriesDescription": {"regex": "x"}}, "unknown operator 'regex'"),
                             ({"SeriesDescriptoin": "x"}, "did you mean 'SeriesDescription'")):
-        (sidecar / "model.yaml").write_text(yaml.safe_dump({"input": {"patch_size": list(PATCH), "series": series},
+        (sidecar / "model.yaml").write_text(yaml.safe_dump({"input": {"patch_size": list(LESION_PATCH), "series": series},
                                                             "labels": {1: "x"}}))
         problems = check_model_folder(sidecar)
         assert len(problems) == 1 and problems[0].startswith(f"{sidecar / 'model.yaml'}: input.series: ")
         assert message in problems[0]
-    (sidecar / "model.yaml").write_text(yaml.safe_dump({"input": {"patch_size": list(PATCH), "modality": "US"},
+    (sidecar / "model.yaml").write_text(yaml.safe_dump({"input": {"patch_size": list(LESION_PATCH), "modality": "US"},
                                                         "labels": {1: "x"}}))
     assert check_model_folder(sidecar) == [f"{sidecar / 'model.yaml'}: input.modality 'US'; expected one of CT, MR"]
 
@@ -290,24 +228,18 @@ def test_torchscript_with_sidecar_matches_the_bundle(trained: UNet, bundle: Path
     torch.jit.script(trained).save(str(tmp_path / "model.ts"))
     (tmp_path / "model.yaml").write_text(yaml.safe_dump({
         "name": "tiny lesion ts", "version": "0.1.0", "weights": "model.ts",
-        "input": {"spacing": list(SPACING), "patch_size": list(PATCH),
+        "input": {"spacing": list(LESION_SPACING), "patch_size": list(LESION_PATCH),
                   "normalisation": {"kind": "window", "low": -100, "high": 300}},
         "labels": {1: {"key": "lesion", "name": "Lesion", "code": ["52988006", "SCT", "Lesion"],
                        "category": ["49755003", "SCT", "Morphologically Altered Structure"]}},
     }))
     model = load_model_folder(tmp_path)
     assert model.kind == "torchscript" and model.spec.labels[1].property_type.value == "52988006"
-    volume, _ = load_volume(_write_case(tmp_path / "case", seed=101), VolumeCriteria())
+    volume, _ = load_volume(write_lesion_case(tmp_path / "case", seed=101), VolumeCriteria())
     options = InferenceOptions(mirror_tta=False)
     from_script = segment_with_model(volume, model, options).segments[0].mask
     from_bundle = segment_with_model(volume, load_model_folder(bundle), options).segments[0].mask
     assert dice(from_script, from_bundle) > 0.99
-
-
-def _write_case(folder: Path, seed: int) -> Path:
-    hu, truth = synthetic_ct(seed)
-    write_ct_series(CTPhantom(np.rint(hu).astype(np.int16), SPACING, {"lesion": truth}), folder)
-    return folder
 
 
 def test_ensemble_of_two_folders_gives_more_samples(bundle: Path, ct_case: tuple[Path, np.ndarray]) -> None:
@@ -333,7 +265,7 @@ def test_state_dict_that_does_not_fit_fails_at_load(bundle: Path, tmp_path: Path
 def test_labels_that_do_not_match_the_output_fail_at_load(trained: UNet, tmp_path: Path) -> None:
     torch.jit.script(trained).save(str(tmp_path / "model.ts"))
     (tmp_path / "model.yaml").write_text(yaml.safe_dump({
-        "input": {"patch_size": list(PATCH)}, "labels": {1: "liver", 2: "spleen"}}))
+        "input": {"patch_size": list(LESION_PATCH)}, "labels": {1: "liver", 2: "spleen"}}))
     with pytest.raises(ModelError, match=r"output of shape \(1, 2, 16, 32, 32\), expected \(1, 3,"):
         load_model_folder(tmp_path)
 

@@ -9,10 +9,8 @@ than the clean scan, and the score ranks the degraded cases by the error the deg
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import highdicom as hd
@@ -41,11 +39,12 @@ from radnode.node.store import JobState
 from radnode.peers import FhirServer, StoreSCP
 from radnode.pipelines.rules import DEFAULT_RULES
 from radnode.uncertainty import dice, spearman
-from test_serve_e2e import ServeProcess, peers  # noqa: F401 - peers is a fixture
+from support.bench_scripts import load_bench_script
+from support.dicom_tools import dciodvfy_report
+from support.node import ServeProcess
 
 TEMPLATES = Path("/usr/share/mricron/templates")
 T1, REFERENCE = TEMPLATES / "ch2.nii.gz", TEMPLATES / "ch2bet.nii.gz"
-UNCERTAINTY_EVAL = Path(__file__).resolve().parents[1] / "bench" / "uncertainty_eval.py"
 
 
 def _every_other_slice(volume: Volume) -> Volume:
@@ -154,18 +153,11 @@ def test_t1_study_sent_to_the_node_returns_the_brain_seg_and_volumes(
     assert fhir_volumes == sorted(volumes.values())
 
 
-def _dciodvfy_errors(path: Path) -> tuple[list[str], list[str]]:
-    run = subprocess.run([shutil.which("dciodvfy") or "dciodvfy", str(path)], capture_output=True, text=True,
-                         check=False)
-    report = (run.stdout + run.stderr).splitlines()
-    return report, [line for line in report if line.startswith("Error")]
-
-
 @pytest.mark.parametrize("name, iod", [("seg.dcm", "Segmentation"), ("sr.dcm", "Comprehensive3DSR"),
                                        ("uncertainty-map.dcm", "ParametricMap")])
 def test_outputs_pass_dciodvfy(outputs: Path, name: str, iod: str) -> None:
     assert shutil.which("dciodvfy"), "dciodvfy (dicom3tools) is needed to verify the written objects"
-    report, errors = _dciodvfy_errors(outputs / name)
+    report, errors = dciodvfy_report(outputs / name)
     assert iod in report, f"dciodvfy did not recognise the {iod} IOD: {report[:5]}"
     assert errors == []
 
@@ -270,14 +262,6 @@ def test_a_mask_cut_by_the_field_of_view_is_marked_where_it_is_cut() -> None:
     assert set(np.unique(np.nonzero(contact)[0])) == {27, 28}  # both sides of the cut
 
 
-def _uncertainty_eval():
-    spec = importlib.util.spec_from_file_location("radnode_bench_uncertainty_eval", UNCERTAINTY_EVAL)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_degraded_colin27_scores_higher_and_the_score_ranks_the_damage() -> None:
     """The clean scan and the strongest level of each degradation (bench/uncertainty_eval.py). Every degraded
@@ -286,7 +270,7 @@ def test_degraded_colin27_scores_higher_and_the_score_ranks_the_damage() -> None
     caused. Against ch2bet the ranking does not hold (printed, not asserted): BET's mask leaves out a 1–3 mm shell
     that deepbet keeps, so the clean scan already has a Dice error of 0.065 and blur, which shrinks the mask
     towards BET's convention, lowers it."""
-    evaluation = _uncertainty_eval()
+    evaluation = load_bench_script("uncertainty_eval")
     cases = [("clean", 0.0), ("noise", 0.3), ("blur", 6.0), ("shift", 0.8), ("crop", 0.3), ("fov", 0.3)]
     summary = evaluation.run(cases)
     rows = {r["case"]: r for r in summary["cases"]}

@@ -1,7 +1,7 @@
 """The whole node: studies in over DICOM, jobs in their own processes, results out; killed and restarted.
 
-Jobs run a stand-in job command (a real Python subprocess written by the test) unless the test is the
-end-to-end one, which runs the real ``radnode run`` on a real CT series.
+Jobs run a stand-in job command (a real Python subprocess written by the test, ``support.node.STAND_IN``)
+unless the test is the end-to-end one, which runs the real ``radnode run`` on a real CT series.
 """
 
 from __future__ import annotations
@@ -10,104 +10,21 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
 import pytest
 import yaml
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
 
+from factories import write_study, write_text_report
 from radnode.config import Config, DicomPeer
 from radnode.node.service import Node
-from radnode.node.store import Job, JobState, JobStore
+from radnode.node.store import JobState, JobStore
 from radnode.peers import FhirServer, StoreSCP, free_port
-from test_egress import PATIENT_BUNDLE, patients, wait_until
-from test_scp import ECHOSCU, storescu, write_study
-
-STAND_IN = textwrap.dedent('''
-    """Stand-in for `radnode run INPUT --output OUT --pipeline NAME`: one derived result per study."""
-    import argparse, json, os, pathlib, sys, time
-    import pydicom
-    from pydicom.uid import generate_uid
-
-    parser = argparse.ArgumentParser()
-    parser.add_argument("input")
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--pipeline")
-    args = parser.parse_args()
-    out = pathlib.Path(args.output)
-    (out.parent / "pid").write_text(str(os.getpid()))
-    images = [ds for ds in map(pydicom.dcmread, sorted(pathlib.Path(args.input).iterdir())) if "PixelData" in ds]
-    if not images:
-        print("loading the input", file=sys.stderr)
-        print("no image series in the input", file=sys.stderr)
-        sys.exit(3)
-    time.sleep(float(os.environ.get("STAND_IN_SECONDS_" + str(images[0].PatientID), "0")))
-    result = images[0]
-    result.SOPInstanceUID = result.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    result.SeriesInstanceUID, result.SeriesDescription = generate_uid(), "stand-in result"
-    result.save_as(out / "result.dcm")
-    (out / "fhir-bundle.json").write_text(json.dumps(PATIENT_BUNDLE))
-    (out / "manifest.json").write_text(json.dumps({"inputs": len(images)}))
-'''.replace("PATIENT_BUNDLE", repr(PATIENT_BUNDLE)))
-
-
-@pytest.fixture
-def stand_in(tmp_path: Path) -> list[str]:
-    """The job command: the stand-in script run by this Python."""
-    script = tmp_path / "stand_in.py"
-    script.write_text(STAND_IN)
-    return [sys.executable, str(script)]
-
-
-def node_config(tmp_path: Path, port: int = 0, **sections: dict) -> Config:
-    """Small idle and retry times so each test takes seconds."""
-    data: dict = {"data_dir": str(tmp_path / "data"),
-                  "ingress": {"host": "127.0.0.1", "port": port, "study_idle_seconds": 0.5},
-                  "egress": {"retry_initial_seconds": 0.2, "retry_max_seconds": 0.5, "max_attempts": 50,
-                             "timeout_seconds": 5},
-                  "processing": {"job_timeout_seconds": 60}}
-    for name, values in sections.items():
-        data[name] = {**data.get(name, {}), **values}
-    return Config.model_validate(data)
-
-
-@pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[StoreSCP]:
-    with StoreSCP(tmp_path / "pacs") as receiver:
-        yield receiver
-
-
-def final_job(node: Node, job_id: int, timeout: float = 30) -> Job:
-    """Wait until the job is done or failed, and return it."""
-    wait_until(lambda: node.job(job_id).state in (JobState.DONE, JobState.FAILED), timeout)  # type: ignore[union-attr]
-    job = node.job(job_id)
-    assert job is not None
-    return job
-
-
-def jobs_by_patient(node: Node, expected: int) -> dict[str, Job]:
-    wait_until(lambda: len(node.jobs()) == expected)
-    return {job.patient_id: job for job in node.jobs()}
-
-
-def write_text_report(folder: Path, patient_id: str) -> Path:
-    """A non-image object (Basic Text SR) of its own study."""
-    folder.mkdir(parents=True, exist_ok=True)
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = BasicTextSRStorage, generate_uid()
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientID, ds.Modality, ds.ValueType = patient_id, "SR", "CONTAINER"
-    path = folder / "report.dcm"
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
+from support.dicom_tools import ECHOSCU, storescu
+from support.node import final_job, jobs_by_patient, node_config, patients, process_alive
+from support.waiting import wait_until
 
 def test_a_failing_job_is_recorded_while_another_study_completes(tmp_path: Path, stand_in: list[str],
                                                                   pacs: StoreSCP) -> None:
@@ -147,7 +64,7 @@ def test_a_job_over_its_time_limit_is_killed_and_the_next_one_runs(tmp_path: Pat
         assert slow.state is JobState.FAILED and slow.reason == "timed out after 1.5 s"
         assert quick.state is JobState.DONE
     pid = int((tmp_path / "data" / "jobs" / str(slow.id) / "pid").read_text())
-    assert not _alive(pid)
+    assert not process_alive(pid)
 
 
 def test_instances_arriving_while_the_job_runs_are_kept_but_not_its_input(
@@ -179,21 +96,13 @@ def test_stopped_while_running_the_job_is_ended_and_runs_again_at_the_next_start
         wait_until(lambda: node.jobs() and node.jobs()[0].state is JobState.RUNNING)
         pid_file = tmp_path / "data" / "jobs" / "1" / "pid"
         wait_until(pid_file.exists)
-    assert not _alive(int(pid_file.read_text()))
+    assert not process_alive(int(pid_file.read_text()))
     monkeypatch.setenv("STAND_IN_SECONDS_P1", "0")
     with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
         job = final_job(node, 1)
         assert job.state is JobState.DONE and job.runs == 2
         (requeued,) = [e for e in node.events(1) if e.kind == "requeued"]
         assert "node stopped while the job was running" in requeued.message
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 class NodeProcess:
@@ -241,7 +150,7 @@ def test_killed_while_running_the_job_runs_again_and_delivers_once(tmp_path: Pat
     pid_file = config.data_dir / "jobs" / "1" / "pid"
     wait_until(pid_file.exists)
     node.kill()
-    wait_until(lambda: not _alive(int(pid_file.read_text())), timeout=5)  # no orphan job outlives the node
+    wait_until(lambda: not process_alive(int(pid_file.read_text())), timeout=5)  # no orphan job outlives the node
     assert pacs.received_uids() == []
     node.start()
     wait_until(_only_job(store, JobState.DONE))

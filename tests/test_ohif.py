@@ -34,6 +34,7 @@ from scipy import ndimage
 from radnode.outputs.sr import CROSS_SECTION_TRACKING_PREFIX
 from radnode.viewer import (ORTHANC_BINARY, ORTHANC_DICOMWEB_PLUGIN, ViewerUnavailableError, find_ohif_dist,
                             serve_study)
+from support.geometry import inside_outline
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / ".cache" / "artifacts"
@@ -275,18 +276,6 @@ def _cross_sections(sr_path: Path) -> list[dict[str, Any]]:
     return found
 
 
-def _inside_outline(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Pixels whose centres lie inside a closed polyline (even-odd rule), as (rows, columns) booleans."""
-    rows, cols = np.mgrid[0:shape[0], 0:shape[1]]
-    px, py = cols.ravel() + 0.5, rows.ravel() + 0.5
-    inside = np.zeros(px.shape, dtype=bool)
-    for (x0, y0), (x1, y1) in zip(points[:-1], points[1:]):
-        if y0 != y1:
-            crosses = (y0 > py) != (y1 > py)
-            inside ^= crosses & (px < x0 + (py - y0) * (x1 - x0) / (y1 - y0))
-    return inside.reshape(shape)
-
-
 def _ohif_numbers(value: float) -> set[str]:
     """How OHIF's panel may print an area of 100 mm² or more: toFixed(0) of the SR's value, or of the
     area it computes itself from the outline once the image is shown (the SR rounds to 0.1 mm²)."""
@@ -327,7 +316,7 @@ def _open_sr_measurements(browser: Chromium, sections: list[dict[str, Any]]) -> 
     points = checked["points"]
     along = np.concatenate([points, (points[:-1] + points[1:]) / 2])
     image_shape = (int(points[:, 1].max()) + 2, int(points[:, 0].max()) + 2)
-    interior = np.argwhere(ndimage.binary_erosion(_inside_outline(points, image_shape), iterations=4))
+    interior = np.argwhere(ndimage.binary_erosion(inside_outline(points, image_shape), iterations=4))
     interior = interior[np.random.default_rng(1).choice(len(interior), size=min(400, len(interior)), replace=False)]
     probe = json.dumps([[float(x), float(y)] for x, y in along] + [[c + 0.5, r + 0.5] for r, c in interior])
     page_xy = browser.evaluate(f"""(() => {{

@@ -23,8 +23,8 @@ from radnode.node.service import Node
 from radnode.node.store import JobState
 from radnode.viewer import ORTHANC_BINARY, OrthancServer
 from radnode.peers import StoreSCP, free_port
-from test_egress import wait_until
-from test_scp import storescu
+from support.dicom_tools import storescu
+from support.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(not ORTHANC_BINARY.exists(), reason="Orthanc is not installed")
 

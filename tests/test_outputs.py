@@ -22,6 +22,7 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 from pydicom.sr.codedict import codes
 
+from factories import ACCESSION, PATIENT, STRUCTURES, phantom_masks, phantom_result, write_chest_phantom
 from radnode.imaging.series import Series, VolumeCriteria, build_volume, load_volume
 from radnode.imaging.volume import Volume
 from radnode.outputs.algorithm import AlgorithmInfo
@@ -30,7 +31,6 @@ from radnode.outputs.seg import build_segmentation
 from radnode.outputs.sr import build_measurement_report, read_measurements
 from radnode.peers import FhirServer
 from radnode.results import PipelineResult, Segment
-from factories import ACCESSION, PATIENT, STRUCTURES, make_ct_series, phantom_masks, phantom_result, write_series
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
 ALGORITHM = AlgorithmInfo(name="radnode test phantom", version="1.0")
@@ -42,7 +42,7 @@ FHIR_SYSTEMS = {"SCT": "http://snomed.info/sct", "DCM": "http://dicom.nema.org/r
 def source_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The phantom series written as files (40 slices of 64×64)."""
     folder = tmp_path_factory.mktemp("ct")
-    write_series(make_ct_series(), folder)
+    write_chest_phantom(folder)
     return folder
 
 

@@ -3,27 +3,16 @@ finding stated, nothing unsupported, and both checkers still reject a side-swapp
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "report_eval.py"
-
-
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("radnode_bench_report_eval", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from support.bench_scripts import load_bench_script
 
 @pytest.fixture(scope="module")
 def evaluation() -> tuple[ModuleType, dict]:
-    module = _load()
+    module = load_bench_script("report_eval")
     cases = [module.Case("normal", 401),
              module.Case("emphysema_right+steatosis", 402, ("right",), 0.2, steatosis=True)]
     return module, module.run(True, backends=("template",), cases=cases)

@@ -19,17 +19,16 @@ import yaml
 from pynetdicom import AE
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
+from factories import open_store_made_by, write_study, write_text_report
 from radnode.config import Config
 from radnode.node.retention import DAY, Retention, purge_data_dir
 from radnode.node.scp import Ingest, Spool
 from radnode.node.service import Node
 from radnode.node.store import SCHEMA, Instance, InstanceBeingPurged, JobState, JobStore, SeriesRoute
 from radnode.peers import StoreSCP, free_port
-from test_egress import wait_until
-from test_node import final_job, jobs_by_patient, node_config, write_text_report
-from test_node import stand_in  # noqa: F401 - stand_in is a fixture
-from test_scp import ECHOSCU, ct_slice, storescu, write_study
-from test_store import open_store_made_by
+from support.dicom_tools import ECHOSCU, storescu
+from support.node import final_job, jobs_by_patient, node_config
+from support.waiting import wait_until
 
 
 def files_under(*folders: Path) -> dict[str, int]:
@@ -282,7 +281,7 @@ def test_under_the_free_space_minimum_c_store_is_refused_a700_and_nothing_writte
     config = node_config(tmp_path, retention={"min_free_disk_gb": 10**9})  # an exabyte: more than any disk
     caplog.set_level(logging.ERROR, logger="radnode.node.scp")
     with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
-        ds = ct_slice("1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.1.1", 1)
+        ds = pydicom.dcmread(write_study(tmp_path / "one", n=1)[0])
         status = _send(node.port, ds)
         assert status.Status == 0xA700 and status.ErrorComment.startswith("disk low: ")
         write_study(tmp_path / "study", n=2)

@@ -1,7 +1,7 @@
 """Many studies at once: priority order, bounded concurrency, a hung pipeline killed at its timeout.
 
 Studies arrive over real associations (DCMTK storescu, several senders in parallel); jobs run the
-stand-in job command of tests/test_node.py in their own processes.
+stand-in job command (``support.node.STAND_IN``) in their own processes.
 """
 
 from __future__ import annotations
@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from factories import write_study
 from radnode.node.service import Node
 from radnode.node.store import JobState
-from test_egress import wait_until
-from test_node import node_config, stand_in  # noqa: F401 - stand_in is a fixture
-from test_scp import STORESCU, storescu, write_study
+from support.dicom_tools import STORESCU, storescu
+from support.node import node_config
+from support.waiting import wait_until
 
 PRIORITY_RULES = """\
 rules:

@@ -1,7 +1,4 @@
-"""Ingress over real associations: DCMTK echoscu/storescu against the node's Storage SCP on loopback.
-
-Also holds the helpers the node tests share: small CT series on disk and sending them with storescu.
-"""
+"""Ingress over real associations: DCMTK echoscu/storescu against the node's Storage SCP on loopback."""
 
 from __future__ import annotations
 
@@ -10,62 +7,15 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 
+from factories import write_study
 from radnode.config import IngressConfig
 from radnode.node.scp import Ingest, Spool, StorageSCP
 from radnode.node.store import JobStore
-
-STORESCU = "/usr/bin/storescu"
-ECHOSCU = "/usr/bin/echoscu"
-
-
-def ct_slice(study_uid: str, series_uid: str, number: int, patient_id: str = "P1") -> Dataset:
-    """A small but complete CT image (16×16 pixels)."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-    ds.PatientID, ds.PatientName, ds.Modality = patient_id, "Test^Patient", "CT"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, series_uid
-    ds.InstanceNumber = number
-    ds.ImagePositionPatient = [0, 0, 2.5 * number]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.PixelSpacing, ds.SliceThickness = [1, 1], 2.5
-    ds.Rows = ds.Columns = 16
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
-    ds.PixelData = (np.arange(256, dtype=np.int16) * number).tobytes()
-    return ds
-
-
-def write_study(folder: Path, n: int = 3, patient_id: str = "P1", study_uid: str | None = None) -> list[Path]:
-    """Write an ``n``-slice CT series of one (new) study into ``folder``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    study_uid, series_uid = study_uid or generate_uid(), generate_uid()
-    paths = []
-    for number in range(1, n + 1):
-        ds = ct_slice(study_uid, series_uid, number, patient_id)
-        path = folder / f"{ds.SOPInstanceUID}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
-
-
-def storescu(port: int, *inputs: Path, calling_ae: str = "MODALITY", called_ae: str = "RADNODE",
-             options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """Send files or folders with DCMTK's storescu (verbose, so each response status is in the output)."""
-    argv = [STORESCU, "-v", "-aet", calling_ae, "-aec", called_ae, *options, "+sd", "+r", "127.0.0.1", str(port),
-            *map(str, inputs)]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
-
+from support.dicom_tools import ECHOSCU, storescu
 
 @pytest.fixture
 def scp(tmp_path: Path) -> Iterator[tuple[StorageSCP, JobStore, Spool]]:

@@ -4,89 +4,21 @@ sending a real CT, DCMTK storescp as the PACS, a real FHIR server as the EHR, dc
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
-import yaml
 from fhir.resources.R4B.bundle import Bundle
 
-from radnode.node.store import FINAL_STATES, JobState, JobStore
+from factories import restore_totalseg_dicom
+from radnode.node.store import JobState
 from radnode.outputs.sr import read_measurements
-from radnode.peers import FhirServer, StoreSCP, free_port
-
-STORESCU = "/usr/bin/storescu"
-ECHOSCU = "/usr/bin/echoscu"
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    """Lines dciodvfy reports as errors for a file (empty when the object is valid)."""
-    result = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
-    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
-
-
-class ServeProcess:
-    """``radnode serve`` started as a user would, with a config file; stopped with SIGTERM."""
-
-    def __init__(self, data_dir: Path, pacs: StoreSCP, fhir: FhirServer, idle: float = 2.0,
-                 rules: Path | None = None) -> None:
-        """``rules``: the routing rule file (unset: every series goes to the default pipeline)."""
-        self.data_dir, self.port = data_dir, free_port()
-        config = data_dir.parent / "radnode.yaml"
-        config.write_text(yaml.safe_dump({"ingress": {"host": "127.0.0.1", "study_idle_seconds": idle},
-                                          "processing": {"max_concurrent_jobs": 2, "job_timeout_seconds": 300},
-                                          **({"rules": str(rules)} if rules else {})}))
-        self.log = (data_dir.parent / "serve.log").open("w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "radnode", "-v", "serve", "--config", str(config), "--port", str(self.port),
-             "--data-dir", str(data_dir), "--destination", pacs.address, "--fhir-url", fhir.base_url],
-            stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "HOLOSCAN_LOG_LEVEL": "WARN"})
-        deadline = time.monotonic() + 60
-        while subprocess.run([ECHOSCU, "-aec", "RADNODE", "127.0.0.1", str(self.port)],
-                             capture_output=True).returncode != 0:
-            assert self.process.poll() is None, "radnode serve exited at start"
-            assert time.monotonic() < deadline, "radnode serve did not answer C-ECHO"
-            time.sleep(0.3)
-
-    def send(self, *paths: Path, calling_ae: str = "CT_SCANNER") -> None:
-        # -xv: propose JPEG 2000 lossless, as the real series is stored (sent as it is, never transcoded)
-        result = subprocess.run([STORESCU, "-xv", "-aet", calling_ae, "-aec", "RADNODE", "127.0.0.1", str(self.port),
-                                 *map(str, paths)], capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
-
-    def jobs_when_final(self, expected: int, timeout: float = 420) -> list:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if (self.data_dir / "radnode.db").exists():
-                store = JobStore(self.data_dir / "radnode.db")
-                try:
-                    jobs = store.jobs()
-                    if len(jobs) >= expected and all(j.state in FINAL_STATES for j in jobs):
-                        return [(j, store.events(j.id)) for j in jobs]
-                finally:
-                    store.close()
-            assert self.process.poll() is None, "radnode serve died"
-            time.sleep(0.5)
-        raise AssertionError(f"jobs not final within {timeout} s")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=60)
-        self.log.close()
-
-
-@pytest.fixture
-def peers(tmp_path: Path) -> Iterator[tuple[StoreSCP, FhirServer]]:
-    with StoreSCP(tmp_path / "pacs") as pacs, FhirServer(tmp_path / "ehr") as fhir:
-        yield pacs, fhir
-
+from radnode.peers import FhirServer, StoreSCP
+from support.dicom_tools import ECHOSCU, dciodvfy_errors
+from support.node import ServeProcess
 
 @pytest.mark.slow
 def test_real_ct_over_storescu_gives_valid_seg_sr_and_matching_fhir(
@@ -139,7 +71,6 @@ def test_real_ct_over_storescu_gives_valid_seg_sr_and_matching_fhir(
 @pytest.mark.slow
 def test_bad_studies_fail_with_reasons_while_a_good_one_completes(
         totalseg_reference: Path, tmp_path: Path, peers: tuple[StoreSCP, FhirServer]) -> None:
-    from conftest import restore_totalseg_dicom
     from pydicom.data import get_testdata_file
     from pydicom.encaps import encapsulate, generate_frames
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from factories import open_store_made_by
 from radnode.node.store import SCHEMA, Arrival, Instance, JobState, JobStore, SeriesRoute
 from radnode.pipelines.rules import Execution, ExecutionMode
 
@@ -154,17 +154,6 @@ def test_review_state_is_recorded_filterable_and_cleared_by_a_new_run(store: Job
     assert store.requeue(again, "node stopped") and store.start_job(again, "run again")
     job = store.job(again)
     assert job is not None and job.needs_review is None and job.review_reasons == ()
-
-
-def open_store_made_by(old_schema: str, path: Path) -> JobStore:
-    """A job store written by an older schema, holding one done job, opened (and so migrated) by this version."""
-    db = sqlite3.connect(path)
-    db.executescript(old_schema)
-    db.execute("INSERT INTO jobs (study_instance_uid, pipeline, state, created_at, last_instance_at, updated_at)"
-               " VALUES ('1.2.3', 'ct_tissue', 'done', 0, 0, 0)")
-    db.commit()
-    db.close()
-    return JobStore(path)
 
 
 def test_a_store_from_before_review_states_gets_them_on_open(tmp_path: Path) -> None:

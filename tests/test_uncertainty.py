@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from factories import LESION_SPACING, lesion_ct, write_lesion_case
 from radnode.config import Config
 from radnode.execution import RunManifest
 from radnode.imaging.volume import Volume
@@ -33,10 +34,9 @@ from radnode.node.egress import outbox_dir
 from radnode.node.service import Node
 from radnode.node.store import JobState
 from radnode.peers import free_port
-from test_egress import wait_until
-from test_models import SPACING, _write_case, synthetic_ct
-from test_node import final_job, node_config
-from test_scp import storescu
+from support.dicom_tools import storescu
+from support.node import final_job, node_config
+from support.waiting import wait_until
 
 DEGRADATIONS = {
     "clean": lambda hu, rng: hu,
@@ -50,8 +50,8 @@ DEGRADATIONS = {
 
 def _volume(hu: np.ndarray) -> Volume:
     n = hu.shape[0]
-    positions = np.stack([np.zeros(n), np.zeros(n), np.arange(n) * SPACING[0]], axis=1)
-    return Volume(hu.astype(np.float32), SPACING, positions, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
+    positions = np.stack([np.zeros(n), np.zeros(n), np.arange(n) * LESION_SPACING[0]], axis=1)
+    return Volume(hu.astype(np.float32), LESION_SPACING, positions, (1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
 
 
 def test_normalised_entropy_and_sample_summary() -> None:
@@ -120,7 +120,7 @@ def test_degraded_inputs_score_higher_and_rank_errors(model) -> None:
     errors: dict[str, list[float]] = {name: [] for name in DEGRADATIONS}
     maps, wrong, probabilities, truths = [], [], [], []
     for seed in (200, 201, 202):
-        hu, truth = synthetic_ct(seed)
+        hu, truth = lesion_ct(seed)
         for name, degrade in DEGRADATIONS.items():
             result = segment_with_model(_volume(degrade(hu, np.random.default_rng(seed))), model, options)
             mask = result.segments[0].mask
@@ -174,7 +174,7 @@ def test_a_study_past_a_configured_limit_is_marked_for_review_in_the_job_store(
     below the model's mean uncertainty (about 0.47 on this case), then above it. The first runs the job
     in-process (the default pipeline), the second as the app's MAP command (a subprocess route)."""
     monkeypatch.delenv("HOLOSCAN_MODEL_PATH", raising=False)
-    case = _write_case(tmp_path / "case", seed=100)
+    case = write_lesion_case(tmp_path / "case", seed=100)
     rules = tmp_path / "rules.yaml"
     rules.write_text(SUBPROCESS_ROUTE)
     for name, max_mean in (("flagged", 0.2), ("clear", 0.8)):
