@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from nifti_volume import nifti_labels, nifti_to_volume
+from support.nifti import nifti_labels, nifti_to_volume
 from radnode.imaging.ct_tissue import CT_TISSUE_STRUCTURES, SegmentationError, segment_ct_tissues
 from radnode.imaging.volume import Volume
 from radnode.measure import LAA950, MEAN, VOLUME, measure_ct
