@@ -28,7 +28,8 @@ def _load(args: argparse.Namespace) -> Config:
 def _routed_pipeline(config: Config, folder: Path) -> str:
     """The pipeline the routing rules (the configured file, else the shipped defaults) choose for a folder."""
     from radnode.pipelines.registry import registered_pipelines
-    from radnode.pipelines.rules import DEFAULT_RULES, load_rules, pipelines_for_folder
+    from radnode.pipelines.rules import DEFAULT_RULES, load_rules
+    from radnode.pipelines.rules_cli import pipelines_for_folder
 
     rules = load_rules(config.rules or DEFAULT_RULES, known_pipelines=registered_pipelines().keys())
     chosen, reasons = pipelines_for_folder(rules, folder)
@@ -137,17 +138,18 @@ def cmd_map_build(args: argparse.Namespace) -> int:
 def cmd_rules_check(args: argparse.Namespace) -> int:
     """Validate a rule file: 0 and a summary, or 1 and ``FILE:LINE: reason``."""
     from radnode.pipelines.registry import registered_pipelines
-    from radnode.pipelines.rules import check_rules_file
+    from radnode.pipelines.rules_cli import check_rules_file
 
     config = _load(args)
     return check_rules_file(args.rules,
-                            known_pipelines=registered_pipelines().keys() | {config.processing.default_pipeline},
+                            known_pipelines=registered_pipelines().keys(),
                             known_destinations=config.egress.named_destinations.keys() if args.config else None)
 
 
 def cmd_rules_test(args: argparse.Namespace) -> int:
     """Show, per series under a path, which rules match and why, and the resulting route."""
-    from radnode.pipelines.rules import RoutingContext, test_rules_on_path
+    from radnode.pipelines.routing import RoutingContext
+    from radnode.pipelines.rules_cli import test_rules_on_path
 
     context = RoutingContext(calling_ae=args.calling_ae or "", called_ae=args.called_ae or "")
     return test_rules_on_path(args.rules, args.path, context=context)
@@ -184,6 +186,16 @@ def cmd_purge(args: argparse.Namespace) -> int:
         print(f"job {result.job_id} ({result.state}): {result.describe(dry_run=args.dry_run)}")
     print(report.summary())
     return 1 if any(r.error for r in report.results) else 0
+
+
+def cmd_store_upgrade(args: argparse.Namespace) -> int:
+    """Bring the job store (``store.url``, else ``data_dir/radnode.db``) to this release's schema (back it up
+    first; nodes sharing it stopped)."""
+    from radnode.node.store import store_target, upgrade_store
+
+    config = _load(args)
+    print(upgrade_store(store_target(config.data_dir.resolve(), config.store.url)))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     map_build.add_argument("--model", action="append", metavar="DIR",
                            help="model folder to package at /opt/holoscan/models/<its name> (model_seg; repeatable)")
     map_build.set_defaults(func=cmd_map_build)
+
+    store = sub.add_parser("store", help="the job store (SQLite under data_dir, or PostgreSQL at store.url)")
+    store_sub = store.add_subparsers(dest="store_command", required=True)
+    upgrade = store_sub.add_parser("upgrade", help="bring the job store to this release's schema (back it up first)")
+    upgrade.add_argument("--config", help="configuration YAML file (store.url, data_dir)")
+    upgrade.set_defaults(func=cmd_store_upgrade)
 
     purge = sub.add_parser("purge", help="remove the files of jobs past their retention (job rows and logs stay)")
     purge.add_argument("--config", help="configuration YAML file (data_dir, retention)")

@@ -14,11 +14,13 @@ from pydicom import Dataset
 from pydicom.data import get_testdata_file
 from pydicom.uid import SegmentationStorage, generate_uid
 
-from radnode.pipelines import rules
+from radnode.outputs.provenance import PROVENANCE_TAGS
+from radnode.pipelines import rules_cli
+from radnode.pipelines.conditions import RuleError
 from radnode.pipelines.registry import PIPELINES
-from radnode.pipelines.rules import (
-    DEFAULT_RULES, LateInstances, Priority, RoutingContext, RuleError, check_rules_file, load_rules, parse_rules,
-)
+from radnode.pipelines.routing import LateInstances, Priority, RoutingContext
+from radnode.pipelines.rules import DEFAULT_RULES, load_rules, parse_rules
+from radnode.pipelines.rules_cli import check_rules_file
 
 
 def _ct() -> Dataset:
@@ -97,7 +99,7 @@ def test_default_rules_discard_derived_objects_and_stop(make: Callable[[], Datas
 
 def test_default_rules_name_only_registered_pipelines() -> None:
     rules = load_rules(DEFAULT_RULES, known_pipelines=PIPELINES)
-    assert {p for rule in rules.rules for p in rule.pipelines} <= set(PIPELINES)
+    assert {p for rule in rules.rules for p in rule.decision.pipelines} <= set(PIPELINES)
 
 
 def test_an_unregistered_pipeline_is_refused_on_its_line(tmp_path) -> None:
@@ -194,7 +196,7 @@ rules:
     assert ruleset.route(ct).pipelines == ()
     assert ruleset.route({"ImageType": ["DERIVED", "AXIAL"], "PixelSpacing": [1.0, 0.5]}).pipelines == ("p",)
     assert ruleset.route({"ImageType": "AXIAL"}).pipelines == ()  # PixelSpacing absent
-    assert ruleset.keywords == {"ImageType", "PixelSpacing"}
+    assert ruleset.keywords == {"ImageType", "PixelSpacing", *PROVENANCE_TAGS}  # and what tells own results
 
 
 def test_exists_false_and_absent_values() -> None:
@@ -465,7 +467,7 @@ def test_rules_test_groups_series_and_explains(tmp_path: Path) -> None:
     (tmp_path / "study" / "README.txt").write_text("not DICOM")
 
     out = io.StringIO()
-    assert rules.test_rules_on_path(DEFAULT_RULES, tmp_path / "study", out) == 0
+    assert rules_cli.test_rules_on_path(DEFAULT_RULES, tmp_path / "study", out) == 0
     text = out.getvalue()
     assert "2 series, 1 files skipped" in text
     ct_block, = [b for b in text.split("\n\n") if "(CT, 2 files)" in b]
@@ -481,8 +483,8 @@ def test_rules_test_groups_series_and_explains(tmp_path: Path) -> None:
 
 def test_rules_test_exit_codes(tmp_path: Path) -> None:
     out = io.StringIO()
-    assert rules.test_rules_on_path(tmp_path / "none.yaml", tmp_path, out) == 1
+    assert rules_cli.test_rules_on_path(tmp_path / "none.yaml", tmp_path, out) == 1
     assert "cannot read rule file" in out.getvalue()
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert rules.test_rules_on_path(DEFAULT_RULES, empty, io.StringIO()) == 2
+    assert rules_cli.test_rules_on_path(DEFAULT_RULES, empty, io.StringIO()) == 2

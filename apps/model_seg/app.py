@@ -44,7 +44,7 @@ from radnode.operators.inference import (
 from radnode.operators.preprocess import ModelPreprocessOperator
 from radnode.operators.uncertainty import add_uncertain_result_writers
 from radnode.outputs.algorithm import AlgorithmInfo
-from radnode.pipelines.rules import condition_problem
+from radnode.pipelines.conditions import condition_problem
 
 log = logging.getLogger(__name__)
 

@@ -112,7 +112,7 @@ def _series_selection(source: dict[str, Any], where: str) -> tuple[str, Any]:
         raise ModelError(f"{where}: input.modality {source.get('modality')!r}; expected one of CT, MR")
     if source.get("series") is None:
         return modality, None
-    from radnode.pipelines.rules import RuleError, parse_condition
+    from radnode.pipelines.conditions import RuleError, parse_condition
 
     try:
         return modality, parse_condition(source["series"], f"{where}: input.series")

@@ -51,7 +51,7 @@ from radnode.execution import PIPELINE_ENV
 from radnode.map import APP_METADATA_FILE, APPS_DIR, INPUT_DIR, MODELS_DIR, OUTPUT_DIR, WORK_DIR, AppMetadata, \
     MapError, app_manifest, model_names
 from radnode.pipelines.registry import UnknownPipelineError, get_pipeline, registered_pipelines
-from radnode.pipelines.rules import ExecutionMode
+from radnode.pipelines.routing import ExecutionMode
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 """Thread-pool sizes set from ``resources.cpu`` (torch's intra-op pool follows ``OMP_NUM_THREADS``)."""

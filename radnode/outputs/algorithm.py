@@ -16,7 +16,7 @@ from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID, generate_uid
 
-MANUFACTURER = "radnode"
+from radnode.outputs.provenance import MANUFACTURER
 
 
 @dataclass(frozen=True)
