@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if TYPE_CHECKING:  # radnode.uncertainty imports highdicom and SciPy; only the apps need it
     from radnode.uncertainty import UncertaintyThresholds
@@ -111,7 +111,6 @@ class EgressConfig(_Strict):
 class ProcessingConfig(_Strict):
     """How pipelines run."""
 
-    default_pipeline: str = "ct_tissue"
     max_concurrent_jobs: Annotated[int, Field(ge=1)] = 1
     job_timeout_seconds: Annotated[float, Field(gt=0)] = 1800.0
     """A pipeline run still going after this long is killed and the job fails with that reason; a route's
@@ -124,6 +123,16 @@ class ProcessingConfig(_Strict):
     """Pipeline name → the model folder it runs (``model_seg``, or a site name for the same app): one folder, or
     a list of folders run as an ensemble. Handed to the job as ``HOLOSCAN_MODEL_PATH``, whatever the route's
     execution mode; checked when the node starts."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_default_pipeline(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "default_pipeline" in data:
+            raise ValueError("processing.default_pipeline is gone: the routing rules choose the pipeline (`rules`; "
+                             "unset: the shipped pipelines/default_rules.yaml); to send every series to one "
+                             "pipeline, give a rule file with `when: {Modality: {exists: true}}` and "
+                             f"`pipelines: [{data['default_pipeline']}]`")
+        return data
 
     @field_validator("models", mode="before")
     @classmethod
@@ -211,6 +220,23 @@ class RetentionConfig(_Strict):
     """The same guard as a share of the file system's size; the larger of the two limits applies."""
 
 
+class StoreConfig(_Strict):
+    """Where the job store lives: the embedded SQLite file under ``data_dir`` (the default), or PostgreSQL when
+    several nodes or hosts share one (``url: postgresql://user@host/db``; a password in the URL or in
+    ``~/.pgpass``/``PGPASSWORD``). A PostgreSQL store that is unreachable or at an older schema stops the node
+    at start with one line; ``radnode store upgrade`` upgrades it."""
+
+    url: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _postgresql_url(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"postgresql(\+psycopg)?://", v):
+            raise ValueError("expected a postgresql:// URL (e.g. postgresql://radnode@db.example.org/radnode); "
+                             "leave it unset for the embedded SQLite store")
+        return v
+
+
 class ReportConfig(_Strict):
     """How the report text is written: a deterministic template, or a language model whose text is verified."""
 
@@ -247,9 +273,10 @@ class Config(_Strict):
     api: ApiConfig = ApiConfig()
     uncertainty: UncertaintyConfig = UncertaintyConfig()
     retention: RetentionConfig = RetentionConfig()
+    store: StoreConfig = StoreConfig()
     rules: Path | None = None
-    """Routing rule file (``pipelines/default_rules.yaml`` is the shipped one); unset: every series goes to
-    ``processing.default_pipeline``."""
+    """Routing rule file; unset: the shipped ``pipelines/default_rules.yaml`` (CT axial volumes to ``ct_tissue``,
+    T1 brain MRI to ``mri_brain``, derived objects never processed)."""
 
     @field_validator("uid_root")
     @classmethod

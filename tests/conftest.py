@@ -98,3 +98,89 @@ def peers(tmp_path: Path) -> Iterator[tuple[StoreSCP, FhirServer]]:
     """The PACS and the EHR together, for ``radnode serve`` runs (``support.node.ServeProcess``)."""
     with StoreSCP(tmp_path / "pacs") as pacs, FhirServer(tmp_path / "ehr") as fhir:
         yield pacs, fhir
+
+
+# --- PostgreSQL (Debian's 15, a shared system service: this session's own role and database) ----------
+
+class PostgresServer:
+    """The local PostgreSQL 15 cluster, started if it is not running, with a role and a database made for
+    this test session (unique names, dropped at the end)."""
+
+    VERSION, CLUSTER = "15", "main"
+
+    def __init__(self) -> None:
+        import secrets
+        import shutil
+
+        if shutil.which("pg_lsclusters") is None:
+            pytest.fail("PostgreSQL 15 is not installed: run scripts/bootstrap.sh")
+        status = self._cluster()
+        if status is None:
+            subprocess.run(["pg_createcluster", self.VERSION, self.CLUSTER], check=True, capture_output=True)
+            status = self._cluster()
+        if status is None or status[1] != "online":
+            subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", self.VERSION, self.CLUSTER, "start"],
+                           check=True, capture_output=True)
+        self.port = int(self._cluster()[0])  # type: ignore[index]
+        suffix = secrets.token_hex(4)
+        self.role, self.database = f"radnode_test_{suffix}", f"radnode_test_{suffix}"
+        self.password = secrets.token_hex(12)
+        self.psql(f"CREATE ROLE {self.role} LOGIN PASSWORD '{self.password}'")
+        self.psql(f"CREATE DATABASE {self.database} OWNER {self.role}")
+
+    def _cluster(self) -> tuple[str, str] | None:
+        """(port, status) of the cluster as ``pg_lsclusters`` lists it, or None when it does not exist."""
+        listing = subprocess.run(["pg_lsclusters", "--no-header"], capture_output=True, text=True).stdout
+        for line in listing.splitlines():
+            version, cluster, port, status, *_ = line.split()
+            if (version, cluster) == (self.VERSION, self.CLUSTER):
+                return port, status
+        return None
+
+    def psql(self, sql: str, database: str = "postgres") -> str:
+        """Run SQL as the ``postgres`` superuser (over the local socket, as Debian sets it up)."""
+        result = subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-p", str(self.port), "-d", database,
+                                 "-v", "ON_ERROR_STOP=1", "-qAtc", sql], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"psql {sql!r}: {result.stderr.strip()}")
+        return result.stdout
+
+    def url(self, schema: str | None = None) -> str:
+        """This session's database as a ``store.url`` (``schema``: the first schema on the search path)."""
+        url = f"postgresql://{self.role}:{self.password}@127.0.0.1:{self.port}/{self.database}"
+        return f"{url}?options=-csearch_path%3D{schema}" if schema else url
+
+    def close(self) -> None:
+        self.psql(f"DROP DATABASE IF EXISTS {self.database} WITH (FORCE)")
+        self.psql(f"DROP ROLE IF EXISTS {self.role}")
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """The PostgreSQL server for the session (started if not running) with this session's role and database."""
+    server = PostgresServer()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres: PostgresServer) -> Iterator[str]:
+    """A ``store.url`` to an empty schema of its own in the session's database (dropped afterwards)."""
+    import secrets
+
+    schema = f"t_{secrets.token_hex(6)}"
+    postgres.psql(f"CREATE SCHEMA {schema} AUTHORIZATION {postgres.role}", postgres.database)
+    try:
+        yield postgres.url(schema)
+    finally:
+        postgres.psql(f"DROP SCHEMA {schema} CASCADE", postgres.database)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
+    """Where a job store under test lives: a SQLite file, then (the same test again) a PostgreSQL schema."""
+    if request.param == "sqlite":
+        return tmp_path / "radnode.db"
+    return request.getfixturevalue("postgres_url")

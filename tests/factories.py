@@ -1,4 +1,4 @@
-"""Builders of the data tests share: studies on disk, CT series, text reports, FHIR bundles, models, stores.
+"""Builders of the data tests share: studies on disk, CT series, FHIR bundles, models, stores.
 
 Plain functions, no fixtures (those are in ``conftest.py``). Every synthetic image series is written by
 ``radnode.imaging.synthetic``, the project's one writer of synthetic series.
@@ -10,8 +10,10 @@ Plain functions, no fixtures (those are in ``conftest.py``). Every synthetic ima
 - ``lesion_ct`` / ``write_lesion_case``: soft tissue with one lesion, what the tiny model is trained on;
   ``train_tiny_unet`` and ``write_bundle`` make that model and its MONAI bundle.
 - ``restore_totalseg_dicom``: the real TotalSegmentator CT with the UIDs its distribution stripped put back.
-- ``write_text_report``, ``PATIENT_BUNDLE``, ``open_store_made_by``: a non-image object, a FHIR
-  transaction that can be counted, a job store written by an older schema.
+- ``write_pixelless_ct``, ``PATIENT_BUNDLE``: a CT header without pixels (routed, then failed by the
+  pipeline), a FHIR transaction that can be counted.
+- ``open_store_made_by``, ``RELEASE_0_1_SCHEMA``: a job store written by an older release (0.1's frozen
+  SQLite schema in ``tests/data/job-store-0.1.sql``).
 """
 
 from __future__ import annotations
@@ -24,9 +26,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pydicom
 from highdicom.sr import CodedConcept
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import PYDICOM_ROOT_UID, BasicTextSRStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
 from radnode.imaging.series import CT_IMAGE_STORAGE
 from radnode.imaging.synthetic import SeriesIdentity, write_image_series
@@ -174,17 +175,12 @@ def write_study(folder: Path, n: int = 3, patient_id: str = "P1", study_uid: str
                               uid_root=PYDICOM_ROOT_UID, file_name=lambda _, sop_uid: f"{sop_uid}.dcm")
 
 
-def write_text_report(folder: Path, patient_id: str) -> Path:
-    """A non-image object (Basic Text SR) of its own study."""
-    folder.mkdir(parents=True, exist_ok=True)
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID, ds.SOPInstanceUID = BasicTextSRStorage, generate_uid()
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.PatientID, ds.Modality, ds.ValueType = patient_id, "SR", "CONTAINER"
-    path = folder / "report.dcm"
+def write_pixelless_ct(folder: Path, patient_id: str) -> Path:
+    """A CT image header without its pixels, of its own study: the shipped rules route it (an axial CT), and
+    the pipeline fails on it ("no image series in the input")."""
+    (path,) = write_study(folder, n=1, patient_id=patient_id)
+    ds = pydicom.dcmread(path)
+    del ds.PixelData
     ds.save_as(path, enforce_file_format=True)
     return path
 
@@ -196,12 +192,27 @@ PATIENT_BUNDLE = {"resourceType": "Bundle", "type": "transaction", "entry": [
 """A small real transaction: the FHIR server stores one Patient per delivery, so deliveries can be counted."""
 
 
-def open_store_made_by(old_schema: str, path: Path) -> JobStore:
-    """A job store written by an older schema, holding one done job, opened (and so migrated) by this version."""
+# --- job stores made by an earlier release -------------------------------------------------------
+
+RELEASE_0_1_SCHEMA = (Path(__file__).parent / "data" / "job-store-0.1.sql").read_text()
+"""The SQLite schema radnode 0.1 created (before schema revisions); frozen."""
+RELEASE_0_1_INDEXES = """
+CREATE INDEX IF NOT EXISTS instances_kept ON instances (job_id) WHERE purged_at IS NULL;
+CREATE INDEX IF NOT EXISTS jobs_purging ON jobs (purge_started_at) WHERE purge_started_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS jobs_siblings ON jobs (sibling_of) WHERE sibling_of IS NOT NULL;
+"""
+"""The indexes 0.1 added on opening a store, after its added columns."""
+
+
+def open_store_made_by(old_schema: str, path: Path, *statements: str) -> JobStore:
+    """A job store written by an older schema, holding one done job (and whatever ``statements`` add), opened
+    (and so migrated) by this version."""
     db = sqlite3.connect(path)
     db.executescript(old_schema)
     db.execute("INSERT INTO jobs (study_instance_uid, pipeline, state, created_at, last_instance_at, updated_at)"
                " VALUES ('1.2.3', 'ct_tissue', 'done', 0, 0, 0)")
+    for statement in statements:
+        db.execute(statement)
     db.commit()
     db.close()
     return JobStore(path)

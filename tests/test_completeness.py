@@ -16,6 +16,7 @@ from factories import write_study
 from radnode.node.completeness import CompletenessSettings, SeriesProgress, expected_instances, study_verdict
 from radnode.node.service import Node
 from radnode.node.store import JobState
+from radnode.pipelines.routing import Completeness, SeriesDecision
 from support.dicom_tools import storescu
 from support.node import final_job, node_config
 from support.waiting import wait_until
@@ -25,7 +26,8 @@ SETTINGS = CompletenessSettings(idle_seconds=10, series_grace_seconds=0.5, study
 
 def series(uid: str = "1", received: int = 3, expected: int | None = None, last: float = 100.0,
            released: float | None = None, stable: float | None = None, study_idle: float | None = None) -> SeriesProgress:
-    return SeriesProgress(uid, received, expected, last, released, stable, study_idle)
+    decision = SeriesDecision(pipelines=("ct_tissue",), completeness=Completeness(study_idle_seconds=study_idle))
+    return SeriesProgress(uid, decision, received, expected, last, released, stable)
 
 
 def test_expected_count_comes_from_the_modality_signals() -> None:

@@ -13,7 +13,7 @@ from radnode.config import Config, ConfigError, DicomPeer, load_config
 def test_no_file_gives_working_defaults() -> None:
     config = load_config(None)
     assert config.ingress.port == 11112 and config.ingress.ae_title == "RADNODE"
-    assert config.processing.default_pipeline == "ct_tissue"
+    assert config.rules is None and config.store.url is None  # the shipped rules, SQLite under data_dir
     assert config.egress.destinations == []
 
 
@@ -37,6 +37,9 @@ def test_valid_file_loads(tmp_path: Path) -> None:
         ("egress:\n  fhir_url: ftp://x\n", r"key 'egress.fhir_url': .*http"),
         ("ingress: [1, 2\n", r"radnode.yaml: line \d+ not valid YAML"),
         ("- just\n- a list\n", r"expected a mapping"),
+        ("processing:\n  default_pipeline: liver\n",
+         r"processing.default_pipeline is gone: the routing rules choose .* `pipelines: \[liver\]`"),
+        ("store:\n  url: mysql://radnode@db/radnode\n", r"key 'store.url': .*postgresql://"),
         ("processing:\n  models:\n    model_seg: []\n",
          r"radnode.yaml: key 'processing.models': .*'model_seg': expected a model folder or a non-empty list"),
         ("processing:\n  models: [/srv/model]\n", r"radnode.yaml: key 'processing.models': .*dictionary"),

@@ -12,6 +12,7 @@ from factories import PATIENT_BUNDLE, write_study
 from radnode.config import Config, DicomPeer
 from radnode.node.egress import Egress, outbox_dir
 from radnode.node.store import Instance, JobState, JobStore
+from radnode.pipelines.routing import SeriesDecision
 from radnode.peers import FhirServer, StoreSCP, free_port
 from support.node import patients
 from support.waiting import wait_until
@@ -21,7 +22,7 @@ def finished_job(store: JobStore, tmp_path: Path, calling_ae: str = "SCANNER") -
     """A job whose run just ended, with two DICOM outputs, a FHIR Bundle and a manifest in ``out/``."""
     _, job_id = store.record_instance(
         Instance("1.2.3.1", "1.2.3", "1.2.3.4", "P1", "CT", "1.2.840.10008.5.1.4.1.1.2", "/spool/x.dcm",
-                 calling_ae, "127.0.0.1:5000", "a1", 0.0), "ct_tissue")
+                 calling_ae, "127.0.0.1:5000", "a1", 0.0), SeriesDecision(("ct_tissue",)))
     store.queue_complete_studies(idle_seconds=1)
     store.start_job(job_id, "run")
     out = tmp_path / "out"

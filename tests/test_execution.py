@@ -28,11 +28,13 @@ from radnode.node.executors import (
 )
 from radnode.node.egress import Egress
 from radnode.node.service import Node
-from radnode.node.store import Instance, JobState, JobStore, SeriesRoute
+from radnode.node.store import Instance, JobState, JobStore
 from radnode.node.worker import Scheduler
 from radnode.outputs.sr import read_measurements
 from radnode.pipelines.registry import PipelineRegistryError, get_pipeline
-from radnode.pipelines.rules import Execution, ExecutionMode, RuleError, parse_rules
+from radnode.pipelines.conditions import RuleError
+from radnode.pipelines.routing import Execution, ExecutionMode, SeriesDecision
+from radnode.pipelines.rules import parse_rules
 from support.dicom_tools import storescu
 from support.node import final_job, jobs_by_patient, node_config, process_alive
 
@@ -282,7 +284,7 @@ def test_a_container_route_is_refused_at_load_without_an_engine(tmp_path: Path) 
                                     "to run MAP containers")
     with_engine = node_config(tmp_path, processing={"container_engine": "docker"}).model_copy(update={"rules": rules})
     (rule,) = Node(with_engine).load_rules().rules  # type: ignore[union-attr]
-    assert rule.execution == Execution(ExecutionMode.CONTAINER)
+    assert rule.decision.execution == Execution(ExecutionMode.CONTAINER)
 
 
 def test_execution_keys_are_checked_with_line_numbers() -> None:
@@ -307,8 +309,8 @@ def test_a_stored_container_route_fails_its_job_when_the_node_has_no_engine(tmp_
     ds = pydicom.dcmread(path)
     instance = Instance(str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), "P1", "CT",
                         str(ds.SOPClassUID), str(path))
-    route = SeriesRoute(("ct_tissue",), execution=Execution(ExecutionMode.CONTAINER, 30))
-    _, job_id = store.record_instance(instance, "ct_tissue", route)
+    route = SeriesDecision(("ct_tissue",), execution=Execution(ExecutionMode.CONTAINER, 30))
+    _, job_id = store.record_instance(instance, route)
     store.queue_job(job_id, "test")
     store.close()
     store = JobStore(tmp_path / "data" / "radnode.db")  # as after a restart

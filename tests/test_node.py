@@ -17,7 +17,7 @@ import pydicom
 import pytest
 import yaml
 
-from factories import write_study, write_text_report
+from factories import write_pixelless_ct, write_study
 from radnode.config import Config, DicomPeer
 from radnode.node.service import Node
 from radnode.node.store import JobState, JobStore
@@ -32,7 +32,7 @@ def test_a_failing_job_is_recorded_while_another_study_completes(tmp_path: Path,
         config = node_config(tmp_path, egress={"destinations": [pacs.peer.model_dump()], "fhir_url": fhir.base_url},
                              processing={"max_concurrent_jobs": 2})
         write_study(tmp_path / "good", n=5, patient_id="GOOD")
-        write_text_report(tmp_path / "bad", patient_id="BAD")
+        write_pixelless_ct(tmp_path / "bad", patient_id="BAD")
         with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
             for folder in ("bad", "good"):
                 assert storescu(node.port, tmp_path / folder, calling_ae="SCANNER").returncode == 0

@@ -19,12 +19,13 @@ import yaml
 from pynetdicom import AE
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from factories import open_store_made_by, write_study, write_text_report
+from factories import RELEASE_0_1_SCHEMA, open_store_made_by, write_pixelless_ct, write_study
 from radnode.config import Config
 from radnode.node.retention import DAY, Retention, purge_data_dir
 from radnode.node.scp import Ingest, Spool
 from radnode.node.service import Node
-from radnode.node.store import SCHEMA, Instance, InstanceBeingPurged, JobState, JobStore, SeriesRoute
+from radnode.node.store import Instance, InstanceBeingPurged, JobState, JobStore
+from radnode.pipelines.routing import SeriesDecision
 from radnode.peers import StoreSCP, free_port
 from support.dicom_tools import ECHOSCU, storescu
 from support.node import final_job, jobs_by_patient, node_config
@@ -144,7 +145,7 @@ def test_an_undelivered_job_and_what_it_needs_are_kept(tmp_path: Path, stand_in:
 def test_a_failed_job_is_kept_for_failed_days(tmp_path: Path, stand_in: list[str]) -> None:
     config = node_config(tmp_path, retention={"done_days": 7, "failed_days": 30})
     write_study(tmp_path / "good", n=2, patient_id="GOOD")
-    write_text_report(tmp_path / "bad", patient_id="BAD")
+    write_pixelless_ct(tmp_path / "bad", patient_id="BAD")
     with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
         for folder in ("good", "bad"):
             assert storescu(node.port, tmp_path / folder).returncode == 0
@@ -214,7 +215,7 @@ def test_a_purge_interrupted_between_its_steps_is_finished_by_the_next(
         uid = pydicom.dcmread(left[0]).SOPInstanceUID
         assert store.being_purged(uid) and not store.has_instance(uid)
         with pytest.raises(InstanceBeingPurged, match="being removed by retention"):
-            Ingest(Spool(data / "spool"), store, "ct_tissue").receive(left[0].read_bytes(), b"", _origin())
+            Ingest(Spool(data / "spool"), store).receive(left[0].read_bytes(), b"", _origin())
     store.close()
 
     # The restarted node indexes none of them again, and its start-up purge finishes the job.
@@ -330,7 +331,7 @@ def test_the_purge_command(tmp_path: Path, stand_in: list[str]) -> None:
 
 
 def test_a_store_from_before_retention_gets_its_columns_on_open(tmp_path: Path) -> None:
-    old_schema = (SCHEMA.replace(",\n    purge_started_at REAL,\n    purged_at REAL\n", "\n")
+    old_schema = (RELEASE_0_1_SCHEMA.replace(",\n    purge_started_at REAL,\n    purged_at REAL\n", "\n")
                   .replace(",\n    purged_at REAL\n", "\n"))
     assert "purge" not in old_schema
     store = open_store_made_by(old_schema, tmp_path / "radnode.db")
@@ -343,10 +344,10 @@ def test_a_main_jobs_instances_are_kept_while_its_sibling_job_needs_them(tmp_pat
     """Rules selecting two pipelines: the sibling job reads the main job's instances; purging the main job
     first keeps them for it, and the next purge after the sibling's takes them."""
     store = JobStore(tmp_path / "radnode.db")
-    route = SeriesRoute(("ct_tissue", "lung"))
+    route = SeriesDecision(("ct_tissue", "lung"))
     for n in range(2):
         _, main = store.record_instance(Instance(f"1.{n}", "1.2.3", "1.2.3.1", "P1", "CT", CTImageStorage,
-                                                 f"/spool/1.{n}.dcm", received_at=n), "ct_tissue", route)
+                                                 f"/spool/1.{n}.dcm", received_at=n), route)
     assert store.queue_job(main, "idle") is JobState.QUEUED
     (sibling,) = [j.id for j in store.jobs() if j.sibling_of == main]
     for job_id in (main, sibling):

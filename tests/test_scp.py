@@ -22,7 +22,7 @@ def scp(tmp_path: Path) -> Iterator[tuple[StorageSCP, JobStore, Spool]]:
     """The node's Storage SCP alone, on a free port, over a fresh spool and store."""
     store = JobStore(tmp_path / "data" / "radnode.db")
     spool = Spool(tmp_path / "data" / "spool")
-    server = StorageSCP(IngressConfig(host="127.0.0.1", port=0), Ingest(spool, store, "ct_tissue"))
+    server = StorageSCP(IngressConfig(host="127.0.0.1", port=0), Ingest(spool, store))
     server.start()
     yield server, store, spool
     server.stop()
@@ -110,7 +110,7 @@ def test_reindex_finds_spool_files_missing_from_the_store(tmp_path: Path) -> Non
     target.parent.mkdir(parents=True)
     shutil.copyfile(path, target)
     (spool.incoming / "interrupted.part").write_bytes(b"half a file")
-    ingest = Ingest(spool, store, "ct_tissue")
+    ingest = Ingest(spool, store)
     assert spool.discard_partial() == 1
     assert ingest.reindex() == 1
     assert ingest.reindex() == 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import subprocess
 from pathlib import Path
 
@@ -20,19 +21,29 @@ from radnode.peers import FhirServer, StoreSCP
 from support.dicom_tools import ECHOSCU, dciodvfy_errors
 from support.node import ServeProcess
 
+
 @pytest.mark.slow
 def test_real_ct_over_storescu_gives_valid_seg_sr_and_matching_fhir(
         real_ct_folder: Path, tmp_path: Path, peers: tuple[StoreSCP, FhirServer]) -> None:
     pacs, fhir = peers
     files = sorted(real_ct_folder.iterdir())
     random.Random(7).shuffle(files)  # arrival order must not matter
-    node = ServeProcess(tmp_path / "node", pacs, fhir)
+    node = ServeProcess(tmp_path / "node", pacs, fhir, late_instances="rerun")  # no rule file: the shipped rules
     try:
         node.send(*files)
         ((job, events),) = node.jobs_when_final(1)
+        assert job.state is JobState.DONE, f"{job.reason}: {[e.message for e in events]}"
+        # The PACS sends the node's own results back (as a PACS forwarding the whole study would): recorded
+        # with the job, never processed, no re-run although late instances re-run the study here.
+        node.send(*pacs.received(), calling_ae="PACS", options=("-R",))
+        ((returned, returned_events),) = node.jobs_when_final(1, own_results=3)
     finally:
         node.stop()
-    assert job.state is JobState.DONE, f"{job.reason}: {[e.message for e in events]}"
+    assert (returned.id, returned.state, returned.runs, returned.own_results) == (job.id, JobState.DONE, 1, 3)
+    own = [e.message for e in returned_events if e.kind == "own-result"]
+    assert len(own) == 3 and all("kept in the spool, not processed: the " in m and " is a result of radnode (" in m
+                                 for m in own), own
+    assert [e.kind for e in returned_events].count("running") == 1
 
     received = {pydicom.dcmread(p).SOPClassUID.name: p for p in pacs.received()}
     assert set(received) == {"Segmentation Storage", "Comprehensive 3D SR Storage", "Comprehensive SR Storage"}
@@ -66,6 +77,52 @@ def test_real_ct_over_storescu_gives_valid_seg_sr_and_matching_fhir(
     assert reports["entry"][0]["resource"]["status"] == "preliminary"
     outbox = tmp_path / "node" / "outbox" / str(job.id)
     Bundle.model_validate(json.loads((outbox / "fhir-bundle.json").read_text()))
+
+
+def test_the_nodes_own_seg_and_sr_start_no_pipeline_with_or_without_a_rule_file(
+        tmp_path: Path, peers: tuple[StoreSCP, FhirServer]) -> None:
+    """radnode's SEG and SR sent to a node that never saw their study (no rule file: the shipped rules; then
+    the shipped file named, and a catch-all file that would process anything): the job list shows them
+    received and not processed, with the reason, and no job ran."""
+    from radnode.pipelines.rules import DEFAULT_RULES
+
+    pacs, fhir = peers
+    results = _own_results(tmp_path / "results")
+    catch_all = tmp_path / "everything.yaml"
+    catch_all.write_text("rules:\n  - name: everything\n    when: {Modality: {exists: true}}\n"
+                         "    pipelines: [ct_tissue]\n")
+    for name, rules in (("default", None), ("shipped", DEFAULT_RULES), ("catch-all", catch_all)):
+        node = ServeProcess(tmp_path / name, pacs, fhir, idle=0.5, rules=rules, late_instances="rerun")
+        try:
+            node.send(*results, calling_ae="PACS", options=("-R",))
+            ((job, events),) = node.jobs_when_final(1)
+        finally:
+            node.stop()
+        assert (job.state, job.pipeline, job.runs, job.own_results, job.instances) == (JobState.DONE, "", 0, 2, 2), name
+        assert re.fullmatch(r"not processed: the SEG is a result of radnode \(ct_tissue 0\.1\.0\), told by [^;]+; "
+                            r"the SR is a result of radnode \(ct_tissue 0\.1\.0\), told by .*", job.reason or ""), \
+            (name, job.reason)
+        assert [e.kind for e in events] == ["received", "done"], name
+    assert pacs.received() == []
+
+
+def _own_results(folder: Path) -> list[Path]:
+    """A SEG and a measurement SR as the ct_tissue pipeline writes them, for a small phantom CT."""
+    from factories import phantom_result, write_chest_phantom
+    from radnode.imaging.series import VolumeCriteria, load_volume
+    from radnode.outputs.algorithm import AlgorithmInfo
+    from radnode.outputs.seg import build_segmentation
+    from radnode.outputs.sr import build_measurement_report
+
+    write_chest_phantom(folder / "ct", 12, 32, 32)
+    volume, _ = load_volume(folder / "ct", VolumeCriteria())
+    result = phantom_result(volume)
+    algorithm = AlgorithmInfo(name="ct_tissue", version="0.1.0")
+    seg = build_segmentation(volume, result.segments, algorithm, uid_root="1.2.826.0.1.3680043.8.498.")
+    seg.save_as(folder / "seg.dcm")
+    build_measurement_report(volume, seg, result, algorithm, uid_root="1.2.826.0.1.3680043.8.498.").save_as(
+        folder / "sr.dcm")
+    return [folder / "seg.dcm", folder / "sr.dcm"]
 
 
 @pytest.mark.slow
@@ -102,8 +159,11 @@ def test_bad_studies_fail_with_reasons_while_a_good_one_completes(
     finally:
         node.stop()
     assert jobs["GOOD"][0].state is JobState.DONE
-    expected_reasons = {"GAP": "1 slice(s) missing between", "CORRUPT": "pixel data cannot be decoded",
-                        "NOIMAGE": "modality SR"}
+    report, report_events = jobs.pop("NOIMAGE")  # a report, not an image: the shipped rules keep it out
+    assert report.state is JobState.DONE and report.pipeline == "" and report.runs == 0
+    assert report.reason == "not processed: discard (rules: never-process-derived-objects)"
+    assert "running" not in [e.kind for e in report_events]
+    expected_reasons = {"GAP": "1 slice(s) missing between", "CORRUPT": "pixel data cannot be decoded"}
     for patient, fragment in expected_reasons.items():
         job, events = jobs[patient]
         assert job.state is JobState.FAILED, patient

@@ -1,16 +1,36 @@
-"""The job store on a real SQLite file: transitions, late and duplicate instances, retries, reopening."""
+"""The job store on a real SQLite file and a real PostgreSQL database: transitions, late and duplicate instances,
+retries, reopening, schema revisions, and two writers at once."""
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import UniqueConstraint, inspect
 
-from factories import open_store_made_by
-from radnode.node.store import SCHEMA, Arrival, Instance, JobState, JobStore, SeriesRoute
-from radnode.pipelines.rules import Execution, ExecutionMode
+from factories import RELEASE_0_1_INDEXES, RELEASE_0_1_SCHEMA, open_store_made_by
+from radnode.cli import main
+from radnode.node.store import Arrival, Instance, JobState, JobStore, StoreError, head_revision, upgrade_store
+from radnode.node.store.database import alembic_config, connect
+from radnode.node.store.schema import metadata
+from radnode.peers import free_port
+from radnode.pipelines.routing import Completeness, Execution, ExecutionMode, LateInstances, Priority, SeriesDecision
+
+
+def to(*pipelines: str) -> SeriesDecision:
+    """The decision sending a series to ``pipelines`` (late instances ignored, the node's default)."""
+    return SeriesDecision(pipelines, completeness=Completeness(late_instances=LateInstances.IGNORE))
 
 
 def instance(sop: str, study: str = "1.2.3", received_at: float | None = None) -> Instance:
@@ -21,14 +41,17 @@ def instance(sop: str, study: str = "1.2.3", received_at: float | None = None) -
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> JobStore:
-    return JobStore(tmp_path / "radnode.db")
+def store(store_target: Path | str) -> Iterator[JobStore]:
+    """A fresh job store: on SQLite, and again on PostgreSQL (``store_target`` is parametrized)."""
+    store = JobStore(store_target)
+    yield store
+    store.close()
 
 
 def test_a_study_becomes_a_job_queued_only_after_it_went_idle(store: JobStore) -> None:
     now = time.time()
-    assert store.record_instance(instance("1.1", received_at=now - 10), "ct_tissue")[0] is Arrival.NEW
-    arrival, job_id = store.record_instance(instance("1.2", received_at=now - 1), "ct_tissue")
+    assert store.record_instance(instance("1.1", received_at=now - 10), to("ct_tissue"))[0] is Arrival.NEW
+    arrival, job_id = store.record_instance(instance("1.2", received_at=now - 1), to("ct_tissue"))
     assert arrival is Arrival.NEW
     assert store.queue_complete_studies(idle_seconds=3, now=now) == []
     assert store.queue_complete_studies(idle_seconds=3, now=now + 2) == [job_id]
@@ -38,11 +61,11 @@ def test_a_study_becomes_a_job_queued_only_after_it_went_idle(store: JobStore) -
 
 
 def test_late_and_duplicate_instances_are_recorded_not_lost(store: JobStore) -> None:
-    _, job_id = store.record_instance(instance("1.1", received_at=0), "ct_tissue")
+    _, job_id = store.record_instance(instance("1.1", received_at=0), to("ct_tissue"))
     store.queue_complete_studies(idle_seconds=1)
     assert store.start_job(job_id, "run")
-    assert store.record_instance(instance("1.2"), "ct_tissue") == (Arrival.LATE, job_id)
-    assert store.record_instance(instance("1.1"), "ct_tissue") == (Arrival.DUPLICATE, job_id)
+    assert store.record_instance(instance("1.2"), to("ct_tissue")) == (Arrival.LATE, job_id)
+    assert store.record_instance(instance("1.1"), to("ct_tissue")) == (Arrival.DUPLICATE, job_id)
     assert [i.sop_instance_uid for i in store.job_inputs(job_id)] == ["1.1"]
     assert {i.sop_instance_uid for i in store.instances(job_id)} == {"1.1", "1.2"}
     job = store.job(job_id)
@@ -52,7 +75,7 @@ def test_late_and_duplicate_instances_are_recorded_not_lost(store: JobStore) -> 
 
 
 def test_transitions_are_guarded_and_safe_to_repeat(store: JobStore) -> None:
-    _, job_id = store.record_instance(instance("1.1", received_at=0), "ct_tissue")
+    _, job_id = store.record_instance(instance("1.1", received_at=0), to("ct_tissue"))
     assert not store.start_job(job_id, "run")  # not queued yet
     store.queue_complete_studies(idle_seconds=1)
     assert store.start_job(job_id, "run")
@@ -67,7 +90,7 @@ def test_transitions_are_guarded_and_safe_to_repeat(store: JobStore) -> None:
 
 
 def _delivering_job(store: JobStore, plan: list[tuple[str, str]]) -> int:
-    _, job_id = store.record_instance(instance("1.1", received_at=0), "ct_tissue")
+    _, job_id = store.record_instance(instance("1.1", received_at=0), to("ct_tissue"))
     store.queue_complete_studies(idle_seconds=1)
     store.start_job(job_id, "run")
     store.begin_delivery(job_id, "outputs", plan)
@@ -107,13 +130,13 @@ def test_done_deliveries_are_never_due_again_and_the_job_completes(store: JobSto
     assert [e.kind for e in store.events(job_id)].count("delivered") == 2
 
 
-def test_state_survives_reopening_and_running_jobs_can_be_requeued(tmp_path: Path) -> None:
-    store = JobStore(tmp_path / "radnode.db")
-    _, job_id = store.record_instance(instance("1.1", received_at=0), "ct_tissue")
+def test_state_survives_reopening_and_running_jobs_can_be_requeued(store_target: Path | str) -> None:
+    store = JobStore(store_target)
+    _, job_id = store.record_instance(instance("1.1", received_at=0), to("ct_tissue"))
     store.queue_complete_studies(idle_seconds=1)
     store.start_job(job_id, "run")
     store.close()
-    reopened = JobStore(tmp_path / "radnode.db")
+    reopened = JobStore(store_target)
     assert reopened.running_jobs() == [job_id]
     assert reopened.requeue(job_id, "restarted")
     assert not reopened.requeue(job_id, "restarted")
@@ -125,7 +148,7 @@ def test_state_survives_reopening_and_running_jobs_can_be_requeued(tmp_path: Pat
 def test_review_state_is_recorded_filterable_and_cleared_by_a_new_run(store: JobStore) -> None:
     jobs = []
     for study in ("1.2.3", "1.2.4", "1.2.5"):
-        _, job_id = store.record_instance(instance(f"{study}.1", study=study, received_at=0), "tiny_model")
+        _, job_id = store.record_instance(instance(f"{study}.1", study=study, received_at=0), to("tiny_model"))
         jobs.append(job_id)
     flagged, clear, unassessed = jobs
     store.queue_complete_studies(idle_seconds=1)
@@ -147,7 +170,7 @@ def test_review_state_is_recorded_filterable_and_cleared_by_a_new_run(store: Job
     review = [e.message for e in store.events(flagged) if e.kind == "review"]
     assert review == ["flagged for human review: lesion: mean uncertainty 0.471 > 0.2"]
     # A job that runs again (here: the node stopped before it was staged) decides afresh.
-    _, again = store.record_instance(instance("1.2.6.1", study="1.2.6", received_at=0), "tiny_model")
+    _, again = store.record_instance(instance("1.2.6.1", study="1.2.6", received_at=0), to("tiny_model"))
     store.queue_complete_studies(idle_seconds=1)
     store.start_job(again, "run")
     store.record_review(again, True, ["lesion: sample agreement 0.5 < 0.9"])
@@ -157,7 +180,7 @@ def test_review_state_is_recorded_filterable_and_cleared_by_a_new_run(store: Job
 
 
 def test_a_store_from_before_review_states_gets_them_on_open(tmp_path: Path) -> None:
-    old_schema = SCHEMA.replace(",\n    needs_review INTEGER,\n    review_reasons TEXT NOT NULL DEFAULT ''", "")
+    old_schema = RELEASE_0_1_SCHEMA.replace(",\n    needs_review INTEGER,\n    review_reasons TEXT NOT NULL DEFAULT ''", "")
     assert "needs_review" not in old_schema
     store = open_store_made_by(old_schema, tmp_path / "radnode.db")
     (job,) = store.jobs()
@@ -168,7 +191,7 @@ def test_a_store_from_before_review_states_gets_them_on_open(tmp_path: Path) -> 
 
 def test_job_counts_agree_with_the_job_list(store: JobStore) -> None:
     """The health probe's SQL counts equal counting the listed jobs, flagged ones included."""
-    jobs = [store.record_instance(instance(f"1.2.{n}.1", study=f"1.2.{n}", received_at=0), "tiny_model")[1]
+    jobs = [store.record_instance(instance(f"1.2.{n}.1", study=f"1.2.{n}", received_at=0), to("tiny_model"))[1]
             for n in range(3)]
     store.queue_complete_studies(idle_seconds=1)
     store.start_job(jobs[0], "run")
@@ -180,11 +203,13 @@ def test_job_counts_agree_with_the_job_list(store: JobStore) -> None:
 
 
 def test_every_selected_pipeline_runs_as_its_own_job_with_the_main_jobs_input(store: JobStore) -> None:
-    ct = SeriesRoute(("ct_tissue", "lung"), forwards=("ARCHIVE",), late_instances="rerun",
-                     execution=Execution(ExecutionMode.SUBPROCESS, 60))
-    chest = SeriesRoute(("lung", "nodules"), priority=2, late_instances="rerun", execution=Execution(None, 300))
-    _, main = store.record_instance(instance("1.1", received_at=0), "ct_tissue", ct)
-    store.record_instance(replace(instance("1.2", received_at=1), series_instance_uid="1.2.3.2"), "lung", chest)
+    rerun = Completeness(late_instances=LateInstances.RERUN)
+    ct = SeriesDecision(("ct_tissue", "lung"), forwards=("ARCHIVE",), completeness=rerun,
+                        execution=Execution(ExecutionMode.SUBPROCESS, 60))
+    chest = SeriesDecision(("lung", "nodules"), priority=Priority.STAT, completeness=rerun,
+                           execution=Execution(None, 300))
+    _, main = store.record_instance(instance("1.1", received_at=0), ct)
+    store.record_instance(replace(instance("1.2", received_at=1), series_instance_uid="1.2.3.2"), chest)
     assert store.queue_job(main, "idle") is JobState.QUEUED
     jobs = store.jobs()
     assert [(j.id, j.pipeline, j.state, j.sibling_of) for j in jobs] == [
@@ -192,7 +217,7 @@ def test_every_selected_pipeline_runs_as_its_own_job_with_the_main_jobs_input(st
         (main + 2, "nodules", JobState.QUEUED, main)]
     first, lung, nodules = jobs
     assert first.forwards == ("ARCHIVE",) and lung.forwards == nodules.forwards == ()
-    assert {j.priority for j in jobs} == {2}
+    assert {j.priority for j in jobs} == {Priority.STAT}
     assert first.execution == Execution(ExecutionMode.SUBPROCESS, 60)
     assert lung.execution == Execution(ExecutionMode.SUBPROCESS, 300) and nodules.execution == Execution(None, 300)
     inputs = [i.sop_instance_uid for i in store.job_inputs(main)]
@@ -212,7 +237,7 @@ def test_every_selected_pipeline_runs_as_its_own_job_with_the_main_jobs_input(st
     assert store.begin_delivery(lung.id, "nothing", []) and store.job(lung.id).state is JobState.DONE
 
     # a late instance (rerun) goes to the main job only; re-queued, it starts no sibling again
-    assert store.record_instance(instance("1.3"), "ct_tissue") == (Arrival.NEW, main)
+    assert store.record_instance(instance("1.3"), to("ct_tissue")) == (Arrival.NEW, main)
     assert store.restart_requested() == [main] and store.restart(main)
     assert store.queue_job(main, "idle") is JobState.QUEUED
     assert len(store.jobs()) == 3 and [i.sop_instance_uid for i in store.job_inputs(nodules.id)] == [
@@ -222,9 +247,159 @@ def test_every_selected_pipeline_runs_as_its_own_job_with_the_main_jobs_input(st
         " (late instances re-run this job only)")
     # once the main job is final, a late instance (rerun) makes a whole-study job with its own sibling(s)
     assert store.start_job(main, "run") and store.begin_delivery(main, "nothing", [])
-    arrival, rerun = store.record_instance(instance("1.4"), "ct_tissue")
+    arrival, rerun = store.record_instance(instance("1.4"), to("ct_tissue"))
     assert arrival is Arrival.NEW and rerun == nodules.id + 1
     assert store.queue_job(rerun, "idle") is JobState.QUEUED
     siblings = [j for j in store.jobs() if j.sibling_of == rerun]
     assert [j.pipeline for j in siblings] == ["lung"]  # the routes of the series its own instances belong to
     assert [i.sop_instance_uid for i in store.job_inputs(siblings[0].id)] == ["1.1", "1.2", "1.3", "1.4"]
+
+
+# --- schema revisions ----------------------------------------------------------------------------
+
+
+_SQLITE_SAME = {("REAL", "DOUBLE"), ("INTEGER", "BOOLEAN")}
+"""Type names 0.1's SQLite tables used for what ``schema.py`` declares: the same storage class in SQLite."""
+
+
+def _differences(target: Path | str) -> list:
+    """What Alembic finds different between the store's tables and ``schema.py`` (nothing, when right). On
+    tables 0.1 made in SQLite, its spellings of the same thing are not differences: a unique constraint without
+    a name, REAL for DOUBLE, INTEGER for BOOLEAN, a TEXT primary key SQLite reports as nullable."""
+    database = connect(target)
+    try:
+        with database.read() as conn:
+            unnamed = {(table, tuple(u["column_names"])) for table in metadata.tables
+                       for u in inspect(conn).get_unique_constraints(table) if u["name"] is None}
+
+            def same(d: Any) -> bool:
+                if isinstance(d, list):
+                    d = d[0]
+                if d[0] == "add_constraint" and isinstance(d[1], UniqueConstraint):
+                    return (d[1].table.name, tuple(c.name for c in d[1].columns)) in unnamed
+                if d[0] == "modify_type" and database.is_sqlite:
+                    return (str(d[5]), str(d[6]).upper()) in _SQLITE_SAME
+                if d[0] == "modify_nullable" and database.is_sqlite:
+                    return metadata.tables[d[2]].c[d[3]].primary_key
+                return False
+
+            return [d for d in compare_metadata(MigrationContext.configure(conn), metadata) if not same(d)]
+    finally:
+        database.close()
+
+
+def test_every_schema_revision_leads_to_exactly_the_tables_of_the_schema_module(store_target: Path | str) -> None:
+    """From the baseline revision (the store radnode 0.1 made) through every later one, the tables come out
+    as ``schema.py`` declares them, as they do when a new store is created."""
+    database = connect(store_target)
+    with database.write() as conn:
+        command.upgrade(alembic_config(conn), "0001")
+    database.close()
+    assert "upgraded from 0001 to " + head_revision() in upgrade_store(store_target)
+    assert _differences(store_target) == []
+    assert JobStore(store_target).opened.endswith(f"at schema revision {head_revision()}")
+
+
+def test_a_store_made_by_release_0_1_opens_with_its_jobs_series_decisions_and_deliveries(tmp_path: Path) -> None:
+    """A 0.1 store in use (a study still arriving, routed to two pipelines; a done job with its delivery) is
+    upgraded on open; the study then queues with the route it was recorded with."""
+    store = open_store_made_by(
+        RELEASE_0_1_SCHEMA, tmp_path / "radnode.db", *filter(str.strip, RELEASE_0_1_INDEXES.split(";")),
+        "INSERT INTO jobs (id, study_instance_uid, patient_id, pipeline, state, created_at, last_instance_at,"
+        " updated_at, priority) VALUES (2, '1.2.4', 'P2', 'ct_tissue', 'received', 10, 11, 11, 2)",
+        "INSERT INTO series VALUES ('1.2.4.1', '1.2.4', 'ct_tissue,lung', 'ARCHIVE', 0, 2, 5.0, NULL, 'rerun',"
+        " 'pipelines ct_tissue, lung (rules: chest)', 'subprocess', 60, 3, 'a1', 12, NULL)",
+        *(f"INSERT INTO instances VALUES ('1.2.4.1.{n}', '1.2.4', '1.2.4.1', 'P2', 'CT', '1.2.840.10008.5.1.4.1.1.2',"
+          f" 'CT01', '127.0.0.1:4000', 'a1', {10 + n}, '/spool/{n}.dcm', 2, 0, NULL)" for n in (0, 1)),
+        "INSERT INTO deliveries (job_id, destination, object, state, attempts, next_attempt_at, done_at)"
+        " VALUES (1, 'dicom:PACS@h:104', 'seg.dcm', 'done', 1, 0, 1)")
+    assert store.opened.endswith(f"upgraded from before schema revisions to {head_revision()}")
+    assert [(j.id, j.state, j.priority) for j in store.jobs()] == [(1, JobState.DONE, Priority.ROUTINE),
+                                                                   (2, JobState.RECEIVED, Priority.STAT)]
+    ((progress,),) = store.receiving().values()
+    assert (progress.received, progress.expected, progress.released_at) == (2, 3, 12)
+    assert progress.decision == SeriesDecision(
+        ("ct_tissue", "lung"), forwards=("ARCHIVE",), priority=Priority.STAT,
+        completeness=Completeness(5.0, None, LateInstances.RERUN), execution=Execution(ExecutionMode.SUBPROCESS, 60),
+        note="pipelines ct_tissue, lung (rules: chest)")
+    assert store.queue_job(2, "idle") is JobState.QUEUED
+    main, sibling = store.jobs()[1:]
+    assert (main.pipeline, main.forwards, sibling.pipeline, sibling.execution) == (
+        "ct_tissue", ("ARCHIVE",), "lung", Execution(ExecutionMode.SUBPROCESS, 60))
+    assert [(d.object, d.state) for d in store.deliveries(1)] == [("seg.dcm", "done")]
+    store.close()
+    assert _differences(tmp_path / "radnode.db") == []
+
+
+def test_a_postgresql_store_at_an_older_schema_stops_the_node_until_it_is_upgraded(
+        postgres_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Several nodes may share a PostgreSQL store, so a node never migrates one: ``radnode serve`` refuses to
+    start with one line saying what to do, and ``radnode store upgrade`` does it."""
+    database = connect(postgres_url)
+    with database.write() as conn:
+        command.upgrade(alembic_config(conn), "0001")
+    database.close()
+    config = tmp_path / "radnode.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "store": {"url": postgres_url},
+                                      "ingress": {"host": "127.0.0.1", "port": 0}}))
+    radnode = [sys.executable, "-m", "radnode"]
+    serve = subprocess.run([*radnode, "serve", "--config", str(config)], capture_output=True, text=True, timeout=120)
+    assert serve.returncode == 2 and serve.stdout == ""
+    (line,) = serve.stderr.splitlines()
+    assert re.fullmatch(r"radnode: job store postgresql://radnode_test_\w+:\*\*\*@127\.0\.0\.1:\d+/\S+ is at an older "
+                        r"schema \(0001; this radnode needs 0002\): back it up, then run `radnode store upgrade "
+                        r"--config FILE`", line), line
+    assert main(["store", "upgrade", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.strip().endswith("upgraded from 0001 to 0002")
+    store = JobStore(postgres_url)
+    assert store.jobs() == []
+    store.close()
+
+
+def test_an_unreachable_postgresql_store_is_refused_with_one_line() -> None:
+    url = f"postgresql://radnode@127.0.0.1:{free_port()}/radnode"
+    with pytest.raises(StoreError) as refused:
+        JobStore(url)
+    (line,) = str(refused.value).splitlines()
+    assert line.startswith(f"job store {url} unreachable: ") and "refused" in line, line
+
+
+# --- two writers at once -------------------------------------------------------------------------
+
+
+INGRESS_PROCESS = """
+import pathlib, sys, time
+from radnode.node.store import Instance, JobStore
+from radnode.pipelines.routing import SeriesDecision
+
+target, worker, go = sys.argv[1], sys.argv[2], pathlib.Path(sys.argv[3])
+store = JobStore(target if target.startswith("postgresql") else pathlib.Path(target))
+while not go.exists():  # both connected: start together
+    time.sleep(0.01)
+for n in range(25):
+    for sop in (f"9.9.{worker}.{n}", f"9.9.0.{n}"):  # its own instance, and one both processes receive
+        store.record_instance(Instance(sop, "9.9", "9.9.1", "P9", "CT", "1.2.840.10008.5.1.4.1.1.2",
+                                       f"/spool/{sop}.dcm", "CT01", "127.0.0.1:4000", worker, time.time()),
+                              SeriesDecision(("ct_tissue",)))
+store.close()
+"""
+"""One ingress process: its own connection to the store, recording its share of one study's instances and the
+instances both processes receive (a sender retrying on the other node), in lockstep with the other."""
+
+
+def test_two_ingress_processes_recording_one_study_make_one_job(store_target: Path | str, tmp_path: Path) -> None:
+    JobStore(store_target).close()  # the schema, before the two start
+    go = tmp_path / "go"
+    workers = [subprocess.Popen([sys.executable, "-c", INGRESS_PROCESS, str(store_target), str(worker), str(go)],
+                                stderr=subprocess.PIPE, text=True) for worker in (1, 2)]
+    time.sleep(0.5)
+    go.touch()
+    for worker in workers:
+        _, stderr = worker.communicate(timeout=120)
+        assert worker.returncode == 0, stderr
+    store = JobStore(store_target)
+    (job,) = store.jobs()
+    assert job.study_instance_uid == "9.9" and job.instances == 75  # 25 + 25 of their own, 25 both received
+    assert len(store.instances(job.id)) == 75
+    assert [e.kind for e in store.events(job.id)].count("duplicate") == 25
+    store.close()

@@ -157,13 +157,13 @@ def _diagnostic_report(outbox: Path) -> dict:
     return next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
 
 
-SUBPROCESS_ROUTE = """\
+IN_PROCESS_ROUTE = """\
 rules:
   - name: lesion-model
     when: {Modality: CT}
     pipelines: [model_seg]
-    execution: {mode: subprocess}
 """
+SUBPROCESS_ROUTE = IN_PROCESS_ROUTE + "    execution: {mode: subprocess}\n"
 
 
 @pytest.mark.slow
@@ -172,19 +172,18 @@ def test_a_study_past_a_configured_limit_is_marked_for_review_in_the_job_store(
     """The same study through two nodes running the shipped ``model_seg`` pipeline on the bundle their
     configuration names (``processing.models``) in job processes; they differ only in ``uncertainty.max_mean``:
     below the model's mean uncertainty (about 0.47 on this case), then above it. The first runs the job
-    in-process (the default pipeline), the second as the app's MAP command (a subprocess route)."""
+    in-process (the node's default mode), the second as the app's MAP command (a subprocess route)."""
     monkeypatch.delenv("HOLOSCAN_MODEL_PATH", raising=False)
     case = write_lesion_case(tmp_path / "case", seed=100)
-    rules = tmp_path / "rules.yaml"
-    rules.write_text(SUBPROCESS_ROUTE)
     for name, max_mean in (("flagged", 0.2), ("clear", 0.8)):
+        rules = tmp_path / f"{name}-rules.yaml"
+        rules.write_text(SUBPROCESS_ROUTE if name == "clear" else IN_PROCESS_ROUTE)
         api_port = free_port()
-        config = node_config(tmp_path / name, processing={"default_pipeline": "model_seg", "job_timeout_seconds": 300,
+        config = node_config(tmp_path / name, processing={"job_timeout_seconds": 300,
                                                           "models": {"model_seg": str(bundle_folder)}},
                              uncertainty={"max_mean": max_mean, "max_boundary": 0.9, "min_agreement": 0.8},
                              api={"enabled": True, "port": api_port})
-        if name == "clear":
-            config = config.model_copy(update={"rules": rules})
+        config = config.model_copy(update={"rules": rules})
         with Node(config, poll_seconds=0.1) as node:
             assert storescu(node.port, case).returncode == 0
             wait_until(lambda: len(node.jobs()) == 1)

@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from radnode.pipelines.routing import SeriesDecision
+
 COMPLETENESS_TAGS = ["ImagesInAcquisition", "NumberOfSlices", "NumberOfTimeSlices", "NumberOfFrames"]
 """Tags read at ingest for the expected instance count of a series."""
 
@@ -36,9 +38,11 @@ class CompletenessSettings:
 
 @dataclass(frozen=True)
 class SeriesProgress:
-    """What arrived of one series, as the job store knows it."""
+    """One series of a receiving study as the job store knows it: its routing decision (its completeness
+    settings override the node's) and what arrived of it."""
 
     series_instance_uid: str
+    decision: SeriesDecision
     received: int
     expected: int | None
     last_instance_at: float
@@ -46,9 +50,6 @@ class SeriesProgress:
     """When the association that last delivered to it was released; None while it is open."""
     stable_at: float | None
     """When Orthanc reported its study stable (no release is visible through Orthanc)."""
-    study_idle_seconds: float | None = None
-    series_grace_seconds: float | None = None
-    discard: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,8 +88,8 @@ def series_complete_at(series: SeriesProgress, settings: CompletenessSettings) -
     if series.stable_at is not None:
         candidates.append((series.stable_at, "study stable in Orthanc"))
     if series.released_at is not None:
-        grace = series.series_grace_seconds if series.series_grace_seconds is not None \
-            else settings.series_grace_seconds
+        route_grace = series.decision.completeness.series_grace_seconds
+        grace = route_grace if route_grace is not None else settings.series_grace_seconds
         at = max(series.released_at, series.last_instance_at) + grace
         candidates.append((at, f"association released + {grace:g} s"))
     return min(candidates)
@@ -105,7 +106,8 @@ def study_verdict(series: Sequence[SeriesProgress], now: float, settings: Comple
         if now < at:
             return Verdict(False, f"series {s.series_instance_uid} incomplete ({s.received} instances)")
         reasons.append(why)
-    route_waits = [s.study_idle_seconds for s in series if s.study_idle_seconds is not None]
+    route_waits = [s.decision.completeness.study_idle_seconds for s in series
+                   if s.decision.completeness.study_idle_seconds is not None]
     if route_waits:
         grace, source = max(route_waits), "route study_idle_seconds"
     elif any(s.released_at is None and s.stable_at is None for s in series):

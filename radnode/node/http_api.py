@@ -34,14 +34,17 @@ def job_json(job: Job) -> dict[str, Any]:
     """A job as the API answers it. ``needs_review``: true when the run flagged the study for human review,
     false when its uncertainty was within the limits, null when not assessed (no uncertainty, or not run).
     ``purged_at``: when retention removed the job's files (null: they are kept). ``sibling_of``: the study's
-    main job when this job runs another pipeline the rules selected for it (null for the main job)."""
+    main job when this job runs another pipeline the rules selected for it (null for the main job). ``reason``:
+    why it failed, or why the study was not processed (``not processed: …``, e.g. the node's own results come
+    back); ``own_results``: instances recorded with the job that are results of the node's own (never
+    processed). ``priority``: stat, routine or off-peak."""
     return {"id": job.id, "study_instance_uid": job.study_instance_uid, "patient_id": job.patient_id,
             "pipeline": job.pipeline, "state": job.state.value, "reason": job.reason,
             "needs_review": job.needs_review, "review_reasons": list(job.review_reasons),
-            "priority": job.priority, "calling_ae": job.calling_ae, "peer_address": job.peer_address,
+            "priority": job.priority.value, "calling_ae": job.calling_ae, "peer_address": job.peer_address,
             "instances": job.instances, "late_instances": job.late_instances, "runs": job.runs,
             "created_at": job.created_at, "updated_at": job.updated_at, "purged_at": job.purged_at,
-            "sibling_of": job.sibling_of}
+            "sibling_of": job.sibling_of, "own_results": job.own_results}
 
 
 def job_filters(query: Mapping[str, list[str]]) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from radnode.config import Config
-from radnode.node.store import JobState, JobStore, PurgePlan
+from radnode.node.store import JobState, JobStore, PurgePlan, store_target
 
 log = logging.getLogger(__name__)
 
@@ -198,10 +198,10 @@ def purge_data_dir(config: Config, dry_run: bool = False, now: float | None = No
     """``radnode purge``: one purge pass over ``config.data_dir`` (beside a running node is fine: the store
     serialises the two, and a job one of them is purging the other finishes or leaves)."""
     config = config.model_copy(update={"data_dir": config.data_dir.resolve()})
-    database = config.data_dir / "radnode.db"
-    if not database.exists():
-        raise FileNotFoundError(f"no job store at {database} (data_dir {config.data_dir})")
-    store = JobStore(database)
+    target = store_target(config.data_dir, config.store.url)
+    if isinstance(target, Path) and not target.exists():
+        raise FileNotFoundError(f"no job store at {target} (data_dir {config.data_dir})")
+    store = JobStore(target)
     try:
         return Retention(config, store).purge(now=now, dry_run=dry_run)
     finally:

@@ -38,8 +38,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from radnode.config import IngressConfig, RetentionConfig
 from radnode.node.completeness import COMPLETENESS_TAGS, expected_instances
-from radnode.node.store import Arrival, Instance, InstanceBeingPurged, JobStore, SeriesRoute
-from radnode.pipelines.rules import RoutingContext, RuleSet
+from radnode.node.store import Arrival, Instance, InstanceBeingPurged, JobStore
+from radnode.pipelines.routing import LateInstances, RoutingContext, SeriesDecision
+from radnode.pipelines.rules import DEFAULT_RULES, RuleSet, load_rules
 
 log = logging.getLogger(__name__)
 
@@ -193,26 +194,21 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Router:
-    """The routing decision for a series from its first instance: the rule set's (execution settings
-    included), or the default pipeline run the node's default way."""
+    """Takes the routing decision for a series from its first instance: the rule set's (the shipped rules
+    when the node has no rule file; the node's own results never processed), with the node's late-instance
+    policy where no rule sets one. The store calls it once per series; later instances read the recorded
+    decision."""
 
-    def __init__(self, default_pipeline: str, rules: RuleSet | None = None, late_instances: str = "rerun") -> None:
-        self.default_pipeline = default_pipeline
+    def __init__(self, rules: RuleSet, late_instances: LateInstances = LateInstances.IGNORE) -> None:
         self.rules = rules
-        self.late_instances = late_instances
-        self.tags = sorted({*INDEX_TAGS, *COMPLETENESS_TAGS, *(rules.keywords if rules else ())})
-        """The tags parsed on receipt: the index's, the expected-count signals and what the rules read."""
+        self.late_instances = LateInstances(late_instances)
+        self.tags = sorted({*INDEX_TAGS, *COMPLETENESS_TAGS, *rules.keywords})
+        """The tags parsed on receipt: the index's, the expected-count signals and what routing reads."""
 
-    def route(self, ds: Dataset, origin: "Origin") -> SeriesRoute:
-        """The series' route; without rules every series goes to the default pipeline."""
-        if self.rules is None:
-            return SeriesRoute((self.default_pipeline,), late_instances=self.late_instances)
-        decision = self.rules.route(ds, RoutingContext(calling_ae=origin.calling_ae, called_ae=origin.called_ae))
-        c = decision.completeness
-        nothing_to_do = not (decision.pipelines or decision.forwards)
-        return SeriesRoute(decision.pipelines, decision.forwards, decision.discard or nothing_to_do,
-                           decision.priority.rank, c.study_idle_seconds, c.series_grace_seconds,
-                           str(c.late_instances or self.late_instances), decision.describe(), decision.execution)
+    def route(self, ds: Dataset, origin: "Origin") -> SeriesDecision:
+        """The series' decision as the node takes it."""
+        context = RoutingContext(calling_ae=origin.calling_ae, called_ae=origin.called_ae)
+        return self.rules.route(ds, context).with_defaults(self.late_instances)
 
 
 def index_tags(stream: BytesIO | Path, tags: list[str] = INDEX_TAGS) -> Dataset:
@@ -239,12 +235,11 @@ class Ingest:
     Both ingress paths (the node's own SCP and instances pulled from Orthanc) come through here.
     """
 
-    def __init__(self, spool: Spool, store: JobStore, pipeline: str, router: Router | None = None,
+    def __init__(self, spool: Spool, store: JobStore, router: Router | None = None,
                  guard: DiskGuard | None = None) -> None:
         self.spool = spool
         self.store = store
-        self.pipeline = pipeline
-        self.router = router or Router(pipeline, late_instances="ignore")
+        self.router = router or Router(load_rules(DEFAULT_RULES))
         self.guard = guard
 
     def receive(self, meta: bytes | memoryview, dataset: bytes | memoryview, origin: Origin) -> Arrival:
@@ -265,8 +260,8 @@ class Ingest:
             if self.guard is not None:
                 self.guard.check(len(meta) + len(dataset))
             self.spool.write(path, meta, dataset)
-        arrival, job_id = self.store.record_instance(describe(ds, path, origin, time.time()), self.pipeline,
-                                                     self.router.route(ds, origin), expected_instances(ds))
+        arrival, job_id = self.store.record_instance(describe(ds, path, origin, time.time()),
+                                                     lambda: self.router.route(ds, origin), expected_instances(ds))
         if arrival is not Arrival.NEW:
             log.info("%s instance %s from %s (job %d)", arrival, ds.SOPInstanceUID, origin.calling_ae, job_id)
         return arrival
@@ -281,8 +276,8 @@ class Ingest:
                 continue
             try:
                 ds = index_tags(path, self.router.tags)
-                self.store.record_instance(describe(ds, path, origin, path.stat().st_mtime), self.pipeline,
-                                           self.router.route(ds, origin), expected_instances(ds))
+                self.store.record_instance(describe(ds, path, origin, path.stat().st_mtime),
+                                           lambda: self.router.route(ds, origin), expected_instances(ds))
                 count += 1
             except Refused as e:
                 log.error("spool file %s cannot be indexed: %s", path, e)

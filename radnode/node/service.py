@@ -2,7 +2,7 @@
 
 On disk under ``config.data_dir``::
 
-    radnode.db                      job store (SQLite, WAL)
+    radnode.db                      job store (SQLite, WAL; or PostgreSQL at ``store.url``)
     node-config.yaml                the configuration job processes get via $RADNODE_CONFIG
     spool/<study>/<series>/<sop>.dcm  received instances, as they arrived
     spool/.incoming/                temporary files of writes in progress
@@ -16,8 +16,10 @@ On disk under ``config.data_dir``::
 With ``orthanc.url`` set, the node also listens for the Orthanc plugin's events on its HTTP API
 (``api.host``/``api.port``) and pulls instances from Orthanc into the same spool; results go back into
 Orthanc. The API also lists the jobs (``GET /jobs?needs_review=true``: studies flagged for human review);
-``api.enabled`` starts it without Orthanc. With ``rules`` set, every series is routed by the rule file (pipelines, forwards, discard,
-priority, completeness, execution: in-process, subprocess or container, see ``executors.py``).
+``api.enabled`` starts it without Orthanc. Every series is routed by the rule file (``rules``; unset: the
+shipped ``pipelines/default_rules.yaml``): pipelines, forwards, discard, priority, completeness, execution
+(in-process, subprocess or container, see ``executors.py``). The node's own results coming back (from a PACS,
+from Orthanc) are recorded and never processed, whatever the rules say.
 
 On start, spool files the store does not know are indexed, jobs left ``running`` run again from
 scratch, and jobs left ``delivering`` carry on with only the deliveries not recorded as done.
@@ -44,10 +46,11 @@ from radnode.node.http_api import NodeApi
 from radnode.node.orthanc_ingress import OrthancIngress
 from radnode.node.retention import Retention
 from radnode.node.scp import DiskGuard, Ingest, Router, Spool, StorageSCP
-from radnode.node.store import Delivery, Event, Job, JobState, JobStore
+from radnode.node.store import Delivery, Event, Job, JobState, JobStore, store_target
 from radnode.node.worker import DEFAULT_JOB_COMMAND, Scheduler
 from radnode.pipelines.registry import registered_pipelines
-from radnode.pipelines.rules import RuleSet, load_rules
+from radnode.pipelines.routing import LateInstances
+from radnode.pipelines.rules import DEFAULT_RULES, RuleSet, load_rules
 
 log = logging.getLogger(__name__)
 
@@ -78,12 +81,12 @@ class Node:
         data.mkdir(parents=True, exist_ok=True)
         config_file = data / "node-config.yaml"
         config_file.write_text(yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
-        router = Router(self.config.processing.default_pipeline, self.load_rules(),
-                        self.config.ingress.late_instances)
-        self.store = store = JobStore(data / "radnode.db")
+        router = Router(self.load_rules(), LateInstances(self.config.ingress.late_instances))
+        self.store = store = JobStore(store_target(data, self.config.store.url))
+        log.info("%s", store.opened)
         spool = Spool(data / "spool", fsync=self.config.ingress.sync_spool)
         self.disk_guard = DiskGuard.from_config(spool.root, self.config.retention)
-        ingest = Ingest(spool, store, self.config.processing.default_pipeline, router, self.disk_guard)
+        ingest = Ingest(spool, store, router, self.disk_guard)
         self._recover(store, spool, ingest)
         egress = Egress(self.config, store)
         scheduler = Scheduler(self.config, store, egress, self.job_command, config_file)
@@ -101,13 +104,11 @@ class Node:
         self._threads = [self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
                          self._loop("egress", egress.deliver_due), self._loop("retention", retention.tick)]
 
-    def load_rules(self) -> RuleSet | None:
-        """The configured rule file, checked against the known pipelines (built-in and site), the named
-        destinations and the execution modes this node has (container only with an engine configured)."""
-        if self.config.rules is None:
-            return None
-        known = registered_pipelines().keys() | {self.config.processing.default_pipeline}
-        return load_rules(self.config.rules, known_pipelines=known,
+    def load_rules(self) -> RuleSet:
+        """The configured rule file (unset: the shipped ``pipelines/default_rules.yaml``), checked against the
+        known pipelines (built-in and site), the named destinations and the execution modes this node has
+        (container only with an engine configured)."""
+        return load_rules(self.config.rules or DEFAULT_RULES, known_pipelines=registered_pipelines().keys(),
                           known_destinations=self.config.egress.named_destinations.keys(),
                           execution_modes=execution_modes(self.config))
 

@@ -28,11 +28,11 @@ from pathlib import Path
 
 from radnode.config import Config
 from radnode.execution import MANIFEST_FILE
-from radnode.node.completeness import CompletenessSettings, SeriesProgress, study_verdict
+from radnode.node.completeness import CompletenessSettings, study_verdict
 from radnode.node.egress import Egress
 from radnode.node.executors import ExecutionError, JobRun, Launch, executors, resolve_timeout
-from radnode.node.store import Job, JobStore, SeriesState
-from radnode.pipelines.rules import ExecutionMode
+from radnode.node.store import Job, JobStore
+from radnode.pipelines.routing import ExecutionMode
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +114,6 @@ def completeness_settings(config: Config) -> CompletenessSettings:
                                 ingress.study_grace_seconds)
 
 
-def progress(series: SeriesState) -> SeriesProgress:
-    """The completeness policy's view of a series."""
-    route = series.route
-    return SeriesProgress(series.series_instance_uid, series.received, series.expected, series.last_instance_at,
-                          series.released_at, series.stable_at, route.study_idle_seconds,
-                          route.series_grace_seconds, route.discard)
-
-
 class Scheduler:
     """Queues complete studies, starts queued jobs (most urgent first) up to the concurrency limit, reaps
     them and kills those over their time limit or restarted for late instances."""
@@ -158,7 +150,7 @@ class Scheduler:
         """Queue every receiving study the completeness policy judges complete now."""
         now = time.time()
         for job_id, series in self.store.receiving().items():
-            verdict = study_verdict([progress(s) for s in series], now, self.completeness)
+            verdict = study_verdict(series, now, self.completeness)
             if verdict.complete:
                 state = self.store.queue_job(job_id, verdict.reason, now)
                 log.info("job %d %s: %s", job_id, state, verdict.reason)

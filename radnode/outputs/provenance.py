@@ -59,5 +59,5 @@ def own_result(attributes: Mapping[str, Any] | Any) -> str | None:
     algorithm = " ".join(t for t in (_text(last.get("ManufacturerModelName")), _text(last.get("SoftwareVersions")))
                          if t) or "unnamed algorithm"
     modality = _text(attributes.get("Modality")) or "object"
-    return (f"the {modality} is a result of {MANUFACTURER} ({algorithm}; Manufacturer and Contributing Equipment "
-            f"{MANUFACTURER}, Processing Equipment): results are never processed")
+    return (f"the {modality} is a result of {MANUFACTURER} ({algorithm}), told by its Manufacturer and Contributing "
+            "Equipment: never processed")

@@ -99,14 +99,15 @@ class ServeProcess:
     """``radnode serve`` started as a user would, with a config file; stopped with SIGTERM."""
 
     def __init__(self, data_dir: Path, pacs: StoreSCP, fhir: FhirServer, idle: float = 2.0,
-                 rules: Path | None = None) -> None:
-        """``rules``: the routing rule file (unset: every series goes to the default pipeline)."""
+                 rules: Path | None = None, late_instances: str = "ignore") -> None:
+        """``rules``: the routing rule file (unset: the shipped rules, the node's default)."""
         self.data_dir, self.port = data_dir, free_port()
-        config = data_dir.parent / "radnode.yaml"
-        config.write_text(yaml.safe_dump({"ingress": {"host": "127.0.0.1", "study_idle_seconds": idle},
+        config = data_dir.parent / f"{data_dir.name}.yaml"
+        config.write_text(yaml.safe_dump({"ingress": {"host": "127.0.0.1", "study_idle_seconds": idle,
+                                                      "late_instances": late_instances},
                                           "processing": {"max_concurrent_jobs": 2, "job_timeout_seconds": 300},
                                           **({"rules": str(rules)} if rules else {})}))
-        self.log = (data_dir.parent / "serve.log").open("w")
+        self.log = (data_dir.parent / f"{data_dir.name}.log").open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "radnode", "-v", "serve", "--config", str(config), "--port", str(self.port),
              "--data-dir", str(data_dir), "--destination", pacs.address, "--fhir-url", fhir.base_url],
@@ -118,20 +119,25 @@ class ServeProcess:
             assert time.monotonic() < deadline, "radnode serve did not answer C-ECHO"
             time.sleep(0.3)
 
-    def send(self, *paths: Path, calling_ae: str = "CT_SCANNER") -> None:
-        # -xv: propose JPEG 2000 lossless, as the real series is stored (sent as it is, never transcoded)
-        result = subprocess.run([STORESCU, "-xv", "-aet", calling_ae, "-aec", "RADNODE", "127.0.0.1", str(self.port),
-                                 *map(str, paths)], capture_output=True, text=True)
+    def send(self, *paths: Path, calling_ae: str = "CT_SCANNER", options: tuple[str, ...] = ("-xv",)) -> None:
+        """Send files with DCMTK storescu. The default ``-xv`` proposes JPEG 2000 lossless, as the real series is
+        stored (sent as it is, never transcoded); ``-R`` proposes the files' own SOP classes and transfer syntaxes
+        (results: SEG is not in storescu's default list)."""
+        result = subprocess.run([STORESCU, *options, "-aet", calling_ae, "-aec", "RADNODE",
+                                 "127.0.0.1", str(self.port), *map(str, paths)], capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
 
-    def jobs_when_final(self, expected: int, timeout: float = 420) -> list:
+    def jobs_when_final(self, expected: int, timeout: float = 420, own_results: int = 0) -> list:
+        """Every job with its events once ``expected`` jobs are final (holding ``own_results`` instances of
+        the node's own results)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if (self.data_dir / "radnode.db").exists():
                 store = JobStore(self.data_dir / "radnode.db")
                 try:
                     jobs = store.jobs()
-                    if len(jobs) >= expected and all(j.state in FINAL_STATES for j in jobs):
+                    if (len(jobs) >= expected and all(j.state in FINAL_STATES for j in jobs)
+                            and sum(j.own_results for j in jobs) >= own_results):
                         return [(j, store.events(j.id)) for j in jobs]
                 finally:
                     store.close()

@@ -1,0 +1,83 @@
+"""The node's durable job store: instances, series decisions, jobs, their event log and deliveries.
+
+The spool on disk is the source of truth for received data; this store is its index plus the state of
+every job, in SQLite under ``data_dir`` (the default) or PostgreSQL (``store.url``), on SQLAlchemy Core
+with Alembic revisions (``database.py``). :class:`JobStore` is the one facade the node uses; each area
+lives in its own module:
+
+============== ===========================================================================================
+``schema``     the tables, one section per area (a new area adds its table there and one revision)
+``records``    the records the node sees (``Job``, ``Instance``, ``Delivery``, …), rows mapped by column name
+``policy``     pure functions: late instances, a study with nothing to do, what a purge keeps
+``ingest``     arrivals: instances under their study's job, each series' routing decision, once
+``jobs``       scheduling: queueing with the study's route, siblings, runs, restarts, failure
+``deliveries`` egress: per-destination deliveries, retries, settling a job
+``retention``  the purge's records
+``queries``    the job list, one job, counts
+============== ===========================================================================================
+
+Job states: ``received → queued → running → delivering → done / failed``. When the rules select several
+pipelines for a study, its job (the *main* job) runs the first and, when it is queued, starts one *sibling*
+job per other pipeline (``sibling_of`` = the main job) on the main job's input; only the main job forwards.
+Late instances apply to the main job only. A study whose every series is skipped (discarded by the rules,
+or results of the node's own) is ``done`` at once with ``reason`` ``not processed: …``; the node's own
+results arriving after their study's job started are recorded with it (``own-result`` event), never
+processed, whatever the late-instance policy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from radnode.node.store.database import SQLITE_FILE, Database, StoreError, head_revision, open_database
+from radnode.node.store.deliveries import Deliveries
+from radnode.node.store.events import EventLog
+from radnode.node.store.ingest import Arrivals, Decide
+from radnode.node.store.jobs import Scheduling
+from radnode.node.store.queries import Queries
+from radnode.node.store.records import (
+    FINAL_STATES, Arrival, Delivery, Event, Instance, InstanceBeingPurged, Job, JobState, PurgePlan,
+)
+from radnode.node.store.retention import Purges
+
+__all__ = ["FINAL_STATES", "SQLITE_FILE", "Arrival", "Decide", "Delivery", "Event", "Instance",
+           "InstanceBeingPurged", "Job", "JobState", "JobStore", "PurgePlan", "StoreError", "head_revision",
+           "store_target", "upgrade_store"]
+
+
+class JobStore(Arrivals, Scheduling, Deliveries, Purges, Queries, EventLog):
+    """Thread- and process-safe access to the node's job store (see the module docstring for its areas).
+
+    ``target``: a SQLite file (``data_dir/radnode.db``) or a ``postgresql://`` URL. ``upgrade``: migrate an
+    older schema on open (default: SQLite yes, PostgreSQL no: ``radnode store upgrade`` does it). Raises
+    :class:`StoreError` with one line when the store is unreachable or at a schema this release cannot use.
+    """
+
+    def __init__(self, target: Path | str, upgrade: bool | None = None) -> None:
+        self._db: Database = open_database(target, upgrade)
+
+    @property
+    def label(self) -> str:
+        """The store as messages name it (URL without password, or the SQLite file)."""
+        return self._db.label
+
+    @property
+    def opened(self) -> str:
+        """What opening did to the store (created, upgraded, found current), in words."""
+        return self._db.opened
+
+    def close(self) -> None:
+        """Close the store's connections; it cannot be used afterwards."""
+        self._db.close()
+
+
+def store_target(data_dir: Path, url: str | None) -> Path | str:
+    """Where a node's job store is: ``url`` when set (PostgreSQL), else ``data_dir/radnode.db``."""
+    return url if url else data_dir / SQLITE_FILE
+
+
+def upgrade_store(target: Path | str) -> str:
+    """``radnode store upgrade``: bring the store to this release's schema; what was done, in words."""
+    database = open_database(target, upgrade=True)
+    database.close()
+    return database.opened

@@ -1,0 +1,115 @@
+"""Deliveries: one row per (job, destination, object), its attempts and retry time; what egress works from.
+
+A delivery recorded ``done`` is never attempted again (a restart re-sends nothing delivered); one that fails
+backs off exponentially and gives up after its attempts. Two egress workers racing for one delivery: the
+row's state guards the update, so one attempt is counted once.
+"""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import func, select, update
+
+from radnode.node.store.database import Database
+from radnode.node.store.events import log_event
+from radnode.node.store.jobs import transition
+from radnode.node.store.records import Delivery, JobState, delivery_from_row
+from radnode.node.store.schema import deliveries as delivery_table
+from radnode.node.store.schema import jobs
+
+_DELIVERY_COLUMNS = (delivery_table.c.id, delivery_table.c.job_id, delivery_table.c.destination, delivery_table.c.object,
+                     delivery_table.c.state, delivery_table.c.attempts, delivery_table.c.next_attempt_at, delivery_table.c.last_error)
+
+
+class Deliveries:
+    """The egress side of the store."""
+
+    _db: Database
+
+    def begin_delivery(self, job_id: int, summary: str, deliveries: list[tuple[str, str]]) -> bool:
+        """``running → delivering`` with its (destination, object) deliveries; straight to ``done`` if none."""
+        now = time.time()
+        with self._db.write() as conn:
+            target = JobState.DELIVERING if deliveries else JobState.DONE
+            if not transition(conn, job_id, (JobState.RUNNING,), target):
+                return False
+            log_event(conn, job_id, "finished", summary)
+            if deliveries:
+                conn.execute(self._db.insert_ignoring_conflicts(delivery_table),
+                             [{"job_id": job_id, "destination": d, "object": o, "next_attempt_at": now}
+                              for d, o in deliveries])
+            else:
+                log_event(conn, job_id, "done", "nothing to deliver beyond the outbox")
+            return True
+
+    def due_deliveries(self, now: float | None = None) -> list[Delivery]:
+        """Pending deliveries whose next attempt is due, of jobs that are delivering."""
+        query = (select(*_DELIVERY_COLUMNS).join(jobs, jobs.c.id == delivery_table.c.job_id)
+                 .where(jobs.c.state == JobState.DELIVERING.value, delivery_table.c.state == "pending",
+                        delivery_table.c.next_attempt_at <= (time.time() if now is None else now))
+                 .order_by(delivery_table.c.job_id, delivery_table.c.destination, delivery_table.c.id))
+        with self._db.read() as conn:
+            return [delivery_from_row(row._mapping) for row in conn.execute(query)]
+
+    def deliveries(self, job_id: int) -> list[Delivery]:
+        """Every delivery of a job."""
+        query = (select(*_DELIVERY_COLUMNS).where(delivery_table.c.job_id == job_id)
+                 .order_by(delivery_table.c.destination, delivery_table.c.object))
+        with self._db.read() as conn:
+            return [delivery_from_row(row._mapping) for row in conn.execute(query)]
+
+    def delivery_done(self, delivery_id: int, message: str) -> None:
+        """Record a delivery as done: it will never be attempted again."""
+        with self._db.write() as conn:
+            job_id = conn.execute(
+                update(delivery_table).where(delivery_table.c.id == delivery_id, delivery_table.c.state == "pending")
+                .values(state="done", attempts=delivery_table.c.attempts + 1, done_at=time.time(), last_error=None)
+                .returning(delivery_table.c.job_id)).scalar()
+            if job_id is not None:
+                log_event(conn, job_id, "delivered", message)
+
+    def delivery_failed(self, delivery_id: int, error: str, max_attempts: int, backoff: tuple[float, float]) -> None:
+        """Count a failed attempt: retry after exponential back-off, or give up after ``max_attempts``."""
+        initial, ceiling = backoff
+        with self._db.write() as conn:
+            row = conn.execute(select(delivery_table.c.job_id, delivery_table.c.attempts, delivery_table.c.destination,
+                                      delivery_table.c.object)
+                               .where(delivery_table.c.id == delivery_id, delivery_table.c.state == "pending")
+                               .with_for_update()).first()
+            if row is None:
+                return
+            attempts = row.attempts + 1
+            exhausted = attempts >= max_attempts
+            delay = min(initial * 2 ** (attempts - 1), ceiling)
+            conn.execute(update(delivery_table).where(delivery_table.c.id == delivery_id).values(
+                attempts=attempts, last_error=error, next_attempt_at=time.time() + delay,
+                state="failed" if exhausted else "pending"))
+            retry = "giving up" if exhausted else f"retry in {delay:g} s"
+            log_event(conn, row.job_id, "delivery-error",
+                      f"{row.object} → {row.destination}: attempt {attempts}: {error}; {retry}")
+
+    def settle_job(self, job_id: int) -> JobState | None:
+        """``delivering → done`` when every delivery is done, ``→ failed`` when the rest gave up."""
+        with self._db.write() as conn:
+            conn.execute(select(jobs.c.id).where(jobs.c.id == job_id).with_for_update())
+            counts = dict(conn.execute(select(delivery_table.c.state, func.count()).where(delivery_table.c.job_id == job_id)
+                                       .group_by(delivery_table.c.state)).all())
+            if counts.get("pending"):
+                return None
+            if not counts.get("failed"):
+                if transition(conn, job_id, (JobState.DELIVERING,), JobState.DONE):
+                    log_event(conn, job_id, "done", f"{counts.get('done', 0)} deliveries done")
+                    return JobState.DONE
+                return None
+            failed = conn.execute(select(delivery_table.c.destination, delivery_table.c.object, delivery_table.c.attempts,
+                                         delivery_table.c.last_error)
+                                  .where(delivery_table.c.job_id == job_id, delivery_table.c.state == "failed")
+                                  .order_by(delivery_table.c.id).limit(1)).one()
+            reason = (f"delivery of {failed.object} to {failed.destination} failed after {failed.attempts} attempts: "
+                      f"{failed.last_error} ({counts['failed']} undelivered; results remain in the outbox)")
+            if transition(conn, job_id, (JobState.DELIVERING,), JobState.FAILED):
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(reason=reason))
+                log_event(conn, job_id, "failed", reason)
+                return JobState.FAILED
+            return None

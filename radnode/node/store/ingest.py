@@ -1,0 +1,200 @@
+"""Recording arrivals: instances under their study's job, each series with its routing decision.
+
+A series is routed once: its decision is taken on its first instance (the caller passes it, or a function
+that takes it, called only then) and kept in its row; later instances and duplicates read it back. A
+study's arrivals hold its row lock (``jobs.lock_study``), so instances of one study arriving at two ingress
+processes make one job, and one SOP instance recorded twice is one row (its primary key) and a
+``duplicate`` event.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from sqlalchemy import Connection, case, false, func, insert, select, update
+
+from radnode.node.store.database import Database
+from radnode.node.store.events import log_event
+from radnode.node.store.jobs import lock_study, transition
+from radnode.node.store.policy import LateAction, late_action
+from radnode.node.store.records import Arrival, Instance, InstanceBeingPurged, JobState
+from radnode.node.store.schema import instances, jobs, series
+from radnode.pipelines.routing import SeriesDecision
+
+Decide = SeriesDecision | Callable[[], SeriesDecision]
+"""A series' decision, or the function that takes it (called on the series' first instance only)."""
+
+
+class _Raced(Exception):
+    """Another process recorded the same SOP instance between our look and our insert: try again."""
+
+
+class Arrivals:
+    """The ingress side of the store."""
+
+    _db: Database
+
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        """Whether this SOP instance is indexed and its file kept (one retention removed is received anew)."""
+        with self._db.read() as conn:
+            return conn.execute(select(instances.c.sop_instance_uid).where(
+                instances.c.sop_instance_uid == sop_instance_uid, instances.c.purged_at.is_(None))).first() is not None
+
+    def being_purged(self, sop_instance_uid: str) -> bool:
+        """Whether a retention purge that removes this instance's file is under way (not finished)."""
+        query = (select(instances.c.sop_instance_uid).join(jobs, jobs.c.id == instances.c.job_id)
+                 .where(instances.c.sop_instance_uid == sop_instance_uid, instances.c.purged_at.is_not(None),
+                        instances.c.purged_at == jobs.c.purge_started_at))
+        with self._db.read() as conn:
+            return conn.execute(query).first() is not None
+
+    def indexed_paths(self) -> set[str]:
+        """The spool paths of every indexed instance, purged ones included (for re-indexing after a crash: a
+        file an interrupted purge left behind is not indexed again)."""
+        with self._db.read() as conn:
+            return set(conn.execute(select(instances.c.path)).scalars())
+
+    def series_decision(self, series_instance_uid: str) -> SeriesDecision | None:
+        """The decision recorded for a series, or None before its first instance."""
+        with self._db.read() as conn:
+            data = conn.execute(select(series.c.decision).where(
+                series.c.series_instance_uid == series_instance_uid)).scalar()
+        return None if data is None else SeriesDecision.from_record(data)
+
+    def record_instance(self, inst: Instance, decision: Decide, expected: int | None = None) -> tuple[Arrival, int]:
+        """Index a received instance under its study's job (created on the first one); idempotent.
+
+        ``decision`` is the series' routing decision (or the function taking it), used on its first instance;
+        ``expected`` its expected instance count. Returns what the arrival meant and the job it belongs to.
+        An instance whose file retention removed is indexed anew (its old row leaves its old job, whose log
+        says so); ``InstanceBeingPurged`` while that removal is still under way.
+        """
+        try:
+            return self._record(inst, decision, expected)
+        except _Raced:
+            return self._record(inst, decision, expected)
+
+    def _record(self, inst: Instance, decide: Decide, expected: int | None) -> tuple[Arrival, int]:
+        with self._db.write() as conn:
+            lock_study(self._db, conn, inst.study_instance_uid, inst.received_at)
+            known = conn.execute(
+                select(instances.c.job_id, instances.c.purged_at, jobs.c.purge_started_at)
+                .join(jobs, jobs.c.id == instances.c.job_id)
+                .where(instances.c.sop_instance_uid == inst.sop_instance_uid)).first()
+            if known is not None and known.purged_at is not None:
+                if known.purged_at == known.purge_started_at:
+                    raise InstanceBeingPurged(f"{inst.sop_instance_uid} is being removed by the retention purge "
+                                              f"of job {known.job_id}; send it again later")
+                conn.execute(instances.delete().where(instances.c.sop_instance_uid == inst.sop_instance_uid))
+                log_event(conn, known.job_id, "re-received",
+                          f"{inst.sop_instance_uid}, purged by retention, received again from "
+                          f"{inst.calling_ae or '?'} ({inst.peer_address or '?'}); indexed anew", inst.received_at)
+                known = None
+            if known is not None:
+                log_event(conn, known.job_id, "duplicate",
+                          f"{inst.sop_instance_uid} received again from {inst.calling_ae or '?'} "
+                          f"({inst.peer_address or '?'}); first copy kept", inst.received_at)
+                return Arrival.DUPLICATE, known.job_id
+            decision = self._series_arrival(conn, inst, decide, expected)
+            latest = conn.execute(
+                select(jobs.c.id, jobs.c.state).where(jobs.c.study_instance_uid == inst.study_instance_uid,
+                                                      jobs.c.sibling_of.is_(None))
+                .order_by(jobs.c.id.desc()).limit(1)).first()
+            arrival = Arrival.NEW
+            if latest is None:
+                job_id = self._new_job(conn, inst, decision, whole_study=False)
+            elif latest.state == JobState.RECEIVED:
+                job_id = latest.id
+            else:
+                arrival, job_id = self._late(conn, inst, decision, latest.id, JobState(latest.state))
+            if arrival is Arrival.NEW:
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(last_instance_at=case(
+                    (jobs.c.last_instance_at < inst.received_at, inst.received_at), else_=jobs.c.last_instance_at)))
+            written = conn.execute(self._db.insert_ignoring_conflicts(instances).values(
+                **{name: getattr(inst, name) for name in Instance.__dataclass_fields__}, job_id=job_id,
+                late=arrival in (Arrival.LATE, Arrival.OWN_RESULT), provenance=decision.provenance.value)
+                .returning(instances.c.sop_instance_uid)).first()
+            if written is None:  # recorded meanwhile by another process, under another study's lock
+                raise _Raced()
+            return arrival, job_id
+
+    @staticmethod
+    def _series_arrival(conn: Connection, inst: Instance, decide: Decide, expected: int | None) -> SeriesDecision:
+        """The series' decision (taken and recorded on its first instance) and the association now delivering."""
+        data = conn.execute(select(series.c.decision).where(
+            series.c.series_instance_uid == inst.series_instance_uid)).scalar()
+        if data is None:
+            decision = decide() if callable(decide) else decide
+            conn.execute(insert(series).values(
+                series_instance_uid=inst.series_instance_uid, study_instance_uid=inst.study_instance_uid,
+                decision=decision.to_record(), skipped=decision.skipped, expected=expected))
+        else:
+            decision = SeriesDecision.from_record(data)
+        conn.execute(update(series).where(series.c.series_instance_uid == inst.series_instance_uid).values(
+            last_association_id=inst.association_id, released_at=None, stable_at=None,
+            expected=func.coalesce(series.c.expected, expected)))
+        return decision
+
+    @staticmethod
+    def _new_job(conn: Connection, inst: Instance, decision: SeriesDecision, whole_study: bool) -> int:
+        job_id = conn.execute(insert(jobs).values(
+            study_instance_uid=inst.study_instance_uid, patient_id=inst.patient_id,
+            pipeline=decision.pipelines[0] if decision.pipelines and not decision.skipped else "",
+            state=JobState.RECEIVED.value, calling_ae=inst.calling_ae, peer_address=inst.peer_address,
+            created_at=inst.received_at, last_instance_at=inst.received_at, updated_at=inst.received_at,
+            priority=decision.priority.rank, whole_study=whole_study)).inserted_primary_key[0]
+        log_event(conn, job_id, "received",
+                  f"study {inst.study_instance_uid} arriving from {inst.calling_ae or '?'} "
+                  f"({inst.peer_address or '?'}), association {inst.association_id or '?'}", inst.received_at)
+        return job_id
+
+    def _late(self, conn: Connection, inst: Instance, decision: SeriesDecision, job_id: int,
+              state: JobState) -> tuple[Arrival, int]:
+        """An instance of a study whose latest job is past ``received``: apply :func:`~policy.late_action`."""
+        what = (f"{inst.modality} {inst.sop_instance_uid} (series {inst.series_instance_uid}) arrived from "
+                f"{inst.calling_ae or '?'} after the job was {state}")
+        action = late_action(state, decision)
+        at = inst.received_at
+        if action is LateAction.OWN_RESULT:
+            log_event(conn, job_id, "own-result", f"{what}; kept in the spool, not processed: {decision.describe()}", at)
+            return Arrival.OWN_RESULT, job_id
+        if action in (LateAction.WAIT_AGAIN, LateAction.RESTART):
+            if action is LateAction.WAIT_AGAIN:
+                transition(conn, job_id, (JobState.QUEUED,), JobState.RECEIVED)
+            else:
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(restart_requested=True))
+            log_event(conn, job_id, "late", f"{what}; added to the input, the job waits for the study again "
+                                            "and runs from scratch (late_instances: rerun)", at)
+            return Arrival.NEW, job_id
+        if action in (LateAction.RERUN_STUDY, LateAction.NEW_JOB):
+            whole = action is LateAction.RERUN_STUDY
+            new_id = self._new_job(conn, inst, decision, whole_study=whole)
+            scope = "the whole study" if whole else "the late instances"
+            if whole:
+                purged = conn.execute(select(func.count()).where(
+                    instances.c.study_instance_uid == inst.study_instance_uid, instances.c.purged_at.is_not(None),
+                    instances.c.late == false())).scalar()
+                if purged:
+                    scope += f" (less {purged} earlier instance(s) retention already removed)"
+            log_event(conn, job_id, "late", f"{what}; job {new_id} processes {scope} "
+                                            f"(late_instances: {decision.late_instances})", at)
+            return Arrival.NEW, new_id
+        reason = ("its series is skipped by the routing rules" if decision.skipped
+                  else f"late_instances: {decision.late_instances}")
+        log_event(conn, job_id, "late", f"{what}; kept in the spool, not part of this job's input ({reason})", at)
+        return Arrival.LATE, job_id
+
+    def association_released(self, association_id: str, at: float | None = None) -> int:
+        """The association that last delivered to some series was released; returns how many series."""
+        with self._db.write() as conn:
+            return conn.execute(update(series).where(series.c.last_association_id == association_id,
+                                                     series.c.released_at.is_(None))
+                                .values(released_at=time.time() if at is None else at)).rowcount
+
+    def study_stable(self, study_instance_uid: str, at: float | None = None) -> int:
+        """Orthanc reported the study stable: its series are complete; returns how many series."""
+        with self._db.write() as conn:
+            return conn.execute(update(series).where(series.c.study_instance_uid == study_instance_uid)
+                                .values(stable_at=time.time() if at is None else at)).rowcount
+

@@ -1,0 +1,247 @@
+"""Jobs and their scheduling: queueing complete studies with their route, siblings, runs, restarts, failure.
+
+Job states: ``received → queued → running → delivering → done / failed``. Every transition is guarded by
+the states it leaves (one ``UPDATE … WHERE state IN (…)``), so calling it twice, or from two processes,
+does no harm: exactly one caller wins.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+
+from sqlalchemy import Connection, and_, false, func, insert, or_, select, true, update
+
+from radnode.node.completeness import SeriesProgress
+from radnode.node.store.database import Database
+from radnode.node.store.events import log_event
+from radnode.node.store.policy import not_processed_reason
+from radnode.node.store.queries import job_select
+from radnode.node.store.records import (
+    UNFINISHED_STATES, Instance, Job, JobState, instance_from_row, job_from_row,
+)
+from radnode.node.store.schema import instances, jobs, series, studies
+from radnode.pipelines.routing import SeriesDecision, StudyRoute, study_route
+
+
+def transition(conn: Connection, job_id: int, sources: Iterable[JobState], target: JobState) -> bool:
+    """Move a job from one of ``sources`` to ``target``; False (nothing changed) when it is in none of them."""
+    result = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state.in_([s.value for s in sources]))
+                          .values(state=target.value, updated_at=time.time()))
+    return result.rowcount == 1
+
+
+def lock_study(db: Database, conn: Connection, study_uid: str, at: float) -> None:
+    """Take the study's row lock for the rest of the transaction (its row is made on first sight): its
+    arrivals and its queueing are serialised across processes, so one study becomes one job."""
+    conn.execute(db.insert_ignoring_conflicts(studies).values(study_instance_uid=study_uid, first_received_at=at))
+    conn.execute(select(studies.c.study_instance_uid).where(studies.c.study_instance_uid == study_uid)
+                 .with_for_update())
+
+
+class Scheduling:
+    """The scheduler's side of the store."""
+
+    _db: Database
+
+    def receiving(self) -> dict[int, list[SeriesProgress]]:
+        """The series of every ``received`` job with what arrived of each, for the completeness policy."""
+        query = (select(instances.c.job_id, series.c.series_instance_uid, series.c.decision,
+                        func.count().label("received"), series.c.expected,
+                        func.max(instances.c.received_at).label("last_instance_at"), series.c.released_at,
+                        series.c.stable_at)
+                 .select_from(jobs.join(instances, and_(instances.c.job_id == jobs.c.id, instances.c.late == false()))
+                              .join(series, series.c.series_instance_uid == instances.c.series_instance_uid))
+                 .where(jobs.c.state == JobState.RECEIVED.value)
+                 .group_by(instances.c.job_id, series.c.series_instance_uid)
+                 .order_by(instances.c.job_id))
+        studies_: dict[int, list[SeriesProgress]] = {}
+        with self._db.read() as conn:
+            for row in conn.execute(query):
+                r = row._mapping
+                studies_.setdefault(r["job_id"], []).append(SeriesProgress(
+                    r["series_instance_uid"], SeriesDecision.from_record(r["decision"]), r["received"], r["expected"],
+                    r["last_instance_at"], r["released_at"], r["stable_at"]))
+        return studies_
+
+    def queue_job(self, job_id: int, why: str, now: float | None = None) -> JobState | None:
+        """``received → queued`` with the study's route (:func:`~radnode.pipelines.routing.study_route`: first
+        pipeline, most urgent priority, forwards, the execution of the routes choosing that pipeline merged);
+        ``→ done`` at once when every series is skipped (its reason: ``not processed: …``). Every further
+        pipeline gets a sibling job, queued at once with the same priority and its own merged execution, no
+        forwards (the study is forwarded once, by this job); one that already has a sibling (this job
+        re-queued after a ``rerun``) gets none again. Returns the new state, None if not received."""
+        now = time.time() if now is None else now
+        with self._db.write() as conn:
+            study = conn.execute(select(jobs.c.study_instance_uid).where(jobs.c.id == job_id)).scalar()
+            if study is None:
+                return None
+            lock_study(self._db, conn, study, now)
+            own_series = select(instances.c.series_instance_uid).where(instances.c.job_id == job_id,
+                                                                        instances.c.late == false())
+            route = study_route(SeriesDecision.from_record(d) for d in conn.execute(
+                select(series.c.decision).where(series.c.series_instance_uid.in_(own_series))).scalars())
+            if route.nothing_to_do:
+                if not transition(conn, job_id, (JobState.RECEIVED,), JobState.DONE):
+                    return None
+                reason = not_processed_reason(route)
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(reason=reason))
+                log_event(conn, job_id, "done", f"study complete ({why}); {reason}")
+                return JobState.DONE
+            main = route.execution(route.main_pipeline)
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(
+                pipeline=route.main_pipeline, priority=route.priority.rank, forwards=",".join(route.forwards),
+                restart_requested=False, execution_mode=main.mode or "", timeout_seconds=main.timeout_seconds))
+            if not self._queue(conn, job_id, now, why):
+                return None
+            if route.sibling_pipelines:
+                self._start_siblings(conn, job_id, route, now)
+            return JobState.QUEUED
+
+    @staticmethod
+    def _start_siblings(conn: Connection, job_id: int, route: StudyRoute, now: float) -> None:
+        """A queued sibling job of the main job ``job_id`` for each further pipeline without one yet."""
+        existing = dict(conn.execute(select(jobs.c.pipeline, jobs.c.id).where(jobs.c.sibling_of == job_id)
+                                     .order_by(jobs.c.id)).all())
+        main = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()._mapping
+        started, earlier = [], []
+        pipelines = ", ".join(route.pipelines)
+        for pipeline in route.sibling_pipelines:
+            if pipeline in existing:
+                earlier.append(f"job {existing[pipeline]} ({pipeline})")
+                continue
+            execution = route.execution(pipeline)
+            sibling = conn.execute(insert(jobs).values(
+                study_instance_uid=main["study_instance_uid"], patient_id=main["patient_id"], pipeline=pipeline,
+                state=JobState.QUEUED.value, calling_ae=main["calling_ae"], peer_address=main["peer_address"],
+                created_at=main["created_at"], last_instance_at=main["last_instance_at"], updated_at=now,
+                priority=route.priority.rank, whole_study=main["whole_study"], execution_mode=execution.mode or "",
+                timeout_seconds=execution.timeout_seconds, sibling_of=job_id)).inserted_primary_key[0]
+            log_event(conn, sibling, "queued",
+                      f"sibling of job {job_id}: the rules select {pipelines} for study {main['study_instance_uid']}; "
+                      f"this job runs {pipeline} on job {job_id}'s input (forwards are sent by job {job_id})", now)
+            started.append(f"job {sibling} ({pipeline})")
+        message = f"rules select {pipelines}; this job runs {route.main_pipeline}"
+        if started:
+            message += f"; started sibling {', '.join(started)}"
+        if earlier:
+            message += (f"; already run by sibling {', '.join(earlier)}, not started again"
+                        " (late instances re-run this job only)")
+        log_event(conn, job_id, "route", message, now)
+
+    @staticmethod
+    def _queue(conn: Connection, job_id: int, now: float, why: str) -> bool:
+        own = and_(instances.c.job_id == job_id, instances.c.late == false())
+        count, n_series, n_associations = conn.execute(
+            select(func.count(), func.count(instances.c.series_instance_uid.distinct()),
+                   func.count(instances.c.association_id.distinct())).where(own)).one()
+        modalities = sorted(conn.execute(select(instances.c.modality).where(own).distinct()).scalars())
+        senders = sorted(f"{ae} ({peer})" for ae, peer in conn.execute(
+            select(instances.c.calling_ae, instances.c.peer_address).where(own).distinct()))
+        if not transition(conn, job_id, (JobState.RECEIVED,), JobState.QUEUED):
+            return False
+        log_event(conn, job_id, "queued",
+                  f"study complete: {count} instances in {n_series} series ({','.join(modalities)}) from "
+                  f"{','.join(senders)} over {n_associations} association(s)" + (f"; {why}" if why else ""), now)
+        return True
+
+    def queue_complete_studies(self, idle_seconds: float, now: float | None = None) -> list[int]:
+        """Move ``received`` jobs whose study had no new instance for ``idle_seconds`` to ``queued`` (their
+        pipeline as created; the node's scheduler queues with :meth:`queue_job` instead)."""
+        now = time.time() if now is None else now
+        queued = []
+        with self._db.write() as conn:
+            rows = conn.execute(select(jobs.c.id).where(jobs.c.state == JobState.RECEIVED.value,
+                                                        jobs.c.last_instance_at <= now - idle_seconds)
+                                .order_by(jobs.c.id)).scalars().all()
+            for job_id in rows:
+                if self._queue(conn, job_id, now, ""):
+                    queued.append(job_id)
+        return queued
+
+    def restart_requested(self) -> list[int]:
+        """Running jobs whose study got late instances under ``late_instances: rerun``."""
+        with self._db.read() as conn:
+            return list(conn.execute(select(jobs.c.id).where(jobs.c.state == JobState.RUNNING.value,
+                                                             jobs.c.restart_requested == true())).scalars())
+
+    def restart(self, job_id: int) -> bool:
+        """``running → received``: the run was stopped for late instances; the job waits for its study again."""
+        with self._db.write() as conn:
+            if not transition(conn, job_id, (JobState.RUNNING,), JobState.RECEIVED):
+                return False
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(restart_requested=False))
+            log_event(conn, job_id, "restarted", "run stopped for late instances; partial output discarded")
+            return True
+
+    def next_queued(self) -> Job | None:
+        """The queued job to run next: most urgent priority first, then the earliest arrival."""
+        query = (job_select().where(jobs.c.state == JobState.QUEUED.value)
+                 .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id).limit(1))
+        with self._db.read() as conn:
+            row = conn.execute(query).first()
+        return job_from_row(row._mapping) if row else None
+
+    def start_job(self, job_id: int, command: str) -> bool:
+        """``queued → running``; counts the run and logs the command; a previous run's review state is cleared.
+        False if the job was not queued."""
+        with self._db.write() as conn:
+            if not transition(conn, job_id, (JobState.QUEUED,), JobState.RUNNING):
+                return False
+            conn.execute(update(jobs).where(jobs.c.id == job_id)
+                         .values(runs=jobs.c.runs + 1, needs_review=None, review_reasons=""))
+            log_event(conn, job_id, "running", command)
+            return True
+
+    def job_inputs(self, job_id: int) -> list[Instance]:
+        """The instances a job covers: those received before it was queued (late ones and skipped series
+        excluded); a re-run of a finished study covers the study's earlier jobs' instances too (those
+        retention removed excepted); a sibling job covers its main job's."""
+        main_id = select(func.coalesce(jobs.c.sibling_of, jobs.c.id)).where(jobs.c.id == job_id).scalar_subquery()
+        j = jobs.alias("j")
+        skipped = select(series.c.series_instance_uid).where(series.c.skipped == true())
+        query = (select(instances).select_from(instances.join(j, j.c.id == main_id))
+                 .where(instances.c.late == false(), instances.c.purged_at.is_(None),
+                        or_(instances.c.job_id == j.c.id,
+                            and_(j.c.whole_study == true(), instances.c.study_instance_uid == j.c.study_instance_uid,
+                                 instances.c.job_id < j.c.id)),
+                        instances.c.series_instance_uid.not_in(skipped))
+                 .order_by(instances.c.received_at))
+        with self._db.read() as conn:
+            return [instance_from_row(row._mapping) for row in conn.execute(query)]
+
+    def requeue(self, job_id: int, why: str) -> bool:
+        """``running → queued`` (interrupted by shutdown or crash); the run will start again from scratch."""
+        with self._db.write() as conn:
+            if not transition(conn, job_id, (JobState.RUNNING,), JobState.QUEUED):
+                return False
+            log_event(conn, job_id, "requeued", why)
+            return True
+
+    def running_jobs(self) -> list[int]:
+        """Ids of the jobs recorded as running."""
+        with self._db.read() as conn:
+            return list(conn.execute(select(jobs.c.id).where(jobs.c.state == JobState.RUNNING.value)).scalars())
+
+    def record_review(self, job_id: int, needs_review: bool, reasons: Iterable[str]) -> bool:
+        """The finished run's review decision (from its manifest), for a running job; logged as a ``review``
+        event. False if the job is not running."""
+        reasons = [str(r) for r in reasons]
+        with self._db.write() as conn:
+            result = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state == JobState.RUNNING.value)
+                                  .values(needs_review=needs_review, review_reasons=json.dumps(reasons)))
+            if result.rowcount != 1:
+                return False
+            log_event(conn, job_id, "review", f"flagged for human review: {'; '.join(reasons) or 'no reason given'}"
+                      if needs_review else "within the uncertainty limits: no review needed")
+            return True
+
+    def fail_job(self, job_id: int, reason: str) -> bool:
+        """Any unfinished state → ``failed`` with the reason; False if the job was already final."""
+        with self._db.write() as conn:
+            if not transition(conn, job_id, UNFINISHED_STATES, JobState.FAILED):
+                return False
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(reason=reason))
+            log_event(conn, job_id, "failed", reason)
+            return True

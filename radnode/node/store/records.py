@@ -1,0 +1,195 @@
+"""The job store's durable records as the rest of the node sees them, and how rows become records.
+
+Rows are mapped by column name (``row._mapping``), never by position, so a new column is one line here.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from radnode.pipelines.routing import Execution, ExecutionMode, Priority, Provenance
+
+
+class JobState(StrEnum):
+    """Where a job is in its life; ``done`` and ``failed`` are final."""
+
+    RECEIVED = "received"
+    QUEUED = "queued"
+    RUNNING = "running"
+    DELIVERING = "delivering"
+    DONE = "done"
+    FAILED = "failed"
+
+
+FINAL_STATES = (JobState.DONE, JobState.FAILED)
+UNFINISHED_STATES = tuple(s for s in JobState if s not in FINAL_STATES)
+
+
+class InstanceBeingPurged(OSError):
+    """An instance arrived again while the retention purge removing its earlier copy is under way (a
+    transient refusal: the sender is told to try again later)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(errno.EBUSY, message)
+
+
+class Arrival(StrEnum):
+    """What recording an instance meant for its study."""
+
+    NEW = "new"
+    """Part of a study still being received."""
+    LATE = "late"
+    """Its study's job had already started; kept and logged, not part of that job's input."""
+    DUPLICATE = "duplicate"
+    """The SOP instance was already indexed; the first copy is kept."""
+    OWN_RESULT = "own-result"
+    """A result of the node's own come back after its study's job started: kept and logged, never processed."""
+
+
+@dataclass(frozen=True)
+class Instance:
+    """One received SOP instance and where it came from."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    patient_id: str
+    modality: str
+    sop_class_uid: str
+    path: str
+    calling_ae: str = ""
+    peer_address: str = ""
+    association_id: str = ""
+    received_at: float = 0.0
+
+
+INSTANCE_FIELDS = tuple(Instance.__dataclass_fields__)
+"""The ``instances`` columns an :class:`Instance` is made of (same names)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """A pipeline run for one study, from first instance to delivered results."""
+
+    id: int
+    study_instance_uid: str
+    patient_id: str
+    pipeline: str
+    state: JobState
+    calling_ae: str
+    peer_address: str
+    instances: int
+    late_instances: int
+    created_at: float
+    last_instance_at: float
+    updated_at: float
+    runs: int
+    reason: str | None
+    """Why the job failed, or why a study was not processed (every series skipped: ``not processed: …``)."""
+    priority: Priority = Priority.ROUTINE
+    forwards: tuple[str, ...] = ()
+    """Destinations of the study's route: results go there, or the study itself on a forward-only route."""
+    execution: Execution = Execution()
+    """The execution settings of the routes that chose the job's pipeline (set when it is queued)."""
+    needs_review: bool | None = None
+    """The run flagged the study for human review (its uncertainty passed a limit); None: not assessed."""
+    review_reasons: tuple[str, ...] = ()
+    """Why, one sentence per score past its limit (e.g. ``lesion: mean uncertainty 0.471 > 0.2``)."""
+    purged_at: float | None = None
+    """When retention last removed the job's files (spool instances, job folder, outbox); None: never."""
+    sibling_of: int | None = None
+    """The main job this job runs another selected pipeline for (its input is that job's); None for a study's
+    own job. A sibling's ``instances`` are the main job's."""
+    own_results: int = 0
+    """Instances recorded with the job that are results of the node's own (never processed; counted in
+    ``late_instances`` too when they came after the job started)."""
+
+
+def job_from_row(row: Mapping[str, Any]) -> Job:
+    """A :class:`Job` from a row of :data:`radnode.node.store.queries.job_columns`."""
+    return Job(
+        id=row["id"], study_instance_uid=row["study_instance_uid"], patient_id=row["patient_id"],
+        pipeline=row["pipeline"], state=JobState(row["state"]), calling_ae=row["calling_ae"],
+        peer_address=row["peer_address"], instances=row["instances"], late_instances=row["late_instances"],
+        created_at=row["created_at"], last_instance_at=row["last_instance_at"], updated_at=row["updated_at"],
+        runs=row["runs"], reason=row["reason"], priority=Priority.from_rank(row["priority"]),
+        forwards=split_names(row["forwards"]), execution=execution_from(row["execution_mode"], row["timeout_seconds"]),
+        needs_review=None if row["needs_review"] is None else bool(row["needs_review"]),
+        review_reasons=tuple(json.loads(row["review_reasons"] or "[]")), purged_at=row["purged_at"],
+        sibling_of=row["sibling_of"], own_results=row["own_results"])
+
+
+def instance_from_row(row: Mapping[str, Any]) -> Instance:
+    """An :class:`Instance` from a row with the :data:`INSTANCE_FIELDS` columns."""
+    return Instance(**{name: row[name] for name in INSTANCE_FIELDS})
+
+
+def execution_from(mode: str, timeout_seconds: float | None) -> Execution:
+    """Execution settings from their two job columns ('' mode: the node's default)."""
+    return Execution(ExecutionMode(mode) if mode else None, timeout_seconds)
+
+
+def split_names(text: str) -> tuple[str, ...]:
+    """Names stored comma-separated (destination and pipeline names have no commas)."""
+    return tuple(t for t in (text or "").split(",") if t)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One line of a job's append-only log."""
+
+    id: int
+    job_id: int
+    at: float
+    kind: str
+    message: str
+
+
+@dataclass(frozen=True)
+class PurgePlan:
+    """What one retention purge of one job removes, as recorded in the store before any file goes."""
+
+    job_id: int
+    state: JobState
+    final_at: float
+    """When the job reached its final state (its ``updated_at``)."""
+    marker: float
+    """The purge's start: ``purge_started_at`` of the job and ``purged_at`` of the instances it removes."""
+    paths: tuple[str, ...]
+    """Spool files of the instances this purge removes."""
+    kept_for: tuple[tuple[int, int], ...] = ()
+    """(job id, instances): instances of this job kept because that newer, not yet purgeable job needs them."""
+    resumed: bool = False
+    """Finishing a purge that was interrupted (the node or the command stopped between its steps)."""
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One object for one destination of one job, with its retry state."""
+
+    id: int
+    job_id: int
+    destination: str
+    object: str
+    state: str
+    attempts: int
+    next_attempt_at: float
+    last_error: str | None
+
+
+DELIVERY_FIELDS = tuple(Delivery.__dataclass_fields__)
+
+
+def delivery_from_row(row: Mapping[str, Any]) -> Delivery:
+    """A :class:`Delivery` from a ``deliveries`` row."""
+    return Delivery(**{name: row[name] for name in DELIVERY_FIELDS})
+
+
+def provenance_of(text: str | None) -> Provenance:
+    """An instance's provenance column (older rows: external)."""
+    return Provenance(text) if text else Provenance.EXTERNAL

@@ -1,0 +1,140 @@
+"""The job store's tables (SQLAlchemy Core), one section per area, at the newest schema revision.
+
+The same tables serve SQLite (the embedded default) and PostgreSQL; Alembic revisions in ``migrations/``
+bring an older database here (see ``database.py``). A new table is one more section here and one revision
+file; the other areas' tables do not change. Coming next, each in its own section: job attempts (worker,
+lease), per-destination delivery records with the SOP Instance UIDs sent, result versions per study, users /
+tokens / audit, corrections and drift.
+
+Times are seconds since the epoch (``time.time()``, double precision); names that travel together
+(``jobs.forwards``) are comma-separated; a series' routing decision is kept whole, as JSON by field name.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON, Boolean, Column, Double, ForeignKey, Index, Integer, MetaData, Table, Text, UniqueConstraint, false, text,
+)
+
+NAMING = {"ix": "ix_%(table_name)s_%(column_0_N_name)s", "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+          "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s", "pk": "pk_%(table_name)s"}
+metadata = MetaData(naming_convention=NAMING)
+
+# --- ingest: what arrived ----------------------------------------------------------------------------
+
+studies = Table(
+    "studies", metadata,
+    Column("study_instance_uid", Text, primary_key=True),
+    Column("first_received_at", Double, nullable=False),
+)
+"""One row per study ever received: the row arrivals and queueing of a study lock (``SELECT … FOR UPDATE``),
+so two ingress processes recording the same study create one job."""
+
+series = Table(
+    "series", metadata,
+    Column("series_instance_uid", Text, primary_key=True),
+    Column("study_instance_uid", Text, nullable=False),
+    Column("decision", JSON, nullable=False),
+    # The routing decision taken on the series' first instance (``SeriesDecision.to_record``).
+    Column("skipped", Boolean, nullable=False),
+    # The decision does nothing (discarded, the node's own result, no pipeline and no forward): its instances
+    # are no job's input.
+    Column("expected", Integer),
+    Column("last_association_id", Text, nullable=False, server_default=""),
+    Column("released_at", Double),
+    Column("stable_at", Double),
+    Index("series_study", "study_instance_uid"),
+    Index("series_association", "last_association_id"),
+)
+
+instances = Table(
+    "instances", metadata,
+    Column("sop_instance_uid", Text, primary_key=True),
+    Column("study_instance_uid", Text, nullable=False),
+    Column("series_instance_uid", Text, nullable=False),
+    Column("patient_id", Text, nullable=False),
+    Column("modality", Text, nullable=False),
+    Column("sop_class_uid", Text, nullable=False),
+    Column("calling_ae", Text, nullable=False),
+    Column("peer_address", Text, nullable=False),
+    Column("association_id", Text, nullable=False),
+    Column("received_at", Double, nullable=False),
+    Column("path", Text, nullable=False),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
+    Column("late", Boolean, nullable=False, server_default=false()),
+    Column("provenance", Text, nullable=False, server_default="external"),
+    # ``external``, or ``own-result``: a result of the node's own come back (``routing.Provenance``).
+    Column("purged_at", Double),
+    # Retention removed the file (the row stays, so a re-sent copy is recognised and indexed anew).
+    Index("instances_job", "job_id"),
+    Index("instances_kept", "job_id", sqlite_where=text("purged_at IS NULL"),
+          postgresql_where=text("purged_at IS NULL")),
+)
+
+# --- jobs: scheduling and the event log --------------------------------------------------------------
+
+jobs = Table(
+    "jobs", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("study_instance_uid", Text, nullable=False),
+    Column("patient_id", Text, nullable=False, server_default=""),
+    Column("pipeline", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("calling_ae", Text, nullable=False, server_default=""),
+    Column("peer_address", Text, nullable=False, server_default=""),
+    Column("created_at", Double, nullable=False),
+    Column("last_instance_at", Double, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    Column("runs", Integer, nullable=False, server_default=text("0")),
+    Column("reason", Text),
+    Column("priority", Integer, nullable=False, server_default=text("1")),
+    # ``Priority.rank``: the queue orders by it.
+    Column("forwards", Text, nullable=False, server_default=""),
+    Column("whole_study", Boolean, nullable=False, server_default=false()),
+    Column("restart_requested", Boolean, nullable=False, server_default=false()),
+    Column("execution_mode", Text, nullable=False, server_default=""),
+    Column("timeout_seconds", Double),
+    Column("needs_review", Boolean),
+    Column("review_reasons", Text, nullable=False, server_default=""),
+    Column("sibling_of", Integer, ForeignKey("jobs.id")),
+    Column("purge_started_at", Double),
+    Column("purged_at", Double),
+    Index("jobs_study", "study_instance_uid"),
+    Index("jobs_state", "state"),
+    Index("jobs_purging", "purge_started_at", sqlite_where=text("purge_started_at IS NOT NULL"),
+          postgresql_where=text("purge_started_at IS NOT NULL")),
+    Index("jobs_siblings", "sibling_of", sqlite_where=text("sibling_of IS NOT NULL"),
+          postgresql_where=text("sibling_of IS NOT NULL")),
+    sqlite_autoincrement=True,
+)
+
+events = Table(
+    "events", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
+    Column("at", Double, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("message", Text, nullable=False),
+    Index("events_job", "job_id"),
+    sqlite_autoincrement=True,
+)
+
+# --- deliveries: egress ------------------------------------------------------------------------------
+
+deliveries = Table(
+    "deliveries", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
+    Column("destination", Text, nullable=False),
+    Column("object", Text, nullable=False),
+    Column("state", Text, nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_attempt_at", Double, nullable=False),
+    Column("last_error", Text),
+    Column("done_at", Double),
+    UniqueConstraint("job_id", "destination", "object"),
+    Index("deliveries_due", "state", "next_attempt_at"),
+    sqlite_autoincrement=True,
+)
+
+# --- retention: purge_started_at / purged_at on jobs and instances (above) ----------------------------
