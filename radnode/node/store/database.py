@@ -29,7 +29,7 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, Table, create_engine, event, inspect
+from sqlalchemy import Connection, Engine, Table, create_engine, event, inspect, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
@@ -39,6 +39,9 @@ from radnode.node.store.schema import metadata
 
 SQLITE_FILE = "radnode.db"
 """The embedded store's file name under ``data_dir``."""
+
+SCHEMA_LOCK_KEY = 0x7261646E6F6465  # "radnode"
+"""PostgreSQL advisory lock held while a node checks, creates or upgrades the schema."""
 
 RADNODE_TABLES = frozenset(metadata.tables) | {"jobs"}
 """Tables whose presence means a database already holds a radnode store (of any revision)."""
@@ -98,7 +101,7 @@ class Database:
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
-        """A connection for queries (a snapshot per statement; nothing is written)."""
+        """A connection for queries (nothing is written; SQLite reads one WAL snapshot, beside any writer)."""
         with self.engine.connect() as conn:
             yield conn
 
@@ -180,6 +183,8 @@ def ensure_schema(database: Database, upgrade: bool) -> str:
     :class:`StoreError` saying why not. Returns what was done, in words."""
     head = head_revision()
     with database.write() as conn:
+        if not database.is_sqlite:  # nodes starting at once on one database: one looks (and creates) at a time
+            conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": SCHEMA_LOCK_KEY})
         current = MigrationContext.configure(conn).get_current_revision()
         if current == head:
             return f"job store {database.label} at schema revision {head}"
