@@ -28,6 +28,8 @@ from pydicom.datadict import dictionary_VR, keyword_dict
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
+from radnode.destinations import DestinationError, looks_like_destination, parse_destination
+
 DEFAULT_RULES = Path(__file__).with_name("default_rules.yaml")
 """The node's default rule file, installed with the package."""
 
@@ -674,7 +676,7 @@ class _Parser:
             raise self.error(node.line, f"{label}: no action; give pipelines, forward, discard, priority, "
                                         "completeness or execution")
         self._check_names(node, "pipelines", self.known_pipelines, "pipeline", label)
-        self._check_names(node, "forward", self.known_destinations, "destination", label)
+        self._check_forwards(node, label)
         mode = spec.execution.mode
         if mode is not None and self.execution_modes is not None and mode not in self.execution_modes:
             hint = "; set processing.container_engine (docker or podman) to run MAP containers" \
@@ -696,6 +698,27 @@ class _Parser:
             execution=Execution(ExecutionMode(x.mode) if x.mode else None, x.timeout_seconds),
             stop=spec.stop or spec.final, line=node.line,
         )
+
+    def _check_forwards(self, node: _LineDict, label: str) -> None:
+        """A forward names a configured destination, or is a one-line destination (``AET@HOST:PORT``,
+        ``TYPE:ARGUMENT``) that the destination registry parses: an unknown type is refused with the known ones."""
+        if "forward" not in node:
+            return
+        known = self.known_destinations
+        for name, line in zip(node["forward"], node["forward"].item_lines, strict=True):
+            if known is not None and name in known:
+                continue
+            if "," in name:
+                raise self.error(line, f"{label}: forward '{name}': a destination name cannot hold a comma")
+            if looks_like_destination(name):
+                try:
+                    parse_destination(name)
+                except DestinationError as e:
+                    raise self.error(line, f"{label}: forward '{name}': {e}") from None
+            elif known is not None:
+                listing = ", ".join(sorted(known)) or "none"
+                raise self.error(line, f"{label}: unknown destination '{name}' (known: {listing}; or a one-line "
+                                       "destination such as PACS@10.0.0.5:104 or dicomweb:https://host/dicom-web)")
 
     def _check_names(self, node: _LineDict, key: str, known: Collection[str] | None, what: str, label: str) -> None:
         if known is None or key not in node:

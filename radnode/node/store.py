@@ -204,6 +204,8 @@ class Delivery:
     attempts: int
     next_attempt_at: float
     last_error: str | None
+    sent_uid: str | None = None
+    """The SOP Instance UID that went out (DICOM objects), once delivered."""
 
 
 SCHEMA = """
@@ -269,6 +271,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     next_attempt_at REAL NOT NULL,
     last_error TEXT,
     done_at REAL,
+    sent_uid TEXT,
     UNIQUE (job_id, destination, object)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (state, next_attempt_at);
@@ -302,6 +305,7 @@ _MIGRATIONS = {
              "purge_started_at": "REAL", "purged_at": "REAL", "sibling_of": "INTEGER REFERENCES jobs (id)"},
     "series": _EXECUTION_COLUMNS,
     "instances": {"purged_at": "REAL"},
+    "deliveries": {"sent_uid": "TEXT"},
 }
 """Columns added after the first release, per table, added to older databases on open."""
 
@@ -320,6 +324,9 @@ _JOB_COLUMNS = (
     "j.created_at, j.last_instance_at, j.updated_at, j.runs, j.reason, j.priority, j.forwards,"
     " j.execution_mode, j.timeout_seconds, j.needs_review, j.review_reasons, j.purged_at, j.sibling_of"
 )
+
+_DELIVERY_COLUMNS = ("d.id, d.job_id, d.destination, d.object, d.state, d.attempts, d.next_attempt_at, d.last_error,"
+                     " d.sent_uid")
 
 _INSTANCE_COLUMNS = ("sop_instance_uid, study_instance_uid, series_instance_uid, patient_id, modality, sop_class_uid,"
                      " path, calling_ae, peer_address, association_id, received_at")
@@ -758,25 +765,23 @@ class JobStore:
     def due_deliveries(self, now: float | None = None) -> list[Delivery]:
         """Pending deliveries whose next attempt is due, of jobs that are delivering."""
         rows = self._query(
-            "SELECT d.id, d.job_id, d.destination, d.object, d.state, d.attempts, d.next_attempt_at, d.last_error"
-            " FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE j.state = ? AND d.state = 'pending'"
-            " AND d.next_attempt_at <= ? ORDER BY d.job_id, d.destination, d.id",
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d JOIN jobs j ON j.id = d.job_id"
+            " WHERE j.state = ? AND d.state = 'pending' AND d.next_attempt_at <= ? ORDER BY d.job_id, d.destination, d.id",
             (JobState.DELIVERING, time.time() if now is None else now))
         return [Delivery(*row) for row in rows]
 
     def deliveries(self, job_id: int) -> list[Delivery]:
         """Every delivery of a job."""
-        rows = self._query(
-            "SELECT id, job_id, destination, object, state, attempts, next_attempt_at, last_error"
-            " FROM deliveries WHERE job_id = ? ORDER BY destination, object", (job_id,))
+        rows = self._query(f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d WHERE d.job_id = ?"
+                           " ORDER BY d.destination, d.object", (job_id,))
         return [Delivery(*row) for row in rows]
 
-    def delivery_done(self, delivery_id: int, message: str) -> None:
-        """Record a delivery as done: it will never be attempted again."""
+    def delivery_done(self, delivery_id: int, message: str, sent_uid: str | None = None) -> None:
+        """Record a delivery as done (with the SOP Instance UID that went out): it will never be attempted again."""
         with self._tx() as db:
             row = db.execute("UPDATE deliveries SET state = 'done', attempts = attempts + 1, done_at = ?,"
-                             " last_error = NULL WHERE id = ? AND state = 'pending' RETURNING job_id",
-                             (time.time(), delivery_id)).fetchone()
+                             " last_error = NULL, sent_uid = ? WHERE id = ? AND state = 'pending' RETURNING job_id",
+                             (time.time(), sent_uid, delivery_id)).fetchone()
             if row:
                 self._log(db, row[0], "delivered", message)
 
@@ -819,6 +824,53 @@ class JobStore:
                 self._log(db, job_id, "failed", reason)
                 return JobState.FAILED
             return None
+
+    # --- egress: per-destination queues and re-send ---------------------------------------------------
+
+    def pending_destinations(self) -> list[str]:
+        """Destinations with pending deliveries of delivering jobs (each has its queue and worker)."""
+        rows = self._query("SELECT DISTINCT d.destination FROM deliveries d JOIN jobs j ON j.id = d.job_id"
+                           " WHERE d.state = 'pending' AND j.state = ? ORDER BY d.destination", (JobState.DELIVERING,))
+        return [row[0] for row in rows]
+
+    def due_deliveries_to(self, destination: str, now: float | None = None) -> list[Delivery]:
+        """One destination's pending deliveries whose next attempt is due, of delivering jobs, oldest job first."""
+        rows = self._query(
+            f"SELECT {_DELIVERY_COLUMNS} FROM deliveries d JOIN jobs j ON j.id = d.job_id WHERE j.state = ?"
+            " AND d.state = 'pending' AND d.destination = ? AND d.next_attempt_at <= ? ORDER BY d.job_id, d.id",
+            (JobState.DELIVERING, destination, time.time() if now is None else now))
+        return [Delivery(*row) for row in rows]
+
+    def resend(self, job_id: int, destination: str | None = None, *, user: str, reason: str) -> int:
+        """Put a job's delivered or failed deliveries (to one destination, or all) back in the queue, the job back
+        to ``delivering``; recorded with who and why. Returns how many; ValueError says why none could be."""
+        now = time.time()
+        with self._tx() as db:
+            row = db.execute("SELECT state, coalesce(purged_at, purge_started_at) FROM jobs WHERE id = ?",
+                             (job_id,)).fetchone()
+            if row is None:
+                raise ValueError(f"job {job_id} does not exist")
+            state, purged_at = row
+            if purged_at is not None:
+                raise ValueError(f"job {job_id}'s results were purged by retention; nothing left to re-send")
+            if state not in (JobState.DONE, JobState.FAILED, JobState.DELIVERING):
+                raise ValueError(f"job {job_id} is {state}: only a job that delivered (or tried to) can re-send")
+            where = " AND destination = ?" if destination is not None else ""
+            params = (job_id, destination) if destination is not None else (job_id,)
+            count = db.execute(f"UPDATE deliveries SET state = 'pending', attempts = 0, next_attempt_at = ?,"
+                               f" last_error = NULL, done_at = NULL WHERE job_id = ? AND state != 'pending'{where}",
+                               (now, *params)).rowcount
+            if count == 0:
+                pending = db.execute(f"SELECT count(*) FROM deliveries WHERE job_id = ? AND state = 'pending'{where}",
+                                     params).fetchone()[0]
+                to = f" to {destination}" if destination is not None else ""
+                raise ValueError(f"job {job_id} has no deliveries{to} to re-send" if not pending
+                                 else f"job {job_id}'s deliveries{to} are still pending")
+            self._transition(db, job_id, (JobState.DONE, JobState.FAILED, JobState.DELIVERING), JobState.DELIVERING)
+            db.execute("UPDATE jobs SET reason = NULL WHERE id = ?", (job_id,))
+            to = destination if destination is not None else "every destination"
+            self._log(db, job_id, "resend", f"{user} re-sent {count} deliveries to {to}: {reason or 'no reason given'}")
+            return count
 
     # --- retention -------------------------------------------------------------------------------
 

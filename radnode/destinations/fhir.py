@@ -1,0 +1,84 @@
+"""A FHIR R4 server: the run's transaction Bundle is POSTed to the server's base URL as it is.
+
+What the Bundle holds (conditional updates keyed on the report's identifier, so a retry never duplicates) is the
+FHIR writer's business; this type carries it, with the destination's timeouts and optional authentication.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import field_validator
+
+from radnode.destinations.base import FHIR_BUNDLE, Destination, Item, Outcome, SendContext
+from radnode.destinations.credentials import CredentialError, HttpAuth, check_url, http_session
+from radnode.destinations.registry import destination_type
+
+
+@destination_type
+class FhirDestination(Destination):
+    """``{type: fhir, url: https://ehr.example.org/fhir, auth: {...}}``; one line: ``fhir:URL``."""
+
+    kind = "fhir"
+    type: Literal["fhir"] = "fhir"
+    url: str
+    """The server's base URL (the transaction endpoint)."""
+    auth: HttpAuth | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return check_url(v)
+
+    @classmethod
+    def shorthand(cls, argument: str) -> dict[str, Any]:
+        return {"url": argument}
+
+    def describe(self) -> str:
+        return self.url + (f" ({self.auth.describe()})" if self.auth else "")
+
+    def wants(self, name: str) -> bool:
+        return name == FHIR_BUNDLE
+
+    def send(self, items: list[Item], context: SendContext) -> list[Outcome]:
+        """POST each Bundle as ``application/fhir+json``; any 2xx answer delivers it."""
+        import requests
+
+        try:
+            session = http_session(self.auth)
+        except CredentialError as e:
+            return [Outcome(item, False, f"credentials for {self.url}: {e}") for item in items]
+        outcomes = []
+        timeout = (context.timeouts.connect_seconds, context.timeouts.network_seconds)
+        with session:
+            for item in items:
+                try:
+                    response = session.post(self.url, data=item.path.read_bytes(), timeout=timeout,
+                                            headers={"Content-Type": "application/fhir+json",
+                                                     "Accept": "application/fhir+json"})
+                except requests.Timeout:
+                    outcomes.append(Outcome(item, False, f"POST {self.url}: timed out after "
+                                                         f"{context.timeouts.network_seconds:g} s"))
+                    continue
+                except (requests.RequestException, OSError) as e:
+                    outcomes.append(Outcome(item, False, f"POST {self.url}: {http_failure(e)}"))
+                    continue
+                if 200 <= response.status_code < 300:
+                    outcomes.append(Outcome(item, True, f"{item.name} → {self.url} (HTTP {response.status_code})"))
+                else:
+                    outcomes.append(Outcome(item, False, f"POST {self.url}: HTTP {response.status_code} "
+                                                         f"{response.text[:200]}"))
+        return outcomes
+
+
+def http_failure(error: BaseException) -> str:
+    """A requests failure in a few words: ``connection refused``, ``cannot resolve host``, or its own text."""
+    import requests
+
+    text = str(error)
+    if isinstance(error, requests.ConnectionError):
+        if "Connection refused" in text:
+            return "connection refused"
+        if "Name or service not known" in text or "Temporary failure in name resolution" in text:
+            return "cannot resolve host"
+    return f"{type(error).__name__}: {text[:300]}"
