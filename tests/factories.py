@@ -12,6 +12,7 @@ Plain functions, no fixtures (those are in ``conftest.py``). Every synthetic ima
 - ``restore_totalseg_dicom``: the real TotalSegmentator CT with the UIDs its distribution stripped put back.
 - ``write_text_report``, ``PATIENT_BUNDLE``, ``open_store_made_by``: a non-image object, a FHIR
   transaction that can be counted, a job store written by an older schema.
+- ``job_ready_for_delivery``: a job in the store whose run just ended, for egress to stage.
 """
 
 from __future__ import annotations
@@ -306,3 +307,15 @@ def write_bundle(folder: Path, network: "torch.nn.Module") -> Path:
     (folder / "configs" / "inference.json").write_text(json.dumps(inference))
     torch.save(network.state_dict(), folder / "models" / "model.pt")
     return folder
+
+
+def job_ready_for_delivery(store: JobStore, calling_ae: str = "SCANNER", pipeline: str = "ct_tissue") -> int:
+    """A job of a new one-instance study that has just finished its run (``running``): egress may stage it."""
+    from radnode.node.store import Instance
+
+    _, job_id = store.record_instance(
+        Instance(generate_uid(), generate_uid(), generate_uid(), "P1", "CT", CT_IMAGE_STORAGE, "/spool/x.dcm",
+                 calling_ae, "127.0.0.1:5000", "a1", 0.0), pipeline)
+    store.queue_complete_studies(idle_seconds=1)
+    store.start_job(job_id, "run")
+    return job_id

@@ -4,13 +4,13 @@ password is a named failure that echoes no secret."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
 import pytest
 
+from factories import job_ready_for_delivery, phantom_result, write_chest_phantom
 from radnode.config import Config
 from radnode.imaging.series import VolumeCriteria, load_volume
 from radnode.node.egress import Egress
@@ -19,7 +19,7 @@ from radnode.outputs.algorithm import AlgorithmInfo
 from radnode.outputs.seg import build_segmentation
 from radnode.outputs.sr import build_measurement_report
 from radnode.viewer import ORTHANC_BINARY, OrthancServer
-from factories import job_ready_for_delivery, make_ct_series, phantom_result, write_series
+from support.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(not ORTHANC_BINARY.exists(), reason="Orthanc is not installed")
 
@@ -36,7 +36,7 @@ def orthanc() -> Iterator[OrthancServer]:
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[Path], Path]:
     """A small CT study and its results as a run leaves them: SEG, SR and a manifest in ``out/``."""
-    ct = write_series(make_ct_series(n_slices=12, rows=32, columns=32), tmp_path_factory.mktemp("ct"))
+    ct = write_chest_phantom(tmp_path_factory.mktemp("ct"), n_slices=12, rows=32, columns=32)
     volume, _ = load_volume(ct[0].parent, VolumeCriteria())
     result = phantom_result(volume)
     algorithm = AlgorithmInfo(name="radnode test phantom", version="1.0")
@@ -135,10 +135,7 @@ def test_a_node_sends_a_studys_results_to_an_authenticated_dicomweb_archive(
             "auth": {"type": "basic", "username": "radnode", "password": {"env": "RADNODE_TEST_STOW_PASSWORD"}}}}}})
     with Node(config, poll_seconds=0.1) as node:
         assert send_study(files, node.port, calling_ae="CT_SCANNER") == len(files)
-        deadline = time.monotonic() + 300
-        while not (node.jobs() and node.jobs()[0].state in (JobState.DONE, JobState.FAILED)):
-            assert time.monotonic() < deadline, "the job did not finish within 300 s"
-            time.sleep(0.2)
+        wait_until(lambda: node.jobs() and node.jobs()[0].state in (JobState.DONE, JobState.FAILED), timeout=300)
         (job,) = node.jobs()
         assert job.state is JobState.DONE, job.reason
         sent = {d.sent_uid for d in node.deliveries(job.id)}

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 
 import radnode.destinations as package
+from factories import job_ready_for_delivery, write_chest_phantom
 from radnode.cli import build_parser, main, serve_config
 from radnode.config import ConfigError, load_config, parse_config
 from radnode.destinations import destination_types, known_types, parse_destination
 from radnode.destinations.credentials import BearerAuth, http_session
 from radnode.node.egress import Egress
 from radnode.node.store import JobState, JobStore
-from factories import job_ready_for_delivery, make_ct_series, write_series
 
 KNOWN = known_types()
 """What the refusals list: every registered type (a new type is one new file; these tests need no change)."""
@@ -121,7 +121,7 @@ def test_command_line_destinations_use_the_same_grammar(tmp_path: Path) -> None:
 
 def test_a_folder_destination_gets_every_output_and_a_resend_replaces_them(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    write_series(make_ct_series(n_slices=2, rows=8, columns=8), out)
+    write_chest_phantom(out, n_slices=2, rows=8, columns=8)
     (out / "fhir-bundle.json").write_text('{"resourceType": "Bundle"}')
     (out / "manifest.json").write_text("{}")
     config = parse_config({"data_dir": str(tmp_path / "data"),
