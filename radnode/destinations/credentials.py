@@ -1,5 +1,6 @@
-"""Credentials of HTTP destinations, named by where they live (an environment variable or a file), never written
-into the configuration; read when a request is made, so a rotated token needs no restart.
+"""What HTTP destinations share: credentials named by where they live (an environment variable or a file), never
+written into the configuration and read when a request is made (a rotated token needs no restart); the URL check;
+the base with ``url`` and ``auth``; failures in a few words.
 
 Nothing here puts a secret into a message: errors name the variable or the file, ``describe`` says which kind
 of authentication is used and where its secret comes from.
@@ -11,7 +12,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from radnode.destinations.base import Destination
 
 if TYPE_CHECKING:
     import requests
@@ -116,3 +119,36 @@ def check_url(url: str) -> str:
     if parts.username or parts.password:
         raise ValueError("credentials do not belong in the URL (they would be logged): use auth: instead")
     return url.rstrip("/")
+
+
+class HttpDestination(Destination):
+    """A destination reached over HTTP(S) at ``url`` (one line: ``TYPE:URL``), optionally authenticated."""
+
+    url: str
+    auth: HttpAuth | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        return check_url(v)
+
+    @classmethod
+    def shorthand(cls, argument: str) -> dict[str, Any]:
+        return {"url": argument}
+
+    def authentication(self) -> str:
+        """`` (how it authenticates)`` for ``describe``, or nothing."""
+        return f" ({self.auth.describe()})" if self.auth else ""
+
+
+def http_failure(error: BaseException) -> str:
+    """A requests failure in a few words: ``connection refused``, ``cannot resolve host``, or its own text."""
+    import requests
+
+    text = str(error)
+    if isinstance(error, requests.ConnectionError):
+        if "Connection refused" in text:
+            return "connection refused"
+        if "Name or service not known" in text or "Temporary failure in name resolution" in text:
+            return "cannot resolve host"
+    return f"{type(error).__name__}: {text[:300]}"

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from radnode.destinations.base import Destination, Item, Outcome, SendContext
-from radnode.destinations.credentials import CredentialError, HttpAuth, check_url, http_session
+from radnode.destinations.base import Item, Outcome, SendContext
+from radnode.destinations.credentials import CredentialError, HttpDestination, http_failure, http_session
 from radnode.destinations.registry import destination_type
 
 _FAILURE_REASONS = {0xA700: "out of resources", 0xA900: "data set does not match SOP class",
@@ -23,7 +23,7 @@ _FAILURE_REASONS = {0xA700: "out of resources", 0xA900: "data set does not match
 
 
 @destination_type
-class DicomwebDestination(Destination):
+class DicomwebDestination(HttpDestination):
     """``{type: dicomweb, url: https://pacs.example.org/dicom-web, auth: {type: bearer, token: {env: T}}}``;
     one line (no authentication): ``dicomweb:URL``."""
 
@@ -33,19 +33,9 @@ class DicomwebDestination(Destination):
     """The service's base URL (``…/dicom-web``); STOW-RS goes to ``<url>/studies``."""
     stow_url_prefix: Annotated[str, Field(pattern=r"^[\w./-]*$")] | None = None
     """Path segment some servers put before ``/studies`` for STOW-RS only (dicomweb-client's option)."""
-    auth: HttpAuth | None = None
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        return check_url(v)
-
-    @classmethod
-    def shorthand(cls, argument: str) -> dict[str, Any]:
-        return {"url": argument}
 
     def describe(self) -> str:
-        return f"STOW-RS {self.url}" + (f" ({self.auth.describe()})" if self.auth else "")
+        return f"STOW-RS {self.url}" + self.authentication()
 
     def send(self, items: list[Item], context: SendContext) -> list[Outcome]:
         import pydicom
@@ -82,8 +72,6 @@ class DicomwebDestination(Destination):
             return outcomes + [Outcome(item, False, f"STOW-RS {self.url}: timed out after {t.network_seconds:g} s")
                                for item in datasets]
         except (requests.RequestException, ValueError) as e:
-            from radnode.destinations.fhir import http_failure
-
             return outcomes + [Outcome(item, False, f"STOW-RS {self.url}: {http_failure(e)}") for item in datasets]
         return outcomes + self._per_instance(answer, datasets)
 

@@ -6,36 +6,24 @@ FHIR writer's business; this type carries it, with the destination's timeouts an
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
-from pydantic import field_validator
-
-from radnode.destinations.base import FHIR_BUNDLE, Destination, Item, Outcome, SendContext
-from radnode.destinations.credentials import CredentialError, HttpAuth, check_url, http_session
+from radnode.destinations.base import FHIR_BUNDLE, Item, Outcome, SendContext
+from radnode.destinations.credentials import CredentialError, HttpDestination, http_failure, http_session
 from radnode.destinations.registry import destination_type
 
 
 @destination_type
-class FhirDestination(Destination):
+class FhirDestination(HttpDestination):
     """``{type: fhir, url: https://ehr.example.org/fhir, auth: {...}}``; one line: ``fhir:URL``."""
 
     kind = "fhir"
     type: Literal["fhir"] = "fhir"
     url: str
     """The server's base URL (the transaction endpoint)."""
-    auth: HttpAuth | None = None
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        return check_url(v)
-
-    @classmethod
-    def shorthand(cls, argument: str) -> dict[str, Any]:
-        return {"url": argument}
 
     def describe(self) -> str:
-        return self.url + (f" ({self.auth.describe()})" if self.auth else "")
+        return self.url + self.authentication()
 
     def wants(self, name: str) -> bool:
         return name == FHIR_BUNDLE
@@ -70,15 +58,3 @@ class FhirDestination(Destination):
                                                          f"{response.text[:200]}"))
         return outcomes
 
-
-def http_failure(error: BaseException) -> str:
-    """A requests failure in a few words: ``connection refused``, ``cannot resolve host``, or its own text."""
-    import requests
-
-    text = str(error)
-    if isinstance(error, requests.ConnectionError):
-        if "Connection refused" in text:
-            return "connection refused"
-        if "Name or service not known" in text or "Temporary failure in name resolution" in text:
-            return "cannot resolve host"
-    return f"{type(error).__name__}: {text[:300]}"

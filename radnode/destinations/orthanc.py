@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from radnode.destinations.base import Destination, DestinationError, Item, Outcome, SendContext
+from radnode.destinations.credentials import http_failure
 from radnode.destinations.registry import destination_type
 
 
@@ -65,8 +66,6 @@ class OrthancDestination(Destination):
             raise OrthancRequestError(f"{method} {path}: timed out after {context.timeouts.network_seconds:g} s"
                                       ) from None
         except requests.RequestException as e:
-            from radnode.destinations.fhir import http_failure
-
             raise OrthancRequestError(f"{method} {path}: {http_failure(e)}") from None
         if response.status_code >= 400:
             raise OrthancRequestError(f"{method} {path}: HTTP {response.status_code} {response.text[:200]}")
