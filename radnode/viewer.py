@@ -9,6 +9,7 @@ DICOMweb plugin) avoids CORS, which Orthanc does not answer. Standard library on
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import mimetypes
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import urlsplit
 
 from radnode.peers import free_port
@@ -98,6 +100,8 @@ class OrthancServer:
     stable_age: int = 1
     modalities: dict[str, list] = field(default_factory=dict)
     """Orthanc's DicomModalities: name → [AET, host, port]."""
+    users: dict[str, str] = field(default_factory=dict)
+    """Orthanc's RegisteredUsers: with any, HTTP basic authentication is required (REST and DICOMweb)."""
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _own_storage: bool = field(default=False, init=False, repr=False)
 
@@ -110,12 +114,25 @@ class OrthancServer:
         return f"{self.url}/dicom-web"
 
     def config(self) -> dict:
-        """Orthanc's configuration: loopback only, no authentication, DICOMweb at /dicom-web/."""
+        """Orthanc's configuration: loopback only, DICOMweb at /dicom-web/, authentication only with ``users``."""
         from radnode.orthanc_config import orthanc_settings
 
         assert self.storage is not None
-        return orthanc_settings(self.storage, self.http_port, self.dicom_port, aet=self.aet, node_url=self.node_url,
-                                stable_age=self.stable_age, modalities=self.modalities, name="radnode-viewer")
+        settings = orthanc_settings(self.storage, self.http_port, self.dicom_port, aet=self.aet,
+                                    node_url=self.node_url, stable_age=self.stable_age, modalities=self.modalities,
+                                    name="radnode-viewer")
+        if self.users:
+            settings |= {"AuthenticationEnabled": True, "RegisteredUsers": self.users}
+        return settings
+
+    def _request(self, url: str, **kwargs: Any) -> urllib.request.Request:
+        """A request to this Orthanc, with the first registered user's credentials when it has users."""
+        request = urllib.request.Request(url, **kwargs)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        return request
 
     def start(self, timeout: float = 30.0) -> "OrthancServer":
         """Start Orthanc and wait until its REST API and the DICOMweb plugin answer."""
@@ -140,7 +157,7 @@ class OrthancServer:
                 raise RuntimeError(f"Orthanc exited ({self.process.returncode}): "
                                    f"{log_path.read_text(errors='replace')[-2000:]}")
             try:
-                with urllib.request.urlopen(f"{self.dicomweb_url}/studies", timeout=2) as r:
+                with urllib.request.urlopen(self._request(f"{self.dicomweb_url}/studies"), timeout=2) as r:
                     if r.status == 200:
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -166,15 +183,15 @@ class OrthancServer:
         """Store DICOM files through the REST API (``POST /instances``); Orthanc's answers, in order."""
         answers = []
         for path in paths:
-            request = urllib.request.Request(f"{self.url}/instances", data=Path(path).read_bytes(),
-                                             headers={"Content-Type": "application/dicom"}, method="POST")
+            request = self._request(f"{self.url}/instances", data=Path(path).read_bytes(),
+                                    headers={"Content-Type": "application/dicom"}, method="POST")
             with urllib.request.urlopen(request, timeout=60) as r:
                 answers.append(json.loads(r.read()))
         return answers
 
     def get_json(self, path: str) -> object:
         """GET a REST resource (``/studies``, ``/dicom-web/studies/…/series``) as JSON."""
-        with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as r:
+        with urllib.request.urlopen(self._request(f"{self.url}{path}"), timeout=30) as r:
             return json.loads(r.read())
 
     def __enter__(self) -> "OrthancServer":

@@ -130,6 +130,36 @@ def test_done_deliveries_are_never_due_again_and_the_job_completes(store: JobSto
     assert [e.kind for e in store.events(job_id)].count("delivered") == 2
 
 
+
+def test_each_destination_has_its_queue_and_a_resend_requeues_what_went_out_with_who_and_why(store: JobStore) -> None:
+    job_id = _delivering_job(store, [("pacs", "a.dcm"), ("pacs", "b.dcm"), ("ehr", "fhir-bundle.json")])
+    assert store.pending_destinations() == ["ehr", "pacs"]
+    assert [d.object for d in store.due_deliveries_to("pacs")] == ["a.dcm", "b.dcm"]
+    bundle, a, b = store.deliveries(job_id)  # ordered by destination, then object
+    store.delivery_done(a.id, "sent", sent_uid="1.2.9.1")
+    store.delivery_done(b.id, "sent", sent_uid="1.2.9.2")
+    with pytest.raises(ValueError, match=f"job {job_id}'s deliveries to ehr are still pending"):
+        store.resend(job_id, "ehr", user="alice", reason="too early")
+    store.delivery_done(bundle.id, "posted")
+    assert store.settle_job(job_id) is JobState.DONE and store.pending_destinations() == []
+    assert store.resend(job_id, "pacs", user="alice", reason="PACS lost them") == 2
+    job = store.job(job_id)
+    assert job is not None and job.state is JobState.DELIVERING
+    assert store.events(job_id)[-1].message == "alice re-sent 2 deliveries to pacs: PACS lost them"
+    assert [(d.destination, d.state, d.sent_uid) for d in store.due_deliveries_to("pacs")] == [
+        ("pacs", "pending", "1.2.9.1"), ("pacs", "pending", "1.2.9.2")]  # the UIDs that went out, kept to compare
+    with pytest.raises(ValueError, match=f"job {job_id} has no deliveries to ARCHIVE to re-send"):
+        store.resend(job_id, "ARCHIVE", user="alice", reason="wrong name")
+    with pytest.raises(ValueError, match=f"job {job_id + 1} does not exist"):
+        store.resend(job_id + 1, user="alice", reason="typo")
+    for delivery in store.due_deliveries_to("pacs"):
+        store.delivery_done(delivery.id, "sent again", sent_uid=delivery.sent_uid)
+    assert store.settle_job(job_id) is JobState.DONE
+    assert store.begin_purge(job_id, time.time() + 1, time.time() + 1) is not None
+    with pytest.raises(ValueError, match=f"job {job_id}'s results were purged by retention; nothing left to re-send"):
+        store.resend(job_id, user="bob", reason="PACS lost them again")
+
+
 def test_state_survives_reopening_and_running_jobs_can_be_requeued(store_target: Path | str) -> None:
     store = JobStore(store_target)
     _, job_id = store.record_instance(instance("1.1", received_at=0), to("ct_tissue"))
@@ -331,6 +361,18 @@ def test_a_store_made_by_release_0_1_opens_with_its_jobs_series_decisions_and_de
     assert _differences(tmp_path / "radnode.db") == []
 
 
+def test_a_store_whose_deliveries_already_record_the_sent_uid_opens_with_them(tmp_path: Path) -> None:
+    """The development build before schema revisions added ``deliveries.sent_uid`` on open; such a store
+    upgrades to the same tables, its recorded UIDs kept."""
+    store = open_store_made_by(
+        RELEASE_0_1_SCHEMA, tmp_path / "radnode.db", "ALTER TABLE deliveries ADD COLUMN sent_uid TEXT",
+        "INSERT INTO deliveries (job_id, destination, object, state, attempts, next_attempt_at, done_at, sent_uid)"
+        " VALUES (1, 'pacs', 'seg.dcm', 'done', 1, 0, 1, '1.2.3.9')")
+    assert [(d.destination, d.sent_uid) for d in store.deliveries(1)] == [("pacs", "1.2.3.9")]
+    store.close()
+    assert _differences(tmp_path / "radnode.db") == []
+
+
 def test_a_postgresql_store_at_an_older_schema_stops_the_node_until_it_is_upgraded(
         postgres_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Several nodes may share a PostgreSQL store, so a node never migrates one: ``radnode serve`` refuses to
@@ -347,10 +389,10 @@ def test_a_postgresql_store_at_an_older_schema_stops_the_node_until_it_is_upgrad
     assert serve.returncode == 2 and serve.stdout == ""
     (line,) = serve.stderr.splitlines()
     assert re.fullmatch(r"radnode: job store postgresql://radnode_test_\w+:\*\*\*@127\.0\.0\.1:\d+/\S+ is at an older "
-                        r"schema \(0001; this radnode needs 0002\): back it up, then run `radnode store upgrade "
-                        r"--config FILE`", line), line
+                        rf"schema \(0001; this radnode needs {head_revision()}\): back it up, then run "
+                        r"`radnode store upgrade --config FILE`", line), line
     assert main(["store", "upgrade", "--config", str(config)]) == 0
-    assert capsys.readouterr().out.strip().endswith("upgraded from 0001 to 0002")
+    assert capsys.readouterr().out.strip().endswith(f"upgraded from 0001 to {head_revision()}")
     store = JobStore(postgres_url)
     assert store.jobs() == []
     store.close()

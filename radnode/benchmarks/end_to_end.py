@@ -41,8 +41,7 @@ def run_study(files: list[Path], pixel_bytes: int, work: Path, timeout: float = 
     with StoreSCP(work / "pacs", ae_title="PACS") as pacs, FhirServer(work / "fhir") as fhir:
         config = Config.model_validate({
             "data_dir": str(work / "node"), "ingress": {"host": "127.0.0.1", "port": 0},
-            "egress": {"destinations": [{"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}],
-                       "fhir_url": fhir.base_url}})
+            "egress": {"destinations": {"pacs": pacs.destination, "ehr": fhir.destination}}})
         with Node(config) as node:
             receive = send_files(node.port, config.ingress.ae_title, files)
             sent_at = time.time()

@@ -22,7 +22,8 @@ shipped ``pipelines/default_rules.yaml``): pipelines, forwards, discard, priorit
 from Orthanc) are recorded and never processed, whatever the rules say.
 
 On start, spool files the store does not know are indexed, jobs left ``running`` run again from
-scratch, and jobs left ``delivering`` carry on with only the deliveries not recorded as done.
+scratch, and jobs left ``delivering`` carry on with only the deliveries not recorded as done. Egress runs one
+worker per destination (``egress.py``), so a hung peer delays only its own deliveries.
 
 Retention (``retention.py``) removes the files of jobs final for longer than ``retention.done_days`` /
 ``failed_days`` in its own thread, at start (finishing a purge a crash interrupted) and every
@@ -66,6 +67,8 @@ class Node:
         self.job_command = list(job_command)
         self.poll_seconds = poll_seconds
         self.store: JobStore | None = None
+        self.egress: Egress | None = None
+        """Started with the node: one delivery worker per destination (``Egress.resend`` re-sends a job)."""
         self._scp: StorageSCP | None = None
         self._api: NodeApi | None = None
         self._orthanc: OrthancIngress | None = None
@@ -88,12 +91,12 @@ class Node:
         self.disk_guard = DiskGuard.from_config(spool.root, self.config.retention)
         ingest = Ingest(spool, store, router, self.disk_guard)
         self._recover(store, spool, ingest)
-        egress = Egress(self.config, store)
+        self.egress = egress = Egress(self.config, store, self.poll_seconds)
         scheduler = Scheduler(self.config, store, egress, self.job_command, config_file)
         self._scp = StorageSCP(self.config.ingress, ingest)
         self._scp.start()
         if self.config.orthanc.url:
-            self._orthanc = OrthancIngress(self.config.orthanc, ingest, self.config.egress.timeout_seconds)
+            self._orthanc = OrthancIngress(self.config.orthanc, ingest, self.config.egress.timeouts.network_seconds)
             self._orthanc.start()
         if self.config.orthanc.url or self.config.api.enabled:
             on_event = self._orthanc.submit if self._orthanc is not None else _no_orthanc
@@ -101,15 +104,16 @@ class Node:
             self._api.start()
         self._stopping.clear()
         retention = Retention(self.config, store, should_stop=self._stopping.is_set)
+        egress.start()
         self._threads = [self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
-                         self._loop("egress", egress.deliver_due), self._loop("retention", retention.tick)]
+                         self._loop("egress", egress.dispatch), self._loop("retention", retention.tick)]
 
     def load_rules(self) -> RuleSet:
         """The configured rule file (unset: the shipped ``pipelines/default_rules.yaml``), checked against the
-        known pipelines (built-in and site), the named destinations and the execution modes this node has
+        known pipelines (built-in and site), the configured destinations and the execution modes this node has
         (container only with an engine configured)."""
         return load_rules(self.config.rules or DEFAULT_RULES, known_pipelines=registered_pipelines().keys(),
-                          known_destinations=self.config.egress.named_destinations.keys(),
+                          known_destinations=self.config.egress.destinations.keys(),
                           execution_modes=execution_modes(self.config))
 
     def _health(self) -> dict[str, object]:
@@ -163,6 +167,9 @@ class Node:
         self._stopping.set()
         for thread in self._threads:
             thread.join()
+        if self.egress is not None:
+            self.egress.stop()
+            self.egress = None
         self.store.close()
         self.store = None
 

@@ -11,7 +11,7 @@ lives in its own module:
 ``policy``     pure functions: late instances, a study with nothing to do, what a purge keeps
 ``ingest``     arrivals: instances under their study's job, each series' routing decision, once
 ``jobs``       scheduling: queueing with the study's route, siblings, runs, restarts, failure
-``deliveries`` egress: per-destination deliveries, retries, settling a job
+``deliveries`` egress: per-destination queues of deliveries, retries, re-sends, settling a job
 ``retention``  the purge's records
 ``queries``    the job list, one job, counts
 ============== ===========================================================================================

@@ -180,6 +180,8 @@ class Delivery:
     attempts: int
     next_attempt_at: float
     last_error: str | None
+    sent_uid: str | None = None
+    """The SOP Instance UID that went out (DICOM objects), once delivered."""
 
 
 DELIVERY_FIELDS = tuple(Delivery.__dataclass_fields__)
