@@ -29,8 +29,9 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 
 from radnode.destinations import DestinationError, looks_like_destination, parse_destination
+from radnode.resources import package_file
 
-DEFAULT_RULES = Path(__file__).with_name("default_rules.yaml")
+DEFAULT_RULES = package_file("radnode.pipelines", "default_rules.yaml")
 """The node's default rule file, installed with the package."""
 
 CONTEXT_FIELDS = ("calling_ae", "called_ae")
