@@ -41,7 +41,7 @@ import yaml
 
 import radnode
 from radnode.outputs.layout import outputs_of
-from radnode.resources import DISTRIBUTION, copy_package_tree, package_file, source_checkout
+from radnode.resources import DISTRIBUTION, copy_package_tree, installed_distribution, package_file, source_checkout
 
 APPS_PACKAGE = "radnode.apps"
 """The apps, one folder each (``apps/<name>`` in the source tree)."""
@@ -295,7 +295,7 @@ def repack_installed_wheel(target: Path) -> Path:
     Every file the installer recorded inside site-packages goes in (byte code and the installer's own files
     left out), each checked against its RECORD hash first, so a file changed after installation is refused
     rather than packaged; the wheel's RECORD is written anew, as PEP 427 lays it out (``.dist-info`` last)."""
-    dist = metadata.distribution(DISTRIBUTION)
+    dist = installed_distribution()
     wheel_meta = (dist.read_text("WHEEL") or "").splitlines()
     tag = next((line.split(":", 1)[1].strip() for line in wheel_meta if line.startswith("Tag:")), "py3-none-any")
     entries = [f for f in dist.files or [] if not f.parts[0] == ".." and "__pycache__" not in f.parts

@@ -46,11 +46,21 @@ def copy_package_tree(source: Traversable, target: Path, skip: Callable[[str], b
             (target / entry.name).write_bytes(entry.read_bytes())
 
 
+def installed_distribution() -> metadata.Distribution:
+    """radnode's distribution as an installer recorded it (a ``.dist-info`` with its RECORD). Not the first one
+    ``importlib.metadata`` meets: from a source tree's root that is setuptools' ``radnode.egg-info`` build record
+    there, which knows nothing of the install. PackageNotFoundError when radnode is not installed."""
+    for dist in metadata.distributions(name=DISTRIBUTION):
+        if dist.read_text("RECORD") is not None:
+            return dist
+    raise metadata.PackageNotFoundError(DISTRIBUTION)
+
+
 def source_checkout() -> Path | None:
     """The source tree of an editable install (``pip install -e``), as its installer recorded it; None for a
     regular install (a wheel), whose files are all in site-packages."""
     try:
-        record = metadata.distribution(DISTRIBUTION).read_text("direct_url.json")
+        record = installed_distribution().read_text("direct_url.json")
     except metadata.PackageNotFoundError:
         return None
     if not record:
