@@ -21,12 +21,13 @@ from radnode.outputs.provenance import PROVENANCE_TAGS, own_result
 from radnode.pipelines.conditions import (
     Condition, ConditionParser, LineDict, LineList, RuleError, Subject, load_yaml_lines, suggest,
 )
+from radnode.resources import package_file
 from radnode.pipelines.routing import (
     Completeness, Execution, ExecutionMode, LateInstances, Priority, Provenance, RoutingContext, SeriesDecision,
     merge_decisions,
 )
 
-DEFAULT_RULES = Path(__file__).with_name("default_rules.yaml")
+DEFAULT_RULES = package_file("radnode.pipelines", "default_rules.yaml")
 """The node's default rule file, installed with the package (used when ``rules:`` is unset)."""
 
 

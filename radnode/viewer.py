@@ -30,16 +30,19 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
+from importlib.resources import files
+from importlib.resources.abc import Traversable
+
 from radnode.peers import free_port
+from radnode.resources import source_checkout
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
 OHIF_VERSION = "3.13.2"
 """The ``@ohif/app`` release ``deploy/ohif/install.sh`` unpacks; the app-config template is written for it."""
-OHIF_CACHE = REPO / ".cache" / "ohif"
 OHIF_DIST_ENV = "RADNODE_OHIF_DIST"
-APP_CONFIG_TEMPLATE = REPO / "deploy" / "ohif" / "app-config.template.js"
+APP_CONFIG_TEMPLATE = files("radnode.deploy_ohif") / "app-config.template.js"
+"""Package data (``deploy/ohif`` in the source tree)."""
 DICOMWEB_PREFIX = "/dicom-web"
 
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
@@ -56,9 +59,16 @@ class ViewerUnavailableError(RuntimeError):
 
 
 def find_ohif_dist(version: str = OHIF_VERSION) -> Path:
-    """The OHIF ``dist/`` folder: $RADNODE_OHIF_DIST, else the one ``deploy/ohif/install.sh`` unpacked."""
-    candidate = Path(os.environ[OHIF_DIST_ENV]) if os.environ.get(OHIF_DIST_ENV) else \
-        OHIF_CACHE / version / "package" / "dist"
+    """The OHIF ``dist/`` folder: $RADNODE_OHIF_DIST, else the one ``deploy/ohif/install.sh`` unpacked into the
+    checkout of an editable install (``.cache/ohif``). The viewer is npm's build, not radnode's package data."""
+    if os.environ.get(OHIF_DIST_ENV):
+        candidate = Path(os.environ[OHIF_DIST_ENV])
+    elif (checkout := source_checkout()) is not None:
+        candidate = checkout / ".cache" / "ohif" / version / "package" / "dist"
+    else:
+        raise ViewerUnavailableError(f"no OHIF build: set {OHIF_DIST_ENV} to an @ohif/app {version} dist/ folder "
+                                     f"(`npm pack @ohif/app@{version}` and unpack it; deploy/ohif/install.sh does "
+                                     "this in a radnode checkout)")
     if not (candidate / "index.html").is_file():
         raise ViewerUnavailableError(f"OHIF build not found at {candidate}; run deploy/ohif/install.sh "
                                      f"(or set {OHIF_DIST_ENV} to an @ohif/app dist/ folder)")
@@ -74,7 +84,7 @@ def check_viewer_installed() -> Path:
     return dist
 
 
-def render_app_config(dicomweb_root: str = DICOMWEB_PREFIX, *, template: Path = APP_CONFIG_TEMPLATE,
+def render_app_config(dicomweb_root: str = DICOMWEB_PREFIX, *, template: Traversable = APP_CONFIG_TEMPLATE,
                       name: str = "radnode") -> str:
     """``app-config.js`` for OHIF with its one data source pointed at ``dicomweb_root`` (same origin)."""
     text = template.read_text()

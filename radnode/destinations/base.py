@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from radnode.outputs.layout import RunOutput, is_dicom
+
 if TYPE_CHECKING:
     from radnode.config import OrthancConfig
 
-FHIR_BUNDLE = "fhir-bundle.json"
-"""The transaction Bundle a run writes for the EHR."""
+FHIR_BUNDLE = RunOutput.FHIR_BUNDLE.file
+"""The transaction Bundle a run writes for the EHR (the output layout's)."""
 
 Seconds = Annotated[float, Field(gt=0)]
 
@@ -159,8 +161,9 @@ class Destination(BaseModel, ABC):
         """Where it sends, in one line for logs, events and the console; never a secret."""
 
     def wants(self, name: str) -> bool:
-        """Whether this destination takes the outbox file ``name``; DICOM objects by default."""
-        return name.endswith(".dcm")
+        """Whether this destination takes the outbox file ``name``; DICOM objects by default (by the output layout,
+        :func:`radnode.outputs.layout.is_dicom`)."""
+        return is_dicom(name)
 
     @abstractmethod
     def send(self, items: list[Item], context: SendContext) -> list[Outcome]:

@@ -24,6 +24,7 @@ from radnode.destinations import Destination, DestinationError, Item, Outcome, S
 from radnode.destinations.base import Cancellation
 from radnode.destinations.orthanc import OrthancDestination
 from radnode.node.store import Delivery, JobStore
+from radnode.outputs.layout import dicom_files, is_dicom
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +111,8 @@ class Egress:
             targets |= {n: self.destination(n) for n in self.return_to_sender(job.calling_ae)}
         targets |= forwards
         plan = [(name, file) for name, destination in targets.items() for file in names
-                if destination.wants(file) and (job.pipeline or file.endswith(".dcm"))]
-        dicom = sum(n.endswith(".dcm") for n in names)
+                if destination.wants(file) and (job.pipeline or is_dicom(file))]
+        dicom = len(dicom_files(names))
         summary = (f"{len(names)} outputs ({dicom} DICOM) copied to the outbox; {len(plan)} deliveries planned"
                    + (f" to {', '.join(sorted({n for n, _ in plan}))}" if plan else ""))
         self.store.begin_delivery(job_id, summary, plan)
