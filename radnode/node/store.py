@@ -716,6 +716,11 @@ class JobStore:
         """Ids of the jobs recorded as running."""
         return [row[0] for row in self._query("SELECT id FROM jobs WHERE state = ?", (JobState.RUNNING,))]
 
+    def note(self, job_id: int, kind: str, message: str) -> None:
+        """An event that changes no state (e.g. which container image ran the job and how it exited)."""
+        with self._tx() as db:
+            self._log(db, job_id, kind, message)
+
     def record_review(self, job_id: int, needs_review: bool, reasons: Iterable[str]) -> bool:
         """The finished run's review decision (from its manifest), for a running job; logged as a ``review``
         event. False if the job is not running."""
