@@ -1,10 +1,11 @@
 """MONAI Application Package (MAP) build contexts for the apps under ``apps/``.
 
-``map_build(app, output)`` writes a folder that ``docker build`` turns into a MAP: the manifests
-``app.json``/``pkg.json`` exactly as they sit in ``/etc/holoscan/``, the app's ``app.yaml`` (at
-``HOLOSCAN_CONFIG_PATH``), the app source (``/opt/holoscan/app``), its models (``/opt/holoscan/models``),
-a radnode wheel, the pinned requirements, the MAP ``tools`` entrypoint and a Dockerfile (Python 3.11
-slim, non-root user ``holoscan``).
+``map_build(app, output)`` writes a folder that ``podman build`` / ``docker build`` turns into a MAP, with
+nothing to fetch: the manifests ``app.json``/``pkg.json`` exactly as they sit in ``/etc/holoscan/``, the
+app's ``app.yaml`` (at ``HOLOSCAN_CONFIG_PATH``), the app source (``/opt/holoscan/app``), its models
+(``/opt/holoscan/models``), a radnode wheel, the wheels of what the app imports with their hash lock
+(``radnode.map_image``), the MAP ``tools`` entrypoint and a Dockerfile (a base image build argument,
+non-root user ``holoscan``); with ``image`` it builds the image too.
 
 Why not the SDK's packager: ``monai-deploy package`` / ``holoscan package`` (holoscan-cli ≤ 3.x) renders
 these files and then immediately runs ``docker buildx`` on an NVIDIA CUDA base image; there is no
