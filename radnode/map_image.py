@@ -155,16 +155,35 @@ def gather_wheels(pins: list[tuple[str, str]], target: Path, cache: Path = WHEEL
     return wheels
 
 
+def shared_requirements() -> list[str]:
+    """The entries every packaged app lists: installed first, as a layer of their own, which is then the
+    same in every app's image (the engine builds it once and a node stores it once)."""
+    from radnode.map import packaged_apps
+
+    lists = [app_requirements(app) for app in packaged_apps() if (APPS_DIR / app / REQUIREMENTS_FILE).is_file()]
+    common = set.intersection(*(set(entries) for entries in lists)) if lists else set()
+    return sorted(common, key=str.lower)
+
+
+def _write_lock(path: Path, header: str, wheels: list[Wheel]) -> None:
+    path.write_text(header + "".join(f"{w.lock_line()}\n" for w in sorted(wheels, key=lambda w: w.name.lower())))
+
+
 def write_image_inputs(app: str, context: Path, cache: Path = WHEEL_CACHE) -> list[Wheel]:
-    """``wheels/`` (the app's dependencies and pip, which runs from its wheel in the build) and
-    ``requirements.txt`` (name==version with sha256, installed with ``--require-hashes --no-deps``)."""
+    """``wheels/`` (the app's dependencies and pip, which runs from its wheel in the build), the app's complete
+    lock ``requirements.txt`` and ``requirements-shared.txt``, the part every app's image shares (name==version
+    with sha256, installed with ``--require-hashes --no-deps``)."""
     shutil.rmtree(context / "wheels", ignore_errors=True)
     wheels = gather_wheels(pinned(with_cuda_libraries(app_requirements(app))), context / "wheels", cache)
     gather_wheels(pinned(["pip"]), context / "wheels", cache)
-    (context / "requirements.txt").write_text(
-        f"# What {app} imports when it runs, pinned to the environment radnode was tested in; installed\n"
-        f"# offline from wheels/ with --require-hashes --no-deps (the list is complete: nothing is resolved).\n"
-        + "".join(f"{w.lock_line()}\n" for w in wheels))
+    shared = {name for name, _ in pinned(shared_requirements())}
+    _write_lock(context / "requirements.txt",
+                f"# What {app} imports when it runs, pinned to the environment radnode was tested in; installed\n"
+                f"# offline from wheels/ with --require-hashes --no-deps (the list is complete: nothing is resolved).\n",
+                wheels)
+    _write_lock(context / "requirements-shared.txt",
+                "# The part of requirements.txt that every radnode app's image installs first (a shared layer).\n",
+                [w for w in wheels if w.name in shared])
     return wheels
 
 
@@ -248,13 +267,13 @@ for dist in metadata.distributions():
     total = 0
     for f in dist.files or []:
         try:
-            total += f.locate().stat().st_size
+            total += f.locate().lstat().st_size
         except OSError:
             pass
     sizes[dist.metadata["Name"]] = total
 def tree(path):
     p = Path(path)
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink()) if p.exists() else 0
+    return sum(f.lstat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink()) if p.exists() else 0
 print(json.dumps({"python_packages": sizes, "models": tree(sys.argv[1]), "app": tree(sys.argv[2]),
                   "venv": tree(sys.prefix)}))
 """

@@ -1,6 +1,7 @@
 """MAP containers for real, with podman: images built offline from the build context on the offline Debian
 bookworm base, run on a study folder as a site runs them and by the node's container executor (locked
-down), giving the same results as ``radnode run`` and the MAP command outside a container.
+down), giving the same results as ``radnode run`` (and so as the MAP command outside a container, which
+``tests/test_map.py`` compares with ``radnode run`` on the same study).
 
 The images are built once per session; podman's layer cache (and the base image, keyed by its inputs)
 keeps them between runs. How podman is called here (runc, cgroupfs, no default ulimits: what this
@@ -31,6 +32,7 @@ from radnode.config import Config, ContainersConfig
 from radnode.container_engine import Engine
 from radnode.map import write_build_context
 from radnode.map_image import bookworm_base, build_image, image_report
+from radnode.node.executors import node_label
 from radnode.node.service import Node
 from radnode.node.store import FINAL_STATES, Job, JobState, JobStore
 from radnode.outputs.sr import read_measurements
@@ -249,18 +251,6 @@ def _radnode_run(study: Path, out: Path, pipeline: str, *extra: str) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
 
 
-def _map_command(manifest: dict, study: Path, work: Path, models: Path) -> Path:
-    """``app.json#command`` outside a container, with the HOLOSCAN_* variables a MAP host sets."""
-    argv = json.loads(manifest["command"])
-    argv[0] = sys.executable
-    work.mkdir()
-    env = os.environ | {"HOLOSCAN_INPUT_PATH": str(study), "HOLOSCAN_OUTPUT_PATH": str(work / "output"),
-                        "HOLOSCAN_WORKDIR": str(work), "HOLOSCAN_MODEL_PATH": str(models)}
-    result = subprocess.run(argv, cwd=work, env=env, capture_output=True, text=True, timeout=manifest["timeout"])
-    assert result.returncode == 0, result.stderr[-3000:]
-    return work / "output"
-
-
 def _podman_run(engine: Engine, image: str, study: Path, out: Path) -> subprocess.CompletedProcess[str]:
     """The image run as a site runs a MAP: the study read-only at the input path, an output folder the image's
     user may write, nothing else (the defaults of the MAP: its entrypoint, paths and command)."""
@@ -297,17 +287,15 @@ def test_the_ct_image_carries_the_map_manifests_a_non_root_user_and_only_what_th
           f"Python environment {report['python_environment_bytes'] / 1e6:.0f} MB)")
 
 
-def test_podman_run_of_the_ct_image_writes_what_radnode_run_and_the_map_command_write(
+def test_podman_run_of_the_ct_image_writes_what_radnode_run_writes(
         engine: Engine, ct_image: BuiltImage, real_ct_folder: Path, tmp_path: Path) -> None:
-    """The real CT (JPEG 2000) through ``radnode run``, the MAP command outside a container, and ``podman run``."""
+    """The real CT (JPEG 2000) through ``radnode run`` and ``podman run`` of the image. (The MAP command outside
+    a container gives what ``radnode run`` gives on the same study: ``tests/test_map.py``.)"""
     _radnode_run(real_ct_folder, tmp_path / "run", "ct_tissue")
-    manifest = json.loads((ct_image.context / "app.json").read_text())
-    by_command = _map_command(manifest, real_ct_folder, tmp_path / "command", ct_image.context / "models")
     result = _podman_run(engine, CT_IMAGE, real_ct_folder, tmp_path / "container")
     assert result.returncode == 0, result.stderr[-3000:]
-    files = manifest["output"]["format"]["files"]
-    _assert_same_results(tmp_path / "run", by_command, files)
-    _assert_same_results(tmp_path / "run", tmp_path / "container", files)
+    manifest = json.loads((ct_image.context / "app.json").read_text())
+    _assert_same_results(tmp_path / "run", tmp_path / "container", manifest["output"]["format"]["files"])
 
 
 def test_the_model_image_runs_the_site_torchscript_model_it_carries_as_radnode_run_does(
@@ -513,3 +501,24 @@ def test_a_container_job_past_its_timeout_is_stopped_and_its_container_removed(
     assert not engine.container_exists(name)
     running, failed = (next(e for e in events if e.kind == kind) for kind in ("running", "failed"))
     assert 8 <= failed.at - running.at < 30
+
+
+def test_a_restarted_node_removes_the_containers_its_earlier_run_left_and_no_other_nodes(
+        containers: ContainersConfig, engine: Engine, probe_image: str, tmp_path: Path, site_pipelines: None) -> None:
+    rules = _rules(tmp_path, """\
+        rules:
+          - name: sleepy
+            when: {Modality: CT}
+            pipelines: [sleepy]
+            execution: {mode: container}
+        """)
+    node = _node(tmp_path, containers, rules, images={"sleepy": probe_image})
+    ours, theirs = f"radnode-job-1-{os.getpid()}", f"radnode-job-1-other-{os.getpid()}"
+    for name, label in ((ours, node_label(node.config)), (theirs, "another-node")):
+        engine.run("create", "--name", name, "--label", f"org.radnode.node={label}", probe_image)
+    try:
+        with node:
+            pass
+        assert not engine.container_exists(ours) and engine.container_exists(theirs)
+    finally:
+        engine.remove(ours), engine.remove(theirs)

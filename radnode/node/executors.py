@@ -45,6 +45,7 @@ differ from in-process runs. Use container execution to enforce them.
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import math
 import os
@@ -63,6 +64,8 @@ from radnode.map import APP_METADATA_FILE, APPS_DIR, INPUT_DIR, MODELS_DIR, OUTP
     MapError, app_manifest, model_names
 from radnode.pipelines.registry import UnknownPipelineError, get_pipeline, registered_pipelines
 from radnode.pipelines.rules import ExecutionMode
+
+log = logging.getLogger(__name__)
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 """Thread-pool sizes set from ``resources.cpu`` (torch's intra-op pool follows ``OMP_NUM_THREADS``)."""
@@ -244,18 +247,24 @@ class ContainerHandle:
 
     def finished(self, status: int) -> str:
         """After the engine client returned: the container's exit status (and an OOM kill), then it is removed."""
-        state = self.engine.run("inspect", "--format", "{{.State.ExitCode}} {{.State.OOMKilled}}", self.name,
-                                check=False)
-        words = state.stdout.split()
-        exit_code = int(words[0]) if state.returncode == 0 and words and words[0].lstrip("-").isdigit() else status
-        oom = state.returncode == 0 and len(words) > 1 and words[1] == "true"
+        try:
+            state = self.engine.run("inspect", "--format", "{{.State.ExitCode}} {{.State.OOMKilled}}", self.name,
+                                    check=False)
+            words = state.stdout.split() if state.returncode == 0 else []
+        except EngineError:  # the engine's own trouble never stops the scheduler; the client's status stands
+            words = []
+        exit_code = int(words[0]) if words and words[0].lstrip("-").isdigit() else status
+        oom = len(words) > 1 and words[1] == "true"
         removed = self._remove()
         return (f"container {self.name} exited with status {exit_code}"
                 f"{' (killed at its memory limit)' if oom else ''}; {removed}")
 
     def stop(self, grace: float = 0.0) -> str:
         """Stop it (SIGTERM, SIGKILL after ``grace`` seconds) and remove it: on timeout, restart or node stop."""
-        self.engine.run("stop", "--time", str(math.ceil(grace)), self.name, timeout=grace + 60, check=False)
+        try:
+            self.engine.run("stop", "--time", str(math.ceil(grace)), self.name, timeout=grace + 60, check=False)
+        except EngineError as e:
+            log.warning("container %s: %s", self.name, e)  # rm --force below stops it as well
         return f"container {self.name} stopped; {self._remove()}"
 
     def _remove(self) -> str:
@@ -385,9 +394,13 @@ class ContainerExecutor:
 
     def remove_leftovers(self) -> list[str]:
         """Remove this node's containers left by a crash (their jobs are re-run); returns their names."""
-        names = self.engine.containers_labelled(f"{NODE_LABEL}={self.node_label}")
-        for name in names:
-            self.engine.remove(name)
+        try:
+            names = self.engine.containers_labelled(f"{NODE_LABEL}={self.node_label}")
+            for name in names:
+                self.engine.remove(name)
+        except EngineError as e:
+            log.warning("could not look for containers left by an earlier run: %s", e)
+            return []
         return names
 
 
