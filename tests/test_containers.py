@@ -38,6 +38,7 @@ from radnode.node.store import FINAL_STATES, Job, JobState, JobStore
 from radnode.outputs.sr import read_measurements
 from radnode.peers import FhirServer, StoreSCP, free_port
 from radnode.phantom import make_ct_phantom, write_ct_series
+from conftest import restore_totalseg_dicom
 
 pytestmark = pytest.mark.slow
 
@@ -287,15 +288,30 @@ def test_the_ct_image_carries_the_map_manifests_a_non_root_user_and_only_what_th
           f"Python environment {report['python_environment_bytes'] / 1e6:.0f} MB)")
 
 
+@dataclass(frozen=True)
+class ReferenceRun:
+    study: Path
+    outputs: Path
+
+
+@pytest.fixture(scope="module")
+def real_ct_reference(totalseg_reference: Path, tmp_path_factory: pytest.TempPathFactory) -> ReferenceRun:
+    """The real CT (JPEG 2000, UIDs restored once) and what ``radnode run`` writes for it: what every container
+    run of the same study must write too."""
+    folder = tmp_path_factory.mktemp("real_ct")
+    restore_totalseg_dicom(totalseg_reference, folder / "study")
+    _radnode_run(folder / "study", folder / "run", "ct_tissue")
+    return ReferenceRun(folder / "study", folder / "run")
+
+
 def test_podman_run_of_the_ct_image_writes_what_radnode_run_writes(
-        engine: Engine, ct_image: BuiltImage, real_ct_folder: Path, tmp_path: Path) -> None:
-    """The real CT (JPEG 2000) through ``radnode run`` and ``podman run`` of the image. (The MAP command outside
-    a container gives what ``radnode run`` gives on the same study: ``tests/test_map.py``.)"""
-    _radnode_run(real_ct_folder, tmp_path / "run", "ct_tissue")
-    result = _podman_run(engine, CT_IMAGE, real_ct_folder, tmp_path / "container")
+        engine: Engine, ct_image: BuiltImage, real_ct_reference: ReferenceRun, tmp_path: Path) -> None:
+    """``podman run`` of the image as a site runs a MAP. (The MAP command outside a container gives what
+    ``radnode run`` gives on the same study: ``tests/test_map.py``.)"""
+    result = _podman_run(engine, CT_IMAGE, real_ct_reference.study, tmp_path / "container")
     assert result.returncode == 0, result.stderr[-3000:]
     manifest = json.loads((ct_image.context / "app.json").read_text())
-    _assert_same_results(tmp_path / "run", tmp_path / "container", manifest["output"]["format"]["files"])
+    _assert_same_results(real_ct_reference.outputs, tmp_path / "container", manifest["output"]["format"]["files"])
 
 
 def test_the_model_image_runs_the_site_torchscript_model_it_carries_as_radnode_run_does(
@@ -377,7 +393,7 @@ def _rules(folder: Path, text: str) -> Path:
 
 
 def test_radnode_serve_runs_a_container_route_and_delivers_seg_sr_and_fhir(
-        containers: ContainersConfig, ct_image: BuiltImage, real_ct_folder: Path, tmp_path: Path) -> None:
+        containers: ContainersConfig, ct_image: BuiltImage, real_ct_reference: ReferenceRun, tmp_path: Path) -> None:
     rules = _rules(tmp_path, """\
         rules:
           - name: ct-in-its-map
@@ -393,7 +409,7 @@ def test_radnode_serve_runs_a_container_route_and_delivers_seg_sr_and_fhir(
             "containers": {**containers.model_dump(mode="json", include={"engine", "command", "environment"}),
                            "images": {"ct_tissue": CT_IMAGE}}})
         try:
-            node.send(real_ct_folder)
+            node.send(real_ct_reference.study)
             ((job, events),) = node.final_jobs(1)
         finally:
             node.stop()
@@ -403,6 +419,8 @@ def test_radnode_serve_runs_a_container_route_and_delivers_seg_sr_and_fhir(
         reports = fhir.search("DiagnosticReport")
         observations = Bundle.model_validate(fhir.search("Observation", "_count=200")).entry
     assert reports["total"] == 1 and len(observations) >= 8
+    outbox = node.data_dir / "outbox" / str(job.id)
+    _assert_same_results(real_ct_reference.outputs, outbox, ["seg.dcm", "sr.dcm", "fhir-bundle.json"])
     running = next(e.message for e in events if e.kind == "running")
     assert running.startswith("container: podman --runtime runc --cgroup-manager=cgroupfs run ")
     assert "--network none" in running and "(timeout 900 s, MAP app.json)" in running
