@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
-import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,21 +25,23 @@ import torch
 import yaml
 from fhir.resources.R4B.bundle import Bundle
 
-from radnode.config import Config, ContainersConfig
+from factories import restore_totalseg_dicom, write_lesion_case
+from radnode.config import ContainersConfig
 from radnode.container_engine import Engine
 from radnode.map import write_build_context
 from radnode.map_image import bookworm_base, build_image, image_report
 from radnode.node.executors import node_label
 from radnode.node.service import Node
-from radnode.node.store import FINAL_STATES, Job, JobState, JobStore
+from radnode.node.store import Job, JobState
 from radnode.outputs.sr import read_measurements
-from radnode.peers import FhirServer, StoreSCP, free_port
+from radnode.peers import FhirServer, StoreSCP
 from radnode.phantom import make_ct_phantom, write_ct_series
-from conftest import restore_totalseg_dicom
+from support.dicom_tools import storescu
+from support.node import ServeProcess, final_job, node_config
+from support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
-STORESCU, ECHOSCU = "/usr/bin/storescu", "/usr/bin/echoscu"
 CT_IMAGE = "localhost/radnode-ct_tissue:test"
 MODEL_IMAGE = "localhost/radnode-model_seg-tiny:test"
 PROBE_IMAGE = "localhost/radnode-probe:test"
@@ -321,7 +320,7 @@ def test_the_model_image_runs_the_site_torchscript_model_it_carries_as_radnode_r
     packages = {p["name"] for p in model_image.report["python_packages"]}
     assert {"torch", "monai", "holoscan-cu13"} <= packages
     assert not packages & {"monai-deploy-app-sdk", "tritonclient", "transformers", "cupy-cuda13x"}
-    study = _write_lesion_ct(tmp_path / "study")
+    study = write_lesion_case(tmp_path / "study", seed=100)
     _radnode_run(study, tmp_path / "run", "model_seg", "--model", str(torchscript_model))
     result = _podman_run(engine, MODEL_IMAGE, study, tmp_path / "container")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -329,62 +328,7 @@ def test_the_model_image_runs_the_site_torchscript_model_it_carries_as_radnode_r
                          json.loads((model_image.context / "app.json").read_text())["output"]["format"]["files"])
 
 
-def _write_lesion_ct(folder: Path) -> Path:
-    """Soft tissue with one brighter ellipsoid, the kind of CT the tiny model was trained on (24×48×48, 3×2×2 mm)."""
-    from radnode.phantom import CTPhantom
-
-    rng = np.random.default_rng(100)
-    z, y, x = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in (24, 48, 48)], indexing="ij")
-    lesion = ((z - 12) / 4) ** 2 + ((y - 24) / 8) ** 2 + ((x - 22) / 8) ** 2 <= 1
-    hu = np.where(lesion, 120.0, 40.0) + rng.normal(0, 25, lesion.shape)
-    write_ct_series(CTPhantom(np.rint(hu).astype(np.int16), (3.0, 2.0, 2.0), {"lesion": lesion}), folder)
-    return folder
-
-
 # --- the node runs them -------------------------------------------------------------------------------------
-
-class ServeProcess:
-    """``radnode serve`` started as a site starts it, with a config file; stopped with SIGTERM."""
-
-    def __init__(self, folder: Path, config: dict) -> None:
-        self.data_dir, self.port = folder / "data", free_port()
-        path = folder / "radnode.yaml"
-        path.write_text(yaml.safe_dump({"data_dir": str(self.data_dir), **config}))
-        self.log = (folder / "serve.log").open("w")
-        self.process = subprocess.Popen([sys.executable, "-m", "radnode", "-v", "serve", "--config", str(path),
-                                         "--port", str(self.port)], stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while subprocess.run([ECHOSCU, "-aec", "RADNODE", "127.0.0.1", str(self.port)],
-                             capture_output=True).returncode != 0:
-            assert self.process.poll() is None, (folder / "serve.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "radnode serve did not answer C-ECHO"
-            time.sleep(0.3)
-
-    def send(self, folder: Path, calling_ae: str = "CT_SCANNER") -> None:
-        result = subprocess.run([STORESCU, "-xv", "-aet", calling_ae, "-aec", "RADNODE", "+sd", "127.0.0.1",
-                                 str(self.port), str(folder)], capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr
-
-    def final_jobs(self, expected: int, timeout: float = 600) -> list[tuple[Job, list]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if (self.data_dir / "radnode.db").exists():
-                store = JobStore(self.data_dir / "radnode.db")
-                try:
-                    jobs = store.jobs()
-                    if len(jobs) >= expected and all(j.state in FINAL_STATES for j in jobs):
-                        return [(j, store.events(j.id)) for j in jobs]
-                finally:
-                    store.close()
-            assert self.process.poll() is None, "radnode serve died"
-            time.sleep(0.5)
-        raise AssertionError(f"jobs not final within {timeout} s")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=60)
-        self.log.close()
-
 
 def _rules(folder: Path, text: str) -> Path:
     path = folder / "rules.yaml"
@@ -393,7 +337,8 @@ def _rules(folder: Path, text: str) -> Path:
 
 
 def test_radnode_serve_runs_a_container_route_and_delivers_seg_sr_and_fhir(
-        containers: ContainersConfig, ct_image: BuiltImage, real_ct_reference: ReferenceRun, tmp_path: Path) -> None:
+        containers: ContainersConfig, ct_image: BuiltImage, real_ct_reference: ReferenceRun, tmp_path: Path,
+        peers: tuple[StoreSCP, FhirServer]) -> None:
     rules = _rules(tmp_path, """\
         rules:
           - name: ct-in-its-map
@@ -401,23 +346,20 @@ def test_radnode_serve_runs_a_container_route_and_delivers_seg_sr_and_fhir(
             pipelines: [ct_tissue]
             execution: {mode: container}
         """)
-    with StoreSCP(tmp_path / "pacs") as pacs, FhirServer(tmp_path / "ehr") as fhir:
-        node = ServeProcess(tmp_path, {
-            "rules": str(rules), "ingress": {"host": "127.0.0.1", "study_idle_seconds": 2},
-            "egress": {"destinations": [{"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}],
-                       "fhir_url": fhir.base_url},
-            "containers": {**containers.model_dump(mode="json", include={"engine", "command", "environment"}),
-                           "images": {"ct_tissue": CT_IMAGE}}})
-        try:
-            node.send(real_ct_reference.study)
-            ((job, events),) = node.final_jobs(1)
-        finally:
-            node.stop()
-        assert job.state is JobState.DONE, f"{job.reason}: {[e.message for e in events]}"
-        received = {pydicom.dcmread(p).SOPClassUID.name for p in pacs.received()}
-        assert received == {"Segmentation Storage", "Comprehensive 3D SR Storage", "Comprehensive SR Storage"}
-        reports = fhir.search("DiagnosticReport")
-        observations = Bundle.model_validate(fhir.search("Observation", "_count=200")).entry
+    pacs, fhir = peers
+    node = ServeProcess(tmp_path / "node", pacs, fhir, rules=rules, settings={"containers": {
+        **containers.model_dump(mode="json", include={"engine", "command", "environment"}),
+        "images": {"ct_tissue": CT_IMAGE}}})
+    try:
+        node.send(*sorted(real_ct_reference.study.iterdir()))
+        ((job, events),) = node.jobs_when_final(1)
+    finally:
+        node.stop()
+    assert job.state is JobState.DONE, f"{job.reason}: {[e.message for e in events]}"
+    received = {pydicom.dcmread(p).SOPClassUID.name for p in pacs.received()}
+    assert received == {"Segmentation Storage", "Comprehensive 3D SR Storage", "Comprehensive SR Storage"}
+    reports = fhir.search("DiagnosticReport")
+    observations = Bundle.model_validate(fhir.search("Observation", "_count=200")).entry
     assert reports["total"] == 1 and len(observations) >= 8
     outbox = node.data_dir / "outbox" / str(job.id)
     _assert_same_results(real_ct_reference.outputs, outbox, ["seg.dcm", "sr.dcm", "fhir-bundle.json"])
@@ -435,28 +377,20 @@ def _container_name(note: str) -> str:
 
 def _node(tmp_path: Path, containers: ContainersConfig, rules: Path, **container_settings: object) -> Node:
     """The node in this process (its job events at hand), with its SCP on a free port and a container route."""
-    config = Config.model_validate({
-        "data_dir": str(tmp_path / "data"), "rules": str(rules),
-        "ingress": {"host": "127.0.0.1", "port": 0, "study_idle_seconds": 0.5},
-        "containers": {**containers.model_dump(mode="json", include={"engine", "command", "environment"}),
-                       **container_settings}})
-    return Node(config, poll_seconds=0.1)
+    config = node_config(tmp_path, containers={
+        **containers.model_dump(mode="json", include={"engine", "command", "environment"}), **container_settings})
+    return Node(config.model_copy(update={"rules": rules}), poll_seconds=0.1)
 
 
-def _final_job(node: Node, timeout: float = 300) -> Job:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        jobs = node.jobs()
-        if jobs and jobs[0].state in FINAL_STATES:
-            return jobs[0]
-        time.sleep(0.2)
-    raise AssertionError(f"no final job within {timeout} s: {node.jobs()}")
+def _only_job(node: Node, timeout: float = 300) -> Job:
+    """The node's one job, once final."""
+    wait_until(lambda: node.jobs(), timeout=60)
+    return final_job(node, node.jobs()[0].id, timeout)
 
 
 def _send_small_ct(node: Node, folder: Path) -> None:
     write_ct_series(make_ct_phantom(20, 128), folder)
-    result = subprocess.run([STORESCU, "-aec", "RADNODE", "+sd", "127.0.0.1", str(node.port), str(folder)],
-                            capture_output=True, text=True, timeout=60)
+    result = storescu(node.port, folder)
     assert result.returncode == 0, result.stderr
 
 
@@ -479,7 +413,7 @@ def test_inside_the_job_container_there_is_no_network_no_writable_root_no_capabi
     with _node(tmp_path, containers, rules, images={"lockdown_probe": probe_image},
                limits={"lockdown_probe": {"memory": "384Mi", "cpu": 1}}) as node:
         _send_small_ct(node, tmp_path / "study")
-        job = _final_job(node)
+        job = _only_job(node)
         events = node.events(job.id)
     assert job.state is JobState.DONE, f"{job.reason}: {[e.message for e in events]}"
     probe = json.loads((tmp_path / "data" / "outbox" / str(job.id) / "probe.json").read_text())
@@ -508,7 +442,7 @@ def test_a_container_job_past_its_timeout_is_stopped_and_its_container_removed(
         """)
     with _node(tmp_path, containers, rules, images={"sleepy": probe_image}) as node:
         _send_small_ct(node, tmp_path / "study")
-        job = _final_job(node, timeout=120)
+        job = _only_job(node, timeout=120)
         events = node.events(job.id)
     assert job.state is JobState.FAILED and job.reason == "timed out after 8 s (container)"
     assert (tmp_path / "data" / "jobs" / str(job.id) / "work" / "sleeping").exists(), \
