@@ -7,7 +7,6 @@ decides what a container may do: the lock-down is the container executor's (``ra
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -91,17 +90,6 @@ class Engine:
     def image_size(self, image: str) -> int:
         """The image's size in bytes as the engine reports it (all layers, uncompressed)."""
         return int(self.run("image", "inspect", "--format", "{{.Size}}", image).stdout.strip())
-
-    def image_layers(self, image: str) -> list[tuple[int, str]]:
-        """``(bytes, instruction)`` per layer, oldest first."""
-        out = self.run("history", "--no-trunc", "--format", "{{json .}}", image).stdout
-        layers = []
-        for line in out.splitlines():
-            entry = json.loads(line)
-            size = entry.get("Size", 0)
-            layers.append((size if isinstance(size, int) else quantity_bytes(str(size).replace("B", "")),
-                           str(entry.get("CreatedBy", "")).strip()))
-        return list(reversed(layers))
 
     def container_exists(self, name: str) -> bool:
         """Whether a container of that name exists (running or not)."""

@@ -65,6 +65,7 @@ CUDA_BASE = "localhost/radnode-map-base:cuda13"
 """The GPU base: NVIDIA's CUDA 13 runtime over that base's Python 3.11 (``deploy/map/base/Containerfile.cuda``)."""
 
 SOURCE_DATE_EPOCH = "1700000000"
+"""Fixed timestamps in radnode's wheel: the same sources give the same bytes, so an image build's layer cache holds."""
 
 _MEMORY = re.compile(r"^\d+(\.\d+)?(Mi|Gi)$")
 

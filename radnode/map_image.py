@@ -36,9 +36,6 @@ BOOKWORM_SCRIPT = BASE_DIR / "bookworm.sh"
 CUDA_CONTAINERFILE = BASE_DIR / "Containerfile.cuda"
 CUDA_IMAGE = "nvcr.io/nvidia/cuda:13.1.1-runtime-ubuntu24.04"
 """NVIDIA's published CUDA 13 runtime (holoscan-cu13 and cupy-cuda13x are CUDA 13 builds)."""
-BASE_CHOICES = ("auto", "bookworm", "cuda")
-SOURCE_DATE_EPOCH = "1700000000"
-"""Fixed timestamps in radnode's wheel: the same sources give the same bytes, so the engine's layer cache holds."""
 
 
 @dataclass(frozen=True)
@@ -305,5 +302,7 @@ def print_report(report: dict[str, Any], out: TextIO = sys.stdout, top: int = 12
         print(f"      {mb(pkg['bytes'])}  {pkg['name']}", file=out)
     rest = sum(p["bytes"] for p in report["python_packages"][top:])
     print(f"      {mb(rest)}  {len(report['python_packages'][top:])} more", file=out)
+    unlisted = report["python_environment_bytes"] - sum(p["bytes"] for p in report["python_packages"])
+    print(f"      {mb(unlisted)}  compiled bytecode (.pyc), which no package lists", file=out)
     print(f"  {mb(report['models_bytes'])}  models", file=out)
     print(f"  {mb(report['app_bytes'])}  app source", file=out)
