@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from monai.deploy.core import Application, ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
+from holoscan.core import Application, ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
 
 from radnode.operators.result_writers import (
     FhirReportWriterOperator,

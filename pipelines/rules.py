@@ -198,7 +198,7 @@ class _Parser(ConditionParser):
         self._check_forwards(node, label)
         mode = spec.execution.mode
         if mode is not None and self.execution_modes is not None and mode not in self.execution_modes:
-            hint = "; set processing.container_engine (docker or podman) to run MAP containers" \
+            hint = "; set containers.engine (podman or docker) to run MAP containers" \
                 if mode == ExecutionMode.CONTAINER else ""
             raise self.error(node["execution"].value_lines["mode"],
                              f"{label}: execution mode '{mode}' is not available on this node (available: "

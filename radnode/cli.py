@@ -133,10 +133,15 @@ def cmd_map_list(args: argparse.Namespace) -> int:
 
 
 def cmd_map_build(args: argparse.Namespace) -> int:
-    """Write the MAP build context (app.json, pkg.json, Dockerfile, wheel) for one app."""
+    """Write the MAP build context (app.json, pkg.json, Dockerfile, wheels) for one app; build it with --image."""
     from radnode.map import map_build
 
-    return map_build(args.app, Path(args.output), models=[Path(m) for m in args.model or ()])
+    try:
+        containers = _load(args).containers
+    except ConfigError as e:
+        return _fail(str(e))
+    return map_build(args.app, Path(args.output), models=[Path(m) for m in args.model or ()], image=args.image,
+                     tag=args.tag, base_image=args.base_image, config=containers)
 
 
 def cmd_rules_check(args: argparse.Namespace) -> int:
@@ -287,6 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     map_build.add_argument("--output", "-o", required=True, help="folder for the build context")
     map_build.add_argument("--model", action="append", metavar="DIR",
                            help="model folder to package at /opt/holoscan/models/<its name> (model_seg; repeatable)")
+    map_build.add_argument("--image", action="store_true",
+                           help="build the image with the container engine (offline) and report its size")
+    map_build.add_argument("--tag", help="image name (default radnode-APP:VERSION)")
+    map_build.add_argument("--base-image", default="auto", metavar="IMAGE",
+                           help="auto (default: the CUDA base for an app that requests a GPU, else bookworm), "
+                                "bookworm (offline Debian base), cuda (NVIDIA's CUDA runtime on it) or an image")
+    map_build.add_argument("--config", help="configuration YAML file (its containers: section says how to call "
+                                            "the engine)")
     map_build.set_defaults(func=cmd_map_build)
 
     store = sub.add_parser("store", help="the job store (SQLite under data_dir, or PostgreSQL at store.url)")

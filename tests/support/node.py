@@ -100,14 +100,15 @@ class ServeProcess:
     """``radnode serve`` started as a user would, with a config file; stopped with SIGTERM."""
 
     def __init__(self, data_dir: Path, pacs: StoreSCP, fhir: FhirServer, idle: float = 2.0,
-                 rules: Path | None = None, late_instances: str = "ignore") -> None:
-        """``rules``: the routing rule file (unset: the shipped rules, the node's default)."""
+                 rules: Path | None = None, late_instances: str = "ignore", settings: dict | None = None) -> None:
+        """``rules``: the routing rule file (unset: the shipped rules, the node's default); ``settings``:
+        further sections of the configuration file (e.g. ``containers``)."""
         self.data_dir, self.port = data_dir, free_port()
         config = data_dir.parent / f"{data_dir.name}.yaml"
         config.write_text(yaml.safe_dump({"ingress": {"host": "127.0.0.1", "study_idle_seconds": idle,
                                                       "late_instances": late_instances},
                                           "processing": {"max_concurrent_jobs": 2, "job_timeout_seconds": 300},
-                                          **({"rules": str(rules)} if rules else {})}))
+                                          **({"rules": str(rules)} if rules else {}), **(settings or {})}))
         self.log = (data_dir.parent / f"{data_dir.name}.log").open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "radnode", "-v", "serve", "--config", str(config), "--port", str(self.port),
