@@ -28,8 +28,7 @@ from fhir.resources.R4B.bundle import Bundle
 from factories import restore_totalseg_dicom, write_lesion_case
 from radnode.config import ContainersConfig
 from radnode.container_engine import Engine
-from radnode.map import write_build_context
-from radnode.map_image import bookworm_base, build_image, image_report
+from radnode.map_image import bookworm_base
 from radnode.node.executors import node_label
 from radnode.node.service import Node
 from radnode.node.store import Job, JobState
@@ -78,15 +77,30 @@ class BuiltImage:
     report: dict
 
 
-def _build(engine: Engine, base: str, app: str, tag: str, folder: Path, models: list[Path] = ()) -> BuiltImage:
-    context = write_build_context(app, folder / app, models=models)
-    image_id = build_image(engine, context, tag, base)
-    return BuiltImage(tag, image_id, context, image_report(engine, tag, base))
+def _build(containers: ContainersConfig, engine: Engine, base: str, app: str, tag: str, folder: Path,
+           models: list[Path] = ()) -> BuiltImage:
+    """``radnode map build APP --output DIR --image --tag TAG --base-image BASE`` as a site runs it, its
+    ``containers:`` section (how this sandbox calls podman) in the configuration file it is given."""
+    config = folder / "radnode.yaml"
+    config.write_text(yaml.safe_dump({"containers": containers.model_dump(
+        mode="json", include={"engine", "command", "environment"})}))
+    context = folder / app
+    result = subprocess.run([sys.executable, "-m", "radnode", "map", "build", app, "--output", str(context),
+                             "--image", "--tag", tag, "--base-image", base, "--config", str(config),
+                             *[arg for model in models for arg in ("--model", str(model))]],
+                            capture_output=True, text=True, timeout=3600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    image_id = engine.image_id(tag)
+    assert image_id is not None
+    report = json.loads((context / "image-report.json").read_text())
+    assert f"{tag}: " in result.stdout  # the size report is printed too
+    return BuiltImage(tag, image_id, context, report)
 
 
 @pytest.fixture(scope="session")
-def ct_image(engine: Engine, base_image: str, tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
-    return _build(engine, base_image, "ct_tissue", CT_IMAGE, tmp_path_factory.mktemp("map-ct"))
+def ct_image(containers: ContainersConfig, engine: Engine, base_image: str,
+             tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
+    return _build(containers, engine, base_image, "ct_tissue", CT_IMAGE, tmp_path_factory.mktemp("map-ct"))
 
 
 @pytest.fixture(scope="session")
@@ -102,9 +116,9 @@ def torchscript_model(tiny_unet: torch.nn.Module, tmp_path_factory: pytest.TempP
 
 
 @pytest.fixture(scope="session")
-def model_image(engine: Engine, base_image: str, torchscript_model: Path,
+def model_image(containers: ContainersConfig, engine: Engine, base_image: str, torchscript_model: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
-    return _build(engine, base_image, "model_seg", MODEL_IMAGE, tmp_path_factory.mktemp("map-model"),
+    return _build(containers, engine, base_image, "model_seg", MODEL_IMAGE, tmp_path_factory.mktemp("map-model"),
                   [torchscript_model])
 
 

@@ -292,6 +292,8 @@ def test_map_command_gives_the_same_results_as_radnode_run(contexts: dict[str, P
 
     run_values, map_values = _measurements(by_run / "sr.dcm"), _measurements(by_map / "sr.dcm")
     assert run_values and run_values == map_values
+    if "report.txt" in files:  # the same report text (it carries no UIDs or times)
+        assert (by_run / "report.txt").read_text() == (by_map / "report.txt").read_text()
     run_manifest = json.loads((by_run / "manifest.json").read_text())
     map_manifest = json.loads((by_map / "manifest.json").read_text())
     assert run_manifest["pipeline"] == map_manifest["pipeline"] == app
