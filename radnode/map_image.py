@@ -20,14 +20,13 @@ import sys
 import time
 from dataclasses import dataclass
 from importlib import metadata
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, TextIO
 
-from importlib.resources import files
-
 from radnode.container_engine import Engine, EngineError
 from radnode.map import APPS_PACKAGE, MAP_FILES_PACKAGE, AppMetadata, MapError
-from radnode.resources import package_file, source_checkout
+from radnode.resources import package_file
 
 REQUIREMENTS_FILE = "requirements.txt"
 """``apps/<app>/requirements.txt``: the distributions the app imports when it runs (names; versions are this
@@ -42,10 +41,7 @@ CUDA_IMAGE = "nvcr.io/nvidia/cuda:13.1.1-runtime-ubuntu24.04"
 
 def wheel_cache() -> Path:
     """Where wheels gathered for images are kept, by file name (a wheel's name carries its version: it never
-    changes): the checkout's ``.cache/map-wheels`` for an editable install, else ``$XDG_CACHE_HOME/radnode``."""
-    checkout = source_checkout()
-    if checkout is not None:
-        return checkout / ".cache" / "map-wheels"
+    changes), for every checkout and install of this user: ``$XDG_CACHE_HOME/radnode/map-wheels``."""
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "radnode" / "map-wheels"
 
 
