@@ -12,6 +12,7 @@ import os
 import shutil
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pydicom
 import requests
@@ -22,6 +23,9 @@ from pynetdicom.association import Association
 
 from radnode.config import Config, DicomPeer
 from radnode.node.store import Delivery, JobStore
+
+if TYPE_CHECKING:
+    from radnode.security.audit import AuditTrail
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +63,11 @@ def _copy_durably(source: Path, target: Path) -> list[str]:
 class Egress:
     """Plans a job's deliveries and carries out those that are due."""
 
-    def __init__(self, config: Config, store: JobStore) -> None:
+    def __init__(self, config: Config, store: JobStore, audit: "AuditTrail | None" = None) -> None:
         self.config = config
         self.store = store
+        self.audit = audit
+        """Told of every job whose deliveries have settled (DICOM Instances Transferred / Export messages)."""
 
     def dicom_destinations(self, calling_ae: str) -> list[DicomPeer]:
         """The configured destinations plus, with return-to-sender, the calling AE if it is a known peer."""
@@ -126,6 +132,32 @@ class Egress:
             state = self.store.settle_job(job_id)
             if state is not None:
                 log.info("job %d %s", job_id, state)
+                if self.audit is not None:
+                    self._audit_settled(job_id)
+
+    def _audit_settled(self, job_id: int) -> None:
+        """The audit trail's record of what the job sent where (see :func:`audit_job_deliveries`)."""
+        from radnode.security.audit import audit_job_deliveries
+
+        job = self.store.job(job_id)
+        if job is None or self.audit is None:
+            return
+        folder = outbox_dir(self.config, job_id)
+        sop_classes: dict[str, str] = {}
+        for path in folder.glob("*.dcm"):
+            try:
+                sop_classes[path.name] = str(pydicom.dcmread(path, stop_before_pixels=True,
+                                                             specific_tags=["SOPClassUID"]).SOPClassUID)
+            except (OSError, InvalidDicomError, AttributeError):
+                continue
+        exports = []
+        for name in job.forwards:
+            try:
+                exports.append(self.named_destination(name))
+            except KeyError:
+                continue
+        audit_job_deliveries(self.audit, job.study_instance_uid, job.patient_id or None, self.store.deliveries(job_id),
+                             sop_classes, exports)
 
     def _failed(self, delivery: Delivery, error: str) -> None:
         egress = self.config.egress
@@ -192,7 +224,7 @@ class Egress:
         orthanc = self.config.orthanc
         if not orthanc.url:
             raise requests.RequestException("orthanc.url is not configured")
-        auth = (orthanc.username, orthanc.password) if orthanc.username else None
+        auth = (orthanc.username, orthanc.password.reveal() if orthanc.password else "") if orthanc.username else None
         response = requests.request(method, f"{orthanc.url}{path}", auth=auth,
                                     timeout=self.config.egress.timeout_seconds, **kwargs)  # type: ignore[arg-type]
         if response.status_code >= 400:
