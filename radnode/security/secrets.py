@@ -119,4 +119,4 @@ class Secret:
     def __get_pydantic_core_schema__(cls, source: type, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
         return core_schema.no_info_plain_validator_function(
             cls.parse, serialization=core_schema.plain_serializer_function_ser_schema(
-                lambda s: s.reference(), when_used="always"))
+                lambda s: s.reference(), when_used="json"))
