@@ -71,9 +71,15 @@ def cmd_pipelines(args: argparse.Namespace) -> int:
 
 def cmd_models_check(args: argparse.Namespace) -> int:
     """Load and probe a model folder; list what would stop it from running."""
-    from radnode.models.loading import check_model_folder
+    from radnode.security.sandbox import check_in_sandbox, content_hash
 
-    problems = check_model_folder(Path(args.folder))
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        print(f"problem: {folder}: not a folder")
+        return 2
+    config = _load(args)
+    print(f"{folder}: content {content_hash(folder)}")
+    problems = check_in_sandbox(folder, config)  # a model folder is code: parsed where it reaches nothing
     for problem in problems:
         print(f"problem: {problem}")
     if not problems:
@@ -328,8 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="model folders (MONAI bundle, TorchScript + model.yaml)")
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    check = models_sub.add_parser("check", help="load and probe a model folder, list its problems")
+    check = models_sub.add_parser("check", help="load and probe a model folder (sandboxed), list its problems")
     check.add_argument("folder", help="the model folder")
+    check.add_argument("--config", help="configuration YAML file (sandbox, data directory and secrets to hide)")
     check.set_defaults(func=cmd_models_check)
 
     map_parser = sub.add_parser("map", help="MONAI Application Packages of the apps")

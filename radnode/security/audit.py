@@ -8,6 +8,7 @@ Application Activity (110100)   node start and stop
 DICOM Instances Transferred     every study received (per association) and every result sent
 (110104)                        (per job and destination)
 Begin Transferring (110102)     a job's deliveries start
+Instances Accessed (110103)     a job ran a site model folder on a study (each folder's content hash)
 Export (110106)                 a study or results leave for a forward destination (de-identified or not)
 Query (110112)                  a C-FIND answered (none yet: the node offers no query service)
 Security Alert (110113)         a rejected association, a failed TLS handshake, a refused API call
@@ -46,6 +47,7 @@ Code = tuple[str, str, str]
 
 APPLICATION_ACTIVITY: Code = ("110100", "DCM", "Application Activity")
 BEGIN_TRANSFERRING: Code = ("110102", "DCM", "Begin Transferring DICOM Instances")
+INSTANCES_ACCESSED: Code = ("110103", "DCM", "DICOM Instances Accessed")
 INSTANCES_TRANSFERRED: Code = ("110104", "DCM", "DICOM Instances Transferred")
 EXPORT: Code = ("110106", "DCM", "Export")
 QUERY: Code = ("110112", "DCM", "Query")
@@ -212,6 +214,21 @@ class AuditTrail:
                              address=destination.address)
         return self._emit(EXPORT, "R", outcome, [], [remote, exporter, media],
                           [study.element("10"), *self._patient(patient_id)], description)
+
+    def instances_processed(self, *, study_uid: str, patient_id: str | None, job: str, pipeline: str,
+                            models: Mapping[str, str]) -> str:
+        """DICOM Instances Accessed (110103, action Read): a job's process read the study to run ``pipeline``
+        with the model folders ``models`` (path → content hash), each a Processing Element participant object,
+        so the trail says exactly which code saw the study and produced its results."""
+        process = Participant(job, True, APPLICATION, (self.ae_title,), pipeline)
+        objects = [StudyObject(study_uid).element(), *self._patient(patient_id)]
+        for folder, digest in models.items():
+            obj = ET.Element("ParticipantObjectIdentification", {
+                "ParticipantObjectID": digest, "ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "26"})
+            obj.append(_code("ParticipantObjectIDTypeCode", URI))
+            ET.SubElement(obj, "ParticipantObjectName").text = folder
+            objects.append(obj)
+        return self._emit(INSTANCES_ACCESSED, "R", SUCCESS, [], [process], objects)
 
     def query(self, *, requestor: Participant, sop_class: str, query: bytes) -> str:
         """Query: a C-FIND (or QIDO) the node answered; the query data set is recorded as it came."""
