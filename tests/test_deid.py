@@ -4,7 +4,6 @@ with dciodvfy as the judge of validity and a real SEG whose references must surv
 from __future__ import annotations
 
 import stat
-import subprocess
 from pathlib import Path
 
 import pydicom
@@ -12,7 +11,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from factories import ACCESSION, PATIENT, make_ct_series, phantom_result, write_series
+from factories import ACCESSION, PATIENT, phantom_result, write_chest_phantom
 from radnode.cli import main
 from radnode.imaging.series import VolumeCriteria, load_volume
 from radnode.outputs.algorithm import AlgorithmInfo
@@ -20,15 +19,11 @@ from radnode.outputs.seg import build_segmentation
 from radnode.security.annex_e import remaining_original_values
 from radnode.security.deid import BUILT_IN_PROFILES, Deidentifier, PseudonymMap, Refused, deidentify_folder
 from radnode.security.privacy import SiteKey
+from support.dicom_tools import dciodvfy_errors
 
 KEY = SiteKey(b"site-key-for-tests-0123456789")
 NAME = "Doe^Jane"
 """The patient's name here (the phantom's own, Phantom^Chest, would make "CT CHEST" identifying)."""
-
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    result = subprocess.run(["/usr/bin/dciodvfy", str(path)], capture_output=True, text=True)
-    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("Error")]
 
 
 @pytest.fixture
@@ -36,8 +31,8 @@ def study_with_seg(tmp_path: Path) -> Path:
     """A phantom CT series with identifying data everywhere (incl. a private tag and a nested one) and a
     SEG of it."""
     folder = tmp_path / "study"
-    datasets = make_ct_series(12, 32, 32)
-    for ds in datasets:
+    for path in write_chest_phantom(folder, 12, 32, 32):
+        ds = pydicom.dcmread(path)
         ds.PatientName = NAME
         ds.PatientBirthDate, ds.OtherPatientIDs, ds.PatientAddress = PATIENT["PatientBirthDate"], "OLD-77", "1 Main St"
         ds.InstitutionAddress, ds.OperatorsName = "Hospital Road 5", "Tech^Tom"
@@ -50,7 +45,7 @@ def study_with_seg(tmp_path: Path) -> Path:
         ref = Dataset()
         ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = ds.SOPClassUID, generate_uid()
         ds.ReferencedImageSequence = [ref]
-    write_series(datasets, folder)
+        ds.save_as(path)
     volume, _ = load_volume(folder, VolumeCriteria())
     seg = build_segmentation(volume, phantom_result(volume).segments[:2], AlgorithmInfo("test", "1"),
                              uid_root="1.2.826.0.1.3680043.8.498.")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import stat
 import subprocess
-import sys
 import textwrap
 import time
 from collections.abc import Iterator
@@ -18,34 +17,18 @@ import pydicom
 import pytest
 from lxml import etree
 
-from factories import ACCESSION, PATIENT, Pki, make_ct_series, make_pki, write_series
-from radnode.config import Config
+from factories import ACCESSION, PATIENT, Pki, make_pki, write_chest_phantom
 from radnode.node.service import Node
 from radnode.node.store import JobState
 from radnode.peers import StoreSCP, free_port
 from radnode.security.audit_schema import schema_errors, schema_text
+from support.dicom_tools import STORESCU
+from support.node import final_job, node_config
+from support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
-STORESCU = "/usr/bin/storescu"
 RSYSLOGD = "/usr/sbin/rsyslogd"
-
-ONE_RESULT = textwrap.dedent('''
-    """Job command: one derived object per study (a copy of the first image as a new series)."""
-    import argparse, pathlib
-    import pydicom
-    from pydicom.uid import generate_uid
-    parser = argparse.ArgumentParser()
-    parser.add_argument("input")
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--pipeline")
-    args = parser.parse_args()
-    first = pydicom.dcmread(sorted(pathlib.Path(args.input).iterdir())[0])
-    first.SOPInstanceUID = first.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    first.SeriesInstanceUID, first.SeriesDescription = generate_uid(), "result"
-    first.save_as(pathlib.Path(args.output) / "result.dcm")
-''')
-
 
 class Rsyslog:
     """rsyslogd receiving RFC 5425 syslog over TLS on loopback, writing each message's MSG part to a file."""
@@ -95,13 +78,6 @@ def collector(tmp_path: Path) -> Iterator[tuple[Rsyslog, Pki]]:
     server.stop()
 
 
-def wait_for(condition, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
-
-
 def jing_errors(messages: list[str], folder: Path) -> str:
     """What jing (James Clark's RELAX NG validator, not radnode's code) says of the messages; '' when valid."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -116,24 +92,20 @@ def jing_errors(messages: list[str], folder: Path) -> str:
 
 
 def test_a_study_in_and_results_out_are_audited_locally_and_at_the_collector(
-        tmp_path: Path, collector: tuple[Rsyslog, Pki], caplog: pytest.LogCaptureFixture) -> None:
+        tmp_path: Path, collector: tuple[Rsyslog, Pki], stand_in: list[str], caplog: pytest.LogCaptureFixture) -> None:
     rsyslog, pki = collector
-    command = tmp_path / "one_result.py"
-    command.write_text(ONE_RESULT)
-    study = write_series(make_ct_series(4, 16, 16), tmp_path / "study")
+    study = write_chest_phantom(tmp_path / "study", 4, 16, 16)
     with StoreSCP(tmp_path / "pacs") as pacs:
-        config = Config.model_validate({
-            "data_dir": str(tmp_path / "data"),
-            "ingress": {"host": "127.0.0.1", "port": 0, "study_idle_seconds": 0.5},
-            "egress": {"destinations": [pacs.peer.model_dump()], "retry_initial_seconds": 0.2, "timeout_seconds": 5},
-            "audit": {"syslog": {"host": "127.0.0.1", "port": rsyslog.port, "tls": {"ca_bundle": str(pki.ca)}}}})
+        config = node_config(tmp_path, egress={"destinations": [pacs.peer.model_dump()]}, audit={
+            "syslog": {"host": "127.0.0.1", "port": rsyslog.port, "tls": {"ca_bundle": str(pki.ca)}}})
         caplog.set_level(logging.INFO)
-        with Node(config, job_command=[sys.executable, str(command)], poll_seconds=0.05) as node:
+        with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
             sent = subprocess.run([STORESCU, "-aet", "CT01", "-aec", "RADNODE", "127.0.0.1", str(node.port),
                                    *map(str, study)], capture_output=True, text=True, timeout=60)
             assert sent.returncode == 0, sent.stderr
-            wait_for(lambda: node.jobs() and node.jobs()[0].state in (JobState.DONE, JobState.FAILED))
-            assert node.jobs()[0].state is JobState.DONE, node.jobs()[0].reason
+            wait_until(lambda: node.jobs(), timeout=30)
+            job = final_job(node, node.jobs()[0].id, timeout=60)
+            assert job.state is JobState.DONE, job.reason
             assert len(pacs.received()) == 1
             audit_log = node.audit.path
         local = audit_log.read_text(encoding="utf-8").splitlines()
@@ -154,7 +126,7 @@ def test_a_study_in_and_results_out_are_audited_locally_and_at_the_collector(
 
     assert all(not schema_errors(m) for m in local), [schema_errors(m) for m in local]
     assert jing_errors(local, tmp_path / "jing") == ""
-    wait_for(lambda: len(rsyslog.messages()) == len(local), timeout=20)
+    wait_until(lambda: len(rsyslog.messages()) == len(local), timeout=20)
     assert rsyslog.messages() == local
 
     # privacy: no patient identifier in any log line, nor in the files the node wrote outside the spool, jobs

@@ -9,20 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from factories import Pki, make_ct_series, make_pki, write_series
+from factories import Pki, make_pki, write_study
 from radnode.config import AuditConfig, IngressConfig
 from radnode.node.scp import Ingest, Spool, StorageSCP
 from radnode.node.store import JobStore
 from radnode.security.audit import AuditTrail
 from radnode.security.audit_schema import schema_errors
 from radnode.security.privacy import SiteKey
-
-STORESCU = "/usr/bin/storescu"  # DCMTK's, not pynetdicom's command of the same name in the venv
-
-
-def write_study(folder: Path, n: int) -> list[Path]:
-    """A small phantom CT study of ``n`` slices (a new study each time)."""
-    return write_series(make_ct_series(n, 16, 16), folder)
+from support.dicom_tools import STORESCU
 
 pytestmark = pytest.mark.slow
 

@@ -5,20 +5,21 @@ network; each folder's content hash goes into the job's events and the audit tra
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 
-from factories import make_ct_series, write_series
+from factories import write_chest_phantom
 from radnode.cli import main
 from radnode.config import Config
 from radnode.node.service import Node
 from radnode.node.store import JobState
 from radnode.security.sandbox import content_hash
+from support.dicom_tools import storescu
+from support.node import final_job
+from support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -98,15 +99,11 @@ def test_a_job_with_a_site_model_runs_without_the_data_directory_or_the_network(
         "processing": {"default_pipeline": "model_seg", "models": {"model_seg": [str(model)]}}})
     with Node(config, job_command=[sys.executable, str(tmp_path / "probe.py")], poll_seconds=0.05) as node:
         (tmp_path / "probe.py").write_text(PROBE % {"data": str(data), "model": str(model), "port": node.port})
-        study = write_series(make_ct_series(2, 16, 16), tmp_path / "study")
-        sent = subprocess.run(["/usr/bin/storescu", "-aec", "RADNODE", "127.0.0.1", str(node.port), *map(str, study)],
-                              capture_output=True, text=True, timeout=60)
+        study = write_chest_phantom(tmp_path / "study", 2, 16, 16)
+        sent = storescu(node.port, *study)
         assert sent.returncode == 0, sent.stderr
-        deadline = time.monotonic() + 60
-        while not (node.jobs() and node.jobs()[0].state in (JobState.DONE, JobState.FAILED)):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        job = node.jobs()[0]
+        wait_until(lambda: node.jobs(), timeout=30)
+        job = final_job(node, node.jobs()[0].id, timeout=60)
         assert job.state is JobState.DONE, job.reason
         seen = json.loads((data / "jobs" / str(job.id) / "out" / "seen.json").read_text())
         events = [e.message for e in node.events(job.id)]
