@@ -142,3 +142,21 @@ def test_unknown_senders_and_wrong_called_titles_are_rejected_at_association(rec
     for called in ("RADNODE", "AI_NODE"):
         assert send(node.scp.port, write_study(tmp_path / called, n=1), called_ae=called).returncode == 0
     assert node.stored() == 2
+
+
+def test_a_peer_triggers_only_the_pipelines_its_entry_lists(tmp_path: Path) -> None:
+    from pydicom import dcmread
+
+    from radnode.node.scp import Origin, Router
+    from radnode.security.access import PeerPolicy
+
+    policy = PeerPolicy(IngressConfig(allowed_peers=[{"ae_title": "CT01", "pipelines": ["ct_tissue"]},
+                                                     {"ae_title": "RESEARCH", "pipelines": []}]))
+    ds = dcmread(write_study(tmp_path / "s", n=1)[0])
+    for default, sender, expected in (("ct_tissue", "CT01", ("ct_tissue",)), ("mri_brain", "CT01", ()),
+                                      ("ct_tissue", "RESEARCH", ()), ("mri_brain", "OTHER", ("mri_brain",))):
+        route = Router(default, policy=policy).route(ds, Origin(sender, "10.0.0.20:4000", "a1"))
+        assert route.pipelines == expected
+        assert route.discard is (not expected)
+        if not expected:
+            assert f"not run for {sender} (ingress.allowed_peers): {default}" in route.description

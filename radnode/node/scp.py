@@ -203,23 +203,43 @@ class Router:
     """The routing decision for a series from its first instance: the rule set's (execution settings
     included), or the default pipeline run the node's default way."""
 
-    def __init__(self, default_pipeline: str, rules: RuleSet | None = None, late_instances: str = "rerun") -> None:
+    def __init__(self, default_pipeline: str, rules: RuleSet | None = None, late_instances: str = "rerun",
+                 policy: PeerPolicy | None = None) -> None:
         self.default_pipeline = default_pipeline
         self.rules = rules
         self.late_instances = late_instances
+        self.policy = policy
+        """Limits what each sender may trigger (``ingress.allowed_peers[].pipelines``), after the rules."""
         self.tags = sorted({*INDEX_TAGS, *COMPLETENESS_TAGS, *(rules.keywords if rules else ())})
         """The tags parsed on receipt: the index's, the expected-count signals and what the rules read."""
 
     def route(self, ds: Dataset, origin: "Origin") -> SeriesRoute:
-        """The series' route; without rules every series goes to the default pipeline."""
+        """The series' route; without rules every series goes to the default pipeline. A pipeline the sender
+        may not trigger is dropped (and said so in the route's description)."""
         if self.rules is None:
-            return SeriesRoute((self.default_pipeline,), late_instances=self.late_instances)
+            pipelines, refused = self._restrict((self.default_pipeline,), origin)
+            return SeriesRoute(pipelines, discard=not pipelines, late_instances=self.late_instances,
+                               description=_refused(refused, origin))
         decision = self.rules.route(ds, RoutingContext(calling_ae=origin.calling_ae, called_ae=origin.called_ae))
         c = decision.completeness
-        nothing_to_do = not (decision.pipelines or decision.forwards)
-        return SeriesRoute(decision.pipelines, decision.forwards, decision.discard or nothing_to_do,
+        pipelines, refused = self._restrict(decision.pipelines, origin)
+        nothing_to_do = not (pipelines or decision.forwards)
+        description = "; ".join(filter(None, (decision.describe(), _refused(refused, origin))))
+        return SeriesRoute(pipelines, decision.forwards, decision.discard or nothing_to_do,
                            decision.priority.rank, c.study_idle_seconds, c.series_grace_seconds,
-                           str(c.late_instances or self.late_instances), decision.describe(), decision.execution)
+                           str(c.late_instances or self.late_instances), description, decision.execution)
+
+    def _restrict(self, pipelines: tuple[str, ...], origin: "Origin") -> tuple[tuple[str, ...], tuple[str, ...]]:
+        if self.policy is None:
+            return pipelines, ()
+        return self.policy.restrict(pipelines, origin.calling_ae, origin.peer_address.rsplit(":", 1)[0])
+
+
+def _refused(pipelines: tuple[str, ...], origin: "Origin") -> str:
+    """The route description's note on pipelines the sender may not trigger ('' when none)."""
+    if not pipelines:
+        return ""
+    return f"not run for {origin.calling_ae} (ingress.allowed_peers): {', '.join(pipelines)}"
 
 
 def index_tags(stream: BytesIO | Path, tags: list[str] = INDEX_TAGS) -> Dataset:
@@ -334,7 +354,7 @@ class StorageSCP:
         self.config = config
         self.ingest = ingest
         self.audit = audit
-        self.policy = PeerPolicy(config)
+        self.policy = ingest.router.policy or PeerPolicy(config)
         self.tls_failures = 0
         """TLS handshakes refused or failed (no client certificate, untrusted CA, not TLS at all)."""
         self._ae = self._make_ae(config)

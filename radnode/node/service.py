@@ -51,6 +51,7 @@ from radnode.node.store import Delivery, Event, Job, JobState, JobStore
 from radnode.node.worker import DEFAULT_JOB_COMMAND, Scheduler
 from radnode.pipelines.registry import registered_pipelines
 from radnode.pipelines.rules import RuleSet, load_rules
+from radnode.security.access import PeerPolicy
 from radnode.security.audit import AuditTrail
 from radnode.security.privacy import SiteKey, make_private, private_umask, write_owner_only
 
@@ -95,7 +96,7 @@ class Node:
         self.audit = AuditTrail(self.config.audit, data, self.config.ingress.ae_title, self.site_key)
         self.audit.application_activity(started=True)
         router = Router(self.config.processing.default_pipeline, self.load_rules(),
-                        self.config.ingress.late_instances)
+                        self.config.ingress.late_instances, PeerPolicy(self.config.ingress))
         self.store = store = JobStore(data / "radnode.db")
         spool = Spool(data / "spool", fsync=self.config.ingress.sync_spool)
         self.disk_guard = DiskGuard.from_config(spool.root, self.config.retention)

@@ -99,3 +99,12 @@ class PeerPolicy:
         """The pipelines a sender's studies may run (None: no limit)."""
         peer = self.match(calling_ae, address)
         return peer.pipelines if peer is not None else None
+
+    def restrict(self, pipelines: tuple[str, ...], calling_ae: str, address: str
+                 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """``pipelines`` split into those this sender may trigger and those its ``allowed_peers`` entry does not
+        list (a decision filter applied after the rules; without an entry or a ``pipelines`` list, no limit)."""
+        allowed = self.allowed_pipelines(calling_ae, address)
+        if allowed is None:
+            return pipelines, ()
+        return (tuple(p for p in pipelines if p in allowed), tuple(p for p in pipelines if p not in allowed))
