@@ -29,25 +29,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-class DicomPeer(_Strict):
-    """A DICOM application entity reachable over the network."""
-
-    ae_title: Annotated[str, Field(min_length=1, max_length=16)]
-    host: str
-    port: Annotated[int, Field(ge=1, le=65535)]
-
-    @classmethod
-    def parse(cls, text: str) -> "DicomPeer":
-        """Parse ``AET@HOST:PORT`` as used on the command line."""
-        m = re.fullmatch(r"([^@]{1,16})@([^:]+):(\d{1,5})", text.strip())
-        if not m:
-            raise ConfigError(f"destination {text!r}: expected AET@HOST:PORT, e.g. PACS@10.0.0.5:104")
-        return cls(ae_title=m.group(1), host=m.group(2), port=int(m.group(3)))
-
-    def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
-
-
 class TlsConfig(_Strict):
     """TLS for a DICOM or syslog connection (PS3.15 B.9 BCP 195 profile: TLS 1.2 or newer, no older).
 
@@ -59,6 +40,28 @@ class TlsConfig(_Strict):
     private_key_password: Secret | None = None
     ca_bundle: Path | None = None
     min_version: Literal["1.2", "1.3"] = "1.2"
+
+
+class DicomPeer(_Strict):
+    """A DICOM application entity reachable over the network."""
+
+    ae_title: Annotated[str, Field(min_length=1, max_length=16)]
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)]
+    tls: TlsConfig | None = None
+    """Associate over TLS: ``ca_bundle`` the CAs its certificate must chain to (its host name or IP address
+    checked too), ``certificate``/``private_key`` the node's own for mutual TLS."""
+
+    @classmethod
+    def parse(cls, text: str) -> "DicomPeer":
+        """Parse ``AET@HOST:PORT`` as used on the command line."""
+        m = re.fullmatch(r"([^@]{1,16})@([^:]+):(\d{1,5})", text.strip())
+        if not m:
+            raise ConfigError(f"destination {text!r}: expected AET@HOST:PORT, e.g. PACS@10.0.0.5:104")
+        return cls(ae_title=m.group(1), host=m.group(2), port=int(m.group(3)))
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
 
 
 class IngressTlsConfig(TlsConfig):

@@ -160,3 +160,40 @@ def test_a_peer_triggers_only_the_pipelines_its_entry_lists(tmp_path: Path) -> N
         assert route.discard is (not expected)
         if not expected:
             assert f"not run for {sender} (ingress.allowed_peers): {default}" in route.description
+
+
+def test_a_tls_only_node_sends_its_results_over_tls_to_a_storescp_tls_destination(
+        tmp_path: Path, pki: Pki, stand_in: list[str]) -> None:
+    from radnode.node.service import Node
+    from radnode.node.store import JobState
+    from radnode.peers import StoreSCP
+    from support.node import final_job, node_config
+    from support.waiting import wait_until
+
+    node_tls = {"certificate": str(pki.client_cert), "private_key": str(pki.client_key), "ca_bundle": str(pki.ca)}
+    with StoreSCP(tmp_path / "pacs", tls=(pki.server_key, pki.server_cert, pki.ca),
+                  require_client_certificate=True) as pacs:
+        destination = {**pacs.peer.model_dump(), "tls": node_tls}
+        config = node_config(tmp_path, ingress={"plain_listener": False, "tls": tls_listener(pki, mutual=True)},
+                             egress={"destinations": [destination]})
+        with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
+            study = write_study(tmp_path / "study", n=3)
+            assert send(node.tls_port, study).returncode != 0  # plain DICOM: no listener speaks it
+            sent = send(node.tls_port, study, "+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca))
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+            wait_until(lambda: node.jobs(), timeout=30)
+            job = final_job(node, node.jobs()[0].id, timeout=60)
+            assert job.state is JobState.DONE, job.reason
+        assert len(pacs.received()) == 1  # the result, received by storescp over mutual TLS
+    # the same destination without the node's client certificate: storescp refuses it, the delivery fails
+    with StoreSCP(tmp_path / "pacs2", tls=(pki.server_key, pki.server_cert, pki.ca),
+                  require_client_certificate=True) as pacs:
+        config = node_config(tmp_path / "second", egress={"max_attempts": 1, "destinations": [
+            {**pacs.peer.model_dump(), "tls": {"ca_bundle": str(pki.ca)}}]})
+        with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
+            assert send(node.port, write_study(tmp_path / "again", n=1)).returncode == 0
+            wait_until(lambda: node.jobs(), timeout=30)
+            job = final_job(node, node.jobs()[0].id, timeout=60)
+            deliveries = node.deliveries(job.id)
+        assert job.state is JobState.FAILED and pacs.received() == []
+        assert any("(TLS)" in (d.last_error or "") for d in deliveries), [d.last_error for d in deliveries]

@@ -123,7 +123,7 @@ class Egress:
         for (job_id, destination), deliveries in groups.items():
             folder = outbox_dir(self.config, job_id)
             if destination.startswith(DICOM_PREFIX):
-                self._send_dicom(DicomPeer.parse(destination.removeprefix(DICOM_PREFIX)), folder, deliveries)
+                self._send_dicom(self._configured_peer(destination.removeprefix(DICOM_PREFIX)), folder, deliveries)
             elif destination == ORTHANC or destination.startswith((ORTHANC_MODALITY, ORTHANC_DICOMWEB)):
                 self._send_orthanc(destination, folder, deliveries)
             else:
@@ -159,6 +159,14 @@ class Egress:
         audit_job_deliveries(self.audit, job.study_instance_uid, job.patient_id or None, self.store.deliveries(job_id),
                              sop_classes, exports)
 
+    def _configured_peer(self, address: str) -> DicomPeer:
+        """The configured peer (with its TLS settings) a delivery's ``AET@HOST:PORT`` names."""
+        egress = self.config.egress
+        for peer in (*egress.destinations, *egress.known_peers):
+            if str(peer) == address:
+                return peer
+        return DicomPeer.parse(address)
+
     def _failed(self, delivery: Delivery, error: str) -> None:
         egress = self.config.egress
         self.store.delivery_failed(delivery.id, error, egress.max_attempts,
@@ -188,9 +196,20 @@ class Egress:
         ae.connection_timeout = self.config.egress.timeout_seconds
         for sop_class, transfer_syntaxes in syntaxes.items():
             ae.add_requested_context(sop_class, sorted(transfer_syntaxes))
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+        tls_args = None
+        if peer.tls is not None:
+            from radnode.security.tls import TlsSetupError, client_context
+
+            try:
+                tls_args = (client_context(peer.tls, f"destination {peer}"), peer.host)
+            except TlsSetupError as e:
+                for delivery in deliveries:
+                    self._failed(delivery, str(e))
+                return
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
         if not assoc.is_established:
             why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
+            why += " (TLS)" if tls_args else ""
             for delivery in deliveries:
                 self._failed(delivery, f"association with {peer} {why}")
             return
