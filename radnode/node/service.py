@@ -53,7 +53,7 @@ from radnode.pipelines.registry import registered_pipelines
 from radnode.pipelines.rules import RuleSet, load_rules
 from radnode.security.access import PeerPolicy
 from radnode.security.audit import AuditTrail
-from radnode.security.privacy import SiteKey, make_private, private_umask, write_owner_only
+from radnode.security.privacy import IdentitySeal, SiteKey, make_private, private_umask, write_owner_only
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class Node:
         self.audit.application_activity(started=True)
         router = Router(self.config.processing.default_pipeline, self.load_rules(),
                         self.config.ingress.late_instances, PeerPolicy(self.config.ingress))
-        self.store = store = JobStore(data / "radnode.db")
+        self.store = store = JobStore(data / "radnode.db", IdentitySeal(self.site_key))  # patient IDs encrypted
         spool = Spool(data / "spool", fsync=self.config.ingress.sync_spool)
         self.disk_guard = DiskGuard.from_config(spool.root, self.config.retention)
         ingest = Ingest(spool, store, self.config.processing.default_pipeline, router, self.disk_guard)

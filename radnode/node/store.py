@@ -41,11 +41,15 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from radnode.pipelines.rules import Execution, ExecutionMode
+
+if TYPE_CHECKING:
+    from radnode.security.privacy import IdentitySeal
 
 
 class JobState(StrEnum):
@@ -204,6 +208,9 @@ class Delivery:
     attempts: int
     next_attempt_at: float
     last_error: str | None
+
+
+_Record = TypeVar("_Record", "Job", "Instance")
 
 
 SCHEMA = """
@@ -366,7 +373,10 @@ _ROUTE_COLUMN_COUNT = len(_ROUTE_COLUMNS.split(","))
 class JobStore:
     """Thread-safe access to the node's SQLite database (``data_dir/radnode.db``)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, seal: "IdentitySeal | None" = None) -> None:
+        """``seal``: patient identifiers are stored encrypted with it and opened on reading (the node passes
+        its site key's; a store opened without one returns them as stored)."""
+        self._seal = seal
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=30)
         self._lock = threading.RLock()
@@ -380,6 +390,15 @@ class JobStore:
                 if name not in columns:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {definition}")
         self._db.executescript(_INDEXES_AFTER_MIGRATION)
+
+    def _sealed(self, patient_id: str) -> str:
+        return self._seal.seal(patient_id) if self._seal is not None else patient_id
+
+    def _opened(self, record: _Record) -> _Record:
+        """A job or instance with its patient identifier opened (see ``seal``)."""
+        if self._seal is None or not record.patient_id:
+            return record
+        return replace(record, patient_id=self._seal.open(record.patient_id))
 
     def close(self) -> None:
         """Close the connection; the store cannot be used afterwards."""
@@ -471,7 +490,7 @@ class JobStore:
                 "INSERT INTO instances (sop_instance_uid, study_instance_uid, series_instance_uid, patient_id,"
                 " modality, sop_class_uid, calling_ae, peer_address, association_id, received_at, path, job_id,"
                 " late) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (inst.sop_instance_uid, inst.study_instance_uid, inst.series_instance_uid, inst.patient_id,
+                (inst.sop_instance_uid, inst.study_instance_uid, inst.series_instance_uid, self._sealed(inst.patient_id),
                  inst.modality, inst.sop_class_uid, inst.calling_ae, inst.peer_address, inst.association_id,
                  inst.received_at, inst.path, job_id, int(arrival is Arrival.LATE)))
             return arrival, job_id
@@ -497,7 +516,7 @@ class JobStore:
         job_id = db.execute(
             "INSERT INTO jobs (study_instance_uid, patient_id, pipeline, state, calling_ae, peer_address,"
             " created_at, last_instance_at, updated_at, priority, whole_study) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (inst.study_instance_uid, inst.patient_id, route.pipelines[0] if route.pipelines else "",
+            (inst.study_instance_uid, self._sealed(inst.patient_id), route.pipelines[0] if route.pipelines else "",
              JobState.RECEIVED, inst.calling_ae, inst.peer_address, inst.received_at, inst.received_at,
              inst.received_at, route.priority, int(whole_study))).lastrowid
         self._log(db, job_id, "received",
@@ -678,7 +697,7 @@ class JobStore:
         """The queued job to run next: most urgent priority first, then the earliest arrival."""
         rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs j WHERE j.state = ?"
                            " ORDER BY j.priority DESC, j.created_at, j.id LIMIT 1", (JobState.QUEUED,))
-        return _job(rows[0]) if rows else None
+        return self._opened(_job(rows[0])) if rows else None
 
     def start_job(self, job_id: int, command: str) -> bool:
         """``queued → running``; counts the run and logs the command; a previous run's review state is cleared.
@@ -702,7 +721,7 @@ class JobStore:
             " i.study_instance_uid = j.study_instance_uid AND i.job_id < j.id))"
             " AND i.series_instance_uid NOT IN (SELECT series_instance_uid FROM series WHERE discard = 1)"
             " ORDER BY i.received_at", (job_id,))
-        return [Instance(*row) for row in rows]
+        return [self._opened(Instance(*row)) for row in rows]
 
     def requeue(self, job_id: int, why: str) -> bool:
         """``running → queued`` (interrupted by shutdown or crash); the run will start again from scratch."""
@@ -896,7 +915,7 @@ class JobStore:
     def job(self, job_id: int) -> Job | None:
         """One job with its instance counts, or None."""
         rows = self._query(f"SELECT {_JOB_COLUMNS} FROM jobs j WHERE j.id = ?", (job_id,))
-        return _job(rows[0]) if rows else None
+        return self._opened(_job(rows[0])) if rows else None
 
     def jobs(self, state: JobState | None = None, needs_review: bool | None = None) -> list[Job]:
         """All jobs, oldest first; or those in one ``state``, those flagged for review (``needs_review=True``)
@@ -909,7 +928,8 @@ class JobStore:
             conditions.append("j.needs_review = ?")
             params.append(int(needs_review))
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
-        return [_job(row) for row in self._query(f"SELECT {_JOB_COLUMNS} FROM jobs j {where} ORDER BY j.id", params)]
+        return [self._opened(_job(row))
+                for row in self._query(f"SELECT {_JOB_COLUMNS} FROM jobs j {where} ORDER BY j.id", params)]
 
     def job_counts(self) -> tuple[dict[str, int], int]:
         """Jobs per state and how many are flagged for review, counted in SQL (cheap for a health probe)."""
@@ -930,7 +950,7 @@ class JobStore:
             "SELECT sop_instance_uid, study_instance_uid, series_instance_uid, patient_id, modality, sop_class_uid,"
             " path, calling_ae, peer_address, association_id, received_at FROM instances WHERE job_id = ?"
             " ORDER BY received_at", (job_id,))
-        return [Instance(*row) for row in rows]
+        return [self._opened(Instance(*row)) for row in rows]
 
     # --- helpers ---------------------------------------------------------------------------------
 

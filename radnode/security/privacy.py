@@ -126,3 +126,34 @@ class SiteKey:
     def days(self, label: str, value: str, span: int = 3650) -> int:
         """A stable whole number of days in [1, ``span``] for ``value`` (e.g. a patient's date shift)."""
         return 1 + int.from_bytes(self.digest(label, value)[:8], "big") % span
+
+
+class IdentitySeal:
+    """Patient identifiers encrypted at rest (Fernet: AES-128-CBC + HMAC-SHA256, key derived from the site
+    key): the job store keeps ``sealed:…`` in its patient column and opens it on reading, so a copy of the
+    database (a backup, a support bundle) names no patient without the key. Values written before sealing
+    existed are read as they are."""
+
+    PREFIX = "sealed:"
+
+    def __init__(self, site_key: SiteKey) -> None:
+        import base64
+
+        from cryptography.fernet import Fernet
+
+        self._fernet = Fernet(base64.urlsafe_b64encode(site_key.digest("identity-seal", "v1")))
+
+    def seal(self, value: str) -> str:
+        """``value`` encrypted (empty stays empty: nothing to hide)."""
+        return f"{self.PREFIX}{self._fernet.encrypt(value.encode()).decode()}" if value else value
+
+    def open(self, value: str) -> str:
+        """The plain value of :meth:`seal`'s output (other values unchanged)."""
+        if not value or not value.startswith(self.PREFIX):
+            return value
+        from cryptography.fernet import InvalidToken
+
+        try:
+            return self._fernet.decrypt(value.removeprefix(self.PREFIX).encode()).decode()
+        except InvalidToken:
+            return "(sealed with another site key)"
