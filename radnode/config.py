@@ -155,6 +155,11 @@ class EgressConfig(_Strict):
     """Destinations the routing rules name in ``forward:``: ``AET@HOST:PORT`` (C-STORE from the node),
     ``orthanc-modality:NAME`` or ``orthanc-dicomweb:NAME`` (sent by Orthanc through its REST API)."""
 
+    deidentify: dict[str, str] = {}
+    """Forward destination name → de-identification profile (``basic``, ``research`` or a
+    ``deidentification.profiles`` name): what is forwarded there is de-identified first, and objects the
+    profile refuses (burned-in annotation) are not sent, with the reason in the job's events."""
+
     @field_validator("named_destinations")
     @classmethod
     def _destinations(cls, v: dict[str, str]) -> dict[str, str]:
@@ -173,6 +178,13 @@ class EgressConfig(_Strict):
         if v is not None and not re.match(r"https?://", v):
             raise ValueError("expected an http:// or https:// URL")
         return v.rstrip("/") if v else v
+
+    @model_validator(mode="after")
+    def _deidentified_destinations(self) -> "EgressConfig":
+        unknown = sorted(set(self.deidentify) - set(self.named_destinations))
+        if unknown:
+            raise ValueError(f"deidentify names {', '.join(unknown)}, not in named_destinations")
+        return self
 
 
 class ProcessingConfig(_Strict):
@@ -389,6 +401,14 @@ class Config(_Strict):
     rules: Path | None = None
     """Routing rule file (``pipelines/default_rules.yaml`` is the shipped one); unset: every series goes to
     ``processing.default_pipeline``."""
+
+    @model_validator(mode="after")
+    def _known_profiles(self) -> "Config":
+        known = {"basic", "research", *self.deidentification.profiles}
+        for name, profile in self.egress.deidentify.items():
+            if profile not in known:
+                raise ValueError(f"egress.deidentify.{name}: unknown profile {profile!r} (known: {', '.join(sorted(known))})")
+        return self
 
     @field_validator("uid_root")
     @classmethod

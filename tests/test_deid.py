@@ -146,3 +146,47 @@ def test_radnode_deidentify_command(study_with_seg: Path, tmp_path: Path, capsys
     assert len(list((tmp_path / "out").iterdir())) == 13
     key = tmp_path / "data" / "keys" / "site.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
+
+
+def test_a_study_forwarded_through_the_basic_profile_arrives_de_identified_and_burned_in_captures_stay(
+        study_with_seg: Path, tmp_path: Path, stand_in: list[str]) -> None:
+    from radnode.node.service import Node
+    from radnode.node.store import JobState
+    from radnode.peers import StoreSCP
+    from support.dicom_tools import storescu
+    from support.node import final_job, node_config
+    from support.waiting import wait_until
+
+    (study_with_seg / "seg.dcm").unlink()  # the images as a scanner sends them, and a screenshot of the study
+    capture = pydicom.dcmread(secondary_capture(tmp_path / "sc", "YES"))
+    images = sorted(study_with_seg.iterdir())
+    capture.StudyInstanceUID = pydicom.dcmread(images[0]).StudyInstanceUID
+    capture.save_as(study_with_seg / "capture.dcm")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - name: research\n    when: {StudyInstanceUID: {matches: '.'}}\n"
+                     "    forward: [RESEARCH]\n")
+    with StoreSCP(tmp_path / "research") as research:
+        config = node_config(tmp_path, egress={"named_destinations": {"RESEARCH": str(research.peer)},
+                                               "deidentify": {"RESEARCH": "basic"}})
+        config = config.model_copy(update={"rules": rules})
+        with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
+            assert storescu(node.port, study_with_seg).returncode == 0
+            wait_until(lambda: node.jobs(), timeout=30)
+            job = final_job(node, node.jobs()[0].id, timeout=60)
+            events = " ".join(e.message for e in node.events(job.id))
+            audit_log = node.audit.path
+        audit = audit_log.read_text()  # complete once the node has stopped
+        assert job.state is JobState.DONE, job.reason
+        received = [pydicom.dcmread(p) for p in research.received()]
+    assert len(received) == len(images)  # every image, and not the capture
+    assert "not forwarded (basic de-identification refused" in events and "BurnedInAnnotation is YES" in events
+    originals = {KEY.uid(str(pydicom.dcmread(p).SOPInstanceUID)): pydicom.dcmread(p) for p in images}
+    site_key_uids = {str(ds.SOPInstanceUID) for ds in received}
+    assert site_key_uids.isdisjoint(str(ds.SOPInstanceUID) for ds in originals.values())
+    assert len({ds.StudyInstanceUID for ds in received}) == 1 and len({ds.SeriesInstanceUID for ds in received}) == 1
+    for path, ds in zip(research.received(), received):
+        original = next(o for o in originals.values() if o.InstanceNumber == ds.InstanceNumber)
+        assert remaining_original_values(original, ds) == [], path
+        assert dciodvfy_errors(path) == [], path
+    export = next(m for m in audit.splitlines() if 'csd-code="110106"' in m)
+    assert "<Anonymized>true</Anonymized>" in export

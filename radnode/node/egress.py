@@ -26,6 +26,7 @@ from radnode.node.store import Delivery, JobStore
 
 if TYPE_CHECKING:
     from radnode.security.audit import AuditTrail
+    from radnode.security.privacy import SiteKey
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,8 @@ class Egress:
         self.store = store
         self.audit = audit
         """Told of every job whose deliveries have settled (DICOM Instances Transferred / Export messages)."""
+        self.site_key: SiteKey | None = audit.site_key if audit is not None else None
+        """For de-identified forwards (``egress.deidentify``): UIDs and pseudonyms under the site's key."""
 
     def dicom_destinations(self, calling_ae: str) -> list[DicomPeer]:
         """The configured destinations plus, with return-to-sender, the calling AE if it is a known peer."""
@@ -107,13 +110,45 @@ class Egress:
             targets += [ORTHANC] if self.config.orthanc.url and self.config.orthanc.results_to_orthanc else []
         else:
             targets = []
+        profiles = {target: self.config.egress.deidentify[name] for name, target in zip(job.forwards, forwards)
+                    if name in self.config.egress.deidentify}
         targets = list(dict.fromkeys(targets + forwards))
-        plan = [(target, name) for target in targets for name in dicom]
+        plan = [(target, name) for target in targets if target not in profiles for name in dicom]
+        notes = []
+        for profile in dict.fromkeys(profiles.values()):
+            staged, refused = self._deidentified(job_id, profile, dicom)
+            plan += [(target, name) for target, p in profiles.items() if p == profile for name in staged]
+            notes += [f"not forwarded ({profile} de-identification refused {name}): {why}"
+                      for name, why in refused.items()]
         if job.pipeline and self.config.egress.fhir_url and FHIR_BUNDLE in names:
             plan.append((f"{FHIR_PREFIX}{self.config.egress.fhir_url}", FHIR_BUNDLE))
-        summary = (f"{len(names)} outputs ({len(dicom)} DICOM) copied to the outbox; "
-                   f"{len(plan)} deliveries planned")
+        summary = "; ".join([f"{len(names)} outputs ({len(dicom)} DICOM) copied to the outbox",
+                             f"{len(plan)} deliveries planned", *notes])
         self.store.begin_delivery(job_id, summary, plan)
+
+    def _deidentified(self, job_id: int, profile: str, names: list[str]) -> tuple[list[str], dict[str, str]]:
+        """De-identified copies of the outbox's DICOM files in ``outbox/<job>/deid-<profile>/`` (once per job and
+        profile; a restart reuses them): the delivery objects to plan, and the refused files with the reason."""
+        from radnode.security.deid import deidentifier_for, deidentify_folder
+        from radnode.security.privacy import SiteKey
+
+        folder = outbox_dir(self.config, job_id)
+        target = folder / f"deid-{profile}"
+        if self.site_key is None:
+            self.site_key = SiteKey.load(self.config.privacy.site_key, self.config.data_dir)
+        staging = folder / f".deid-{profile}.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        source = folder / f".deid-{profile}.source"
+        shutil.rmtree(source, ignore_errors=True)
+        source.mkdir()
+        for name in names:
+            os.link(folder / name, source / name)
+        outcome = deidentify_folder(source, staging, deidentifier_for(self.config, profile, self.site_key))
+        shutil.rmtree(source)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+        return ([f"{target.name}/{p.name}" for p in outcome.written],
+                {path.name: why for path, why in outcome.refused.items()})
 
     def deliver_due(self) -> None:
         """Attempt every due delivery, one association (or request) per job and destination."""
@@ -156,8 +191,16 @@ class Egress:
                 exports.append(self.named_destination(name))
             except KeyError:
                 continue
+        for profile_folder in folder.glob("deid-*"):
+            for path in profile_folder.glob("*.dcm"):
+                try:
+                    sop_classes[f"{profile_folder.name}/{path.name}"] = str(pydicom.dcmread(
+                        path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)
+                except (OSError, InvalidDicomError, AttributeError):
+                    continue
+        deidentified = [self.named_destination(n) for n in job.forwards if n in self.config.egress.deidentify]
         audit_job_deliveries(self.audit, job.study_instance_uid, job.patient_id or None, self.store.deliveries(job_id),
-                             sop_classes, exports)
+                             sop_classes, exports, deidentified)
 
     def _configured_peer(self, address: str) -> DicomPeer:
         """The configured peer (with its TLS settings) a delivery's ``AET@HOST:PORT`` names."""

@@ -380,18 +380,20 @@ def destination_participant(destination: str, requestor: bool = False) -> Partic
 
 
 def audit_job_deliveries(trail: AuditTrail, study_uid: str, patient_id: str | None, deliveries: Iterable,
-                         sop_classes: Mapping[str, str], exports: Iterable[str] = (), deidentified: bool = False) -> None:
+                         sop_classes: Mapping[str, str], exports: Iterable[str] = (),
+                         deidentified: Iterable[str] = ()) -> None:
     """The messages for a job whose deliveries have all settled: per destination one DICOM Instances
     Transferred (action Read: the node sent them), or an Export for a forward destination (the data leaves
     the node's domain), with the SOP classes sent and the outcome (minor failure when some gave up).
 
     ``deliveries``: the job's :class:`radnode.node.store.Delivery` rows; ``sop_classes``: object file name →
-    SOP Class UID (files that are not DICOM, the FHIR Bundle, are counted as their destination's only object).
+    SOP Class UID (files that are not DICOM, the FHIR Bundle, are counted as their destination's only object);
+    ``deidentified``: destinations that received de-identified copies (their Export says Anonymized).
     """
     by_destination: dict[str, list] = {}
     for delivery in deliveries:
         by_destination.setdefault(delivery.destination, []).append(delivery)
-    exported = set(exports)
+    exported, anonymized = set(exports), set(deidentified)
     for destination, items in by_destination.items():
         done = [d for d in items if d.state == "done"]
         counts: dict[str, int] = {}
@@ -402,7 +404,7 @@ def audit_job_deliveries(trail: AuditTrail, study_uid: str, patient_id: str | No
         outcome = SUCCESS if not failed else (MINOR_FAILURE if done else SERIOUS_FAILURE)
         why = f"{failed} of {len(items)} objects not delivered" if failed else None
         receiver = destination_participant(destination)
-        study = StudyObject(study_uid, counts, anonymized=True if deidentified and destination in exported else None)
+        study = StudyObject(study_uid, counts, anonymized=True if destination in anonymized else None)
         if destination in exported:
             trail.export(study=study, patient_id=patient_id, destination=receiver, outcome=outcome, description=why)
         else:
