@@ -133,9 +133,16 @@ def security_findings(config: Config) -> list[Finding]:
         f.append(Finding("ingress.reject_unknown", "off: any calling AE title, to any called AE title, may store", True))
 
     for i, peer in enumerate(config.egress.destinations):
-        f.append(Finding(f"egress.destinations[{i}]", f"{peer} over plain DICOM (no TLS)", True))
+        if peer.tls is None:
+            f.append(Finding(f"egress.destinations[{i}]", f"{peer} over plain DICOM (no TLS)", True))
+        else:
+            f.append(Finding(f"egress.destinations[{i}]", f"{peer} over TLS"
+                             + (" with the node's client certificate" if peer.tls.certificate else "")))
+            f += _tls_findings(f"egress.destinations[{i}].tls", peer.tls)
     for name, target in config.egress.named_destinations.items():
-        f.append(Finding(f"egress.named_destinations.{name}", f"{target}"))
+        profile = config.egress.deidentify.get(name)
+        f.append(Finding(f"egress.named_destinations.{name}", f"{target}" + (
+            f", forwarded de-identified ({profile})" if profile else ", forwarded as received (identified)")))
     f += _url_finding("egress.fhir_url", config.egress.fhir_url)
 
     orthanc = config.orthanc
