@@ -425,14 +425,14 @@ class StorageSCP:
             return self._tallies.setdefault(assoc, _AssociationTally())
 
     def _on_requested(self, event: Event) -> None:
-        """Reject the association now when the policy refuses the sender (A-ASSOCIATE-RJ with the reason)."""
+        """Reject the association now when the policy refuses the sender (A-ASSOCIATE-RJ with the reason);
+        logged and audited before the answer goes out, so both are on record when the sender sees it."""
         request = event.assoc.requestor.primitive
         calling, called = str(request.calling_ae_title).strip(), str(request.called_ae_title).strip()
         address = event.assoc.requestor.address
         rejection = self.policy.check(calling, called, address)
         if rejection is None:
             return
-        event.assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, rejection.diagnostic)
         log.warning("rejected association from %s (%s:%d) to %s: %s", calling, address,
                     event.assoc.requestor.port, called, rejection.reason)
         if self.audit is not None:
@@ -440,6 +440,9 @@ class StorageSCP:
 
             self.audit.security_alert(alert=NODE_AUTHENTICATION, description=f"association rejected: {rejection.reason}",
                                       performer=dicom_node(calling, address, True, None))
+        event.assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, rejection.diagnostic)
+        evt.trigger(event.assoc, evt.EVT_REJECTED, {})
+        event.assoc.kill()  # as pynetdicom's own rejection: waits until the A-ASSOCIATE-RJ is out before closing
 
     def _on_handshake_failed(self, peer: str, reason: str) -> None:
         self.tls_failures += 1
