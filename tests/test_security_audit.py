@@ -121,7 +121,7 @@ def test_a_study_in_and_results_out_are_audited_locally_and_at_the_collector(
         roles = {p.find("RoleIDCode").get("originalText"): p.get("UserID")
                  for p in root.findall("ActiveParticipant") if p.find("RoleIDCode") is not None}
         assert set(roles) == {"Source Role ID", "Destination Role ID"}
-    assert "CT01@127.0.0.1" in received[0] and f"PACS@127.0.0.1" in sent_out[0]
+    assert "CT01@127.0.0.1" in received[0] and "PACS@127.0.0.1" in sent_out[0]
     assert 'csd-code="110120"' in local[0] and 'csd-code="110121"' in local[-1]  # application start ... stop
 
     assert all(not schema_errors(m) for m in local), [schema_errors(m) for m in local]

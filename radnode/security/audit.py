@@ -214,8 +214,8 @@ class AuditTrail:
         exporter = exporter or Participant(self.node.user_id, True, SOURCE, (self.ae_title,), "radnode")
         media = Participant(destination.user_id, False, DESTINATION_MEDIA, destination.ae_titles,
                             address=destination.address)
-        remote = Participant(destination.user_id, False, DESTINATION, destination.ae_titles,
-                             address=destination.address)
+        remote = Participant(destination.user_id, False, DESTINATION, destination.ae_titles, destination.user_name,
+                             destination.address)
         return self._emit(EXPORT, "R", outcome, [], [remote, exporter, media],
                           [study.element("10"), *self._patient(patient_id)], description)
 
