@@ -169,6 +169,10 @@ class Egress:
                 except Refused as e:
                     refused[file] = str(e)
                     continue
+                except Exception as e:  # a defect de-identifying one object must neither send it nor stop egress
+                    log.exception("job %d: %s cannot be de-identified (%s)", job_id, file, profile)
+                    refused[file] = f"cannot be de-identified ({type(e).__name__}: {e})"
+                    continue
                 partial = copy.with_name(copy.name + ".partial")
                 ds.save_as(partial, enforce_file_format=True)
                 with open(partial, "rb") as f:
