@@ -69,7 +69,8 @@ class Instance:
 
 
 INSTANCE_FIELDS = tuple(Instance.__dataclass_fields__)
-"""The ``instances`` columns an :class:`Instance` is made of (same names)."""
+"""The ``instances`` columns an :class:`Instance` is made of (same names, but ``patient_id``: the column
+``sealed_patient_id``)."""
 
 
 @dataclass(frozen=True)
