@@ -6,9 +6,12 @@ cd "$(dirname "$0")/.."
 
 # dcmtk/dicom3tools: real DICOM peers and the validator; orthanc*: the router; mricron-data: the Colin27
 # T1 MRI with its brain mask (real test data for the brain pipeline); postgresql-15: the job store a
-# multi-host site shares (the tests start its cluster and use a database of their own); podman/runc: the
-# engine that builds and runs the MAP images, debootstrap: their offline Debian base (deploy/map/base/bookworm.sh).
-APT_PACKAGES=(dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb mricron-data postgresql-15 podman runc debootstrap)
+# multi-host site shares (the tests start its cluster and use a database of their own); rsyslog(-gnutls): a real
+# audit collector (RFC 5425 syslog over TLS) for the tests; jing: an independent RELAX NG validator of the audit
+# messages; bubblewrap: the sandbox model folders are checked in; podman/runc: the engine that builds and runs
+# the MAP images, debootstrap: their offline Debian base (deploy/map/base/bookworm.sh).
+APT_PACKAGES=(dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb mricron-data postgresql-15 rsyslog rsyslog-gnutls
+  jing bubblewrap podman runc debootstrap)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -32,6 +32,7 @@ from radnode.node.egress import Egress
 from radnode.node.executors import ContainerExecutor, ExecutionError, JobRun, Launch, executors, resolve_timeout
 from radnode.node.store import Job, JobStore
 from radnode.pipelines.routing import ExecutionMode
+from radnode.security.sandbox import SandboxError, content_hash, sandbox_job
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +202,23 @@ class Scheduler:
         except (ExecutionError, OSError) as e:
             self.store.fail_job(job.id, f"cannot start {job.pipeline} ({mode}): {e}")
             return
+        models = [Path(m) for m in self.config.processing.models.get(job.pipeline, ())]
+        digests = {str(m): content_hash(m) for m in models}
+        if models and mode is not ExecutionMode.CONTAINER:  # a model folder is code: run it sandboxed
+            try:
+                argv, env = sandbox_job(self.config, launch.argv, launch.env, root, self.config_file, models)
+            except SandboxError as e:
+                self.store.fail_job(job.id, str(e))
+                return
+            launch = Launch(argv, env, launch.cwd, launch.stop_argv)
         command = shlex.join(launch.argv)
-        if not self.store.start_job(job.id, f"{mode}: {command} (timeout {timeout.seconds:g} s, {timeout.source})"):
+        code = "".join(f"; model {folder} {digest}" for folder, digest in digests.items())
+        if not self.store.start_job(job.id, f"{mode}: {command} (timeout {timeout.seconds:g} s, "
+                                            f"{timeout.source}){code}"):
             return
+        if digests and self.egress.audit is not None:
+            self.egress.audit.instances_processed(study_uid=job.study_instance_uid, patient_id=job.patient_id or None,
+                                                  job=f"job {job.id}", pipeline=job.pipeline, models=digests)
         with open(root / "stdout.log", "wb") as out, open(root / "stderr.log", "wb") as err:
             try:
                 process = subprocess.Popen(launch.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
