@@ -284,7 +284,8 @@ class ContainersConfig(_Strict):
     """Further ``build`` flags for ``radnode map build --image``."""
     user: Annotated[str, Field(pattern=r"^\d+(:\d+)?$")] | None = None
     """``UID[:GID]`` the app runs as; default the node's own user, or the MAP user (1000:1000) when the node
-    runs as root (a container never runs as root; its output and work folders are handed to that user)."""
+    runs as root (a container never runs as root; its output and work folders, and
+    read-only copies of its inputs and configuration, are handed to that user)."""
     scratch_size: Annotated[str, Field(pattern=_QUANTITY)] = "256Mi"
     """Size of the writable tmpfs at ``/tmp`` (counts against the memory limit); ``HOLOSCAN_WORKDIR`` is the
     job's own work folder on disk."""

@@ -162,6 +162,7 @@ def test_subprocess_execution_gives_the_same_outputs_as_in_process_on_a_real_ct(
 
 def _container_executor(tmp_path: Path, models: dict | None = None, **containers: object) -> ContainerExecutor:
     """The container executor for argv checks (no engine call: ``command`` takes the image ID as given)."""
+    (tmp_path / "c.yaml").write_text("data_dir: /var/lib/radnode\n")
     return ContainerExecutor(Engine("podman", ("podman",), {"PATH": "/usr/bin"}),
                              ContainersConfig(engine="podman", **containers), tmp_path / "c.yaml", models, "node1")
 
@@ -199,7 +200,8 @@ def test_the_container_command_mounts_the_job_folders_locks_down_and_applies_the
     assert flags["--user"] == f"{uid[0]}:{uid[1]}" and flags["--user"] != "0:0"
     mounts = [v for k, v in options if k == "-v"]
     assert mounts == [f"{run.inputs}:/var/holoscan/input:ro", f"{run.outputs}:/var/holoscan/output:rw",
-                      f"{run.root / 'work'}:/var/holoscan/work:rw", f"{tmp_path / 'c.yaml'}:{CONTAINER_CONFIG_PATH}:ro"]
+                      f"{run.root / 'work'}:/var/holoscan/work:rw",
+                      f"{run.root / 'container-config.yaml'}:{CONTAINER_CONFIG_PATH}:ro"]
     env = dict(v.split("=", 1) for k, v in options if k == "-e")
     assert env == {"HOLOSCAN_INPUT_PATH": "/var/holoscan/input", "HOLOSCAN_OUTPUT_PATH": "/var/holoscan/output",
                    "HOLOSCAN_WORKDIR": "/var/holoscan/work", "HOLOSCAN_MODEL_PATH": "/opt/holoscan/models",
@@ -212,6 +214,29 @@ def test_the_container_command_mounts_the_job_folders_locks_down_and_applies_the
     assert custom.image("ct_tissue") == "registry.local/ct:1"
     flags = dict(_options(custom.command(run, "registry.local/ct:1", "sha256:" + "cd" * 32).argv))
     assert flags["--memory"] == str(2**30) and flags["--cpus"] == "1" and flags["--shm-size"] == str(64 * 2**20)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="handing files to another user needs root, as a root node has")
+def test_a_root_node_hands_the_job_to_the_containers_user_and_keeps_the_spool_its_own(tmp_path: Path) -> None:
+    """The node's files are owner-only: the container's user (1000) gets its own read-only copies of the inputs
+    and the configuration and the writable folders; the spool's files, which ``in/`` hard-links, stay root's."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "a.dcm").write_bytes(b"DICM" * 100)
+    os.chmod(spool / "a.dcm", 0o600)
+    run = JobRun(9, "ct_tissue", tmp_path / "jobs" / "9")
+    run.inputs.mkdir(parents=True)
+    run.outputs.mkdir()
+    os.link(spool / "a.dcm", run.inputs / "a.dcm")
+    _container_executor(tmp_path).command(run, "img", "sha256:" + "ab" * 32)
+    given = (run.inputs / "a.dcm").stat()
+    assert (given.st_uid, given.st_gid, given.st_mode & 0o777) == (1000, 1000, 0o400)
+    assert given.st_ino != (spool / "a.dcm").stat().st_ino and (run.inputs / "a.dcm").read_bytes() == b"DICM" * 100
+    kept = (spool / "a.dcm").stat()
+    assert (kept.st_uid, kept.st_mode & 0o777, kept.st_nlink) == (0, 0o600, 1)
+    config = (run.root / "container-config.yaml").stat()
+    assert (config.st_uid, config.st_mode & 0o777) == (1000, 0o400)
+    assert [(run.root / f).stat().st_uid for f in ("in", "out", "work")] == [1000, 1000, 1000]
 
 
 def test_gpus_are_passed_as_cdi_devices_to_apps_that_request_them(tmp_path: Path,

@@ -81,6 +81,8 @@ SCRATCH_DIR = "/tmp"
 MAP_UID = 1000
 """The UID (and GID) of the MAP image's user ``holoscan`` (the Containerfile's default)."""
 NODE_LABEL, JOB_LABEL = "org.radnode.node", "org.radnode.job"
+JOB_CONFIG_FILE = "container-config.yaml"
+"""The job's own copy of the node's configuration (in the job folder), mounted read-only for its container."""
 
 
 class ExecutionError(ValueError):
@@ -235,6 +237,28 @@ class SubprocessExecutor:
         return Launch(map_command(run.pipeline), env, work)
 
 
+def hand_over(run: JobRun, work: Path, config_copy: Path, uid: int, gid: int) -> None:
+    """Give a root node's job to the non-root user its container runs as: the node's files are owner-only
+    (umask 077), so ``out/`` and ``work/`` become that user's, and so do the job's copy of the configuration and
+    its inputs, each replaced by a read-only copy of its own: ``in/`` holds hard links to the spool's files,
+    which stay the node's."""
+    for folder in (run.outputs, work):
+        os.chown(folder, uid, gid)
+    os.chown(config_copy, uid, gid)
+    os.chmod(config_copy, 0o400)
+    if not run.inputs.is_dir():
+        return
+    for entry in run.inputs.iterdir():
+        if entry.is_file() and entry.stat().st_uid != uid:
+            copy = entry.with_name(f".{entry.name}.copy")
+            shutil.copyfile(entry, copy)
+            os.chown(copy, uid, gid)
+            os.chmod(copy, 0o400)
+            os.replace(copy, entry)
+    os.chown(run.inputs, uid, gid)
+    os.chmod(run.inputs, 0o500)
+
+
 class ContainerHandle:
     """A job's container: named at launch, reported in the job's events, stopped and removed at the end."""
 
@@ -346,15 +370,18 @@ class ContainerExecutor:
 
     def command(self, run: JobRun, image: str, image_id: str) -> Launch:
         """The locked-down ``run`` of ``image_id`` (``image`` is its name, for the events) on the job's folders;
-        prepares the job's fresh ``work/`` and hands ``out/`` and ``work/`` to the app's user."""
+        prepares the job's fresh ``work/`` and its copy of the configuration, and hands them to the app's user
+        (:meth:`hand_over`)."""
         limits = self.limits(run.pipeline)
         uid, gid = self.user()
         work = run.root / "work"
         shutil.rmtree(work, ignore_errors=True)  # fresh for every run
         work.mkdir(parents=True)
-        if os.getuid() == 0 and uid != 0:  # hand the writable folders to the app's user
-            for folder in (run.outputs, work):
-                os.chown(folder, uid, gid)
+        config_copy = run.root / JOB_CONFIG_FILE
+        config_copy.unlink(missing_ok=True)
+        shutil.copyfile(self.config_file, config_copy)
+        if os.getuid() == 0 and uid != 0:
+            hand_over(run, work, config_copy, uid, gid)
         name = f"radnode-job-{run.job_id}-{uuid.uuid4().hex[:8]}"
         input_path, output_path = f"{WORK_DIR}/{INPUT_DIR}".rstrip("/"), f"{WORK_DIR}/{OUTPUT_DIR}".rstrip("/")
         site_models = self.models.get(run.pipeline) or []
@@ -383,7 +410,7 @@ class ContainerExecutor:
         for device in self.gpu_devices(limits.gpu or 0):
             argv += ["--device", device]
         argv += ["-v", f"{run.inputs}:{input_path}:ro", "-v", f"{run.outputs}:{output_path}:rw",
-                 "-v", f"{work}:{CONTAINER_WORK_DIR}:rw", "-v", f"{self.config_file}:{CONTAINER_CONFIG_PATH}:ro",
+                 "-v", f"{work}:{CONTAINER_WORK_DIR}:rw", "-v", f"{config_copy}:{CONTAINER_CONFIG_PATH}:ro",
                  "--workdir", CONTAINER_WORK_DIR]
         for model_name, model in model_names(site_models):
             argv += ["-v", f"{model}:{SITE_MODELS_DIR}/{model_name}:ro"]
