@@ -61,7 +61,8 @@ def node_config(tmp_path: Path, port: int = 0, **sections: dict) -> Config:
                   "ingress": {"host": "127.0.0.1", "port": port, "study_idle_seconds": 0.5},
                   "egress": {"retry_initial_seconds": 0.2, "retry_max_seconds": 0.5, "max_attempts": 50,
                              "timeout_seconds": 5},
-                  "processing": {"job_timeout_seconds": 60}}
+                  "processing": {"job_timeout_seconds": 60},
+                  "api": {"port": 0}}
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
     return Config.model_validate(data)
