@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from radnode import __version__
+from radnode.logs import configure_logging
 from radnode.config import CONFIG_ENV, REPORT_BACKEND_ENV, Config, DicomPeer, load_config, parse_config
 
 
@@ -103,6 +104,10 @@ def serve_config(args: argparse.Namespace) -> Config:
         data["orthanc"]["url"] = args.orthanc_url
     if args.api_port is not None:
         data["api"]["port"] = args.api_port
+        data["api"]["enabled"] = True
+    if args.api_host:
+        data["api"]["host"] = args.api_host
+        data["api"]["enabled"] = True
     return parse_config(data, "command line")
 
 
@@ -161,8 +166,10 @@ def cmd_orthanc_config(args: argparse.Namespace) -> int:
 
     path = write_orthanc_config(Path(args.output), args.http_port, args.dicom_port, args.node_url,
                                 aet=args.aet, stable_age=args.stable_age)
-    print(f"wrote {path}; run: Orthanc {path}  and  radnode serve --orthanc-url http://127.0.0.1:{args.http_port}"
-          f" (HTTP API at {args.node_url})")
+    token = path.parent / "radnode-event-token"
+    print(f"wrote {path} and the plugin's token {token}; run: Orthanc {path}  and  radnode serve --orthanc-url "
+          f"http://127.0.0.1:{args.http_port} with orthanc.event_token_file: {token} in the node's configuration "
+          f"(web service at {args.node_url})")
     return 0
 
 
@@ -198,10 +205,96 @@ def cmd_store_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_password(args: argparse.Namespace) -> str:
+    """A new password from stdin (``--password-stdin``, one line) or typed twice at the terminal."""
+    import getpass
+
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass(f"password for {args.name}: ")
+    if getpass.getpass("again: ") != first:
+        raise ValueError("the two passwords differ")
+    return first
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    """People who sign in to the dashboard: add, list, change role or password, remove."""
+    from radnode.console.accounts import parse_role
+    from radnode.console.service import accounts_for
+
+    accounts = accounts_for(_load(args))
+    try:
+        if args.users_command == "add":
+            accounts.add_user(args.name, parse_role(args.role), _read_password(args))
+            print(f"user {args.name} added ({args.role})")
+        elif args.users_command == "passwd":
+            accounts.set_password(args.name, _read_password(args))
+            print(f"password of {args.name} changed; their sessions are closed")
+        elif args.users_command == "role":
+            accounts.set_role(args.name, parse_role(args.role))
+            print(f"{args.name} is now {args.role}")
+        elif args.users_command == "remove":
+            accounts.remove_user(args.name)
+            print(f"user {args.name} removed")
+        else:
+            for name, role, created, last_login in accounts.users():
+                print(f"{name:24} {role:9} created {_iso(created)}  last login {_iso(last_login) or 'never'}")
+    finally:
+        accounts.close()
+    return 0
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    """API tokens (``Authorization: Bearer``): create (printed once), list, revoke."""
+    from radnode.console.accounts import parse_role
+    from radnode.console.service import accounts_for
+
+    accounts = accounts_for(_load(args))
+    try:
+        if args.tokens_command == "create":
+            print(accounts.create_token(args.name, parse_role(args.role), args.days))
+            print(f"token {args.name} ({args.role}) created; it is shown only this once", file=sys.stderr)
+        elif args.tokens_command == "revoke":
+            accounts.revoke_token(args.name)
+            print(f"token {args.name} revoked")
+        else:
+            for name, role, created, expires, used in accounts.tokens():
+                print(f"{name:24} {role:9} created {_iso(created)}  expires {_iso(expires) or 'never'}  "
+                      f"last used {_iso(used) or 'never'}")
+    finally:
+        accounts.close()
+    return 0
+
+
+def _iso(epoch: float | None) -> str:
+    import datetime as dt
+
+    return "" if epoch is None else dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _logging_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """``-v`` and ``--log-format``, accepted before and after the subcommand (``radnode serve -v``)."""
+    default = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
+    parser.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                        help="log every step (per instance, per message), libraries included")
+    parser.add_argument("--log-format", choices=("text", "json"), default=default("text"),
+                        help="log lines as text (default) or one JSON object per line")
+
+
+class _Subcommands(argparse._SubParsersAction):
+    """Every subcommand takes the logging options too."""
+
+    def add_parser(self, name, **kwargs):  # type: ignore[no-untyped-def, override]
+        parser = super().add_parser(name, **kwargs)
+        _logging_options(parser, defaults=False)
+        return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radnode", description=__doc__)
+    parser.register("action", "parsers", _Subcommands)
     parser.add_argument("--version", action="version", version=f"radnode {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress of every step")
+    _logging_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a pipeline once on a folder of DICOM files")
@@ -225,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--fhir-url", help="FHIR R4 base URL for DiagnosticReport bundles")
     serve.add_argument("--rules", help="routing rule file (YAML, see docs/rules.md)")
     serve.add_argument("--orthanc-url", help="Orthanc REST URL: take studies from its plugin, store results back")
-    serve.add_argument("--api-port", type=int, help="port of the node's HTTP API for the plugin (default 8765)")
+    serve.add_argument("--api-port", type=int, help="port of the web console, API and metrics (default 8765)")
+    serve.add_argument("--api-host", help="address the web console listens on (default 127.0.0.1)")
     serve.add_argument("--report-backend", choices=REPORT_BACKENDS, help="who writes the report text")
     serve.set_defaults(func=cmd_serve)
 
@@ -289,6 +383,32 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade = store_sub.add_parser("upgrade", help="bring the job store to this release's schema (back it up first)")
     upgrade.add_argument("--config", help="configuration YAML file (store.url, data_dir)")
     upgrade.set_defaults(func=cmd_store_upgrade)
+    users = sub.add_parser("users", help="people who sign in to the web console (viewer, operator, admin)")
+    users_sub = users.add_subparsers(dest="users_command", required=True)
+    for name, text in (("add", "add a person"), ("passwd", "change a person's password"),
+                       ("role", "change a person's role"), ("remove", "remove a person"), ("list", "list people")):
+        command = users_sub.add_parser(name, help=text)
+        if name != "list":
+            command.add_argument("name", help="the person's sign-in name")
+        if name in ("add", "role"):
+            command.add_argument("--role", required=True, choices=("viewer", "operator", "admin"))
+        if name in ("add", "passwd"):
+            command.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+        command.add_argument("--config", help="configuration YAML file (data_dir)")
+        command.set_defaults(func=cmd_users)
+
+    tokens = sub.add_parser("tokens", help="API tokens for scripts, the CLI and monitoring")
+    tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True)
+    create = tokens_sub.add_parser("create", help="create a token (printed once on stdout)")
+    create.add_argument("name", help="the token's name (job events name it token:NAME)")
+    create.add_argument("--role", required=True, choices=("viewer", "operator", "admin"))
+    create.add_argument("--days", type=float, help="expire after this many days (default: never)")
+    revoke = tokens_sub.add_parser("revoke", help="revoke a token")
+    revoke.add_argument("name")
+    listed = tokens_sub.add_parser("list", help="list tokens (never their secret)")
+    for command in (create, revoke, listed):
+        command.add_argument("--config", help="configuration YAML file (data_dir)")
+        command.set_defaults(func=cmd_tokens)
 
     purge = sub.add_parser("purge", help="remove the files of jobs past their retention (job rows and logs stay)")
     purge.add_argument("--config", help="configuration YAML file (data_dir, retention)")
@@ -299,8 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose, args.log_format,
+                      logging.INFO if args.command == "serve" else logging.WARNING)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -95,6 +95,8 @@ class OrthancServer:
     keep: bool = False
     node_url: str | None = None
     """With a URL, the radnode plugin runs and sends its events to the node there."""
+    event_token_file: Path | None = None
+    """The plugin's token for the node (the node's ``orthanc.event_token_file``)."""
     stable_age: int = 1
     modalities: dict[str, list] = field(default_factory=dict)
     """Orthanc's DicomModalities: name → [AET, host, port]."""
@@ -115,7 +117,7 @@ class OrthancServer:
 
         assert self.storage is not None
         return orthanc_settings(self.storage, self.http_port, self.dicom_port, aet=self.aet, node_url=self.node_url,
-                                stable_age=self.stable_age, modalities=self.modalities, name="radnode-viewer")
+                                token_file=self.event_token_file, stable_age=self.stable_age, modalities=self.modalities, name="radnode-viewer")
 
     def start(self, timeout: float = 30.0) -> "OrthancServer":
         """Start Orthanc and wait until its REST API and the DICOMweb plugin answer."""

@@ -44,7 +44,7 @@ class Console:
         api = config.api
         self.accounts = accounts_for(config)
         self.collector = NodeCollector(node, config.data_dir / "spool", rejected_associations, paused)  # type: ignore[arg-type]
-        token = read_event_token(config.orthanc.event_token_file)
+        token = read_event_token(config.orthanc.event_token_file) if config.orthanc.url else None
         if config.orthanc.url and token is None:
             log.warning("orthanc.url is set but orthanc.event_token_file is not: the plugin's events are refused "
                         "(radnode orthanc-config writes the token file)")

@@ -125,7 +125,7 @@ class Egress:
         for job_id in {job_id for job_id, _ in groups}:
             state = self.store.settle_job(job_id)
             if state is not None:
-                log.info("job %d %s", job_id, state)
+                log.debug("job %d %s", job_id, state)
 
     def _failed(self, delivery: Delivery, error: str) -> None:
         egress = self.config.egress

@@ -263,7 +263,7 @@ class Ingest:
         arrival, job_id = self.store.record_instance(describe(ds, path, origin, time.time()),
                                                      lambda: self.router.route(ds, origin), expected_instances(ds))
         if arrival is not Arrival.NEW:
-            log.info("%s instance %s from %s (job %d)", arrival, ds.SOPInstanceUID, origin.calling_ae, job_id)
+            log.debug("%s instance %s from %s (job %d)", arrival, ds.SOPInstanceUID, origin.calling_ae, job_id)
         return arrival
 
     def reindex(self) -> int:

@@ -45,6 +45,7 @@ from radnode.console.accounts import Accounts
 from radnode.console.service import Console
 
 from radnode.config import Config
+from radnode.node.activity import ActivityLog
 from radnode.node.egress import Egress
 from radnode.node.executors import check_models, execution_modes
 from radnode.node.orthanc_ingress import OrthancIngress
@@ -105,7 +106,9 @@ class Node:
             self._web.start()
         self._stopping.clear()
         retention = Retention(self.config, store, should_stop=self._stopping.is_set)
-        self._threads = [self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
+        activity = ActivityLog(store.read_rows)
+        self._threads = [self._loop("activity", activity.tick),
+                         self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
                          self._loop("egress", egress.deliver_due), self._loop("retention", retention.tick)]
 
     def load_rules(self) -> RuleSet:

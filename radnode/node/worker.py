@@ -153,7 +153,7 @@ class Scheduler:
             verdict = study_verdict(series, now, self.completeness)
             if verdict.complete:
                 state = self.store.queue_job(job_id, verdict.reason, now)
-                log.info("job %d %s: %s", job_id, state, verdict.reason)
+                log.debug("job %d %s: %s", job_id, state, verdict.reason)
 
     def _forward(self, job_id: int) -> None:
         """A forward-only route: no pipeline; the study's own instances are delivered to the route's forwards."""
@@ -215,7 +215,7 @@ class Scheduler:
                 return
         self.running[job.id] = JobProcess(job.id, process, launch, mode, timeout.seconds,
                                           time.monotonic() + timeout.seconds, root / "stderr.log")
-        log.info("job %d running %s (pid %d): %s", job.id, mode, process.pid, command)
+        log.debug("job %d running %s (pid %d): %s", job.id, mode, process.pid, command)
 
     def _reap(self, job: JobProcess) -> None:
         status = job.process.poll()
@@ -232,14 +232,14 @@ class Scheduler:
         if status != 0:
             reason = last_line(job.stderr_path) or _describe_status(status)
             self.store.fail_job(job.job_id, reason)
-            log.warning("job %d failed: %s", job.job_id, reason)
+            log.debug("job %d failed: %s", job.job_id, reason)
             return
         outputs = job_dir(self.config, job.job_id) / "out"
         review = run_review(outputs)
         if review is not None:
             self.store.record_review(job.job_id, *review)
             if review[0]:
-                log.warning("job %d flagged for human review: %s", job.job_id, "; ".join(review[1]))
+                log.debug("job %d flagged for human review: %s", job.job_id, "; ".join(review[1]))
         self.egress.stage(job.job_id, outputs)
 
     def stop(self) -> None:
