@@ -112,17 +112,21 @@ class OrthancEvent(BaseModel):
     remote_aet: Annotated[str, Field(max_length=64)] = ""
 
 
-@router.post("/orthanc/events", response_model=Queued, status_code=status.HTTP_202_ACCEPTED, tags=["orthanc"],
-             summary="An event from the radnode Orthanc plugin (its own token, from `radnode orthanc-config`)",
-             responses={401: {"description": "missing or wrong plugin token"},
-                        409: {"description": "this node takes no Orthanc events (orthanc.url unset)"}})
-def orthanc_event(request: Request, event: OrthancEvent,
-                  bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]) -> Queued:
+def orthanc_plugin(request: Request,
+                   bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]) -> None:
+    """The radnode Orthanc plugin's own token (nothing else is accepted here, nor is it accepted elsewhere)."""
     gate = gate_of(request)
     if gate.orthanc_token is None or bearer is None or not same_secret(bearer.credentials, gate.orthanc_token):
         gate.on_refused("orthanc-token")
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, "the Orthanc plugin's token is missing or wrong",
                             headers={"WWW-Authenticate": "Bearer"})
+
+
+@router.post("/orthanc/events", response_model=Queued, status_code=status.HTTP_202_ACCEPTED, tags=["orthanc"],
+             summary="An event from the radnode Orthanc plugin (its own token, from `radnode orthanc-config`)",
+             dependencies=[Depends(orthanc_plugin)],
+             responses={409: {"description": "this node takes no Orthanc events (orthanc.url unset)"}})
+def orthanc_event(request: Request, event: OrthancEvent) -> Queued:
     try:
         node_of(request).orthanc_event(event.model_dump())
     except ValueError as e:
