@@ -125,7 +125,9 @@ def test_schemathesis_finds_no_server_error_and_no_response_breaking_the_schema(
                      "response_schema_conformance,response_headers_conformance",
          "--max-examples", "25", "--workers", "2", "--phases", "examples,coverage,fuzzing", "--seed", "15",
          "--suppress-health-check", "all", "--wait-for-schema", "10"],
-        capture_output=True, text=True, timeout=240, cwd=tmp_path)
+        capture_output=True, text=True, timeout=240, cwd=tmp_path,
+        env={**os.environ, "SCHEMATHESIS_HOOKS": "support.schemathesis_hooks",
+             "PYTHONPATH": str(Path(__file__).parent)})
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
     assert re.search(r"\b\d+ passed\b", run.stdout), run.stdout[-2000:]
 

@@ -24,6 +24,7 @@ from radnode.console.schemas import Problem
 OPENAPI_PATH = "/openapi.json"
 
 _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": Problem, "description": "a request body that cannot be parsed"},
     401: {"model": Problem, "description": "no valid token or session"},
     403: {"model": Problem, "description": "the caller's role does not allow this (or the CSRF token is wrong)"},
 }
