@@ -124,7 +124,7 @@ def test_schemathesis_finds_no_server_error_and_no_response_breaking_the_schema(
          "--checks", "not_a_server_error,status_code_conformance,content_type_conformance,"
                      "response_schema_conformance,response_headers_conformance",
          "--max-examples", "25", "--workers", "2", "--phases", "examples,coverage,fuzzing", "--seed", "15",
-         "--suppress-health-check", "all", "--wait-for-schema", "10"],
+         "--suppress-health-check", "all", "--wait-for-schema", "10", "--request-timeout", "30"],
         capture_output=True, text=True, timeout=240, cwd=tmp_path,
         env={**os.environ, "SCHEMATHESIS_HOOKS": "support.schemathesis_hooks",
              "PYTHONPATH": str(Path(__file__).parent)})

@@ -92,7 +92,7 @@ QUERIES = {
     "instances": "SELECT calling_ae, COUNT(*) FROM instances GROUP BY calling_ae",
     "studies": "SELECT calling_ae, COUNT(*) FROM jobs WHERE sibling_of IS NULL GROUP BY calling_ae",
     "jobs": "SELECT state, pipeline, COUNT(*) FROM jobs GROUP BY state, pipeline",
-    "flagged": "SELECT pipeline, COUNT(*) FROM jobs WHERE needs_review = 1 GROUP BY pipeline",
+    "flagged": "SELECT pipeline, COUNT(*) FROM jobs WHERE needs_review IS TRUE GROUP BY pipeline",
     "job_retries": "SELECT pipeline, SUM(CASE WHEN runs > 1 THEN runs - 1 ELSE 0 END) FROM jobs GROUP BY pipeline",
     "deliveries": "SELECT destination, state, COUNT(*), SUM(CASE WHEN attempts > 1 THEN attempts - 1 ELSE 0 END) "
                   "FROM deliveries GROUP BY destination, state",
