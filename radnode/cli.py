@@ -222,8 +222,7 @@ def cmd_users(args: argparse.Namespace) -> int:
     from radnode.console.accounts import parse_role
     from radnode.console.service import accounts_for
 
-    accounts = accounts_for(_load(args))
-    try:
+    with accounts_for(_load(args)) as accounts:
         if args.users_command == "add":
             accounts.add_user(args.name, parse_role(args.role), _read_password(args))
             print(f"user {args.name} added ({args.role})")
@@ -239,8 +238,6 @@ def cmd_users(args: argparse.Namespace) -> int:
         else:
             for name, role, created, last_login in accounts.users():
                 print(f"{name:24} {role:9} created {_iso(created)}  last login {_iso(last_login) or 'never'}")
-    finally:
-        accounts.close()
     return 0
 
 
@@ -249,8 +246,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     from radnode.console.accounts import parse_role
     from radnode.console.service import accounts_for
 
-    accounts = accounts_for(_load(args))
-    try:
+    with accounts_for(_load(args)) as accounts:
         if args.tokens_command == "create":
             print(accounts.create_token(args.name, parse_role(args.role), args.days))
             print(f"token {args.name} ({args.role}) created; it is shown only this once", file=sys.stderr)
@@ -261,8 +257,6 @@ def cmd_tokens(args: argparse.Namespace) -> int:
             for name, role, created, expires, used in accounts.tokens():
                 print(f"{name:24} {role:9} created {_iso(created)}  expires {_iso(expires) or 'never'}  "
                       f"last used {_iso(used) or 'never'}")
-    finally:
-        accounts.close()
     return 0
 
 

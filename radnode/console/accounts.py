@@ -21,12 +21,10 @@ import secrets
 import time
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
+from typing import Any, Protocol
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Column, Double, Engine, MetaData, Table, Text, create_engine, delete, event, insert, select, update
-from sqlalchemy.exc import IntegrityError
 
 TOKEN_PREFIX = "rnt_"
 """API tokens start with this, so a leaked one is recognisable (secret scanners, logs)."""
@@ -72,37 +70,6 @@ class AccountError(ValueError):
     """A user or token command that cannot be done; the message says why."""
 
 
-metadata = MetaData()
-
-users = Table(
-    "users", metadata,
-    Column("name", Text, primary_key=True),
-    Column("role", Text, nullable=False),
-    Column("password_hash", Text, nullable=False),
-    Column("created_at", Double, nullable=False),
-    Column("last_login_at", Double),
-)
-
-tokens = Table(
-    "api_tokens", metadata,
-    Column("name", Text, primary_key=True),
-    Column("role", Text, nullable=False),
-    Column("token_sha256", Text, nullable=False, unique=True),
-    Column("created_at", Double, nullable=False),
-    Column("expires_at", Double),
-    Column("last_used_at", Double),
-)
-
-sessions = Table(
-    "sessions", metadata,
-    Column("id_sha256", Text, primary_key=True),
-    Column("user_name", Text, nullable=False),
-    Column("csrf", Text, nullable=False),
-    Column("created_at", Double, nullable=False),
-    Column("expires_at", Double, nullable=False),
-)
-
-
 def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
@@ -121,30 +88,30 @@ def parse_role(text: str) -> Role:
         raise AccountError(f"role {text!r}: expected one of {', '.join(r.value for r in Role)}") from None
 
 
-def _sqlite_engine(path: Path) -> Engine:
-    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 30, "check_same_thread": False})
+class AccountRows(Protocol):
+    """Where accounts are kept: the job store's console area (:mod:`radnode.node.store.console`)."""
 
-    @event.listens_for(engine, "connect")
-    def _pragmas(connection, _record) -> None:  # type: ignore[no-untyped-def]
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("PRAGMA synchronous=NORMAL")
-
-    return engine
+    def insert_user(self, values: dict) -> bool: ...
+    def update_user(self, name: str, values: dict, end_sessions: bool = False) -> bool: ...
+    def delete_user(self, name: str) -> bool: ...
+    def user_rows(self, name: str | None = None) -> list: ...
+    def insert_token(self, values: dict) -> bool: ...
+    def delete_token(self, name: str) -> bool: ...
+    def token_rows(self, digest: str | None = None) -> list: ...
+    def token_used(self, name: str, at: float) -> None: ...
+    def insert_session(self, values: dict) -> None: ...
+    def session_row(self, digest: str) -> Any: ...
+    def delete_session(self, digest: str) -> None: ...
 
 
 class Accounts:
-    """Users, tokens and sessions in the node's database (``data_dir/radnode.db``)."""
+    """People, tokens and sessions, kept in the job store (so every node process sharing it agrees)."""
 
-    def __init__(self, database: Path) -> None:
-        database.parent.mkdir(parents=True, exist_ok=True)
-        self._engine = _sqlite_engine(database)
-        metadata.create_all(self._engine)
+    def __init__(self, rows: AccountRows) -> None:
+        self._rows = rows
         self._hasher = PasswordHasher()
         self._dummy_hash = self._hasher.hash(secrets.token_hex(16))
         """Verified against when a name is unknown, so a login takes as long whether or not the user exists."""
-
-    def close(self) -> None:
-        self._engine.dispose()
 
     # --- people --------------------------------------------------------------------------------------
 
@@ -152,44 +119,32 @@ class Accounts:
         """A new person; AccountError when the name is taken or the password too short."""
         check_name(name)
         self._check_password(password)
-        try:
-            with self._engine.begin() as conn:
-                conn.execute(insert(users).values(name=name, role=role.value, password_hash=self._hasher.hash(password),
-                                                  created_at=time.time()))
-        except IntegrityError:
-            raise AccountError(f"user {name!r} exists already") from None
+        if not self._rows.insert_user({"name": name, "role": role.value, "password_hash": self._hasher.hash(password),
+                                       "created_at": time.time()}):
+            raise AccountError(f"user {name!r} exists already")
 
     def set_password(self, name: str, password: str) -> None:
+        """A new password; the person's sessions end (signed in elsewhere: not any more)."""
         self._check_password(password)
-        with self._engine.begin() as conn:
-            changed = conn.execute(update(users).where(users.c.name == name)
-                                   .values(password_hash=self._hasher.hash(password))).rowcount
-            conn.execute(delete(sessions).where(sessions.c.user_name == name))  # signed in elsewhere: not any more
-        if not changed:
+        if not self._rows.update_user(name, {"password_hash": self._hasher.hash(password)}, end_sessions=True):
             raise AccountError(f"no user {name!r}")
 
     def set_role(self, name: str, role: Role) -> None:
-        with self._engine.begin() as conn:
-            if not conn.execute(update(users).where(users.c.name == name).values(role=role.value)).rowcount:
-                raise AccountError(f"no user {name!r}")
+        if not self._rows.update_user(name, {"role": role.value}):
+            raise AccountError(f"no user {name!r}")
 
     def remove_user(self, name: str) -> None:
-        with self._engine.begin() as conn:
-            if not conn.execute(delete(users).where(users.c.name == name)).rowcount:
-                raise AccountError(f"no user {name!r}")
-            conn.execute(delete(sessions).where(sessions.c.user_name == name))
+        if not self._rows.delete_user(name):
+            raise AccountError(f"no user {name!r}")
 
     def users(self) -> list[tuple[str, Role, float, float | None]]:
         """(name, role, created_at, last_login_at) of every person, by name."""
-        with self._engine.connect() as conn:
-            rows = conn.execute(select(users.c.name, users.c.role, users.c.created_at, users.c.last_login_at)
-                                .order_by(users.c.name)).all()
-        return [(r.name, Role(r.role), r.created_at, r.last_login_at) for r in rows]
+        return [(r.name, Role(r.role), r.created_at, r.last_login_at) for r in self._rows.user_rows()]
 
     def verify_password(self, name: str, password: str) -> Identity | None:
         """The person when the password is theirs, else None (as slowly for an unknown name)."""
-        with self._engine.connect() as conn:
-            row = conn.execute(select(users).where(users.c.name == name)).first()
+        rows = self._rows.user_rows(name)
+        row = rows[0] if rows else None
         try:
             self._hasher.verify(row.password_hash if row else self._dummy_hash, password)
         except (VerificationError, InvalidHashError):
@@ -199,8 +154,7 @@ class Accounts:
         values: dict[str, object] = {"last_login_at": time.time()}
         if self._hasher.check_needs_rehash(row.password_hash):
             values["password_hash"] = self._hasher.hash(password)
-        with self._engine.begin() as conn:
-            conn.execute(update(users).where(users.c.name == name).values(**values))
+        self._rows.update_user(name, values)
         return Identity(row.name, Role(row.role), "user")
 
     @staticmethod
@@ -215,38 +169,30 @@ class Accounts:
         check_name(name)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         now = time.time()
-        try:
-            with self._engine.begin() as conn:
-                conn.execute(insert(tokens).values(name=name, role=role.value, token_sha256=_digest(token),
-                                                   created_at=now, expires_at=now + days * 86400 if days else None))
-        except IntegrityError:
-            raise AccountError(f"token {name!r} exists already (revoke it first to make a new one)") from None
+        if not self._rows.insert_token({"name": name, "role": role.value, "token_sha256": _digest(token),
+                                        "created_at": now, "expires_at": now + days * 86400 if days else None}):
+            raise AccountError(f"token {name!r} exists already (revoke it first to make a new one)")
         return token
 
     def revoke_token(self, name: str) -> None:
-        with self._engine.begin() as conn:
-            if not conn.execute(delete(tokens).where(tokens.c.name == name)).rowcount:
-                raise AccountError(f"no token {name!r}")
+        if not self._rows.delete_token(name):
+            raise AccountError(f"no token {name!r}")
 
     def tokens(self) -> list[tuple[str, Role, float, float | None, float | None]]:
         """(name, role, created_at, expires_at, last_used_at) of every token, by name."""
-        with self._engine.connect() as conn:
-            rows = conn.execute(select(tokens.c.name, tokens.c.role, tokens.c.created_at, tokens.c.expires_at,
-                                       tokens.c.last_used_at).order_by(tokens.c.name)).all()
-        return [(r.name, Role(r.role), r.created_at, r.expires_at, r.last_used_at) for r in rows]
+        return [(r.name, Role(r.role), r.created_at, r.expires_at, r.last_used_at) for r in self._rows.token_rows()]
 
     def identity_for_token(self, token: str) -> Identity | None:
         """The token's identity, or None when it is unknown, revoked or expired."""
         if not token.startswith(TOKEN_PREFIX):
             return None
         now = time.time()
-        with self._engine.connect() as conn:
-            row = conn.execute(select(tokens).where(tokens.c.token_sha256 == _digest(token))).first()
+        rows = self._rows.token_rows(_digest(token))
+        row = rows[0] if rows else None
         if row is None or (row.expires_at is not None and row.expires_at < now):
             return None
         if row.last_used_at is None or now - row.last_used_at > 60:  # one write a minute per token at most
-            with self._engine.begin() as conn:
-                conn.execute(update(tokens).where(tokens.c.name == row.name).values(last_used_at=now))
+            self._rows.token_used(row.name, now)
         return Identity(row.name, Role(row.role), "token")
 
     # --- login sessions ------------------------------------------------------------------------------
@@ -255,27 +201,20 @@ class Accounts:
         """A new session for a signed-in person; returns the session id for the cookie."""
         session_id = secrets.token_urlsafe(32)
         now = time.time()
-        with self._engine.begin() as conn:
-            conn.execute(delete(sessions).where(sessions.c.expires_at < now))
-            conn.execute(insert(sessions).values(id_sha256=_digest(session_id), user_name=user.name,
-                                                 csrf=secrets.token_urlsafe(24), created_at=now,
-                                                 expires_at=now + hours * 3600))
+        self._rows.insert_session({"id_sha256": _digest(session_id), "user_name": user.name,
+                                   "csrf": secrets.token_urlsafe(24), "created_at": now,
+                                   "expires_at": now + hours * 3600})
         return session_id
 
     def identity_for_session(self, session_id: str) -> Identity | None:
         """The person of a live session (their current role), with its CSRF secret; None when it ended."""
-        query = (select(users.c.name, users.c.role, sessions.c.csrf, sessions.c.expires_at)
-                 .join(users, users.c.name == sessions.c.user_name)
-                 .where(sessions.c.id_sha256 == _digest(session_id)))
-        with self._engine.connect() as conn:
-            row = conn.execute(query).first()
+        row = self._rows.session_row(_digest(session_id))
         if row is None or row.expires_at < time.time():
             return None
         return Identity(row.name, Role(row.role), "user", session=row.csrf)
 
     def close_session(self, session_id: str) -> None:
-        with self._engine.begin() as conn:
-            conn.execute(delete(sessions).where(sessions.c.id_sha256 == _digest(session_id)))
+        self._rows.delete_session(_digest(session_id))
 
 
 def same_secret(given: str, expected: str) -> bool:

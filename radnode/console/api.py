@@ -4,7 +4,6 @@ Orthanc plugin's ``/orthanc/events`` (authenticated by the plugin's own token, n
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
 from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
@@ -16,7 +15,7 @@ from radnode.console.auth import Viewer, bearer_scheme, gate_of
 from radnode.console.schemas import (
     Health, JobDetail, JobIdPath, JobList, Me, Queued, delivery_document, event_document, job_summary,
 )
-from radnode.node.store import Delivery, Event, Job, JobState
+from radnode.node.store import Job, JobState, JobStore, StudyDetails
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +23,7 @@ MAX_PAGE = 1000
 
 
 class NodeView(Protocol):
-    """What the endpoints read from and hand to the node (:class:`radnode.node.service.Node`)."""
-
-    def jobs(self, state: JobState | None = None, needs_review: bool | None = None) -> list[Job]: ...
-
-    def job(self, job_id: int) -> Job | None: ...
-
-    def events(self, job_id: int, after_id: int = 0) -> list[Event]: ...
-
-    def deliveries(self, job_id: int) -> list[Delivery]: ...
+    """What the endpoints hand to the node (:class:`radnode.node.service.Node`); they read the job store."""
 
     def health(self) -> dict[str, Any]: ...
 
@@ -58,14 +49,20 @@ def me(request: Request, identity: Viewer) -> Me:
               patient_data=gate_of(request).sees_patient_data(identity))
 
 
-def _matches(job: Job, pipeline: str | None, search: str | None) -> bool:
+def _store(request: Request) -> JobStore:
+    return request.app.state.store
+
+
+def _matches(job: Job, details: StudyDetails, pipeline: str | None, search: str | None, patient_data: bool) -> bool:
     if pipeline is not None and job.pipeline != pipeline:
         return False
-    if search:
-        needle = search.lower()
-        return any(needle in str(value).lower()
-                   for value in (job.study_instance_uid, job.patient_id, job.calling_ae, job.pipeline, job.id))
-    return True
+    if not search:
+        return True
+    needle = search.lower()
+    # a role that may not see patient data cannot find a job by its patient ID or accession either
+    values = [job.study_instance_uid, job.calling_ae, job.pipeline, str(job.id), details.study_description,
+              *details.modalities, *((job.patient_id, details.accession_number) if patient_data else ())]
+    return any(needle in value.lower() for value in values)
 
 
 @router.get("/api/jobs", response_model=JobList, tags=["jobs"],
@@ -74,32 +71,38 @@ def list_jobs(request: Request, identity: Viewer,
               state: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
               needs_review: Annotated[bool | None, Query(description="true: flagged for review; false: assessed "
                                                                       "and not flagged")] = None,
+              reviewed: Annotated[bool | None, Query(description="with needs_review=true: false is the review "
+                                                                  "worklist (flagged, not yet reviewed)")] = None,
               pipeline: Annotated[str | None, Query(max_length=128)] = None,
-              q: Annotated[str | None, Query(max_length=128, description="search in study UID, patient ID (for "
-                                                                          "roles that see it), calling AE, pipeline")] = None,
+              q: Annotated[str | None, Query(max_length=128, description="search in study UID, description, "
+                                                                          "modality, calling AE, pipeline; patient "
+                                                                          "ID and accession for roles that see them")] = None,
               limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
               offset: Annotated[int, Query(ge=0, le=2**31)] = 0) -> JobList:
+    store = _store(request)
     patient_data = gate_of(request).sees_patient_data(identity)
-    # a role that may not see patient data cannot find a job by its patient ID either
-    jobs = [job for job in reversed(node_of(request).jobs(state, needs_review))
-            if _matches(job if patient_data else _without_patient(job), pipeline, q)]
-    return JobList(jobs=[job_summary(job, patient_data) for job in jobs[offset:offset + limit]], total=len(jobs))
-
-
-def _without_patient(job: Job) -> Job:
-    return replace(job, patient_id="")
+    jobs = list(reversed(store.jobs(state, needs_review)))
+    details = store.study_details(job.study_instance_uid for job in jobs)
+    reviews = store.reviewed_jobs(job.id for job in jobs) if jobs else {}
+    chosen = [job for job in jobs if _matches(job, details[job.study_instance_uid], pipeline, q, patient_data)
+              and (reviewed is None or (job.id in reviews) == reviewed)]
+    page = chosen[offset:offset + limit]
+    return JobList(jobs=[job_summary(job, patient_data, details[job.study_instance_uid],
+                                     reviews.get(job.id, (None,))[0]) for job in page], total=len(chosen))
 
 
 @router.get("/api/jobs/{job_id}", response_model=JobDetail, tags=["jobs"], summary="One job with its events and "
             "deliveries", responses={404: {"description": "no such job"}})
 def get_job(request: Request, identity: Viewer, job_id: JobIdPath) -> JobDetail:
-    node = node_of(request)
-    job = node.job(job_id)
+    store = _store(request)
+    job = store.job(job_id)
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
-    summary = job_summary(job, gate_of(request).sees_patient_data(identity))
-    return JobDetail(**summary.model_dump(), events=[event_document(e) for e in node.events(job_id)],
-                     deliveries=[delivery_document(d) for d in node.deliveries(job_id)])
+    details = store.study_details([job.study_instance_uid])[job.study_instance_uid]
+    reviewer = store.reviewed_jobs([job.id]).get(job.id, (None,))[0]
+    summary = job_summary(job, gate_of(request).sees_patient_data(identity), details, reviewer)
+    return JobDetail(**summary.model_dump(), events=[event_document(e) for e in store.events(job_id)],
+                     deliveries=[delivery_document(d) for d in store.deliveries(job_id)])
 
 
 class OrthancEvent(BaseModel):

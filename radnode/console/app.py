@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from radnode import __version__
-from radnode.console import api, dashboard, stow
+from radnode.console import actions, api, dashboard, stow
 from radnode.console.auth import Gate, Viewer, metrics_reader
 from radnode.console.schemas import Problem
 
@@ -30,16 +30,20 @@ _AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def create_app(node: object, gate: Gate, registry: CollectorRegistry, max_upload_bytes: int) -> FastAPI:
+def create_app(node: object, store: object, gate: Gate, registry: CollectorRegistry, max_upload_bytes: int,
+               config: object = None) -> FastAPI:
     """The application for one node; ``node`` answers :class:`radnode.console.api.NodeView` and
     :class:`radnode.console.stow.StowIngest`."""
     app = FastAPI(title="radnode", version=__version__, openapi_url=None, docs_url=None, redoc_url=None,
                   description="The radnode imaging-AI node: jobs, actions, metrics, STOW-RS. Authenticate with "
                               "`Authorization: Bearer <token>` (`radnode tokens create`) or the dashboard's login.")
     app.state.node = node
+    app.state.store = store
+    app.state.config = config
     app.state.gate = gate
     app.state.max_upload_bytes = max_upload_bytes
     app.include_router(api.router, responses=_AUTH_RESPONSES)
+    app.include_router(actions.router, responses=_AUTH_RESPONSES)
     app.include_router(stow.router, responses=_AUTH_RESPONSES)
     app.include_router(dashboard.router)
     app.mount("/static", dashboard.static, name="static")

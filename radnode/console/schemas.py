@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from radnode.node.store import Delivery, Event, Job, JobState
+from radnode.node.store import Delivery, Event, Job, JobState, StudyDetails
 
 Priority = StrEnum("Priority", {"STAT": "stat", "ROUTINE": "routine", "OFF_PEAK": "off-peak"})  # type: ignore[misc]
 """A job's priority by name (the store orders by rank: off-peak 0, routine 1, stat 2)."""
@@ -41,12 +41,18 @@ class JobSummary(_Document):
     id: int
     study_instance_uid: str
     patient_id: str | None = Field(description="null when the caller's role may not see patient data")
+    accession_number: str | None = Field(description="null when the caller's role may not see patient data")
+    study_description: str
+    modalities: list[str] = Field(description="modalities of the instances received for the study")
     pipeline: str
     state: JobState
     reason: str | None = Field(description="why it failed, or why the study was not processed")
     needs_review: bool | None = Field(description="true: flagged for human review; false: assessed, not flagged; "
                                                    "null: not assessed")
     review_reasons: list[str]
+    reviewed_by: str | None = Field(description="who marked the flagged job reviewed (null: not yet)")
+    failure: str | None = Field(description="why a failed job failed, by kind: delivery (re-send it), cancelled, "
+                                            "or processing; null unless failed")
     priority: Priority
     calling_ae: str
     peer_address: str
@@ -126,11 +132,26 @@ class StowResult(_Document):
 JobIdPath = Annotated[int, Field(ge=1, le=2**62)]
 
 
-def job_summary(job: Job, patient_data: bool) -> JobSummary:
+def failure_kind(job: Job) -> str | None:
+    """``delivery``, ``cancelled`` or ``processing`` for a failed job (from its reason), else None."""
+    if job.state is not JobState.FAILED:
+        return None
+    reason = job.reason or ""
+    if reason.startswith("delivery") or " undelivered" in reason:
+        return "delivery"
+    return "cancelled" if reason.startswith("cancelled by") else "processing"
+
+
+def job_summary(job: Job, patient_data: bool, details: StudyDetails | None = None,
+                reviewed_by: str | None = None) -> JobSummary:
+    details = details or StudyDetails()
     return JobSummary(
         id=job.id, study_instance_uid=job.study_instance_uid, patient_id=job.patient_id if patient_data else None,
+        accession_number=details.accession_number if patient_data else None,
+        study_description=details.study_description, modalities=list(details.modalities),
         pipeline=job.pipeline, state=job.state, reason=job.reason, needs_review=job.needs_review,
-        review_reasons=list(job.review_reasons), priority=Priority(priority_name(job.priority)),
+        review_reasons=list(job.review_reasons), reviewed_by=reviewed_by, failure=failure_kind(job),
+        priority=Priority(priority_name(job.priority)),
         calling_ae=job.calling_ae, peer_address=job.peer_address, instances=job.instances,
         late_instances=job.late_instances, runs=job.runs, created_at=utc(job.created_at),
         updated_at=utc(job.updated_at), purged_at=utc(job.purged_at), sibling_of=job.sibling_of)

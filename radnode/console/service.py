@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from radnode.config import Config
@@ -11,16 +13,19 @@ from radnode.console.app import create_app
 from radnode.console.auth import AuditSink, Gate
 from radnode.console.metrics import NodeCollector, node_registry
 from radnode.console.server import WebServer
+from radnode.node.store import JobStore, store_target
 
 log = logging.getLogger(__name__)
 
-ACCOUNTS_FILE = "radnode.db"
-"""Users, tokens and sessions live in the node's own database file."""
-
-
-def accounts_for(config: Config) -> Accounts:
-    """The accounts of the node with this configuration (also for ``radnode users``/``tokens`` beside it)."""
-    return Accounts(config.data_dir / ACCOUNTS_FILE)
+@contextmanager
+def accounts_for(config: Config) -> Iterator[Accounts]:
+    """The accounts in the job store of the node with this configuration (``radnode users``/``tokens``, beside
+    a running node or not)."""
+    store = JobStore(store_target(config.data_dir.resolve(), config.store.url))
+    try:
+        yield Accounts(store)
+    finally:
+        store.close()
 
 
 def read_event_token(path: Path | None) -> str | None:
@@ -39,11 +44,12 @@ def read_event_token(path: Path | None) -> str | None:
 class Console:
     """The web service of one node (``node`` answers the console's NodeView and StowIngest protocols)."""
 
-    def __init__(self, config: Config, node: object, audit: AuditSink | None = None,
-                 rejected_associations=dict, paused=lambda: False) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, config: Config, node: object, store: JobStore, audit: AuditSink | None = None,
+                 rejected_associations=dict) -> None:  # type: ignore[no-untyped-def]
         api = config.api
-        self.accounts = accounts_for(config)
-        self.collector = NodeCollector(node, config.data_dir / "spool", rejected_associations, paused)  # type: ignore[arg-type]
+        self.accounts = Accounts(store)
+        self.collector = NodeCollector(node, config.data_dir / "spool", rejected_associations,  # type: ignore[arg-type]
+                                       store.queue_paused)
         token = read_event_token(config.orthanc.event_token_file) if config.orthanc.url else None
         if config.orthanc.url and token is None:
             log.warning("orthanc.url is set but orthanc.event_token_file is not: the plugin's events are refused "
@@ -52,7 +58,8 @@ class Console:
                          secure_cookies=api.tls is not None, session_hours=api.session_hours,
                          public_metrics=api.public_metrics, orthanc_token=token, audit=audit,
                          on_refused=self.collector.count_refused)
-        self.app = create_app(node, self.gate, node_registry(self.collector), int(api.max_upload_mb * 2**20))
+        self.app = create_app(node, store, self.gate, node_registry(self.collector), int(api.max_upload_mb * 2**20),
+                              config)
         self.server = WebServer(self.app, api)
 
     @property
@@ -64,4 +71,3 @@ class Console:
 
     def stop(self) -> None:
         self.server.stop()
-        self.accounts.close()

@@ -102,7 +102,7 @@ class Node:
             self._orthanc.start()
         if self.config.api.enabled:
             self._ingest = ingest
-            self._web = Console(self.config, self)
+            self._web = Console(self.config, self, store)
             self._web.start()
         self._stopping.clear()
         retention = Retention(self.config, store, should_stop=self._stopping.is_set)

@@ -116,7 +116,8 @@ def completeness_settings(config: Config) -> CompletenessSettings:
 
 class Scheduler:
     """Queues complete studies, starts queued jobs (most urgent first) up to the concurrency limit, reaps
-    them and kills those over their time limit or restarted for late instances."""
+    them and kills those over their time limit, restarted for late instances or cancelled; while the queue is
+    paused (``radnode queue pause``) nothing new starts."""
 
     def __init__(self, config: Config, store: JobStore, egress: Egress, command: Sequence[str],
                  config_file: Path) -> None:
@@ -135,9 +136,12 @@ class Scheduler:
             if job_id in self.running:
                 self.running.pop(job_id).end()
             self.store.restart(job_id)
+        for job_id in self.store.cancelled(self.running):  # an operator cancelled it: end its process
+            self.running.pop(job_id).end()
         for job_id in list(self.running):
             self._reap(self.running[job_id])
-        while len(self.running) < self.config.processing.max_concurrent_jobs:
+        paused = self.store.queue_paused()  # an operator paused the queue: nothing new starts
+        while not paused and len(self.running) < self.config.processing.max_concurrent_jobs:
             job = self.store.next_queued()
             if job is None:
                 break
