@@ -327,3 +327,139 @@ def test_radnode_serve_logs_each_study_job_and_delivery_once_and_no_instance(tmp
 def _no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(name, raising=False)
+
+
+# --------------------------------------------------------------------------------------- operators' actions
+
+ACTIONS = [("POST", "/api/jobs/{job}/retry"), ("POST", "/api/jobs/{job}/resend"), ("POST", "/api/jobs/{job}/cancel"),
+           ("POST", "/api/jobs/{job}/review"), ("POST", "/api/queue/pause"), ("POST", "/api/queue/resume"),
+           ("POST", "/api/studies/{study}/complete")]
+
+
+def test_a_viewer_cannot_act_an_operator_can_and_every_action_names_its_user(node: Node, tmp_path: Path) -> None:
+    write_study(tmp_path / "study", n=2)
+    job_id = _sent_and_done(node, tmp_path / "study")
+    study = node.job(job_id).study_instance_uid  # type: ignore[union-attr]
+    viewer, operator = token_for(node, Role.VIEWER), token_for(node, Role.OPERATOR, "night-shift")
+    with api(node, viewer) as client:
+        for method, path in ACTIONS:
+            answer = client.request(method, path.format(job=job_id, study=study))
+            assert answer.status_code == 403, (path, answer.text)
+    with api(node, operator) as client:
+        assert client.post(f"/api/jobs/{job_id}/retry").status_code == 409, "a done job is not retried"
+        resent = client.post(f"/api/jobs/{job_id}/resend", json={"note": "PACS lost it"})
+        assert resent.status_code == 200, resent.text
+        wait_until(lambda: node.job(job_id).state is JobState.DONE and  # type: ignore[union-attr]
+                   all(d.state == "done" for d in node.deliveries(job_id)))
+        assert client.post("/api/queue/pause").json()["paused"] is True
+        assert client.get("/api/queue").json()["paused"] is True
+        assert client.post("/api/queue/resume").json()["paused"] is False
+        assert client.post(f"/api/jobs/{job_id}/cancel").status_code == 409, "a done job cannot be cancelled"
+        assert client.post("/api/jobs/999/retry").status_code == 404
+    resend = [e for e in node.events(job_id) if e.kind == "resend"]
+    assert len(resend) == 1 and "token:night-shift" in resend[0].message and "PACS lost it" in resend[0].message
+
+
+def test_a_paused_queue_keeps_ingesting_and_starts_nothing_until_resumed(node: Node, tmp_path: Path) -> None:
+    operator = token_for(node, Role.OPERATOR)
+    with api(node, operator) as client:
+        client.post("/api/queue/pause").raise_for_status()
+        write_study(tmp_path / "study", n=2)
+        assert storescu(node.port, tmp_path / "study").returncode == 0, "ingest continues while paused"
+        wait_until(lambda: node.jobs() and node.jobs()[0].state is JobState.QUEUED)
+        time.sleep(1.0)  # several scheduler rounds
+        assert node.jobs()[0].state is JobState.QUEUED and node.jobs()[0].runs == 0
+        client.post("/api/queue/resume").raise_for_status()
+    assert final_job(node, node.jobs()[0].id).state is JobState.DONE
+
+
+def test_a_study_still_arriving_is_forced_complete_and_a_queued_job_cancelled(tmp_path: Path,
+                                                                               stand_in: list[str]) -> None:
+    config = node_config(tmp_path, ingress={"host": "127.0.0.1", "port": 0, "study_idle_seconds": 3600,
+                                            "association_grace_seconds": 3600})
+    with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
+        write_study(tmp_path / "study", n=2)
+        assert storescu(node.port, tmp_path / "study").returncode == 0
+        wait_until(lambda: len(node.jobs()) == 1)
+        (job,) = node.jobs()
+        assert job.state is JobState.RECEIVED, "the study waits (an hour of completeness grace)"
+        with api(node, token_for(node, Role.OPERATOR, "ops")) as client:
+            client.post("/api/queue/pause").raise_for_status()
+            forced = client.post(f"/api/studies/{job.study_instance_uid}/complete")
+            assert forced.status_code == 200, forced.text
+            assert node.job(job.id).state is JobState.QUEUED  # type: ignore[union-attr]
+            cancelled = client.post(f"/api/jobs/{job.id}/cancel", json={"note": "wrong patient"})
+            assert cancelled.status_code == 200 and "queued" in cancelled.json()["message"]
+            client.post("/api/queue/resume").raise_for_status()
+        final = node.job(job.id)
+        assert final.state is JobState.FAILED and final.reason == "cancelled by token:ops: wrong patient"  # type: ignore[union-attr]
+        queued = [e.message for e in node.events(job.id) if e.kind == "queued"]
+        assert len(queued) == 1 and queued[0].endswith("forced complete by token:ops")
+        time.sleep(0.5)
+        assert node.job(job.id).runs == 0, "a cancelled job never runs"  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+def test_a_destination_down_past_its_retries_fails_the_job_and_one_resend_delivers_each_result_once(
+        tmp_path: Path, stand_in: list[str]) -> None:
+    port = free_port()  # the PACS is down: nothing listens here yet
+    config = node_config(tmp_path, egress={"destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": port}],
+                                           "max_attempts": 3, "retry_initial_seconds": 0.1, "retry_max_seconds": 0.2,
+                                           "timeout_seconds": 2})
+    with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
+        write_study(tmp_path / "study", n=2)
+        job_id = _sent_and_done(node, tmp_path / "study")
+        operator = token_for(node, Role.OPERATOR, "radiographer")
+        with api(node, operator) as client:
+            failed = client.get(f"/api/jobs/{job_id}").json()
+            assert failed["state"] == "failed" and failed["failure"] == "delivery"
+            assert "PACS" in failed["reason"] and all(d["state"] == "failed" for d in failed["deliveries"])
+            results = sorted(d["object"] for d in failed["deliveries"])
+            with StoreSCP(tmp_path / "pacs", ae_title="PACS", port=port) as pacs:
+                answer = client.post(f"/api/jobs/{job_id}/resend", json={"failed_only": True})
+                assert answer.status_code == 200, answer.text
+                assert final_job(node, job_id).state is JobState.DONE
+                received = sorted(p for p in pacs.folder.rglob("*") if p.is_file())
+                sop_uids = sorted(pydicom.dcmread(p).SOPInstanceUID for p in received)
+            assert client.post(f"/api/jobs/{job_id}/resend", json={"failed_only": True}).status_code == 409
+    assert len(received) == len(results) and len(set(sop_uids)) == len(sop_uids), "each result once"
+    assert [e.message for e in node_events(config, job_id) if e.kind == "resend"][0].startswith("re-send by token:radiographer")
+
+
+def node_events(config, job_id: int) -> list:  # type: ignore[no-untyped-def]
+    from radnode.node.store import JobStore, store_target
+
+    store = JobStore(store_target(config.data_dir, None))
+    try:
+        return store.events(job_id)
+    finally:
+        store.close()
+
+
+@pytest.mark.slow
+def test_a_failed_job_retried_after_its_missing_series_came_runs_on_every_received_instance(
+        tmp_path: Path, stand_in: list[str], pacs: StoreSCP) -> None:
+    config = node_config(tmp_path, ingress={"host": "127.0.0.1", "port": 0, "study_idle_seconds": 0.5,
+                                            "late_instances": "ignore"},
+                         egress={"destinations": [{"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}]})
+    files = write_study(tmp_path / "images", n=3)
+    header_only = tmp_path / "header"
+    header_only.mkdir()
+    ds = pydicom.dcmread(files[0])
+    del ds.PixelData  # a series without its images: the pipeline (the stand-in) fails on it
+    ds.SeriesInstanceUID = ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(header_only / "header.dcm")
+    with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
+        job_id = _sent_and_done(node, header_only)
+        assert node.job(job_id).state is JobState.FAILED  # type: ignore[union-attr]
+        assert storescu(node.port, tmp_path / "images").returncode == 0  # the missing series, sent later
+        wait_until(lambda: node.job(job_id).late_instances == 3)  # type: ignore[union-attr]
+        with api(node, token_for(node, Role.OPERATOR)) as client:
+            answer = client.post(f"/api/jobs/{job_id}/retry", json={"note": "series resent by the modality"})
+            assert answer.status_code == 200 and "4 instance" in answer.json()["message"], answer.text
+        job = final_job(node, job_id)
+        assert job.state is JobState.DONE, job.reason
+        assert (job.instances, job.runs) == (4, 2)
+        inputs = (tmp_path / "data" / "jobs" / str(job_id) / "in")
+        assert len(list(inputs.iterdir())) == 4
+        assert [e.kind for e in node.events(job_id)].count("retry") == 1
