@@ -266,6 +266,46 @@ def _iso(epoch: float | None) -> str:
     return "" if epoch is None else dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def cmd_node(args: argparse.Namespace) -> int:
+    """``radnode jobs|queue|study …``: one call to a running node's API with a token."""
+    from radnode.console.client import NodeClient, job_line, job_text
+
+    client = NodeClient.from_options(_load(args), args.url, None, args.token_file, args.ca_bundle)
+    note = {"note": args.note} if getattr(args, "note", None) else {}
+    if args.command == "jobs" and args.jobs_command == "list":
+        params = {"state": args.state, "q": args.search, "limit": args.limit,
+                  **({"needs_review": "true", "reviewed": "false"} if args.worklist else {})}
+        answer = client.call("GET", "/api/jobs", params={k: v for k, v in params.items() if v is not None})
+        for job in answer["jobs"]:
+            print(job_line(job))
+        print(f"{len(answer['jobs'])} of {answer['total']} job(s)", file=sys.stderr)
+        return 0
+    if args.command == "jobs" and args.jobs_command == "show":
+        print(job_text(client.call("GET", f"/api/jobs/{args.job}")))
+        return 0
+    if args.command == "jobs":
+        body = {**note, **({"destination": args.destination, "failed_only": args.failed_only}
+                           if args.jobs_command == "resend" else {})}
+        answer = client.call("POST", f"/api/jobs/{args.job}/{args.jobs_command}", body)
+    elif args.command == "queue":
+        answer = client.call("GET" if args.queue_command == "status" else "POST",
+                             "/api/queue" if args.queue_command == "status" else f"/api/queue/{args.queue_command}")
+        print(f"queue {'paused' if answer['paused'] else 'running'}, {answer['queued']} job(s) queued")
+        return 0
+    else:
+        answer = client.call("POST", f"/api/studies/{args.study}/complete", note)
+    print(answer["message"])
+    return 0
+
+
+def _node_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="the node's web service (default: from the configuration, api.host/api.port)")
+    parser.add_argument("--token-file", help="file holding an API token (default: $RADNODE_TOKEN)")
+    parser.add_argument("--ca-bundle", help="CA bundle to check an https node against")
+    parser.add_argument("--config", help="configuration YAML file (where the node listens)")
+    parser.set_defaults(func=cmd_node)
+
+
 def _logging_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
     """``-v`` and ``--log-format``, accepted before and after the subcommand (``radnode serve -v``)."""
     default = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
@@ -377,6 +417,38 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade = store_sub.add_parser("upgrade", help="bring the job store to this release's schema (back it up first)")
     upgrade.add_argument("--config", help="configuration YAML file (store.url, data_dir)")
     upgrade.set_defaults(func=cmd_store_upgrade)
+    jobs = sub.add_parser("jobs", help="a running node's jobs: list, show, retry, resend, cancel, review (API token)")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    listing = jobs_sub.add_parser("list", help="jobs, newest first")
+    listing.add_argument("--state", choices=("received", "queued", "running", "delivering", "done", "failed"))
+    listing.add_argument("--search", help="study UID, description, modality, AE, pipeline (patient ID for roles that see it)")
+    listing.add_argument("--worklist", action="store_true", help="the review worklist: flagged, not yet reviewed")
+    listing.add_argument("--limit", type=int, default=50)
+    _node_options(listing)
+    for name, text in (("show", "one job with its deliveries and events"),
+                       ("retry", "run a failed job again on every instance received for its study"),
+                       ("resend", "deliver a job's results again (even after the deliveries gave up)"),
+                       ("cancel", "cancel a job that has not finished"),
+                       ("review", "mark a flagged job reviewed")):
+        command = jobs_sub.add_parser(name, help=text)
+        command.add_argument("job", type=int, help="job id")
+        if name != "show":
+            command.add_argument("--note", help="why (kept in the job's events)")
+        if name == "resend":
+            command.add_argument("--destination", help="only this destination (as `jobs show` names it)")
+            command.add_argument("--failed-only", action="store_true", help="only the deliveries not made")
+        _node_options(command)
+    queue = sub.add_parser("queue", help="pause or resume a running node's queue (ingest carries on)")
+    queue_sub = queue.add_subparsers(dest="queue_command", required=True)
+    for name in ("pause", "resume", "status"):
+        _node_options(queue_sub.add_parser(name, help=f"{name} the queue" if name != "status" else "is it paused?"))
+    study = sub.add_parser("study", help="act on a study a running node is receiving")
+    study_sub = study.add_subparsers(dest="study_command", required=True)
+    complete = study_sub.add_parser("complete", help="treat the study as complete now (its job is queued)")
+    complete.add_argument("study", help="Study Instance UID")
+    complete.add_argument("--note", help="why (kept in the job's events)")
+    _node_options(complete)
+
     users = sub.add_parser("users", help="people who sign in to the web console (viewer, operator, admin)")
     users_sub = users.add_subparsers(dest="users_command", required=True)
     for name, text in (("add", "add a person"), ("passwd", "change a person's password"),

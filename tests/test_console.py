@@ -463,3 +463,33 @@ def test_a_failed_job_retried_after_its_missing_series_came_runs_on_every_receiv
         inputs = (tmp_path / "data" / "jobs" / str(job_id) / "in")
         assert len(list(inputs.iterdir())) == 4
         assert [e.kind for e in node.events(job_id)].count("retry") == 1
+
+
+def test_the_cli_lists_shows_resends_and_pauses_through_the_api_with_a_token(node: Node, tmp_path: Path) -> None:
+    write_study(tmp_path / "study", n=2)
+    job_id = _sent_and_done(node, tmp_path / "study")
+    url = f"http://127.0.0.1:{node.api_port}"
+
+    def radnode(*argv: str, role: Role = Role.OPERATOR) -> subprocess.CompletedProcess:
+        token = token_for(node, role, f"cli-{role.value}-{time.monotonic_ns()}")
+        return subprocess.run([sys.executable, "-m", "radnode", *argv, "--url", url], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "RADNODE_TOKEN": token})
+
+    listed = radnode("jobs", "list")
+    assert listed.returncode == 0 and re.search(rf"^\s*{job_id}\s+done\s+ct_tissue\s+routine .* P1 ", listed.stdout,
+                                                re.M), listed.stdout + listed.stderr
+    shown = radnode("jobs", "show", str(job_id))
+    assert "deliveries:" in shown.stdout and "events:" in shown.stdout and "delivered" in shown.stdout
+    refused = radnode("jobs", "resend", str(job_id), role=Role.VIEWER)
+    assert refused.returncode == 2 and "403" in refused.stderr and "viewer" in refused.stderr
+    resent = radnode("jobs", "resend", str(job_id), "--note", "from the CLI")
+    assert resent.returncode == 0 and "queued" in resent.stdout, resent.stderr
+    assert radnode("queue", "pause").stdout.startswith("queue paused")
+    assert radnode("queue", "status").stdout.startswith("queue paused")
+    assert radnode("queue", "resume").stdout.startswith("queue running")
+    again = radnode("study", "complete", node.job(job_id).study_instance_uid)  # type: ignore[union-attr]
+    assert again.returncode == 2 and "409" in again.stderr and "not receiving" in again.stderr
+    assert any(e.kind == "resend" and "from the CLI" in e.message for e in node.events(job_id))
+    unreachable = subprocess.run([sys.executable, "-m", "radnode", "jobs", "list", "--url", f"http://127.0.0.1:{free_port()}"],
+                                 capture_output=True, text=True, timeout=60, env={**os.environ, "RADNODE_TOKEN": "rnt_x"})
+    assert unreachable.returncode == 2 and "cannot reach the node" in unreachable.stderr
