@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from radnode import __version__
-from radnode.console import actions, api, dashboard, stow
+from radnode.console import actions, api, dashboard, stow, views
 from radnode.console.auth import Gate, Viewer, metrics_reader
 from radnode.console.schemas import Problem
 
@@ -44,6 +44,7 @@ def create_app(node: object, store: object, gate: Gate, registry: CollectorRegis
     app.state.max_upload_bytes = max_upload_bytes
     app.include_router(api.router, responses=_AUTH_RESPONSES)
     app.include_router(actions.router, responses=_AUTH_RESPONSES)
+    app.include_router(views.router, responses=_AUTH_RESPONSES)
     app.include_router(stow.router, responses=_AUTH_RESPONSES)
     app.include_router(dashboard.router)
     app.mount("/static", dashboard.static, name="static")

@@ -178,3 +178,18 @@ def job_page(request: Request, person: Person, job_id: int) -> HTMLResponse:
 @router.get("/review")
 def review_page(request: Request, person: Person) -> HTMLResponse:
     return _page("review.html", request, person)
+
+
+@router.get("/destinations")
+def destinations_page(request: Request, person: Person) -> HTMLResponse:
+    return _page("destinations.html", request, person)
+
+
+@router.get("/rules")
+def rules_page(request: Request, person: Person) -> HTMLResponse:
+    return _page("rules.html", request, person)
+
+
+@router.get("/audit")
+def audit_page(request: Request, person: Person) -> HTMLResponse:
+    return _page("audit.html", request, person)
