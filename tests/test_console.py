@@ -493,3 +493,62 @@ def test_the_cli_lists_shows_resends_and_pauses_through_the_api_with_a_token(nod
     unreachable = subprocess.run([sys.executable, "-m", "radnode", "jobs", "list", "--url", f"http://127.0.0.1:{free_port()}"],
                                  capture_output=True, text=True, timeout=60, env={**os.environ, "RADNODE_TOKEN": "rnt_x"})
     assert unreachable.returncode == 2 and "cannot reach the node" in unreachable.stderr
+
+
+# ------------------------------------------------------------------------------------------------ browser
+
+REPO = Path(__file__).resolve().parents[1]
+PLAYWRIGHT_DIR = REPO / ".cache" / "playwright"
+PLAYWRIGHT_VERSION = "1.65.1"
+
+
+@pytest.fixture(scope="session")
+def playwright_core() -> Path:
+    """npm's playwright-core (no browser download: it drives Debian's /usr/bin/chromium), installed once."""
+    module = PLAYWRIGHT_DIR / "node_modules" / "playwright-core"
+    if not module.is_dir():
+        PLAYWRIGHT_DIR.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["npm", "install", "--no-save", "--no-audit", "--no-fund", "--silent",
+                        f"playwright-core@{PLAYWRIGHT_VERSION}"], cwd=PLAYWRIGHT_DIR, check=True, timeout=300)
+    assert Path("/usr/bin/chromium").exists(), "Debian chromium is needed (deploy/ohif/install.sh installs it)"
+    return module
+
+
+@pytest.mark.slow
+def test_an_operator_watches_a_study_arrive_and_finish_then_resends_a_result_in_chromium(
+        tmp_path: Path, stand_in: list[str], pacs: StoreSCP, playwright_core: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STAND_IN_SECONDS_BROWSER1", "2")  # long enough to be seen running
+    files = write_study(tmp_path / "study", n=3, patient_id="BROWSER1")
+    study = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+    config = node_config(tmp_path, egress={"destinations": [{"ae_title": pacs.ae_title, "host": "127.0.0.1",
+                                                             "port": pacs.port}]})
+    screenshot = REPO / ".cache" / "artifacts" / "console-job-page.png"
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
+        node.accounts.add_user("olga", Role.OPERATOR, PASSWORD)
+        browser = subprocess.Popen(
+            ["node", str(Path(__file__).parent / "support" / "console_browser.cjs")], stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PLAYWRIGHT_CORE": str(playwright_core), "CONSOLE_URL": f"http://127.0.0.1:{node.api_port}",
+                 "STUDY_UID": study, "SCREENSHOT": str(screenshot), "CONSOLE_USER": "olga",
+                 "CONSOLE_PASSWORD": PASSWORD})
+        output: list[str] = []
+        try:
+            assert browser.stdout is not None
+            for line in browser.stdout:
+                output.append(line.rstrip())
+                if line.startswith("READY"):
+                    assert storescu(node.port, tmp_path / "study").returncode == 0
+            assert browser.wait(timeout=180) == 0, "\n".join(output)
+        finally:
+            if browser.poll() is None:
+                browser.kill()
+        (job,) = node.jobs()
+        resent = output[-1].removeprefix("RESENT ") if output[-1].startswith("RESENT ") else ""
+        assert resent == f"dicom:{pacs.ae_title}@127.0.0.1:{pacs.port}", "\n".join(output)
+        events = node.events(job.id)
+        assert [e.message for e in events if e.kind == "resend"] == [f"re-send by olga: 1 delivery to {resent}"]
+        assert [d.state for d in node.deliveries(job.id)] == ["done"]
+    assert any("STEP the study appeared" in line for line in output)
+    assert screenshot.stat().st_size > 10_000
