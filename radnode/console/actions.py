@@ -11,10 +11,11 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Body, HTTPException, Path, Request, status
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from radnode.console.accounts import Identity
 from radnode.console.auth import Operator, Viewer, client_address, gate_of
+from radnode.console.schemas import Document
 from radnode.node.store import ActionRefused, JobStore
 
 log = logging.getLogger(__name__)
@@ -24,10 +25,9 @@ router = APIRouter(tags=["actions"])
 _RESPONSES = {404: {"description": "no such job or study"}, 409: {"description": "the action does not apply now"}}
 
 
-class Note(BaseModel):
+class Note(Document):
     """Why (kept in the job's event log)."""
 
-    model_config = ConfigDict(extra="forbid")
     note: Annotated[str, Field(max_length=500)] = ""
 
 
@@ -37,16 +37,17 @@ class ResendRequest(Note):
     failed_only: bool = Field(False, description="only deliveries that were not made (after an outage)")
 
 
-class ActionResult(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ActionResult(Document):
     job_id: int | None
     message: str
 
 
-class QueueState(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class QueueState(Document):
     paused: bool
     queued: int = Field(description="jobs waiting for a worker")
+
+
+JobId = Annotated[int, Path(ge=1, le=2**62, description="the job's id")]
 
 
 def _store(request: Request) -> JobStore:
@@ -74,7 +75,7 @@ def _act(request: Request, identity: Identity, action: str, job_id: int | None, 
 
 @router.post("/api/jobs/{job_id}/retry", response_model=ActionResult, responses=_RESPONSES,
              summary="Run a failed job again on every instance received for its study")
-def retry(request: Request, identity: Operator, job_id: int, body: Annotated[Note, Body()] = Note()) -> ActionResult:
+def retry(request: Request, identity: Operator, job_id: JobId, body: Annotated[Note, Body()] = Note()) -> ActionResult:
     count = _act(request, identity, "retry", job_id,
                  lambda: _store(request).retry_job(job_id, identity.label, body.note))
     return ActionResult(job_id=job_id, message=f"job {job_id} queued again on {count} instance(s)")
@@ -82,7 +83,7 @@ def retry(request: Request, identity: Operator, job_id: int, body: Annotated[Not
 
 @router.post("/api/jobs/{job_id}/resend", response_model=ActionResult, responses=_RESPONSES,
              summary="Deliver a job's results again, to all its destinations or one")
-def resend(request: Request, identity: Operator, job_id: int,
+def resend(request: Request, identity: Operator, job_id: JobId,
            body: Annotated[ResendRequest, Body()] = ResendRequest()) -> ActionResult:
     count = _act(request, identity, "resend", job_id, lambda: _store(request).resend(
         job_id, identity.label, body.destination, body.failed_only, body.note))
@@ -91,14 +92,14 @@ def resend(request: Request, identity: Operator, job_id: int,
 
 @router.post("/api/jobs/{job_id}/cancel", response_model=ActionResult, responses=_RESPONSES,
              summary="Cancel a job that has not finished (a running one's process is ended)")
-def cancel(request: Request, identity: Operator, job_id: int, body: Annotated[Note, Body()] = Note()) -> ActionResult:
+def cancel(request: Request, identity: Operator, job_id: JobId, body: Annotated[Note, Body()] = Note()) -> ActionResult:
     was = _act(request, identity, "cancel", job_id, lambda: _store(request).cancel_job(job_id, identity.label, body.note))
     return ActionResult(job_id=job_id, message=f"job {job_id} cancelled (it was {was})")
 
 
 @router.post("/api/jobs/{job_id}/review", response_model=ActionResult, responses=_RESPONSES,
              summary="Mark a job flagged for review as reviewed (it leaves the worklist)")
-def review(request: Request, identity: Operator, job_id: int, body: Annotated[Note, Body()] = Note()) -> ActionResult:
+def review(request: Request, identity: Operator, job_id: JobId, body: Annotated[Note, Body()] = Note()) -> ActionResult:
     _act(request, identity, "review", job_id, lambda: _store(request).mark_reviewed(job_id, identity.label, body.note))
     return ActionResult(job_id=job_id, message=f"job {job_id} marked reviewed by {identity.label}")
 

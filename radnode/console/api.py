@@ -8,12 +8,12 @@ from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from radnode.console.accounts import same_secret
 from radnode.console.auth import Viewer, bearer_scheme, gate_of
 from radnode.console.schemas import (
-    Health, JobDetail, JobIdPath, JobList, Me, Queued, delivery_document, event_document, job_summary,
+    Document, Health, JobDetail, JobIdPath, JobList, Me, Queued, delivery_document, event_document, job_summary,
 )
 from radnode.node.store import Job, JobState, JobStore, StudyDetails
 
@@ -105,10 +105,8 @@ def get_job(request: Request, identity: Viewer, job_id: JobIdPath) -> JobDetail:
                      deliveries=[delivery_document(d) for d in store.deliveries(job_id)])
 
 
-class OrthancEvent(BaseModel):
+class OrthancEvent(Document):
     """What the radnode Orthanc plugin posts: an instance stored, or a study stable."""
-
-    model_config = ConfigDict(extra="forbid")
 
     type: Literal["stored", "stable-study"]
     id: Annotated[str, Field(pattern=r"^[0-9a-fA-F-]{1,64}$", description="Orthanc's resource id")]

@@ -160,36 +160,22 @@ def _page(template: str, request: Request, person: Identity, **context: object) 
                   path=request.url.path, **context)
 
 
-@router.get("/")
-def overview(request: Request, person: Person) -> HTMLResponse:
-    return _page("overview.html", request, person)
+PAGES = {"/": "overview.html", "/jobs": "jobs.html", "/review": "review.html", "/destinations": "destinations.html",
+         "/rules": "rules.html", "/audit": "audit.html"}
+"""The dashboard's pages: each a template whose script fills it from the API."""
 
 
-@router.get("/jobs")
-def jobs_page(request: Request, person: Person) -> HTMLResponse:
-    return _page("jobs.html", request, person)
+def _page_route(template: str):  # type: ignore[no-untyped-def]
+    def page(request: Request, person: Person) -> HTMLResponse:
+        return _page(template, request, person)
+
+    return page
+
+
+for _path, _template in PAGES.items():
+    router.add_api_route(_path, _page_route(_template), methods=["GET"], name=_template.removesuffix(".html"))
 
 
 @router.get("/jobs/{job_id}")
 def job_page(request: Request, person: Person, job_id: int) -> HTMLResponse:
     return _page("job.html", request, person, job_id=job_id)
-
-
-@router.get("/review")
-def review_page(request: Request, person: Person) -> HTMLResponse:
-    return _page("review.html", request, person)
-
-
-@router.get("/destinations")
-def destinations_page(request: Request, person: Person) -> HTMLResponse:
-    return _page("destinations.html", request, person)
-
-
-@router.get("/rules")
-def rules_page(request: Request, person: Person) -> HTMLResponse:
-    return _page("rules.html", request, person)
-
-
-@router.get("/audit")
-def audit_page(request: Request, person: Person) -> HTMLResponse:
-    return _page("audit.html", request, person)

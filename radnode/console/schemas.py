@@ -31,11 +31,13 @@ def priority_name(value: object) -> str:
     return str(getattr(value, "value", value))
 
 
-class _Document(BaseModel):
+class Document(BaseModel):
+    """An API document: unknown fields are an error, never silently dropped."""
+
     model_config = ConfigDict(extra="forbid")
 
 
-class JobSummary(_Document):
+class JobSummary(Document):
     """A job as the job list shows it."""
 
     id: int
@@ -65,14 +67,14 @@ class JobSummary(_Document):
     sibling_of: int | None = Field(description="the study's main job when this one runs a further pipeline")
 
 
-class EventDocument(_Document):
+class EventDocument(Document):
     id: int
     at: dt.datetime
     kind: str
     message: str
 
 
-class DeliveryDocument(_Document):
+class DeliveryDocument(Document):
     id: int
     destination: str
     object: str
@@ -89,40 +91,40 @@ class JobDetail(JobSummary):
     deliveries: list[DeliveryDocument]
 
 
-class JobList(_Document):
+class JobList(Document):
     jobs: list[JobSummary]
     total: int = Field(description="jobs matching the filters (the page holds at most `limit` of them)")
 
 
-class Health(_Document):
+class Health(Document):
     status: str
     jobs: dict[str, int] = Field(description="jobs per state")
     needs_review: int = Field(description="jobs flagged for human review")
 
 
-class Me(_Document):
+class Me(Document):
     name: str
     role: str
     kind: str = Field(description="user (signed in) or token")
     patient_data: bool = Field(description="whether this identity is shown patient data")
 
 
-class Problem(_Document):
+class Problem(Document):
     """What an error answer carries."""
 
     detail: Any
 
 
-class Queued(_Document):
+class Queued(Document):
     queued: bool
 
 
-class StowFailure(_Document):
+class StowFailure(Document):
     sop_instance_uid: str | None
     reason: str
 
 
-class StowResult(_Document):
+class StowResult(Document):
     """What a STOW-RS request stored (the API's JSON view; DICOM JSON clients get the same as a 0008,1199 list)."""
 
     stored: list[str]

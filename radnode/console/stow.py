@@ -22,6 +22,7 @@ from typing import Annotated, Protocol
 
 from fastapi import APIRouter, HTTPException, Path as PathParam, Request, status
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from radnode.console.auth import Operator, client_address
@@ -168,7 +169,7 @@ async def _stow(request: Request, identity: Operator, study: str | None) -> JSON
                 failed.append(_sop(None, _CANNOT_UNDERSTAND, f"part of type {content_type!r}: expected application/dicom"))
                 continue
             try:
-                uid = await _in_thread(node.stow_receive, path, STOW_CALLING_AE, peer, association, study)
+                uid = await run_in_threadpool(node.stow_receive, path, STOW_CALLING_AE, peer, association, study)
                 stored.append(_sop(uid))
             except ValueError as e:
                 failed.append(_sop(getattr(e, "sop_instance_uid", None), _CANNOT_UNDERSTAND, str(e)))
@@ -177,7 +178,7 @@ async def _stow(request: Request, identity: Operator, study: str | None) -> JSON
     finally:
         parts.discard()
         if stored:
-            await _in_thread(node.stow_released, association)
+            await run_in_threadpool(node.stow_released, association)
     log.info("STOW-RS from %s (%s): %d stored, %d refused", identity.label, peer, len(stored), len(failed))
     body: dict = {}
     if stored:
@@ -189,12 +190,6 @@ async def _stow(request: Request, identity: Operator, study: str | None) -> JSON
         code = status.HTTP_400_BAD_REQUEST
         body = {"detail": "the multipart body holds no part"}
     return JSONResponse(body, status_code=code, media_type="application/dicom+json")
-
-
-async def _in_thread(function, *args):  # type: ignore[no-untyped-def]
-    from starlette.concurrency import run_in_threadpool
-
-    return await run_in_threadpool(function, *args)
 
 
 @router.post("/dicom-web/studies", summary="STOW-RS: store instances (any study)", responses=_STOW_RESPONSES,

@@ -14,10 +14,11 @@ from typing import Annotated
 import requests
 from fastapi import APIRouter, HTTPException, Path as PathParam, Query, Request, status
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from radnode.config import Config, DicomPeer
 from radnode.console.auth import Admin, Operator, Viewer, gate_of
+from radnode.console.schemas import Document
 from radnode.node.store import JobStore
 
 router = APIRouter()
@@ -34,11 +35,7 @@ def _config(request: Request) -> Config:
     return request.app.state.config
 
 
-class _Doc(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Overview(_Doc):
+class Overview(Document):
     ae_title: str
     dicom_port: int
     orthanc: str | None = Field(description="Orthanc in front of the node (its URL), or null")
@@ -75,19 +72,19 @@ def overview(request: Request, identity: Viewer) -> Overview:
         jobs=counts)
 
 
-class SeriesDocument(_Doc):
+class SeriesDocument(Document):
     series_instance_uid: str
     modality: str
     instances: int
     late: int
 
 
-class OutputDocument(_Doc):
+class OutputDocument(Document):
     name: str
     bytes: int
 
 
-class JobFiles(_Doc):
+class JobFiles(Document):
     series: list[SeriesDocument]
     outputs: list[OutputDocument] = Field(description="files in the job's outbox (download: /api/jobs/{id}/outputs/NAME)")
     stderr_tail: str = Field(description="the end of the job process's stderr")
@@ -143,7 +140,7 @@ def job_output(request: Request, identity: Viewer, job_id: Annotated[int, PathPa
     return FileResponse(path, filename=name, media_type="application/octet-stream")
 
 
-class Destination(_Doc):
+class Destination(Document):
     name: str = Field(description="as the job's deliveries name it")
     kind: str = Field(description="dicom, fhir or orthanc")
     address: str
@@ -171,7 +168,7 @@ def destinations(request: Request, identity: Viewer) -> list[Destination]:
     return destinations_of(_config(request))
 
 
-class CheckResult(_Doc):
+class CheckResult(Document):
     name: str
     ok: bool
     detail: str
@@ -230,7 +227,7 @@ def check(request: Request, identity: Operator,
     return CheckResult(name=name, ok=ok, detail=detail, seconds=round(time.monotonic() - started, 3))
 
 
-class Rules(_Doc):
+class Rules(Document):
     path: str
     text: str
 
@@ -243,7 +240,7 @@ def rules(request: Request, identity: Viewer) -> Rules:
     return Rules(path=str(path), text=path.read_text())
 
 
-class RulesTest(_Doc):
+class RulesTest(Document):
     job_id: int
     report: str = Field(description="per series: which rules match and why, and the route (radnode rules test)")
 
@@ -267,7 +264,7 @@ def test_rules(request: Request, identity: Viewer, job_id: Annotated[int, Query(
     return RulesTest(job_id=job_id, report=out.getvalue().replace(str(folder), f"study {job.study_instance_uid}"))
 
 
-class AuditLog(_Doc):
+class AuditLog(Document):
     available: bool = Field(description="false when the node has no audit trail (radnode.security)")
     messages: list[str]
 
