@@ -85,7 +85,7 @@ def retry(request: Request, identity: Operator, job_id: JobId, body: Annotated[N
              summary="Deliver a job's results again, to all its destinations or one")
 def resend(request: Request, identity: Operator, job_id: JobId,
            body: Annotated[ResendRequest, Body()] = ResendRequest()) -> ActionResult:
-    count = _act(request, identity, "resend", job_id, lambda: _store(request).resend(
+    count = _act(request, identity, "resend", job_id, lambda: _store(request).resend_deliveries(
         job_id, identity.label, body.destination, body.failed_only, body.note))
     return ActionResult(job_id=job_id, message=f"{count} deliver{'y' if count == 1 else 'ies'} queued")
 

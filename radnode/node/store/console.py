@@ -176,7 +176,7 @@ class Console:
         self.queue_job(job_id, f"retried by {user}")  # type: ignore[attr-defined]
         return count
 
-    def resend(self, job_id: int, user: str, destination: str | None = None, failed_only: bool = False,
+    def resend_deliveries(self, job_id: int, user: str, destination: str | None = None, failed_only: bool = False,
                note: str = "") -> int:
         """Deliver a job's results again (all destinations or one; every object, or only those that were not
         delivered), even after the deliveries gave up; the job is ``delivering`` until they settle.
