@@ -552,3 +552,24 @@ def test_an_operator_watches_a_study_arrive_and_finish_then_resends_a_result_in_
         assert [d.state for d in node.deliveries(job.id)] == ["done"]
     assert any("STEP the study appeared" in line for line in output)
     assert screenshot.stat().st_size > 10_000
+
+
+def test_a_flagged_job_leaves_the_review_worklist_once_marked_reviewed_by_an_operator(
+        node: Node, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STAND_IN_SECONDS_FLAGGED", "2")
+    write_study(tmp_path / "study", n=2, patient_id="FLAGGED")
+    assert storescu(node.port, tmp_path / "study").returncode == 0
+    wait_until(lambda: node.jobs() and node.jobs()[0].state is JobState.RUNNING)
+    job_id = node.jobs()[0].id
+    assert node.store is not None  # the decision a run's manifest carries, recorded as the worker does
+    assert node.store.record_review(job_id, True, ["lesion: mean uncertainty 0.471 > 0.2"])
+    assert final_job(node, job_id).state is JobState.DONE
+    worklist = {"needs_review": "true", "reviewed": "false"}
+    with api(node, token_for(node, Role.OPERATOR, "dr-lee")) as client:
+        assert [j["id"] for j in client.get("/api/jobs", params=worklist).json()["jobs"]] == [job_id]
+        assert client.post(f"/api/jobs/{job_id}/review", json={"note": "checked the boundary"}).status_code == 200
+        assert client.get("/api/jobs", params=worklist).json()["jobs"] == []
+        assert client.get(f"/api/jobs/{job_id}").json()["reviewed_by"] == "token:dr-lee"
+        assert client.post(f"/api/jobs/{job_id}/review").status_code == 200, "a second look is recorded too"
+    reviewed = [e.message for e in node.events(job_id) if e.kind == "reviewed"]
+    assert reviewed[0] == "reviewed by token:dr-lee: checked the boundary" and len(reviewed) == 2
