@@ -299,7 +299,13 @@ def test_radnode_serve_logs_each_study_job_and_delivery_once_and_no_instance(tmp
         log = tmp_path / "serve.log"
         process = _serve(config, log, "--api-port", str(api_port))
         try:
-            assert httpx.get(f"http://127.0.0.1:{api_port}/health").status_code == 200, "--api-port starts the API"
+            def health() -> bool:
+                try:
+                    return httpx.get(f"http://127.0.0.1:{api_port}/health").status_code == 200
+                except httpx.ConnectError:  # the web service starts just after the DICOM listener
+                    return False
+
+            wait_until(health, timeout=30, step=0.2)  # --api-port starts the API
             assert subprocess.run([STORESCU, "-aet", "CT01", "-aec", "RADNODE", "127.0.0.1", str(port), "+sd",
                                    str(tmp_path / "study")], capture_output=True).returncode == 0
             wait_until(lambda: re.search(r"job 1 \S+ done: ", log.read_text()), timeout=60)
