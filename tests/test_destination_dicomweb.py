@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 
 from factories import job_ready_for_delivery, phantom_result, write_chest_phantom
 from radnode.config import Config, OrthancConfig
@@ -19,6 +20,7 @@ from radnode.node.store import JobState, JobStore
 from radnode.outputs.algorithm import AlgorithmInfo
 from radnode.outputs.seg import build_segmentation
 from radnode.outputs.sr import build_measurement_report
+from radnode.peers import StoreSCP, free_port
 from radnode.viewer import ORTHANC_BINARY, OrthancServer
 from support.waiting import wait_until
 
@@ -101,13 +103,31 @@ def test_results_reach_orthanc_by_stow_rs_with_authentication_listed_under_the_s
     store.close()
 
 
-def test_the_orthanc_types_check_through_the_nodes_orthanc(orthanc: OrthancServer) -> None:
+def test_the_orthanc_types_check_through_the_nodes_orthanc(tmp_path: Path, orthanc: OrthancServer) -> None:
+    """``orthanc`` asks Orthanc's /system; ``orthanc-modality`` has Orthanc C-ECHO the modality and
+    ``orthanc-dicomweb`` has it relay a QIDO-RS search: the paths the results would take."""
     node_orthanc = OrthancConfig(url=orthanc.url, username="radnode", password=PASSWORD)
+    auth = ("radnode", PASSWORD)
+    port = free_port()
+    requests.put(f"{orthanc.url}/modalities/ECHOED", json={"AET": "PACS", "Host": "127.0.0.1", "Port": port},
+                 auth=auth, timeout=10).raise_for_status()
+    requests.put(f"{orthanc.url}/dicom-web/servers/SELF", timeout=10, auth=auth,
+                 json={"Url": orthanc.dicomweb_url, "Username": "radnode", "Password": PASSWORD}).raise_for_status()
+    with StoreSCP(tmp_path / "pacs", ae_title="PACS", port=port):
+        assert _check(parse_destination("orthanc-modality:ECHOED"), node_orthanc) == Check(
+            True, "Orthanc C-ECHOed its modality ECHOED")
+    down = _check(parse_destination("orthanc-modality:ECHOED"), node_orthanc)
+    assert not down.ok and down.detail.startswith("C-ECHO through Orthanc to ECHOED: POST /modalities/ECHOED/echo: HTTP")
+    assert _check(parse_destination("orthanc-dicomweb:SELF"), node_orthanc) == Check(
+        True, "Orthanc reached its DICOMweb server SELF")
     found = _check(parse_destination("orthanc"), node_orthanc)
     assert found.ok and found.detail.startswith("Orthanc 1.") and found.detail.endswith(f" at {orthanc.url}")
     unknown = _check(parse_destination("orthanc-modality:NOWHERE"), node_orthanc)
     assert not unknown.ok and unknown.detail.startswith(
         "C-ECHO through Orthanc to NOWHERE: POST /modalities/NOWHERE/echo: HTTP 404"), unknown.detail
+    server = _check(parse_destination("orthanc-dicomweb:NOWHERE"), node_orthanc)
+    assert not server.ok and server.detail.startswith(
+        "QIDO-RS through Orthanc to NOWHERE: POST /dicom-web/servers/NOWHERE/get: HTTP 404"), server.detail
     refused = _check(parse_destination("orthanc"), node_orthanc.model_copy(update={"password": "wrong"}))
     assert not refused.ok and "GET /system: HTTP 401" in refused.detail
 

@@ -34,7 +34,7 @@ class OrthancDicomwebDestination(OrthancRelay):
         (``POST /dicom-web/servers/NAME/get``): Orthanc knows the server and reaches it."""
         try:
             self.orthanc_request(context, "POST", f"/dicom-web/servers/{self.server}/get",
-                                 json={"Uri": "/studies?limit=1"})
+                                 json={"Uri": "/studies", "Arguments": {"limit": "1"}})
         except OrthancRequestError as e:
             return Check(False, f"QIDO-RS through Orthanc to {self.server}: {e}")
         return Check(True, f"Orthanc reached its DICOMweb server {self.server}")
