@@ -440,6 +440,8 @@ def test_a_destination_down_past_its_retries_fails_the_job_and_one_resend_delive
                 assert final_job(node, job_id).state is JobState.DONE
                 received = sorted(p for p in pacs.folder.rglob("*") if p.is_file())
                 sop_uids = sorted(pydicom.dcmread(p).SOPInstanceUID for p in received)
+            delivered = client.get(f"/api/jobs/{job_id}").json()["deliveries"]
+            assert sorted(d["sent_uid"] for d in delivered) == sop_uids, "each delivery names the UID the PACS got"
             assert client.post(f"/api/jobs/{job_id}/resend", json={"failed_only": True}).status_code == 409
     assert len(received) == len(results) and len(set(sop_uids)) == len(sop_uids), "each result once"
     (resend,) = [e.message for e in node_events(config, job_id) if e.kind == "resend"]
