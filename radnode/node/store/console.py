@@ -124,10 +124,12 @@ class Console:
     # --- study details -------------------------------------------------------------------------------
 
     def note_study(self, study_uid: str, accession_number: str, study_description: str) -> None:
-        """Keep a study's accession number and description (the first instance's; later ones change nothing)."""
+        """Keep a study's accession number (sealed like the Patient ID: it names a patient's visit) and
+        description (the first instance's; later ones change nothing)."""
         with self._db.write() as conn:
             conn.execute(self._db.insert_ignoring_conflicts(study_details).values(
-                study_instance_uid=study_uid, accession_number=accession_number, study_description=study_description))
+                study_instance_uid=study_uid, sealed_accession_number=self._db.sealed(accession_number),
+                study_description=study_description))
 
     def study_details(self, study_uids: Iterable[str]) -> dict[str, StudyDetails]:
         """Details of these studies (with the modalities received), by Study Instance UID."""
@@ -141,7 +143,8 @@ class Console:
                                               .where(instances.c.study_instance_uid.in_(uids))):
                 modalities.setdefault(uid, set()).add(modality)
             for row in conn.execute(select(study_details).where(study_details.c.study_instance_uid.in_(uids))):
-                details[row.study_instance_uid] = StudyDetails(row.accession_number, row.study_description)
+                details[row.study_instance_uid] = StudyDetails(self._db.opened_identity(row.sealed_accession_number),
+                                                                row.study_description)
         return {uid: StudyDetails(details.get(uid, StudyDetails()).accession_number,
                                   details.get(uid, StudyDetails()).study_description,
                                   tuple(sorted(modalities.get(uid, ())))) for uid in uids}

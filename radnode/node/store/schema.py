@@ -196,7 +196,7 @@ reviews = Table(
 study_details = Table(
     "study_details", metadata,
     Column("study_instance_uid", Text, primary_key=True),
-    Column("accession_number", Text, nullable=False, server_default=""),
+    Column("sealed_accession_number", Text, nullable=False, server_default=""),
     Column("study_description", Text, nullable=False, server_default=""),
 )
 """What the job list shows of a study beyond its UID, from the study's first instance."""

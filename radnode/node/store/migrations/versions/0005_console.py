@@ -57,7 +57,7 @@ def upgrade() -> None:
     op.create_table(
         "study_details",
         sa.Column("study_instance_uid", sa.Text, primary_key=True),
-        sa.Column("accession_number", sa.Text, nullable=False, server_default=""),
+        sa.Column("sealed_accession_number", sa.Text, nullable=False, server_default=""),
         sa.Column("study_description", sa.Text, nullable=False, server_default=""))
 
 
