@@ -323,6 +323,9 @@ class OrthancConfig(_Strict):
     username: str | None = None
     password: Secret | None = None
     """``{env: NAME}`` or ``{file: PATH}``; never logged or written into ``node-config.yaml``."""
+    event_token_file: Path | None = None
+    """The file holding the token the radnode plugin sends with its events (``radnode orthanc-config`` writes
+    it, owner-only); unset: the node refuses every plugin event."""
 
     @field_validator("url")
     @classmethod
@@ -332,14 +335,37 @@ class OrthancConfig(_Strict):
         return v.rstrip("/") if v else v
 
 
-class ApiConfig(_Strict):
-    """The node's small HTTP endpoint (Orthanc plugin events, health, the job list); started when Orthanc is
-    configured or ``enabled`` is set."""
+class ApiTlsConfig(_Strict):
+    """HTTPS for the node's web service: its certificate (with chain) and private key, PEM files."""
 
+    certificate: Path
+    private_key: Path
+
+
+class ApiConfig(_Strict):
+    """The node's web service: the REST API, the operators' dashboard, ``/metrics``, the Orthanc plugin's
+    events and DICOMweb STOW-RS (``radnode.console``). Every endpoint but ``/health`` (and ``/metrics`` with
+    ``public_metrics``) needs a signed-in person or an API token."""
+
+    enabled: bool = True
+    """Serve it (on loopback by default); false: no HTTP listener (the Orthanc plugin then cannot report)."""
     host: str = "127.0.0.1"
+    """The address listened on; loopback by default: a site opens it to its network deliberately (with TLS)."""
     port: Annotated[int, Field(ge=0, le=65535)] = 8765
-    enabled: bool = False
-    """Start it without Orthanc too, for its job list (``GET /jobs?needs_review=true``: a review worklist)."""
+    tls: ApiTlsConfig | None = None
+    """Serve HTTPS with this certificate (session cookies are then marked Secure)."""
+    public_metrics: bool = False
+    """Answer ``/metrics`` without a token (for a Prometheus on a trusted network)."""
+    patient_data_roles: list[Literal["viewer", "operator", "admin"]] = ["operator", "admin"]
+    """Roles shown patient identifiers (Patient ID) in the API and dashboard; others see jobs without them."""
+    session_hours: Annotated[float, Field(gt=0)] = 12.0
+    """How long a dashboard login lasts (one shift)."""
+    max_connections: Annotated[int, Field(ge=1)] = 200
+    """Open HTTP connections and requests beyond this get 503 at once (uvicorn ``limit_concurrency``)."""
+    idle_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
+    """A connection with no request in progress is closed after this long (also one that never sends one)."""
+    max_upload_mb: Annotated[float, Field(gt=0)] = 2048.0
+    """Largest STOW-RS request body accepted."""
 
 
 class UncertaintyConfig(_Strict):

@@ -62,3 +62,10 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -W ignore::RuntimeWarning -c "import radnode, highdicom, pynetdicom, monai.deploy.core, transformers"
   touch "$stamp"
 fi
+
+# playwright-core (npm) drives Debian's chromium in the dashboard test; it downloads no browser of its own.
+PLAYWRIGHT_VERSION=1.65.1
+if command -v npm >/dev/null && [ ! -d .cache/playwright/node_modules/playwright-core ]; then
+  mkdir -p .cache/playwright
+  (cd .cache/playwright && npm install --no-save --no-audit --no-fund --silent "playwright-core@$PLAYWRIGHT_VERSION")
+fi

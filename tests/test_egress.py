@@ -222,7 +222,7 @@ def test_a_delivery_that_gave_up_is_resent_once_with_the_same_uids(tmp_path: Pat
     egress = Egress(config, store)
     egress.stage(job_id, out)
     assert deliver_until_settled(egress, store, job_id) is JobState.FAILED
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(LookupError, match="does not exist"):
         egress.resend(job_id + 1, user="alice", reason="typo")
     with pytest.raises(ValueError, match="no deliveries to ARCHIVE"):
         egress.resend(job_id, "ARCHIVE", user="alice", reason="wrong name")

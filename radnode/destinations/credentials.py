@@ -1,7 +1,7 @@
 """What HTTP destinations share: credentials (basic or bearer) whose secrets are named by where they live
 (:class:`radnode.security.secrets.Secret`, the node's one grammar for secrets: ``{env:}`` or ``{file:}``), read
 when a request is made (a rotated token needs no restart); the URL check; the base with ``url`` and ``auth``;
-failures in a few words.
+failures in a few words; the GET of a live check.
 
 Nothing here puts a secret into a message: errors name the variable or the file, ``describe`` says which kind
 of authentication is used and where its secret comes from.
@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from radnode.destinations.base import Destination
-from radnode.security.secrets import Secret
+from radnode.destinations.base import Check, Destination, SendContext
+from radnode.security.secrets import Secret, SecretError
 
 if TYPE_CHECKING:
     import requests
@@ -107,3 +107,29 @@ def http_failure(error: BaseException) -> str:
         if "Name or service not known" in text or "Temporary failure in name resolution" in text:
             return "cannot resolve host"
     return f"{type(error).__name__}: {text[:300]}"
+
+
+def http_check(destination: HttpDestination, path: str, accept: str, context: SendContext
+               ) -> "requests.Response | Check":
+    """``GET <url>/<path>`` with the destination's credentials and timeouts for a live check: the 2xx answer, or
+    the failed :class:`Check` saying why (connection refused, credentials refused, HTTP status)."""
+    import requests
+
+    url = f"{destination.url.rstrip('/')}/{path}"
+    try:
+        session = http_session(destination.auth)
+    except SecretError as e:
+        return Check(False, f"credentials for {destination.url}: {e}")
+    timeout = (context.timeouts.connect_seconds, context.timeouts.network_seconds)
+    with session:
+        try:
+            answer = session.get(url, timeout=timeout, headers={"Accept": accept})
+        except requests.Timeout:
+            return Check(False, f"GET {url}: timed out after {context.timeouts.network_seconds:g} s")
+        except requests.RequestException as e:
+            return Check(False, f"GET {url}: {http_failure(e)}")
+    if answer.status_code in (401, 403):
+        return Check(False, f"GET {url}: HTTP {answer.status_code} (credentials refused)")
+    if not 200 <= answer.status_code < 300:
+        return Check(False, f"GET {url}: HTTP {answer.status_code}")
+    return answer

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import Field
 
 from radnode.config import TlsConfig
-from radnode.destinations.base import Destination, DestinationError, Item, Outcome, SendContext
+from radnode.destinations.base import Check, Destination, DestinationError, Item, Outcome, SendContext
 from radnode.destinations.registry import destination_type
 
 if TYPE_CHECKING:
@@ -90,6 +90,31 @@ class DicomDestination(Destination):
         finally:
             context.cancellation.on_cancel(None)
         return outcomes
+
+    def check(self, context: SendContext) -> Check:
+        """C-ECHO (Verification) with the node's AE title: the same association a delivery would open."""
+        from pydicom.uid import ImplicitVRLittleEndian
+        from pynetdicom import evt
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        ae = self._application_entity(context, {Verification: {ImplicitVRLittleEndian}})
+        connected: list[Association] = []
+        started = time.monotonic()
+        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(event.assoc))])
+        if not assoc.is_established:
+            return Check(False, self._not_established(assoc, bool(connected), time.monotonic() - started, context))
+        try:
+            status = assoc.send_c_echo()
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        code = status.get("Status") if status else None
+        if code == 0:
+            return Check(True, f"C-ECHO to {self.describe()}: status 0x0000")
+        if code is None:
+            return Check(False, f"no C-ECHO answer from {self.describe()} within {context.timeouts.dimse_seconds:g} s")
+        return Check(False, f"{self.describe()} answered the C-ECHO with status 0x{code:04X}")
 
     def _presentation_contexts(self, items: list[Item], outcomes: list[Outcome]
                                ) -> tuple[dict[str, set[str]], list[Item], dict[int, str]]:

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from radnode.destinations.base import Item, Outcome, SendContext
-from radnode.destinations.credentials import HttpDestination, http_failure, http_session
+from radnode.destinations.base import Check, Item, Outcome, SendContext
+from radnode.destinations.credentials import HttpDestination, http_check, http_failure, http_session
 from radnode.destinations.registry import destination_type
 from radnode.security.secrets import SecretError
 
@@ -37,6 +37,14 @@ class DicomwebDestination(HttpDestination):
 
     def describe(self) -> str:
         return f"STOW-RS {self.url}" + self.authentication()
+
+    def check(self, context: SendContext) -> Check:
+        """A QIDO-RS search for one study (``GET <url>/studies?limit=1``) with the destination's credentials: the
+        service answers and takes them (a STOW-only service that refuses searches fails this check)."""
+        answer = http_check(self, "studies?limit=1", "application/dicom+json", context)
+        if isinstance(answer, Check):
+            return answer
+        return Check(True, f"QIDO-RS {answer.url}: HTTP {answer.status_code}")
 
     def send(self, items: list[Item], context: SendContext) -> list[Outcome]:
         import pydicom

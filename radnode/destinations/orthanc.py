@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from radnode.destinations.base import Destination, DestinationError, Item, Outcome, SendContext
+from radnode.destinations.base import Check, Destination, DestinationError, Item, Outcome, SendContext
 from radnode.destinations.credentials import http_failure
 from radnode.destinations.registry import destination_type
 from radnode.security.secrets import SecretError
@@ -37,6 +37,16 @@ class OrthancDestination(Destination):
         outcomes, stored = self.store_into_orthanc(items, context)
         return outcomes + [Outcome(item, True, f"{item.name} → Orthanc (instance {orthanc_id})")
                            for item, orthanc_id in stored]
+
+    def check(self, context: SendContext) -> Check:
+        """``GET /system`` of the node's Orthanc: it answers and takes the node's credentials."""
+        if not context.orthanc.url:
+            return Check(False, "orthanc.url is not configured")
+        try:
+            version = self.orthanc_request(context, "GET", "/system").json().get("Version", "?")
+        except (OrthancRequestError, ValueError, AttributeError) as e:
+            return Check(False, f"Orthanc {context.orthanc.url}: {e}")
+        return Check(True, f"Orthanc {version} at {context.orthanc.url}")
 
     def store_into_orthanc(self, items: list[Item], context: SendContext
                            ) -> tuple[list[Outcome], list[tuple[Item, str]]]:

@@ -192,10 +192,13 @@ class Egress:
             self._deidentifiers[profile] = deidentifier_for(self.config, profile, site_key)
         return self._deidentifiers[profile]
 
-    def resend(self, job_id: int, destination: str | None = None, *, user: str, reason: str) -> int:
+    def resend(self, job_id: int, destination: str | None = None, *, user: str, reason: str,
+               failed_only: bool = False) -> int:
         """Deliver a job's results again, to every destination or one (even after they gave up): its delivered
-        and failed deliveries go back to the queue; returns how many. Raises ValueError saying why not."""
-        count = self.store.resend(job_id, destination, user=user, reason=reason)
+        and failed deliveries (``failed_only``: only those that gave up) go back to the queue and their workers
+        are woken; returns how many. The one re-send path: the console's action and ``radnode jobs resend`` call
+        it. LookupError for an unknown job; ActionRefused (a ValueError) saying why not."""
+        count = self.store.resend(job_id, destination, user=user, reason=reason, failed_only=failed_only)
         self._wake({d.destination for d in self.store.deliveries(job_id) if d.state == "pending"})
         return count
 
@@ -226,7 +229,7 @@ class Egress:
                 self._send(destination, job_id, deliveries, cancellation or Cancellation())
             state = self.store.settle_job(job_id)
             if state is not None:
-                log.info("job %d %s", job_id, state)
+                log.debug("job %d %s", job_id, state)
 
     def _send(self, destination: Destination, job_id: int, deliveries: list[Delivery],
               cancellation: Cancellation) -> None:

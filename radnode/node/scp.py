@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -55,8 +55,11 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
-INDEX_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "PatientID", "Modality"]
-"""The only tags parsed on receipt."""
+INDEX_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "PatientID", "Modality",
+              "AccessionNumber", "StudyDescription"]
+"""The only tags parsed on receipt (the last two for the console's job list, once per study)."""
+_NOTED_STUDIES = 10_000
+"""Studies whose details this process recorded (so the store is written once per study, not per instance)."""
 
 _UID = re.compile(r"[0-9A-Za-z_-]+(\.[0-9A-Za-z_-]+)*")
 """What may become a spool path component: UID-like, no separators, no '..'."""
@@ -257,6 +260,7 @@ class Ingest:
         self.guard = guard
         self.on_received: Callable[[Dataset, Origin, Arrival], None] | None = None
         """Told of every instance kept, with its index tags (the SCP tallies studies for the audit trail)."""
+        self._noted: OrderedDict[str, None] = OrderedDict()
 
     def receive(self, meta: bytes | memoryview, dataset: bytes | memoryview, origin: Origin) -> Arrival:
         """Spool the encoded instance as it arrived and index it; raises Refused when it cannot be kept.
@@ -278,11 +282,21 @@ class Ingest:
             self.spool.write(path, meta, dataset)
         arrival, job_id = self.store.record_instance(describe(ds, path, origin, time.time()),
                                                      lambda: self.router.route(ds, origin), expected_instances(ds))
+        self._note_study(ds)
         if arrival is not Arrival.NEW:
-            log.info("%s instance %s from %s (job %d)", arrival, ds.SOPInstanceUID, origin.calling_ae, job_id)
+            log.debug("%s instance %s from %s (job %d)", arrival, ds.SOPInstanceUID, origin.calling_ae, job_id)
         if self.on_received is not None:
             self.on_received(ds, origin, arrival)
         return arrival
+
+    def _note_study(self, ds: Dataset) -> None:
+        study = str(ds.get("StudyInstanceUID", ""))
+        if study in self._noted:
+            return
+        self.store.note_study(study, str(ds.get("AccessionNumber", "") or ""), str(ds.get("StudyDescription", "") or ""))
+        self._noted[study] = None
+        if len(self._noted) > _NOTED_STUDIES:
+            self._noted.popitem(last=False)
 
     def reindex(self) -> int:
         """Index spool files the store does not know (written just before a crash); returns how many."""

@@ -112,7 +112,8 @@ def completeness_settings(config: Config) -> CompletenessSettings:
 
 class Scheduler:
     """Queues complete studies, starts queued jobs (most urgent first) up to the concurrency limit, reaps
-    them and kills those over their time limit or restarted for late instances."""
+    them and kills those over their time limit, restarted for late instances or cancelled; while the queue is
+    paused (``radnode queue pause``) nothing new starts."""
 
     def __init__(self, config: Config, store: JobStore, egress: Egress, command: Sequence[str],
                  config_file: Path) -> None:
@@ -135,9 +136,12 @@ class Scheduler:
             if job_id in self.running:
                 self._note_container(job_id, self.running.pop(job_id).end())
             self.store.restart(job_id)
+        for job_id in self.store.cancelled(self.running):  # an operator cancelled it: end its process (container)
+            self._note_container(job_id, self.running.pop(job_id).end())
         for job_id in list(self.running):
             self._reap(self.running[job_id])
-        while len(self.running) < self.config.processing.max_concurrent_jobs:
+        paused = self.store.queue_paused()  # an operator paused the queue: nothing new starts
+        while not paused and len(self.running) < self.config.processing.max_concurrent_jobs:
             job = self.store.next_queued()
             if job is None:
                 break
@@ -153,7 +157,7 @@ class Scheduler:
             verdict = study_verdict(series, now, self.completeness)
             if verdict.complete:
                 state = self.store.queue_job(job_id, verdict.reason, now)
-                log.info("job %d %s: %s", job_id, state, verdict.reason)
+                log.debug("job %d %s: %s", job_id, state, verdict.reason)
 
     def _forward(self, job_id: int) -> None:
         """A forward-only route: no pipeline; the study's own instances are delivered to the route's forwards."""
@@ -231,7 +235,7 @@ class Scheduler:
                                           time.monotonic() + timeout.seconds, root / "stderr.log")
         if launch.container:
             self.store.note(job.id, "container", launch.container.started())
-        log.info("job %d running %s (pid %d): %s", job.id, mode, process.pid, command)
+        log.debug("job %d running %s (pid %d): %s", job.id, mode, process.pid, command)
 
     def _reap(self, job: JobProcess) -> None:
         status = job.process.poll()
@@ -249,20 +253,20 @@ class Scheduler:
         if status != 0:
             reason = last_line(job.stderr_path) or _describe_status(status)
             self.store.fail_job(job.job_id, reason)
-            log.warning("job %d failed: %s", job.job_id, reason)
+            log.debug("job %d failed: %s", job.job_id, reason)
             return
         outputs = job_dir(self.config, job.job_id) / "out"
         review = run_review(job.job_id, outputs)
         if review is not None:
             self.store.record_review(job.job_id, review.needs_review, review.reasons)
             if review.needs_review:
-                log.warning("job %d flagged for human review: %s", job.job_id, "; ".join(review.reasons))
+                log.debug("job %d flagged for human review: %s", job.job_id, "; ".join(review.reasons))
         self.egress.stage(job.job_id, outputs)
 
     def _note_container(self, job_id: int, message: str | None) -> None:
         if message:
             self.store.note(job_id, "container", message)
-            log.info("job %d: %s", job_id, message)
+            log.debug("job %d: %s", job_id, message)
 
     def stop(self) -> None:
         """End running jobs (SIGTERM, then SIGKILL) and queue them to run again at the next start."""

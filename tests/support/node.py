@@ -63,7 +63,8 @@ def node_config(tmp_path: Path, port: int = 0, **sections: dict) -> Config:
                   "egress": {"retry_initial_seconds": 0.2, "retry_max_seconds": 0.5, "max_attempts": 50,
                              "timeouts": {"connect_seconds": 5, "acse_seconds": 5, "dimse_seconds": 5,
                                           "network_seconds": 5}},
-                  "processing": {"job_timeout_seconds": 60}}
+                  "processing": {"job_timeout_seconds": 60},
+                  "api": {"port": 0}}
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
     return Config.model_validate(data)

@@ -111,7 +111,7 @@ class Database:
             yield conn
 
     def sealed(self, patient_id: str) -> str:
-        """A patient identifier as the store keeps it."""
+        """A patient identifier (Patient ID, accession number) as the store keeps it."""
         return self.seal.seal(patient_id) if self.seal is not None else patient_id
 
     def opened_identity(self, stored: str) -> str:

@@ -1,4 +1,5 @@
-"""Patient identifiers at rest: the ``sealed_patient_id`` columns of ``jobs`` and ``instances``.
+"""Patient identifiers at rest: the ``sealed_patient_id`` columns of ``jobs`` and ``instances`` (and the console's
+``study_details.sealed_accession_number``).
 
 A node opens its store with its site key's seal (:class:`radnode.security.privacy.IdentitySeal`, Fernet), so
 the database (a backup, a support bundle, a shared PostgreSQL) names no patient without the key; records come

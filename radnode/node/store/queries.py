@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Select, false, func, select, true
+from sqlalchemy import Select, false, func, select, text, true
 
 from radnode.node.store.database import Database
 from radnode.node.store.records import Instance, Job, JobState, instance_from_row, job_from_row
@@ -62,3 +62,9 @@ class Queries:
         query = select(instances).where(instances.c.job_id == job_id).order_by(instances.c.received_at)
         with self._db.read() as conn:
             return [instance_from_row(row._mapping, self._db.opened_identity) for row in conn.execute(query)]
+
+    def read_rows(self, sql: str, params: dict[str, object]) -> list[tuple]:
+        """Rows of a read-only SQL query with ``:named`` parameters, the same text on SQLite and PostgreSQL
+        (the console's metrics and the activity log read the store's tables this way)."""
+        with self._db.read() as conn:
+            return [tuple(row) for row in conn.execute(text(sql), params)]

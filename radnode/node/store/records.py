@@ -30,6 +30,11 @@ FINAL_STATES = (JobState.DONE, JobState.FAILED)
 UNFINISHED_STATES = tuple(s for s in JobState if s not in FINAL_STATES)
 
 
+class ActionRefused(ValueError):
+    """An operator's action (re-send, retry, cancel, review) that does not apply to the job as it is; the
+    message says why. Guarded like the node's own transitions, so two operators clicking at once act once."""
+
+
 class InstanceBeingPurged(OSError):
     """An instance arrived again while the retention purge removing its earlier copy is under way (a
     transient refusal: the sender is told to try again later)."""
