@@ -469,6 +469,31 @@ def test_a_container_job_past_its_timeout_is_stopped_and_its_container_removed(
     assert 8 <= failed.at - running.at < 30
 
 
+def test_a_cancelled_container_job_is_stopped_and_its_container_removed(
+        containers: ContainersConfig, engine: Engine, probe_image: str, tmp_path: Path, site_pipelines: None) -> None:
+    rules = _rules(tmp_path, """\
+        rules:
+          - name: sleepy
+            when: {Modality: CT}
+            pipelines: [sleepy]
+            execution: {mode: container}
+        """)
+    with _node(tmp_path, containers, rules, images={"sleepy": probe_image}) as node:
+        _send_small_ct(node, tmp_path / "study")
+        wait_until(lambda: node.jobs(), timeout=60)
+        job_id = node.jobs()[0].id
+        sleeping = tmp_path / "data" / "jobs" / str(job_id) / "work" / "sleeping"
+        wait_until(sleeping.exists, timeout=120)  # the app is inside its operator, in the container
+        node.store.cancel_job(job_id, "operator", "wrong protocol")
+        wait_until(lambda: len([e for e in node.events(job_id) if e.kind == "container"]) == 2, timeout=60)
+        job, events = node.job(job_id), node.events(job_id)
+    assert job is not None and job.state is JobState.FAILED and job.reason == "cancelled by operator: wrong protocol"
+    notes = [e.message for e in events if e.kind == "container"]
+    name = _container_name(notes[0])
+    assert notes[1] == f"container {name} stopped; removed"
+    assert not engine.container_exists(name)
+
+
 def test_a_restarted_node_removes_the_containers_its_earlier_run_left_and_no_other_nodes(
         containers: ContainersConfig, engine: Engine, probe_image: str, tmp_path: Path, site_pipelines: None) -> None:
     rules = _rules(tmp_path, """\
