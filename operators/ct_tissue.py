@@ -25,7 +25,7 @@ class CTTissueSegmentationOperator(Operator):
     @timed_phase("segment")
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         segments = segment_ct_tissues(op_input.receive("volume"))
-        log.info("segmented %s", ", ".join(f"{s.structure.key} ({int(s.mask.sum())} voxels)" for s in segments))
+        log.info("segmented %s", ", ".join(f"{s.structure.key} ({s.voxel_count()} voxels)" for s in segments))
         op_output.emit(segments, "segments")
 
 
