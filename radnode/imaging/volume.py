@@ -17,7 +17,8 @@ class Volume:
     """
 
     array: np.ndarray
-    """float32 (n_slices, rows, columns); Hounsfield units for CT (rescale applied)."""
+    """(n_slices, rows, columns), rescale applied: int16 Hounsfield units for a CT with whole-number rescale
+    (as stored, two bytes a voxel), float32 otherwise."""
     spacing: tuple[float, float, float]
     """(slice spacing, row spacing, column spacing) in mm; slice spacing measured from positions."""
     positions: np.ndarray
