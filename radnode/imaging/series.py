@@ -15,6 +15,7 @@ import pydicom
 import pydicom.pixels
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_deferred_data_element
 from pydicom.uid import UID
 
 from radnode.imaging.volume import Volume
@@ -26,6 +27,10 @@ MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4")
 DEFER_BYTES = 4096
 """Values larger than this (pixel data above all) are read from the file when used, not when it is read."""
 PIXEL_DATA = 0x7FE00010
+IMAGE_PIXEL_KEYWORDS = ("SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "Rows", "Columns",
+                        "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "NumberOfFrames",
+                        "ExtendedOffsetTable", "ExtendedOffsetTableLengths")
+"""What decoding pixel data needs besides the transfer syntax (Image Pixel module)."""
 INT16 = np.iinfo(np.int16)
 
 
@@ -199,20 +204,27 @@ def _header(ds: Dataset) -> Dataset:
     header = Dataset()
     for tag in ds.keys():
         if tag != PIXEL_DATA:
-            raw = ds.get_item(tag)  # copied as read (decoded when used), unless its value is still on disk
+            raw = ds.get_item(tag, keep_deferred=True)  # copied as read (decoded when used), unless still on disk
             header[tag] = ds[tag] if getattr(raw, "value", b"") is None else raw
     header.file_meta = getattr(ds, "file_meta", Dataset())
     return header
 
 
 def _pixels(series: Series, index: int) -> np.ndarray:
-    """The decoded pixels of one instance: read from its file when they were left there (never kept in the
-    dataset, so the series holds headers only), from the dataset when it holds them."""
+    """The decoded pixels of one instance. Pixel data left on disk by :func:`read_study_folder` is read
+    into a throw-away dataset with the Image Pixel attributes, never into the series' own (which keeps
+    only headers); pixel data already in the dataset is decoded from there."""
     ds = series.datasets[index]
-    raw = ds.get_item(PIXEL_DATA)
+    raw = ds.get_item(PIXEL_DATA, keep_deferred=True)
     try:
-        if raw is not None and getattr(raw, "value", b"") is None:  # deferred by read_study_folder
-            return pydicom.pixels.pixel_array(series.paths[index])
+        if raw is not None and getattr(raw, "value", b"") is None:  # still on disk
+            source = Dataset()
+            source.file_meta = ds.file_meta
+            for keyword in IMAGE_PIXEL_KEYWORDS:
+                if keyword in ds:
+                    source[keyword] = ds[keyword]
+            source[PIXEL_DATA] = read_deferred_data_element(open, str(series.paths[index]), None, raw)
+            ds = source
         return pydicom.pixels.pixel_array(ds)
     except Exception as e:  # decoders raise many types; name the file either way
         raise InputError(f"{series.paths[index].name}: pixel data cannot be decoded "
