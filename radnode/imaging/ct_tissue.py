@@ -124,11 +124,14 @@ def segment_ct_tissues(volume: Volume) -> list[Segment]:
         body_filled_coarse[grid.coarse_slices(z)] = grid.block_mean(body[z]) > 0.5
 
     map_slabs(body_slab, slabs)
+    del near_body
 
     airway_coarse = _airways_coarse(hu_coarse, body_filled_coarse, grid)
     lung_left_c, lung_right_c = _lungs_coarse(hu_coarse, body_filled_coarse, airway_coarse, grid)
+    del body_filled_coarse
     near_airway = _dilate(airway_coarse)
     left_region, right_region = _LungRegion(lung_left_c, grid), _LungRegion(lung_right_c, grid)
+    del airway_coarse, lung_left_c, lung_right_c
     midline = grid.midline_x(body_coarse)
     tissue = np.zeros(hu.shape, dtype=np.uint8)
 
@@ -149,6 +152,7 @@ def segment_ct_tissues(volume: Volume) -> list[Segment]:
         return _SlabComponents.of(candidates, hu[z] >= CORTICAL_MIN_HU)
 
     components = map_slabs(lungs_and_bone_slab, slabs)
+    del near_airway, left_region, right_region
     kept = {z.start: (part.voxel_labels, keep)
             for z, part, keep in zip(slabs, components, _kept_components(components))}
     del components
@@ -260,7 +264,7 @@ class _CoarseGrid:
 
     def midline_x(self, body_coarse: np.ndarray) -> float:
         """Patient x of the body's centre of mass: the left/right dividing plane."""
-        return float(self.lps_x(np.asarray(ndi.center_of_mass(body_coarse))[None, :])[0])
+        return float(self.lps_x(np.asarray(_center_of_mass(body_coarse))[None, :])[0])
 
     def left_of_midline(self, midline: float, z: slice) -> np.ndarray:
         """bool for the slab ``z`` of the full grid: voxel lies on the patient's left of the body midline."""
@@ -269,6 +273,17 @@ class _CoarseGrid:
         r, c = (np.arange(n, dtype=np.float64) for n in self.shape[1:])
         x = a[0, 0] * s[:, None, None] + a[0, 1] * r[None, :, None] + a[0, 2] * c[None, None, :] + a[0, 3]
         return x > midline
+
+
+def _center_of_mass(mask: np.ndarray) -> tuple[float, ...]:
+    """``ndi.center_of_mass`` of a bool mask from its projections (scipy multiplies the whole mask by each
+    index grid in float64: 8 bytes a voxel). Both sums are exact integers, so the results are the same."""
+    total = int(np.count_nonzero(mask))
+    centre = []
+    for axis in range(mask.ndim):
+        counts = mask.sum(axis=tuple(a for a in range(mask.ndim) if a != axis), dtype=np.int64)
+        centre.append(int(np.dot(np.arange(len(counts), dtype=np.int64), counts)) / total)
+    return tuple(centre)
 
 
 def _block_sum(data: np.ndarray, factor: int, axis: int) -> np.ndarray:
@@ -284,6 +299,14 @@ def _block_sum(data: np.ndarray, factor: int, axis: int) -> np.ndarray:
     return total
 
 
+def _label(mask: np.ndarray, structure: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    """``ndi.label`` into uint16 (half the memory and traffic of its int32) unless there are too many labels."""
+    try:
+        return ndi.label(mask, structure, output=np.uint16)
+    except RuntimeError:  # more than 65535 components
+        return ndi.label(mask, structure)
+
+
 def _fill_holes_2d(
     mask: np.ndarray, max_area_px: float | None = None, hu: np.ndarray | None = None, min_mean_hu: float = 0.0
 ) -> np.ndarray:
@@ -296,7 +319,7 @@ def _fill_holes_2d(
         return mask.copy()
     box = (slice(None), slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
     inner = mask[box]
-    background, n = ndi.label(~inner, _IN_PLANE)
+    background, n = _label(~inner, _IN_PLANE)
     filled = mask.copy()
     if n == 0:
         return filled
@@ -380,7 +403,7 @@ _IN_PLANE_AXES = (1, 2)
 
 
 def _largest_component(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndi.label(mask)
+    labels, n = _label(mask)
     if n <= 1:
         return mask.astype(bool, copy=True)
     sizes = np.bincount(labels.ravel())
@@ -403,7 +426,7 @@ def _body_coarse(hu_coarse: np.ndarray, grid: _CoarseGrid) -> np.ndarray:
 def _airways_coarse(hu_coarse: np.ndarray, inside: np.ndarray, grid: _CoarseGrid) -> np.ndarray:
     """Trachea and main bronchi: long, narrow, near-midline pure-air tubes inside the body."""
     pure_air = (hu_coarse < PURE_AIR_MAX_HU) & inside
-    labels, n = ndi.label(pure_air)
+    labels, n = _label(pure_air)
     airway = np.zeros_like(pure_air)
     if n == 0:
         return airway
@@ -433,7 +456,7 @@ def _lungs_coarse(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Left and right lung regions on the coarse grid, from the air components whose core is parenchyma."""
     candidates = (hu_coarse < AIR_MAX_HU) & inside & ~_dilate(airway)
-    labels, n = ndi.label(candidates)
+    labels, n = _label(candidates)
     left = np.zeros_like(candidates)
     right = np.zeros_like(candidates)
     mid = grid.midline_x(inside)
@@ -515,7 +538,7 @@ class _SlabComponents:
 
     @classmethod
     def of(cls, candidates: np.ndarray, cortical: np.ndarray) -> "_SlabComponents":
-        labels, count = ndi.label(candidates)
+        labels, count = _label(candidates)
         dtype = np.uint16 if count < 2**16 else np.int32
         return cls(count, labels[candidates].astype(dtype), np.unique(labels[candidates & cortical]),
                    labels[0].copy(), labels[-1].copy())
@@ -633,13 +656,13 @@ def _body_wall_muscle_coarse(
         r_inner = np.where(r_outer >= 0,
                            r_outer - np.minimum(thickness, typical + MUSCLE_THICKNESS_SLACK_MM / pixel), r_inner)
 
-        dy = yy[None, :, :] - cy[z, None, None]
-        dx = xx[None, :, :] - cx[z, None, None]
-        r = np.hypot(dy, dx)
-        a = np.rint(np.arctan2(dy, dx) / (2 * np.pi) * n_angles).astype(np.int64) % n_angles
-        s = np.arange(n)[:, None, None]
-        outer, inner = r_outer[s, a], r_inner[s, a]
-        wall[z] = (r <= outer + step) & (r >= inner - step) & (outer >= 0) & (classes == soft) & present[z, None, None]
+        for k, index in enumerate(range(z.start, z.stop)):  # slice by slice: (rows, cols) float64 temporaries
+            dy, dx = yy - cy[index], xx - cx[index]
+            r = np.hypot(dy, dx)
+            a = np.rint(np.arctan2(dy, dx) / (2 * np.pi) * n_angles).astype(np.int64) % n_angles
+            outer, inner = r_outer[k][a], r_inner[k][a]
+            wall[index] = ((r <= outer + step) & (r >= inner - step) & (outer >= 0) & (classes[k] == soft)
+                           & present[index])
 
     map_slabs(chunk, even_slabs(n_slices))
     return wall

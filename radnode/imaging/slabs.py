@@ -8,6 +8,7 @@ MAP's ``resources.cpu``), else the CPUs this process may run on.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,4 +49,25 @@ def map_slabs(work: Callable[[slice], T], slabs: list[slice]) -> list[T]:
     if workers <= 1:
         return [work(slab) for slab in slabs]
     with ThreadPoolExecutor(workers, thread_name_prefix="slab") as pool:
-        return list(pool.map(work, slabs))
+        results = list(pool.map(work, slabs))
+    _trim_heaps()
+    return results
+
+
+def _trim_heaps() -> None:
+    """Give back what the pool threads' malloc heaps hold free. glibc serves slab-sized temporaries from a
+    heap per thread once its adaptive mmap threshold has grown, and keeps them resident when freed: without
+    this a 600-slice CT job ends segmentation ~200 MB larger. (Fixing the threshold instead costs 3× the
+    system time in page faults.) Nothing to do where the C library is not glibc."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
+def _glibc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_malloc_trim = _glibc_malloc_trim()
