@@ -177,7 +177,7 @@ def _joined(parts: list[hd.seg.Segmentation], numbers: list[list[int]],
     normal = get_normal_vector(volume.orientation, index_convention=VOLUME_INDEX_CONVENTION)
     frames = []
     for part, part_numbers in zip(parts, numbers):
-        data = part.PixelData
+        data = memoryview(part.PixelData)  # frames are views: the pixel data exists once, then once joined
         shared = part.SharedFunctionalGroupsSequence[0]
         for index, item in enumerate(part.PerFrameFunctionalGroupsSequence):
             if "SegmentIdentificationSequence" not in item:  # a one-segment SEG shares it; here it is per frame
@@ -185,6 +185,7 @@ def _joined(parts: list[hd.seg.Segmentation], numbers: list[list[int]],
             number = part_numbers[item.SegmentIdentificationSequence[0].ReferencedSegmentNumber - 1]
             distance = float(np.dot(normal, [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]))
             frames.append((number, distance, item, data[index * frame_bytes:(index + 1) * frame_bytes]))
+        del data
     frames.sort(key=lambda frame: (frame[0], frame[1]))
     rank = {d: i for i, d in enumerate(sorted({frame[1] for frame in frames}), start=1)}
     for number, distance, item, _ in frames:
@@ -197,6 +198,9 @@ def _joined(parts: list[hd.seg.Segmentation], numbers: list[list[int]],
     joined.PerFrameFunctionalGroupsSequence = [frame[2] for frame in frames]
     joined.NumberOfFrames = len(frames)
     pixel_data = b"".join(frame[3] for frame in frames)
+    del frames  # the views, then the parts' own pixel data
+    for part in parts:
+        del part.PixelData
     joined.PixelData = pixel_data + b"\x00" if len(pixel_data) % 2 else pixel_data
     joined.SegmentsOverlap = "YES" if overlap else "NO"
     if "DimensionOrganizationType" in joined:  # highdicom's "3D" holds for one segment only
