@@ -57,21 +57,25 @@ def _layers(segments: list[Segment]) -> list[_Layer]:
     """The segments as few non-overlapping layers, without copying what is already one.
 
     Segments of one label map are one layer (the map itself, relabelled only when its values are not
-    1..k). Bool masks are packed first-fit: a mask alone is passed as it is, masks that do not overlap share a
-    new label map (the smallest unsigned type that holds them)."""
+    1..k). Bool masks are packed first-fit: a mask alone is passed as it is; a mask that overlaps none of a
+    layer's joins it, the layer becoming a label map (the smallest unsigned type that holds its masks)."""
     shared: dict[int, tuple[np.ndarray, list[tuple[int, int]]]] = {}
-    packed: list[tuple[list[np.ndarray], list[int]]] = []
+    packed: list[_Layer] = []
+    bool_count = sum(not s.shares_labels for s in segments)
     for number, segment in enumerate(segments, start=1):
         if segment.shares_labels:
             shared.setdefault(id(segment.labels), (segment.labels, []))[1].append((segment.value, number))
             continue
-        for masks, numbers in packed:
-            if not any(_overlap(segment.labels, mask) for mask in masks):
-                masks.append(segment.labels)
-                numbers.append(number)
+        mask = segment.labels
+        for layer in packed:
+            if not _overlap(layer.array, mask):
+                if layer.array.dtype == bool:  # a second mask: the layer becomes a label map
+                    layer.array = layer.array.astype(_label_dtype(bool_count))
+                layer.numbers.append(number)
+                layer.array[mask] = len(layer.numbers)
                 break
         else:
-            packed.append(([segment.labels], [number]))
+            packed.append(_Layer(mask, [number]))
     layers = []
     for labels, members in shared.values():
         members.sort()
@@ -81,15 +85,7 @@ def _layers(segments: list[Segment]) -> list[_Layer]:
             lookup[values] = np.arange(1, len(values) + 1)
             labels = lookup[labels]
         layers.append(_Layer(labels, [number for _, number in members]))
-    for masks, numbers in packed:
-        if len(masks) == 1:
-            layers.append(_Layer(masks[0], numbers))
-            continue
-        labels = np.zeros(masks[0].shape, dtype=_label_dtype(len(masks)))
-        for value, mask in enumerate(masks, start=1):
-            labels[mask] = value
-        layers.append(_Layer(labels, numbers))
-    return sorted(layers, key=lambda layer: min(layer.numbers))
+    return sorted(layers + packed, key=lambda layer: min(layer.numbers))
 
 
 def _label_dtype(count: int) -> type:
