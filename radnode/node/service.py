@@ -84,7 +84,8 @@ class Node:
         data.mkdir(parents=True, exist_ok=True)
         config_file = data / "node-config.yaml"
         config_file.write_text(yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
-        router = Router(self.load_rules(), LateInstances(self.config.ingress.late_instances))
+        rules = self.load_rules()
+        router = Router(rules, LateInstances(self.config.ingress.late_instances))
         self.store = store = JobStore(store_target(data, self.config.store.url))
         log.info("%s", store.opened)
         spool = Spool(data / "spool", fsync=self.config.ingress.sync_spool)
@@ -92,7 +93,7 @@ class Node:
         ingest = Ingest(spool, store, router, self.disk_guard)
         self._recover(store, spool, ingest)
         self.egress = egress = Egress(self.config, store, self.poll_seconds)
-        scheduler = Scheduler(self.config, store, egress, self.job_command, config_file)
+        scheduler = Scheduler(self.config, store, egress, self.job_command, config_file, rules.in_process_pipelines)
         self._scp = StorageSCP(self.config.ingress, ingest)
         self._scp.start()
         if self.config.orthanc.url:

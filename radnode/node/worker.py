@@ -8,6 +8,10 @@ its process group is killed, and a container removed) ends ``failed`` with the r
 after N s``, with the mode in brackets unless it is the default in-process — and the node and the other
 jobs carry on. A run that ends well has its review decision (``review`` in ``out/manifest.json``, written by
 pipelines that score their uncertainty) copied into the job store before its results are staged.
+
+With ``processing.warm_start`` (the default) an in-process job is handed to a pre-imported process of its
+pipeline (``warm.py``) instead of a fresh interpreter: the same command, timeout and isolation, one process per
+job, ready to read its input in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,8 +33,9 @@ from radnode.config import Config
 from radnode.execution import ManifestError, ReviewDecision, RunManifest
 from radnode.node.completeness import CompletenessSettings, study_verdict
 from radnode.node.egress import Egress
-from radnode.node.executors import ExecutionError, JobRun, Launch, executors, resolve_timeout
+from radnode.node.executors import ExecutionError, InProcessExecutor, JobRun, Launch, executors, resolve_timeout
 from radnode.node.store import Job, JobStore
+from radnode.node.warm import WarmPool
 from radnode.pipelines.routing import ExecutionMode
 
 log = logging.getLogger(__name__)
@@ -116,7 +121,9 @@ class Scheduler:
     them and kills those over their time limit or restarted for late instances."""
 
     def __init__(self, config: Config, store: JobStore, egress: Egress, command: Sequence[str],
-                 config_file: Path) -> None:
+                 config_file: Path, warm_pipelines: Iterable[str] = ()) -> None:
+        """``warm_pipelines``: those the rules run in-process, each kept warm (``processing.warm_start``) when
+        the job command is the default one."""
         self.config = config
         self.store = store
         self.egress = egress
@@ -124,9 +131,16 @@ class Scheduler:
         self.executors = executors(config, command, config_file)
         self.running: dict[int, JobProcess] = {}
         self.completeness = completeness_settings(config)
+        in_process = self.executors[ExecutionMode.IN_PROCESS]
+        self.warm = WarmPool(warm_pipelines, in_process.env, config.data_dir) if (
+            config.processing.warm_start and tuple(command) == DEFAULT_JOB_COMMAND
+            and isinstance(in_process, InProcessExecutor)) else None
 
     def tick(self) -> None:
-        """One scheduling round; called repeatedly by the node's scheduler thread."""
+        """One scheduling round; called repeatedly by the node's scheduler thread (the warm processes are
+        started here: they die with the thread that started them)."""
+        if self.warm is not None:
+            self.warm.fill()
         self.queue_complete_studies()
         for job_id in self.store.restart_requested():
             if job_id in self.running:
@@ -200,19 +214,30 @@ class Scheduler:
             self.store.fail_job(job.id, f"cannot start {job.pipeline} ({mode}): {e}")
             return
         command = shlex.join(launch.argv)
-        if not self.store.start_job(job.id, f"{mode}: {command} (timeout {timeout.seconds:g} s, {timeout.source})"):
+        spare = self.warm.claim(job.pipeline, launch.argv, launch.env) if (
+            self.warm is not None and mode is ExecutionMode.IN_PROCESS) else None
+        warm = ", warm process" if spare is not None else ""
+        if not self.store.start_job(job.id, f"{mode}: {command} (timeout {timeout.seconds:g} s, "
+                                            f"{timeout.source}{warm})"):
+            if spare is not None and self.warm is not None:
+                self.warm.give_back(job.pipeline, spare)
             return
         with open(root / "stdout.log", "wb") as out, open(root / "stderr.log", "wb") as err:
             try:
-                process = subprocess.Popen(launch.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                           cwd=launch.cwd, env=launch.env, start_new_session=True,
-                                           preexec_fn=_die_with_parent)
+                if spare is not None:
+                    WarmPool.hand(spare, launch.argv, launch.env, launch.cwd, root / "stdout.log",
+                                  root / "stderr.log")
+                    process = spare
+                else:
+                    process = subprocess.Popen(launch.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                               cwd=launch.cwd, env=launch.env, start_new_session=True,
+                                               preexec_fn=_die_with_parent)
             except OSError as e:
                 self.store.fail_job(job.id, f"cannot start the job command: {e}")
                 return
         self.running[job.id] = JobProcess(job.id, process, launch, mode, timeout.seconds,
                                           time.monotonic() + timeout.seconds, root / "stderr.log")
-        log.info("job %d running %s (pid %d): %s", job.id, mode, process.pid, command)
+        log.info("job %d running %s%s (pid %d): %s", job.id, mode, warm, process.pid, command)
 
     def _reap(self, job: JobProcess) -> None:
         status = job.process.poll()
@@ -227,7 +252,7 @@ class Scheduler:
             return
         del self.running[job.job_id]
         if status != 0:
-            reason = last_line(job.stderr_path) or _describe_status(status)
+            reason = _failure_reason(status, last_line(job.stderr_path))
             self.store.fail_job(job.job_id, reason)
             log.warning("job %d failed: %s", job.job_id, reason)
             return
@@ -245,6 +270,16 @@ class Scheduler:
             job.end(grace=STOP_GRACE_SECONDS)
             self.store.requeue(job.job_id, "node stopped while the job was running; it will run again")
         self.running.clear()
+        if self.warm is not None:
+            self.warm.close()
+
+
+def _failure_reason(status: int, last_stderr: str) -> str:
+    """Why a job process failed: its last stderr line (the app's own message); for a process killed by a signal
+    (a segfault, the kernel's OOM killer) the signal first, as whatever it printed last is not the cause."""
+    if status < 0:
+        return _describe_status(status) + (f"; last stderr line: {last_stderr}" if last_stderr else "")
+    return last_stderr or _describe_status(status)
 
 
 def _describe_status(status: int) -> str:
