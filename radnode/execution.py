@@ -37,11 +37,11 @@ def timed_phase(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]
         def timed(operator: Any, *args: Any, **kwargs: Any) -> Any:
             state = run_state(operator.fragment)
             state.begin_phase(name)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             try:
                 return compute(operator, *args, **kwargs)
             finally:
-                state.end_phase(name, time.perf_counter() - started)
+                state.end_phase(name, time.perf_counter() - started, time.process_time() - cpu_started)
         return timed
     return decorate
 
@@ -137,6 +137,9 @@ class Phase:
 
     seconds: float = 0.0
     """Wall time, summed over the phase's calls."""
+    cpu_seconds: float = 0.0
+    """CPU time of the whole process (all its threads) during the phase's calls: what the phase costs whatever
+    else the machine runs, and, beside ``seconds``, how many cores it kept busy."""
     peak_rss_bytes: int = 0
     """The process's peak resident memory during the phase's calls (what it held when the phase began
     included: the libraries, the data earlier phases kept)."""
@@ -167,10 +170,12 @@ class RunState:
         if name not in self.phases:
             self.phases[name] = Phase(started_at=time.time())
 
-    def end_phase(self, name: str, seconds: float) -> None:
-        """A call of phase ``name`` ended after ``seconds``: its time and peak memory are added to the phase."""
+    def end_phase(self, name: str, seconds: float, cpu_seconds: float = 0.0) -> None:
+        """A call of phase ``name`` ended after ``seconds`` (``cpu_seconds`` of CPU): its times and peak memory
+        are added to the phase."""
         phase = self.phases.setdefault(name, Phase(started_at=time.time() - seconds))
         phase.seconds += seconds
+        phase.cpu_seconds += cpu_seconds
         phase.peak_rss_bytes = max(phase.peak_rss_bytes, peak_rss_bytes())
 
     @property
@@ -310,7 +315,8 @@ def run_app(pipeline_name: str, input_folder: Path, output_folder: Path, models:
     manifest = RunManifest(pipeline=spec.name, version=str(app_cls.version), input=str(input_folder),
                            outputs=outputs, measurements=measurements,
                            seconds=round(time.monotonic() - started, 3), study_instance_uid=study_uid,
-                           phases={name: Phase(round(phase.seconds, 3), phase.peak_rss_bytes, phase.started_at)
+                           phases={name: Phase(round(phase.seconds, 3), round(phase.cpu_seconds, 3),
+                                               phase.peak_rss_bytes, phase.started_at)
                                    for name, phase in state.phases.items()},
                            peak_rss_bytes=state.peak_rss_bytes,
                            review=state.review)
