@@ -36,9 +36,13 @@ READY = "warm process ready:"
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL when the scheduler thread that started it ends (as cold jobs)."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def die_with_parent() -> None:
+    """In a job process before exec, warm or cold: get SIGKILL when the thread that started it (the scheduler)
+    ends, so no job process outlives a crashed node and runs on beside the re-run after a restart."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class WarmPool:
@@ -50,6 +54,8 @@ class WarmPool:
         self.env = dict(env)
         self.data_dir = data_dir
         self._spares: dict[str, subprocess.Popen] = {}
+        self._started: set[str] = set()
+        """Pipelines with a spare started in this node's run: their log is appended to, not started afresh."""
 
     def fill(self) -> None:
         """Start a spare for every pipeline that has none. One whose spare died waiting (an app that does not
@@ -106,10 +112,11 @@ class WarmPool:
 
     def _spawn(self, pipeline: str) -> subprocess.Popen:
         self._log_file(pipeline).parent.mkdir(parents=True, exist_ok=True)
-        with open(self._log_file(pipeline), "ab") as err:
+        with open(self._log_file(pipeline), "ab" if pipeline in self._started else "wb") as err:
+            self._started.add(pipeline)
             return subprocess.Popen([*RADNODE_COMMAND[:2], __name__, pipeline], stdin=subprocess.PIPE,
                                     stdout=subprocess.DEVNULL, stderr=err, env=self.env, start_new_session=True,
-                                    preexec_fn=_die_with_parent)
+                                    preexec_fn=die_with_parent)
 
 
 def warm_log(data_dir: Path, pipeline: str) -> Path:

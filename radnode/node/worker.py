@@ -16,7 +16,6 @@ job, ready to read its input in a fraction of a second.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shlex
@@ -35,7 +34,7 @@ from radnode.node.completeness import CompletenessSettings, study_verdict
 from radnode.node.egress import Egress
 from radnode.node.executors import ExecutionError, InProcessExecutor, JobRun, Launch, executors, resolve_timeout
 from radnode.node.store import Job, JobStore
-from radnode.node.warm import WarmPool
+from radnode.node.warm import WarmPool, die_with_parent
 from radnode.pipelines.routing import ExecutionMode
 
 log = logging.getLogger(__name__)
@@ -44,16 +43,6 @@ DEFAULT_JOB_COMMAND: tuple[str, ...] = (sys.executable, "-m", "radnode", "run")
 """The in-process executor's command, called as ``COMMAND INPUT_DIR --output OUT_DIR --pipeline NAME``."""
 
 STOP_GRACE_SECONDS = 5.0
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the thread that started it (the scheduler) ends.
-
-    So no job process outlives a crashed node and runs on beside the re-run after a restart.
-    """
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclass
@@ -231,7 +220,7 @@ class Scheduler:
                 else:
                     process = subprocess.Popen(launch.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                                cwd=launch.cwd, env=launch.env, start_new_session=True,
-                                               preexec_fn=_die_with_parent)
+                                               preexec_fn=die_with_parent)
             except OSError as e:
                 self.store.fail_job(job.id, f"cannot start the job command: {e}")
                 return
