@@ -73,9 +73,15 @@ def cmd_pipelines(args: argparse.Namespace) -> int:
 
 def cmd_models_check(args: argparse.Namespace) -> int:
     """Load and probe a model folder; list what would stop it from running."""
-    from radnode.models.loading import check_model_folder
+    from radnode.security.sandbox import check_in_sandbox, content_hash
 
-    problems = check_model_folder(Path(args.folder))
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        print(f"problem: {folder}: not a folder")
+        return 2
+    config = _load(args)
+    print(f"{folder}: content {content_hash(folder)}")
+    problems = check_in_sandbox(folder, config)  # a model folder is code: parsed where it reaches nothing
     for problem in problems:
         print(f"problem: {problem}")
     if not problems:
@@ -85,7 +91,9 @@ def cmd_models_check(args: argparse.Namespace) -> int:
 
 def serve_config(args: argparse.Namespace) -> Config:
     """The configuration file with the command-line flags laid over it, validated once more."""
-    data = _load(args).model_dump(mode="json")
+    data = _load(args).model_dump(mode="json")  # secrets dump as their references ({env:}, {file:})
+    if args.host:
+        data["ingress"]["host"] = args.host
     if args.port is not None:
         data["ingress"]["port"] = args.port
     if args.ae_title:
@@ -209,6 +217,73 @@ def cmd_store_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """Validate a configuration and list every security setting in force, warning for each left open."""
+    from radnode.security.check import security_findings
+
+    findings = security_findings(load_config(args.config))
+    for finding in findings:
+        print(finding)
+    open_ = sum(f.open for f in findings)
+    print(f"{args.config}: valid; {len(findings)} security settings, {open_} left open")
+    return 1 if args.strict and open_ else 0
+
+
+def cmd_deidentify(args: argparse.Namespace) -> int:
+    """De-identify DICOM files with a PS3.15 Annex E profile; 1 when some were refused."""
+    from radnode.security.deid import deidentifier_for, deidentify_folder
+    from radnode.security.privacy import SiteKey, owner_only
+
+    config = _load(args)
+    with owner_only():
+        site_key = SiteKey.load(config.privacy.site_key, config.data_dir)
+        deidentifier = deidentifier_for(config, args.profile, site_key)
+    outcome = deidentify_folder(Path(args.input), Path(args.output), deidentifier)
+    for path, reason in outcome.refused.items():
+        print(f"refused {path}: {reason}")
+    print(f"{len(outcome.written)} written to {args.output} (profile {args.profile}), {len(outcome.refused)} refused")
+    return 1 if outcome.refused else 0
+
+
+def cmd_audit_check(args: argparse.Namespace) -> int:
+    """Validate every message of an audit log against the DICOM audit message schema (PS3.15 A.5.1)."""
+    from radnode.security.audit import read_audit_log
+    from radnode.security.audit_schema import schema_errors
+
+    bad = 0
+    count = 0
+    for count, message in enumerate(read_audit_log(Path(args.log)), start=1):
+        errors = schema_errors(message)
+        if errors:
+            bad += 1
+            print(f"{args.log}:{count}: {'; '.join(errors[:3])}")
+    print(f"{args.log}: {count} messages, {bad} invalid")
+    return 1 if bad else 0
+
+
+def cmd_audit_find(args: argparse.Namespace) -> int:
+    """Print the audit messages about a patient (by Patient ID, pseudonymised as the node writes it) or a study."""
+    from radnode.security.audit import read_audit_log
+    from radnode.security.privacy import SiteKey
+
+    config = _load(args)
+    needles = []
+    if args.patient_id:
+        if config.audit.patient_identity == "clear":
+            needles.append(args.patient_id)
+        else:
+            needles.append(SiteKey.load(config.privacy.site_key, config.data_dir).pseudonym("patient", args.patient_id))
+    if args.study:
+        needles.append(args.study)
+    log_file = config.audit.log_file or config.data_dir / "audit" / "audit.log"
+    found = 0
+    for message in read_audit_log(log_file):
+        if all(f'ParticipantObjectID="{n}"' in message for n in needles):
+            print(message)
+            found += 1
+    return 0 if found else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radnode", description=__doc__)
     parser.add_argument("--version", action="version", version=f"radnode {__version__}")
@@ -228,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the node (DICOM Storage SCP, jobs, egress)")
     serve.add_argument("--config", help="configuration YAML file")
+    serve.add_argument("--host", help="address the DICOM SCP listens on (default 0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, help="DICOM port to listen on (default 11112)")
     serve.add_argument("--ae-title", help="the node's AE title (default RADNODE)")
     serve.add_argument("--data-dir", help="spool, job store and outbox folder")
@@ -284,8 +360,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="model folders (MONAI bundle, TorchScript + model.yaml)")
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    check = models_sub.add_parser("check", help="load and probe a model folder, list its problems")
+    check = models_sub.add_parser("check", help="load and probe a model folder (sandboxed), list its problems")
     check.add_argument("folder", help="the model folder")
+    check.add_argument("--config", help="configuration YAML file (sandbox, data directory and secrets to hide)")
     check.set_defaults(func=cmd_models_check)
 
     map_parser = sub.add_parser("map", help="MONAI Application Packages of the apps")
@@ -303,6 +380,31 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade = store_sub.add_parser("upgrade", help="bring the job store to this release's schema (back it up first)")
     upgrade.add_argument("--config", help="configuration YAML file (store.url, data_dir)")
     upgrade.set_defaults(func=cmd_store_upgrade)
+
+    config_parser = sub.add_parser("config", help="check a configuration file")
+    config_sub = config_parser.add_subparsers(dest="config_command", required=True)
+    config_check = config_sub.add_parser("check", help="validate it and report every security setting in force")
+    config_check.add_argument("config", help="configuration YAML file")
+    config_check.add_argument("--strict", action="store_true", help="exit 1 when a security setting is left open")
+    config_check.set_defaults(func=cmd_config_check)
+
+    deid = sub.add_parser("deidentify", help="de-identify DICOM files (PS3.15 Annex E profile)")
+    deid.add_argument("input", help="DICOM file or folder")
+    deid.add_argument("output", help="folder for the de-identified files")
+    deid.add_argument("--profile", default="basic", help="basic, research or a profile of the configuration")
+    deid.add_argument("--config", help="configuration YAML file (site key, profiles, pseudonym mapping)")
+    deid.set_defaults(func=cmd_deidentify)
+
+    audit = sub.add_parser("audit", help="the IHE ATNA audit log")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    audit_check = audit_sub.add_parser("check", help="validate an audit log against the PS3.15 A.5.1 schema")
+    audit_check.add_argument("log", help="audit log file (one message per line)")
+    audit_check.set_defaults(func=cmd_audit_check)
+    audit_find = audit_sub.add_parser("find", help="the messages about a patient or a study")
+    audit_find.add_argument("--config", help="configuration YAML file (audit log, site key)")
+    audit_find.add_argument("--patient-id", help="the patient's ID (pseudonymised as the node writes it)")
+    audit_find.add_argument("--study", help="a Study Instance UID")
+    audit_find.set_defaults(func=cmd_audit_find)
 
     purge = sub.add_parser("purge", help="remove the files of jobs past their retention (job rows and logs stay)")
     purge.add_argument("--config", help="configuration YAML file (data_dir, retention)")

@@ -6,8 +6,11 @@ cd "$(dirname "$0")/.."
 
 # dcmtk/dicom3tools: real DICOM peers and the validator; orthanc*: the router; mricron-data: the Colin27
 # T1 MRI with its brain mask (real test data for the brain pipeline); postgresql-15: the job store a
-# multi-host site shares (the tests start its cluster and use a database of their own).
-APT_PACKAGES=(dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb mricron-data postgresql-15)
+# multi-host site shares (the tests start its cluster and use a database of their own); rsyslog(-gnutls): a real
+# audit collector (RFC 5425 syslog over TLS) for the tests; jing: an independent RELAX NG validator of the audit
+# messages; bubblewrap: the sandbox model folders are checked in.
+APT_PACKAGES=(dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb mricron-data postgresql-15 rsyslog rsyslog-gnutls
+  jing bubblewrap)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

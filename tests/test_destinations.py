@@ -57,8 +57,8 @@ def test_one_line_forms(text: str, kind: str, described: str) -> None:
      "egress.destinations.research.type", f"unknown destination type 'https' (known: {KNOWN})"),
     ("egress:\n  named_destinations:\n    ARCHIVE: 'sftp:archive.example.org'\n", "egress.named_destinations.ARCHIVE",
      f"unknown destination type 'sftp' (known: {KNOWN})"),
-    ("egress:\n  destinations:\n    pacs: {type: dicom, ae_title: PACS, host: pacs, port: 104, tls: yes}\n",
-     "egress.destinations.pacs.tls", "unknown key 'tls' for a dicom destination"),
+    ("egress:\n  destinations:\n    pacs: {type: dicom, ae_title: PACS, host: pacs, port: 104, tls_version: 1.3}\n",
+     "egress.destinations.pacs.tls_version", "unknown key 'tls_version' for a dicom destination"),
 ])
 def test_an_unknown_type_or_key_in_a_configuration_file_is_refused_with_file_and_key(
         tmp_path: Path, yaml_text: str, key: str, message: str) -> None:

@@ -17,15 +17,17 @@ import yaml
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import UniqueConstraint, inspect
+from sqlalchemy import UniqueConstraint, inspect, select
 
 from factories import RELEASE_0_1_INDEXES, RELEASE_0_1_SCHEMA, open_store_made_by
 from radnode.cli import main
 from radnode.node.store import Arrival, Instance, JobState, JobStore, StoreError, head_revision, upgrade_store
 from radnode.node.store.database import alembic_config, connect
+from radnode.node.store import schema
 from radnode.node.store.schema import metadata
 from radnode.peers import free_port
 from radnode.pipelines.routing import Completeness, Execution, ExecutionMode, LateInstances, Priority, SeriesDecision
+from radnode.security.privacy import IdentitySeal, SiteKey
 
 
 def to(*pipelines: str) -> SeriesDecision:
@@ -173,6 +175,33 @@ def test_state_survives_reopening_and_running_jobs_can_be_requeued(store_target:
     job = reopened.next_queued()
     assert job is not None and job.id == job_id and job.runs == 1
     reopened.close()
+
+
+def test_patient_ids_are_sealed_at_rest_and_those_stored_in_clear_are_sealed_by_the_node(
+        store_target: Path | str) -> None:
+    """With the site key's seal, the store's columns hold no Patient ID; identifiers an older store holds in clear
+    (as the 0004 revision leaves them) read as they are and are sealed once; without the seal a tool sees the
+    sealed text."""
+    seal = IdentitySeal(SiteKey(b"k" * 32))
+    unsealed = JobStore(store_target)  # what a store written before sealing holds
+    _, first = unsealed.record_instance(instance("1.1", study="1.2.3"), to("ct_tissue"))
+    unsealed.close()
+    store = JobStore(store_target, seal=seal)
+    assert store.job(first).patient_id == "P1"
+    assert store.seal_stored() == 2 and store.seal_stored() == 0  # the job's and its instance's, once
+    _, second = store.record_instance(instance("2.1", study="2.2.3"), to("ct_tissue"))
+    assert [j.patient_id for j in store.jobs()] == ["P1", "P1"]
+    assert {i.patient_id for i in store.instances(first) + store.instances(second)} == {"P1"}
+    store.close()
+    database = connect(store_target)
+    with database.read() as conn:
+        stored = [*conn.execute(select(schema.jobs.c.sealed_patient_id)).scalars(),
+                  *conn.execute(select(schema.instances.c.sealed_patient_id)).scalars()]
+    database.close()
+    assert len(stored) == 4 and all(v.startswith("sealed:") and "P1" not in v for v in stored)
+    without_key = JobStore(store_target)
+    assert without_key.job(second).patient_id.startswith("sealed:")
+    without_key.close()
 
 
 def test_review_state_is_recorded_filterable_and_cleared_by_a_new_run(store: JobStore) -> None:

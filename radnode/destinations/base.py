@@ -145,6 +145,11 @@ class Destination(BaseModel, ABC):
     type: str
     forward_only: bool = False
     """Only what a routing rule forwards here goes here; otherwise every pipeline's results do."""
+    deidentify: str | None = None
+    """A de-identification profile (``basic``, ``research`` or a ``deidentification.profiles`` name): every DICOM
+    object sent here is a de-identified copy (PS3.15 Annex E, :mod:`radnode.security.deid`), objects the profile
+    refuses (burned-in annotation) and files that are not DICOM (a FHIR Bundle names the patient) are not sent,
+    with the reason in the job's events."""
     timeouts: TimeoutOverrides = TimeoutOverrides()
 
     kind: ClassVar[str]

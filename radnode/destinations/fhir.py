@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Literal
 
 from radnode.destinations.base import FHIR_BUNDLE, Item, Outcome, SendContext
-from radnode.destinations.credentials import CredentialError, HttpDestination, http_failure, http_session
+from radnode.destinations.credentials import HttpDestination, http_failure, http_session
 from radnode.destinations.registry import destination_type
+from radnode.security.secrets import SecretError
 
 
 @destination_type
@@ -34,7 +35,7 @@ class FhirDestination(HttpDestination):
 
         try:
             session = http_session(self.auth)
-        except CredentialError as e:
+        except SecretError as e:
             return [Outcome(item, False, f"credentials for {self.url}: {e}") for item in items]
         outcomes = []
         timeout = (context.timeouts.connect_seconds, context.timeouts.network_seconds)

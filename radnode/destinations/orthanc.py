@@ -9,6 +9,7 @@ from typing import Any, Literal
 from radnode.destinations.base import Destination, DestinationError, Item, Outcome, SendContext
 from radnode.destinations.credentials import http_failure
 from radnode.destinations.registry import destination_type
+from radnode.security.secrets import SecretError
 
 
 class OrthancRequestError(RuntimeError):
@@ -58,8 +59,12 @@ class OrthancDestination(Destination):
         orthanc = context.orthanc
         if not orthanc.url:
             raise OrthancRequestError("orthanc.url is not configured")
-        auth = (orthanc.username, orthanc.password) if orthanc.username else None
         timeout = (context.timeouts.connect_seconds, context.timeouts.network_seconds)
+        try:
+            auth = (orthanc.username, orthanc.password.reveal() if orthanc.password else "") if orthanc.username \
+                else None
+        except SecretError as e:
+            raise OrthancRequestError(f"orthanc.password: {e}") from None
         try:
             response = requests.request(method, f"{orthanc.url}{path}", auth=auth, timeout=timeout, **kwargs)
         except requests.Timeout:

@@ -2,8 +2,10 @@
 
 On disk under ``config.data_dir``::
 
-    radnode.db                      job store (SQLite, WAL; or PostgreSQL at ``store.url``)
-    node-config.yaml                the configuration job processes get via $RADNODE_CONFIG
+    radnode.db                      job store (SQLite, WAL; or PostgreSQL at ``store.url``), patient IDs sealed
+    node-config.yaml                the configuration job processes get via $RADNODE_CONFIG (0600, secrets as references)
+    audit/audit.log                 the IHE ATNA audit trail (append-only, one PS3.15 A.5 message per line)
+    keys/site.key                   the site key for hashed identifiers and de-identification (unless privacy.site_key)
     spool/<study>/<series>/<sop>.dcm  received instances, as they arrived
     spool/.incoming/                temporary files of writes in progress
     jobs/<job_id>/in/               hard links to the instances the job covers
@@ -34,6 +36,7 @@ Retention (``retention.py``) removes the files of jobs final for longer than ``r
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
@@ -52,6 +55,9 @@ from radnode.node.worker import DEFAULT_JOB_COMMAND, Scheduler
 from radnode.pipelines.registry import registered_pipelines
 from radnode.pipelines.routing import LateInstances
 from radnode.pipelines.rules import DEFAULT_RULES, RuleSet, load_rules
+from radnode.security.access import PeerPolicy
+from radnode.security.audit import AuditTrail
+from radnode.security.privacy import IdentitySeal, SiteKey, make_private, private_umask, write_owner_only
 
 log = logging.getLogger(__name__)
 
@@ -74,27 +80,42 @@ class Node:
         self._orthanc: OrthancIngress | None = None
         self.disk_guard: DiskGuard | None = None
         """Checked before every spool write (set on start, from ``retention.min_free_disk_*``)."""
+        self.audit: AuditTrail | None = None
+        """The ATNA audit trail (set on start); the console audits what its users do through it."""
+        self.site_key: SiteKey | None = None
+        self._umask = os.umask(0o077)
+        os.umask(self._umask)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         """Recover what a previous run left, then listen and schedule."""
         check_models(self.config)
+        self._umask = private_umask()  # everything the node and its job processes create is owner-only
         data = self.config.data_dir
-        data.mkdir(parents=True, exist_ok=True)
-        config_file = data / "node-config.yaml"
-        config_file.write_text(yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if tightened := make_private(data):
+            log.warning("made %d entries under %s owner-only (group/other permissions removed)", tightened, data)
+        config_file = data / "node-config.yaml"  # secrets are written as their references, never their values
+        write_owner_only(config_file, yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
+        self.site_key = SiteKey.load(self.config.privacy.site_key, data)
+        self.audit = AuditTrail(self.config.audit, data, self.config.ingress.ae_title, self.site_key)
+        self.audit.application_activity(started=True)
         rules = self.load_rules()
-        router = Router(rules, LateInstances(self.config.ingress.late_instances))
-        self.store = store = JobStore(store_target(data, self.config.store.url))
+        router = Router(rules, LateInstances(self.config.ingress.late_instances),
+                        PeerPolicy(self.config.ingress))
+        self.store = store = JobStore(store_target(data, self.config.store.url), seal=IdentitySeal(self.site_key))
         log.info("%s", store.opened)
+        if sealed := store.seal_stored():
+            log.info("sealed %d patient identifiers the job store held in clear", sealed)
         spool = Spool(data / "spool", fsync=self.config.ingress.sync_spool)
         self.disk_guard = DiskGuard.from_config(spool.root, self.config.retention)
         ingest = Ingest(spool, store, router, self.disk_guard)
         self._recover(store, spool, ingest)
-        self.egress = egress = Egress(self.config, store, self.poll_seconds)
-        scheduler = Scheduler(self.config, store, egress, self.job_command, config_file, rules.in_process_pipelines)
-        self._scp = StorageSCP(self.config.ingress, ingest)
+        self.egress = egress = Egress(self.config, store, self.poll_seconds, self.audit)
+        scheduler = Scheduler(self.config, store, egress, self.job_command, config_file,
+                              rules.in_process_pipelines)
+        self._scp = StorageSCP(self.config.ingress, ingest, self.audit)
         self._scp.start()
         if self.config.orthanc.url:
             self._orthanc = OrthancIngress(self.config.orthanc, ingest, self.config.egress.timeouts.network_seconds)
@@ -173,6 +194,11 @@ class Node:
             self.egress = None
         self.store.close()
         self.store = None
+        if self.audit is not None:
+            self.audit.application_activity(started=False)
+            self.audit.close()
+            self.audit = None
+        os.umask(self._umask)
 
     def __enter__(self) -> "Node":
         self.start()
@@ -187,6 +213,20 @@ class Node:
         if self._scp is None:
             raise RuntimeError("the node is not started")
         return self._scp.port
+
+    @property
+    def tls_port(self) -> int:
+        """The DICOM TLS port the node listens on (``ingress.tls``)."""
+        if self._scp is None:
+            raise RuntimeError("the node is not started")
+        return self._scp.tls_port
+
+    @property
+    def scp(self) -> StorageSCP:
+        """The Storage SCP (its ``policy.rejected`` and ``tls_failures`` count refused senders)."""
+        if self._scp is None:
+            raise RuntimeError("the node is not started")
+        return self._scp
 
     @property
     def api_port(self) -> int:
@@ -230,7 +270,7 @@ def run_node(config: Config, job_command: Sequence[str] = DEFAULT_JOB_COMMAND) -
     node = Node(config, job_command)
     node.start()
     log.info("radnode %s listening on %s:%d, data in %s", config.ingress.ae_title, config.ingress.host,
-                node.port, config.data_dir)
+             node.port, config.data_dir)
     try:
         stop.wait()
     finally:

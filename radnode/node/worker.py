@@ -36,6 +36,7 @@ from radnode.node.executors import ExecutionError, InProcessExecutor, JobRun, La
 from radnode.node.store import Job, JobStore
 from radnode.node.warm import WarmPool, die_with_parent
 from radnode.pipelines.routing import ExecutionMode
+from radnode.security.sandbox import SandboxError, content_hash, sandbox_job
 
 log = logging.getLogger(__name__)
 
@@ -202,15 +203,28 @@ class Scheduler:
         except (ExecutionError, OSError) as e:
             self.store.fail_job(job.id, f"cannot start {job.pipeline} ({mode}): {e}")
             return
+        models = [Path(m) for m in self.config.processing.models.get(job.pipeline, ())]
+        digests = {str(m): content_hash(m) for m in models}
+        if models and mode is not ExecutionMode.CONTAINER:  # a model folder is code: run it sandboxed
+            try:
+                argv, env = sandbox_job(self.config, launch.argv, launch.env, root, self.config_file, models)
+            except SandboxError as e:
+                self.store.fail_job(job.id, str(e))
+                return
+            launch = Launch(argv, env, launch.cwd, launch.stop_argv)
         command = shlex.join(launch.argv)
         spare = self.warm.claim(job.pipeline, launch.argv, launch.env) if (
-            self.warm is not None and mode is ExecutionMode.IN_PROCESS) else None
+            self.warm is not None and mode is ExecutionMode.IN_PROCESS) else None  # a sandboxed job never is
         warm = ", warm process" if spare is not None else ""
+        code = "".join(f"; model {folder} {digest}" for folder, digest in digests.items())
         if not self.store.start_job(job.id, f"{mode}: {command} (timeout {timeout.seconds:g} s, "
-                                            f"{timeout.source}{warm})"):
+                                            f"{timeout.source}{warm}){code}"):
             if spare is not None and self.warm is not None:
                 self.warm.give_back(job.pipeline, spare)
             return
+        if digests and self.egress.audit is not None:
+            self.egress.audit.instances_processed(study_uid=job.study_instance_uid, patient_id=job.patient_id or None,
+                                                  job=f"job {job.id}", pipeline=job.pipeline, models=digests)
         with open(root / "stdout.log", "wb") as out, open(root / "stderr.log", "wb") as err:
             try:
                 if spare is not None:

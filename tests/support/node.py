@@ -20,6 +20,7 @@ from radnode.config import Config
 from radnode.node.service import Node
 from radnode.node.store import FINAL_STATES, Job, JobState, JobStore
 from radnode.peers import FhirServer, StoreSCP, free_port
+from radnode.security.privacy import IdentitySeal, SiteKey
 from support.dicom_tools import ECHOSCU, STORESCU
 from support.waiting import wait_until
 
@@ -134,7 +135,7 @@ class ServeProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if (self.data_dir / "radnode.db").exists():
-                store = JobStore(self.data_dir / "radnode.db")
+                store = JobStore(self.data_dir / "radnode.db", seal=IdentitySeal(SiteKey.load(None, self.data_dir)))
                 try:
                     jobs = store.jobs()
                     if (len(jobs) >= expected and all(j.state in FINAL_STATES for j in jobs)

@@ -51,7 +51,8 @@ instances = Table(
     Column("sop_instance_uid", Text, primary_key=True),
     Column("study_instance_uid", Text, nullable=False),
     Column("series_instance_uid", Text, nullable=False),
-    Column("patient_id", Text, nullable=False),
+    Column("sealed_patient_id", Text, nullable=False),
+    # The Patient ID sealed under the site key (``identity.py``; older rows in clear until the node seals them).
     Column("modality", Text, nullable=False),
     Column("sop_class_uid", Text, nullable=False),
     Column("calling_ae", Text, nullable=False),
@@ -76,7 +77,7 @@ jobs = Table(
     "jobs", metadata,
     Column("id", Integer, primary_key=True),
     Column("study_instance_uid", Text, nullable=False),
-    Column("patient_id", Text, nullable=False, server_default=""),
+    Column("sealed_patient_id", Text, nullable=False, server_default=""),
     Column("pipeline", Text, nullable=False),
     Column("state", Text, nullable=False),
     Column("calling_ae", Text, nullable=False, server_default=""),
