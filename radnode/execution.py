@@ -142,7 +142,8 @@ class Phase:
     else the machine runs, and, beside ``seconds``, how many cores it kept busy."""
     peak_rss_bytes: int = 0
     """The process's peak resident memory during the phase's calls (what it held when the phase began
-    included: the libraries, the data earlier phases kept)."""
+    included: the libraries, the data earlier phases kept); where the kernel refuses to lower the high-water
+    mark (:func:`reset_peak_rss`), the run's peak so far."""
     started_at: float = 0.0
     """Wall clock (Unix time) when its first call began: the first phase's is when the job began reading."""
 
