@@ -25,17 +25,19 @@ class CTTissueSegmentationOperator(Operator):
     @timed_phase("segment")
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         segments = segment_ct_tissues(op_input.receive("volume"))
-        log.info("segmented %s", ", ".join(f"{s.structure.key} ({int(s.mask.sum())} voxels)" for s in segments))
+        log.info("segmented %s", ", ".join(f"{s.structure.key} ({s.voxel_count()} voxels)" for s in segments))
         op_output.emit(segments, "segments")
 
 
 class CTMeasurementOperator(MeasurementOperator):
-    """Measures volume, attenuation and the lung emphysema index per segment."""
+    """Measures volume, attenuation and the lung emphysema index per segment. The last reader of the voxels:
+    it hands the writers the volume's ``geometry`` (no voxels), so the HU array is freed once it is done."""
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("volume")
         spec.input("segments")
         spec.output("result")
+        spec.output("geometry")
 
     @timed_phase("measure")
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
@@ -44,3 +46,4 @@ class CTMeasurementOperator(MeasurementOperator):
         result = PipelineResult(segments=segments, measurements=measure_ct(volume, segments),
                                 algorithm_name=self.algorithm.name, algorithm_version=self.algorithm.version)
         op_output.emit(result, "result")
+        op_output.emit(volume.geometry(), "geometry")

@@ -192,9 +192,16 @@ def cmd_orthanc_config(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark suite, print its table and write the results JSON."""
-    from radnode.bench import FULL, QUICK, run_suite, table
+    import dataclasses
 
-    results = run_suite(QUICK if args.quick else FULL, Path(args.output))
+    from radnode.bench import BENCHMARKS, FULL, QUICK, run_suite, table
+
+    plan = QUICK if args.quick else FULL
+    if args.only:
+        if unknown := sorted(set(args.only) - set(BENCHMARKS)):
+            raise ValueError(f"--only: unknown section {', '.join(unknown)} (sections: {', '.join(BENCHMARKS)})")
+        plan = dataclasses.replace(plan, benchmarks=tuple(args.only))
+    results = run_suite(plan, Path(args.output))
     print(table(results))
     print(f"results written to {args.output}")
     return 0
@@ -475,6 +482,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks side by side with DCMTK, Orthanc, pynetdicom, highdicom")
     bench.add_argument("--quick", action="store_true", help="fewer repeats and sizes (a few minutes)")
     bench.add_argument("--output", default="bench-results.json", help="results JSON file")
+    bench.add_argument("--only", nargs="+", metavar="SECTION",
+                       help="run only these sections (ingest, trigger, job_start, end_to_end, seg_writing, gpu)")
     bench.set_defaults(func=cmd_bench)
 
     pipelines = sub.add_parser("pipelines", help="list the pipelines")

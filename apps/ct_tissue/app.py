@@ -62,11 +62,13 @@ class CTTissueApp(Application):
         self.add_flow(to_volume, segment, {("volume", "volume")})
         self.add_flow(to_volume, measure, {("volume", "volume")})
         self.add_flow(segment, measure, {("segments", "segments")})
-        self.add_flow(to_volume, seg_writer, {("volume", "volume")})
+        # the writers need slices and positions, not voxels: they take the geometry from measure, the last
+        # reader of the HU array, which is freed from then on
+        self.add_flow(measure, seg_writer, {("geometry", "volume")})
         self.add_flow(measure, seg_writer, {("result", "result")})
-        self.add_flow(to_volume, sr_writer, {("volume", "volume")})
+        self.add_flow(measure, sr_writer, {("geometry", "volume")})
         self.add_flow(seg_writer, sr_writer, {("seg", "seg")})
         self.add_flow(measure, sr_writer, {("result", "result")})
-        self.add_flow(to_volume, report_writer, {("volume", "volume")})
+        self.add_flow(measure, report_writer, {("geometry", "volume")})
         self.add_flow(measure, report_writer, {("result", "result")})
         self.add_flow(sr_writer, report_writer, {("sr", "sr")})

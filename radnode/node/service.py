@@ -105,7 +105,8 @@ class Node:
         self.site_key = SiteKey.load(self.config.privacy.site_key, data)
         self.audit = AuditTrail(self.config.audit, data, self.config.ingress.ae_title, self.site_key)
         self.audit.application_activity(started=True)
-        router = Router(self.load_rules(), LateInstances(self.config.ingress.late_instances),
+        rules = self.load_rules()
+        router = Router(rules, LateInstances(self.config.ingress.late_instances),
                         PeerPolicy(self.config.ingress))
         self.store = store = JobStore(store_target(data, self.config.store.url), seal=IdentitySeal(self.site_key))
         log.info("%s", store.opened)
@@ -116,7 +117,8 @@ class Node:
         ingest = Ingest(spool, store, router, self.disk_guard)
         self._recover(store, spool, ingest)
         self.egress = egress = Egress(self.config, store, self.poll_seconds, self.audit)
-        scheduler = Scheduler(self.config, store, egress, self.job_command, config_file)
+        scheduler = Scheduler(self.config, store, egress, self.job_command, config_file,
+                              rules.in_process_pipelines)
         self._scp = StorageSCP(self.config.ingress, ingest, self.audit)
         self._scp.start()
         if self.config.orthanc.url:

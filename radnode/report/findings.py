@@ -170,10 +170,11 @@ def _cropped(result: PipelineResult) -> list[str]:
     """Flags for anatomical structures touching the first or last slice: the scan may have cut them off."""
     flags = []
     for segment in result.segments:
-        mask, structure = segment.mask, segment.structure
-        if structure.key == "body" or structure.category.value == TISSUE_CATEGORY or not mask.any():
+        structure = segment.structure
+        if structure.key == "body" or structure.category.value == TISSUE_CATEGORY:
             continue
-        if mask[0].any() or mask[-1].any():
+        counts = segment.slice_counts()
+        if counts.any() and (counts[0] or counts[-1]):
             flags.append(f"{structure.label} reaches the edge of the scanned range; "
                          "its volume may be underestimated")
     return flags
@@ -198,7 +199,7 @@ def structured_findings(result: PipelineResult, modality: str,
 
     measured = {m.structure_key for m in result.measurements}
     not_assessed = [NotAssessed(s.structure.label.lower(), "segmentation found no such region")
-                    for s in result.segments if s.structure.key not in measured and not np.any(s.mask)]
+                    for s in result.segments if s.structure.key not in measured and s.voxel_count() == 0]
     for reference in ranges:
         if reference.modality.upper() != modality.upper():
             continue
