@@ -13,9 +13,10 @@ from pydantic import Field
 from radnode.console.accounts import same_secret
 from radnode.console.auth import Viewer, bearer_scheme, gate_of
 from radnode.console.schemas import (
-    Document, Health, JobDetail, JobIdPath, JobList, Me, Queued, delivery_document, event_document, job_summary,
+    CorrectionList, Document, Health, JobDetail, JobIdPath, JobList, Me, Queued, correction_document,
+    delivery_document, event_document, job_summary,
 )
-from radnode.node.store import Job, JobState, JobStore, StudyDetails
+from radnode.node.store import CorrectionState, Job, JobState, JobStore, StudyDetails
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +92,8 @@ def list_jobs(request: Request, identity: Viewer,
                                      reviews.get(job.id, (None,))[0]) for job in page], total=len(chosen))
 
 
-@router.get("/api/jobs/{job_id}", response_model=JobDetail, tags=["jobs"], summary="One job with its events and "
-            "deliveries", responses={404: {"description": "no such job"}})
+@router.get("/api/jobs/{job_id}", response_model=JobDetail, tags=["jobs"], summary="One job with its events, "
+            "deliveries and corrections", responses={404: {"description": "no such job"}})
 def get_job(request: Request, identity: Viewer, job_id: JobIdPath) -> JobDetail:
     store = _store(request)
     job = store.job(job_id)
@@ -102,7 +103,17 @@ def get_job(request: Request, identity: Viewer, job_id: JobIdPath) -> JobDetail:
     reviewer = store.reviewed_jobs([job.id]).get(job.id, (None,))[0]
     summary = job_summary(job, gate_of(request).sees_patient_data(identity), details, reviewer)
     return JobDetail(**summary.model_dump(), events=[event_document(e) for e in store.events(job_id)],
-                     deliveries=[delivery_document(d) for d in store.deliveries(job_id)])
+                     deliveries=[delivery_document(d) for d in store.deliveries(job_id)],
+                     corrections=[correction_document(c) for c in store.corrections(job_id=job_id)])
+
+
+@router.get("/api/corrections", response_model=CorrectionList, tags=["feedback"],
+            summary="Clinicians' corrected SEGs, oldest first: matched ones with their agreement, and those "
+                    "that matched no job (kept and listed)")
+def list_corrections(request: Request, identity: Viewer,
+                     state: Annotated[CorrectionState | None, Query(description="only corrections in this "
+                                                                                 "state")] = None) -> CorrectionList:
+    return CorrectionList(corrections=[correction_document(c) for c in _store(request).corrections(state=state)])
 
 
 class OrthancEvent(Document):

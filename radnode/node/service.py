@@ -19,7 +19,9 @@ Orthanc. The API also lists the jobs (``GET /jobs?needs_review=true``: studies f
 ``api.enabled`` starts it without Orthanc. Every series is routed by the rule file (``rules``; unset: the
 shipped ``pipelines/default_rules.yaml``): pipelines, forwards, discard, priority, completeness, execution
 (in-process, subprocess or container, see ``executors.py``). The node's own results coming back (from a PACS,
-from Orthanc) are recorded and never processed, whatever the rules say.
+from Orthanc) are recorded and never processed, whatever the rules say; so are clinicians' corrections of its
+segmentations (a foreign SEG referencing a source series), which the feedback thread matches to their job and
+measures against the node's SEG (``radnode/feedback``).
 
 On start, spool files the store does not know are indexed, jobs left ``running`` run again from
 scratch, and jobs left ``delivering`` carry on with only the deliveries not recorded as done.
@@ -45,6 +47,7 @@ from radnode.console.accounts import Accounts
 from radnode.console.service import Console
 
 from radnode.config import Config
+from radnode.feedback.corrections import CorrectionMatcher
 from radnode.node.activity import ActivityLog
 from radnode.node.egress import Egress
 from radnode.node.executors import check_models, execution_modes
@@ -109,7 +112,8 @@ class Node:
         activity = ActivityLog(store.read_rows)
         self._threads = [self._loop("activity", activity.tick),
                          self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
-                         self._loop("egress", egress.deliver_due), self._loop("retention", retention.tick)]
+                         self._loop("egress", egress.deliver_due), self._loop("retention", retention.tick),
+                         self._loop("feedback", CorrectionMatcher(self.config, store).tick)]
 
     def load_rules(self) -> RuleSet:
         """The configured rule file (unset: the shipped ``pipelines/default_rules.yaml``), checked against the

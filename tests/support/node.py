@@ -62,7 +62,8 @@ def node_config(tmp_path: Path, port: int = 0, **sections: dict) -> Config:
                   "egress": {"retry_initial_seconds": 0.2, "retry_max_seconds": 0.5, "max_attempts": 50,
                              "timeout_seconds": 5},
                   "processing": {"job_timeout_seconds": 60},
-                  "api": {"port": 0}}
+                  "api": {"port": 0},
+                  "feedback": {"preload_metrics": False}}  # only the feedback tests' nodes need them
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
     return Config.model_validate(data)
@@ -107,6 +108,7 @@ class ServeProcess:
         config.write_text(yaml.safe_dump({"ingress": {"host": "127.0.0.1", "study_idle_seconds": idle,
                                                       "late_instances": late_instances},
                                           "processing": {"max_concurrent_jobs": 2, "job_timeout_seconds": 300},
+                                          "feedback": {"preload_metrics": False},
                                           **({"rules": str(rules)} if rules else {})}))
         self.log = (data_dir.parent / f"{data_dir.name}.log").open("w")
         self.process = subprocess.Popen(

@@ -15,6 +15,7 @@ lives in its own module:
 ``retention``  the purge's records
 ``queries``    the job list, one job, counts
 ``console``    the web console's people, tokens and sessions, operators' actions, settings, study details
+``feedback``   clinicians' corrections of the node's segmentations, recorded at arrival, settled once
 ============== ===========================================================================================
 
 Job states: ``received → queued → running → delivering → done / failed``. When the rules select several
@@ -34,20 +35,21 @@ from radnode.node.store.console import ActionRefused, Console, StudyDetails
 from radnode.node.store.database import SQLITE_FILE, Database, StoreError, head_revision, open_database
 from radnode.node.store.deliveries import Deliveries
 from radnode.node.store.events import EventLog
+from radnode.node.store.feedback import Feedback
 from radnode.node.store.ingest import Arrivals, Decide
 from radnode.node.store.jobs import Scheduling
 from radnode.node.store.queries import Queries
 from radnode.node.store.records import (
-    FINAL_STATES, Arrival, Delivery, Event, Instance, InstanceBeingPurged, Job, JobState, PurgePlan,
+    FINAL_STATES, Arrival, Correction, CorrectionState, Delivery, Event, Instance, InstanceBeingPurged, Job, JobState, PurgePlan,
 )
 from radnode.node.store.retention import Purges
 
-__all__ = ["ActionRefused", "StudyDetails", "FINAL_STATES", "SQLITE_FILE", "Arrival", "Decide", "Delivery", "Event", "Instance",
+__all__ = ["ActionRefused", "StudyDetails", "FINAL_STATES", "SQLITE_FILE", "Arrival", "Correction", "CorrectionState", "Decide", "Delivery", "Event", "Instance",
            "InstanceBeingPurged", "Job", "JobState", "JobStore", "PurgePlan", "StoreError", "head_revision",
            "store_target", "upgrade_store"]
 
 
-class JobStore(Arrivals, Scheduling, Deliveries, Purges, Queries, EventLog, Console):
+class JobStore(Arrivals, Scheduling, Deliveries, Purges, Queries, EventLog, Console, Feedback):
     """Thread- and process-safe access to the node's job store (see the module docstring for its areas).
 
     ``target``: a SQLite file (``data_dir/radnode.db``) or a ``postgresql://`` URL. ``upgrade``: migrate an
