@@ -21,7 +21,7 @@ from factories import seg_masks_by_source, write_chest_phantom, write_correction
 from radnode.console.accounts import Role
 from radnode.node.egress import outbox_dir
 from radnode.node.service import Node
-from radnode.node.store import JobState
+from radnode.node.store import FINAL_STATES, JobState
 from support.console import api_json, token_for
 from support.dicom_tools import storescu
 from support.node import final_job, node_config
@@ -139,3 +139,99 @@ def _unmatched_correction_is_listed(node: Node, tmp_path: Path, source: list[Pat
     wait_until(lambda: node.jobs() and node.jobs()[0].state is JobState.DONE)
     (job,) = node.jobs()
     assert job.pipeline == "" and job.runs == 0 and "correction candidate" in (job.reason or "")
+
+
+# --- local performance ------------------------------------------------------------------------------
+
+LUNG_EROSION = [0, 0, 1, 0, 1, 2, 1, 2, 3, 2]
+"""Voxels the radiologist takes off the left lung, study by study: unchanged, then more and more, not in step
+with the uncertainty (which rises study by study), so the ranking is imperfect."""
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    raise AssertionError(f"{name} {labels} not in /metrics")
+
+
+@pytest.mark.slow
+def test_local_performance_after_corrections_on_ten_studies_in_the_cli_plot_and_metrics(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import subprocess
+    import sys
+
+    from scipy import stats
+
+    from support.console import api
+    from support.node import SEG_STAND_IN
+
+    script = tmp_path / "seg_stand_in.py"
+    script.write_text(SEG_STAND_IN)
+    config = node_config(tmp_path, feedback={"preload_metrics": True}, processing={"max_concurrent_jobs": 2},
+                         ingress={"study_idle_seconds": 3})  # one job per study, however loaded the machine
+    sources: dict[str, list[Path]] = {}
+    uncertainty: dict[str, float] = {}
+    for k in range(10):
+        source = write_chest_phantom(tmp_path / f"study{k}", 16, 48, 48, seed=k)
+        study = str(pydicom.dcmread(source[0], stop_before_pixels=True).StudyInstanceUID)
+        sources[study], uncertainty[study] = source, round(0.1 + 0.08 * k, 2)
+        monkeypatch.setenv(f"SEG_STAND_IN_UNCERTAINTY_{study}", str(uncertainty[study]))  # the node's jobs get it
+    with Node(config, job_command=[sys.executable, str(script)], poll_seconds=0.1) as node:
+        for k in range(10):
+            assert storescu(node.port, tmp_path / f"study{k}").returncode == 0
+        wait_until(lambda: len(node.jobs()) == 10 and all(j.state in FINAL_STATES for j in node.jobs()), timeout=300)
+        assert [j.state for j in node.jobs()] == [JobState.DONE] * 10, [j.reason for j in node.jobs()]
+        pairs, needed, flagged, lung_dice = [], [], [], []
+        for k, study in enumerate(sources):
+            (job,) = [j for j in node.jobs() if j.study_instance_uid == study]
+            result_seg = outbox_dir(node.config, job.id) / "seg.dcm"
+            folder = tmp_path / f"correction{k}"
+            folder.mkdir()
+            corrected = write_correction(result_seg, sources[study], folder / "seg.dcm",
+                                         {"Left lung": -LUNG_EROSION[k]})
+            assert storescu(node.port, folder, calling_ae="WORKSTATION", options=("-R",)).returncode == 0
+            ours = seg_masks_by_source(result_seg, sources[study])
+            for number in sorted(ours):
+                dice = independent_agreement(ours[number], corrected[number], spacing_of(sources[study]))["dice"]
+                pairs.append((uncertainty[study], 1 - dice))
+                if number == 2:
+                    lung_dice.append(dice)
+            needed.append(LUNG_EROSION[k] > 0)
+            flagged.append(uncertainty[study] > 0.5)
+        token = token_for(node, Role.VIEWER)
+        wait_until(lambda: [c["state"] for c in api_json(node, "/api/corrections", token)["corrections"]]
+                   == ["matched"] * 10, timeout=120)
+        rho = stats.spearmanr(*zip(*pairs)).statistic
+        negatives = [f for f, n in zip(flagged, needed) if not n]
+        positives = [f for f, n in zip(flagged, needed) if n]
+        auroc = stats.mannwhitneyu(positives, negatives).statistic / (len(positives) * len(negatives))
+
+        token_file = tmp_path / "token"
+        token_file.write_text(token)
+        cli = subprocess.run([sys.executable, "-m", "radnode", "performance", "--url",
+                              f"http://127.0.0.1:{node.api_port}", "--token-file", str(token_file),
+                              "--plot", str(tmp_path / "performance.png")], capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0, cli.stderr
+        lines = cli.stdout.splitlines()
+        assert "studies processed 10, reviewed 10: accepted unchanged 3, corrected 7, rejected 0" in cli.stdout
+        (lung,) = [line.split() for line in lines if line.strip().startswith("Left lung")]
+        assert (lung[2], float(lung[3]), float(lung[4])) == ("10", pytest.approx(np.median(lung_dice), abs=1e-3),
+                                                            pytest.approx(np.percentile(lung_dice, 10), abs=1e-3))
+        assert f"Spearman(UNC-BOUNDARY, 1 - Dice) = {rho:.3f} over 60 corrected segments" in cli.stdout
+        assert f"review flag AUROC for 'needed a correction': {auroc:.3f}" in cli.stdout
+        assert (tmp_path / "performance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+        with api(node, token_for(node, Role.ADMIN, "scraper")) as client:
+            metrics = client.get("/metrics").text
+        assert _metric(metrics, "radnode_uncertainty_spearman", pipeline="ct_tissue",
+                       score="UNC-BOUNDARY") == pytest.approx(rho, abs=1e-3)
+        assert _metric(metrics, "radnode_correction_dice", pipeline="ct_tissue", segment="Left lung",
+                       statistic="median") == pytest.approx(np.median(lung_dice), abs=1e-3)
+        assert _metric(metrics, "radnode_correction_dice", pipeline="ct_tissue", segment="Left lung",
+                       statistic="worst_decile") == pytest.approx(np.percentile(lung_dice, 10), abs=1e-3)
+        assert _metric(metrics, "radnode_review_flag_auroc", pipeline="ct_tissue") == pytest.approx(auroc, abs=1e-3)
+        assert _metric(metrics, "radnode_studies_feedback", pipeline="ct_tissue", outcome="corrected") == 7

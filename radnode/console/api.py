@@ -3,6 +3,8 @@ Orthanc plugin's ``/orthanc/events`` (authenticated by the plugin's own token, n
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import logging
 from typing import Annotated, Any, Literal, Protocol
 
@@ -13,7 +15,7 @@ from pydantic import Field
 from radnode.console.accounts import same_secret
 from radnode.console.auth import Viewer, bearer_scheme, gate_of
 from radnode.console.schemas import (
-    CorrectionList, Document, Health, JobDetail, JobIdPath, JobList, Me, Queued, correction_document,
+    CorrectionList, Document, PerformanceDocument, Health, JobDetail, JobIdPath, JobList, Me, Queued, correction_document,
     delivery_document, event_document, job_summary,
 )
 from radnode.node.store import CorrectionState, Job, JobState, JobStore, StudyDetails
@@ -144,3 +146,18 @@ def orthanc_event(request: Request, event: OrthancEvent) -> Queued:
     except ValueError as e:
         raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
     return Queued(queued=True)
+
+
+@router.get("/api/performance", response_model=PerformanceDocument, tags=["feedback"],
+            summary="Local performance per pipeline: reviews, agreement with corrections per segment, and whether "
+                    "the uncertainty ranks the corrections")
+def performance(request: Request, identity: Viewer,
+                pipeline: Annotated[str | None, Query(max_length=128)] = None,
+                since: Annotated[dt.datetime | None, Query(description="jobs created at or after (ISO 8601)")] = None
+                ) -> PerformanceDocument:
+    from radnode.feedback.performance import local_performance
+
+    after = None if since is None else (since if since.tzinfo else since.replace(tzinfo=dt.timezone.utc)).timestamp()
+    figures = local_performance(_store(request), pipeline, after)
+    return PerformanceDocument.model_validate({"pipelines": [dataclasses.asdict(p) for p in figures],
+                                               "since": since})

@@ -98,6 +98,8 @@ class SegmentAgreementDocument(Document):
     volume_difference_percent: float | None = Field(description="of the node's volume; null when it is empty")
     hd95_mm: float | None = Field(description="symmetric 95th-percentile surface distance (MONAI); null when "
                                               "either segment is empty")
+    uncertainty: dict[str, float] = Field(default_factory=dict, description="the node's uncertainty scores of "
+                                                                             "its segment, by concept code")
 
 
 class CorrectionDocument(Document):
@@ -119,6 +121,43 @@ class CorrectionDocument(Document):
 
 class CorrectionList(Document):
     corrections: list[CorrectionDocument]
+
+
+class SegmentPerformanceDocument(Document):
+    segment: str
+    corrections: int
+    median_dice: float
+    worst_decile_dice: float = Field(description="10th percentile of Dice")
+    median_hd95_mm: float | None
+    median_abs_volume_difference_percent: float | None
+
+
+class CorrectedSegmentDocument(Document):
+    job_id: int
+    segment: str
+    dice: float
+    uncertainty: dict[str, float]
+
+
+class PipelinePerformanceDocument(Document):
+    """One pipeline's local performance (``radnode.feedback.performance``)."""
+
+    pipeline: str
+    model_versions: list[str]
+    processed: int
+    reviewed: int
+    accepted_unchanged: int
+    corrected: int
+    rejected: int
+    segments: list[SegmentPerformanceDocument]
+    spearman: dict[str, float | None] = Field(description="per uncertainty score: Spearman's rho with 1 - Dice")
+    review_flag_auroc: float | None = Field(description="AUROC of the review flag for 'needed a correction'")
+    points: list[CorrectedSegmentDocument]
+
+
+class PerformanceDocument(Document):
+    pipelines: list[PipelinePerformanceDocument]
+    since: dt.datetime | None
 
 
 class JobDetail(JobSummary):

@@ -8,7 +8,7 @@ the MONAI community reports. The node's segment is the prediction, the correctio
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -32,6 +32,9 @@ class SegmentAgreement:
     """``volume_difference_ml`` over the node's volume, in percent (None when the node's segment is empty)."""
     hd95_mm: float | None
     """Symmetric 95th-percentile surface distance (None when either segment is empty)."""
+    uncertainty: dict[str, float] = field(default_factory=dict)
+    """The node's uncertainty scores of its segment, by concept code (``UNC-MEAN``, ``UNC-BOUNDARY``,
+    ``UNC-AGREEMENT``: ``radnode.uncertainty``), from the run's manifest; empty when the pipeline scores none."""
 
     def to_record(self) -> dict[str, object]:
         """As the job store keeps it (JSON by field name)."""

@@ -16,6 +16,7 @@ reason and stays listed; one that cannot be read ``unreadable``.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import pydicom
 from pydicom import Dataset
 
 from radnode.config import Config
+from radnode.execution import MANIFEST_FILE
 from radnode.feedback.agreement import SegmentAgreement, measure
 from radnode.node.egress import outbox_dir
 from radnode.node.store import FINAL_STATES, Correction, CorrectionState, JobState, JobStore
@@ -92,9 +94,29 @@ def _masks(seg, grid: SourceGrid, numbers: list[int]) -> np.ndarray:  # type: ig
                                              assert_missing_frames_are_empty=True, dtype=bool)
 
 
-def compare(result, correction, grid: SourceGrid) -> tuple[list[SegmentAgreement], list[str]]:  # type: ignore[no-untyped-def]
-    """Each segment of ``correction`` (highdicom SEG) beside ``result``'s segment of the same property type,
-    and the labels of the correction's segments ``result`` has none of."""
+def uncertainty_scores(manifest: Path, seg_sop_instance_uid: str) -> dict[int, dict[str, float]]:
+    """Per segment number of the node's SEG, its uncertainty scores by concept code, from the run's
+    ``manifest.json`` (none when the pipeline scores none or the manifest is missing)."""
+    from radnode.uncertainty import PRIVATE_SCHEME, UNCERTAINTY_CONCEPTS
+
+    try:
+        measurements = json.loads(manifest.read_text()).get("measurements") or []
+    except (OSError, ValueError, AttributeError):
+        return {}
+    scores: dict[int, dict[str, float]] = {}
+    for m in measurements:
+        concept = m.get("concept") or {}
+        if m.get("seg_sop_instance_uid") == seg_sop_instance_uid and concept.get("value") in UNCERTAINTY_CONCEPTS \
+                and concept.get("scheme_designator") == PRIVATE_SCHEME and m.get("segment_number") is not None:
+            scores.setdefault(int(m["segment_number"]), {})[concept["value"]] = float(m["value"])
+    return scores
+
+
+def compare(result, correction, grid: SourceGrid,  # type: ignore[no-untyped-def]
+            uncertainty: dict[int, dict[str, float]] | None = None) -> tuple[list[SegmentAgreement], list[str]]:
+    """Each segment of ``correction`` (highdicom SEG) beside ``result``'s segment of the same property type
+    (with its ``uncertainty`` scores by segment number), and the labels of the correction's segments
+    ``result`` has none of."""
     ours = {property_key(s): s for s in result.SegmentSequence}
     pairs = [(ours[property_key(s)], s) for s in correction.SegmentSequence if property_key(s) in ours]
     unmatched = [str(s.SegmentLabel) for s in correction.SegmentSequence if property_key(s) not in ours]
@@ -107,7 +129,8 @@ def compare(result, correction, grid: SourceGrid) -> tuple[list[SegmentAgreement
         figures = measure(result_masks[..., k], corrected_masks[..., k], grid.spacing)
         agreements.append(SegmentAgreement(segment=str(r.SegmentLabel), property_type=_key_text(r),
                                            result_segment_number=int(r.SegmentNumber),
-                                           correction_segment_number=int(c.SegmentNumber), **figures))
+                                           correction_segment_number=int(c.SegmentNumber),
+                                           uncertainty=(uncertainty or {}).get(int(r.SegmentNumber), {}), **figures))
     return agreements, unmatched
 
 
@@ -161,7 +184,8 @@ class CorrectionMatcher:
                 result = hd.seg.segread(path)
                 grid = source_grid(i.path for i in self.store.job_inputs(job_id)
                                    if i.series_instance_uid == shared[0])
-                agreements, extra = compare(result, corrected, grid)
+                scores = uncertainty_scores(path.parent / MANIFEST_FILE, str(result.SOPInstanceUID))
+                agreements, extra = compare(result, corrected, grid, scores)
                 if not agreements:
                     reasons.append(f"job {job_id}'s {path.name} has no segment of the correction's property types")
                     continue
@@ -172,6 +196,8 @@ class CorrectionMatcher:
                     message += f"; not in the node's result, not compared: {', '.join(extra)}"
                 self.store.settle_correction(sop, CorrectionState.MATCHED, message, job_id=job_id,
                                              result_sop_instance_uid=str(result.SOPInstanceUID),
+                                             model_version=" ".join(str(header.get(k, "")) for k in (
+                                                 "ManufacturerModelName", "SoftwareVersions")).strip(),
                                              agreement=[a.to_record() for a in agreements])
                 log.info("correction %s matched to job %d (%s)", sop, job_id, message)
                 return

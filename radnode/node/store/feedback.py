@@ -11,12 +11,14 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from sqlalchemy import Connection, and_, false, insert, select, update
+from sqlalchemy import Connection, and_, false, func, insert, select, update
 
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
-from radnode.node.store.records import Correction, CorrectionState, Instance, JobState
-from radnode.node.store.schema import corrections, instances, jobs, series
+from radnode.node.store.records import (
+    Correction, CorrectionState, Instance, JobState, MatchedCorrection, PerformanceRows,
+)
+from radnode.node.store.schema import corrections, instances, jobs, reviews, series
 
 
 def record_correction(conn: Connection, inst: Instance) -> None:
@@ -38,7 +40,8 @@ def _correction(row) -> Correction:  # type: ignore[no-untyped-def]
     return Correction(sop_instance_uid=m["sop_instance_uid"], study_instance_uid=m["study_instance_uid"],
                       series_instance_uid=m["series_instance_uid"], path=m["path"], calling_ae=m["calling_ae"],
                       received_at=m["received_at"], state=CorrectionState(m["state"]), job_id=m["job_id"],
-                      result_sop_instance_uid=m["result_sop_instance_uid"], agreement=m["agreement"] or [],
+                      result_sop_instance_uid=m["result_sop_instance_uid"], model_version=m["model_version"],
+                      agreement=m["agreement"] or [],
                       message=m["message"], settled_at=m["settled_at"])
 
 
@@ -79,7 +82,7 @@ class Feedback:
 
     def settle_correction(self, sop_instance_uid: str, state: CorrectionState, message: str, *,
                           job_id: int | None = None, result_sop_instance_uid: str | None = None,
-                          agreement: list[dict] | None = None) -> bool:
+                          model_version: str = "", agreement: list[dict] | None = None) -> bool:
         """Record how a pending correction was settled (once: False when it was settled already); a match is
         also a ``correction`` event in the job's log."""
         with self._db.write() as conn:
@@ -87,7 +90,33 @@ class Feedback:
                 corrections.c.sop_instance_uid == sop_instance_uid,
                 corrections.c.state == CorrectionState.PENDING.value)).values(
                 state=state.value, message=message, job_id=job_id, result_sop_instance_uid=result_sop_instance_uid,
-                agreement=agreement, settled_at=time.time())).rowcount
+                model_version=model_version, agreement=agreement, settled_at=time.time())).rowcount
             if done and job_id is not None:
                 log_event(conn, job_id, "correction", f"correction {sop_instance_uid}: {message}")
             return bool(done)
+
+    def performance_rows(self, pipeline: str | None = None, since: float | None = None) -> PerformanceRows:
+        """What local performance is computed from, for jobs created since ``since`` (epoch seconds): each
+        pipeline's processed (done) jobs, each job's latest review decision, and the matched corrections."""
+        conditions = [jobs.c.pipeline != ""]
+        if pipeline is not None:
+            conditions.append(jobs.c.pipeline == pipeline)
+        if since is not None:
+            conditions.append(jobs.c.created_at >= since)
+        latest = (select(reviews.c.job_id, func.max(reviews.c.id).label("id")).group_by(reviews.c.job_id)
+                  .subquery())
+        with self._db.read() as conn:
+            processed = {p: n for p, n in conn.execute(
+                select(jobs.c.pipeline, func.count()).where(*conditions, jobs.c.state == JobState.DONE.value)
+                .group_by(jobs.c.pipeline))}
+            decisions = [(row.id, row.pipeline, row.decision) for row in conn.execute(
+                select(jobs.c.id, jobs.c.pipeline, reviews.c.decision)
+                .join(latest, latest.c.job_id == jobs.c.id).join(reviews, reviews.c.id == latest.c.id)
+                .where(*conditions))]
+            matched = [MatchedCorrection(row.job_id, row.pipeline, row.model_version, row.needs_review,
+                                         row.agreement or []) for row in conn.execute(
+                select(corrections.c.job_id, jobs.c.pipeline, corrections.c.model_version, jobs.c.needs_review,
+                       corrections.c.agreement).join(jobs, jobs.c.id == corrections.c.job_id)
+                .where(*conditions, corrections.c.state == CorrectionState.MATCHED.value)
+                .order_by(corrections.c.received_at))]
+        return PerformanceRows(processed, decisions, matched)

@@ -221,7 +221,31 @@ class Correction:
     state: CorrectionState
     job_id: int | None
     result_sop_instance_uid: str | None
+    model_version: str
     agreement: list[dict]
     """Per segment, as ``radnode.feedback.agreement.SegmentAgreement.to_record`` writes it."""
     message: str
     settled_at: float | None
+
+
+@dataclass(frozen=True)
+class MatchedCorrection:
+    """A matched correction as local performance reads it."""
+
+    job_id: int
+    pipeline: str
+    model_version: str
+    needs_review: bool | None
+    """The run's own review flag (None: the pipeline does not assess one)."""
+    agreement: list[dict]
+
+
+@dataclass(frozen=True)
+class PerformanceRows:
+    """The store's rows behind ``radnode performance`` (``Feedback.performance_rows``)."""
+
+    processed: dict[str, int]
+    """Done jobs per pipeline."""
+    decisions: list[tuple[int, str, str]]
+    """(job id, pipeline, latest review decision) of every reviewed job."""
+    matched: list[MatchedCorrection]

@@ -216,6 +216,8 @@ corrections = Table(
     # The job whose SEG it corrects (matched only).
     Column("result_sop_instance_uid", Text),
     # The node's own SEG it was compared with.
+    Column("model_version", Text, nullable=False, server_default=""),
+    # That SEG's algorithm: Manufacturer's Model Name and Software Versions (e.g. ``ct_tissue 0.1.0``).
     Column("agreement", JSON),
     # Per segment: property type, Dice, volumes and their difference (mL, %), HD95 in mm
     # (``radnode.feedback.agreement.SegmentAgreement.to_record``).

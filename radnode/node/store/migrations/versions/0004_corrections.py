@@ -24,6 +24,7 @@ def upgrade() -> None:
         sa.Column("state", sa.Text, nullable=False, server_default="pending"),
         sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id")),
         sa.Column("result_sop_instance_uid", sa.Text),
+        sa.Column("model_version", sa.Text, nullable=False, server_default=""),
         sa.Column("agreement", sa.JSON),
         sa.Column("message", sa.Text, nullable=False, server_default=""),
         sa.Column("settled_at", sa.Double))
