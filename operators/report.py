@@ -12,19 +12,16 @@ import logging
 from holoscan.core import ExecutionContext, InputContext, OperatorSpec, OutputContext
 
 from radnode.config import ReportConfig
-from radnode.execution import record_review, timed_phase
-from radnode.operators.result_writers import FHIR_FILE, _write_atomically, _WriterOperator
+from radnode.execution import run_state, timed_phase
+from radnode.operators.result_writers import _write_atomically, _WriterOperator
 from radnode.outputs.fhir import build_report_bundle, bundle_to_json
+from radnode.outputs.layout import RunOutput
 from radnode.report.findings import structured_findings
 from radnode.report.generate import generate_report
 from radnode.report.pdf import report_pdf
 from radnode.report.sr import build_text_report
 
 log = logging.getLogger(__name__)
-
-REPORT_TEXT_FILE = "report.txt"
-REPORT_PDF_FILE = "report.pdf"
-REPORT_SR_FILE = "report-sr.dcm"
 
 
 class ReportWriterOperator(_WriterOperator):
@@ -54,17 +51,20 @@ class ReportWriterOperator(_WriterOperator):
         text = report.text()
         pdf = report_pdf(report, f"{volume.study.get('StudyDescription', 'Imaging study')} - AI preliminary report")
         out = self.output_folder
-        _write_atomically(out / REPORT_TEXT_FILE, lambda p: p.write_text(text))
-        _write_atomically(out / REPORT_PDF_FILE, lambda p: p.write_bytes(pdf))
-        text_sr = build_text_report(volume, sr, report, self.algorithm, uid_root=self.uid_root)
-        _write_atomically(out / REPORT_SR_FILE, text_sr.save_as)
+        _write_atomically(out / RunOutput.REPORT_TEXT.file, lambda p: p.write_text(text))
+        _write_atomically(out / RunOutput.REPORT_PDF.file, lambda p: p.write_bytes(pdf))
+        text_sr = build_text_report(volume, sr, report, self.algorithm, uid_root=self.uid_root,
+                                    series_number=RunOutput.REPORT_SR.series_number)
+        _write_atomically(out / RunOutput.REPORT_SR.file, text_sr.save_as)
         codes = [{"value": f.code.value, "scheme_designator": f.code.scheme, "meaning": f.code.meaning}
                  for f in findings.present]
         bundle = build_report_bundle(volume, result, sr, self.algorithm, conclusion=report.conclusion,
                                      conclusion_codes=list({c["value"]: c for c in codes}.values()),
-                                     presented_forms=[("text/plain", text.encode(), "Report (text)"),
-                                                      ("application/pdf", pdf, "Report (PDF)")])
-        _write_atomically(out / FHIR_FILE, lambda p: p.write_text(bundle_to_json(bundle)))
-        record_review(result)  # the manifest's review decision is the one this DiagnosticReport states
-        log.info("wrote %s, %s, %s, %s (%s)", REPORT_TEXT_FILE, REPORT_PDF_FILE, REPORT_SR_FILE, FHIR_FILE,
+                                     presented_forms=[
+                                         (RunOutput.REPORT_TEXT.value.media_type, text.encode(), "Report (text)"),
+                                         (RunOutput.REPORT_PDF.value.media_type, pdf, "Report (PDF)")])
+        _write_atomically(out / RunOutput.FHIR_BUNDLE.file, lambda p: p.write_text(bundle_to_json(bundle)))
+        run_state(self.fragment).record_review(result)  # the manifest's review is the one this report states
+        log.info("wrote %s (%s)", ", ".join(o.file for o in (RunOutput.REPORT_TEXT, RunOutput.REPORT_PDF,
+                                                               RunOutput.REPORT_SR, RunOutput.FHIR_BUNDLE)),
                  report.generator)

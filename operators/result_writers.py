@@ -1,7 +1,7 @@
 """Operators that write a pipeline's results as DICOM SEG, TID 1500 SR and a FHIR transaction Bundle.
 
-File names in the output folder are fixed (``seg.dcm``, ``sr.dcm``, ``fhir-bundle.json``) so the
-node's egress and the MAP contract find them without guessing.
+File names and series numbers come from the output layout (:mod:`radnode.outputs.layout`), which the node's
+egress and the MAP manifests read too.
 """
 
 from __future__ import annotations
@@ -11,17 +11,14 @@ from pathlib import Path
 
 from holoscan.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
 
-from radnode.execution import record_review, timed_phase
+from radnode.execution import run_state, timed_phase
 from radnode.outputs.algorithm import AlgorithmInfo
 from radnode.outputs.fhir import build_report_bundle, bundle_to_json
+from radnode.outputs.layout import RunOutput
 from radnode.outputs.seg import build_segmentation
 from radnode.outputs.sr import build_measurement_report
 
 log = logging.getLogger(__name__)
-
-SEG_FILE = "seg.dcm"
-SR_FILE = "sr.dcm"
-FHIR_FILE = "fhir-bundle.json"
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -53,10 +50,11 @@ class SegmentationWriterOperator(_WriterOperator):
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         volume = op_input.receive("volume")
         result = op_input.receive("result")
-        seg = build_segmentation(volume, result.segments, self.algorithm, uid_root=self.uid_root)
+        seg = build_segmentation(volume, result.segments, self.algorithm, uid_root=self.uid_root,
+                                 series_number=RunOutput.SEG.series_number)
         self.output_folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(self.output_folder / SEG_FILE, seg.save_as)
-        log.info("wrote %s (%d segments)", SEG_FILE, len(result.segments))
+        _write_atomically(self.output_folder / RunOutput.SEG.file, seg.save_as)
+        log.info("wrote %s (%d segments)", RunOutput.SEG.file, len(result.segments))
         op_output.emit(seg, "seg")
 
 
@@ -74,9 +72,10 @@ class MeasurementReportWriterOperator(_WriterOperator):
         volume = op_input.receive("volume")
         seg = op_input.receive("seg")
         result = op_input.receive("result")
-        sr = build_measurement_report(volume, seg, result, self.algorithm, uid_root=self.uid_root)
-        _write_atomically(self.output_folder / SR_FILE, sr.save_as)
-        log.info("wrote %s (%d measurements)", SR_FILE, len(result.measurements))
+        sr = build_measurement_report(volume, seg, result, self.algorithm, uid_root=self.uid_root,
+                                      series_number=RunOutput.MEASUREMENT_SR.series_number)
+        _write_atomically(self.output_folder / RunOutput.MEASUREMENT_SR.file, sr.save_as)
+        log.info("wrote %s (%d measurements)", RunOutput.MEASUREMENT_SR.file, len(result.measurements))
         op_output.emit(sr, "sr")
 
 
@@ -95,6 +94,7 @@ class FhirReportWriterOperator(_WriterOperator):
         result = op_input.receive("result")
         sr = op_input.receive("sr")
         bundle = build_report_bundle(volume, result, sr, self.algorithm)
-        _write_atomically(self.output_folder / FHIR_FILE, lambda p: p.write_text(bundle_to_json(bundle)))
-        record_review(result)  # the manifest's review decision is the one this DiagnosticReport states
-        log.info("wrote %s", FHIR_FILE)
+        target = self.output_folder / RunOutput.FHIR_BUNDLE.file
+        _write_atomically(target, lambda p: p.write_text(bundle_to_json(bundle)))
+        run_state(self.fragment).record_review(result)  # the manifest's review is the one this report states
+        log.info("wrote %s", RunOutput.FHIR_BUNDLE.file)

@@ -12,13 +12,13 @@ from radnode.operators.result_writers import (
     FhirReportWriterOperator,
     MeasurementReportWriterOperator,
     SegmentationWriterOperator,
+    _write_atomically,
 )
 from radnode.outputs.algorithm import AlgorithmInfo
+from radnode.outputs.layout import RunOutput
 from radnode.outputs.pmap import build_uncertainty_map
 
 log = logging.getLogger(__name__)
-
-PMAP_FILE = "uncertainty-map.dcm"
 
 
 class UncertaintyMapWriterOperator(Operator):
@@ -40,13 +40,11 @@ class UncertaintyMapWriterOperator(Operator):
         report = result.uncertainty
         # The map covers the region of the first (outermost) segment, e.g. the intracranial contents.
         pmap = build_uncertainty_map(volume, report, self.algorithm, uid_root=self.uid_root,
-                                     anatomic_region=result.segments[0].structure.property_type)
+                                     anatomic_region=result.segments[0].structure.property_type,
+                                     series_number=RunOutput.UNCERTAINTY_MAP.series_number)
         self.output_folder.mkdir(parents=True, exist_ok=True)
-        target = self.output_folder / PMAP_FILE
-        tmp = target.with_name(f".{PMAP_FILE}.tmp")
-        pmap.save_as(tmp)
-        tmp.replace(target)
-        log.info("wrote %s (%s, %d samples)", PMAP_FILE, report.method, report.n_samples)
+        _write_atomically(self.output_folder / RunOutput.UNCERTAINTY_MAP.file, pmap.save_as)
+        log.info("wrote %s (%s, %d samples)", RunOutput.UNCERTAINTY_MAP.file, report.method, report.n_samples)
 
 
 def add_uncertain_result_writers(app: Application, volume_source: Operator, result_source: Operator, *,

@@ -163,7 +163,8 @@ class SeriesDecision:
     pipelines: tuple[str, ...] = _field((), _union)
     """Pipelines to run on the study, in the order the rules name them."""
     forwards: tuple[str, ...] = _field((), _union)
-    """Named destinations (``egress.named_destinations``) the study is forwarded to, or its results."""
+    """Destinations (configured names in ``egress.destinations``, or one-line destinations) the study is
+    forwarded to, or its results."""
     discard: bool = _field(False, operator.or_)
     """Set by any matching discard rule; it then has no pipelines and no forwards."""
     priority: Priority = _field(Priority.ROUTINE, _most_urgent)

@@ -16,16 +16,18 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydicom import Dataset
 
+from radnode.destinations import DestinationError, looks_like_destination, parse_destination
 from radnode.outputs.provenance import PROVENANCE_TAGS, correction_candidate, own_result
 from radnode.pipelines.conditions import (
     Condition, ConditionParser, LineDict, LineList, RuleError, Subject, load_yaml_lines, suggest,
 )
+from radnode.resources import package_file
 from radnode.pipelines.routing import (
     Completeness, Execution, ExecutionMode, LateInstances, Priority, Provenance, RoutingContext, SeriesDecision,
     merge_decisions,
 )
 
-DEFAULT_RULES = Path(__file__).with_name("default_rules.yaml")
+DEFAULT_RULES = package_file("radnode.pipelines", "default_rules.yaml")
 """The node's default rule file, installed with the package (used when ``rules:`` is unset)."""
 
 
@@ -197,7 +199,7 @@ class _Parser(ConditionParser):
             raise self.error(node.line, f"{label}: no action; give pipelines, forward, discard, priority, "
                                         "completeness or execution")
         self._check_names(node, "pipelines", self.known_pipelines, "pipeline", label)
-        self._check_names(node, "forward", self.known_destinations, "destination", label)
+        self._check_forwards(node, label)
         mode = spec.execution.mode
         if mode is not None and self.execution_modes is not None and mode not in self.execution_modes:
             hint = "; set processing.container_engine (docker or podman) to run MAP containers" \
@@ -220,6 +222,27 @@ class _Parser(ConditionParser):
         )
         return Rule(name=spec.name, description=spec.description.strip(), condition=condition, decision=decision,
                     stop=spec.stop or spec.final, line=node.line)
+
+    def _check_forwards(self, node: LineDict, label: str) -> None:
+        """A forward names a configured destination, or is a one-line destination (``AET@HOST:PORT``,
+        ``TYPE:ARGUMENT``) that the destination registry parses: an unknown type is refused with the known ones."""
+        if "forward" not in node:
+            return
+        known = self.known_destinations
+        for name, line in zip(node["forward"], node["forward"].item_lines, strict=True):
+            if known is not None and name in known:
+                continue
+            if "," in name:
+                raise self.error(line, f"{label}: forward '{name}': a destination name cannot hold a comma")
+            if looks_like_destination(name):
+                try:
+                    parse_destination(name)
+                except DestinationError as e:
+                    raise self.error(line, f"{label}: forward '{name}': {e}") from None
+            elif known is not None:
+                listing = ", ".join(sorted(known)) or "none"
+                raise self.error(line, f"{label}: unknown destination '{name}' (known: {listing}; or a one-line "
+                                       "destination such as PACS@10.0.0.5:104 or dicomweb:https://host/dicom-web)")
 
     def _check_names(self, node: LineDict, key: str, known: Collection[str] | None, what: str, label: str) -> None:
         if known is None or key not in node:

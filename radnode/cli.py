@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 from radnode import __version__
+from radnode.config import CONFIG_ENV, REPORT_BACKEND_ENV, Config, ConfigError, load_config, parse_config
+from radnode.destinations import DestinationError, as_mapping
 from radnode.logs import configure_logging
-from radnode.config import CONFIG_ENV, REPORT_BACKEND_ENV, Config, DicomPeer, load_config, parse_config
 
 
 REPORT_BACKENDS = ("template", "local", "openai")
@@ -90,10 +91,13 @@ def serve_config(args: argparse.Namespace) -> Config:
         data["ingress"]["port"] = args.port
     if args.ae_title:
         data["ingress"]["ae_title"] = args.ae_title
-    if args.destination:
-        data["egress"]["destinations"] = [DicomPeer.parse(d).model_dump() for d in args.destination]
+    for text in args.destination or ():
+        try:
+            data["egress"]["destinations"][text] = as_mapping(text)
+        except DestinationError as e:
+            raise ConfigError(f"--destination {text!r}: {e}") from None
     if args.fhir_url:
-        data["egress"]["fhir_url"] = args.fhir_url
+        data["egress"]["destinations"]["fhir"] = {"type": "fhir", "url": args.fhir_url}
     if args.data_dir:
         data["data_dir"] = args.data_dir
     if args.report_backend:
@@ -148,7 +152,7 @@ def cmd_rules_check(args: argparse.Namespace) -> int:
     config = _load(args)
     return check_rules_file(args.rules,
                             known_pipelines=registered_pipelines().keys(),
-                            known_destinations=config.egress.named_destinations.keys() if args.config else None)
+                            known_destinations=config.egress.destinations.keys() if args.config else None)
 
 
 def cmd_rules_test(args: argparse.Namespace) -> int:
@@ -379,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--ae-title", help="the node's AE title (default RADNODE)")
     serve.add_argument("--data-dir", help="spool, job store and outbox folder")
     serve.add_argument("--destination", action="append", metavar="AET@HOST:PORT",
-                       help="DICOM destination for results (repeatable)")
+                       help="a destination for results, added to the configuration's (repeatable): AET@HOST:PORT "
+                            "for DICOM C-STORE, or TYPE:ARGUMENT such as dicomweb:URL, folder:PATH")
     serve.add_argument("--fhir-url", help="FHIR R4 base URL for DiagnosticReport bundles")
     serve.add_argument("--rules", help="routing rule file (YAML, see docs/rules.md)")
     serve.add_argument("--orthanc-url", help="Orthanc REST URL: take studies from its plugin, store results back")

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+
+from radnode.destinations import Destination, DestinationError, Timeouts, as_mapping, parse_destination
 
 if TYPE_CHECKING:  # radnode.uncertainty imports highdicom and SciPy; only the apps need it
     from radnode.uncertainty import UncertaintyThresholds
@@ -28,19 +30,11 @@ class _Strict(BaseModel):
 
 
 class DicomPeer(_Strict):
-    """A DICOM application entity reachable over the network."""
+    """A DICOM application entity that sends studies (``egress.known_peers``: where return-to-sender goes)."""
 
     ae_title: Annotated[str, Field(min_length=1, max_length=16)]
     host: str
     port: Annotated[int, Field(ge=1, le=65535)]
-
-    @classmethod
-    def parse(cls, text: str) -> "DicomPeer":
-        """Parse ``AET@HOST:PORT`` as used on the command line."""
-        m = re.fullmatch(r"([^@]{1,16})@([^:]+):(\d{1,5})", text.strip())
-        if not m:
-            raise ConfigError(f"destination {text!r}: expected AET@HOST:PORT, e.g. PACS@10.0.0.5:104")
-        return cls(ae_title=m.group(1), host=m.group(2), port=int(m.group(3)))
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
@@ -72,40 +66,85 @@ class IngressConfig(_Strict):
 class EgressConfig(_Strict):
     """Where results go and how hard the node tries."""
 
-    destinations: list[DicomPeer] = []
-    """DICOM destinations (C-STORE of SEG and SR)."""
+    destinations: dict[str, SerializeAsAny[Destination]] = {}
+    """Destinations by name, each a mapping with ``type:`` (``radnode/destinations/``: dicom, dicomweb, fhir,
+    folder, orthanc, orthanc-modality, orthanc-dicomweb) or a one-line form (``PACS@10.0.0.5:104``,
+    ``dicomweb:https://…``). Every pipeline's results go to each one, except those marked ``forward_only``,
+    which get only what a routing rule's ``forward:`` names. The old forms are read as shorthands: a list of
+    ``{ae_title, host, port}`` (or one-line) destinations, ``named_destinations`` (forward-only) and ``fhir_url``
+    (a FHIR destination named ``fhir``)."""
     return_to_sender: bool = True
     """Also send results back to the calling AE when it is listed in ``known_peers``."""
     known_peers: list[DicomPeer] = []
     """Addresses of AEs that send studies, for return-to-sender."""
-    fhir_url: str | None = None
-    """FHIR R4 base URL; the transaction Bundle is POSTed there."""
+    timeouts: Timeouts = Timeouts()
+    """Every destination's timeouts unless it sets its own (``timeouts:`` in the destination)."""
     retry_initial_seconds: Annotated[float, Field(gt=0)] = 2.0
     retry_max_seconds: Annotated[float, Field(gt=0)] = 300.0
     max_attempts: Annotated[int, Field(ge=1)] = 20
-    timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
-    named_destinations: dict[str, str] = {}
-    """Destinations the routing rules name in ``forward:``: ``AET@HOST:PORT`` (C-STORE from the node),
-    ``orthanc-modality:NAME`` or ``orthanc-dicomweb:NAME`` (sent by Orthanc through its REST API)."""
 
-    @field_validator("named_destinations")
+    @model_validator(mode="before")
     @classmethod
-    def _destinations(cls, v: dict[str, str]) -> dict[str, str]:
-        for name, target in v.items():
-            if not re.fullmatch(r"orthanc-(modality|dicomweb):[\w.-]+", target):
-                try:
-                    DicomPeer.parse(target)
-                except ConfigError:
-                    raise ValueError(f"destination {name!r}: expected AET@HOST:PORT, orthanc-modality:NAME or "
-                                     f"orthanc-dicomweb:NAME, got {target!r}") from None
-        return v
+    def _shorthands(cls, data: Any) -> Any:
+        """Fold the old forms (a list, ``named_destinations``, ``fhir_url``) into the mapping of destinations."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        named = _destination_names(data.get("destinations", {}))
+        for name, target in (data.pop("named_destinations", None) or {}).items():
+            if name in named:
+                raise DestinationError(f"'{name}' is named twice (destinations and named_destinations)",
+                                       key=f"named_destinations.{name}")
+            try:
+                named[name] = parse_destination({**as_mapping(target), "forward_only": True})
+            except DestinationError as e:
+                raise DestinationError(str(e), key=f"named_destinations.{name}") from None
+        fhir_url = data.pop("fhir_url", None)
+        if fhir_url is not None:
+            if "fhir" in named:
+                raise DestinationError("a destination named 'fhir' exists already", key="fhir_url")
+            try:
+                named["fhir"] = parse_destination({"type": "fhir", "url": fhir_url})
+            except DestinationError as e:
+                raise DestinationError(str(e), key="fhir_url") from None
+        data["destinations"] = named
+        return data
 
-    @field_validator("fhir_url")
+    @field_validator("destinations", mode="before")
     @classmethod
-    def _http_url(cls, v: str | None) -> str | None:
-        if v is not None and not re.match(r"https?://", v):
-            raise ValueError("expected an http:// or https:// URL")
-        return v.rstrip("/") if v else v
+    def _destinations(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            return v
+        parsed = {}
+        for name, value in v.items():
+            if not isinstance(name, str) or not name.strip() or "," in name:
+                raise DestinationError("a destination's name must be non-empty text without commas", key=str(name))
+            try:
+                parsed[name] = value if isinstance(value, Destination) else parse_destination(value)
+            except DestinationError as e:
+                raise DestinationError(str(e), key=f"{name}.{e.key}" if e.key else name) from None
+        return parsed
+
+
+def _destination_names(value: Any) -> dict[str, Any]:
+    """The destinations as name → value; the old list form named by each item's own one-line form."""
+    if not isinstance(value, list):
+        return dict(value) if isinstance(value, dict) else value
+    named: dict[str, Any] = {}
+    for index, item in enumerate(value):
+        try:
+            mapping = as_mapping(item)
+        except DestinationError as e:
+            raise DestinationError(str(e), key=f"destinations.{index}") from None
+        if isinstance(item, str):
+            name = item.strip()
+        elif mapping["type"] == "dicom" and "type" not in item:
+            name = f"{mapping['ae_title']}@{mapping['host']}:{mapping['port']}"
+        else:
+            raise DestinationError("a destination with a type needs a name: write egress.destinations as a "
+                                   "mapping of name → destination", key=f"destinations.{index}")
+        named[name] = mapping
+    return named
 
 
 class ProcessingConfig(_Strict):
@@ -314,6 +353,14 @@ class Config(_Strict):
     """Routing rule file; unset: the shipped ``pipelines/default_rules.yaml`` (CT axial volumes to ``ct_tissue``,
     T1 brain MRI to ``mri_brain``, derived objects never processed)."""
 
+    @model_validator(mode="after")
+    def _orthanc_destinations(self) -> "Config":
+        for name, destination in self.egress.destinations.items():
+            if destination.type.startswith("orthanc") and not self.orthanc.url:
+                raise DestinationError(f"destination type '{destination.type}' needs orthanc.url (the Orthanc "
+                                       "it works through)", key=f"egress.destinations.{name}")
+        return self
+
     @field_validator("uid_root")
     @classmethod
     def _uid_root(cls, v: str) -> str:
@@ -326,6 +373,10 @@ def _describe(err: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
         return f"unknown key '{key}'"
+    error = err.get("ctx", {}).get("error")
+    if isinstance(error, DestinationError):  # says itself what was wrong; never echo a destination's settings
+        key = ".".join(p for p in (".".join(str(p) for p in err["loc"]), error.key) if p)
+        return f"key '{key}': {error}"
     return f"key '{key}': {err['msg']} (got {err.get('input')!r})"
 
 

@@ -22,7 +22,7 @@ import pydicom
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from radnode.config import Config, DicomPeer, EgressConfig, IngressConfig
+from radnode.config import Config, EgressConfig, IngressConfig
 from radnode.execution import RunManifest
 from radnode.node.egress import outbox_dir
 from radnode.node.service import Node
@@ -135,7 +135,7 @@ def run_demo(workdir: Path, n_slices: int = 220, *, viewer: bool = False, viewer
         config = Config(
             data_dir=workdir / "node",
             ingress=IngressConfig(host="127.0.0.1", port=free_port(), study_idle_seconds=2.0),
-            egress=EgressConfig(destinations=[DicomPeer.parse(pacs.address)], fhir_url=ehr.base_url),
+            egress=EgressConfig(destinations={"pacs": pacs.destination, "ehr": ehr.destination}),
         )
         node = stack.enter_context(Node(config))
         print(f"      node RADNODE listening on 127.0.0.1:{node.port}, data in {config.data_dir}")

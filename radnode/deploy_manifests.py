@@ -6,14 +6,18 @@ the node's API address taken from the recipe's own radnode configuration, and ``
 in a container, the node and the viewer's proxy reach Orthanc over the container network, not loopback.
 OHIF's ``app-config.js`` is :func:`radnode.viewer.render_app_config`'s output.
 
-    python -m radnode.deploy_manifests            # rewrite the files
-    python -m radnode.deploy_manifests --check    # exit 1 and name the stale files
+    python -m radnode.deploy_manifests [--root CHECKOUT]           # rewrite the files
+    python -m radnode.deploy_manifests [--root CHECKOUT] --check   # exit 1 and name the stale files
+
+The files belong to a radnode source tree: ``--root``, by default the checkout radnode is installed from in
+editable mode (:func:`radnode.resources.source_checkout`), else the current folder.
 
 ``tests/test_deploy_manifests.py`` fails while a committed file differs from what this writes.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -23,11 +27,12 @@ import yaml
 
 from radnode.config import parse_config
 from radnode.orthanc_config import orthanc_settings
+from radnode.resources import source_checkout
 from radnode.viewer import render_app_config
 
-REPO = Path(__file__).resolve().parents[1]
-COMPOSE_DIR = REPO / "deploy" / "compose"
-K8S_DIR = REPO / "deploy" / "k8s"
+COMPOSE_DIR = Path("deploy") / "compose"
+K8S_DIR = Path("deploy") / "k8s"
+"""The recipes' folders in a source tree."""
 
 ORTHANC_CONFIG_DIR = Path("/etc/orthanc-radnode")
 """Where the Orthanc image reads ``orthanc.json`` (mounted: a compose bind mount, a k8s ConfigMap)."""
@@ -44,18 +49,28 @@ ORTHANC_CONFIGMAP_HEADER = """\
 """
 
 
-def radnode_config_text(target: str) -> str:
+def checkout_root(root: Path | None = None) -> Path:
+    """The source tree whose recipes are generated: ``root``, else the editable install's checkout, else the current
+    folder; ValueError when it holds no ``deploy/compose`` recipe."""
+    tree = Path(root) if root is not None else source_checkout() or Path.cwd()
+    if not (tree / COMPOSE_DIR / "radnode.yaml").is_file():
+        raise ValueError(f"{tree} is not a radnode source tree (no {COMPOSE_DIR / 'radnode.yaml'}); give --root")
+    return tree
+
+
+def radnode_config_text(target: str, root: Path | None = None) -> str:
     """The radnode configuration YAML of a recipe: compose's file, or the k8s ConfigMap's ``radnode.yaml``."""
+    tree = checkout_root(root)
     if target == "compose":
-        return (COMPOSE_DIR / "radnode.yaml").read_text()
-    configmap = yaml.safe_load((K8S_DIR / "radnode-config.yaml").read_text())
+        return (tree / COMPOSE_DIR / "radnode.yaml").read_text()
+    configmap = yaml.safe_load((tree / K8S_DIR / "radnode-config.yaml").read_text())
     return configmap["data"]["radnode.yaml"]
 
 
-def orthanc_json(target: str) -> dict:
+def orthanc_json(target: str, root: Path | None = None) -> dict:
     """Orthanc's settings for ``compose`` or ``k8s``: the node's API port and Orthanc's HTTP port come from
     that recipe's radnode configuration (``api.port``, ``orthanc.url``)."""
-    parsed = parse_config(yaml.safe_load(radnode_config_text(target)), f"{target} radnode configuration")
+    parsed = parse_config(yaml.safe_load(radnode_config_text(target, root)), f"{target} radnode configuration")
     http_port = (urlsplit(parsed.orthanc.url).port if parsed.orthanc.url else None) or 8042
     node_url = f"http://{NODE_HOSTS[target]}:{parsed.api.port}"
     return orthanc_settings(ORTHANC_STORAGE, http_port, 4242, node_url=node_url, plugin_script=PLUGIN_IN_IMAGE,
@@ -70,19 +85,24 @@ def orthanc_configmap(settings: dict) -> str:
             "data:\n  orthanc.json: |\n" + "".join(f"    {line}\n" for line in body.splitlines()))
 
 
-def generated() -> dict[Path, str]:
-    """Every generated file of the recipes and its content."""
+def generated(root: Path | None = None) -> dict[Path, str]:
+    """Every generated file of the recipes (absolute, in the source tree) and its content."""
+    tree = checkout_root(root)
     return {
-        COMPOSE_DIR / "orthanc" / "orthanc.json": json.dumps(orthanc_json("compose"), indent=2) + "\n",
-        COMPOSE_DIR / "ohif" / "app-config.js": render_app_config(),
-        K8S_DIR / "orthanc-config.yaml": orthanc_configmap(orthanc_json("k8s")),
+        tree / COMPOSE_DIR / "orthanc" / "orthanc.json": json.dumps(orthanc_json("compose", tree), indent=2) + "\n",
+        tree / COMPOSE_DIR / "ohif" / "app-config.js": render_app_config(),
+        tree / K8S_DIR / "orthanc-config.yaml": orthanc_configmap(orthanc_json("k8s", tree)),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    check = "--check" in (sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="python -m radnode.deploy_manifests", description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 and name the stale files; write nothing")
+    parser.add_argument("--root", type=Path, help="the radnode source tree (default: the editable install's)")
+    args = parser.parse_args(argv)
+    check, tree = args.check, checkout_root(args.root)
     stale = []
-    for path, text in generated().items():
+    for path, text in generated(tree).items():
         if path.is_file() and path.read_text() == text:
             continue
         stale.append(path)
@@ -90,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
     for path in stale:
-        print(f"{'stale' if check else 'wrote'} {path.relative_to(REPO)}")
+        print(f"{'stale' if check else 'wrote'} {path.relative_to(tree)}")
     return 1 if check and stale else 0
 
 

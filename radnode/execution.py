@@ -6,41 +6,40 @@ through here, so the three give the same outputs: the result files plus ``manife
 
 from __future__ import annotations
 
-import functools
-import json
 import argparse
+import functools
 import logging
 import os
 import resource
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pydantic
 import pydicom
-from pydicom.uid import Comprehensive3DSRStorage
+
+from radnode.outputs.layout import OutputFormat, OutputLayoutError, RunOutput, layout_problems, output_named
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FILE = "manifest.json"
+MANIFEST_FILE = RunOutput.MANIFEST.file
 HOLOSCAN_STACK_BYTES = 32 * 1024 * 1024
-
-_phase_seconds: dict[str, float] = {}
-"""Seconds per named phase of the run in progress in this process (see :func:`timed_phase`)."""
 
 
 def timed_phase(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator for an operator's ``compute``: its wall time adds to the manifest's ``phases[name]``."""
+    """Decorator for an operator's ``compute``: its wall time adds to phase ``name`` of the operator's run
+    (:func:`run_state` of its application), which the manifest reports as ``phases[name]``."""
     def decorate(compute: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(compute)
-        def timed(*args: Any, **kwargs: Any) -> Any:
+        def timed(operator: Any, *args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
             try:
-                return compute(*args, **kwargs)
+                return compute(operator, *args, **kwargs)
             finally:
-                _phase_seconds[name] = _phase_seconds.get(name, 0.0) + time.perf_counter() - started
+                run_state(operator.fragment).add_time(name, time.perf_counter() - started)
         return timed
     return decorate
 
@@ -60,7 +59,7 @@ class OutputFile:
 
     file: str
     kind: str
-    """``dicom``, ``fhir`` or ``document`` (report text/PDF)."""
+    """Its :class:`radnode.outputs.layout.OutputFormat`: ``dicom``, ``fhir`` or ``document`` (report text, PDF)."""
     sop_class: str | None = None
     sop_instance_uid: str | None = None
     series_instance_uid: str | None = None
@@ -104,33 +103,70 @@ def review_decision(report: Any) -> ReviewDecision:
                           method=str(report.method), samples=int(report.n_samples))
 
 
-_review: ReviewDecision | None = None
-"""The review decision of the run in progress in this process (see :func:`record_review`)."""
+@dataclass
+class Phase:
+    """One named phase of a run (the ``compute`` calls :func:`timed_phase` marks with that name): a record, so a
+    further per-phase figure (e.g. peak memory) is one more field here and in the manifest."""
+
+    seconds: float = 0.0
+    """Wall time, summed over the phase's calls."""
 
 
-def record_review(result: Any) -> None:
-    """Called by the writer of the DiagnosticReport with the result it reports: the result's review decision
-    goes into the manifest, so the node's job store holds what the report says. A result without uncertainty
-    leaves the run's review ``None`` (not assessed)."""
-    global _review
-    report = getattr(result, "uncertainty", None)
-    _review = None if report is None else review_decision(report)
+@dataclass
+class RunState:
+    """What the operators of one run record while it runs: time per phase and the review decision.
+
+    It belongs to the run's application object (:func:`run_state`), never to the process, so two runs in one
+    process (``radnode run`` twice, a test, a warm worker) each report only their own."""
+
+    phases: dict[str, Phase] = field(default_factory=dict)
+    """In the order the phases first ran."""
+    review: ReviewDecision | None = None
+    """Set by the writer of the DiagnosticReport (:meth:`record_review`); None: not assessed."""
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.phases.setdefault(phase, Phase()).seconds += seconds
+
+    def record_review(self, result: Any) -> None:
+        """Called by the writer of the DiagnosticReport with the result it reports: the result's review decision
+        goes into the manifest, so the node's job store holds what the report says. A result without uncertainty
+        leaves the review ``None`` (not assessed)."""
+        report = getattr(result, "uncertainty", None)
+        self.review = None if report is None else review_decision(report)
+
+
+_RUN_STATE = "radnode_run_state"
+"""The attribute of an application object that holds its :class:`RunState`."""
+
+
+def run_state(app: Any) -> RunState:
+    """The run state of an application (an operator's ``self.fragment``), created with its first use."""
+    state = getattr(app, _RUN_STATE, None)
+    if state is None:
+        state = RunState()
+        setattr(app, _RUN_STATE, state)
+    return state
+
+
+class ManifestError(ValueError):
+    """A ``manifest.json`` that is not a radnode run manifest; the message names the file and the first problem."""
 
 
 @dataclass
 class RunManifest:
-    """What a pipeline run produced, written as ``manifest.json`` next to the outputs."""
+    """What a pipeline run produced, written as ``manifest.json`` next to the outputs (one reader:
+    :meth:`read`)."""
 
     pipeline: str
     version: str
     input: str
     outputs: list[OutputFile]
-    measurements: list[dict]
+    measurements: list[dict[str, Any]]
     seconds: float
     study_instance_uid: str | None = None
     notes: list[str] = field(default_factory=list)
-    phases: dict[str, float] = field(default_factory=dict)
-    """Seconds per operator phase (``load``, ``segment``, ``write_seg``, …), in the order they ran."""
+    phases: dict[str, Phase] = field(default_factory=dict)
+    """Per operator phase (``load``, ``segment``, ``write_seg``, …), in the order they ran."""
     peak_rss_bytes: int = 0
     """Peak resident memory of the process that ran the app (its whole life, imports included)."""
     review: ReviewDecision | None = None
@@ -140,40 +176,57 @@ class RunManifest:
     def write(self, folder: Path) -> Path:
         path = folder / MANIFEST_FILE
         tmp = path.with_name(f".{MANIFEST_FILE}.tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.write_bytes(_MANIFEST_SCHEMA.dump_json(self, indent=2))
         tmp.replace(path)
         return path
 
     @classmethod
     def read(cls, folder: Path) -> "RunManifest":
-        data = json.loads((folder / MANIFEST_FILE).read_text())
-        data["outputs"] = [OutputFile(**o) for o in data["outputs"]]
-        if data.get("review") is not None:
-            data["review"] = ReviewDecision(**data["review"])
-        return cls(**data)
+        """The manifest in a run's output folder, validated; FileNotFoundError when there is none, ManifestError
+        when it is not a radnode run manifest (e.g. a site command's own file)."""
+        path = Path(folder) / MANIFEST_FILE
+        text = path.read_bytes()
+        try:
+            return _MANIFEST_SCHEMA.validate_json(text)
+        except pydantic.ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+            raise ManifestError(f"{path}: not a radnode run manifest: {where}: {first['msg']}") from None
 
 
-def _describe_outputs(folder: Path) -> tuple[list[OutputFile], list[dict], str | None]:
-    """List the files in an output folder; measurements are read back from the SR so they match it."""
+_MANIFEST_SCHEMA = pydantic.TypeAdapter(RunManifest)
+"""Reads and writes :class:`RunManifest` as JSON, nested records included, with type checks."""
+
+
+def _describe_outputs(folder: Path) -> tuple[list[OutputFile], list[dict[str, Any]], str | None]:
+    """List the files in an output folder by the output layout; measurements are read back from the measurement
+    SR so they match it. A known DICOM output with another SOP class or series number than the layout's is
+    refused (OutputLayoutError)."""
     from radnode.outputs.sr import read_measurements
 
     outputs: list[OutputFile] = []
-    measurements: list[dict] = []
+    measurements: list[dict[str, Any]] = []
     study_uid = None
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.name == MANIFEST_FILE:
             continue
-        if path.suffix == ".dcm":
-            ds = pydicom.dcmread(path)
-            study_uid = str(ds.StudyInstanceUID)
-            outputs.append(OutputFile(path.name, "dicom", str(ds.SOPClassUID), str(ds.SOPInstanceUID),
-                                      str(ds.SeriesInstanceUID), str(ds.Modality)))
-            if ds.SOPClassUID == Comprehensive3DSRStorage:  # the TID 1500 measurement report
-                measurements = read_measurements(ds)
-        elif path.suffix == ".json":
-            outputs.append(OutputFile(path.name, "fhir"))
-        else:
-            outputs.append(OutputFile(path.name, "document"))
+        known = output_named(path.name)
+        kind = known.format if known is not None else (
+            OutputFormat.DICOM if path.suffix == ".dcm" else OutputFormat.FHIR if path.suffix == ".json"
+            else OutputFormat.DOCUMENT)
+        if kind is not OutputFormat.DICOM:
+            outputs.append(OutputFile(path.name, kind.value))
+            continue
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        if known is not None and (ds.SOPClassUID, ds.get("SeriesNumber")) != (known.sop_class_uid,
+                                                                            known.series_number):
+            raise OutputLayoutError(f"{path.name}: SOP class {ds.SOPClassUID}, series {ds.get('SeriesNumber')}; "
+                                    f"the output layout has {known.sop_class_uid}, series {known.series_number}")
+        study_uid = str(ds.StudyInstanceUID)
+        outputs.append(OutputFile(path.name, kind.value, str(ds.SOPClassUID), str(ds.SOPInstanceUID),
+                                  str(ds.SeriesInstanceUID), str(ds.Modality)))
+        if known is RunOutput.MEASUREMENT_SR:
+            measurements = read_measurements(ds)
     return outputs, measurements, study_uid
 
 
@@ -192,20 +245,22 @@ def run_app(pipeline_name: str, input_folder: Path, output_folder: Path, models:
     output_folder.mkdir(parents=True, exist_ok=True)
     prepare_holoscan_process()
     app_cls = spec.load_app_class()
-    global _review
-    _review = None
     started = time.monotonic()
     # Holoscan drops argv[0] (the program name) before handing argv to the application.
     app = app_cls(argv=[pipeline_name, "--input", str(input_folder), "--output", str(output_folder),
                         *(a for m in models for a in ("--model", str(Path(m).resolve())))])
     app.run()
+    problems = layout_problems(spec.built_in_app, (p.name for p in output_folder.iterdir()))
+    if problems:  # an incomplete or mixed-up result never goes out as done
+        raise OutputLayoutError(f"{spec.name} in {output_folder}: " + "; ".join(problems))
     outputs, measurements, study_uid = _describe_outputs(output_folder)
+    state = run_state(app)
     manifest = RunManifest(pipeline=spec.name, version=str(app_cls.version), input=str(input_folder),
                            outputs=outputs, measurements=measurements,
                            seconds=round(time.monotonic() - started, 3), study_instance_uid=study_uid,
-                           phases={name: round(s, 3) for name, s in _phase_seconds.items()},
+                           phases={name: Phase(round(phase.seconds, 3)) for name, phase in state.phases.items()},
                            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                           review=_review)
+                           review=state.review)
     manifest.write(output_folder)
     return manifest
 

@@ -4,7 +4,9 @@
 ``app.json``/``pkg.json`` exactly as they sit in ``/etc/holoscan/``, the app's ``app.yaml`` (at
 ``HOLOSCAN_CONFIG_PATH``), the app source (``/opt/holoscan/app``), its models (``/opt/holoscan/models``),
 a radnode wheel, the pinned requirements, the MAP ``tools`` entrypoint and a Dockerfile (Python 3.11
-slim, non-root user ``holoscan``).
+slim, non-root user ``holoscan``). Everything comes from radnode's installed packages (``importlib.resources``:
+``radnode.apps``, ``radnode.deploy_map``), so a wheel install builds the same context as a checkout; the files
+the app writes are the output layout's (:mod:`radnode.outputs.layout`).
 
 Why not the SDK's packager: ``monai-deploy package`` / ``holoscan package`` (holoscan-cli ≤ 3.x) renders
 these files and then immediately runs ``docker buildx`` on an NVIDIA CUDA base image; there is no
@@ -17,24 +19,34 @@ here with the packager's own field set, defaults and layout (holoscan-cli 3.11 `
 
 from __future__ import annotations
 
+import base64
+import csv
+import hashlib
+import io
 import json
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, TextIO
 
 import yaml
 
 import radnode
+from radnode.outputs.layout import outputs_of
+from radnode.resources import DISTRIBUTION, copy_package_tree, installed_distribution, package_file, source_checkout
 
-REPO = Path(__file__).resolve().parents[1]
-APPS_DIR = REPO / "apps"
+APPS_PACKAGE = "radnode.apps"
+"""The apps, one folder each (``apps/<name>`` in the source tree)."""
+MAP_FILES_PACKAGE = "radnode.deploy_map"
+"""The build context's templates and docs (``deploy/map`` in the source tree)."""
 APP_METADATA_FILE = "app.yaml"
 
 # The MAP layout: holoscan-cli 3.11 packager DefaultValues / EnvironmentVariables (the producer the
@@ -65,25 +77,34 @@ class MapError(ValueError):
     """An app that cannot be packaged as it stands; the message says what to fix."""
 
 
+def app_folder(app: str) -> Path:
+    """The app's folder in the installed ``radnode.apps`` package."""
+    return package_file(APPS_PACKAGE, app)
+
+
 @dataclass(frozen=True)
 class AppMetadata:
-    """An app's ``apps/<app>/app.yaml``: the packager's ``--config`` file plus radnode's timeout/output list."""
+    """An app's ``apps/<app>/app.yaml``: the packager's ``--config`` file plus radnode's timeout."""
 
     name: str
     title: str
     version: str
     input_formats: list[str]
     output_formats: list[str]
-    output_files: list[str]
     timeout: int
     resources: dict[str, Any]
     models: dict[str, str] = field(default_factory=dict)
     """Model name → folder relative to the app folder, copied to ``/opt/holoscan/models/<name>``."""
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    @property
+    def output_files(self) -> list[str]:
+        """The files the app writes (``app.json#output.format.files``): its outputs in the output layout."""
+        return [output.file for output in outputs_of(self.name)]
+
     @classmethod
     def load(cls, app: str) -> "AppMetadata":
-        path = APPS_DIR / app / APP_METADATA_FILE
+        path = app_folder(app) / APP_METADATA_FILE
         if not path.is_file():
             raise MapError(f"{path}: missing; every packaged app needs its MAP metadata there")
         raw = yaml.safe_load(path.read_text()) or {}
@@ -99,13 +120,15 @@ class AppMetadata:
         for key in ("cpu", "gpu"):
             if key in resources and (not isinstance(resources[key], (int, float)) or resources[key] < 0):
                 raise MapError(f"{path}: resources.{key} must be a number ≥ 0")
+        if "output-files" in application:
+            raise MapError(f"{path}: application.output-files is not read; the files an app writes are listed "
+                           "once, in radnode/outputs/layout.py")
         timeout = application.get("timeout", 0)
         if not isinstance(timeout, int) or timeout < 0:
             raise MapError(f"{path}: application.timeout must be whole seconds ≥ 0")
         return cls(name=app, title=str(application["title"]), version=str(application["version"]),
                     input_formats=list(application.get("input-formats") or ["file"]),
                     output_formats=list(application.get("output-formats") or ["file"]),
-                    output_files=list(application.get("output-files") or []),
                     timeout=timeout, resources=dict(resources), models=dict(raw.get("models") or {}), raw=raw)
 
 
@@ -217,16 +240,23 @@ def pinned_requirements(root: str = "radnode") -> list[str]:
     return [f"{name}=={version}" for name, version in sorted(seen.items())]
 
 
-def package_dirs() -> dict[str, str]:
+def package_dirs(checkout: Path) -> dict[str, str]:
     """pyproject's ``[tool.setuptools] package-dir``: package → folder (what the wheel is built from)."""
     import tomllib
 
-    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    config = tomllib.loads((checkout / "pyproject.toml").read_text())
     return dict(config["tool"]["setuptools"].get("package-dir") or {"radnode": "radnode"})
 
 
 def build_wheel(target: Path) -> Path:
-    """Build radnode's wheel from this checkout into ``target`` (no network: the venv's setuptools).
+    """radnode's wheel in ``target``: built from the checkout of an editable install (the tree being edited), else
+    repacked from the installed distribution (:func:`repack_installed_wheel`: what this interpreter runs)."""
+    checkout = source_checkout()
+    return build_wheel_from_tree(checkout, target) if checkout else repack_installed_wheel(target)
+
+
+def build_wheel_from_tree(checkout: Path, target: Path) -> Path:
+    """Build radnode's wheel from a source tree into ``target`` (no network: the venv's setuptools).
 
     The sources are copied to a scratch folder first, so setuptools' ``build/`` and ``*.egg-info``
     never land in the checkout.
@@ -237,10 +267,10 @@ def build_wheel(target: Path) -> Path:
         src = Path(tmp) / "src"
         src.mkdir()
         for name in ("pyproject.toml", "README.md", "LICENSE"):
-            if (REPO / name).is_file():
-                shutil.copy2(REPO / name, src / name)
-        for folder in sorted(set(package_dirs().values())):
-            shutil.copytree(REPO / folder, src / folder, ignore=ignore)
+            if (checkout / name).is_file():
+                shutil.copy2(checkout / name, src / name)
+        for folder in sorted(set(package_dirs(checkout).values())):
+            shutil.copytree(checkout / folder, src / folder, ignore=ignore)
         out = Path(tmp) / "wheel"
         subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
                         "-w", str(out), str(src)], check=True, capture_output=True, text=True)
@@ -250,8 +280,51 @@ def build_wheel(target: Path) -> Path:
         return Path(shutil.copy2(wheels[0], target / wheels[0].name))
 
 
-DOCKERFILE_TEMPLATE = REPO / "deploy" / "map" / "Dockerfile.template"
-TOOLS_SCRIPT = REPO / "deploy" / "map" / "tools.sh"
+_NOT_REPACKED = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}
+"""Files an installer adds to the ``.dist-info`` folder; a wheel has none of them (RECORD is written anew)."""
+
+
+def _record_hash(data: bytes) -> str:
+    """A RECORD hash (PEP 376/427): ``sha256=`` and the URL-safe base64 digest without padding."""
+    return "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+
+
+def repack_installed_wheel(target: Path) -> Path:
+    """radnode's wheel rebuilt from its installed files (a regular install has no source tree to build from).
+
+    Every file the installer recorded inside site-packages goes in (byte code and the installer's own files
+    left out), each checked against its RECORD hash first, so a file changed after installation is refused
+    rather than packaged; the wheel's RECORD is written anew, as PEP 427 lays it out (``.dist-info`` last)."""
+    dist = installed_distribution()
+    wheel_meta = (dist.read_text("WHEEL") or "").splitlines()
+    tag = next((line.split(":", 1)[1].strip() for line in wheel_meta if line.startswith("Tag:")), "py3-none-any")
+    entries = [f for f in dist.files or [] if not f.parts[0] == ".." and "__pycache__" not in f.parts
+               and not (f.parts[0].endswith(".dist-info") and f.name in _NOT_REPACKED)]
+    if not any(f.parts[0].endswith(".dist-info") for f in entries):
+        raise MapError(f"the installed {DISTRIBUTION} {dist.version} has no RECORD of its files; reinstall it")
+    entries.sort(key=lambda f: (f.parts[0].endswith(".dist-info"), str(f)))
+    dist_info = next(f.parts[0] for f in entries if f.parts[0].endswith(".dist-info"))
+    target.mkdir(parents=True, exist_ok=True)
+    wheel = target / f"{DISTRIBUTION}-{dist.version}-{tag}.whl"
+    record = io.StringIO()
+    writer = csv.writer(record, lineterminator="\n")
+    with zipfile.ZipFile(wheel, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for entry in entries:
+            data = Path(entry.locate()).read_bytes()
+            digest = _record_hash(data)
+            if entry.hash is not None and f"{entry.hash.mode}={entry.hash.value}" != digest:
+                raise MapError(f"{entry.locate()}: changed since {DISTRIBUTION} was installed (its RECORD hash "
+                               "differs); reinstall radnode before packaging it")
+            archive.writestr(entry.as_posix(), data)
+            writer.writerow([entry.as_posix(), digest, len(data)])
+        writer.writerow([f"{dist_info}/RECORD", "", ""])
+        archive.writestr(f"{dist_info}/RECORD", record.getvalue())
+    return wheel
+
+
+DOCKERFILE_TEMPLATE = files(MAP_FILES_PACKAGE) / "Dockerfile.template"
+TOOLS_SCRIPT = files(MAP_FILES_PACKAGE) / "tools.sh"
+MAP_README = files(MAP_FILES_PACKAGE) / "README.md"
 
 
 def render_dockerfile(meta: AppMetadata, wheel_name: str) -> str:
@@ -302,7 +375,7 @@ def write_build_context(app: str, output: Path, *, wheel: Path | None = None, mo
     from radnode.pipelines.registry import get_pipeline
 
     spec = get_pipeline(app)  # unknown names fail with the list of known ones
-    source = APPS_DIR / app
+    source = app_folder(app)
     if not (source / "__main__.py").is_file():
         raise MapError(f"{source}: no __main__.py; the MAP command runs `python -m radnode.apps.{app}`")
     meta = AppMetadata.load(app)
@@ -325,27 +398,31 @@ def write_build_context(app: str, output: Path, *, wheel: Path | None = None, mo
     (output / "app.json").write_text(json.dumps(app_manifest(meta), indent=4) + "\n")
     pkg = package_manifest(meta, [name for name, _ in site_models])
     (output / "pkg.json").write_text(json.dumps(pkg, indent=4) + "\n")
-    shutil.copy2(source / APP_METADATA_FILE, output / "app.yaml")
-    shutil.copytree(source, output / "app", ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "models"))
+    (output / "app.yaml").write_bytes((source / APP_METADATA_FILE).read_bytes())
+    copy_package_tree(source, output / "app", skip=lambda name: name in ("__pycache__", "models")
+                      or name.endswith(".pyc"))
     models_dir = output / "models"
     models_dir.mkdir()
     for name, rel in meta.models.items():
-        src = (source / rel).resolve()
-        if not src.exists():
+        src = source.joinpath(*Path(rel).parts)
+        if src.is_dir():
+            copy_package_tree(src, models_dir / name)
+        elif src.is_file():
+            (models_dir / name).write_bytes(src.read_bytes())
+        else:
             raise MapError(f"{source / APP_METADATA_FILE}: model {name!r} path {rel!r} does not exist")
-        (shutil.copytree if src.is_dir() else shutil.copy2)(src, models_dir / name)
     for name, folder in site_models:
         shutil.copytree(folder, models_dir / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     docs = output / "docs"
     docs.mkdir()
-    shutil.copy2(REPO / "deploy" / "map" / "README.md", docs / "README.md")
+    (docs / "README.md").write_bytes(MAP_README.read_bytes())
     dist = output / "dist"
     dist.mkdir()
     wheel_path = Path(shutil.copy2(wheel, dist / Path(wheel).name)) if wheel else build_wheel(dist)
     (output / "requirements.txt").write_text(
         f"# Pinned from the environment radnode {radnode.__version__} was tested in.\n"
         f"--extra-index-url {TORCH_CPU_INDEX}\n" + "\n".join(pinned_requirements()) + "\n")
-    shutil.copy2(TOOLS_SCRIPT, output / "tools")
+    (output / "tools").write_bytes(TOOLS_SCRIPT.read_bytes())
     (output / "tools").chmod(0o755)
     (output / ".dockerignore").write_text("**/__pycache__\n**/*.pyc\n")
     (output / "Dockerfile").write_text(render_dockerfile(meta, wheel_path.name))

@@ -89,8 +89,13 @@ class StoreSCP(_Peer):
 
     @property
     def peer(self) -> DicomPeer:
-        """The receiver as a destination of the node's configuration."""
+        """The receiver as a known peer of the node's configuration (return-to-sender)."""
         return DicomPeer(ae_title=self.ae_title, host="127.0.0.1", port=self.port)
+
+    @property
+    def destination(self) -> dict[str, object]:
+        """The receiver as a destination of the node's configuration (``egress.destinations.NAME``)."""
+        return {"type": "dicom", "ae_title": self.ae_title, "host": "127.0.0.1", "port": self.port}
 
     def received(self) -> list[Path]:
         """Every file received so far, repeats included."""
@@ -131,6 +136,11 @@ class FhirServer(_Peer):
                 return r.status == 200
         except OSError:
             return False
+
+    @property
+    def destination(self) -> dict[str, object]:
+        """The server as a destination of the node's configuration (``egress.destinations.NAME``)."""
+        return {"type": "fhir", "url": self.base_url}
 
     def search(self, resource_type: str, query: str = "") -> dict:
         """A FHIR search, returned as the Bundle's JSON."""

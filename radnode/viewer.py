@@ -9,6 +9,7 @@ DICOMweb plugin) avoids CORS, which Orthanc does not answer. Standard library on
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import mimetypes
@@ -26,18 +27,22 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import urlsplit
 
+from importlib.resources import files
+from importlib.resources.abc import Traversable
+
 from radnode.peers import free_port
+from radnode.resources import source_checkout
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
 OHIF_VERSION = "3.13.2"
 """The ``@ohif/app`` release ``deploy/ohif/install.sh`` unpacks; the app-config template is written for it."""
-OHIF_CACHE = REPO / ".cache" / "ohif"
 OHIF_DIST_ENV = "RADNODE_OHIF_DIST"
-APP_CONFIG_TEMPLATE = REPO / "deploy" / "ohif" / "app-config.template.js"
+APP_CONFIG_TEMPLATE = files("radnode.deploy_ohif") / "app-config.template.js"
+"""Package data (``deploy/ohif`` in the source tree)."""
 DICOMWEB_PREFIX = "/dicom-web"
 
 ORTHANC_BINARY = Path("/usr/sbin/Orthanc")
@@ -54,9 +59,16 @@ class ViewerUnavailableError(RuntimeError):
 
 
 def find_ohif_dist(version: str = OHIF_VERSION) -> Path:
-    """The OHIF ``dist/`` folder: $RADNODE_OHIF_DIST, else the one ``deploy/ohif/install.sh`` unpacked."""
-    candidate = Path(os.environ[OHIF_DIST_ENV]) if os.environ.get(OHIF_DIST_ENV) else \
-        OHIF_CACHE / version / "package" / "dist"
+    """The OHIF ``dist/`` folder: $RADNODE_OHIF_DIST, else the one ``deploy/ohif/install.sh`` unpacked into the
+    checkout of an editable install (``.cache/ohif``). The viewer is npm's build, not radnode's package data."""
+    if os.environ.get(OHIF_DIST_ENV):
+        candidate = Path(os.environ[OHIF_DIST_ENV])
+    elif (checkout := source_checkout()) is not None:
+        candidate = checkout / ".cache" / "ohif" / version / "package" / "dist"
+    else:
+        raise ViewerUnavailableError(f"no OHIF build: set {OHIF_DIST_ENV} to an @ohif/app {version} dist/ folder "
+                                     f"(`npm pack @ohif/app@{version}` and unpack it; deploy/ohif/install.sh does "
+                                     "this in a radnode checkout)")
     if not (candidate / "index.html").is_file():
         raise ViewerUnavailableError(f"OHIF build not found at {candidate}; run deploy/ohif/install.sh "
                                      f"(or set {OHIF_DIST_ENV} to an @ohif/app dist/ folder)")
@@ -72,7 +84,7 @@ def check_viewer_installed() -> Path:
     return dist
 
 
-def render_app_config(dicomweb_root: str = DICOMWEB_PREFIX, *, template: Path = APP_CONFIG_TEMPLATE,
+def render_app_config(dicomweb_root: str = DICOMWEB_PREFIX, *, template: Traversable = APP_CONFIG_TEMPLATE,
                       name: str = "radnode") -> str:
     """``app-config.js`` for OHIF with its one data source pointed at ``dicomweb_root`` (same origin)."""
     text = template.read_text()
@@ -100,6 +112,8 @@ class OrthancServer:
     stable_age: int = 1
     modalities: dict[str, list] = field(default_factory=dict)
     """Orthanc's DicomModalities: name → [AET, host, port]."""
+    users: dict[str, str] = field(default_factory=dict)
+    """Orthanc's RegisteredUsers: with any, HTTP basic authentication is required (REST and DICOMweb)."""
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _own_storage: bool = field(default=False, init=False, repr=False)
 
@@ -112,12 +126,26 @@ class OrthancServer:
         return f"{self.url}/dicom-web"
 
     def config(self) -> dict:
-        """Orthanc's configuration: loopback only, no authentication, DICOMweb at /dicom-web/."""
+        """Orthanc's configuration: loopback only, DICOMweb at /dicom-web/, authentication only with ``users``."""
         from radnode.orthanc_config import orthanc_settings
 
         assert self.storage is not None
-        return orthanc_settings(self.storage, self.http_port, self.dicom_port, aet=self.aet, node_url=self.node_url,
-                                token_file=self.event_token_file, stable_age=self.stable_age, modalities=self.modalities, name="radnode-viewer")
+        settings = orthanc_settings(self.storage, self.http_port, self.dicom_port, aet=self.aet,
+                                    node_url=self.node_url, token_file=self.event_token_file,
+                                    stable_age=self.stable_age, modalities=self.modalities,
+                                    name="radnode-viewer")
+        if self.users:
+            settings |= {"AuthenticationEnabled": True, "RegisteredUsers": self.users}
+        return settings
+
+    def _request(self, url: str, **kwargs: Any) -> urllib.request.Request:
+        """A request to this Orthanc, with the first registered user's credentials when it has users."""
+        request = urllib.request.Request(url, **kwargs)
+        if self.users:
+            user, password = next(iter(self.users.items()))
+            token = base64.b64encode(f"{user}:{password}".encode()).decode()
+            request.add_header("Authorization", f"Basic {token}")
+        return request
 
     def start(self, timeout: float = 30.0) -> "OrthancServer":
         """Start Orthanc and wait until its REST API and the DICOMweb plugin answer."""
@@ -142,7 +170,7 @@ class OrthancServer:
                 raise RuntimeError(f"Orthanc exited ({self.process.returncode}): "
                                    f"{log_path.read_text(errors='replace')[-2000:]}")
             try:
-                with urllib.request.urlopen(f"{self.dicomweb_url}/studies", timeout=2) as r:
+                with urllib.request.urlopen(self._request(f"{self.dicomweb_url}/studies"), timeout=2) as r:
                     if r.status == 200:
                         return self
             except (urllib.error.URLError, ConnectionError, TimeoutError):
@@ -168,15 +196,15 @@ class OrthancServer:
         """Store DICOM files through the REST API (``POST /instances``); Orthanc's answers, in order."""
         answers = []
         for path in paths:
-            request = urllib.request.Request(f"{self.url}/instances", data=Path(path).read_bytes(),
-                                             headers={"Content-Type": "application/dicom"}, method="POST")
+            request = self._request(f"{self.url}/instances", data=Path(path).read_bytes(),
+                                    headers={"Content-Type": "application/dicom"}, method="POST")
             with urllib.request.urlopen(request, timeout=60) as r:
                 answers.append(json.loads(r.read()))
         return answers
 
     def get_json(self, path: str) -> object:
         """GET a REST resource (``/studies``, ``/dicom-web/studies/…/series``) as JSON."""
-        with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as r:
+        with urllib.request.urlopen(self._request(f"{self.url}{path}"), timeout=30) as r:
             return json.loads(r.read())
 
     def __enter__(self) -> "OrthancServer":

@@ -16,6 +16,7 @@ Plain functions, no fixtures (those are in ``conftest.py``). Every synthetic ima
   and a clinician's corrected SEG (segments eroded / dilated, another creator) written by highdicom.
 - ``open_store_made_by``, ``RELEASE_0_1_SCHEMA``: a job store written by an older release (0.1's frozen
   SQLite schema in ``tests/data/job-store-0.1.sql``).
+- ``job_ready_for_delivery``: a job in the store whose run just ended, for egress to stage.
 """
 
 from __future__ import annotations
@@ -319,6 +320,19 @@ def write_bundle(folder: Path, network: "torch.nn.Module") -> Path:
     (folder / "configs" / "inference.json").write_text(json.dumps(inference))
     torch.save(network.state_dict(), folder / "models" / "model.pt")
     return folder
+
+
+def job_ready_for_delivery(store: JobStore, calling_ae: str = "SCANNER", pipeline: str = "ct_tissue") -> int:
+    """A job of a new one-instance study that has just finished its run (``running``): egress may stage it."""
+    from radnode.node.store import Instance
+    from radnode.pipelines.routing import SeriesDecision
+
+    _, job_id = store.record_instance(
+        Instance(generate_uid(), generate_uid(), generate_uid(), "P1", "CT", CT_IMAGE_STORAGE, "/spool/x.dcm",
+                 calling_ae, "127.0.0.1:5000", "a1", 0.0), SeriesDecision((pipeline,)))
+    store.queue_complete_studies(idle_seconds=1)
+    store.start_job(job_id, "run")
+    return job_id
 
 
 def _source_in_order(source: list[Path]) -> list[pydicom.Dataset]:

@@ -7,24 +7,27 @@ from pathlib import Path
 import pytest
 
 from radnode.cli import build_parser, serve_config
-from radnode.config import Config, ConfigError, DicomPeer, load_config
+from radnode.config import Config, ConfigError, load_config
+from radnode.destinations.dicom import DicomDestination
+from radnode.destinations.fhir import FhirDestination
 
 
 def test_no_file_gives_working_defaults() -> None:
     config = load_config(None)
     assert config.ingress.port == 11112 and config.ingress.ae_title == "RADNODE"
     assert config.rules is None and config.store.url is None  # the shipped rules, SQLite under data_dir
-    assert config.egress.destinations == []
+    assert config.egress.destinations == {}
 
 
 def test_valid_file_loads(tmp_path: Path) -> None:
     f = tmp_path / "radnode.yaml"
-    f.write_text("ingress:\n  port: 4242\negress:\n  destinations:\n    - {ae_title: PACS, host: 10.1.1.1, port: 104}\n"
-                 "  fhir_url: http://ehr/fhir/\n")
+    f.write_text("ingress:\n  port: 4242\negress:\n  destinations:\n"
+                 "    pacs: {type: dicom, ae_title: PACS, host: 10.1.1.1, port: 104}\n"
+                 "    ehr: {type: fhir, url: http://ehr/fhir/}\n")
     config = load_config(f)
     assert config.ingress.port == 4242
-    assert config.egress.destinations == [DicomPeer(ae_title="PACS", host="10.1.1.1", port=104)]
-    assert config.egress.fhir_url == "http://ehr/fhir"
+    assert config.egress.destinations == {"pacs": DicomDestination(ae_title="PACS", host="10.1.1.1", port=104),
+                                          "ehr": FhirDestination(url="http://ehr/fhir")}
 
 
 @pytest.mark.parametrize(
@@ -35,6 +38,7 @@ def test_valid_file_loads(tmp_path: Path) -> None:
         ("ingress:\n  port: 70000\n", r"key 'ingress.port': .*65535"),
         ("uid_root: 1.2.x.\n", r"key 'uid_root': .*UID root"),
         ("egress:\n  fhir_url: ftp://x\n", r"key 'egress.fhir_url': .*http"),
+        ("egress:\n  destinations:\n    ehr: {type: fhir, url: ftp://x}\n", r"key 'egress.destinations.ehr.url': .*http"),
         ("ingress: [1, 2\n", r"radnode.yaml: line \d+ not valid YAML"),
         ("- just\n- a list\n", r"expected a mapping"),
         ("processing:\n  default_pipeline: liver\n",
@@ -69,6 +73,6 @@ def test_serve_flags_override_the_file(tmp_path: Path) -> None:
     config = serve_config(args)
     assert isinstance(config, Config)
     assert (config.ingress.port, config.ingress.ae_title) == (5555, "FROMFILE")
-    assert config.egress.destinations[0].ae_title == "PACS" and config.data_dir == tmp_path
+    assert config.egress.destinations["PACS@127.0.0.1:104"].ae_title == "PACS" and config.data_dir == tmp_path
     with pytest.raises(ConfigError, match="AET@HOST:PORT"):
         serve_config(build_parser().parse_args(["serve", "--destination", "nonsense"]))

@@ -366,6 +366,18 @@ def test_a_viewer_cannot_act_an_operator_can_and_every_action_names_its_user(nod
     assert len(resend) == 1 and "token:night-shift" in resend[0].message and "PACS lost it" in resend[0].message
 
 
+def test_the_destinations_page_lists_egress_destinations_and_checks_one_live(node: Node, pacs: StoreSCP) -> None:
+    with api(node, token_for(node, Role.VIEWER)) as viewer:
+        assert viewer.get("/api/destinations").json() == [{"name": pacs.address, "kind": "dicom",
+                                                           "address": pacs.address}]
+        assert viewer.post("/api/destinations/check", params={"name": pacs.address}).status_code == 403
+    with api(node, token_for(node, Role.OPERATOR)) as operator:
+        checked = operator.post("/api/destinations/check", params={"name": pacs.address}).json()
+        assert (checked["ok"], checked["detail"]) == (True, f"C-ECHO to {pacs.address}: status 0x0000")
+        assert operator.post("/api/destinations/check", params={"name": "dicom:ELSEWHERE@10.0.0.9:104"}
+                             ).status_code == 404, "only a destination egress has"
+
+
 def test_a_paused_queue_keeps_ingesting_and_starts_nothing_until_resumed(node: Node, tmp_path: Path) -> None:
     operator = token_for(node, Role.OPERATOR)
     with api(node, operator) as client:
@@ -411,7 +423,8 @@ def test_a_destination_down_past_its_retries_fails_the_job_and_one_resend_delive
     port = free_port()  # the PACS is down: nothing listens here yet
     config = node_config(tmp_path, egress={"destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": port}],
                                            "max_attempts": 3, "retry_initial_seconds": 0.1, "retry_max_seconds": 0.2,
-                                           "timeout_seconds": 2})
+                                           "timeouts": {"connect_seconds": 2, "acse_seconds": 2, "dimse_seconds": 2,
+                                                        "network_seconds": 2}})
     with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
         write_study(tmp_path / "study", n=2)
         job_id = _sent_and_done(node, tmp_path / "study")
@@ -427,9 +440,13 @@ def test_a_destination_down_past_its_retries_fails_the_job_and_one_resend_delive
                 assert final_job(node, job_id).state is JobState.DONE
                 received = sorted(p for p in pacs.folder.rglob("*") if p.is_file())
                 sop_uids = sorted(pydicom.dcmread(p).SOPInstanceUID for p in received)
+            delivered = client.get(f"/api/jobs/{job_id}").json()["deliveries"]
+            assert sorted(d["sent_uid"] for d in delivered) == sop_uids, "each delivery names the UID the PACS got"
             assert client.post(f"/api/jobs/{job_id}/resend", json={"failed_only": True}).status_code == 409
     assert len(received) == len(results) and len(set(sop_uids)) == len(sop_uids), "each result once"
-    assert [e.message for e in node_events(config, job_id) if e.kind == "resend"][0].startswith("re-send by token:radiographer")
+    (resend,) = [e.message for e in node_events(config, job_id) if e.kind == "resend"]
+    assert re.fullmatch(rf"token:radiographer re-sent {len(results)} undelivered deliver(y|ies) to every destination: "
+                        r"no reason given", resend), resend
 
 
 def node_events(config, job_id: int) -> list:  # type: ignore[no-untyped-def]
@@ -552,9 +569,9 @@ def test_an_operator_watches_a_study_arrive_and_finish_then_resends_a_result_in_
                 browser.kill()
         (job,) = node.jobs()
         resent = output[-1].removeprefix("RESENT ") if output[-1].startswith("RESENT ") else ""
-        assert resent == f"dicom:{pacs.ae_title}@127.0.0.1:{pacs.port}", "\n".join(output)
+        assert resent == f"{pacs.ae_title}@127.0.0.1:{pacs.port}", "\n".join(output)
         events = node.events(job.id)
-        assert [e.message for e in events if e.kind == "resend"] == [f"re-send by olga: 1 delivery to {resent}"]
+        assert [e.message for e in events if e.kind == "resend"] == [f"olga re-sent 1 delivery to {resent}: no reason given"]
         assert [d.state for d in node.deliveries(job.id)] == ["done"]
     assert any("STEP the study appeared" in line for line in output)
     assert screenshot.stat().st_size > 10_000

@@ -85,11 +85,15 @@ def dockerfile(path: Path) -> list[tuple[str, str]]:
     return lines
 
 
-def image_copies(path: Path) -> dict[str, str]:
-    """Path in the image → source path in the build context, for every COPY from the context."""
+def image_copies(path: Path, every_stage: bool = False) -> dict[str, str]:
+    """Path in the image → source path in the build context, for every COPY from the context into the final stage
+    (the image), or into any stage (what the build reads from the context)."""
     workdir, copies = "/", {}
     for word, rest in dockerfile(path):
-        if word == "WORKDIR":
+        if word == "FROM":
+            workdir = "/"
+            copies = copies if every_stage else {}
+        elif word == "WORKDIR":
             workdir = rest if rest.startswith("/") else f"{workdir.rstrip('/')}/{rest}"
         elif word == "COPY" and "--from=" not in rest:
             *sources, dest = shlex.split(rest)
@@ -584,7 +588,7 @@ def test_nginx_serves_the_viewer_and_proxies_dicomweb_to_orthanc(deployed_orthan
 
 def test_node_image_recipe_matches_the_package_and_the_bootstrap() -> None:
     path = COMPOSE / "Dockerfile.node"
-    copies = image_copies(path)
+    copies = image_copies(path, every_stage=True)
     sources = set(copies.values())
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     needed = set(pyproject["tool"]["setuptools"]["package-dir"].values()) | {"pyproject.toml",
@@ -597,6 +601,12 @@ def test_node_image_recipe_matches_the_package_and_the_bootstrap() -> None:
     assert bootstrap_pin in path.read_text()
     assert dict(dockerfile(path))["FROM"].startswith("python:3.11")
     assert image_user(path) != 0
+    # radnode is installed from its wheel (built in the first stage), never editable: the image has no source tree.
+    runs = [rest for word, rest in dockerfile(path) if word == "RUN"]
+    assert any("pip wheel --no-deps" in r for r in runs) and not any(re.search(r"pip install .*(-e|--editable)\b", r)
+                                                                      for r in runs)
+    assert any(re.search(r"pip install /tmp/dist/radnode-\*\.whl", r) for r in runs)
+    assert not set(image_copies(path).values()) & set(pyproject["tool"]["setuptools"]["package-dir"].values())
     # What the build copies from the repository is not dockerignored; the bulky local folders are.
     build_files = {"radnode": (path, COMPOSE / "Dockerfile.node.dockerignore"),
                    "orthanc": (COMPOSE / "Dockerfile.orthanc", COMPOSE / "Dockerfile.orthanc.dockerignore")}
@@ -604,7 +614,7 @@ def test_node_image_recipe_matches_the_package_and_the_bootstrap() -> None:
         build = compose()["services"][service]["build"]
         assert (COMPOSE / build["context"]).resolve() == REPO
         assert REPO / build["dockerfile"] == docker_file and ignore.name == docker_file.name + ".dockerignore"
-        for source in image_copies(docker_file).values():
+        for source in image_copies(docker_file, every_stage=True).values():
             assert (REPO / source).exists(), source
             assert not dockerignored(ignore, source), f"{ignore.name} keeps {source} out of the build"
     for bulky in (".venv", ".cache", "build", "radnode/__pycache__"):

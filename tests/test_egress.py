@@ -4,27 +4,27 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
+import pytest
 
-from factories import PATIENT_BUNDLE, write_study
+from factories import PATIENT_BUNDLE, job_ready_for_delivery, write_study
 from radnode.config import Config, DicomPeer
 from radnode.node.egress import Egress, outbox_dir
-from radnode.node.store import Instance, JobState, JobStore
-from radnode.pipelines.routing import SeriesDecision
+from radnode.node.store import JobState, JobStore
 from radnode.peers import FhirServer, StoreSCP, free_port
 from support.node import patients
 from support.waiting import wait_until
 
 
 def finished_job(store: JobStore, tmp_path: Path, calling_ae: str = "SCANNER") -> tuple[int, Path, list[str]]:
-    """A job whose run just ended, with two DICOM outputs, a FHIR Bundle and a manifest in ``out/``."""
-    _, job_id = store.record_instance(
-        Instance("1.2.3.1", "1.2.3", "1.2.3.4", "P1", "CT", "1.2.840.10008.5.1.4.1.1.2", "/spool/x.dcm",
-                 calling_ae, "127.0.0.1:5000", "a1", 0.0), SeriesDecision(("ct_tissue",)))
-    store.queue_complete_studies(idle_seconds=1)
-    store.start_job(job_id, "run")
+    """A job (of a new study) whose run just ended, with two DICOM outputs, a FHIR Bundle and a manifest in ``out/``."""
+    job_id = job_ready_for_delivery(store, calling_ae)
     out = tmp_path / "out"
     results = write_study(out, n=2)
     (out / "fhir-bundle.json").write_text(json.dumps(PATIENT_BUNDLE))
@@ -33,7 +33,8 @@ def finished_job(store: JobStore, tmp_path: Path, calling_ae: str = "SCANNER") -
 
 
 def egress_config(tmp_path: Path, **egress: object) -> Config:
-    settings = {"retry_initial_seconds": 0.1, "retry_max_seconds": 0.4, "max_attempts": 30, "timeout_seconds": 5}
+    settings = {"retry_initial_seconds": 0.1, "retry_max_seconds": 0.4, "max_attempts": 30,
+                "timeouts": {"connect_seconds": 5, "acse_seconds": 5, "dimse_seconds": 5, "network_seconds": 5}}
     return Config.model_validate({"data_dir": str(tmp_path / "data"), "egress": {**settings, **egress}})
 
 
@@ -51,7 +52,7 @@ def deliver_until_settled(egress: Egress, store: JobStore, job_id: int, timeout:
 
 
 def test_results_reach_pacs_fhir_and_outbox(tmp_path: Path, pacs: StoreSCP, fhir: FhirServer) -> None:
-    config = egress_config(tmp_path, destinations=[pacs.peer.model_dump()], fhir_url=fhir.base_url)
+    config = egress_config(tmp_path, destinations={"pacs": pacs.destination, "ehr": fhir.destination})
     store = JobStore(tmp_path / "data" / "radnode.db")
     job_id, out, uids = finished_job(store, tmp_path)
     egress = Egress(config, store)
@@ -61,12 +62,13 @@ def test_results_reach_pacs_fhir_and_outbox(tmp_path: Path, pacs: StoreSCP, fhir
     assert sorted(pacs.received_uids()) == sorted(uids)
     assert patients(fhir) == 1
     assert all(d.state == "done" and d.attempts == 1 for d in store.deliveries(job_id))
+    assert sorted(d.sent_uid for d in store.deliveries(job_id) if d.destination == "pacs") == sorted(uids)
     store.close()
 
 
 def test_destination_down_then_up_gets_results_after_retries(tmp_path: Path) -> None:
     port = free_port()
-    config = egress_config(tmp_path, destinations=[DicomPeer(ae_title="PACS", host="127.0.0.1", port=port).model_dump()])
+    config = egress_config(tmp_path, destinations={"pacs": f"PACS@127.0.0.1:{port}"})
     store = JobStore(tmp_path / "data" / "radnode.db")
     job_id, out, uids = finished_job(store, tmp_path)
     egress = Egress(config, store)
@@ -74,7 +76,8 @@ def test_destination_down_then_up_gets_results_after_retries(tmp_path: Path) -> 
     wait_until(lambda: egress.deliver_due() or all(d.attempts >= 3 for d in store.deliveries(job_id)))
     job = store.job(job_id)
     assert job is not None and job.state is JobState.DELIVERING
-    assert all("association with PACS@127.0.0.1" in (d.last_error or "") for d in store.deliveries(job_id))
+    assert all(f"cannot connect to PACS@127.0.0.1:{port}: connection refused" in (d.last_error or "")
+               for d in store.deliveries(job_id))
     with StoreSCP(tmp_path / "pacs", port=port) as pacs:
         assert deliver_until_settled(egress, store, job_id) is JobState.DONE
         assert sorted(pacs.received_uids()) == sorted(uids)
@@ -84,7 +87,7 @@ def test_destination_down_then_up_gets_results_after_retries(tmp_path: Path) -> 
 
 def test_attempts_exhausted_fail_the_job_results_stay_in_outbox(tmp_path: Path, fhir: FhirServer) -> None:
     down = DicomPeer(ae_title="PACS", host="127.0.0.1", port=free_port())
-    config = egress_config(tmp_path, destinations=[down.model_dump()], fhir_url=fhir.base_url, max_attempts=2)
+    config = egress_config(tmp_path, destinations={"pacs": str(down), "ehr": fhir.destination}, max_attempts=2)
     store = JobStore(tmp_path / "data" / "radnode.db")
     job_id, out, _ = finished_job(store, tmp_path)
     egress = Egress(config, store)
@@ -92,7 +95,7 @@ def test_attempts_exhausted_fail_the_job_results_stay_in_outbox(tmp_path: Path, 
     assert deliver_until_settled(egress, store, job_id) is JobState.FAILED
     job = store.job(job_id)
     assert job is not None and job.reason is not None
-    assert f"to dicom:{down} failed after 2 attempts: association with {down}" in job.reason
+    assert f"to pacs failed after 2 attempts: cannot connect to {down}: connection refused" in job.reason
     assert patients(fhir) == 1  # the destination that worked got its delivery
     shutil.rmtree(out)
     assert (outbox_dir(config, job_id) / "fhir-bundle.json").is_file()
@@ -102,7 +105,7 @@ def test_attempts_exhausted_fail_the_job_results_stay_in_outbox(tmp_path: Path, 
 
 def test_return_to_sender_uses_the_known_address_of_the_calling_ae(tmp_path: Path, pacs: StoreSCP) -> None:
     with StoreSCP(tmp_path / "scanner", ae_title="SCANNER") as sender:
-        config = egress_config(tmp_path, destinations=[pacs.peer.model_dump()], known_peers=[sender.peer.model_dump()])
+        config = egress_config(tmp_path, destinations={"pacs": pacs.destination}, known_peers=[sender.peer.model_dump()])
         store = JobStore(tmp_path / "data" / "radnode.db")
         job_id, out, uids = finished_job(store, tmp_path, calling_ae="SCANNER")
         egress = Egress(config, store)
@@ -110,3 +113,157 @@ def test_return_to_sender_uses_the_known_address_of_the_calling_ae(tmp_path: Pat
         assert deliver_until_settled(egress, store, job_id) is JobState.DONE
         assert sorted(sender.received_uids()) == sorted(pacs.received_uids()) == sorted(uids)
         store.close()
+
+
+@pytest.fixture
+def silent_peer() -> Iterator[int]:
+    """A real listening socket that accepts every TCP connection and never sends a byte (a hung PACS)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield server.getsockname()[1]
+    stop.set()
+    thread.join()
+    for conn in held:
+        conn.close()
+    server.close()
+
+
+def _delivered_to(store: JobStore, job_id: int, destination: str) -> bool:
+    return all(d.state == "done" for d in store.deliveries(job_id) if d.destination == destination)
+
+
+def _seconds_until_delivered(egress: Egress, store: JobStore, job_id: int, out: Path) -> float:
+    """Stage a job and time until its deliveries to ``pacs`` are recorded done (the workers send them)."""
+    started = time.monotonic()
+    egress.stage(job_id, out)
+    wait_until(lambda: _delivered_to(store, job_id, "pacs"), timeout=20, step=0.01)
+    return time.monotonic() - started
+
+
+def test_a_hung_destination_delays_another_by_less_than_a_second(tmp_path: Path, pacs: StoreSCP,
+                                                                 silent_peer: int) -> None:
+    hung = {"type": "dicom", "ae_title": "HUNG", "host": "127.0.0.1", "port": silent_peer,
+            "timeouts": {"acse_seconds": 60}}  # its own timeout: far longer than the whole test
+    config = egress_config(tmp_path, destinations={"pacs": pacs.destination, "hung": hung})
+    store = JobStore(tmp_path / "data" / "radnode.db")
+    egress = Egress(config, store, poll_seconds=0.05)
+    egress.start()
+    try:
+        first, out, _ = finished_job(store, tmp_path / "first")
+        egress.stage(first, out)  # the hung peer now holds its own worker in an association request
+        wait_until(lambda: _delivered_to(store, first, "pacs"))
+        second, out, _ = finished_job(store, tmp_path / "second")
+        with_hung_peer = _seconds_until_delivered(egress, store, second, out)
+        # The same delivery by a node whose only destination is the PACS, side by side: the baseline.
+        alone_store = JobStore(tmp_path / "alone" / "radnode.db")
+        alone = Egress(egress_config(tmp_path / "alone", destinations={"pacs": pacs.destination}), alone_store,
+                       poll_seconds=0.05)
+        alone.start()
+        third, out, _ = finished_job(alone_store, tmp_path / "third")
+        baseline = _seconds_until_delivered(alone, alone_store, third, out)
+        alone.stop()
+        alone_store.close()
+        assert with_hung_peer - baseline < 1.0, (with_hung_peer, baseline)
+        hung = [d for d in store.deliveries(first) + store.deliveries(second) if d.destination == "hung"]
+        assert len(hung) == 4 and all(d.state == "pending" and d.attempts == 0 for d in hung)  # still in flight
+    finally:
+        started = time.monotonic()
+        egress.stop()
+        assert time.monotonic() - started < 5  # the association in flight is aborted, not waited for
+        store.close()
+
+
+def test_failure_causes_are_named(tmp_path: Path, silent_peer: int) -> None:
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    picky = AE(ae_title="PACS")
+    picky.require_called_aet = True
+    picky.add_supported_context(CTImageStorage)
+    server = picky.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0x0000)])
+    try:
+        rejecting = {"type": "dicom", "ae_title": "NOTPACS", "host": "127.0.0.1", "port": server.server_address[1]}
+        silent = {"type": "dicom", "ae_title": "HUNG", "host": "127.0.0.1", "port": silent_peer,
+                  "timeouts": {"acse_seconds": 1}}
+        config = egress_config(tmp_path, destinations={"rejecting": rejecting, "silent": silent,
+                                                       "closed": f"PACS@127.0.0.1:{free_port()}"}, max_attempts=1)
+        store = JobStore(tmp_path / "data" / "radnode.db")
+        job_id, out, _ = finished_job(store, tmp_path)
+        egress = Egress(config, store)
+        egress.stage(job_id, out)
+        assert deliver_until_settled(egress, store, job_id) is JobState.FAILED
+        errors = {d.destination: d.last_error for d in store.deliveries(job_id)}
+        assert "association rejected by NOTPACS@127.0.0.1" in errors["rejecting"]
+        assert "Called AE title not recognised" in errors["rejecting"]
+        assert "did not answer the association request: timed out after 1 s" in errors["silent"]
+        assert errors["closed"].endswith("connection refused (nothing listens on that port)")
+        store.close()
+    finally:
+        server.shutdown()
+
+
+def test_a_delivery_that_gave_up_is_resent_once_with_the_same_uids(tmp_path: Path) -> None:
+    port = free_port()
+    config = egress_config(tmp_path, destinations={"pacs": f"PACS@127.0.0.1:{port}"}, max_attempts=2)
+    store = JobStore(tmp_path / "data" / "radnode.db")
+    job_id, out, uids = finished_job(store, tmp_path)
+    egress = Egress(config, store)
+    egress.stage(job_id, out)
+    assert deliver_until_settled(egress, store, job_id) is JobState.FAILED
+    with pytest.raises(LookupError, match="does not exist"):
+        egress.resend(job_id + 1, user="alice", reason="typo")
+    with pytest.raises(ValueError, match="no deliveries to ARCHIVE"):
+        egress.resend(job_id, "ARCHIVE", user="alice", reason="wrong name")
+    with StoreSCP(tmp_path / "pacs", port=port) as pacs:
+        assert egress.resend(job_id, "pacs", user="alice", reason="PACS is back after maintenance") == 2
+        assert store.job(job_id).state is JobState.DELIVERING  # type: ignore[union-attr]
+        assert deliver_until_settled(egress, store, job_id) is JobState.DONE
+        assert sorted(pacs.received_uids()) == sorted(uids)  # each once
+        # A re-send of delivered results is the same outbox files: the same SOP Instance UIDs, not new objects.
+        assert egress.resend(job_id, user="bob", reason="PACS lost them") == 2
+        assert deliver_until_settled(egress, store, job_id) is JobState.DONE
+        assert sorted(pacs.received_uids()) == sorted(uids * 2)
+    assert sorted(d.sent_uid for d in store.deliveries(job_id)) == sorted(uids)
+    resends = [e.message for e in store.events(job_id) if e.kind == "resend"]
+    assert resends == ["alice re-sent 2 deliveries to pacs: PACS is back after maintenance",
+                       "bob re-sent 2 deliveries to every destination: PACS lost them"]
+    assert store.job(job_id).reason is None  # type: ignore[union-attr]
+    store.close()
+
+
+def test_after_a_restart_workers_send_what_is_pending_and_nothing_delivered_again(
+        tmp_path: Path, pacs: StoreSCP, fhir: FhirServer) -> None:
+    port = free_port()
+    destinations = {"pacs": pacs.destination, "ehr": fhir.destination, "archive": f"ARCHIVE@127.0.0.1:{port}"}
+    config = egress_config(tmp_path, destinations=destinations)
+    store = JobStore(tmp_path / "data" / "radnode.db")
+    job_id, out, uids = finished_job(store, tmp_path)
+    egress = Egress(config, store)
+    egress.stage(job_id, out)
+    wait_until(lambda: egress.deliver_due() or all(
+        d.state == "done" for d in store.deliveries(job_id) if d.destination != "archive"))
+    store.close()  # the node stops with the archive's deliveries pending
+
+    with StoreSCP(tmp_path / "archive", ae_title="ARCHIVE", port=port) as archive:
+        store = JobStore(tmp_path / "data" / "radnode.db")
+        restarted = Egress(config, store, poll_seconds=0.05)
+        restarted.start()
+        try:
+            wait_until(lambda: store.job(job_id).state is JobState.DONE)  # type: ignore[union-attr]
+        finally:
+            restarted.stop()
+        assert sorted(archive.received_uids()) == sorted(uids)
+    assert sorted(pacs.received_uids()) == sorted(uids) and patients(fhir) == 1  # once each, not again
+    store.close()

@@ -14,8 +14,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from factories import restore_totalseg_dicom, write_study
+from factories import restore_totalseg_dicom, write_chest_phantom, write_study
 from radnode.config import ConfigError
+from radnode.execution import RunManifest, run_app
 from radnode.node.executors import (
     CONTAINER_CONFIG_PATH,
     ContainerExecutor,
@@ -332,3 +333,19 @@ def test_site_pipelines_are_registered_from_the_environment(monkeypatch: pytest.
         monkeypatch.setenv("RADNODE_PIPELINES", bad)
         with pytest.raises(PipelineRegistryError, match="RADNODE_PIPELINES"):
             get_pipeline("x")
+
+
+@pytest.mark.slow
+def test_two_ct_tissue_runs_in_one_process_report_each_runs_own_phase_times(tmp_path: Path) -> None:
+    """Phase times belong to each run's application, not to the process: had the second run inherited the first's,
+    its phases would add up to more than its own wall time. Each manifest reads back as written."""
+    manifests = []
+    for name, slices in (("first", 40), ("second", 24)):
+        write_chest_phantom(tmp_path / name, slices, seed=slices)
+        manifests.append(run_app("ct_tissue", tmp_path / name, tmp_path / f"{name}-out"))
+        assert RunManifest.read(tmp_path / f"{name}-out") == manifests[-1]
+    for manifest in manifests:
+        assert list(manifest.phases) == ["load", "select_series", "build_volume", "segment", "measure", "write_seg",
+                                         "write_sr", "write_report_fhir"]
+        assert all(phase.seconds > 0 for phase in manifest.phases.values())
+        assert sum(phase.seconds for phase in manifest.phases.values()) <= manifest.seconds

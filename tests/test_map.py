@@ -116,6 +116,10 @@ def test_build_context_layout(contexts: dict[str, Path], app: str) -> None:
     assert len(wheels) == 1 and f"dist/{wheels[0].name}" in dockerfile
     names = zipfile.ZipFile(wheels[0]).namelist()
     assert f"radnode/apps/{app}/__main__.py" in names and f"radnode/apps/{app}/app.yaml" in names
+    # The package data radnode finds at run time with importlib.resources travels in the wheel.
+    assert {"radnode/deploy_map/Dockerfile.template", "radnode/deploy_map/tools.sh", "radnode/deploy_map/README.md",
+            "radnode/deploy_ohif/app-config.template.js", "radnode/pipelines/default_rules.yaml",
+            "radnode/report/reference_ranges.yaml"} <= set(names)
     requirements = (context / "requirements.txt").read_text().splitlines()
     assert "monai-deploy-app-sdk==4.0.0" in requirements
     assert any(r.startswith("torch==") for r in requirements) and any(r.startswith("pydicom==") for r in requirements)
@@ -270,7 +274,8 @@ def test_map_command_gives_the_same_results_as_radnode_run(contexts: dict[str, P
 
     files = sorted(p.name for p in by_run.iterdir() if not p.name.startswith("."))
     assert files == sorted(p.name for p in by_map.iterdir() if not p.name.startswith("."))
-    assert set(manifest["output"]["format"]["files"]) <= set(files)
+    # app.json lists exactly what the app really writes (the output layout's entries for it), nothing more or less.
+    assert sorted(manifest["output"]["format"]["files"]) == files
 
     run_segments, run_masks, run_refs = _seg_summary(by_run / "seg.dcm")
     map_segments, map_masks, map_refs = _seg_summary(by_map / "seg.dcm")

@@ -29,7 +29,7 @@ from support.waiting import wait_until
 def test_a_failing_job_is_recorded_while_another_study_completes(tmp_path: Path, stand_in: list[str],
                                                                   pacs: StoreSCP) -> None:
     with FhirServer(tmp_path / "fhir") as fhir:
-        config = node_config(tmp_path, egress={"destinations": [pacs.peer.model_dump()], "fhir_url": fhir.base_url},
+        config = node_config(tmp_path, egress={"destinations": {"pacs": pacs.destination, "ehr": fhir.destination}},
                              processing={"max_concurrent_jobs": 2})
         write_study(tmp_path / "good", n=5, patient_id="GOOD")
         write_pixelless_ct(tmp_path / "bad", patient_id="BAD")
@@ -141,7 +141,7 @@ def _only_job(store: JobStore, state: JobState) -> Callable[[], bool]:
 
 def test_killed_while_running_the_job_runs_again_and_delivers_once(tmp_path: Path, stand_in: list[str],
                                                                    pacs: StoreSCP) -> None:
-    config = node_config(tmp_path, port=free_port(), egress={"destinations": [pacs.peer.model_dump()]})
+    config = node_config(tmp_path, port=free_port(), egress={"destinations": {"pacs": pacs.destination}})
     node = NodeProcess(config, stand_in, {**os.environ, "STAND_IN_SECONDS_P1": "1.5"}).start()
     write_study(tmp_path / "study", n=4)
     assert storescu(config.ingress.port, tmp_path / "study").returncode == 0
@@ -166,14 +166,14 @@ def test_killed_while_running_the_job_runs_again_and_delivers_once(tmp_path: Pat
 def test_killed_while_delivering_only_undelivered_results_are_sent(tmp_path: Path, stand_in: list[str],
                                                                    pacs: StoreSCP) -> None:
     archive = DicomPeer(ae_title="ARCHIVE", host="127.0.0.1", port=free_port())  # down at first
-    destinations = [pacs.peer.model_dump(), archive.model_dump()]
+    destinations = {"pacs": pacs.destination, "archive": str(archive)}
     config = node_config(tmp_path, port=free_port(), egress={"destinations": destinations})
     node = NodeProcess(config, stand_in, dict(os.environ)).start()
     write_study(tmp_path / "study", n=2)
     assert storescu(config.ingress.port, tmp_path / "study").returncode == 0
     store = JobStore(config.data_dir / "radnode.db")
     wait_until(lambda: {(d.destination, d.state, d.attempts >= 2) for d in store.deliveries(1)}
-               == {(f"dicom:{pacs.peer}", "done", False), (f"dicom:{archive}", "pending", True)})
+               == {("pacs", "done", False), ("archive", "pending", True)})
     node.kill()
     with StoreSCP(tmp_path / "archive", ae_title="ARCHIVE", port=archive.port) as second:
         node.start()
@@ -192,8 +192,8 @@ def test_every_pipeline_the_rules_select_runs_and_delivers_and_the_study_is_forw
     rules.write_text("rules:\n  - name: ct\n    when: {Modality: CT}\n    pipelines: [ct_tissue, ct_copy]\n"
                      "    forward: [ARCHIVE]\n")
     with StoreSCP(tmp_path / "archive") as archive:
-        config = node_config(tmp_path, egress={"destinations": [pacs.peer.model_dump()],
-                                               "named_destinations": {"ARCHIVE": str(archive.peer)}})
+        config = node_config(tmp_path, egress={"destinations": {
+            "pacs": pacs.destination, "ARCHIVE": {**archive.destination, "forward_only": True}}})
         config = config.model_copy(update={"rules": rules})
         write_study(tmp_path / "study", n=3, patient_id="P1")
         with Node(config, job_command=stand_in, poll_seconds=0.05) as node:

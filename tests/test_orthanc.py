@@ -96,8 +96,8 @@ def test_a_ct_sent_to_orthanc_comes_back_as_seg_and_sr_and_is_forwarded(tmp_path
             "data_dir": str(tmp_path / "data"), "rules": str(rules),
             "ingress": {"host": "127.0.0.1", "port": 0},
             "orthanc": {"url": orthanc.url, "event_token_file": str(token)}, "api": {"port": api_port},
-            "egress": {"named_destinations": {"SECOND": "orthanc-modality:SECOND"}, "retry_initial_seconds": 0.5,
-                       "timeout_seconds": 30},
+            "egress": {"destinations": {"SECOND": {"type": "orthanc-modality", "modality": "SECOND",
+                                                   "forward_only": True}}, "retry_initial_seconds": 0.5},
             "processing": {"job_timeout_seconds": 300}})
         with Node(config, poll_seconds=0.1) as node:
             sent = storescu(orthanc.dicom_port, tmp_path / "ct", calling_ae="CT_SCANNER", called_ae=orthanc.aet)

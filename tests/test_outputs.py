@@ -362,3 +362,24 @@ def test_fhir_server_refuses_an_observation_without_status(fhir_server: str, bun
     status, response = _http("POST", fhir_server, json.dumps(bundle))
     assert status == 400
     assert response["resourceType"] == "OperationOutcome"
+
+
+def test_the_output_layout_gives_each_kind_its_own_series_and_says_what_each_app_writes() -> None:
+    """One table of a run's outputs: no two DICOM kinds share a series number (viewers would sort them into one
+    series), each names its SOP class; a built-in app's folder is checked against it, a site app's is not."""
+    from radnode.outputs.layout import OutputFormat, RunOutput, is_dicom, layout_problems, outputs_of
+
+    dicom = [output for output in RunOutput if output.format is OutputFormat.DICOM]
+    numbers = [output.series_number for output in dicom]
+    assert len(set(numbers)) == len(numbers) and all(n > 900 for n in numbers)
+    assert all(output.sop_class_uid and output.value.modality for output in dicom)
+    assert len({output.file for output in RunOutput}) == len(RunOutput)
+    ct_files = [output.file for output in outputs_of("ct_tissue")]
+    assert layout_problems("ct_tissue", ct_files) == []
+    brain = ["seg.dcm", "sr.dcm", "fhir-bundle.json", "manifest.json", "report.txt"]
+    assert layout_problems("mri_brain", brain) == [
+        "uncertainty-map.dcm missing (mri_brain always writes it)",
+        "report.txt is not an output of mri_brain (the layout's REPORT_TEXT is written by ct_tissue)"]
+    assert layout_problems(None, ["anything.dcm"]) == [] and layout_problems("site_app", ["x.dcm"]) == []
+    assert is_dicom("seg.dcm") and is_dicom("1.2.3.dcm") and not is_dicom("fhir-bundle.json")
+    assert not is_dicom("report.pdf")

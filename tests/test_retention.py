@@ -57,7 +57,7 @@ def run_study(config: Config, command: list[str], folder: Path, patient_id: str 
 
 def test_a_done_job_is_purged_after_its_age_its_row_and_log_kept(tmp_path: Path, stand_in: list[str]) -> None:
     with StoreSCP(tmp_path / "pacs") as pacs:
-        config = node_config(tmp_path, egress={"destinations": [pacs.peer.model_dump()]})
+        config = node_config(tmp_path, egress={"destinations": {"pacs": pacs.destination}})
         job_id = run_study(config, stand_in, tmp_path / "study")
     data = config.data_dir
     store = JobStore(data / "radnode.db")
@@ -112,7 +112,7 @@ def test_an_undelivered_job_and_what_it_needs_are_kept(tmp_path: Path, stand_in:
     first job is purged but its instances stay for the second; all goes once the second has delivered."""
     port = free_port()
     config = node_config(tmp_path, ingress={"late_instances": "rerun"},
-                         egress={"destinations": [{"ae_title": "PACS", "host": "127.0.0.1", "port": port}]})
+                         egress={"destinations": {"pacs": f"PACS@127.0.0.1:{port}"}})
     first = write_study(tmp_path / "study", n=3)
     write_study(tmp_path / "late", n=1, study_uid=pydicom.dcmread(first[0]).StudyInstanceUID)
     with Node(config, job_command=stand_in, poll_seconds=0.05) as node:

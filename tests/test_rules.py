@@ -14,6 +14,7 @@ from pydicom import Dataset
 from pydicom.data import get_testdata_file
 from pydicom.uid import SegmentationStorage, generate_uid
 
+from radnode.destinations import known_types
 from radnode.outputs.provenance import PROVENANCE_TAGS
 from radnode.pipelines import rules_cli
 from radnode.pipelines.conditions import RuleError
@@ -285,7 +286,15 @@ rules:
   - name: a
     when: {Modality: CT}
     forward: [NOWHERE]   #!
-""", "rule 'a': unknown destination 'NOWHERE' (known: PACS)"),
+""", "rule 'a': unknown destination 'NOWHERE' (known: PACS; or a one-line destination"),
+    "unknown destination type": ("""
+rules:
+  - name: a
+    when: {Modality: CT}
+    forward:
+      - PACS
+      - "s3:results-bucket"   #!
+""", f"rule 'a': forward 's3:results-bucket': unknown destination type 's3' (known: {known_types()})"),
     "yaml syntax": ("""
 rules:
   - name: a

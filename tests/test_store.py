@@ -17,13 +17,14 @@ import yaml
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import UniqueConstraint, inspect
+from sqlalchemy import UniqueConstraint, insert, inspect
 
 from factories import RELEASE_0_1_INDEXES, RELEASE_0_1_SCHEMA, open_store_made_by
 from radnode.cli import main
+from radnode.console.accounts import Accounts, Role
 from radnode.node.store import Arrival, Instance, JobState, JobStore, StoreError, head_revision, upgrade_store
 from radnode.node.store.database import alembic_config, connect
-from radnode.node.store.schema import metadata
+from radnode.node.store.schema import deliveries, jobs, metadata
 from radnode.peers import free_port
 from radnode.pipelines.routing import Completeness, Execution, ExecutionMode, LateInstances, Priority, SeriesDecision
 
@@ -128,6 +129,36 @@ def test_done_deliveries_are_never_due_again_and_the_job_completes(store: JobSto
     assert store.due_deliveries() == []
     assert store.settle_job(job_id) is JobState.DONE
     assert [e.kind for e in store.events(job_id)].count("delivered") == 2
+
+
+
+def test_each_destination_has_its_queue_and_a_resend_requeues_what_went_out_with_who_and_why(store: JobStore) -> None:
+    job_id = _delivering_job(store, [("pacs", "a.dcm"), ("pacs", "b.dcm"), ("ehr", "fhir-bundle.json")])
+    assert store.pending_destinations() == ["ehr", "pacs"]
+    assert [d.object for d in store.due_deliveries_to("pacs")] == ["a.dcm", "b.dcm"]
+    bundle, a, b = store.deliveries(job_id)  # ordered by destination, then object
+    store.delivery_done(a.id, "sent", sent_uid="1.2.9.1")
+    store.delivery_done(b.id, "sent", sent_uid="1.2.9.2")
+    with pytest.raises(ValueError, match=f"job {job_id}'s deliveries to ehr are still pending"):
+        store.resend(job_id, "ehr", user="alice", reason="too early")
+    store.delivery_done(bundle.id, "posted")
+    assert store.settle_job(job_id) is JobState.DONE and store.pending_destinations() == []
+    assert store.resend(job_id, "pacs", user="alice", reason="PACS lost them") == 2
+    job = store.job(job_id)
+    assert job is not None and job.state is JobState.DELIVERING
+    assert store.events(job_id)[-1].message == "alice re-sent 2 deliveries to pacs: PACS lost them"
+    assert [(d.destination, d.state, d.sent_uid) for d in store.due_deliveries_to("pacs")] == [
+        ("pacs", "pending", "1.2.9.1"), ("pacs", "pending", "1.2.9.2")]  # the UIDs that went out, kept to compare
+    with pytest.raises(ValueError, match=f"job {job_id} has no deliveries to ARCHIVE to re-send"):
+        store.resend(job_id, "ARCHIVE", user="alice", reason="wrong name")
+    with pytest.raises(LookupError, match=f"job {job_id + 1} does not exist"):
+        store.resend(job_id + 1, user="alice", reason="typo")
+    for delivery in store.due_deliveries_to("pacs"):
+        store.delivery_done(delivery.id, "sent again", sent_uid=delivery.sent_uid)
+    assert store.settle_job(job_id) is JobState.DONE
+    assert store.begin_purge(job_id, time.time() + 1, time.time() + 1) is not None
+    with pytest.raises(ValueError, match=f"job {job_id}'s results were purged by retention; nothing left to re-send"):
+        store.resend(job_id, user="bob", reason="PACS lost them again")
 
 
 def test_state_survives_reopening_and_running_jobs_can_be_requeued(store_target: Path | str) -> None:
@@ -300,6 +331,34 @@ def test_every_schema_revision_leads_to_exactly_the_tables_of_the_schema_module(
     assert JobStore(store_target).opened.endswith(f"at schema revision {head_revision()}")
 
 
+def test_radnode_store_upgrade_brings_a_store_at_revision_0003_to_the_console_tables_keeping_its_deliveries(
+        store_target: Path | str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A store at 0003 (deliveries record the UID sent) gets the console's tables (0004) from ``radnode store
+    upgrade``: one linear history, its job and delivery kept, and people and tokens can be stored."""
+    database = connect(store_target)
+    with database.write() as conn:
+        command.upgrade(alembic_config(conn), "0003")
+        conn.execute(insert(jobs).values(id=1, study_instance_uid="1.2.3", pipeline="ct_tissue", state="done",
+                                         created_at=1, last_instance_at=1, updated_at=2))
+        conn.execute(insert(deliveries).values(job_id=1, destination="pacs", object="seg.dcm", state="done",
+                                               attempts=1, next_attempt_at=0, done_at=2, sent_uid="1.2.3.9"))
+    database.close()
+    config = tmp_path / "radnode.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path),
+                                      **({"store": {"url": store_target}} if isinstance(store_target, str) else {})}))
+    assert main(["store", "upgrade", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"upgraded from 0003 to {head_revision()}")
+    assert _differences(store_target) == []
+    store = JobStore(store_target)
+    try:
+        assert [(d.destination, d.state, d.sent_uid) for d in store.deliveries(1)] == [("pacs", "done", "1.2.3.9")]
+        token = Accounts(store).create_token("night-shift", Role.OPERATOR)
+        identity = Accounts(store).identity_for_token(token)
+        assert identity is not None and identity.role is Role.OPERATOR
+    finally:
+        store.close()
+
+
 def test_a_store_made_by_release_0_1_opens_with_its_jobs_series_decisions_and_deliveries(tmp_path: Path) -> None:
     """A 0.1 store in use (a study still arriving, routed to two pipelines; a done job with its delivery) is
     upgraded on open; the study then queues with the route it was recorded with."""
@@ -331,6 +390,18 @@ def test_a_store_made_by_release_0_1_opens_with_its_jobs_series_decisions_and_de
     assert _differences(tmp_path / "radnode.db") == []
 
 
+def test_a_store_whose_deliveries_already_record_the_sent_uid_opens_with_them(tmp_path: Path) -> None:
+    """The development build before schema revisions added ``deliveries.sent_uid`` on open; such a store
+    upgrades to the same tables, its recorded UIDs kept."""
+    store = open_store_made_by(
+        RELEASE_0_1_SCHEMA, tmp_path / "radnode.db", "ALTER TABLE deliveries ADD COLUMN sent_uid TEXT",
+        "INSERT INTO deliveries (job_id, destination, object, state, attempts, next_attempt_at, done_at, sent_uid)"
+        " VALUES (1, 'pacs', 'seg.dcm', 'done', 1, 0, 1, '1.2.3.9')")
+    assert [(d.destination, d.sent_uid) for d in store.deliveries(1)] == [("pacs", "1.2.3.9")]
+    store.close()
+    assert _differences(tmp_path / "radnode.db") == []
+
+
 def test_a_postgresql_store_at_an_older_schema_stops_the_node_until_it_is_upgraded(
         postgres_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Several nodes may share a PostgreSQL store, so a node never migrates one: ``radnode serve`` refuses to
@@ -347,8 +418,8 @@ def test_a_postgresql_store_at_an_older_schema_stops_the_node_until_it_is_upgrad
     assert serve.returncode == 2 and serve.stdout == ""
     (line,) = serve.stderr.splitlines()
     assert re.fullmatch(r"radnode: job store postgresql://radnode_test_\w+:\*\*\*@127\.0\.0\.1:\d+/\S+ is at an older "
-                        r"schema \(0001; this radnode needs " + head_revision() + r"\): back it up, then run `radnode store upgrade "
-                        r"--config FILE`", line), line
+                        rf"schema \(0001; this radnode needs {head_revision()}\): back it up, then run "
+                        r"`radnode store upgrade --config FILE`", line), line
     assert main(["store", "upgrade", "--config", str(config)]) == 0
     assert capsys.readouterr().out.strip().endswith(f"upgraded from 0001 to {head_revision()}")
     store = JobStore(postgres_url)

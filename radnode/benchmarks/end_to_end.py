@@ -41,8 +41,7 @@ def run_study(files: list[Path], pixel_bytes: int, work: Path, timeout: float = 
     with StoreSCP(work / "pacs", ae_title="PACS") as pacs, FhirServer(work / "fhir") as fhir:
         config = Config.model_validate({
             "data_dir": str(work / "node"), "ingress": {"host": "127.0.0.1", "port": 0},
-            "egress": {"destinations": [{"ae_title": pacs.ae_title, "host": "127.0.0.1", "port": pacs.port}],
-                       "fhir_url": fhir.base_url}})
+            "egress": {"destinations": {"pacs": pacs.destination, "ehr": fhir.destination}}})
         with Node(config) as node:
             receive = send_files(node.port, config.ingress.ae_title, files)
             sent_at = time.time()
@@ -51,8 +50,9 @@ def run_study(files: list[Path], pixel_bytes: int, work: Path, timeout: float = 
             manifest = RunManifest.read(outbox_dir(node.config, job_id))
             delivered = len(pacs.received())
     process_seconds = at["finished"] - at["running"]
-    phases = {"receive": receive, "wait": at["running"] - sent_at, **manifest.phases,
-              "job_other": process_seconds - sum(manifest.phases.values()), "send": at["done"] - at["finished"]}
+    job_phases = {name: phase.seconds for name, phase in manifest.phases.items()}
+    phases = {"receive": receive, "wait": at["running"] - sent_at, **job_phases,
+              "job_other": process_seconds - sum(job_phases.values()), "send": at["done"] - at["finished"]}
     slowest = max((k for k in phases if k != "job_other"), key=phases.__getitem__)
     return {"slices": len(files), "phases": {k: round(v, 3) for k, v in phases.items()},
             "total_seconds": round(at["done"] - sent_at + receive, 3), "slowest_phase": slowest,

@@ -14,6 +14,7 @@ from fastapi import APIRouter, Body, HTTPException, Path, Request, status
 from pydantic import Field
 
 from radnode.console.accounts import Identity
+from radnode.console.api import node_of
 from radnode.console.auth import Operator, Viewer, client_address, gate_of
 from radnode.console.schemas import Document
 from radnode.node.store import ActionRefused, JobStore
@@ -85,8 +86,11 @@ def retry(request: Request, identity: Operator, job_id: JobId, body: Annotated[N
              summary="Deliver a job's results again, to all its destinations or one")
 def resend(request: Request, identity: Operator, job_id: JobId,
            body: Annotated[ResendRequest, Body()] = ResendRequest()) -> ActionResult:
-    count = _act(request, identity, "resend", job_id, lambda: _store(request).resend_deliveries(
-        job_id, identity.label, body.destination, body.failed_only, body.note))
+    egress = node_of(request).egress
+    if egress is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the node is stopping")
+    count = _act(request, identity, "resend", job_id, lambda: egress.resend(
+        job_id, body.destination, user=identity.label, reason=body.note, failed_only=body.failed_only))
     return ActionResult(job_id=job_id, message=f"{count} deliver{'y' if count == 1 else 'ies'} queued")
 
 

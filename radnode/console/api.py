@@ -18,6 +18,7 @@ from radnode.console.schemas import (
     CorrectionList, Document, PerformanceDocument, Health, JobDetail, JobIdPath, JobList, Me, Queued, correction_document,
     delivery_document, event_document, job_summary,
 )
+from radnode.node.egress import Egress
 from radnode.node.store import CorrectionState, Job, JobState, JobStore, StudyDetails
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,9 @@ MAX_PAGE = 1000
 
 class NodeView(Protocol):
     """What the endpoints hand to the node (:class:`radnode.node.service.Node`); they read the job store."""
+
+    egress: Egress | None
+    """The node's egress while it runs: re-sends go through :meth:`Egress.resend`, which wakes the workers."""
 
     def health(self) -> dict[str, Any]: ...
 

@@ -14,7 +14,6 @@ import logging
 import threading
 import time
 from collections import defaultdict, deque
-from importlib.resources import files
 from typing import Annotated
 from urllib.parse import quote, urlsplit
 
@@ -25,17 +24,21 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from radnode.console.accounts import Identity, same_secret
 from radnode.console.auth import CSRF_HEADER, SESSION_COOKIE, client_address, cookie_scheme, gate_of
+from radnode.resources import package_file
 
 log = logging.getLogger(__name__)
 
 LOCKOUT_FAILURES = 5
 LOCKOUT_SECONDS = 900.0
 
-_PACKAGE = files("radnode.console")
-_templates = Environment(loader=FileSystemLoader(str(_PACKAGE / "templates")), autoescape=select_autoescape())
+TEMPLATES = package_file("radnode.console", "templates")
+"""The pages' Jinja2 templates, package data of ``radnode.console`` (found as an installed wheel has them)."""
+STATIC = package_file("radnode.console", "static")
+"""The script and style sheet the pages load from the node itself."""
+_templates = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape())
 
 router = APIRouter(include_in_schema=False)
-static = StaticFiles(directory=str(_PACKAGE / "static"))
+static = StaticFiles(directory=str(STATIC))
 
 
 class _Lockout:

@@ -82,6 +82,8 @@ class DeliveryDocument(Document):
     attempts: int
     next_attempt_at: dt.datetime | None
     last_error: str | None
+    sent_uid: str | None = Field(None, description="the SOP Instance UID that went out (a DICOM object), once "
+                                                   "delivered: a re-send sends the same")
 
 
 class SegmentAgreementDocument(Document):
@@ -245,7 +247,7 @@ def delivery_document(delivery: Delivery) -> DeliveryDocument:
     return DeliveryDocument(id=delivery.id, destination=delivery.destination, object=delivery.object,
                             state=delivery.state, attempts=delivery.attempts,
                             next_attempt_at=utc(delivery.next_attempt_at) if pending else None,
-                            last_error=delivery.last_error)
+                            last_error=delivery.last_error, sent_uid=delivery.sent_uid)
 
 
 def correction_document(correction: Correction) -> CorrectionDocument:

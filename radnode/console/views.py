@@ -1,6 +1,7 @@
 """What the dashboard shows beyond the job list: the overview, a job's series, outputs and stderr, the
-destinations with a live check (DICOM C-ECHO, FHIR ``/metadata``, Orthanc ``/system``), the rules in force with
-"test this study", and the audit log for admins."""
+destinations with a live check (each type's own, ``Destination.check`` in ``radnode.destinations``: DICOM
+C-ECHO, FHIR ``/metadata``, QIDO-RS, Orthanc ``/system``, ...), the rules in force with "test this study", and
+the audit log for admins."""
 
 from __future__ import annotations
 
@@ -11,20 +12,23 @@ from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
-import requests
 from fastapi import APIRouter, HTTPException, Path as PathParam, Query, Request, status
 from fastapi.responses import FileResponse
 from pydantic import Field
 
-from radnode.config import Config, DicomPeer
+from radnode.config import Config
 from radnode.console.auth import Admin, Operator, Viewer, gate_of
 from radnode.console.schemas import Document
+from radnode.destinations import Destination as DestinationType
+from radnode.destinations import SendContext, Timeouts
+from radnode.node.egress import Egress, outbox_dir
 from radnode.node.store import JobStore
 
 router = APIRouter()
 
 STDERR_TAIL_BYTES = 8192
 CHECK_TIMEOUT_SECONDS = 5.0
+"""A live check waits at most this long at each step (a page waits on it), whatever the delivery timeouts."""
 
 
 def _store(request: Request) -> JobStore:
@@ -100,7 +104,6 @@ def _job_or_404(store: JobStore, job_id: int):  # type: ignore[no-untyped-def]
 @router.get("/api/jobs/{job_id}/files", response_model=JobFiles, tags=["jobs"],
             summary="A job's series, outputs and the tail of its stderr", responses={404: {"description": "no such job"}})
 def job_files(request: Request, identity: Viewer, job_id: Annotated[int, PathParam(ge=1, le=2**62)]) -> JobFiles:
-    from radnode.node.egress import outbox_dir
     from radnode.node.worker import job_dir
 
     store, config = _store(request), _config(request)
@@ -130,8 +133,6 @@ def job_files(request: Request, identity: Viewer, job_id: Annotated[int, PathPar
                              "description": "the file"}, 404: {"description": "no such job or output"}})
 def job_output(request: Request, identity: Viewer, job_id: Annotated[int, PathParam(ge=1, le=2**62)],
                name: Annotated[str, PathParam(pattern=r"^[\w.-]{1,200}$")]) -> FileResponse:
-    from radnode.node.egress import outbox_dir
-
     if not gate_of(request).sees_patient_data(identity):
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"{identity.label} may not see patient data")
     path = outbox_dir(_config(request), job_id) / name
@@ -142,30 +143,32 @@ def job_output(request: Request, identity: Viewer, job_id: Annotated[int, PathPa
 
 class Destination(Document):
     name: str = Field(description="as the job's deliveries name it")
-    kind: str = Field(description="dicom, fhir or orthanc")
-    address: str
+    kind: str = Field(description="the destination type (dicom, fhir, dicomweb, orthanc, folder, ...)")
+    address: str = Field(description="where it sends, in one line (never a secret)")
 
 
-def destinations_of(config: Config) -> list[Destination]:
-    """Every place results or studies may go, as configured."""
-    found: dict[str, Destination] = {}
-    for peer in [*config.egress.destinations, *config.egress.known_peers]:
-        found[str(peer)] = Destination(name=f"dicom:{peer}", kind="dicom", address=str(peer))
-    for name, target in config.egress.named_destinations.items():
-        kind = "orthanc" if target.startswith("orthanc-") else "dicom"
-        found[name] = Destination(name=target if kind == "orthanc" else f"dicom:{target}", kind=kind,
-                                  address=f"{name}: {target}")
-    if config.egress.fhir_url:
-        found["fhir"] = Destination(name=f"fhir:{config.egress.fhir_url}", kind="fhir", address=config.egress.fhir_url)
-    if config.orthanc.url and config.orthanc.results_to_orthanc:
-        found["orthanc"] = Destination(name="orthanc", kind="orthanc", address=config.orthanc.url)
-    return list(found.values())
+def _egress(request: Request) -> Egress:
+    egress = request.app.state.node.egress
+    if egress is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the node is stopping")
+    return egress
+
+
+def destinations_of(config: Config, egress: Egress) -> dict[str, DestinationType]:
+    """Every place results may go, by the name deliveries use: egress's configured destinations (with the
+    implicit Orthanc), and with return-to-sender the known peers by their one-line form."""
+    found = dict(egress.destinations)
+    if config.egress.return_to_sender:
+        for peer in config.egress.known_peers:
+            found.setdefault(str(peer), egress.destination(str(peer)))
+    return found
 
 
 @router.get("/api/destinations", response_model=list[Destination], tags=["destinations"],
             summary="The configured destinations")
 def destinations(request: Request, identity: Viewer) -> list[Destination]:
-    return destinations_of(_config(request))
+    found = destinations_of(_config(request), _egress(request))
+    return [Destination(name=name, kind=d.kind, address=d.describe()) for name, d in found.items()]
 
 
 class CheckResult(Document):
@@ -175,56 +178,22 @@ class CheckResult(Document):
     seconds: float
 
 
-def check_destination(config: Config, destination: Destination) -> tuple[bool, str]:
-    """A live check: C-ECHO to a DICOM peer, ``/metadata`` of a FHIR server, ``/system`` of Orthanc."""
-    if destination.kind == "dicom":
-        from pynetdicom import AE
-        from pynetdicom.sop_class import Verification
-
-        peer = DicomPeer.parse(destination.name.removeprefix("dicom:"))
-        ae = AE(ae_title=config.ingress.ae_title)
-        ae.add_requested_context(Verification)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = CHECK_TIMEOUT_SECONDS
-        ae.connection_timeout = CHECK_TIMEOUT_SECONDS
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-        if assoc.is_established:
-            answer = assoc.send_c_echo()
-            assoc.release()
-            code = getattr(answer, "Status", None)
-            return code == 0, f"C-ECHO status 0x{code:04X}" if code is not None else "no C-ECHO answer"
-        if assoc.is_rejected:
-            return False, "association rejected"
-        return False, f"no association with {peer} (connection refused or timed out)"
-    url = destination.address if destination.kind == "fhir" else (config.orthanc.url or "")
-    probe = f"{url}/metadata" if destination.kind == "fhir" else f"{url}/system"
-    auth = (config.orthanc.username, str(config.orthanc.password or "")) if destination.kind == "orthanc" and \
-        config.orthanc.username else None
-    try:
-        answer = requests.get(probe, timeout=CHECK_TIMEOUT_SECONDS, auth=auth,
-                              headers={"Accept": "application/fhir+json, application/json"})
-    except requests.RequestException as e:
-        return False, f"{probe}: {type(e).__name__}: {e}"
-    if answer.status_code != 200:
-        return False, f"{probe}: HTTP {answer.status_code}"
-    if destination.kind == "fhir":
-        kind = answer.json().get("resourceType") if "json" in answer.headers.get("content-type", "") else None
-        return kind == "CapabilityStatement", f"{probe}: {kind or 'not JSON'} (FHIR {answer.json().get('fhirVersion', '?')})" \
-            if kind else f"{probe}: not a CapabilityStatement"
-    return True, f"{probe}: Orthanc {answer.json().get('Version', '?')}"
-
-
 @router.post("/api/destinations/check", response_model=CheckResult, tags=["destinations"],
-             summary="Check one destination now (C-ECHO, FHIR capability statement, Orthanc system)",
+             summary="Check one destination now, sending nothing (C-ECHO, FHIR capability statement, QIDO-RS, ...)",
              responses={404: {"description": "no such destination"}})
 def check(request: Request, identity: Operator,
           name: Annotated[str, Query(max_length=300, description="the destination's name")]) -> CheckResult:
     config = _config(request)
-    destination = next((d for d in destinations_of(config) if d.name == name), None)
+    destination = destinations_of(config, _egress(request)).get(name)
     if destination is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no destination {name!r}")
+    timeouts = destination.timeouts.over(config.egress.timeouts)
+    capped = Timeouts(**{k: min(v, CHECK_TIMEOUT_SECONDS) for k, v in timeouts.model_dump().items()})
+    context = SendContext(ae_title=config.ingress.ae_title, timeouts=capped, orthanc=config.orthanc,
+                          job_id=0)  # a check sends nothing and belongs to no job
     started = time.monotonic()
-    ok, detail = check_destination(config, destination)
-    return CheckResult(name=name, ok=ok, detail=detail, seconds=round(time.monotonic() - started, 3))
+    result = destination.check(context)
+    return CheckResult(name=name, ok=result.ok, detail=result.detail, seconds=round(time.monotonic() - started, 3))
 
 
 class Rules(Document):

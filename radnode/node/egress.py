@@ -1,8 +1,13 @@
-"""Egress: a finished job's results go to the outbox, its DICOM destinations and the FHIR server.
+"""Egress: a finished job's results go to the outbox, then to each destination by its own queue and worker.
 
-Every (job, destination, object) is a delivery row; a delivery recorded as done is never attempted
-again, one that fails is retried with exponential back-off until ``egress.max_attempts``. The job is
-``done`` when all deliveries are done, ``failed`` (results kept in the outbox) when some gave up.
+Every (job, destination, object) is a delivery row naming the destination by its configured name (or, for
+return-to-sender and rows a configuration no longer names, by its one-line form). Each destination has one
+worker thread that sends its due deliveries, one batch per job, with the destination's own timeouts, so a
+hung or slow peer delays nobody else. A delivery recorded as done is never attempted again; one that fails is
+retried with exponential back-off until ``egress.max_attempts``. The job is ``done`` when all its deliveries
+are done, ``failed`` (results kept in the outbox) when some gave up; :meth:`Egress.resend` puts delivered or
+failed deliveries back in the queue (same outbox files, so the same SOP Instance UIDs). After a restart the
+workers pick up whatever is pending.
 """
 
 from __future__ import annotations
@@ -10,30 +15,21 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 from collections import defaultdict
 from pathlib import Path
 
-import pydicom
-import requests
-from pydicom.errors import InvalidDicomError
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
-from pynetdicom.association import Association
-
-from radnode.config import Config, DicomPeer
+from radnode.config import Config
+from radnode.destinations import Destination, DestinationError, Item, Outcome, SendContext, parse_destination
+from radnode.destinations.base import Cancellation
+from radnode.destinations.orthanc import OrthancDestination
 from radnode.node.store import Delivery, JobStore
+from radnode.outputs.layout import dicom_files, is_dicom
 
 log = logging.getLogger(__name__)
 
-FHIR_BUNDLE = "fhir-bundle.json"
-DICOM_PREFIX = "dicom:"
-FHIR_PREFIX = "fhir:"
 ORTHANC = "orthanc"
-"""Destination: store into the configured Orthanc (``POST /instances``)."""
-ORTHANC_MODALITY = "orthanc-modality:"
-"""Destination prefix: store into Orthanc, then have Orthanc C-STORE to one of its modalities."""
-ORTHANC_DICOMWEB = "orthanc-dicomweb:"
-"""Destination prefix: store into Orthanc, then have Orthanc STOW-RS to one of its DICOMweb servers."""
+"""The name of the implicit destination for ``orthanc.results_to_orthanc`` (unless a destination has it)."""
 
 
 def outbox_dir(config: Config, job_id: int) -> Path:
@@ -57,190 +53,202 @@ def _copy_durably(source: Path, target: Path) -> list[str]:
 
 
 class Egress:
-    """Plans a job's deliveries and carries out those that are due."""
+    """Plans a job's deliveries and runs one worker per destination that carries them out."""
 
-    def __init__(self, config: Config, store: JobStore) -> None:
+    def __init__(self, config: Config, store: JobStore, poll_seconds: float = 0.2) -> None:
         self.config = config
         self.store = store
+        self.poll_seconds = poll_seconds
+        self.destinations: dict[str, Destination] = dict(config.egress.destinations)
+        """Configured destinations by name, with the implicit Orthanc one."""
+        if config.orthanc.url and config.orthanc.results_to_orthanc:
+            self.destinations.setdefault(ORTHANC, OrthancDestination())
+        self._unnamed: dict[str, Destination] = {}
+        """Destinations known by their one-line form only (return-to-sender, rows of an older configuration)."""
+        self._workers: dict[str, _Worker] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
 
-    def dicom_destinations(self, calling_ae: str) -> list[DicomPeer]:
-        """The configured destinations plus, with return-to-sender, the calling AE if it is a known peer."""
-        peers = list(self.config.egress.destinations)
-        if self.config.egress.return_to_sender:
-            peers += [p for p in self.config.egress.known_peers if p.ae_title == calling_ae]
-        unique: dict[str, DicomPeer] = {str(p): p for p in peers}
-        return list(unique.values())
+    # --- planning --------------------------------------------------------------------------------
 
-    def named_destination(self, name: str) -> str:
-        """The delivery destination for a name the routing rules use in ``forward:``."""
-        target = self.config.egress.named_destinations.get(name)
-        if target is None:
-            raise KeyError(f"forward destination {name!r} is not in egress.named_destinations")
-        if target.startswith((ORTHANC_MODALITY, ORTHANC_DICOMWEB)):
-            return target
-        return f"{DICOM_PREFIX}{DicomPeer.parse(target)}"
+    def destination(self, name: str) -> Destination:
+        """The destination a delivery row names: a configured name, else its one-line form."""
+        if name in self.destinations:
+            return self.destinations[name]
+        with self._lock:
+            if name not in self._unnamed:
+                try:
+                    self._unnamed[name] = parse_destination(name)
+                except DestinationError as e:
+                    raise DestinationError(f"destination '{name}' is not configured ({e})") from None
+            return self._unnamed[name]
+
+    def return_to_sender(self, calling_ae: str) -> list[str]:
+        """With return-to-sender, the known peers with the calling AE's title, by their one-line form."""
+        if not self.config.egress.return_to_sender:
+            return []
+        return [str(p) for p in self.config.egress.known_peers if p.ae_title == calling_ae]
 
     def stage(self, job_id: int, outputs: Path) -> None:
         """Copy a finished run's outputs to the outbox and move the job to ``delivering`` with its deliveries.
 
-        Results go to the configured destinations, back to Orthanc and to the study's route ``forward``
-        destinations; a forward-only job (no pipeline) sends the study itself to its forwards only.
+        A pipeline's results go to every destination not marked ``forward_only``, back to the sender and to
+        the study's route ``forward`` destinations, each taking the files it wants (DICOM objects, the FHIR
+        Bundle, ...); a forward-only job (no pipeline) sends the study itself to its forwards only.
         """
         job = self.store.job(job_id)
         if job is None:
             return
         try:
             names = _copy_durably(outputs, outbox_dir(self.config, job_id))
-            forwards = [self.named_destination(name) for name in job.forwards]
-        except (OSError, KeyError) as e:
+            forwards = {name: self.destination(name) for name in job.forwards}
+        except (OSError, DestinationError) as e:
             self.store.fail_job(job_id, f"cannot stage the results: {e}")
             return
-        dicom = [n for n in names if n.endswith(".dcm")]
+        targets: dict[str, Destination] = {}
         if job.pipeline:
-            targets = [f"{DICOM_PREFIX}{peer}" for peer in self.dicom_destinations(job.calling_ae)]
-            targets += [ORTHANC] if self.config.orthanc.url and self.config.orthanc.results_to_orthanc else []
-        else:
-            targets = []
-        targets = list(dict.fromkeys(targets + forwards))
-        plan = [(target, name) for target in targets for name in dicom]
-        if job.pipeline and self.config.egress.fhir_url and FHIR_BUNDLE in names:
-            plan.append((f"{FHIR_PREFIX}{self.config.egress.fhir_url}", FHIR_BUNDLE))
-        summary = (f"{len(names)} outputs ({len(dicom)} DICOM) copied to the outbox; "
-                   f"{len(plan)} deliveries planned")
+            targets |= {n: d for n, d in self.destinations.items() if not d.forward_only}
+            targets |= {n: self.destination(n) for n in self.return_to_sender(job.calling_ae)}
+        targets |= forwards
+        plan = [(name, file) for name, destination in targets.items() for file in names
+                if destination.wants(file) and (job.pipeline or is_dicom(file))]
+        dicom = len(dicom_files(names))
+        summary = (f"{len(names)} outputs ({dicom} DICOM) copied to the outbox; {len(plan)} deliveries planned"
+                   + (f" to {', '.join(sorted({n for n, _ in plan}))}" if plan else ""))
         self.store.begin_delivery(job_id, summary, plan)
+        self._wake({name for name, _ in plan})
+
+    def resend(self, job_id: int, destination: str | None = None, *, user: str, reason: str,
+               failed_only: bool = False) -> int:
+        """Deliver a job's results again, to every destination or one (even after they gave up): its delivered
+        and failed deliveries (``failed_only``: only those that gave up) go back to the queue and their workers
+        are woken; returns how many. The one re-send path: the console's action and ``radnode jobs resend`` call
+        it. LookupError for an unknown job; ActionRefused (a ValueError) saying why not."""
+        count = self.store.resend(job_id, destination, user=user, reason=reason, failed_only=failed_only)
+        self._wake({d.destination for d in self.store.deliveries(job_id) if d.state == "pending"})
+        return count
+
+    # --- delivering ------------------------------------------------------------------------------
 
     def deliver_due(self) -> None:
-        """Attempt every due delivery, one association (or request) per job and destination."""
-        groups: dict[tuple[int, str], list[Delivery]] = defaultdict(list)
-        for delivery in self.store.due_deliveries():
-            groups[(delivery.job_id, delivery.destination)].append(delivery)
-        for (job_id, destination), deliveries in groups.items():
-            folder = outbox_dir(self.config, job_id)
-            if destination.startswith(DICOM_PREFIX):
-                self._send_dicom(DicomPeer.parse(destination.removeprefix(DICOM_PREFIX)), folder, deliveries)
-            elif destination == ORTHANC or destination.startswith((ORTHANC_MODALITY, ORTHANC_DICOMWEB)):
-                self._send_orthanc(destination, folder, deliveries)
-            else:
-                self._post_fhir(destination.removeprefix(FHIR_PREFIX), folder, deliveries)
-        for job_id in {job_id for job_id, _ in groups}:
+        """One pass over every destination's due deliveries, in this thread (the workers do the same, each
+        for its own destination)."""
+        for name in self.store.pending_destinations():
+            self.deliver_due_to(name)
+
+    def deliver_due_to(self, name: str, cancellation: Cancellation | None = None) -> None:
+        """Send one destination's due deliveries, one batch per job, and settle those jobs."""
+        due = self.store.due_deliveries_to(name)
+        if not due:
+            return
+        by_job: dict[int, list[Delivery]] = defaultdict(list)
+        for delivery in due:
+            by_job[delivery.job_id].append(delivery)
+        try:
+            destination = self.destination(name)
+        except DestinationError as e:
+            for delivery in due:
+                self._failed(delivery, str(e))
+            destination = None
+        for job_id, deliveries in by_job.items():
+            if destination is not None and not self._stopping.is_set():
+                self._send(destination, job_id, deliveries, cancellation or Cancellation())
             state = self.store.settle_job(job_id)
             if state is not None:
                 log.debug("job %d %s", job_id, state)
+
+    def _send(self, destination: Destination, job_id: int, deliveries: list[Delivery],
+              cancellation: Cancellation) -> None:
+        folder = outbox_dir(self.config, job_id)
+        items = {d.id: Item(d.id, folder / d.object) for d in deliveries}
+        context = SendContext(ae_title=self.config.ingress.ae_title,
+                              timeouts=destination.timeouts.over(self.config.egress.timeouts),
+                              orthanc=self.config.orthanc, job_id=job_id, cancellation=cancellation)
+        try:
+            outcomes = destination.send(list(items.values()), context)
+        except Exception as e:  # a destination type's defect must not stop its queue or lose the record
+            log.exception("sending job %d to %s failed", job_id, destination.describe())
+            outcomes = [Outcome(item, False, f"{type(e).__name__}: {e}") for item in items.values()]
+        answered = {outcome.item.delivery_id for outcome in outcomes}
+        outcomes += [Outcome(item, False, f"{destination.describe()} gave no answer for {item.name}")
+                     for item in items.values() if item.delivery_id not in answered]
+        by_id = {d.id: d for d in deliveries}
+        for outcome in outcomes:
+            if outcome.ok:
+                self.store.delivery_done(outcome.item.delivery_id, outcome.message, sent_uid=outcome.sent_uid)
+            else:
+                self._failed(by_id[outcome.item.delivery_id], outcome.message)
 
     def _failed(self, delivery: Delivery, error: str) -> None:
         egress = self.config.egress
         self.store.delivery_failed(delivery.id, error, egress.max_attempts,
                                    (egress.retry_initial_seconds, egress.retry_max_seconds))
 
-    def _send_dicom(self, peer: DicomPeer, folder: Path, deliveries: list[Delivery]) -> None:
-        """C-STORE each object over one association; each success is recorded the moment it is confirmed."""
-        syntaxes: dict[str, set[UID]] = defaultdict(set)
-        readable = []
-        for delivery in deliveries:
+    # --- workers ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start a worker per configured destination, and one per destination that has pending deliveries
+        (return-to-sender peers, rows of an earlier configuration); :meth:`dispatch` adds those found later."""
+        self._stopping.clear()
+        for name in self.destinations:
+            self._worker(name)
+        self.dispatch()
+
+    def dispatch(self) -> None:
+        """Make sure every destination with pending deliveries has its worker (the node calls this regularly)."""
+        if self._stopping.is_set():
+            return
+        for name in self.store.pending_destinations():
+            self._worker(name)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the workers: sends in progress are cancelled where the type can, the rest end at their timeout
+        (their deliveries stay pending and are sent after the next start)."""
+        self._stopping.set()
+        with self._lock:
+            workers = list(self._workers.values())
+            self._workers.clear()
+        for worker in workers:
+            worker.wake.set()
+            worker.cancellation.cancel()
+        for worker in workers:
+            worker.thread.join(timeout)
+            if worker.thread.is_alive():
+                log.warning("egress to %s still busy after %g s; its delivery stays pending", worker.name, timeout)
+
+    def _worker(self, name: str) -> None:
+        with self._lock:
+            if name not in self._workers and not self._stopping.is_set():
+                self._workers[name] = _Worker(name, self)
+
+    def _wake(self, names: set[str]) -> None:
+        with self._lock:
+            workers = [self._workers.get(name) for name in names]
+        for worker in workers:
+            if worker is not None:
+                worker.wake.set()
+
+
+class _Worker:
+    """One destination's queue runner: sends its due deliveries, then sleeps until woken or the next poll."""
+
+    def __init__(self, name: str, egress: Egress) -> None:
+        self.name = name
+        self.egress = egress
+        self.wake = threading.Event()
+        self.cancellation = Cancellation()
+        self.thread = threading.Thread(target=self._run, name=f"radnode-egress-{name}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        stopping = self.egress._stopping
+        while not stopping.is_set():
+            self.wake.clear()
             try:
-                meta = pydicom.dcmread(folder / delivery.object, stop_before_pixels=True,
-                                       specific_tags=["SOPClassUID"])
-                ts = meta.file_meta.TransferSyntaxUID
-                sop_class = meta.SOPClassUID
-            except (OSError, InvalidDicomError, AttributeError) as e:
-                self._failed(delivery, f"cannot read {delivery.object} from the outbox: {e}")
-                continue
-            syntaxes[sop_class] |= {ts} if ts.is_compressed else {ts, ExplicitVRLittleEndian, ImplicitVRLittleEndian}
-            readable.append(delivery)
-        if not readable:
-            return
-        deliveries = readable
-        ae = AE(ae_title=self.config.ingress.ae_title)
-        for timeout in ("acse_timeout", "dimse_timeout", "network_timeout"):
-            setattr(ae, timeout, self.config.egress.timeout_seconds)
-        ae.connection_timeout = self.config.egress.timeout_seconds
-        for sop_class, transfer_syntaxes in syntaxes.items():
-            ae.add_requested_context(sop_class, sorted(transfer_syntaxes))
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
-        if not assoc.is_established:
-            why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "failed"
-            for delivery in deliveries:
-                self._failed(delivery, f"association with {peer} {why}")
-            return
-        try:
-            for delivery in deliveries:
-                self._store_one(assoc, peer, folder, delivery)
-        finally:
-            if assoc.is_established:
-                assoc.release()
+                self.egress.deliver_due_to(self.name, self.cancellation)
+            except Exception:
+                if stopping.is_set():
+                    return
+                log.exception("egress to %s failed; carrying on", self.name)
+            self.wake.wait(self.egress.poll_seconds)
 
-    def _store_one(self, assoc: Association, peer: DicomPeer, folder: Path, delivery: Delivery) -> None:
-        if not assoc.is_established:
-            self._failed(delivery, f"association with {peer} ended early")
-            return
-        try:
-            status = assoc.send_c_store(folder / delivery.object)
-        except (ValueError, RuntimeError, OSError) as e:
-            self._failed(delivery, f"cannot send: {e}")
-            return
-        code = status.get("Status") if status else None
-        if code is not None and (code == 0 or code & 0xF000 == 0xB000):
-            self.store.delivery_done(delivery.id, f"{delivery.object} → {peer} (status 0x{code:04X})")
-        elif code is None:
-            self._failed(delivery, f"no response from {peer}")
-        else:
-            comment = f": {status.ErrorComment}" if "ErrorComment" in status else ""
-            self._failed(delivery, f"{peer} answered status 0x{code:04X}{comment}")
-
-    def _orthanc(self, method: str, path: str, **kwargs: object) -> requests.Response:
-        """A request to the configured Orthanc's REST API; raises for HTTP errors."""
-        orthanc = self.config.orthanc
-        if not orthanc.url:
-            raise requests.RequestException("orthanc.url is not configured")
-        auth = (orthanc.username, orthanc.password) if orthanc.username else None
-        response = requests.request(method, f"{orthanc.url}{path}", auth=auth,
-                                    timeout=self.config.egress.timeout_seconds, **kwargs)  # type: ignore[arg-type]
-        if response.status_code >= 400:
-            raise requests.RequestException(f"{method} {path}: HTTP {response.status_code} {response.text[:200]}")
-        return response
-
-    def _send_orthanc(self, destination: str, folder: Path, deliveries: list[Delivery]) -> None:
-        """Store each object into Orthanc (``POST /instances``); for a modality or DICOMweb server Orthanc
-        then sends them all in one synchronous job, and they are done only when that succeeded."""
-        stored: list[tuple[Delivery, str]] = []
-        for delivery in deliveries:
-            try:
-                answer = self._orthanc("POST", "/instances", data=(folder / delivery.object).read_bytes(),
-                                       headers={"Content-Type": "application/dicom"}).json()
-                stored.append((delivery, answer["ID"]))
-            except (requests.RequestException, OSError, ValueError, KeyError) as e:
-                self._failed(delivery, f"store into Orthanc: {e}")
-        if destination == ORTHANC:
-            for delivery, orthanc_id in stored:
-                self.store.delivery_done(delivery.id, f"{delivery.object} → Orthanc (instance {orthanc_id})")
-            return
-        if not stored:
-            return
-        if destination.startswith(ORTHANC_MODALITY):
-            path = f"/modalities/{destination.removeprefix(ORTHANC_MODALITY)}/store"
-        else:
-            path = f"/dicom-web/servers/{destination.removeprefix(ORTHANC_DICOMWEB)}/stow"
-        try:
-            self._orthanc("POST", path, json={"Resources": [i for _, i in stored], "Synchronous": True})
-        except requests.RequestException as e:
-            for delivery, _ in stored:
-                self._failed(delivery, f"Orthanc {path}: {e}")
-            return
-        for delivery, _ in stored:
-            self.store.delivery_done(delivery.id, f"{delivery.object} → {destination} via Orthanc")
-
-    def _post_fhir(self, url: str, folder: Path, deliveries: list[Delivery]) -> None:
-        """POST each Bundle as application/fhir+json; any 2xx answer is a delivery."""
-        for delivery in deliveries:
-            try:
-                response = requests.post(url, data=(folder / delivery.object).read_bytes(),
-                                         headers={"Content-Type": "application/fhir+json",
-                                                  "Accept": "application/fhir+json"},
-                                         timeout=self.config.egress.timeout_seconds)
-            except (requests.RequestException, OSError) as e:
-                self._failed(delivery, f"POST {url}: {type(e).__name__}: {e}")
-                continue
-            if 200 <= response.status_code < 300:
-                self.store.delivery_done(delivery.id, f"{delivery.object} → {url} (HTTP {response.status_code})")
-            else:
-                self._failed(delivery, f"POST {url}: HTTP {response.status_code} {response.text[:200]}")

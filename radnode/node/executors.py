@@ -48,8 +48,8 @@ from typing import Protocol
 
 from radnode.config import CONFIG_ENV, Config, ConfigError
 from radnode.execution import PIPELINE_ENV
-from radnode.map import APP_METADATA_FILE, APPS_DIR, INPUT_DIR, MODELS_DIR, OUTPUT_DIR, WORK_DIR, AppMetadata, \
-    MapError, app_manifest, model_names
+from radnode.map import APP_METADATA_FILE, INPUT_DIR, MODELS_DIR, OUTPUT_DIR, WORK_DIR, AppMetadata, MapError, \
+    app_folder, app_manifest, model_names
 from radnode.pipelines.registry import UnknownPipelineError, get_pipeline, registered_pipelines
 from radnode.pipelines.routing import ExecutionMode
 
@@ -116,7 +116,7 @@ def map_metadata(pipeline: str) -> AppMetadata | None:
         app = get_pipeline(pipeline).built_in_app
     except UnknownPipelineError:
         return None
-    if app is None or not (APPS_DIR / app / APP_METADATA_FILE).is_file():
+    if app is None or not (app_folder(app) / APP_METADATA_FILE).is_file():
         return None
     try:
         return AppMetadata.load(app)
@@ -206,7 +206,7 @@ class SubprocessExecutor:
             link_models(models, self.models[run.pipeline])
         else:
             for name, rel in (meta.models if meta else {}).items():
-                (models / name).symlink_to((APPS_DIR / meta.name / rel).resolve())  # type: ignore[union-attr]
+                (models / name).symlink_to((app_folder(meta.name) / rel).resolve())  # type: ignore[union-attr]
         env = {**self.env, **thread_environment(meta.resources if meta else {}),
                "HOLOSCAN_INPUT_PATH": str(run.inputs), "HOLOSCAN_OUTPUT_PATH": str(run.outputs),
                "HOLOSCAN_WORKDIR": str(work), "HOLOSCAN_MODEL_PATH": str(models), PIPELINE_ENV: run.pipeline}

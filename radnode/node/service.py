@@ -13,10 +13,9 @@ On disk under ``config.data_dir``::
     jobs/<job_id>/stdout.log, stderr.log
     outbox/<job_id>/                copy of every output, kept whatever the deliveries do
 
-With ``orthanc.url`` set, the node also listens for the Orthanc plugin's events on its HTTP API
-(``api.host``/``api.port``) and pulls instances from Orthanc into the same spool; results go back into
-Orthanc. The API also lists the jobs (``GET /jobs?needs_review=true``: studies flagged for human review);
-``api.enabled`` starts it without Orthanc. Every series is routed by the rule file (``rules``; unset: the
+The web service (``radnode.console``, on ``api.host``/``api.port`` unless ``api.enabled`` is false) serves the
+API, the operators' dashboard, ``/metrics``, STOW-RS and the Orthanc plugin's events; with ``orthanc.url`` set
+the node pulls instances from Orthanc into the same spool and results go back into Orthanc. Every series is routed by the rule file (``rules``; unset: the
 shipped ``pipelines/default_rules.yaml``): pipelines, forwards, discard, priority, completeness, execution
 (in-process, subprocess or container, see ``executors.py``). The node's own results coming back (from a PACS,
 from Orthanc) are recorded and never processed, whatever the rules say; so are clinicians' corrections of its
@@ -24,7 +23,8 @@ segmentations (a foreign SEG referencing a source series), which the feedback th
 measures against the node's SEG (``radnode/feedback``).
 
 On start, spool files the store does not know are indexed, jobs left ``running`` run again from
-scratch, and jobs left ``delivering`` carry on with only the deliveries not recorded as done.
+scratch, and jobs left ``delivering`` carry on with only the deliveries not recorded as done. Egress runs one
+worker per destination (``egress.py``), so a hung peer delays only its own deliveries.
 
 Retention (``retention.py``) removes the files of jobs final for longer than ``retention.done_days`` /
 ``failed_days`` in its own thread, at start (finishing a purge a crash interrupted) and every
@@ -74,6 +74,8 @@ class Node:
         self.job_command = list(job_command)
         self.poll_seconds = poll_seconds
         self.store: JobStore | None = None
+        self.egress: Egress | None = None
+        """Started with the node: one delivery worker per destination (``Egress.resend`` re-sends a job)."""
         self._scp: StorageSCP | None = None
         self._web: Console | None = None
         self._orthanc: OrthancIngress | None = None
@@ -96,12 +98,12 @@ class Node:
         self.disk_guard = DiskGuard.from_config(spool.root, self.config.retention)
         ingest = Ingest(spool, store, router, self.disk_guard)
         self._recover(store, spool, ingest)
-        egress = Egress(self.config, store)
+        self.egress = egress = Egress(self.config, store, self.poll_seconds)
         scheduler = Scheduler(self.config, store, egress, self.job_command, config_file)
         self._scp = StorageSCP(self.config.ingress, ingest)
         self._scp.start()
         if self.config.orthanc.url:
-            self._orthanc = OrthancIngress(self.config.orthanc, ingest, self.config.egress.timeout_seconds)
+            self._orthanc = OrthancIngress(self.config.orthanc, ingest, self.config.egress.timeouts.network_seconds)
             self._orthanc.start()
         if self.config.api.enabled:
             self._ingest = ingest
@@ -109,18 +111,19 @@ class Node:
             self._web.start()
         self._stopping.clear()
         retention = Retention(self.config, store, should_stop=self._stopping.is_set)
+        egress.start()
         activity = ActivityLog(store.read_rows)
         self._threads = [self._loop("activity", activity.tick),
                          self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
-                         self._loop("egress", egress.deliver_due), self._loop("retention", retention.tick),
+                         self._loop("egress", egress.dispatch), self._loop("retention", retention.tick),
                          self._loop("feedback", CorrectionMatcher(self.config, store).tick)]
 
     def load_rules(self) -> RuleSet:
         """The configured rule file (unset: the shipped ``pipelines/default_rules.yaml``), checked against the
-        known pipelines (built-in and site), the named destinations and the execution modes this node has
+        known pipelines (built-in and site), the configured destinations and the execution modes this node has
         (container only with an engine configured)."""
         return load_rules(self.config.rules or DEFAULT_RULES, known_pipelines=registered_pipelines().keys(),
-                          known_destinations=self.config.egress.named_destinations.keys(),
+                          known_destinations=self.config.egress.destinations.keys(),
                           execution_modes=execution_modes(self.config))
 
     def health(self) -> dict[str, object]:
@@ -174,6 +177,9 @@ class Node:
         self._stopping.set()
         for thread in self._threads:
             thread.join()
+        if self.egress is not None:
+            self.egress.stop()
+            self.egress = None
         self.store.close()
         self.store = None
 

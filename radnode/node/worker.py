@@ -13,7 +13,6 @@ pipelines that score their uncertainty) copied into the job store before its res
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import shlex
@@ -27,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from radnode.config import Config
-from radnode.execution import MANIFEST_FILE
+from radnode.execution import ManifestError, ReviewDecision, RunManifest
 from radnode.node.completeness import CompletenessSettings, study_verdict
 from radnode.node.egress import Egress
 from radnode.node.executors import ExecutionError, JobRun, Launch, executors, resolve_timeout
@@ -93,18 +92,16 @@ def last_line(path: Path) -> str:
     return next((line.strip() for line in reversed(lines) if line.strip()), "")
 
 
-def run_review(outputs: Path) -> tuple[bool, list[str]] | None:
-    """The review decision in a run's manifest (flagged, reasons); None when the run did not assess one or the
-    manifest is missing or not radnode's (a site command may write its own)."""
+def run_review(job_id: int, outputs: Path) -> ReviewDecision | None:
+    """The review decision in a run's manifest; None when the run did not assess one, or wrote no radnode
+    manifest (a site command may write none, or its own: logged, the job goes on unassessed)."""
     try:
-        manifest = json.loads((outputs / MANIFEST_FILE).read_text())
-    except (OSError, ValueError):
+        return RunManifest.read(outputs).review
+    except FileNotFoundError:
         return None
-    review = manifest.get("review") if isinstance(manifest, dict) else None
-    if not isinstance(review, dict) or not isinstance(review.get("needs_review"), bool):
+    except (OSError, ManifestError) as e:
+        log.warning("job %d: %s; its review is not assessed", job_id, e)
         return None
-    reasons = review.get("reasons")
-    return review["needs_review"], [str(r) for r in reasons] if isinstance(reasons, list) else []
 
 
 def completeness_settings(config: Config) -> CompletenessSettings:
@@ -239,11 +236,11 @@ class Scheduler:
             log.debug("job %d failed: %s", job.job_id, reason)
             return
         outputs = job_dir(self.config, job.job_id) / "out"
-        review = run_review(outputs)
+        review = run_review(job.job_id, outputs)
         if review is not None:
-            self.store.record_review(job.job_id, *review)
-            if review[0]:
-                log.debug("job %d flagged for human review: %s", job.job_id, "; ".join(review[1]))
+            self.store.record_review(job.job_id, review.needs_review, review.reasons)
+            if review.needs_review:
+                log.debug("job %d flagged for human review: %s", job.job_id, "; ".join(review.reasons))
         self.egress.stage(job.job_id, outputs)
 
     def stop(self) -> None:

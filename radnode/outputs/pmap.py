@@ -13,10 +13,9 @@ from pydicom import Dataset
 
 from radnode.imaging.volume import Volume
 from radnode.outputs.algorithm import AlgorithmInfo, declare_private_coding_schemes, new_uid
+from radnode.outputs.layout import RunOutput
 from radnode.uncertainty import NO_UNITS, PRIVATE_SCHEME, UncertaintyReport
 
-PMAP_SERIES_NUMBER = 903
-"""Default Series Number for the uncertainty map, after the SEG (901) and SR (902)."""
 ENTROPY_QUANTITY = hd.sr.CodedConcept("UNC-ENTROPY", PRIVATE_SCHEME, "Normalised predictive entropy")
 
 
@@ -30,7 +29,7 @@ def _frame_anatomy(region: hd.sr.CodedConcept) -> Dataset:
 
 def build_uncertainty_map(volume: Volume, report: UncertaintyReport, algorithm: AlgorithmInfo, *,
                           anatomic_region: hd.sr.CodedConcept, uid_root: str,
-                          series_number: int = PMAP_SERIES_NUMBER) -> hd.pm.ParametricMap:
+                          series_number: int = RunOutput.UNCERTAINTY_MAP.series_number) -> hd.pm.ParametricMap:
     """The report's map (normalised predictive entropy in [0, 1]) as a float Parametric Map on the source grid.
 
     ``anatomic_region`` (e.g. the segmented structure) fills the Frame Anatomy functional group the

@@ -13,11 +13,8 @@ import numpy as np
 
 from radnode.imaging.volume import Volume
 from radnode.outputs.algorithm import AlgorithmInfo, declare_private_coding_schemes, new_uid
+from radnode.outputs.layout import RunOutput
 from radnode.results import Segment
-
-SEG_SERIES_NUMBER = 901
-"""Default Series Number for SEG results: high, so result series sort after acquired ones in viewers."""
-
 
 def _segment_description(number: int, segment: Segment, algorithm: AlgorithmInfo,
                          uid_root: str) -> hd.seg.SegmentDescription:
@@ -67,7 +64,7 @@ def build_segmentation(
     algorithm: AlgorithmInfo,
     *,
     uid_root: str,
-    series_number: int = SEG_SERIES_NUMBER,
+    series_number: int = RunOutput.SEG.series_number,
     series_description: str | None = None,
 ) -> hd.seg.Segmentation:
     """A BINARY SEG with one segment per ``segments`` item (in order, numbered from 1), empty frames omitted.

@@ -22,11 +22,9 @@ from pydicom.sr.codedict import codes
 from radnode.imaging.volume import Volume
 from radnode.outputs.algorithm import AlgorithmInfo, declare_private_coding_schemes, device_uid, new_uid
 from radnode.outputs.contour import largest_cross_section
+from radnode.outputs.layout import RunOutput
 from radnode.results import PipelineResult, Structure
 from radnode.uncertainty import NEEDS_REVIEW, NO_REVIEW_NEEDED, REVIEW_FINDING, UncertainPipelineResult
-
-SR_SERIES_NUMBER = 902
-"""Default Series Number for the measurement report, next to the SEG's 901."""
 
 PROCEDURE_REPORTED: dict[str, Code] = {
     "CT": codes.cid100.CTUnspecifiedBodyRegion,  # LN 25045-6
@@ -118,7 +116,7 @@ def build_measurement_report(
     algorithm: AlgorithmInfo,
     *,
     uid_root: str,
-    series_number: int = SR_SERIES_NUMBER,
+    series_number: int = RunOutput.MEASUREMENT_SR.series_number,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 report with one TID 1411 group per SEG segment, measurements from ``result``.
 

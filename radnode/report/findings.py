@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from radnode.resources import package_file
 from radnode.results import Measurement, PipelineResult, Structure
 
-REFERENCE_RANGES_FILE = Path(__file__).with_name("reference_ranges.yaml")
+REFERENCE_RANGES_FILE = package_file("radnode.report", "reference_ranges.yaml")
 
 UNIT_SYMBOLS = {"mL": "mL", "[hnsf'U]": "HU", "%": "%"}
 """UCUM codes of the measurements as written in report text."""

@@ -14,10 +14,9 @@ from pydicom.sr.codedict import codes
 
 from radnode.imaging.volume import Volume
 from radnode.outputs.algorithm import AlgorithmInfo, device_uid, new_uid
+from radnode.outputs.layout import RunOutput
 from radnode.report.generate import Report
 
-REPORT_SERIES_NUMBER = 903
-"""Series Number of the text report, after the SEG (901) and the measurement report (902)."""
 DIAGNOSTIC_IMAGING_REPORT = Code("18748-4", "LN", "Diagnostic imaging report")
 FINDINGS_SECTION = Code("121070", "DCM", "Findings")
 FINDING = Code("121071", "DCM", "Finding")
@@ -37,8 +36,8 @@ def _section(concept: Code, item_concept: Code, lines: list[str]) -> hd.sr.Conta
     return container
 
 
-def build_text_report(volume: Volume, measurement_report: Dataset, report: Report, algorithm: AlgorithmInfo,
-                      *, uid_root: str, series_number: int = REPORT_SERIES_NUMBER) -> hd.sr.ComprehensiveSR:
+def build_text_report(volume: Volume, measurement_report: Dataset, report: Report, algorithm: AlgorithmInfo, *,
+                      uid_root: str, series_number: int = RunOutput.REPORT_SR.series_number) -> hd.sr.ComprehensiveSR:
     """A Comprehensive SR holding the report text, preliminary (Completion Flag PARTIAL, unverified)."""
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,

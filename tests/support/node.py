@@ -95,7 +95,8 @@ def node_config(tmp_path: Path, port: int = 0, **sections: dict) -> Config:
     data: dict = {"data_dir": str(tmp_path / "data"),
                   "ingress": {"host": "127.0.0.1", "port": port, "study_idle_seconds": 0.5},
                   "egress": {"retry_initial_seconds": 0.2, "retry_max_seconds": 0.5, "max_attempts": 50,
-                             "timeout_seconds": 5},
+                             "timeouts": {"connect_seconds": 5, "acse_seconds": 5, "dimse_seconds": 5,
+                                          "network_seconds": 5}},
                   "processing": {"job_timeout_seconds": 60},
                   "api": {"port": 0},
                   "feedback": {"preload_metrics": False}}  # only the feedback tests' nodes need them

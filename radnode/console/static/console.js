@@ -110,7 +110,7 @@ async function refreshJob() {
   document.getElementById("job-actions").replaceChildren(...jobActions(job));
   document.querySelector("#deliveries tbody").replaceChildren(...job.deliveries.map(d => el("tr", { "data-destination": d.destination, "data-state": d.state },
     el("td", {}, d.destination), el("td", {}, d.object), el("td", {}, el("span", { class: "state " + d.state }, d.state)),
-    el("td", {}, d.attempts), el("td", {}, d.last_error || ""))));
+    el("td", {}, d.attempts), el("td", {}, d.last_error || ""), el("td", { class: "uid" }, d.sent_uid || ""))));
   const destinations = [...new Set(job.deliveries.map(d => d.destination))];
   document.getElementById("destination-actions").replaceChildren(...(OPERATOR && ["done", "failed"].includes(job.state) ? destinations.map(d =>
     el("button", { class: "resend-one", "data-destination": d, onclick: () => act(`/api/jobs/${id}/resend`, { destination: d }) }, "Re-send to " + d)) : []));

@@ -11,7 +11,7 @@ lives in its own module:
 ``policy``     pure functions: late instances, a study with nothing to do, what a purge keeps
 ``ingest``     arrivals: instances under their study's job, each series' routing decision, once
 ``jobs``       scheduling: queueing with the study's route, siblings, runs, restarts, failure
-``deliveries`` egress: per-destination deliveries, retries, settling a job
+``deliveries`` egress: per-destination queues of deliveries, retries, re-sends, settling a job
 ``retention``  the purge's records
 ``queries``    the job list, one job, counts
 ``console``    the web console's people, tokens and sessions, operators' actions, settings, study details
@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from radnode.node.store.console import ActionRefused, Console, StudyDetails
+from radnode.node.store.console import Console, StudyDetails
 from radnode.node.store.database import SQLITE_FILE, Database, StoreError, head_revision, open_database
 from radnode.node.store.deliveries import Deliveries
 from radnode.node.store.events import EventLog
@@ -40,13 +40,13 @@ from radnode.node.store.ingest import Arrivals, Decide
 from radnode.node.store.jobs import Scheduling
 from radnode.node.store.queries import Queries
 from radnode.node.store.records import (
-    FINAL_STATES, Arrival, Correction, CorrectionState, Delivery, Event, Instance, InstanceBeingPurged, Job, JobState, PurgePlan,
+    FINAL_STATES, ActionRefused, Arrival, Correction, CorrectionState, Delivery, Event, Instance, InstanceBeingPurged, Job, JobState, PurgePlan,
 )
 from radnode.node.store.retention import Purges
 
-__all__ = ["ActionRefused", "StudyDetails", "FINAL_STATES", "SQLITE_FILE", "Arrival", "Correction", "CorrectionState", "Decide", "Delivery", "Event", "Instance",
-           "InstanceBeingPurged", "Job", "JobState", "JobStore", "PurgePlan", "StoreError", "head_revision",
-           "store_target", "upgrade_store"]
+__all__ = ["FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Correction", "CorrectionState", "Decide", "Delivery", "Event", "Instance",
+           "InstanceBeingPurged", "Job", "JobState", "JobStore", "PurgePlan", "StoreError", "StudyDetails",
+           "head_revision", "store_target", "upgrade_store"]
 
 
 class JobStore(Arrivals, Scheduling, Deliveries, Purges, Queries, EventLog, Console, Feedback):

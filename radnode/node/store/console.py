@@ -1,5 +1,5 @@
 """The console's records: people, API tokens and sessions; operators' actions on jobs, each in the job's event
-log with the person who took it; run-time settings (the queue paused); study details for the job list.
+log with the person who took it (a re-send is egress's: ``Deliveries.resend``); run-time settings (the queue paused); study details for the job list.
 
 Actions are guarded transitions like the node's own: one that does not apply to the job's state changes
 nothing and says why (:class:`ActionRefused`), so two operators clicking at once act once.
@@ -16,16 +16,12 @@ from sqlalchemy import Row, delete, func, insert, select, true, update
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
 from radnode.node.store.jobs import transition
-from radnode.node.store.records import FINAL_STATES, JobState
+from radnode.node.store.records import FINAL_STATES, ActionRefused, JobState
 from radnode.node.store.schema import (
     api_tokens, deliveries, instances, jobs, node_settings, reviews, sessions, study_details, users,
 )
 
 QUEUE_PAUSED = "queue_paused"
-
-
-class ActionRefused(ValueError):
-    """An action that does not apply to the job as it is (the message says why)."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +42,8 @@ class Console:
 
     def insert_user(self, values: dict) -> bool:
         with self._db.write() as conn:
-            return conn.execute(self._db.insert_ignoring_conflicts(users).values(**values)).rowcount == 1
+            return conn.execute(self._db.insert_ignoring_conflicts(users).values(**values)  # psycopg: rowcount -1
+                                .returning(users.c.name)).first() is not None
 
     def update_user(self, name: str, values: dict, end_sessions: bool = False) -> bool:
         with self._db.write() as conn:
@@ -69,7 +66,8 @@ class Console:
 
     def insert_token(self, values: dict) -> bool:
         with self._db.write() as conn:
-            return conn.execute(self._db.insert_ignoring_conflicts(api_tokens).values(**values)).rowcount == 1
+            return conn.execute(self._db.insert_ignoring_conflicts(api_tokens).values(**values)  # psycopg: rowcount -1
+                                .returning(api_tokens.c.name)).first() is not None
 
     def delete_token(self, name: str) -> bool:
         with self._db.write() as conn:
@@ -175,34 +173,6 @@ class Console:
                       + (f" ({note})" if note else ""))
         self.queue_job(job_id, f"retried by {user}")  # type: ignore[attr-defined]
         return count
-
-    def resend_deliveries(self, job_id: int, user: str, destination: str | None = None, failed_only: bool = False,
-               note: str = "") -> int:
-        """Deliver a job's results again (all destinations or one; every object, or only those that were not
-        delivered), even after the deliveries gave up; the job is ``delivering`` until they settle.
-        Returns how many deliveries were queued."""
-        with self._db.write() as conn:
-            state = self._locked_state(conn, job_id)
-            if state not in FINAL_STATES and state is not JobState.DELIVERING:
-                raise ActionRefused(f"job {job_id} is {state}: results can be re-sent once it has delivered or failed")
-            purged = conn.execute(select(jobs.c.purged_at).where(jobs.c.id == job_id)).scalar()
-            if purged is not None:
-                raise ActionRefused(f"job {job_id}'s results were removed by retention; nothing to re-send")
-            chosen = [deliveries.c.job_id == job_id]
-            if destination is not None:
-                chosen.append(deliveries.c.destination == destination)
-            if failed_only:
-                chosen.append(deliveries.c.state != "done")
-            count = conn.execute(update(deliveries).where(*chosen).values(
-                state="pending", attempts=0, next_attempt_at=time.time(), last_error=None, done_at=None)).rowcount
-            if not count:
-                where = f" to {destination}" if destination else ""
-                raise ActionRefused(f"job {job_id} has no {'undelivered ' if failed_only else ''}result{where} to re-send")
-            transition(conn, job_id, (JobState.DONE, JobState.FAILED), JobState.DELIVERING)
-            conn.execute(update(jobs).where(jobs.c.id == job_id).values(reason=None))
-            log_event(conn, job_id, "resend", f"re-send by {user}: {count} deliver{'y' if count == 1 else 'ies'}"
-                      f"{' to ' + destination if destination else ''}" + (f" ({note})" if note else ""))
-            return int(count)
 
     def cancel_job(self, job_id: int, user: str, note: str = "") -> JobState:
         """A job that has not finished ends ``failed`` (cancelled); a running one's process is ended by the

@@ -1,8 +1,11 @@
 """Deliveries: one row per (job, destination, object), its attempts and retry time; what egress works from.
 
-A delivery recorded ``done`` is never attempted again (a restart re-sends nothing delivered); one that fails
-backs off exponentially and gives up after its attempts. Two egress workers racing for one delivery: the
-row's state guards the update, so one attempt is counted once.
+A destination is named as configured (``egress.destinations``; rows of older releases name it ``dicom:…`` /
+``fhir:…`` and still resolve). Each destination has its own queue (``pending_destinations``,
+``due_deliveries_to``). A delivery recorded ``done`` (with the SOP Instance UID that went out) is never
+attempted again (a restart re-sends nothing delivered) unless an operator re-sends it (``resend``, recorded
+with who and why: the API's, CLI's and dashboard's re-send all come here through ``Egress.resend``); one that fails backs off exponentially and gives up after its attempts. Two egress
+workers racing for one delivery: the row's state guards the update, so one attempt is counted once.
 """
 
 from __future__ import annotations
@@ -14,12 +17,11 @@ from sqlalchemy import func, select, update
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
 from radnode.node.store.jobs import transition
-from radnode.node.store.records import Delivery, JobState, delivery_from_row
+from radnode.node.store.records import DELIVERY_FIELDS, ActionRefused, Delivery, JobState, delivery_from_row
 from radnode.node.store.schema import deliveries as delivery_table
 from radnode.node.store.schema import jobs
 
-_DELIVERY_COLUMNS = (delivery_table.c.id, delivery_table.c.job_id, delivery_table.c.destination, delivery_table.c.object,
-                     delivery_table.c.state, delivery_table.c.attempts, delivery_table.c.next_attempt_at, delivery_table.c.last_error)
+_DELIVERY_COLUMNS = tuple(delivery_table.c[name] for name in DELIVERY_FIELDS)
 
 
 class Deliveries:
@@ -52,6 +54,25 @@ class Deliveries:
         with self._db.read() as conn:
             return [delivery_from_row(row._mapping) for row in conn.execute(query)]
 
+    def pending_destinations(self) -> list[str]:
+        """Destinations with pending deliveries of delivering jobs (each has its queue and worker)."""
+        query = (select(delivery_table.c.destination).distinct()
+                 .join(jobs, jobs.c.id == delivery_table.c.job_id)
+                 .where(delivery_table.c.state == "pending", jobs.c.state == JobState.DELIVERING.value)
+                 .order_by(delivery_table.c.destination))
+        with self._db.read() as conn:
+            return list(conn.execute(query).scalars())
+
+    def due_deliveries_to(self, destination: str, now: float | None = None) -> list[Delivery]:
+        """One destination's pending deliveries whose next attempt is due, of delivering jobs, oldest job first."""
+        query = (select(*_DELIVERY_COLUMNS).join(jobs, jobs.c.id == delivery_table.c.job_id)
+                 .where(jobs.c.state == JobState.DELIVERING.value, delivery_table.c.state == "pending",
+                        delivery_table.c.destination == destination,
+                        delivery_table.c.next_attempt_at <= (time.time() if now is None else now))
+                 .order_by(delivery_table.c.job_id, delivery_table.c.id))
+        with self._db.read() as conn:
+            return [delivery_from_row(row._mapping) for row in conn.execute(query)]
+
     def deliveries(self, job_id: int) -> list[Delivery]:
         """Every delivery of a job."""
         query = (select(*_DELIVERY_COLUMNS).where(delivery_table.c.job_id == job_id)
@@ -59,12 +80,13 @@ class Deliveries:
         with self._db.read() as conn:
             return [delivery_from_row(row._mapping) for row in conn.execute(query)]
 
-    def delivery_done(self, delivery_id: int, message: str) -> None:
-        """Record a delivery as done: it will never be attempted again."""
+    def delivery_done(self, delivery_id: int, message: str, sent_uid: str | None = None) -> None:
+        """Record a delivery as done (with the SOP Instance UID that went out): it will never be attempted again."""
         with self._db.write() as conn:
             job_id = conn.execute(
                 update(delivery_table).where(delivery_table.c.id == delivery_id, delivery_table.c.state == "pending")
-                .values(state="done", attempts=delivery_table.c.attempts + 1, done_at=time.time(), last_error=None)
+                .values(state="done", attempts=delivery_table.c.attempts + 1, done_at=time.time(), last_error=None,
+                        sent_uid=sent_uid)
                 .returning(delivery_table.c.job_id)).scalar()
             if job_id is not None:
                 log_event(conn, job_id, "delivered", message)
@@ -113,3 +135,40 @@ class Deliveries:
                 log_event(conn, job_id, "failed", reason)
                 return JobState.FAILED
             return None
+
+    def resend(self, job_id: int, destination: str | None = None, *, user: str, reason: str,
+               failed_only: bool = False) -> int:
+        """Put a job's delivered or failed deliveries (to one destination, or all; with ``failed_only`` only those
+        that gave up, e.g. after an outage) back in the queue, the job back to ``delivering``; recorded with who
+        and why. Returns how many; LookupError for an unknown job, ActionRefused saying why none could be."""
+        now = time.time()
+        with self._db.write() as conn:
+            job = conn.execute(select(jobs.c.state, jobs.c.purged_at, jobs.c.purge_started_at)
+                               .where(jobs.c.id == job_id).with_for_update()).first()
+            if job is None:
+                raise LookupError(f"job {job_id} does not exist")
+            if job.purged_at is not None or job.purge_started_at is not None:
+                raise ActionRefused(f"job {job_id}'s results were purged by retention; nothing left to re-send")
+            resendable = (JobState.DONE, JobState.FAILED, JobState.DELIVERING)
+            if job.state not in resendable:
+                raise ActionRefused(f"job {job_id} is {job.state}: only a job that delivered (or tried to) can re-send")
+            of_job = [delivery_table.c.job_id == job_id]
+            if destination is not None:
+                of_job.append(delivery_table.c.destination == destination)
+            again = delivery_table.c.state == "failed" if failed_only else delivery_table.c.state != "pending"
+            count = conn.execute(update(delivery_table).where(*of_job, again)
+                                 .values(state="pending", attempts=0, next_attempt_at=now, last_error=None,
+                                         done_at=None)).rowcount
+            to = f" to {destination}" if destination is not None else ""
+            which = "undelivered " if failed_only else ""
+            if count == 0:
+                pending = conn.execute(select(func.count()).select_from(delivery_table)
+                                       .where(*of_job, delivery_table.c.state == "pending")).scalar()
+                raise ActionRefused(f"job {job_id}'s deliveries{to} are still pending" if pending
+                                    else f"job {job_id} has no {which}deliveries{to} to re-send")
+            transition(conn, job_id, resendable, JobState.DELIVERING)
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(reason=None))
+            log_event(conn, job_id, "resend", f"{user} re-sent {count} {which}deliver{'y' if count == 1 else 'ies'} "
+                      f"to {destination if destination is not None else 'every destination'}: "
+                      f"{reason or 'no reason given'}")
+            return count

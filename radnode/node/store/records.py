@@ -30,6 +30,11 @@ FINAL_STATES = (JobState.DONE, JobState.FAILED)
 UNFINISHED_STATES = tuple(s for s in JobState if s not in FINAL_STATES)
 
 
+class ActionRefused(ValueError):
+    """An operator's action (re-send, retry, cancel, review) that does not apply to the job as it is; the
+    message says why. Guarded like the node's own transitions, so two operators clicking at once act once."""
+
+
 class InstanceBeingPurged(OSError):
     """An instance arrived again while the retention purge removing its earlier copy is under way (a
     transient refusal: the sender is told to try again later)."""
@@ -180,6 +185,8 @@ class Delivery:
     attempts: int
     next_attempt_at: float
     last_error: str | None
+    sent_uid: str | None = None
+    """The SOP Instance UID that went out (DICOM objects), once delivered."""
 
 
 DELIVERY_FIELDS = tuple(Delivery.__dataclass_fields__)

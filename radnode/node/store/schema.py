@@ -3,8 +3,7 @@
 The same tables serve SQLite (the embedded default) and PostgreSQL; Alembic revisions in ``migrations/``
 bring an older database here (see ``database.py``). A new table is one more section here and one revision
 file; the other areas' tables do not change. Coming next, each in its own section: job attempts (worker,
-lease), per-destination delivery records with the SOP Instance UIDs sent, result versions per study, users /
-tokens / audit, drift.
+lease), result versions per study, users / tokens / audit, drift.
 
 Times are seconds since the epoch (``time.time()``, double precision); names that travel together
 (``jobs.forwards``) are comma-separated; a series' routing decision is kept whole, as JSON by field name.
@@ -132,6 +131,7 @@ deliveries = Table(
     Column("next_attempt_at", Double, nullable=False),
     Column("last_error", Text),
     Column("done_at", Double),
+    Column("sent_uid", Text),
     UniqueConstraint("job_id", "destination", "object"),
     Index("deliveries_due", "state", "next_attempt_at"),
     sqlite_autoincrement=True,
