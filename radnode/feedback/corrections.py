@@ -16,7 +16,6 @@ reason and stays listed; one that cannot be read ``unreadable``.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import pydicom
 from pydicom import Dataset
 
 from radnode.config import Config
-from radnode.execution import MANIFEST_FILE
+from radnode.execution import ManifestError, RunManifest
 from radnode.feedback.agreement import SegmentAgreement, measure
 from radnode.node.egress import outbox_dir
 from radnode.node.store import FINAL_STATES, Correction, CorrectionState, JobState, JobStore
@@ -94,14 +93,14 @@ def _masks(seg, grid: SourceGrid, numbers: list[int]) -> np.ndarray:  # type: ig
                                              assert_missing_frames_are_empty=True, dtype=bool)
 
 
-def uncertainty_scores(manifest: Path, seg_sop_instance_uid: str) -> dict[int, dict[str, float]]:
-    """Per segment number of the node's SEG, its uncertainty scores by concept code, from the run's
-    ``manifest.json`` (none when the pipeline scores none or the manifest is missing)."""
+def uncertainty_scores(outputs: Path, seg_sop_instance_uid: str) -> dict[int, dict[str, float]]:
+    """Per segment number of the node's SEG, its uncertainty scores by concept code, from the run's manifest
+    in ``outputs`` (none when the pipeline scores none or there is no radnode manifest)."""
     from radnode.uncertainty import PRIVATE_SCHEME, UNCERTAINTY_CONCEPTS
 
     try:
-        measurements = json.loads(manifest.read_text()).get("measurements") or []
-    except (OSError, ValueError, AttributeError):
+        measurements = RunManifest.read(outputs).measurements
+    except (OSError, ManifestError):
         return {}
     scores: dict[int, dict[str, float]] = {}
     for m in measurements:
@@ -184,7 +183,7 @@ class CorrectionMatcher:
                 result = hd.seg.segread(path)
                 grid = source_grid(i.path for i in self.store.job_inputs(job_id)
                                    if i.series_instance_uid == shared[0])
-                scores = uncertainty_scores(path.parent / MANIFEST_FILE, str(result.SOPInstanceUID))
+                scores = uncertainty_scores(path.parent, str(result.SOPInstanceUID))
                 agreements, extra = compare(result, corrected, grid, scores)
                 if not agreements:
                     reasons.append(f"job {job_id}'s {path.name} has no segment of the correction's property types")

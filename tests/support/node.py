@@ -63,9 +63,10 @@ SEG_STAND_IN = textwrap.dedent('''
     $SEG_STAND_IN_UNCERTAINTY_<StudyInstanceUID> (default 0.1), in the manifest as the uncertainty-scoring
     pipelines write it, and the study is flagged for review above 0.5.
     """
-    import argparse, json, os, pathlib, sys
+    import argparse, os, pathlib, sys
     sys.path.insert(0, TESTS)
     from factories import phantom_result
+    from radnode.execution import OutputFile, ReviewDecision, RunManifest
     from radnode.imaging.series import VolumeCriteria, load_volume
     from radnode.outputs.algorithm import AlgorithmInfo
     from radnode.outputs.seg import build_segmentation
@@ -84,8 +85,13 @@ SEG_STAND_IN = textwrap.dedent('''
     measurements = [{"seg_sop_instance_uid": str(seg.SOPInstanceUID), "segment_number": int(item.SegmentNumber),
                      "concept": {"value": "UNC-BOUNDARY", "scheme_designator": "99RADNODE"}, "value": score}
                     for item in seg.SegmentSequence]
-    review = {"needs_review": score > 0.5, "reasons": [f"boundary uncertainty {score}"] if score > 0.5 else []}
-    (out / "manifest.json").write_text(json.dumps({"measurements": measurements, "review": review}))
+    review = ReviewDecision(needs_review=score > 0.5, reasons=[f"boundary uncertainty {score} > 0.5"] if score > 0.5
+                            else [], exceeded=[], thresholds={"max_boundary": 0.5})
+    RunManifest(pipeline=args.pipeline, version="2.0", input=args.input,
+                outputs=[OutputFile("seg.dcm", "dicom", str(seg.SOPClassUID), str(seg.SOPInstanceUID),
+                                    str(seg.SeriesInstanceUID), "SEG")],
+                measurements=measurements, seconds=0.0, study_instance_uid=str(seg.StudyInstanceUID),
+                review=review).write(out)
 '''.replace("TESTS", repr(str(Path(__file__).resolve().parents[1]))))
 """A job command writing a real radnode SEG of the phantom's structures with a chosen uncertainty per study."""
 
