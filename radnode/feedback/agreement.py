@@ -8,6 +8,7 @@ the MONAI community reports. The node's segment is the prediction, the correctio
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -41,11 +42,22 @@ class SegmentAgreement:
         return asdict(self)
 
 
+def monai_metrics():  # type: ignore[no-untyped-def]
+    """``monai.metrics``, imported without the stack-size warning Holoscan prints when MONAI imports it: the node
+    process runs no Holoscan graph (jobs run in their own processes, under ``ulimit -s`` as documented)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Current stack size", category=RuntimeWarning)
+        import monai.metrics
+    return monai.metrics
+
+
 def measure(result: np.ndarray, corrected: np.ndarray, spacing: tuple[float, float, float]) -> dict[str, float | None]:
     """Dice, both volumes, their difference and HD95 of two boolean masks on one grid with voxel ``spacing``
     (mm, in the masks' axis order)."""
     import torch
-    from monai.metrics import compute_dice, compute_hausdorff_distance
+
+    metrics = monai_metrics()
+    compute_dice, compute_hausdorff_distance = metrics.compute_dice, metrics.compute_hausdorff_distance
 
     if result.shape != corrected.shape:
         raise ValueError(f"masks of shape {result.shape} and {corrected.shape} are not on one grid")

@@ -27,7 +27,7 @@ from pydicom import Dataset
 
 from radnode.config import Config
 from radnode.execution import ManifestError, RunManifest
-from radnode.feedback.agreement import SegmentAgreement, measure
+from radnode.feedback.agreement import SegmentAgreement, measure, monai_metrics
 from radnode.node.egress import outbox_dir
 from radnode.node.store import FINAL_STATES, Correction, CorrectionState, JobState, JobStore
 from radnode.outputs.provenance import own_result
@@ -144,7 +144,8 @@ class CorrectionMatcher:
     def tick(self) -> None:
         if not self._loaded:  # feedback.preload_metrics: the heavy imports now, not on the first correction
             import highdicom  # noqa: F401
-            import monai.metrics  # noqa: F401
+
+            monai_metrics()
             self._loaded = True
         for correction in self.store.pending_corrections():
             try:
