@@ -289,7 +289,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         return 0
     if args.command == "jobs":
         body = {**note, **({"destination": args.destination, "failed_only": args.failed_only}
-                           if args.jobs_command == "resend" else {})}
+                           if args.jobs_command == "resend" else {}),
+                **({"decision": args.decision, "reason": args.reason} if args.jobs_command == "review" else {})}
         answer = client.call("POST", f"/api/jobs/{args.job}/{args.jobs_command}", body)
     elif args.command == "queue":
         answer = client.call("GET" if args.queue_command == "status" else "POST",
@@ -465,11 +466,17 @@ def build_parser() -> argparse.ArgumentParser:
                        ("retry", "run a failed job again on every instance received for its study"),
                        ("resend", "deliver a job's results again (even after the deliveries gave up)"),
                        ("cancel", "cancel a job that has not finished"),
-                       ("review", "mark a flagged job reviewed")):
+                       ("review", "mark a flagged job reviewed, or accept / correct / reject a job's results")):
         command = jobs_sub.add_parser(name, help=text)
         command.add_argument("job", type=int, help="job id")
         if name != "show":
             command.add_argument("--note", help="why (kept in the job's events)")
+        if name == "review":
+            from radnode.node.store.console import REJECT_REASONS, REVIEW_DECISIONS
+
+            command.add_argument("--decision", choices=REVIEW_DECISIONS, default="reviewed",
+                                 help="reviewed (a flagged job looked at), or accepted / corrected / rejected")
+            command.add_argument("--reason", choices=REJECT_REASONS, help="why it was rejected (with --decision rejected)")
         if name == "resend":
             command.add_argument("--destination", help="only this destination (as `jobs show` names it)")
             command.add_argument("--failed-only", action="store_true", help="only the deliveries not made")

@@ -231,3 +231,48 @@ def test_local_performance_after_corrections_on_ten_studies_in_the_cli_plot_and_
                        statistic="worst_decile") == pytest.approx(np.percentile(lung_dice, 10), abs=1e-3)
         assert _metric(metrics, "radnode_review_flag_auroc", pipeline="ct_tissue") == pytest.approx(auroc, abs=1e-3)
         assert _metric(metrics, "radnode_studies_feedback", pipeline="ct_tissue", outcome="corrected") == 7
+
+
+# --- review decisions -------------------------------------------------------------------------------
+
+
+def test_review_decisions_are_recorded_with_the_reviewer_and_counted_in_local_performance(
+        tmp_path: Path, stand_in: list[str]) -> None:
+    import subprocess
+    import sys
+
+    from factories import write_study
+    from support.console import api
+
+    with Node(node_config(tmp_path), job_command=stand_in, poll_seconds=0.05) as node:
+        for name in ("accepted", "rejected", "corrected"):
+            write_study(tmp_path / name, n=2, patient_id=name.upper())
+            assert storescu(node.port, tmp_path / name).returncode == 0
+        wait_until(lambda: len(node.jobs()) == 3 and all(j.state in FINAL_STATES for j in node.jobs()), timeout=60)
+        jobs = {j.patient_id.lower(): j.id for j in node.jobs()}
+        assert all(j.state is JobState.DONE for j in node.jobs()), [j.reason for j in node.jobs()]
+        with api(node, token_for(node, Role.VIEWER, "student")) as viewer:
+            assert viewer.post(f"/api/jobs/{jobs['accepted']}/review", json={"decision": "accepted"}).status_code == 403
+        with api(node, token_for(node, Role.OPERATOR, "dr-lee")) as client:
+            answer = client.post(f"/api/jobs/{jobs['accepted']}/review", json={"decision": "accepted"})
+            assert answer.status_code == 200 and answer.json()["message"] == \
+                f"job {jobs['accepted']} accepted by token:dr-lee"
+            assert client.post(f"/api/jobs/{jobs['rejected']}/review", json={"decision": "rejected"}).status_code == 409
+            assert client.post(f"/api/jobs/{jobs['rejected']}/review",
+                               json={"decision": "rejected", "reason": "because"}).status_code == 422
+            assert client.post(f"/api/jobs/{jobs['rejected']}/review",
+                               json={"decision": "rejected", "reason": "wrong-series",
+                                     "note": "the scout was sent"}).status_code == 200
+        token_file = tmp_path / "token"
+        token_file.write_text(token_for(node, Role.OPERATOR, "dr-kim"))
+        cli = subprocess.run([sys.executable, "-m", "radnode", "jobs", "review", str(jobs["corrected"]),
+                              "--decision", "corrected", "--url", f"http://127.0.0.1:{node.api_port}",
+                              "--token-file", str(token_file)], capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0 and cli.stdout.strip() == f"job {jobs['corrected']} corrected by token:dr-kim", cli.stderr
+        said = {name: [e.message for e in node.events(job) if e.kind == "reviewed"] for name, job in jobs.items()}
+        assert said == {"accepted": ["accepted by token:dr-lee"],
+                        "rejected": ["rejected by token:dr-lee: wrong-series; the scout was sent"],
+                        "corrected": ["corrected by token:dr-kim"]}
+        (figures,) = api_json(node, "/api/performance", token_for(node, Role.VIEWER))["pipelines"]
+        assert (figures["processed"], figures["reviewed"], figures["accepted_unchanged"], figures["corrected"],
+                figures["rejected"]) == (3, 3, 1, 1, 1)
