@@ -276,3 +276,44 @@ def test_review_decisions_are_recorded_with_the_reviewer_and_counted_in_local_pe
         (figures,) = api_json(node, "/api/performance", token_for(node, Role.VIEWER))["pipelines"]
         assert (figures["processed"], figures["reviewed"], figures["accepted_unchanged"], figures["corrected"],
                 figures["rejected"]) == (3, 3, 1, 1, 1)
+
+
+@pytest.mark.slow
+def test_a_correction_stored_to_orthanc_reaches_the_node_and_is_matched_the_same_way(tmp_path: Path) -> None:
+    """The CT and then the radiologist's corrected SEG go to Orthanc (as OHIF's or Slicer's store would); the
+    radnode plugin hands both to the node: the CT is processed, the correction matched, nothing else runs."""
+    from radnode.config import Config
+    from radnode.orthanc_config import write_event_token
+    from radnode.peers import free_port
+    from radnode.viewer import OrthancServer
+
+    source = write_chest_phantom(tmp_path / "ct", 24, 48, 48)
+    api_port, token_file = free_port(), tmp_path / "event-token"
+    write_event_token(token_file)
+    with OrthancServer(node_url=f"http://127.0.0.1:{api_port}", stable_age=1, event_token_file=token_file) as orthanc:
+        config = Config.model_validate({
+            "data_dir": str(tmp_path / "data"), "ingress": {"host": "127.0.0.1", "port": 0},
+            "orthanc": {"url": orthanc.url, "event_token_file": str(token_file)}, "api": {"port": api_port},
+            "processing": {"job_timeout_seconds": 300}})
+        with Node(config, poll_seconds=0.1) as node:
+            sent = storescu(orthanc.dicom_port, tmp_path / "ct", calling_ae="CT_SCANNER", called_ae=orthanc.aet)
+            assert sent.returncode == 0, sent.stderr
+            wait_until(lambda: node.jobs() and node.jobs()[0].state in FINAL_STATES, timeout=300)
+            (job,) = node.jobs()
+            assert job.state is JobState.DONE, job.reason
+            result_seg = outbox_dir(config, job.id) / "seg.dcm"
+            (tmp_path / "correction").mkdir()
+            corrected = write_correction(result_seg, source, tmp_path / "correction" / "seg.dcm", {"Left lung": -1})
+            sent = storescu(orthanc.dicom_port, tmp_path / "correction", calling_ae="WORKSTATION",
+                            called_ae=orthanc.aet, options=("-R",))
+            assert sent.returncode == 0, sent.stderr
+            token = token_for(node, Role.VIEWER)
+            wait_until(lambda: [c["state"] for c in api_json(node, f"/api/jobs/{job.id}", token)["corrections"]]
+                       == ["matched"], timeout=120)
+            (correction,) = api_json(node, f"/api/jobs/{job.id}", token)["corrections"]
+            lung = next(s for s in correction["segments"] if s["segment"] == "Left lung")
+            ours = seg_masks_by_source(result_seg, source)[lung["result_segment_number"]]
+            expected = independent_agreement(ours, corrected[lung["result_segment_number"]], spacing_of(source))
+            assert lung["dice"] == pytest.approx(expected["dice"], abs=1e-3) and lung["dice"] < 1
+            assert lung["hd95_mm"] == pytest.approx(expected["hd95_mm"], abs=1e-3)
+            assert [(j.id, j.runs) for j in node.jobs()] == [(job.id, 1)]  # never processed
