@@ -155,8 +155,10 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 
 @pytest.mark.slow
-def test_local_performance_after_corrections_on_ten_studies_in_the_cli_plot_and_metrics(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_performance_after_corrections_on_ten_studies_in_the_cli_plot_metrics_and_dashboard(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, playwright_core: Path) -> None:
+    import json
+    import os
     import subprocess
     import sys
 
@@ -231,6 +233,19 @@ def test_local_performance_after_corrections_on_ten_studies_in_the_cli_plot_and_
                        statistic="worst_decile") == pytest.approx(np.percentile(lung_dice, 10), abs=1e-3)
         assert _metric(metrics, "radnode_review_flag_auroc", pipeline="ct_tissue") == pytest.approx(auroc, abs=1e-3)
         assert _metric(metrics, "radnode_studies_feedback", pipeline="ct_tissue", outcome="corrected") == 7
+
+        node.accounts.add_user("quality", Role.VIEWER, "a long enough password")
+        browser = subprocess.run(
+            ["node", str(Path(__file__).parent / "support" / "performance_browser.cjs")], capture_output=True,
+            text=True, timeout=180,
+            env={**os.environ, "PLAYWRIGHT_CORE": str(playwright_core), "CONSOLE_URL": f"http://127.0.0.1:{node.api_port}",
+                 "CONSOLE_USER": "quality", "CONSOLE_PASSWORD": "a long enough password"})
+        assert browser.returncode == 0, browser.stdout + browser.stderr
+        (shown,) = json.loads(browser.stdout.strip().splitlines()[-1].removeprefix("FIGURES "))
+        assert shown["pipeline"] == "ct_tissue"
+        assert shown["segments"]["Left lung"] == [f"{np.median(lung_dice):.3f}", f"{np.percentile(lung_dice, 10):.3f}"]
+        assert shown["spearman"] == {"UNC-BOUNDARY": f"Spearman(UNC-BOUNDARY, 1 - Dice) = {rho:.3f}"}
+        assert shown["auroc"] == f"review flag AUROC for 'needed a correction': {auroc:.3f}"
 
 
 # --- review decisions -------------------------------------------------------------------------------
