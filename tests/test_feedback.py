@@ -332,3 +332,36 @@ def test_a_correction_stored_to_orthanc_reaches_the_node_and_is_matched_the_same
             assert lung["dice"] == pytest.approx(expected["dice"], abs=1e-3) and lung["dice"] < 1
             assert lung["hd95_mm"] == pytest.approx(expected["hd95_mm"], abs=1e-3)
             assert [(j.id, j.runs) for j in node.jobs()] == [(job.id, 1)]  # never processed
+
+
+@pytest.mark.slow
+def test_a_reviewed_report_goes_out_again_final_amended_or_entered_in_error_with_the_reviewer(
+        tmp_path: Path, fhir) -> None:  # type: ignore[no-untyped-def]
+    """The real ct_tissue run's report reaches the FHIR server preliminary; each decision re-issues it there
+    (the DiagnosticReport and its Observations) with the FHIR status it means and the reviewer named."""
+    from support.console import api
+
+    write_chest_phantom(tmp_path / "ct", 16, 48, 48)
+    config = node_config(tmp_path, egress={"destinations": {"ehr": {"type": "fhir", "url": fhir.base_url}}})
+    with Node(config, poll_seconds=0.1) as node:
+        assert storescu(node.port, tmp_path / "ct").returncode == 0
+        wait_until(lambda: node.jobs() and node.jobs()[0].state in FINAL_STATES, timeout=180)
+        (job,) = node.jobs()
+        assert job.state is JobState.DONE, job.reason
+        (entry,) = fhir.search("DiagnosticReport")["entry"]
+        identifier = entry["resource"]["identifier"][0]
+        query = f"identifier={identifier['system']}|{identifier['value']}"
+        assert entry["resource"]["status"] == "preliminary" and "resultsInterpreter" not in entry["resource"]
+        with api(node, token_for(node, Role.OPERATOR, "dr-lee")) as client:
+            for decision, status, extra in (("accepted", "final", {}), ("corrected", "amended", {}),
+                                            ("rejected", "entered-in-error", {"reason": "wrong-anatomy"})):
+                answer = client.post(f"/api/jobs/{job.id}/review", json={"decision": decision, **extra})
+                assert answer.status_code == 200 and f" {status} on {fhir.base_url}" in answer.json()["message"], \
+                    answer.text
+                (entry,) = fhir.search("DiagnosticReport", query)["entry"]
+                report = entry["resource"]
+                assert (report["status"], report["resultsInterpreter"]) == (status, [{"display": "token:dr-lee"}])
+                statuses = {o["resource"]["status"] for o in fhir.search("Observation", "_count=500")["entry"]}
+                assert statuses == {status}
+        assert [e.kind for e in node.events(job.id)].count("reissued") == 3
+        assert len(fhir.search("DiagnosticReport")["entry"]) == 1  # updated in place, never a second report

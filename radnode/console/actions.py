@@ -119,8 +119,10 @@ def review(request: Request, identity: Operator, job_id: JobId,
     action = "review" if body.decision == "reviewed" else f"review-{body.decision}"
     _act(request, identity, action, job_id, lambda: _store(request).mark_reviewed(
         job_id, identity.label, body.note, body.decision, body.reason))
-    return ActionResult(job_id=job_id, message=f"job {job_id} {body.decision} by {identity.label}"
-                                               + (f" ({body.reason})" if body.reason else ""))
+    reissued = node_of(request).reissue_report(job_id, body.decision, identity.label) \
+        if body.decision != "reviewed" else []
+    return ActionResult(job_id=job_id, message="; ".join([f"job {job_id} {body.decision} by {identity.label}"
+                                                          + (f" ({body.reason})" if body.reason else ""), *reissued]))
 
 
 @router.post("/api/studies/{study_uid}/complete", response_model=ActionResult, responses=_RESPONSES,

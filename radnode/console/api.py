@@ -37,6 +37,9 @@ class NodeView(Protocol):
     def orthanc_event(self, event: dict[str, str]) -> None:
         """Queue one plugin event (ValueError: this node takes none)."""
 
+    def reissue_report(self, job_id: int, decision: str, reviewer: str) -> list[str]:
+        """Re-issue a reviewed job's report on the FHIR destinations; what happened, one line each."""
+
 
 def node_of(request: Request) -> NodeView:
     return request.app.state.node
