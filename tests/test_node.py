@@ -17,7 +17,7 @@ import pydicom
 import pytest
 import yaml
 
-from factories import write_pixelless_ct, write_study
+from factories import write_study
 from radnode.config import Config, DicomPeer
 from radnode.node.service import Node
 from radnode.node.store import JobState, JobStore
@@ -27,12 +27,13 @@ from support.node import final_job, jobs_by_patient, node_config, patients, proc
 from support.waiting import wait_until
 
 def test_a_failing_job_is_recorded_while_another_study_completes(tmp_path: Path, stand_in: list[str],
-                                                                  pacs: StoreSCP) -> None:
+                                                                  pacs: StoreSCP, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STAND_IN_FAIL_BAD", "no image series in the input")
     with FhirServer(tmp_path / "fhir") as fhir:
         config = node_config(tmp_path, egress={"destinations": {"pacs": pacs.destination, "ehr": fhir.destination}},
                              processing={"max_concurrent_jobs": 2})
         write_study(tmp_path / "good", n=5, patient_id="GOOD")
-        write_pixelless_ct(tmp_path / "bad", patient_id="BAD")
+        write_study(tmp_path / "bad", n=1, patient_id="BAD")
         with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
             for folder in ("bad", "good"):
                 assert storescu(node.port, tmp_path / folder, calling_ae="SCANNER").returncode == 0
@@ -71,7 +72,7 @@ def test_a_job_over_its_time_limit_is_killed_and_the_next_one_runs(tmp_path: Pat
 def test_instances_arriving_while_the_job_runs_are_kept_but_not_its_input(
         tmp_path: Path, stand_in: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STAND_IN_SECONDS_P1", "2")
-    config = node_config(tmp_path)
+    config = node_config(tmp_path, ingress={"late_instances": "ignore"})
     first = write_study(tmp_path / "first", n=3)
     study_uid = pydicom.dcmread(first[0]).StudyInstanceUID
     write_study(tmp_path / "late", n=1, study_uid=study_uid)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from radnode.config import Config
 from radnode.execution import ManifestError, ReviewDecision, RunManifest
-from radnode.node.completeness import CompletenessSettings, study_verdict
+from radnode.node.completeness import CompletenessSettings, PeerCompleteness, study_verdict
 from radnode.node.egress import Egress
 from radnode.node.executors import ContainerExecutor, ExecutionError, InProcessExecutor, JobRun, Launch, executors, \
     resolve_timeout
@@ -99,10 +99,12 @@ def run_review(job_id: int, outputs: Path) -> ReviewDecision | None:
 
 
 def completeness_settings(config: Config) -> CompletenessSettings:
-    """The node's completeness defaults from ``ingress.*``."""
+    """The node's completeness defaults from ``ingress.*``, with each sending AE's own (``ingress.peers``)."""
     ingress = config.ingress
+    peers = {ae: PeerCompleteness(peer.study_idle_seconds, peer.study_quiet_seconds)
+             for ae, peer in ingress.peers.items()}
     return CompletenessSettings(ingress.study_idle_seconds, ingress.association_grace_seconds,
-                                ingress.study_grace_seconds)
+                                ingress.study_grace_seconds, ingress.study_quiet_seconds, peers=peers)
 
 
 class Scheduler:

@@ -9,7 +9,7 @@ lives in its own module:
 ``schema``     the tables, one section per area (a new area adds its table there and one revision)
 ``records``    the records the node sees (``Job``, ``Instance``, ``Delivery``, …), rows mapped by column name
 ``policy``     pure functions: late instances, a study with nothing to do, what a purge keeps
-``ingest``     arrivals: instances under their study's job, each series' routing decision, once
+``ingest``     arrivals: instances under their study's job, each series' routing decision, once; refusals
 ``jobs``       scheduling: queueing with the study's route, siblings, runs, restarts, failure
 ``deliveries`` egress: per-destination queues of deliveries, retries, re-sends, settling a job
 ``retention``  the purge's records
@@ -41,15 +41,16 @@ from radnode.node.store.ingest import Arrivals, Decide
 from radnode.node.store.jobs import Scheduling
 from radnode.node.store.queries import Queries
 from radnode.node.store.records import (
-    FINAL_STATES, ActionRefused, Arrival, Delivery, Event, Instance, InstanceBeingPurged, Job, JobState, PurgePlan,
+    FINAL_STATES, ActionRefused, Arrival, Delivery, Event, ForeignInstance, Instance, InstanceBeingPurged, Job,
+    JobState, PurgePlan,
 )
 from radnode.node.store.retention import Purges
 
 if TYPE_CHECKING:
     from radnode.node.store.identity import Seal
 
-__all__ = ["FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Decide", "Delivery", "Event", "Instance",
-           "InstanceBeingPurged", "Job", "JobState", "JobStore", "PurgePlan", "StoreError", "StudyDetails",
+__all__ = ["FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Decide", "Delivery", "Event", "ForeignInstance",
+           "Instance", "InstanceBeingPurged", "Job", "JobState", "JobStore", "PurgePlan", "StoreError", "StudyDetails",
            "head_revision", "store_target", "upgrade_store"]
 
 
