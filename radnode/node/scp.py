@@ -287,7 +287,8 @@ def _uid(ds: Dataset, keyword: str) -> str:
     if value is None or value == "":
         raise Refused(f"no {keyword}")
     if not isinstance(value, str):
-        raise Refused(f"{keyword} has {len(value) if hasattr(value, '__len__') else 'several'} values, expected one UID")
+        count = len(value) if hasattr(value, "__len__") else "several"
+        raise Refused(f"{keyword} has {count} values, expected one UID")
     if len(value) > 64 or not _UID.fullmatch(value):
         raise Refused(f"{keyword} {value[:70]!r} is not a valid UID")
     return str(value)

@@ -12,6 +12,7 @@ lives in its own module:
 ``ingest``     arrivals: instances under their study's job, each series' routing decision, once; refusals
 ``jobs``       scheduling: queueing with the study's route, siblings, runs, restarts, failure
 ``deliveries`` egress: per-destination queues of deliveries, retries, re-sends, settling a job
+``results``    result versions per study and pipeline: which job's results supersede which
 ``retention``  the purge's records
 ``queries``    the job list, one job, counts
 ``identity``   patient identifiers sealed at rest under the site key, opened on reading
@@ -44,6 +45,7 @@ from radnode.node.store.records import (
     FINAL_STATES, ActionRefused, Arrival, Delivery, Event, ForeignInstance, Instance, InstanceBeingPurged, Job,
     JobState, PurgePlan,
 )
+from radnode.node.store.results import Results, Supersession
 from radnode.node.store.retention import Purges
 
 if TYPE_CHECKING:
@@ -51,10 +53,10 @@ if TYPE_CHECKING:
 
 __all__ = ["FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Decide", "Delivery", "Event", "ForeignInstance",
            "Instance", "InstanceBeingPurged", "Job", "JobState", "JobStore", "PurgePlan", "StoreError", "StudyDetails",
-           "head_revision", "store_target", "upgrade_store"]
+           "Supersession", "head_revision", "store_target", "upgrade_store"]
 
 
-class JobStore(Arrivals, Scheduling, Deliveries, Purges, Queries, EventLog, Identities, Console):
+class JobStore(Arrivals, Scheduling, Deliveries, Results, Purges, Queries, EventLog, Identities, Console):
     """Thread- and process-safe access to the node's job store (see the module docstring for its areas).
 
     ``target``: a SQLite file (``data_dir/radnode.db``) or a ``postgresql://`` URL. ``upgrade``: migrate an

@@ -93,7 +93,8 @@ class Arrivals:
         """Index a received instance under its study's job (created on the first one); idempotent.
 
         ``decision`` is the series' routing decision (or the function taking it), used on its first instance;
-        ``expected`` its expected instance count, ``study_expected`` the study's (when the sender gave them). Returns what the arrival meant and the job it belongs to.
+        ``expected`` its expected instance count, ``study_expected`` the study's (when the sender gave them).
+        Returns what the arrival meant and the job it belongs to.
         An instance whose file retention removed is indexed anew (its old row leaves its old job, whose log
         says so); ``InstanceBeingPurged`` while that removal is still under way.
         """

@@ -34,7 +34,8 @@ def upgrade() -> None:
     )
     op.create_table(
         "result_versions",
-        sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", name="fk_result_versions_job_id_jobs"), nullable=False),
+        sa.Column("job_id", sa.Integer, sa.ForeignKey("jobs.id", name="fk_result_versions_job_id_jobs"),
+                  nullable=False),
         sa.Column("study_instance_uid", sa.Text, nullable=False),
         sa.Column("pipeline", sa.Text, nullable=False),
         sa.Column("version", sa.Integer, nullable=False),
