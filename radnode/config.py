@@ -254,6 +254,10 @@ class ProcessingConfig(_Strict):
     one job only and exits (``radnode/node/warm.py``). Costs an idle process's memory per pipeline: about 175 MB
     for ct_tissue, 550 MB for mri_brain (torch); a node whose rules route a pipeline it never sees can drop that
     route, or set this false to start every job cold."""
+    retries: Annotated[int, Field(ge=0)] = 1
+    """How many times a job whose process was ended by a signal it did not raise itself (the OOM killer's
+    SIGKILL, a crash of the machine's software) runs again before it fails. A pipeline that refuses the study
+    (a non-zero exit) or overruns its timeout fails at once: it would do the same again."""
     job_timeout_seconds: Annotated[float, Field(gt=0)] = 1800.0
     """A pipeline run still going after this long is killed and the job fails with that reason; a route's
     ``execution.timeout_seconds``, or for MAP execution the MAP's own ``timeout``, comes first."""

@@ -231,12 +231,13 @@ class Scheduling:
         with self._db.read() as conn:
             return [instance_from_row(row._mapping, self._db.opened_identity) for row in conn.execute(query)]
 
-    def requeue(self, job_id: int, why: str) -> bool:
-        """``running → queued`` (interrupted by shutdown or crash); the run will start again from scratch."""
+    def requeue(self, job_id: int, why: str, kind: str = "requeued") -> bool:
+        """``running → queued`` (interrupted by shutdown or crash, or ``kind`` ``retry``: its process ended by a
+        signal); the run will start again from scratch."""
         with self._db.write() as conn:
             if not transition(conn, job_id, (JobState.RUNNING,), JobState.QUEUED):
                 return False
-            log_event(conn, job_id, "requeued", why)
+            log_event(conn, job_id, kind, why)
             return True
 
     def running_jobs(self) -> list[int]:
