@@ -6,18 +6,23 @@ The PACS is DCMTK storescp; the rejection note is read back from what it receive
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 import pydicom
 import pytest
 
-from factories import write_study
+from factories import write_chest_phantom, write_study
 from radnode.node.service import Node
-from radnode.node.store import JobState
-from radnode.peers import StoreSCP
+from radnode.node.store import JobState, JobStore
+from radnode.peers import FhirServer, StoreSCP
 from support.dicom_tools import dciodvfy_errors, storescu
-from support.node import final_job, node_config
+from support.node import ServeProcess, final_job, node_config
 from support.waiting import wait_until
+
+PAUSES = (1, 2, 5, 12)
+"""Seconds between a study's two associations in the split-study test."""
 
 
 def _rejected_uids(note: pydicom.Dataset) -> set[str]:
@@ -74,3 +79,54 @@ def test_a_first_version_withdraws_nothing(tmp_path: Path, stand_in: list[str], 
         assert [d.object for d in node.deliveries(1)] == ["result.dcm"]
         assert not {"superseded", "supersedes", "withdraw"} & {e.kind for e in node.events(1)}
     assert job.state is JobState.DONE
+
+
+@pytest.mark.slow
+def test_a_study_sent_in_two_associations_ends_with_one_whole_seg_whatever_the_pause(
+        tmp_path: Path, peers: tuple[StoreSCP, FhirServer]) -> None:
+    """Four chest phantoms to ``radnode serve`` (the real ct_tissue pipeline), each in two associations with a
+    pause of 1, 2, 5 or 12 s between them, all at once: every time the PACS ends with a SEG covering every
+    slice, any SEG or SR made from half a study is named by a rejection note the PACS received, and the FHIR
+    server holds one DiagnosticReport per study (a re-run re-issues the report in place). Which pauses end in a
+    restart of the running job and which in a superseded delivery depends on the machine's speed; both end so."""
+    pacs, fhir = peers
+    studies: dict[str, list[Path]] = {}
+    for pause in PAUSES:
+        files = write_chest_phantom(tmp_path / f"study-{pause}", n_slices=24, seed=pause)
+        studies[str(pydicom.dcmread(files[0]).StudyInstanceUID)] = files
+    node = ServeProcess(tmp_path / "node", pacs, fhir, late_instances="rerun")
+
+    def send_in_two(files: list[Path], pause: float) -> None:
+        node.send(*files[: len(files) // 2], options=())
+        time.sleep(pause)
+        node.send(*files[len(files) // 2:], options=())
+
+    try:
+        senders = [threading.Thread(target=send_in_two, args=(files, pause))
+                   for files, pause in zip(studies.values(), PAUSES)]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join()
+        jobs = node.jobs_when_final(len(studies), timeout=900)  # every job exists once the senders are done
+    finally:
+        node.stop()
+    assert fhir.search("DiagnosticReport", "_summary=count")["total"] == len(studies)  # one report per study
+    store = JobStore(node.data_dir / "radnode.db")
+    sent = {job.id: [d for d in store.deliveries(job.id) if d.sent_uid] for job, _ in jobs}
+    store.close()
+    received = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p, stop_before_pixels=True)
+                                                      for p in pacs.received())}
+    rejected = set().union(*(_rejected_uids(ds) for ds in received.values() if ds.Modality == "KO"))
+    for study_uid, files in studies.items():
+        of_study = sorted((job for job, _ in jobs if job.study_instance_uid == study_uid), key=lambda j: j.id)
+        for job in of_study:
+            assert job.state is JobState.DONE, f"job {job.id}: {job.reason}"
+        latest, earlier = of_study[-1], of_study[:-1]
+        (seg,) = [received[d.sent_uid] for d in sent[latest.id] if d.object == "seg.dcm"]
+        sources = {str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in files}
+        covered = {str(i.ReferencedSOPInstanceUID) for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
+        assert covered == sources, f"study {study_uid}: the last SEG covers {len(covered)} of {len(sources)} slices"
+        for job in earlier:  # what a job on part of the study sent is withdrawn (the note itself excepted)
+            withdrawn = {d.sent_uid for d in sent[job.id] if d.object != "rejection-note.dcm"}
+            assert withdrawn <= rejected, f"job {job.id} of study {study_uid}: {withdrawn - rejected} not withdrawn"
