@@ -63,8 +63,12 @@ def _send_unparsed(port: int, paths: list[Path], calling_ae: str = "FUZZER") -> 
     try:
         assoc = ae.associate("127.0.0.1", port, ae_title="RADNODE")
         for path in paths:
-            if not assoc.is_established:
+            for _ in range(5):  # a sender whose association ended associates again, as a modality does
+                if assoc.is_established:
+                    break
+                time.sleep(0.5)
                 assoc = ae.associate("127.0.0.1", port, ae_title="RADNODE")
+            assert assoc.is_established, f"no association for {path.name}"
             status = assoc.send_c_store(path)
             answers.append((int(status.Status), str(status.get("ErrorComment", ""))) if status else (None, ""))
         assoc.release()

@@ -116,6 +116,7 @@ class ServeProcess:
         config.write_text(yaml.safe_dump({"ingress": {"host": "127.0.0.1", "study_idle_seconds": idle,
                                                       "late_instances": late_instances},
                                           "processing": {"max_concurrent_jobs": 2, "job_timeout_seconds": 300},
+                                          "api": {"port": 0},  # never the fixed 8765: tests run side by side
                                           **({"rules": str(rules)} if rules else {}), **(settings or {})}))
         self.log = (data_dir.parent / f"{data_dir.name}.log").open("w")
         self.process = subprocess.Popen(
