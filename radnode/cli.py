@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from radnode import __version__
+from radnode import __version__, log_safety
 from radnode.config import CONFIG_ENV, REPORT_BACKEND_ENV, Config, ConfigError, load_config, parse_config
 from radnode.destinations import DestinationError, as_mapping
 from radnode.logs import configure_logging
@@ -660,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, args.log_format,
                       logging.INFO if args.command == "serve" else logging.WARNING)
+    log_safety.install()  # a value a peer sent (a UID, an AE title) can never start a log line of its own
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -82,6 +82,16 @@ class AllowedPeer(_Strict):
     """An IP address, a network (``10.0.0.0/24``) or a host name; unset: any address."""
     pipelines: list[str] | None = None
     """The pipelines this sender's studies may run (unset: whatever the rules choose)."""
+class PeerSettings(_Strict):
+    """Settings for one sending AE (``ingress.peers``, by calling AE title); unset ones take the node's."""
+
+    max_associations: Annotated[int, Field(ge=1)] | None = None
+    """Simultaneous associations this AE may hold (default ``ingress.max_associations_per_peer``)."""
+    study_quiet_seconds: Annotated[float, Field(ge=0)] | None = None
+    """How long its studies wait after its last association was released (default ``ingress.study_quiet_seconds``):
+    raise it for a modality that sends a study in several associations with pauses between them."""
+    study_idle_seconds: Annotated[float, Field(gt=0)] | None = None
+    """Its fallback idle time (default ``ingress.study_idle_seconds``)."""
 
 
 class IngressConfig(_Strict):
@@ -111,14 +121,35 @@ class IngressConfig(_Strict):
     study_grace_seconds: Annotated[float, Field(ge=0)] = 1.0
     """While an association is still open, a study waits this long after its last instance even when its
     series reached their expected counts (another series may follow in the same association)."""
-    late_instances: Literal["rerun", "ignore", "new-job"] = "ignore"
-    """What instances arriving after their study was queued do, unless the study's route says otherwise."""
+    late_instances: Literal["rerun", "ignore", "new-job"] = "rerun"
+    """What instances arriving after their study was queued do, unless the study's route says otherwise:
+    ``rerun`` (the default) processes the whole study again and the new results supersede the earlier ones
+    (withdrawn by an IOCM rejection note, the FHIR report updated in place); ``ignore`` keeps them unprocessed;
+    ``new-job`` processes the late instances alone."""
     sync_spool: bool = True
     """fsync each received instance (and its folder) before acknowledging it: an acknowledged instance then
     survives a power loss, at about 7 ms per instance on the development disk (Orthanc's
     SyncStorageArea does the same by default). Off, it survives a crash of the node but not of the machine."""
     max_pdu: Annotated[int, Field(ge=0)] = 0
     """Maximum PDU size offered (0 = unlimited, fastest for large studies)."""
+    study_quiet_seconds: Annotated[float, Field(ge=0)] = 3.0
+    """A study whose associations were all released waits this long with nothing arriving before it counts as
+    complete (a sender that sends a study in batches, or re-sends after a restart, pauses between them); a
+    sender's ``peers`` entry or a rule's ``study_idle_seconds`` may set it longer. Instances that still come
+    later re-run the study and supersede the earlier result (``late_instances: rerun``)."""
+    max_associations: Annotated[int, Field(ge=1)] = 40
+    """Simultaneous associations the SCP accepts in all; one more is rejected (transient, local limit exceeded)."""
+    max_associations_per_peer: Annotated[int, Field(ge=1)] = 20
+    """Simultaneous associations one calling AE title may hold (``peers`` may set its own)."""
+    acse_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
+    """A connection that sends no association request (or release reply) within this long is dropped: a
+    silent TCP connection never holds an association slot for long."""
+    dimse_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    """Longest wait for the rest of a DIMSE message once it began."""
+    network_timeout_seconds: Annotated[float, Field(gt=0)] = 30.0
+    """An established association on which nothing arrives for this long is aborted."""
+    peers: dict[str, PeerSettings] = {}
+    """Per sending AE title: its association limit and completeness waits."""
 
     @model_validator(mode="after")
     def _listening(self) -> "IngressConfig":
@@ -223,6 +254,10 @@ class ProcessingConfig(_Strict):
     one job only and exits (``radnode/node/warm.py``). Costs an idle process's memory per pipeline: about 175 MB
     for ct_tissue, 550 MB for mri_brain (torch); a node whose rules route a pipeline it never sees can drop that
     route, or set this false to start every job cold."""
+    retries: Annotated[int, Field(ge=0)] = 1
+    """How many times a job whose process was ended by a signal it did not raise itself (the OOM killer's
+    SIGKILL, a crash of the machine's software) runs again before it fails. A pipeline that refuses the study
+    (a non-zero exit) or overruns its timeout fails at once: it would do the same again."""
     job_timeout_seconds: Annotated[float, Field(gt=0)] = 1800.0
     """A pipeline run still going after this long is killed and the job fails with that reason; a route's
     ``execution.timeout_seconds``, or for MAP execution the MAP's own ``timeout``, comes first."""

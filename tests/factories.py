@@ -10,20 +10,24 @@ Plain functions, no fixtures (those are in ``conftest.py``). Every synthetic ima
 - ``lesion_ct`` / ``write_lesion_case``: soft tissue with one lesion, what the tiny model is trained on;
   ``train_tiny_unet`` and ``write_bundle`` make that model and its MONAI bundle.
 - ``restore_totalseg_dicom``: the real TotalSegmentator CT with the UIDs its distribution stripped put back.
-- ``write_pixelless_ct``, ``PATIENT_BUNDLE``: a CT header without pixels (routed, then failed by the
-  pipeline), a FHIR transaction that can be counted.
-- ``seg_masks_by_source``, ``write_correction``: a SEG's masks on its source slices read with numpy alone,
+- ``PATIENT_BUNDLE``: a FHIR transaction that can be counted.
+- ``seg_masks_by_source``, ``write_correction``: a SEG's masks on its source slices read with numpy
   and a clinician's corrected SEG (segments eroded / dilated, another creator) written by highdicom.
 - ``open_store_made_by``, ``RELEASE_0_1_SCHEMA``: a job store written by an older release (0.1's frozen
   SQLite schema in ``tests/data/job-store-0.1.sql``).
 - ``job_ready_for_delivery``: a job in the store whose run just ended, for egress to stage.
+- ``write_malformed_corpus``: at least 75 malformed instances (implausible headers, unsafe UIDs, unparseable
+  files), each with the attribute its refusal must name.
 """
 
 from __future__ import annotations
 
 import json
 import sqlite3
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from io import BytesIO
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -177,16 +181,6 @@ def write_study(folder: Path, n: int = 3, patient_id: str = "P1", study_uid: str
                               identity=identity, modality_attributes={"SliceThickness": 2.5, "RescaleIntercept": 0,
                                                                       "RescaleSlope": 1},
                               uid_root=PYDICOM_ROOT_UID, file_name=lambda _, sop_uid: f"{sop_uid}.dcm")
-
-
-def write_pixelless_ct(folder: Path, patient_id: str) -> Path:
-    """A CT image header without its pixels, of its own study: the shipped rules route it (an axial CT), and
-    the pipeline fails on it ("no image series in the input")."""
-    (path,) = write_study(folder, n=1, patient_id=patient_id)
-    ds = pydicom.dcmread(path)
-    del ds.PixelData
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 PATIENT_BUNDLE = {"resourceType": "Bundle", "type": "transaction", "entry": [
@@ -464,3 +458,118 @@ def write_correction(result_seg: Path, source: list[Path], target: Path, changes
         device_serial_number="WS-07", series_description="corrected segmentation", omit_empty_frames=True)
     seg.save_as(target)
     return corrected
+@dataclass(frozen=True)
+class Malformed:
+    """One file of the malformed-input corpus: what it is and the word a refusal must name (the attribute)."""
+
+    name: str
+    path: Path
+    names: str
+    """What the refusal must mention: the attribute at fault, or what cannot be read ("nested", "data set");
+    empty for a truncated file, whose refusal names whichever attribute the cut falls in."""
+
+
+def _nested_sequences(depth: int) -> bytes:
+    """(0040,0275) Request Attributes Sequence nested ``depth`` deep, undefined lengths, Explicit VR LE."""
+    sq = b"\x40\x00\x75\x02SQ\x00\x00\xff\xff\xff\xff"
+    item, item_end, seq_end = b"\xfe\xff\x00\xe0\xff\xff\xff\xff", b"\xfe\xff\x0d\xe0\x00\x00\x00\x00", \
+        b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+    return (sq + item) * depth + (item_end + seq_end) * depth
+
+
+def write_malformed_corpus(folder: Path) -> list[Malformed]:
+    """At least 75 instances a careless or hostile sender could send, each built from a valid CT slice.
+
+    Implausible headers (rescale, spacing, geometry, frame size), unsafe or ambiguous UIDs (a backslash, a
+    newline, a path, too long), and files that cannot be parsed (truncated at many points, sequences nested
+    3000 deep, a bad deflate stream, lengths past the end). Each is its own study.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus: list[Malformed] = []
+
+    def variant(name: str, names: str, change: Callable[[pydicom.Dataset], None]) -> None:
+        (source,) = write_study(folder / ".source" / name, n=1)
+        ds = pydicom.dcmread(source)
+        change(ds)
+        path = folder / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=False)
+        corpus.append(Malformed(name, path, names))
+
+    def setter(**values: object) -> Callable[[pydicom.Dataset], None]:
+        def change(ds: pydicom.Dataset) -> None:
+            for keyword, value in values.items():
+                setattr(ds, keyword, value)
+        return change
+
+    for value in ("1e30", "-1e30", "0", "1e-12", "NaN", "inf", "-inf", "2e4", "1e5"):
+        variant(f"slope-{value}", "RescaleSlope", setter(RescaleSlope=value))
+    for value in ("1e9", "-1e9", "NaN", "inf", "5e5"):
+        variant(f"intercept-{value}", "RescaleIntercept", setter(RescaleIntercept=value))
+    for value in (["0", "0"], ["0", "1"], ["1", "0"], ["NaN", "1"], ["1", "NaN"], ["-1", "1"], ["inf", "1"],
+                  ["1e6", "1"], ["1"], ["1", "1", "1"]):
+        variant("spacing-" + "-".join(value), "PixelSpacing", setter(PixelSpacing=value))
+    for value in ("NaN", "-5", "inf"):
+        variant(f"thickness-{value}", "SliceThickness", setter(SliceThickness=value))
+    for value in (["NaN", "0", "0"], ["0", "0"], ["inf", "0", "0"]):
+        variant("position-" + "-".join(value), "ImagePositionPatient", setter(ImagePositionPatient=value))
+    for value in (["0", "0", "0", "0", "0", "0"], ["NaN", "0", "0", "0", "1", "0"], ["1", "0", "0", "1", "0", "0"],
+                  ["1", "0", "0", "0", "1"], ["2", "0", "0", "0", "2", "0"]):
+        variant("orientation-" + "-".join(value), "ImageOrientationPatient", setter(ImageOrientationPatient=value))
+    for rows, columns in ((65535, 65535), (65535, 16), (16, 65535), (0, 16), (16, 0), (4096, 4096)):
+        variant(f"size-{rows}x{columns}", "Rows" if rows != 16 else "Columns", setter(Rows=rows, Columns=columns))
+    variant("frames-0", "NumberOfFrames", setter(NumberOfFrames=0))
+    variant("frames-huge", "NumberOfFrames", setter(NumberOfFrames=100000, Rows=512, Columns=512))
+    variant("bits-12", "BitsAllocated", setter(BitsAllocated=12))
+    variant("samples-2", "SamplesPerPixel", setter(SamplesPerPixel=2))
+
+    def uid_change(keyword: str, value: str) -> Callable[[pydicom.Dataset], None]:
+        def change(ds: pydicom.Dataset) -> None:
+            setattr(ds, keyword, value)
+            if keyword == "SOPInstanceUID" and "\n" in value:  # the C-STORE request carries it too
+                ds.file_meta.MediaStorageSOPInstanceUID = value
+        return change
+
+    for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+        short = keyword.removesuffix("InstanceUID")
+        variant(f"{short}-backslash", keyword, uid_change(keyword, "1.2.3\\4.5"))
+        variant(f"{short}-newline", keyword, uid_change(keyword, "1.2.3\n2026-12-01 INFO radnode: forged"))
+        variant(f"{short}-path", keyword, uid_change(keyword, "../../etc"))
+        variant(f"{short}-long", keyword, uid_change(keyword, "1." + "2" * 80))
+        variant(f"{short}-empty", keyword, uid_change(keyword, ""))
+        variant(f"{short}-slash", keyword, uid_change(keyword, "1.2/3"))
+
+    (source,) = write_study(folder / ".source" / "truncate", n=1)
+    whole = source.read_bytes()
+    # Cut in the file meta, in the header (before Rows: 1000) and in the pixel data; a cut between the header and
+    # the pixel data leaves a header-only instance, which is parseable: ingest keeps it, the pipeline refuses it.
+    for cut in (300, 350, 400, 500, 600, 700, 800, 1000, len(whole) - 400, len(whole) - 300, len(whole) - 100,
+                len(whole) - 1):
+        path = folder / f"truncated-{cut}.dcm"
+        path.write_bytes(whole[:cut])
+        corpus.append(Malformed(f"truncated-{cut}", path, ""))  # whichever attribute the cut falls in
+
+    def raw(name: str, names: str, body: bytes, transfer_syntax: str = "1.2.840.10008.1.2.1") -> None:
+        (source,) = write_study(folder / ".source" / name, n=1)
+        ds = pydicom.dcmread(source)
+        ds.file_meta.TransferSyntaxUID = transfer_syntax
+        meta = BytesIO()
+        pydicom.filewriter.write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+        path = folder / f"{name}.dcm"
+        path.write_bytes(b"\x00" * 128 + b"DICM" + meta.getvalue() + body)
+        corpus.append(Malformed(name, path, names))
+
+    (source,) = write_study(folder / ".source" / "nested", n=1)
+    plain = pydicom.dcmread(source)
+    del plain.PixelData
+    dataset_bytes = BytesIO()
+    pydicom.filewriter.write_dataset(pydicom.filebase.DicomFileLike(dataset_bytes), plain)
+    raw("nested-3000", "nested", dataset_bytes.getvalue() + _nested_sequences(3000))
+    raw("nested-100000", "nested", dataset_bytes.getvalue() + _nested_sequences(100000))
+    raw("deflate-garbage", "data set", b"\x78\x9c" + bytes(range(256)) * 4, "1.2.840.10008.1.2.1.99")
+    raw("deflate-truncated", "data set", zlib.compress(dataset_bytes.getvalue())[:-40], "1.2.840.10008.1.2.1.99")
+    raw("length-past-end", "PixelData", dataset_bytes.getvalue() + b"\xe0\x7f\x10\x00OW\x00\x00\xff\xff\xff\x7f\x00")
+    raw("garbage", "", bytes(range(256)) * 8)
+    raw("pixel-data-short", "PixelData", dataset_bytes.getvalue() + b"\xe0\x7f\x10\x00OW\x00\x00\x64\x00\x00\x00"
+        + b"\x00" * 100)
+    raw("empty-body", "StudyInstanceUID", b"")
+    return corpus

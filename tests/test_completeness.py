@@ -13,7 +13,9 @@ import pydicom
 import pytest
 
 from factories import write_study
-from radnode.node.completeness import CompletenessSettings, SeriesProgress, expected_instances, study_verdict
+from radnode.node.completeness import (
+    CompletenessSettings, PeerCompleteness, SeriesProgress, expected_instances, study_expected_instances, study_verdict,
+)
 from radnode.node.service import Node
 from radnode.node.store import JobState
 from radnode.pipelines.routing import Completeness, SeriesDecision
@@ -21,13 +23,15 @@ from support.dicom_tools import storescu
 from support.node import final_job, node_config
 from support.waiting import wait_until
 
-SETTINGS = CompletenessSettings(idle_seconds=10, series_grace_seconds=0.5, study_grace_seconds=1.0)
+SETTINGS = CompletenessSettings(idle_seconds=10, series_grace_seconds=0.5, study_grace_seconds=1.0,
+                                study_quiet_seconds=0.0)
 
 
 def series(uid: str = "1", received: int = 3, expected: int | None = None, last: float = 100.0,
-           released: float | None = None, stable: float | None = None, study_idle: float | None = None) -> SeriesProgress:
+           released: float | None = None, stable: float | None = None, study_idle: float | None = None,
+           calling_ae: str = "", study_expected: int | None = None) -> SeriesProgress:
     decision = SeriesDecision(pipelines=("ct_tissue",), completeness=Completeness(study_idle_seconds=study_idle))
-    return SeriesProgress(uid, decision, received, expected, last, released, stable)
+    return SeriesProgress(uid, decision, received, expected, last, released, stable, calling_ae, study_expected)
 
 
 def test_expected_count_comes_from_the_modality_signals() -> None:
@@ -37,6 +41,32 @@ def test_expected_count_comes_from_the_modality_signals() -> None:
     assert expected_instances({"NumberOfFrames": "1"}) is None
     assert expected_instances({"ImagesInAcquisition": "n/a"}) is None
     assert expected_instances({}) is None
+    assert expected_instances({"NumberOfSeriesRelatedInstances": 24, "ImagesInAcquisition": 12}) == 24
+    assert study_expected_instances({"NumberOfStudyRelatedInstances": "48"}) == 48
+    assert study_expected_instances({"NumberOfStudyRelatedInstances": "0"}) is None
+
+
+def test_a_released_study_waits_the_quiet_time_the_sender_is_given() -> None:
+    """A sender that sends a study in batches pauses between associations: the quiet time after the release
+    (the node's, or the sending AE's own in ingress.peers) keeps the study open."""
+    quiet = CompletenessSettings(idle_seconds=10, series_grace_seconds=0.5, study_quiet_seconds=3.0,
+                                 peers={"BATCHER": PeerCompleteness(study_quiet_seconds=15.0)})
+    assert not study_verdict([series(released=100.2)], 103.1, quiet).complete
+    verdict = study_verdict([series(released=100.2)], 103.3, quiet)
+    assert verdict.complete and "quiet time after release 3 s" in verdict.reason
+    assert not study_verdict([series(released=100.2, calling_ae="BATCHER")], 115.1, quiet).complete
+    assert study_verdict([series(released=100.2, calling_ae="BATCHER")], 115.3, quiet).complete
+
+
+def test_the_study_count_the_sender_declares_decides() -> None:
+    """Number of Study Related Instances reached: complete at once; short of it: not before the missing wait."""
+    settings = CompletenessSettings(idle_seconds=10, study_quiet_seconds=3.0, missing_wait_seconds=60.0)
+    whole = [series("a", received=3, study_expected=5), series("b", received=2, study_expected=5)]
+    verdict = study_verdict(whole, 100.0, settings)
+    assert verdict.complete and "5/5 instances of the study" in verdict.reason
+    short = [series("a", received=3, released=100.5, study_expected=5)]
+    assert not study_verdict(short, 150.0, settings).complete
+    assert study_verdict(short, 160.5, settings).complete
 
 
 def test_a_released_association_completes_the_study_after_the_grace_only() -> None:

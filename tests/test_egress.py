@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -12,13 +14,18 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import CTImageStorage
 
 from factories import PATIENT_BUNDLE, job_ready_for_delivery, write_study
 from radnode.config import Config, DicomPeer
 from radnode.node.egress import Egress, outbox_dir
+from radnode.node.service import Node
 from radnode.node.store import JobState, JobStore
 from radnode.peers import FhirServer, StoreSCP, free_port
-from support.node import patients
+from support.dicom_tools import storescu
+from support.node import final_job, node_config, patients
 from support.waiting import wait_until
 
 
@@ -186,9 +193,6 @@ def test_a_hung_destination_delays_another_by_less_than_a_second(tmp_path: Path,
 
 
 def test_failure_causes_are_named(tmp_path: Path, silent_peer: int) -> None:
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import CTImageStorage
-
     picky = AE(ae_title="PACS")
     picky.require_called_aet = True
     picky.add_supported_context(CTImageStorage)
@@ -309,3 +313,63 @@ def test_a_deidentifying_destination_gets_de_identified_copies_only_and_every_se
     assert len(exports) == 1 and 'UserName="research"' in exports[0] and "<Anonymized>true</Anonymized>" in exports[0]
     assert all(not schema_errors(m) for m in sent + exports)
     store.close()
+
+
+SLOW_PACS_SECONDS = 0.6
+"""How long the slow PACS of the kill test takes to answer each C-STORE."""
+
+NODE_SCRIPT = """
+import sys, threading
+from radnode.config import Config
+from radnode.node.service import Node
+config = Config.model_validate_json(sys.argv[1])
+node = Node(config, job_command=["/bin/false"], poll_seconds=0.05)
+node.start()
+print(node.port, flush=True)
+threading.Event().wait()
+"""
+
+
+def test_a_node_killed_during_egress_never_sends_a_recorded_object_twice(tmp_path: Path) -> None:
+    """A forward of 8 instances to a PACS that takes 0.6 s per C-STORE; the node process is SIGKILLed in the
+    middle and started again: every object the store had recorded as delivered reached the PACS exactly once,
+    and after the restart every object is there (the one in flight at the kill at most twice)."""
+    received: list[str] = []
+    pacs_ae = AE(ae_title="SLOWPACS")
+    pacs_ae.add_supported_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)
+
+    def on_store(event: Event) -> int:
+        time.sleep(SLOW_PACS_SECONDS)
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    server = pacs_ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - name: forward\n    when: {Modality: CT}\n    forward: [pacs]\n")
+    config = node_config(tmp_path, egress={"destinations": {"pacs": {
+        "type": "dicom", "ae_title": "SLOWPACS", "host": "127.0.0.1", "port": server.server_address[1],
+        "forward_only": True}}}).model_copy(update={"rules": rules})
+    sent = write_study(tmp_path / "study", n=8)
+    node = subprocess.Popen([sys.executable, "-c", NODE_SCRIPT, config.model_dump_json()], stdout=subprocess.PIPE,
+                            text=True, cwd=tmp_path)
+    try:
+        port = int(node.stdout.readline())  # type: ignore[union-attr]
+        assert storescu(port, tmp_path / "study").returncode == 0
+        wait_until(lambda: len(received) >= 3, timeout=60)
+        node.kill()
+        node.wait(30)
+        store = JobStore(config.data_dir / "radnode.db")
+        recorded = [d.sent_uid for d in store.deliveries(1) if d.state == "done"]
+        store.close()
+        at_kill = list(received)
+        with Node(config, job_command=["/bin/false"], poll_seconds=0.05) as restarted:
+            job = final_job(restarted, 1, timeout=60)
+    finally:
+        if node.poll() is None:
+            node.kill()
+        server.shutdown()
+    assert job.state is JobState.DONE
+    assert recorded and all(received.count(uid) == 1 for uid in recorded), (recorded, received)
+    assert len(recorded) >= len(at_kill) - 1  # at most the object in flight was not yet recorded
+    assert sorted(set(received)) == sorted(str(pydicom.dcmread(p).SOPInstanceUID) for p in sent)
+    assert len(received) - len(set(received)) <= 1

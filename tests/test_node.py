@@ -17,22 +17,24 @@ import pydicom
 import pytest
 import yaml
 
-from factories import write_pixelless_ct, write_study
+from factories import write_study
 from radnode.config import Config, DicomPeer
 from radnode.node.service import Node
 from radnode.node.store import JobState, JobStore
+from radnode.node.worker import failure_reason, oom_kills
 from radnode.peers import FhirServer, StoreSCP, free_port
 from support.dicom_tools import ECHOSCU, storescu
 from support.node import final_job, jobs_by_patient, node_config, patients, process_alive
 from support.waiting import wait_until
 
 def test_a_failing_job_is_recorded_while_another_study_completes(tmp_path: Path, stand_in: list[str],
-                                                                  pacs: StoreSCP) -> None:
+                                                                  pacs: StoreSCP, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STAND_IN_FAIL_BAD", "no image series in the input")
     with FhirServer(tmp_path / "fhir") as fhir:
         config = node_config(tmp_path, egress={"destinations": {"pacs": pacs.destination, "ehr": fhir.destination}},
                              processing={"max_concurrent_jobs": 2})
         write_study(tmp_path / "good", n=5, patient_id="GOOD")
-        write_pixelless_ct(tmp_path / "bad", patient_id="BAD")
+        write_study(tmp_path / "bad", n=1, patient_id="BAD")
         with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
             for folder in ("bad", "good"):
                 assert storescu(node.port, tmp_path / folder, calling_ae="SCANNER").returncode == 0
@@ -71,7 +73,7 @@ def test_a_job_over_its_time_limit_is_killed_and_the_next_one_runs(tmp_path: Pat
 def test_instances_arriving_while_the_job_runs_are_kept_but_not_its_input(
         tmp_path: Path, stand_in: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("STAND_IN_SECONDS_P1", "2")
-    config = node_config(tmp_path)
+    config = node_config(tmp_path, ingress={"late_instances": "ignore"})
     first = write_study(tmp_path / "first", n=3)
     study_uid = pydicom.dcmread(first[0]).StudyInstanceUID
     write_study(tmp_path / "late", n=1, study_uid=study_uid)
@@ -213,3 +215,48 @@ def test_every_pipeline_the_rules_select_runs_and_delivers_and_the_study_is_forw
         forwarded = [pydicom.dcmread(p) for p in archive.received()]
     assert len(results) == 2 and len({ds.SOPInstanceUID for ds in results}) == 2
     assert len(forwarded) == 1 and forwarded[0].SOPInstanceUID in {ds.SOPInstanceUID for ds in results}
+
+
+def test_a_job_killed_by_sigkill_says_so_and_runs_once_more(tmp_path: Path, stand_in: list[str],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGKILL from outside (as the OOM killer sends it) is transient: the job runs again (processing.retries: 1)
+    and its events keep the first attempt's reason; a second SIGKILL fails it, naming the signal."""
+    monkeypatch.setenv("STAND_IN_SECONDS_P1", "30")
+    write_study(tmp_path / "study", n=2)
+    pid_file = tmp_path / "data" / "jobs" / "1" / "pid"
+
+    def kill_the_running_attempt(attempt: int) -> None:
+        wait_until(lambda: node.job(1) is not None and node.job(1).runs == attempt  # type: ignore[union-attr]
+                   and pid_file.exists() and pid_file.read_text().strip() != "", timeout=60)
+        pid = int(pid_file.read_text())
+        pid_file.unlink()
+        os.kill(pid, signal.SIGKILL)
+
+    with Node(node_config(tmp_path), job_command=stand_in, poll_seconds=0.05) as node:
+        assert storescu(node.port, tmp_path / "study").returncode == 0
+        kill_the_running_attempt(1)
+        kill_the_running_attempt(2)
+        job = final_job(node, 1)
+        events = node.events(1)
+    (retry,) = [e for e in events if e.kind == "retry"]
+    assert retry.message.startswith("attempt 1 ended: killed by signal 9 (SIGKILL)") and "retry 1 of 1" in retry.message
+    assert job.state is JobState.FAILED and job.runs == 2
+    assert job.reason.startswith("killed by signal 9 (SIGKILL)") and "attempt 2" in job.reason
+    assert [e.kind for e in events].count("running") == 2
+
+
+def test_the_reason_of_a_signal_comes_before_the_last_stderr_line() -> None:
+    reason = failure_reason(-signal.SIGKILL, "[warning] [gxf] CUDA driver not found", oom_kills_before=0)
+    assert reason.startswith("killed by signal 9 (SIGKILL)") and reason.endswith("CUDA driver not found")
+    assert failure_reason(-signal.SIGSEGV, "") == "killed by signal 11 (SIGSEGV)"
+    assert failure_reason(3, "no image series in the input") == "no image series in the input"
+    assert failure_reason(2, "") == "job process exited with status 2"
+
+
+def test_an_oom_kill_is_read_from_the_cgroup(tmp_path: Path) -> None:
+    (tmp_path / "proc").write_text("0::/radnode.slice/node\n")
+    events = tmp_path / "cg" / "radnode.slice" / "node" / "memory.events"
+    events.parent.mkdir(parents=True)
+    events.write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\n")
+    assert oom_kills(tmp_path / "proc", tmp_path / "cg") == 2
+    assert oom_kills(tmp_path / "missing", tmp_path / "cg") is None

@@ -19,7 +19,7 @@ import yaml
 from pynetdicom import AE
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from factories import RELEASE_0_1_SCHEMA, open_store_made_by, write_pixelless_ct, write_study
+from factories import RELEASE_0_1_SCHEMA, open_store_made_by, write_study
 from radnode.config import Config
 from radnode.node.retention import DAY, Retention, purge_data_dir
 from radnode.node.scp import Ingest, Spool
@@ -57,7 +57,8 @@ def run_study(config: Config, command: list[str], folder: Path, patient_id: str 
 
 def test_a_done_job_is_purged_after_its_age_its_row_and_log_kept(tmp_path: Path, stand_in: list[str]) -> None:
     with StoreSCP(tmp_path / "pacs") as pacs:
-        config = node_config(tmp_path, egress={"destinations": {"pacs": pacs.destination}})
+        config = node_config(tmp_path, ingress={"late_instances": "ignore"},
+                             egress={"destinations": {"pacs": pacs.destination}})
         job_id = run_study(config, stand_in, tmp_path / "study")
     data = config.data_dir
     store = JobStore(data / "radnode.db")
@@ -142,10 +143,12 @@ def test_an_undelivered_job_and_what_it_needs_are_kept(tmp_path: Path, stand_in:
         assert [e.kind for e in node.events(1)].count("purged") == 2
 
 
-def test_a_failed_job_is_kept_for_failed_days(tmp_path: Path, stand_in: list[str]) -> None:
+def test_a_failed_job_is_kept_for_failed_days(tmp_path: Path, stand_in: list[str],
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STAND_IN_FAIL_BAD", "no image series in the input")
     config = node_config(tmp_path, retention={"done_days": 7, "failed_days": 30})
     write_study(tmp_path / "good", n=2, patient_id="GOOD")
-    write_pixelless_ct(tmp_path / "bad", patient_id="BAD")
+    write_study(tmp_path / "bad", n=1, patient_id="BAD")
     with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
         for folder in ("good", "bad"):
             assert storescu(node.port, tmp_path / folder).returncode == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,10 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from radnode.imaging.series import InputError, VolumeCriteria, load_volume, read_study_folder
+from factories import write_study
+from radnode.imaging.series import (
+    InputError, Series, VolumeCriteria, build_volume, load_volume, max_volume_bytes, read_study_folder,
+)
 
 CT = VolumeCriteria()
 
@@ -91,3 +95,39 @@ def test_too_few_slices_and_empty_folder(real_ct_folder: Path, tmp_path: Path) -
     empty.mkdir()
     with pytest.raises(InputError, match="no files"):
         read_study_folder(empty)
+
+
+@pytest.mark.parametrize(("keyword", "value", "named"), [
+    ("PixelSpacing", ["0", "0.7"], "PixelSpacing 0/0.7 out of range"),
+    ("PixelSpacing", ["NaN", "0.7"], "PixelSpacing nan/0.7 is not finite"),
+    ("RescaleSlope", "1e30", "RescaleSlope 1e+30 out of range"),
+    ("ImageOrientationPatient", ["0", "0", "0", "0", "0", "0"], "ImageOrientationPatient 0/0/0/0/0/0 is not"),
+])
+def test_an_implausible_header_in_the_series_is_refused_naming_the_attribute(
+        tmp_path: Path, keyword: str, value: object, named: str) -> None:
+    """The loader checks what it reads again (a spool file indexed before the ingest checks existed, or a
+    folder given to `radnode run`): the series is refused with the attribute and the file, never computed on."""
+    folder = tmp_path / "study"
+    paths = write_study(folder, n=12)
+    ds = pydicom.dcmread(paths[5])
+    setattr(ds, keyword, value)
+    ds.save_as(paths[5], enforce_file_format=False)
+    with pytest.raises(InputError, match=re.escape(named)) as refused:
+        load_volume(folder, VolumeCriteria(min_slices=10))
+    assert paths[5].name in str(refused.value)
+
+
+def test_a_volume_larger_than_memory_is_refused_before_it_is_allocated(tmp_path: Path) -> None:
+    """Headers that pass one by one (64 MiB per 4096² slice) but make a volume past half the machine's
+    memory: refused naming Rows and Columns, nothing allocated."""
+    slices = max_volume_bytes() // (4096 * 4096 * 4) + 1
+    header = pydicom.dcmread(write_study(tmp_path / "one", n=1)[0], stop_before_pixels=True)
+    header.Rows = header.Columns = 4096
+    datasets = []
+    for k in range(slices):
+        ds = pydicom.Dataset()
+        ds.update(header)
+        ds.ImagePositionPatient = [0, 0, 2.5 * k]
+        datasets.append(ds)
+    with pytest.raises(InputError, match=r"Rows 4096 × Columns 4096 × \d+ slices make a .* GiB volume"):
+        build_volume(Series("1.2.3", datasets, [tmp_path / f"{k}.dcm" for k in range(slices)]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import tempfile
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -41,7 +42,13 @@ def minimal_scp(folder: Path) -> Iterator[Receiver]:
     folder.mkdir(parents=True, exist_ok=True)
 
     def on_store(event: Event) -> int:
-        with open(folder / f"{event.request.AffectedSOPInstanceUID}.dcm", "wb") as f:
+        target = folder / f"{event.request.AffectedSOPInstanceUID}.dcm"
+        try:  # pynetdicom received it into a file (radnode's SCP turns that on for the process)
+            shutil.copyfile(event.dataset_path, target)
+            return 0x0000
+        except AttributeError:
+            pass
+        with open(target, "wb") as f:
             f.write(b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta))
             f.write(event.request.DataSet.getbuffer())
         return 0x0000

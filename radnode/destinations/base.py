@@ -128,13 +128,23 @@ class Cancellation:
 @dataclass(frozen=True)
 class SendContext:
     """What a send needs from the node: its AE title, the destination's effective timeouts, the Orthanc it
-    works with, the job (for messages) and the worker's cancellation."""
+    works with, the job (for messages), the worker's cancellation and where each outcome is recorded."""
 
     ae_title: str
     timeouts: Timeouts
     orthanc: "OrthancConfig"
     job_id: int
     cancellation: Cancellation = field(default_factory=Cancellation)
+    on_outcome: Callable[[Outcome], None] | None = None
+    """Egress records each outcome here the moment it is known (a type that sends item by item calls
+    :meth:`answered` after each): a kill between two C-STOREs never loses the record of the first, so it is
+    never sent twice."""
+
+    def answered(self, outcome: Outcome) -> Outcome:
+        """Hand one item's outcome to egress at once (see ``on_outcome``); returns it."""
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
+        return outcome
 
 
 class DestinationError(ValueError):

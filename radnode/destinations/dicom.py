@@ -82,8 +82,8 @@ class DicomDestination(Destination):
                 why = self._not_established(assoc, bool(connected), time.monotonic() - started, context)
                 return outcomes + [Outcome(item, False, why) for item in readable]
             try:
-                for item in readable:
-                    outcomes.append(self._store(assoc, item, uids[item.delivery_id], context))
+                for item in readable:  # each recorded by egress as it is answered: the window to lose it is one item
+                    outcomes.append(context.answered(self._store(assoc, item, uids[item.delivery_id], context)))
             finally:
                 if assoc.is_established:
                     assoc.release()

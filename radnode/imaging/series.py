@@ -6,6 +6,7 @@ and z=−130.0"), because the job log is where a PACS administrator looks when n
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +15,10 @@ import numpy as np
 import pydicom
 import pydicom.pixels
 from pydicom import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_deferred_data_element
 from pydicom.uid import UID
 
+from radnode.imaging.plausibility import implausible
 from radnode.imaging.volume import Volume
 
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
@@ -89,8 +90,11 @@ def read_study_folder(folder: str | Path) -> StudyInput:
             continue
         try:
             ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
-        except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
-            unreadable.append(f"{path.name}: not a readable DICOM file ({type(e).__name__}: {e})")
+        except RecursionError:
+            unreadable.append(f"{path.name}: not a readable DICOM file (sequences nested too deep)")
+            continue
+        except Exception as e:  # pydicom and the codecs raise many types (zlib.error, struct.error, ...): name it
+            unreadable.append(f"{path.name}: not a readable DICOM file ({type(e).__name__}: {str(e)[:120]})")
             continue
         series_uid = ds.get("SeriesInstanceUID")
         if not series_uid or not ds.get("SOPInstanceUID"):
@@ -140,6 +144,9 @@ def check_series(series: Series, criteria: VolumeCriteria) -> str | None:
         lacking = sum(1 for ds in series.datasets if keyword not in ds)
         if lacking:
             return f"{name}: {lacking} instance(s) without {keyword}"
+    for ds, path in zip(series.datasets, series.paths):
+        if (problem := implausible(ds, series.modality)) is not None:
+            return f"{name}: {path.name}: {problem}"
     shapes = {(int(ds.Rows), int(ds.Columns)) for ds in series.datasets}
     if len(shapes) > 1:
         return f"{name}: slices of different sizes {sorted(shapes)}"
@@ -235,6 +242,14 @@ def _rescale(ds: Dataset) -> tuple[float, float]:
     return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
 
 
+def max_volume_bytes() -> int:
+    """The largest volume :func:`build_volume` allocates: half the machine's physical memory."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError):
+        return 16 * 2**30
+
+
 def build_volume(series: Series) -> Volume:
     """Stack a checked series into a Volume ordered along the slice normal, pixels rescaled.
 
@@ -246,6 +261,12 @@ def build_volume(series: Series) -> Volume:
     order = sorted(range(len(series.datasets)),
                    key=lambda i: float(np.dot(normal, np.asarray(series.datasets[i].ImagePositionPatient, float))))
     first = series.datasets[order[0]]
+    rows, cols = int(first.Rows), int(first.Columns)
+    size = len(order) * rows * cols * np.dtype(np.float32).itemsize
+    if size > max_volume_bytes():
+        raise InputError(f"{series.describe()}: Rows {rows} × Columns {cols} × {len(order)} slices make a "
+                         f"{size / 2**30:.1f} GiB volume, more than the {max_volume_bytes() / 2**30:.1f} GiB this "
+                         "machine can hold (half its memory)")
     whole = series.modality == "CT" and all(v.is_integer() for ds in series.datasets for v in _rescale(ds))
     array = _stack(series, order, np.int16 if whole else np.float32)
     if array is None:  # a slice's HU beyond int16

@@ -14,6 +14,11 @@ once per job and profile when the job is staged, :mod:`radnode.security.deid`); 
 (burned-in annotation) and files that are not DICOM are not planned for it, and the job's events say why.
 Every send (one batch of one job to one destination) is audited (:mod:`radnode.security.audit`): DICOM
 Instances Transferred, or Export for a forward or a de-identified destination, with its outcome.
+
+A job whose results supersede an earlier job's (a re-run on the whole study after late instances) also
+delivers an IHE IOCM rejection note (``rejection-note.dcm``, a KOS "Rejected for Quality Reasons") to every
+destination that received the earlier DICOM results, naming exactly those (``Outcome.sent_uid`` per delivery);
+the FHIR report is re-issued in place by the run itself (same identifier, status corrected).
 """
 
 from __future__ import annotations
@@ -32,13 +37,17 @@ from radnode.destinations.base import Cancellation
 from radnode.destinations.dicom import DicomDestination
 from radnode.destinations.orthanc import OrthancDestination
 from radnode.node.store import Delivery, Job, JobStore
-from radnode.outputs.layout import dicom_files, is_dicom
+from radnode.outputs.layout import RunOutput, dicom_files, is_dicom
+from radnode.outputs.rejection import write_rejection_note
 
 if TYPE_CHECKING:
     from radnode.security.audit import AuditTrail
     from radnode.security.deid import Deidentifier
 
 log = logging.getLogger(__name__)
+
+REJECTION_NOTE = RunOutput.REJECTION_NOTE.file
+"""The IOCM rejection note a job's outbox holds when its results supersede an earlier job's."""
 
 ORTHANC = "orthanc"
 """The name of the implicit destination for ``orthanc.results_to_orthanc`` (unless a destination has it)."""
@@ -124,6 +133,7 @@ class Egress:
         except (OSError, DestinationError) as e:
             self.store.fail_job(job_id, f"cannot stage the results: {e}")
             return
+        withdraw = self._supersede(job_id, names) if job.pipeline else []
         targets: dict[str, Destination] = {}
         if job.pipeline:
             targets |= {n: d for n, d in self.destinations.items() if not d.forward_only}
@@ -132,7 +142,8 @@ class Egress:
         plan: list[tuple[str, str]] = []
         notes: list[str] = []
         for name, destination in targets.items():
-            files = [file for file in names if destination.wants(file) and (job.pipeline or is_dicom(file))]
+            files = [file for file in names if destination.wants(file) and (job.pipeline or is_dicom(file))
+                     and file != REJECTION_NOTE]
             if destination.deidentify is None:
                 plan += [(name, file) for file in files]
                 continue
@@ -144,6 +155,7 @@ class Egress:
             plan += [(name, copies[file]) for file in files if file in copies]
             notes += [f"{file} not sent to {name} ({destination.deidentify} de-identification): {why}"
                       for file, why in refused.items()]
+        plan += [(name, REJECTION_NOTE) for name in withdraw]  # last: the new results are there before the old go
         dicom = len(dicom_files(names))
         summary = "; ".join([f"{len(names)} outputs ({dicom} DICOM) copied to the outbox",
                              f"{len(plan)} deliveries planned"
@@ -192,6 +204,47 @@ class Egress:
             self._deidentifiers[profile] = deidentifier_for(self.config, profile, site_key)
         return self._deidentifiers[profile]
 
+    def _supersede(self, job_id: int, names: list[str]) -> list[str]:
+        """When this job's results supersede an earlier job's (a re-run on the whole study), write the IOCM
+        rejection note of what that job sent into this job's outbox (added to ``names``); returns the destinations
+        that must receive it: every one that got (or was being sent) a superseded DICOM object."""
+        superseded = self.store.supersede(job_id, REJECTION_NOTE)
+        if superseded is None:
+            return []
+        self.store.settle_job(superseded.superseded)  # its pending deliveries were stopped
+        sent = {name: objects for name, objects in superseded.sent.items() if not self._deidentifying(name)}
+        if len(sent) < len(superseded.sent):  # a note naming the patient must not follow de-identified copies
+            self.store.note(job_id, "withdraw-error", "not withdrawn at "
+                           f"{', '.join(sorted(set(superseded.sent) - set(sent)))} (de-identified copies went there)")
+        if not sent:
+            return []
+        old = outbox_dir(self.config, superseded.superseded)
+        files = sorted({name for objects in sent.values() for name in objects})
+        present = [old / name for name in files if (old / name).is_file()]
+        if len(present) < len(files):
+            missing = ", ".join(name for name in files if not (old / name).is_file())
+            self.store.note(job_id, "withdraw-error", f"job {superseded.superseded}'s {missing} no longer in its "
+                                                     "outbox (purged?): not referenced by the rejection note")
+        if not present:
+            return []
+        target = outbox_dir(self.config, job_id) / REJECTION_NOTE
+        uid = write_rejection_note(present, target, uid_root=self.config.uid_root,
+                                   institution_name=self.config.institution_name)
+        with open(target, "rb") as f:
+            os.fsync(f.fileno())
+        names.append(REJECTION_NOTE)
+        self.store.note(job_id, "withdraw",
+                       f"rejection note {uid} ({REJECTION_NOTE}, Rejected for Quality Reasons) withdraws job "
+                       f"{superseded.superseded}'s {', '.join(p.name for p in present)} at {', '.join(sorted(sent))}")
+        return sorted(sent)
+
+    def _deidentifying(self, name: str) -> bool:
+        """Whether the destination a delivery row names de-identifies (an unknown one counts as doing so)."""
+        try:
+            return self.destination(name).deidentify is not None
+        except DestinationError:
+            return True
+
     def resend(self, job_id: int, destination: str | None = None, *, user: str, reason: str,
                failed_only: bool = False) -> int:
         """Deliver a job's results again, to every destination or one (even after they gave up): its delivered
@@ -235,9 +288,22 @@ class Egress:
               cancellation: Cancellation) -> None:
         folder = outbox_dir(self.config, job_id)
         items = {d.id: Item(d.id, folder / d.object) for d in deliveries}
+        by_id = {d.id: d for d in deliveries}
+        recorded: set[int] = set()
+
+        def record(outcome: Outcome) -> None:
+            """Record one outcome now (a C-STORE answered is in the store before the next is sent)."""
+            if outcome.item.delivery_id in recorded or outcome.item.delivery_id not in by_id:
+                return
+            recorded.add(outcome.item.delivery_id)
+            if outcome.ok:
+                self.store.delivery_done(outcome.item.delivery_id, outcome.message, sent_uid=outcome.sent_uid)
+            else:
+                self._failed(by_id[outcome.item.delivery_id], outcome.message)
+
         context = SendContext(ae_title=self.config.ingress.ae_title,
                               timeouts=destination.timeouts.over(self.config.egress.timeouts),
-                              orthanc=self.config.orthanc, job_id=job_id, cancellation=cancellation)
+                              orthanc=self.config.orthanc, job_id=job_id, cancellation=cancellation, on_outcome=record)
         try:
             outcomes = destination.send(list(items.values()), context)
         except Exception as e:  # a destination type's defect must not stop its queue or lose the record
@@ -246,12 +312,8 @@ class Egress:
         answered = {outcome.item.delivery_id for outcome in outcomes}
         outcomes += [Outcome(item, False, f"{destination.describe()} gave no answer for {item.name}")
                      for item in items.values() if item.delivery_id not in answered]
-        by_id = {d.id: d for d in deliveries}
         for outcome in outcomes:
-            if outcome.ok:
-                self.store.delivery_done(outcome.item.delivery_id, outcome.message, sent_uid=outcome.sent_uid)
-            else:
-                self._failed(by_id[outcome.item.delivery_id], outcome.message)
+            record(outcome)
         if self.audit is not None:
             self._audit(destination, deliveries[0].destination, job_id, outcomes)
 

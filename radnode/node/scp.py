@@ -17,10 +17,12 @@ import logging
 import os
 import re
 import shutil
+import struct
 import threading
 import time
 import uuid
 import weakref
+import zlib
 from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.association import Association
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
@@ -39,8 +42,10 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from radnode.config import IngressConfig, RetentionConfig
-from radnode.node.completeness import COMPLETENESS_TAGS, expected_instances
-from radnode.node.store import Arrival, Instance, InstanceBeingPurged, JobStore
+from radnode.imaging.plausibility import PLAUSIBILITY_TAGS, implausible, native_size_problem
+from radnode.log_safety import escape_control
+from radnode.node.completeness import COMPLETENESS_TAGS, expected_instances, study_expected_instances
+from radnode.node.store import Arrival, ForeignInstance, Instance, InstanceBeingPurged, JobStore
 from radnode.pipelines.routing import LateInstances, RoutingContext, SeriesDecision
 from radnode.pipelines.rules import DEFAULT_RULES, RuleSet, load_rules
 from radnode.security.access import REJECTED_PERMANENT, SERVICE_USER, PeerPolicy
@@ -54,6 +59,8 @@ log = logging.getLogger(__name__)
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
+
+PIXEL_DATA = 0x7FE00010
 
 INDEX_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "PatientID", "Modality",
               "AccessionNumber", "StudyDescription"]
@@ -183,6 +190,32 @@ class Spool:
         if self.fsync:
             _fsync_dir(target.parent)
 
+    def adopt(self, source: Path, target: Path) -> None:
+        """Move a received file into place as ``target`` (renamed when on the spool's file system, else copied
+        in chunks, never read whole), fsync'd if so set."""
+        temp = self.incoming / f"{uuid.uuid4().hex}.part"
+        try:
+            try:
+                os.link(source, temp)
+            except OSError:  # another file system
+                shutil.copyfile(source, temp)
+            if self.fsync:
+                with open(temp, "rb") as f:
+                    os.fsync(f.fileno())
+            for attempt in range(3):
+                target.parent.mkdir(parents=True, exist_ok=True)
+                try:
+                    os.replace(temp, target)
+                    break
+                except FileNotFoundError:
+                    if attempt == 2:
+                        raise
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        if self.fsync:
+            _fsync_dir(target.parent)
+
     def discard_partial(self) -> int:
         """Remove temporary files left by an interrupted write; returns how many."""
         parts = list(self.incoming.glob("*.part"))
@@ -215,8 +248,9 @@ class Router:
         self.late_instances = LateInstances(late_instances)
         self.policy = policy
         """Limits what each sender may trigger (``ingress.allowed_peers[].pipelines``), after the rules."""
-        self.tags = sorted({*INDEX_TAGS, *COMPLETENESS_TAGS, *rules.keywords})
-        """The tags parsed on receipt: the index's, the expected-count signals and what routing reads."""
+        self.tags = sorted({*INDEX_TAGS, *COMPLETENESS_TAGS, *PLAUSIBILITY_TAGS, *rules.keywords})
+        """The tags parsed on receipt: the index's, the expected-count signals, the header checks and what
+        routing reads."""
 
     def route(self, ds: Dataset, origin: "Origin") -> SeriesDecision:
         """The series' decision as the node takes it; a pipeline the sender may not trigger is withheld (and
@@ -228,12 +262,57 @@ class Router:
         return self.policy.restrict(decision, origin.calling_ae, origin.peer_address.rsplit(":", 1)[0])
 
 
-def index_tags(stream: BytesIO | Path, tags: list[str] = INDEX_TAGS) -> Dataset:
-    """Parse only the tags the index (and the router) needs (stops before pixel data)."""
+def index_tags(source: BytesIO | Path, tags: list[str] = INDEX_TAGS) -> Dataset:
+    """Parse only the tags the index (and the router) needs; Pixel Data's length is read, never its value.
+
+    A data set that cannot be parsed (truncated, a bad deflate stream, sequences nested past any sense) is
+    :class:`Refused` with one line; nothing of the parser's traceback reaches the sender or the log.
+    """
     try:
-        return pydicom.dcmread(stream, stop_before_pixels=True, specific_tags=tags)
-    except (InvalidDicomError, EOFError, ValueError, OSError) as e:
-        raise Refused(f"cannot read data set: {e}") from e
+        ds = pydicom.dcmread(source, specific_tags=[*tags, "PixelData"], defer_size=256)
+        for tag in list(ds.keys()):  # decode the few values now (Pixel Data's stays unread)
+            if tag != PIXEL_DATA:
+                ds[tag]
+    except RecursionError:
+        raise Refused("cannot read data set: sequences nested too deep") from None
+    except (InvalidDicomError, EOFError, ValueError, OSError, KeyError, TypeError, AttributeError, IndexError,
+            OverflowError, NotImplementedError, zlib.error, struct.error) as e:
+        raise Refused(f"cannot read data set: {type(e).__name__}: {str(e)[:120]}") from None
+    return ds
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    """One UID attribute as text; Refused naming it when absent, multi-valued or not a valid UID."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        raise Refused(f"no {keyword}")
+    if not isinstance(value, str):
+        count = len(value) if hasattr(value, "__len__") else "several"
+        raise Refused(f"{keyword} has {count} values, expected one UID")
+    if len(value) > 64 or not _UID.fullmatch(value):
+        raise Refused(f"{keyword} {value[:70]!r} is not a valid UID")
+    return str(value)
+
+
+def content_problem(ds: Dataset, size: int) -> str | None:
+    """Why the instance (``size`` bytes as received) cannot be a real image: an implausible header, or pixel
+    data shorter than declared (a truncated file). The attribute is named; None if fine."""
+    problem = implausible(ds)
+    if problem is not None:
+        return problem
+    pixels = ds._dict.get(PIXEL_DATA)
+    if pixels is None:  # a header without pixels is parseable: the pipeline refuses it, naming PixelData
+        return None
+    length, start = getattr(pixels, "length", None), getattr(pixels, "value_tell", None)
+    if length is None or start is None or length == 0xFFFFFFFF:  # encapsulated: fragments, not checked here
+        return None
+    held = max(0, min(length, size - start))
+    if held < length:
+        return f"PixelData declares {length} bytes, the instance ends after {held}"
+    transfer = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if transfer is not None and not transfer.is_compressed:
+        return native_size_problem(ds, length)
+    return None
 
 
 def describe(ds: Dataset, path: Path, origin: Origin, received_at: float) -> Instance:
@@ -249,7 +328,10 @@ def describe(ds: Dataset, path: Path, origin: Origin, received_at: float) -> Ins
 class Ingest:
     """What the node does with one received instance: refuse, or spool, route and index it.
 
-    Both ingress paths (the node's own SCP and instances pulled from Orthanc) come through here.
+    Both ingress paths (the node's own SCP and instances pulled from Orthanc) come through here. Before
+    anything is kept, the instance is checked: UIDs safe as file names, a plausible image header
+    (``imaging.plausibility``), and a SOP Instance UID that is not another study's. A refusal for the
+    instance's content is recorded with its study (which is then not processed incomplete).
     """
 
     def __init__(self, spool: Spool, store: JobStore, router: Router | None = None,
@@ -271,20 +353,44 @@ class Ingest:
         while retention is removing its earlier copy.
         """
         ds = index_tags(BytesIO(bytes(meta) + bytes(dataset)), self.router.tags)
-        path = self.spool.path_for(ds.get("StudyInstanceUID", ""), ds.get("SeriesInstanceUID", ""),
-                                   ds.get("SOPInstanceUID", ""))
-        sop_uid = str(ds.SOPInstanceUID)
-        if not self.store.has_instance(sop_uid):
+        return self._keep(ds, origin, len(meta) + len(dataset), lambda path: self.spool.write(path, meta, dataset))
+
+    def receive_file(self, source: Path, origin: Origin) -> Arrival:
+        """The same for an instance the SCP received into a Part 10 file (never held in memory): the file is
+        moved into the spool (copied when on another file system)."""
+        ds = index_tags(source, self.router.tags)
+        return self._keep(ds, origin, source.stat().st_size, lambda path: self.spool.adopt(source, path))
+
+    def _keep(self, ds: Dataset, origin: Origin, size: int, write: Callable[[Path], None]) -> Arrival:
+        study_uid = _uid(ds, "StudyInstanceUID")
+        try:
+            series_uid, sop_uid = _uid(ds, "SeriesInstanceUID"), _uid(ds, "SOPInstanceUID")
+            path = self.spool.path_for(study_uid, series_uid, sop_uid)
+            if (problem := content_problem(ds, size)) is not None:
+                raise Refused(problem)
+            owner = self.store.instance_study(sop_uid)
+            if owner is not None and owner != study_uid:
+                raise Refused(f"SOPInstanceUID {sop_uid} already belongs to study {owner}")
+        except Refused as e:
+            self.store.record_refusal(study_uid, str(ds.get("SOPInstanceUID", "") or "?")[:64], str(e),
+                                      origin.calling_ae)
+            raise
+        if owner is None or not self.store.has_instance(sop_uid):
             if self.store.being_purged(sop_uid):
                 raise InstanceBeingPurged(f"{sop_uid} is being removed by retention; send it again later")
             if self.guard is not None:
-                self.guard.check(len(meta) + len(dataset))
-            self.spool.write(path, meta, dataset)
-        arrival, job_id = self.store.record_instance(describe(ds, path, origin, time.time()),
-                                                     lambda: self.router.route(ds, origin), expected_instances(ds))
+                self.guard.check(size)
+            write(path)
+        try:
+            arrival, job_id = self.store.record_instance(describe(ds, path, origin, time.time()),
+                                                         lambda: self.router.route(ds, origin), expected_instances(ds),
+                                                         study_expected_instances(ds))
+        except ForeignInstance as e:  # recorded under another study between our look and our insert
+            self.store.record_refusal(study_uid, sop_uid, str(e), origin.calling_ae)
+            raise Refused(str(e)) from None
         self._note_study(ds)
         if arrival is not Arrival.NEW:
-            log.debug("%s instance %s from %s (job %d)", arrival, ds.SOPInstanceUID, origin.calling_ae, job_id)
+            log.debug("%s instance %s from %s (job %d)", arrival, sop_uid, origin.calling_ae, job_id)
         if self.on_received is not None:
             self.on_received(ds, origin, arrival)
         return arrival
@@ -308,10 +414,12 @@ class Ingest:
                 continue
             try:
                 ds = index_tags(path, self.router.tags)
+                if (problem := content_problem(ds, path.stat().st_size)) is not None:
+                    raise Refused(problem)
                 self.store.record_instance(describe(ds, path, origin, path.stat().st_mtime),
                                            lambda: self.router.route(ds, origin), expected_instances(ds))
                 count += 1
-            except Refused as e:
+            except (Refused, ForeignInstance) as e:
                 log.error("spool file %s cannot be indexed: %s", path, e)
         return count
 
@@ -344,6 +452,14 @@ class StorageSCP:
     on ``ingress.tls.port`` when ``ingress.tls`` is set (see :mod:`radnode.security.tls`). Every association
     request passes the :class:`PeerPolicy` first (``allowed_peers``, ``reject_unknown``); a refusal is logged
     once with the peer's address, counted and audited as a Security Alert, like a failed TLS handshake.
+
+    Bounded: at most ``ingress.max_associations`` associations at once and ``max_associations_per_peer`` per
+    calling AE title (``ingress.peers`` may set one AE's own); one more is rejected as transient (local
+    limit exceeded), so a sender retries. A connection that sends no association request within
+    ``acse_timeout_seconds`` is dropped, an established one silent for ``network_timeout_seconds`` aborted.
+    Each data set is received into a file by pynetdicom (``STORE_RECV_CHUNKED_DATASET``), never whole in
+    memory, and moved into the spool. No exception leaves the C-STORE handler: every failure is one log line
+    and a failure status with its reason.
     """
 
     def __init__(self, config: IngressConfig, ingest: Ingest, audit: "AuditTrail | None" = None) -> None:
@@ -365,6 +481,10 @@ class StorageSCP:
     def _make_ae(config: IngressConfig) -> AE:
         ae = AE(ae_title=config.ae_title)
         ae.maximum_pdu_size = config.max_pdu
+        ae.maximum_associations = config.max_associations
+        ae.acse_timeout = config.acse_timeout_seconds
+        ae.dimse_timeout = config.dimse_timeout_seconds
+        ae.network_timeout = config.network_timeout_seconds
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
@@ -372,6 +492,7 @@ class StorageSCP:
 
     def start(self) -> None:
         """Listen on the configured address(es) (port 0: any free port, see :attr:`port`, :attr:`tls_port`)."""
+        pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True  # every SCP of the process: handlers cope with both
         handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_C_STORE, self._on_store), (evt.EVT_RELEASED, self._on_end),
                     (evt.EVT_ABORTED, self._on_end)]
@@ -428,6 +549,7 @@ class StorageSCP:
         address = event.assoc.requestor.address
         rejection = self.policy.check(calling, called, address)
         if rejection is None:
+            self._limit_peer(event, calling)
             return
         log.warning("rejected association from %s (%s:%d) to %s: %s", calling, address,
                     event.assoc.requestor.port, called, rejection.reason)
@@ -437,6 +559,27 @@ class StorageSCP:
             self.audit.security_alert(alert=NODE_AUTHENTICATION, description=f"association rejected: {rejection.reason}",
                                       performer=dicom_node(calling, address, True, None))
         event.assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, rejection.diagnostic)
+        evt.trigger(event.assoc, evt.EVT_REJECTED, {})
+        event.assoc.kill()  # as pynetdicom's own rejection: waits until the A-ASSOCIATE-RJ is out before closing
+
+    def peer_limit(self, calling_ae: str) -> int:
+        """How many associations at once the calling AE may hold."""
+        peer = self.config.peers.get(calling_ae.strip())
+        if peer is not None and peer.max_associations is not None:
+            return peer.max_associations
+        return self.config.max_associations_per_peer
+
+    def _limit_peer(self, event: Event, calling: str) -> None:
+        """Reject (transient, local limit exceeded) an association over its calling AE's limit."""
+        holding = sum(1 for a in self._ae.active_associations
+                      if a is not event.assoc and a.is_acceptor and a.is_established
+                      and a.requestor.ae_title.strip() == calling)
+        limit = self.peer_limit(calling)
+        if holding < limit:
+            return
+        log.warning("rejecting association from %s (%s): it holds %d of its %d associations", calling,
+                    event.assoc.requestor.address, holding, limit)
+        event.assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit
         evt.trigger(event.assoc, evt.EVT_REJECTED, {})
         event.assoc.kill()  # as pynetdicom's own rejection: waits until the A-ASSOCIATE-RJ is out before closing
 
@@ -462,20 +605,33 @@ class StorageSCP:
         study.sop_classes[str(ds.get("SOPClassUID", "") or "")] += 1
 
     def _on_store(self, event: Event) -> int | Dataset:
+        """Keep the instance or answer a failure status with a one-line reason; never raises."""
+        try:
+            return self._store(event)
+        except Exception as e:
+            log.error("C-STORE %s failed: %s: %s", _requested_uid(event), type(e).__name__, str(e)[:200])
+            return _failure(STATUS_CANNOT_UNDERSTAND, f"cannot store: {type(e).__name__}")
+
+    def _store(self, event: Event) -> int | Dataset:
         requestor = event.assoc.requestor
         tally = self._tally(event.assoc)
         origin = Origin(requestor.ae_title, f"{requestor.address}:{requestor.port}", tally.id,
                         event.assoc.acceptor.ae_title)
-        meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
         if tally.identity is None:
             tally.identity = _tls_identity(event.assoc)
         self._current.tally = tally
         try:
-            arrival = self.ingest.receive(meta, event.request.DataSet.getbuffer(), origin)
+            try:
+                received = event.dataset_path
+            except AttributeError:  # pynetdicom handed the data set in memory
+                meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+                arrival = self.ingest.receive(meta, event.request.DataSet.getbuffer(), origin)
+            else:
+                arrival = self.ingest.receive_file(Path(received), origin)
         except Refused as e:
             tally.refused += 1
-            log.warning("refused C-STORE %s from %s (%s): %s", event.request.AffectedSOPInstanceUID,
-                        origin.calling_ae, origin.peer_address, e)
+            log.warning("refused C-STORE %s from %s (%s): %s", _requested_uid(event), origin.calling_ae,
+                        origin.peer_address, e)
             return _failure(STATUS_CANNOT_UNDERSTAND, str(e))
         except OutOfSpace as e:  # the guard logged it, with the free space
             tally.refused += 1
@@ -493,6 +649,12 @@ class StorageSCP:
         return STATUS_SUCCESS
 
     def _on_end(self, event: Event) -> None:
+        try:
+            self._ended(event)
+        except Exception as e:  # never let the bookkeeping take the association thread down
+            log.error("end of association: %s: %s", type(e).__name__, str(e)[:200])
+
+    def _ended(self, event: Event) -> None:
         with self._tally_lock:
             tally = self._tallies.pop(event.assoc, None)
         if tally is None:
@@ -524,6 +686,14 @@ class StorageSCP:
                 study=StudyObject(study_uid, dict(study.sop_classes)), patient_id=study.patient_id or None,
                 source=source, destination=destination, outcome=MINOR_FAILURE if problems else SUCCESS,
                 description="; ".join(problems) or None)
+
+
+def _requested_uid(event: Event) -> str:
+    """The Affected SOP Instance UID of a C-STORE request as logged (escaped, cut at 80 characters)."""
+    try:
+        return escape_control(str(event.request.AffectedSOPInstanceUID))[:80]
+    except Exception:
+        return "?"
 
 
 def _tls_identity(assoc: Association) -> str:

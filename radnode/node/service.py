@@ -344,11 +344,22 @@ class StudyMismatch(ValueError):
         self.sop_instance_uid = sop_instance_uid
 
 
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """An exception that ends a thread (pynetdicom's reactor on a request it cannot decode, for one) is one
+    log line naming the thread; the traceback only with -v (debug), never a page of stderr per peer."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    log.error("thread %s ended: %s: %s", name, args.exc_type.__name__, str(args.exc_value)[:200])
+    log.debug("thread %s ended", name, exc_info=(args.exc_type, args.exc_value, args.exc_traceback))
+
+
 def run_node(config: Config, job_command: Sequence[str] = DEFAULT_JOB_COMMAND) -> None:
     """Run a node until SIGTERM or SIGINT, then stop it cleanly (the ``radnode serve`` command)."""
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
+    threading.excepthook = _log_thread_exception
     node = Node(config, job_command)
     node.start()
     log.info("radnode %s listening on %s:%d, data in %s", config.ingress.ae_title, config.ingress.host,

@@ -6,7 +6,8 @@ built by the executor its route chose (``executors.py``: in-process, subprocess 
 that fails, crashes or overruns its timeout (the route's, the MAP's or ``processing.job_timeout_seconds``;
 its process group is killed, and a container removed) ends ``failed`` with the reason — ``timed out
 after N s``, with the mode in brackets unless it is the default in-process — and the node and the other
-jobs carry on. A run that ends well has its review decision (``review`` in ``out/manifest.json``, written by
+jobs carry on. A process ended by a signal says which (``killed by signal 9 (SIGKILL) — out of memory?``)
+and, being transient, runs again up to ``processing.retries`` times; a pipeline's own refusal does not. A run that ends well has its review decision (``review`` in ``out/manifest.json``, written by
 pipelines that score their uncertainty) copied into the job store before its results are staged.
 
 With ``processing.warm_start`` (the default) an in-process job is handed to a pre-imported process of its
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from radnode.config import Config
 from radnode.execution import ManifestError, ReviewDecision, RunManifest
-from radnode.node.completeness import CompletenessSettings, study_verdict
+from radnode.node.completeness import CompletenessSettings, PeerCompleteness, study_verdict
 from radnode.node.egress import Egress
 from radnode.node.executors import ContainerExecutor, ExecutionError, InProcessExecutor, JobRun, Launch, executors, \
     resolve_timeout
@@ -59,6 +60,10 @@ class JobProcess:
     deadline: float
     """``time.monotonic()`` after which the process group is killed."""
     stderr_path: Path
+    attempt: int = 1
+    """Which run of the job this is (1 the first)."""
+    oom_kills_before: int | None = None
+    """The node's cgroup OOM-kill count when it started (None: not readable here)."""
 
     def end(self, grace: float = 0.0) -> str | None:
         """Kill the process group (see :func:`_kill_group`), then stop and remove its container, if any;
@@ -99,10 +104,12 @@ def run_review(job_id: int, outputs: Path) -> ReviewDecision | None:
 
 
 def completeness_settings(config: Config) -> CompletenessSettings:
-    """The node's completeness defaults from ``ingress.*``."""
+    """The node's completeness defaults from ``ingress.*``, with each sending AE's own (``ingress.peers``)."""
     ingress = config.ingress
+    peers = {ae: PeerCompleteness(peer.study_idle_seconds, peer.study_quiet_seconds)
+             for ae, peer in ingress.peers.items()}
     return CompletenessSettings(ingress.study_idle_seconds, ingress.association_grace_seconds,
-                                ingress.study_grace_seconds)
+                                ingress.study_grace_seconds, ingress.study_quiet_seconds, peers=peers)
 
 
 class Scheduler:
@@ -246,7 +253,8 @@ class Scheduler:
                 self.store.fail_job(job.id, f"cannot start the job command: {e}")
                 return
         self.running[job.id] = JobProcess(job.id, process, launch, mode, timeout.seconds,
-                                          time.monotonic() + timeout.seconds, root / "stderr.log")
+                                          time.monotonic() + timeout.seconds, root / "stderr.log",
+                                          attempt=job.runs + 1, oom_kills_before=oom_kills())
         if launch.container:
             self.store.note(job.id, "container", launch.container.started())
         log.debug("job %d running %s%s (pid %d): %s", job.id, mode, warm, process.pid, command)
@@ -265,7 +273,16 @@ class Scheduler:
         del self.running[job.job_id]
         self._note_container(job.job_id, job.finished(status))
         if status != 0:
-            reason = _failure_reason(status, last_line(job.stderr_path))
+            reason = failure_reason(status, last_line(job.stderr_path), job.oom_kills_before)
+            retries = self.config.processing.retries
+            if status < 0 and job.attempt <= retries:  # a signal from outside: transient, run it again
+                why = (f"attempt {job.attempt} ended: {reason}; a signal from outside the pipeline is transient: "
+                       f"runs again (retry {job.attempt} of {retries})")
+                self.store.requeue(job.job_id, why, kind="retry")
+                log.warning("job %d %s", job.job_id, why)
+                return
+            if job.attempt > 1:
+                reason += f" (attempt {job.attempt}; every attempt's reason is in the job's events)"
             self.store.fail_job(job.job_id, reason)
             log.debug("job %d failed: %s", job.job_id, reason)
             return
@@ -292,18 +309,40 @@ class Scheduler:
             self.warm.close()
 
 
-def _failure_reason(status: int, last_stderr: str) -> str:
-    """Why a job process failed: its last stderr line (the app's own message); for a process killed by a signal
-    (a segfault, the kernel's OOM killer) the signal first, as whatever it printed last is not the cause."""
+def failure_reason(status: int, last_stderr_line: str, oom_kills_before: int | None = None) -> str:
+    """Why a job process ended badly, in one line: for a signal, which one (and "out of memory?" for SIGKILL when
+    the node's cgroup counted an OOM kill meanwhile), then its last stderr line; for an exit status, the last
+    stderr line (what the pipeline said), else the status."""
     if status < 0:
-        return _describe_status(status) + (f"; last stderr line: {last_stderr}" if last_stderr else "")
-    return last_stderr or _describe_status(status)
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = "an unknown signal"
+        reason = f"killed by signal {-status} ({name})"
+        if -status == signal.SIGKILL:
+            now = oom_kills()
+            if oom_kills_before is not None and now is not None and now > oom_kills_before:
+                reason += " — out of memory? (the kernel's OOM killer ended a process of the node's cgroup)"
+            elif oom_kills_before is None:
+                reason += " — out of memory? (or killed by hand; the cgroup's OOM count is not readable here)"
+        return reason + (f"; last stderr line: {last_stderr_line}" if last_stderr_line else "")
+    return last_stderr_line or f"job process exited with status {status}"
 
 
-def _describe_status(status: int) -> str:
-    if status < 0:
-        return f"job process killed by {signal.Signals(-status).name}"
-    return f"job process exited with status {status}"
+def oom_kills(proc_self_cgroup: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """How many processes the kernel's OOM killer ended in this process's cgroup (v2 ``memory.events``
+    ``oom_kill``), None where that is not readable."""
+    try:
+        lines = proc_self_cgroup.read_text().splitlines()
+        path = next(line.split(":", 2)[2] for line in lines if line.startswith("0::"))
+        events = (root / path.lstrip("/") / "memory.events").read_text()
+    except (OSError, StopIteration, IndexError):
+        return None
+    for line in events.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            return int(value)
+    return None
 
 
 def _kill_group(process: subprocess.Popen, grace: float = 0.0) -> None:

@@ -19,6 +19,7 @@ from enum import Enum
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
+    KeyObjectSelectionDocumentStorage,
     ParametricMapStorage,
     SegmentationStorage,
 )
@@ -80,6 +81,11 @@ class RunOutput(Enum):
         file="uncertainty-map.dcm", format=OutputFormat.DICOM, media_type="application/dicom",
         description="Voxel-wise segmentation uncertainty (Parametric Map)", apps=frozenset({MRI_BRAIN, MODEL_SEG}),
         sop_class_uid=ParametricMapStorage, series_number=904, modality="OT")
+    REJECTION_NOTE = OutputSpec(
+        file="rejection-note.dcm", format=OutputFormat.DICOM, media_type="application/dicom",
+        description="IHE IOCM rejection note (Key Object Selection, Rejected for Quality Reasons) withdrawing the "
+                    "results a re-run superseded; written by the node's egress, not by an app", apps=frozenset(),
+        sop_class_uid=KeyObjectSelectionDocumentStorage, series_number=905, modality="KO")
     REPORT_TEXT = OutputSpec(
         file="report.txt", format=OutputFormat.DOCUMENT, media_type="text/plain",
         description="The verified report as plain text", apps=frozenset({CT_TISSUE}))

@@ -43,6 +43,9 @@ STAND_IN = textwrap.dedent('''
         print("no image series in the input", file=sys.stderr)
         sys.exit(3)
     time.sleep(float(os.environ.get("STAND_IN_SECONDS_" + str(images[0].PatientID), "0")))
+    if failure := os.environ.get("STAND_IN_FAIL_" + str(images[0].PatientID)):
+        print(failure, file=sys.stderr)
+        sys.exit(3)
     result = images[0]
     result.SOPInstanceUID = result.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     result.SeriesInstanceUID, result.SeriesDescription = generate_uid(), "stand-in result"
@@ -52,7 +55,9 @@ STAND_IN = textwrap.dedent('''
 '''.replace("PATIENT_BUNDLE", repr(PATIENT_BUNDLE)))
 """The stand-in job command's script: copies the first image as its result, writes the bundle and a manifest.
 
-``STAND_IN_SECONDS_<PatientID>`` makes it sleep first; a study without images fails with exit status 3.
+``STAND_IN_SECONDS_<PatientID>`` makes it sleep first; a study without images fails with exit status 3, and so
+does one whose patient has ``STAND_IN_FAIL_<PatientID>`` set (its value is the reason, as a pipeline refusing a
+bad study writes it).
 """
 
 
@@ -100,7 +105,8 @@ SEG_STAND_IN = textwrap.dedent('''
 def node_config(tmp_path: Path, port: int = 0, **sections: dict) -> Config:
     """Small idle and retry times so each test takes seconds."""
     data: dict = {"data_dir": str(tmp_path / "data"),
-                  "ingress": {"host": "127.0.0.1", "port": port, "study_idle_seconds": 0.5},
+                  "ingress": {"host": "127.0.0.1", "port": port, "study_idle_seconds": 0.5,
+                              "study_quiet_seconds": 0.2},
                   "egress": {"retry_initial_seconds": 0.2, "retry_max_seconds": 0.5, "max_attempts": 50,
                              "timeouts": {"connect_seconds": 5, "acse_seconds": 5, "dimse_seconds": 5,
                                           "network_seconds": 5}},
@@ -153,6 +159,7 @@ class ServeProcess:
                                                       "late_instances": late_instances},
                                           "processing": {"max_concurrent_jobs": 2, "job_timeout_seconds": 300},
                                           "feedback": {"preload_metrics": False},
+                                          "api": {"port": 0},  # never the fixed 8765: tests run side by side
                                           **({"rules": str(rules)} if rules else {}), **(settings or {})}))
         self.log = (data_dir.parent / f"{data_dir.name}.log").open("w")
         self.process = subprocess.Popen(

@@ -9,9 +9,10 @@ lives in its own module:
 ``schema``     the tables, one section per area (a new area adds its table there and one revision)
 ``records``    the records the node sees (``Job``, ``Instance``, ``Delivery``, …), rows mapped by column name
 ``policy``     pure functions: late instances, a study with nothing to do, what a purge keeps
-``ingest``     arrivals: instances under their study's job, each series' routing decision, once
+``ingest``     arrivals: instances under their study's job, each series' routing decision, once; refusals
 ``jobs``       scheduling: queueing with the study's route, siblings, runs, restarts, failure
 ``deliveries`` egress: per-destination queues of deliveries, retries, re-sends, settling a job
+``results``    result versions per study and pipeline: which job's results supersede which
 ``retention``  the purge's records
 ``queries``    the job list, one job, counts
 ``identity``   patient identifiers sealed at rest under the site key, opened on reading
@@ -43,19 +44,22 @@ from radnode.node.store.ingest import Arrivals, Decide
 from radnode.node.store.jobs import Scheduling
 from radnode.node.store.queries import Queries
 from radnode.node.store.records import (
-    FINAL_STATES, ActionRefused, Arrival, Correction, CorrectionState, Delivery, Event, Instance, InstanceBeingPurged, Job, JobState, PurgePlan,
+    FINAL_STATES, ActionRefused, Arrival, Correction, CorrectionState, Delivery, Event, ForeignInstance, Instance,
+    InstanceBeingPurged, Job, JobState, PurgePlan,
 )
+from radnode.node.store.results import Results, Supersession
 from radnode.node.store.retention import Purges
 
 if TYPE_CHECKING:
     from radnode.node.store.identity import Seal
 
-__all__ = ["FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Correction", "CorrectionState", "Decide", "Delivery", "Event", "Instance",
-           "InstanceBeingPurged", "Job", "JobState", "JobStore", "PurgePlan", "StoreError", "StudyDetails",
-           "head_revision", "store_target", "upgrade_store"]
+__all__ = ["FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Correction", "CorrectionState", "Decide",
+           "Delivery", "Event", "ForeignInstance", "Instance", "InstanceBeingPurged", "Job", "JobState", "JobStore",
+           "PurgePlan", "StoreError", "StudyDetails", "Supersession", "head_revision", "store_target",
+           "upgrade_store"]
 
 
-class JobStore(Arrivals, Scheduling, Deliveries, Purges, Queries, EventLog, Identities, Console, Feedback):
+class JobStore(Arrivals, Scheduling, Deliveries, Results, Purges, Queries, EventLog, Identities, Console, Feedback):
     """Thread- and process-safe access to the node's job store (see the module docstring for its areas).
 
     ``target``: a SQLite file (``data_dir/radnode.db``) or a ``postgresql://`` URL. ``upgrade``: migrate an

@@ -19,7 +19,7 @@ from radnode.node.store.events import log_event
 from radnode.node.store.jobs import transition
 from radnode.node.store.records import DELIVERY_FIELDS, ActionRefused, Delivery, JobState, delivery_from_row
 from radnode.node.store.schema import deliveries as delivery_table
-from radnode.node.store.schema import jobs
+from radnode.node.store.schema import jobs, result_versions
 
 _DELIVERY_COLUMNS = tuple(delivery_table.c[name] for name in DELIVERY_FIELDS)
 
@@ -152,10 +152,16 @@ class Deliveries:
             resendable = (JobState.DONE, JobState.FAILED, JobState.DELIVERING)
             if job.state not in resendable:
                 raise ActionRefused(f"job {job_id} is {job.state}: only a job that delivered (or tried to) can re-send")
+            newer = conn.execute(select(result_versions.c.superseded_by)
+                                 .where(result_versions.c.job_id == job_id)).scalar()
+            if newer is not None:
+                raise ActionRefused(f"job {job_id}'s results were superseded by job {newer}'s (withdrawn where they "
+                                    f"went): re-send job {newer} instead")
             of_job = [delivery_table.c.job_id == job_id]
             if destination is not None:
                 of_job.append(delivery_table.c.destination == destination)
-            again = delivery_table.c.state == "failed" if failed_only else delivery_table.c.state != "pending"
+            again = (delivery_table.c.state == "failed" if failed_only
+                     else delivery_table.c.state.in_(("done", "failed")))  # never a superseded one
             count = conn.execute(update(delivery_table).where(*of_job, again)
                                  .values(state="pending", attempts=0, next_attempt_at=now, last_error=None,
                                          done_at=None)).rowcount

@@ -4,8 +4,11 @@ A series is routed once: its decision is taken on its first instance (the caller
 that takes it, called only then) and kept in its row; later instances and duplicates read it back. A
 study's arrivals hold its row lock (``jobs.lock_study``), so instances of one study arriving at two ingress
 processes make one job, and one SOP instance recorded twice is one row (its primary key) and a
-``duplicate`` event. A correction candidate (``Provenance.CORRECTION``) is also recorded as a pending
-correction in the same transaction (``feedback.py``), so none is lost between arrival and matching.
+``duplicate`` event. A SOP Instance UID already recorded under another study is refused
+(:class:`ForeignInstance`), never merged into the first study; refusals of a study's instances are recorded
+(``refusals``) so the study is not processed incomplete. A correction candidate (``Provenance.CORRECTION``) is
+also recorded as a pending correction in the same transaction (``feedback.py``), so none is lost between
+arrival and matching.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from radnode.node.store.events import log_event
 from radnode.node.store.feedback import record_correction
 from radnode.node.store.jobs import lock_study, transition
 from radnode.node.store.policy import LateAction, late_action
-from radnode.node.store.records import Arrival, Instance, InstanceBeingPurged, JobState
-from radnode.node.store.schema import instances, jobs, series
+from radnode.node.store.records import Arrival, ForeignInstance, Instance, InstanceBeingPurged, JobState
+from radnode.node.store.schema import instances, jobs, refusals, series, studies
 from radnode.pipelines.routing import Provenance, SeriesDecision
 
 Decide = SeriesDecision | Callable[[], SeriesDecision]
@@ -42,6 +45,30 @@ class Arrivals:
         with self._db.read() as conn:
             return conn.execute(select(instances.c.sop_instance_uid).where(
                 instances.c.sop_instance_uid == sop_instance_uid, instances.c.purged_at.is_(None))).first() is not None
+
+    def instance_study(self, sop_instance_uid: str) -> str | None:
+        """The study this SOP Instance UID is recorded under (purged or not), or None if never received."""
+        with self._db.read() as conn:
+            return conn.execute(select(instances.c.study_instance_uid).where(
+                instances.c.sop_instance_uid == sop_instance_uid)).scalar()
+
+    def record_refusal(self, study_instance_uid: str, sop_instance_uid: str, reason: str, calling_ae: str = "",
+                       at: float | None = None) -> None:
+        """An instance of the study was refused for its content: the study is incomplete until the same SOP
+        instance is received and kept; logged on the study's latest job when it has one."""
+        at = time.time() if at is None else at
+        with self._db.write() as conn:
+            lock_study(self._db, conn, study_instance_uid, at)
+            conn.execute(refusals.delete().where(refusals.c.study_instance_uid == study_instance_uid,
+                                                 refusals.c.sop_instance_uid == sop_instance_uid))
+            conn.execute(insert(refusals).values(study_instance_uid=study_instance_uid,
+                                                 sop_instance_uid=sop_instance_uid, reason=reason,
+                                                 calling_ae=calling_ae, at=at))
+            job_id = conn.execute(select(jobs.c.id).where(jobs.c.study_instance_uid == study_instance_uid,
+                                                          jobs.c.sibling_of.is_(None))
+                                  .order_by(jobs.c.id.desc()).limit(1)).scalar()
+            if job_id is not None:
+                log_event(conn, job_id, "refused", f"{sop_instance_uid} from {calling_ae or '?'}: {reason}", at)
 
     def being_purged(self, sop_instance_uid: str) -> bool:
         """Whether a retention purge that removes this instance's file is under way (not finished)."""
@@ -64,27 +91,37 @@ class Arrivals:
                 series.c.series_instance_uid == series_instance_uid)).scalar()
         return None if data is None else SeriesDecision.from_record(data)
 
-    def record_instance(self, inst: Instance, decision: Decide, expected: int | None = None) -> tuple[Arrival, int]:
+    def record_instance(self, inst: Instance, decision: Decide, expected: int | None = None,
+                        study_expected: int | None = None) -> tuple[Arrival, int]:
         """Index a received instance under its study's job (created on the first one); idempotent.
 
         ``decision`` is the series' routing decision (or the function taking it), used on its first instance;
-        ``expected`` its expected instance count. Returns what the arrival meant and the job it belongs to.
+        ``expected`` its expected instance count, ``study_expected`` the study's (when the sender gave them).
+        Returns what the arrival meant and the job it belongs to.
         An instance whose file retention removed is indexed anew (its old row leaves its old job, whose log
         says so); ``InstanceBeingPurged`` while that removal is still under way.
         """
         try:
-            return self._record(inst, decision, expected)
+            return self._record(inst, decision, expected, study_expected)
         except _Raced:
-            return self._record(inst, decision, expected)
+            return self._record(inst, decision, expected, study_expected)
 
-    def _record(self, inst: Instance, decide: Decide, expected: int | None) -> tuple[Arrival, int]:
+    def _record(self, inst: Instance, decide: Decide, expected: int | None,
+                study_expected: int | None) -> tuple[Arrival, int]:
         sealed = self._db.sealed(inst.patient_id)
         with self._db.write() as conn:
             lock_study(self._db, conn, inst.study_instance_uid, inst.received_at)
+            if study_expected is not None:
+                conn.execute(update(studies).where(studies.c.study_instance_uid == inst.study_instance_uid)
+                             .values(expected_instances=study_expected))
             known = conn.execute(
-                select(instances.c.job_id, instances.c.purged_at, jobs.c.purge_started_at)
+                select(instances.c.job_id, instances.c.study_instance_uid, instances.c.purged_at,
+                       jobs.c.purge_started_at)
                 .join(jobs, jobs.c.id == instances.c.job_id)
                 .where(instances.c.sop_instance_uid == inst.sop_instance_uid)).first()
+            if known is not None and known.study_instance_uid != inst.study_instance_uid:
+                raise ForeignInstance(f"SOPInstanceUID {inst.sop_instance_uid} already belongs to study "
+                                      f"{known.study_instance_uid}, not {inst.study_instance_uid}")
             if known is not None and known.purged_at is not None:
                 if known.purged_at == known.purge_started_at:
                     raise InstanceBeingPurged(f"{inst.sop_instance_uid} is being removed by the retention purge "
@@ -100,6 +137,8 @@ class Arrivals:
                           f"({inst.peer_address or '?'}); first copy kept", inst.received_at)
                 return Arrival.DUPLICATE, known.job_id
             decision = self._series_arrival(conn, inst, decide, expected)
+            conn.execute(refusals.delete().where(refusals.c.study_instance_uid == inst.study_instance_uid,
+                                                 refusals.c.sop_instance_uid == inst.sop_instance_uid))
             latest = conn.execute(
                 select(jobs.c.id, jobs.c.state).where(jobs.c.study_instance_uid == inst.study_instance_uid,
                                                       jobs.c.sibling_of.is_(None))

@@ -21,7 +21,7 @@ from radnode.node.store.queries import job_select
 from radnode.node.store.records import (
     UNFINISHED_STATES, Instance, Job, JobState, instance_from_row, job_from_row,
 )
-from radnode.node.store.schema import instances, jobs, series, studies
+from radnode.node.store.schema import instances, jobs, refusals, series, studies
 from radnode.pipelines.routing import SeriesDecision, StudyRoute, study_route
 
 
@@ -50,9 +50,11 @@ class Scheduling:
         query = (select(instances.c.job_id, series.c.series_instance_uid, series.c.decision,
                         func.count().label("received"), series.c.expected,
                         func.max(instances.c.received_at).label("last_instance_at"), series.c.released_at,
-                        series.c.stable_at)
+                        series.c.stable_at, func.max(jobs.c.calling_ae).label("calling_ae"),
+                        func.max(studies.c.expected_instances).label("expected_instances"))
                  .select_from(jobs.join(instances, and_(instances.c.job_id == jobs.c.id, instances.c.late == false()))
-                              .join(series, series.c.series_instance_uid == instances.c.series_instance_uid))
+                              .join(series, series.c.series_instance_uid == instances.c.series_instance_uid)
+                              .join(studies, studies.c.study_instance_uid == jobs.c.study_instance_uid))
                  .where(jobs.c.state == JobState.RECEIVED.value)
                  .group_by(instances.c.job_id, series.c.series_instance_uid)
                  .order_by(instances.c.job_id))
@@ -62,13 +64,15 @@ class Scheduling:
                 r = row._mapping
                 studies_.setdefault(r["job_id"], []).append(SeriesProgress(
                     r["series_instance_uid"], SeriesDecision.from_record(r["decision"]), r["received"], r["expected"],
-                    r["last_instance_at"], r["released_at"], r["stable_at"]))
+                    r["last_instance_at"], r["released_at"], r["stable_at"], r["calling_ae"] or "",
+                    r["expected_instances"]))
         return studies_
 
     def queue_job(self, job_id: int, why: str, now: float | None = None) -> JobState | None:
         """``received → queued`` with the study's route (:func:`~radnode.pipelines.routing.study_route`: first
         pipeline, most urgent priority, forwards, the execution of the routes choosing that pipeline merged);
-        ``→ done`` at once when every series is skipped (its reason: ``not processed: …``). Every further
+        ``→ done`` at once when every series is skipped (its reason: ``not processed: …``); ``→ failed`` when
+        instances of the study were refused at ingest (it is incomplete: never processed so). Every further
         pipeline gets a sibling job, queued at once with the same priority and its own merged execution, no
         forwards (the study is forwarded once, by this job); one that already has a sibling (this job
         re-queued after a ``rerun``) gets none again. Returns the new state, None if not received."""
@@ -78,6 +82,12 @@ class Scheduling:
             if study is None:
                 return None
             lock_study(self._db, conn, study, now)
+            if (refused := self._refused(conn, study)) is not None:
+                if not transition(conn, job_id, (JobState.RECEIVED,), JobState.FAILED):
+                    return None
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(reason=refused))
+                log_event(conn, job_id, "failed", f"study complete ({why}); {refused}", now)
+                return JobState.FAILED
             own_series = select(instances.c.series_instance_uid).where(instances.c.job_id == job_id,
                                                                         instances.c.late == false())
             route = study_route(SeriesDecision.from_record(d) for d in conn.execute(
@@ -98,6 +108,16 @@ class Scheduling:
             if route.sibling_pipelines:
                 self._start_siblings(conn, job_id, route, now)
             return JobState.QUEUED
+
+    @staticmethod
+    def _refused(conn: Connection, study: str) -> str | None:
+        """Why a study with refused instances is not processed (it is incomplete), or None when it has none."""
+        rows = conn.execute(select(refusals.c.sop_instance_uid, refusals.c.reason)
+                            .where(refusals.c.study_instance_uid == study).order_by(refusals.c.at)).all()
+        if not rows:
+            return None
+        return (f"not processed: {len(rows)} instance(s) of the study were refused at ingest, so it is incomplete "
+                f"(first: {rows[0].sop_instance_uid}: {rows[0].reason}); re-send them corrected to process it")
 
     @staticmethod
     def _start_siblings(conn: Connection, job_id: int, route: StudyRoute, now: float) -> None:
@@ -211,12 +231,13 @@ class Scheduling:
         with self._db.read() as conn:
             return [instance_from_row(row._mapping, self._db.opened_identity) for row in conn.execute(query)]
 
-    def requeue(self, job_id: int, why: str) -> bool:
-        """``running → queued`` (interrupted by shutdown or crash); the run will start again from scratch."""
+    def requeue(self, job_id: int, why: str, kind: str = "requeued") -> bool:
+        """``running → queued`` (interrupted by shutdown or crash, or ``kind`` ``retry``: its process ended by a
+        signal); the run will start again from scratch."""
         with self._db.write() as conn:
             if not transition(conn, job_id, (JobState.RUNNING,), JobState.QUEUED):
                 return False
-            log_event(conn, job_id, "requeued", why)
+            log_event(conn, job_id, kind, why)
             return True
 
     def running_jobs(self) -> list[int]:

@@ -43,6 +43,11 @@ class InstanceBeingPurged(OSError):
         super().__init__(errno.EBUSY, message)
 
 
+class ForeignInstance(ValueError):
+    """An instance whose SOP Instance UID the store already holds under another study: refused, never merged
+    into the first study (the message names both studies)."""
+
+
 class Arrival(StrEnum):
     """What recording an instance meant for its study."""
 

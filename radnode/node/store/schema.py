@@ -2,8 +2,7 @@
 
 The same tables serve SQLite (the embedded default) and PostgreSQL; Alembic revisions in ``migrations/``
 bring an older database here (see ``database.py``). A new table is one more section here and one revision
-file; the other areas' tables do not change. Coming next, each in its own section: job attempts (worker,
-lease), result versions per study, users / tokens / audit, drift.
+file; the other areas' tables do not change.
 
 Times are seconds since the epoch (``time.time()``, double precision); names that travel together
 (``jobs.forwards``) are comma-separated; a series' routing decision is kept whole, as JSON by field name.
@@ -25,6 +24,8 @@ studies = Table(
     "studies", metadata,
     Column("study_instance_uid", Text, primary_key=True),
     Column("first_received_at", Double, nullable=False),
+    Column("expected_instances", Integer),
+    # The sender's Number of Study Related Instances, when an instance carried it.
 )
 """One row per study ever received: the row arrivals and queueing of a study lock (``SELECT … FOR UPDATE``),
 so two ingress processes recording the same study create one job."""
@@ -70,6 +71,18 @@ instances = Table(
     Index("instances_kept", "job_id", sqlite_where=text("purged_at IS NULL"),
           postgresql_where=text("purged_at IS NULL")),
 )
+
+refusals = Table(
+    "refusals", metadata,
+    Column("study_instance_uid", Text, primary_key=True),
+    Column("sop_instance_uid", Text, primary_key=True),
+    Column("reason", Text, nullable=False),
+    Column("calling_ae", Text, nullable=False, server_default=""),
+    Column("at", Double, nullable=False),
+)
+"""Instances of a study the node refused (an implausible header, a SOP Instance UID of another study): the
+study is incomplete while a row is here, so its job is not processed but fails naming the refusal. The row
+goes when the same SOP instance is later received and kept (the sender fixed and re-sent it)."""
 
 # --- jobs: scheduling and the event log --------------------------------------------------------------
 
@@ -137,6 +150,24 @@ deliveries = Table(
     Index("deliveries_due", "state", "next_attempt_at"),
     sqlite_autoincrement=True,
 )
+
+# --- results: versions per study ----------------------------------------------------------------------
+
+result_versions = Table(
+    "result_versions", metadata,
+    Column("job_id", Integer, ForeignKey("jobs.id"), primary_key=True),
+    Column("study_instance_uid", Text, nullable=False),
+    Column("pipeline", Text, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("superseded_by", Integer, ForeignKey("jobs.id")),
+    # The job whose results replace this job's (a re-run on the whole study after late instances).
+    Column("superseded_at", Double),
+    UniqueConstraint("study_instance_uid", "pipeline", "version"),
+)
+"""One row per job that staged results: the study's result versions per pipeline (1, 2, …). A newer version
+supersedes the one before: its DICOM objects are withdrawn by an IOCM rejection note at every destination
+that received them, its FHIR report is updated in place."""
 
 # --- retention: purge_started_at / purged_at on jobs and instances (above) ----------------------------
 
