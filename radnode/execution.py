@@ -117,6 +117,29 @@ def record_review(result: Any) -> None:
     _review = None if report is None else review_decision(report)
 
 
+_warnings: list[str] = []
+"""What the run in progress had to do without (see :func:`record_warning`)."""
+
+
+def record_warning(text: str) -> None:
+    """Record something the run's outputs had to do without (an empty Patient ID, a Study Date that is not a
+    date, no FHIR identifier system): the results still went out, and the node ends the job ``done`` with
+    these warnings instead of failing it."""
+    if text not in _warnings:
+        _warnings.append(text)
+
+
+REISSUE_ENV = "RADNODE_REISSUE"
+"""Set (to any non-empty value) by whoever runs a pipeline again on a study whose result already went out: the
+report is then a re-issue (FHIR DiagnosticReport status ``corrected``, updated in place under the same
+identifier). ``radnode run --reissue`` sets it."""
+
+
+def is_reissue() -> bool:
+    """Whether this run re-issues a report already sent for the study (:data:`REISSUE_ENV`)."""
+    return bool(os.environ.get(REISSUE_ENV))
+
+
 @dataclass
 class RunManifest:
     """What a pipeline run produced, written as ``manifest.json`` next to the outputs."""
@@ -136,6 +159,9 @@ class RunManifest:
     review: ReviewDecision | None = None
     """Whether the study needs human review, from the segmentation uncertainty; None: not assessed (the
     pipeline scores no uncertainty). The node copies it into its job store."""
+    warnings: list[str] = field(default_factory=list)
+    """What the outputs had to do without (missing or malformed patient data, no FHIR identifier system):
+    the results are complete otherwise, so the job ends ``done`` with these warnings."""
 
     def write(self, folder: Path) -> Path:
         path = folder / MANIFEST_FILE
@@ -194,6 +220,7 @@ def run_app(pipeline_name: str, input_folder: Path, output_folder: Path, models:
     app_cls = spec.load_app_class()
     global _review
     _review = None
+    _warnings.clear()
     started = time.monotonic()
     # Holoscan drops argv[0] (the program name) before handing argv to the application.
     app = app_cls(argv=[pipeline_name, "--input", str(input_folder), "--output", str(output_folder),
@@ -205,7 +232,9 @@ def run_app(pipeline_name: str, input_folder: Path, output_folder: Path, models:
                            seconds=round(time.monotonic() - started, 3), study_instance_uid=study_uid,
                            phases={name: round(s, 3) for name, s in _phase_seconds.items()},
                            peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                           review=_review)
+                           review=_review, warnings=list(_warnings))
+    for warning in manifest.warnings:
+        log.warning("%s: %s", spec.name, warning)
     manifest.write(output_folder)
     return manifest
 

@@ -16,6 +16,7 @@ from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from radnode.imaging.identity import PatientIdentityError, check_one_patient
 from radnode.imaging.volume import Volume
 
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
@@ -62,7 +63,8 @@ def read_study_folder(folder: str | Path) -> StudyInput:
     """Read every DICOM file under ``folder`` (recursively), grouped by SeriesInstanceUID.
 
     Files that are not DICOM, are truncated or lack the identifying UIDs are listed in
-    ``unreadable`` with the reason, never silently dropped.
+    ``unreadable`` with the reason, never silently dropped. A folder whose series belong to more than one
+    patient (or disagree on who the patient is) is refused with both identities named.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -86,6 +88,10 @@ def read_study_folder(folder: str | Path) -> StudyInput:
         groups[str(series_uid)].paths.append(path)
     if not groups and not unreadable:
         raise InputError(f"{folder}: no files")
+    try:
+        check_one_patient((s.describe(), s.first) for s in groups.values())
+    except PatientIdentityError as e:
+        raise InputError(f"{folder}: {e}") from None
     return StudyInput(series=list(groups.values()), unreadable=unreadable)
 
 

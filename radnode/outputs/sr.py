@@ -20,10 +20,18 @@ from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
 
 from radnode.imaging.volume import Volume
-from radnode.outputs.algorithm import AlgorithmInfo, declare_private_coding_schemes, device_uid, new_uid
+from radnode.outputs.algorithm import AlgorithmInfo, declare_private_coding_schemes, device_uid, new_uid, stable_uid
 from radnode.outputs.contour import largest_cross_section
 from radnode.results import PipelineResult, Structure
-from radnode.uncertainty import NEEDS_REVIEW, NO_REVIEW_NEEDED, REVIEW_FINDING, UncertainPipelineResult
+from radnode.uncertainty import (
+    NEEDS_REVIEW,
+    NO_REVIEW_NEEDED,
+    NO_UNITS,
+    REVIEW_CONFIDENCE,
+    REVIEW_FINDING,
+    UNCERTAINTY_CONCEPTS,
+    UncertainPipelineResult,
+)
 
 SR_SERIES_NUMBER = 902
 """Default Series Number for the measurement report, next to the SEG's 901."""
@@ -57,15 +65,27 @@ def _finding_sites(structure: Structure) -> list[hd.sr.FindingSite] | None:
     return [hd.sr.FindingSite(anatomic_location=structure.property_type, laterality=structure.laterality)]
 
 
+def observation_uid(uid_root: str, tracking_uid: str, concept: str, derivation: str | None) -> str:
+    """Observation UID (0040,A171) of one measurement of a tracked structure: the same on every run of the
+    study (see :func:`radnode.outputs.algorithm.stable_uid`); FHIR identifies the Observation by it."""
+    return stable_uid(uid_root, "observation", tracking_uid, concept, derivation or "")
+
+
 def _review_evaluations(result: PipelineResult, key: str) -> list[hd.sr.QualitativeEvaluation] | None:
-    """The segment's review decision from its uncertainty scores, when the result carries uncertainty."""
+    """The segment's review decision as a coded finding with its confidence (IHE AI Results: a qualitative
+    finding carries how sure the algorithm is): "Automatic segmentation quality" = human review required or
+    within limits, HAS PROPERTIES the samples' agreement (Dice) as the confidence."""
     if not isinstance(result, UncertainPipelineResult) or result.uncertainty is None:
         return None
     scores = result.uncertainty.scores_for(key)
     if scores is None:
         return None
     flagged = bool(scores.exceeded(result.uncertainty.limits))
-    return [hd.sr.QualitativeEvaluation(REVIEW_FINDING, NEEDS_REVIEW if flagged else NO_REVIEW_NEEDED)]
+    evaluation = hd.sr.QualitativeEvaluation(REVIEW_FINDING, NEEDS_REVIEW if flagged else NO_REVIEW_NEEDED)
+    evaluation[0].ContentSequence = [hd.sr.NumContentItem(
+        name=REVIEW_CONFIDENCE, value=round(float(scores.agreement), 4), unit=NO_UNITS,
+        relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES)]
+    return [evaluation]
 
 
 def _cross_section_group(
@@ -119,13 +139,16 @@ def build_measurement_report(
     *,
     uid_root: str,
     series_number: int = SR_SERIES_NUMBER,
+    parametric_map: Dataset | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 report with one TID 1411 group per SEG segment, measurements from ``result``.
 
     Segments are matched to result structures by Tracking ID (the structure key, as written by
     :func:`radnode.outputs.seg.build_segmentation`); the group reuses the segment's Tracking UID.
-    Evidence is the source series and the SEG. A result with uncertainty adds to each scored group a
-    qualitative evaluation "Automatic segmentation quality": human review required or not.
+    Evidence is the source series, the SEG and the uncertainty ``parametric_map`` when there is one (each
+    uncertainty score names it as its source of measurement). A result with uncertainty adds to each scored
+    group a qualitative evaluation "Automatic segmentation quality": human review required or not, with the
+    confidence. Every measurement has an Observation UID that is stable across re-runs of the study.
     Each segment with voxels also gets a cross-section group (:func:`_cross_section_group`) just before
     its volumetric group; a segment without voxels, measurements or evaluation gets no group at all.
     """
@@ -141,17 +164,23 @@ def build_measurement_report(
             raise ValueError(f"SEG segment {item.SegmentNumber} ({key!r}) has no structure in the result")
         structure = structures[key]
         sites = _finding_sites(structure)
-        measurements = [
-            hd.sr.Measurement(
+        measurements = []
+        for m in result.measurements_for(key):
+            on_map = parametric_map is not None and m.name.value in UNCERTAINTY_CONCEPTS
+            measurement = hd.sr.Measurement(
                 name=m.name,
                 value=float(m.value),
                 unit=m.unit,
                 derivation=m.derivation,
                 algorithm_id=algorithm_id,
                 finding_sites=sites,
+                # an uncertainty score is measured on the uncertainty map: its source is the Parametric Map
+                referenced_images=[hd.sr.SourceImageForMeasurement(
+                    str(parametric_map.SOPClassUID), str(parametric_map.SOPInstanceUID))] if on_map else None,
             )
-            for m in result.measurements_for(key)
-        ]
+            measurement[0].ObservationUID = observation_uid(
+                uid_root, str(item.TrackingUID), m.name.value, m.derivation.value if m.derivation else None)
+            measurements.append(measurement)
         evaluations = _review_evaluations(result, key)
         cross_section = _cross_section_group(volume, masks[key], item.TrackingUID, structure, sites, algorithm_id)
         if cross_section is None and not measurements and not evaluations:
@@ -189,7 +218,7 @@ def build_measurement_report(
         imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*volume.source, seg],
+        evidence=[*volume.source, seg, *([parametric_map] if parametric_map is not None else [])],
         content=report[0],
         series_instance_uid=new_uid(uid_root),
         series_number=series_number,
@@ -218,6 +247,7 @@ def read_measurements(sr_dataset: Dataset) -> list[dict[str, Any]]:
     Each item: ``structure`` (Tracking Identifier), ``tracking_uid``, ``segment_number`` and
     ``seg_sop_instance_uid`` (the referenced SEG segment, None if the group references none),
     ``finding_type``, ``concept``, ``derivation`` (mappings of value/scheme_designator/meaning or None),
+    ``observation_uid`` (the NUM item's Observation UID, None if it has none),
     ``value`` (float) and ``unit`` (UCUM code).
     """
     sr = hd.sr.Comprehensive3DSR.from_dataset(sr_dataset, copy=True)
@@ -236,6 +266,7 @@ def read_measurements(sr_dataset: Dataset) -> list[dict[str, Any]]:
                 "finding_type": _code(group.finding_type),
                 "concept": _code(m.name),
                 "derivation": _code(m.derivation),
+                "observation_uid": str(getattr(m[0], "ObservationUID", "") or "") or None,
                 "value": m.value,
                 "unit": str(m.unit.value),
             })

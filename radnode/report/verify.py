@@ -18,7 +18,7 @@ from radnode.report.template import limitations, template_report
 STRUCTURE_TERMS: dict[str, str] = {
     r"lungs?|pulmonary|parenchyma": "lung", r"bones?|osseous|skeleton": "bone",
     r"adipose|fat(?!ty)": "adipose_tissue", r"(?:skeletal )?muscles?|muscular": "skeletal_muscle", r"body": "body",
-    r"liver|hepatic": "liver", r"vertebra[el]?|spine|spinal|l1": "vertebral_body_l1", r"brain|cerebral": "brain",
+    r"liver|hepatic": "liver", r"vertebra[el]?|spine|spinal|l1": "vertebral_body_l1", r"intracranial": "intracranial", r"brain|cerebral": "brain",
     r"kidneys?|renal": "kidney", r"spleen|splenic": "spleen", r"heart|cardiac": "heart", r"aorta|aortic": "aorta",
     r"pleura|pleural": "pleura", r"trachea|bronch\w*|airways?": "airway", r"thyroid": "thyroid",
     r"pancrea\w*": "pancreas", r"stomach|bowel|colon|intestin\w*": "bowel", r"mediastin\w*": "mediastinum",
@@ -32,7 +32,7 @@ FINDING_TERMS: dict[str, str] = {
     r"low bone (?:attenuation|density)|osteopeni\w*|osteoporo\w*|reduced bone density": "low bone attenuation",
     r"low vertebral trabecular attenuation": "low vertebral trabecular attenuation",
     r"steatosis|fatty liver|fatty infiltration": "hepatic steatosis",
-    r"atrophy|reduced brain volume": "reduced brain volume",
+    r"atrophy|reduced brain (?:volume|parenchymal fraction)": "reduced brain parenchymal fraction",
     r"nodules?|mass(?:es)?|tumou?rs?|lesions?|fractures?|effusions?|pneumothorax|consolidation|fibrosis|"
     r"infiltrates?|opacit\w+|calcifications?|metasta\w+|cancer|malignan\w+|pneumonia|o?edema|ha?emorrhage|"
     r"cysts?|aneurysms?|embol\w+|stenos[ie]s|lymphadenopathy|atelectasis|bronchiectasis|sarcopeni\w*|"
@@ -133,7 +133,9 @@ def _number_supported(value_text: str, unit: str | None, scope: set[str], findin
     for f in findings.findings:
         if f.quantity.structure_key in scope:
             unit_symbol = f.quantity.unit
-            candidates += [(limit, unit_symbol) for limit in (f.reference.lower, f.reference.upper) if limit is not None]
+            candidates += [(limit, unit_symbol) for limit in (f.limit.lower, f.limit.upper) if limit is not None]
+            if f.limit.age_band is not None:  # "for age 60 to 69 years"
+                candidates += [(f.limit.age_band.min_years, ""), (f.limit.age_band.max_years, "")]
     return any(round(value, decimals) == written and (unit is None or unit == value_unit)
                for value, value_unit in candidates)
 
