@@ -407,6 +407,9 @@ def build_report_bundle(
     for row in read_measurements(sr_dataset):
         structure = structures[row["structure"]]
         concept = row["concept"]
+        if not row["observation_uid"] or not row["tracking_uid"]:
+            raise ValueError(f"SR measurement {concept['meaning']} of {row['structure']} has no Observation UID "
+                             "or Tracking UID: FHIR writes are conditional on them")
         quality = concept["value"] in UNCERTAINTY_CONCEPTS
         method_text = f"{algorithm.name} {algorithm.version}"
         method: dict[str, Any] = {"text": method_text}

@@ -241,6 +241,28 @@ def _code(concept: Dataset | None) -> dict[str, str] | None:
             "meaning": str(concept.meaning)}
 
 
+def _observation_uids(sr_dataset: Dataset) -> dict[tuple[str, str, str | None], str]:
+    """(Tracking UID, concept code, derivation code) → Observation UID of each NUM item, read from the raw
+    content tree (highdicom's parsed templates do not keep the attribute)."""
+    found: dict[tuple[str, str, str | None], str] = {}
+    def walk(items: Any, tracking: str | None) -> None:
+        for item in items:
+            name = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else None
+            if item.get("ValueType") == "CONTAINER" and name == "125007":
+                uids = [str(c.UID) for c in item.get("ContentSequence", [])
+                        if c.get("ValueType") == "UIDREF" and c.ConceptNameCodeSequence[0].CodeValue == "112040"]
+                walk(item.get("ContentSequence", []), uids[0] if uids else None)
+            elif item.get("ValueType") == "NUM" and tracking and "ObservationUID" in item:
+                derivation = next((str(c.ConceptCodeSequence[0].CodeValue) for c in item.get("ContentSequence", [])
+                                   if c.get("ValueType") == "CODE"
+                                   and c.ConceptNameCodeSequence[0].CodeValue == "121401"), None)
+                found[(tracking, str(name), derivation)] = str(item.ObservationUID)
+            elif "ContentSequence" in item:
+                walk(item.ContentSequence, tracking)
+    walk(sr_dataset.get("ContentSequence", []), None)
+    return found
+
+
 def read_measurements(sr_dataset: Dataset) -> list[dict[str, Any]]:
     """Every measurement of a TID 1500 report, in document order, as plain data.
 
@@ -251,6 +273,7 @@ def read_measurements(sr_dataset: Dataset) -> list[dict[str, Any]]:
     ``value`` (float) and ``unit`` (UCUM code).
     """
     sr = hd.sr.Comprehensive3DSR.from_dataset(sr_dataset, copy=True)
+    observation_uids = _observation_uids(sr_dataset)
     rows: list[dict[str, Any]] = []
     for group in sr.content.get_volumetric_roi_measurement_groups():
         segment = group.referenced_segment
@@ -266,7 +289,8 @@ def read_measurements(sr_dataset: Dataset) -> list[dict[str, Any]]:
                 "finding_type": _code(group.finding_type),
                 "concept": _code(m.name),
                 "derivation": _code(m.derivation),
-                "observation_uid": str(getattr(m[0], "ObservationUID", "") or "") or None,
+                "observation_uid": observation_uids.get((str(group.tracking_uid), str(m.name.value),
+                                                         str(m.derivation.value) if m.derivation else None)),
                 "value": m.value,
                 "unit": str(m.unit.value),
             })
