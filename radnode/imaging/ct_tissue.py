@@ -417,6 +417,10 @@ def _body_wall_muscle_coarse(
 TRUNK_BODY_PARTS = frozenset({"CHEST", "THORAX", "ABDOMEN", "PELVIS", "ABDOMENPELVIS", "CHESTABDOMEN",
                               "CHESTABDPELVIS", "TRUNK", "WHOLEBODY", "LSPINE", "TSPINE", "BREAST", "HEART"})
 """Body Part Examined (0018,0015) values (PS3.16 CID 4031) of a scan through the trunk."""
+NOT_TRUNK_BODY_PARTS = frozenset({"HEAD", "BRAIN", "SKULL", "NECK", "HEADNECK", "FACE", "EAR", "IAC", "ORBIT",
+                                  "SINUS", "JAW", "TMJ", "CSPINE", "SHOULDER", "ARM", "ELBOW", "HAND", "HIP",
+                                  "LEG", "KNEE", "ANKLE", "FOOT", "EXTREMITY"})
+"""Body Part Examined values of a scan that is not through the trunk."""
 TRUNK_MIN_CROSS_SECTION_CM2 = 400.0
 """Without lungs or a Body Part Examined, a trunk is assumed where the body's median cross-section is at least
 this large (an adult head is about 200 cm², a slim adult abdomen about 450 cm²)."""
@@ -429,8 +433,8 @@ def assess_scanned_range(volume: Volume, segments: list[Segment],
 
     Lungs are reported only where lung parenchyma was found (a head or pelvis CT does not include the
     thorax: its lungs are "not assessed", never "0 mL"); body composition (adipose tissue, skeletal
-    muscle) only on a scan through the trunk: lungs found, a trunk Body Part Examined, or failing both a
-    body cross-section the size of a trunk.
+    muscle) only on a scan through the trunk: lungs found, a trunk Body Part Examined, or (unless the Body
+    Part Examined names a head, neck or limb) a body cross-section the size of a trunk.
     """
     masks = {s.structure.key: s.mask for s in segments}
     lung_ml = sum(float(masks[k].sum()) for k in ("lung_left", "lung_right") if k in masks) * volume.voxel_volume_ml
@@ -444,9 +448,10 @@ def assess_scanned_range(volume: Volume, segments: list[Segment],
     body = masks.get("body")
     cross_section_cm2 = (float(np.median(body.reshape(len(body), -1).sum(axis=1))) * volume.spacing[1]
                          * volume.spacing[2] / 100.0) if body is not None else 0.0
-    trunk = has_lungs or part in TRUNK_BODY_PARTS or (not part and cross_section_cm2 >= TRUNK_MIN_CROSS_SECTION_CM2)
+    trunk = has_lungs or part in TRUNK_BODY_PARTS or (part not in NOT_TRUNK_BODY_PARTS
+                                                      and cross_section_cm2 >= TRUNK_MIN_CROSS_SECTION_CM2)
     if not trunk:
-        where = f"Body Part Examined {part}" if part else "body cross-section smaller than a trunk"
+        where = f"Body Part Examined {part}" if part in NOT_TRUNK_BODY_PARTS else "body cross-section smaller than a trunk"
         reason = f"body composition is measured on the trunk, and this scan is not through the trunk ({where}, no lungs)"
         dropped |= dict.fromkeys(BODY_COMPOSITION, NotAssessed("body composition (adipose tissue, skeletal muscle)",
                                                                reason, BODY_COMPOSITION))

@@ -91,7 +91,7 @@ class StudyIdentity:
         if study_text and study_date is None:
             problems.append(f"Study Date (0008,0020) {study_text!r} is not a date")
         elif not study_text:
-            problems.append("Study Date (0008,0020) is empty")
+            problems.append("Study Date (0008,0020) is empty or was not a valid date: FHIR resources carry no dates")
         sex = _text(ds, "PatientSex").upper()
         if sex and sex not in ADMINISTRATIVE_SEX:
             problems.append(f"Patient's Sex (0010,0040) {sex!r} is not M, F or O")

@@ -190,12 +190,28 @@ def select_volume_series(study: StudyInput, criteria: VolumeCriteria,
     return chosen, skipped
 
 
+def _valid_temporal(elem: pydicom.DataElement) -> bool:
+    """Whether a DA/TM/DT element parses (writers copy these into the objects they create)."""
+    try:
+        for value in (elem.value if elem.VM > 1 else [elem.value]):
+            if value not in (None, ""):
+                {"DA": pydicom.valuerep.DA, "TM": pydicom.valuerep.TM, "DT": pydicom.valuerep.DT}[elem.VR](str(value))
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 def _header(ds: Dataset) -> Dataset:
-    """A copy of the dataset without pixel data, for writers that reference the source."""
+    """A copy of the dataset without pixel data, for writers that reference the source. A date or time that
+    is not one (a Study Date of "2024136") is emptied: the results are still written, with that attribute
+    empty, and the run's warnings say so (see :class:`radnode.imaging.identity.StudyIdentity`)."""
     header = Dataset()
     for elem in ds:
-        if elem.tag != 0x7FE00010:
-            header.add(elem)
+        if elem.tag == 0x7FE00010:
+            continue
+        if elem.VR in ("DA", "TM", "DT") and not _valid_temporal(elem):
+            elem = pydicom.DataElement(elem.tag, elem.VR, "")
+        header.add(elem)
     header.file_meta = getattr(ds, "file_meta", Dataset())
     return header
 

@@ -241,21 +241,26 @@ def _code(concept: Dataset | None) -> dict[str, str] | None:
             "meaning": str(concept.meaning)}
 
 
+def _code_value(code: Dataset) -> str:
+    """Code Value of a code item, whichever of Code Value, Long Code Value or URN Code Value holds it."""
+    return str(code.get("CodeValue") or code.get("LongCodeValue") or code.get("URNCodeValue") or "")
+
+
 def _observation_uids(sr_dataset: Dataset) -> dict[tuple[str, str, str | None], str]:
     """(Tracking UID, concept code, derivation code) → Observation UID of each NUM item, read from the raw
     content tree (highdicom's parsed templates do not keep the attribute)."""
     found: dict[tuple[str, str, str | None], str] = {}
     def walk(items: Any, tracking: str | None) -> None:
         for item in items:
-            name = item.ConceptNameCodeSequence[0].CodeValue if "ConceptNameCodeSequence" in item else None
+            name = _code_value(item.ConceptNameCodeSequence[0]) if "ConceptNameCodeSequence" in item else None
             if item.get("ValueType") == "CONTAINER" and name == "125007":
                 uids = [str(c.UID) for c in item.get("ContentSequence", [])
-                        if c.get("ValueType") == "UIDREF" and c.ConceptNameCodeSequence[0].CodeValue == "112040"]
+                        if c.get("ValueType") == "UIDREF" and _code_value(c.ConceptNameCodeSequence[0]) == "112040"]
                 walk(item.get("ContentSequence", []), uids[0] if uids else None)
             elif item.get("ValueType") == "NUM" and tracking and "ObservationUID" in item:
-                derivation = next((str(c.ConceptCodeSequence[0].CodeValue) for c in item.get("ContentSequence", [])
+                derivation = next((_code_value(c.ConceptCodeSequence[0]) for c in item.get("ContentSequence", [])
                                    if c.get("ValueType") == "CODE"
-                                   and c.ConceptNameCodeSequence[0].CodeValue == "121401"), None)
+                                   and _code_value(c.ConceptNameCodeSequence[0]) == "121401"), None)
                 found[(tracking, str(name), derivation)] = str(item.ObservationUID)
             elif "ContentSequence" in item:
                 walk(item.ContentSequence, tracking)

@@ -313,10 +313,9 @@ def structured_findings(result: PipelineResult, modality: str, ranges: list[Refe
     for reference in ranges:
         if reference.modality != modality.upper() or any(k in measured for k in reference.structures):
             continue
-        missing = reference.structures[0].replace("_", " ")
         reason = next((n.reason for n in result.not_assessed if set(n.keys) & set(reference.structures)), None)
-        not_assessed.append(NotAssessed(f"{reference.finding} ({reference.description})",
-                                        reason or f"this pipeline produces no {missing} measurement"))
+        not_assessed.append(NotAssessed(reference.finding, reason or f"this pipeline does not measure the "
+                                                                     f"{reference.description}"))
     flags = _cropped(result) + list(result.notes)
     return StructuredFindings(modality.upper(), structures, quantities, findings, not_assessed, flags,
                               [(result.algorithm_name, result.algorithm_version)], identity)

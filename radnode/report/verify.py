@@ -16,7 +16,7 @@ from radnode.report.findings import Finding, StructuredFindings
 from radnode.report.template import limitations, template_report
 
 STRUCTURE_TERMS: dict[str, str] = {
-    r"lungs?|pulmonary|parenchyma": "lung", r"bones?|osseous|skeleton": "bone",
+    r"lungs?|pulmonary|(?<!brain )parenchyma": "lung", r"bones?|osseous|skeleton": "bone",
     r"adipose|fat(?!ty)": "adipose_tissue", r"(?:skeletal )?muscles?|muscular": "skeletal_muscle", r"body": "body",
     r"liver|hepatic": "liver", r"vertebra[el]?|spine|spinal|l1": "vertebral_body_l1", r"intracranial": "intracranial", r"brain|cerebral": "brain",
     r"kidneys?|renal": "kidney", r"spleen|splenic": "spleen", r"heart|cardiac": "heart", r"aorta|aortic": "aorta",
