@@ -209,13 +209,13 @@ def test_mri_brain_report_compares_the_bpf_with_its_age_dependent_reference(mri:
     assert report["conclusion"] and report["presentedForm"]
     text = (mri / "report.txt").read_text()
     assert re.search(r"brain parenchymal fraction 0\.\d+.*reference at least 0\.\d+ for age 40 to 49 years", text), text
-    bpf = next(o for o in _resources(mri, "Observation") if o["code"]["coding"][0]["code"] == "BPF")
+    bpf = next(o for o in _resources(mri, "Observation") if o["code"]["coding"] and o["code"]["coding"][0]["code"] == "BPF")
     reference = bpf["referenceRange"][0]
     assert reference["age"]["low"]["value"] == 40 and reference["age"]["high"]["value"] == 49
     assert "Vagberg" in reference["text"]
     assert bpf["interpretation"][0]["coding"][0]["system"].endswith("v3-ObservationInterpretation")
     volumes = {o["code"]["text"]: o["valueQuantity"]["value"] for o in _resources(mri, "Observation")
-               if o["valueQuantity"]["code"] == "mL"}
+               if o.get("valueQuantity", {}).get("code") == "mL"}
     assert set(volumes) == {"Intracranial contents (brain mask) Volume", "Brain parenchyma Volume"}
 
 
@@ -280,7 +280,8 @@ def test_fhir_profile_points(runs: dict[str, Path]) -> None:
         assert all(e["request"]["method"] == "PUT" or "ifNoneExist" in e["request"] for e in _bundle(folder)["entry"])
     texts = [o["code"]["text"] for o in observations if o["bodySite"]["text"] == "Bone"]
     assert len(set(texts)) == len(texts)  # the SD is not named as the mean
-    quality = [o for o in _resources(runs["mri"], "Observation") if o["code"]["coding"][0]["code"].startswith("UNC-")]
+    quality = [o for o in _resources(runs["mri"], "Observation")
+               if o["code"]["coding"] and o["code"]["coding"][0]["code"].startswith("UNC-")]
     assert quality and all(i["coding"][0]["code"] != "N" for o in quality for i in o["interpretation"])
 
 
