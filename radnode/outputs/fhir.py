@@ -195,13 +195,19 @@ def identifier_systems(study: Dataset, config: FhirConfig, uid_root: str) -> tup
     return patient, accession, warnings
 
 
-def _patient(identity: StudyIdentity, system: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def _patient(identity: StudyIdentity, study: Dataset, system: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Patient resource from the DICOM Patient module and the identifier it is matched on."""
     identifier = {"use": "usual", "type": {"coding": [{"system": V2_0203, "code": "MR"}]}, "system": system,
                   "value": identity.patient_id}
     resource: dict[str, Any] = {"resourceType": "Patient", "identifier": [identifier], "gender": identity.gender}
     if identity.patient_name:
-        resource["name"] = [{"text": identity.patient_name}]
+        name = study.PatientName
+        human_name: dict[str, Any] = {"text": identity.patient_name}
+        if name.family_name:
+            human_name["family"] = name.family_name
+        if name.given_name:
+            human_name["given"] = name.given_name.split()
+        resource["name"] = [human_name]
     if identity.birth_date:
         resource["birthDate"] = identity.birth_date.isoformat()
     return resource, identifier
@@ -359,7 +365,7 @@ def build_report_bundle(
 
     entries: list[dict[str, Any]] = []
     if identity.patient_id:
-        patient, patient_identifier = _patient(identity, patient_system)
+        patient, patient_identifier = _patient(identity, study, patient_system)
         patient_entry = _entry(patient, create_unless=patient_identifier)
         entries.append(patient_entry)
         subject: dict[str, Any] = {"reference": patient_entry["fullUrl"]}
