@@ -152,6 +152,14 @@ def _finding_mentions(text: str) -> list[tuple[str, bool]]:
     return mentions
 
 
+def _without_labels(text: str, findings: StructuredFindings) -> str:
+    """The text with the findings' own structure labels blanked: a model's segment called "lesion" or "nodule"
+    names a measured structure, not an unmeasured finding."""
+    for label in sorted((s.label.lower() for s in findings.structures.values()), key=len, reverse=True):
+        text = re.sub(rf"\b{re.escape(label)}\b", " ", text)
+    return text
+
+
 def check_sentence(sentence: str, findings: StructuredFindings) -> str | None:
     """Why the sentence is not supported by the findings, or None when everything in it is."""
     text = " ".join(sentence.lower().split())
@@ -171,7 +179,7 @@ def check_sentence(sentence: str, findings: StructuredFindings) -> str | None:
             return f"number {value_text}{' ' + unit if unit else ''} is not a measurement of {_names(scope, findings)}"
 
     in_scope: list[Finding] = [f for f in findings.findings if f.quantity.structure_key in scope]
-    for name, negated in _finding_mentions(text):
+    for name, negated in _finding_mentions(_without_labels(text, findings)):
         grounded = True
         assessed = [f for f in in_scope if f.finding == name]
         if not assessed:
