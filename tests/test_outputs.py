@@ -374,3 +374,25 @@ def test_fhir_server_refuses_an_observation_without_status(fhir_server: str, bun
     status, response = _http("POST", fhir_server, json.dumps(bundle))
     assert status == 400
     assert response["resourceType"] == "OperationOutcome"
+
+
+def test_a_reissued_report_updates_the_same_resources_and_says_corrected(
+        fhir_server: str, bundle_json: str, volume: Volume, result: PipelineResult) -> None:
+    """A re-run of the study (new SEG and SR instances) re-issues the report: the DiagnosticReport and every
+    Observation keep their identifiers, so the server updates them in place; the status says corrected."""
+    seg = build_segmentation(volume, result.segments, ALGORITHM, uid_root=UID_ROOT)
+    sr = build_measurement_report(volume, seg, result, ALGORITHM, uid_root=UID_ROOT)
+    reissued = json.loads(bundle_to_json(build_report_bundle(
+        volume, result, sr, ALGORITHM, uid_root=UID_ROOT, content=ReportContent(conclusion="Phantom study."),
+        fhir=FhirConfig(patient_identifier_system=MRN_SYSTEM), reissue=True)))
+    first = json.loads(bundle_json)
+    identifiers = lambda bundle: sorted(e["request"]["url"] for e in bundle["entry"])  # noqa: E731
+    assert identifiers(reissued) == identifiers(first)  # same conditional targets, new SOP Instance UIDs
+    assert _resources(reissued, "DiagnosticReport")[0]["status"] == "corrected"
+    for body in (bundle_json, json.dumps(reissued)):
+        status, response = _http("POST", fhir_server, body)
+        assert status == 200, response
+    reports = _http("GET", f"{fhir_server}/DiagnosticReport")[1]["entry"]
+    observations = _http("GET", f"{fhir_server}/Observation?_count=200")[1]
+    assert [r["resource"]["status"] for r in reports] == ["corrected"]
+    assert observations["total"] == len(_resources(first, "Observation"))
