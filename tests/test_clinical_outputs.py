@@ -1,8 +1,9 @@
 """Every output of the pipelines, read as a radiologist, an EHR integrator and independent validators would.
 
 One run per dataset, shared by every test here: the real abdominal CT of the TotalSegmentator distribution
-(lung bases in range), a real head CT (dicom2stl distribution) and Colin27 as an MR study, each through its
-pipeline as ``radnode run`` runs it. The outputs then go through tools radnode did not write: dciodvfy,
+through ct_tissue and through model_seg (the tiny bundle), a real head CT (dicom2stl distribution), the
+anthropomorphic thorax phantom (both lungs) and Colin27 as an MR study, each through its pipeline as
+``radnode run`` runs it. The outputs then go through tools radnode did not write: dciodvfy,
 dcmqi (segimage2itkimage, tid1500reader, paramap2itkimage), PixelMed's DicomSRValidator, the official FHIR
 R4 JSON schema and a real FHIR server (sekmet); the report text is checked against the structured values.
 """
@@ -93,8 +94,19 @@ def mri(tmp_path_factory: pytest.TempPathFactory, module_monkeypatch) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(chest_ct: Path, head_ct: Path, mri: Path, phantom_chest: Path) -> dict[str, Path]:
-    return {"chest_ct": chest_ct, "head_ct": head_ct, "mri": mri, "phantom_chest": phantom_chest}
+def model_ct(totalseg_reference: Path, tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """model_seg (the site's-model pipeline) with the tiny bundle on the real CT."""
+    study = tmp_path_factory.mktemp("model_ct")
+    restore_totalseg_dicom(totalseg_reference, study, patient_id="MODEL01")
+    out = tmp_path_factory.mktemp("model_out")
+    run_app("model_seg", study, out, [tiny_bundle])
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(chest_ct: Path, head_ct: Path, mri: Path, phantom_chest: Path, model_ct: Path) -> dict[str, Path]:
+    return {"chest_ct": chest_ct, "head_ct": head_ct, "mri": mri, "phantom_chest": phantom_chest,
+            "model_ct": model_ct}
 
 
 def _bundle(folder: Path) -> dict:
@@ -331,7 +343,10 @@ def test_dcmqi_reads_every_seg_and_sr(runs: dict[str, Path], tmp_path: Path) -> 
         assert groups and all(g["measurementItems"] for g in groups), name
 
 
-def test_dcmqi_places_the_parametric_map_where_its_frames_say(mri: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["mri", "model_ct"])
+def test_dcmqi_places_the_parametric_map_where_its_frames_say(runs: dict[str, Path], name: str,
+                                                              tmp_path: Path) -> None:
+    mri = runs[name]
     dcmqi("paramap2itkimage", "--inputDICOM", str(mri / "uncertainty-map.dcm"), "--outputDirectory", str(tmp_path),
           "--outputType", "nii")
     image = nib.load(str(next(tmp_path.glob("*.nii*"))))
@@ -357,7 +372,8 @@ group against TID 1411, so a TID 1501 group (the cross-section outline with its 
 def test_pixelmed_reports_no_errors_but_the_documented_tid_1501_one(runs: dict[str, Path]) -> None:
     conformance = (Path(__file__).resolve().parents[1] / "docs" / "conformance.md").read_text()
     assert "PixelMed" in conformance and "TID 1501" in conformance
-    for name, file in (("chest_ct", "sr.dcm"), ("mri", "sr.dcm"), ("mri", "report-sr.dcm")):
+    for name, file in (("phantom_chest", "sr.dcm"), ("mri", "sr.dcm"), ("mri", "report-sr.dcm"),
+                       ("model_ct", "sr.dcm")):
         sr = pydicom.dcmread(runs[name] / file)
         groups = sr.ContentSequence[-1].ContentSequence if file == "sr.dcm" else []
         cross_sections = {f"1.9.{n}" for n, g in enumerate(groups, start=1)
