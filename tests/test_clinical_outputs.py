@@ -22,16 +22,16 @@ import pydicom
 import pytest
 
 from factories import restore_totalseg_dicom, write_chest_phantom, write_head_ct_study
-from radnode.phantom import make_ct_phantom, write_ct_series
 from radnode.config import CONFIG_ENV
 from radnode.execution import RunManifest, run_app
+from radnode.imaging.brain import BPF, BRAIN_STRUCTURES, RATIO
 from radnode.imaging.identity import StudyIdentity
 from radnode.imaging.mri import nifti_to_axial_volume, write_mr_series
 from radnode.imaging.series import InputError, read_study_folder
 from radnode.peers import FhirServer
+from radnode.phantom import make_ct_phantom, write_ct_series
 from radnode.report.findings import structured_findings
 from radnode.results import Measurement, PipelineResult, Segment
-from radnode.imaging.brain import BPF, BRAIN_STRUCTURES, RATIO
 from support.dicom_tools import dciodvfy_errors
 from support.validators import dcmqi, fhir_schema_errors, pixelmed_sr_errors
 

@@ -140,24 +140,20 @@ def _number_supported(value_text: str, unit: str | None, scope: set[str], findin
                for value, value_unit in candidates)
 
 
-def _finding_mentions(text: str) -> list[tuple[str, bool]]:
-    """(canonical finding, negated) for every finding term in the text."""
+def _finding_mentions(text: str, labels: tuple[str, ...] = ()) -> list[tuple[str, bool]]:
+    """(canonical finding, negated) for every finding term in the text, except a term that is just one of the
+    findings' own structure ``labels`` (a model's segment called "lesion" names a measured structure)."""
+    label_spans = [m.span() for label in labels for m in re.finditer(rf"\b{re.escape(label)}\b", text)]
     mentions = []
     for pattern, name in FINDING_TERMS.items():
         for match in re.finditer(rf"\b(?:{pattern})\b", text):
+            if any(start <= match.start() and match.end() <= end for start, end in label_spans):
+                continue
             clause_before = re.split(r"[;:,]|\bbut\b|\bhowever\b", text[:match.start()])[-1]
             clause_after = re.split(r"[;:,.]", text[match.end():])[0]
             negated = bool(NEGATION.search(clause_before)) or bool(POST_NEGATION.match(clause_after))
             mentions.append((name, negated))
     return mentions
-
-
-def _without_labels(text: str, findings: StructuredFindings) -> str:
-    """The text with the findings' own structure labels blanked: a model's segment called "lesion" or "nodule"
-    names a measured structure, not an unmeasured finding."""
-    for label in sorted((s.label.lower() for s in findings.structures.values()), key=len, reverse=True):
-        text = re.sub(rf"\b{re.escape(label)}\b", " ", text)
-    return text
 
 
 def check_sentence(sentence: str, findings: StructuredFindings) -> str | None:
@@ -179,7 +175,7 @@ def check_sentence(sentence: str, findings: StructuredFindings) -> str | None:
             return f"number {value_text}{' ' + unit if unit else ''} is not a measurement of {_names(scope, findings)}"
 
     in_scope: list[Finding] = [f for f in findings.findings if f.quantity.structure_key in scope]
-    for name, negated in _finding_mentions(_without_labels(text, findings)):
+    for name, negated in _finding_mentions(text, tuple(s.label.lower() for s in findings.structures.values())):
         grounded = True
         assessed = [f for f in in_scope if f.finding == name]
         if not assessed:
