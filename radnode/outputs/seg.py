@@ -12,12 +12,19 @@ import highdicom as hd
 import numpy as np
 
 from radnode.imaging.volume import Volume
-from radnode.outputs.algorithm import AlgorithmInfo, declare_private_coding_schemes, new_uid
+from radnode.outputs.algorithm import AlgorithmInfo, declare_private_coding_schemes, new_uid, stable_uid
 from radnode.outputs.layout import RunOutput
 from radnode.results import Segment
 
+
+def tracking_uid(uid_root: str, study_uid: str, algorithm: AlgorithmInfo, structure_key: str) -> str:
+    """The Tracking UID of a structure found by an algorithm in a study: the same on every run of the study,
+    so a re-run's SEG, SR and FHIR Observations track the same finding (and FHIR updates it in place)."""
+    return stable_uid(uid_root, "tracking", study_uid, algorithm.name, structure_key)
+
+
 def _segment_description(number: int, segment: Segment, algorithm: AlgorithmInfo,
-                         uid_root: str) -> hd.seg.SegmentDescription:
+                         uid_root: str, study_uid: str) -> hd.seg.SegmentDescription:
     """Segment Description: SNOMED CT category/type (+ laterality modifier), AUTOMATIC, the algorithm."""
     structure = segment.structure
     description = hd.seg.SegmentDescription(
@@ -27,7 +34,7 @@ def _segment_description(number: int, segment: Segment, algorithm: AlgorithmInfo
         segmented_property_type=copy.deepcopy(structure.property_type),  # modified below; keep the Structure's
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm.identification(),
-        tracking_uid=new_uid(uid_root),
+        tracking_uid=tracking_uid(uid_root, study_uid, algorithm, structure.key),
         tracking_id=structure.key,
         display_color=hd.color.CIELabColor.from_rgb(*structure.color_rgb),
     )
@@ -83,7 +90,7 @@ def build_segmentation(
         source_images=volume.source,
         pixel_array=_pixel_array(segments),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_segment_description(i, s, algorithm, uid_root)
+        segment_descriptions=[_segment_description(i, s, algorithm, uid_root, str(volume.study.StudyInstanceUID))
                               for i, s in enumerate(segments, start=1)],
         series_instance_uid=new_uid(uid_root),
         series_number=series_number,
