@@ -46,8 +46,11 @@ def test_real_ct_over_storescu_gives_valid_seg_sr_and_matching_fhir(
     assert [e.kind for e in returned_events].count("running") == 1
 
     received = {pydicom.dcmread(p).SOPClassUID.name: p for p in pacs.received()}
-    assert set(received) == {"Segmentation Storage", "Comprehensive 3D SR Storage", "Comprehensive SR Storage",
-                             "Encapsulated PDF Storage"}
+    # The PACS renders SR: the Encapsulated PDF goes only to destinations that ask for it (encapsulated_pdf).
+    assert set(received) == {"Segmentation Storage", "Comprehensive 3D SR Storage", "Comprehensive SR Storage"}
+    # No FHIR identifier system is configured: the job is done, and its log says what the EHR will lack.
+    warnings = [e.message for e in events if e.kind == "warning"]
+    assert any("fhir.patient_identifier_system is not set" in w for w in warnings), warnings
     for path in received.values():  # the SEG, the TID 1500 measurement report, the text report
         assert dciodvfy_errors(path) == []
     received["SEG"], received["SR"] = received["Segmentation Storage"], received["Comprehensive 3D SR Storage"]
