@@ -164,7 +164,8 @@ class ManifestError(ValueError):
 REISSUE_ENV = "RADNODE_REISSUE"
 """Set (to any non-empty value) by whoever runs a pipeline again on a study whose result already went out: the
 report is then a re-issue (FHIR DiagnosticReport status ``corrected``, updated in place under the same
-identifier). ``radnode run --reissue`` sets it."""
+identifier). ``radnode run --reissue`` sets it, and the node's executors for a job whose study's report it already
+delivered (:attr:`radnode.node.executors.JobRun.reissue`)."""
 
 
 def is_reissue() -> bool:

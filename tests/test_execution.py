@@ -16,7 +16,7 @@ import pytest
 
 from factories import restore_totalseg_dicom, write_chest_phantom, write_study
 from radnode.config import ConfigError
-from radnode.execution import RunManifest, run_app
+from radnode.execution import REISSUE_ENV, RunManifest, run_app
 from radnode.node.executors import (
     CONTAINER_CONFIG_PATH,
     ContainerExecutor,
@@ -228,6 +228,18 @@ def test_every_executor_hands_the_configured_model_folders_to_the_job(tmp_path: 
     assert "HOLOSCAN_MODEL_PATH=/var/holoscan/models" in [v for k, v in pairs if k == "-e"]
     plain = ContainerExecutor("docker", {}, tmp_path / "c.yaml", {}, models).launch(JobRun(8, "mri_brain", tmp_path))
     assert "HOLOSCAN_MODEL_PATH=/opt/holoscan/models" in plain.argv  # the image's own models
+
+
+def test_every_executor_tells_a_rerun_whose_report_went_out_that_it_reissues_it(tmp_path: Path) -> None:
+    """A job whose study's report was already delivered runs with RADNODE_REISSUE (the report stage then writes a
+    ``corrected`` DiagnosticReport under the same identifiers); a first run does not."""
+    first, again = JobRun(9, "ct_tissue", tmp_path / "j9"), JobRun(9, "ct_tissue", tmp_path / "j9", reissue=True)
+    for executor in (InProcessExecutor(["radnode-run"], {}), SubprocessExecutor({})):
+        assert REISSUE_ENV not in executor.launch(first).env
+        assert executor.launch(again).env[REISSUE_ENV] == "1"
+    container = ContainerExecutor("podman", {}, tmp_path / "c.yaml", {})
+    assert f"{REISSUE_ENV}=1" not in container.launch(first).argv
+    assert f"{REISSUE_ENV}=1" in container.launch(again).argv
 
 
 def test_configured_model_folders_are_checked_when_the_node_starts(tmp_path: Path,

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Protocol
 
 from radnode.config import CONFIG_ENV, Config, ConfigError
-from radnode.execution import PIPELINE_ENV
+from radnode.execution import PIPELINE_ENV, REISSUE_ENV
 from radnode.map import APP_METADATA_FILE, INPUT_DIR, MODELS_DIR, OUTPUT_DIR, WORK_DIR, AppMetadata, MapError, \
     app_folder, app_manifest, model_names
 from radnode.pipelines.registry import UnknownPipelineError, get_pipeline, registered_pipelines
@@ -73,6 +73,13 @@ class JobRun:
     pipeline: str
     root: Path
     """``data_dir/jobs/<job_id>``; ``in/`` and ``out/`` are ready, the rest belongs to the run."""
+    reissue: bool = False
+    """A report of this study and pipeline already went out: this run's replaces it (FHIR status ``corrected``)."""
+
+    @property
+    def variables(self) -> dict[str, str]:
+        """What the run's app reads about the run from its environment besides the MAP's paths."""
+        return {REISSUE_ENV: "1"} if self.reissue else {}
 
     @property
     def inputs(self) -> Path:
@@ -180,7 +187,7 @@ class InProcessExecutor:
 
     def launch(self, run: JobRun) -> Launch:
         argv = [*self.command, str(run.inputs), "--output", str(run.outputs), "--pipeline", run.pipeline]
-        env = self.env
+        env = {**self.env, **run.variables}
         models = self.models.get(run.pipeline)
         if models:
             path = Path(models[0]).resolve() if len(models) == 1 else link_models(run.root / "models", models)
@@ -209,7 +216,8 @@ class SubprocessExecutor:
                 (models / name).symlink_to((app_folder(meta.name) / rel).resolve())  # type: ignore[union-attr]
         env = {**self.env, **thread_environment(meta.resources if meta else {}),
                "HOLOSCAN_INPUT_PATH": str(run.inputs), "HOLOSCAN_OUTPUT_PATH": str(run.outputs),
-               "HOLOSCAN_WORKDIR": str(work), "HOLOSCAN_MODEL_PATH": str(models), PIPELINE_ENV: run.pipeline}
+               "HOLOSCAN_WORKDIR": str(work), "HOLOSCAN_MODEL_PATH": str(models), PIPELINE_ENV: run.pipeline,
+               **run.variables}
         return Launch(map_command(run.pipeline), env, work)
 
 
@@ -234,7 +242,8 @@ class ContainerExecutor:
         model_path = SITE_MODELS_DIR if site_models else MODELS_DIR
         variables = {"HOLOSCAN_INPUT_PATH": input_path, "HOLOSCAN_OUTPUT_PATH": output_path,
                      "HOLOSCAN_WORKDIR": WORK_DIR, "HOLOSCAN_MODEL_PATH": model_path,
-                     CONFIG_ENV: CONTAINER_CONFIG_PATH, PIPELINE_ENV: run.pipeline, **thread_environment(resources)}
+                     CONFIG_ENV: CONTAINER_CONFIG_PATH, PIPELINE_ENV: run.pipeline, **thread_environment(resources),
+                     **run.variables}
         argv = [self.engine, "run", "--rm", "--name", name, "--user", f"{os.getuid()}:{os.getgid()}"]
         for flag, key in (("--cpus", "cpu"), ("--memory", "memory"), ("--shm-size", "sharedMemory")):
             if resources.get(key):

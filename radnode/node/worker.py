@@ -31,6 +31,7 @@ from radnode.node.completeness import CompletenessSettings, study_verdict
 from radnode.node.egress import Egress
 from radnode.node.executors import ExecutionError, JobRun, Launch, executors, resolve_timeout
 from radnode.node.store import Job, JobStore
+from radnode.outputs.layout import RunOutput
 from radnode.pipelines.routing import ExecutionMode
 
 log = logging.getLogger(__name__)
@@ -193,7 +194,8 @@ class Scheduler:
             return
         root = job_dir(self.config, job.id)
         try:
-            launch = executor.launch(JobRun(job.id, job.pipeline, root))
+            reissue = self.store.report_already_sent(job.id, RunOutput.FHIR_BUNDLE.file)
+            launch = executor.launch(JobRun(job.id, job.pipeline, root, reissue=reissue))
             timeout = resolve_timeout(mode, job.pipeline, job.execution.timeout_seconds,
                                       self.config.processing.job_timeout_seconds)
         except (ExecutionError, OSError) as e:
