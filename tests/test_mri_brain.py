@@ -140,7 +140,7 @@ def test_t1_study_sent_to_the_node_returns_the_brain_seg_and_volumes(
     assert (job.pipeline, job.state) == ("mri_brain", JobState.DONE), f"{job.reason}: {[e.message for e in events]}"
     received = {pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID.name: p for p in pacs.received()}
     assert set(received) == {"Segmentation Storage", "Comprehensive 3D SR Storage", "Parametric Map Storage",
-                             "Comprehensive SR Storage", "Encapsulated PDF Storage"}  # + the report, SR and PDF
+                             "Comprehensive SR Storage"}  # + the report SR (the PDF only where asked for)
     seg = hd.seg.segread(received["Segmentation Storage"])
     mask = seg.get_pixels_by_source_instance(source_sop_instance_uids=_t1_uids_foot_to_head(study),
                                              segment_numbers=[1], assert_missing_frames_are_empty=True)
