@@ -25,19 +25,22 @@ class CTTissueSegmentationOperator(Operator):
     @timed_phase("segment")
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         segments = segment_ct_tissues(op_input.receive("volume"))
-        log.info("segmented %s", ", ".join(f"{s.structure.key} ({int(s.mask.sum())} voxels)" for s in segments))
+        log.info("segmented %s", ", ".join(f"{s.structure.key} ({s.voxel_count()} voxels)" for s in segments))
         op_output.emit(segments, "segments")
 
 
 class CTMeasurementOperator(MeasurementOperator):
     """Measures volume, attenuation and the lung emphysema index per segment the scanned range can report
     (:func:`radnode.imaging.ct_tissue.assess_scanned_range`: no lungs on a head CT, no body composition off
-    the trunk); what it cannot report goes into the result as not assessed, with the reason."""
+    the trunk); what it cannot report goes into the result as not assessed, with the reason. The last reader
+    of the voxels: it hands the writers the volume's ``geometry`` (no voxels), so the HU array is freed once
+    it is done."""
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("volume")
         spec.input("segments")
         spec.output("result")
+        spec.output("geometry")
 
     @timed_phase("measure")
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
@@ -50,3 +53,4 @@ class CTMeasurementOperator(MeasurementOperator):
                                 algorithm_name=self.algorithm.name, algorithm_version=self.algorithm.version,
                                 not_assessed=not_assessed)
         op_output.emit(result, "result")
+        op_output.emit(volume.geometry(), "geometry")

@@ -124,9 +124,10 @@ class ReportWriterOperator(_WriterOperator):
 
 def add_result_writers(app: Application, volume_source: Operator, result_source: Operator, *, output_folder: Path,
                        algorithm: AlgorithmInfo, uid_root: str, report_config: ReportConfig, fhir_config: FhirConfig,
-                       uncertainty_map: bool = False) -> None:
+                       uncertainty_map: bool = False, volume_port: str = "volume") -> None:
     """The output stage of every pipeline: DICOM SEG → (uncertainty Parametric Map →) TID 1500 SR → the report
-    stage. Each writer takes ``volume`` from ``volume_source`` and ``result`` from ``result_source``."""
+    stage. Each writer takes ``volume`` from ``volume_source``'s ``volume_port`` (a volume, or its geometry
+    without voxels when the writers need no voxel values) and ``result`` from ``result_source``."""
     writers = dict(output_folder=output_folder, algorithm=algorithm, uid_root=uid_root)
     seg_writer = SegmentationWriterOperator(app, name="seg_writer", **writers)
     sr_writer = MeasurementReportWriterOperator(app, name="sr_writer", with_parametric_map=uncertainty_map, **writers)
@@ -139,7 +140,7 @@ def add_result_writers(app: Application, volume_source: Operator, result_source:
         app.add_flow(pmap_writer, sr_writer, {("pmap", "pmap")})
         app.add_flow(pmap_writer, report_writer, {("pmap", "pmap")})
     for writer in stage:
-        app.add_flow(volume_source, writer, {("volume", "volume")})
+        app.add_flow(volume_source, writer, {(volume_port, "volume")})
         app.add_flow(result_source, writer, {("result", "result")})
     app.add_flow(seg_writer, sr_writer, {("seg", "seg")})
     app.add_flow(seg_writer, report_writer, {("seg", "seg")})

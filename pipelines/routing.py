@@ -171,6 +171,9 @@ class SeriesDecision:
     provenance: Provenance = _field(Provenance.EXTERNAL, _first_set(Provenance.EXTERNAL))
     note: str = _field("", _first_set(""))
     """Why, when the rules did not decide (e.g. the node's own result and how it was recognised)."""
+    refused_pipelines: tuple[str, ...] = _field((), _union)
+    """Pipelines the rules chose that the sender may not trigger (``ingress.allowed_peers[].pipelines``): not
+    run, and said so in :meth:`describe`."""
 
     def merged(self, other: SeriesDecision) -> SeriesDecision:
         """Both decisions' actions, field by field (union of pipelines and forwards, most urgent priority,
@@ -199,7 +202,12 @@ class SeriesDecision:
         return self.completeness.late_instances or LateInstances.IGNORE
 
     def describe(self) -> str:
-        """One line for logs: what happens and which rules said so."""
+        """One line for logs: what happens, which rules said so, and what the sender was refused."""
+        refused = (f"; not run for this sender (ingress.allowed_peers): {', '.join(self.refused_pipelines)}"
+                   if self.refused_pipelines else "")
+        return self._action() + refused
+
+    def _action(self) -> str:
         if self.provenance is Provenance.OWN_RESULT:
             return self.note or "a result of the node's own: never processed"
         if not self.matched_rules:

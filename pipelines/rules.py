@@ -103,6 +103,13 @@ class RuleSet:
         return merge_decisions(r.decision for r, o in zip(self.rules, outcomes, strict=True) if o.matched)
 
     @property
+    def in_process_pipelines(self) -> frozenset[str]:
+        """The pipelines a rule runs in-process (its execution mode unset or ``in-process``): those the node
+        keeps a warm job process for."""
+        return frozenset(p for r in self.rules for p in r.decision.pipelines
+                         if r.decision.execution.mode in (None, ExecutionMode.IN_PROCESS))
+
+    @property
     def keywords(self) -> frozenset[str]:
         """The DICOM keywords :meth:`route` reads (the rules' and those recognising the node's own results),
         e.g. for ``dcmread(specific_tags=...)`` at ingest."""

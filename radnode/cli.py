@@ -11,6 +11,7 @@ from pathlib import Path
 from radnode import __version__
 from radnode.config import CONFIG_ENV, REPORT_BACKEND_ENV, Config, ConfigError, load_config, parse_config
 from radnode.destinations import DestinationError, as_mapping
+from radnode.logs import configure_logging
 
 
 REPORT_BACKENDS = ("template", "local", "openai")
@@ -77,9 +78,15 @@ def cmd_pipelines(args: argparse.Namespace) -> int:
 
 def cmd_models_check(args: argparse.Namespace) -> int:
     """Load and probe a model folder; list what would stop it from running."""
-    from radnode.models.loading import check_model_folder
+    from radnode.security.sandbox import check_in_sandbox, content_hash
 
-    problems = check_model_folder(Path(args.folder))
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        print(f"problem: {folder}: not a folder")
+        return 2
+    config = _load(args)
+    print(f"{folder}: content {content_hash(folder)}")
+    problems = check_in_sandbox(folder, config)  # a model folder is code: parsed where it reaches nothing
     for problem in problems:
         print(f"problem: {problem}")
     if not problems:
@@ -89,7 +96,9 @@ def cmd_models_check(args: argparse.Namespace) -> int:
 
 def serve_config(args: argparse.Namespace) -> Config:
     """The configuration file with the command-line flags laid over it, validated once more."""
-    data = _load(args).model_dump(mode="json")
+    data = _load(args).model_dump(mode="json")  # secrets dump as their references ({env:}, {file:})
+    if args.host:
+        data["ingress"]["host"] = args.host
     if args.port is not None:
         data["ingress"]["port"] = args.port
     if args.ae_title:
@@ -111,6 +120,10 @@ def serve_config(args: argparse.Namespace) -> Config:
         data["orthanc"]["url"] = args.orthanc_url
     if args.api_port is not None:
         data["api"]["port"] = args.api_port
+        data["api"]["enabled"] = True
+    if args.api_host:
+        data["api"]["host"] = args.api_host
+        data["api"]["enabled"] = True
     return parse_config(data, "command line")
 
 
@@ -169,16 +182,25 @@ def cmd_orthanc_config(args: argparse.Namespace) -> int:
 
     path = write_orthanc_config(Path(args.output), args.http_port, args.dicom_port, args.node_url,
                                 aet=args.aet, stable_age=args.stable_age)
-    print(f"wrote {path}; run: Orthanc {path}  and  radnode serve --orthanc-url http://127.0.0.1:{args.http_port}"
-          f" (HTTP API at {args.node_url})")
+    token = path.parent / "radnode-event-token"
+    print(f"wrote {path} and the plugin's token {token}; run: Orthanc {path}  and  radnode serve --orthanc-url "
+          f"http://127.0.0.1:{args.http_port} with orthanc.event_token_file: {token} in the node's configuration "
+          f"(web service at {args.node_url})")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark suite, print its table and write the results JSON."""
-    from radnode.bench import FULL, QUICK, run_suite, table
+    import dataclasses
 
-    results = run_suite(QUICK if args.quick else FULL, Path(args.output))
+    from radnode.bench import BENCHMARKS, FULL, QUICK, run_suite, table
+
+    plan = QUICK if args.quick else FULL
+    if args.only:
+        if unknown := sorted(set(args.only) - set(BENCHMARKS)):
+            raise ValueError(f"--only: unknown section {', '.join(unknown)} (sections: {', '.join(BENCHMARKS)})")
+        plan = dataclasses.replace(plan, benchmarks=tuple(args.only))
+    results = run_suite(plan, Path(args.output))
     print(table(results))
     print(f"results written to {args.output}")
     return 0
@@ -206,10 +228,195 @@ def cmd_store_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config_check(args: argparse.Namespace) -> int:
+    """Validate a configuration and list every security setting in force, warning for each left open."""
+    from radnode.security.check import security_findings
+
+    findings = security_findings(load_config(args.config))
+    for finding in findings:
+        print(finding)
+    open_ = sum(f.open for f in findings)
+    print(f"{args.config}: valid; {len(findings)} security settings, {open_} left open")
+    return 1 if args.strict and open_ else 0
+
+
+def cmd_deidentify(args: argparse.Namespace) -> int:
+    """De-identify DICOM files with a PS3.15 Annex E profile; 1 when some were refused."""
+    from radnode.security.deid import deidentifier_for, deidentify_folder
+    from radnode.security.privacy import SiteKey, owner_only
+
+    config = _load(args)
+    with owner_only():
+        site_key = SiteKey.load(config.privacy.site_key, config.data_dir)
+        deidentifier = deidentifier_for(config, args.profile, site_key)
+    outcome = deidentify_folder(Path(args.input), Path(args.output), deidentifier)
+    for path, reason in outcome.refused.items():
+        print(f"refused {path}: {reason}")
+    print(f"{len(outcome.written)} written to {args.output} (profile {args.profile}), {len(outcome.refused)} refused")
+    return 1 if outcome.refused else 0
+
+
+def cmd_audit_check(args: argparse.Namespace) -> int:
+    """Validate every message of an audit log against the DICOM audit message schema (PS3.15 A.5.1)."""
+    from radnode.security.audit import read_audit_log
+    from radnode.security.audit_schema import schema_errors
+
+    bad = 0
+    count = 0
+    for count, message in enumerate(read_audit_log(Path(args.log)), start=1):
+        errors = schema_errors(message)
+        if errors:
+            bad += 1
+            print(f"{args.log}:{count}: {'; '.join(errors[:3])}")
+    print(f"{args.log}: {count} messages, {bad} invalid")
+    return 1 if bad else 0
+
+
+def cmd_audit_find(args: argparse.Namespace) -> int:
+    """Print the audit messages about a patient (by Patient ID, pseudonymised as the node writes it) or a study."""
+    from radnode.security.audit import read_audit_log
+    from radnode.security.privacy import SiteKey
+
+    config = _load(args)
+    needles = []
+    if args.patient_id:
+        if config.audit.patient_identity == "clear":
+            needles.append(args.patient_id)
+        else:
+            needles.append(SiteKey.load(config.privacy.site_key, config.data_dir).pseudonym("patient", args.patient_id))
+    if args.study:
+        needles.append(args.study)
+    log_file = config.audit.log_file or config.data_dir / "audit" / "audit.log"
+    found = 0
+    for message in read_audit_log(log_file):
+        if all(f'ParticipantObjectID="{n}"' in message for n in needles):
+            print(message)
+            found += 1
+    return 0 if found else 1
+def _read_password(args: argparse.Namespace) -> str:
+    """A new password from stdin (``--password-stdin``, one line) or typed twice at the terminal."""
+    import getpass
+
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    first = getpass.getpass(f"password for {args.name}: ")
+    if getpass.getpass("again: ") != first:
+        raise ValueError("the two passwords differ")
+    return first
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    """People who sign in to the dashboard: add, list, change role or password, remove."""
+    from radnode.console.accounts import parse_role
+    from radnode.console.service import accounts_for
+
+    with accounts_for(_load(args)) as accounts:
+        if args.users_command == "add":
+            accounts.add_user(args.name, parse_role(args.role), _read_password(args))
+            print(f"user {args.name} added ({args.role})")
+        elif args.users_command == "passwd":
+            accounts.set_password(args.name, _read_password(args))
+            print(f"password of {args.name} changed; their sessions are closed")
+        elif args.users_command == "role":
+            accounts.set_role(args.name, parse_role(args.role))
+            print(f"{args.name} is now {args.role}")
+        elif args.users_command == "remove":
+            accounts.remove_user(args.name)
+            print(f"user {args.name} removed")
+        else:
+            for name, role, created, last_login in accounts.users():
+                print(f"{name:24} {role:9} created {_iso(created)}  last login {_iso(last_login) or 'never'}")
+    return 0
+
+
+def cmd_tokens(args: argparse.Namespace) -> int:
+    """API tokens (``Authorization: Bearer``): create (printed once), list, revoke."""
+    from radnode.console.accounts import parse_role
+    from radnode.console.service import accounts_for
+
+    with accounts_for(_load(args)) as accounts:
+        if args.tokens_command == "create":
+            print(accounts.create_token(args.name, parse_role(args.role), args.days))
+            print(f"token {args.name} ({args.role}) created; it is shown only this once", file=sys.stderr)
+        elif args.tokens_command == "revoke":
+            accounts.revoke_token(args.name)
+            print(f"token {args.name} revoked")
+        else:
+            for name, role, created, expires, used in accounts.tokens():
+                print(f"{name:24} {role:9} created {_iso(created)}  expires {_iso(expires) or 'never'}  "
+                      f"last used {_iso(used) or 'never'}")
+    return 0
+
+
+def _iso(epoch: float | None) -> str:
+    import datetime as dt
+
+    return "" if epoch is None else dt.datetime.fromtimestamp(epoch, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    """``radnode jobs|queue|study …``: one call to a running node's API with a token."""
+    from radnode.console.client import NodeClient, job_line, job_text
+
+    client = NodeClient.from_options(_load(args), args.url, None, args.token_file, args.ca_bundle)
+    note = {"note": args.note} if getattr(args, "note", None) else {}
+    if args.command == "jobs" and args.jobs_command == "list":
+        params = {"state": args.state, "q": args.search, "limit": args.limit,
+                  **({"needs_review": "true", "reviewed": "false"} if args.worklist else {})}
+        answer = client.call("GET", "/api/jobs", params={k: v for k, v in params.items() if v is not None})
+        for job in answer["jobs"]:
+            print(job_line(job))
+        print(f"{len(answer['jobs'])} of {answer['total']} job(s)", file=sys.stderr)
+        return 0
+    if args.command == "jobs" and args.jobs_command == "show":
+        print(job_text(client.call("GET", f"/api/jobs/{args.job}")))
+        return 0
+    if args.command == "jobs":
+        body = {**note, **({"destination": args.destination, "failed_only": args.failed_only}
+                           if args.jobs_command == "resend" else {})}
+        answer = client.call("POST", f"/api/jobs/{args.job}/{args.jobs_command}", body)
+    elif args.command == "queue":
+        answer = client.call("GET" if args.queue_command == "status" else "POST",
+                             "/api/queue" if args.queue_command == "status" else f"/api/queue/{args.queue_command}")
+        print(f"queue {'paused' if answer['paused'] else 'running'}, {answer['queued']} job(s) queued")
+        return 0
+    else:
+        answer = client.call("POST", f"/api/studies/{args.study}/complete", note)
+    print(answer["message"])
+    return 0
+
+
+def _node_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", help="the node's web service (default: from the configuration, api.host/api.port)")
+    parser.add_argument("--token-file", help="file holding an API token (default: $RADNODE_TOKEN)")
+    parser.add_argument("--ca-bundle", help="CA bundle to check an https node against")
+    parser.add_argument("--config", help="configuration YAML file (where the node listens)")
+    parser.set_defaults(func=cmd_node)
+
+
+def _logging_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """``-v`` and ``--log-format``, accepted before and after the subcommand (``radnode serve -v``)."""
+    default = (lambda value: value) if defaults else (lambda value: argparse.SUPPRESS)
+    parser.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                        help="log every step (per instance, per message), libraries included")
+    parser.add_argument("--log-format", choices=("text", "json"), default=default("text"),
+                        help="log lines as text (default) or one JSON object per line")
+
+
+class _Subcommands(argparse._SubParsersAction):
+    """Every subcommand takes the logging options too."""
+
+    def add_parser(self, name, **kwargs):  # type: ignore[no-untyped-def, override]
+        parser = super().add_parser(name, **kwargs)
+        _logging_options(parser, defaults=False)
+        return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radnode", description=__doc__)
+    parser.register("action", "parsers", _Subcommands)
     parser.add_argument("--version", action="version", version=f"radnode {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress of every step")
+    _logging_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a pipeline once on a folder of DICOM files")
@@ -227,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the node (DICOM Storage SCP, jobs, egress)")
     serve.add_argument("--config", help="configuration YAML file")
+    serve.add_argument("--host", help="address the DICOM SCP listens on (default 0.0.0.0: every interface)")
     serve.add_argument("--port", type=int, help="DICOM port to listen on (default 11112)")
     serve.add_argument("--ae-title", help="the node's AE title (default RADNODE)")
     serve.add_argument("--data-dir", help="spool, job store and outbox folder")
@@ -236,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--fhir-url", help="FHIR R4 base URL for DiagnosticReport bundles")
     serve.add_argument("--rules", help="routing rule file (YAML, see docs/rules.md)")
     serve.add_argument("--orthanc-url", help="Orthanc REST URL: take studies from its plugin, store results back")
-    serve.add_argument("--api-port", type=int, help="port of the node's HTTP API for the plugin (default 8765)")
+    serve.add_argument("--api-port", type=int, help="port of the web console, API and metrics (default 8765)")
+    serve.add_argument("--api-host", help="address the web console listens on (default 127.0.0.1)")
     serve.add_argument("--report-backend", choices=REPORT_BACKENDS, help="who writes the report text")
     serve.set_defaults(func=cmd_serve)
 
@@ -274,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks side by side with DCMTK, Orthanc, pynetdicom, highdicom")
     bench.add_argument("--quick", action="store_true", help="fewer repeats and sizes (a few minutes)")
     bench.add_argument("--output", default="bench-results.json", help="results JSON file")
+    bench.add_argument("--only", nargs="+", metavar="SECTION",
+                       help="run only these sections (ingest, trigger, job_start, end_to_end, seg_writing, gpu)")
     bench.set_defaults(func=cmd_bench)
 
     pipelines = sub.add_parser("pipelines", help="list the pipelines")
@@ -281,8 +492,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="model folders (MONAI bundle, TorchScript + model.yaml)")
     models_sub = models.add_subparsers(dest="models_command", required=True)
-    check = models_sub.add_parser("check", help="load and probe a model folder, list its problems")
+    check = models_sub.add_parser("check", help="load and probe a model folder (sandboxed), list its problems")
     check.add_argument("folder", help="the model folder")
+    check.add_argument("--config", help="configuration YAML file (sandbox, data directory and secrets to hide)")
     check.set_defaults(func=cmd_models_check)
 
     map_parser = sub.add_parser("map", help="MONAI Application Packages of the apps")
@@ -300,6 +512,89 @@ def build_parser() -> argparse.ArgumentParser:
     upgrade = store_sub.add_parser("upgrade", help="bring the job store to this release's schema (back it up first)")
     upgrade.add_argument("--config", help="configuration YAML file (store.url, data_dir)")
     upgrade.set_defaults(func=cmd_store_upgrade)
+    jobs = sub.add_parser("jobs", help="a running node's jobs: list, show, retry, resend, cancel, review (API token)")
+    jobs_sub = jobs.add_subparsers(dest="jobs_command", required=True)
+    listing = jobs_sub.add_parser("list", help="jobs, newest first")
+    listing.add_argument("--state", choices=("received", "queued", "running", "delivering", "done", "failed"))
+    listing.add_argument("--search", help="study UID, description, modality, AE, pipeline (patient ID for roles that see it)")
+    listing.add_argument("--worklist", action="store_true", help="the review worklist: flagged, not yet reviewed")
+    listing.add_argument("--limit", type=int, default=50)
+    _node_options(listing)
+    for name, text in (("show", "one job with its deliveries and events"),
+                       ("retry", "run a failed job again on every instance received for its study"),
+                       ("resend", "deliver a job's results again (even after the deliveries gave up)"),
+                       ("cancel", "cancel a job that has not finished"),
+                       ("review", "mark a flagged job reviewed")):
+        command = jobs_sub.add_parser(name, help=text)
+        command.add_argument("job", type=int, help="job id")
+        if name != "show":
+            command.add_argument("--note", help="why (kept in the job's events)")
+        if name == "resend":
+            command.add_argument("--destination", help="only this destination (as `jobs show` names it)")
+            command.add_argument("--failed-only", action="store_true", help="only the deliveries not made")
+        _node_options(command)
+    queue = sub.add_parser("queue", help="pause or resume a running node's queue (ingest carries on)")
+    queue_sub = queue.add_subparsers(dest="queue_command", required=True)
+    for name in ("pause", "resume", "status"):
+        _node_options(queue_sub.add_parser(name, help=f"{name} the queue" if name != "status" else "is it paused?"))
+    study = sub.add_parser("study", help="act on a study a running node is receiving")
+    study_sub = study.add_subparsers(dest="study_command", required=True)
+    complete = study_sub.add_parser("complete", help="treat the study as complete now (its job is queued)")
+    complete.add_argument("study", help="Study Instance UID")
+    complete.add_argument("--note", help="why (kept in the job's events)")
+    _node_options(complete)
+
+    users = sub.add_parser("users", help="people who sign in to the web console (viewer, operator, admin)")
+    users_sub = users.add_subparsers(dest="users_command", required=True)
+    for name, text in (("add", "add a person"), ("passwd", "change a person's password"),
+                       ("role", "change a person's role"), ("remove", "remove a person"), ("list", "list people")):
+        command = users_sub.add_parser(name, help=text)
+        if name != "list":
+            command.add_argument("name", help="the person's sign-in name")
+        if name in ("add", "role"):
+            command.add_argument("--role", required=True, choices=("viewer", "operator", "admin"))
+        if name in ("add", "passwd"):
+            command.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+        command.add_argument("--config", help="configuration YAML file (data_dir)")
+        command.set_defaults(func=cmd_users)
+
+    tokens = sub.add_parser("tokens", help="API tokens for scripts, the CLI and monitoring")
+    tokens_sub = tokens.add_subparsers(dest="tokens_command", required=True)
+    create = tokens_sub.add_parser("create", help="create a token (printed once on stdout)")
+    create.add_argument("name", help="the token's name (job events name it token:NAME)")
+    create.add_argument("--role", required=True, choices=("viewer", "operator", "admin"))
+    create.add_argument("--days", type=float, help="expire after this many days (default: never)")
+    revoke = tokens_sub.add_parser("revoke", help="revoke a token")
+    revoke.add_argument("name")
+    listed = tokens_sub.add_parser("list", help="list tokens (never their secret)")
+    for command in (create, revoke, listed):
+        command.add_argument("--config", help="configuration YAML file (data_dir)")
+        command.set_defaults(func=cmd_tokens)
+
+    config_parser = sub.add_parser("config", help="check a configuration file")
+    config_sub = config_parser.add_subparsers(dest="config_command", required=True)
+    config_check = config_sub.add_parser("check", help="validate it and report every security setting in force")
+    config_check.add_argument("config", help="configuration YAML file")
+    config_check.add_argument("--strict", action="store_true", help="exit 1 when a security setting is left open")
+    config_check.set_defaults(func=cmd_config_check)
+
+    deid = sub.add_parser("deidentify", help="de-identify DICOM files (PS3.15 Annex E profile)")
+    deid.add_argument("input", help="DICOM file or folder")
+    deid.add_argument("output", help="folder for the de-identified files")
+    deid.add_argument("--profile", default="basic", help="basic, research or a profile of the configuration")
+    deid.add_argument("--config", help="configuration YAML file (site key, profiles, pseudonym mapping)")
+    deid.set_defaults(func=cmd_deidentify)
+
+    audit = sub.add_parser("audit", help="the IHE ATNA audit log")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True)
+    audit_check = audit_sub.add_parser("check", help="validate an audit log against the PS3.15 A.5.1 schema")
+    audit_check.add_argument("log", help="audit log file (one message per line)")
+    audit_check.set_defaults(func=cmd_audit_check)
+    audit_find = audit_sub.add_parser("find", help="the messages about a patient or a study")
+    audit_find.add_argument("--config", help="configuration YAML file (audit log, site key)")
+    audit_find.add_argument("--patient-id", help="the patient's ID (pseudonymised as the node writes it)")
+    audit_find.add_argument("--study", help="a Study Instance UID")
+    audit_find.set_defaults(func=cmd_audit_find)
 
     purge = sub.add_parser("purge", help="remove the files of jobs past their retention (job rows and logs stay)")
     purge.add_argument("--config", help="configuration YAML file (data_dir, retention)")
@@ -310,8 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose, args.log_format,
+                      logging.INFO if args.command == "serve" else logging.WARNING)
     try:
         return args.func(args)
     except KeyboardInterrupt:

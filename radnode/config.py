@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from radnode.destinations import Destination, DestinationError, Timeouts, as_mapping, parse_destination
+from radnode.security.secrets import INVALID_SECRET, Secret
 
 if TYPE_CHECKING:  # radnode.uncertainty imports highdicom and SciPy; only the apps need it
     from radnode.uncertainty import UncertaintyThresholds
@@ -29,15 +30,58 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class TlsConfig(_Strict):
+    """TLS for a DICOM or syslog connection (PS3.15 B.9 BCP 195 profile: TLS 1.2 or newer, no older).
+
+    PEM files: ``certificate`` (this side's, with its chain), ``private_key`` (its key, owner-only),
+    ``ca_bundle`` (the CAs the other side's certificate must chain to; unset on a client: the system's)."""
+
+    certificate: Path | None = None
+    private_key: Path | None = None
+    private_key_password: Secret | None = None
+    ca_bundle: Path | None = None
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
 class DicomPeer(_Strict):
     """A DICOM application entity that sends studies (``egress.known_peers``: where return-to-sender goes)."""
 
     ae_title: Annotated[str, Field(min_length=1, max_length=16)]
     host: str
     port: Annotated[int, Field(ge=1, le=65535)]
+    tls: TlsConfig | None = None
+    """Associate over TLS: ``ca_bundle`` the CAs its certificate must chain to (its host name or IP address
+    checked too), ``certificate``/``private_key`` the node's own for mutual TLS."""
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class IngressTlsConfig(TlsConfig):
+    """The node's TLS listener (DICOM's registered TLS port is 2762)."""
+
+    port: Annotated[int, Field(ge=0, le=65535)] = 2762
+    require_client_certificate: bool = False
+    """Mutual TLS: a sender must present a certificate that chains to ``ca_bundle`` (IHE ATNA node
+    authentication); a sender without one is refused at the handshake."""
+
+    @model_validator(mode="after")
+    def _complete(self) -> "IngressTlsConfig":
+        if self.certificate is None or self.private_key is None:
+            raise ValueError("a TLS listener needs certificate and private_key (PEM files)")
+        if self.require_client_certificate and self.ca_bundle is None:
+            raise ValueError("require_client_certificate needs ca_bundle: the CAs client certificates must chain to")
+        return self
+
+
+class AllowedPeer(_Strict):
+    """A sender the node accepts associations from (``ingress.allowed_peers``)."""
+
+    ae_title: Annotated[str, Field(min_length=1, max_length=16)]
+    host: str | None = None
+    """An IP address, a network (``10.0.0.0/24``) or a host name; unset: any address."""
+    pipelines: list[str] | None = None
+    """The pipelines this sender's studies may run (unset: whatever the rules choose)."""
 
 
 class IngressConfig(_Strict):
@@ -45,7 +89,21 @@ class IngressConfig(_Strict):
 
     ae_title: Annotated[str, Field(min_length=1, max_length=16)] = "RADNODE"
     host: str = "0.0.0.0"
+    """The address the SCP listens on (``0.0.0.0``: every interface; a site may name one)."""
     port: Annotated[int, Field(ge=0, le=65535)] = 11112
+    """The plain (unencrypted) listener's port."""
+    plain_listener: bool = True
+    """Listen without TLS on ``port``; a site that requires TLS sets false (then ``tls`` must be set)."""
+    tls: IngressTlsConfig | None = None
+    """A TLS listener on ``tls.port`` beside (or, with ``plain_listener: false``, instead of) the plain one."""
+    allowed_peers: list[AllowedPeer] = []
+    """Senders (calling AE title, optionally its address) accepted when ``reject_unknown`` is set."""
+    called_ae_titles: list[Annotated[str, Field(min_length=1, max_length=16)]] = []
+    """Further AE titles the node answers to besides ``ae_title`` (checked with ``reject_unknown``)."""
+    reject_unknown: bool = False
+    """Reject associations from a calling AE (and address) not in ``allowed_peers``, or to a called AE title
+    that is not the node's, at association time (A-ASSOCIATE-RJ with the reason). Off by default only so
+    the demo works out of the box; ``radnode config check`` warns while it is off."""
     study_idle_seconds: Annotated[float, Field(gt=0)] = 3.0
     """Fallback: a series is complete when no new instance has arrived for this long."""
     association_grace_seconds: Annotated[float, Field(ge=0)] = 0.5
@@ -61,6 +119,14 @@ class IngressConfig(_Strict):
     SyncStorageArea does the same by default). Off, it survives a crash of the node but not of the machine."""
     max_pdu: Annotated[int, Field(ge=0)] = 0
     """Maximum PDU size offered (0 = unlimited, fastest for large studies)."""
+
+    @model_validator(mode="after")
+    def _listening(self) -> "IngressConfig":
+        if not self.plain_listener and self.tls is None:
+            raise ValueError("plain_listener is false and no tls listener is configured: the node would not listen")
+        if self.reject_unknown and not self.allowed_peers:
+            raise ValueError("reject_unknown is set but allowed_peers is empty: every sender would be rejected")
+        return self
 
 
 class EgressConfig(_Strict):
@@ -151,6 +217,12 @@ class ProcessingConfig(_Strict):
     """How pipelines run."""
 
     max_concurrent_jobs: Annotated[int, Field(ge=1)] = 1
+    warm_start: bool = True
+    """Keep one pre-imported job process ready per pipeline the rules run in-process, so a job starts reading
+    its input within a fraction of a second instead of after 2–3 s of imports; each such process still runs
+    one job only and exits (``radnode/node/warm.py``). Costs an idle process's memory per pipeline: about 175 MB
+    for ct_tissue, 550 MB for mri_brain (torch); a node whose rules route a pipeline it never sees can drop that
+    route, or set this false to start every job cold."""
     job_timeout_seconds: Annotated[float, Field(gt=0)] = 1800.0
     """A pipeline run still going after this long is killed and the job fails with that reason; a route's
     ``execution.timeout_seconds``, or for MAP execution the MAP's own ``timeout``, comes first."""
@@ -193,7 +265,11 @@ class OrthancConfig(_Strict):
     results_to_orthanc: bool = True
     """Store every DICOM result back into Orthanc (its own routing can forward them)."""
     username: str | None = None
-    password: str | None = None
+    password: Secret | None = None
+    """``{env: NAME}`` or ``{file: PATH}``; never logged or written into ``node-config.yaml``."""
+    event_token_file: Path | None = None
+    """The file holding the token the radnode plugin sends with its events (``radnode orthanc-config`` writes
+    it, owner-only); unset: the node refuses every plugin event."""
 
     @field_validator("url")
     @classmethod
@@ -203,14 +279,37 @@ class OrthancConfig(_Strict):
         return v.rstrip("/") if v else v
 
 
-class ApiConfig(_Strict):
-    """The node's small HTTP endpoint (Orthanc plugin events, health, the job list); started when Orthanc is
-    configured or ``enabled`` is set."""
+class ApiTlsConfig(_Strict):
+    """HTTPS for the node's web service: its certificate (with chain) and private key, PEM files."""
 
+    certificate: Path
+    private_key: Path
+
+
+class ApiConfig(_Strict):
+    """The node's web service: the REST API, the operators' dashboard, ``/metrics``, the Orthanc plugin's
+    events and DICOMweb STOW-RS (``radnode.console``). Every endpoint but ``/health`` (and ``/metrics`` with
+    ``public_metrics``) needs a signed-in person or an API token."""
+
+    enabled: bool = True
+    """Serve it (on loopback by default); false: no HTTP listener (the Orthanc plugin then cannot report)."""
     host: str = "127.0.0.1"
+    """The address listened on; loopback by default: a site opens it to its network deliberately (with TLS)."""
     port: Annotated[int, Field(ge=0, le=65535)] = 8765
-    enabled: bool = False
-    """Start it without Orthanc too, for its job list (``GET /jobs?needs_review=true``: a review worklist)."""
+    tls: ApiTlsConfig | None = None
+    """Serve HTTPS with this certificate (session cookies are then marked Secure)."""
+    public_metrics: bool = False
+    """Answer ``/metrics`` without a token (for a Prometheus on a trusted network)."""
+    patient_data_roles: list[Literal["viewer", "operator", "admin"]] = ["operator", "admin"]
+    """Roles shown patient identifiers (Patient ID) in the API and dashboard; others see jobs without them."""
+    session_hours: Annotated[float, Field(gt=0)] = 12.0
+    """How long a dashboard login lasts (one shift)."""
+    max_connections: Annotated[int, Field(ge=1)] = 200
+    """Open HTTP connections and requests beyond this get 503 at once (uvicorn ``limit_concurrency``)."""
+    idle_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0
+    """A connection with no request in progress is closed after this long (also one that never sends one)."""
+    max_upload_mb: Annotated[float, Field(gt=0)] = 2048.0
+    """Largest STOW-RS request body accepted."""
 
 
 class UncertaintyConfig(_Strict):
@@ -318,6 +417,71 @@ class FhirConfig(_Strict):
         if v is not None and not re.match(r"(urn:oid:[0-2](\.\d+)+|urn:uuid:[0-9a-f-]{36}|https?://\S+)$", v):
             raise ValueError("expected an identifier system URI: urn:oid:<OID>, urn:uuid:<UUID> or an http(s) URL")
         return v
+class SyslogConfig(_Strict):
+    """An audit record repository: RFC 5424 messages over TLS (RFC 5425, IHE ATNA) or UDP (RFC 5426)."""
+
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)] = 6514
+    transport: Literal["tls", "udp"] = "tls"
+    tls: TlsConfig = TlsConfig()
+    """The collector's CA (``ca_bundle``) and, for mutual TLS, this node's certificate and key."""
+
+
+class AuditConfig(_Strict):
+    """The IHE ATNA audit trail (DICOM PS3.15 A.5 messages)."""
+
+    enabled: bool = True
+    log_file: Path | None = None
+    """The append-only local audit log (one message per line); default ``data_dir/audit/audit.log``."""
+    syslog: SyslogConfig | None = None
+    """Also send every message to this collector."""
+    source_id: str | None = None
+    """AuditSourceID of every message; default the node's AE title."""
+    enterprise_site_id: str | None = None
+    patient_identity: Literal["pseudonym", "clear"] = "pseudonym"
+    """The patient's ParticipantObjectID in messages: ``pseudonym`` (a keyed hash of the Patient ID;
+    ``radnode audit find --patient-id`` computes it to search) keeps the log free of patient identifiers;
+    ``clear`` writes the Patient ID itself, as PS3.15 A.5.3 describes, for a repository that correlates
+    patients across systems."""
+
+
+class PrivacyConfig(_Strict):
+    """How the node keeps patient identifiers out of its logs and files."""
+
+    site_key: Secret | None = None
+    """The site's secret key for hashed identifiers (logs, audit pseudonyms, de-identification UIDs and
+    pseudonyms); unset: a random key made at first start in ``data_dir/keys/site.key`` (owner-only)."""
+
+
+class DeidentificationProfile(_Strict):
+    """A named de-identification profile: PS3.15 Annex E Basic Profile plus options."""
+
+    options: list[Literal["retain_longitudinal_modified_dates", "retain_patient_characteristics",
+                          "clean_descriptors"]] = []
+    refuse_burned_in: bool = True
+    """Refuse objects that may carry burned-in annotation (``BurnedInAnnotation YES``, or SC/US and other
+    secondary captures not marked ``NO``) instead of forwarding them."""
+
+
+class DeidentificationConfig(_Strict):
+    """De-identification for forwards and exports (``radnode deidentify``, a forward's ``deidentify:``)."""
+
+    profiles: dict[str, DeidentificationProfile] = {}
+    """Site profiles beside the built-in ``basic`` (Basic Profile alone) and ``research`` (Basic Profile with
+    Retain Longitudinal Temporal Information with Modified Dates, Retain Patient Characteristics and Clean
+    Descriptors)."""
+    mapping_dir: Path | None = None
+    """Where the pseudonym mapping (original → pseudonym) is kept, owner-only; default
+    ``data_dir/deid``. Keep it apart from anything forwarded."""
+
+
+class SandboxConfig(_Strict):
+    """How model folders (code: a MONAI bundle's ``$`` expressions run when it is parsed) are checked."""
+
+    mode: Literal["bubblewrap", "none"] = "bubblewrap"
+    """``bubblewrap``: ``radnode models check`` and the node's start-up check parse and probe each model folder
+    in a separate process with no network, no access to the data folder, secrets or home, and the model
+    folder read-only. ``none``: in this process (development only; ``config check`` warns)."""
 
 
 class Config(_Strict):
@@ -337,6 +501,10 @@ class Config(_Strict):
     retention: RetentionConfig = RetentionConfig()
     store: StoreConfig = StoreConfig()
     fhir: FhirConfig = FhirConfig()
+    audit: AuditConfig = AuditConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    deidentification: DeidentificationConfig = DeidentificationConfig()
+    sandbox: SandboxConfig = SandboxConfig()
     rules: Path | None = None
     """Routing rule file; unset: the shipped ``pipelines/default_rules.yaml`` (CT axial volumes to ``ct_tissue``,
     T1 brain MRI to ``mri_brain``, derived objects never processed)."""
@@ -347,6 +515,15 @@ class Config(_Strict):
             if destination.type.startswith("orthanc") and not self.orthanc.url:
                 raise DestinationError(f"destination type '{destination.type}' needs orthanc.url (the Orthanc "
                                        "it works through)", key=f"egress.destinations.{name}")
+        return self
+
+    @model_validator(mode="after")
+    def _known_profiles(self) -> "Config":
+        known = {"basic", "research", *self.deidentification.profiles}
+        for name, destination in self.egress.destinations.items():
+            if destination.deidentify is not None and destination.deidentify not in known:
+                raise DestinationError(f"unknown de-identification profile {destination.deidentify!r} (known: "
+                                       f"{', '.join(sorted(known))})", key=f"egress.destinations.{name}.deidentify")
         return self
 
     @field_validator("uid_root")
@@ -361,6 +538,8 @@ def _describe(err: dict[str, Any]) -> str:
     key = ".".join(str(p) for p in err["loc"]) or "(top level)"
     if err["type"] == "extra_forbidden":
         return f"unknown key '{key}'"
+    if err["type"] == INVALID_SECRET:  # the input may be the secret itself
+        return f"key '{key}': {err['msg']}"
     error = err.get("ctx", {}).get("error")
     if isinstance(error, DestinationError):  # says itself what was wrong; never echo a destination's settings
         key = ".".join(p for p in (".".join(str(p) for p in err["loc"]), error.key) if p)

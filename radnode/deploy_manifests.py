@@ -74,7 +74,7 @@ def orthanc_json(target: str, root: Path | None = None) -> dict:
     http_port = (urlsplit(parsed.orthanc.url).port if parsed.orthanc.url else None) or 8042
     node_url = f"http://{NODE_HOSTS[target]}:{parsed.api.port}"
     return orthanc_settings(ORTHANC_STORAGE, http_port, 4242, node_url=node_url, plugin_script=PLUGIN_IN_IMAGE,
-                            remote_access=True)
+                            remote_access=True, token_file=parsed.orthanc.event_token_file)
 
 
 def orthanc_configmap(settings: dict) -> str:

@@ -30,18 +30,46 @@ HOLOSCAN_STACK_BYTES = 32 * 1024 * 1024
 
 
 def timed_phase(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator for an operator's ``compute``: its wall time adds to phase ``name`` of the operator's run
-    (:func:`run_state` of its application), which the manifest reports as ``phases[name]``."""
+    """Decorator for an operator's ``compute``: its wall time and peak resident memory go into phase ``name`` of
+    the operator's run (:func:`run_state` of its application), which the manifest reports as ``phases[name]``."""
     def decorate(compute: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(compute)
         def timed(operator: Any, *args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
+            state = run_state(operator.fragment)
+            state.begin_phase(name)
+            started, cpu_started = time.perf_counter(), time.process_time()
             try:
                 return compute(operator, *args, **kwargs)
             finally:
-                run_state(operator.fragment).add_time(name, time.perf_counter() - started)
+                state.end_phase(name, time.perf_counter() - started, time.process_time() - cpu_started)
         return timed
     return decorate
+
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def peak_rss_bytes() -> int:
+    """This process's resident high-water mark (``VmHWM``, which :func:`reset_peak_rss` lowers to the present
+    resident size); ``ru_maxrss`` where there is no /proc."""
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Lower the resident high-water mark to the present resident size (Linux ``clear_refs`` 5), so the next
+    :func:`peak_rss_bytes` is the peak since now; False where the kernel does not allow it."""
+    try:
+        _CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
 
 
 def prepare_holoscan_process() -> None:
@@ -105,11 +133,19 @@ def review_decision(report: Any) -> ReviewDecision:
 
 @dataclass
 class Phase:
-    """One named phase of a run (the ``compute`` calls :func:`timed_phase` marks with that name): a record, so a
-    further per-phase figure (e.g. peak memory) is one more field here and in the manifest."""
+    """One named phase of a run (the ``compute`` calls :func:`timed_phase` marks with that name)."""
 
     seconds: float = 0.0
     """Wall time, summed over the phase's calls."""
+    cpu_seconds: float = 0.0
+    """CPU time of the whole process (all its threads) during the phase's calls: what the phase costs whatever
+    else the machine runs, and, beside ``seconds``, how many cores it kept busy."""
+    peak_rss_bytes: int = 0
+    """The process's peak resident memory during the phase's calls (what it held when the phase began
+    included: the libraries, the data earlier phases kept); where the kernel refuses to lower the high-water
+    mark (:func:`reset_peak_rss`), the run's peak so far."""
+    started_at: float = 0.0
+    """Wall clock (Unix time) when its first call began: the first phase's is when the job began reading."""
 
 
 @dataclass
@@ -125,9 +161,30 @@ class RunState:
     """Set by the writer of the DiagnosticReport (:meth:`record_review`); None: not assessed."""
     warnings: list[str] = field(default_factory=list)
     """What the run's outputs had to do without (:meth:`record_warning`), in the order first recorded."""
+    peak_outside_phases: int = 0
+    """Peak resident memory seen between phases (start-up, imports), for :attr:`peak_rss_bytes`."""
 
-    def add_time(self, phase: str, seconds: float) -> None:
-        self.phases.setdefault(phase, Phase()).seconds += seconds
+    def begin_phase(self, name: str) -> None:
+        """A call of phase ``name`` starts: the high-water mark so far is kept, then lowered to the present, so
+        the phase's own peak can be told apart (phases run one after another under Holoscan's default
+        greedy scheduler)."""
+        self.peak_outside_phases = max(self.peak_outside_phases, peak_rss_bytes())
+        reset_peak_rss()
+        if name not in self.phases:
+            self.phases[name] = Phase(started_at=time.time())
+
+    def end_phase(self, name: str, seconds: float, cpu_seconds: float = 0.0) -> None:
+        """A call of phase ``name`` ended after ``seconds`` (``cpu_seconds`` of CPU): its times and peak memory
+        are added to the phase."""
+        phase = self.phases.setdefault(name, Phase(started_at=time.time() - seconds))
+        phase.seconds += seconds
+        phase.cpu_seconds += cpu_seconds
+        phase.peak_rss_bytes = max(phase.peak_rss_bytes, peak_rss_bytes())
+
+    @property
+    def peak_rss_bytes(self) -> int:
+        """The process's peak resident memory over the run so far, phases and what lies between them."""
+        return max([self.peak_outside_phases, peak_rss_bytes(), *(p.peak_rss_bytes for p in self.phases.values())])
 
     def record_review(self, result: Any) -> None:
         """Called by the writer of the DiagnosticReport with the result it reports: the result's review decision
@@ -189,7 +246,8 @@ class RunManifest:
     phases: dict[str, Phase] = field(default_factory=dict)
     """Per operator phase (``load``, ``segment``, ``write_seg``, …), in the order they ran."""
     peak_rss_bytes: int = 0
-    """Peak resident memory of the process that ran the app (its whole life, imports included)."""
+    """Peak resident memory of the process that ran the app (its whole life, imports included); each phase's
+    own peak is in ``phases``."""
     review: ReviewDecision | None = None
     """Whether the study needs human review, from the segmentation uncertainty; None: not assessed (the
     pipeline scores no uncertainty). The node copies it into its job store."""
@@ -282,8 +340,10 @@ def run_app(pipeline_name: str, input_folder: Path, output_folder: Path, models:
     manifest = RunManifest(pipeline=spec.name, version=str(app_cls.version), input=str(input_folder),
                            outputs=outputs, measurements=measurements,
                            seconds=round(time.monotonic() - started, 3), study_instance_uid=study_uid,
-                           phases={name: Phase(round(phase.seconds, 3)) for name, phase in state.phases.items()},
-                           peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                           phases={name: Phase(round(phase.seconds, 3), round(phase.cpu_seconds, 3),
+                                               phase.peak_rss_bytes, phase.started_at)
+                                   for name, phase in state.phases.items()},
+                           peak_rss_bytes=state.peak_rss_bytes,
                            review=state.review, warnings=list(state.warnings))
     for warning in manifest.warnings:
         log.warning("%s: %s", spec.name, warning)

@@ -69,16 +69,22 @@ class StoreSCP(_Peer):
     Each reception gets its own file (``+uf``), so an instance sent twice shows up twice.
     """
 
-    def __init__(self, folder: Path, ae_title: str = "PACS", port: int | None = None) -> None:
+    def __init__(self, folder: Path, ae_title: str = "PACS", port: int | None = None,
+                 tls: tuple[Path, Path, Path] | None = None, require_client_certificate: bool = False) -> None:
+        """``tls``: (private key, certificate, CA bundle) PEM files: listen with TLS only (``+tls``), checking a
+        client's certificate against the CA when ``require_client_certificate``."""
         if not Path(STORESCP).exists():
             raise RuntimeError(f"{STORESCP} not found: install Debian's dcmtk (scripts/bootstrap.sh does)")
         self.folder, self.ae_title, self.port = Path(folder), ae_title, port or free_port()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.log_path = self.folder.parent / f"{self.folder.name}-storescp.log"
         log = self.log_path.open("w")
+        secure = [] if tls is None else ["+tls", str(tls[0]), str(tls[1]), "+cf", str(tls[2]),
+                                         "-rc" if require_client_certificate else "-ic"]
+        self.tls = tls
         self.process = subprocess.Popen(
             [STORESCP, "--aetitle", ae_title, "--output-directory", str(self.folder), "--unique-filenames",
-             "--filename-extension", ".dcm", str(self.port)],
+             "--filename-extension", ".dcm", *secure, str(self.port)],
             stdout=log, stderr=subprocess.STDOUT)
         _wait_until(lambda: _port_open(self.port), self.process, "storescp", self.log_path, 15)
 

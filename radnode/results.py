@@ -27,13 +27,64 @@ class Structure:
     color_rgb: tuple[int, int, int] = (255, 0, 0)
 
 
-@dataclass
 class Segment:
-    """One binary mask over the volume grid (segments may overlap, e.g. body contains lungs)."""
+    """One segment over the volume grid: the voxels of ``labels`` equal to ``value``.
 
-    structure: Structure
-    mask: np.ndarray
-    """bool (n_slices, rows, columns) on the source volume's grid."""
+    ``labels`` is the segment's own bool mask (``value`` 1), or a label map (unsigned integers) the segment
+    shares with the other segments of its result that it never overlaps: one byte per voxel for all of them
+    instead of one per segment, which is what lets a 600-slice CT fit in a few times its pixel data. Segments
+    may overlap across masks (e.g. the body, a mask of its own, contains the organs of a label map).
+    """
+
+    def __init__(self, structure: Structure, labels: np.ndarray, value: int = 1) -> None:
+        if labels.dtype != bool and labels.dtype.kind != "u":
+            raise TypeError(f"segment {structure.key!r}: a mask is bool or a label map of unsigned integers, "
+                            f"not {labels.dtype}")
+        if labels.dtype == bool and value != 1:
+            raise ValueError(f"segment {structure.key!r}: a bool mask is the segment's own (value 1)")
+        self.structure = structure
+        self.labels = labels
+        self.value = int(value)
+
+    def __repr__(self) -> str:
+        return f"Segment({self.structure.key!r}, {self.labels.dtype}{list(self.labels.shape)}, value={self.value})"
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.labels.shape)
+
+    @property
+    def shares_labels(self) -> bool:
+        """True for a segment of a label map (its mask is computed on demand), False for its own bool mask."""
+        return self.labels.dtype != bool
+
+    @property
+    def mask(self) -> np.ndarray:
+        """bool (n_slices, rows, columns). A label-map segment's mask is a new array each time (one byte per
+        voxel): prefer :meth:`slice_mask`, :meth:`slice_counts` and :meth:`voxel_count` where they do."""
+        if not self.shares_labels:
+            return self.labels
+        return self.labels == self.value
+
+    @mask.setter
+    def mask(self, mask: np.ndarray) -> None:
+        self.labels, self.value = np.asarray(mask, dtype=bool), 1
+
+    def slice_mask(self, index: int) -> np.ndarray:
+        """bool (rows, columns): the segment on one slice."""
+        if not self.shares_labels:
+            return self.labels[index]
+        return self.labels[index] == self.value
+
+    def slice_counts(self) -> np.ndarray:
+        """Voxels of the segment per slice (axis 0), int64."""
+        flat = self.labels.reshape(len(self.labels), -1)
+        if not self.shares_labels:
+            return np.count_nonzero(flat, axis=1).astype(np.int64)
+        return np.array([np.count_nonzero(row == self.value) for row in flat], dtype=np.int64)
+
+    def voxel_count(self) -> int:
+        return int(self.slice_counts().sum())
 
 
 @dataclass(frozen=True)

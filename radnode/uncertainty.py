@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 from highdicom.sr import CodedConcept
 from scipy import ndimage as ndi
-from scipy import stats
 
 from radnode.results import Measurement, PipelineResult, Segment
 
@@ -198,6 +197,8 @@ def summarise_samples(samples: Any, labels: dict[int, str], method: str,
 
 def spearman(x: np.ndarray | list[float], y: np.ndarray | list[float]) -> float:
     """Spearman rank correlation of two sequences."""
+    from scipy import stats  # 50 MB and 0.5 s of imports that the pipelines never need: evaluation only
+
     return float(stats.spearmanr(np.asarray(x, float), np.asarray(y, float)).statistic)
 
 
@@ -207,6 +208,8 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
     n_pos, n_neg = int(positives.sum()), int((~positives).sum())
     if n_pos == 0 or n_neg == 0:
         raise ValueError("AUROC needs both positive and negative voxels")
+    from scipy import stats
+
     ranks = stats.rankdata(scores)
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 

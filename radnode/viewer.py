@@ -107,6 +107,8 @@ class OrthancServer:
     keep: bool = False
     node_url: str | None = None
     """With a URL, the radnode plugin runs and sends its events to the node there."""
+    event_token_file: Path | None = None
+    """The plugin's token for the node (the node's ``orthanc.event_token_file``)."""
     stable_age: int = 1
     modalities: dict[str, list] = field(default_factory=dict)
     """Orthanc's DicomModalities: name → [AET, host, port]."""
@@ -129,7 +131,8 @@ class OrthancServer:
 
         assert self.storage is not None
         settings = orthanc_settings(self.storage, self.http_port, self.dicom_port, aet=self.aet,
-                                    node_url=self.node_url, stable_age=self.stable_age, modalities=self.modalities,
+                                    node_url=self.node_url, token_file=self.event_token_file,
+                                    stable_age=self.stable_age, modalities=self.modalities,
                                     name="radnode-viewer")
         if self.users:
             settings |= {"AuthenticationEnabled": True, "RegisteredUsers": self.users}

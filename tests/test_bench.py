@@ -60,3 +60,20 @@ def test_inference_benchmark_compares_with_the_stock_sdk_operator(tmp_path: Path
     assert g["stock_over_radnode"]["preprocess_inference_postprocess"] == pytest.approx(
         stock_s["preprocess_inference_postprocess"] / ours, abs=0.02)
     assert "Inference on" in table(results)
+
+
+@pytest.mark.slow
+def test_job_start_benchmark_measures_warm_and_cold_job_processes(tmp_path: Path) -> None:
+    """Queued → first file read, warm and cold side by side; the target check reads the warm median."""
+    results = run_suite(Plan(benchmarks=("job_start",), job_start_repeats=1), tmp_path / "results.json")
+    start = results["job_start"]
+    assert set(start["modes"]) == {"warm", "cold"} and start["slices"] == 20
+    for row in start["modes"].values():
+        (sample,) = row["queued_to_first_read_s"]
+        assert row["median"] == sample and sample > row["queued_to_running_median_s"] > 0
+    assert start["warm_over_cold"] == pytest.approx(start["modes"]["warm"]["median"] / start["modes"]["cold"]["median"],
+                                                    abs=0.01)
+    value = start["modes"]["warm"]["median"]
+    assert results["targets"]["job_start_queued_to_first_read_s"] == {"value": value, "target": "<= 0.5",
+                                                                      "met": value <= 0.5}
+    assert "| warm |" in table(results) and "| cold |" in table(results)

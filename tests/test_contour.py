@@ -20,6 +20,7 @@ from radnode.outputs.algorithm import AlgorithmInfo
 from radnode.outputs.contour import largest_cross_section, outline, polygon_area
 from radnode.outputs.seg import build_segmentation
 from radnode.outputs.sr import CROSS_SECTION_TRACKING_PREFIX, build_measurement_report, read_measurements
+from radnode.results import Segment
 from support.geometry import inside_outline
 
 FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
@@ -65,11 +66,14 @@ def test_largest_cross_section_is_the_largest_region_on_any_slice() -> None:
     mask[1, 1:6, 1:6] = True                      # 25, the slice with the most pixels holds two regions
     mask[1, 10:19, 10:14] = True                  # 36
     mask[2, 2:9, 2:9] = True                      # 49: the largest single region
-    section = largest_cross_section(mask)
+    section = largest_cross_section(Segment(STRUCTURES["bone"], mask))
     assert section is not None
     assert section.slice_index == 2 and section.area_pixels == 49
     assert (inside_outline(section.points, mask.shape[1:]) == mask[2]).all()
-    assert largest_cross_section(np.zeros((3, 8, 8), dtype=bool)) is None
+    assert largest_cross_section(Segment(STRUCTURES["bone"], np.zeros((3, 8, 8), dtype=bool))) is None
+    labels = np.where(mask, 2, 0).astype(np.uint8)  # the same regions as one value of a label map
+    shared = largest_cross_section(Segment(STRUCTURES["bone"], labels, 2))
+    assert shared is not None and shared.slice_index == 2 and np.array_equal(shared.points, section.points)
 
 
 @pytest.fixture(scope="module")

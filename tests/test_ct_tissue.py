@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from support.nifti import nifti_labels, nifti_to_volume
+from radnode.imaging import ct_tissue as ct
 from radnode.imaging.ct_tissue import CT_TISSUE_STRUCTURES, SegmentationError, segment_ct_tissues
 from radnode.imaging.volume import Volume
 from radnode.measure import LAA950, MEAN, VOLUME, measure_ct
@@ -24,8 +26,27 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
 
 
-def phantom_volume(phantom: CTPhantom) -> Volume:
-    return Volume(phantom.hu.astype(np.float32), phantom.spacing, phantom.positions, phantom.orientation)
+def phantom_volume(phantom: CTPhantom, dtype: type = np.int16) -> Volume:
+    """The phantom as a pipeline gets a CT: int16 HU (what build_volume gives for a CT)."""
+    return Volume(phantom.hu.astype(dtype), phantom.spacing, phantom.positions, phantom.orientation)
+
+
+def sha256(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+PHANTOM_HU_SHA256 = "6e571313a77343f320dd2f80350bbbd4f26f2889961b632de8378c5452af1786"
+"""``make_ct_phantom(220, 512, seed=0).hu``: the input the digests below were recorded on."""
+PHANTOM_MASK_SHA256 = {
+    "body": "526dd20457a937ecbc5ce849f336e3c128d8f7f954a61fc10ad143bd1bf01e83",
+    "lung_left": "08c658a67d8b2f4128a6c0f464661887bb4ca0699c0c7974a0be7d534b69d7f8",
+    "lung_right": "cd58ff40ca81012b14957d277a841c83016c20c8fc48e84f6eadb1d9a18cdf36",
+    "bone": "8db8fd7c350800814d52bce49d7a2484a9187a9ba154ba278d2f675900d31081",
+    "adipose_tissue": "f8487f22bec61d4f7f3ef1b3dd502bd2400f59676853f47c273a0b665c3452ca",
+    "skeletal_muscle": "0849024251fb0a69f90c2f0588f43762592cbb504508f6127753c1913c9b3eaa",
+}
+"""SHA-256 of ``np.packbits(mask)`` per segment of that phantom, recorded with the whole-volume implementation
+(commit 5c432af) before the slab-parallel one: the speed-up must not move a single voxel."""
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +75,49 @@ def real_ct(totalseg_reference: Path) -> tuple[Volume, np.ndarray, dict[str, np.
 @pytest.mark.parametrize("key", list(CT_TISSUE_STRUCTURES))
 def test_phantom_dice(phantom: CTPhantom, phantom_segments: dict[str, np.ndarray], key: str) -> None:
     assert dice(phantom_segments[key], phantom.truth[key]) >= 0.95
+
+
+@pytest.mark.slow
+def test_phantom_masks_are_those_of_the_whole_volume_implementation(
+        phantom: CTPhantom, phantom_segments: dict[str, np.ndarray]) -> None:
+    assert sha256(phantom.hu) == PHANTOM_HU_SHA256, "the phantom changed: the recorded mask digests do not apply"
+    assert {key: sha256(np.packbits(mask)) for key, mask in phantom_segments.items()} == PHANTOM_MASK_SHA256
+
+
+def test_int16_and_float32_hounsfield_units_give_the_same_masks() -> None:
+    """The exact integer block means (int16, as DICOM CT loads) and NumPy's float32 means give one answer."""
+    small = make_ct_phantom(n_slices=60, size=128, seed=1)
+    as_int = segment_ct_tissues(phantom_volume(small))
+    as_float = segment_ct_tissues(phantom_volume(small, np.float32))
+    for a, b in zip(as_int, as_float):
+        assert np.array_equal(a.mask, b.mask), a.structure.key
+
+
+def test_shortcuts_equal_scipy_and_numpy() -> None:
+    """The shifted-OR/AND morphology and the integer block means are the scipy/NumPy operations they replace."""
+    rng = np.random.default_rng(1)
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = ndi.generate_binary_structure(2, 1)
+    for _ in range(20):
+        shape = tuple(int(n) for n in rng.integers(1, 14, 3))
+        mask = rng.random(shape) < rng.random()
+        for n in (1, 2, 3):
+            assert np.array_equal(ct._dilate(mask, iterations=n), ndi.binary_dilation(mask, iterations=n))
+            assert np.array_equal(ct._erode(mask, iterations=n), ndi.binary_erosion(mask, iterations=n))
+            assert np.array_equal(ct._dilate(mask, (1, 2), n), ndi.binary_dilation(mask, in_plane, iterations=n))
+            assert np.array_equal(ct._erode(mask, (1, 2), n), ndi.binary_erosion(mask, in_plane, iterations=n))
+            size = (1, 2 * n + 1, 2 * n + 1)
+            assert np.array_equal(ct._square_max(mask, n), ndi.maximum_filter(mask, size=size))
+            assert np.array_equal(ct._square_min(mask, n), ndi.minimum_filter(mask, size=size))
+    hu = rng.integers(-1024, 3072, size=(7, 50, 47)).astype(np.int16)
+    volume = Volume(hu, (0.7, 0.7, 0.6), np.stack([np.zeros(7), np.zeros(7), np.arange(7) * 0.7], 1),
+                    (1.0, 0.0, 0.0, 0.0, 1.0, 0.0))
+    grid = ct._CoarseGrid(volume)
+    factors, coarse = grid.factors, grid.coarse_shape
+    padded = np.pad(hu.astype(np.float32), [(0, c * f - n) for n, f, c in zip(hu.shape, factors, coarse)], mode="edge")
+    reference = padded.reshape(coarse[0], factors[0], coarse[1], factors[1], coarse[2], factors[2]).mean(
+        axis=(1, 3, 5), dtype=np.float32)
+    assert np.array_equal(grid.downsample_mean(hu), reference)
 
 
 @pytest.mark.slow

@@ -33,6 +33,7 @@ import yaml
 from radnode import deploy_manifests as dm
 from radnode.config import Config, load_config
 from radnode.node.service import Node
+from radnode.orthanc_config import write_event_token
 from radnode.peers import free_port
 from radnode.viewer import DICOMWEB_PREFIX, OHIF_VERSION, ORTHANC_BINARY, render_app_config
 from support.waiting import wait_until
@@ -391,6 +392,7 @@ def test_orthanc_configuration_is_what_radnode_orthanc_config_writes(target: str
     written["StorageDirectory"] = written["IndexDirectory"] = str(dm.ORTHANC_STORAGE / "db")
     written["PythonScript"] = str(dm.PLUGIN_IN_IMAGE)
     written["RemoteAccessAllowed"] = True
+    written["RadNode"]["TokenFile"] = "/run/secrets/radnode-orthanc-token"  # the secret both containers mount
     assert settings == written
     # The plugin is where the image puts it, the configuration where the image's command reads it.
     plugin = in_image(COMPOSE / "Dockerfile.orthanc", REPO, settings["PythonScript"])
@@ -438,6 +440,9 @@ def deployed_orthanc(tmp_path: Path) -> Iterator[dict[str, Any]]:
                     DicomPort=free_port())
     settings["RadNode"]["NodeUrl"] = f"http://127.0.0.1:{free_port()}"
     storage.mkdir(parents=True)
+    token = storage / "radnode-orthanc-token"  # the recipe's secret, here a file the test makes
+    write_event_token(token)
+    settings["RadNode"]["TokenFile"] = str(token)
     (storage / "orthanc.json").write_text(json.dumps(settings))
     log = storage / "orthanc.log"
     with open(log, "wb") as out:
@@ -475,7 +480,8 @@ def test_orthanc_starts_with_the_recipe_configuration_and_feeds_a_real_node(
         "data_dir": tmp_path / "data", "rules": in_image(COMPOSE / "Dockerfile.node", REPO, str(config.rules)),
         "ingress": config.ingress.model_copy(update={"port": 0, "host": "127.0.0.1"}),
         "api": config.api.model_copy(update={"port": node_port, "host": "127.0.0.1"}),
-        "orthanc": config.orthanc.model_copy(update={"url": url})})
+        "orthanc": config.orthanc.model_copy(update={"url": url,
+                                                     "event_token_file": Path(settings["RadNode"]["TokenFile"])})})
     files = write_chest_phantom(tmp_path / "ct", n_slices=2, rows=16, columns=16)
     with Node(local):
         for path in files:

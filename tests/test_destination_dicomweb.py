@@ -9,15 +9,18 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import requests
 
 from factories import job_ready_for_delivery, phantom_result, write_chest_phantom
-from radnode.config import Config
+from radnode.config import Config, OrthancConfig
+from radnode.destinations import Check, Destination, SendContext, Timeouts, parse_destination
 from radnode.imaging.series import VolumeCriteria, load_volume
 from radnode.node.egress import Egress
 from radnode.node.store import JobState, JobStore
 from radnode.outputs.algorithm import AlgorithmInfo
 from radnode.outputs.seg import build_segmentation
 from radnode.outputs.sr import build_measurement_report
+from radnode.peers import StoreSCP, free_port
 from radnode.viewer import ORTHANC_BINARY, OrthancServer
 from support.waiting import wait_until
 
@@ -57,6 +60,12 @@ def _egress(tmp_path: Path, orthanc: OrthancServer, auth: dict) -> tuple[Egress,
     return Egress(config, store), store
 
 
+def _check(destination: Destination, orthanc: OrthancConfig | None = None) -> Check:
+    """The destination's live check, as the console runs it."""
+    return destination.check(SendContext(ae_title="RADNODE", timeouts=Timeouts(), orthanc=orthanc or OrthancConfig(),
+                                          job_id=0))
+
+
 def _secret_file(tmp_path: Path, value: str) -> Path:
     path = tmp_path / "stow-password"
     path.write_text(value + "\n")
@@ -89,7 +98,38 @@ def test_results_reach_orthanc_by_stow_rs_with_authentication_listed_under_the_s
     assert {i["00080018"]["Value"][0] for i in listed} == set(results)  # type: ignore[index, union-attr]
     logged = " ".join(e.message for e in store.events(job_id))
     assert "STOW-RS" in logged and PASSWORD not in logged
+    assert _check(egress.destinations["research"]) == Check(
+        True, f"QIDO-RS {orthanc.dicomweb_url}/studies?limit=1: HTTP 200")
     store.close()
+
+
+def test_the_orthanc_types_check_through_the_nodes_orthanc(tmp_path: Path, orthanc: OrthancServer) -> None:
+    """``orthanc`` asks Orthanc's /system; ``orthanc-modality`` has Orthanc C-ECHO the modality and
+    ``orthanc-dicomweb`` has it relay a QIDO-RS search: the paths the results would take."""
+    node_orthanc = OrthancConfig(url=orthanc.url, username="radnode", password=PASSWORD)
+    auth = ("radnode", PASSWORD)
+    port = free_port()
+    requests.put(f"{orthanc.url}/modalities/ECHOED", json={"AET": "PACS", "Host": "127.0.0.1", "Port": port},
+                 auth=auth, timeout=10).raise_for_status()
+    requests.put(f"{orthanc.url}/dicom-web/servers/SELF", timeout=10, auth=auth,
+                 json={"Url": orthanc.dicomweb_url, "Username": "radnode", "Password": PASSWORD}).raise_for_status()
+    with StoreSCP(tmp_path / "pacs", ae_title="PACS", port=port):
+        assert _check(parse_destination("orthanc-modality:ECHOED"), node_orthanc) == Check(
+            True, "Orthanc C-ECHOed its modality ECHOED")
+    down = _check(parse_destination("orthanc-modality:ECHOED"), node_orthanc)
+    assert not down.ok and down.detail.startswith("C-ECHO through Orthanc to ECHOED: POST /modalities/ECHOED/echo: HTTP")
+    assert _check(parse_destination("orthanc-dicomweb:SELF"), node_orthanc) == Check(
+        True, "Orthanc reached its DICOMweb server SELF")
+    found = _check(parse_destination("orthanc"), node_orthanc)
+    assert found.ok and found.detail.startswith("Orthanc 1.") and found.detail.endswith(f" at {orthanc.url}")
+    unknown = _check(parse_destination("orthanc-modality:NOWHERE"), node_orthanc)
+    assert not unknown.ok and unknown.detail.startswith(
+        "C-ECHO through Orthanc to NOWHERE: POST /modalities/NOWHERE/echo: HTTP 404"), unknown.detail
+    server = _check(parse_destination("orthanc-dicomweb:NOWHERE"), node_orthanc)
+    assert not server.ok and server.detail.startswith(
+        "QIDO-RS through Orthanc to NOWHERE: POST /dicom-web/servers/NOWHERE/get: HTTP 404"), server.detail
+    refused = _check(parse_destination("orthanc"), node_orthanc.model_copy(update={"password": "wrong"}))
+    assert not refused.ok and "GET /system: HTTP 401" in refused.detail
 
 
 def test_a_refused_password_is_named_and_never_echoed(tmp_path: Path, orthanc: OrthancServer,
@@ -106,6 +146,8 @@ def test_a_refused_password_is_named_and_never_echoed(tmp_path: Path, orthanc: O
     assert errors == {f"STOW-RS {orthanc.dicomweb_url}: HTTP 401 authentication refused"}
     assert all(d.state == "pending" for d in store.deliveries(job_id))  # retried, not given up
     assert wrong not in " ".join(e.message for e in store.events(job_id))
+    refused = _check(egress.destinations["research"])
+    assert refused == Check(False, f"GET {orthanc.dicomweb_url}/studies?limit=1: HTTP 401 (credentials refused)")
     store.close()
 
     monkeypatch.delenv("RADNODE_TEST_STOW_TOKEN", raising=False)
@@ -129,7 +171,7 @@ def test_a_node_sends_a_studys_results_to_an_authenticated_dicomweb_archive(
     monkeypatch.setenv("RADNODE_TEST_STOW_PASSWORD", PASSWORD)
     config = Config.model_validate({
         "data_dir": str(tmp_path / "data"), "ingress": {"host": "127.0.0.1", "port": 0, "study_idle_seconds": 1},
-        "processing": {"job_timeout_seconds": 300},
+        "processing": {"job_timeout_seconds": 300}, "api": {"port": 0},
         "egress": {"destinations": {"archive": {
             "type": "dicomweb", "url": orthanc.dicomweb_url,
             "auth": {"type": "basic", "username": "radnode", "password": {"env": "RADNODE_TEST_STOW_PASSWORD"}}}}}})

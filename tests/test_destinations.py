@@ -1,5 +1,6 @@
 """The destination registry: one module per type, one grammar for configuration, rules and command line, unknown
-types refused with the known ones, secrets named and never written; the folder type end to end."""
+types refused with the known ones, secrets named and never written; the folder type end to end; each type's
+live check."""
 
 from __future__ import annotations
 
@@ -13,11 +14,12 @@ import pytest
 import radnode.destinations as package
 from factories import job_ready_for_delivery, write_chest_phantom
 from radnode.cli import build_parser, main, serve_config
-from radnode.config import ConfigError, load_config, parse_config
-from radnode.destinations import destination_types, known_types, parse_destination
+from radnode.config import ConfigError, OrthancConfig, load_config, parse_config
+from radnode.destinations import Check, SendContext, Timeouts, destination_types, known_types, parse_destination
 from radnode.destinations.credentials import BearerAuth, http_session
 from radnode.node.egress import Egress
 from radnode.node.store import JobState, JobStore
+from radnode.peers import StoreSCP, free_port
 
 KNOWN = known_types()
 """What the refusals list: every registered type (a new type is one new file; these tests need no change)."""
@@ -57,8 +59,8 @@ def test_one_line_forms(text: str, kind: str, described: str) -> None:
      "egress.destinations.research.type", f"unknown destination type 'https' (known: {KNOWN})"),
     ("egress:\n  named_destinations:\n    ARCHIVE: 'sftp:archive.example.org'\n", "egress.named_destinations.ARCHIVE",
      f"unknown destination type 'sftp' (known: {KNOWN})"),
-    ("egress:\n  destinations:\n    pacs: {type: dicom, ae_title: PACS, host: pacs, port: 104, tls: yes}\n",
-     "egress.destinations.pacs.tls", "unknown key 'tls' for a dicom destination"),
+    ("egress:\n  destinations:\n    pacs: {type: dicom, ae_title: PACS, host: pacs, port: 104, tls_version: 1.3}\n",
+     "egress.destinations.pacs.tls_version", "unknown key 'tls_version' for a dicom destination"),
 ])
 def test_an_unknown_type_or_key_in_a_configuration_file_is_refused_with_file_and_key(
         tmp_path: Path, yaml_text: str, key: str, message: str) -> None:
@@ -165,3 +167,28 @@ def test_the_encapsulated_pdf_goes_only_to_destinations_that_ask_for_it(tmp_path
     with pytest.raises(ConfigError, match="encapsulated_pdf"):
         parse_config({"egress": {"destinations": {"p": {"type": "dicom", "ae_title": "P", "host": "h", "port": 1,
                                                          "encapsulated_pdf": "sometimes"}}}})
+
+
+def test_each_type_checks_its_peer_live_and_sends_nothing(tmp_path: Path, pacs: StoreSCP) -> None:
+    """The console's destination check is each type's own: a C-ECHO, a FHIR CapabilityStatement, a QIDO-RS
+    search, Orthanc's /system, a writable folder; a failure says its cause."""
+    context = SendContext(ae_title="RADNODE", timeouts=Timeouts(connect_seconds=2, acse_seconds=2, dimse_seconds=2,
+                                                                network_seconds=2),
+                          orthanc=OrthancConfig(), job_id=0)
+    closed = free_port()
+    found = {text: parse_destination(text).check(context) for text in (
+        pacs.address, f"PACS@127.0.0.1:{closed}", f"fhir:http://127.0.0.1:{closed}/fhir",
+        f"dicomweb:http://127.0.0.1:{closed}/dicom-web", "orthanc", f"folder:{tmp_path / 'share' / 'new'}",
+        f"folder:{pacs.log_path}")}
+    assert found[pacs.address] == Check(True, f"C-ECHO to {pacs.address}: status 0x0000")
+    assert found[f"PACS@127.0.0.1:{closed}"] == Check(
+        False, f"cannot connect to PACS@127.0.0.1:{closed}: connection refused (nothing listens on that port)")
+    assert found[f"fhir:http://127.0.0.1:{closed}/fhir"] == Check(
+        False, f"GET http://127.0.0.1:{closed}/fhir/metadata: connection refused")
+    assert found[f"dicomweb:http://127.0.0.1:{closed}/dicom-web"] == Check(
+        False, f"GET http://127.0.0.1:{closed}/dicom-web/studies?limit=1: connection refused")
+    assert found["orthanc"] == Check(False, "orthanc.url is not configured")
+    share = found[f"folder:{tmp_path / 'share' / 'new'}"]
+    assert share.ok and f"(created under {tmp_path} on the first delivery)" in share.detail
+    assert found[f"folder:{pacs.log_path}"] == Check(False, f"{pacs.log_path} is not a folder")
+    assert not (tmp_path / "share").exists() and list(pacs.folder.iterdir()) == [], "a check sends nothing"

@@ -222,7 +222,7 @@ def test_a_delivery_that_gave_up_is_resent_once_with_the_same_uids(tmp_path: Pat
     egress = Egress(config, store)
     egress.stage(job_id, out)
     assert deliver_until_settled(egress, store, job_id) is JobState.FAILED
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(LookupError, match="does not exist"):
         egress.resend(job_id + 1, user="alice", reason="typo")
     with pytest.raises(ValueError, match="no deliveries to ARCHIVE"):
         egress.resend(job_id, "ARCHIVE", user="alice", reason="wrong name")
@@ -266,4 +266,46 @@ def test_after_a_restart_workers_send_what_is_pending_and_nothing_delivered_agai
             restarted.stop()
         assert sorted(archive.received_uids()) == sorted(uids)
     assert sorted(pacs.received_uids()) == sorted(uids) and patients(fhir) == 1  # once each, not again
+    store.close()
+
+
+def test_a_deidentifying_destination_gets_de_identified_copies_only_and_every_send_is_audited(tmp_path: Path) -> None:
+    """Beside a destination that gets the results as they are, one with ``deidentify: basic`` gets de-identified
+    copies of the DICOM results (the outbox keeps the originals) and not the FHIR Bundle, which names the patient;
+    each send is in the audit trail, the de-identified one as an Export of anonymized data."""
+    from radnode.config import AuditConfig
+    from radnode.security.audit import AuditTrail
+    from radnode.security.audit_schema import schema_errors
+    from radnode.security.privacy import SiteKey
+
+    config = egress_config(tmp_path, destinations={
+        "archive": {"type": "folder", "path": str(tmp_path / "archive")},
+        "research": {"type": "folder", "path": str(tmp_path / "research"), "deidentify": "basic"}})
+    store = JobStore(tmp_path / "data" / "radnode.db")
+    job_id, out, uids = finished_job(store, tmp_path)
+    audit = AuditTrail(AuditConfig(), tmp_path / "data", "RADNODE", SiteKey(b"k" * 32))
+    egress = Egress(config, store, audit=audit)
+    egress.stage(job_id, out)
+    assert deliver_until_settled(egress, store, job_id) is JobState.DONE
+    egress.stop()
+    audit.close()
+
+    archived = sorted((tmp_path / "archive" / str(job_id)).iterdir())
+    assert "fhir-bundle.json" in {p.name for p in archived}
+    research = sorted((tmp_path / "research" / str(job_id)).iterdir())
+    assert len(research) == len(uids) and all(p.suffix == ".dcm" for p in research)
+    for path in research:
+        ds = pydicom.dcmread(path)
+        assert ds.PatientIdentityRemoved == "YES" and ds.SOPInstanceUID not in uids
+        assert ds.PatientID != "P1" and "Test^Patient" not in str(ds.PatientName)
+    assert {pydicom.dcmread(p).SOPInstanceUID for p in outbox_dir(config, job_id).glob("*.dcm")} == set(uids)
+    events = " ".join(e.message for e in store.events(job_id))
+    assert "fhir-bundle.json not sent to research (basic de-identification): not a DICOM file" in events
+
+    messages = list(audit.messages())
+    sent = [m for m in messages if 'csd-code="110104"' in m and 'EventActionCode="R"' in m]
+    exports = [m for m in messages if 'csd-code="110106"' in m]
+    assert len(sent) == 1 and 'UserName="archive"' in sent[0] and 'EventOutcomeIndicator="0"' in sent[0]
+    assert len(exports) == 1 and 'UserName="research"' in exports[0] and "<Anonymized>true</Anonymized>" in exports[0]
+    assert all(not schema_errors(m) for m in sent + exports)
     store.close()

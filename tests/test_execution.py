@@ -145,7 +145,8 @@ def test_subprocess_execution_gives_the_same_outputs_as_in_process_on_a_real_ct(
         in_process, by_map = (final_job(node, jobs[p].id, timeout=300) for p in ("TS0001", "TS0002"))
         commands = [_running_event(node, job.id) for job in (in_process, by_map)]
     assert (in_process.state, by_map.state) == (JobState.DONE, JobState.DONE), (in_process.reason, by_map.reason)
-    assert commands[0].startswith("in-process: ") and commands[0].endswith("processing.job_timeout_seconds)")
+    assert commands[0].startswith("in-process: ")  # a warm job process: the same outputs as the MAP command's
+    assert commands[0].endswith("processing.job_timeout_seconds, warm process)")
     assert commands[1] == f"subprocess: {sys.executable} -m radnode.apps.ct_tissue (timeout 900 s, MAP app.json)"
     outbox = tmp_path / "data" / "outbox"
     files = [sorted(p.name for p in (outbox / str(job.id)).iterdir()) for job in (in_process, by_map)]
@@ -359,5 +360,11 @@ def test_two_ct_tissue_runs_in_one_process_report_each_runs_own_phase_times(tmp_
     for manifest in manifests:
         assert list(manifest.phases) == ["load", "select_series", "build_volume", "segment", "measure", "write_seg",
                                          "write_sr", "write_report_fhir"]
-        assert all(phase.seconds > 0 for phase in manifest.phases.values())
+        assert all(phase.seconds > 0 and phase.cpu_seconds > 0 for phase in manifest.phases.values())
         assert sum(phase.seconds for phase in manifest.phases.values()) <= manifest.seconds
+        starts = [phase.started_at for phase in manifest.phases.values()]
+        assert starts == sorted(starts) and manifest.seconds > starts[-1] - starts[0] > 0
+        peaks = [phase.peak_rss_bytes for phase in manifest.phases.values()]
+        assert all(peak > 0 for peak in peaks) and manifest.peak_rss_bytes >= max(peaks)
+    # each phase's own peak: the segmentation's masks and temporaries come after the load phase's peak
+    assert manifests[0].phases["segment"].peak_rss_bytes > manifests[0].phases["select_series"].peak_rss_bytes

@@ -21,6 +21,7 @@ from radnode.execution import RunManifest
 from radnode.node.egress import outbox_dir
 from radnode.node.service import Node
 from radnode.node.store import JobState
+from radnode.orthanc_config import write_event_token
 from radnode.viewer import ORTHANC_BINARY, OrthancServer
 from radnode.peers import StoreSCP, free_port
 from support.dicom_tools import storescu
@@ -58,6 +59,10 @@ def test_orthanc_config_command_writes_a_configuration_orthanc_starts_with(tmp_p
     settings = json.loads((folder / "orthanc.json").read_text())
     assert settings["RadNode"]["NodeUrl"] == "http://127.0.0.1:9"
     assert Path(settings["PythonScript"]) == folder / "radnode_plugin.py"
+    token_file = Path(settings["RadNode"]["TokenFile"])
+    assert token_file == folder / "radnode-event-token" and len(token_file.read_text().strip()) >= 32
+    assert token_file.stat().st_mode & 0o077 == 0, "the plugin's token is owner-only"
+    assert token_file.read_text().strip() not in (folder / "orthanc.json").read_text()
     orthanc = subprocess.Popen([str(ORTHANC_BINARY), str(folder / "orthanc.json")], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     try:
@@ -83,12 +88,14 @@ def test_a_ct_sent_to_orthanc_comes_back_as_seg_and_sr_and_is_forwarded(tmp_path
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     api_port = free_port()
-    with OrthancServer(node_url=f"http://127.0.0.1:{api_port}", stable_age=1,
+    token = tmp_path / "event-token"
+    write_event_token(token)
+    with OrthancServer(node_url=f"http://127.0.0.1:{api_port}", stable_age=1, event_token_file=token,
                        modalities={"SECOND": ["SECOND", "127.0.0.1", second.port]}) as orthanc:
         config = Config.model_validate({
             "data_dir": str(tmp_path / "data"), "rules": str(rules),
             "ingress": {"host": "127.0.0.1", "port": 0},
-            "orthanc": {"url": orthanc.url}, "api": {"port": api_port},
+            "orthanc": {"url": orthanc.url, "event_token_file": str(token)}, "api": {"port": api_port},
             "egress": {"destinations": {"SECOND": {"type": "orthanc-modality", "modality": "SECOND",
                                                    "forward_only": True}}, "retry_initial_seconds": 0.5},
             "processing": {"job_timeout_seconds": 300}})

@@ -6,6 +6,7 @@ files read back from disk, masks and numbers decoded back, and the Bundle accept
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
@@ -236,6 +237,49 @@ def test_disjoint_segments_decode_to_the_input_masks(volume: Volume, tmp_path: P
         assert_missing_frames_are_empty=True)
     assert np.array_equal(masks.astype(bool), np.stack([s.mask for s in segments], axis=-1))
     assert seg.SegmentsOverlap == "NO"
+
+
+def _reference_seg(volume: Volume, segments: list[Segment], seg: hd.seg.Segmentation) -> hd.seg.Segmentation:
+    """highdicom's own SEG of the stacked masks, with the segment descriptions and UIDs of ``seg``."""
+    descriptions = [hd.seg.SegmentDescription.from_dataset(copy.deepcopy(item)) for item in seg.SegmentSequence]
+    return hd.seg.Segmentation(
+        source_images=volume.source, pixel_array=np.stack([s.mask for s in segments], axis=-1),
+        segmentation_type="BINARY", segment_descriptions=descriptions, series_instance_uid=seg.SeriesInstanceUID,
+        series_number=seg.SeriesNumber, sop_instance_uid=seg.SOPInstanceUID, instance_number=1,
+        **ALGORITHM.image_equipment(), omit_empty_frames=True)
+
+
+def _layered_segments(volume: Volume, arrangement: str) -> list[Segment]:
+    masks = phantom_masks(*volume.shape)
+    keys = ["lung_left", "lung_right", "bone", "adipose_tissue", "skeletal_muscle"]
+    labels = np.zeros(volume.shape, dtype=np.uint8)
+    for value, key in enumerate(keys, start=1):
+        labels[masks[key]] = value
+    if arrangement == "body then a label map":  # what the CT tissue pipeline hands over
+        return [Segment(STRUCTURES["body"], masks["body"]),
+                *(Segment(STRUCTURES[key], labels, value) for value, key in enumerate(keys, start=1))]
+    # a label map used in part and out of order, interleaved with overlapping bool masks
+    return [Segment(STRUCTURES["bone"], labels, 3), Segment(STRUCTURES["body"], masks["body"]),
+            Segment(STRUCTURES["lung_left"], labels, 1),
+            Segment(STRUCTURES["skeletal_muscle"], masks["body"] & ~masks["bone"])]
+
+
+@pytest.mark.parametrize("arrangement", ["body then a label map", "interleaved"])
+def test_seg_of_layers_is_the_seg_highdicom_makes_of_the_stacked_masks(volume: Volume, arrangement: str) -> None:
+    """The layers' SEGs put together give, frame for frame and byte for byte, highdicom's SEG of the stacked masks."""
+    segments = _layered_segments(volume, arrangement)
+    seg = build_segmentation(volume, segments, ALGORITHM, uid_root=UID_ROOT)
+    reference = _reference_seg(volume, segments, seg)
+    assert seg.NumberOfFrames == reference.NumberOfFrames
+    assert seg.PixelData == reference.PixelData
+    assert list(seg.PerFrameFunctionalGroupsSequence) == list(reference.PerFrameFunctionalGroupsSequence)
+    assert seg.SharedFunctionalGroupsSequence == reference.SharedFunctionalGroupsSequence
+    assert [item.SegmentNumber for item in seg.SegmentSequence] == list(range(1, len(segments) + 1))
+    assert seg.SegmentsOverlap == reference.SegmentsOverlap == "YES"
+    assert seg.get("DimensionOrganizationType") == reference.get("DimensionOrganizationType")
+    decoded = seg.get_pixels_by_source_instance([str(ds.SOPInstanceUID) for ds in volume.source],
+                                                list(range(1, len(segments) + 1)), assert_missing_frames_are_empty=True)
+    assert np.array_equal(decoded.astype(bool), np.stack([s.mask for s in segments], axis=-1))
 
 
 def test_seg_refuses_a_mask_off_the_volume_grid(volume: Volume) -> None:

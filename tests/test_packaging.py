@@ -24,15 +24,17 @@ REPO = Path(__file__).resolve().parents[1]
 PROBE = """
 import importlib, importlib.metadata as md, json, sys
 names = ["radnode", "radnode.apps", "radnode.apps.ct_tissue.app", "radnode.operators.result_writers",
-         "radnode.pipelines.rules", "radnode.deploy_map", "radnode.deploy_ohif", "radnode.report.findings"]
+         "radnode.pipelines.rules", "radnode.deploy_map", "radnode.deploy_ohif", "radnode.report.findings",
+         "radnode.console.dashboard"]
 modules = {name: importlib.import_module(name) for name in names}
 from radnode.pipelines.rules import DEFAULT_RULES
 from radnode.report.findings import REFERENCE_RANGES_FILE
+from radnode.console.dashboard import STATIC, TEMPLATES
 from radnode.resources import source_checkout
 dist = md.distribution("radnode")
 print(json.dumps({
     "files": {name: getattr(m, "__file__", None) or list(m.__path__)[0] for name, m in modules.items()},
-    "data": [str(DEFAULT_RULES), str(REFERENCE_RANGES_FILE)],
+    "data": [str(DEFAULT_RULES), str(REFERENCE_RANGES_FILE), str(TEMPLATES / "login.html"), str(STATIC / "console.js")],
     "sys_path": sys.path,
     "meta_path": [f"{getattr(f, '__module__', '')}.{getattr(f, '__name__', type(f).__name__)}" for f in sys.meta_path],
     "editable_finder_loaded": [m for m in sys.modules if "__editable__" in m],
@@ -96,6 +98,7 @@ def test_a_wheel_in_a_fresh_virtualenv_runs_radnode_run_map_build_and_the_phanto
     assert "editable" not in json.dumps(probe["direct_url"]) and probe["source_checkout"] == "None"
     for name, file in {**probe["files"], **dict.fromkeys(probe["data"])}.items():
         assert Path(file or name).is_relative_to(site), f"{name} comes from {file or name}, not {site}"
+    assert all(Path(data).is_file() for data in probe["data"]), "package data shipped in the wheel"
     assert not probe["editable_finder_loaded"] and not any("editable" in f.lower() for f in probe["meta_path"])
     for entry in probe["sys_path"]:  # the only entry inside the checkout is the shared site-packages
         where = (elsewhere / entry).resolve()  # '' (the probe's current folder) is elsewhere

@@ -17,15 +17,18 @@ import yaml
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import UniqueConstraint, inspect
+from sqlalchemy import UniqueConstraint, insert, inspect, select
 
 from factories import RELEASE_0_1_INDEXES, RELEASE_0_1_SCHEMA, open_store_made_by
 from radnode.cli import main
+from radnode.console.accounts import Accounts, Role
 from radnode.node.store import Arrival, Instance, JobState, JobStore, StoreError, head_revision, upgrade_store
 from radnode.node.store.database import alembic_config, connect
-from radnode.node.store.schema import metadata
+from radnode.node.store import schema
+from radnode.node.store.schema import deliveries, jobs, metadata
 from radnode.peers import free_port
 from radnode.pipelines.routing import Completeness, Execution, ExecutionMode, LateInstances, Priority, SeriesDecision
+from radnode.security.privacy import IdentitySeal, SiteKey
 
 
 def to(*pipelines: str) -> SeriesDecision:
@@ -150,7 +153,7 @@ def test_each_destination_has_its_queue_and_a_resend_requeues_what_went_out_with
         ("pacs", "pending", "1.2.9.1"), ("pacs", "pending", "1.2.9.2")]  # the UIDs that went out, kept to compare
     with pytest.raises(ValueError, match=f"job {job_id} has no deliveries to ARCHIVE to re-send"):
         store.resend(job_id, "ARCHIVE", user="alice", reason="wrong name")
-    with pytest.raises(ValueError, match=f"job {job_id + 1} does not exist"):
+    with pytest.raises(LookupError, match=f"job {job_id + 1} does not exist"):
         store.resend(job_id + 1, user="alice", reason="typo")
     for delivery in store.due_deliveries_to("pacs"):
         store.delivery_done(delivery.id, "sent again", sent_uid=delivery.sent_uid)
@@ -173,6 +176,33 @@ def test_state_survives_reopening_and_running_jobs_can_be_requeued(store_target:
     job = reopened.next_queued()
     assert job is not None and job.id == job_id and job.runs == 1
     reopened.close()
+
+
+def test_patient_ids_are_sealed_at_rest_and_those_stored_in_clear_are_sealed_by_the_node(
+        store_target: Path | str) -> None:
+    """With the site key's seal, the store's columns hold no Patient ID; identifiers an older store holds in clear
+    (as the 0004 revision leaves them) read as they are and are sealed once; without the seal a tool sees the
+    sealed text."""
+    seal = IdentitySeal(SiteKey(b"k" * 32))
+    unsealed = JobStore(store_target)  # what a store written before sealing holds
+    _, first = unsealed.record_instance(instance("1.1", study="1.2.3"), to("ct_tissue"))
+    unsealed.close()
+    store = JobStore(store_target, seal=seal)
+    assert store.job(first).patient_id == "P1"
+    assert store.seal_stored() == 2 and store.seal_stored() == 0  # the job's and its instance's, once
+    _, second = store.record_instance(instance("2.1", study="2.2.3"), to("ct_tissue"))
+    assert [j.patient_id for j in store.jobs()] == ["P1", "P1"]
+    assert {i.patient_id for i in store.instances(first) + store.instances(second)} == {"P1"}
+    store.close()
+    database = connect(store_target)
+    with database.read() as conn:
+        stored = [*conn.execute(select(schema.jobs.c.sealed_patient_id)).scalars(),
+                  *conn.execute(select(schema.instances.c.sealed_patient_id)).scalars()]
+    database.close()
+    assert len(stored) == 4 and all(v.startswith("sealed:") and "P1" not in v for v in stored)
+    without_key = JobStore(store_target)
+    assert without_key.job(second).patient_id.startswith("sealed:")
+    without_key.close()
 
 
 def test_review_state_is_recorded_filterable_and_cleared_by_a_new_run(store: JobStore) -> None:
@@ -328,6 +358,34 @@ def test_every_schema_revision_leads_to_exactly_the_tables_of_the_schema_module(
     assert "upgraded from 0001 to " + head_revision() in upgrade_store(store_target)
     assert _differences(store_target) == []
     assert JobStore(store_target).opened.endswith(f"at schema revision {head_revision()}")
+
+
+def test_radnode_store_upgrade_brings_a_store_at_revision_0003_to_the_console_tables_keeping_its_deliveries(
+        store_target: Path | str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A store at 0003 (deliveries record the UID sent) gets the sealed patient IDs (0004) and the console's tables (0005) from ``radnode store
+    upgrade``: one linear history, its job and delivery kept, and people and tokens can be stored."""
+    database = connect(store_target)
+    with database.write() as conn:
+        command.upgrade(alembic_config(conn), "0003")
+        conn.execute(insert(jobs).values(id=1, study_instance_uid="1.2.3", pipeline="ct_tissue", state="done",
+                                         created_at=1, last_instance_at=1, updated_at=2))
+        conn.execute(insert(deliveries).values(job_id=1, destination="pacs", object="seg.dcm", state="done",
+                                               attempts=1, next_attempt_at=0, done_at=2, sent_uid="1.2.3.9"))
+    database.close()
+    config = tmp_path / "radnode.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path),
+                                      **({"store": {"url": store_target}} if isinstance(store_target, str) else {})}))
+    assert main(["store", "upgrade", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.strip().endswith(f"upgraded from 0003 to {head_revision()}")
+    assert _differences(store_target) == []
+    store = JobStore(store_target)
+    try:
+        assert [(d.destination, d.state, d.sent_uid) for d in store.deliveries(1)] == [("pacs", "done", "1.2.3.9")]
+        token = Accounts(store).create_token("night-shift", Role.OPERATOR)
+        identity = Accounts(store).identity_for_token(token)
+        assert identity is not None and identity.role is Role.OPERATOR
+    finally:
+        store.close()
 
 
 def test_a_store_made_by_release_0_1_opens_with_its_jobs_series_decisions_and_deliveries(tmp_path: Path) -> None:

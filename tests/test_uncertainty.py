@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +31,7 @@ from radnode.uncertainty import (
 from radnode.node.egress import outbox_dir
 from radnode.node.service import Node
 from radnode.node.store import JobState
-from radnode.peers import free_port
+from support.console import api, api_json, token_for
 from support.dicom_tools import storescu
 from support.node import final_job, node_config
 from support.waiting import wait_until
@@ -147,11 +145,6 @@ def test_degraded_inputs_score_higher_and_rank_errors(model) -> None:
     assert ece < 0.1
 
 
-def _get_json(port: int, path: str) -> dict:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as answer:
-        return json.loads(answer.read())
-
-
 def _diagnostic_report(outbox: Path) -> dict:
     bundle = json.loads((outbox / "fhir-bundle.json").read_text())
     return next(e["resource"] for e in bundle["entry"] if e["resource"]["resourceType"] == "DiagnosticReport")
@@ -178,23 +171,23 @@ def test_a_study_past_a_configured_limit_is_marked_for_review_in_the_job_store(
     for name, max_mean in (("flagged", 0.2), ("clear", 0.8)):
         rules = tmp_path / f"{name}-rules.yaml"
         rules.write_text(SUBPROCESS_ROUTE if name == "clear" else IN_PROCESS_ROUTE)
-        api_port = free_port()
         config = node_config(tmp_path / name, processing={"job_timeout_seconds": 300,
                                                           "models": {"model_seg": str(bundle_folder)}},
                              uncertainty={"max_mean": max_mean, "max_boundary": 0.9, "min_agreement": 0.8},
-                             api={"enabled": True, "port": api_port})
+                             api={"enabled": True, "port": 0})
         config = config.model_copy(update={"rules": rules})
         with Node(config, poll_seconds=0.1) as node:
             assert storescu(node.port, case).returncode == 0
             wait_until(lambda: len(node.jobs()) == 1)
             job = final_job(node, node.jobs()[0].id, timeout=300)
             assert job.state is JobState.DONE, job.reason
-            listed = {flag: [j["id"] for j in _get_json(api_port, f"/jobs?needs_review={flag}")["jobs"]]
+            token = token_for(node, "viewer")
+            listed = {flag: [j["id"] for j in api_json(node, f"/api/jobs?needs_review={flag}", token)["jobs"]]
                       for flag in ("true", "false")}
-            one = _get_json(api_port, f"/jobs/{job.id}")
-            health = _get_json(api_port, "/health")
-            with pytest.raises(urllib.error.HTTPError, match="400"):
-                _get_json(api_port, "/jobs?needs_review=maybe")
+            one = api_json(node, f"/api/jobs/{job.id}", token)
+            health = api_json(node, "/health", token)
+            with api(node, token) as client:
+                assert client.get("/api/jobs?needs_review=maybe").status_code == 422
             review_events = [e.message for e in node.events(job.id) if e.kind == "review"]
             running = next(e.message for e in node.events(job.id) if e.kind == "running")
         manifest = RunManifest.read(outbox_dir(config, job.id))

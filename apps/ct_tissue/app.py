@@ -57,5 +57,8 @@ class CTTissueApp(Application):
         self.add_flow(to_volume, segment, {("volume", "volume")})
         self.add_flow(to_volume, measure, {("volume", "volume")})
         self.add_flow(segment, measure, {("segments", "segments")})
-        add_result_writers(self, to_volume, measure, output_folder=output_folder, algorithm=ALGORITHM,
-                           uid_root=config.uid_root, report_config=config.report, fhir_config=config.fhir)
+        # the writers need slices and positions, not voxels: they take the geometry from measure, the last
+        # reader of the HU array, which is freed from then on
+        add_result_writers(self, measure, measure, volume_port="geometry", output_folder=output_folder,
+                           algorithm=ALGORITHM, uid_root=config.uid_root, report_config=config.report,
+                           fhir_config=config.fhir)

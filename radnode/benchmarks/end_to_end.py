@@ -3,8 +3,9 @@ FHIR server, per phase, with the job process's peak memory.
 
 Phases come from three clocks: storescu's wall time (``receive``), the job's event log (``wait`` until the
 job runs, ``send`` from the results staged until every delivery is done) and the run manifest the job
-process writes (each operator's ``compute`` time and the process's peak RSS). ``job_other`` is the rest of
-the job process's life: interpreter, Holoscan and torch start-up, reading the outputs back, reaping.
+process writes (each operator's ``compute`` time and peak RSS, the process's peak RSS). ``job_other`` is the
+rest of the job process's life: interpreter and imports (done ahead in a warm process), reading the outputs
+back, reaping; ``job_start`` is from the job queued to its first phase reading the input.
 """
 
 from __future__ import annotations
@@ -54,7 +55,12 @@ def run_study(files: list[Path], pixel_bytes: int, work: Path, timeout: float = 
     phases = {"receive": receive, "wait": at["running"] - sent_at, **job_phases,
               "job_other": process_seconds - sum(job_phases.values()), "send": at["done"] - at["finished"]}
     slowest = max((k for k in phases if k != "job_other"), key=phases.__getitem__)
+    first_read = next(iter(manifest.phases.values())).started_at
     return {"slices": len(files), "phases": {k: round(v, 3) for k, v in phases.items()},
+            "job_start_seconds": round(first_read - at["queued"], 3),
+            "phase_peak_rss_mb": {name: round(phase.peak_rss_bytes / 1e6, 1)
+                                  for name, phase in manifest.phases.items()},
+            "phase_cpu_seconds": {name: round(phase.cpu_seconds, 3) for name, phase in manifest.phases.items()},
             "total_seconds": round(at["done"] - sent_at + receive, 3), "slowest_phase": slowest,
             "peak_rss_mb": round(manifest.peak_rss_bytes / 1e6, 1), "pixel_mb": round(pixel_bytes / 1e6, 1),
             "peak_rss_over_pixel_data": round(manifest.peak_rss_bytes / pixel_bytes, 2),

@@ -8,6 +8,7 @@ secrets of HTTP types. Egress (``radnode/node/egress.py``) queues, retries and r
 
 from radnode.destinations.base import (
     FHIR_BUNDLE,
+    Check,
     Destination,
     DestinationError,
     Item,
@@ -25,6 +26,6 @@ from radnode.destinations.registry import (
     parse_destination,
 )
 
-__all__ = ["FHIR_BUNDLE", "Destination", "DestinationError", "Item", "Outcome", "SendContext", "TimeoutOverrides",
+__all__ = ["FHIR_BUNDLE", "Check", "Destination", "DestinationError", "Item", "Outcome", "SendContext", "TimeoutOverrides",
            "Timeouts", "as_mapping", "destination_type", "destination_types", "known_types",
            "looks_like_destination", "parse_destination"]

@@ -3,8 +3,8 @@
 A destination type is one class in one module of this package (``dicom.py``, ``dicomweb.py``, ...): its pydantic
 fields are its configuration (validated with the file and key named on error), ``shorthand`` turns the one-line
 form (``TYPE:ARGUMENT``) into those fields, ``describe`` says in one line where it sends (never a secret),
-``wants`` picks the outbox files it takes, and ``send`` delivers a batch and answers one :class:`Outcome` per
-item. Egress (``radnode/node/egress.py``) owns queues, retries and the job store; a type never touches them.
+``wants`` picks the outbox files it takes, ``send`` delivers a batch and answers one :class:`Outcome` per
+item, and ``check`` asks the peer whether it would take results now, sending none (the console's live check). Egress (``radnode/node/egress.py``) owns queues, retries and the job store; a type never touches them.
 
 What a destination does to what it sends is a field of its own type and a step inside its ``send`` (DICOM TLS
 on ``dicom``: ``tls_args`` where it associates), or a field here applied by egress before ``send`` for every
@@ -91,6 +91,15 @@ class Outcome:
     sent_uid: str | None = None
 
 
+@dataclass(frozen=True)
+class Check:
+    """What a live check of a destination found: whether it answers as a destination of its type, in a few words
+    (the console's destinations page)."""
+
+    ok: bool
+    detail: str
+
+
 class Cancellation:
     """Lets the node end a send in progress when it stops: a type that can abort registers how
     (:meth:`on_cancel`), egress calls :meth:`cancel` from another thread. Types that cannot run to their timeout."""
@@ -148,6 +157,11 @@ class Destination(BaseModel, ABC):
     encapsulated_pdf: bool = False
     """Also send the report as an Encapsulated PDF instance (the output layout's ``REPORT_PDF_DICOM``), for a PACS
     or viewer that does not render the report SR; off, a destination gets the SR alone."""
+    deidentify: str | None = None
+    """A de-identification profile (``basic``, ``research`` or a ``deidentification.profiles`` name): every DICOM
+    object sent here is a de-identified copy (PS3.15 Annex E, :mod:`radnode.security.deid`), objects the profile
+    refuses (burned-in annotation) and files that are not DICOM (a FHIR Bundle names the patient) are not sent,
+    with the reason in the job's events."""
     timeouts: TimeoutOverrides = TimeoutOverrides()
 
     kind: ClassVar[str]
@@ -173,3 +187,8 @@ class Destination(BaseModel, ABC):
     @abstractmethod
     def send(self, items: list[Item], context: SendContext) -> list[Outcome]:
         """Deliver the items of one job, answering one outcome per item; never raises for a peer's failure."""
+
+    @abstractmethod
+    def check(self, context: SendContext) -> Check:
+        """Whether the peer answers now as this type's peer (C-ECHO, a FHIR CapabilityStatement, ...), with the
+        destination's timeouts; sends no result and never raises for a peer's failure."""

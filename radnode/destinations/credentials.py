@@ -1,6 +1,7 @@
-"""What HTTP destinations share: credentials named by where they live (an environment variable or a file), never
-written into the configuration and read when a request is made (a rotated token needs no restart); the URL check;
-the base with ``url`` and ``auth``; failures in a few words.
+"""What HTTP destinations share: credentials (basic or bearer) whose secrets are named by where they live
+(:class:`radnode.security.secrets.Secret`, the node's one grammar for secrets: ``{env:}`` or ``{file:}``), read
+when a request is made (a rotated token needs no restart); the URL check; the base with ``url`` and ``auth``;
+failures in a few words; the GET of a live check.
 
 Nothing here puts a secret into a message: errors name the variable or the file, ``describe`` says which kind
 of authentication is used and where its secret comes from.
@@ -8,61 +9,15 @@ of authentication is used and where its secret comes from.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from radnode.destinations.base import Destination
+from radnode.destinations.base import Check, Destination, SendContext
+from radnode.security.secrets import Secret, SecretError
 
 if TYPE_CHECKING:
     import requests
-
-
-class CredentialError(RuntimeError):
-    """A secret that cannot be read; the message names where it was looked for, never a value."""
-
-
-class Secret(BaseModel):
-    """Where a secret is: ``{env: VARIABLE}`` or ``{file: PATH}`` (a Kubernetes/compose secret mount)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    env: Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
-    file: Path | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _named_not_written(cls, data: Any) -> Any:
-        if not isinstance(data, dict):  # a value written in: refused without echoing it
-            raise ValueError("a secret is named, not written here: use {env: VARIABLE} or {file: PATH}")
-        return data
-
-    @model_validator(mode="after")
-    def _exactly_one(self) -> "Secret":
-        if (self.env is None) == (self.file is None):
-            raise ValueError("give exactly one of env (an environment variable) or file (a path)")
-        return self
-
-    def reveal(self) -> str:
-        """The secret's value (a file's trailing newline removed)."""
-        if self.env is not None:
-            value = os.environ.get(self.env)
-            if not value:
-                raise CredentialError(f"environment variable {self.env} is not set")
-            return value
-        assert self.file is not None
-        try:
-            value = self.file.read_text().rstrip("\r\n")
-        except OSError as e:
-            raise CredentialError(f"cannot read secret file {self.file}: {e.strerror}") from None
-        if not value:
-            raise CredentialError(f"secret file {self.file} is empty")
-        return value
-
-    def describe(self) -> str:
-        return f"${self.env}" if self.env is not None else f"file {self.file}"
 
 
 class BasicAuth(BaseModel):
@@ -152,3 +107,29 @@ def http_failure(error: BaseException) -> str:
         if "Name or service not known" in text or "Temporary failure in name resolution" in text:
             return "cannot resolve host"
     return f"{type(error).__name__}: {text[:300]}"
+
+
+def http_check(destination: HttpDestination, path: str, accept: str, context: SendContext
+               ) -> "requests.Response | Check":
+    """``GET <url>/<path>`` with the destination's credentials and timeouts for a live check: the 2xx answer, or
+    the failed :class:`Check` saying why (connection refused, credentials refused, HTTP status)."""
+    import requests
+
+    url = f"{destination.url.rstrip('/')}/{path}"
+    try:
+        session = http_session(destination.auth)
+    except SecretError as e:
+        return Check(False, f"credentials for {destination.url}: {e}")
+    timeout = (context.timeouts.connect_seconds, context.timeouts.network_seconds)
+    with session:
+        try:
+            answer = session.get(url, timeout=timeout, headers={"Accept": accept})
+        except requests.Timeout:
+            return Check(False, f"GET {url}: timed out after {context.timeouts.network_seconds:g} s")
+        except requests.RequestException as e:
+            return Check(False, f"GET {url}: {http_failure(e)}")
+    if answer.status_code in (401, 403):
+        return Check(False, f"GET {url}: HTTP {answer.status_code} (credentials refused)")
+    if not 200 <= answer.status_code < 300:
+        return Check(False, f"GET {url}: HTTP {answer.status_code}")
+    return answer

@@ -4,6 +4,10 @@ The failure message says what happened at the network level — ``connection ref
 (which step), ``association rejected: ...`` with the peer's reason, the C-STORE status with its comment — so an
 operator can tell a wrong port from a wrong AE title from a PACS that is down. A result re-sent is the same
 outbox file, hence the same SOP Instance UID; each success reports the UID that went out.
+
+With ``tls:`` the association runs over TLS (PS3.15 B.9, TLS 1.2 or newer): the peer's certificate is checked
+against ``tls.ca_bundle`` and its host name, and the node's ``certificate``/``private_key`` are offered for mutual
+TLS (:mod:`radnode.security.tls`); a failed handshake is named as such.
 """
 
 from __future__ import annotations
@@ -15,10 +19,13 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field
 
-from radnode.destinations.base import Destination, DestinationError, Item, Outcome, SendContext
+from radnode.config import TlsConfig
+from radnode.destinations.base import Check, Destination, DestinationError, Item, Outcome, SendContext
 from radnode.destinations.registry import destination_type
 
 if TYPE_CHECKING:
+    import ssl
+
     from pynetdicom import AE
     from pynetdicom.association import Association
 
@@ -35,6 +42,9 @@ class DicomDestination(Destination):
     ae_title: AETitle
     host: Annotated[str, Field(min_length=1)]
     port: Annotated[int, Field(ge=1, le=65535)]
+    tls: TlsConfig | None = None
+    """Associate over TLS: ``ca_bundle`` the CAs the peer's certificate must chain to (unset: the system's),
+    ``certificate``/``private_key`` the node's own for mutual TLS."""
 
     @classmethod
     def shorthand(cls, argument: str) -> dict[str, Any]:
@@ -45,7 +55,7 @@ class DicomDestination(Destination):
         return {"ae_title": ae_title, "host": host, "port": int(port)}
 
     def describe(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        return f"{self.ae_title}@{self.host}:{self.port}" + (" (TLS)" if self.tls is not None else "")
 
     def send(self, items: list[Item], context: SendContext) -> list[Outcome]:
         """C-STORE each item over one association; each answer is an outcome of its own."""
@@ -53,6 +63,12 @@ class DicomDestination(Destination):
         contexts, readable, uids = self._presentation_contexts(items, outcomes)
         if not readable:
             return outcomes
+        from radnode.security.tls import TlsSetupError
+
+        try:
+            tls_args = None if self.tls is None else (self._tls_context(), self.host)
+        except TlsSetupError as e:  # a certificate, key or CA bundle that cannot be used
+            return outcomes + [Outcome(item, False, str(e)) for item in readable]
         ae = self._application_entity(context, contexts)
         connected: list[Association] = []  # set once TCP is up: the association still being negotiated
         started = time.monotonic()
@@ -60,7 +76,7 @@ class DicomDestination(Destination):
         try:
             from pynetdicom import evt
 
-            assoc = ae.associate(self.host, self.port, ae_title=self.ae_title,
+            assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, tls_args=tls_args,
                                  evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(event.assoc))])
             if not assoc.is_established:
                 why = self._not_established(assoc, bool(connected), time.monotonic() - started, context)
@@ -74,6 +90,31 @@ class DicomDestination(Destination):
         finally:
             context.cancellation.on_cancel(None)
         return outcomes
+
+    def check(self, context: SendContext) -> Check:
+        """C-ECHO (Verification) with the node's AE title: the same association a delivery would open."""
+        from pydicom.uid import ImplicitVRLittleEndian
+        from pynetdicom import evt
+        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+        ae = self._application_entity(context, {Verification: {ImplicitVRLittleEndian}})
+        connected: list[Association] = []
+        started = time.monotonic()
+        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(event.assoc))])
+        if not assoc.is_established:
+            return Check(False, self._not_established(assoc, bool(connected), time.monotonic() - started, context))
+        try:
+            status = assoc.send_c_echo()
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        code = status.get("Status") if status else None
+        if code == 0:
+            return Check(True, f"C-ECHO to {self.describe()}: status 0x0000")
+        if code is None:
+            return Check(False, f"no C-ECHO answer from {self.describe()} within {context.timeouts.dimse_seconds:g} s")
+        return Check(False, f"{self.describe()} answered the C-ECHO with status 0x{code:04X}")
 
     def _presentation_contexts(self, items: list[Item], outcomes: list[Outcome]
                                ) -> tuple[dict[str, set[str]], list[Item], dict[int, str]]:
@@ -97,6 +138,12 @@ class DicomDestination(Destination):
             readable.append(item)
             uids[item.delivery_id] = str(uid)
         return syntaxes, readable, uids
+
+    def _tls_context(self) -> "ssl.SSLContext":
+        from radnode.security.tls import client_context
+
+        assert self.tls is not None
+        return client_context(self.tls, f"destination {self.describe()}")
 
     def _application_entity(self, context: SendContext, contexts: dict[str, set[str]]) -> "AE":
         """The node's requesting AE with this destination's timeouts and the contexts to propose."""
@@ -129,12 +176,24 @@ class DicomDestination(Destination):
                     f"timed out after {t.acse_seconds:g} s")
         if assoc.acceptor.primitive is not None and not assoc.accepted_contexts:
             return f"{where} accepted none of the proposed presentation contexts (SOP class / transfer syntax)"
-        return f"{where} closed the connection during association negotiation"
+        closed = f"{where} closed the connection during association negotiation"
+        if self.tls is not None:  # TLS 1.3 tells a client its certificate was refused only after the handshake
+            closed += " (over TLS also how a peer refuses the node's client certificate: none given, or not trusted)"
+        return closed
 
     def _connect_error(self, timeout: float) -> str:
-        """The operating system's reason a TCP connection fails (pynetdicom only logs it): one probe."""
+        """The operating system's reason a TCP connection (or its TLS handshake) fails (pynetdicom only logs it):
+        one probe."""
+        import ssl
+
         try:
-            with socket.create_connection((self.host, self.port), timeout=timeout):
+            with socket.create_connection((self.host, self.port), timeout=timeout) as connection:
+                if self.tls is not None:
+                    try:
+                        with self._tls_context().wrap_socket(connection, server_hostname=self.host):
+                            pass
+                    except ssl.SSLError as e:
+                        return f"TLS handshake failed: {e.reason or e}"
                 return "the connection failed, and a retry now succeeds (the peer is coming up?)"
         except ConnectionRefusedError:
             return "connection refused (nothing listens on that port)"

@@ -12,9 +12,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from radnode.destinations.base import Item, Outcome, SendContext
-from radnode.destinations.credentials import CredentialError, HttpDestination, http_failure, http_session
+from radnode.destinations.base import Check, Item, Outcome, SendContext
+from radnode.destinations.credentials import HttpDestination, http_check, http_failure, http_session
 from radnode.destinations.registry import destination_type
+from radnode.security.secrets import SecretError
 
 _FAILURE_REASONS = {0xA700: "out of resources", 0xA900: "data set does not match SOP class",
                     0xC000: "cannot understand", 0x0110: "processing failure", 0x0122: "SOP class not supported",
@@ -37,6 +38,14 @@ class DicomwebDestination(HttpDestination):
     def describe(self) -> str:
         return f"STOW-RS {self.url}" + self.authentication()
 
+    def check(self, context: SendContext) -> Check:
+        """A QIDO-RS search for one study (``GET <url>/studies?limit=1``) with the destination's credentials: the
+        service answers and takes them (a STOW-only service that refuses searches fails this check)."""
+        answer = http_check(self, "studies?limit=1", "application/dicom+json", context)
+        if isinstance(answer, Check):
+            return answer
+        return Check(True, f"QIDO-RS {answer.url}: HTTP {answer.status_code}")
+
     def send(self, items: list[Item], context: SendContext) -> list[Outcome]:
         import pydicom
         import requests
@@ -53,7 +62,7 @@ class DicomwebDestination(HttpDestination):
             return outcomes
         try:
             session = http_session(self.auth)  # credentials on the session: the library logs request headers
-        except CredentialError as e:
+        except SecretError as e:
             return outcomes + [Outcome(item, False, f"credentials for {self.url}: {e}") for item in datasets]
         t = context.timeouts
         client = DICOMwebClient(self.url, session=session, stow_url_prefix=self.stow_url_prefix,

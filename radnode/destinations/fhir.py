@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from radnode.destinations.base import FHIR_BUNDLE, Item, Outcome, SendContext
-from radnode.destinations.credentials import CredentialError, HttpDestination, http_failure, http_session
+from radnode.destinations.base import FHIR_BUNDLE, Check, Item, Outcome, SendContext
+from radnode.destinations.credentials import HttpDestination, http_check, http_failure, http_session
 from radnode.destinations.registry import destination_type
+from radnode.security.secrets import SecretError
 
 
 @destination_type
@@ -36,7 +37,7 @@ class FhirDestination(HttpDestination):
 
         try:
             session = http_session(self.auth)
-        except CredentialError as e:
+        except SecretError as e:
             return [Outcome(item, False, f"credentials for {self.url}: {e}") for item in items]
         outcomes = []
         timeout = (context.timeouts.connect_seconds, context.timeouts.network_seconds)
@@ -60,3 +61,17 @@ class FhirDestination(HttpDestination):
                                                          f"{response.text[:200]}"))
         return outcomes
 
+
+    def check(self, context: SendContext) -> Check:
+        """``GET [base]/metadata`` with the destination's credentials: a FHIR server answers its
+        CapabilityStatement (FHIR R4 RESTful API, "capabilities")."""
+        answer = http_check(self, "metadata", "application/fhir+json", context)
+        if isinstance(answer, Check):
+            return answer
+        try:
+            document = answer.json()
+        except ValueError:
+            document = None
+        if not isinstance(document, dict) or document.get("resourceType") != "CapabilityStatement":
+            return Check(False, f"GET {answer.url}: HTTP {answer.status_code}, not a CapabilityStatement")
+        return Check(True, f"GET {answer.url}: CapabilityStatement, FHIR {document.get('fhirVersion', '?')}")

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from radnode.destinations.base import Destination, Item, Outcome, SendContext
+from radnode.destinations.base import Check, Destination, Item, Outcome, SendContext
 from radnode.destinations.registry import destination_type
 
 
@@ -32,6 +32,20 @@ class FolderDestination(Destination):
     def wants(self, name: str) -> bool:
         """Every output of the run: DICOM objects, the FHIR Bundle, the manifest, reports."""
         return True
+
+    def check(self, context: SendContext) -> Check:
+        """The folder (or the nearest folder above it, where deliveries would create it) is writable by the node,
+        with the free space on its file system."""
+        existing = self.path
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            return Check(False, f"{existing} is not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            return Check(False, f"{existing} is not writable by the node")
+        free = shutil.disk_usage(existing).free / 2**30
+        created = "" if existing == self.path else f" (created under {existing} on the first delivery)"
+        return Check(True, f"{self.path} writable{created}, {free:.1f} GiB free")
 
     def send(self, items: list[Item], context: SendContext) -> list[Outcome]:
         target = self.path / str(context.job_id)

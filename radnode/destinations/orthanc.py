@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from radnode.destinations.base import Destination, DestinationError, Item, Outcome, SendContext
+from radnode.destinations.base import Check, Destination, DestinationError, Item, Outcome, SendContext
 from radnode.destinations.credentials import http_failure
 from radnode.destinations.registry import destination_type
+from radnode.security.secrets import SecretError
 
 
 class OrthancRequestError(RuntimeError):
@@ -37,6 +38,16 @@ class OrthancDestination(Destination):
         return outcomes + [Outcome(item, True, f"{item.name} → Orthanc (instance {orthanc_id})")
                            for item, orthanc_id in stored]
 
+    def check(self, context: SendContext) -> Check:
+        """``GET /system`` of the node's Orthanc: it answers and takes the node's credentials."""
+        if not context.orthanc.url:
+            return Check(False, "orthanc.url is not configured")
+        try:
+            version = self.orthanc_request(context, "GET", "/system").json().get("Version", "?")
+        except (OrthancRequestError, ValueError, AttributeError) as e:
+            return Check(False, f"Orthanc {context.orthanc.url}: {e}")
+        return Check(True, f"Orthanc {version} at {context.orthanc.url}")
+
     def store_into_orthanc(self, items: list[Item], context: SendContext
                            ) -> tuple[list[Outcome], list[tuple[Item, str]]]:
         """``POST /instances`` for each item: failures as outcomes, and (item, Orthanc id) of those stored."""
@@ -58,8 +69,12 @@ class OrthancDestination(Destination):
         orthanc = context.orthanc
         if not orthanc.url:
             raise OrthancRequestError("orthanc.url is not configured")
-        auth = (orthanc.username, orthanc.password) if orthanc.username else None
         timeout = (context.timeouts.connect_seconds, context.timeouts.network_seconds)
+        try:
+            auth = (orthanc.username, orthanc.password.reveal() if orthanc.password else "") if orthanc.username \
+                else None
+        except SecretError as e:
+            raise OrthancRequestError(f"orthanc.password: {e}") from None
         try:
             response = requests.request(method, f"{orthanc.url}{path}", auth=auth, timeout=timeout, **kwargs)
         except requests.Timeout:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from radnode.destinations.orthanc import OrthancRelay
+from radnode.destinations.base import Check, SendContext
+from radnode.destinations.orthanc import OrthancRelay, OrthancRequestError
 from radnode.destinations.orthanc_modality import OrthancName
 from radnode.destinations.registry import destination_type
 
@@ -27,3 +28,13 @@ class OrthancDicomwebDestination(OrthancRelay):
 
     def orthanc_path(self) -> str:
         return f"/dicom-web/servers/{self.server}/stow"
+
+    def check(self, context: SendContext) -> Check:
+        """Orthanc's DICOMweb plugin relays a QIDO-RS search for one study to the server
+        (``POST /dicom-web/servers/NAME/get``): Orthanc knows the server and reaches it."""
+        try:
+            self.orthanc_request(context, "POST", f"/dicom-web/servers/{self.server}/get",
+                                 json={"Uri": "/studies", "Arguments": {"limit": "1"}})
+        except OrthancRequestError as e:
+            return Check(False, f"QIDO-RS through Orthanc to {self.server}: {e}")
+        return Check(True, f"Orthanc reached its DICOMweb server {self.server}")

@@ -7,7 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from radnode.destinations.orthanc import OrthancRelay
+from radnode.destinations.base import Check, SendContext
+from radnode.destinations.orthanc import OrthancRelay, OrthancRequestError
 from radnode.destinations.registry import destination_type
 
 OrthancName = Annotated[str, Field(pattern=r"^[\w.-]+$")]
@@ -31,3 +32,12 @@ class OrthancModalityDestination(OrthancRelay):
 
     def orthanc_path(self) -> str:
         return f"/modalities/{self.modality}/store"
+
+    def check(self, context: SendContext) -> Check:
+        """Orthanc C-ECHOes the modality (``POST /modalities/NAME/echo``): the path the results take."""
+        try:
+            self.orthanc_request(context, "POST", f"/modalities/{self.modality}/echo",
+                                 json={"Timeout": max(1, round(context.timeouts.acse_seconds))})
+        except OrthancRequestError as e:
+            return Check(False, f"C-ECHO through Orthanc to {self.modality}: {e}")
+        return Check(True, f"Orthanc C-ECHOed its modality {self.modality}")

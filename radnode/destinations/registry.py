@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from radnode.destinations.base import Destination, DestinationError
+from radnode.security.secrets import INVALID_SECRET
 
 _TYPES: dict[str, type[Destination]] = {}
 _LOADED = False
@@ -109,4 +110,6 @@ def parse_destination(value: Any) -> Destination:
             raise DestinationError(f"unknown key '{key}' for a {data['type']} destination", key=key) from None
         if err["type"] == "value_error":  # a validator's own words; the input may hold what should not be echoed
             raise DestinationError(str(err["ctx"]["error"]), key=key) from None
+        if err["type"] == INVALID_SECRET:  # the input may be the secret itself
+            raise DestinationError(err["msg"], key=key) from None
         raise DestinationError(f"{err['msg']} (got {err.get('input')!r})", key=key) from None

@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pydicom.pixels
 from pydicom import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_deferred_data_element
 from pydicom.uid import UID
 
 from radnode.imaging.identity import PatientIdentityError, check_one_patient
@@ -21,6 +23,16 @@ from radnode.imaging.volume import Volume
 
 CT_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.2")
 MR_IMAGE_STORAGE = UID("1.2.840.10008.5.1.4.1.1.4")
+
+
+DEFER_BYTES = 4096
+"""Values larger than this (pixel data above all) are read from the file when used, not when it is read."""
+PIXEL_DATA = 0x7FE00010
+IMAGE_PIXEL_KEYWORDS = ("SamplesPerPixel", "PhotometricInterpretation", "PlanarConfiguration", "Rows", "Columns",
+                        "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation", "NumberOfFrames",
+                        "ExtendedOffsetTable", "ExtendedOffsetTableLengths")
+"""What decoding pixel data needs besides the transfer syntax (Image Pixel module)."""
+INT16 = np.iinfo(np.int16)
 
 
 class InputError(ValueError):
@@ -64,7 +76,9 @@ def read_study_folder(folder: str | Path) -> StudyInput:
 
     Files that are not DICOM, are truncated or lack the identifying UIDs are listed in
     ``unreadable`` with the reason, never silently dropped. A folder whose series belong to more than one
-    patient (or disagree on who the patient is) is refused with both identities named.
+    patient (or disagree on who the patient is) is refused with both identities named. Pixel data and other
+    large values are left on disk (read when used: :func:`build_volume` decodes one slice at a time), so a
+    study's headers, not its pixels, are what stays in memory.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -76,7 +90,7 @@ def read_study_folder(folder: str | Path) -> StudyInput:
         if path.name in {"DICOMDIR"}:
             continue
         try:
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(path, defer_size=DEFER_BYTES)
         except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as e:
             unreadable.append(f"{path.name}: not a readable DICOM file ({type(e).__name__}: {e})")
             continue
@@ -190,6 +204,14 @@ def select_volume_series(study: StudyInput, criteria: VolumeCriteria,
     return chosen, skipped
 
 
+def _temporal_vr(tag: int) -> bool:
+    """Whether a public attribute is a date, time or date-time (by the data dictionary, without decoding it)."""
+    try:
+        return pydicom.datadict.dictionary_VR(tag) in ("DA", "TM", "DT")
+    except KeyError:  # private or unknown: not copied into created objects' date fields
+        return False
+
+
 def _valid_temporal(elem: pydicom.DataElement) -> bool:
     """Whether a DA/TM/DT element parses (writers copy these into the objects they create)."""
     try:
@@ -202,44 +224,62 @@ def _valid_temporal(elem: pydicom.DataElement) -> bool:
 
 
 def _header(ds: Dataset) -> Dataset:
-    """A copy of the dataset without pixel data, for writers that reference the source. A date or time that
-    is not one (a Study Date of "2024136") is emptied: the results are still written, with that attribute
-    empty, and the run's warnings say so (see :class:`radnode.imaging.identity.StudyIdentity`)."""
+    """A copy of the dataset without pixel data, for writers that reference the source (the pixel data,
+    possibly still on disk, is never read). A date or time that is not one (a Study Date of "2024136") is
+    emptied: the results are still written, with that attribute empty, and the run's warnings say so (see
+    :class:`radnode.imaging.identity.StudyIdentity`)."""
     header = Dataset()
-    for elem in ds:
-        if elem.tag == 0x7FE00010:
-            continue
-        if elem.VR in ("DA", "TM", "DT") and not _valid_temporal(elem):
-            elem = pydicom.DataElement(elem.tag, elem.VR, "")
-        header.add(elem)
+    for tag in ds.keys():
+        if tag != PIXEL_DATA:
+            raw = ds.get_item(tag, keep_deferred=True)  # copied as read (decoded when used), unless still on disk
+            elem = ds[tag] if getattr(raw, "value", b"") is None else raw
+            if _temporal_vr(tag) and not _valid_temporal(ds[tag]):
+                elem = pydicom.DataElement(tag, ds[tag].VR, "")
+            header[tag] = elem
     header.file_meta = getattr(ds, "file_meta", Dataset())
     return header
+
+
+def _pixels(series: Series, index: int) -> np.ndarray:
+    """The decoded pixels of one instance. Pixel data left on disk by :func:`read_study_folder` is read
+    into a throw-away dataset with the Image Pixel attributes, never into the series' own (which keeps
+    only headers); pixel data already in the dataset is decoded from there."""
+    ds = series.datasets[index]
+    raw = ds.get_item(PIXEL_DATA, keep_deferred=True)
+    try:
+        if raw is not None and getattr(raw, "value", b"") is None:  # still on disk
+            source = Dataset()
+            source.file_meta = ds.file_meta
+            for keyword in IMAGE_PIXEL_KEYWORDS:
+                if keyword in ds:
+                    source[keyword] = ds[keyword]
+            source[PIXEL_DATA] = read_deferred_data_element(open, str(series.paths[index]), None, raw)
+            ds = source
+        return pydicom.pixels.pixel_array(ds)
+    except Exception as e:  # decoders raise many types; name the file either way
+        raise InputError(f"{series.paths[index].name}: pixel data cannot be decoded "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def _rescale(ds: Dataset) -> tuple[float, float]:
+    return float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
 
 
 def build_volume(series: Series) -> Volume:
     """Stack a checked series into a Volume ordered along the slice normal, pixels rescaled.
 
-    Pixel values become float32 after Rescale Slope/Intercept (Hounsfield units for CT).
-    Raises InputError naming the file when pixel data cannot be decoded.
+    A CT whose Rescale Slope/Intercept are whole numbers becomes int16 Hounsfield units (two bytes a voxel,
+    as the scanner stored them); anything else float32 after Rescale Slope/Intercept. Slices are decoded one
+    at a time into the volume. Raises InputError naming the file when pixel data cannot be decoded.
     """
     normal = _normal(series.first)
     order = sorted(range(len(series.datasets)),
                    key=lambda i: float(np.dot(normal, np.asarray(series.datasets[i].ImagePositionPatient, float))))
     first = series.datasets[order[0]]
-    rows, cols = int(first.Rows), int(first.Columns)
-    array = np.empty((len(order), rows, cols), dtype=np.float32)
-    for k, i in enumerate(order):
-        ds = series.datasets[i]
-        try:
-            pixels = ds.pixel_array
-        except Exception as e:  # decoders raise many types; name the file either way
-            raise InputError(f"{series.paths[i].name}: pixel data cannot be decoded ({type(e).__name__}: {e})") from None
-        if pixels.shape != (rows, cols):
-            raise InputError(f"{series.paths[i].name}: pixel data of shape {pixels.shape}, expected {(rows, cols)}")
-        slope = float(ds.get("RescaleSlope", 1) or 1)
-        intercept = float(ds.get("RescaleIntercept", 0) or 0)
-        np.multiply(pixels, slope, out=array[k], casting="unsafe")
-        array[k] += intercept
+    whole = series.modality == "CT" and all(v.is_integer() for ds in series.datasets for v in _rescale(ds))
+    array = _stack(series, order, np.int16 if whole else np.float32)
+    if array is None:  # a slice's HU beyond int16
+        array = _stack(series, order, np.float32)
     positions = np.array([series.datasets[i].ImagePositionPatient for i in order], dtype=float)
     z = positions @ normal
     slice_spacing = float(np.median(np.diff(z))) if len(z) > 1 else float(first.get("SliceThickness", 1.0))
@@ -252,6 +292,29 @@ def build_volume(series: Series) -> Volume:
         source=[_header(series.datasets[i]) for i in order],
         modality=series.modality,
     )
+
+
+def _stack(series: Series, order: list[int], dtype: type) -> np.ndarray | None:
+    """The rescaled slices in ``order`` as one ``dtype`` array; None when an int16 slice would overflow."""
+    first = series.datasets[order[0]]
+    rows, cols = int(first.Rows), int(first.Columns)
+    array = np.empty((len(order), rows, cols), dtype=dtype)
+    for k, i in enumerate(order):
+        pixels = _pixels(series, i)
+        if pixels.shape != (rows, cols):
+            raise InputError(f"{series.paths[i].name}: pixel data of shape {pixels.shape}, expected {(rows, cols)}")
+        slope, intercept = _rescale(series.datasets[i])
+        if dtype is np.int16:
+            ends = [int(v) * int(slope) + int(intercept) for v in (pixels.min(initial=0), pixels.max(initial=0))]
+            if min(ends) < INT16.min or max(ends) > INT16.max:
+                return None
+            # int16 arithmetic wraps, but the result fits, so it comes out exact
+            np.multiply(pixels, int(slope), out=array[k], casting="unsafe")
+            array[k] += np.int16(intercept)
+        else:
+            np.multiply(pixels, slope, out=array[k], casting="unsafe")
+            array[k] += intercept
+    return array
 
 
 def load_volume(folder: str | Path, criteria: VolumeCriteria) -> tuple[Volume, list[str]]:

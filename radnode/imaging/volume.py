@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from pydicom import Dataset
@@ -16,8 +16,9 @@ class Volume:
     reference each frame's SOP instance and position exactly.
     """
 
-    array: np.ndarray
-    """float32 (n_slices, rows, columns); Hounsfield units for CT (rescale applied)."""
+    array: np.ndarray | None
+    """(n_slices, rows, columns), rescale applied: int16 Hounsfield units for a CT with whole-number rescale
+    (as stored, two bytes a voxel), float32 otherwise. None in :meth:`geometry`'s copy."""
     spacing: tuple[float, float, float]
     """(slice spacing, row spacing, column spacing) in mm; slice spacing measured from positions."""
     positions: np.ndarray
@@ -26,10 +27,22 @@ class Volume:
     """ImageOrientationPatient: row direction cosines then column direction cosines."""
     source: list[Dataset] = field(default_factory=list)
     modality: str = "CT"
+    grid_shape: tuple[int, int, int] = (0, 0, 0)
+    """The voxel grid's shape, kept when the voxels are dropped (set from ``array``)."""
+
+    def __post_init__(self) -> None:
+        if self.array is not None:
+            self.grid_shape = tuple(self.array.shape)  # type: ignore[assignment]
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.array.shape)  # type: ignore[return-value]
+        return self.grid_shape
+
+    def geometry(self) -> "Volume":
+        """This volume without its voxels, for the steps after the last that reads them: writers reference
+        slices, positions and spacing, never values, and the pixels (315 MB for a 600-slice CT) can go as
+        soon as the last reader is done with the volume."""
+        return replace(self, array=None)
 
     @property
     def voxel_volume_ml(self) -> float:

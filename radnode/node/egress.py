@@ -8,6 +8,12 @@ retried with exponential back-off until ``egress.max_attempts``. The job is ``do
 are done, ``failed`` (results kept in the outbox) when some gave up; :meth:`Egress.resend` puts delivered or
 failed deliveries back in the queue (same outbox files, so the same SOP Instance UIDs). After a restart the
 workers pick up whatever is pending.
+
+A destination with ``deidentify: PROFILE`` gets de-identified copies (``outbox/<job>/deid-<profile>/``, made
+once per job and profile when the job is staged, :mod:`radnode.security.deid`); what the profile refuses
+(burned-in annotation) and files that are not DICOM are not planned for it, and the job's events say why.
+Every send (one batch of one job to one destination) is audited (:mod:`radnode.security.audit`): DICOM
+Instances Transferred, or Export for a forward or a de-identified destination, with its outcome.
 """
 
 from __future__ import annotations
@@ -18,13 +24,19 @@ import shutil
 import threading
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from radnode.config import Config
 from radnode.destinations import Destination, DestinationError, Item, Outcome, SendContext, parse_destination
 from radnode.destinations.base import Cancellation
+from radnode.destinations.dicom import DicomDestination
 from radnode.destinations.orthanc import OrthancDestination
-from radnode.node.store import Delivery, JobStore
+from radnode.node.store import Delivery, Job, JobStore
 from radnode.outputs.layout import dicom_files, is_dicom
+
+if TYPE_CHECKING:
+    from radnode.security.audit import AuditTrail
+    from radnode.security.deid import Deidentifier
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +67,23 @@ def _copy_durably(source: Path, target: Path) -> list[str]:
 class Egress:
     """Plans a job's deliveries and runs one worker per destination that carries them out."""
 
-    def __init__(self, config: Config, store: JobStore, poll_seconds: float = 0.2) -> None:
+    def __init__(self, config: Config, store: JobStore, poll_seconds: float = 0.2,
+                 audit: "AuditTrail | None" = None) -> None:
         self.config = config
         self.store = store
         self.poll_seconds = poll_seconds
+        self.audit = audit
+        """Told of every send (DICOM Instances Transferred / Export messages); None: not audited."""
+        self._deidentifiers: dict[str, Deidentifier] = {}
         self.destinations: dict[str, Destination] = dict(config.egress.destinations)
         """Configured destinations by name, with the implicit Orthanc one."""
         if config.orthanc.url and config.orthanc.results_to_orthanc:
             self.destinations.setdefault(ORTHANC, OrthancDestination())
-        self._unnamed: dict[str, Destination] = {}
-        """Destinations known by their one-line form only (return-to-sender, rows of an older configuration)."""
+        self._unnamed: dict[str, Destination] = {
+            str(peer): DicomDestination(ae_title=peer.ae_title, host=peer.host, port=peer.port, tls=peer.tls)
+            for peer in config.egress.known_peers if peer.tls is not None}
+        """Destinations known by their one-line form only (return-to-sender, rows of an older configuration);
+        known peers reached over TLS are there from the start, with their TLS settings."""
         self._workers: dict[str, _Worker] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -110,18 +129,76 @@ class Egress:
             targets |= {n: d for n, d in self.destinations.items() if not d.forward_only}
             targets |= {n: self.destination(n) for n in self.return_to_sender(job.calling_ae)}
         targets |= forwards
-        plan = [(name, file) for name, destination in targets.items() for file in names
-                if destination.wants(file) and (job.pipeline or is_dicom(file))]
+        plan: list[tuple[str, str]] = []
+        notes: list[str] = []
+        for name, destination in targets.items():
+            files = [file for file in names if destination.wants(file) and (job.pipeline or is_dicom(file))]
+            if destination.deidentify is None:
+                plan += [(name, file) for file in files]
+                continue
+            try:
+                copies, refused = self._deidentified(job_id, destination.deidentify, files)
+            except OSError as e:
+                self.store.fail_job(job_id, f"cannot de-identify the results for {name}: {e}")
+                return
+            plan += [(name, copies[file]) for file in files if file in copies]
+            notes += [f"{file} not sent to {name} ({destination.deidentify} de-identification): {why}"
+                      for file, why in refused.items()]
         dicom = len(dicom_files(names))
-        summary = (f"{len(names)} outputs ({dicom} DICOM) copied to the outbox; {len(plan)} deliveries planned"
-                   + (f" to {', '.join(sorted({n for n, _ in plan}))}" if plan else ""))
+        summary = "; ".join([f"{len(names)} outputs ({dicom} DICOM) copied to the outbox",
+                             f"{len(plan)} deliveries planned"
+                             + (f" to {', '.join(sorted({n for n, _ in plan}))}" if plan else ""), *notes])
         self.store.begin_delivery(job_id, summary, plan)
         self._wake({name for name, _ in plan})
 
-    def resend(self, job_id: int, destination: str | None = None, *, user: str, reason: str) -> int:
+    def _deidentified(self, job_id: int, profile: str, files: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+        """De-identified copies of outbox files in ``outbox/<job>/deid-<profile>/`` under their own names (made
+        once per job and profile, fsync'd): outbox file → its copy's delivery object, and the files refused
+        with why (not DICOM, burned-in annotation)."""
+        from radnode.security.deid import Refused, deidentify_file
+
+        folder = outbox_dir(self.config, job_id)
+        target = folder / f"deid-{profile}"
+        target.mkdir(exist_ok=True)
+        copies, refused = {}, {}
+        for file in files:
+            copy = target / file
+            if not copy.exists():
+                try:
+                    ds = deidentify_file(folder / file, self._deidentifier(profile))
+                except Refused as e:
+                    refused[file] = str(e)
+                    continue
+                except Exception as e:  # a defect de-identifying one object must neither send it nor stop egress
+                    log.exception("job %d: %s cannot be de-identified (%s)", job_id, file, profile)
+                    refused[file] = f"cannot be de-identified ({type(e).__name__}: {e})"
+                    continue
+                partial = copy.with_name(copy.name + ".partial")
+                ds.save_as(partial, enforce_file_format=True)
+                with open(partial, "rb") as f:
+                    os.fsync(f.fileno())
+                os.replace(partial, copy)
+            copies[file] = f"{target.name}/{file}"
+        return copies, refused
+
+    def _deidentifier(self, profile: str) -> "Deidentifier":
+        """The profile's de-identifier with the site key and pseudonym mapping (one per profile)."""
+        from radnode.security.deid import deidentifier_for
+        from radnode.security.privacy import SiteKey
+
+        if profile not in self._deidentifiers:
+            site_key = self.audit.site_key if self.audit is not None else SiteKey.load(
+                self.config.privacy.site_key, self.config.data_dir)
+            self._deidentifiers[profile] = deidentifier_for(self.config, profile, site_key)
+        return self._deidentifiers[profile]
+
+    def resend(self, job_id: int, destination: str | None = None, *, user: str, reason: str,
+               failed_only: bool = False) -> int:
         """Deliver a job's results again, to every destination or one (even after they gave up): its delivered
-        and failed deliveries go back to the queue; returns how many. Raises ValueError saying why not."""
-        count = self.store.resend(job_id, destination, user=user, reason=reason)
+        and failed deliveries (``failed_only``: only those that gave up) go back to the queue and their workers
+        are woken; returns how many. The one re-send path: the console's action and ``radnode jobs resend`` call
+        it. LookupError for an unknown job; ActionRefused (a ValueError) saying why not."""
+        count = self.store.resend(job_id, destination, user=user, reason=reason, failed_only=failed_only)
         self._wake({d.destination for d in self.store.deliveries(job_id) if d.state == "pending"})
         return count
 
@@ -152,7 +229,7 @@ class Egress:
                 self._send(destination, job_id, deliveries, cancellation or Cancellation())
             state = self.store.settle_job(job_id)
             if state is not None:
-                log.info("job %d %s", job_id, state)
+                log.debug("job %d %s", job_id, state)
 
     def _send(self, destination: Destination, job_id: int, deliveries: list[Delivery],
               cancellation: Cancellation) -> None:
@@ -175,6 +252,32 @@ class Egress:
                 self.store.delivery_done(outcome.item.delivery_id, outcome.message, sent_uid=outcome.sent_uid)
             else:
                 self._failed(by_id[outcome.item.delivery_id], outcome.message)
+        if self.audit is not None:
+            self._audit(destination, deliveries[0].destination, job_id, outcomes)
+
+    def _audit(self, destination: Destination, name: str, job_id: int, outcomes: list[Outcome]) -> None:
+        """The audit trail's record of one send (see :func:`radnode.security.audit.audit_send`)."""
+        import pydicom
+        from pydicom.errors import InvalidDicomError
+
+        from radnode.security.audit import audit_send
+
+        job: Job | None = self.store.job(job_id)
+        if job is None or self.audit is None:
+            return
+        sop_classes: dict[str, int] = {}
+        for outcome in outcomes:
+            if outcome.ok and is_dicom(outcome.item.name):
+                try:
+                    uid = str(pydicom.dcmread(outcome.item.path, stop_before_pixels=True,
+                                              specific_tags=["SOPClassUID"]).SOPClassUID)
+                except (OSError, InvalidDicomError, AttributeError):
+                    continue
+                sop_classes[uid] = sop_classes.get(uid, 0) + 1
+        failures = [o.message for o in outcomes if not o.ok]
+        audit_send(self.audit, study_uid=job.study_instance_uid, patient_id=job.patient_id or None, name=name,
+                   destination=destination, sop_classes=sop_classes, sent=len(outcomes) - len(failures),
+                   failures=failures, export=name in job.forwards or destination.deidentify is not None)
 
     def _failed(self, delivery: Delivery, error: str) -> None:
         egress = self.config.egress
@@ -212,6 +315,10 @@ class Egress:
             worker.thread.join(timeout)
             if worker.thread.is_alive():
                 log.warning("egress to %s still busy after %g s; its delivery stays pending", worker.name, timeout)
+        for deidentifier in self._deidentifiers.values():
+            if deidentifier.mapping is not None:
+                deidentifier.mapping.close()
+        self._deidentifiers.clear()
 
     def _worker(self, name: str) -> None:
         with self._lock:

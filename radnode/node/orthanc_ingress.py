@@ -47,7 +47,7 @@ class OrthancIngress:
         self.timeout = timeout
         self._session = requests.Session()
         if config.username:
-            self._session.auth = (config.username, config.password or "")
+            self._session.auth = (config.username, config.password.reveal() if config.password else "")
         self._events: queue.Queue[dict[str, str] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="radnode-orthanc-ingress", daemon=True)
 

@@ -21,10 +21,12 @@ import threading
 import time
 import uuid
 import weakref
+from collections import Counter, OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -41,6 +43,11 @@ from radnode.node.completeness import COMPLETENESS_TAGS, expected_instances
 from radnode.node.store import Arrival, Instance, InstanceBeingPurged, JobStore
 from radnode.pipelines.routing import LateInstances, RoutingContext, SeriesDecision
 from radnode.pipelines.rules import DEFAULT_RULES, RuleSet, load_rules
+from radnode.security.access import REJECTED_PERMANENT, SERVICE_USER, PeerPolicy
+from radnode.security.tls import TlsAssociationServer, peer_identity, server_context
+
+if TYPE_CHECKING:
+    from radnode.security.audit import AuditTrail
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +55,11 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
-INDEX_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "PatientID", "Modality"]
-"""The only tags parsed on receipt."""
+INDEX_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "PatientID", "Modality",
+              "AccessionNumber", "StudyDescription"]
+"""The only tags parsed on receipt (the last two for the console's job list, once per study)."""
+_NOTED_STUDIES = 10_000
+"""Studies whose details this process recorded (so the store is written once per study, not per instance)."""
 
 _UID = re.compile(r"[0-9A-Za-z_-]+(\.[0-9A-Za-z_-]+)*")
 """What may become a spool path component: UID-like, no separators, no '..'."""
@@ -199,16 +209,23 @@ class Router:
     policy where no rule sets one. The store calls it once per series; later instances read the recorded
     decision."""
 
-    def __init__(self, rules: RuleSet, late_instances: LateInstances = LateInstances.IGNORE) -> None:
+    def __init__(self, rules: RuleSet, late_instances: LateInstances = LateInstances.IGNORE,
+                 policy: PeerPolicy | None = None) -> None:
         self.rules = rules
         self.late_instances = LateInstances(late_instances)
+        self.policy = policy
+        """Limits what each sender may trigger (``ingress.allowed_peers[].pipelines``), after the rules."""
         self.tags = sorted({*INDEX_TAGS, *COMPLETENESS_TAGS, *rules.keywords})
         """The tags parsed on receipt: the index's, the expected-count signals and what routing reads."""
 
     def route(self, ds: Dataset, origin: "Origin") -> SeriesDecision:
-        """The series' decision as the node takes it."""
+        """The series' decision as the node takes it; a pipeline the sender may not trigger is withheld (and
+        named in the decision's description)."""
         context = RoutingContext(calling_ae=origin.calling_ae, called_ae=origin.called_ae)
-        return self.rules.route(ds, context).with_defaults(self.late_instances)
+        decision = self.rules.route(ds, context).with_defaults(self.late_instances)
+        if self.policy is None:
+            return decision
+        return self.policy.restrict(decision, origin.calling_ae, origin.peer_address.rsplit(":", 1)[0])
 
 
 def index_tags(stream: BytesIO | Path, tags: list[str] = INDEX_TAGS) -> Dataset:
@@ -241,6 +258,9 @@ class Ingest:
         self.store = store
         self.router = router or Router(load_rules(DEFAULT_RULES))
         self.guard = guard
+        self.on_received: Callable[[Dataset, Origin, Arrival], None] | None = None
+        """Told of every instance kept, with its index tags (the SCP tallies studies for the audit trail)."""
+        self._noted: OrderedDict[str, None] = OrderedDict()
 
     def receive(self, meta: bytes | memoryview, dataset: bytes | memoryview, origin: Origin) -> Arrival:
         """Spool the encoded instance as it arrived and index it; raises Refused when it cannot be kept.
@@ -262,9 +282,21 @@ class Ingest:
             self.spool.write(path, meta, dataset)
         arrival, job_id = self.store.record_instance(describe(ds, path, origin, time.time()),
                                                      lambda: self.router.route(ds, origin), expected_instances(ds))
+        self._note_study(ds)
         if arrival is not Arrival.NEW:
-            log.info("%s instance %s from %s (job %d)", arrival, ds.SOPInstanceUID, origin.calling_ae, job_id)
+            log.debug("%s instance %s from %s (job %d)", arrival, ds.SOPInstanceUID, origin.calling_ae, job_id)
+        if self.on_received is not None:
+            self.on_received(ds, origin, arrival)
         return arrival
+
+    def _note_study(self, ds: Dataset) -> None:
+        study = str(ds.get("StudyInstanceUID", ""))
+        if study in self._noted:
+            return
+        self.store.note_study(study, str(ds.get("AccessionNumber", "") or ""), str(ds.get("StudyDescription", "") or ""))
+        self._noted[study] = None
+        if len(self._noted) > _NOTED_STUDIES:
+            self._noted.popitem(last=False)
 
     def reindex(self) -> int:
         """Index spool files the store does not know (written just before a crash); returns how many."""
@@ -285,25 +317,49 @@ class Ingest:
 
 
 @dataclass
+class _StudyTally:
+    """One study's instances in one association, for its DICOM Instances Transferred audit message."""
+
+    patient_id: str
+    sop_classes: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass
 class _AssociationTally:
-    """What one association delivered, for the log line at its end."""
+    """What one association delivered, for the log line and the audit messages at its end."""
 
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     stored: int = 0
     refused: int = 0
     repeated: int = 0
+    studies: dict[str, _StudyTally] = field(default_factory=dict)
+    identity: str | None = None
+    """The subject of the sender's TLS certificate ('' without one), read at its first C-STORE."""
 
 
 class StorageSCP:
-    """pynetdicom Storage SCP (C-ECHO, C-STORE of every storage SOP class) feeding an :class:`Ingest`."""
+    """pynetdicom Storage SCP (C-ECHO, C-STORE of every storage SOP class) feeding an :class:`Ingest`.
 
-    def __init__(self, config: IngressConfig, ingest: Ingest) -> None:
+    It listens on ``ingress.host``: plain on ``ingress.port`` (unless ``plain_listener`` is off) and with TLS
+    on ``ingress.tls.port`` when ``ingress.tls`` is set (see :mod:`radnode.security.tls`). Every association
+    request passes the :class:`PeerPolicy` first (``allowed_peers``, ``reject_unknown``); a refusal is logged
+    once with the peer's address, counted and audited as a Security Alert, like a failed TLS handshake.
+    """
+
+    def __init__(self, config: IngressConfig, ingest: Ingest, audit: "AuditTrail | None" = None) -> None:
         self.config = config
         self.ingest = ingest
+        self.audit = audit
+        self.policy = ingest.router.policy or PeerPolicy(config)
+        self.tls_failures = 0
+        """TLS handshakes refused or failed (no client certificate, untrusted CA, not TLS at all)."""
         self._ae = self._make_ae(config)
         self._server: ThreadedAssociationServer | None = None
+        self._tls_server: TlsAssociationServer | None = None
         self._tallies: weakref.WeakKeyDictionary[Association, _AssociationTally] = weakref.WeakKeyDictionary()
         self._tally_lock = threading.Lock()
+        self._current: threading.local = threading.local()
+        ingest.on_received = self._on_received
 
     @staticmethod
     def _make_ae(config: IngressConfig) -> AE:
@@ -315,34 +371,95 @@ class StorageSCP:
         return ae
 
     def start(self) -> None:
-        """Listen on the configured address (port 0: any free port, see :attr:`port`)."""
-        handlers = [(evt.EVT_C_ECHO, self._on_echo), (evt.EVT_C_STORE, self._on_store),
-                    (evt.EVT_RELEASED, self._on_end), (evt.EVT_ABORTED, self._on_end)]
-        self._server = self._ae.start_server((self.config.host, self.config.port), block=False,
-                                             evt_handlers=handlers)
-        log.info("Storage SCP %s listening on %s:%d", self.config.ae_title, self.config.host, self.port)
+        """Listen on the configured address(es) (port 0: any free port, see :attr:`port`, :attr:`tls_port`)."""
+        handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_ECHO, self._on_echo),
+                    (evt.EVT_C_STORE, self._on_store), (evt.EVT_RELEASED, self._on_end),
+                    (evt.EVT_ABORTED, self._on_end)]
+        tls = self.config.tls
+        if tls is not None:
+            context = server_context(tls, tls.require_client_certificate)
+            server = self._ae.make_server((self.config.host, tls.port), ssl_context=context, evt_handlers=handlers,
+                                          server_class=TlsAssociationServer)
+            server.on_handshake_failed = self._on_handshake_failed
+            thread = threading.Thread(target=server.serve_forever, name="radnode-scp-tls", daemon=True)
+            thread.start()
+            self._ae._servers.append(server)  # so AE.shutdown() ends it, as with start_server
+            self._tls_server = server
+            log.info("Storage SCP %s listening with TLS %s+%s on %s:%d", self.config.ae_title, tls.min_version,
+                     " (client certificates required)" if tls.require_client_certificate else "",
+                     self.config.host, self.tls_port)
+        if self.config.plain_listener:
+            self._server = self._ae.start_server((self.config.host, self.config.port), block=False,
+                                                 evt_handlers=handlers)
+            log.info("Storage SCP %s listening on %s:%d", self.config.ae_title, self.config.host, self.port)
 
     @property
     def port(self) -> int:
-        """The port actually listened on."""
-        if self._server is None:
+        """The port the plain listener listens on (the TLS one's when there is no plain listener)."""
+        server = self._server or self._tls_server
+        if server is None:
             raise RuntimeError("the SCP is not started")
-        return self._server.server_address[1]
+        return server.server_address[1]
+
+    @property
+    def tls_port(self) -> int:
+        """The port the TLS listener listens on."""
+        if self._tls_server is None:
+            raise RuntimeError("the SCP has no TLS listener (ingress.tls is not set)")
+        return self._tls_server.server_address[1]
 
     def stop(self) -> None:
         """Stop listening and end open associations."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        for server in (self._server, self._tls_server):
+            if server is not None:
+                server.shutdown()
+        self._server = self._tls_server = None
         self._ae.shutdown()
 
     def _tally(self, assoc: Association) -> _AssociationTally:
         with self._tally_lock:
             return self._tallies.setdefault(assoc, _AssociationTally())
 
+    def _on_requested(self, event: Event) -> None:
+        """Reject the association now when the policy refuses the sender (A-ASSOCIATE-RJ with the reason);
+        logged and audited before the answer goes out, so both are on record when the sender sees it."""
+        request = event.assoc.requestor.primitive
+        calling, called = str(request.calling_ae_title).strip(), str(request.called_ae_title).strip()
+        address = event.assoc.requestor.address
+        rejection = self.policy.check(calling, called, address)
+        if rejection is None:
+            return
+        log.warning("rejected association from %s (%s:%d) to %s: %s", calling, address,
+                    event.assoc.requestor.port, called, rejection.reason)
+        if self.audit is not None:
+            from radnode.security.audit import NODE_AUTHENTICATION, dicom_node
+
+            self.audit.security_alert(alert=NODE_AUTHENTICATION, description=f"association rejected: {rejection.reason}",
+                                      performer=dicom_node(calling, address, True, None))
+        event.assoc.acse.send_reject(REJECTED_PERMANENT, SERVICE_USER, rejection.diagnostic)
+        evt.trigger(event.assoc, evt.EVT_REJECTED, {})
+        event.assoc.kill()  # as pynetdicom's own rejection: waits until the A-ASSOCIATE-RJ is out before closing
+
+    def _on_handshake_failed(self, peer: str, reason: str) -> None:
+        self.tls_failures += 1
+        log.warning("TLS handshake with %s failed: %s", peer, reason)
+        if self.audit is not None:
+            from radnode.security.audit import NODE_AUTHENTICATION, Participant
+
+            host = peer.rsplit(":", 1)[0]
+            self.audit.security_alert(alert=NODE_AUTHENTICATION, description=f"TLS handshake failed: {reason}",
+                                      performer=Participant(host, True, address=host))
+
     @staticmethod
     def _on_echo(event: Event) -> int:
         return STATUS_SUCCESS
+
+    def _on_received(self, ds: Dataset, origin: Origin, arrival: Arrival) -> None:
+        tally = getattr(self._current, "tally", None)
+        if tally is None:  # an instance from another ingress path (Orthanc)
+            return
+        study = tally.studies.setdefault(str(ds.StudyInstanceUID), _StudyTally(str(ds.get("PatientID", "") or "")))
+        study.sop_classes[str(ds.get("SOPClassUID", "") or "")] += 1
 
     def _on_store(self, event: Event) -> int | Dataset:
         requestor = event.assoc.requestor
@@ -350,6 +467,9 @@ class StorageSCP:
         origin = Origin(requestor.ae_title, f"{requestor.address}:{requestor.port}", tally.id,
                         event.assoc.acceptor.ae_title)
         meta = b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
+        if tally.identity is None:
+            tally.identity = _tls_identity(event.assoc)
+        self._current.tally = tally
         try:
             arrival = self.ingest.receive(meta, event.request.DataSet.getbuffer(), origin)
         except Refused as e:
@@ -364,6 +484,8 @@ class StorageSCP:
             tally.refused += 1
             log.error("cannot spool C-STORE from %s: %s", origin.calling_ae, e)
             return _failure(STATUS_OUT_OF_RESOURCES, f"cannot store: {e.strerror}")
+        finally:
+            self._current.tally = None
         if arrival is Arrival.DUPLICATE:
             tally.repeated += 1
         else:
@@ -381,6 +503,36 @@ class StorageSCP:
         log.info("association %s from %s (%s:%d) %s: %d stored, %d duplicate, %d refused", tally.id,
                  requestor.ae_title, requestor.address, requestor.port, event.event.name.removeprefix("EVT_").lower(),
                  tally.stored, tally.repeated, tally.refused)
+        if self.audit is not None:
+            self._audit_received(event.assoc, tally, aborted=event.event is not evt.EVT_RELEASED)
+
+    def _audit_received(self, assoc: Association, tally: _AssociationTally, aborted: bool) -> None:
+        """One DICOM Instances Transferred message per study the association carried (action Create)."""
+        from radnode.security.audit import DESTINATION, MINOR_FAILURE, SOURCE, SUCCESS, Participant, StudyObject, \
+            dicom_node
+
+        requestor = assoc.requestor
+        source = dicom_node(requestor.ae_title, requestor.address, True, SOURCE)
+        if tally.identity:
+            source = Participant(source.user_id, True, SOURCE, source.ae_titles, tally.identity, source.address)
+        destination = Participant(f"{self.config.ae_title}@{self.audit.host}", False, DESTINATION,
+                                  (assoc.acceptor.ae_title,), "radnode")
+        problems = [f"{tally.refused} refused"] if tally.refused else []
+        problems += ["association aborted"] if aborted else []
+        for study_uid, study in tally.studies.items():
+            self.audit.instances_transferred(
+                study=StudyObject(study_uid, dict(study.sop_classes)), patient_id=study.patient_id or None,
+                source=source, destination=destination, outcome=MINOR_FAILURE if problems else SUCCESS,
+                description="; ".join(problems) or None)
+
+
+def _tls_identity(assoc: Association) -> str:
+    """The subject of the peer's verified TLS certificate, '' on a plain association or without one."""
+    sock = assoc.dul.socket.socket if assoc.dul.socket is not None else None
+    try:
+        return peer_identity(sock) if sock is not None else ""
+    except (OSError, ValueError):
+        return ""
 
 
 def _failure(status: int, comment: str) -> Dataset:

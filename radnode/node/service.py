@@ -2,8 +2,10 @@
 
 On disk under ``config.data_dir``::
 
-    radnode.db                      job store (SQLite, WAL; or PostgreSQL at ``store.url``)
-    node-config.yaml                the configuration job processes get via $RADNODE_CONFIG
+    radnode.db                      job store (SQLite, WAL; or PostgreSQL at ``store.url``), patient IDs sealed
+    node-config.yaml                the configuration job processes get via $RADNODE_CONFIG (0600, secrets as references)
+    audit/audit.log                 the IHE ATNA audit trail (append-only, one PS3.15 A.5 message per line)
+    keys/site.key                   the site key for hashed identifiers and de-identification (unless privacy.site_key)
     spool/<study>/<series>/<sop>.dcm  received instances, as they arrived
     spool/.incoming/                temporary files of writes in progress
     jobs/<job_id>/in/               hard links to the instances the job covers
@@ -13,10 +15,9 @@ On disk under ``config.data_dir``::
     jobs/<job_id>/stdout.log, stderr.log
     outbox/<job_id>/                copy of every output, kept whatever the deliveries do
 
-With ``orthanc.url`` set, the node also listens for the Orthanc plugin's events on its HTTP API
-(``api.host``/``api.port``) and pulls instances from Orthanc into the same spool; results go back into
-Orthanc. The API also lists the jobs (``GET /jobs?needs_review=true``: studies flagged for human review);
-``api.enabled`` starts it without Orthanc. Every series is routed by the rule file (``rules``; unset: the
+The web service (``radnode.console``, on ``api.host``/``api.port`` unless ``api.enabled`` is false) serves the
+API, the operators' dashboard, ``/metrics``, STOW-RS and the Orthanc plugin's events; with ``orthanc.url`` set
+the node pulls instances from Orthanc into the same spool and results go back into Orthanc. Every series is routed by the rule file (``rules``; unset: the
 shipped ``pipelines/default_rules.yaml``): pipelines, forwards, discard, priority, completeness, execution
 (in-process, subprocess or container, see ``executors.py``). The node's own results coming back (from a PACS,
 from Orthanc) are recorded and never processed, whatever the rules say.
@@ -34,24 +35,33 @@ Retention (``retention.py``) removes the files of jobs final for longer than ``r
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from collections.abc import Callable, Sequence
+from io import BytesIO
+from pathlib import Path
 
 import yaml
 
+from radnode.console.accounts import Accounts
+from radnode.console.service import Console
+
 from radnode.config import Config
+from radnode.node.activity import ActivityLog
 from radnode.node.egress import Egress
 from radnode.node.executors import check_models, execution_modes
-from radnode.node.http_api import NodeApi
 from radnode.node.orthanc_ingress import OrthancIngress
 from radnode.node.retention import Retention
-from radnode.node.scp import DiskGuard, Ingest, Router, Spool, StorageSCP
+from radnode.node.scp import DiskGuard, Ingest, Origin, Refused, Router, Spool, StorageSCP, index_tags
 from radnode.node.store import Delivery, Event, Job, JobState, JobStore, store_target
 from radnode.node.worker import DEFAULT_JOB_COMMAND, Scheduler
 from radnode.pipelines.registry import registered_pipelines
 from radnode.pipelines.routing import LateInstances
 from radnode.pipelines.rules import DEFAULT_RULES, RuleSet, load_rules
+from radnode.security.access import PeerPolicy
+from radnode.security.audit import AuditTrail
+from radnode.security.privacy import IdentitySeal, SiteKey, make_private, private_umask, write_owner_only
 
 log = logging.getLogger(__name__)
 
@@ -70,42 +80,60 @@ class Node:
         self.egress: Egress | None = None
         """Started with the node: one delivery worker per destination (``Egress.resend`` re-sends a job)."""
         self._scp: StorageSCP | None = None
-        self._api: NodeApi | None = None
+        self._web: Console | None = None
         self._orthanc: OrthancIngress | None = None
         self.disk_guard: DiskGuard | None = None
         """Checked before every spool write (set on start, from ``retention.min_free_disk_*``)."""
+        self.audit: AuditTrail | None = None
+        """The ATNA audit trail (set on start); the console audits what its users do through it."""
+        self.site_key: SiteKey | None = None
+        self._umask = os.umask(0o077)
+        os.umask(self._umask)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         """Recover what a previous run left, then listen and schedule."""
         check_models(self.config)
+        self._umask = private_umask()  # everything the node and its job processes create is owner-only
         data = self.config.data_dir
-        data.mkdir(parents=True, exist_ok=True)
-        config_file = data / "node-config.yaml"
-        config_file.write_text(yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
-        router = Router(self.load_rules(), LateInstances(self.config.ingress.late_instances))
-        self.store = store = JobStore(store_target(data, self.config.store.url))
+        data.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if tightened := make_private(data):
+            log.warning("made %d entries under %s owner-only (group/other permissions removed)", tightened, data)
+        config_file = data / "node-config.yaml"  # secrets are written as their references, never their values
+        write_owner_only(config_file, yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
+        self.site_key = SiteKey.load(self.config.privacy.site_key, data)
+        self.audit = AuditTrail(self.config.audit, data, self.config.ingress.ae_title, self.site_key)
+        self.audit.application_activity(started=True)
+        rules = self.load_rules()
+        router = Router(rules, LateInstances(self.config.ingress.late_instances),
+                        PeerPolicy(self.config.ingress))
+        self.store = store = JobStore(store_target(data, self.config.store.url), seal=IdentitySeal(self.site_key))
         log.info("%s", store.opened)
+        if sealed := store.seal_stored():
+            log.info("sealed %d patient identifiers the job store held in clear", sealed)
         spool = Spool(data / "spool", fsync=self.config.ingress.sync_spool)
         self.disk_guard = DiskGuard.from_config(spool.root, self.config.retention)
         ingest = Ingest(spool, store, router, self.disk_guard)
         self._recover(store, spool, ingest)
-        self.egress = egress = Egress(self.config, store, self.poll_seconds)
-        scheduler = Scheduler(self.config, store, egress, self.job_command, config_file)
-        self._scp = StorageSCP(self.config.ingress, ingest)
+        self.egress = egress = Egress(self.config, store, self.poll_seconds, self.audit)
+        scheduler = Scheduler(self.config, store, egress, self.job_command, config_file,
+                              rules.in_process_pipelines)
+        self._scp = StorageSCP(self.config.ingress, ingest, self.audit)
         self._scp.start()
         if self.config.orthanc.url:
             self._orthanc = OrthancIngress(self.config.orthanc, ingest, self.config.egress.timeouts.network_seconds)
             self._orthanc.start()
-        if self.config.orthanc.url or self.config.api.enabled:
-            on_event = self._orthanc.submit if self._orthanc is not None else _no_orthanc
-            self._api = NodeApi(self.config.api.host, self.config.api.port, on_event, self._health, jobs=self)
-            self._api.start()
+        if self.config.api.enabled:
+            self._ingest = ingest
+            self._web = Console(self.config, self, store)
+            self._web.start()
         self._stopping.clear()
         retention = Retention(self.config, store, should_stop=self._stopping.is_set)
         egress.start()
-        self._threads = [self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
+        activity = ActivityLog(store.read_rows)
+        self._threads = [self._loop("activity", activity.tick),
+                         self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
                          self._loop("egress", egress.dispatch), self._loop("retention", retention.tick)]
 
     def load_rules(self) -> RuleSet:
@@ -116,7 +144,7 @@ class Node:
                           known_destinations=self.config.egress.destinations.keys(),
                           execution_modes=execution_modes(self.config))
 
-    def _health(self) -> dict[str, object]:
+    def health(self) -> dict[str, object]:
         """What ``GET /health`` answers: job counts by state, and how many jobs are flagged for review."""
         counts, flagged = self._store().job_counts()
         return {"status": "ok", "jobs": counts, "needs_review": flagged}
@@ -158,9 +186,9 @@ class Node:
             return
         if self._scp is not None:
             self._scp.stop()
-        if self._api is not None:
-            self._api.stop()
-            self._api = None
+        if self._web is not None:
+            self._web.stop()
+            self._web = None
         if self._orthanc is not None:
             self._orthanc.stop()
             self._orthanc = None
@@ -172,6 +200,11 @@ class Node:
             self.egress = None
         self.store.close()
         self.store = None
+        if self.audit is not None:
+            self.audit.application_activity(started=False)
+            self.audit.close()
+            self.audit = None
+        os.umask(self._umask)
 
     def __enter__(self) -> "Node":
         self.start()
@@ -188,11 +221,32 @@ class Node:
         return self._scp.port
 
     @property
+    def tls_port(self) -> int:
+        """The DICOM TLS port the node listens on (``ingress.tls``)."""
+        if self._scp is None:
+            raise RuntimeError("the node is not started")
+        return self._scp.tls_port
+
+    @property
+    def scp(self) -> StorageSCP:
+        """The Storage SCP (its ``policy.rejected`` and ``tls_failures`` count refused senders)."""
+        if self._scp is None:
+            raise RuntimeError("the node is not started")
+        return self._scp
+
+    @property
     def api_port(self) -> int:
-        """The HTTP API's port (started with ``orthanc.url`` or ``api.enabled``)."""
-        if self._api is None:
-            raise RuntimeError("the HTTP API is not started (neither orthanc.url nor api.enabled)")
-        return self._api.port
+        """The web service's port (``api.port``; useful with 0)."""
+        if self._web is None:
+            raise RuntimeError("the web service is not started (api.enabled is false)")
+        return self._web.port
+
+    @property
+    def accounts(self) -> Accounts:
+        """The console's users and tokens (while the web service runs)."""
+        if self._web is None:
+            raise RuntimeError("the web service is not started (api.enabled is false)")
+        return self._web.accounts
 
     def _store(self) -> JobStore:
         if self.store is None:
@@ -215,10 +269,50 @@ class Node:
         """A job's deliveries with their attempts and last errors."""
         return self._store().deliveries(job_id)
 
+    # --- what the web console hands the node (radnode.console) -----------------------------------
 
-def _no_orthanc(event: object) -> None:
-    """The plugin endpoint of a node without Orthanc: every event is refused (400)."""
-    raise ValueError("this node takes no Orthanc events (orthanc.url is not set)")
+    def orthanc_event(self, event: dict[str, str]) -> None:
+        """Queue one Orthanc plugin event; ValueError when this node takes none."""
+        if self._orthanc is None:
+            raise ValueError("this node takes no Orthanc events (orthanc.url is not set)")
+        self._orthanc.submit(event)
+
+    def stow_incoming(self) -> Path:
+        """Where STOW-RS parts are written while a request is received (the spool's temporary folder)."""
+        return self._ingest.spool.incoming
+
+    def stow_receive(self, path: Path, calling_ae: str, peer_address: str, association_id: str,
+                     study: str | None) -> str:
+        """One instance received over STOW-RS, through the same ingest as a C-STORE."""
+        data = path.read_bytes()
+        try:
+            ds = index_tags(BytesIO(data), ["StudyInstanceUID", "SOPInstanceUID"])
+        except Refused as e:
+            raise ValueError(str(e)) from None
+        if study is not None and ds.get("StudyInstanceUID") != study:
+            raise StudyMismatch(str(ds.get("SOPInstanceUID", "")),
+                                f"instance of study {ds.get('StudyInstanceUID')!r}, not of {study!r} (the URL's)")
+        try:
+            self._ingest.receive(data, b"", Origin(calling_ae, peer_address, association_id))
+        except Refused as e:
+            raise StudyMismatch(str(ds.get("SOPInstanceUID", "")), str(e)) from None
+        return str(ds.SOPInstanceUID)
+
+    def stow_released(self, association_id: str) -> None:
+        """A STOW-RS request ended: its series may be complete, as after an A-RELEASE."""
+        self._store().association_released(association_id)
+
+    def metric_rows(self, query: str, params: dict[str, object] | None = None) -> list[tuple]:
+        """Rows of one of the metrics' read-only queries (:mod:`radnode.console.metrics`)."""
+        return self._store().read_rows(query, params or {})
+
+
+class StudyMismatch(ValueError):
+    """A STOW-RS instance refused, with its SOP Instance UID for the Failed SOP Sequence."""
+
+    def __init__(self, sop_instance_uid: str, reason: str) -> None:
+        super().__init__(reason)
+        self.sop_instance_uid = sop_instance_uid
 
 
 def run_node(config: Config, job_command: Sequence[str] = DEFAULT_JOB_COMMAND) -> None:
@@ -229,7 +323,7 @@ def run_node(config: Config, job_command: Sequence[str] = DEFAULT_JOB_COMMAND) -
     node = Node(config, job_command)
     node.start()
     log.info("radnode %s listening on %s:%d, data in %s", config.ingress.ae_title, config.ingress.host,
-                node.port, config.data_dir)
+             node.port, config.data_dir)
     try:
         stop.wait()
     finally:

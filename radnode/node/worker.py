@@ -8,11 +8,14 @@ its process group is killed, and a container removed) ends ``failed`` with the r
 after N s``, with the mode in brackets unless it is the default in-process — and the node and the other
 jobs carry on. A run that ends well has its review decision (``review`` in ``out/manifest.json``, written by
 pipelines that score their uncertainty) copied into the job store before its results are staged.
+
+With ``processing.warm_start`` (the default) an in-process job is handed to a pre-imported process of its
+pipeline (``warm.py``) instead of a fresh interpreter: the same command, timeout and isolation, one process per
+job, ready to read its input in a fraction of a second.
 """
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import shlex
@@ -21,7 +24,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,10 +32,12 @@ from radnode.config import Config
 from radnode.execution import ManifestError, RunManifest
 from radnode.node.completeness import CompletenessSettings, study_verdict
 from radnode.node.egress import Egress
-from radnode.node.executors import ExecutionError, JobRun, Launch, executors, resolve_timeout
+from radnode.node.executors import ExecutionError, InProcessExecutor, JobRun, Launch, executors, resolve_timeout
 from radnode.node.store import Job, JobStore
 from radnode.outputs.layout import RunOutput
+from radnode.node.warm import WarmPool, die_with_parent
 from radnode.pipelines.routing import ExecutionMode
+from radnode.security.sandbox import SandboxError, content_hash, sandbox_job
 
 log = logging.getLogger(__name__)
 
@@ -40,16 +45,6 @@ DEFAULT_JOB_COMMAND: tuple[str, ...] = (sys.executable, "-m", "radnode", "run")
 """The in-process executor's command, called as ``COMMAND INPUT_DIR --output OUT_DIR --pipeline NAME``."""
 
 STOP_GRACE_SECONDS = 5.0
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGKILL when the thread that started it (the scheduler) ends.
-
-    So no job process outlives a crashed node and runs on beside the re-run after a restart.
-    """
-    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 @dataclass
@@ -114,10 +109,13 @@ def completeness_settings(config: Config) -> CompletenessSettings:
 
 class Scheduler:
     """Queues complete studies, starts queued jobs (most urgent first) up to the concurrency limit, reaps
-    them and kills those over their time limit or restarted for late instances."""
+    them and kills those over their time limit, restarted for late instances or cancelled; while the queue is
+    paused (``radnode queue pause``) nothing new starts."""
 
     def __init__(self, config: Config, store: JobStore, egress: Egress, command: Sequence[str],
-                 config_file: Path) -> None:
+                 config_file: Path, warm_pipelines: Iterable[str] = ()) -> None:
+        """``warm_pipelines``: those the rules run in-process, each kept warm (``processing.warm_start``) when
+        the job command is the default one."""
         self.config = config
         self.store = store
         self.egress = egress
@@ -125,17 +123,27 @@ class Scheduler:
         self.executors = executors(config, command, config_file)
         self.running: dict[int, JobProcess] = {}
         self.completeness = completeness_settings(config)
+        in_process = self.executors[ExecutionMode.IN_PROCESS]
+        self.warm = WarmPool(warm_pipelines, in_process.env, config.data_dir) if (
+            config.processing.warm_start and tuple(command) == DEFAULT_JOB_COMMAND
+            and isinstance(in_process, InProcessExecutor)) else None
 
     def tick(self) -> None:
-        """One scheduling round; called repeatedly by the node's scheduler thread."""
+        """One scheduling round; called repeatedly by the node's scheduler thread (the warm processes are
+        started here: they die with the thread that started them)."""
+        if self.warm is not None:
+            self.warm.fill()
         self.queue_complete_studies()
         for job_id in self.store.restart_requested():
             if job_id in self.running:
                 self.running.pop(job_id).end()
             self.store.restart(job_id)
+        for job_id in self.store.cancelled(self.running):  # an operator cancelled it: end its process
+            self.running.pop(job_id).end()
         for job_id in list(self.running):
             self._reap(self.running[job_id])
-        while len(self.running) < self.config.processing.max_concurrent_jobs:
+        paused = self.store.queue_paused()  # an operator paused the queue: nothing new starts
+        while not paused and len(self.running) < self.config.processing.max_concurrent_jobs:
             job = self.store.next_queued()
             if job is None:
                 break
@@ -151,7 +159,7 @@ class Scheduler:
             verdict = study_verdict(series, now, self.completeness)
             if verdict.complete:
                 state = self.store.queue_job(job_id, verdict.reason, now)
-                log.info("job %d %s: %s", job_id, state, verdict.reason)
+                log.debug("job %d %s: %s", job_id, state, verdict.reason)
 
     def _forward(self, job_id: int) -> None:
         """A forward-only route: no pipeline; the study's own instances are delivered to the route's forwards."""
@@ -201,20 +209,44 @@ class Scheduler:
         except (ExecutionError, OSError) as e:
             self.store.fail_job(job.id, f"cannot start {job.pipeline} ({mode}): {e}")
             return
+        models = [Path(m) for m in self.config.processing.models.get(job.pipeline, ())]
+        digests = {str(m): content_hash(m) for m in models}
+        if models and mode is not ExecutionMode.CONTAINER:  # a model folder is code: run it sandboxed
+            try:
+                argv, env = sandbox_job(self.config, launch.argv, launch.env, root, self.config_file, models)
+            except SandboxError as e:
+                self.store.fail_job(job.id, str(e))
+                return
+            launch = Launch(argv, env, launch.cwd, launch.stop_argv)
         command = shlex.join(launch.argv)
-        if not self.store.start_job(job.id, f"{mode}: {command} (timeout {timeout.seconds:g} s, {timeout.source})"):
+        spare = self.warm.claim(job.pipeline, launch.argv, launch.env) if (
+            self.warm is not None and mode is ExecutionMode.IN_PROCESS) else None  # a sandboxed job never is
+        warm = ", warm process" if spare is not None else ""
+        code = "".join(f"; model {folder} {digest}" for folder, digest in digests.items())
+        if not self.store.start_job(job.id, f"{mode}: {command} (timeout {timeout.seconds:g} s, "
+                                            f"{timeout.source}{warm}){code}"):
+            if spare is not None and self.warm is not None:
+                self.warm.give_back(job.pipeline, spare)
             return
+        if digests and self.egress.audit is not None:
+            self.egress.audit.instances_processed(study_uid=job.study_instance_uid, patient_id=job.patient_id or None,
+                                                  job=f"job {job.id}", pipeline=job.pipeline, models=digests)
         with open(root / "stdout.log", "wb") as out, open(root / "stderr.log", "wb") as err:
             try:
-                process = subprocess.Popen(launch.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                           cwd=launch.cwd, env=launch.env, start_new_session=True,
-                                           preexec_fn=_die_with_parent)
+                if spare is not None:
+                    WarmPool.hand(spare, launch.argv, launch.env, launch.cwd, root / "stdout.log",
+                                  root / "stderr.log")
+                    process = spare
+                else:
+                    process = subprocess.Popen(launch.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                               cwd=launch.cwd, env=launch.env, start_new_session=True,
+                                               preexec_fn=die_with_parent)
             except OSError as e:
                 self.store.fail_job(job.id, f"cannot start the job command: {e}")
                 return
         self.running[job.id] = JobProcess(job.id, process, launch, mode, timeout.seconds,
                                           time.monotonic() + timeout.seconds, root / "stderr.log")
-        log.info("job %d running %s (pid %d): %s", job.id, mode, process.pid, command)
+        log.debug("job %d running %s%s (pid %d): %s", job.id, mode, warm, process.pid, command)
 
     def _reap(self, job: JobProcess) -> None:
         status = job.process.poll()
@@ -229,9 +261,9 @@ class Scheduler:
             return
         del self.running[job.job_id]
         if status != 0:
-            reason = last_line(job.stderr_path) or _describe_status(status)
+            reason = _failure_reason(status, last_line(job.stderr_path))
             self.store.fail_job(job.job_id, reason)
-            log.warning("job %d failed: %s", job.job_id, reason)
+            log.debug("job %d failed: %s", job.job_id, reason)
             return
         outputs = job_dir(self.config, job.job_id) / "out"
         manifest = run_manifest(job.job_id, outputs)
@@ -242,7 +274,7 @@ class Scheduler:
         if review is not None:
             self.store.record_review(job.job_id, review.needs_review, review.reasons)
             if review.needs_review:
-                log.warning("job %d flagged for human review: %s", job.job_id, "; ".join(review.reasons))
+                log.debug("job %d flagged for human review: %s", job.job_id, "; ".join(review.reasons))
         self.egress.stage(job.job_id, outputs)
 
     def stop(self) -> None:
@@ -251,6 +283,16 @@ class Scheduler:
             job.end(grace=STOP_GRACE_SECONDS)
             self.store.requeue(job.job_id, "node stopped while the job was running; it will run again")
         self.running.clear()
+        if self.warm is not None:
+            self.warm.close()
+
+
+def _failure_reason(status: int, last_stderr: str) -> str:
+    """Why a job process failed: its last stderr line (the app's own message); for a process killed by a signal
+    (a segfault, the kernel's OOM killer) the signal first, as whatever it printed last is not the cause."""
+    if status < 0:
+        return _describe_status(status) + (f"; last stderr line: {last_stderr}" if last_stderr else "")
+    return last_stderr or _describe_status(status)
 
 
 def _describe_status(status: int) -> str:

@@ -2,7 +2,7 @@
 
 Viewers show planar regions of interest (an outline on one image, with its area) far more widely than
 volumetric ones: OHIF, for one, lists a TID 1500 measurement only when it has image coordinates.
-:func:`largest_cross_section` picks, for one mask, the largest connected region on any one slice and
+:func:`largest_cross_section` picks, for one segment, the largest connected region on any one slice and
 outlines exactly its pixels as a DICOM SCOORD polyline, so the outline and its area agree with the SEG.
 """
 
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+
+from radnode.results import Segment
 
 _FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 
@@ -32,20 +34,20 @@ class CrossSection:
     pixel count."""
 
 
-def largest_cross_section(mask: np.ndarray) -> CrossSection | None:
-    """The largest 4-connected region of ``mask`` (slices, rows, columns) on any one slice, outlined.
+def largest_cross_section(segment: Segment) -> CrossSection | None:
+    """The largest 4-connected region of a segment on any one slice, outlined. The segment is read slice by
+    slice (a label-map segment's whole mask is never made).
 
     A region with holes (a ring of muscle, fat around the bowel) is outlined as one polyline that runs
     round the outside, down a zero-width cut to each hole and round it the other way, so the enclosed
     area is the region's own. None for an empty mask.
     """
-    mask = np.asarray(mask, dtype=bool)
-    per_slice = mask.reshape(len(mask), -1).sum(axis=1)
+    per_slice = segment.slice_counts()
     best: tuple[int, int, np.ndarray] | None = None  # (pixels, slice, region)
     for z in np.argsort(-per_slice, kind="stable"):
         if per_slice[z] == 0 or (best is not None and per_slice[z] <= best[0]):
             break  # no region on this or any later slice can be larger
-        labels, n = ndimage.label(mask[z], structure=_FOUR_CONNECTED)
+        labels, n = ndimage.label(segment.slice_mask(int(z)), structure=_FOUR_CONNECTED)
         sizes = np.bincount(labels.ravel(), minlength=n + 1)[1:]
         label = int(np.argmax(sizes)) + 1
         if best is None or sizes[label - 1] > best[0]:

@@ -7,8 +7,10 @@ from the source slices' Image Position (Patient)), so a viewer overlays it exact
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import highdicom as hd
+from highdicom.spatial import VOLUME_INDEX_CONVENTION, get_normal_vector
 import numpy as np
 
 from radnode.imaging.volume import Volume
@@ -46,23 +48,58 @@ def _segment_description(number: int, segment: Segment, algorithm: AlgorithmInfo
     return description
 
 
-def _pixel_array(segments: list[Segment]) -> np.ndarray:
-    """The masks in the layout highdicom handles fastest: a label map when no two segments overlap.
+@dataclass
+class _Layer:
+    """Segments highdicom can take as one label-map style array (no two of them overlap): the array and, for
+    each of its values 1..k, the segment's number in the SEG."""
 
-    A label map (frames, rows, columns) of segment numbers encodes the same BINARY SEG as the stacked
-    (frames, rows, columns, segments) masks, but highdicom skips its per-segment overlap pass and the
-    stack's memory: 3.4× faster and 18× less memory at 117 segments in ``radnode bench``.
-    Overlapping segments (e.g. the body around its organs) keep the stacked layout.
-    """
-    coverage = np.zeros(segments[0].mask.shape, dtype=np.uint16)
-    for segment in segments:
-        coverage += segment.mask
-    if coverage.max(initial=0) <= 1 and len(segments) < 2**16:
-        labels = np.zeros(coverage.shape, dtype=np.uint8 if len(segments) < 256 else np.uint16)
-        for number, segment in enumerate(segments, start=1):
-            labels[segment.mask] = number
-        return labels
-    return np.stack([s.mask.astype(bool, copy=False) for s in segments], axis=-1)
+    array: np.ndarray
+    numbers: list[int]
+
+
+def _layers(segments: list[Segment]) -> list[_Layer]:
+    """The segments as few non-overlapping layers, without copying what is already one.
+
+    Segments of one label map are one layer (the map itself, relabelled only when its values are not
+    1..k). Bool masks are packed first-fit: a mask alone is passed as it is; a mask that overlaps none of a
+    layer's joins it, the layer becoming a label map (the smallest unsigned type that holds its masks)."""
+    shared: dict[int, tuple[np.ndarray, list[tuple[int, int]]]] = {}
+    packed: list[_Layer] = []
+    bool_count = sum(not s.shares_labels for s in segments)
+    for number, segment in enumerate(segments, start=1):
+        if segment.shares_labels:
+            shared.setdefault(id(segment.labels), (segment.labels, []))[1].append((segment.value, number))
+            continue
+        mask = segment.labels
+        for layer in packed:
+            if not _overlap(layer.array, mask):
+                if layer.array.dtype == bool:  # a second mask: the layer becomes a label map
+                    layer.array = layer.array.astype(_label_dtype(bool_count))
+                layer.numbers.append(number)
+                layer.array[mask] = len(layer.numbers)
+                break
+        else:
+            packed.append(_Layer(mask, [number]))
+    layers = []
+    for labels, members in shared.values():
+        members.sort()
+        values = [value for value, _ in members]
+        if values != list(range(1, len(values) + 1)) or int(labels.max(initial=0)) > len(values):
+            lookup = np.zeros(max(int(labels.max(initial=0)), max(values)) + 1, dtype=_label_dtype(len(values)))
+            lookup[values] = np.arange(1, len(values) + 1)
+            labels = lookup[labels]
+        layers.append(_Layer(labels, [number for _, number in members]))
+    return sorted(layers + packed, key=lambda layer: min(layer.numbers))
+
+
+def _label_dtype(count: int) -> type:
+    return np.uint8 if count < 2**8 else np.uint16
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two masks / label maps share a voxel, a few slices at a time (stops at the first)."""
+    step = max(1, 4 * 1024 * 1024 // max(1, int(np.prod(a.shape[1:]))))
+    return any(np.logical_and(a[z:z + step], b[z:z + step]).any() for z in range(0, len(a), step))
 
 
 def build_segmentation(
@@ -76,22 +113,25 @@ def build_segmentation(
 ) -> hd.seg.Segmentation:
     """A BINARY SEG with one segment per ``segments`` item (in order, numbered from 1), empty frames omitted.
 
-    Segments may overlap: each has its own frames. Raises ValueError when a mask is not on the volume grid.
+    Segments may overlap: each has its own frames. highdicom builds the SEG of each non-overlapping layer
+    from its label map (never a stacked (frames, rows, columns, segments) copy, which for a 600-slice CT
+    and six segments is 0.9 GB, plus highdicom's 8-byte-per-voxel overlap check); the layers' frames are
+    then put together in the order highdicom gives a SEG of the stacked masks: by segment, then along the
+    slice normal. Raises ValueError when a mask is not on the volume grid.
     """
     if not segments:
         raise ValueError("a segmentation needs at least one segment")
     if len(volume.source) != volume.shape[0]:
         raise ValueError(f"volume has {volume.shape[0]} slices but {len(volume.source)} source datasets")
     for segment in segments:
-        if segment.mask.shape != volume.shape:
-            raise ValueError(f"mask of {segment.structure.key!r} has shape {segment.mask.shape}, "
+        if segment.shape != volume.shape:
+            raise ValueError(f"mask of {segment.structure.key!r} has shape {segment.shape}, "
                              f"volume {volume.shape}")
-    seg = hd.seg.Segmentation(
+    study_uid = str(volume.study.StudyInstanceUID)
+    descriptions = [_segment_description(i, s, algorithm, uid_root, study_uid) for i, s in enumerate(segments, start=1)]
+    settings = dict(
         source_images=volume.source,
-        pixel_array=_pixel_array(segments),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_segment_description(i, s, algorithm, uid_root, str(volume.study.StudyInstanceUID))
-                              for i, s in enumerate(segments, start=1)],
         series_instance_uid=new_uid(uid_root),
         series_number=series_number,
         sop_instance_uid=new_uid(uid_root),
@@ -103,5 +143,67 @@ def build_segmentation(
         omit_empty_frames=True,
         contributing_equipment=[algorithm.contributing_equipment()],
     )
+    layers = _layers(segments)
+    rows, columns = volume.shape[1:]
+    if len(layers) == 1:
+        seg = hd.seg.Segmentation(pixel_array=layers[0].array, segment_descriptions=descriptions, **settings)
+    elif (rows * columns) % 8:  # frames not whole bytes: only highdicom itself can interleave them
+        seg = hd.seg.Segmentation(pixel_array=np.stack([s.mask for s in segments], axis=-1),
+                                  segment_descriptions=descriptions, **settings)
+    else:
+        parts = [hd.seg.Segmentation(pixel_array=layer.array, segment_descriptions=[
+            _renumbered(descriptions[number - 1], local) for local, number in enumerate(layer.numbers, start=1)],
+            **settings) for layer in layers]
+        seg = _joined(parts, [layer.numbers for layer in layers], descriptions, volume,
+                      overlap=any(_overlap(a.array, b.array) for i, a in enumerate(layers) for b in layers[i + 1:]))
     declare_private_coding_schemes(seg, uid_root, coded_in=seg.SegmentSequence)
     return seg
+
+
+def _renumbered(description: hd.seg.SegmentDescription, number: int) -> hd.seg.SegmentDescription:
+    """A copy of a segment description under another segment number (its layer's own numbering)."""
+    copied = copy.deepcopy(description)
+    copied.SegmentNumber = number
+    return copied
+
+
+def _joined(parts: list[hd.seg.Segmentation], numbers: list[list[int]],
+            descriptions: list[hd.seg.SegmentDescription], volume: Volume, overlap: bool) -> hd.seg.Segmentation:
+    """One SEG from the SEGs of the layers (same source, UIDs and settings), its frames ordered, numbered
+    and indexed as highdicom orders a SEG of all segments: by segment number, then by position along the
+    slice normal, the position index counting the planes where any segment has a frame."""
+    joined = parts[0]
+    frame_bytes = joined.Rows * joined.Columns // 8
+    # the normal highdicom sorts a SEG's planes along (for axial LPS: towards the feet)
+    normal = get_normal_vector(volume.orientation, index_convention=VOLUME_INDEX_CONVENTION)
+    frames = []
+    for part, part_numbers in zip(parts, numbers):
+        data = memoryview(part.PixelData)  # frames are views: the pixel data exists once, then once joined
+        shared = part.SharedFunctionalGroupsSequence[0]
+        for index, item in enumerate(part.PerFrameFunctionalGroupsSequence):
+            if "SegmentIdentificationSequence" not in item:  # a one-segment SEG shares it; here it is per frame
+                item.SegmentIdentificationSequence = copy.deepcopy(shared.SegmentIdentificationSequence)
+            number = part_numbers[item.SegmentIdentificationSequence[0].ReferencedSegmentNumber - 1]
+            distance = float(np.dot(normal, [float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]))
+            frames.append((number, distance, item, data[index * frame_bytes:(index + 1) * frame_bytes]))
+        del data
+    frames.sort(key=lambda frame: (frame[0], frame[1]))
+    rank = {d: i for i, d in enumerate(sorted({frame[1] for frame in frames}), start=1)}
+    for number, distance, item, _ in frames:
+        item.SegmentIdentificationSequence[0].ReferencedSegmentNumber = number
+        item.FrameContentSequence[0].DimensionIndexValues = [number, rank[distance]]
+    shared = joined.SharedFunctionalGroupsSequence[0]
+    if "SegmentIdentificationSequence" in shared:
+        del shared.SegmentIdentificationSequence
+    joined.SegmentSequence = descriptions
+    joined.PerFrameFunctionalGroupsSequence = [frame[2] for frame in frames]
+    joined.NumberOfFrames = len(frames)
+    pixel_data = b"".join(frame[3] for frame in frames)
+    del frames  # the views, then the parts' own pixel data
+    for part in parts:
+        del part.PixelData
+    joined.PixelData = pixel_data + b"\x00" if len(pixel_data) % 2 else pixel_data
+    joined.SegmentsOverlap = "YES" if overlap else "NO"
+    if "DimensionOrganizationType" in joined:  # highdicom's "3D" holds for one segment only
+        del joined.DimensionOrganizationType
+    return hd.seg.Segmentation.from_dataset(joined, copy=False)

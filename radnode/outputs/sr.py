@@ -23,7 +23,7 @@ from radnode.imaging.volume import Volume
 from radnode.outputs.algorithm import AlgorithmInfo, declare_private_coding_schemes, device_uid, new_uid, stable_uid
 from radnode.outputs.contour import largest_cross_section
 from radnode.outputs.layout import RunOutput
-from radnode.results import PipelineResult, Structure
+from radnode.results import PipelineResult, Segment, Structure
 from radnode.uncertainty import (
     NEEDS_REVIEW,
     NO_REVIEW_NEEDED,
@@ -88,7 +88,7 @@ def _review_evaluations(result: PipelineResult, key: str) -> list[hd.sr.Qualitat
 
 def _cross_section_group(
     volume: Volume,
-    segment_mask: np.ndarray,
+    segment: Segment,
     tracking_uid: str,
     structure: Structure,
     sites: list[hd.sr.FindingSite] | None,
@@ -96,7 +96,7 @@ def _cross_section_group(
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations | None:
     """A TID 1501 group: the area of the segment's largest cross-section, inferred from its outline on
     its source image (:func:`radnode.outputs.contour.largest_cross_section`); None for an empty segment."""
-    section = largest_cross_section(segment_mask)
+    section = largest_cross_section(segment)
     if section is None:
         return None
     image = volume.source[section.slice_index]
@@ -151,7 +151,7 @@ def build_measurement_report(
     its volumetric group; a segment without voxels, measurements or evaluation gets no group at all.
     """
     structures = {s.structure.key: s.structure for s in result.segments}
-    masks = {s.structure.key: s.mask for s in result.segments}
+    segments = {s.structure.key: s for s in result.segments}
     series_uid = str(volume.study.SeriesInstanceUID)
     algorithm_id = hd.sr.AlgorithmIdentification(name=algorithm.name, version=algorithm.version,
                                                  family=algorithm.family, manufacturer=algorithm.manufacturer)
@@ -180,7 +180,7 @@ def build_measurement_report(
                 uid_root, str(item.TrackingUID), m.name.value, m.derivation.value if m.derivation else None)
             measurements.append(measurement)
         evaluations = _review_evaluations(result, key)
-        cross_section = _cross_section_group(volume, masks[key], item.TrackingUID, structure, sites, algorithm_id)
+        cross_section = _cross_section_group(volume, segments[key], item.TrackingUID, structure, sites, algorithm_id)
         if cross_section is None and not measurements and not evaluations:
             continue  # an empty segment with nothing said about it: no group (viewers need a region per group)
         if cross_section is not None:

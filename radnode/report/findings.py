@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import yaml
 
 from radnode.imaging.identity import StudyIdentity
@@ -253,15 +252,22 @@ def _quantity(measurement: Measurement, structure: Structure) -> Quantity | None
 
 
 def _reaches_scan_edge(segment: Segment) -> bool:
-    mask = segment.mask
-    return bool(mask.any() and (mask[0].any() or mask[-1].any()))
+    """Whether a segment has voxels on the first or last slice (the scan may have cut it off)."""
+    counts = segment.slice_counts()
+    return bool(counts.any() and (counts[0] or counts[-1]))
 
 
 def _cropped(result: PipelineResult) -> list[str]:
     """Flags for anatomical structures touching the first or last slice: the scan may have cut them off."""
-    return [f"{s.structure.label} reaches the edge of the scanned range; its volume may be underestimated"
-            for s in result.segments
-            if s.structure.key != "body" and s.structure.category.value != TISSUE_CATEGORY and _reaches_scan_edge(s)]
+    flags = []
+    for segment in result.segments:
+        structure = segment.structure
+        if structure.key == "body" or structure.category.value == TISSUE_CATEGORY:
+            continue
+        if _reaches_scan_edge(segment):
+            flags.append(f"{structure.label} reaches the edge of the scanned range; "
+                         "its volume may be underestimated")
+    return flags
 
 
 def _region_problem(reference: ReferenceRange, segment: Segment | None, contrast_agent: str | None) -> str | None:
@@ -310,7 +316,7 @@ def structured_findings(result: PipelineResult, modality: str, ranges: list[Refe
     said = {n.what for n in not_assessed}
     not_assessed += [NotAssessed(s.structure.label.lower(), "segmentation found no such region")
                      for s in result.segments
-                     if s.structure.key not in measured and not np.any(s.mask) and s.structure.label.lower() not in said]
+                     if s.structure.key not in measured and s.voxel_count() == 0 and s.structure.label.lower() not in said]
     for reference in ranges:
         if reference.modality != modality.upper() or any(k in measured for k in reference.structures):
             continue

@@ -20,6 +20,7 @@ from radnode.config import Config
 from radnode.node.service import Node
 from radnode.node.store import FINAL_STATES, Job, JobState, JobStore
 from radnode.peers import FhirServer, StoreSCP, free_port
+from radnode.security.privacy import IdentitySeal, SiteKey
 from support.dicom_tools import ECHOSCU, STORESCU
 from support.waiting import wait_until
 
@@ -62,7 +63,8 @@ def node_config(tmp_path: Path, port: int = 0, **sections: dict) -> Config:
                   "egress": {"retry_initial_seconds": 0.2, "retry_max_seconds": 0.5, "max_attempts": 50,
                              "timeouts": {"connect_seconds": 5, "acse_seconds": 5, "dimse_seconds": 5,
                                           "network_seconds": 5}},
-                  "processing": {"job_timeout_seconds": 60}}
+                  "processing": {"job_timeout_seconds": 60},
+                  "api": {"port": 0}}
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
     return Config.model_validate(data)
@@ -134,7 +136,7 @@ class ServeProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if (self.data_dir / "radnode.db").exists():
-                store = JobStore(self.data_dir / "radnode.db")
+                store = JobStore(self.data_dir / "radnode.db", seal=IdentitySeal(SiteKey.load(None, self.data_dir)))
                 try:
                     jobs = store.jobs()
                     if (len(jobs) >= expected and all(j.state in FINAL_STATES for j in jobs)

@@ -14,6 +14,8 @@ lives in its own module:
 ``deliveries`` egress: per-destination queues of deliveries, retries, re-sends, settling a job
 ``retention``  the purge's records
 ``queries``    the job list, one job, counts
+``identity``   patient identifiers sealed at rest under the site key, opened on reading
+``console``    the web console's people, tokens and sessions, operators' actions, settings, study details
 ============== ===========================================================================================
 
 Job states: ``received → queued → running → delivering → done / failed``. When the rules select several
@@ -28,33 +30,42 @@ processed, whatever the late-instance policy.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from radnode.node.store.console import Console, StudyDetails
 from radnode.node.store.database import SQLITE_FILE, Database, StoreError, head_revision, open_database
 from radnode.node.store.deliveries import Deliveries
 from radnode.node.store.events import EventLog
+from radnode.node.store.identity import Identities
 from radnode.node.store.ingest import Arrivals, Decide
 from radnode.node.store.jobs import Scheduling
 from radnode.node.store.queries import Queries
 from radnode.node.store.records import (
-    FINAL_STATES, Arrival, Delivery, Event, Instance, InstanceBeingPurged, Job, JobState, PurgePlan,
+    FINAL_STATES, ActionRefused, Arrival, Delivery, Event, Instance, InstanceBeingPurged, Job, JobState, PurgePlan,
 )
 from radnode.node.store.retention import Purges
 
-__all__ = ["FINAL_STATES", "SQLITE_FILE", "Arrival", "Decide", "Delivery", "Event", "Instance",
-           "InstanceBeingPurged", "Job", "JobState", "JobStore", "PurgePlan", "StoreError", "head_revision",
-           "store_target", "upgrade_store"]
+if TYPE_CHECKING:
+    from radnode.node.store.identity import Seal
+
+__all__ = ["FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Decide", "Delivery", "Event", "Instance",
+           "InstanceBeingPurged", "Job", "JobState", "JobStore", "PurgePlan", "StoreError", "StudyDetails",
+           "head_revision", "store_target", "upgrade_store"]
 
 
-class JobStore(Arrivals, Scheduling, Deliveries, Purges, Queries, EventLog):
+class JobStore(Arrivals, Scheduling, Deliveries, Purges, Queries, EventLog, Identities, Console):
     """Thread- and process-safe access to the node's job store (see the module docstring for its areas).
 
     ``target``: a SQLite file (``data_dir/radnode.db``) or a ``postgresql://`` URL. ``upgrade``: migrate an
-    older schema on open (default: SQLite yes, PostgreSQL no: ``radnode store upgrade`` does it). Raises
+    older schema on open (default: SQLite yes, PostgreSQL no: ``radnode store upgrade`` does it). ``seal``:
+    patient identifiers are kept sealed with it and opened on reading (the node passes its site key's,
+    :class:`radnode.security.privacy.IdentitySeal`); without one they are kept and returned as they are. Raises
     :class:`StoreError` with one line when the store is unreachable or at a schema this release cannot use.
     """
 
-    def __init__(self, target: Path | str, upgrade: bool | None = None) -> None:
+    def __init__(self, target: Path | str, upgrade: bool | None = None, seal: "Seal | None" = None) -> None:
         self._db: Database = open_database(target, upgrade)
+        self._db.seal = seal
 
     @property
     def label(self) -> str:

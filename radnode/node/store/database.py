@@ -23,7 +23,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
@@ -36,6 +36,9 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.sql.dml import Insert
 
 from radnode.node.store.schema import metadata
+
+if TYPE_CHECKING:
+    from radnode.node.store.identity import Seal
 
 SQLITE_FILE = "radnode.db"
 """The embedded store's file name under ``data_dir``."""
@@ -76,6 +79,8 @@ class Database:
     """The store as messages name it (its URL without a password, or the SQLite file)."""
     opened: str = ""
     """What opening did (created, upgraded, or found at the current revision), for the node's log."""
+    seal: "Seal | None" = None
+    """Seals patient identifiers on writing and opens them on reading (``identity.py``); None: as they are."""
     _write_lock: Any = field(default_factory=threading.RLock)
 
     @property
@@ -104,6 +109,14 @@ class Database:
         """A connection for queries (nothing is written; SQLite reads one WAL snapshot, beside any writer)."""
         with self.engine.connect() as conn:
             yield conn
+
+    def sealed(self, patient_id: str) -> str:
+        """A patient identifier (Patient ID, accession number) as the store keeps it."""
+        return self.seal.seal(patient_id) if self.seal is not None else patient_id
+
+    def opened_identity(self, stored: str) -> str:
+        """A stored patient identifier as records carry it."""
+        return self.seal.open(stored) if self.seal is not None else stored
 
     def insert_ignoring_conflicts(self, table: Table) -> Insert:
         """``INSERT … ON CONFLICT DO NOTHING`` in this database's dialect (a row that would break a unique

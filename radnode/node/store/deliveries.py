@@ -4,7 +4,7 @@ A destination is named as configured (``egress.destinations``; rows of older rel
 ``fhir:…`` and still resolve). Each destination has its own queue (``pending_destinations``,
 ``due_deliveries_to``). A delivery recorded ``done`` (with the SOP Instance UID that went out) is never
 attempted again (a restart re-sends nothing delivered) unless an operator re-sends it (``resend``, recorded
-with who and why); one that fails backs off exponentially and gives up after its attempts. Two egress
+with who and why: the API's, CLI's and dashboard's re-send all come here through ``Egress.resend``); one that fails backs off exponentially and gives up after its attempts. Two egress
 workers racing for one delivery: the row's state guards the update, so one attempt is counted once.
 """
 
@@ -17,7 +17,7 @@ from sqlalchemy import func, select, update
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
 from radnode.node.store.jobs import transition
-from radnode.node.store.records import DELIVERY_FIELDS, Delivery, JobState, delivery_from_row
+from radnode.node.store.records import DELIVERY_FIELDS, ActionRefused, Delivery, JobState, delivery_from_row
 from radnode.node.store.schema import deliveries as delivery_table
 from radnode.node.store.schema import jobs
 
@@ -149,35 +149,39 @@ class Deliveries:
                 return JobState.FAILED
             return None
 
-    def resend(self, job_id: int, destination: str | None = None, *, user: str, reason: str) -> int:
-        """Put a job's delivered or failed deliveries (to one destination, or all) back in the queue, the job back
-        to ``delivering``; recorded with who and why. Returns how many; ValueError says why none could be."""
+    def resend(self, job_id: int, destination: str | None = None, *, user: str, reason: str,
+               failed_only: bool = False) -> int:
+        """Put a job's delivered or failed deliveries (to one destination, or all; with ``failed_only`` only those
+        that gave up, e.g. after an outage) back in the queue, the job back to ``delivering``; recorded with who
+        and why. Returns how many; LookupError for an unknown job, ActionRefused saying why none could be."""
         now = time.time()
         with self._db.write() as conn:
             job = conn.execute(select(jobs.c.state, jobs.c.purged_at, jobs.c.purge_started_at)
                                .where(jobs.c.id == job_id).with_for_update()).first()
             if job is None:
-                raise ValueError(f"job {job_id} does not exist")
+                raise LookupError(f"job {job_id} does not exist")
             if job.purged_at is not None or job.purge_started_at is not None:
-                raise ValueError(f"job {job_id}'s results were purged by retention; nothing left to re-send")
+                raise ActionRefused(f"job {job_id}'s results were purged by retention; nothing left to re-send")
             resendable = (JobState.DONE, JobState.FAILED, JobState.DELIVERING)
             if job.state not in resendable:
-                raise ValueError(f"job {job_id} is {job.state}: only a job that delivered (or tried to) can re-send")
+                raise ActionRefused(f"job {job_id} is {job.state}: only a job that delivered (or tried to) can re-send")
             of_job = [delivery_table.c.job_id == job_id]
             if destination is not None:
                 of_job.append(delivery_table.c.destination == destination)
-            count = conn.execute(update(delivery_table).where(*of_job, delivery_table.c.state != "pending")
+            again = delivery_table.c.state == "failed" if failed_only else delivery_table.c.state != "pending"
+            count = conn.execute(update(delivery_table).where(*of_job, again)
                                  .values(state="pending", attempts=0, next_attempt_at=now, last_error=None,
                                          done_at=None)).rowcount
             to = f" to {destination}" if destination is not None else ""
+            which = "undelivered " if failed_only else ""
             if count == 0:
                 pending = conn.execute(select(func.count()).select_from(delivery_table)
                                        .where(*of_job, delivery_table.c.state == "pending")).scalar()
-                raise ValueError(f"job {job_id} has no deliveries{to} to re-send" if not pending
-                                 else f"job {job_id}'s deliveries{to} are still pending")
+                raise ActionRefused(f"job {job_id}'s deliveries{to} are still pending" if pending
+                                    else f"job {job_id} has no {which}deliveries{to} to re-send")
             transition(conn, job_id, resendable, JobState.DELIVERING)
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(reason=None))
-            log_event(conn, job_id, "resend", f"{user} re-sent {count} deliveries to "
-                      f"{destination if destination is not None else 'every destination'}: "
+            log_event(conn, job_id, "resend", f"{user} re-sent {count} {which}deliver{'y' if count == 1 else 'ies'} "
+                      f"to {destination if destination is not None else 'every destination'}: "
                       f"{reason or 'no reason given'}")
             return count

@@ -76,6 +76,7 @@ class Arrivals:
             return self._record(inst, decision, expected)
 
     def _record(self, inst: Instance, decide: Decide, expected: int | None) -> tuple[Arrival, int]:
+        sealed = self._db.sealed(inst.patient_id)
         with self._db.write() as conn:
             lock_study(self._db, conn, inst.study_instance_uid, inst.received_at)
             known = conn.execute(
@@ -103,7 +104,7 @@ class Arrivals:
                 .order_by(jobs.c.id.desc()).limit(1)).first()
             arrival = Arrival.NEW
             if latest is None:
-                job_id = self._new_job(conn, inst, decision, whole_study=False)
+                job_id = self._new_job(conn, inst, sealed, decision, whole_study=False)
             elif latest.state == JobState.RECEIVED:
                 job_id = latest.id
             else:
@@ -112,7 +113,8 @@ class Arrivals:
                 conn.execute(update(jobs).where(jobs.c.id == job_id).values(last_instance_at=case(
                     (jobs.c.last_instance_at < inst.received_at, inst.received_at), else_=jobs.c.last_instance_at)))
             written = conn.execute(self._db.insert_ignoring_conflicts(instances).values(
-                **{name: getattr(inst, name) for name in Instance.__dataclass_fields__}, job_id=job_id,
+                **{name: getattr(inst, name) for name in Instance.__dataclass_fields__ if name != "patient_id"},
+                sealed_patient_id=sealed, job_id=job_id,
                 late=arrival in (Arrival.LATE, Arrival.OWN_RESULT), provenance=decision.provenance.value)
                 .returning(instances.c.sop_instance_uid)).first()
             if written is None:  # recorded meanwhile by another process, under another study's lock
@@ -137,9 +139,10 @@ class Arrivals:
         return decision
 
     @staticmethod
-    def _new_job(conn: Connection, inst: Instance, decision: SeriesDecision, whole_study: bool) -> int:
+    def _new_job(conn: Connection, inst: Instance, sealed_patient_id: str, decision: SeriesDecision,
+                 whole_study: bool) -> int:
         job_id = conn.execute(insert(jobs).values(
-            study_instance_uid=inst.study_instance_uid, patient_id=inst.patient_id,
+            study_instance_uid=inst.study_instance_uid, sealed_patient_id=sealed_patient_id,
             pipeline=decision.pipelines[0] if decision.pipelines and not decision.skipped else "",
             state=JobState.RECEIVED.value, calling_ae=inst.calling_ae, peer_address=inst.peer_address,
             created_at=inst.received_at, last_instance_at=inst.received_at, updated_at=inst.received_at,
@@ -169,7 +172,7 @@ class Arrivals:
             return Arrival.NEW, job_id
         if action in (LateAction.RERUN_STUDY, LateAction.NEW_JOB):
             whole = action is LateAction.RERUN_STUDY
-            new_id = self._new_job(conn, inst, decision, whole_study=whole)
+            new_id = self._new_job(conn, inst, self._db.sealed(inst.patient_id), decision, whole_study=whole)
             scope = "the whole study" if whole else "the late instances"
             if whole:
                 purged = conn.execute(select(func.count()).where(

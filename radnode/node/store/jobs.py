@@ -113,7 +113,7 @@ class Scheduling:
                 continue
             execution = route.execution(pipeline)
             sibling = conn.execute(insert(jobs).values(
-                study_instance_uid=main["study_instance_uid"], patient_id=main["patient_id"], pipeline=pipeline,
+                study_instance_uid=main["study_instance_uid"], sealed_patient_id=main["sealed_patient_id"], pipeline=pipeline,
                 state=JobState.QUEUED.value, calling_ae=main["calling_ae"], peer_address=main["peer_address"],
                 created_at=main["created_at"], last_instance_at=main["last_instance_at"], updated_at=now,
                 priority=route.priority.rank, whole_study=main["whole_study"], execution_mode=execution.mode or "",
@@ -181,7 +181,7 @@ class Scheduling:
                  .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id).limit(1))
         with self._db.read() as conn:
             row = conn.execute(query).first()
-        return job_from_row(row._mapping) if row else None
+        return job_from_row(row._mapping, self._db.opened_identity) if row else None
 
     def start_job(self, job_id: int, command: str) -> bool:
         """``queued → running``; counts the run and logs the command; a previous run's review state is cleared.
@@ -209,7 +209,7 @@ class Scheduling:
                         instances.c.series_instance_uid.not_in(skipped))
                  .order_by(instances.c.received_at))
         with self._db.read() as conn:
-            return [instance_from_row(row._mapping) for row in conn.execute(query)]
+            return [instance_from_row(row._mapping, self._db.opened_identity) for row in conn.execute(query)]
 
     def requeue(self, job_id: int, why: str) -> bool:
         """``running → queued`` (interrupted by shutdown or crash); the run will start again from scratch."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import Select, false, func, select, true
+from sqlalchemy import Select, false, func, select, text, true
 
 from radnode.node.store.database import Database
 from radnode.node.store.records import Instance, Job, JobState, instance_from_row, job_from_row
@@ -36,7 +36,7 @@ class Queries:
         """One job with its instance counts, or None."""
         with self._db.read() as conn:
             row = conn.execute(job_select().where(jobs.c.id == job_id)).first()
-        return job_from_row(row._mapping) if row else None
+        return job_from_row(row._mapping, self._db.opened_identity) if row else None
 
     def jobs(self, state: JobState | None = None, needs_review: bool | None = None) -> list[Job]:
         """All jobs, oldest first; or those in one ``state``, those flagged for review (``needs_review=True``)
@@ -47,7 +47,7 @@ class Queries:
         if needs_review is not None:
             query = query.where(jobs.c.needs_review == (true() if needs_review else false()))
         with self._db.read() as conn:
-            return [job_from_row(row._mapping) for row in conn.execute(query)]
+            return [job_from_row(row._mapping, self._db.opened_identity) for row in conn.execute(query)]
 
     def job_counts(self) -> tuple[dict[str, int], int]:
         """Jobs per state and how many are flagged for review, counted in SQL (cheap for a health probe)."""
@@ -61,4 +61,10 @@ class Queries:
         """Every instance recorded for a job, late ones and the node's own results included."""
         query = select(instances).where(instances.c.job_id == job_id).order_by(instances.c.received_at)
         with self._db.read() as conn:
-            return [instance_from_row(row._mapping) for row in conn.execute(query)]
+            return [instance_from_row(row._mapping, self._db.opened_identity) for row in conn.execute(query)]
+
+    def read_rows(self, sql: str, params: dict[str, object]) -> list[tuple]:
+        """Rows of a read-only SQL query with ``:named`` parameters, the same text on SQLite and PostgreSQL
+        (the console's metrics and the activity log read the store's tables this way)."""
+        with self._db.read() as conn:
+            return [tuple(row) for row in conn.execute(text(sql), params)]

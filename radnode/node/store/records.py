@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import errno
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -28,6 +28,11 @@ class JobState(StrEnum):
 
 FINAL_STATES = (JobState.DONE, JobState.FAILED)
 UNFINISHED_STATES = tuple(s for s in JobState if s not in FINAL_STATES)
+
+
+class ActionRefused(ValueError):
+    """An operator's action (re-send, retry, cancel, review) that does not apply to the job as it is; the
+    message says why. Guarded like the node's own transitions, so two operators clicking at once act once."""
 
 
 class InstanceBeingPurged(OSError):
@@ -69,7 +74,8 @@ class Instance:
 
 
 INSTANCE_FIELDS = tuple(Instance.__dataclass_fields__)
-"""The ``instances`` columns an :class:`Instance` is made of (same names)."""
+"""The ``instances`` columns an :class:`Instance` is made of (same names, but ``patient_id``: the column
+``sealed_patient_id``)."""
 
 
 @dataclass(frozen=True)
@@ -110,10 +116,16 @@ class Job:
     ``late_instances`` too when they came after the job started)."""
 
 
-def job_from_row(row: Mapping[str, Any]) -> Job:
-    """A :class:`Job` from a row of :data:`radnode.node.store.queries.job_columns`."""
+def _as_stored(value: str) -> str:
+    return value
+
+
+def job_from_row(row: Mapping[str, Any], open_identity: Callable[[str], str] = _as_stored) -> Job:
+    """A :class:`Job` from a row of :data:`radnode.node.store.queries.job_columns`, its patient identifier opened
+    with ``open_identity`` (the store's seal)."""
     return Job(
-        id=row["id"], study_instance_uid=row["study_instance_uid"], patient_id=row["patient_id"],
+        id=row["id"], study_instance_uid=row["study_instance_uid"],
+        patient_id=open_identity(row["sealed_patient_id"]),
         pipeline=row["pipeline"], state=JobState(row["state"]), calling_ae=row["calling_ae"],
         peer_address=row["peer_address"], instances=row["instances"], late_instances=row["late_instances"],
         created_at=row["created_at"], last_instance_at=row["last_instance_at"], updated_at=row["updated_at"],
@@ -124,9 +136,11 @@ def job_from_row(row: Mapping[str, Any]) -> Job:
         sibling_of=row["sibling_of"], own_results=row["own_results"])
 
 
-def instance_from_row(row: Mapping[str, Any]) -> Instance:
-    """An :class:`Instance` from a row with the :data:`INSTANCE_FIELDS` columns."""
-    return Instance(**{name: row[name] for name in INSTANCE_FIELDS})
+def instance_from_row(row: Mapping[str, Any], open_identity: Callable[[str], str] = _as_stored) -> Instance:
+    """An :class:`Instance` from a row with the :data:`INSTANCE_FIELDS` columns (the patient identifier's is
+    ``sealed_patient_id``, opened with ``open_identity``)."""
+    values = {name: row[name] for name in INSTANCE_FIELDS if name != "patient_id"}
+    return Instance(**values, patient_id=open_identity(row["sealed_patient_id"]))
 
 
 def execution_from(mode: str, timeout_seconds: float | None) -> Execution:

@@ -51,7 +51,8 @@ instances = Table(
     Column("sop_instance_uid", Text, primary_key=True),
     Column("study_instance_uid", Text, nullable=False),
     Column("series_instance_uid", Text, nullable=False),
-    Column("patient_id", Text, nullable=False),
+    Column("sealed_patient_id", Text, nullable=False),
+    # The Patient ID sealed under the site key (``identity.py``; older rows in clear until the node seals them).
     Column("modality", Text, nullable=False),
     Column("sop_class_uid", Text, nullable=False),
     Column("calling_ae", Text, nullable=False),
@@ -76,7 +77,7 @@ jobs = Table(
     "jobs", metadata,
     Column("id", Integer, primary_key=True),
     Column("study_instance_uid", Text, nullable=False),
-    Column("patient_id", Text, nullable=False, server_default=""),
+    Column("sealed_patient_id", Text, nullable=False, server_default=""),
     Column("pipeline", Text, nullable=False),
     Column("state", Text, nullable=False),
     Column("calling_ae", Text, nullable=False, server_default=""),
@@ -138,3 +139,64 @@ deliveries = Table(
 )
 
 # --- retention: purge_started_at / purged_at on jobs and instances (above) ----------------------------
+
+# --- console: the people and tokens of the web console, operators' actions, what the job list shows ------
+
+users = Table(
+    "users", metadata,
+    Column("name", Text, primary_key=True),
+    Column("role", Text, nullable=False),
+    Column("password_hash", Text, nullable=False),
+    # Argon2id, PHC string format (argon2-cffi)
+    Column("created_at", Double, nullable=False),
+    Column("last_login_at", Double),
+)
+
+api_tokens = Table(
+    "api_tokens", metadata,
+    Column("name", Text, primary_key=True),
+    Column("role", Text, nullable=False),
+    Column("token_sha256", Text, nullable=False, unique=True),
+    Column("created_at", Double, nullable=False),
+    Column("expires_at", Double),
+    Column("last_used_at", Double),
+)
+
+sessions = Table(
+    "sessions", metadata,
+    Column("id_sha256", Text, primary_key=True),
+    Column("user_name", Text, ForeignKey("users.name", ondelete="CASCADE"), nullable=False),
+    Column("csrf", Text, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("expires_at", Double, nullable=False),
+)
+
+node_settings = Table(
+    "node_settings", metadata,
+    Column("name", Text, primary_key=True),
+    Column("value", Text, nullable=False),
+    Column("changed_at", Double, nullable=False),
+    Column("changed_by", Text, nullable=False),
+)
+"""Settings an operator changes at run time, shared by every process on the store (``queue_paused``)."""
+
+reviews = Table(
+    "reviews", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
+    Column("decision", Text, nullable=False),
+    # ``reviewed`` (a person looked at a flagged result); the feedback loop adds accepted/rejected/corrected
+    Column("reviewer", Text, nullable=False),
+    Column("note", Text, nullable=False, server_default=""),
+    Column("at", Double, nullable=False),
+    Index("reviews_job", "job_id"),
+    sqlite_autoincrement=True,
+)
+
+study_details = Table(
+    "study_details", metadata,
+    Column("study_instance_uid", Text, primary_key=True),
+    Column("sealed_accession_number", Text, nullable=False, server_default=""),
+    Column("study_description", Text, nullable=False, server_default=""),
+)
+"""What the job list shows of a study beyond its UID, from the study's first instance."""

@@ -1,0 +1,153 @@
+"""Operators' actions through the API (the dashboard's buttons and ``radnode jobs …`` call the same): retry a
+failed job, re-send results, cancel, force a study complete, pause and resume the queue, mark a flagged job
+reviewed. Each needs the operator role, is recorded in the job's event log with the person (or
+``token:NAME``) who took it, and is audited when the node has an audit trail. An action that does not apply
+to the job's state answers 409 with the reason; an unknown job 404.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+from fastapi import APIRouter, Body, HTTPException, Path, Request, status
+from pydantic import Field
+
+from radnode.console.accounts import Identity
+from radnode.console.api import node_of
+from radnode.console.auth import Operator, Viewer, client_address, gate_of
+from radnode.console.schemas import Document
+from radnode.node.store import ActionRefused, JobStore
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["actions"])
+
+_RESPONSES = {404: {"description": "no such job or study"}, 409: {"description": "the action does not apply now"}}
+
+
+class Note(Document):
+    """Why (kept in the job's event log)."""
+
+    note: Annotated[str, Field(max_length=500)] = ""
+
+
+class ResendRequest(Note):
+    destination: Annotated[str | None, Field(max_length=256, description="only this destination (as the job's "
+                                                                           "deliveries name it); null: all")] = None
+    failed_only: bool = Field(False, description="only deliveries that were not made (after an outage)")
+
+
+class ActionResult(Document):
+    job_id: int | None
+    message: str
+
+
+class QueueState(Document):
+    paused: bool
+    queued: int = Field(description="jobs waiting for a worker")
+
+
+JobId = Annotated[int, Path(ge=1, le=2**62, description="the job's id")]
+
+
+def _store(request: Request) -> JobStore:
+    return request.app.state.store
+
+
+def _act(request: Request, identity: Identity, action: str, job_id: int | None, run) -> str:  # type: ignore[no-untyped-def]
+    """Run ``run()`` (the store's action), map refusals to HTTP answers, audit and log the outcome."""
+    try:
+        message = run()
+    except LookupError as e:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(e).strip("'")) from None
+    except ActionRefused as e:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
+    gate = gate_of(request)
+    what = f"job/{job_id}" if job_id is not None else "queue"
+    if gate.audit is not None:
+        job = _store(request).job(job_id) if job_id is not None else None
+        gate.audit.user_action(user=identity.label, address=client_address(request), action=action, what=what,
+                               study_uid=job.study_instance_uid if job else None,
+                               patient_id=job.patient_id if job else None)
+    log.info("%s by %s on %s: %s", action, identity.label, what, message)
+    return message
+
+
+@router.post("/api/jobs/{job_id}/retry", response_model=ActionResult, responses=_RESPONSES,
+             summary="Run a failed job again on every instance received for its study")
+def retry(request: Request, identity: Operator, job_id: JobId, body: Annotated[Note, Body()] = Note()) -> ActionResult:
+    count = _act(request, identity, "retry", job_id,
+                 lambda: _store(request).retry_job(job_id, identity.label, body.note))
+    return ActionResult(job_id=job_id, message=f"job {job_id} queued again on {count} instance(s)")
+
+
+@router.post("/api/jobs/{job_id}/resend", response_model=ActionResult, responses=_RESPONSES,
+             summary="Deliver a job's results again, to all its destinations or one")
+def resend(request: Request, identity: Operator, job_id: JobId,
+           body: Annotated[ResendRequest, Body()] = ResendRequest()) -> ActionResult:
+    egress = node_of(request).egress
+    if egress is None:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the node is stopping")
+    count = _act(request, identity, "resend", job_id, lambda: egress.resend(
+        job_id, body.destination, user=identity.label, reason=body.note, failed_only=body.failed_only))
+    return ActionResult(job_id=job_id, message=f"{count} deliver{'y' if count == 1 else 'ies'} queued")
+
+
+@router.post("/api/jobs/{job_id}/cancel", response_model=ActionResult, responses=_RESPONSES,
+             summary="Cancel a job that has not finished (a running one's process is ended)")
+def cancel(request: Request, identity: Operator, job_id: JobId, body: Annotated[Note, Body()] = Note()) -> ActionResult:
+    was = _act(request, identity, "cancel", job_id, lambda: _store(request).cancel_job(job_id, identity.label, body.note))
+    return ActionResult(job_id=job_id, message=f"job {job_id} cancelled (it was {was})")
+
+
+@router.post("/api/jobs/{job_id}/review", response_model=ActionResult, responses=_RESPONSES,
+             summary="Mark a job flagged for review as reviewed (it leaves the worklist)")
+def review(request: Request, identity: Operator, job_id: JobId, body: Annotated[Note, Body()] = Note()) -> ActionResult:
+    _act(request, identity, "review", job_id, lambda: _store(request).mark_reviewed(job_id, identity.label, body.note))
+    return ActionResult(job_id=job_id, message=f"job {job_id} marked reviewed by {identity.label}")
+
+
+@router.post("/api/studies/{study_uid}/complete", response_model=ActionResult, responses=_RESPONSES,
+             summary="Treat a study still being received as complete now: its job is queued")
+def complete_study(request: Request, identity: Operator,
+                   study_uid: Annotated[str, Path(pattern=r"^[0-9]+(\.[0-9]+)*$", max_length=64)],
+                   body: Annotated[Note, Body()] = Note()) -> ActionResult:
+    store = _store(request)
+    job_id = store.study_job(study_uid)
+    if job_id is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job for study {study_uid}")
+
+    def force() -> str:
+        state = store.queue_job(job_id, f"forced complete by {identity.label}" + (f" ({body.note})" if body.note else ""))
+        if state is None:
+            job = store.job(job_id)
+            raise ActionRefused(f"job {job_id} of study {study_uid} is {job.state if job else 'gone'}, not receiving")
+        return f"job {job_id} {state}"
+
+    return ActionResult(job_id=job_id, message=_act(request, identity, "complete-study", job_id, force))
+
+
+@router.get("/api/queue", response_model=QueueState, tags=["queue"], summary="Whether the queue is paused")
+def queue_state(request: Request, identity: Viewer) -> QueueState:
+    store = _store(request)
+    return QueueState(paused=store.queue_paused(), queued=store.job_counts()[0].get("queued", 0))
+
+
+def _set_paused(request: Request, identity: Identity, paused: bool) -> QueueState:
+    store = _store(request)
+    changed = store.set_queue_paused(paused, identity.label)
+    word = "paused" if paused else "resumed"
+    _act(request, identity, f"queue-{word}", None, lambda: f"queue {word}" if changed else f"queue already {word}")
+    return QueueState(paused=store.queue_paused(), queued=store.job_counts()[0].get("queued", 0))
+
+
+@router.post("/api/queue/pause", response_model=QueueState, tags=["queue"],
+             summary="Pause the queue: no job starts; ingest and deliveries carry on")
+def pause(request: Request, identity: Operator) -> QueueState:
+    return _set_paused(request, identity, True)
+
+
+@router.post("/api/queue/resume", response_model=QueueState, tags=["queue"], summary="Resume the queue")
+def resume(request: Request, identity: Operator) -> QueueState:
+    return _set_paused(request, identity, False)

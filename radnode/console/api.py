@@ -1,0 +1,139 @@
+"""The REST endpoints: ``/health`` (anonymous), the job list and one job under ``/api``, who am I, and the
+Orthanc plugin's ``/orthanc/events`` (authenticated by the plugin's own token, nothing else)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any, Literal, Protocol
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import Field
+
+from radnode.console.accounts import same_secret
+from radnode.console.auth import Viewer, bearer_scheme, gate_of
+from radnode.console.schemas import (
+    Document, Health, JobDetail, JobIdPath, JobList, Me, Queued, delivery_document, event_document, job_summary,
+)
+from radnode.node.egress import Egress
+from radnode.node.store import Job, JobState, JobStore, StudyDetails
+
+log = logging.getLogger(__name__)
+
+MAX_PAGE = 1000
+
+
+class NodeView(Protocol):
+    """What the endpoints hand to the node (:class:`radnode.node.service.Node`); they read the job store."""
+
+    egress: Egress | None
+    """The node's egress while it runs: re-sends go through :meth:`Egress.resend`, which wakes the workers."""
+
+    def health(self) -> dict[str, Any]: ...
+
+    def orthanc_event(self, event: dict[str, str]) -> None:
+        """Queue one plugin event (ValueError: this node takes none)."""
+
+
+def node_of(request: Request) -> NodeView:
+    return request.app.state.node
+
+
+router = APIRouter()
+
+
+@router.get("/health", response_model=Health, tags=["node"], summary="Liveness and job counts (no authentication)")
+def health(request: Request) -> Health:
+    return Health.model_validate(node_of(request).health())
+
+
+@router.get("/api/me", response_model=Me, tags=["accounts"], summary="Who the caller is")
+def me(request: Request, identity: Viewer) -> Me:
+    return Me(name=identity.name, role=identity.role.value, kind=identity.kind,
+              patient_data=gate_of(request).sees_patient_data(identity))
+
+
+def _store(request: Request) -> JobStore:
+    return request.app.state.store
+
+
+def _matches(job: Job, details: StudyDetails, pipeline: str | None, search: str | None, patient_data: bool) -> bool:
+    if pipeline is not None and job.pipeline != pipeline:
+        return False
+    if not search:
+        return True
+    needle = search.lower()
+    # a role that may not see patient data cannot find a job by its patient ID or accession either
+    values = [job.study_instance_uid, job.calling_ae, job.pipeline, str(job.id), details.study_description,
+              *details.modalities, *((job.patient_id, details.accession_number) if patient_data else ())]
+    return any(needle in value.lower() for value in values)
+
+
+@router.get("/api/jobs", response_model=JobList, tags=["jobs"],
+            summary="Jobs, newest first, filtered by state, review flag, pipeline or a search term")
+def list_jobs(request: Request, identity: Viewer,
+              state: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
+              needs_review: Annotated[bool | None, Query(description="true: flagged for review; false: assessed "
+                                                                      "and not flagged")] = None,
+              reviewed: Annotated[bool | None, Query(description="with needs_review=true: false is the review "
+                                                                  "worklist (flagged, not yet reviewed)")] = None,
+              pipeline: Annotated[str | None, Query(max_length=128)] = None,
+              q: Annotated[str | None, Query(max_length=128, description="search in study UID, description, "
+                                                                          "modality, calling AE, pipeline; patient "
+                                                                          "ID and accession for roles that see them")] = None,
+              limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
+              offset: Annotated[int, Query(ge=0, le=2**31)] = 0) -> JobList:
+    store = _store(request)
+    patient_data = gate_of(request).sees_patient_data(identity)
+    jobs = list(reversed(store.jobs(state, needs_review)))
+    details = store.study_details(job.study_instance_uid for job in jobs)
+    reviews = store.reviewed_jobs(job.id for job in jobs) if jobs else {}
+    chosen = [job for job in jobs if _matches(job, details[job.study_instance_uid], pipeline, q, patient_data)
+              and (reviewed is None or (job.id in reviews) == reviewed)]
+    page = chosen[offset:offset + limit]
+    return JobList(jobs=[job_summary(job, patient_data, details[job.study_instance_uid],
+                                     reviews.get(job.id, (None,))[0]) for job in page], total=len(chosen))
+
+
+@router.get("/api/jobs/{job_id}", response_model=JobDetail, tags=["jobs"], summary="One job with its events and "
+            "deliveries", responses={404: {"description": "no such job"}})
+def get_job(request: Request, identity: Viewer, job_id: JobIdPath) -> JobDetail:
+    store = _store(request)
+    job = store.job(job_id)
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
+    details = store.study_details([job.study_instance_uid])[job.study_instance_uid]
+    reviewer = store.reviewed_jobs([job.id]).get(job.id, (None,))[0]
+    summary = job_summary(job, gate_of(request).sees_patient_data(identity), details, reviewer)
+    return JobDetail(**summary.model_dump(), events=[event_document(e) for e in store.events(job_id)],
+                     deliveries=[delivery_document(d) for d in store.deliveries(job_id)])
+
+
+class OrthancEvent(Document):
+    """What the radnode Orthanc plugin posts: an instance stored, or a study stable."""
+
+    type: Literal["stored", "stable-study"]
+    id: Annotated[str, Field(pattern=r"^[0-9a-fA-F-]{1,64}$", description="Orthanc's resource id")]
+    remote_aet: Annotated[str, Field(max_length=64)] = ""
+
+
+def orthanc_plugin(request: Request,
+                   bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]) -> None:
+    """The radnode Orthanc plugin's own token (nothing else is accepted here, nor is it accepted elsewhere)."""
+    gate = gate_of(request)
+    if gate.orthanc_token is None or bearer is None or not same_secret(bearer.credentials, gate.orthanc_token):
+        gate.on_refused("orthanc-token")
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "the Orthanc plugin's token is missing or wrong",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+@router.post("/orthanc/events", response_model=Queued, status_code=status.HTTP_202_ACCEPTED, tags=["orthanc"],
+             summary="An event from the radnode Orthanc plugin (its own token, from `radnode orthanc-config`)",
+             dependencies=[Depends(orthanc_plugin)],
+             responses={409: {"description": "this node takes no Orthanc events (orthanc.url unset)"}})
+def orthanc_event(request: Request, event: OrthancEvent) -> Queued:
+    try:
+        node_of(request).orthanc_event(event.model_dump())
+    except ValueError as e:
+        raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
+    return Queued(queued=True)

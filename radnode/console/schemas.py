@@ -1,0 +1,173 @@
+"""The API's documents (Pydantic models, which FastAPI turns into the OpenAPI schema).
+
+Times are ISO-8601 in UTC (``2026-12-01T10:15:00.250000Z``), states and priorities by name. Patient fields
+(``patient_id``) are null for a caller whose role may not see patient data (``api.patient_data_roles``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from radnode.node.store import Delivery, Event, Job, JobState, StudyDetails
+
+Priority = StrEnum("Priority", {"STAT": "stat", "ROUTINE": "routine", "OFF_PEAK": "off-peak"})  # type: ignore[misc]
+"""A job's priority by name (the store orders by rank: off-peak 0, routine 1, stat 2)."""
+_PRIORITY_BY_RANK = {0: "off-peak", 1: "routine", 2: "stat"}
+
+
+def utc(epoch: float | None) -> dt.datetime | None:
+    """An epoch time (as the store keeps it) as an aware UTC datetime."""
+    return None if epoch is None else dt.datetime.fromtimestamp(epoch, dt.timezone.utc)
+
+
+def priority_name(value: object) -> str:
+    """A stored priority (its rank, or already its name) by name."""
+    if isinstance(value, int):
+        return _PRIORITY_BY_RANK.get(value, "routine")
+    return str(getattr(value, "value", value))
+
+
+class Document(BaseModel):
+    """An API document: unknown fields are an error, never silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobSummary(Document):
+    """A job as the job list shows it."""
+
+    id: int
+    study_instance_uid: str
+    patient_id: str | None = Field(description="null when the caller's role may not see patient data")
+    accession_number: str | None = Field(description="null when the caller's role may not see patient data")
+    study_description: str
+    modalities: list[str] = Field(description="modalities of the instances received for the study")
+    pipeline: str
+    state: JobState
+    reason: str | None = Field(description="why it failed, or why the study was not processed")
+    needs_review: bool | None = Field(description="true: flagged for human review; false: assessed, not flagged; "
+                                                   "null: not assessed")
+    review_reasons: list[str]
+    reviewed_by: str | None = Field(description="who marked the flagged job reviewed (null: not yet)")
+    failure: str | None = Field(description="why a failed job failed, by kind: delivery (re-send it), cancelled, "
+                                            "or processing; null unless failed")
+    priority: Priority
+    calling_ae: str
+    peer_address: str
+    instances: int
+    late_instances: int
+    runs: int
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    purged_at: dt.datetime | None = Field(description="when retention removed the job's files")
+    sibling_of: int | None = Field(description="the study's main job when this one runs a further pipeline")
+
+
+class EventDocument(Document):
+    id: int
+    at: dt.datetime
+    kind: str
+    message: str
+
+
+class DeliveryDocument(Document):
+    id: int
+    destination: str
+    object: str
+    state: str
+    attempts: int
+    next_attempt_at: dt.datetime | None
+    last_error: str | None
+    sent_uid: str | None = Field(None, description="the SOP Instance UID that went out (a DICOM object), once "
+                                                   "delivered: a re-send sends the same")
+
+
+class JobDetail(JobSummary):
+    """One job with its event log and deliveries."""
+
+    events: list[EventDocument]
+    deliveries: list[DeliveryDocument]
+
+
+class JobList(Document):
+    jobs: list[JobSummary]
+    total: int = Field(description="jobs matching the filters (the page holds at most `limit` of them)")
+
+
+class Health(Document):
+    status: str
+    jobs: dict[str, int] = Field(description="jobs per state")
+    needs_review: int = Field(description="jobs flagged for human review")
+
+
+class Me(Document):
+    name: str
+    role: str
+    kind: str = Field(description="user (signed in) or token")
+    patient_data: bool = Field(description="whether this identity is shown patient data")
+
+
+class Problem(Document):
+    """What an error answer carries."""
+
+    detail: Any
+
+
+class Queued(Document):
+    queued: bool
+
+
+class StowFailure(Document):
+    sop_instance_uid: str | None
+    reason: str
+
+
+class StowResult(Document):
+    """What a STOW-RS request stored (the API's JSON view; DICOM JSON clients get the same as a 0008,1199 list)."""
+
+    stored: list[str]
+    failed: list[StowFailure]
+
+
+JobIdPath = Annotated[int, Field(ge=1, le=2**62)]
+
+
+def failure_kind(job: Job) -> str | None:
+    """``delivery``, ``cancelled`` or ``processing`` for a failed job (from its reason), else None."""
+    if job.state is not JobState.FAILED:
+        return None
+    reason = job.reason or ""
+    if reason.startswith("delivery") or " undelivered" in reason:
+        return "delivery"
+    return "cancelled" if reason.startswith("cancelled by") else "processing"
+
+
+def job_summary(job: Job, patient_data: bool, details: StudyDetails | None = None,
+                reviewed_by: str | None = None) -> JobSummary:
+    details = details or StudyDetails()
+    return JobSummary(
+        id=job.id, study_instance_uid=job.study_instance_uid, patient_id=job.patient_id if patient_data else None,
+        accession_number=details.accession_number if patient_data else None,
+        study_description=details.study_description, modalities=list(details.modalities),
+        pipeline=job.pipeline, state=job.state, reason=job.reason, needs_review=job.needs_review,
+        review_reasons=list(job.review_reasons), reviewed_by=reviewed_by, failure=failure_kind(job),
+        priority=Priority(priority_name(job.priority)),
+        calling_ae=job.calling_ae, peer_address=job.peer_address, instances=job.instances,
+        late_instances=job.late_instances, runs=job.runs, created_at=utc(job.created_at),
+        updated_at=utc(job.updated_at), purged_at=utc(job.purged_at), sibling_of=job.sibling_of)
+
+
+def event_document(event: Event) -> EventDocument:
+    return EventDocument(id=event.id, at=utc(event.at), kind=event.kind, message=event.message)
+
+
+def delivery_document(delivery: Delivery) -> DeliveryDocument:
+    pending = delivery.state == "pending"
+    return DeliveryDocument(id=delivery.id, destination=delivery.destination, object=delivery.object,
+                            state=delivery.state, attempts=delivery.attempts,
+                            next_attempt_at=utc(delivery.next_attempt_at) if pending else None,
+                            last_error=delivery.last_error, sent_uid=delivery.sent_uid)

@@ -1,0 +1,239 @@
+"""The console's records: people, API tokens and sessions; operators' actions on jobs, each in the job's event
+log with the person who took it (a re-send is egress's: ``Deliveries.resend``); run-time settings (the queue paused); study details for the job list.
+
+Actions are guarded transitions like the node's own: one that does not apply to the job's state changes
+nothing and says why (:class:`ActionRefused`), so two operators clicking at once act once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import Row, delete, func, insert, select, true, update
+
+from radnode.node.store.database import Database
+from radnode.node.store.events import log_event
+from radnode.node.store.jobs import transition
+from radnode.node.store.records import FINAL_STATES, ActionRefused, JobState
+from radnode.node.store.schema import (
+    api_tokens, deliveries, instances, jobs, node_settings, reviews, sessions, study_details, users,
+)
+
+QUEUE_PAUSED = "queue_paused"
+
+
+@dataclass(frozen=True)
+class StudyDetails:
+    """What the job list shows of a study beyond its UID."""
+
+    accession_number: str = ""
+    study_description: str = ""
+    modalities: tuple[str, ...] = ()
+
+
+class Console:
+    """The store's console area (see the module docstring)."""
+
+    _db: Database
+
+    # --- accounts (rows only; hashing and policy are radnode.console.accounts) ----------------------
+
+    def insert_user(self, values: dict) -> bool:
+        with self._db.write() as conn:
+            return conn.execute(self._db.insert_ignoring_conflicts(users).values(**values)  # psycopg: rowcount -1
+                                .returning(users.c.name)).first() is not None
+
+    def update_user(self, name: str, values: dict, end_sessions: bool = False) -> bool:
+        with self._db.write() as conn:
+            changed = conn.execute(update(users).where(users.c.name == name).values(**values)).rowcount == 1
+            if end_sessions:
+                conn.execute(delete(sessions).where(sessions.c.user_name == name))
+            return changed
+
+    def delete_user(self, name: str) -> bool:
+        with self._db.write() as conn:
+            conn.execute(delete(sessions).where(sessions.c.user_name == name))
+            return conn.execute(delete(users).where(users.c.name == name)).rowcount == 1
+
+    def user_rows(self, name: str | None = None) -> list[Row]:
+        query = select(users).order_by(users.c.name)
+        if name is not None:
+            query = query.where(users.c.name == name)
+        with self._db.read() as conn:
+            return list(conn.execute(query))
+
+    def insert_token(self, values: dict) -> bool:
+        with self._db.write() as conn:
+            return conn.execute(self._db.insert_ignoring_conflicts(api_tokens).values(**values)  # psycopg: rowcount -1
+                                .returning(api_tokens.c.name)).first() is not None
+
+    def delete_token(self, name: str) -> bool:
+        with self._db.write() as conn:
+            return conn.execute(delete(api_tokens).where(api_tokens.c.name == name)).rowcount == 1
+
+    def token_rows(self, digest: str | None = None) -> list[Row]:
+        query = select(api_tokens).order_by(api_tokens.c.name)
+        if digest is not None:
+            query = query.where(api_tokens.c.token_sha256 == digest)
+        with self._db.read() as conn:
+            return list(conn.execute(query))
+
+    def token_used(self, name: str, at: float) -> None:
+        with self._db.write() as conn:
+            conn.execute(update(api_tokens).where(api_tokens.c.name == name).values(last_used_at=at))
+
+    def insert_session(self, values: dict) -> None:
+        with self._db.write() as conn:
+            conn.execute(delete(sessions).where(sessions.c.expires_at < time.time()))
+            conn.execute(insert(sessions).values(**values))
+
+    def session_row(self, digest: str) -> Row | None:
+        query = (select(users.c.name, users.c.role, sessions.c.csrf, sessions.c.expires_at)
+                 .join(users, users.c.name == sessions.c.user_name).where(sessions.c.id_sha256 == digest))
+        with self._db.read() as conn:
+            return conn.execute(query).first()
+
+    def delete_session(self, digest: str) -> None:
+        with self._db.write() as conn:
+            conn.execute(delete(sessions).where(sessions.c.id_sha256 == digest))
+
+    # --- run-time settings ---------------------------------------------------------------------------
+
+    def queue_paused(self) -> bool:
+        """Whether an operator paused the queue (no job starts; ingest and deliveries carry on)."""
+        with self._db.read() as conn:
+            value = conn.execute(select(node_settings.c.value).where(node_settings.c.name == QUEUE_PAUSED)).scalar()
+        return value == "true"
+
+    def set_queue_paused(self, paused: bool, user: str) -> bool:
+        """Pause or resume the queue; False when it already was so."""
+        with self._db.write() as conn:
+            current = conn.execute(select(node_settings.c.value).where(node_settings.c.name == QUEUE_PAUSED)
+                                   .with_for_update()).scalar()
+            if (current == "true") == paused:
+                return False
+            values = {"value": "true" if paused else "false", "changed_at": time.time(), "changed_by": user}
+            if current is None:
+                conn.execute(insert(node_settings).values(name=QUEUE_PAUSED, **values))
+            else:
+                conn.execute(update(node_settings).where(node_settings.c.name == QUEUE_PAUSED).values(**values))
+            return True
+
+    # --- study details -------------------------------------------------------------------------------
+
+    def note_study(self, study_uid: str, accession_number: str, study_description: str) -> None:
+        """Keep a study's accession number (sealed like the Patient ID: it names a patient's visit) and
+        description (the first instance's; later ones change nothing)."""
+        with self._db.write() as conn:
+            conn.execute(self._db.insert_ignoring_conflicts(study_details).values(
+                study_instance_uid=study_uid, sealed_accession_number=self._db.sealed(accession_number),
+                study_description=study_description))
+
+    def study_details(self, study_uids: Iterable[str]) -> dict[str, StudyDetails]:
+        """Details of these studies (with the modalities received), by Study Instance UID."""
+        uids = list(set(study_uids))
+        if not uids:
+            return {}
+        details: dict[str, StudyDetails] = {}
+        with self._db.read() as conn:
+            modalities: dict[str, set[str]] = {}
+            for uid, modality in conn.execute(select(instances.c.study_instance_uid, instances.c.modality).distinct()
+                                              .where(instances.c.study_instance_uid.in_(uids))):
+                modalities.setdefault(uid, set()).add(modality)
+            for row in conn.execute(select(study_details).where(study_details.c.study_instance_uid.in_(uids))):
+                details[row.study_instance_uid] = StudyDetails(self._db.opened_identity(row.sealed_accession_number),
+                                                                row.study_description)
+        return {uid: StudyDetails(details.get(uid, StudyDetails()).accession_number,
+                                  details.get(uid, StudyDetails()).study_description,
+                                  tuple(sorted(modalities.get(uid, ())))) for uid in uids}
+
+    # --- operators' actions --------------------------------------------------------------------------
+
+    def _locked_state(self, conn, job_id: int) -> JobState:  # type: ignore[no-untyped-def]
+        state = conn.execute(select(jobs.c.state).where(jobs.c.id == job_id).with_for_update()).scalar()
+        if state is None:
+            raise LookupError(f"no job {job_id}")
+        return JobState(state)
+
+    def retry_job(self, job_id: int, user: str, note: str = "") -> int:
+        """A failed job runs again on every instance received for its study (late ones included, e.g. a
+        missing series sent after it failed), routed anew on them; its earlier deliveries go with the run.
+        Returns how many instances the new run covers."""
+        with self._db.write() as conn:
+            state = self._locked_state(conn, job_id)
+            if state is not JobState.FAILED:
+                raise ActionRefused(f"job {job_id} is {state}: only a failed job can be retried")
+            conn.execute(update(instances).where(instances.c.job_id == job_id, instances.c.late == true())
+                         .values(late=False))
+            conn.execute(delete(deliveries).where(deliveries.c.job_id == job_id))
+            transition(conn, job_id, (JobState.FAILED,), JobState.RECEIVED)
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(reason=None, restart_requested=False))
+            count = int(conn.execute(select(func.count()).select_from(instances).where(
+                instances.c.job_id == job_id, instances.c.purged_at.is_(None))).scalar() or 0)
+            log_event(conn, job_id, "retry", f"retried by {user}: runs again on {count} received instance(s)"
+                      + (f" ({note})" if note else ""))
+        self.queue_job(job_id, f"retried by {user}")  # type: ignore[attr-defined]
+        return count
+
+    def cancel_job(self, job_id: int, user: str, note: str = "") -> JobState:
+        """A job that has not finished ends ``failed`` (cancelled); a running one's process is ended by the
+        scheduler (:meth:`cancelled_running`). Returns the state it was cancelled in."""
+        with self._db.write() as conn:
+            state = self._locked_state(conn, job_id)
+            if state in FINAL_STATES:
+                raise ActionRefused(f"job {job_id} is {state} already")
+            reason = f"cancelled by {user}" + (f": {note}" if note else "")
+            transition(conn, job_id, (state,), JobState.FAILED)
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(reason=reason))
+            conn.execute(update(deliveries).where(deliveries.c.job_id == job_id, deliveries.c.state == "pending")
+                         .values(state="failed", last_error=reason))
+            log_event(conn, job_id, "cancelled", reason)
+            return state
+
+    def cancelled(self, job_ids: Iterable[int]) -> list[int]:
+        """Of these jobs (running in this process), those no longer running in the store (cancelled)."""
+        ids = list(job_ids)
+        if not ids:
+            return []
+        with self._db.read() as conn:
+            return list(conn.execute(select(jobs.c.id).where(jobs.c.id.in_(ids),
+                                                             jobs.c.state != JobState.RUNNING.value)).scalars())
+
+    def study_job(self, study_uid: str) -> int | None:
+        """The study's main job still receiving (what ``study complete`` queues), else its latest main job."""
+        with self._db.read() as conn:
+            rows = conn.execute(select(jobs.c.id, jobs.c.state).where(jobs.c.study_instance_uid == study_uid,
+                                                                       jobs.c.sibling_of.is_(None))
+                                .order_by(jobs.c.id.desc())).all()
+        receiving = [r.id for r in rows if r.state == JobState.RECEIVED.value]
+        return receiving[0] if receiving else (rows[0].id if rows else None)
+
+    def mark_reviewed(self, job_id: int, user: str, note: str = "") -> None:
+        """A person looked at a flagged job's results; it leaves the review worklist."""
+        with self._db.write() as conn:
+            row = conn.execute(select(jobs.c.needs_review, jobs.c.state).where(jobs.c.id == job_id)
+                               .with_for_update()).first()
+            if row is None:
+                raise LookupError(f"no job {job_id}")
+            if not row.needs_review:
+                raise ActionRefused(f"job {job_id} is not flagged for review")
+            conn.execute(insert(reviews).values(job_id=job_id, decision="reviewed", reviewer=user, note=note,
+                                                at=time.time()))
+            log_event(conn, job_id, "reviewed", f"reviewed by {user}" + (f": {note}" if note else ""))
+
+    def reviewed_jobs(self, job_ids: Iterable[int]) -> dict[int, tuple[str, float]]:
+        """The latest review (reviewer, when) of each of these jobs that has one."""
+        ids = list(job_ids)
+        if not ids:
+            return {}
+        with self._db.read() as conn:
+            rows = conn.execute(select(reviews.c.job_id, reviews.c.reviewer, reviews.c.at)
+                                .where(reviews.c.job_id.in_(ids)).order_by(reviews.c.id)).all()
+        return {r.job_id: (r.reviewer, r.at) for r in rows}
+
+    def note_action(self, job_id: int, kind: str, message: str) -> None:
+        """An action recorded in the job's log by a part outside the store (e.g. a forced completion)."""
+        with self._db.write() as conn:
+            log_event(conn, job_id, kind, message)
