@@ -104,10 +104,11 @@ class ServeProcess:
     def __init__(self, data_dir: Path, pacs: StoreSCP, fhir: FhirServer, idle: float = 2.0,
                  rules: Path | None = None, late_instances: str = "ignore") -> None:
         """``rules``: the routing rule file (unset: the shipped rules, the node's default)."""
-        self.data_dir, self.port = data_dir, free_port()
+        self.data_dir, self.port, self.api_port = data_dir, free_port(), free_port()
         config = data_dir.parent / f"{data_dir.name}.yaml"
         config.write_text(yaml.safe_dump({"ingress": {"host": "127.0.0.1", "study_idle_seconds": idle,
                                                       "late_instances": late_instances},
+                                          "api": {"port": self.api_port},  # never the fixed default 8765
                                           "processing": {"max_concurrent_jobs": 2, "job_timeout_seconds": 300},
                                           **({"rules": str(rules)} if rules else {})}))
         self.log = (data_dir.parent / f"{data_dir.name}.log").open("w")
