@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from monai.deploy.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
+from holoscan.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
 
 from radnode.config import config_from_environment
 from radnode.measure import MILLILITER, VOLUME

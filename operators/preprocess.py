@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from monai.deploy.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
+from holoscan.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
 
 from radnode.models.inference import array_backend, preprocess
 from radnode.models.spec import ModelSpec

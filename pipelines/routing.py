@@ -114,7 +114,11 @@ class Provenance(StrEnum):
     OWN_RESULT = "own-result"
     """A result a radnode node wrote (its SEG, SR, Parametric Map, report) come back: recorded, never
     processed, whatever the rules or the late-instance policy say (``radnode/outputs/provenance.py``).
-    A foreign object that corrects such a result is ``EXTERNAL``."""
+    A foreign object that modifies such a result is ``EXTERNAL``."""
+    CORRECTION = "correction"
+    """A SEG from another creator referencing a source series (a clinician's edit of a segmentation,
+    ``outputs/provenance.correction_candidate``): recorded and matched to the job whose result it corrects
+    (``radnode/feedback``), never processed."""
 
 
 @dataclass(frozen=True)
@@ -185,8 +189,9 @@ class SeriesDecision:
 
     @property
     def skipped(self) -> bool:
-        """Nothing to do: discarded, the node's own result, or no pipeline and no forward."""
-        return self.discard or self.provenance is Provenance.OWN_RESULT or not (self.pipelines or self.forwards)
+        """Nothing to do: discarded, the node's own result, a correction, or no pipeline and no forward."""
+        return (self.discard or self.provenance in (Provenance.OWN_RESULT, Provenance.CORRECTION)
+                or not (self.pipelines or self.forwards))
 
     def with_defaults(self, late_instances: LateInstances) -> SeriesDecision:
         """The decision as the node takes it: the node's late-instance policy where no rule set one."""
@@ -210,6 +215,8 @@ class SeriesDecision:
     def _action(self) -> str:
         if self.provenance is Provenance.OWN_RESULT:
             return self.note or "a result of the node's own: never processed"
+        if self.provenance is Provenance.CORRECTION:
+            return self.note or "a correction of a segmentation: matched to its job, never processed"
         if not self.matched_rules:
             return self.note or "no rule matched: nothing to do"
         if self.discard:

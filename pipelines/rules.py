@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydicom import Dataset
 
 from radnode.destinations import DestinationError, looks_like_destination, parse_destination
-from radnode.outputs.provenance import PROVENANCE_TAGS, own_result
+from radnode.outputs.provenance import PROVENANCE_TAGS, correction_candidate, own_result
 from radnode.pipelines.conditions import (
     Condition, ConditionParser, LineDict, LineList, RuleError, Subject, load_yaml_lines, suggest,
 )
@@ -95,10 +95,14 @@ class RuleSet:
     def route(self, attributes: Dataset | Mapping[str, Any], context: RoutingContext | None = None) -> SeriesDecision:
         """The decision for one series: every matching rule's actions merged (union of pipelines and forwards,
         most urgent priority, longest waits, most isolated execution mode and longest timeout). A result of
-        radnode's own (``radnode/outputs/provenance.py``) is never processed, before any rule is read."""
+        radnode's own (``radnode/outputs/provenance.py``) is never processed, nor a correction candidate (a
+        foreign SEG referencing a source series), before any rule is read."""
         own = own_result(attributes)
         if own is not None:
             return SeriesDecision(provenance=Provenance.OWN_RESULT, note=own)
+        correction = correction_candidate(attributes)
+        if correction is not None:
+            return SeriesDecision(provenance=Provenance.CORRECTION, note=correction)
         outcomes = self.evaluate(attributes, context)
         return merge_decisions(r.decision for r, o in zip(self.rules, outcomes, strict=True) if o.matched)
 
@@ -205,7 +209,7 @@ class _Parser(ConditionParser):
         self._check_forwards(node, label)
         mode = spec.execution.mode
         if mode is not None and self.execution_modes is not None and mode not in self.execution_modes:
-            hint = "; set processing.container_engine (docker or podman) to run MAP containers" \
+            hint = "; set containers.engine (podman or docker) to run MAP containers" \
                 if mode == ExecutionMode.CONTAINER else ""
             raise self.error(node["execution"].value_lines["mode"],
                              f"{label}: execution mode '{mode}' is not available on this node (available: "

@@ -150,10 +150,15 @@ def cmd_map_list(args: argparse.Namespace) -> int:
 
 
 def cmd_map_build(args: argparse.Namespace) -> int:
-    """Write the MAP build context (app.json, pkg.json, Dockerfile, wheel) for one app."""
+    """Write the MAP build context (app.json, pkg.json, Dockerfile, wheels) for one app; build it with --image."""
     from radnode.map import map_build
 
-    return map_build(args.app, Path(args.output), models=[Path(m) for m in args.model or ()])
+    try:
+        containers = _load(args).containers
+    except ConfigError as e:
+        return _fail(str(e))
+    return map_build(args.app, Path(args.output), models=[Path(m) for m in args.model or ()], image=args.image,
+                     tag=args.tag, base_image=args.base_image, config=containers)
 
 
 def cmd_rules_check(args: argparse.Namespace) -> int:
@@ -373,7 +378,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         return 0
     if args.command == "jobs":
         body = {**note, **({"destination": args.destination, "failed_only": args.failed_only}
-                           if args.jobs_command == "resend" else {})}
+                           if args.jobs_command == "resend" else {}),
+                **({"decision": args.decision, "reason": args.reason} if args.jobs_command == "review" else {})}
         answer = client.call("POST", f"/api/jobs/{args.job}/{args.jobs_command}", body)
     elif args.command == "queue":
         answer = client.call("GET" if args.queue_command == "status" else "POST",
@@ -386,12 +392,43 @@ def cmd_node(args: argparse.Namespace) -> int:
     return 0
 
 
-def _node_options(parser: argparse.ArgumentParser) -> None:
+def _iso_date(text: str) -> str:
+    """A ``--since`` value checked as an ISO 8601 date or date-time (sent on as it is)."""
+    import datetime as dt
+
+    try:
+        dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD) or ISO 8601 date-time") from None
+    return text
+
+
+def cmd_performance(args: argparse.Namespace) -> int:
+    """``radnode performance``: a running node's local performance per pipeline, as a table and a plot."""
+    from radnode.console.client import NodeClient
+    import json
+
+    from radnode.feedback.performance import from_document, plot, table
+
+    client = NodeClient.from_options(_load(args), args.url, None, args.token_file, args.ca_bundle)
+    params = {"pipeline": args.pipeline, "since": args.since}
+    answer = client.call("GET", "/api/performance", params={k: v for k, v in params.items() if v is not None})
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(table([from_document(p) for p in answer["pipelines"]]))
+    if args.plot:
+        print(f"plot written to {plot([from_document(p) for p in answer['pipelines']], Path(args.plot))}",
+              file=sys.stderr)
+    return 0
+
+
+def _node_options(parser: argparse.ArgumentParser, func=None) -> None:  # type: ignore[no-untyped-def]
     parser.add_argument("--url", help="the node's web service (default: from the configuration, api.host/api.port)")
     parser.add_argument("--token-file", help="file holding an API token (default: $RADNODE_TOKEN)")
     parser.add_argument("--ca-bundle", help="CA bundle to check an https node against")
     parser.add_argument("--config", help="configuration YAML file (where the node listens)")
-    parser.set_defaults(func=cmd_node)
+    parser.set_defaults(func=func or cmd_node)
 
 
 def _logging_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
@@ -505,6 +542,14 @@ def build_parser() -> argparse.ArgumentParser:
     map_build.add_argument("--output", "-o", required=True, help="folder for the build context")
     map_build.add_argument("--model", action="append", metavar="DIR",
                            help="model folder to package at /opt/holoscan/models/<its name> (model_seg; repeatable)")
+    map_build.add_argument("--image", action="store_true",
+                           help="build the image with the container engine (offline) and report its size")
+    map_build.add_argument("--tag", help="image name (default radnode-APP:VERSION)")
+    map_build.add_argument("--base-image", default="auto", metavar="IMAGE",
+                           help="auto (default: the CUDA base for an app that requests a GPU, else bookworm), "
+                                "bookworm (offline Debian base), cuda (NVIDIA's CUDA runtime on it) or an image")
+    map_build.add_argument("--config", help="configuration YAML file (its containers: section says how to call "
+                                            "the engine)")
     map_build.set_defaults(func=cmd_map_build)
 
     store = sub.add_parser("store", help="the job store (SQLite under data_dir, or PostgreSQL at store.url)")
@@ -524,11 +569,17 @@ def build_parser() -> argparse.ArgumentParser:
                        ("retry", "run a failed job again on every instance received for its study"),
                        ("resend", "deliver a job's results again (even after the deliveries gave up)"),
                        ("cancel", "cancel a job that has not finished"),
-                       ("review", "mark a flagged job reviewed")):
+                       ("review", "mark a flagged job reviewed, or accept / correct / reject a job's results")):
         command = jobs_sub.add_parser(name, help=text)
         command.add_argument("job", type=int, help="job id")
         if name != "show":
             command.add_argument("--note", help="why (kept in the job's events)")
+        if name == "review":
+            from radnode.node.store.console import REJECT_REASONS, REVIEW_DECISIONS
+
+            command.add_argument("--decision", choices=REVIEW_DECISIONS, default="reviewed",
+                                 help="reviewed (a flagged job looked at), or accepted / corrected / rejected")
+            command.add_argument("--reason", choices=REJECT_REASONS, help="why it was rejected (with --decision rejected)")
         if name == "resend":
             command.add_argument("--destination", help="only this destination (as `jobs show` names it)")
             command.add_argument("--failed-only", action="store_true", help="only the deliveries not made")
@@ -543,6 +594,14 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("study", help="Study Instance UID")
     complete.add_argument("--note", help="why (kept in the job's events)")
     _node_options(complete)
+
+    performance = sub.add_parser("performance", help="local performance per pipeline: reviews, agreement with "
+                                                      "clinicians' corrections, uncertainty ranking (API token)")
+    performance.add_argument("--pipeline", help="only this pipeline")
+    performance.add_argument("--since", type=_iso_date, help="jobs created on or after (YYYY-MM-DD or ISO 8601)")
+    performance.add_argument("--plot", help="also write the figures as a plot (.png or .svg)")
+    performance.add_argument("--json", action="store_true", help="the API's JSON document instead of the table")
+    _node_options(performance, cmd_performance)
 
     users = sub.add_parser("users", help="people who sign in to the web console (viewer, operator, admin)")
     users_sub = users.add_subparsers(dest="users_command", required=True)

@@ -226,10 +226,6 @@ class ProcessingConfig(_Strict):
     job_timeout_seconds: Annotated[float, Field(gt=0)] = 1800.0
     """A pipeline run still going after this long is killed and the job fails with that reason; a route's
     ``execution.timeout_seconds``, or for MAP execution the MAP's own ``timeout``, comes first."""
-    container_engine: Literal["docker", "podman"] | None = None
-    """Runs MAP containers for routes with ``execution: {mode: container}``; unset: such routes are refused."""
-    map_images: dict[str, str] = {}
-    """Pipeline name → MAP image for container execution; default ``radnode-<pipeline>`` (``radnode map build``)."""
     models: dict[str, list[Path]] = {}
     """Pipeline name → the model folder it runs (``model_seg``, or a site name for the same app): one folder, or
     a list of folders run as an ensemble. Handed to the job as ``HOLOSCAN_MODEL_PATH``, whatever the route's
@@ -255,6 +251,72 @@ class ProcessingConfig(_Strict):
             if isinstance(items, list) and not items:
                 raise ValueError(f"pipeline {name!r}: expected a model folder or a non-empty list of them")
         return folders
+
+
+_QUANTITY = r"^\d+(\.\d+)?([kKmMgG]i?)?$"
+
+
+class ContainerLimits(_Strict):
+    """A MAP container's resource limits; unset fields keep the MAP's own request (``pkg.json#resources``)."""
+
+    cpu: Annotated[float, Field(gt=0)] | None = None
+    """CPUs (``--cpus``); also the app's thread-pool size."""
+    memory: Annotated[str, Field(pattern=_QUANTITY)] | None = None
+    """Memory and memory+swap limit (``--memory``/``--memory-swap``), e.g. ``4Gi``: past it the app is OOM-killed."""
+    shared_memory: Annotated[str, Field(pattern=_QUANTITY)] | None = None
+    """``/dev/shm`` size (``--shm-size``)."""
+    gpu: Annotated[int, Field(ge=0)] | None = None
+    """GPUs passed to the container (CDI devices); 0: none."""
+
+
+class ContainersConfig(_Strict):
+    """How the node runs MAP containers (routes with ``execution: {mode: container}``) and how ``radnode map
+    build --image`` builds them. The lock-down itself (no network, read-only root, no capabilities,
+    no-new-privileges, limits, non-root user) is not configurable; how the engine is called is."""
+
+    engine: Literal["docker", "podman"] | None = None
+    """The engine's kind (its flags differ); unset: the node runs no containers (container routes are refused)
+    and ``radnode map build --image`` uses podman, else docker, whichever is on the PATH."""
+    command: list[str] = []
+    """The engine's argv prefix, with its global flags, e.g. ``[podman, --runtime, runc]``; default ``[ENGINE]``."""
+    environment: dict[str, str] = {}
+    """Variables for the engine's process, e.g. ``CONTAINERS_CONF: /etc/radnode/containers.conf``."""
+    images: dict[str, str] = {}
+    """Pipeline name → image; default ``radnode-<app>:<version>`` (what ``radnode map build --image`` tags)."""
+    run_options: list[str] = []
+    """Further ``run`` flags a site needs (e.g. ``--userns=keep-id`` for rootless podman); added before the
+    lock-down flags, which they cannot undo."""
+    build_options: list[str] = []
+    """Further ``build`` flags for ``radnode map build --image``."""
+    user: Annotated[str, Field(pattern=r"^\d+(:\d+)?$")] | None = None
+    """``UID[:GID]`` the app runs as; default the node's own user, or the MAP user (1000:1000) when the node
+    runs as root (a container never runs as root; its output and work folders, and
+    read-only copies of its inputs and configuration, are handed to that user)."""
+    scratch_size: Annotated[str, Field(pattern=_QUANTITY)] = "256Mi"
+    """Size of the writable tmpfs at ``/tmp`` (counts against the memory limit); ``HOLOSCAN_WORKDIR`` is the
+    job's own work folder on disk."""
+    pids_limit: Annotated[int, Field(ge=16)] = 1024
+    stop_timeout_seconds: Annotated[int, Field(ge=0)] = 10
+    """Grace between SIGTERM and SIGKILL when a container is stopped (timeout, restart, node stop)."""
+    gpus: Literal["auto", "none"] | list[str] = "auto"
+    """CDI devices for apps that request GPUs: ``auto`` finds ``nvidia.com/gpu`` devices in the CDI specs
+    (``/etc/cdi``, ``/var/run/cdi``; ``nvidia-ctk cdi generate`` writes them), or a list such as
+    ``[nvidia.com/gpu=0]``; ``none`` never passes a GPU."""
+    limits: dict[str, ContainerLimits] = {}
+    """Pipeline name → limits over the MAP's own requests (``pkg.json#resources``)."""
+    default_limits: ContainerLimits = ContainerLimits(cpu=2, memory="4Gi", shared_memory="64Mi", gpu=0)
+    """Limits of a pipeline without MAP metadata (a site's own image): every container has a memory limit."""
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: list[str]) -> list[str]:
+        if v and not v[0].strip():
+            raise ValueError("expected the engine executable first, e.g. [podman, --runtime, runc]")
+        return v
+
+    def argv(self, engine: str | None = None) -> list[str]:
+        """The engine's argv prefix: ``command``, else the engine's name."""
+        return list(self.command) or [engine or self.engine or "podman"]
 
 
 class OrthancConfig(_Strict):
@@ -482,6 +544,13 @@ class SandboxConfig(_Strict):
     """``bubblewrap``: ``radnode models check`` and the node's start-up check parse and probe each model folder
     in a separate process with no network, no access to the data folder, secrets or home, and the model
     folder read-only. ``none``: in this process (development only; ``config check`` warns)."""
+class FeedbackConfig(_Strict):
+    """Clinicians' corrections of the node's segmentations (``radnode/feedback``)."""
+
+    preload_metrics: bool = True
+    """Load highdicom and MONAI's metrics in the feedback thread at start, so the first correction is matched in
+    seconds rather than after MONAI's import (≈30 s measured on a loaded 2-core machine); off, they load on the
+    first correction (a node that never gets one never pays for them)."""
 
 
 class Config(_Strict):
@@ -494,6 +563,7 @@ class Config(_Strict):
     ingress: IngressConfig = IngressConfig()
     egress: EgressConfig = EgressConfig()
     processing: ProcessingConfig = ProcessingConfig()
+    containers: ContainersConfig = ContainersConfig()
     report: ReportConfig = ReportConfig()
     orthanc: OrthancConfig = OrthancConfig()
     api: ApiConfig = ApiConfig()
@@ -505,6 +575,7 @@ class Config(_Strict):
     privacy: PrivacyConfig = PrivacyConfig()
     deidentification: DeidentificationConfig = DeidentificationConfig()
     sandbox: SandboxConfig = SandboxConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
     rules: Path | None = None
     """Routing rule file; unset: the shipped ``pipelines/default_rules.yaml`` (CT axial volumes to ``ct_tissue``,
     T1 brain MRI to ``mri_brain``, derived objects never processed)."""

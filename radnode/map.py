@@ -1,12 +1,14 @@
 """MONAI Application Package (MAP) build contexts for the apps under ``apps/``.
 
-``map_build(app, output)`` writes a folder that ``docker build`` turns into a MAP: the manifests
-``app.json``/``pkg.json`` exactly as they sit in ``/etc/holoscan/``, the app's ``app.yaml`` (at
-``HOLOSCAN_CONFIG_PATH``), the app source (``/opt/holoscan/app``), its models (``/opt/holoscan/models``),
-a radnode wheel, the pinned requirements, the MAP ``tools`` entrypoint and a Dockerfile (Python 3.11
-slim, non-root user ``holoscan``). Everything comes from radnode's installed packages (``importlib.resources``:
-``radnode.apps``, ``radnode.deploy_map``), so a wheel install builds the same context as a checkout; the files
-the app writes are the output layout's (:mod:`radnode.outputs.layout`).
+``map_build(app, output)`` writes a folder that ``podman build`` / ``docker build`` turns into a MAP, with
+nothing to fetch: the manifests ``app.json``/``pkg.json`` exactly as they sit in ``/etc/holoscan/``, the
+app's ``app.yaml`` (at ``HOLOSCAN_CONFIG_PATH``), the app source (``/opt/holoscan/app``), its models
+(``/opt/holoscan/models``), a radnode wheel, the wheels of what the app imports with their hash lock
+(``radnode.map_image``), the MAP ``tools`` entrypoint and a Dockerfile (a base image build argument,
+non-root user ``holoscan``); with ``image`` it builds the image too. Everything comes from radnode's
+installed packages (``importlib.resources``: ``radnode.apps``, ``radnode.deploy_map``), so a wheel install
+builds the same context as a checkout; the files the app writes are the output layout's
+(:mod:`radnode.outputs.layout`).
 
 Why not the SDK's packager: ``monai-deploy package`` / ``holoscan package`` (holoscan-cli ≤ 3.x) renders
 these files and then immediately runs ``docker buildx`` on an NVIDIA CUDA base image; there is no
@@ -24,6 +26,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -35,13 +38,15 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from importlib.resources import files
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import yaml
 
-import radnode
 from radnode.outputs.layout import outputs_of
 from radnode.resources import DISTRIBUTION, copy_package_tree, installed_distribution, package_file, source_checkout
+
+if TYPE_CHECKING:
+    from radnode.config import ContainersConfig
 
 APPS_PACKAGE = "radnode.apps"
 """The apps, one folder each (``apps/<name>`` in the source tree)."""
@@ -66,9 +71,15 @@ PKG_MANIFEST_PATH = "/etc/holoscan/pkg.json"
 MAP_USER = "holoscan"
 PLATFORM_CONFIG = "dgpu"
 """What the packager records for an x86_64 target; the app itself needs no GPU (``resources.gpu: 0``)."""
-BASE_IMAGE = "python:3.11-slim-bookworm"
-TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
-"""Where a CPU-only torch comes from; PyPI's default torch wheel pulls in CUDA libraries (gigabytes)."""
+VENV_DIR = "/opt/holoscan/venv"
+"""The app's Python environment in the image (first on its PATH, so ``python3`` in the MAP command is it)."""
+BOOKWORM_BASE = "localhost/radnode-map-base:bookworm"
+"""The offline Debian bookworm base (``deploy/map/base/bookworm.sh``): for apps that request no GPU."""
+CUDA_BASE = "localhost/radnode-map-base:cuda13"
+"""The GPU base: NVIDIA's CUDA 13 runtime over that base's Python 3.11 (``deploy/map/base/Containerfile.cuda``)."""
+
+SOURCE_DATE_EPOCH = "1700000000"
+"""Fixed timestamps in radnode's wheel: the same sources give the same bytes, so an image build's layer cache holds."""
 
 _MEMORY = re.compile(r"^\d+(\.\d+)?(Mi|Gi)$")
 
@@ -211,35 +222,6 @@ def package_manifest(meta: AppMetadata, extra_models: Sequence[str] = ()) -> dic
     }
 
 
-def pinned_requirements(root: str = "radnode") -> list[str]:
-    """``name==version`` for every distribution ``root`` needs, as installed here (the tested set).
-
-    Extras are not followed; environment markers are evaluated for this interpreter (CPython 3.11 on
-    Linux, the MAP's too). The image installs exactly these versions, so it runs what the tests ran.
-    """
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
-    seen: dict[str, str] = {}
-    stack = [canonicalize_name(root)]
-    while stack:
-        name = stack.pop()
-        if name in seen:
-            continue
-        try:
-            dist = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            continue  # an optional platform dependency that is not installed here
-        seen[name] = dist.version
-        for spec in dist.requires or []:
-            req = Requirement(spec)
-            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
-                continue
-            stack.append(canonicalize_name(req.name))
-    seen.pop(canonicalize_name(root), None)
-    return [f"{name}=={version}" for name, version in sorted(seen.items())]
-
-
 def package_dirs(checkout: Path) -> dict[str, str]:
     """pyproject's ``[tool.setuptools] package-dir``: package → folder (what the wheel is built from)."""
     import tomllib
@@ -256,7 +238,8 @@ def build_wheel(target: Path) -> Path:
 
 
 def build_wheel_from_tree(checkout: Path, target: Path) -> Path:
-    """Build radnode's wheel from a source tree into ``target`` (no network: the venv's setuptools).
+    """Build radnode's wheel from a source tree into ``target`` (no network: the venv's setuptools), with fixed
+    timestamps (the same sources give the same bytes, so an image build's layer cache holds).
 
     The sources are copied to a scratch folder first, so setuptools' ``build/`` and ``*.egg-info``
     never land in the checkout.
@@ -273,7 +256,8 @@ def build_wheel_from_tree(checkout: Path, target: Path) -> Path:
             shutil.copytree(checkout / folder, src / folder, ignore=ignore)
         out = Path(tmp) / "wheel"
         subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                        "-w", str(out), str(src)], check=True, capture_output=True, text=True)
+                        "-w", str(out), str(src)], check=True, capture_output=True, text=True,
+                       env={**os.environ, "SOURCE_DATE_EPOCH": SOURCE_DATE_EPOCH})
         wheels = list(out.glob("radnode-*.whl"))
         if len(wheels) != 1:
             raise MapError(f"expected one radnode wheel, pip wrote {[w.name for w in wheels]}")
@@ -327,15 +311,19 @@ TOOLS_SCRIPT = files(MAP_FILES_PACKAGE) / "tools.sh"
 MAP_README = files(MAP_FILES_PACKAGE) / "README.md"
 
 
-def render_dockerfile(meta: AppMetadata, wheel_name: str) -> str:
-    """The MAP Dockerfile from ``deploy/map/Dockerfile.template`` (``{{KEY}}`` placeholders)."""
+def render_dockerfile(meta: AppMetadata, wheel_name: str, pip_wheel: str) -> str:
+    """The MAP Dockerfile from ``deploy/map/Dockerfile.template`` (``{{KEY}}`` placeholders); its ``BASE_IMAGE``
+    build argument defaults to the GPU base for an app that requests a GPU, the bookworm base otherwise."""
     env = map_environment() | {"HOLOSCAN_INPUT_PATH": f"{WORK_DIR}/{INPUT_DIR}",
                                "HOLOSCAN_OUTPUT_PATH": f"{WORK_DIR}/{OUTPUT_DIR}",
                                "HOLOSCAN_TIMEOUT": str(meta.timeout)}
+    gpu = float(meta.resources.get("gpu") or 0) > 0
     values = {
-        "BASE_IMAGE": BASE_IMAGE, "TITLE": meta.title, "VERSION": meta.version, "APP": meta.name,
+        "BASE_IMAGE": CUDA_BASE if gpu else BOOKWORM_BASE, "TITLE": meta.title, "VENV": VENV_DIR,
+        "CUDA_RUNTIME_DIR": f"{VENV_DIR}/lib/python3.11/site-packages/nvidia/cu13/lib",
+        "PIP_WHEEL": pip_wheel, "VERSION": meta.version, "APP": meta.name,
         "SDK_VERSION": metadata.version("monai-deploy-app-sdk"), "USER": MAP_USER, "WHEEL": wheel_name,
-        "TORCH_INDEX": TORCH_CPU_INDEX, "ENV": "\n".join(f"ENV {k}={v}" for k, v in env.items()),
+        "ENV": "\n".join(f"ENV {k}={v}" for k, v in env.items()),
         "APP_DIR": APP_DIR, "MODELS_DIR": MODELS_DIR, "DOCS_DIR": DOCS_DIR, "WORK_DIR": WORK_DIR,
         "INPUT_PATH": env["HOLOSCAN_INPUT_PATH"], "OUTPUT_PATH": env["HOLOSCAN_OUTPUT_PATH"],
         "LOGS_DIR": LOGS_DIR, "CONFIG_PATH": CONFIG_PATH, "APP_MANIFEST": APP_MANIFEST_PATH,
@@ -350,20 +338,46 @@ def render_dockerfile(meta: AppMetadata, wheel_name: str) -> str:
     return text
 
 
-def map_build(app: str, output: Path, *, wheel: Path | None = None, models: Sequence[Path] = ()) -> int:
-    """Write the MAP build context of ``app`` into ``output``; ``radnode map build APP --output DIR [--model DIR]``.
+def map_build(app: str, output: Path, *, wheel: Path | None = None, models: Sequence[Path] = (),
+              image: bool = False, tag: str | None = None, base_image: str = "auto",
+              config: "ContainersConfig | None" = None) -> int:
+    """``radnode map build APP --output DIR [--model DIR] [--image [--tag T] [--base-image IMAGE]]``.
 
-    ``wheel`` reuses an already built radnode wheel (otherwise one is built from this checkout); ``models``
-    are model folders for an app that runs one (``model_seg``), checked and copied into the image.
-    Returns 0, or 2 with the reason on stderr. Build the image with ``docker build -t NAME OUTPUT``.
+    Writes the MAP build context of ``app`` into ``output``; ``wheel`` reuses an already built radnode wheel,
+    ``models`` are model folders for an app that runs one (``model_seg``), checked and copied into the image.
+    With ``image`` the engine of ``config`` (``containers:``; podman, else docker, when unset) builds it
+    offline as ``tag`` (default ``radnode-<app>:<version>``) on ``base_image`` (see
+    :func:`radnode.map_image.resolve_base`) and the image's size and make-up are reported
+    (``image-report.json`` in ``output`` too). Returns 0, or 2 with the reason on stderr.
     """
+    from radnode.config import ContainersConfig
+    from radnode.container_engine import Engine, EngineError
+
     try:
         context = write_build_context(app, Path(output), wheel=wheel, models=models)
     except (MapError, KeyError, subprocess.CalledProcessError, OSError) as e:
         detail = getattr(e, "stderr", None) or ""
         print(f"radnode map build: {e}{': ' + detail.strip() if detail else ''}", file=sys.stderr)
         return 2
-    print(f"MAP build context for {app} in {context}; build it with: docker build -t radnode-{app} {context}")
+    if not image:
+        print(f"MAP build context for {app} in {context}; build the image with: radnode map build {app} "
+              f"--output {context} --image")
+        return 0
+    from radnode.map_image import build_image, image_report, print_report, resolve_base
+
+    meta = AppMetadata.load(app)
+    containers = config or ContainersConfig()
+    tag = tag or f"radnode-{app}:{meta.version}"
+    try:
+        engine = Engine.from_config(containers)
+        base = resolve_base(base_image, meta, engine)
+        build_image(engine, context, tag, base, containers.build_options)
+        report = image_report(engine, tag, base)
+    except (MapError, EngineError) as e:
+        print(f"radnode map build: {e}", file=sys.stderr)
+        return 2
+    (context / "image-report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print_report(report)
     return 0
 
 
@@ -419,13 +433,13 @@ def write_build_context(app: str, output: Path, *, wheel: Path | None = None, mo
     dist = output / "dist"
     dist.mkdir()
     wheel_path = Path(shutil.copy2(wheel, dist / Path(wheel).name)) if wheel else build_wheel(dist)
-    (output / "requirements.txt").write_text(
-        f"# Pinned from the environment radnode {radnode.__version__} was tested in.\n"
-        f"--extra-index-url {TORCH_CPU_INDEX}\n" + "\n".join(pinned_requirements()) + "\n")
+    from radnode.map_image import pip_wheel_name, write_image_inputs
+
+    write_image_inputs(app, output)  # wheels/ and the hash-locked requirements.txt: the build fetches nothing
     (output / "tools").write_bytes(TOOLS_SCRIPT.read_bytes())
     (output / "tools").chmod(0o755)
     (output / ".dockerignore").write_text("**/__pycache__\n**/*.pyc\n")
-    (output / "Dockerfile").write_text(render_dockerfile(meta, wheel_path.name))
+    (output / "Dockerfile").write_text(render_dockerfile(meta, wheel_path.name, pip_wheel_name(output)))
     return output
 
 

@@ -8,10 +8,11 @@ cd "$(dirname "$0")/.."
 # T1 MRI with its brain mask (real test data for the brain pipeline); postgresql-15: the job store a
 # multi-host site shares (the tests start its cluster and use a database of their own); rsyslog(-gnutls): a real
 # audit collector (RFC 5425 syslog over TLS) for the tests; jing: an independent RELAX NG validator of the audit
-# messages; bubblewrap: the sandbox model folders are checked in; libpixelmed-java + a JRE: PixelMed's
-# DicomSRValidator (SR template checks) for the tests.
+# messages; bubblewrap: the sandbox model folders are checked in; podman/runc: the engine that builds and runs
+# the MAP images, debootstrap: their offline Debian base (deploy/map/base/bookworm.sh); libpixelmed-java + a JRE:
+# PixelMed's DicomSRValidator (SR template checks) for the tests.
 APT_PACKAGES=(dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb mricron-data postgresql-15 rsyslog rsyslog-gnutls
-  jing bubblewrap libpixelmed-java default-jre-headless)
+  jing bubblewrap podman runc debootstrap libpixelmed-java default-jre-headless)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -19,6 +20,24 @@ if [ ${#missing[@]} -gt 0 ]; then
   echo "bootstrap: installing Debian packages: ${missing[*]}" >&2
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# A host that refuses the rlimits podman sets on every container by default (some sandboxes and CI runners
+# do) gets a containers.conf drop-in without them; podman works unchanged everywhere else. The probe runs
+# /bin/true from a folder holding it and its libraries, so no image is needed.
+podman_probe() {
+  local root; root=$(mktemp -d)
+  mkdir -p "$root/bin" && cp /bin/true "$root/bin/"
+  for lib in $(ldd /bin/true | grep -o '/[^ ]*'); do mkdir -p "$root$(dirname "$lib")"; cp "$lib" "$root$lib"; done
+  podman run --rm --network none --rootfs "$root" /bin/true 2>&1; local status=$?
+  rm -rf "$root"; return $status
+}
+DROP_IN=/etc/containers/containers.conf.d/50-radnode-no-default-ulimits.conf
+if [ "$(id -u)" -eq 0 ] && [ ! -f "$DROP_IN" ] && ! out=$(podman_probe) && grep -q "rlimit" <<<"$out"; then
+  echo "bootstrap: this host refuses podman's default ulimits; writing $DROP_IN" >&2
+  mkdir -p "$(dirname "$DROP_IN")"
+  printf '# Written by radnode scripts/bootstrap.sh: this host refuses setting rlimits in containers.\n[containers]\ndefault_ulimits = []\n' >"$DROP_IN"
+  podman_probe >/dev/null || echo "bootstrap: podman still cannot run a container here: $(podman_probe | tail -n1)" >&2
 fi
 
 PY=${PYTHON:-python3.11}

@@ -71,6 +71,22 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_unet) -> Path:
     return write_bundle(tmp_path_factory.mktemp("models") / "tiny_bundle", tiny_unet)
 
 
+PLAYWRIGHT_DIR = REPO / ".cache" / "playwright"
+PLAYWRIGHT_VERSION = "1.65.1"
+
+
+@pytest.fixture(scope="session")
+def playwright_core() -> Path:
+    """npm's playwright-core (no browser download: it drives Debian's /usr/bin/chromium), installed once."""
+    module = PLAYWRIGHT_DIR / "node_modules" / "playwright-core"
+    if not module.is_dir():
+        PLAYWRIGHT_DIR.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["npm", "install", "--no-save", "--no-audit", "--no-fund", "--silent",
+                        f"playwright-core@{PLAYWRIGHT_VERSION}"], cwd=PLAYWRIGHT_DIR, check=True, timeout=300)
+    assert Path("/usr/bin/chromium").exists(), "Debian chromium is needed (deploy/ohif/install.sh installs it)"
+    return module
+
+
 @pytest.fixture
 def stand_in(tmp_path: Path) -> list[str]:
     """The job command: the stand-in script (``support.node.STAND_IN``) run by this Python."""

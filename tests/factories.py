@@ -12,6 +12,8 @@ Plain functions, no fixtures (those are in ``conftest.py``). Every synthetic ima
 - ``restore_totalseg_dicom``: the real TotalSegmentator CT with the UIDs its distribution stripped put back.
 - ``write_pixelless_ct``, ``PATIENT_BUNDLE``: a CT header without pixels (routed, then failed by the
   pipeline), a FHIR transaction that can be counted.
+- ``seg_masks_by_source``, ``write_correction``: a SEG's masks on its source slices read with numpy alone,
+  and a clinician's corrected SEG (segments eroded / dilated, another creator) written by highdicom.
 - ``open_store_made_by``, ``RELEASE_0_1_SCHEMA``: a job store written by an older release (0.1's frozen
   SQLite schema in ``tests/data/job-store-0.1.sql``).
 - ``job_ready_for_delivery``: a job in the store whose run just ended, for egress to stage.
@@ -421,3 +423,69 @@ def make_pki(folder: Path) -> Pki:
     _, _, other_cert, other_key = _key_and_cert(folder, "other-ca", "some other CA", None, ca=True)
     rogue_key, rogue_cert, _, _ = _key_and_cert(folder, "rogue", "STRANGER", (other_cert, other_key))
     return Pki(folder, ca_path, server_cert, server_key, client_cert, client_key, rogue_cert, rogue_key)
+def _source_in_order(source: list[Path]) -> list[pydicom.Dataset]:
+    """A single-frame series' datasets sorted along the slice normal (the array order of its volume)."""
+    datasets = [pydicom.dcmread(p) for p in source]
+    normal = np.cross(*np.reshape(np.asarray(datasets[0].ImageOrientationPatient, float), (2, 3)))
+    return sorted(datasets, key=lambda ds: float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))))
+
+
+def seg_masks_by_source(seg_path: Path, source: list[Path]) -> dict[int, np.ndarray]:
+    """Each segment of a BINARY SEG as a boolean (slices, rows, columns) mask on its source series, slices in
+    order along the normal: read frame by frame with pydicom and numpy (each frame's referenced segment and
+    source instance), not with highdicom's reader, so a test can check the node's reading."""
+    seg = pydicom.dcmread(seg_path)
+    order = {str(ds.SOPInstanceUID): k for k, ds in enumerate(_source_in_order(source))}
+    frames = seg.pixel_array.reshape(int(seg.NumberOfFrames), int(seg.Rows), int(seg.Columns)).astype(bool)
+    masks = {int(item.SegmentNumber): np.zeros((len(order), int(seg.Rows), int(seg.Columns)), bool)
+             for item in seg.SegmentSequence}
+    for frame, item in zip(frames, seg.PerFrameFunctionalGroupsSequence, strict=True):
+        number = int(item.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        uid = str(item.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+        masks[number][order[uid]] |= frame
+    return masks
+
+
+def write_correction(result_seg: Path, source: list[Path], target: Path, changes: dict[str, int], *,
+                     manufacturer: str = "3D Slicer", frame_of_reference_uid: str | None = None) -> dict[int, np.ndarray]:
+    """A radiologist's correction of ``result_seg`` as a new SEG from another creator (highdicom, MANUAL
+    segments with the same coded categories, property types and modifiers), saved at ``target``.
+
+    ``changes``: per Segment Label, voxels of 3-D erosion (negative) or dilation (positive); other segments
+    are kept as they were. Returns the corrected masks by segment number, in source slice order."""
+    import highdicom as hd
+    from scipy import ndimage
+
+    result = pydicom.dcmread(result_seg)
+    images = _source_in_order(source)
+    masks = seg_masks_by_source(result_seg, source)
+    descriptions, corrected = [], {}
+    for item in result.SegmentSequence:
+        number, label = int(item.SegmentNumber), str(item.SegmentLabel)
+        mask, change = masks[number], changes.get(label, 0)
+        if change < 0:
+            mask = ndimage.binary_erosion(mask, iterations=-change)
+        elif change > 0:
+            mask = ndimage.binary_dilation(mask, iterations=change)
+        corrected[number] = mask
+        kind = item.SegmentedPropertyTypeCodeSequence[0]
+        description = hd.seg.SegmentDescription(
+            segment_number=number, segment_label=label,
+            segmented_property_category=CodedConcept.from_dataset(item.SegmentedPropertyCategoryCodeSequence[0]),
+            segmented_property_type=CodedConcept.from_dataset(kind),
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.MANUAL)
+        if "SegmentedPropertyTypeModifierCodeSequence" in kind:
+            description.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+                CodedConcept.from_dataset(m) for m in kind.SegmentedPropertyTypeModifierCodeSequence]
+        descriptions.append(description)
+    if frame_of_reference_uid is not None:
+        for image in images:
+            image.FrameOfReferenceUID = frame_of_reference_uid
+    seg = hd.seg.Segmentation(
+        source_images=images, pixel_array=np.stack([corrected[d.SegmentNumber] for d in descriptions], axis=-1),
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
+        series_instance_uid=generate_uid(), series_number=1001, sop_instance_uid=generate_uid(), instance_number=1,
+        manufacturer=manufacturer, manufacturer_model_name="Segment Editor", software_versions="5.6",
+        device_serial_number="WS-07", series_description="corrected segmentation", omit_empty_frames=True)
+    seg.save_as(target)
+    return corrected

@@ -49,6 +49,12 @@ def test_valid_file_loads(tmp_path: Path) -> None:
         ("processing:\n  models: [/srv/model]\n", r"radnode.yaml: key 'processing.models': .*dictionary"),
         ("processing:\n  models:\n    model_seg: {dir: /srv/model}\n",
          r"radnode.yaml: key 'processing.models.model_seg': .*list"),
+        ("processing:\n  container_engine: docker\n", r"unknown key 'processing.container_engine'"),
+        ("containers:\n  engine: lxc\n", r"key 'containers.engine': .*'docker' or 'podman'"),
+        ("containers:\n  scratch_size: lots\n", r"key 'containers.scratch_size': .*pattern"),
+        ("containers:\n  limits:\n    ct_tissue: {memory: 4GB}\n", r"key 'containers.limits.ct_tissue.memory'"),
+        ("containers:\n  user: holoscan\n", r"key 'containers.user': .*pattern"),
+        ("containers:\n  network: host\n", r"unknown key 'containers.network'"),
     ],
 )
 def test_mistakes_are_refused_with_file_key_and_expectation(tmp_path: Path, text: str, expected: str) -> None:

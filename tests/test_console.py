@@ -521,20 +521,6 @@ def test_the_cli_lists_shows_resends_and_pauses_through_the_api_with_a_token(nod
 # ------------------------------------------------------------------------------------------------ browser
 
 REPO = Path(__file__).resolve().parents[1]
-PLAYWRIGHT_DIR = REPO / ".cache" / "playwright"
-PLAYWRIGHT_VERSION = "1.65.1"
-
-
-@pytest.fixture(scope="session")
-def playwright_core() -> Path:
-    """npm's playwright-core (no browser download: it drives Debian's /usr/bin/chromium), installed once."""
-    module = PLAYWRIGHT_DIR / "node_modules" / "playwright-core"
-    if not module.is_dir():
-        PLAYWRIGHT_DIR.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["npm", "install", "--no-save", "--no-audit", "--no-fund", "--silent",
-                        f"playwright-core@{PLAYWRIGHT_VERSION}"], cwd=PLAYWRIGHT_DIR, check=True, timeout=300)
-    assert Path("/usr/bin/chromium").exists(), "Debian chromium is needed (deploy/ohif/install.sh installs it)"
-    return module
 
 
 @pytest.mark.slow

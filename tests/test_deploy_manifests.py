@@ -242,7 +242,7 @@ def test_radnode_configuration_loads_and_suits_a_container(target: str, tmp_path
     assert config.ingress.host == "0.0.0.0" and config.api.host == "0.0.0.0", \
         "inside a container, loopback is unreachable for other containers and probes"
     assert config.orthanc.url and config.api.enabled, "Orthanc in front; the API (health) on without it too"
-    assert config.processing.container_engine is None, "the node's image has no container engine"
+    assert config.containers.engine is None, "the node's image has no container engine"
     # The rule file is the one the image ships, and it loads against this configuration as the node loads it.
     rules = in_image(COMPOSE / "Dockerfile.node", REPO, str(config.rules))
     assert rules is not None and rules.is_file(), f"{config.rules} is not in the node's image"

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import yaml
 
 from factories import restore_totalseg_dicom, write_chest_phantom, write_study
-from radnode.config import ConfigError
+from radnode.config import ConfigError, ContainersConfig
+from radnode.container_engine import Engine, cdi_gpu_devices
 from radnode.execution import REISSUE_ENV, RunManifest, run_app
 from radnode.node.executors import (
     CONTAINER_CONFIG_PATH,
@@ -159,30 +161,109 @@ def test_subprocess_execution_gives_the_same_outputs_as_in_process_on_a_real_ct(
     assert values(in_process.id) and values(in_process.id) == values(by_map.id)
 
 
-def test_the_container_command_mounts_the_job_folders_and_applies_the_map_resources(tmp_path: Path) -> None:
-    config_file = tmp_path / "node-config.yaml"
+def _container_executor(tmp_path: Path, models: dict | None = None, **containers: object) -> ContainerExecutor:
+    """The container executor for argv checks (no engine call: ``command`` takes the image ID as given)."""
+    (tmp_path / "c.yaml").write_text("data_dir: /var/lib/radnode\n")
+    return ContainerExecutor(Engine("podman", ("podman",), {"PATH": "/usr/bin"}),
+                             ContainersConfig(engine="podman", **containers), tmp_path / "c.yaml", models, "node1")
+
+
+def _options(argv: list[str]) -> list[tuple[str, str]]:
+    """The (flag, value) pairs of a ``podman run`` argv, the few value-less flags with value ''."""
+    pairs, rest = [], argv[2:-1]
+    while rest:
+        flag = rest.pop(0)
+        pairs.append((flag, "" if flag in ("--read-only",) or "=" in flag else rest.pop(0)))
+    return pairs
+
+
+def test_the_container_command_mounts_the_job_folders_locks_down_and_applies_the_map_resources(
+        tmp_path: Path) -> None:
     run = JobRun(7, "ct_tissue", tmp_path / "jobs" / "7")
-    launch = ContainerExecutor("podman", {}, config_file, {"PATH": "/usr/bin"}).launch(run)
+    run.outputs.mkdir(parents=True)
+    executor = _container_executor(tmp_path, run_options=["--log-level", "warn"])
+    assert executor.image("ct_tissue") == "radnode-ct_tissue:0.1.0"
+    launch = executor.command(run, "radnode-ct_tissue:0.1.0", "sha256:" + "ab" * 32)
     argv = launch.argv
-    name = argv[argv.index("--name") + 1]
-    assert argv[:3] == ["podman", "run", "--rm"] and name.startswith("radnode-job-7-")
-    options = dict(zip(argv[3:-1:2], argv[4:-1:2], strict=True))  # every option takes one value
-    assert options["--cpus"] == "2" and options["--memory"] == "4Gi" and options["--shm-size"] == "64Mi"
-    assert "--gpus" not in options  # resources.gpu: 0
-    assert options["--user"] == f"{os.getuid()}:{os.getgid()}"
-    mounts = [v for k, v in zip(argv[3:-1:2], argv[4:-1:2], strict=True) if k == "-v"]
-    assert mounts == [f"{run.inputs}:/var/holoscan/input:ro", f"{run.outputs}:/var/holoscan/output",
-                      f"{config_file}:{CONTAINER_CONFIG_PATH}:ro"]
-    env = dict(v.split("=", 1) for k, v in zip(argv[3:-1:2], argv[4:-1:2], strict=True) if k == "-e")
+    options = _options(argv)
+    flags = dict(options)
+    name = flags["--name"]
+    assert argv[:2] == ["podman", "run"] and name.startswith("radnode-job-7-") and argv[-1] == "sha256:" + "ab" * 32
+    assert ("--label", "org.radnode.node=node1") in options and ("--label", "org.radnode.job=7") in options
+    assert flags["--network"] == "none" and "--read-only" in flags and "--read-only-tmpfs=false" in flags
+    assert flags["--tmpfs"] == f"/tmp:rw,nosuid,nodev,noexec,size={256 * 2**20},mode=1777"
+    assert flags["--cap-drop"] == "all" and flags["--security-opt"] == "no-new-privileges"
+    assert options.index(("--log-level", "warn")) < options.index(("--network", "none"))  # site flags first
+    assert flags["--cpus"] == "2" and flags["--memory"] == flags["--memory-swap"] == str(4 * 2**30)
+    assert flags["--shm-size"] == str(64 * 2**20) and flags["--pids-limit"] == "1024"
+    assert "--device" not in flags and "--gpus" not in flags  # resources.gpu: 0
+    uid = (os.getuid(), os.getgid()) if os.getuid() else (1000, 1000)
+    assert flags["--user"] == f"{uid[0]}:{uid[1]}" and flags["--user"] != "0:0"
+    mounts = [v for k, v in options if k == "-v"]
+    assert mounts == [f"{run.inputs}:/var/holoscan/input:ro", f"{run.outputs}:/var/holoscan/output:rw",
+                      f"{run.root / 'work'}:/var/holoscan/work:rw",
+                      f"{run.root / 'container-config.yaml'}:{CONTAINER_CONFIG_PATH}:ro"]
+    env = dict(v.split("=", 1) for k, v in options if k == "-e")
     assert env == {"HOLOSCAN_INPUT_PATH": "/var/holoscan/input", "HOLOSCAN_OUTPUT_PATH": "/var/holoscan/output",
-                   "HOLOSCAN_WORKDIR": "/var/holoscan", "HOLOSCAN_MODEL_PATH": "/opt/holoscan/models",
+                   "HOLOSCAN_WORKDIR": "/var/holoscan/work", "HOLOSCAN_MODEL_PATH": "/opt/holoscan/models",
+                   "HOLOSCAN_LOGS_PATH": "/var/holoscan/work/logs", "HOME": "/tmp",
                    "RADNODE_CONFIG": CONTAINER_CONFIG_PATH, "RADNODE_PIPELINE": "ct_tissue", "OMP_NUM_THREADS": "2",
-                   "MKL_NUM_THREADS": "2",
-                   "OPENBLAS_NUM_THREADS": "2"}
-    assert argv[-1] == "radnode-ct_tissue"
-    assert launch.stop_argv == ["podman", "rm", "--force", name]
-    custom = ContainerExecutor("docker", {"ct_tissue": "registry.local/ct:1"}, config_file, {}).launch(run)
-    assert custom.argv[0] == "docker" and custom.argv[-1] == "registry.local/ct:1"
+                   "MKL_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "2"}
+    assert launch.container is not None and launch.container.name == name
+    custom = _container_executor(tmp_path, images={"ct_tissue": "registry.local/ct:1"},
+                                 limits={"ct_tissue": {"memory": "1Gi", "cpu": 1}})
+    assert custom.image("ct_tissue") == "registry.local/ct:1"
+    flags = dict(_options(custom.command(run, "registry.local/ct:1", "sha256:" + "cd" * 32).argv))
+    assert flags["--memory"] == str(2**30) and flags["--cpus"] == "1" and flags["--shm-size"] == str(64 * 2**20)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="handing files to another user needs root, as a root node has")
+def test_a_root_node_hands_the_job_to_the_containers_user_and_keeps_the_spool_its_own(tmp_path: Path) -> None:
+    """The node's files are owner-only: the container's user (1000) gets its own read-only copies of the inputs
+    and the configuration and the writable folders; the spool's files, which ``in/`` hard-links, stay root's."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    (spool / "a.dcm").write_bytes(b"DICM" * 100)
+    os.chmod(spool / "a.dcm", 0o600)
+    run = JobRun(9, "ct_tissue", tmp_path / "jobs" / "9")
+    run.inputs.mkdir(parents=True)
+    run.outputs.mkdir()
+    os.link(spool / "a.dcm", run.inputs / "a.dcm")
+    _container_executor(tmp_path).command(run, "img", "sha256:" + "ab" * 32)
+    given = (run.inputs / "a.dcm").stat()
+    assert (given.st_uid, given.st_gid, given.st_mode & 0o777) == (1000, 1000, 0o400)
+    assert given.st_ino != (spool / "a.dcm").stat().st_ino and (run.inputs / "a.dcm").read_bytes() == b"DICM" * 100
+    kept = (spool / "a.dcm").stat()
+    assert (kept.st_uid, kept.st_mode & 0o777, kept.st_nlink) == (0, 0o600, 1)
+    config = (run.root / "container-config.yaml").stat()
+    assert (config.st_uid, config.st_mode & 0o777) == (1000, 0o400)
+    assert [(run.root / f).stat().st_uid for f in ("in", "out", "work")] == [1000, 1000, 1000]
+
+
+def test_gpus_are_passed_as_cdi_devices_to_apps_that_request_them(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CDI spec ``nvidia-ctk cdi generate`` writes names one device per GPU and ``all``; an app that requests
+    one GPU gets the first; one that requests none, or a node set to ``gpus: none``, gets no device."""
+    (tmp_path / "cdi").mkdir()
+    (tmp_path / "cdi" / "nvidia.yaml").write_text(yaml.safe_dump({
+        "cdiVersion": "0.5.0", "kind": "nvidia.com/gpu",
+        "devices": [{"name": "0", "containerEdits": {}}, {"name": "1", "containerEdits": {}},
+                    {"name": "all", "containerEdits": {}}]}))
+    (tmp_path / "cdi" / "other.yaml").write_text(yaml.safe_dump({"kind": "vendor.com/fpga", "devices": [{"name": "0"}]}))
+    assert cdi_gpu_devices([tmp_path / "cdi", tmp_path / "absent"]) == ["nvidia.com/gpu=0", "nvidia.com/gpu=1"]
+    monkeypatch.setattr("radnode.node.executors.cdi_gpu_devices", lambda: cdi_gpu_devices([tmp_path / "cdi"]))
+    run = JobRun(3, "model_seg", tmp_path / "jobs" / "3")
+    run.outputs.mkdir(parents=True)
+
+    def devices(**containers: object) -> list[str]:
+        argv = _container_executor(tmp_path, **containers).command(run, "img", "sha256:" + "ef" * 32).argv
+        return [v for k, v in _options(argv) if k == "--device"]
+
+    assert devices() == []  # model_seg's pkg.json requests no GPU
+    assert devices(limits={"model_seg": {"gpu": 1}}) == ["nvidia.com/gpu=0"]
+    assert devices(limits={"model_seg": {"gpu": 4}}) == ["nvidia.com/gpu=0", "nvidia.com/gpu=1"]
+    assert devices(limits={"model_seg": {"gpu": 1}}, gpus="none") == []
+    assert devices(limits={"model_seg": {"gpu": 1}}, gpus=["nvidia.com/gpu=1"]) == ["nvidia.com/gpu=1"]
 
 
 def test_the_subprocess_command_is_the_map_command_with_the_map_environment(tmp_path: Path) -> None:
@@ -221,13 +302,15 @@ def test_every_executor_hands_the_configured_model_folders_to_the_job(tmp_path: 
     assert launch.env["HOLOSCAN_MODEL_PATH"] == str(work_models)
     assert [(p.name, p.resolve()) for p in work_models.iterdir()] == [("liver", one)]
 
-    argv = ContainerExecutor("docker", {}, tmp_path / "c.yaml", {}, models).launch(ensemble).argv
-    pairs = list(zip(argv[3:-1:2], argv[4:-1:2], strict=True))
-    assert [v for k, v in pairs if k == "-v"][3:] == [f"{fold0}:/var/holoscan/models/fold0:ro",
+    ensemble.outputs.mkdir(parents=True)
+    pairs = _options(_container_executor(tmp_path, models).command(ensemble, "img", "sha256:" + "ab" * 32).argv)
+    assert [v for k, v in pairs if k == "-v"][4:] == [f"{fold0}:/var/holoscan/models/fold0:ro",
                                                       f"{fold1}:/var/holoscan/models/fold1:ro",
                                                       f"{other}:/var/holoscan/models/fold0-2:ro"]
     assert "HOLOSCAN_MODEL_PATH=/var/holoscan/models" in [v for k, v in pairs if k == "-e"]
-    plain = ContainerExecutor("docker", {}, tmp_path / "c.yaml", {}, models).launch(JobRun(8, "mri_brain", tmp_path))
+    brain = JobRun(8, "mri_brain", tmp_path / "jobs" / "8")
+    brain.outputs.mkdir(parents=True)
+    plain = _container_executor(tmp_path, models).command(brain, "img", "sha256:" + "ab" * 32)
     assert "HOLOSCAN_MODEL_PATH=/opt/holoscan/models" in plain.argv  # the image's own models
 
 
@@ -238,9 +321,9 @@ def test_every_executor_tells_a_rerun_whose_report_went_out_that_it_reissues_it(
     for executor in (InProcessExecutor(["radnode-run"], {}), SubprocessExecutor({})):
         assert REISSUE_ENV not in executor.launch(first).env
         assert executor.launch(again).env[REISSUE_ENV] == "1"
-    container = ContainerExecutor("podman", {}, tmp_path / "c.yaml", {})
-    assert f"{REISSUE_ENV}=1" not in container.launch(first).argv
-    assert f"{REISSUE_ENV}=1" in container.launch(again).argv
+    container = _container_executor(tmp_path)
+    assert f"{REISSUE_ENV}=1" not in container.command(first, "img", "sha256:" + "ab" * 32).argv
+    assert f"{REISSUE_ENV}=1" in container.command(again, "img", "sha256:" + "ab" * 32).argv
 
 
 def test_configured_model_folders_are_checked_when_the_node_starts(tmp_path: Path,
@@ -284,8 +367,10 @@ def test_a_site_name_on_a_built_in_app_shares_its_map(tmp_path: Path, monkeypatc
     launch = SubprocessExecutor({}).launch(run)
     assert launch.argv == SubprocessExecutor({}).launch(JobRun(10, "model_seg", tmp_path / "jobs" / "10")).argv
     assert launch.env["RADNODE_PIPELINE"] == "liver"
-    argv = ContainerExecutor("docker", {}, tmp_path / "c.yaml", {}).launch(run).argv
-    assert argv[-1] == "radnode-model_seg" and "RADNODE_PIPELINE=liver" in argv
+    executor = _container_executor(tmp_path)
+    run.outputs.mkdir(parents=True)
+    assert executor.image("liver") == "radnode-model_seg:0.1.0"
+    assert "RADNODE_PIPELINE=liver" in executor.command(run, "img", "sha256:" + "ab" * 32).argv
 
 def test_a_container_route_is_refused_at_load_without_an_engine(tmp_path: Path) -> None:
     rules = _rules(tmp_path, "rules:\n  - name: ct\n    when: {Modality: CT}\n    pipelines: [ct_tissue]\n"
@@ -294,9 +379,9 @@ def test_a_container_route_is_refused_at_load_without_an_engine(tmp_path: Path) 
         Node(node_config(tmp_path).model_copy(update={"rules": rules})).load_rules()
     assert refused.value.line == 6
     assert refused.value.reason == ("rule 'ct': execution mode 'container' is not available on this node (available: "
-                                    "in-process, subprocess); set processing.container_engine (docker or podman) "
+                                    "in-process, subprocess); set containers.engine (podman or docker) "
                                     "to run MAP containers")
-    with_engine = node_config(tmp_path, processing={"container_engine": "docker"}).model_copy(update={"rules": rules})
+    with_engine = node_config(tmp_path, containers={"engine": "podman"}).model_copy(update={"rules": rules})
     (rule,) = Node(with_engine).load_rules().rules  # type: ignore[union-attr]
     assert rule.decision.execution == Execution(ExecutionMode.CONTAINER)
 
@@ -334,7 +419,7 @@ def test_a_stored_container_route_fails_its_job_when_the_node_has_no_engine(tmp_
     job = store.job(job_id)
     assert job is not None and job.state is JobState.FAILED
     assert job.reason == ("the route asks for container execution, which this node cannot do "
-                          "(processing.container_engine is not set)")
+                          "(containers.engine is not set)")
     store.close()
 
 

@@ -101,10 +101,12 @@ def test_package_manifest_has_required_fields_with_spec_types(contexts: dict[str
 
 @pytest.mark.parametrize("app", APPS)
 def test_build_context_layout(contexts: dict[str, Path], app: str) -> None:
-    """Dockerfile: Python 3.11 slim, non-root, manifests where the spec puts them, radnode from the wheel."""
+    """Dockerfile: a base build argument, non-root, manifests where the spec puts them, radnode from the wheel,
+    the app's dependencies from hash-locked wheels in the context (nothing fetched while building)."""
     context = contexts[app]
     dockerfile = (context / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.11-slim", dockerfile, re.M)
+    assert re.search(r"^ARG BASE_IMAGE=localhost/radnode-map-base:bookworm$", dockerfile, re.M)  # resources.gpu 0
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", dockerfile, re.M)
     assert re.search(r"^USER holoscan$", dockerfile, re.M)
     for src, dest in (("app.json", "/etc/holoscan/app.json"), ("pkg.json", "/etc/holoscan/pkg.json"),
                       ("models", "/opt/holoscan/models"), ("app", "/opt/holoscan/app"),
@@ -118,11 +120,17 @@ def test_build_context_layout(contexts: dict[str, Path], app: str) -> None:
     assert f"radnode/apps/{app}/__main__.py" in names and f"radnode/apps/{app}/app.yaml" in names
     # The package data radnode finds at run time with importlib.resources travels in the wheel.
     assert {"radnode/deploy_map/Dockerfile.template", "radnode/deploy_map/tools.sh", "radnode/deploy_map/README.md",
+            "radnode/deploy_map/base/bookworm.sh", "radnode/deploy_map/base/Containerfile.cuda",
+            f"radnode/apps/{app}/requirements.txt",
             "radnode/deploy_ohif/app-config.template.js", "radnode/pipelines/default_rules.yaml",
             "radnode/report/reference_ranges.yaml"} <= set(names)
-    requirements = (context / "requirements.txt").read_text().splitlines()
-    assert "monai-deploy-app-sdk==4.0.0" in requirements
-    assert any(r.startswith("torch==") for r in requirements) and any(r.startswith("pydicom==") for r in requirements)
+    locked = [line for line in (context / "requirements.txt").read_text().splitlines() if not line.startswith("#")]
+    pins = dict(line.split(" --hash=sha256:")[0].split("==") for line in locked)
+    assert all(re.fullmatch(r"\S+==\S+ --hash=sha256:[0-9a-f]{64}", line) for line in locked)
+    wheels = {w.name for w in (context / "wheels").glob("*.whl")}
+    assert len(wheels) == len(pins) + 1 and any(w.startswith("pip-") for w in wheels)  # pip runs from its wheel
+    assert {"holoscan-cu13", "pydicom", "highdicom"} <= set(pins) and "monai-deploy-app-sdk" not in pins
+    assert ("torch" in pins) == (app != "ct_tissue")  # ct_tissue never imports torch
     assert (context / "app" / "__main__.py").is_file() and os.access(context / "tools", os.X_OK)
     _, pkg = _load(context)
     assert sorted(pkg["models"]) == sorted(p.name for p in (context / "models").iterdir())
@@ -284,6 +292,8 @@ def test_map_command_gives_the_same_results_as_radnode_run(contexts: dict[str, P
 
     run_values, map_values = _measurements(by_run / "sr.dcm"), _measurements(by_map / "sr.dcm")
     assert run_values and run_values == map_values
+    if "report.txt" in files:  # the same report text (it carries no UIDs or times)
+        assert (by_run / "report.txt").read_text() == (by_map / "report.txt").read_text()
     run_manifest = json.loads((by_run / "manifest.json").read_text())
     map_manifest = json.loads((by_map / "manifest.json").read_text())
     assert run_manifest["pipeline"] == map_manifest["pipeline"] == app

@@ -1,6 +1,7 @@
 """Operators' actions through the API (the dashboard's buttons and ``radnode jobs …`` call the same): retry a
 failed job, re-send results, cancel, force a study complete, pause and resume the queue, mark a flagged job
-reviewed. Each needs the operator role, is recorded in the job's event log with the person (or
+reviewed or record a decision on a job's results (accepted, corrected, rejected with a reason). Each needs the
+operator role, is recorded in the job's event log with the person (or
 ``token:NAME``) who took it, and is audited when the node has an audit trail. An action that does not apply
 to the job's state answers 409 with the reason; an unknown job 404.
 """
@@ -8,7 +9,7 @@ to the job's state answers 409 with the reason; an unknown job 404.
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, HTTPException, Path, Request, status
 from pydantic import Field
@@ -18,6 +19,7 @@ from radnode.console.api import node_of
 from radnode.console.auth import Operator, Viewer, client_address, gate_of
 from radnode.console.schemas import Document
 from radnode.node.store import ActionRefused, JobStore
+from radnode.node.store.console import REJECT_REASONS, REVIEW_DECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +103,26 @@ def cancel(request: Request, identity: Operator, job_id: JobId, body: Annotated[
     return ActionResult(job_id=job_id, message=f"job {job_id} cancelled (it was {was})")
 
 
+class ReviewRequest(Note):
+    decision: Literal[REVIEW_DECISIONS] = Field(  # type: ignore[valid-type]
+        "reviewed", description="reviewed: looked at a flagged result; accepted / corrected / rejected: the "
+                                "reviewer's decision on a done job's results (local performance counts them)")
+    reason: Literal[REJECT_REASONS] | None = Field(  # type: ignore[valid-type]
+        None, description="why it was rejected (rejected only, and then required)")
+
+
 @router.post("/api/jobs/{job_id}/review", response_model=ActionResult, responses=_RESPONSES,
-             summary="Mark a job flagged for review as reviewed (it leaves the worklist)")
-def review(request: Request, identity: Operator, job_id: JobId, body: Annotated[Note, Body()] = Note()) -> ActionResult:
-    _act(request, identity, "review", job_id, lambda: _store(request).mark_reviewed(job_id, identity.label, body.note))
-    return ActionResult(job_id=job_id, message=f"job {job_id} marked reviewed by {identity.label}")
+             summary="Record a review: a flagged job reviewed (it leaves the worklist), or a done job's results "
+                     "accepted, corrected or rejected with a reason")
+def review(request: Request, identity: Operator, job_id: JobId,
+           body: Annotated[ReviewRequest, Body()] = ReviewRequest()) -> ActionResult:
+    action = "review" if body.decision == "reviewed" else f"review-{body.decision}"
+    _act(request, identity, action, job_id, lambda: _store(request).mark_reviewed(
+        job_id, identity.label, body.note, body.decision, body.reason))
+    reissued = node_of(request).reissue_report(job_id, body.decision, identity.label) \
+        if body.decision != "reviewed" else []
+    return ActionResult(job_id=job_id, message="; ".join([f"job {job_id} {body.decision} by {identity.label}"
+                                                          + (f" ({body.reason})" if body.reason else ""), *reissued]))
 
 
 @router.post("/api/studies/{study_uid}/complete", response_model=ActionResult, responses=_RESPONSES,

@@ -3,6 +3,8 @@ Orthanc plugin's ``/orthanc/events`` (authenticated by the plugin's own token, n
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import logging
 from typing import Annotated, Any, Literal, Protocol
 
@@ -13,10 +15,11 @@ from pydantic import Field
 from radnode.console.accounts import same_secret
 from radnode.console.auth import Viewer, bearer_scheme, gate_of
 from radnode.console.schemas import (
-    Document, Health, JobDetail, JobIdPath, JobList, Me, Queued, delivery_document, event_document, job_summary,
+    CorrectionList, Document, PerformanceDocument, Health, JobDetail, JobIdPath, JobList, Me, Queued, correction_document,
+    delivery_document, event_document, job_summary,
 )
 from radnode.node.egress import Egress
-from radnode.node.store import Job, JobState, JobStore, StudyDetails
+from radnode.node.store import CorrectionState, Job, JobState, JobStore, StudyDetails
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,9 @@ class NodeView(Protocol):
 
     def orthanc_event(self, event: dict[str, str]) -> None:
         """Queue one plugin event (ValueError: this node takes none)."""
+
+    def reissue_report(self, job_id: int, decision: str, reviewer: str) -> list[str]:
+        """Re-issue a reviewed job's report on the FHIR destinations; what happened, one line each."""
 
 
 def node_of(request: Request) -> NodeView:
@@ -95,8 +101,8 @@ def list_jobs(request: Request, identity: Viewer,
                                      reviews.get(job.id, (None,))[0]) for job in page], total=len(chosen))
 
 
-@router.get("/api/jobs/{job_id}", response_model=JobDetail, tags=["jobs"], summary="One job with its events and "
-            "deliveries", responses={404: {"description": "no such job"}})
+@router.get("/api/jobs/{job_id}", response_model=JobDetail, tags=["jobs"], summary="One job with its events, "
+            "deliveries and corrections", responses={404: {"description": "no such job"}})
 def get_job(request: Request, identity: Viewer, job_id: JobIdPath) -> JobDetail:
     store = _store(request)
     job = store.job(job_id)
@@ -106,7 +112,17 @@ def get_job(request: Request, identity: Viewer, job_id: JobIdPath) -> JobDetail:
     reviewer = store.reviewed_jobs([job.id]).get(job.id, (None,))[0]
     summary = job_summary(job, gate_of(request).sees_patient_data(identity), details, reviewer)
     return JobDetail(**summary.model_dump(), events=[event_document(e) for e in store.events(job_id)],
-                     deliveries=[delivery_document(d) for d in store.deliveries(job_id)])
+                     deliveries=[delivery_document(d) for d in store.deliveries(job_id)],
+                     corrections=[correction_document(c) for c in store.corrections(job_id=job_id)])
+
+
+@router.get("/api/corrections", response_model=CorrectionList, tags=["feedback"],
+            summary="Clinicians' corrected SEGs, oldest first: matched ones with their agreement, and those "
+                    "that matched no job (kept and listed)")
+def list_corrections(request: Request, identity: Viewer,
+                     state: Annotated[CorrectionState | None, Query(description="only corrections in this "
+                                                                                 "state")] = None) -> CorrectionList:
+    return CorrectionList(corrections=[correction_document(c) for c in _store(request).corrections(state=state)])
 
 
 class OrthancEvent(Document):
@@ -137,3 +153,18 @@ def orthanc_event(request: Request, event: OrthancEvent) -> Queued:
     except ValueError as e:
         raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
     return Queued(queued=True)
+
+
+@router.get("/api/performance", response_model=PerformanceDocument, tags=["feedback"],
+            summary="Local performance per pipeline: reviews, agreement with corrections per segment, and whether "
+                    "the uncertainty ranks the corrections")
+def performance(request: Request, identity: Viewer,
+                pipeline: Annotated[str | None, Query(max_length=128)] = None,
+                since: Annotated[dt.datetime | None, Query(description="jobs created at or after (ISO 8601)")] = None
+                ) -> PerformanceDocument:
+    from radnode.feedback.performance import local_performance
+
+    after = None if since is None else (since if since.tzinfo else since.replace(tzinfo=dt.timezone.utc)).timestamp()
+    figures = local_performance(_store(request), pipeline, after)
+    return PerformanceDocument.model_validate({"pipelines": [dataclasses.asdict(p) for p in figures],
+                                               "since": since})

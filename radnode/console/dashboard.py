@@ -164,7 +164,7 @@ def _page(template: str, request: Request, person: Identity, **context: object) 
 
 
 PAGES = {"/": "overview.html", "/jobs": "jobs.html", "/review": "review.html", "/destinations": "destinations.html",
-         "/rules": "rules.html", "/audit": "audit.html"}
+         "/rules": "rules.html", "/audit": "audit.html", "/performance": "performance.html"}
 """The dashboard's pages: each a template whose script fills it from the API."""
 
 

@@ -19,7 +19,16 @@ the store exactly, survive restarts and agree between several node processes sha
 ``radnode_jobs_flagged_for_review``          gauge   jobs flagged for human review, by ``pipeline``
 ``radnode_spool_free_bytes``                 gauge   free space on the spool's file system
 ``radnode_http_requests_refused_total``      counter refused web requests, by ``reason``
+``radnode_studies_feedback``                 gauge   by ``pipeline`` and ``outcome``: processed, reviewed,
+                                                     accepted_unchanged, corrected, rejected
+``radnode_correction_dice``                  gauge   by ``pipeline``, ``segment`` and ``statistic`` (median,
+                                                     worst_decile): Dice to clinicians' corrections
+``radnode_correction_hd95_mm``               gauge   median HD95 to the corrections, by ``pipeline``, ``segment``
+``radnode_uncertainty_spearman``             gauge   Spearman(score, 1 − Dice), by ``pipeline`` and ``score``
+``radnode_review_flag_auroc``                gauge   AUROC of the review flag for "needed a correction"
 =========================================== ======= ==========================================================
+
+The feedback figures are ``radnode.feedback.performance``'s, the same ``radnode performance`` prints.
 
 Histograms are built from the event log of final jobs; each job is read once and kept as bucket counts.
 """
@@ -38,6 +47,8 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from radnode.feedback.performance import PipelinePerformance
 
 DURATION_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 """Seconds: a study's run takes seconds to tens of minutes; delivery waits may reach hours in an outage."""
@@ -112,8 +123,10 @@ class NodeCollector(Collector):
     """The node's metrics, computed at scrape time (see the module docstring)."""
 
     def __init__(self, source: MetricsSource, spool: Path, rejected: Callable[[], dict[str, int]] = dict,
-                 paused: Callable[[], bool] = lambda: False) -> None:
+                 paused: Callable[[], bool] = lambda: False,
+                 performance: Callable[[], list[PipelinePerformance]] = list) -> None:
         self.source = source
+        self.performance = performance
         self.spool = spool
         self.rejected = rejected
         self.paused = paused
@@ -168,6 +181,25 @@ class NodeCollector(Collector):
         yield _counter("radnode_http_requests_refused", "Web requests refused", ["reason"],
                        [((reason,), n) for reason, n in refused.items()])
         yield from self._histograms()
+        yield from self._feedback(self.performance())
+
+    @staticmethod
+    def _feedback(performance: list[PipelinePerformance]) -> Iterator[Metric]:
+        outcomes = ("processed", "reviewed", "accepted_unchanged", "corrected", "rejected")
+        yield _gauge("radnode_studies_feedback", "Studies processed and what reviewers did with them",
+                     ["pipeline", "outcome"], [((p.pipeline, o), getattr(p, o)) for p in performance for o in outcomes])
+        yield _gauge("radnode_correction_dice", "Dice of the node's segments to clinicians' corrections",
+                     ["pipeline", "segment", "statistic"],
+                     [((p.pipeline, s.segment, stat), getattr(s, f"{stat}_dice")) for p in performance
+                      for s in p.segments for stat in ("median", "worst_decile")])
+        yield _gauge("radnode_correction_hd95_mm", "Median 95th-percentile surface distance to the corrections",
+                     ["pipeline", "segment"], [((p.pipeline, s.segment), s.median_hd95_mm) for p in performance
+                                               for s in p.segments if s.median_hd95_mm is not None])
+        yield _gauge("radnode_uncertainty_spearman", "Spearman's rho between an uncertainty score and 1 - Dice",
+                     ["pipeline", "score"], [((p.pipeline, code), rho) for p in performance
+                                             for code, rho in p.spearman.items() if rho is not None])
+        yield _gauge("radnode_review_flag_auroc", "AUROC of the review flag for 'needed a correction'", ["pipeline"],
+                     [((p.pipeline,), p.review_flag_auroc) for p in performance if p.review_flag_auroc is not None])
 
     def _histograms(self) -> Iterator[Metric]:
         with self._lock:

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from radnode.node.store import Delivery, Event, Job, JobState, StudyDetails
+from radnode.node.store import Correction, CorrectionState, Delivery, Event, Job, JobState, StudyDetails
 
 Priority = StrEnum("Priority", {"STAT": "stat", "ROUTINE": "routine", "OFF_PEAK": "off-peak"})  # type: ignore[misc]
 """A job's priority by name (the store orders by rank: off-peak 0, routine 1, stat 2)."""
@@ -86,11 +86,88 @@ class DeliveryDocument(Document):
                                                    "delivered: a re-send sends the same")
 
 
+class SegmentAgreementDocument(Document):
+    """One segment of the node's SEG beside the clinician's segment of the same coded property type."""
+
+    segment: str = Field(description="the node's Segment Label")
+    property_type: str = Field(description="the coded Segmented Property Type both share (and its modifiers)")
+    result_segment_number: int
+    correction_segment_number: int
+    dice: float
+    result_volume_ml: float
+    corrected_volume_ml: float
+    volume_difference_ml: float = Field(description="corrected minus the node's, in mL")
+    volume_difference_percent: float | None = Field(description="of the node's volume; null when it is empty")
+    hd95_mm: float | None = Field(description="symmetric 95th-percentile surface distance (MONAI); null when "
+                                              "either segment is empty")
+    uncertainty: dict[str, float] = Field(default_factory=dict, description="the node's uncertainty scores of "
+                                                                             "its segment, by concept code")
+
+
+class CorrectionDocument(Document):
+    """A clinician's corrected SEG and how the node settled it."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    calling_ae: str
+    received_at: dt.datetime
+    state: CorrectionState = Field(description="pending, matched, unmatched (kept and listed: no job's result "
+                                               "fits) or unreadable")
+    job_id: int | None = Field(description="the job whose SEG it corrects (matched only)")
+    result_sop_instance_uid: str | None = Field(description="the node's SEG it was compared with")
+    message: str
+    settled_at: dt.datetime | None
+    segments: list[SegmentAgreementDocument]
+
+
+class CorrectionList(Document):
+    corrections: list[CorrectionDocument]
+
+
+class SegmentPerformanceDocument(Document):
+    segment: str
+    corrections: int
+    median_dice: float
+    worst_decile_dice: float = Field(description="10th percentile of Dice")
+    median_hd95_mm: float | None
+    median_abs_volume_difference_percent: float | None
+
+
+class CorrectedSegmentDocument(Document):
+    job_id: int
+    segment: str
+    dice: float
+    uncertainty: dict[str, float]
+
+
+class PipelinePerformanceDocument(Document):
+    """One pipeline's local performance (``radnode.feedback.performance``)."""
+
+    pipeline: str
+    model_versions: list[str]
+    processed: int
+    reviewed: int
+    accepted_unchanged: int
+    corrected: int
+    rejected: int
+    segments: list[SegmentPerformanceDocument]
+    spearman: dict[str, float | None] = Field(description="per uncertainty score: Spearman's rho with 1 - Dice")
+    review_flag_auroc: float | None = Field(description="AUROC of the review flag for 'needed a correction'")
+    points: list[CorrectedSegmentDocument]
+
+
+class PerformanceDocument(Document):
+    pipelines: list[PipelinePerformanceDocument]
+    since: dt.datetime | None
+
+
 class JobDetail(JobSummary):
-    """One job with its event log and deliveries."""
+    """One job with its event log, deliveries and clinicians' corrections of its results."""
 
     events: list[EventDocument]
     deliveries: list[DeliveryDocument]
+    corrections: list[CorrectionDocument]
 
 
 class JobList(Document):
@@ -171,3 +248,13 @@ def delivery_document(delivery: Delivery) -> DeliveryDocument:
                             state=delivery.state, attempts=delivery.attempts,
                             next_attempt_at=utc(delivery.next_attempt_at) if pending else None,
                             last_error=delivery.last_error, sent_uid=delivery.sent_uid)
+
+
+def correction_document(correction: Correction) -> CorrectionDocument:
+    return CorrectionDocument(
+        sop_instance_uid=correction.sop_instance_uid, series_instance_uid=correction.series_instance_uid,
+        study_instance_uid=correction.study_instance_uid, calling_ae=correction.calling_ae,
+        received_at=utc(correction.received_at), state=correction.state, job_id=correction.job_id,
+        result_sop_instance_uid=correction.result_sop_instance_uid, message=correction.message,
+        settled_at=utc(correction.settled_at),
+        segments=[SegmentAgreementDocument.model_validate(s) for s in correction.agreement])

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from radnode.config import Config
+from radnode.feedback.performance import local_performance
 from radnode.console.accounts import Accounts, Role
 from radnode.console.app import create_app
 from radnode.console.auth import AuditSink, Gate
@@ -49,7 +50,7 @@ class Console:
         api = config.api
         self.accounts = Accounts(store)
         self.collector = NodeCollector(node, config.data_dir / "spool", rejected_associations,  # type: ignore[arg-type]
-                                       store.queue_paused)
+                                       store.queue_paused, performance=lambda: local_performance(store))
         token = read_event_token(config.orthanc.event_token_file) if config.orthanc.url else None
         if config.orthanc.url and token is None:
             log.warning("orthanc.url is set but orthanc.event_token_file is not: the plugin's events are refused "

@@ -20,7 +20,9 @@ API, the operators' dashboard, ``/metrics``, STOW-RS and the Orthanc plugin's ev
 the node pulls instances from Orthanc into the same spool and results go back into Orthanc. Every series is routed by the rule file (``rules``; unset: the
 shipped ``pipelines/default_rules.yaml``): pipelines, forwards, discard, priority, completeness, execution
 (in-process, subprocess or container, see ``executors.py``). The node's own results coming back (from a PACS,
-from Orthanc) are recorded and never processed, whatever the rules say.
+from Orthanc) are recorded and never processed, whatever the rules say; so are clinicians' corrections of its
+segmentations (a foreign SEG referencing a source series), which the feedback thread matches to their job and
+measures against the node's SEG (``radnode/feedback``).
 
 On start, spool files the store does not know are indexed, jobs left ``running`` run again from
 scratch, and jobs left ``delivering`` carry on with only the deliveries not recorded as done. Egress runs one
@@ -48,6 +50,7 @@ from radnode.console.accounts import Accounts
 from radnode.console.service import Console
 
 from radnode.config import Config
+from radnode.feedback.corrections import CorrectionMatcher
 from radnode.node.activity import ActivityLog
 from radnode.node.egress import Egress
 from radnode.node.executors import check_models, execution_modes
@@ -134,7 +137,8 @@ class Node:
         activity = ActivityLog(store.read_rows)
         self._threads = [self._loop("activity", activity.tick),
                          self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
-                         self._loop("egress", egress.dispatch), self._loop("retention", retention.tick)]
+                         self._loop("egress", egress.dispatch), self._loop("retention", retention.tick),
+                         self._loop("feedback", CorrectionMatcher(self.config, store).tick)]
 
     def load_rules(self) -> RuleSet:
         """The configured rule file (unset: the shipped ``pipelines/default_rules.yaml``), checked against the
@@ -301,6 +305,31 @@ class Node:
     def stow_released(self, association_id: str) -> None:
         """A STOW-RS request ended: its series may be complete, as after an A-RELEASE."""
         self._store().association_released(association_id)
+
+    def reissue_report(self, job_id: int, decision: str, reviewer: str) -> list[str]:
+        """A reviewed job's report re-issued on every FHIR destination with the decision's status and the
+        reviewer (``radnode/feedback/reissue.py``); each outcome is an event in the job's log and a line of the
+        answer. A failure is said, not raised: the decision stands, and repeating it re-issues again."""
+        from radnode.destinations.fhir import FhirDestination
+        from radnode.feedback.reissue import ReissueError, reissue, report_identifier
+        from radnode.node.egress import outbox_dir
+
+        store = self._store()
+        identifier = report_identifier(outbox_dir(self.config, job_id))
+        targets = [d for d in self.config.egress.destinations.values() if isinstance(d, FhirDestination)]
+        if identifier is None or not targets:
+            return []
+        said = []
+        for target in targets:
+            try:
+                timeouts = self.config.egress.timeouts
+                message, kind = reissue(target, identifier, decision, reviewer,
+                                        (timeouts.connect_seconds, timeouts.network_seconds)), "reissued"
+            except ReissueError as e:
+                message, kind = f"the {decision} report could not be re-issued: {e}", "reissue-failed"
+            store.note_action(job_id, kind, message)
+            said.append(message)
+        return said
 
     def metric_rows(self, query: str, params: dict[str, object] | None = None) -> list[tuple]:
         """Rows of one of the metrics' read-only queries (:mod:`radnode.console.metrics`)."""

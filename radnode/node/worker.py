@@ -32,7 +32,8 @@ from radnode.config import Config
 from radnode.execution import ManifestError, RunManifest
 from radnode.node.completeness import CompletenessSettings, study_verdict
 from radnode.node.egress import Egress
-from radnode.node.executors import ExecutionError, InProcessExecutor, JobRun, Launch, executors, resolve_timeout
+from radnode.node.executors import ContainerExecutor, ExecutionError, InProcessExecutor, JobRun, Launch, executors, \
+    resolve_timeout
 from radnode.node.store import Job, JobStore
 from radnode.outputs.layout import RunOutput
 from radnode.node.warm import WarmPool, die_with_parent
@@ -60,17 +61,15 @@ class JobProcess:
     """``time.monotonic()`` after which the process group is killed."""
     stderr_path: Path
 
-    def end(self, grace: float = 0.0) -> None:
-        """Kill the process group (see :func:`_kill_group`), then run the launch's stop command, if any."""
+    def end(self, grace: float = 0.0) -> str | None:
+        """Kill the process group (see :func:`_kill_group`), then stop and remove its container, if any;
+        returns what happened to the container (for the job's events)."""
         _kill_group(self.process, grace)
-        if self.launch.stop_argv:
-            try:
-                result = subprocess.run(self.launch.stop_argv, capture_output=True, text=True, timeout=60)
-            except (OSError, subprocess.TimeoutExpired) as e:
-                log.error("job %d: %s failed: %s", self.job_id, shlex.join(self.launch.stop_argv), e)
-                return
-            if result.returncode != 0:  # e.g. the container had already ended and removed itself
-                log.info("job %d: %s: %s", self.job_id, shlex.join(self.launch.stop_argv), result.stderr.strip())
+        return self.launch.container.stop(grace) if self.launch.container else None
+
+    def finished(self, status: int) -> str | None:
+        """After the command ended by itself: the container's exit, and its removal; None outside a container."""
+        return self.launch.container.finished(status) if self.launch.container else None
 
 
 def job_dir(config: Config, job_id: int) -> Path:
@@ -121,6 +120,10 @@ class Scheduler:
         self.egress = egress
         self.config_file = config_file
         self.executors = executors(config, command, config_file)
+        container = self.executors.get(ExecutionMode.CONTAINER)
+        if isinstance(container, ContainerExecutor):  # a crash leaves containers of jobs that now run again
+            for name in container.remove_leftovers():
+                log.warning("removed container %s left by an earlier run of this node", name)
         self.running: dict[int, JobProcess] = {}
         self.completeness = completeness_settings(config)
         in_process = self.executors[ExecutionMode.IN_PROCESS]
@@ -136,10 +139,10 @@ class Scheduler:
         self.queue_complete_studies()
         for job_id in self.store.restart_requested():
             if job_id in self.running:
-                self.running.pop(job_id).end()
+                self._note_container(job_id, self.running.pop(job_id).end())
             self.store.restart(job_id)
-        for job_id in self.store.cancelled(self.running):  # an operator cancelled it: end its process
-            self.running.pop(job_id).end()
+        for job_id in self.store.cancelled(self.running):  # an operator cancelled it: end its process (container)
+            self._note_container(job_id, self.running.pop(job_id).end())
         for job_id in list(self.running):
             self._reap(self.running[job_id])
         paused = self.store.queue_paused()  # an operator paused the queue: nothing new starts
@@ -193,7 +196,7 @@ class Scheduler:
         executor = self.executors.get(mode)
         if executor is None:
             self.store.fail_job(job.id, f"the route asks for {mode} execution, which this node cannot do "
-                                        "(processing.container_engine is not set)")
+                                        "(containers.engine is not set)")
             return
         try:
             self._prepare(job.id)
@@ -217,7 +220,7 @@ class Scheduler:
             except SandboxError as e:
                 self.store.fail_job(job.id, str(e))
                 return
-            launch = Launch(argv, env, launch.cwd, launch.stop_argv)
+            launch = Launch(argv, env, launch.cwd)
         command = shlex.join(launch.argv)
         spare = self.warm.claim(job.pipeline, launch.argv, launch.env) if (
             self.warm is not None and mode is ExecutionMode.IN_PROCESS) else None  # a sandboxed job never is
@@ -246,6 +249,8 @@ class Scheduler:
                 return
         self.running[job.id] = JobProcess(job.id, process, launch, mode, timeout.seconds,
                                           time.monotonic() + timeout.seconds, root / "stderr.log")
+        if launch.container:
+            self.store.note(job.id, "container", launch.container.started())
         log.debug("job %d running %s%s (pid %d): %s", job.id, mode, warm, process.pid, command)
 
     def _reap(self, job: JobProcess) -> None:
@@ -253,13 +258,14 @@ class Scheduler:
         if status is None:
             if time.monotonic() < job.deadline:
                 return
-            job.end()
+            self._note_container(job.job_id, job.end())
             del self.running[job.job_id]
             mode = "" if job.mode is ExecutionMode.IN_PROCESS else f" ({job.mode})"
             self.store.fail_job(job.job_id, f"timed out after {job.timeout_seconds:g} s{mode}")
             log.warning("job %d timed out", job.job_id)
             return
         del self.running[job.job_id]
+        self._note_container(job.job_id, job.finished(status))
         if status != 0:
             reason = _failure_reason(status, last_line(job.stderr_path))
             self.store.fail_job(job.job_id, reason)
@@ -277,10 +283,15 @@ class Scheduler:
                 log.debug("job %d flagged for human review: %s", job.job_id, "; ".join(review.reasons))
         self.egress.stage(job.job_id, outputs)
 
+    def _note_container(self, job_id: int, message: str | None) -> None:
+        if message:
+            self.store.note(job_id, "container", message)
+            log.debug("job %d: %s", job_id, message)
+
     def stop(self) -> None:
         """End running jobs (SIGTERM, then SIGKILL) and queue them to run again at the next start."""
         for job in self.running.values():
-            job.end(grace=STOP_GRACE_SECONDS)
+            self._note_container(job.job_id, job.end(grace=STOP_GRACE_SECONDS))
             self.store.requeue(job.job_id, "node stopped while the job was running; it will run again")
         self.running.clear()
         if self.warm is not None:

@@ -8,7 +8,9 @@ Orthanc often come back to the node (a PACS forwarding a whole study, Orthanc's 
 them would start a loop. :func:`own_result` recognises them by that identification, whatever the rule file
 says. A foreign object is not recognised: one another system wrote (its own Manufacturer), or one that
 modified a radnode result (it adds a *Modifying Equipment*, DCM 109103, item after radnode's, as PS3.3
-C.7.5.1.1.1 asks); the rules decide about those.
+C.7.5.1.1.1 asks). A foreign SEG that references a source series is a *correction candidate*
+(:func:`correction_candidate`): a radiologist's edit of an AI segmentation (OHIF, 3D Slicer) comes back as a
+new SEG from another creator; the node never processes it and matches it to its job (``radnode/feedback``).
 
 Light on purpose (no highdicom): the node's ingress imports it.
 """
@@ -26,8 +28,9 @@ PROCESSING_EQUIPMENT = ("109102", "DCM")
 MODIFYING_EQUIPMENT = ("109103", "DCM")
 """Purpose of Reference of equipment that changed an instance afterwards (DCM 109103 "Modifying Equipment")."""
 
-PROVENANCE_TAGS = ("Manufacturer", "ContributingEquipmentSequence", "Modality")
-"""The attributes :func:`own_result` reads (parsed at ingest beside the rules' keywords)."""
+PROVENANCE_TAGS = ("Manufacturer", "ContributingEquipmentSequence", "Modality", "ReferencedSeriesSequence")
+"""The attributes :func:`own_result` and :func:`correction_candidate` read (parsed at ingest beside the rules'
+keywords)."""
 
 
 def _text(value: Any) -> str:
@@ -61,3 +64,19 @@ def own_result(attributes: Mapping[str, Any] | Any) -> str | None:
     modality = _text(attributes.get("Modality")) or "object"
     return (f"the {modality} is a result of {MANUFACTURER} ({algorithm}), told by its Manufacturer and Contributing "
             "Equipment: never processed")
+
+
+def correction_candidate(attributes: Mapping[str, Any] | Any) -> str | None:
+    """Why ``attributes`` may be a clinician's correction of a segmentation, in words, or None: a SEG that is
+    not :func:`own_result` and references at least one source series (Referenced Series Sequence, as OHIF,
+    3D Slicer and highdicom write it). Whether it corrects one of the node's results (same source series and
+    Frame of Reference, segments of the same coded property types) is decided when it is matched to a job."""
+    if _text(attributes.get("Modality")) != "SEG" or own_result(attributes) is not None:
+        return None
+    referenced = [_text(item.get("SeriesInstanceUID")) for item in attributes.get("ReferencedSeriesSequence") or []]
+    referenced = [uid for uid in referenced if uid]
+    if not referenced:
+        return None
+    maker = _text(attributes.get("Manufacturer")) or "an unnamed manufacturer"
+    return (f"a SEG from {maker} referencing series {', '.join(referenced)}: a correction candidate, recorded "
+            "and matched to the node's result, never processed")

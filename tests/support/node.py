@@ -56,6 +56,47 @@ STAND_IN = textwrap.dedent('''
 """
 
 
+SEG_STAND_IN = textwrap.dedent('''
+    """Stand-in for a segmentation pipeline with uncertainty: the phantom's structures as radnode's SEG.
+
+    Run as `COMMAND INPUT --output OUT --pipeline NAME`. The segments are the phantom's true masks
+    (factories.phantom_result) written by radnode's own SEG writer; each segment's boundary uncertainty is
+    $SEG_STAND_IN_UNCERTAINTY_<StudyInstanceUID> (default 0.1), in the manifest as the uncertainty-scoring
+    pipelines write it, and the study is flagged for review above 0.5.
+    """
+    import argparse, os, pathlib, sys
+    sys.path.insert(0, TESTS)
+    from factories import phantom_result
+    from radnode.execution import OutputFile, ReviewDecision, RunManifest
+    from radnode.imaging.series import VolumeCriteria, load_volume
+    from radnode.outputs.algorithm import AlgorithmInfo
+    from radnode.outputs.seg import build_segmentation
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("input")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--pipeline")
+    args = parser.parse_args()
+    out = pathlib.Path(args.output)
+    volume, _ = load_volume(args.input, VolumeCriteria())
+    seg = build_segmentation(volume, phantom_result(volume).segments, AlgorithmInfo("seg_stand_in", "2.0"),
+                             uid_root="1.2.826.0.1.3680043.8.498.")
+    seg.save_as(out / "seg.dcm")
+    score = float(os.environ.get("SEG_STAND_IN_UNCERTAINTY_" + str(seg.StudyInstanceUID), "0.1"))
+    measurements = [{"seg_sop_instance_uid": str(seg.SOPInstanceUID), "segment_number": int(item.SegmentNumber),
+                     "concept": {"value": "UNC-BOUNDARY", "scheme_designator": "99RADNODE"}, "value": score}
+                    for item in seg.SegmentSequence]
+    review = ReviewDecision(needs_review=score > 0.5, reasons=[f"boundary uncertainty {score} > 0.5"] if score > 0.5
+                            else [], exceeded=[], thresholds={"max_boundary": 0.5})
+    RunManifest(pipeline=args.pipeline, version="2.0", input=args.input,
+                outputs=[OutputFile("seg.dcm", "dicom", str(seg.SOPClassUID), str(seg.SOPInstanceUID),
+                                    str(seg.SeriesInstanceUID), "SEG")],
+                measurements=measurements, seconds=0.0, study_instance_uid=str(seg.StudyInstanceUID),
+                review=review).write(out)
+'''.replace("TESTS", repr(str(Path(__file__).resolve().parents[1]))))
+"""A job command writing a real radnode SEG of the phantom's structures with a chosen uncertainty per study."""
+
+
 def node_config(tmp_path: Path, port: int = 0, **sections: dict) -> Config:
     """Small idle and retry times so each test takes seconds."""
     data: dict = {"data_dir": str(tmp_path / "data"),
@@ -64,7 +105,8 @@ def node_config(tmp_path: Path, port: int = 0, **sections: dict) -> Config:
                              "timeouts": {"connect_seconds": 5, "acse_seconds": 5, "dimse_seconds": 5,
                                           "network_seconds": 5}},
                   "processing": {"job_timeout_seconds": 60},
-                  "api": {"port": 0}}
+                  "api": {"port": 0},
+                  "feedback": {"preload_metrics": False}}  # only the feedback tests' nodes need them
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
     return Config.model_validate(data)
@@ -102,15 +144,17 @@ class ServeProcess:
     """``radnode serve`` started as a user would, with a config file; stopped with SIGTERM."""
 
     def __init__(self, data_dir: Path, pacs: StoreSCP, fhir: FhirServer, idle: float = 2.0,
-                 rules: Path | None = None, late_instances: str = "ignore") -> None:
-        """``rules``: the routing rule file (unset: the shipped rules, the node's default)."""
+                 rules: Path | None = None, late_instances: str = "ignore", settings: dict | None = None) -> None:
+        """``rules``: the routing rule file (unset: the shipped rules, the node's default); ``settings``:
+        further sections of the configuration file (e.g. ``containers``)."""
         self.data_dir, self.port, self.api_port = data_dir, free_port(), free_port()
         config = data_dir.parent / f"{data_dir.name}.yaml"
         config.write_text(yaml.safe_dump({"ingress": {"host": "127.0.0.1", "study_idle_seconds": idle,
                                                       "late_instances": late_instances},
                                           "api": {"port": self.api_port},  # never the fixed default 8765
                                           "processing": {"max_concurrent_jobs": 2, "job_timeout_seconds": 300},
-                                          **({"rules": str(rules)} if rules else {})}))
+                                          "feedback": {"preload_metrics": False},
+                                          **({"rules": str(rules)} if rules else {}), **(settings or {})}))
         self.log = (data_dir.parent / f"{data_dir.name}.log").open("w")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "radnode", "-v", "serve", "--config", str(config), "--port", str(self.port),

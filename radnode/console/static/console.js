@@ -155,6 +155,28 @@ async function refreshRules() {
   });
 }
 
+function figure(value) { return value === null || value === undefined ? "n/a" : value.toFixed(3); }
+
+async function refreshPerformance() {
+  const box = document.getElementById("performance");
+  if (!box) return;
+  const answer = await api("/api/performance");
+  if (!answer.pipelines.length) { box.replaceChildren(el("p", {}, "No processed studies yet.")); return; }
+  box.replaceChildren(...answer.pipelines.map(p => el("section", { class: "pipeline", "data-pipeline": p.pipeline },
+    el("h2", {}, p.pipeline + (p.model_versions.length ? " (" + p.model_versions.join(", ") + ")" : "")),
+    el("p", {}, `studies processed ${p.processed}, reviewed ${p.reviewed}: accepted unchanged ${p.accepted_unchanged}, ` +
+                `corrected ${p.corrected}, rejected ${p.rejected}`),
+    el("table", {}, el("thead", {}, el("tr", {}, ...["segment", "corrections", "median Dice", "worst 10% Dice",
+                                                      "median HD95 mm", "median |dV| %"].map(h => el("th", {}, h)))),
+      el("tbody", {}, ...p.segments.map(s => el("tr", { "data-segment": s.segment }, el("td", {}, s.segment),
+        el("td", {}, String(s.corrections)), el("td", { class: "median-dice" }, figure(s.median_dice)),
+        el("td", { class: "worst-dice" }, figure(s.worst_decile_dice)), el("td", {}, figure(s.median_hd95_mm)),
+        el("td", {}, figure(s.median_abs_volume_difference_percent)))))),
+    ...Object.entries(p.spearman).map(([code, rho]) => el("p", { class: "spearman", "data-score": code },
+      `Spearman(${code}, 1 - Dice) = ${figure(rho)}`)),
+    el("p", { class: "auroc" }, `review flag AUROC for 'needed a correction': ${figure(p.review_flag_auroc)}`))));
+}
+
 async function refreshAudit() {
   const list = document.getElementById("audit");
   if (!list) return;
@@ -173,6 +195,7 @@ async function tick() {
     else if (page === "destinations") await refreshDestinations();
     else if (page === "rules") await refreshRules();
     else if (page === "audit") await refreshAudit();
+    else if (page === "performance") await refreshPerformance();
   } catch (e) { if (e.message !== "signed out") toast(e.message); }
 }
 

@@ -16,6 +16,7 @@ lives in its own module:
 ``queries``    the job list, one job, counts
 ``identity``   patient identifiers sealed at rest under the site key, opened on reading
 ``console``    the web console's people, tokens and sessions, operators' actions, settings, study details
+``feedback``   clinicians' corrections of the node's segmentations, recorded at arrival, settled once
 ============== ===========================================================================================
 
 Job states: ``received → queued → running → delivering → done / failed``. When the rules select several
@@ -37,23 +38,24 @@ from radnode.node.store.database import SQLITE_FILE, Database, StoreError, head_
 from radnode.node.store.deliveries import Deliveries
 from radnode.node.store.events import EventLog
 from radnode.node.store.identity import Identities
+from radnode.node.store.feedback import Feedback
 from radnode.node.store.ingest import Arrivals, Decide
 from radnode.node.store.jobs import Scheduling
 from radnode.node.store.queries import Queries
 from radnode.node.store.records import (
-    FINAL_STATES, ActionRefused, Arrival, Delivery, Event, Instance, InstanceBeingPurged, Job, JobState, PurgePlan,
+    FINAL_STATES, ActionRefused, Arrival, Correction, CorrectionState, Delivery, Event, Instance, InstanceBeingPurged, Job, JobState, PurgePlan,
 )
 from radnode.node.store.retention import Purges
 
 if TYPE_CHECKING:
     from radnode.node.store.identity import Seal
 
-__all__ = ["FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Decide", "Delivery", "Event", "Instance",
+__all__ = ["FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Correction", "CorrectionState", "Decide", "Delivery", "Event", "Instance",
            "InstanceBeingPurged", "Job", "JobState", "JobStore", "PurgePlan", "StoreError", "StudyDetails",
            "head_revision", "store_target", "upgrade_store"]
 
 
-class JobStore(Arrivals, Scheduling, Deliveries, Purges, Queries, EventLog, Identities, Console):
+class JobStore(Arrivals, Scheduling, Deliveries, Purges, Queries, EventLog, Identities, Console, Feedback):
     """Thread- and process-safe access to the node's job store (see the module docstring for its areas).
 
     ``target``: a SQLite file (``data_dir/radnode.db``) or a ``postgresql://`` URL. ``upgrade``: migrate an

@@ -22,6 +22,11 @@ from radnode.node.store.schema import (
 )
 
 QUEUE_PAUSED = "queue_paused"
+REVIEW_DECISIONS = ("reviewed", "accepted", "corrected", "rejected")
+"""What a reviewer records: looked at a flagged result; or, for local performance, accepted as it was,
+corrected (a corrected SEG usually follows), rejected."""
+REJECT_REASONS = ("wrong-series", "wrong-anatomy", "segmentation-failed", "image-quality", "other")
+"""Why a result was rejected: the short list the API offers."""
 
 
 @dataclass(frozen=True)
@@ -210,18 +215,32 @@ class Console:
         receiving = [r.id for r in rows if r.state == JobState.RECEIVED.value]
         return receiving[0] if receiving else (rows[0].id if rows else None)
 
-    def mark_reviewed(self, job_id: int, user: str, note: str = "") -> None:
-        """A person looked at a flagged job's results; it leaves the review worklist."""
+    def mark_reviewed(self, job_id: int, user: str, note: str = "", decision: str = "reviewed",
+                      reason: str | None = None) -> None:
+        """A person looked at a job's results; it leaves the review worklist. ``reviewed`` (looked at, for a
+        flagged job), or a decision on a finished job's results for local performance: ``accepted``,
+        ``corrected``, ``rejected`` (with one of :data:`REJECT_REASONS`)."""
+        if decision not in REVIEW_DECISIONS:
+            raise ActionRefused(f"unknown review decision {decision!r}: one of {', '.join(REVIEW_DECISIONS)}")
+        if decision == "rejected" and reason is None:
+            raise ActionRefused(f"a rejection needs a reason: one of {', '.join(REJECT_REASONS)}")
+        if decision != "rejected" and reason is not None:
+            raise ActionRefused(f"only a rejection takes a reason, not {decision}")
+        if reason is not None and reason not in REJECT_REASONS:
+            raise ActionRefused(f"unknown rejection reason {reason!r}: one of {', '.join(REJECT_REASONS)}")
         with self._db.write() as conn:
             row = conn.execute(select(jobs.c.needs_review, jobs.c.state).where(jobs.c.id == job_id)
                                .with_for_update()).first()
             if row is None:
                 raise LookupError(f"no job {job_id}")
-            if not row.needs_review:
+            if decision == "reviewed" and not row.needs_review:
                 raise ActionRefused(f"job {job_id} is not flagged for review")
-            conn.execute(insert(reviews).values(job_id=job_id, decision="reviewed", reviewer=user, note=note,
+            if decision != "reviewed" and row.state != JobState.DONE.value:
+                raise ActionRefused(f"job {job_id} is {row.state}: only a done job's results can be {decision}")
+            text = note if reason is None else f"{reason}" + (f"; {note}" if note else "")
+            conn.execute(insert(reviews).values(job_id=job_id, decision=decision, reviewer=user, note=text,
                                                 at=time.time()))
-            log_event(conn, job_id, "reviewed", f"reviewed by {user}" + (f": {note}" if note else ""))
+            log_event(conn, job_id, "reviewed", f"{decision} by {user}" + (f": {text}" if text else ""))
 
     def reviewed_jobs(self, job_ids: Iterable[int]) -> dict[int, tuple[str, float]]:
         """The latest review (reviewer, when) of each of these jobs that has one."""

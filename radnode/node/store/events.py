@@ -18,9 +18,14 @@ def log_event(conn: Connection, job_id: int, kind: str, message: str, at: float 
 
 
 class EventLog:
-    """Reading the event log."""
+    """Reading the event log, and the events that change no state."""
 
     _db: Database
+
+    def note(self, job_id: int, kind: str, message: str) -> None:
+        """An event that changes no state (e.g. which container image ran the job and how it exited)."""
+        with self._db.write() as conn:
+            log_event(conn, job_id, kind, message)
 
     def events(self, job_id: int, after_id: int = 0) -> list[Event]:
         """A job's event log in order (``after_id`` for polling only what is new)."""

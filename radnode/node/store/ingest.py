@@ -4,7 +4,8 @@ A series is routed once: its decision is taken on its first instance (the caller
 that takes it, called only then) and kept in its row; later instances and duplicates read it back. A
 study's arrivals hold its row lock (``jobs.lock_study``), so instances of one study arriving at two ingress
 processes make one job, and one SOP instance recorded twice is one row (its primary key) and a
-``duplicate`` event.
+``duplicate`` event. A correction candidate (``Provenance.CORRECTION``) is also recorded as a pending
+correction in the same transaction (``feedback.py``), so none is lost between arrival and matching.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from sqlalchemy import Connection, case, false, func, insert, select, update
 
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
+from radnode.node.store.feedback import record_correction
 from radnode.node.store.jobs import lock_study, transition
 from radnode.node.store.policy import LateAction, late_action
 from radnode.node.store.records import Arrival, Instance, InstanceBeingPurged, JobState
 from radnode.node.store.schema import instances, jobs, series
-from radnode.pipelines.routing import SeriesDecision
+from radnode.pipelines.routing import Provenance, SeriesDecision
 
 Decide = SeriesDecision | Callable[[], SeriesDecision]
 """A series' decision, or the function that takes it (called on the series' first instance only)."""
@@ -119,6 +121,8 @@ class Arrivals:
                 .returning(instances.c.sop_instance_uid)).first()
             if written is None:  # recorded meanwhile by another process, under another study's lock
                 raise _Raced()
+            if decision.provenance is Provenance.CORRECTION:
+                record_correction(conn, inst)
             return arrival, job_id
 
     @staticmethod
@@ -162,6 +166,9 @@ class Arrivals:
         if action is LateAction.OWN_RESULT:
             log_event(conn, job_id, "own-result", f"{what}; kept in the spool, not processed: {decision.describe()}", at)
             return Arrival.OWN_RESULT, job_id
+        if action is LateAction.CORRECTION:
+            log_event(conn, job_id, "correction", f"{what}; kept in the spool, not processed: {decision.describe()}", at)
+            return Arrival.LATE, job_id
         if action in (LateAction.WAIT_AGAIN, LateAction.RESTART):
             if action is LateAction.WAIT_AGAIN:
                 transition(conn, job_id, (JobState.QUEUED,), JobState.RECEIVED)

@@ -32,6 +32,8 @@ class LateAction(StrEnum):
     """Recorded with the job, not part of its input (``ignore``, or a series the rules skip)."""
     OWN_RESULT = "own-result"
     """A result of the node's own: recorded with the job, never processed, whatever the policy."""
+    CORRECTION = "correction"
+    """A clinician's correction of a segmentation: recorded with the job, matched to it, never processed."""
 
 
 def late_action(job_state: JobState, decision: SeriesDecision) -> LateAction:
@@ -39,6 +41,8 @@ def late_action(job_state: JobState, decision: SeriesDecision) -> LateAction:
     (past ``received``)."""
     if decision.provenance is Provenance.OWN_RESULT:
         return LateAction.OWN_RESULT
+    if decision.provenance is Provenance.CORRECTION:
+        return LateAction.CORRECTION
     policy = decision.late_instances
     if policy is LateInstances.RERUN:
         if job_state is JobState.QUEUED:

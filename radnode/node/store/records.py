@@ -209,3 +209,59 @@ def delivery_from_row(row: Mapping[str, Any]) -> Delivery:
 def provenance_of(text: str | None) -> Provenance:
     """An instance's provenance column (older rows: external)."""
     return Provenance(text) if text else Provenance.EXTERNAL
+
+
+class CorrectionState(StrEnum):
+    """Where a clinician's correction stands (``feedback.py``)."""
+
+    PENDING = "pending"
+    """Recorded at arrival, not yet matched."""
+    MATCHED = "matched"
+    """Matched to the job whose SEG it corrects; its agreement is recorded."""
+    UNMATCHED = "unmatched"
+    """No job's result fits (source series, Frame of Reference, segment types): kept and listed."""
+    UNREADABLE = "unreadable"
+    """Not readable as a SEG on its source series' grid; kept and listed with why."""
+
+
+@dataclass(frozen=True)
+class Correction:
+    """A correction candidate and how it was settled."""
+
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    path: str
+    calling_ae: str
+    received_at: float
+    state: CorrectionState
+    job_id: int | None
+    result_sop_instance_uid: str | None
+    model_version: str
+    agreement: list[dict]
+    """Per segment, as ``radnode.feedback.agreement.SegmentAgreement.to_record`` writes it."""
+    message: str
+    settled_at: float | None
+
+
+@dataclass(frozen=True)
+class MatchedCorrection:
+    """A matched correction as local performance reads it."""
+
+    job_id: int
+    pipeline: str
+    model_version: str
+    needs_review: bool | None
+    """The run's own review flag (None: the pipeline does not assess one)."""
+    agreement: list[dict]
+
+
+@dataclass(frozen=True)
+class PerformanceRows:
+    """The store's rows behind ``radnode performance`` (``Feedback.performance_rows``)."""
+
+    processed: dict[str, int]
+    """Done jobs per pipeline."""
+    decisions: list[tuple[int, str, str]]
+    """(job id, pipeline, latest review decision) of every reviewed job."""
+    matched: list[MatchedCorrection]

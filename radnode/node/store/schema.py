@@ -3,7 +3,7 @@
 The same tables serve SQLite (the embedded default) and PostgreSQL; Alembic revisions in ``migrations/``
 bring an older database here (see ``database.py``). A new table is one more section here and one revision
 file; the other areas' tables do not change. Coming next, each in its own section: job attempts (worker,
-lease), result versions per study, users / tokens / audit, corrections and drift.
+lease), result versions per study, users / tokens / audit, drift.
 
 Times are seconds since the epoch (``time.time()``, double precision); names that travel together
 (``jobs.forwards``) are comma-separated; a series' routing decision is kept whole, as JSON by field name.
@@ -200,3 +200,32 @@ study_details = Table(
     Column("study_description", Text, nullable=False, server_default=""),
 )
 """What the job list shows of a study beyond its UID, from the study's first instance."""
+
+# --- feedback: clinicians' corrections of the node's segmentations --------------------------------------
+
+corrections = Table(
+    "corrections", metadata,
+    Column("sop_instance_uid", Text, primary_key=True),
+    # The correcting SEG as it arrived (its file: ``instances.path``; no foreign key, so the agreement stays
+    # when retention's re-received copy replaces the instance's row).
+    Column("study_instance_uid", Text, nullable=False),
+    Column("received_at", Double, nullable=False),
+    Column("state", Text, nullable=False, server_default="pending"),
+    # ``pending`` (not yet matched), ``matched`` (agreement recorded), ``unmatched`` (no job's result fits;
+    # kept and listed), ``unreadable`` (the object cannot be read as a SEG on its source's grid)
+    Column("job_id", Integer, ForeignKey("jobs.id")),
+    # The job whose SEG it corrects (matched only).
+    Column("result_sop_instance_uid", Text),
+    # The node's own SEG it was compared with.
+    Column("model_version", Text, nullable=False, server_default=""),
+    # That SEG's algorithm: Manufacturer's Model Name and Software Versions (e.g. ``ct_tissue 0.1.0``).
+    Column("agreement", JSON),
+    # Per segment: property type, Dice, volumes and their difference (mL, %), HD95 in mm
+    # (``radnode.feedback.agreement.SegmentAgreement.to_record``).
+    Column("message", Text, nullable=False, server_default=""),
+    Column("settled_at", Double),
+    Index("corrections_job", "job_id"),
+    Index("corrections_state", "state"),
+)
+"""One row per correction candidate (``Provenance.CORRECTION``): recorded at arrival in the instance's own
+transaction, settled by the feedback thread (``radnode/feedback/corrections.py``)."""

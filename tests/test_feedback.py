@@ -1,0 +1,367 @@
+"""The feedback loop: a clinician's corrected SEG comes back, is matched to its job and measured, never processed.
+
+The node runs the real ct_tissue pipeline (``radnode run``) on a phantom CT received from DCMTK's storescu; the
+correction is a new SEG written by highdicom from another creator (segments eroded and dilated by a few
+voxels) and sent back with storescu. Its figures are checked against Dice, volumes and HD95 computed here
+with numpy and scipy alone, on masks read here with pydicom alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from scipy import ndimage
+
+from factories import seg_masks_by_source, write_chest_phantom, write_correction
+from radnode.console.accounts import Role
+from radnode.node.egress import outbox_dir
+from radnode.node.service import Node
+from radnode.node.store import FINAL_STATES, JobState
+from support.console import api_json, token_for
+from support.dicom_tools import storescu
+from support.node import final_job, node_config
+from support.waiting import wait_until
+
+
+def independent_agreement(result: np.ndarray, corrected: np.ndarray,
+                          spacing: tuple[float, float, float]) -> dict[str, float]:
+    """Dice, volumes (mL) and the symmetric 95th-percentile distance between the masks' surface voxels (a
+    voxel of the mask with a background neighbour across a face), computed with numpy and scipy."""
+    voxel_ml = float(np.prod(spacing)) / 1000
+
+    def surface(mask: np.ndarray) -> np.ndarray:
+        return mask & ~ndimage.binary_erosion(mask)
+
+    def distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return ndimage.distance_transform_edt(~surface(b), sampling=spacing)[surface(a)]
+
+    both = np.count_nonzero(result & corrected)
+    hd95 = max(np.percentile(distances(result, corrected), 95), np.percentile(distances(corrected, result), 95))
+    return {"dice": 2 * both / (np.count_nonzero(result) + np.count_nonzero(corrected)),
+            "result_volume_ml": np.count_nonzero(result) * voxel_ml,
+            "corrected_volume_ml": np.count_nonzero(corrected) * voxel_ml, "hd95_mm": float(hd95)}
+
+
+def spacing_of(source: list[Path]) -> tuple[float, float, float]:
+    """(slice, row, column) spacing of a phantom series, from its headers."""
+    first, *_ = (pydicom.dcmread(p, stop_before_pixels=True) for p in source)
+    rows, columns = (float(v) for v in first.PixelSpacing)
+    return float(first.SliceThickness), rows, columns
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    """A node running the real pipelines (``radnode run``) with its web service, matching corrections at once."""
+    with Node(node_config(tmp_path, feedback={"preload_metrics": True}), poll_seconds=0.1) as running:
+        yield running
+
+
+@pytest.mark.slow
+def test_a_corrected_seg_sent_back_is_matched_to_its_job_measured_and_never_processed(
+        node: Node, tmp_path: Path) -> None:
+    source = write_chest_phantom(tmp_path / "ct", 40, 64, 64)
+    assert storescu(node.port, tmp_path / "ct").returncode == 0
+    wait_until(lambda: len(node.jobs()) == 1)
+    job = final_job(node, node.jobs()[0].id, timeout=120)
+    assert (job.state, job.pipeline) == (JobState.DONE, "ct_tissue"), job.reason
+    result_seg = outbox_dir(node.config, job.id) / "seg.dcm"
+
+    (tmp_path / "correction").mkdir()
+    corrected = write_correction(result_seg, source, tmp_path / "correction" / "seg.dcm",
+                                 {"Right lung": -2, "Bone": 1})
+    assert storescu(node.port, tmp_path / "correction", calling_ae="WORKSTATION", options=("-R",)).returncode == 0
+    token = token_for(node, Role.VIEWER)
+    wait_until(lambda: [c["state"] for c in api_json(node, "/api/corrections", token)["corrections"]] not in ([], ["pending"]),
+               timeout=60)
+    assert [c["state"] for c in api_json(node, "/api/corrections", token)["corrections"]] == ["matched"], \
+        api_json(node, "/api/corrections", token)
+
+    answer = api_json(node, f"/api/jobs/{job.id}", token)
+    (correction,) = answer["corrections"]
+    assert correction["result_sop_instance_uid"] == pydicom.dcmread(result_seg, stop_before_pixels=True).SOPInstanceUID
+    ours = seg_masks_by_source(result_seg, source)
+    spacing = spacing_of(source)
+    by_label = {s["segment"]: s for s in correction["segments"]}
+    assert set(by_label) == {"Body", "Left lung", "Right lung", "Bone", "Adipose tissue", "Skeletal muscle"}
+    for figures in correction["segments"]:
+        number = figures["result_segment_number"]
+        expected = independent_agreement(ours[number], corrected[number], spacing)
+        for name, value in expected.items():
+            assert figures[name] == pytest.approx(value, abs=1e-3), (figures["segment"], name)
+        difference = expected["corrected_volume_ml"] - expected["result_volume_ml"]
+        assert figures["volume_difference_ml"] == pytest.approx(difference, abs=1e-3)
+        assert figures["volume_difference_percent"] == pytest.approx(100 * difference / expected["result_volume_ml"],
+                                                                     abs=1e-3)
+    assert by_label["Right lung"]["dice"] < 0.95 and by_label["Right lung"]["volume_difference_ml"] < 0
+    assert by_label["Bone"]["dice"] < 0.95 and by_label["Bone"]["volume_difference_ml"] > 0
+    assert by_label["Left lung"]["dice"] == 1 and by_label["Left lung"]["hd95_mm"] == 0
+    assert by_label["Right lung"]["property_type"].endswith(", Right")  # laterality told the lungs apart
+
+    # never processed: still the one job, run once, and the correction is in its log, not a job's input
+    assert [(j.id, j.runs) for j in node.jobs()] == [(job.id, 1)]
+    assert "correction" in [e.kind for e in node.events(job.id)]
+    listed = api_json(node, "/api/corrections", token)["corrections"]
+    assert [(c["state"], c["job_id"], c["calling_ae"]) for c in listed] == [("matched", job.id, "WORKSTATION")]
+
+
+def test_a_correction_that_fits_no_job_is_kept_and_listed_with_why(tmp_path: Path) -> None:
+    """A corrected SEG of a series the node never processed: recorded, listed ``unmatched``, no job runs."""
+    from factories import phantom_result
+    from radnode.imaging.series import VolumeCriteria, load_volume
+    from radnode.outputs.algorithm import AlgorithmInfo
+    from radnode.outputs.seg import build_segmentation
+
+    source = write_chest_phantom(tmp_path / "ct", 12, 24, 24)
+    volume, _ = load_volume(tmp_path / "ct", VolumeCriteria())
+    build_segmentation(volume, phantom_result(volume).segments, AlgorithmInfo("ct_tissue", "0.1.0"),
+                       uid_root="1.2.826.0.1.3680043.8.498.").save_as(tmp_path / "ours.dcm")
+    (tmp_path / "correction").mkdir()
+    write_correction(tmp_path / "ours.dcm", source, tmp_path / "correction" / "seg.dcm", {"Body": -1})
+    with Node(node_config(tmp_path), poll_seconds=0.1) as node:
+        _unmatched_correction_is_listed(node, tmp_path, source)
+
+
+def _unmatched_correction_is_listed(node: Node, tmp_path: Path, source: list[Path]) -> None:
+    assert storescu(node.port, tmp_path / "correction", calling_ae="WORKSTATION", options=("-R",)).returncode == 0
+    token = token_for(node, Role.VIEWER)
+    wait_until(lambda: [c["state"] for c in api_json(node, "/api/corrections", token)["corrections"]] == ["unmatched"])
+    (listed,) = api_json(node, "/api/corrections", token)["corrections"]
+    series = pydicom.dcmread(source[0], stop_before_pixels=True).SeriesInstanceUID
+    assert listed["job_id"] is None and f"no job received its source series {series}" in listed["message"]
+    wait_until(lambda: node.jobs() and node.jobs()[0].state is JobState.DONE)
+    (job,) = node.jobs()
+    assert job.pipeline == "" and job.runs == 0 and "correction candidate" in (job.reason or "")
+
+
+# --- local performance ------------------------------------------------------------------------------
+
+LUNG_EROSION = [0, 0, 1, 0, 1, 2, 1, 2, 3, 2]
+"""Voxels the radiologist takes off the left lung, study by study: unchanged, then more and more, not in step
+with the uncertainty (which rises study by study), so the ranking is imperfect."""
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    raise AssertionError(f"{name} {labels} not in /metrics")
+
+
+@pytest.mark.slow
+def test_local_performance_after_corrections_on_ten_studies_in_the_cli_plot_metrics_and_dashboard(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, playwright_core: Path) -> None:
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from scipy import stats
+
+    from support.console import api
+    from support.node import SEG_STAND_IN
+
+    script = tmp_path / "seg_stand_in.py"
+    script.write_text(SEG_STAND_IN)
+    config = node_config(tmp_path, feedback={"preload_metrics": True}, processing={"max_concurrent_jobs": 2},
+                         ingress={"study_idle_seconds": 3})  # one job per study, however loaded the machine
+    sources: dict[str, list[Path]] = {}
+    uncertainty: dict[str, float] = {}
+    for k in range(10):
+        source = write_chest_phantom(tmp_path / f"study{k}", 16, 48, 48, seed=k)
+        study = str(pydicom.dcmread(source[0], stop_before_pixels=True).StudyInstanceUID)
+        sources[study], uncertainty[study] = source, round(0.1 + 0.08 * k, 2)
+        monkeypatch.setenv(f"SEG_STAND_IN_UNCERTAINTY_{study}", str(uncertainty[study]))  # the node's jobs get it
+    with Node(config, job_command=[sys.executable, str(script)], poll_seconds=0.1) as node:
+        for k in range(10):
+            assert storescu(node.port, tmp_path / f"study{k}").returncode == 0
+        wait_until(lambda: len(node.jobs()) == 10 and all(j.state in FINAL_STATES for j in node.jobs()), timeout=300)
+        assert [j.state for j in node.jobs()] == [JobState.DONE] * 10, [j.reason for j in node.jobs()]
+        pairs, needed, flagged, lung_dice = [], [], [], []
+        for k, study in enumerate(sources):
+            (job,) = [j for j in node.jobs() if j.study_instance_uid == study]
+            result_seg = outbox_dir(node.config, job.id) / "seg.dcm"
+            folder = tmp_path / f"correction{k}"
+            folder.mkdir()
+            corrected = write_correction(result_seg, sources[study], folder / "seg.dcm",
+                                         {"Left lung": -LUNG_EROSION[k]})
+            assert storescu(node.port, folder, calling_ae="WORKSTATION", options=("-R",)).returncode == 0
+            ours = seg_masks_by_source(result_seg, sources[study])
+            for number in sorted(ours):
+                dice = independent_agreement(ours[number], corrected[number], spacing_of(sources[study]))["dice"]
+                pairs.append((uncertainty[study], 1 - dice))
+                if number == 2:
+                    lung_dice.append(dice)
+            needed.append(LUNG_EROSION[k] > 0)
+            flagged.append(uncertainty[study] > 0.5)
+        token = token_for(node, Role.VIEWER)
+        wait_until(lambda: [c["state"] for c in api_json(node, "/api/corrections", token)["corrections"]]
+                   == ["matched"] * 10, timeout=120)
+        rho = stats.spearmanr(*zip(*pairs)).statistic
+        negatives = [f for f, n in zip(flagged, needed) if not n]
+        positives = [f for f, n in zip(flagged, needed) if n]
+        auroc = stats.mannwhitneyu(positives, negatives).statistic / (len(positives) * len(negatives))
+
+        token_file = tmp_path / "token"
+        token_file.write_text(token)
+        cli = subprocess.run([sys.executable, "-m", "radnode", "performance", "--url",
+                              f"http://127.0.0.1:{node.api_port}", "--token-file", str(token_file),
+                              "--plot", str(tmp_path / "performance.png")], capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0, cli.stderr
+        lines = cli.stdout.splitlines()
+        assert "studies processed 10, reviewed 10: accepted unchanged 3, corrected 7, rejected 0" in cli.stdout
+        (lung,) = [line.split() for line in lines if line.strip().startswith("Left lung")]
+        assert (lung[2], float(lung[3]), float(lung[4])) == ("10", pytest.approx(np.median(lung_dice), abs=1e-3),
+                                                            pytest.approx(np.percentile(lung_dice, 10), abs=1e-3))
+        assert f"Spearman(UNC-BOUNDARY, 1 - Dice) = {rho:.3f} over 60 corrected segments" in cli.stdout
+        assert f"review flag AUROC for 'needed a correction': {auroc:.3f}" in cli.stdout
+        assert (tmp_path / "performance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+        with api(node, token_for(node, Role.ADMIN, "scraper")) as client:
+            metrics = client.get("/metrics").text
+        assert _metric(metrics, "radnode_uncertainty_spearman", pipeline="ct_tissue",
+                       score="UNC-BOUNDARY") == pytest.approx(rho, abs=1e-3)
+        assert _metric(metrics, "radnode_correction_dice", pipeline="ct_tissue", segment="Left lung",
+                       statistic="median") == pytest.approx(np.median(lung_dice), abs=1e-3)
+        assert _metric(metrics, "radnode_correction_dice", pipeline="ct_tissue", segment="Left lung",
+                       statistic="worst_decile") == pytest.approx(np.percentile(lung_dice, 10), abs=1e-3)
+        assert _metric(metrics, "radnode_review_flag_auroc", pipeline="ct_tissue") == pytest.approx(auroc, abs=1e-3)
+        assert _metric(metrics, "radnode_studies_feedback", pipeline="ct_tissue", outcome="corrected") == 7
+
+        node.accounts.add_user("quality", Role.VIEWER, "a long enough password")
+        browser = subprocess.run(
+            ["node", str(Path(__file__).parent / "support" / "performance_browser.cjs")], capture_output=True,
+            text=True, timeout=180,
+            env={**os.environ, "PLAYWRIGHT_CORE": str(playwright_core), "CONSOLE_URL": f"http://127.0.0.1:{node.api_port}",
+                 "CONSOLE_USER": "quality", "CONSOLE_PASSWORD": "a long enough password"})
+        assert browser.returncode == 0, browser.stdout + browser.stderr
+        (shown,) = json.loads(browser.stdout.strip().splitlines()[-1].removeprefix("FIGURES "))
+        assert shown["pipeline"] == "ct_tissue"
+        assert shown["segments"]["Left lung"] == [f"{np.median(lung_dice):.3f}", f"{np.percentile(lung_dice, 10):.3f}"]
+        assert shown["spearman"] == {"UNC-BOUNDARY": f"Spearman(UNC-BOUNDARY, 1 - Dice) = {rho:.3f}"}
+        assert shown["auroc"] == f"review flag AUROC for 'needed a correction': {auroc:.3f}"
+
+
+# --- review decisions -------------------------------------------------------------------------------
+
+
+def test_review_decisions_are_recorded_with_the_reviewer_and_counted_in_local_performance(
+        tmp_path: Path, stand_in: list[str]) -> None:
+    import subprocess
+    import sys
+
+    from factories import write_study
+    from support.console import api
+
+    with Node(node_config(tmp_path), job_command=stand_in, poll_seconds=0.05) as node:
+        for name in ("accepted", "rejected", "corrected"):
+            write_study(tmp_path / name, n=2, patient_id=name.upper())
+            assert storescu(node.port, tmp_path / name).returncode == 0
+        wait_until(lambda: len(node.jobs()) == 3 and all(j.state in FINAL_STATES for j in node.jobs()), timeout=60)
+        jobs = {j.patient_id.lower(): j.id for j in node.jobs()}
+        assert all(j.state is JobState.DONE for j in node.jobs()), [j.reason for j in node.jobs()]
+        with api(node, token_for(node, Role.VIEWER, "student")) as viewer:
+            assert viewer.post(f"/api/jobs/{jobs['accepted']}/review", json={"decision": "accepted"}).status_code == 403
+        with api(node, token_for(node, Role.OPERATOR, "dr-lee")) as client:
+            answer = client.post(f"/api/jobs/{jobs['accepted']}/review", json={"decision": "accepted"})
+            assert answer.status_code == 200 and answer.json()["message"] == \
+                f"job {jobs['accepted']} accepted by token:dr-lee"
+            assert client.post(f"/api/jobs/{jobs['rejected']}/review", json={"decision": "rejected"}).status_code == 409
+            assert client.post(f"/api/jobs/{jobs['rejected']}/review",
+                               json={"decision": "rejected", "reason": "because"}).status_code == 422
+            assert client.post(f"/api/jobs/{jobs['rejected']}/review",
+                               json={"decision": "rejected", "reason": "wrong-series",
+                                     "note": "the scout was sent"}).status_code == 200
+        token_file = tmp_path / "token"
+        token_file.write_text(token_for(node, Role.OPERATOR, "dr-kim"))
+        cli = subprocess.run([sys.executable, "-m", "radnode", "jobs", "review", str(jobs["corrected"]),
+                              "--decision", "corrected", "--url", f"http://127.0.0.1:{node.api_port}",
+                              "--token-file", str(token_file)], capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0 and cli.stdout.strip() == f"job {jobs['corrected']} corrected by token:dr-kim", cli.stderr
+        said = {name: [e.message for e in node.events(job) if e.kind == "reviewed"] for name, job in jobs.items()}
+        assert said == {"accepted": ["accepted by token:dr-lee"],
+                        "rejected": ["rejected by token:dr-lee: wrong-series; the scout was sent"],
+                        "corrected": ["corrected by token:dr-kim"]}
+        (figures,) = api_json(node, "/api/performance", token_for(node, Role.VIEWER))["pipelines"]
+        assert (figures["processed"], figures["reviewed"], figures["accepted_unchanged"], figures["corrected"],
+                figures["rejected"]) == (3, 3, 1, 1, 1)
+
+
+@pytest.mark.slow
+def test_a_correction_stored_to_orthanc_reaches_the_node_and_is_matched_the_same_way(tmp_path: Path) -> None:
+    """The CT and then the radiologist's corrected SEG go to Orthanc (as OHIF's or Slicer's store would); the
+    radnode plugin hands both to the node: the CT is processed, the correction matched, nothing else runs."""
+    from radnode.config import Config
+    from radnode.orthanc_config import write_event_token
+    from radnode.peers import free_port
+    from radnode.viewer import OrthancServer
+
+    source = write_chest_phantom(tmp_path / "ct", 24, 48, 48)
+    api_port, token_file = free_port(), tmp_path / "event-token"
+    write_event_token(token_file)
+    with OrthancServer(node_url=f"http://127.0.0.1:{api_port}", stable_age=1, event_token_file=token_file) as orthanc:
+        config = Config.model_validate({
+            "data_dir": str(tmp_path / "data"), "ingress": {"host": "127.0.0.1", "port": 0},
+            "orthanc": {"url": orthanc.url, "event_token_file": str(token_file)}, "api": {"port": api_port},
+            "processing": {"job_timeout_seconds": 300}})
+        with Node(config, poll_seconds=0.1) as node:
+            sent = storescu(orthanc.dicom_port, tmp_path / "ct", calling_ae="CT_SCANNER", called_ae=orthanc.aet)
+            assert sent.returncode == 0, sent.stderr
+            wait_until(lambda: node.jobs() and node.jobs()[0].state in FINAL_STATES, timeout=300)
+            (job,) = node.jobs()
+            assert job.state is JobState.DONE, job.reason
+            result_seg = outbox_dir(config, job.id) / "seg.dcm"
+            (tmp_path / "correction").mkdir()
+            corrected = write_correction(result_seg, source, tmp_path / "correction" / "seg.dcm", {"Left lung": -1})
+            sent = storescu(orthanc.dicom_port, tmp_path / "correction", calling_ae="WORKSTATION",
+                            called_ae=orthanc.aet, options=("-R",))
+            assert sent.returncode == 0, sent.stderr
+            token = token_for(node, Role.VIEWER)
+            wait_until(lambda: [c["state"] for c in api_json(node, f"/api/jobs/{job.id}", token)["corrections"]]
+                       == ["matched"], timeout=120)
+            (correction,) = api_json(node, f"/api/jobs/{job.id}", token)["corrections"]
+            lung = next(s for s in correction["segments"] if s["segment"] == "Left lung")
+            ours = seg_masks_by_source(result_seg, source)[lung["result_segment_number"]]
+            expected = independent_agreement(ours, corrected[lung["result_segment_number"]], spacing_of(source))
+            assert lung["dice"] == pytest.approx(expected["dice"], abs=1e-3) and lung["dice"] < 1
+            assert lung["hd95_mm"] == pytest.approx(expected["hd95_mm"], abs=1e-3)
+            assert [(j.id, j.runs) for j in node.jobs()] == [(job.id, 1)]  # never processed
+
+
+@pytest.mark.slow
+def test_a_reviewed_report_goes_out_again_final_amended_or_entered_in_error_with_the_reviewer(
+        tmp_path: Path, fhir) -> None:  # type: ignore[no-untyped-def]
+    """The real ct_tissue run's report reaches the FHIR server preliminary; each decision re-issues it there
+    (the DiagnosticReport and its Observations) with the FHIR status it means and the reviewer named."""
+    from support.console import api
+
+    write_chest_phantom(tmp_path / "ct", 16, 48, 48)
+    config = node_config(tmp_path, egress={"destinations": {"ehr": {"type": "fhir", "url": fhir.base_url}}})
+    with Node(config, poll_seconds=0.1) as node:
+        assert storescu(node.port, tmp_path / "ct").returncode == 0
+        wait_until(lambda: node.jobs() and node.jobs()[0].state in FINAL_STATES, timeout=180)
+        (job,) = node.jobs()
+        assert job.state is JobState.DONE, job.reason
+        (entry,) = fhir.search("DiagnosticReport")["entry"]
+        identifier = entry["resource"]["identifier"][0]
+        query = f"identifier={identifier['system']}|{identifier['value']}"
+        assert entry["resource"]["status"] == "preliminary" and "resultsInterpreter" not in entry["resource"]
+        with api(node, token_for(node, Role.OPERATOR, "dr-lee")) as client:
+            for decision, status, extra in (("accepted", "final", {}), ("corrected", "amended", {}),
+                                            ("rejected", "entered-in-error", {"reason": "wrong-anatomy"})):
+                answer = client.post(f"/api/jobs/{job.id}/review", json={"decision": decision, **extra})
+                assert answer.status_code == 200 and f" {status} on {fhir.base_url}" in answer.json()["message"], \
+                    answer.text
+                (entry,) = fhir.search("DiagnosticReport", query)["entry"]
+                report = entry["resource"]
+                assert (report["status"], report["resultsInterpreter"]) == (status, [{"display": "token:dr-lee"}])
+                statuses = {o["resource"]["status"] for o in fhir.search("Observation", "_count=500")["entry"]}
+                assert statuses == {status}
+        assert [e.kind for e in node.events(job.id)].count("reissued") == 3
+        assert len(fhir.search("DiagnosticReport")["entry"]) == 1  # updated in place, never a second report
