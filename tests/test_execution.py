@@ -318,6 +318,8 @@ def test_every_executor_tells_a_rerun_whose_report_went_out_that_it_reissues_it(
     """A job whose study's report was already delivered runs with RADNODE_REISSUE (the report stage then writes a
     ``corrected`` DiagnosticReport under the same identifiers); a first run does not."""
     first, again = JobRun(9, "ct_tissue", tmp_path / "j9"), JobRun(9, "ct_tissue", tmp_path / "j9", reissue=True)
+    for folder in (first.inputs, first.outputs):  # the job's folders, as the worker prepares them
+        folder.mkdir(parents=True)
     for executor in (InProcessExecutor(["radnode-run"], {}), SubprocessExecutor({})):
         assert REISSUE_ENV not in executor.launch(first).env
         assert executor.launch(again).env[REISSUE_ENV] == "1"
