@@ -7,7 +7,7 @@ from pathlib import Path
 
 from holoscan.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
 
-from radnode.imaging.brain import extract_brain
+from radnode.imaging.brain import brain_parenchymal_fraction, extract_brain
 from radnode.models.inference import segment_volumes
 from radnode.imaging.mri import select_t1_series
 from radnode.models.deepbet import load_deepbet
@@ -23,7 +23,6 @@ class T1SeriesSelectorOperator(Operator):
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("study")
         spec.output("series")
-        spec.output("skipped")
 
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         series, skipped = select_t1_series(op_input.receive("study"))
@@ -31,7 +30,6 @@ class T1SeriesSelectorOperator(Operator):
         for reason in skipped:
             log.info("skipped %s", reason)
         op_output.emit(series, "series")
-        op_output.emit(skipped, "skipped")
 
 
 class BrainExtractionOperator(Operator):
@@ -56,25 +54,24 @@ class BrainExtractionOperator(Operator):
 
 
 class BrainMeasurementOperator(MeasurementOperator):
-    """Intracranial and brain volumes plus the uncertainty scores, as one result for the writers."""
+    """Intracranial and brain volumes, the brain parenchymal fraction and the uncertainty scores, as one result
+    for the writers."""
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("volume")
         spec.input("extraction")
-        spec.input("skipped")
         spec.output("result")
 
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         volume = op_input.receive("volume")
         extraction = op_input.receive("extraction")
-        skipped = op_input.receive("skipped")
         uncertainty = extraction.uncertainty
+        volumes = segment_volumes(volume, extraction.segments)
         result = UncertainPipelineResult(
             segments=extraction.segments,
-            measurements=segment_volumes(volume, extraction.segments) + uncertainty.measurements(),
+            measurements=volumes + brain_parenchymal_fraction(volumes) + uncertainty.measurements(),
             algorithm_name=self.algorithm.name, algorithm_version=self.algorithm.version,
-            notes=[f"skipped {reason}" for reason in skipped] + uncertainty.review_reasons,
-            uncertainty=uncertainty,
+            notes=uncertainty.review_reasons, uncertainty=uncertainty,
         )
         if uncertainty.needs_review:
             log.warning("flagged for human review: %s", "; ".join(uncertainty.review_reasons))

@@ -7,7 +7,7 @@ import logging
 from holoscan.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
 
 from radnode.execution import timed_phase
-from radnode.imaging.ct_tissue import segment_ct_tissues
+from radnode.imaging.ct_tissue import assess_scanned_range, segment_ct_tissues
 from radnode.measure import measure_ct
 from radnode.results import PipelineResult
 from radnode.operators.measurement import MeasurementOperator
@@ -30,8 +30,11 @@ class CTTissueSegmentationOperator(Operator):
 
 
 class CTMeasurementOperator(MeasurementOperator):
-    """Measures volume, attenuation and the lung emphysema index per segment. The last reader of the voxels:
-    it hands the writers the volume's ``geometry`` (no voxels), so the HU array is freed once it is done."""
+    """Measures volume, attenuation and the lung emphysema index per segment the scanned range can report
+    (:func:`radnode.imaging.ct_tissue.assess_scanned_range`: no lungs on a head CT, no body composition off
+    the trunk); what it cannot report goes into the result as not assessed, with the reason. The last reader
+    of the voxels: it hands the writers the volume's ``geometry`` (no voxels), so the HU array is freed once
+    it is done."""
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("volume")
@@ -42,8 +45,12 @@ class CTMeasurementOperator(MeasurementOperator):
     @timed_phase("measure")
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
         volume = op_input.receive("volume")
-        segments = op_input.receive("segments")
+        segments, not_assessed = assess_scanned_range(volume, op_input.receive("segments"),
+                                                      str(volume.study.get("BodyPartExamined", "") or ""))
+        for item in not_assessed:
+            log.info("not assessed: %s (%s)", item.what, item.reason)
         result = PipelineResult(segments=segments, measurements=measure_ct(volume, segments),
-                                algorithm_name=self.algorithm.name, algorithm_version=self.algorithm.version)
+                                algorithm_name=self.algorithm.name, algorithm_version=self.algorithm.version,
+                                not_assessed=not_assessed)
         op_output.emit(result, "result")
         op_output.emit(volume.geometry(), "geometry")

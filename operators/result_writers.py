@@ -1,4 +1,4 @@
-"""Operators that write a pipeline's results as DICOM SEG, TID 1500 SR and a FHIR transaction Bundle.
+"""Operators that write a pipeline's results as DICOM SEG and TID 1500 SR (the report stage writes the rest).
 
 File names and series numbers come from the output layout (:mod:`radnode.outputs.layout`), which the node's
 egress and the MAP manifests read too.
@@ -11,9 +11,8 @@ from pathlib import Path
 
 from holoscan.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
 
-from radnode.execution import run_state, timed_phase
+from radnode.execution import timed_phase
 from radnode.outputs.algorithm import AlgorithmInfo
-from radnode.outputs.fhir import build_report_bundle, bundle_to_json
 from radnode.outputs.layout import RunOutput
 from radnode.outputs.seg import build_segmentation
 from radnode.outputs.sr import build_measurement_report
@@ -59,12 +58,19 @@ class SegmentationWriterOperator(_WriterOperator):
 
 
 class MeasurementReportWriterOperator(_WriterOperator):
-    """Writes the measurements as a TID 1500 Comprehensive 3D SR referencing the SEG's segments."""
+    """Writes the measurements as a TID 1500 Comprehensive 3D SR referencing the SEG's segments and, with
+    ``with_parametric_map``, the uncertainty Parametric Map its uncertainty scores were measured on."""
+
+    def __init__(self, fragment, *args, with_parametric_map: bool = False, **kwargs):
+        self.with_parametric_map = with_parametric_map
+        super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("volume")
         spec.input("seg")
         spec.input("result")
+        if self.with_parametric_map:
+            spec.input("pmap")
         spec.output("sr")
 
     @timed_phase("write_sr")
@@ -72,29 +78,9 @@ class MeasurementReportWriterOperator(_WriterOperator):
         volume = op_input.receive("volume")
         seg = op_input.receive("seg")
         result = op_input.receive("result")
+        pmap = op_input.receive("pmap") if self.with_parametric_map else None
         sr = build_measurement_report(volume, seg, result, self.algorithm, uid_root=self.uid_root,
-                                      series_number=RunOutput.MEASUREMENT_SR.series_number)
+                                      series_number=RunOutput.MEASUREMENT_SR.series_number, parametric_map=pmap)
         _write_atomically(self.output_folder / RunOutput.MEASUREMENT_SR.file, sr.save_as)
         log.info("wrote %s (%d measurements)", RunOutput.MEASUREMENT_SR.file, len(result.measurements))
         op_output.emit(sr, "sr")
-
-
-class FhirReportWriterOperator(_WriterOperator):
-    """Writes the FHIR R4 transaction Bundle (DiagnosticReport + one Observation per measurement) and records
-    the result's review decision for the run's manifest."""
-
-    def setup(self, spec: OperatorSpec) -> None:
-        spec.input("volume")
-        spec.input("result")
-        spec.input("sr")
-
-    @timed_phase("write_fhir")
-    def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
-        volume = op_input.receive("volume")
-        result = op_input.receive("result")
-        sr = op_input.receive("sr")
-        bundle = build_report_bundle(volume, result, sr, self.algorithm)
-        target = self.output_folder / RunOutput.FHIR_BUNDLE.file
-        _write_atomically(target, lambda p: p.write_text(bundle_to_json(bundle)))
-        run_state(self.fragment).record_review(result)  # the manifest's review is the one this report states
-        log.info("wrote %s", RunOutput.FHIR_BUNDLE.file)

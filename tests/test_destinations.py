@@ -143,6 +143,32 @@ def test_a_folder_destination_gets_every_output_and_a_resend_replaces_them(tmp_p
     store.close()
 
 
+def test_the_encapsulated_pdf_goes_only_to_destinations_that_ask_for_it(tmp_path: Path) -> None:
+    """A PACS that renders SR gets the report SR alone; one configured ``encapsulated_pdf: true`` (it does not render
+    SR) gets the report's PDF as a DICOM instance too. The FHIR server never gets DICOM; a folder gets everything."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("seg.dcm", "sr.dcm", "report-sr.dcm", "report-pdf.dcm", "fhir-bundle.json", "report.pdf"):
+        (out / name).write_bytes(b"result")
+    config = parse_config({"data_dir": str(tmp_path / "data"), "egress": {"destinations": {
+        "pacs": "PACS@127.0.0.1:104",
+        "old_pacs": {"type": "dicom", "ae_title": "OLDPACS", "host": "127.0.0.1", "port": 105, "encapsulated_pdf": True},
+        "ehr": "fhir:http://127.0.0.1:1/fhir", "share": f"folder:{tmp_path / 'share'}"}}})
+    store = JobStore(tmp_path / "data" / "radnode.db")
+    job_id = job_ready_for_delivery(store)
+    Egress(config, store).stage(job_id, out)
+    planned: dict[str, set[str]] = {}
+    for delivery in store.deliveries(job_id):
+        planned.setdefault(delivery.destination, set()).add(delivery.object)
+    assert planned == {"pacs": {"seg.dcm", "sr.dcm", "report-sr.dcm"},
+                       "old_pacs": {"seg.dcm", "sr.dcm", "report-sr.dcm", "report-pdf.dcm"},
+                       "ehr": {"fhir-bundle.json"},
+                       "share": {"seg.dcm", "sr.dcm", "report-sr.dcm", "report-pdf.dcm", "fhir-bundle.json", "report.pdf"}}
+    with pytest.raises(ConfigError, match="encapsulated_pdf"):
+        parse_config({"egress": {"destinations": {"p": {"type": "dicom", "ae_title": "P", "host": "h", "port": 1,
+                                                         "encapsulated_pdf": "sometimes"}}}})
+
+
 def test_each_type_checks_its_peer_live_and_sends_nothing(tmp_path: Path, pacs: StoreSCP) -> None:
     """The console's destination check is each type's own: a C-ECHO, a FHIR CapabilityStatement, a QIDO-RS
     search, Orthanc's /system, a writable folder; a failure says its cause."""

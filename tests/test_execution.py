@@ -18,7 +18,7 @@ import yaml
 from factories import restore_totalseg_dicom, write_chest_phantom, write_study
 from radnode.config import ConfigError, ContainersConfig
 from radnode.container_engine import Engine, cdi_gpu_devices
-from radnode.execution import RunManifest, run_app
+from radnode.execution import REISSUE_ENV, RunManifest, run_app
 from radnode.node.executors import (
     CONTAINER_CONFIG_PATH,
     ContainerExecutor,
@@ -312,6 +312,20 @@ def test_every_executor_hands_the_configured_model_folders_to_the_job(tmp_path: 
     brain.outputs.mkdir(parents=True)
     plain = _container_executor(tmp_path, models).command(brain, "img", "sha256:" + "ab" * 32)
     assert "HOLOSCAN_MODEL_PATH=/opt/holoscan/models" in plain.argv  # the image's own models
+
+
+def test_every_executor_tells_a_rerun_whose_report_went_out_that_it_reissues_it(tmp_path: Path) -> None:
+    """A job whose study's report was already delivered runs with RADNODE_REISSUE (the report stage then writes a
+    ``corrected`` DiagnosticReport under the same identifiers); a first run does not."""
+    first, again = JobRun(9, "ct_tissue", tmp_path / "j9"), JobRun(9, "ct_tissue", tmp_path / "j9", reissue=True)
+    for folder in (first.inputs, first.outputs):  # the job's folders, as the worker prepares them
+        folder.mkdir(parents=True)
+    for executor in (InProcessExecutor(["radnode-run"], {}), SubprocessExecutor({})):
+        assert REISSUE_ENV not in executor.launch(first).env
+        assert executor.launch(again).env[REISSUE_ENV] == "1"
+    container = _container_executor(tmp_path)
+    assert f"{REISSUE_ENV}=1" not in container.command(first, "img", "sha256:" + "ab" * 32).argv
+    assert f"{REISSUE_ENV}=1" in container.command(again, "img", "sha256:" + "ab" * 32).argv
 
 
 def test_configured_model_folders_are_checked_when_the_node_starts(tmp_path: Path,

@@ -81,7 +81,8 @@ def test_the_shipped_pipeline_runs_the_bundle_and_finds_the_lesion(shipped_run: 
     manifest = json.loads((shipped_run / "manifest.json").read_text())
     assert manifest["pipeline"] == "model_seg"
     assert {o["file"] for o in manifest["outputs"]} == {"seg.dcm", "sr.dcm", "fhir-bundle.json",
-                                                        "uncertainty-map.dcm"}
+                                                        "uncertainty-map.dcm", "report-sr.dcm", "report-pdf.dcm",
+                                                        "report.txt", "report.pdf"}
     assert manifest["review"]["samples"] == 8  # 4 mirrors x 2 Monte Carlo dropout passes
     seg = pydicom.dcmread(shipped_run / "seg.dcm")
     assert [str(s.SegmentLabel) for s in seg.SegmentSequence] == ["lesion"]
@@ -99,12 +100,13 @@ def test_the_shipped_pipeline_reports_volume_and_uncertainty_in_sr_and_fhir(ship
     assert 0 <= by_code["UNC-MEAN"] <= 1 and 0 <= by_code["UNC-AGREEMENT"] <= 1
     bundle = Bundle.model_validate_json((shipped_run / "fhir-bundle.json").read_text())
     observations = {o.code.text: o for o in (e.resource for e in bundle.entry)
-                    if o.get_resource_type() == "Observation"}
+                    if o.get_resource_type() == "Observation" and o.valueQuantity is not None}
     assert float(observations["lesion Volume"].valueQuantity.value) == pytest.approx(by_code["118565006"])
     assert observations["lesion Volume"].valueQuantity.code == "mL"
     assert len([o for o in observations.values() if o.interpretation]) == 3  # the uncertainty scores
     report = next(e.resource for e in bundle.entry if e.resource.get_resource_type() == "DiagnosticReport")
-    assert len(report.result) == len(observations) == len(rows)
+    assert len(report.result) == len(observations) + 1 == len(rows) + 1  # + the lesion's measurement group
+    assert report.conclusion  # the model pipeline writes its report too
 
 
 @pytest.mark.parametrize("name, iod", [("seg.dcm", "Segmentation"), ("sr.dcm", "Comprehensive3DSR"),

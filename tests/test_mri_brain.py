@@ -139,7 +139,8 @@ def test_t1_study_sent_to_the_node_returns_the_brain_seg_and_volumes(
         node.stop()
     assert (job.pipeline, job.state) == ("mri_brain", JobState.DONE), f"{job.reason}: {[e.message for e in events]}"
     received = {pydicom.dcmread(p, stop_before_pixels=True).SOPClassUID.name: p for p in pacs.received()}
-    assert set(received) == {"Segmentation Storage", "Comprehensive 3D SR Storage", "Parametric Map Storage"}
+    assert set(received) == {"Segmentation Storage", "Comprehensive 3D SR Storage", "Parametric Map Storage",
+                             "Comprehensive SR Storage"}  # + the report SR (the PDF only where asked for)
     seg = hd.seg.segread(received["Segmentation Storage"])
     mask = seg.get_pixels_by_source_instance(source_sop_instance_uids=_t1_uids_foot_to_head(study),
                                              segment_numbers=[1], assert_missing_frames_are_empty=True)
@@ -154,7 +155,8 @@ def test_t1_study_sent_to_the_node_returns_the_brain_seg_and_volumes(
 
 
 @pytest.mark.parametrize("name, iod", [("seg.dcm", "Segmentation"), ("sr.dcm", "Comprehensive3DSR"),
-                                       ("uncertainty-map.dcm", "ParametricMap")])
+                                       ("uncertainty-map.dcm", "ParametricMap"), ("report-sr.dcm", "ComprehensiveSR"),
+                                       ("report-pdf.dcm", "EncapsulatedPDF")])
 def test_outputs_pass_dciodvfy(outputs: Path, name: str, iod: str) -> None:
     assert shutil.which("dciodvfy"), "dciodvfy (dicom3tools) is needed to verify the written objects"
     report, errors = dciodvfy_report(outputs / name)
@@ -185,12 +187,13 @@ def test_fhir_bundle_validates_and_carries_the_volumes(outputs: Path) -> None:
     by_text = {o.code.text: o for o in observations}
     assert "Intracranial contents (brain mask) Volume" in by_text and "Brain parenchyma Volume" in by_text
     assert by_text["Brain parenchyma Volume"].valueQuantity.code == "mL"
-    scored = [o for o in observations if o.interpretation]
-    assert len(scored) == 3 and all(o.note for o in scored)
-    assert {o.interpretation[0].coding[0].code for o in scored} == {"N"}
+    scored = [o for o in observations if o.note]  # the uncertainty scores: quality checks, never "Normal"
+    assert len(scored) == 3
+    assert {o.interpretation[0].coding[0].code for o in scored} == {"REVIEW-NOT-REQUIRED"}
     report = next(r for r in resources if r.get_resource_type() == "DiagnosticReport")
     assert len(report.result) == len(observations)
-    assert report.conclusionCode is None  # not flagged for review
+    assert report.conclusion  # the Impression
+    assert not [c for c in report.conclusionCode or [] if c.coding[0].code == "REVIEW-REQUIRED"]  # not flagged
 
 
 def test_uncertainty_map_is_registered_to_the_t1(outputs: Path, study: Path) -> None:
@@ -207,7 +210,8 @@ def test_manifest_lists_every_output(outputs: Path) -> None:
     manifest = json.loads((outputs / "manifest.json").read_text())
     assert manifest["pipeline"] == "mri_brain"
     assert {o["file"] for o in manifest["outputs"]} == {"seg.dcm", "sr.dcm", "fhir-bundle.json",
-                                                        "uncertainty-map.dcm"}
+                                                        "uncertainty-map.dcm", "report-sr.dcm", "report-pdf.dcm",
+                                                        "report.txt", "report.pdf"}
 
 
 def test_missing_weights_fail_at_start_up(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

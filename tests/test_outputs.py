@@ -27,13 +27,15 @@ from factories import ACCESSION, PATIENT, STRUCTURES, phantom_masks, phantom_res
 from radnode.imaging.series import Series, VolumeCriteria, build_volume, load_volume
 from radnode.imaging.volume import Volume
 from radnode.outputs.algorithm import AlgorithmInfo
-from radnode.outputs.fhir import build_report_bundle, bundle_to_json
+from radnode.config import FhirConfig
+from radnode.outputs.fhir import ReportContent, build_report_bundle, bundle_to_json
 from radnode.outputs.seg import build_segmentation
 from radnode.outputs.sr import build_measurement_report, read_measurements
 from radnode.peers import FhirServer
 from radnode.results import PipelineResult, Segment
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498."
+MRN_SYSTEM = "urn:oid:1.2.3.4.5.1"
 ALGORITHM = AlgorithmInfo(name="radnode test phantom", version="1.0")
 FHIR_SYSTEMS = {"SCT": "http://snomed.info/sct", "DCM": "http://dicom.nema.org/resources/ontology/DCM",
                 "LN": "http://loinc.org", "UCUM": "http://unitsofmeasure.org"}
@@ -288,7 +290,9 @@ def test_seg_refuses_a_mask_off_the_volume_grid(volume: Volume) -> None:
 
 @pytest.fixture(scope="module")
 def bundle_json(volume: Volume, result: PipelineResult, sr_file: pydicom.Dataset) -> str:
-    return bundle_to_json(build_report_bundle(volume, result, sr_file, ALGORITHM, conclusion="Phantom study."))
+    return bundle_to_json(build_report_bundle(volume, result, sr_file, ALGORITHM, uid_root=UID_ROOT,
+                                              content=ReportContent(conclusion="Phantom study."),
+                                              fhir=FhirConfig(patient_identifier_system=MRN_SYSTEM)))
 
 
 def _resources(bundle: dict, resource_type: str) -> list[dict]:
@@ -299,11 +303,17 @@ def test_fhir_bundle_round_trips_through_fhir_resources(bundle_json: str) -> Non
     parsed = Bundle.model_validate_json(bundle_json)
     assert parsed.type == "transaction"
     assert json.loads(bundle_to_json(parsed)) == json.loads(bundle_json)
-    for entry in json.loads(bundle_json)["entry"]:
+    for entry in json.loads(bundle_json)["entry"]:  # every write is conditional: a retry never duplicates
         assert entry["fullUrl"].startswith("urn:uuid:")
-        assert entry["request"] == {"method": "POST", "url": entry["resource"]["resourceType"],
-                                    **({"ifNoneExist": entry["request"]["ifNoneExist"]}
-                                       if "ifNoneExist" in entry["request"] else {})}
+        rtype, request = entry["resource"]["resourceType"], entry["request"]
+        if request["method"] == "POST":
+            assert request["url"] == rtype and request["ifNoneExist"].startswith("identifier=")
+            assert "|" in request["ifNoneExist"]  # system|value, never a bare value
+        elif rtype == "Provenance":
+            assert request == {"method": "PUT", "url": f"Provenance/{entry['resource']['id']}"}
+        else:
+            identifier = entry["resource"]["identifier"][0]
+            assert request == {"method": "PUT", "url": f"{rtype}?identifier={identifier['system']}|{identifier['value']}"}
 
 
 def test_fhir_observations_carry_the_sr_values(bundle_json: str, sr_file: pydicom.Dataset) -> None:
@@ -313,7 +323,7 @@ def test_fhir_observations_carry_the_sr_values(bundle_json: str, sr_file: pydico
     systems = {**FHIR_SYSTEMS, **private}
     expected = {(STRUCTURES[r["structure"]].label, systems[r["concept"]["scheme_designator"]], r["concept"]["value"]):
                 (r["value"], r["unit"]) for r in read_measurements(sr_file)}
-    observations = _resources(bundle, "Observation")
+    observations = [o for o in _resources(bundle, "Observation") if "valueQuantity" in o]
     found = {}
     for obs in observations:
         coding = obs["code"]["coding"][0]
@@ -338,17 +348,17 @@ def test_fhir_diagnostic_report_ties_patient_study_order_and_sr(bundle_json: str
                                            "display": "CT unspecified body region"}
     assert report["subject"] == {"reference": urls["Patient"]}
     assert report["imagingStudy"] == [{"reference": urls["ImagingStudy"]}]
-    assert {"system": "urn:dicom:uid", "value": f"urn:oid:{sr_file.SOPInstanceUID}"} in report["identifier"]
+    assert f"urn:oid:{sr_file.SOPInstanceUID}" in {i["value"] for i in report["identifier"]}
     assert report["basedOn"][0]["type"] == "ServiceRequest"
     assert report["basedOn"][0]["identifier"]["value"] == ACCESSION
     assert report["effectiveDateTime"].startswith("2024-03-12T10:15:00")
     assert report["conclusion"] == "Phantom study."
     observation_urls = [e["fullUrl"] for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation"]
-    assert [r["reference"] for r in report["result"]] == observation_urls
+    assert sorted(r["reference"] for r in report["result"]) == sorted(observation_urls)
     study = _resources(bundle, "ImagingStudy")[0]
     assert {"system": "urn:dicom:uid", "value": f"urn:oid:{volume.study.StudyInstanceUID}"} in study["identifier"]
     patient_entry = next(e for e in bundle["entry"] if e["resource"]["resourceType"] == "Patient")
-    assert patient_entry["request"]["ifNoneExist"] == f"identifier={PATIENT['PatientID']}"
+    assert patient_entry["request"]["ifNoneExist"] == f"identifier={MRN_SYSTEM}|{PATIENT['PatientID']}"
     patient = patient_entry["resource"]
     assert (patient["birthDate"], patient["gender"], patient["name"][0]["family"]) == ("1960-05-21", "female",
                                                                                      "Phantom")
@@ -384,12 +394,14 @@ def test_fhir_server_accepts_the_transaction(fhir_server: str, bundle_json: str,
         got_status, resource = _http("GET", location)
         assert got_status == 200
         assert resource["resourceType"] == entry["resource"]["resourceType"]
-    report_url = response["entry"][-1]["response"]["location"].split("/_history/")[0]
+    report_index = next(i for i, e in enumerate(sent) if e["resource"]["resourceType"] == "DiagnosticReport")
+    report_url = response["entry"][report_index]["response"]["location"].split("/_history/")[0]
     report = _http("GET", report_url)[1]
     values = []
     for reference in report["result"]:
         observation = _http("GET", f"{fhir_server}/{reference['reference']}")[1]
-        values.append(observation["valueQuantity"]["value"])
+        if "valueQuantity" in observation:  # the measurement groups hold no value, their members do
+            values.append(observation["valueQuantity"]["value"])
     assert values == [r["value"] for r in read_measurements(sr_file)]
 
     again_status, again = _http("POST", fhir_server, bundle_json)  # a resend must not duplicate the patient
@@ -420,10 +432,35 @@ def test_the_output_layout_gives_each_kind_its_own_series_and_says_what_each_app
     assert len({output.file for output in RunOutput}) == len(RunOutput)
     ct_files = [output.file for output in outputs_of("ct_tissue")]
     assert layout_problems("ct_tissue", ct_files) == []
-    brain = ["seg.dcm", "sr.dcm", "fhir-bundle.json", "manifest.json", "report.txt"]
-    assert layout_problems("mri_brain", brain) == [
-        "uncertainty-map.dcm missing (mri_brain always writes it)",
-        "report.txt is not an output of mri_brain (the layout's REPORT_TEXT is written by ct_tissue)"]
+    brain = [output.file for output in outputs_of("mri_brain") if output is not RunOutput.UNCERTAINTY_MAP]
+    assert layout_problems("mri_brain", brain) == ["uncertainty-map.dcm missing (mri_brain always writes it)"]
+    assert layout_problems("ct_tissue", [*ct_files, "uncertainty-map.dcm"]) == [
+        "uncertainty-map.dcm is not an output of ct_tissue (the layout's UNCERTAINTY_MAP is written by model_seg, "
+        "mri_brain)"]
+    assert {RunOutput.REPORT_SR, RunOutput.REPORT_TEXT, RunOutput.REPORT_PDF, RunOutput.REPORT_PDF_DICOM} <= {
+        *outputs_of("mri_brain")} & {*outputs_of("model_seg")}  # every pipeline writes its report
     assert layout_problems(None, ["anything.dcm"]) == [] and layout_problems("site_app", ["x.dcm"]) == []
     assert is_dicom("seg.dcm") and is_dicom("1.2.3.dcm") and not is_dicom("fhir-bundle.json")
     assert not is_dicom("report.pdf")
+
+
+def test_a_reissued_report_updates_the_same_resources_and_says_corrected(
+        fhir_server: str, bundle_json: str, volume: Volume, result: PipelineResult) -> None:
+    """A re-run of the study (new SEG and SR instances) re-issues the report: the DiagnosticReport and every
+    Observation keep their identifiers, so the server updates them in place; the status says corrected."""
+    seg = build_segmentation(volume, result.segments, ALGORITHM, uid_root=UID_ROOT)
+    sr = build_measurement_report(volume, seg, result, ALGORITHM, uid_root=UID_ROOT)
+    reissued = json.loads(bundle_to_json(build_report_bundle(
+        volume, result, sr, ALGORITHM, uid_root=UID_ROOT, content=ReportContent(conclusion="Phantom study."),
+        fhir=FhirConfig(patient_identifier_system=MRN_SYSTEM), reissue=True)))
+    first = json.loads(bundle_json)
+    identifiers = lambda bundle: sorted(e["request"]["url"] for e in bundle["entry"])  # noqa: E731
+    assert identifiers(reissued) == identifiers(first)  # same conditional targets, new SOP Instance UIDs
+    assert _resources(reissued, "DiagnosticReport")[0]["status"] == "corrected"
+    for body in (bundle_json, json.dumps(reissued)):
+        status, response = _http("POST", fhir_server, body)
+        assert status == 200, response
+    reports = _http("GET", f"{fhir_server}/DiagnosticReport")[1]["entry"]
+    observations = _http("GET", f"{fhir_server}/Observation?_count=200")[1]
+    assert [r["resource"]["status"] for r in reports] == ["corrected"]
+    assert observations["total"] == len(_resources(first, "Observation"))

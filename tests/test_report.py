@@ -25,7 +25,7 @@ from radnode.imaging.ct_tissue import segment_ct_tissues
 from radnode.imaging.series import VolumeCriteria, load_volume
 from radnode.measure import measure_ct
 from radnode.outputs.algorithm import AlgorithmInfo
-from radnode.outputs.fhir import build_report_bundle, bundle_to_json
+from radnode.outputs.fhir import ReportContent, build_report_bundle, bundle_to_json
 from radnode.outputs.seg import build_segmentation
 from radnode.outputs.sr import build_measurement_report
 from radnode.peers import FhirServer
@@ -72,16 +72,22 @@ def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
 
 def test_reference_ranges_name_their_sources() -> None:
     ranges = load_reference_ranges()
-    assert {"emphysema", "low_bone_attenuation", "hepatic_steatosis"} <= {r.id for r in ranges}
-    assert all(len(r.source) > 40 for r in ranges)
+    assert {r.id for r in ranges} == {"emphysema_laa950", "vertebral_trabecular_attenuation_l1",
+                                      "hepatic_steatosis_unenhanced", "brain_parenchymal_fraction_age"}
+    assert all(len(r.source) > 40 and r.measurement.structures and r.measurement.concept for r in ranges)
+    by_id = {r.id: r for r in ranges}
+    assert by_id["vertebral_trabecular_attenuation_l1"].structures == ("vertebral_body_l1_trabecular",)
+    assert by_id["hepatic_steatosis_unenhanced"].measurement.contrast == "unenhanced"
+    assert by_id["brain_parenchymal_fraction_age"].age_bands
 
 
 def test_planted_findings_and_normal_cases(cases: dict[str, tuple]) -> None:
     present = {plant: {(f.finding, f.quantity.structure_key) for f in c[2].present} for plant, c in cases.items()}
     assert present == {"normal": set(), "emphysema": {("emphysema", "lung_left")},
                        "emphysema_right": {("emphysema", "lung_right")}}
-    not_assessed = {n.what for n in cases["normal"][2].not_assessed}
-    assert "mean liver attenuation on unenhanced CT" in not_assessed  # no liver segment: said, not faked
+    not_assessed = {n.what: n.reason for n in cases["normal"][2].not_assessed}
+    assert "liver" in not_assessed["hepatic steatosis"]  # no liver segment: said, not faked
+    assert "L1" in not_assessed["low vertebral trabecular attenuation"]  # not from all segmented bone
 
 
 def test_template_states_planted_findings_in_the_impression(cases: dict[str, tuple]) -> None:
@@ -130,7 +136,9 @@ def test_verifier_rejects_adversarial_sentences(cases: dict[str, tuple]) -> None
         assert verdict is not None and reason in verdict, (sentence, verdict)
     normal = cases["normal"][2]
     assert "abnormal" in check_sentence("Abnormal bone.", normal)
-    assert "do not show" in check_sentence("Osteoporosis.", normal)
+    # bone density is defined on L1 trabecular bone, which no pipeline measures: never stated nor denied
+    assert "not assessed" in check_sentence("Osteoporosis.", normal)
+    assert "not assessed" in check_sentence("No low bone attenuation.", normal)
 
 
 def test_impression_completeness_check(cases: dict[str, tuple]) -> None:
@@ -169,7 +177,7 @@ def test_unsupported_sentences_are_removed_and_logged(cases: dict[str, tuple], c
 def test_dropped_finding_falls_back_to_the_template(cases: dict[str, tuple]) -> None:
     findings = cases["emphysema"][2]
     report = generate_report(findings, ReportConfig(backend="openai", url="http://x"),
-                             _Scripted("Left lung volume is measured.", "No low bone attenuation."))
+                             _Scripted("Left lung volume is measured.", "No emphysema of the right lung."))
     assert "omits emphysema" in report.fallback_reason
     assert report.impression[0].startswith("Emphysema of the left lung")
     assert "was not used" in report.disclaimer
@@ -234,11 +242,12 @@ def written(cases: dict[str, tuple], tmp_path_factory: pytest.TempPathFactory) -
     text_sr = build_text_report(volume, sr, report, ALGORITHM, uid_root=UID_ROOT)
     text_sr.save_as(folder / "report-sr.dcm")
     pdf = report_pdf(report, "CT - AI preliminary report")
-    bundle = build_report_bundle(volume, result, sr, ALGORITHM, conclusion=report.conclusion,
-                                 conclusion_codes=[{"value": f.code.value, "scheme_designator": f.code.scheme,
-                                                    "meaning": f.code.meaning} for f in findings.present],
-                                 presented_forms=[("text/plain", report.text().encode(), "Report"),
-                                                  ("application/pdf", pdf, "Report (PDF)")])
+    content = ReportContent(findings=findings, conclusion=report.conclusion,
+                            conclusion_codes=[{"value": f.code.value, "scheme_designator": f.code.scheme,
+                                               "meaning": f.code.meaning} for f in findings.present],
+                            presented_forms=[("text/plain", report.text().encode(), "Report"),
+                                             ("application/pdf", pdf, "Report (PDF)")])
+    bundle = build_report_bundle(volume, result, sr, ALGORITHM, uid_root=UID_ROOT, content=content)
     return {"sr": folder / "report-sr.dcm", "bundle": bundle_to_json(bundle), "report": report, "pdf": pdf}
 
 
@@ -249,9 +258,11 @@ def test_text_sr_passes_dciodvfy_and_holds_the_text(written: dict) -> None:
     assert "ComprehensiveSR" in lines
     assert [line for line in lines if line.startswith("Error")] == []
     ds = pydicom.dcmread(written["sr"])
-    texts = [str(i.TextValue) for item in ds.ContentSequence for i in item.get("ContentSequence", [])
-             if "TextValue" in i]
-    assert texts == written["report"].findings + written["report"].impression
+    sections = {item.ConceptNameCodeSequence[0].CodeMeaning: [str(i.TextValue) for i in item.ContentSequence]
+                for item in ds.ContentSequence if item.ValueType == "CONTAINER"}
+    report = written["report"]
+    assert sections == {"Current Procedure Descriptions": [*report.opening, report.disclaimer],
+                        "Findings": report.findings + report.limitations, "Impressions": report.impression}
     assert ds.CompletionFlag == "PARTIAL" and ds.VerificationFlag == "UNVERIFIED"
 
 
@@ -271,6 +282,10 @@ def test_fhir_report_with_conclusion_and_forms_posts_to_a_real_server(written: d
         with urllib.request.urlopen(request, timeout=60) as response:
             answer = json.loads(response.read())
         assert all(e["response"]["status"].startswith("201") for e in answer["entry"])
+        ranges = [e["resource"] for e in json.loads(written["bundle"])["entry"]
+                  if "referenceRange" in e["resource"] and e["resource"]["code"]["coding"][0]["code"] == "LAA950"]
+        assert ranges and all(r["referenceRange"][0]["high"]["value"] == 5.0 for r in ranges)
+        assert {r["interpretation"][0]["coding"][0]["code"] for r in ranges} == {"H", "N"}
         found = server.search("DiagnosticReport", "")
         stored = found["entry"][0]["resource"]
         assert stored["conclusion"] == report["conclusion"] and len(stored["presentedForm"]) == 2

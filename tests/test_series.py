@@ -74,8 +74,11 @@ def test_non_image_object_alone_is_not_a_volume(tmp_path: Path) -> None:
 
 
 def test_other_series_are_skipped_with_reasons(real_ct_folder: Path) -> None:
-    shutil.copy(get_testdata_file("test-SR.dcm"), real_ct_folder / "sr.dcm")
     localizer = pydicom.dcmread(sorted(real_ct_folder.iterdir())[0])
+    sr = pydicom.dcmread(get_testdata_file("test-SR.dcm"))  # the same patient's SR: identity is not the point here
+    sr.PatientID, sr.PatientName, sr.IssuerOfPatientID = localizer.PatientID, localizer.PatientName, \
+        localizer.get("IssuerOfPatientID", "")
+    sr.save_as(real_ct_folder / "sr.dcm")
     localizer.SeriesInstanceUID = pydicom.uid.generate_uid()
     localizer.SOPInstanceUID = pydicom.uid.generate_uid()
     localizer.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]

@@ -46,7 +46,11 @@ def test_real_ct_over_storescu_gives_valid_seg_sr_and_matching_fhir(
     assert [e.kind for e in returned_events].count("running") == 1
 
     received = {pydicom.dcmread(p).SOPClassUID.name: p for p in pacs.received()}
+    # The PACS renders SR: the Encapsulated PDF goes only to destinations that ask for it (encapsulated_pdf).
     assert set(received) == {"Segmentation Storage", "Comprehensive 3D SR Storage", "Comprehensive SR Storage"}
+    # No FHIR identifier system is configured: the job is done, and its log says what the EHR will lack.
+    warnings = [e.message for e in events if e.kind == "warning"]
+    assert any("fhir.patient_identifier_system is not set" in w for w in warnings), warnings
     for path in received.values():  # the SEG, the TID 1500 measurement report, the text report
         assert dciodvfy_errors(path) == []
     received["SEG"], received["SR"] = received["Segmentation Storage"], received["Comprehensive 3D SR Storage"]
@@ -70,7 +74,8 @@ def test_real_ct_over_storescu_gives_valid_seg_sr_and_matching_fhir(
     observations = Bundle.model_validate(fhir.search("Observation", "_count=200")).entry
     fhir_values = sorted((o.resource.code.coding[0].code,
                           o.resource.method.coding[0].code if o.resource.method.coding else None,
-                          float(o.resource.valueQuantity.value)) for o in observations)
+                          float(o.resource.valueQuantity.value)) for o in observations
+                         if o.resource.valueQuantity is not None)  # the measurement groups hold no value
     assert fhir_values == sr_values
     reports = fhir.search("DiagnosticReport")
     assert reports["total"] == 1

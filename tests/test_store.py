@@ -503,3 +503,25 @@ def test_two_ingress_processes_recording_one_study_make_one_job(store_target: Pa
     assert len(store.instances(job.id)) == 75
     assert [e.kind for e in store.events(job.id)].count("duplicate") == 25
     store.close()
+
+
+def test_a_rerun_of_a_study_whose_report_went_out_reissues_it(store: JobStore) -> None:
+    """The report of a study's pipeline counts as sent once its FHIR Bundle is delivered; a later job re-running
+    the study (a late instance, late_instances: rerun) re-issues it, another study's job does not."""
+    rerun = SeriesDecision(("ct_tissue",), completeness=Completeness(late_instances=LateInstances.RERUN))
+    _, first = store.record_instance(instance("2.1", study="2.9", received_at=0), rerun)
+    _, other = store.record_instance(instance("3.1", study="3.9", received_at=0), rerun)
+    for job_id in (first, other):
+        store.queue_job(job_id, "idle")
+        store.start_job(job_id, "run")
+        store.begin_delivery(job_id, "2 outputs", [("pacs", "seg.dcm"), ("ehr", "fhir-bundle.json")])
+    assert not store.report_already_sent(first, "fhir-bundle.json")  # planned, not delivered
+    seg, bundle = sorted(store.deliveries(first), key=lambda d: d.object, reverse=True)
+    store.delivery_done(seg.id, "stored")
+    assert not store.report_already_sent(first, "fhir-bundle.json")  # the DICOM went out, the report did not
+    store.delivery_done(bundle.id, "HTTP 200")
+    assert store.report_already_sent(first, "fhir-bundle.json")
+    assert not store.report_already_sent(other, "fhir-bundle.json")
+    _, again = store.record_instance(instance("2.2", study="2.9", received_at=1), rerun)
+    assert again != first and store.job(again).pipeline == "ct_tissue"  # type: ignore[union-attr]
+    assert store.report_already_sent(again, "fhir-bundle.json")

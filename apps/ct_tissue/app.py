@@ -23,8 +23,7 @@ from radnode.operators.dicom_input import (
     StudyFolderLoaderOperator,
     VolumeSeriesSelectorOperator,
 )
-from radnode.operators.report import ReportWriterOperator
-from radnode.operators.result_writers import MeasurementReportWriterOperator, SegmentationWriterOperator
+from radnode.operators.report import add_result_writers
 from radnode.outputs.algorithm import AlgorithmInfo
 
 log = logging.getLogger(__name__)
@@ -46,16 +45,12 @@ class CTTissueApp(Application):
         input_folder, output_folder = app_paths(self.name, list(self.argv))
         config = config_from_environment()
         log.info("ct_tissue: input %s, output %s", input_folder, output_folder)
-        writer_settings = dict(output_folder=output_folder, algorithm=ALGORITHM, uid_root=config.uid_root)
 
         loader = StudyFolderLoaderOperator(self, CountCondition(self, 1), input_folder=input_folder, name="loader")
         selector = VolumeSeriesSelectorOperator(self, criteria=CRITERIA, name="series_selector")
         to_volume = SeriesToVolumeOperator(self, name="series_to_volume")
         segment = CTTissueSegmentationOperator(self, name="tissue_segmentation")
         measure = CTMeasurementOperator(self, algorithm=ALGORITHM, name="measurements")
-        seg_writer = SegmentationWriterOperator(self, name="seg_writer", **writer_settings)
-        sr_writer = MeasurementReportWriterOperator(self, name="sr_writer", **writer_settings)
-        report_writer = ReportWriterOperator(self, name="report_writer", report_config=config.report, **writer_settings)
 
         self.add_flow(loader, selector, {("study", "study")})
         self.add_flow(selector, to_volume, {("series", "series")})
@@ -64,11 +59,6 @@ class CTTissueApp(Application):
         self.add_flow(segment, measure, {("segments", "segments")})
         # the writers need slices and positions, not voxels: they take the geometry from measure, the last
         # reader of the HU array, which is freed from then on
-        self.add_flow(measure, seg_writer, {("geometry", "volume")})
-        self.add_flow(measure, seg_writer, {("result", "result")})
-        self.add_flow(measure, sr_writer, {("geometry", "volume")})
-        self.add_flow(seg_writer, sr_writer, {("seg", "seg")})
-        self.add_flow(measure, sr_writer, {("result", "result")})
-        self.add_flow(measure, report_writer, {("geometry", "volume")})
-        self.add_flow(measure, report_writer, {("result", "result")})
-        self.add_flow(sr_writer, report_writer, {("sr", "sr")})
+        add_result_writers(self, measure, measure, volume_port="geometry", output_folder=output_folder,
+                           algorithm=ALGORITHM, uid_root=config.uid_root, report_config=config.report,
+                           fhir_config=config.fhir)

@@ -42,7 +42,7 @@ from radnode.operators.inference import (
     SlidingWindowInferenceOperator,
 )
 from radnode.operators.preprocess import ModelPreprocessOperator
-from radnode.operators.uncertainty import add_uncertain_result_writers
+from radnode.operators.report import add_result_writers
 from radnode.outputs.algorithm import AlgorithmInfo
 from radnode.pipelines.conditions import condition_problem
 
@@ -89,7 +89,6 @@ class ModelSegApp(Application):
                  model.spec.version, model.kind, len(model.networks), ", ".join(map(str, folders)), input_folder,
                  output_folder)
         algorithm = AlgorithmInfo(name=model.spec.name, version=model.spec.version)
-        writers = dict(output_folder=output_folder, algorithm=algorithm, uid_root=config.uid_root)
         criteria, series_check = series_selection(model.spec)
 
         loader = StudyFolderLoaderOperator(self, CountCondition(self, 1), input_folder=input_folder, name="loader")
@@ -109,4 +108,6 @@ class ModelSegApp(Application):
         self.add_flow(infer, post, {("prepared_out", "prepared"), ("samples", "samples")})
         self.add_flow(to_volume, measure, {("volume", "volume")})
         self.add_flow(post, measure, {("extraction", "extraction")})
-        add_uncertain_result_writers(self, to_volume, measure, **writers)
+        add_result_writers(self, to_volume, measure, output_folder=output_folder, algorithm=algorithm,
+                           uid_root=config.uid_root, report_config=config.report, fhir_config=config.fhir,
+                           uncertainty_map=True)

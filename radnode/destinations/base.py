@@ -164,6 +164,9 @@ class Destination(BaseModel, ABC):
     type: str
     forward_only: bool = False
     """Only what a routing rule forwards here goes here; otherwise every pipeline's results do."""
+    encapsulated_pdf: bool = False
+    """Also send the report as an Encapsulated PDF instance (the output layout's ``REPORT_PDF_DICOM``), for a PACS
+    or viewer that does not render the report SR; off, a destination gets the SR alone."""
     deidentify: str | None = None
     """A de-identification profile (``basic``, ``research`` or a ``deidentification.profiles`` name): every DICOM
     object sent here is a de-identified copy (PS3.15 Annex E, :mod:`radnode.security.deid`), objects the profile
@@ -186,7 +189,9 @@ class Destination(BaseModel, ABC):
 
     def wants(self, name: str) -> bool:
         """Whether this destination takes the outbox file ``name``; DICOM objects by default (by the output layout,
-        :func:`radnode.outputs.layout.is_dicom`)."""
+        :func:`radnode.outputs.layout.is_dicom`), the Encapsulated PDF only with :attr:`encapsulated_pdf`."""
+        if name == RunOutput.REPORT_PDF_DICOM.file:
+            return self.encapsulated_pdf
         return is_dicom(name)
 
     @abstractmethod

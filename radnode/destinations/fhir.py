@@ -1,7 +1,9 @@
 """A FHIR R4 server: the run's transaction Bundle is POSTed to the server's base URL as it is.
 
-What the Bundle holds (conditional updates keyed on the report's identifier, so a retry never duplicates) is the
-FHIR writer's business; this type carries it, with the destination's timeouts and optional authentication.
+What the Bundle holds is the FHIR writer's business (:mod:`radnode.outputs.fhir`): every entry is conditional on
+a business identifier stable across runs of the study (conditional update, or conditional create for the
+Patient and the Devices), so a retried POST or a re-issued report updates what the server has and never
+duplicates it. This type carries it as it is, with the destination's timeouts and optional authentication.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 reviewer's status and name.
 
 The run's report went out ``preliminary`` (``outputs/fhir.py``). After a decision (``POST
-/api/jobs/{id}/review``) the node reads the report back from the FHIR server by its identifier (the SR's SOP
-Instance UID, as the run's Bundle in the outbox names it), sets ``status`` — ``final`` when accepted,
+/api/jobs/{id}/review``) the node reads the report back from the FHIR server by its identifier (its first one,
+stable per study and algorithm, as the run's Bundle in the outbox names it), sets ``status`` — ``final`` when accepted,
 ``amended`` when corrected, ``entered-in-error`` when rejected — and ``resultsInterpreter`` (the reviewer), and
 updates it in place (``PUT`` by id), then its Observations' status likewise: read, change, update, so nothing
 else the server holds is lost and a repeated decision changes nothing twice.

@@ -36,7 +36,7 @@ from scipy import ndimage as ndi
 
 from radnode.imaging.volume import Volume
 from radnode.models.deepbet import DeepbetModels
-from radnode.results import Segment, Structure
+from radnode.results import Measurement, Segment, Structure
 from radnode.uncertainty import (
     UncertainSegmentation,
     UncertaintyReport,
@@ -112,6 +112,21 @@ BRAIN_STRUCTURES: dict[str, Structure] = {
                               _code(codes.SCT.Intracranial), color_rgb=(250, 250, 225)),
     "brain": Structure("brain", "Brain parenchyma", _ANATOMY, _code(codes.SCT.Brain), color_rgb=(250, 130, 100)),
 }
+
+
+BPF = CodedConcept("BPF", "99RADNODE", "Brain parenchymal fraction")
+"""Brain parenchyma volume / intracranial (brain-mask) volume. No DICOM, SNOMED CT or LOINC concept for the
+BPF was found; private scheme, declared in the SR like the other private codes."""
+RATIO = CodedConcept("1", "UCUM", "no units")
+BPF_DECIMALS = 3
+
+
+def brain_parenchymal_fraction(volumes: list[Measurement]) -> list[Measurement]:
+    """The BPF (on the brain segment) from the intracranial and brain volumes; none when either is missing."""
+    by_key = {m.structure_key: float(m.value) for m in volumes if m.name.value == "118565006"}
+    if by_key.get("intracranial", 0.0) <= 0.0 or "brain" not in by_key:
+        return []
+    return [Measurement("brain", BPF, round(by_key["brain"] / by_key["intracranial"], BPF_DECIMALS), RATIO)]
 
 
 @dataclass(frozen=True)

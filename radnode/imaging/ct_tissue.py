@@ -31,7 +31,7 @@ from scipy.sparse.csgraph import connected_components
 
 from radnode.imaging.slabs import even_slabs, map_slabs, slab_bounds
 from radnode.imaging.volume import Volume
-from radnode.results import Segment, Structure
+from radnode.results import NotAssessed, Segment, Structure
 
 BODY_MIN_HU = -500.0
 AIR_MAX_HU = -400.0
@@ -666,3 +666,48 @@ def _body_wall_muscle_coarse(
 
     map_slabs(chunk, even_slabs(n_slices))
     return wall
+
+
+TRUNK_BODY_PARTS = frozenset({"CHEST", "THORAX", "ABDOMEN", "PELVIS", "ABDOMENPELVIS", "CHESTABDOMEN",
+                              "CHESTABDPELVIS", "TRUNK", "WHOLEBODY", "LSPINE", "TSPINE", "BREAST", "HEART"})
+"""Body Part Examined (0018,0015) values (PS3.16 CID 4031) of a scan through the trunk."""
+NOT_TRUNK_BODY_PARTS = frozenset({"HEAD", "BRAIN", "SKULL", "NECK", "HEADNECK", "FACE", "EAR", "IAC", "ORBIT",
+                                  "SINUS", "JAW", "TMJ", "CSPINE", "SHOULDER", "ARM", "ELBOW", "HAND", "HIP",
+                                  "LEG", "KNEE", "ANKLE", "FOOT", "EXTREMITY"})
+"""Body Part Examined values of a scan that is not through the trunk."""
+TRUNK_MIN_CROSS_SECTION_CM2 = 400.0
+"""Without lungs or a Body Part Examined, a trunk is assumed where the body's median cross-section is at least
+this large (an adult head is about 200 cm², a slim adult abdomen about 450 cm²)."""
+BODY_COMPOSITION = ("adipose_tissue", "skeletal_muscle")
+
+
+def assess_scanned_range(volume: Volume, segments: list[Segment],
+                         body_part: str = "") -> tuple[list[Segment], list[NotAssessed]]:
+    """The segments this scan can report, and what it cannot, with the reason.
+
+    Lungs are reported only where lung parenchyma was found (a head or pelvis CT does not include the
+    thorax: its lungs are "not assessed", never "0 mL"); body composition (adipose tissue, skeletal
+    muscle) only on a scan through the trunk: lungs found, a trunk Body Part Examined, or (unless the Body
+    Part Examined names a head, neck or limb) a body cross-section the size of a trunk.
+    """
+    by_key = {s.structure.key: s for s in segments}
+    lung_ml = sum(by_key[k].voxel_count() for k in ("lung_left", "lung_right") if k in by_key) * volume.voxel_volume_ml
+    has_lungs = lung_ml >= LUNG_MIN_ML
+    dropped: dict[str, NotAssessed] = {}
+    part = body_part.upper().replace(" ", "")
+    if not has_lungs:
+        reason = ("the scanned range does not include the thorax: no lung parenchyma was found"
+                  + (f" (Body Part Examined {part})" if part else ""))
+        dropped |= dict.fromkeys(("lung_left", "lung_right"), NotAssessed("lungs", reason, ("lung_left", "lung_right")))
+    body = by_key.get("body")
+    cross_section_cm2 = (float(np.median(body.slice_counts())) * volume.spacing[1] * volume.spacing[2] / 100.0
+                         if body is not None else 0.0)
+    trunk = has_lungs or part in TRUNK_BODY_PARTS or (part not in NOT_TRUNK_BODY_PARTS
+                                                      and cross_section_cm2 >= TRUNK_MIN_CROSS_SECTION_CM2)
+    if not trunk:
+        where = f"Body Part Examined {part}" if part in NOT_TRUNK_BODY_PARTS else "body cross-section smaller than a trunk"
+        reason = f"body composition is measured on the trunk, and this scan is not through the trunk ({where}, no lungs)"
+        dropped |= dict.fromkeys(BODY_COMPOSITION, NotAssessed("body composition (adipose tissue, skeletal muscle)",
+                                                               reason, BODY_COMPOSITION))
+    kept = [s for s in segments if s.structure.key not in dropped]
+    return kept, list(dict.fromkeys(dropped.values()))

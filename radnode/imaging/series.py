@@ -18,6 +18,7 @@ from pydicom import Dataset
 from pydicom.filereader import read_deferred_data_element
 from pydicom.uid import UID
 
+from radnode.imaging.identity import PatientIdentityError, check_one_patient
 from radnode.imaging.plausibility import implausible
 from radnode.imaging.volume import Volume
 
@@ -75,9 +76,10 @@ def read_study_folder(folder: str | Path) -> StudyInput:
     """Read every DICOM file under ``folder`` (recursively), grouped by SeriesInstanceUID.
 
     Files that are not DICOM, are truncated or lack the identifying UIDs are listed in
-    ``unreadable`` with the reason, never silently dropped. Pixel data and other large values are left on
-    disk (read when used: :func:`build_volume` decodes one slice at a time), so a study's headers, not its
-    pixels, are what stays in memory.
+    ``unreadable`` with the reason, never silently dropped. A folder whose series belong to more than one
+    patient (or disagree on who the patient is) is refused with both identities named. Pixel data and other
+    large values are left on disk (read when used: :func:`build_volume` decodes one slice at a time), so a
+    study's headers, not its pixels, are what stays in memory.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -104,6 +106,10 @@ def read_study_folder(folder: str | Path) -> StudyInput:
         groups[str(series_uid)].paths.append(path)
     if not groups and not unreadable:
         raise InputError(f"{folder}: no files")
+    try:
+        check_one_patient((s.describe(), s.first) for s in groups.values())
+    except PatientIdentityError as e:
+        raise InputError(f"{folder}: {e}") from None
     return StudyInput(series=list(groups.values()), unreadable=unreadable)
 
 
@@ -205,14 +211,38 @@ def select_volume_series(study: StudyInput, criteria: VolumeCriteria,
     return chosen, skipped
 
 
+def _temporal_vr(tag: int) -> bool:
+    """Whether a public attribute is a date, time or date-time (by the data dictionary, without decoding it)."""
+    try:
+        return pydicom.datadict.dictionary_VR(tag) in ("DA", "TM", "DT")
+    except KeyError:  # private or unknown: not copied into created objects' date fields
+        return False
+
+
+def _valid_temporal(elem: pydicom.DataElement) -> bool:
+    """Whether a DA/TM/DT element parses (writers copy these into the objects they create)."""
+    try:
+        for value in (elem.value if elem.VM > 1 else [elem.value]):
+            if value not in (None, ""):
+                {"DA": pydicom.valuerep.DA, "TM": pydicom.valuerep.TM, "DT": pydicom.valuerep.DT}[elem.VR](str(value))
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
 def _header(ds: Dataset) -> Dataset:
     """A copy of the dataset without pixel data, for writers that reference the source (the pixel data,
-    possibly still on disk, is never read)."""
+    possibly still on disk, is never read). A date or time that is not one (a Study Date of "2024136") is
+    emptied: the results are still written, with that attribute empty, and the run's warnings say so (see
+    :class:`radnode.imaging.identity.StudyIdentity`)."""
     header = Dataset()
     for tag in ds.keys():
         if tag != PIXEL_DATA:
             raw = ds.get_item(tag, keep_deferred=True)  # copied as read (decoded when used), unless still on disk
-            header[tag] = ds[tag] if getattr(raw, "value", b"") is None else raw
+            elem = ds[tag] if getattr(raw, "value", b"") is None else raw
+            if _temporal_vr(tag) and not _valid_temporal(ds[tag]):
+                elem = pydicom.DataElement(tag, ds[tag].VR, "")
+            header[tag] = elem
     header.file_meta = getattr(ds, "file_meta", Dataset())
     return header
 

@@ -59,7 +59,7 @@ from typing import Protocol
 
 from radnode.config import CONFIG_ENV, Config, ConfigError, ContainerLimits, ContainersConfig
 from radnode.container_engine import Engine, EngineError, cdi_gpu_devices, quantity_bytes
-from radnode.execution import PIPELINE_ENV
+from radnode.execution import PIPELINE_ENV, REISSUE_ENV
 from radnode.map import APP_METADATA_FILE, INPUT_DIR, MODELS_DIR, OUTPUT_DIR, WORK_DIR, AppMetadata, MapError, \
     app_folder, app_manifest, model_names
 from radnode.pipelines.registry import UnknownPipelineError, get_pipeline, registered_pipelines
@@ -97,6 +97,13 @@ class JobRun:
     pipeline: str
     root: Path
     """``data_dir/jobs/<job_id>``; ``in/`` and ``out/`` are ready, the rest belongs to the run."""
+    reissue: bool = False
+    """A report of this study and pipeline already went out: this run's replaces it (FHIR status ``corrected``)."""
+
+    @property
+    def variables(self) -> dict[str, str]:
+        """What the run's app reads about the run from its environment besides the MAP's paths."""
+        return {REISSUE_ENV: "1"} if self.reissue else {}
 
     @property
     def inputs(self) -> Path:
@@ -204,7 +211,7 @@ class InProcessExecutor:
 
     def launch(self, run: JobRun) -> Launch:
         argv = [*self.command, str(run.inputs), "--output", str(run.outputs), "--pipeline", run.pipeline]
-        env = self.env
+        env = {**self.env, **run.variables}
         models = self.models.get(run.pipeline)
         if models:
             path = Path(models[0]).resolve() if len(models) == 1 else link_models(run.root / "models", models)
@@ -233,7 +240,8 @@ class SubprocessExecutor:
                 (models / name).symlink_to((app_folder(meta.name) / rel).resolve())  # type: ignore[union-attr]
         env = {**self.env, **thread_environment(meta.resources if meta else {}),
                "HOLOSCAN_INPUT_PATH": str(run.inputs), "HOLOSCAN_OUTPUT_PATH": str(run.outputs),
-               "HOLOSCAN_WORKDIR": str(work), "HOLOSCAN_MODEL_PATH": str(models), PIPELINE_ENV: run.pipeline}
+               "HOLOSCAN_WORKDIR": str(work), "HOLOSCAN_MODEL_PATH": str(models), PIPELINE_ENV: run.pipeline,
+               **run.variables}
         return Launch(map_command(run.pipeline), env, work)
 
 
@@ -390,7 +398,7 @@ class ContainerExecutor:
                      "HOLOSCAN_WORKDIR": CONTAINER_WORK_DIR, "HOLOSCAN_MODEL_PATH": model_path,
                      "HOLOSCAN_LOGS_PATH": f"{CONTAINER_WORK_DIR}/logs", "HOME": SCRATCH_DIR,
                      CONFIG_ENV: CONTAINER_CONFIG_PATH, PIPELINE_ENV: run.pipeline,
-                     **thread_environment({"cpu": limits.cpu} if limits.cpu else {})}
+                     **thread_environment({"cpu": limits.cpu} if limits.cpu else {}), **run.variables}
         c = self.containers
         argv = self.engine.command("run", "--name", name, "--label", f"{NODE_LABEL}={self.node_label}",
                                    "--label", f"{JOB_LABEL}={run.job_id}", *c.run_options)

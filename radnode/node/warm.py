@@ -25,11 +25,13 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from radnode.execution import REISSUE_ENV
+
 log = logging.getLogger(__name__)
 
 RADNODE_COMMAND: tuple[str, ...] = (sys.executable, "-m", "radnode")
 """What a job command must start with to run in a warm process (the rest are ``radnode`` arguments)."""
-PER_JOB_VARIABLES = frozenset({"HOLOSCAN_MODEL_PATH"})
+PER_JOB_VARIABLES = frozenset({"HOLOSCAN_MODEL_PATH", REISSUE_ENV})
 """Environment a job may add to the spare's: read by the app when it runs, not by the imports."""
 READY = "warm process ready:"
 """How a spare's line in ``jobs/warm/<pipeline>.log`` starts once its imports are done (with its pid)."""

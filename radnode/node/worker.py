@@ -30,12 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from radnode.config import Config
-from radnode.execution import ManifestError, ReviewDecision, RunManifest
+from radnode.execution import ManifestError, RunManifest
 from radnode.node.completeness import CompletenessSettings, PeerCompleteness, study_verdict
 from radnode.node.egress import Egress
 from radnode.node.executors import ContainerExecutor, ExecutionError, InProcessExecutor, JobRun, Launch, executors, \
     resolve_timeout
 from radnode.node.store import Job, JobStore
+from radnode.outputs.layout import RunOutput
 from radnode.node.warm import WarmPool, die_with_parent
 from radnode.pipelines.routing import ExecutionMode
 from radnode.security.sandbox import SandboxError, content_hash, sandbox_job
@@ -91,11 +92,11 @@ def last_line(path: Path) -> str:
     return next((line.strip() for line in reversed(lines) if line.strip()), "")
 
 
-def run_review(job_id: int, outputs: Path) -> ReviewDecision | None:
-    """The review decision in a run's manifest; None when the run did not assess one, or wrote no radnode
-    manifest (a site command may write none, or its own: logged, the job goes on unassessed)."""
+def run_manifest(job_id: int, outputs: Path) -> RunManifest | None:
+    """A finished run's manifest (its review decision and warnings); None when the run wrote no radnode manifest
+    (a site command may write none, or its own: logged, the job goes on unassessed)."""
     try:
-        return RunManifest.read(outputs).review
+        return RunManifest.read(outputs)
     except FileNotFoundError:
         return None
     except (OSError, ManifestError) as e:
@@ -211,7 +212,8 @@ class Scheduler:
             return
         root = job_dir(self.config, job.id)
         try:
-            launch = executor.launch(JobRun(job.id, job.pipeline, root))
+            reissue = self.store.report_already_sent(job.id, RunOutput.FHIR_BUNDLE.file)
+            launch = executor.launch(JobRun(job.id, job.pipeline, root, reissue=reissue))
             timeout = resolve_timeout(mode, job.pipeline, job.execution.timeout_seconds,
                                       self.config.processing.job_timeout_seconds)
         except (ExecutionError, OSError) as e:
@@ -287,7 +289,11 @@ class Scheduler:
             log.debug("job %d failed: %s", job.job_id, reason)
             return
         outputs = job_dir(self.config, job.job_id) / "out"
-        review = run_review(job.job_id, outputs)
+        manifest = run_manifest(job.job_id, outputs)
+        if manifest is not None and manifest.warnings:  # what the outputs did without: the job still ends done
+            self.store.record_warnings(job.job_id, manifest.warnings)
+            log.warning("job %d: %s", job.job_id, "; ".join(manifest.warnings))
+        review = manifest.review if manifest is not None else None
         if review is not None:
             self.store.record_review(job.job_id, review.needs_review, review.reasons)
             if review.needs_review:

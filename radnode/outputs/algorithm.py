@@ -63,6 +63,16 @@ def new_uid(uid_root: str) -> UID:
     return generate_uid(prefix=uid_root)
 
 
+def stable_uid(uid_root: str, *parts: str) -> UID:
+    """A UID under the site root derived from ``parts``: the same parts give the same UID on every run.
+
+    For identities that must survive a re-run of the same study (the Tracking UID of a structure, the
+    Observation UID of its measurements, the report's identifier), so a superseding result updates the
+    EHR's records in place instead of adding new ones. Instances themselves (SOP Instance UIDs) stay new.
+    """
+    return generate_uid(prefix=uid_root, entropy_srcs=list(parts))
+
+
 def device_uid(algorithm: AlgorithmInfo, uid_root: str) -> UID:
     """Device Observer UID of the algorithm on this node: stable for the same name, version and host."""
     return generate_uid(prefix=uid_root, entropy_srcs=[algorithm.manufacturer, algorithm.name,

@@ -19,6 +19,7 @@ from enum import Enum
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
+    EncapsulatedPDFStorage,
     KeyObjectSelectionDocumentStorage,
     ParametricMapStorage,
     SegmentationStorage,
@@ -75,26 +76,31 @@ class RunOutput(Enum):
         sop_class_uid=Comprehensive3DSRStorage, series_number=902, modality="SR")
     REPORT_SR = OutputSpec(
         file="report-sr.dcm", format=OutputFormat.DICOM, media_type="application/dicom",
-        description="The verified report text in the TID 2000 layout (Comprehensive SR)", apps=frozenset({CT_TISSUE}),
+        description="The verified report text in the TID 2000 layout (Comprehensive SR)", apps=EVERY_APP,
         sop_class_uid=ComprehensiveSRStorage, series_number=903, modality="SR")
     UNCERTAINTY_MAP = OutputSpec(
         file="uncertainty-map.dcm", format=OutputFormat.DICOM, media_type="application/dicom",
         description="Voxel-wise segmentation uncertainty (Parametric Map)", apps=frozenset({MRI_BRAIN, MODEL_SEG}),
         sop_class_uid=ParametricMapStorage, series_number=904, modality="OT")
+    REPORT_PDF_DICOM = OutputSpec(
+        file="report-pdf.dcm", format=OutputFormat.DICOM, media_type="application/dicom",
+        description="The verified report's PDF as an Encapsulated PDF instance, for PACS that do not render SR",
+        apps=EVERY_APP, sop_class_uid=EncapsulatedPDFStorage, series_number=905, modality="DOC")
     REJECTION_NOTE = OutputSpec(
         file="rejection-note.dcm", format=OutputFormat.DICOM, media_type="application/dicom",
         description="IHE IOCM rejection note (Key Object Selection, Rejected for Quality Reasons) withdrawing the "
                     "results a re-run superseded; written by the node's egress, not by an app", apps=frozenset(),
-        sop_class_uid=KeyObjectSelectionDocumentStorage, series_number=905, modality="KO")
+        sop_class_uid=KeyObjectSelectionDocumentStorage, series_number=906, modality="KO")
     REPORT_TEXT = OutputSpec(
         file="report.txt", format=OutputFormat.DOCUMENT, media_type="text/plain",
-        description="The verified report as plain text", apps=frozenset({CT_TISSUE}))
+        description="The verified report as plain text", apps=EVERY_APP)
     REPORT_PDF = OutputSpec(
         file="report.pdf", format=OutputFormat.DOCUMENT, media_type="application/pdf",
-        description="The verified report as PDF", apps=frozenset({CT_TISSUE}))
+        description="The verified report as PDF", apps=EVERY_APP)
     FHIR_BUNDLE = OutputSpec(
         file="fhir-bundle.json", format=OutputFormat.FHIR, media_type="application/fhir+json",
-        description="FHIR R4 transaction Bundle: DiagnosticReport, Observations, ImagingStudy", apps=EVERY_APP)
+        description="FHIR R4 transaction Bundle: Patient, ImagingStudy, DiagnosticReport, Observations, Provenance",
+        apps=EVERY_APP)
     MANIFEST = OutputSpec(
         file="manifest.json", format=OutputFormat.MANIFEST, media_type="application/json",
         description="The run's manifest: outputs, measurements, time per phase, review decision", apps=EVERY_APP)

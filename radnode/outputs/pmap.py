@@ -27,6 +27,32 @@ def _frame_anatomy(region: hd.sr.CodedConcept) -> Dataset:
     return item
 
 
+def _frames_along_slice_normal(pmap: hd.pm.ParametricMap) -> None:
+    """Reorder the frames so they run along the slice normal (row × column direction), first frame lowest.
+
+    highdicom sorts a map's frames along its own volume convention, which for an axial series runs head to
+    foot; dcmqi's ``paramap2itkimage`` (what 3D Slicer and IDC use) takes the lowest position as the origin
+    and fills the volume in frame order, so it reads such a map upside down. With the frames in
+    normal order every consumer places each frame where its Image Position (Patient) says. The frames, their
+    per-frame functional groups and their dimension index values move together.
+    """
+    orientation = np.asarray(pmap.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0]
+                             .ImageOrientationPatient, dtype=float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    frames = list(pmap.PerFrameFunctionalGroupsSequence)
+    distances = [float(np.dot(normal, np.asarray(f.PlanePositionSequence[0].ImagePositionPatient, float)))
+                 for f in frames]
+    order = np.argsort(distances, kind="stable")
+    if np.array_equal(order, np.arange(len(frames))):
+        return
+    frame_bytes = int(pmap.Rows) * int(pmap.Columns) * 4
+    data = pmap.FloatPixelData
+    pmap.FloatPixelData = b"".join(data[i * frame_bytes:(i + 1) * frame_bytes] for i in order)
+    pmap.PerFrameFunctionalGroupsSequence = [frames[i] for i in order]
+    for index, item in enumerate(pmap.PerFrameFunctionalGroupsSequence, start=1):
+        item.FrameContentSequence[0].DimensionIndexValues = index
+
+
 def build_uncertainty_map(volume: Volume, report: UncertaintyReport, algorithm: AlgorithmInfo, *,
                           anatomic_region: hd.sr.CodedConcept, uid_root: str,
                           series_number: int = RunOutput.UNCERTAINTY_MAP.series_number) -> hd.pm.ParametricMap:
@@ -65,6 +91,7 @@ def build_uncertainty_map(volume: Volume, report: UncertaintyReport, algorithm: 
         contributing_equipment=[algorithm.contributing_equipment()],
     )
     pmap.SharedFunctionalGroupsSequence[0].FrameAnatomySequence = [_frame_anatomy(anatomic_region)]
+    _frames_along_slice_normal(pmap)
     # The mapping (with its private quantity code) sits in the shared functional groups, not per frame.
     declare_private_coding_schemes(pmap, uid_root, coded_in=pmap.SharedFunctionalGroupsSequence)
     return pmap

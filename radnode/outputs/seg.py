@@ -14,12 +14,19 @@ from highdicom.spatial import VOLUME_INDEX_CONVENTION, get_normal_vector
 import numpy as np
 
 from radnode.imaging.volume import Volume
-from radnode.outputs.algorithm import AlgorithmInfo, declare_private_coding_schemes, new_uid
+from radnode.outputs.algorithm import AlgorithmInfo, declare_private_coding_schemes, new_uid, stable_uid
 from radnode.outputs.layout import RunOutput
 from radnode.results import Segment
 
+
+def tracking_uid(uid_root: str, study_uid: str, algorithm: AlgorithmInfo, structure_key: str) -> str:
+    """The Tracking UID of a structure found by an algorithm in a study: the same on every run of the study,
+    so a re-run's SEG, SR and FHIR Observations track the same finding (and FHIR updates it in place)."""
+    return stable_uid(uid_root, "tracking", study_uid, algorithm.name, structure_key)
+
+
 def _segment_description(number: int, segment: Segment, algorithm: AlgorithmInfo,
-                         uid_root: str) -> hd.seg.SegmentDescription:
+                         uid_root: str, study_uid: str) -> hd.seg.SegmentDescription:
     """Segment Description: SNOMED CT category/type (+ laterality modifier), AUTOMATIC, the algorithm."""
     structure = segment.structure
     description = hd.seg.SegmentDescription(
@@ -29,7 +36,7 @@ def _segment_description(number: int, segment: Segment, algorithm: AlgorithmInfo
         segmented_property_type=copy.deepcopy(structure.property_type),  # modified below; keep the Structure's
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm.identification(),
-        tracking_uid=new_uid(uid_root),
+        tracking_uid=tracking_uid(uid_root, study_uid, algorithm, structure.key),
         tracking_id=structure.key,
         display_color=hd.color.CIELabColor.from_rgb(*structure.color_rgb),
     )
@@ -120,7 +127,8 @@ def build_segmentation(
         if segment.shape != volume.shape:
             raise ValueError(f"mask of {segment.structure.key!r} has shape {segment.shape}, "
                              f"volume {volume.shape}")
-    descriptions = [_segment_description(i, s, algorithm, uid_root) for i, s in enumerate(segments, start=1)]
+    study_uid = str(volume.study.StudyInstanceUID)
+    descriptions = [_segment_description(i, s, algorithm, uid_root, study_uid) for i, s in enumerate(segments, start=1)]
     settings = dict(
         source_images=volume.source,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,

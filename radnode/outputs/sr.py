@@ -20,11 +20,19 @@ from pydicom.sr.coding import Code
 from pydicom.sr.codedict import codes
 
 from radnode.imaging.volume import Volume
-from radnode.outputs.algorithm import AlgorithmInfo, declare_private_coding_schemes, device_uid, new_uid
+from radnode.outputs.algorithm import AlgorithmInfo, declare_private_coding_schemes, device_uid, new_uid, stable_uid
 from radnode.outputs.contour import largest_cross_section
 from radnode.outputs.layout import RunOutput
 from radnode.results import PipelineResult, Segment, Structure
-from radnode.uncertainty import NEEDS_REVIEW, NO_REVIEW_NEEDED, REVIEW_FINDING, UncertainPipelineResult
+from radnode.uncertainty import (
+    NEEDS_REVIEW,
+    NO_REVIEW_NEEDED,
+    NO_UNITS,
+    REVIEW_CONFIDENCE,
+    REVIEW_FINDING,
+    UNCERTAINTY_CONCEPTS,
+    UncertainPipelineResult,
+)
 
 PROCEDURE_REPORTED: dict[str, Code] = {
     "CT": codes.cid100.CTUnspecifiedBodyRegion,  # LN 25045-6
@@ -55,15 +63,27 @@ def _finding_sites(structure: Structure) -> list[hd.sr.FindingSite] | None:
     return [hd.sr.FindingSite(anatomic_location=structure.property_type, laterality=structure.laterality)]
 
 
+def observation_uid(uid_root: str, tracking_uid: str, concept: str, derivation: str | None) -> str:
+    """Observation UID (0040,A171) of one measurement of a tracked structure: the same on every run of the
+    study (see :func:`radnode.outputs.algorithm.stable_uid`); FHIR identifies the Observation by it."""
+    return stable_uid(uid_root, "observation", tracking_uid, concept, derivation or "")
+
+
 def _review_evaluations(result: PipelineResult, key: str) -> list[hd.sr.QualitativeEvaluation] | None:
-    """The segment's review decision from its uncertainty scores, when the result carries uncertainty."""
+    """The segment's review decision as a coded finding with its confidence (IHE AI Results: a qualitative
+    finding carries how sure the algorithm is): "Automatic segmentation quality" = human review required or
+    within limits, HAS PROPERTIES the samples' agreement (Dice) as the confidence."""
     if not isinstance(result, UncertainPipelineResult) or result.uncertainty is None:
         return None
     scores = result.uncertainty.scores_for(key)
     if scores is None:
         return None
     flagged = bool(scores.exceeded(result.uncertainty.limits))
-    return [hd.sr.QualitativeEvaluation(REVIEW_FINDING, NEEDS_REVIEW if flagged else NO_REVIEW_NEEDED)]
+    evaluation = hd.sr.QualitativeEvaluation(REVIEW_FINDING, NEEDS_REVIEW if flagged else NO_REVIEW_NEEDED)
+    evaluation[0].ContentSequence = [hd.sr.NumContentItem(
+        name=REVIEW_CONFIDENCE, value=round(float(scores.agreement), 4), unit=NO_UNITS,
+        relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES)]
+    return [evaluation]
 
 
 def _cross_section_group(
@@ -117,13 +137,16 @@ def build_measurement_report(
     *,
     uid_root: str,
     series_number: int = RunOutput.MEASUREMENT_SR.series_number,
+    parametric_map: Dataset | None = None,
 ) -> hd.sr.Comprehensive3DSR:
     """A TID 1500 report with one TID 1411 group per SEG segment, measurements from ``result``.
 
     Segments are matched to result structures by Tracking ID (the structure key, as written by
     :func:`radnode.outputs.seg.build_segmentation`); the group reuses the segment's Tracking UID.
-    Evidence is the source series and the SEG. A result with uncertainty adds to each scored group a
-    qualitative evaluation "Automatic segmentation quality": human review required or not.
+    Evidence is the source series, the SEG and the uncertainty ``parametric_map`` when there is one (each
+    uncertainty score names it as its source of measurement). A result with uncertainty adds to each scored
+    group a qualitative evaluation "Automatic segmentation quality": human review required or not, with the
+    confidence. Every measurement has an Observation UID that is stable across re-runs of the study.
     Each segment with voxels also gets a cross-section group (:func:`_cross_section_group`) just before
     its volumetric group; a segment without voxels, measurements or evaluation gets no group at all.
     """
@@ -139,17 +162,23 @@ def build_measurement_report(
             raise ValueError(f"SEG segment {item.SegmentNumber} ({key!r}) has no structure in the result")
         structure = structures[key]
         sites = _finding_sites(structure)
-        measurements = [
-            hd.sr.Measurement(
+        measurements = []
+        for m in result.measurements_for(key):
+            on_map = parametric_map is not None and m.name.value in UNCERTAINTY_CONCEPTS
+            measurement = hd.sr.Measurement(
                 name=m.name,
                 value=float(m.value),
                 unit=m.unit,
                 derivation=m.derivation,
                 algorithm_id=algorithm_id,
                 finding_sites=sites,
+                # an uncertainty score is measured on the uncertainty map: its source is the Parametric Map
+                referenced_images=[hd.sr.SourceImageForMeasurement(
+                    str(parametric_map.SOPClassUID), str(parametric_map.SOPInstanceUID))] if on_map else None,
             )
-            for m in result.measurements_for(key)
-        ]
+            measurement[0].ObservationUID = observation_uid(
+                uid_root, str(item.TrackingUID), m.name.value, m.derivation.value if m.derivation else None)
+            measurements.append(measurement)
         evaluations = _review_evaluations(result, key)
         cross_section = _cross_section_group(volume, segments[key], item.TrackingUID, structure, sites, algorithm_id)
         if cross_section is None and not measurements and not evaluations:
@@ -187,7 +216,7 @@ def build_measurement_report(
         imaging_measurements=groups,
     )
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*volume.source, seg],
+        evidence=[*volume.source, seg, *([parametric_map] if parametric_map is not None else [])],
         content=report[0],
         series_instance_uid=new_uid(uid_root),
         series_number=series_number,
@@ -210,15 +239,44 @@ def _code(concept: Dataset | None) -> dict[str, str] | None:
             "meaning": str(concept.meaning)}
 
 
+def _code_value(code: Dataset) -> str:
+    """Code Value of a code item, whichever of Code Value, Long Code Value or URN Code Value holds it."""
+    return str(code.get("CodeValue") or code.get("LongCodeValue") or code.get("URNCodeValue") or "")
+
+
+def _observation_uids(sr_dataset: Dataset) -> dict[tuple[str, str, str | None], str]:
+    """(Tracking UID, concept code, derivation code) → Observation UID of each NUM item, read from the raw
+    content tree (highdicom's parsed templates do not keep the attribute)."""
+    found: dict[tuple[str, str, str | None], str] = {}
+    def walk(items: Any, tracking: str | None) -> None:
+        for item in items:
+            name = _code_value(item.ConceptNameCodeSequence[0]) if "ConceptNameCodeSequence" in item else None
+            if item.get("ValueType") == "CONTAINER" and name == "125007":
+                uids = [str(c.UID) for c in item.get("ContentSequence", [])
+                        if c.get("ValueType") == "UIDREF" and _code_value(c.ConceptNameCodeSequence[0]) == "112040"]
+                walk(item.get("ContentSequence", []), uids[0] if uids else None)
+            elif item.get("ValueType") == "NUM" and tracking and "ObservationUID" in item:
+                derivation = next((_code_value(c.ConceptCodeSequence[0]) for c in item.get("ContentSequence", [])
+                                   if c.get("ValueType") == "CODE"
+                                   and _code_value(c.ConceptNameCodeSequence[0]) == "121401"), None)
+                found[(tracking, str(name), derivation)] = str(item.ObservationUID)
+            elif "ContentSequence" in item:
+                walk(item.ContentSequence, tracking)
+    walk(sr_dataset.get("ContentSequence", []), None)
+    return found
+
+
 def read_measurements(sr_dataset: Dataset) -> list[dict[str, Any]]:
     """Every measurement of a TID 1500 report, in document order, as plain data.
 
     Each item: ``structure`` (Tracking Identifier), ``tracking_uid``, ``segment_number`` and
     ``seg_sop_instance_uid`` (the referenced SEG segment, None if the group references none),
     ``finding_type``, ``concept``, ``derivation`` (mappings of value/scheme_designator/meaning or None),
+    ``observation_uid`` (the NUM item's Observation UID, None if it has none),
     ``value`` (float) and ``unit`` (UCUM code).
     """
     sr = hd.sr.Comprehensive3DSR.from_dataset(sr_dataset, copy=True)
+    observation_uids = _observation_uids(sr_dataset)
     rows: list[dict[str, Any]] = []
     for group in sr.content.get_volumetric_roi_measurement_groups():
         segment = group.referenced_segment
@@ -234,6 +292,8 @@ def read_measurements(sr_dataset: Dataset) -> list[dict[str, Any]]:
                 "finding_type": _code(group.finding_type),
                 "concept": _code(m.name),
                 "derivation": _code(m.derivation),
+                "observation_uid": observation_uids.get((str(group.tracking_uid), str(m.name.value),
+                                                         str(m.derivation.value) if m.derivation else None)),
                 "value": m.value,
                 "unit": str(m.unit.value),
             })

@@ -38,14 +38,21 @@ class Report:
     fallback_reason: str | None = None
     removed: list[Rejection] = field(default_factory=list)
     seconds: float = 0.0
+    header: list[str] = field(default_factory=list)
+    """Who and what the report is about (patient, accession, study date, series analysed): it opens every
+    form of the report, so a page detached from its study still says whose it is."""
 
     @property
     def disclaimer(self) -> str:
-        made_by = "; ".join(f"{name} {version}" for name, version in self.algorithms)
         fallback = f" The {self.requested_backend} language model was not used: {self.fallback_reason}." \
             if self.fallback_reason else ""
-        return (f"AI-generated preliminary report, not reviewed by a radiologist. Measurements: {made_by}. "
-                f"Text: {self.generator}.{fallback}")
+        return f"AI-generated preliminary report, not reviewed by a radiologist.{fallback}"
+
+    @property
+    def opening(self) -> list[str]:
+        """The header lines and the algorithms (with versions) that produced the numbers and the text."""
+        made_by = "; ".join(f"{name} {version}" for name, version in self.algorithms)
+        return [*self.header, f"Produced by: {made_by} (measurements); {self.generator} (text)"]
 
     @property
     def conclusion(self) -> str:
@@ -53,8 +60,8 @@ class Report:
         return " ".join(self.impression)
 
     def text(self) -> str:
-        """Plain text with FINDINGS, IMPRESSION, LIMITATIONS and the AI disclaimer."""
-        parts = ["FINDINGS:", *self.findings, "", "IMPRESSION:", *self.impression]
+        """Plain text: the header, FINDINGS, IMPRESSION, LIMITATIONS and the AI disclaimer."""
+        parts = [*self.opening, "", "FINDINGS:", *self.findings, "", "IMPRESSION:", *self.impression]
         if self.limitations:
             parts += ["", "LIMITATIONS:", *self.limitations]
         return "\n".join([*parts, "", self.disclaimer]) + "\n"
@@ -101,7 +108,8 @@ def generate_report(findings: StructuredFindings, config: ReportConfig,
     if template_check.removed:  # the template states only findings; a removal here is a bug, never released
         raise RuntimeError(f"template sentence failed verification: {template_check.removed[0]}")
     report = Report(draft.findings, draft.impression, limitations(findings), findings.algorithms,
-                    config.backend, TEMPLATE_GENERATOR)
+                    config.backend, TEMPLATE_GENERATOR,
+                    header=findings.identity.header_lines() if findings.identity is not None else [])
     if config.backend != "template":
         try:
             rewriter = rewriter or make_rewriter(config)

@@ -16,7 +16,8 @@ def _latin1(text: str) -> str:
 
 
 def report_pdf(report: Report, title: str) -> bytes:
-    """A PDF of ``title`` and the report's sections, the AI disclaimer in bold at the top and bottom."""
+    """A PDF of ``title``, the report's opening (patient, study, series, algorithms), the AI disclaimer in bold and
+    the report's sections."""
     pdf = FPDF(format="A4")
     pdf.set_title(_latin1(title))
     pdf.set_creator("radnode")
@@ -24,6 +25,10 @@ def report_pdf(report: Report, title: str) -> bytes:
     width = pdf.w - pdf.l_margin - pdf.r_margin
     pdf.set_font("Helvetica", "B", 14)
     pdf.multi_cell(width, 8, _latin1(title), new_x="LMARGIN", new_y="NEXT")
+    pdf.set_font("Helvetica", "", 9)
+    for line in report.opening:  # whose report this is, before anything else: a detached page stays safe
+        pdf.multi_cell(width, 5, _latin1(line), new_x="LMARGIN", new_y="NEXT")
+    pdf.ln(2)
     pdf.set_font("Helvetica", "B", 9)
     pdf.multi_cell(width, 5, _latin1(report.disclaimer), new_x="LMARGIN", new_y="NEXT")
     for heading, lines in zip(SECTIONS, (report.findings, report.impression, report.limitations)):

@@ -1,8 +1,10 @@
-"""The report text as a Comprehensive SR of its own (Basic Diagnostic Imaging Report, TID 2000 layout).
+"""The report text as a Comprehensive SR of its own (Basic Diagnostic Imaging Report, TID 2000).
 
-Findings and Impression are TEXT items in their section containers, the limitations and the AI disclaimer
-are Comments; the observer is the algorithm as a device. Evidence is the source series and the TID 1500
-measurement report, whose numbers the text states.
+Every content item sits in a section container (CID 7001 headings, TID 2002 report narrative with CID 7002
+elements): "Current Procedure Descriptions" holds the report's opening (patient, study, series analysed,
+algorithms) and the AI disclaimer as Procedure Descriptions; Findings holds the findings, then what was not
+assessed and the cautions, as Findings; Impressions the Impression. The observer is the algorithm as a
+device. Evidence is the source series and the TID 1500 measurement report, whose numbers the text states.
 """
 
 from __future__ import annotations
@@ -17,22 +19,20 @@ from radnode.outputs.algorithm import AlgorithmInfo, device_uid, new_uid
 from radnode.outputs.layout import RunOutput
 from radnode.report.generate import Report
 
-DIAGNOSTIC_IMAGING_REPORT = Code("18748-4", "LN", "Diagnostic imaging report")
-FINDINGS_SECTION = Code("121070", "DCM", "Findings")
-FINDING = Code("121071", "DCM", "Finding")
-IMPRESSIONS_SECTION = Code("121072", "DCM", "Impressions")
-IMPRESSION = Code("121073", "DCM", "Impression")
-COMMENT = Code("121106", "DCM", "Comment")
+DIAGNOSTIC_IMAGING_REPORT = Code("18748-4", "LN", "Diagnostic Imaging Report")
 ENGLISH = Code("en-US", "RFC5646", "English (United States)")
+SECTIONS = (
+    (codes.cid7001.CurrentProcedureDescriptions, codes.cid7002.ProcedureDescription),
+    (codes.cid7001.Findings, codes.cid7002.Finding),
+    (codes.cid7001.Impressions, codes.cid7002.Impression),
+)
+"""(CID 7001 heading, CID 7002 element of its TEXT items), in report order."""
 
 
-def _text_items(concept: Code, lines: list[str]) -> list[hd.sr.TextContentItem]:
-    return [hd.sr.TextContentItem(name=concept, value=line, relationship_type="CONTAINS") for line in lines]
-
-
-def _section(concept: Code, item_concept: Code, lines: list[str]) -> hd.sr.ContainerContentItem:
-    container = hd.sr.ContainerContentItem(name=concept, relationship_type="CONTAINS")
-    container.ContentSequence = _text_items(item_concept, lines)
+def _section(heading: Code, element: Code, lines: list[str]) -> hd.sr.ContainerContentItem:
+    container = hd.sr.ContainerContentItem(name=heading, relationship_type="CONTAINS")
+    container.ContentSequence = [hd.sr.TextContentItem(name=element, value=line, relationship_type="CONTAINS")
+                                 for line in lines]
     return container
 
 
@@ -46,13 +46,12 @@ def build_text_report(volume: Volume, measurement_report: Dataset, report: Repor
             model_name=algorithm.name, serial_number=algorithm.device_serial_number),
     )
     context = hd.sr.ObservationContext(observer_device_context=observer)
+    texts = ([*report.opening, report.disclaimer], [*report.findings, *report.limitations], report.impression)
     root = hd.sr.ContainerContentItem(name=DIAGNOSTIC_IMAGING_REPORT, template_id="2000")
     root.ContentSequence = [
         *hd.sr.LanguageOfContentItemAndDescendants(language=ENGLISH),
         *context,
-        _section(FINDINGS_SECTION, FINDING, report.findings),
-        _section(IMPRESSIONS_SECTION, IMPRESSION, report.impression),
-        *_text_items(COMMENT, [*report.limitations, report.disclaimer]),
+        *(_section(heading, element, lines) for (heading, element), lines in zip(SECTIONS, texts) if lines),
     ]
     return hd.sr.ComprehensiveSR(
         evidence=[*volume.source, measurement_report],

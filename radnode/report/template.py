@@ -22,7 +22,7 @@ class ReportText:
 def _finding_sentence(finding: Finding) -> str:
     q = finding.quantity
     state = finding.finding if finding.present else f"no {finding.finding}"
-    return f"{q.structure_label}: {state} ({q.text()}, reference {finding.reference.limit_text()})."
+    return f"{q.structure_label}: {state} ({q.text()}, reference {finding.reference.limit_text(finding.limit)})."
 
 
 def _impression_sentence(finding: Finding) -> str:
@@ -54,6 +54,6 @@ def template_report(findings: StructuredFindings) -> ReportText:
 
 def limitations(findings: StructuredFindings) -> list[str]:
     """Fixed sentences on what was not assessed and on segmentation uncertainty (never model-rewritten)."""
-    lines = [f"Not assessed: {n.what} ({n.reason})." for n in findings.not_assessed]
+    lines = [f"Not assessed: {n.what}: {n.reason}." for n in findings.not_assessed]
     lines += [f"Caution: {flag}." for flag in findings.flags]
     return lines

@@ -16,9 +16,9 @@ from radnode.report.findings import Finding, StructuredFindings
 from radnode.report.template import limitations, template_report
 
 STRUCTURE_TERMS: dict[str, str] = {
-    r"lungs?|pulmonary|parenchyma": "lung", r"bones?|osseous|skeleton": "bone",
+    r"lungs?|pulmonary|(?<!brain )parenchyma": "lung", r"bones?|osseous|skeleton": "bone",
     r"adipose|fat(?!ty)": "adipose_tissue", r"(?:skeletal )?muscles?|muscular": "skeletal_muscle", r"body": "body",
-    r"liver|hepatic": "liver", r"vertebra[el]?|spine|spinal|l1": "vertebral_body_l1", r"brain|cerebral": "brain",
+    r"liver|hepatic": "liver", r"vertebra[el]?|spine|spinal|l1": "vertebral_body_l1", r"intracranial": "intracranial", r"brain|cerebral": "brain",
     r"kidneys?|renal": "kidney", r"spleen|splenic": "spleen", r"heart|cardiac": "heart", r"aorta|aortic": "aorta",
     r"pleura|pleural": "pleura", r"trachea|bronch\w*|airways?": "airway", r"thyroid": "thyroid",
     r"pancrea\w*": "pancreas", r"stomach|bowel|colon|intestin\w*": "bowel", r"mediastin\w*": "mediastinum",
@@ -32,7 +32,7 @@ FINDING_TERMS: dict[str, str] = {
     r"low bone (?:attenuation|density)|osteopeni\w*|osteoporo\w*|reduced bone density": "low bone attenuation",
     r"low vertebral trabecular attenuation": "low vertebral trabecular attenuation",
     r"steatosis|fatty liver|fatty infiltration": "hepatic steatosis",
-    r"atrophy|reduced brain volume": "reduced brain volume",
+    r"atrophy|reduced brain (?:volume|parenchymal fraction)": "reduced brain parenchymal fraction",
     r"nodules?|mass(?:es)?|tumou?rs?|lesions?|fractures?|effusions?|pneumothorax|consolidation|fibrosis|"
     r"infiltrates?|opacit\w+|calcifications?|metasta\w+|cancer|malignan\w+|pneumonia|o?edema|ha?emorrhage|"
     r"cysts?|aneurysms?|embol\w+|stenos[ie]s|lymphadenopathy|atelectasis|bronchiectasis|sarcopeni\w*|"
@@ -133,16 +133,22 @@ def _number_supported(value_text: str, unit: str | None, scope: set[str], findin
     for f in findings.findings:
         if f.quantity.structure_key in scope:
             unit_symbol = f.quantity.unit
-            candidates += [(limit, unit_symbol) for limit in (f.reference.lower, f.reference.upper) if limit is not None]
+            candidates += [(limit, unit_symbol) for limit in (f.limit.lower, f.limit.upper) if limit is not None]
+            if f.limit.age_band is not None:  # "for age 60 to 69 years"
+                candidates += [(f.limit.age_band.min_years, ""), (f.limit.age_band.max_years, "")]
     return any(round(value, decimals) == written and (unit is None or unit == value_unit)
                for value, value_unit in candidates)
 
 
-def _finding_mentions(text: str) -> list[tuple[str, bool]]:
-    """(canonical finding, negated) for every finding term in the text."""
+def _finding_mentions(text: str, labels: tuple[str, ...] = ()) -> list[tuple[str, bool]]:
+    """(canonical finding, negated) for every finding term in the text, except a term that is just one of the
+    findings' own structure ``labels`` (a model's segment called "lesion" names a measured structure)."""
+    label_spans = [m.span() for label in labels for m in re.finditer(rf"\b{re.escape(label)}\b", text)]
     mentions = []
     for pattern, name in FINDING_TERMS.items():
         for match in re.finditer(rf"\b(?:{pattern})\b", text):
+            if any(start <= match.start() and match.end() <= end for start, end in label_spans):
+                continue
             clause_before = re.split(r"[;:,]|\bbut\b|\bhowever\b", text[:match.start()])[-1]
             clause_after = re.split(r"[;:,.]", text[match.end():])[0]
             negated = bool(NEGATION.search(clause_before)) or bool(POST_NEGATION.match(clause_after))
@@ -169,7 +175,7 @@ def check_sentence(sentence: str, findings: StructuredFindings) -> str | None:
             return f"number {value_text}{' ' + unit if unit else ''} is not a measurement of {_names(scope, findings)}"
 
     in_scope: list[Finding] = [f for f in findings.findings if f.quantity.structure_key in scope]
-    for name, negated in _finding_mentions(text):
+    for name, negated in _finding_mentions(text, tuple(s.label.lower() for s in findings.structures.values())):
         grounded = True
         assessed = [f for f in in_scope if f.finding == name]
         if not assessed:

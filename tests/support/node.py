@@ -153,10 +153,11 @@ class ServeProcess:
                  rules: Path | None = None, late_instances: str = "ignore", settings: dict | None = None) -> None:
         """``rules``: the routing rule file (unset: the shipped rules, the node's default); ``settings``:
         further sections of the configuration file (e.g. ``containers``)."""
-        self.data_dir, self.port = data_dir, free_port()
+        self.data_dir, self.port, self.api_port = data_dir, free_port(), free_port()
         config = data_dir.parent / f"{data_dir.name}.yaml"
         config.write_text(yaml.safe_dump({"ingress": {"host": "127.0.0.1", "study_idle_seconds": idle,
                                                       "late_instances": late_instances},
+                                          "api": {"port": self.api_port},  # never the fixed default 8765
                                           "processing": {"max_concurrent_jobs": 2, "job_timeout_seconds": 300},
                                           "feedback": {"preload_metrics": False},
                                           "api": {"port": 0},  # never the fixed 8765: tests run side by side

@@ -80,6 +80,19 @@ class Deliveries:
         with self._db.read() as conn:
             return [delivery_from_row(row._mapping) for row in conn.execute(query)]
 
+    def report_already_sent(self, job_id: int, report_file: str) -> bool:
+        """Whether a report (``report_file``, the run's FHIR Bundle) of this job's study and pipeline was already
+        delivered somewhere, by this job or an earlier one (a re-run of the study): the next run re-issues it."""
+        with self._db.read() as conn:
+            this = conn.execute(select(jobs.c.study_instance_uid, jobs.c.pipeline).where(jobs.c.id == job_id)).first()
+            if this is None:
+                return False
+            sent = conn.execute(
+                select(func.count()).select_from(delivery_table.join(jobs, jobs.c.id == delivery_table.c.job_id))
+                .where(jobs.c.study_instance_uid == this.study_instance_uid, jobs.c.pipeline == this.pipeline,
+                       delivery_table.c.object == report_file, delivery_table.c.state == "done")).scalar()
+            return bool(sent)
+
     def delivery_done(self, delivery_id: int, message: str, sent_uid: str | None = None) -> None:
         """Record a delivery as done (with the SOP Instance UID that went out): it will never be attempted again."""
         with self._db.write() as conn:

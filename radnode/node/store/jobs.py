@@ -258,6 +258,13 @@ class Scheduling:
                       if needs_review else "within the uncertainty limits: no review needed")
             return True
 
+    def record_warnings(self, job_id: int, warnings: Iterable[str]) -> None:
+        """What a finished run's outputs had to do without (its manifest's ``warnings``: an empty Patient ID, no
+        FHIR identifier system), one ``warning`` event each; the job goes on to delivery."""
+        with self._db.write() as conn:
+            for warning in warnings:
+                log_event(conn, job_id, "warning", str(warning))
+
     def fail_job(self, job_id: int, reason: str) -> bool:
         """Any unfinished state → ``failed`` with the reason; False if the job was already final."""
         with self._db.write() as conn:
