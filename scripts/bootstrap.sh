@@ -9,9 +9,11 @@ cd "$(dirname "$0")/.."
 # multi-host site shares (the tests start its cluster and use a database of their own); rsyslog(-gnutls): a real
 # audit collector (RFC 5425 syslog over TLS) for the tests; jing: an independent RELAX NG validator of the audit
 # messages; bubblewrap: the sandbox model folders are checked in; podman/runc: the engine that builds and runs
-# the MAP images, debootstrap: their offline Debian base (deploy/map/base/bookworm.sh).
+# the MAP images, debootstrap: their offline Debian base (deploy/map/base/bookworm.sh); rabbitmq-server: the
+# broker of the distributed engine (the tests start a private node of it); iproute2: network namespaces that
+# stand in for worker hosts.
 APT_PACKAGES=(dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb mricron-data postgresql-15 rsyslog rsyslog-gnutls
-  jing bubblewrap podman runc debootstrap)
+  jing bubblewrap podman runc debootstrap rabbitmq-server iproute2)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

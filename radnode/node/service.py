@@ -41,6 +41,7 @@ import threading
 from collections.abc import Callable, Sequence
 from io import BytesIO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -62,6 +63,9 @@ from radnode.pipelines.rules import DEFAULT_RULES, RuleSet, load_rules
 from radnode.security.access import PeerPolicy
 from radnode.security.audit import AuditTrail
 from radnode.security.privacy import IdentitySeal, SiteKey, make_private, private_umask, write_owner_only
+
+if TYPE_CHECKING:
+    from radnode.node.engine.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -112,13 +116,14 @@ class Node:
         log.info("%s", store.opened)
         if sealed := store.seal_stored():
             log.info("sealed %d patient identifiers the job store held in clear", sealed)
+        storage = self._check_engine()
         spool = Spool(data / "spool", fsync=self.config.ingress.sync_spool)
         self.disk_guard = DiskGuard.from_config(spool.root, self.config.retention)
         ingest = Ingest(spool, store, router, self.disk_guard)
-        self._recover(store, spool, ingest)
+        self._recover(store, spool, ingest, requeue_running=storage is None)
         self.egress = egress = Egress(self.config, store, self.poll_seconds, self.audit)
         scheduler = Scheduler(self.config, store, egress, self.job_command, config_file,
-                              rules.in_process_pipelines)
+                              rules.in_process_pipelines, storage)
         self._scp = StorageSCP(self.config.ingress, ingest, self.audit)
         self._scp.start()
         if self.config.orthanc.url:
@@ -149,13 +154,34 @@ class Node:
         counts, flagged = self._store().job_counts()
         return {"status": "ok", "jobs": counts, "needs_review": flagged}
 
+    def _check_engine(self) -> Storage | None:
+        """With ``engine.kind: celery``: the storage (writable) and the broker (reachable, queues declared),
+        checked before the node listens, each refused with one line; None with the local engine."""
+        if self.config.engine.kind != "celery":
+            return None
+        from radnode.node.engine.broker import check_broker
+        from radnode.node.engine.storage import open_storage
+
+        storage = open_storage(self.config)
+        try:
+            storage.check()
+            check_broker(self.config.engine, [self.config.engine.default_queue])
+        except Exception:
+            self._store().close()
+            self.store = None
+            raise
+        return storage
+
     @staticmethod
-    def _recover(store: JobStore, spool: Spool, ingest: Ingest) -> None:
-        """Drop half-written spool files, index unknown ones, queue interrupted jobs to run again."""
+    def _recover(store: JobStore, spool: Spool, ingest: Ingest, requeue_running: bool = True) -> None:
+        """Drop half-written spool files, index unknown ones, queue interrupted jobs to run again (not with
+        the distributed engine: those run on workers, and the reaper looks after them)."""
         if partial := spool.discard_partial():
             log.warning("discarded %d partial spool writes", partial)
         if found := ingest.reindex():
             log.warning("indexed %d spool files the job store did not know", found)
+        if not requeue_running:
+            return
         for job_id in store.running_jobs():
             store.requeue(job_id, "node restarted while the job was running; partial output discarded")
             log.warning("job %d was running when the node stopped; it runs again", job_id)

@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from radnode.config import Config
 from radnode.execution import ManifestError, ReviewDecision, RunManifest
@@ -38,6 +39,10 @@ from radnode.node.store import Job, JobStore
 from radnode.node.warm import WarmPool, die_with_parent
 from radnode.pipelines.routing import ExecutionMode
 from radnode.security.sandbox import SandboxError, content_hash, sandbox_job
+
+if TYPE_CHECKING:
+    from radnode.node.engine.dispatch import Dispatcher
+    from radnode.node.engine.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +66,9 @@ class JobProcess:
     stderr_path: Path
 
     def end(self, grace: float = 0.0) -> str | None:
-        """Kill the process group (see :func:`_kill_group`), then stop and remove its container, if any;
+        """Kill the process group (see :func:`kill_group`), then stop and remove its container, if any;
         returns what happened to the container (for the job's events)."""
-        _kill_group(self.process, grace)
+        kill_group(self.process, grace)
         return self.launch.container.stop(grace) if self.launch.container else None
 
     def finished(self, status: int) -> str | None:
@@ -111,9 +116,11 @@ class Scheduler:
     paused (``radnode queue pause``) nothing new starts."""
 
     def __init__(self, config: Config, store: JobStore, egress: Egress, command: Sequence[str],
-                 config_file: Path, warm_pipelines: Iterable[str] = ()) -> None:
+                 config_file: Path, warm_pipelines: Iterable[str] = (), storage: Storage | None = None) -> None:
         """``warm_pipelines``: those the rules run in-process, each kept warm (``processing.warm_start``) when
-        the job command is the default one."""
+        the job command is the default one. ``storage``: with ``engine.kind: celery``, where jobs' inputs and
+        outputs go for the workers; the scheduler then dispatches pipeline jobs to the broker instead of running
+        them (``engine/``)."""
         self.config = config
         self.store = store
         self.egress = egress
@@ -129,6 +136,11 @@ class Scheduler:
         self.warm = WarmPool(warm_pipelines, in_process.env, config.data_dir) if (
             config.processing.warm_start and tuple(command) == DEFAULT_JOB_COMMAND
             and isinstance(in_process, InProcessExecutor)) else None
+        self.remote: Dispatcher | None = None
+        if storage is not None:
+            from radnode.node.engine.dispatch import Dispatcher
+
+            self.remote = Dispatcher(config, store, storage, self._prepare, self._finish)
 
     def tick(self) -> None:
         """One scheduling round; called repeatedly by the node's scheduler thread (the warm processes are
@@ -142,6 +154,11 @@ class Scheduler:
             self.store.restart(job_id)
         for job_id in self.store.cancelled(self.running):  # an operator cancelled it: end its process (container)
             self._note_container(job_id, self.running.pop(job_id).end())
+        if self.remote is not None:
+            self.remote.tick()
+            while (job := self.store.next_queued(forward_only=True)) is not None:
+                self._forward(job.id)
+            return
         for job_id in list(self.running):
             self._reap(self.running[job_id])
         paused = self.store.queue_paused()  # an operator paused the queue: nothing new starts
@@ -232,19 +249,15 @@ class Scheduler:
         if digests and self.egress.audit is not None:
             self.egress.audit.instances_processed(study_uid=job.study_instance_uid, patient_id=job.patient_id or None,
                                                   job=f"job {job.id}", pipeline=job.pipeline, models=digests)
-        with open(root / "stdout.log", "wb") as out, open(root / "stderr.log", "wb") as err:
-            try:
-                if spare is not None:
-                    WarmPool.hand(spare, launch.argv, launch.env, launch.cwd, root / "stdout.log",
-                                  root / "stderr.log")
-                    process = spare
-                else:
-                    process = subprocess.Popen(launch.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                               cwd=launch.cwd, env=launch.env, start_new_session=True,
-                                               preexec_fn=die_with_parent)
-            except OSError as e:
-                self.store.fail_job(job.id, f"cannot start the job command: {e}")
-                return
+        try:
+            if spare is not None:
+                WarmPool.hand(spare, launch.argv, launch.env, launch.cwd, root / "stdout.log", root / "stderr.log")
+                process = spare
+            else:
+                process = spawn(launch, root)
+        except OSError as e:
+            self.store.fail_job(job.id, f"cannot start the job command: {e}")
+            return
         self.running[job.id] = JobProcess(job.id, process, launch, mode, timeout.seconds,
                                           time.monotonic() + timeout.seconds, root / "stderr.log")
         if launch.container:
@@ -265,17 +278,20 @@ class Scheduler:
         del self.running[job.job_id]
         self._note_container(job.job_id, job.finished(status))
         if status != 0:
-            reason = _failure_reason(status, last_line(job.stderr_path))
+            reason = failure_reason(status, last_line(job.stderr_path))
             self.store.fail_job(job.job_id, reason)
             log.debug("job %d failed: %s", job.job_id, reason)
             return
-        outputs = job_dir(self.config, job.job_id) / "out"
-        review = run_review(job.job_id, outputs)
+        self._finish(job.job_id, job_dir(self.config, job.job_id) / "out")
+
+    def _finish(self, job_id: int, outputs: Path) -> None:
+        """A run that ended well: its review decision into the store, its results staged for egress."""
+        review = run_review(job_id, outputs)
         if review is not None:
-            self.store.record_review(job.job_id, review.needs_review, review.reasons)
+            self.store.record_review(job_id, review.needs_review, review.reasons)
             if review.needs_review:
-                log.debug("job %d flagged for human review: %s", job.job_id, "; ".join(review.reasons))
-        self.egress.stage(job.job_id, outputs)
+                log.debug("job %d flagged for human review: %s", job_id, "; ".join(review.reasons))
+        self.egress.stage(job_id, outputs)
 
     def _note_container(self, job_id: int, message: str | None) -> None:
         if message:
@@ -283,7 +299,10 @@ class Scheduler:
             log.debug("job %d: %s", job_id, message)
 
     def stop(self) -> None:
-        """End running jobs (SIGTERM, then SIGKILL) and queue them to run again at the next start."""
+        """End running jobs (SIGTERM, then SIGKILL) and queue them to run again at the next start (jobs on
+        workers run on)."""
+        if self.remote is not None:
+            self.remote.close()
         for job in self.running.values():
             self._note_container(job.job_id, job.end(grace=STOP_GRACE_SECONDS))
             self.store.requeue(job.job_id, "node stopped while the job was running; it will run again")
@@ -292,21 +311,30 @@ class Scheduler:
             self.warm.close()
 
 
-def _failure_reason(status: int, last_stderr: str) -> str:
+def failure_reason(status: int, last_stderr: str) -> str:
     """Why a job process failed: its last stderr line (the app's own message); for a process killed by a signal
     (a segfault, the kernel's OOM killer) the signal first, as whatever it printed last is not the cause."""
     if status < 0:
-        return _describe_status(status) + (f"; last stderr line: {last_stderr}" if last_stderr else "")
-    return last_stderr or _describe_status(status)
+        return describe_status(status) + (f"; last stderr line: {last_stderr}" if last_stderr else "")
+    return last_stderr or describe_status(status)
 
 
-def _describe_status(status: int) -> str:
+def spawn(launch: Launch, root: Path) -> subprocess.Popen:
+    """Start a launch as its own process group (killed with the thread that starts it), its output in
+    ``root/stdout.log`` and ``root/stderr.log``; OSError when it cannot start."""
+    with open(root / "stdout.log", "wb") as out, open(root / "stderr.log", "wb") as err:
+        return subprocess.Popen(launch.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=launch.cwd,
+                                env=launch.env, start_new_session=True, preexec_fn=die_with_parent)
+
+
+def describe_status(status: int) -> str:
+    """A job process's exit status in words."""
     if status < 0:
         return f"job process killed by {signal.Signals(-status).name}"
     return f"job process exited with status {status}"
 
 
-def _kill_group(process: subprocess.Popen, grace: float = 0.0) -> None:
+def kill_group(process: subprocess.Popen, grace: float = 0.0) -> None:
     """Terminate the job's whole process group: SIGTERM and a grace period when given, then SIGKILL."""
     try:
         if grace:

@@ -13,6 +13,7 @@ lives in its own module:
 ``jobs``       scheduling: queueing with the study's route, siblings, runs, restarts, failure
 ``deliveries`` egress: per-destination queues of deliveries, retries, re-sends, settling a job
 ``retention``  the purge's records
+``cluster``    the distributed engine: broker outbox, claims with fencing, leases, reaper, workers
 ``queries``    the job list, one job, counts
 ``identity``   patient identifiers sealed at rest under the site key, opened on reading
 ``console``    the web console's people, tokens and sessions, operators' actions, settings, study details
@@ -32,6 +33,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from radnode.node.store.cluster import Claim, Cluster, Publication
 from radnode.node.store.console import Console, StudyDetails
 from radnode.node.store.database import SQLITE_FILE, Database, StoreError, head_revision, open_database
 from radnode.node.store.deliveries import Deliveries
@@ -41,19 +43,20 @@ from radnode.node.store.ingest import Arrivals, Decide
 from radnode.node.store.jobs import Scheduling
 from radnode.node.store.queries import Queries
 from radnode.node.store.records import (
-    FINAL_STATES, ActionRefused, Arrival, Delivery, Event, Instance, InstanceBeingPurged, Job, JobState, PurgePlan,
+    FINAL_STATES, ActionRefused, Arrival, Attempt, Delivery, Event, Instance, InstanceBeingPurged, Job, JobState,
+    PurgePlan, WorkerInfo,
 )
 from radnode.node.store.retention import Purges
 
 if TYPE_CHECKING:
     from radnode.node.store.identity import Seal
 
-__all__ = ["FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Decide", "Delivery", "Event", "Instance",
-           "InstanceBeingPurged", "Job", "JobState", "JobStore", "PurgePlan", "StoreError", "StudyDetails",
-           "head_revision", "store_target", "upgrade_store"]
+__all__ = ["FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Attempt", "Claim", "Decide", "Delivery", "Event",
+           "Instance", "InstanceBeingPurged", "Job", "JobState", "JobStore", "Publication", "PurgePlan", "StoreError",
+           "StudyDetails", "WorkerInfo", "head_revision", "store_target", "upgrade_store"]
 
 
-class JobStore(Arrivals, Scheduling, Deliveries, Purges, Queries, EventLog, Identities, Console):
+class JobStore(Arrivals, Scheduling, Deliveries, Purges, Queries, EventLog, Identities, Console, Cluster):
     """Thread- and process-safe access to the node's job store (see the module docstring for its areas).
 
     ``target``: a SQLite file (``data_dir/radnode.db``) or a ``postgresql://`` URL. ``upgrade``: migrate an
