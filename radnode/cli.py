@@ -431,7 +431,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from radnode.node.engine.devices import visible_gpus
 
         gpus = visible_gpus()
-    return run_workers(config, Path(args.config), args.queue or [], gpus)
+    return run_workers(config, Path(args.config), args.queue or [], gpus, args.name)
 
 
 def cmd_workers(args: argparse.Namespace) -> int:
@@ -642,6 +642,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--config", required=True, help="configuration YAML file (engine, store, storage)")
     worker.add_argument("--queue", action="append", metavar="NAME",
                         help="a broker queue to serve (repeatable; default engine.default_queue)")
+    worker.add_argument("--name", help="the worker's name (default radnode-HOST-gpuN or radnode-HOST-cpu; "
+                                       "give one per worker when several run on a host without GPUs)")
     devices = worker.add_mutually_exclusive_group()
     devices.add_argument("--gpus", help="GPU indices, one worker process each (default: every GPU nvidia-smi lists)")
     devices.add_argument("--cpu", action="store_true", help="one worker on the CPU")

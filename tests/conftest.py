@@ -184,3 +184,30 @@ def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
     if request.param == "sqlite":
         return tmp_path / "radnode.db"
     return request.getfixturevalue("postgres_url")
+
+
+# --- RabbitMQ (Debian's 3.10): a private node for the session, so a test may stop it ---------------------
+
+@pytest.fixture(scope="session")
+def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator["RabbitNode"]:
+    """A RabbitMQ node of this session's own (own name, port, data and vhost), stopped at the end."""
+    from support.cluster import RabbitNode
+
+    node = RabbitNode(tmp_path_factory.mktemp("rabbitmq"))
+    try:
+        yield node
+    finally:
+        node.close()
+
+
+@pytest.fixture(scope="module")
+def shared_store_url(postgres: PostgresServer) -> Iterator[str]:
+    """A PostgreSQL schema shared by the node and workers of one test module (dropped afterwards)."""
+    import secrets
+
+    schema = f"m_{secrets.token_hex(6)}"
+    postgres.psql(f"CREATE SCHEMA {schema} AUTHORIZATION {postgres.role}", postgres.database)
+    try:
+        yield postgres.url(schema)
+    finally:
+        postgres.psql(f"DROP SCHEMA {schema} CASCADE", postgres.database)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -396,3 +397,18 @@ def make_pki(folder: Path) -> Pki:
     _, _, other_cert, other_key = _key_and_cert(folder, "other-ca", "some other CA", None, ca=True)
     rogue_key, rogue_cert, _, _ = _key_and_cert(folder, "rogue", "STRANGER", (other_cert, other_key))
     return Pki(folder, ca_path, server_cert, server_key, client_cert, client_key, rogue_cert, rogue_key)
+
+
+def write_ct_studies(root: Path, patients: Iterable[str], n_slices: int = 16) -> dict[str, Path]:
+    """One small chest phantom CT study per patient ID (own study, series and instance UIDs), each in its own
+    folder under ``root``: patient ID → folder."""
+    folders = {}
+    for index, patient in enumerate(patients):
+        folder = root / patient
+        files = write_chest_phantom(folder, n_slices=n_slices, seed=index)
+        for path in files:
+            ds = pydicom.dcmread(path)
+            ds.PatientID = patient
+            ds.save_as(path)
+        folders[patient] = folder
+    return folders

@@ -21,8 +21,11 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+from sqlalchemy.exc import OperationalError
 
 from radnode.config import Config
 from radnode.node.engine.broker import TASK, celery_app, check_broker, dead_letter_queue
@@ -33,6 +36,7 @@ from radnode.node.worker import DEFAULT_JOB_COMMAND, describe_status, failure_re
 from radnode.pipelines.routing import ExecutionMode
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 POLL_SECONDS = 0.5
 REPORT_PATIENCE_SECONDS = 600.0
@@ -72,7 +76,11 @@ class GpuWorker:
     def run(self) -> None:
         """Consume the queues until SIGTERM/SIGINT (Celery's warm shutdown: the running job finishes)."""
         app = celery_app(self.config.engine, self.queues)
-        app.task(name=TASK, bind=True)(self._task)
+
+        def run_job(task, job_id: int, dispatch_id: int) -> None:
+            self._task(task, job_id, dispatch_id)
+
+        app.task(name=TASK, bind=True)(run_job)
         self.store.worker_heartbeat(self.name, self.host, self.queues, self.gpus or "cpu", os.getpid(), None,
                                     started=True)
         beat = threading.Thread(target=self._heartbeats, name="radnode-worker-heartbeat", daemon=True)
@@ -107,8 +115,8 @@ class GpuWorker:
 
         redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
         engine = self.config.engine
-        claim = self.store.claim(job_id, dispatch_id, self.name, redelivered, engine.lease_seconds,
-                                 engine.max_attempts)
+        claim = self._report(lambda: self.store.claim(job_id, dispatch_id, self.name, redelivered,
+                                                      engine.lease_seconds, engine.max_attempts))
         if claim.exhausted:
             log.error("job %d: %s; its message goes to %s", job_id, claim.why, dead_letter_queue().name)
             raise Reject(claim.why, requeue=False)
@@ -118,6 +126,9 @@ class GpuWorker:
         self.current_job = job_id
         try:
             self._attempt(job_id, claim.attempt)
+        except Exception as e:  # a defect here must end the attempt with its reason, never leave it running
+            log.exception("job %d attempt %d: worker error", job_id, claim.attempt)
+            self._fail(job_id, claim.attempt, f"worker {self.name} error: {type(e).__name__}: {e}")
         finally:
             self.current_job = None
 
@@ -209,14 +220,15 @@ class GpuWorker:
         self._report(lambda: self.store.report_failure(job_id, attempt, reason))
         log.warning("job %d attempt %d failed: %s", job_id, attempt, reason)
 
-    def _report(self, call) -> bool:
-        """Report to the store, retrying while it is unreachable; False when the attempt was fenced off."""
+    def _report(self, call: Callable[[], T]) -> T:
+        """Call the store, retrying while it is unreachable (a database restart; the message stays
+        unacknowledged meanwhile); what the call returns (False: the attempt was fenced off)."""
         give_up = time.monotonic() + REPORT_PATIENCE_SECONDS
         delay = 0.5
         while True:
             try:
-                return bool(call())
-            except Exception as e:  # a database restart: retry; the message stays unacknowledged meanwhile
+                return call()
+            except OperationalError as e:
                 if time.monotonic() > give_up:
                     raise
                 log.warning("store unreachable (%s); reporting again in %.0f s", e, delay)
@@ -224,17 +236,20 @@ class GpuWorker:
                 delay = min(delay * 2, 10.0)
 
 
-def run_workers(config: Config, config_file: Path, queues: Sequence[str], gpus: list[str]) -> int:
+def run_workers(config: Config, config_file: Path, queues: Sequence[str], gpus: list[str],
+                name: str | None = None) -> int:
     """``radnode worker``: one worker for the CPU or a single GPU in this process; for several GPUs, one child
     process per GPU (restarted when it dies) until SIGTERM/SIGINT."""
     if len(gpus) <= 1:
-        GpuWorker(config, config_file, queues, gpus[0] if gpus else "").run()
+        GpuWorker(config, config_file, queues, gpus[0] if gpus else "", name).run()
         return 0
     stopping = threading.Event()
     children: dict[str, subprocess.Popen] = {}
 
     def start(gpu: str) -> None:
         argv = [sys.executable, "-m", "radnode", "worker", "--config", str(config_file), "--gpus", gpu]
+        if name:
+            argv += ["--name", f"{name}-gpu{gpu}"]
         for q in queues:
             argv += ["--queue", q]
         children[gpu] = subprocess.Popen(argv, env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu})

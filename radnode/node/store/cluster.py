@@ -114,7 +114,7 @@ class Cluster:
                                    .where(jobs.c.state == JobState.RUNNING.value, jobs.c.outcome.is_(None),
                                           jobs.c.lease_until < now).with_for_update()).all()
             for job_id, worker, lease_until in expired:
-                reason = f"lease expired: worker {worker} silent since {now - lease_until:.0f} s past its lease"
+                reason = f"worker {worker} lost: its lease lapsed {now - lease_until:.1f} s ago (no renewal)"
                 release(conn, job_id, "lost", reason, now)
                 if _lost_attempts(conn, job_id) >= max_attempts:
                     done.append((job_id, self._fail_exhausted(conn, job_id, max_attempts, now)))

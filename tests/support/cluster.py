@@ -1,0 +1,208 @@
+"""The distributed engine's real parts for tests: a private RabbitMQ node, ``radnode serve`` with
+``engine.kind: celery`` and ``radnode worker`` processes, each in its own process as a site runs them."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from radnode.node.store import FINAL_STATES, Attempt, Event, Job, JobStore
+from radnode.peers import free_port
+from support.dicom_tools import ECHOSCU, STORESCU
+
+RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+RABBITMQCTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
+"""Debian's scripts behind the wrappers in /usr/sbin (which switch to the rabbitmq user and its cookie)."""
+
+
+class RabbitNode:
+    """A RabbitMQ 3.10 node of the test session's own (own name, ports, data; Debian's ``rabbitmq-server``),
+    so a test can stop its broker without touching anyone else's. ``consumer_timeout`` is set above the
+    longest job, as the deployment recipes do."""
+
+    def __init__(self, folder: Path) -> None:
+        if not RABBITMQ_SERVER.exists():
+            raise RuntimeError("RabbitMQ is not installed: run scripts/bootstrap.sh")
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.port, dist_port = free_port(), free_port()
+        self.node = f"radnode-test-{secrets.token_hex(4)}@localhost"
+        self.vhost = f"radnode-{secrets.token_hex(3)}"
+        (folder / "rabbitmq.conf").write_text(
+            f"listeners.tcp.default = {self.port}\nconsumer_timeout = 3600000\nloopback_users = none\n"
+            "log.console = false\nlog.file.level = warning\n")
+        (folder / "enabled_plugins").write_text("[].\n")
+        self.env = {**os.environ, "RABBITMQ_NODENAME": self.node, "RABBITMQ_NODE_PORT": str(self.port),
+                    "RABBITMQ_DIST_PORT": str(dist_port), "RABBITMQ_MNESIA_BASE": str(folder / "mnesia"),
+                    "RABBITMQ_LOG_BASE": str(folder / "log"), "RABBITMQ_CONFIG_FILE": str(folder / "rabbitmq.conf"),
+                    "RABBITMQ_ENABLED_PLUGINS_FILE": str(folder / "enabled_plugins"),
+                    "RABBITMQ_PID_FILE": str(folder / "pid")}
+        self.log = (folder / "server.log").open("w")
+        self.process = subprocess.Popen([str(RABBITMQ_SERVER)], env=self.env, stdout=self.log,
+                                        stderr=subprocess.STDOUT, cwd=folder)
+        self.wait_running(120)
+        self.ctl("add_vhost", self.vhost)
+        self.ctl("set_permissions", "-p", self.vhost, "guest", ".*", ".*", ".*")
+
+    def ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run([str(RABBITMQCTL), "-q", "-n", self.node, *args], env=self.env,
+                                capture_output=True, text=True, timeout=120)
+        if check and result.returncode != 0:
+            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {result.stderr.strip()}")
+        return result
+
+    def wait_running(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.ctl("await_startup", check=False).returncode != 0:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"rabbitmq-server exited: {(self.folder / 'server.log').read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("rabbitmq-server did not start")
+            time.sleep(1)
+
+    def url(self, host: str = "127.0.0.1") -> str:
+        return f"amqp://guest:guest@{host}:{self.port}/{self.vhost}"
+
+    def stop_app(self) -> None:
+        """Stop the broker (the Erlang node stays up; its AMQP listener and connections go)."""
+        self.ctl("stop_app")
+
+    def start_app(self) -> None:
+        self.ctl("start_app")
+        self.ctl("await_startup")
+
+    def queue_depths(self) -> dict[str, int]:
+        listing = self.ctl("list_queues", "-p", self.vhost, "name", "messages").stdout
+        return {name: int(n) for name, n in (line.split("\t") for line in listing.splitlines() if "\t" in line)}
+
+    def close(self) -> None:
+        self.ctl("stop", check=False)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+def engine_config(path: Path, data_dir: Path, broker_url: str, store_url: str, storage: dict[str, Any],
+                  **sections: Any) -> Path:
+    """Write a configuration file for the distributed engine (node or worker) and return its path."""
+    config = {"data_dir": str(data_dir), "store": {"url": store_url}, "storage": storage,
+              "engine": {"kind": "celery", "broker_url": broker_url, "lease_seconds": 9,
+                         "broker_heartbeat_seconds": 4},
+              "ingress": {"host": "127.0.0.1", "study_idle_seconds": 2.0},
+              "processing": {"job_timeout_seconds": 300}}
+    for key, value in sections.items():
+        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "HOLOSCAN_LOG_LEVEL": "WARN", "PYTHONUNBUFFERED": "1"}
+
+
+class WorkerProcess:
+    """``radnode worker --config FILE --cpu [--queue Q]`` (optionally inside a network namespace)."""
+
+    def __init__(self, config: Path, log: Path, name: str, queues: tuple[str, ...] = (),
+                 netns: str | None = None) -> None:
+        self.name = name
+        argv = [sys.executable, "-m", "radnode", "-v", "worker", "--config", str(config), "--cpu", "--name", name]
+        for q in queues:
+            argv += ["--queue", q]
+        if netns:
+            argv = ["ip", "netns", "exec", netns, *argv]
+        self.log_path = log
+        self.log = log.open("a")
+        self.process = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env=_env(),
+                                        start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def kill(self) -> None:
+        """SIGKILL the worker process (as the OOM killer or a power cut would end it)."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+
+class EngineNode:
+    """``radnode serve`` with the distributed engine, a DICOM port of its own and a PACS destination."""
+
+    def __init__(self, config: Path, log: Path, store_url: str, destination: str) -> None:
+        self.port, self.store_url = free_port(), store_url
+        self.log_path = log
+        self.log = log.open("a")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "radnode", "-v", "serve", "--config", str(config), "--port", str(self.port),
+             "--destination", destination], stdout=self.log, stderr=subprocess.STDOUT, env=_env())
+        deadline = time.monotonic() + 90
+        while subprocess.run([ECHOSCU, "-aec", "RADNODE", "127.0.0.1", str(self.port)],
+                             capture_output=True).returncode != 0:
+            assert self.process.poll() is None, f"radnode serve exited at start: {self.log_text()[-3000:]}"
+            assert time.monotonic() < deadline, "radnode serve did not answer C-ECHO"
+            time.sleep(0.3)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def send(self, folder: Path, calling_ae: str = "CT_SCANNER") -> subprocess.Popen:
+        """Start one DCMTK storescu sending a folder (returns at once; ``wait()`` on it)."""
+        return subprocess.Popen([STORESCU, "-aet", calling_ae, "-aec", "RADNODE", "+sd", "127.0.0.1",
+                                 str(self.port), str(folder)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=60)
+        self.log.close()
+
+
+def store_snapshot(store_url: str, job_ids: set[int] | None = None) -> list[tuple[Job, list[Event], list[Attempt]]]:
+    """Every job (or those in ``job_ids``) with its events and attempts, read from the shared store."""
+    store = JobStore(store_url)
+    try:
+        jobs = [j for j in store.jobs() if job_ids is None or j.id in job_ids]
+        return [(j, store.events(j.id), store.attempts(j.id)) for j in jobs]
+    finally:
+        store.close()
+
+
+def wait_final(store_url: str, patients: set[str], timeout: float) -> list[tuple[Job, list[Event], list[Attempt]]]:
+    """The jobs of these patients once each has one job and all are final (fails after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        jobs = [entry for entry in store_snapshot(store_url) if entry[0].patient_id in patients]
+        if {j.patient_id for j, _, _ in jobs} == patients and all(j.state in FINAL_STATES for j, _, _ in jobs):
+            return jobs
+        if time.monotonic() > deadline:
+            states = {j.patient_id: (j.id, j.state.value, j.reason) for j, _, _ in jobs}
+            raise AssertionError(f"jobs not final within {timeout} s: {states}")
+        time.sleep(0.5)
+
+
+def copy_tree(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
