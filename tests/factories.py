@@ -399,6 +399,18 @@ def make_pki(folder: Path) -> Pki:
     return Pki(folder, ca_path, server_cert, server_key, client_cert, client_key, rogue_cert, rogue_key)
 
 
+def queued_job(store: JobStore, pipeline: str = "ct_tissue") -> int:
+    """A job of a new one-instance study, queued (its study complete), not yet started or dispatched."""
+    from radnode.node.store import Instance
+    from radnode.pipelines.routing import SeriesDecision
+
+    _, job_id = store.record_instance(
+        Instance(generate_uid(), generate_uid(), generate_uid(), "P1", "CT", CT_IMAGE_STORAGE, "/spool/x.dcm",
+                 "SCANNER", "127.0.0.1:5000", "a1", 0.0), SeriesDecision((pipeline,)))
+    store.queue_complete_studies(idle_seconds=1)
+    return job_id
+
+
 def write_ct_studies(root: Path, patients: Iterable[str], n_slices: int = 16) -> dict[str, Path]:
     """One small chest phantom CT study per patient ID (own study, series and instance UIDs), each in its own
     folder under ``root``: patient ID → folder."""

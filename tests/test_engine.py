@@ -4,16 +4,16 @@ modalities and the PACS. One cluster (store schema, shared folder, two workers) 
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import boto3
 import pydicom
 import pytest
+import yaml
 
 from factories import write_ct_studies
 from radnode.node.store import JobState, JobStore
@@ -124,3 +124,115 @@ def test_six_studies_two_workers_one_sigkilled_mid_job_each_result_once(
     running = [e.message for e in events if e.kind == "running"]
     assert len(running) == 2 and running[0].startswith(f"attempt 1 on worker {attempts[0].worker}") \
         and running[1].startswith(f"attempt 2 on worker {attempts[1].worker}"), running
+
+
+def _rules(path: Path, queue: str, stat_patient: str | None = None) -> Path:
+    """CT to ct_tissue on ``queue`` (so only the workers serving it take the jobs); one patient's study stat."""
+    rules = [{"name": "ct", "when": {"Modality": "CT", "SOPClassUID": "CT Image Storage"},
+              "pipelines": ["ct_tissue"], "queue": queue}]
+    if stat_patient:
+        rules.append({"name": "stat", "when": {"PatientID": stat_patient}, "priority": "stat"})
+    path.write_text(yaml.safe_dump({"rules": rules}))
+    return path
+
+
+def _started_order(store_url: str, patients: set[str]) -> list[str]:
+    """The patients in the order their first attempt started."""
+    starts = [(attempts[0].started_at, job.patient_id) for job, _, attempts in store_snapshot(store_url)
+              if job.patient_id in patients and attempts]
+    return [patient for _, patient in sorted(starts)]
+
+
+def test_a_stat_study_queued_behind_three_routine_ones_runs_next(cluster: Cluster, tmp_path: Path,
+                                                                  pacs: StoreSCP) -> None:
+    """One worker serves the queue; while the first routine study runs, two more wait in the broker, then
+    the stat one arrives: the worker takes it next."""
+    folders = write_ct_studies(tmp_path / "studies", ["ROUTINE1", "ROUTINE2", "ROUTINE3", "STAT1"])
+    solo = cluster.start_worker("worker-solo", queues=("solo",))
+    node = cluster.node(tmp_path, pacs, rules=str(_rules(tmp_path / "rules.yaml", "solo", "STAT1")))
+    try:
+        cluster.wait_workers("worker-solo")
+        assert node.send(folders["ROUTINE1"]).wait(60) == 0
+        wait_until(lambda: _started_order(cluster.store_url, {"ROUTINE1"}) == ["ROUTINE1"], timeout=120, step=0.2)
+        for patient in ("ROUTINE2", "ROUTINE3"):
+            assert node.send(folders[patient]).wait(60) == 0
+        store = JobStore(cluster.store_url)
+        try:
+            wait_until(lambda: len([p for p in store.unpublished()]) == 0 and
+                       {j.patient_id for j in store.jobs() if j.state is JobState.QUEUED} >= {"ROUTINE2", "ROUTINE3"},
+                       timeout=60, step=0.2)
+        finally:
+            store.close()
+        assert node.send(folders["STAT1"]).wait(60) == 0
+        jobs = wait_final(cluster.store_url, set(folders), timeout=400)
+    finally:
+        node.stop()
+        solo.stop()
+        del cluster.workers["worker-solo"]
+    assert all(j.state is JobState.DONE for j, _, _ in jobs), [(j.id, j.state, j.reason) for j, _, _ in jobs]
+    assert {j.worker for j, _, _ in jobs} == {"worker-solo"}  # the queue's only worker ran them all
+    assert _started_order(cluster.store_url, set(folders)) == ["ROUTINE1", "STAT1", "ROUTINE2", "ROUTINE3"]
+    assert_each_result_once(pacs, 4)
+
+
+def test_broker_stopped_for_60_s_while_studies_arrive_then_everything_completes_once(
+        cluster: Cluster, rabbitmq: RabbitNode, tmp_path: Path, pacs: StoreSCP) -> None:
+    """A job runs when RabbitMQ stops; two more studies arrive during the 60 s outage (ingress accepts them,
+    their jobs wait in the store's outbox); after the restart every study is delivered once."""
+    folders = write_ct_studies(tmp_path / "studies", ["OUTAGE1", "OUTAGE2", "OUTAGE3"])
+    node = cluster.node(tmp_path, pacs)
+    try:
+        assert node.send(folders["OUTAGE1"]).wait(60) == 0
+        wait_until(lambda: _started_order(cluster.store_url, {"OUTAGE1"}) == ["OUTAGE1"], timeout=120, step=0.2)
+        rabbitmq.stop_app()
+        stopped = time.monotonic()
+        try:
+            for patient in ("OUTAGE2", "OUTAGE3"):
+                assert node.send(folders[patient]).wait(60) == 0  # ingress keeps accepting
+            store = JobStore(cluster.store_url)
+            try:
+                wait_until(lambda: len(store.unpublished()) == 2, timeout=50, step=0.5)  # queued in the store
+            finally:
+                store.close()
+            time.sleep(max(0.0, 60 - (time.monotonic() - stopped)))
+        finally:
+            rabbitmq.start_app()
+        jobs = wait_final(cluster.store_url, set(folders), timeout=400)
+    finally:
+        node.stop()
+    assert all(j.state is JobState.DONE for j, _, _ in jobs), [(j.id, j.state, j.reason) for j, _, _ in jobs]
+    assert all(len([e for e in events if e.kind == "finished"]) == 1 for _, events, _ in jobs)
+    assert_each_result_once(pacs, 3)
+    assert "broker unreachable" in node.log_text() and "reachable again" in node.log_text()
+
+
+def test_s3_storage_end_to_end_with_no_shared_folder_between_hosts(
+        cluster: Cluster, tmp_path: Path, pacs: StoreSCP, s3_endpoint: str, s3_bucket: str) -> None:
+    """The node and the worker keep nothing in common on disk: the study goes up to S3 once, the results
+    come back from S3, and each arrives at the PACS once."""
+    folders = write_ct_studies(tmp_path / "studies", ["S3A", "S3B"])
+    storage = {"kind": "s3", "endpoint": s3_endpoint, "bucket": s3_bucket, "prefix": "site"}
+    worker_config = engine_config(tmp_path / "s3-worker.yaml", tmp_path / "worker-host", cluster.broker_url,
+                                  cluster.store_url, storage)
+    worker = WorkerProcess(worker_config, tmp_path / "s3-worker.log", "worker-s3", queues=("s3-hosts",))
+    node_config = engine_config(tmp_path / "node.yaml", tmp_path / "ingress-host", cluster.broker_url,
+                                cluster.store_url, storage, rules=str(_rules(tmp_path / "rules.yaml", "s3-hosts")))
+    node = EngineNode(node_config, tmp_path / "node.log", cluster.store_url, pacs.address)
+    try:
+        cluster.wait_workers("worker-s3")
+        senders = [node.send(folder) for folder in folders.values()]
+        assert [s.wait(60) for s in senders] == [0, 0]
+        jobs = wait_final(cluster.store_url, set(folders), timeout=400)
+    finally:
+        node.stop()
+        worker.stop()
+    assert all(j.state is JobState.DONE and j.worker == "worker-s3" for j, _, _ in jobs), \
+        [(j.id, j.state, j.reason) for j, _, _ in jobs]
+    assert_each_result_once(pacs, 2)
+    assert not (tmp_path / "ingress-host" / "shared").exists() and not (tmp_path / "worker-host" / "shared").exists()
+    keys = {o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+            .list_objects_v2(Bucket=s3_bucket, Prefix="site/jobs/")["Contents"]}
+    for job, _, _ in jobs:
+        inputs = [k for k in keys if k.startswith(f"site/jobs/{job.id}/in/files/")]
+        assert len(inputs) == 16, inputs  # the study, uploaded once
+        assert f"site/jobs/{job.id}/attempt-1/out/complete.json" in keys

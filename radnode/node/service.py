@@ -65,6 +65,7 @@ from radnode.security.audit import AuditTrail
 from radnode.security.privacy import IdentitySeal, SiteKey, make_private, private_umask, write_owner_only
 
 if TYPE_CHECKING:
+    from radnode.node.engine.leader import Leadership
     from radnode.node.engine.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class Node:
         os.umask(self._umask)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._leadership: Leadership | None = None
+        """With the distributed engine: whether this node schedules and delivers (one leader per store)."""
 
     def start(self) -> None:
         """Recover what a previous run left, then listen and schedule."""
@@ -135,11 +138,25 @@ class Node:
             self._web.start()
         self._stopping.clear()
         retention = Retention(self.config, store, should_stop=self._stopping.is_set)
-        egress.start()
         activity = ActivityLog(store.read_rows)
+        if storage is None:
+            egress.start()
+            self._threads = [self._loop("activity", activity.tick),
+                             self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
+                             self._loop("egress", egress.dispatch), self._loop("retention", retention.tick)]
+            return
+        from radnode.node.engine.leader import Leadership
+
+        self._leadership = leader = Leadership(store, on_gain=egress.start, on_loss=egress.stop)
+
+        def leading(step: Callable[[], None]) -> Callable[[], None]:
+            return lambda: step() if leader.is_leader.is_set() else None
+
         self._threads = [self._loop("activity", activity.tick),
-                         self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
-                         self._loop("egress", egress.dispatch), self._loop("retention", retention.tick)]
+                         self._loop("leader", leader.tick, on_exit=leader.release, poll_seconds=1.0),
+                         self._loop("scheduler", leading(scheduler.tick), on_exit=scheduler.stop),
+                         self._loop("egress", leading(egress.dispatch)),
+                         self._loop("retention", leading(retention.tick))]
 
     def load_rules(self) -> RuleSet:
         """The configured rule file (unset: the shipped ``pipelines/default_rules.yaml``), checked against the
@@ -186,7 +203,8 @@ class Node:
             store.requeue(job_id, "node restarted while the job was running; partial output discarded")
             log.warning("job %d was running when the node stopped; it runs again", job_id)
 
-    def _loop(self, name: str, step: Callable[[], None], on_exit: Callable[[], None] | None = None) -> threading.Thread:
+    def _loop(self, name: str, step: Callable[[], None], on_exit: Callable[[], None] | None = None,
+              poll_seconds: float | None = None) -> threading.Thread:
         """A thread calling ``step`` every ``poll_seconds`` until stop; an error is logged, never fatal.
 
         ``on_exit`` runs in the same thread at the end: job processes are tied to the thread that started
@@ -198,7 +216,7 @@ class Node:
                     step()
                 except Exception:
                     log.exception("%s step failed; carrying on", name)
-                self._stopping.wait(self.poll_seconds)
+                self._stopping.wait(poll_seconds or self.poll_seconds)
             if on_exit is not None:
                 on_exit()
 
@@ -290,6 +308,12 @@ class Node:
     def events(self, job_id: int, after_id: int = 0) -> list[Event]:
         """A job's event log (``after_id`` to poll only new lines)."""
         return self._store().events(job_id, after_id)
+
+    def workers(self) -> list[dict[str, object]]:
+        """The distributed engine's workers as ``GET /workers`` answers them (none with the local engine)."""
+        from radnode.node.engine.devices import worker_record
+
+        return [worker_record(w, self.config.engine.lease_seconds) for w in self._store().workers()]
 
     def deliveries(self, job_id: int) -> list[Delivery]:
         """A job's deliveries with their attempts and last errors."""

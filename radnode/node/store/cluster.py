@@ -17,13 +17,17 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, and_, func, insert, select, update
+from sqlalchemy import Connection, and_, func, insert, select, text, update
 
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
 from radnode.node.store.jobs import close_attempt, release, transition
 from radnode.node.store.records import UNFINISHED_STATES, Attempt, JobState, WorkerInfo
 from radnode.node.store.schema import attempts, jobs, publications, workers
+
+
+LEADER_LOCK_KEY = 0x7261646E6F6C64  # "radnold"
+"""PostgreSQL advisory lock of the scheduler/egress leader (see :meth:`Cluster.take_leadership`)."""
 
 
 @dataclass(frozen=True)
@@ -190,6 +194,37 @@ class Cluster:
             close_attempt(conn, job_id, "failed", reason, now)
             log_event(conn, job_id, "failed", f"attempt {attempt}: {reason}", now)
             return True
+
+    # --- one leader among the ingress nodes -----------------------------------------------------------
+
+    def take_leadership(self) -> Connection | None:
+        """A connection of its own holding the leader lock (a PostgreSQL session advisory lock, released when
+        the connection ends: a node that dies loses it at once), or None when another node holds it."""
+        conn = self._db.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        try:
+            if conn.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": LEADER_LOCK_KEY}).scalar():
+                return conn
+        except Exception:
+            conn.close()
+            raise
+        conn.close()
+        return None
+
+    @staticmethod
+    def give_up_leadership(conn: Connection) -> None:
+        """End the lock's database session (not back to the pool, where the session and its lock would live on)."""
+        conn.invalidate()
+        conn.close()
+
+    @staticmethod
+    def leadership_held(conn: Connection) -> bool:
+        """The lock's connection still answers (a database restart ends it, and the lock with it)."""
+        try:
+            conn.execute(text("SELECT 1"))
+            return True
+        except Exception:
+            conn.invalidate()
+            return False
 
     # --- workers' heartbeats -------------------------------------------------------------------------
 
