@@ -18,7 +18,9 @@ import yaml
 from factories import write_ct_studies
 from radnode.node.store import JobState, JobStore
 from radnode.peers import StoreSCP
-from support.cluster import EngineNode, RabbitNode, WorkerProcess, engine_config, store_snapshot, wait_final
+from support.cluster import (
+    EngineNode, PrivatePostgres, RabbitNode, WorkerProcess, engine_config, store_snapshot, wait_final,
+)
 from support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -236,3 +238,35 @@ def test_s3_storage_end_to_end_with_no_shared_folder_between_hosts(
         inputs = [k for k in keys if k.startswith(f"site/jobs/{job.id}/in/files/")]
         assert len(inputs) == 16, inputs  # the study, uploaded once
         assert f"site/jobs/{job.id}/attempt-1/out/complete.json" in keys
+
+
+def test_postgresql_restarted_mid_run_then_everything_completes_once(
+        tmp_path: Path, rabbitmq: RabbitNode, pacs: StoreSCP) -> None:
+    """The job store's server goes down for 5 s while a job runs on a worker and another waits: the node, the
+    worker and the leader lock reconnect, and each study is delivered once."""
+    database = PrivatePostgres()
+    storage = {"kind": "shared_dir", "path": str(tmp_path / "shared")}
+    try:
+        JobStore(database.url()).close()
+        worker = WorkerProcess(engine_config(tmp_path / "w.yaml", tmp_path / "host-w", rabbitmq.url(), database.url(),
+                                             storage), tmp_path / "w.log", "worker-pg", queues=("pg",))
+        node = EngineNode(engine_config(tmp_path / "node.yaml", tmp_path / "ingress", rabbitmq.url(), database.url(),
+                                        storage, rules=str(_rules(tmp_path / "rules.yaml", "pg"))),
+                          tmp_path / "node.log", database.url(), pacs.address)
+        try:
+            folders = write_ct_studies(tmp_path / "studies", ["PGRESTART1", "PGRESTART2"])
+            senders = [node.send(folder) for folder in folders.values()]
+            assert [s.wait(60) for s in senders] == [0, 0]
+            wait_until(lambda: _started_order(database.url(), set(folders)), timeout=120, step=0.2)
+            database.stop()
+            time.sleep(5)
+            database.start()
+            jobs = wait_final(database.url(), set(folders), timeout=400)
+        finally:
+            node.stop()
+            worker.stop()
+    finally:
+        database.close()
+    assert all(j.state is JobState.DONE for j, _, _ in jobs), [(j.id, j.state, j.reason) for j, _, _ in jobs]
+    assert all(len([e for e in events if e.kind == "finished"]) == 1 for _, events, _ in jobs)
+    assert_each_result_once(pacs, 2)

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -206,3 +207,81 @@ def wait_final(store_url: str, patients: set[str], timeout: float) -> list[tuple
 def copy_tree(source: Path, target: Path) -> Path:
     shutil.copytree(source, target)
     return target
+
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+class PrivatePostgres:
+    """A PostgreSQL 15 server of one test's own (``initdb`` into a temporary folder, its own port), so the
+    test can restart it without touching the shared cluster other tests use."""
+
+    def __init__(self, allow_network: str | None = None) -> None:
+        """``allow_network``: also listen on every address and admit clients from this network (CIDR)."""
+        # its own folder outside pytest's (whose parents only root may enter), owned by postgres
+        self.folder, self.port = Path(tempfile.mkdtemp(prefix="radnode-pg-", dir="/var/tmp")), free_port()
+        folder = self.folder
+        shutil.chown(folder, "postgres", "postgres")
+        self.data = folder / "data"
+        self.password = secrets.token_hex(12)
+        pwfile = folder / "pw"
+        pwfile.write_text(self.password)
+        shutil.chown(pwfile, "postgres", "postgres")
+        self._as_postgres(PG_BIN / "initdb", "-D", str(self.data), "-U", "radnode", "--pwfile", str(pwfile),
+                          "-A", "scram-sha-256")
+        self.listen = "127.0.0.1"
+        if allow_network:
+            self.listen = "*"
+            with open(self.data / "pg_hba.conf", "a") as hba:
+                hba.write(f"host all all {allow_network} scram-sha-256\n")
+        self.start()
+
+    def _as_postgres(self, *argv: object) -> None:
+        result = subprocess.run(["runuser", "-u", "postgres", "--", *map(str, argv)], capture_output=True,
+                                text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"{argv[0]}: {result.stderr.strip() or result.stdout.strip()}")
+
+    def url(self, host: str = "127.0.0.1") -> str:
+        return f"postgresql://radnode:{self.password}@{host}:{self.port}/postgres"
+
+    def start(self) -> None:
+        self._as_postgres(PG_BIN / "pg_ctl", "-D", self.data, "-l", self.folder / "server.log", "-w", "-o",
+                          f"-p {self.port} -k {self.folder} -c listen_addresses={self.listen}", "start")
+
+    def stop(self) -> None:
+        self._as_postgres(PG_BIN / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        except RuntimeError:
+            pass
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class NetnsHost:
+    """A simulated host: a network namespace joined to this machine by a veth pair, with an address on each
+    end (``host_address`` here, ``address`` inside); :meth:`cut` takes its link down, as a pulled cable."""
+
+    def __init__(self) -> None:
+        tag = secrets.token_hex(3)
+        self.name, self.outside, self.inside = f"rn-{tag}", f"rnh{tag}", f"rnw{tag}"
+        subnet = secrets.randbelow(250) + 1
+        self.host_address, self.address = f"10.213.{subnet}.1", f"10.213.{subnet}.2"
+        for argv in (["ip", "netns", "add", self.name],
+                     ["ip", "link", "add", self.outside, "type", "veth", "peer", "name", self.inside],
+                     ["ip", "link", "set", self.inside, "netns", self.name],
+                     ["ip", "addr", "add", f"{self.host_address}/30", "dev", self.outside],
+                     ["ip", "link", "set", self.outside, "up"],
+                     ["ip", "netns", "exec", self.name, "ip", "addr", "add", f"{self.address}/30", "dev", self.inside],
+                     ["ip", "netns", "exec", self.name, "ip", "link", "set", self.inside, "up"],
+                     ["ip", "netns", "exec", self.name, "ip", "link", "set", "lo", "up"]):
+            subprocess.run(argv, check=True, capture_output=True)
+
+    def cut(self) -> None:
+        subprocess.run(["ip", "netns", "exec", self.name, "ip", "link", "set", self.inside, "down"], check=True)
+
+    def close(self) -> None:
+        subprocess.run(["ip", "link", "del", self.outside], capture_output=True)
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
