@@ -191,7 +191,7 @@ def store_target(request: pytest.FixtureRequest, tmp_path: Path) -> Path | str:
 @pytest.fixture(scope="session")
 def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator["RabbitNode"]:
     """A RabbitMQ node of this session's own (own name, port, data and vhost), stopped at the end."""
-    from support.cluster import RabbitNode
+    from radnode.benchmarks.cluster import RabbitNode
 
     node = RabbitNode(tmp_path_factory.mktemp("rabbitmq"))
     try:

@@ -18,9 +18,8 @@ import yaml
 from factories import write_ct_studies
 from radnode.node.store import JobState, JobStore
 from radnode.peers import StoreSCP
-from support.cluster import (
-    EngineNode, PrivatePostgres, RabbitNode, WorkerProcess, engine_config, store_snapshot, wait_final,
-)
+from radnode.benchmarks.cluster import EngineNode, PrivatePostgres, RabbitNode, WorkerProcess, engine_config
+from support.cluster import NetnsHost, store_snapshot, wait_final
 from support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -270,3 +269,68 @@ def test_postgresql_restarted_mid_run_then_everything_completes_once(
     assert all(j.state is JobState.DONE for j, _, _ in jobs), [(j.id, j.state, j.reason) for j, _, _ in jobs]
     assert all(len([e for e in events if e.kind == "finished"]) == 1 for _, events, _ in jobs)
     assert_each_result_once(pacs, 2)
+
+
+def _workers_alive(store_url: str, *names: str) -> bool:
+    store = JobStore(store_url)
+    try:
+        return set(names) <= {w.name for w in store.workers() if w.stopped_at is None}
+    finally:
+        store.close()
+
+
+def test_a_worker_host_cut_off_mid_job_has_its_job_run_on_another_within_the_bound(
+        tmp_path: Path, rabbitmq: RabbitNode, pacs: StoreSCP) -> None:
+    """Two studies on two workers, one of them on a host of its own (a network namespace); that host's link
+    goes down while it runs its job. The job is back in the queue within the README's bound (lease_seconds
+    + 5 s: RabbitMQ's heartbeat check or the reaper, whichever comes first) and runs on the other worker as
+    soon as that one is free; each result reaches the PACS once."""
+    host = NetnsHost()
+    database = PrivatePostgres(allow_network="10.213.0.0/16")
+    storage = {"kind": "shared_dir", "path": str(tmp_path / "shared")}
+    lease = 9.0  # engine_config's
+    try:
+        JobStore(database.url()).close()
+        inside = engine_config(tmp_path / "cut.yaml", tmp_path / "host-cut", rabbitmq.url(host.host_address),
+                               database.url(host.host_address), storage)
+        outside = engine_config(tmp_path / "other.yaml", tmp_path / "host-other", rabbitmq.url(), database.url(),
+                                storage)
+        workers = [WorkerProcess(inside, tmp_path / "cut.log", "worker-cut", queues=("netns",), netns=host.name),
+                   WorkerProcess(outside, tmp_path / "other.log", "worker-other", queues=("netns",))]
+        node = EngineNode(engine_config(tmp_path / "node.yaml", tmp_path / "ingress", rabbitmq.url(), database.url(),
+                                        storage, rules=str(_rules(tmp_path / "rules.yaml", "netns"))),
+                          tmp_path / "node.log", database.url(), pacs.address)
+        try:
+            wait_until(lambda: _workers_alive(database.url(), "worker-cut", "worker-other"), timeout=120, step=0.5)
+            folders = write_ct_studies(tmp_path / "studies", ["NETNS1", "NETNS2"])
+            senders = [node.send(folder) for folder in folders.values()]
+            assert [s.wait(60) for s in senders] == [0, 0]
+            on_cut: dict[str, int] = {}
+
+            def runs_on_cut_host() -> bool:
+                for job, _, _ in store_snapshot(database.url()):
+                    if job.state is JobState.RUNNING and job.worker == "worker-cut":
+                        on_cut["job"] = job.id
+                        return True
+                return False
+            wait_until(runs_on_cut_host, timeout=120, step=0.1)
+            host.cut()
+            cut_at = time.time()
+            jobs = wait_final(database.url(), set(folders), timeout=400)
+        finally:
+            node.stop()
+            for worker in workers:
+                worker.stop()
+    finally:
+        database.close()
+        host.close()
+    assert all(j.state is JobState.DONE for j, _, _ in jobs), [(j.id, j.state, j.reason) for j, _, _ in jobs]
+    assert_each_result_once(pacs, 2)
+    (_, _, attempts), = [entry for entry in jobs if entry[0].id == on_cut["job"]]
+    (_, _, other_attempts), = [entry for entry in jobs if entry[0].id != on_cut["job"]]
+    assert [(a.worker, a.outcome) for a in attempts] == [("worker-cut", "lost"), ("worker-other", "completed")]
+    other_free_at = max([cut_at] + [a.ended_at or 0 for a in other_attempts if a.worker == "worker-other"
+                                    and a.started_at < attempts[1].started_at])
+    back_in_queue = cut_at + lease + 5
+    assert attempts[1].started_at <= max(back_in_queue, other_free_at) + 2, \
+        (attempts[1].started_at - cut_at, other_free_at - cut_at)
