@@ -59,8 +59,7 @@ class GpuWorker:
         self.gpus = gpus
         self.name = name or worker_name(gpus)
         self.host = socket.gethostname()
-        if gpus:
-            os.environ["CUDA_VISIBLE_DEVICES"] = gpus
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus  # its own GPU only; none for a CPU worker on a GPU host
         self.store = JobStore(store_target(self.config.data_dir, self.config.store.url))
         self.storage = open_storage(self.config)
         self.storage.check()
@@ -265,9 +264,14 @@ def run_workers(config: Config, config_file: Path, queues: Sequence[str], gpus: 
         start(gpu)
     while not stopping.wait(1.0):
         for gpu, child in list(children.items()):
-            if child.poll() is not None:
-                log.error("worker for GPU %s ended (%s); starting it again", gpu, describe_status(child.returncode))
-                start(gpu)
+            if child.poll() is None:
+                continue
+            if child.returncode == 2:  # refused at start (broker, store, storage): no use starting it again
+                log.error("worker for GPU %s refused to start; stopping the others", gpu)
+                forward(signal.SIGTERM, None)
+                break
+            log.error("worker for GPU %s ended (%s); starting it again", gpu, describe_status(child.returncode))
+            start(gpu)
     for child in children.values():
         child.wait()
-    return 0
+    return 2 if any(child.returncode == 2 for child in children.values()) else 0
