@@ -125,8 +125,8 @@ def _worker_death(cluster: _Cluster, pacs: StoreSCP, slices: int) -> dict:
                 store.close()
             time.sleep(0.05)
         assert victim is not None, "the job never ran"
+        killed_at = time.time()  # before the signal: the broker may hand the job on before kill() returns
         workers[victim.worker].kill()
-        killed_at = time.time()
         ((job, _, attempts),) = _final(cluster.store_url, set(folders))
     finally:
         node.stop()
