@@ -18,7 +18,9 @@ import yaml
 from factories import write_ct_studies
 from radnode.node.store import JobState, JobStore
 from radnode.peers import StoreSCP
-from radnode.benchmarks.cluster import EngineNode, PrivatePostgres, RabbitNode, WorkerProcess, engine_config
+from radnode.benchmarks.cluster import (
+    EngineNode, PrivatePostgres, RabbitNode, WorkerProcess, engine_config, open_store, site_key,
+)
 from support.cluster import NetnsHost, store_snapshot, wait_final
 from support.waiting import wait_until
 
@@ -33,17 +35,19 @@ class Cluster:
     broker_url: str
     store_url: str
     storage: dict
+    key: Path
+    """The site key every node of the cluster seals patient IDs with."""
     workers: dict[str, WorkerProcess] = field(default_factory=dict)
 
     def start_worker(self, name: str, queues: tuple[str, ...] = ()) -> WorkerProcess:
         config = engine_config(self.root / f"{name}.yaml", self.root / f"host-{name}", self.broker_url,
-                               self.store_url, self.storage)
+                               self.store_url, self.storage, self.key)
         self.workers[name] = worker = WorkerProcess(config, self.root / f"{name}.log", name, queues)
         return worker
 
     def node(self, folder: Path, pacs: StoreSCP, **sections) -> EngineNode:
         config = engine_config(folder / "node.yaml", folder / "ingress", self.broker_url, self.store_url,
-                               self.storage, **sections)
+                               self.storage, self.key, **sections)
         return EngineNode(config, folder / "node.log", self.store_url, pacs.address)
 
     def wait_workers(self, *names: str) -> None:
@@ -61,7 +65,8 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory, rabbitmq: RabbitNode, shared_store_url: str) -> Iterator[Cluster]:
     root = tmp_path_factory.mktemp("cluster")
-    cluster = Cluster(root, rabbitmq.url(), shared_store_url, {"kind": "shared_dir", "path": str(root / "shared")})
+    cluster = Cluster(root, rabbitmq.url(), shared_store_url, {"kind": "shared_dir", "path": str(root / "shared")},
+                      site_key(root / "site.key"))
     JobStore(shared_store_url).close()  # the schema, before the workers race to create it
     for name in ("worker-a", "worker-b"):
         cluster.start_worker(name)
@@ -103,7 +108,7 @@ def test_six_studies_two_workers_one_sigkilled_mid_job_each_result_once(
         victim: dict[str, int] = {}
 
         def a_job_runs() -> bool:
-            for job, _, attempts in store_snapshot(cluster.store_url):
+            for job, _, attempts in store_snapshot(cluster.store_url, cluster.key):
                 if job.patient_id in folders and job.state is JobState.RUNNING and job.worker in cluster.workers:
                     victim.update(job=job.id, attempt=job.attempt)
                     victim["worker"] = job.worker  # type: ignore[assignment]
@@ -112,7 +117,7 @@ def test_six_studies_two_workers_one_sigkilled_mid_job_each_result_once(
         wait_until(a_job_runs, timeout=180, step=0.2)
         killed = cluster.workers[victim["worker"]]  # type: ignore[index]
         killed.kill()
-        jobs = wait_final(cluster.store_url, set(folders), timeout=400)
+        jobs = wait_final(cluster.store_url, cluster.key, set(folders), timeout=400)
     finally:
         node.stop()
         cluster.start_worker(victim["worker"]) if victim else None  # type: ignore[arg-type]
@@ -137,9 +142,9 @@ def _rules(path: Path, queue: str, stat_patient: str | None = None) -> Path:
     return path
 
 
-def _started_order(store_url: str, patients: set[str]) -> list[str]:
+def _started_order(store_url: str, key: Path, patients: set[str]) -> list[str]:
     """The patients in the order their first attempt started."""
-    starts = [(attempts[0].started_at, job.patient_id) for job, _, attempts in store_snapshot(store_url)
+    starts = [(attempts[0].started_at, job.patient_id) for job, _, attempts in store_snapshot(store_url, key)
               if job.patient_id in patients and attempts]
     return [patient for _, patient in sorted(starts)]
 
@@ -154,10 +159,10 @@ def test_a_stat_study_queued_behind_three_routine_ones_runs_next(cluster: Cluste
     try:
         cluster.wait_workers("worker-solo")
         assert node.send(folders["ROUTINE1"]).wait(60) == 0
-        wait_until(lambda: _started_order(cluster.store_url, {"ROUTINE1"}) == ["ROUTINE1"], timeout=120, step=0.2)
+        wait_until(lambda: _started_order(cluster.store_url, cluster.key, {"ROUTINE1"}) == ["ROUTINE1"], timeout=120, step=0.2)
         for patient in ("ROUTINE2", "ROUTINE3"):
             assert node.send(folders[patient]).wait(60) == 0
-        store = JobStore(cluster.store_url)
+        store = open_store(cluster.store_url, cluster.key)
         try:
             wait_until(lambda: len([p for p in store.unpublished()]) == 0 and
                        {j.patient_id for j in store.jobs() if j.state is JobState.QUEUED} >= {"ROUTINE2", "ROUTINE3"},
@@ -165,14 +170,14 @@ def test_a_stat_study_queued_behind_three_routine_ones_runs_next(cluster: Cluste
         finally:
             store.close()
         assert node.send(folders["STAT1"]).wait(60) == 0
-        jobs = wait_final(cluster.store_url, set(folders), timeout=400)
+        jobs = wait_final(cluster.store_url, cluster.key, set(folders), timeout=400)
     finally:
         node.stop()
         solo.stop()
         del cluster.workers["worker-solo"]
     assert all(j.state is JobState.DONE for j, _, _ in jobs), [(j.id, j.state, j.reason) for j, _, _ in jobs]
     assert {j.worker for j, _, _ in jobs} == {"worker-solo"}  # the queue's only worker ran them all
-    assert _started_order(cluster.store_url, set(folders)) == ["ROUTINE1", "STAT1", "ROUTINE2", "ROUTINE3"]
+    assert _started_order(cluster.store_url, cluster.key, set(folders)) == ["ROUTINE1", "STAT1", "ROUTINE2", "ROUTINE3"]
     assert_each_result_once(pacs, 4)
 
 
@@ -184,13 +189,13 @@ def test_broker_stopped_for_60_s_while_studies_arrive_then_everything_completes_
     node = cluster.node(tmp_path, pacs)
     try:
         assert node.send(folders["OUTAGE1"]).wait(60) == 0
-        wait_until(lambda: _started_order(cluster.store_url, {"OUTAGE1"}) == ["OUTAGE1"], timeout=120, step=0.2)
+        wait_until(lambda: _started_order(cluster.store_url, cluster.key, {"OUTAGE1"}) == ["OUTAGE1"], timeout=120, step=0.2)
         rabbitmq.stop_app()
         stopped = time.monotonic()
         try:
             for patient in ("OUTAGE2", "OUTAGE3"):
                 assert node.send(folders[patient]).wait(60) == 0  # ingress keeps accepting
-            store = JobStore(cluster.store_url)
+            store = open_store(cluster.store_url, cluster.key)
             try:
                 wait_until(lambda: len(store.unpublished()) == 2, timeout=50, step=0.5)  # queued in the store
             finally:
@@ -198,7 +203,7 @@ def test_broker_stopped_for_60_s_while_studies_arrive_then_everything_completes_
             time.sleep(max(0.0, 60 - (time.monotonic() - stopped)))
         finally:
             rabbitmq.start_app()
-        jobs = wait_final(cluster.store_url, set(folders), timeout=400)
+        jobs = wait_final(cluster.store_url, cluster.key, set(folders), timeout=400)
     finally:
         node.stop()
     assert all(j.state is JobState.DONE for j, _, _ in jobs), [(j.id, j.state, j.reason) for j, _, _ in jobs]
@@ -214,16 +219,17 @@ def test_s3_storage_end_to_end_with_no_shared_folder_between_hosts(
     folders = write_ct_studies(tmp_path / "studies", ["S3A", "S3B"])
     storage = {"kind": "s3", "endpoint": s3_endpoint, "bucket": s3_bucket, "prefix": "site"}
     worker_config = engine_config(tmp_path / "s3-worker.yaml", tmp_path / "worker-host", cluster.broker_url,
-                                  cluster.store_url, storage)
+                                  cluster.store_url, storage, cluster.key)
     worker = WorkerProcess(worker_config, tmp_path / "s3-worker.log", "worker-s3", queues=("s3-hosts",))
     node_config = engine_config(tmp_path / "node.yaml", tmp_path / "ingress-host", cluster.broker_url,
-                                cluster.store_url, storage, rules=str(_rules(tmp_path / "rules.yaml", "s3-hosts")))
+                                cluster.store_url, storage, cluster.key,
+                                rules=str(_rules(tmp_path / "rules.yaml", "s3-hosts")))
     node = EngineNode(node_config, tmp_path / "node.log", cluster.store_url, pacs.address)
     try:
         cluster.wait_workers("worker-s3")
         senders = [node.send(folder) for folder in folders.values()]
         assert [s.wait(60) for s in senders] == [0, 0]
-        jobs = wait_final(cluster.store_url, set(folders), timeout=400)
+        jobs = wait_final(cluster.store_url, cluster.key, set(folders), timeout=400)
     finally:
         node.stop()
         worker.stop()
@@ -245,22 +251,23 @@ def test_postgresql_restarted_mid_run_then_everything_completes_once(
     worker and the leader lock reconnect, and each study is delivered once."""
     database = PrivatePostgres()
     storage = {"kind": "shared_dir", "path": str(tmp_path / "shared")}
+    key = site_key(tmp_path / "site.key")
     try:
         JobStore(database.url()).close()
         worker = WorkerProcess(engine_config(tmp_path / "w.yaml", tmp_path / "host-w", rabbitmq.url(), database.url(),
-                                             storage), tmp_path / "w.log", "worker-pg", queues=("pg",))
+                                             storage, key), tmp_path / "w.log", "worker-pg", queues=("pg",))
         node = EngineNode(engine_config(tmp_path / "node.yaml", tmp_path / "ingress", rabbitmq.url(), database.url(),
-                                        storage, rules=str(_rules(tmp_path / "rules.yaml", "pg"))),
+                                        storage, key, rules=str(_rules(tmp_path / "rules.yaml", "pg"))),
                           tmp_path / "node.log", database.url(), pacs.address)
         try:
             folders = write_ct_studies(tmp_path / "studies", ["PGRESTART1", "PGRESTART2"])
             senders = [node.send(folder) for folder in folders.values()]
             assert [s.wait(60) for s in senders] == [0, 0]
-            wait_until(lambda: _started_order(database.url(), set(folders)), timeout=120, step=0.2)
+            wait_until(lambda: _started_order(database.url(), key, set(folders)), timeout=120, step=0.2)
             database.stop()
             time.sleep(5)
             database.start()
-            jobs = wait_final(database.url(), set(folders), timeout=400)
+            jobs = wait_final(database.url(), key, set(folders), timeout=400)
         finally:
             node.stop()
             worker.stop()
@@ -288,17 +295,18 @@ def test_a_worker_host_cut_off_mid_job_has_its_job_run_on_another_within_the_bou
     host = NetnsHost()
     database = PrivatePostgres(allow_network="10.213.0.0/16")
     storage = {"kind": "shared_dir", "path": str(tmp_path / "shared")}
+    key = site_key(tmp_path / "site.key")
     lease = 9.0  # engine_config's
     try:
         JobStore(database.url()).close()
         inside = engine_config(tmp_path / "cut.yaml", tmp_path / "host-cut", rabbitmq.url(host.host_address),
-                               database.url(host.host_address), storage)
+                               database.url(host.host_address), storage, key)
         outside = engine_config(tmp_path / "other.yaml", tmp_path / "host-other", rabbitmq.url(), database.url(),
-                                storage)
+                                storage, key)
         workers = [WorkerProcess(inside, tmp_path / "cut.log", "worker-cut", queues=("netns",), netns=host.name),
                    WorkerProcess(outside, tmp_path / "other.log", "worker-other", queues=("netns",))]
         node = EngineNode(engine_config(tmp_path / "node.yaml", tmp_path / "ingress", rabbitmq.url(), database.url(),
-                                        storage, rules=str(_rules(tmp_path / "rules.yaml", "netns"))),
+                                        storage, key, rules=str(_rules(tmp_path / "rules.yaml", "netns"))),
                           tmp_path / "node.log", database.url(), pacs.address)
         try:
             wait_until(lambda: _workers_alive(database.url(), "worker-cut", "worker-other"), timeout=120, step=0.5)
@@ -308,7 +316,7 @@ def test_a_worker_host_cut_off_mid_job_has_its_job_run_on_another_within_the_bou
             on_cut: dict[str, int] = {}
 
             def runs_on_cut_host() -> bool:
-                for job, _, _ in store_snapshot(database.url()):
+                for job, _, _ in store_snapshot(database.url(), key):
                     if job.state is JobState.RUNNING and job.worker == "worker-cut":
                         on_cut["job"] = job.id
                         return True
@@ -316,7 +324,7 @@ def test_a_worker_host_cut_off_mid_job_has_its_job_run_on_another_within_the_bou
             wait_until(runs_on_cut_host, timeout=120, step=0.1)
             host.cut()
             cut_at = time.time()
-            jobs = wait_final(database.url(), set(folders), timeout=400)
+            jobs = wait_final(database.url(), key, set(folders), timeout=400)
         finally:
             node.stop()
             for worker in workers:

@@ -14,17 +14,28 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from radnode.peers import free_port
+
+if TYPE_CHECKING:
+    from radnode.node.store import JobStore
 
 ECHOSCU, STORESCU = "/usr/bin/echoscu", "/usr/bin/storescu"
 
 RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
 RABBITMQCTL = Path("/usr/lib/rabbitmq/bin/rabbitmqctl")
 """Debian's scripts behind the wrappers in /usr/sbin (which switch to the rabbitmq user and its cookie)."""
+
+
+def open_store(store_url: str, key: Path) -> "JobStore":
+    """The shared store as a node sees it: patient IDs opened with the site key."""
+    from radnode.node.store import JobStore
+    from radnode.security.privacy import IdentitySeal, SiteKey
+
+    return JobStore(store_url, seal=IdentitySeal(SiteKey(key.read_text().strip().encode())))
 
 
 class RabbitNode:
@@ -97,10 +108,20 @@ class RabbitNode:
         self.log.close()
 
 
+def site_key(path: Path) -> Path:
+    """A site key file (made once): every node sharing a store must seal patient IDs under the same key."""
+    if not path.exists():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path
+
+
 def engine_config(path: Path, data_dir: Path, broker_url: str, store_url: str, storage: dict[str, Any],
-                  **sections: Any) -> Path:
-    """Write a configuration file for the distributed engine (node or worker) and return its path."""
+                  key: Path, **sections: Any) -> Path:
+    """Write a configuration file for the distributed engine (node or worker) and return its path; ``key``:
+    the site key file (:func:`site_key`)."""
     config = {"data_dir": str(data_dir), "store": {"url": store_url}, "storage": storage,
+              "privacy": {"site_key": {"file": str(key)}},
               "engine": {"kind": "celery", "broker_url": broker_url, "lease_seconds": 9,
                          "broker_heartbeat_seconds": 4},
               "ingress": {"host": "127.0.0.1", "study_idle_seconds": 2.0},

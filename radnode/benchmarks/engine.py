@@ -17,7 +17,8 @@ from pathlib import Path
 import yaml
 
 from radnode.benchmarks.cluster import (
-    PG_BIN, RABBITMQ_SERVER, EngineNode, PrivatePostgres, RabbitNode, WorkerProcess, engine_config,
+    PG_BIN, RABBITMQ_SERVER, EngineNode, PrivatePostgres, RabbitNode, WorkerProcess, engine_config, open_store,
+    site_key,
 )
 from radnode.config import Config
 from radnode.node.service import Node
@@ -37,11 +38,11 @@ def _studies(root: Path, tag: str, count: int, slices: int) -> dict[str, Path]:
     return folders
 
 
-def _final(store_url: str, patients: set[str]) -> list:
+def _final(store_url: str, key: Path, patients: set[str]) -> list:
     """The jobs of these patients once all are final, with events and attempts."""
     deadline = time.monotonic() + TIMEOUT_SECONDS
     while time.monotonic() < deadline:
-        store = JobStore(store_url)
+        store = open_store(store_url, key)
         try:
             jobs = [j for j in store.jobs() if j.patient_id in patients]
             if {j.patient_id for j in jobs} == patients and all(j.state in FINAL_STATES for j in jobs):
@@ -59,6 +60,7 @@ class _Cluster:
     def __init__(self, work: Path, broker: str, store_url: str) -> None:
         self.work, self.broker, self.store_url = work, broker, store_url
         self.storage = {"kind": "shared_dir", "path": str(work / "shared")}
+        self.key = site_key(work / "site.key")
         rules = work / "rules.yaml"
         rules.write_text(yaml.safe_dump({"rules": [{"name": "ct", "when": {"Modality": "CT"},
                                                     "pipelines": ["ct_tissue"], "queue": "bench"}]}))
@@ -68,7 +70,7 @@ class _Cluster:
         started = []
         for i in range(count):
             config = engine_config(self.work / f"{tag}-w{i}.yaml", self.work / f"{tag}-host{i}", self.broker,
-                                   self.store_url, self.storage)
+                                   self.store_url, self.storage, self.key)
             started.append(WorkerProcess(config, self.work / f"{tag}-w{i}.log", f"{tag}-w{i}", queues=("bench",)))
         names = {w.name for w in started}
         deadline = time.monotonic() + 120
@@ -84,7 +86,7 @@ class _Cluster:
 
     def node(self, tag: str, pacs: StoreSCP) -> EngineNode:
         config = engine_config(self.work / f"{tag}-node.yaml", self.work / f"{tag}-ingress", self.broker,
-                               self.store_url, self.storage, rules=str(self.rules))
+                               self.store_url, self.storage, self.key, rules=str(self.rules))
         return EngineNode(config, self.work / f"{tag}-node.log", self.store_url, pacs.address)
 
 
@@ -98,7 +100,7 @@ def _throughput(cluster: _Cluster, pacs: StoreSCP, n_workers: int, studies: int,
         senders = [node.send(folder) for folder in folders.values()]
         for sender in senders:
             sender.wait(120)
-        jobs = _final(cluster.store_url, set(folders))
+        jobs = _final(cluster.store_url, cluster.key, set(folders))
     finally:
         node.stop()
         for worker in workers:
@@ -118,7 +120,7 @@ def _worker_death(cluster: _Cluster, pacs: StoreSCP, slices: int) -> dict:
         deadline = time.monotonic() + TIMEOUT_SECONDS
         victim = None
         while victim is None and time.monotonic() < deadline:
-            store = JobStore(cluster.store_url)
+            store = open_store(cluster.store_url, cluster.key)
             try:
                 victim = next((j for j in store.jobs() if j.patient_id in folders and j.state is JobState.RUNNING), None)
             finally:
@@ -127,7 +129,7 @@ def _worker_death(cluster: _Cluster, pacs: StoreSCP, slices: int) -> dict:
         assert victim is not None, "the job never ran"
         killed_at = time.time()  # before the signal: the broker may hand the job on before kill() returns
         workers[victim.worker].kill()
-        ((job, _, attempts),) = _final(cluster.store_url, set(folders))
+        ((job, _, attempts),) = _final(cluster.store_url, cluster.key, set(folders))
     finally:
         node.stop()
         for worker in workers.values():
@@ -146,7 +148,7 @@ def _engine_overhead(cluster: _Cluster, pacs: StoreSCP, repeats: int, slices: in
         for i in range(repeats):
             folders = _studies(cluster.work / "studies", f"OVERHEAD{i}_", 1, slices)
             node.send(next(iter(folders.values()))).wait(120)
-            ((_, events, attempts),) = _final(cluster.store_url, set(folders))
+            ((_, events, attempts),) = _final(cluster.store_url, cluster.key, set(folders))
             queued = next(e.at for e in events if e.kind == "queued")
             samples.append(attempts[0].started_at - queued)
     finally:

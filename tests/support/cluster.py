@@ -7,11 +7,15 @@ import secrets
 import subprocess
 import time
 
-from radnode.node.store import FINAL_STATES, Attempt, Event, Job, JobStore
+from pathlib import Path
 
-def store_snapshot(store_url: str, job_ids: set[int] | None = None) -> list[tuple[Job, list[Event], list[Attempt]]]:
-    """Every job (or those in ``job_ids``) with its events and attempts, read from the shared store."""
-    store = JobStore(store_url)
+from radnode.benchmarks.cluster import open_store
+from radnode.node.store import FINAL_STATES, Attempt, Event, Job
+
+def store_snapshot(store_url: str, key: Path, job_ids: set[int] | None = None) -> list[tuple[Job, list[Event], list[Attempt]]]:
+    """Every job (or those in ``job_ids``) with its events and attempts, read from the shared store (patient
+    IDs opened with the site key file ``key``)."""
+    store = open_store(store_url, key)
     try:
         jobs = [j for j in store.jobs() if job_ids is None or j.id in job_ids]
         return [(j, store.events(j.id), store.attempts(j.id)) for j in jobs]
@@ -19,11 +23,11 @@ def store_snapshot(store_url: str, job_ids: set[int] | None = None) -> list[tupl
         store.close()
 
 
-def wait_final(store_url: str, patients: set[str], timeout: float) -> list[tuple[Job, list[Event], list[Attempt]]]:
+def wait_final(store_url: str, key: Path, patients: set[str], timeout: float) -> list[tuple[Job, list[Event], list[Attempt]]]:
     """The jobs of these patients once each has one job and all are final (fails after ``timeout``)."""
     deadline = time.monotonic() + timeout
     while True:
-        jobs = [entry for entry in store_snapshot(store_url) if entry[0].patient_id in patients]
+        jobs = [entry for entry in store_snapshot(store_url, key) if entry[0].patient_id in patients]
         if {j.patient_id for j, _, _ in jobs} == patients and all(j.state in FINAL_STATES for j, _, _ in jobs):
             return jobs
         if time.monotonic() > deadline:
