@@ -227,15 +227,11 @@ class Scheduler:
         except (ExecutionError, OSError) as e:
             self.store.fail_job(job.id, f"cannot start {job.pipeline} ({mode}): {e}")
             return
-        models = [Path(m) for m in self.config.processing.models.get(job.pipeline, ())]
-        digests = {str(m): content_hash(m) for m in models}
-        if models and mode is not ExecutionMode.CONTAINER:  # a model folder is code: run it sandboxed
-            try:
-                argv, env = sandbox_job(self.config, launch.argv, launch.env, root, self.config_file, models)
-            except SandboxError as e:
-                self.store.fail_job(job.id, str(e))
-                return
-            launch = Launch(argv, env, launch.cwd)
+        try:
+            launch, digests = with_model_sandbox(self.config, self.config_file, job.pipeline, mode, launch, root)
+        except SandboxError as e:
+            self.store.fail_job(job.id, str(e))
+            return
         command = shlex.join(launch.argv)
         spare = self.warm.claim(job.pipeline, launch.argv, launch.env) if (
             self.warm is not None and mode is ExecutionMode.IN_PROCESS) else None  # a sandboxed job never is
@@ -317,6 +313,19 @@ def failure_reason(status: int, last_stderr: str) -> str:
     if status < 0:
         return describe_status(status) + (f"; last stderr line: {last_stderr}" if last_stderr else "")
     return last_stderr or describe_status(status)
+
+
+def with_model_sandbox(config: Config, config_file: Path, pipeline: str, mode: ExecutionMode, launch: Launch,
+                       root: Path) -> tuple[Launch, dict[str, str]]:
+    """The launch with the pipeline's ``processing.models`` folders run sandboxed (a model folder is code; a
+    container is its own sandbox), and each folder's content digest for the job's event; SandboxError when the
+    sandbox cannot be made."""
+    models = [Path(m) for m in config.processing.models.get(pipeline, ())]
+    digests = {str(m): content_hash(m) for m in models}
+    if models and mode is not ExecutionMode.CONTAINER:
+        argv, env = sandbox_job(config, launch.argv, launch.env, root, config_file, models)
+        launch = Launch(argv, env, launch.cwd)
+    return launch, digests
 
 
 def spawn(launch: Launch, root: Path) -> subprocess.Popen:

@@ -32,8 +32,11 @@ from radnode.node.engine.broker import TASK, celery_app, check_broker, dead_lett
 from radnode.node.engine.storage import StorageError, open_storage
 from radnode.node.executors import ExecutionError, JobRun, executors, resolve_timeout
 from radnode.node.store import JobStore, store_target
-from radnode.node.worker import DEFAULT_JOB_COMMAND, describe_status, failure_reason, kill_group, last_line, spawn
+from radnode.node.worker import (
+    DEFAULT_JOB_COMMAND, describe_status, failure_reason, kill_group, last_line, spawn, with_model_sandbox,
+)
 from radnode.pipelines.routing import ExecutionMode
+from radnode.security.sandbox import SandboxError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,7 +67,8 @@ class GpuWorker:
         self.storage = open_storage(self.config)
         self.storage.check()
         check_broker(self.config.engine, self.queues)
-        self.executors = executors(self.config, list(job_command), config_file.resolve())
+        self.config_file = config_file.resolve()
+        self.executors = executors(self.config, list(job_command), self.config_file)
         self.current_job: int | None = None
         self._stopping = threading.Event()
 
@@ -149,12 +153,14 @@ class GpuWorker:
             launch = executor.launch(JobRun(job_id, job.pipeline, root))
             timeout = resolve_timeout(mode, job.pipeline, job.execution.timeout_seconds,
                                       self.config.processing.job_timeout_seconds)
-        except (ExecutionError, OSError, StorageError) as e:
+            launch, digests = with_model_sandbox(self.config, self.config_file, job.pipeline, mode, launch, root)
+        except (ExecutionError, OSError, StorageError, SandboxError) as e:
             self._fail(job_id, attempt, f"cannot start {job.pipeline} ({mode}) on worker {self.name}: {e}")
             return
         where = f"host {self.host}, GPU {self.gpus}" if self.gpus else f"host {self.host}, CPU"
+        code = "".join(f"; model {folder} {digest}" for folder, digest in digests.items())
         self.store.started_remotely(job_id, attempt, self.name, f"({where}) {mode}: {shlex.join(launch.argv)} "
-                                                                f"(timeout {timeout.seconds:g} s, {timeout.source})")
+                                                                f"(timeout {timeout.seconds:g} s, {timeout.source}){code}")
         try:
             process = spawn(launch, root)
         except OSError as e:
