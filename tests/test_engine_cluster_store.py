@@ -141,20 +141,16 @@ def test_workers_report_their_heartbeat(store: JobStore) -> None:
 
 
 def test_the_api_lists_the_workers_a_node_s_store_knows(tmp_path) -> None:
-    """``GET /workers``: the workers' queues, GPUs, state, current job and last heartbeat (none reported: [])."""
-    import json
-    import urllib.request
-
+    """``GET /api/workers``: the workers' queues, GPUs, state, current job and last heartbeat (none: [])."""
     from radnode.node.service import Node
+    from support.console import api_json, token_for
     from support.node import node_config
 
     with Node(node_config(tmp_path, api={"enabled": True, "port": 0, "host": "127.0.0.1"})) as node:
-        def workers() -> list:
-            with urllib.request.urlopen(f"http://127.0.0.1:{node.api_port}/workers", timeout=10) as answer:
-                return json.loads(answer.read())["workers"]
-        assert workers() == []
+        token = token_for(node, "viewer")
+        assert api_json(node, "/api/workers", token) == {"workers": []}
         node.store.worker_heartbeat("gpu-host-1-gpu0", "gpu-host-1", ["radnode"], "0", 42, 7, started=True)  # type: ignore[union-attr]
-        (worker,) = workers()
+        (worker,) = api_json(node, "/api/workers", token)["workers"]
     assert (worker["name"], worker["host"], worker["queues"], worker["gpus"], worker["state"], worker["current_job"]) == \
         ("gpu-host-1-gpu0", "gpu-host-1", ["radnode"], "0", "busy", 7)
     assert worker["last_heartbeat"] > 0

@@ -310,7 +310,7 @@ class Node:
         return self._store().events(job_id, after_id)
 
     def workers(self) -> list[dict[str, object]]:
-        """The distributed engine's workers as ``GET /workers`` answers them (none with the local engine)."""
+        """The distributed engine's workers as ``GET /api/workers`` answers them (none with the local engine)."""
         from radnode.node.engine.devices import worker_record
 
         return [worker_record(w, self.config.engine.lease_seconds) for w in self._store().workers()]

@@ -1,4 +1,4 @@
-"""The GPUs of a worker host, and the workers as ``radnode workers`` and ``GET /workers`` show them."""
+"""The GPUs of a worker host, and the workers as ``radnode workers`` and ``GET /api/workers`` show them."""
 
 from __future__ import annotations
 

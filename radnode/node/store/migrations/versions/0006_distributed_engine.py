@@ -6,8 +6,8 @@
 - ``attempts``: one row per run on a worker, how it ended and why.
 - ``workers``: ``radnode worker`` processes with their queues, GPUs, current job and last heartbeat.
 
-Revision ID: 0005
-Revises: 0004
+Revision ID: 0006
+Revises: 0005
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005"
-down_revision = "0004"
+revision = "0006"
+down_revision = "0005"
 branch_labels = None
 depends_on = None
 
