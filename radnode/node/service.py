@@ -115,11 +115,11 @@ class Node:
         rules = self.load_rules()
         router = Router(rules, LateInstances(self.config.ingress.late_instances),
                         PeerPolicy(self.config.ingress))
+        storage = self._check_engine()
         self.store = store = JobStore(store_target(data, self.config.store.url), seal=IdentitySeal(self.site_key))
         log.info("%s", store.opened)
         if sealed := store.seal_stored():
             log.info("sealed %d patient identifiers the job store held in clear", sealed)
-        storage = self._check_engine()
         spool = Spool(data / "spool", fsync=self.config.ingress.sync_spool)
         self.disk_guard = DiskGuard.from_config(spool.root, self.config.retention)
         ingest = Ingest(spool, store, router, self.disk_guard)
@@ -173,20 +173,16 @@ class Node:
 
     def _check_engine(self) -> Storage | None:
         """With ``engine.kind: celery``: the storage (writable) and the broker (reachable, queues declared),
-        checked before the node listens, each refused with one line; None with the local engine."""
+        checked before the store is opened and the node listens, each refused with one line; None with the local
+        engine."""
         if self.config.engine.kind != "celery":
             return None
         from radnode.node.engine.broker import check_broker
         from radnode.node.engine.storage import open_storage
 
         storage = open_storage(self.config)
-        try:
-            storage.check()
-            check_broker(self.config.engine, [self.config.engine.default_queue])
-        except Exception:
-            self._store().close()
-            self.store = None
-            raise
+        storage.check()
+        check_broker(self.config.engine, [self.config.engine.default_queue])
         return storage
 
     @staticmethod
