@@ -30,7 +30,7 @@ from sqlalchemy.exc import OperationalError
 from radnode.config import Config
 from radnode.node.engine.broker import TASK, celery_app, check_broker, dead_letter_queue
 from radnode.node.engine.storage import StorageError, open_storage
-from radnode.node.executors import ExecutionError, JobRun, executors, resolve_timeout
+from radnode.node.executors import ContainerHandle, ExecutionError, JobRun, executors, resolve_timeout
 from radnode.node.store import JobStore, store_target
 from radnode.node.worker import (
     DEFAULT_JOB_COMMAND, describe_status, failure_reason, kill_group, last_line, spawn, with_model_sandbox,
@@ -166,7 +166,7 @@ class GpuWorker:
         except OSError as e:
             self._fail(job_id, attempt, f"cannot start the job command on worker {self.name}: {e}")
             return
-        status = self._watch(job_id, attempt, process, launch.stop_argv, timeout.seconds)
+        status = self._watch(job_id, attempt, process, launch.container, timeout.seconds)
         if status is None:
             return  # fenced off, or timed out (already reported)
         if status != 0:
@@ -185,7 +185,7 @@ class GpuWorker:
             log.warning("job %d attempt %d finished, but the job had moved on: its outputs are not used",
                         job_id, attempt)
 
-    def _watch(self, job_id: int, attempt: int, process: subprocess.Popen, stop_argv: list[str] | None,
+    def _watch(self, job_id: int, attempt: int, process: subprocess.Popen, container: ContainerHandle | None,
                timeout_seconds: float) -> int | None:
         """Wait for the job process, renewing the lease; its exit status, or None when it was ended here."""
         engine = self.config.engine
@@ -211,14 +211,16 @@ class GpuWorker:
                         ended = "fenced"
             if ended:
                 kill_group(process)
-                if stop_argv:
-                    subprocess.run(stop_argv, capture_output=True, timeout=60)
+                if container is not None:  # killing the engine's client does not end the container
+                    log.info("job %d attempt %d: %s", job_id, attempt, container.stop())
                 if ended == "fenced":
                     log.warning("job %d attempt %d stopped: the job moved on (lease lost)", job_id, attempt)
                 else:
                     self._fail(job_id, attempt, ended)
                 return None
             time.sleep(POLL_SECONDS)
+        if container is not None:
+            log.info("job %d attempt %d: %s", job_id, attempt, container.finished(status))
         return status
 
     def _fail(self, job_id: int, attempt: int, reason: str) -> None:
