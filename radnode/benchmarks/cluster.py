@@ -125,6 +125,7 @@ def engine_config(path: Path, data_dir: Path, broker_url: str, store_url: str, s
               "engine": {"kind": "celery", "broker_url": broker_url, "lease_seconds": 9,
                          "broker_heartbeat_seconds": 4},
               "ingress": {"host": "127.0.0.1", "study_idle_seconds": 2.0},
+              "api": {"host": "127.0.0.1", "port": 0},  # the web service on a free port (it always starts)
               "processing": {"job_timeout_seconds": 300}}
     for key, value in sections.items():
         config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
