@@ -171,6 +171,9 @@ class SeriesDecision:
     completeness: Completeness = _field(Completeness(), Completeness.merged)
     execution: Execution = _field(Execution(), Execution.merged)
     """How the pipelines of this series' routes run (merged per pipeline over a study, see :func:`study_route`)."""
+    queue: str = _field("", _first_set(""))
+    """The broker queue its pipelines' jobs go to with the distributed engine (only workers serving it take
+    them, e.g. a large GPU); '' for the default queue (``engine.default_queue``)."""
     matched_rules: tuple[str, ...] = _field((), _union)
     provenance: Provenance = _field(Provenance.EXTERNAL, _first_set(Provenance.EXTERNAL))
     note: str = _field("", _first_set(""))
@@ -227,6 +230,7 @@ class SeriesDecision:
             action = "; ".join(parts or ["no action"]) + f"; priority {self.priority}"
             action += f"; completeness {self.completeness.describe()}" if self.completeness.describe() else ""
             action += f"; execution {self.execution.describe()}" if self.execution.describe() else ""
+            action += f"; queue {self.queue}" if self.queue else ""
         return f"{action} (rules: {', '.join(self.matched_rules)})"
 
     def to_record(self) -> dict[str, Any]:
@@ -267,6 +271,8 @@ class StudyRoute:
     """Per pipeline: the execution settings of the series' routes choosing it, merged."""
     skipped: tuple[str, ...] = ()
     """Why each skipped series' decision does nothing (its ``describe()``), each once."""
+    queue: str = ""
+    """The broker queue the rules name for the study ('' for the default), the first one a series' rule set."""
 
     @property
     def nothing_to_do(self) -> bool:
@@ -304,4 +310,5 @@ def study_route(decisions: Iterable[SeriesDecision]) -> StudyRoute:
         priority=reduce(_most_urgent, (d.priority for d in kept), Priority.OFF_PEAK) if kept else Priority.ROUTINE,
         executions=executions,
         skipped=tuple(sorted({d.describe() for d in decisions if d.skipped})),
+        queue=next((d.queue for d in kept if d.queue), ""),
     )

@@ -52,6 +52,7 @@ class Rule:
         parts += [f"priority {d.priority}"]
         parts += [f"completeness {d.completeness.describe()}"] if d.completeness.describe() else []
         parts += [f"execution {d.execution.describe()}"] if d.execution.describe() else []
+        parts += [f"queue {d.queue}"] if d.queue else []
         parts += ["stop"] if self.stop else []
         return "; ".join(parts)
 
@@ -151,6 +152,7 @@ class _RuleSpec(BaseModel):
     priority: Literal["stat", "routine", "off-peak"] = "routine"
     completeness: _CompletenessSpec = _CompletenessSpec()
     execution: _ExecutionSpec = _ExecutionSpec()
+    queue: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")] | None = None
     stop: bool = False
     final: bool = False
 
@@ -201,10 +203,10 @@ class _Parser(ConditionParser):
         if spec.discard and (spec.pipelines or spec.forward):
             raise self.error(node.key_lines["discard"],
                              f"{label}: 'discard' cannot be combined with pipelines or forward")
-        modifiers = {"priority", "completeness", "execution"}
+        modifiers = {"priority", "completeness", "execution", "queue"}
         if not (spec.discard or spec.pipelines or spec.forward or modifiers & node.keys()):
             raise self.error(node.line, f"{label}: no action; give pipelines, forward, discard, priority, "
-                                        "completeness or execution")
+                                        "completeness, execution or queue")
         self._check_names(node, "pipelines", self.known_pipelines, "pipeline", label)
         self._check_forwards(node, label)
         mode = spec.execution.mode
@@ -225,7 +227,7 @@ class _Parser(ConditionParser):
             completeness=Completeness(c.study_idle_seconds, c.series_grace_seconds,
                                       LateInstances(c.late_instances) if c.late_instances else None),
             execution=Execution(ExecutionMode(x.mode) if x.mode else None, x.timeout_seconds),
-            matched_rules=(spec.name,),
+            queue=spec.queue or "", matched_rules=(spec.name,),
         )
         return Rule(name=spec.name, description=spec.description.strip(), condition=condition, decision=decision,
                     stop=spec.stop or spec.final, line=node.line)

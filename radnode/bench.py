@@ -19,12 +19,12 @@ from pathlib import Path
 from types import ModuleType
 
 import radnode
-from radnode.benchmarks import Studies, end_to_end, ingest, job_start, seg_writing, summary
+from radnode.benchmarks import Studies, end_to_end, engine, ingest, job_start, seg_writing, summary
 from radnode.viewer import ORTHANC_STORAGE_ROOT
 
 BENCH_SCRIPTS = Path(radnode.__file__).resolve().parents[1] / "bench"
 """Benchmark scripts kept beside the source (not installed): trigger_latency.py, gpu_inference.py."""
-BENCHMARKS = ("ingest", "trigger", "job_start", "end_to_end", "seg_writing", "gpu")
+BENCHMARKS = ("ingest", "trigger", "job_start", "end_to_end", "seg_writing", "gpu", "engine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +50,9 @@ class Plan:
     cpu_inference_size: int = 128
     """Without a GPU the inference benchmark runs on the CPU at this size (512×512×300 would take ~45 min)."""
     cpu_inference_slices: int = 40
+    engine_studies: int = 4
+    """Studies per throughput run of the distributed engine (one and two workers)."""
+    engine_slices: int = 20
 
 
 FULL = Plan()
@@ -173,6 +176,8 @@ def run_suite(plan: Plan, output: Path | None = None) -> dict:
             results["seg_writing"] = seg_writing.run(source, plan.seg_counts, plan.seg_repeats)
         if "gpu" in plan.benchmarks:
             results["gpu"] = gpu(plan)
+        if "engine" in plan.benchmarks:
+            results["engine"] = engine.run(work / "engine", plan.engine_studies, plan.engine_slices)
     results["targets"] = targets(results)
     results["seconds"] = round(time.monotonic() - started, 1)
     if output is not None:
@@ -253,6 +258,21 @@ def table(results: dict) -> str:
                       for phase, sec in phases.items()]
             lines += [f"peak GPU memory MiB: {g['peak_gpu_memory_mib']}; stock SDK ÷ radnode: {g['stock_over_radnode']}",
                       ""]
+    if "engine" in results:
+        e = results["engine"]
+        if "skipped" in e:
+            lines += [f"Distributed engine: skipped ({e['skipped']})", ""]
+        else:
+            t, d, o = e["throughput"], e["worker_death"], e["queued_to_running_seconds"]
+            lines += [f"Distributed engine (Celery on RabbitMQ, PostgreSQL store, CPU workers), {e['slices']}-slice "
+                      "phantom CTs, ct_tissue",
+                      "| figure | 1 worker | 2 workers | 2 ÷ 1 |", "|---|---|---|---|",
+                      f"| studies/hour ({t['1']['studies']} studies) | {t['1']['studies_per_hour']} | "
+                      f"{t['2']['studies_per_hour']} | {t['two_over_one']} |",
+                      "| figure | celery engine | local executor | |", "|---|---|---|---|",
+                      f"| queued → running, median s | {o['celery']['median']} | {o['local']['median']} | |",
+                      f"worker SIGKILLed mid-job → its job running on another worker: "
+                      f"{d['death_to_running_elsewhere_seconds']} s", ""]
     lines += ["Targets", "| check | value | target | met |", "|---|---|---|---|"]
     lines += [f"| {name} | {c['value']} | {c['target']} | {c['met']} |" for name, c in results["targets"].items()]
     lines.append(f"\nsuite ran {results['seconds']} s")

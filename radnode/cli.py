@@ -449,6 +449,41 @@ class _Subcommands(argparse._SubParsersAction):
         return parser
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run jobs from the broker's queues on this host's GPUs (or CPU): ``engine.kind: celery``."""
+    from radnode.node.engine.gpu_worker import run_workers
+
+    config = _load(args)
+    if config.engine.kind != "celery":
+        raise ConfigError(f"{args.config}: radnode worker needs engine.kind celery (with engine.broker_url and "
+                          "store.url)")
+    if args.cpu:
+        gpus: list[str] = []
+    elif args.gpus is not None:
+        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+        if not gpus or not all(g.isdigit() for g in gpus):
+            raise ConfigError(f"--gpus {args.gpus!r}: expected GPU indices such as 0,1")
+    else:
+        from radnode.node.engine.devices import visible_gpus
+
+        gpus = visible_gpus()
+    return run_workers(config, Path(args.config), args.queue or [], gpus, args.name)
+
+
+def cmd_workers(args: argparse.Namespace) -> int:
+    """List the workers: queues, GPUs, current job, last heartbeat."""
+    from radnode.node.engine.devices import workers_table
+    from radnode.node.store import JobStore, store_target
+
+    config = _load(args)
+    store = JobStore(store_target(config.data_dir.resolve(), config.store.url))
+    try:
+        print(workers_table(store.workers(), config.engine.lease_seconds))
+    finally:
+        store.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radnode", description=__doc__)
     parser.register("action", "parsers", _Subcommands)
@@ -654,6 +689,21 @@ def build_parser() -> argparse.ArgumentParser:
     audit_find.add_argument("--patient-id", help="the patient's ID (pseudonymised as the node writes it)")
     audit_find.add_argument("--study", help="a Study Instance UID")
     audit_find.set_defaults(func=cmd_audit_find)
+
+    worker = sub.add_parser("worker", help="run jobs from the broker on this host (engine.kind: celery)")
+    worker.add_argument("--config", required=True, help="configuration YAML file (engine, store, storage)")
+    worker.add_argument("--queue", action="append", metavar="NAME",
+                        help="a broker queue to serve (repeatable; default engine.default_queue)")
+    worker.add_argument("--name", help="the worker's name (default radnode-HOST-gpuN or radnode-HOST-cpu; "
+                                       "give one per worker when several run on a host without GPUs)")
+    devices = worker.add_mutually_exclusive_group()
+    devices.add_argument("--gpus", help="GPU indices, one worker process each (default: every GPU nvidia-smi lists)")
+    devices.add_argument("--cpu", action="store_true", help="one worker on the CPU")
+    worker.set_defaults(func=cmd_worker)
+
+    workers = sub.add_parser("workers", help="list the workers: queues, GPUs, current job, last heartbeat")
+    workers.add_argument("--config", help="configuration YAML file (store.url)")
+    workers.set_defaults(func=cmd_workers)
 
     purge = sub.add_parser("purge", help="remove the files of jobs past their retention (job rows and logs stay)")
     purge.add_argument("--config", help="configuration YAML file (data_dir, retention)")

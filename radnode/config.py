@@ -472,6 +472,58 @@ class StoreConfig(_Strict):
         return v
 
 
+class EngineConfig(_Strict):
+    """Where jobs run: ``local`` (the node's own process pool, the default) or ``celery`` (GPU workers on other
+    hosts, ``radnode worker``, fed through RabbitMQ at ``broker_url``; needs ``store.url`` and shared
+    ``storage``). See ``radnode/node/engine/`` for the guarantees."""
+
+    kind: Literal["local", "celery"] = "local"
+    broker_url: str | None = None
+    """``amqp://user:pass@host:5672/vhost`` (RabbitMQ; its ``consumer_timeout`` must exceed the longest job)."""
+    default_queue: Annotated[str, Field(min_length=1)] = "radnode"
+    """The broker queue of jobs whose rule names none (``queue:`` in a rule sends a pipeline elsewhere)."""
+    max_attempts: Annotated[int, Field(ge=1)] = 3
+    """A job whose worker is lost this many times ends ``failed`` with every attempt's reason (and its message
+    is dead-lettered); a job whose pipeline itself fails ends ``failed`` at once, as with the local engine."""
+    lease_seconds: Annotated[float, Field(gt=0)] = 20.0
+    """A running job's lease in the store, renewed by its worker every third of it; the leader's reaper
+    requeues a job whose lease lapsed (its worker vanished unnoticed by the broker)."""
+    broker_heartbeat_seconds: Annotated[float, Field(gt=0)] = 10.0
+    """AMQP heartbeat: RabbitMQ drops a silent worker's connection (and redelivers its job) after two
+    missed beats."""
+
+    @model_validator(mode="after")
+    def _broker(self) -> "EngineConfig":
+        if self.kind == "celery" and not self.broker_url:
+            raise ValueError("engine.kind celery needs engine.broker_url (amqp://user:pass@host:5672/vhost)")
+        if self.broker_url is not None and not re.match(r"amqps?://", self.broker_url):
+            raise ValueError("engine.broker_url: expected an amqp:// or amqps:// URL (RabbitMQ)")
+        return self
+
+
+class StorageConfig(_Strict):
+    """Where study inputs and job outputs live so every host reaches them (used with ``engine.kind: celery``):
+    a folder every host mounts (``shared_dir``, NFS in production; default ``data_dir/shared``), or an
+    S3-compatible object store (``s3``: ``bucket``, ``endpoint`` for a non-AWS server; credentials the
+    standard AWS way, e.g. ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``)."""
+
+    kind: Literal["shared_dir", "s3"] = "shared_dir"
+    path: Path | None = None
+    endpoint: str | None = None
+    bucket: str | None = None
+    region: str = "us-east-1"
+    prefix: str = "radnode"
+    """Key prefix inside the bucket."""
+
+    @model_validator(mode="after")
+    def _s3(self) -> "StorageConfig":
+        if self.kind == "s3" and not self.bucket:
+            raise ValueError("storage.kind s3 needs storage.bucket")
+        if self.endpoint is not None and not re.match(r"https?://", self.endpoint):
+            raise ValueError("storage.endpoint: expected an http:// or https:// URL")
+        return self
+
+
 class ReportConfig(_Strict):
     """How the report text is written: a deterministic template, or a language model whose text is verified."""
 
@@ -611,9 +663,18 @@ class Config(_Strict):
     deidentification: DeidentificationConfig = DeidentificationConfig()
     sandbox: SandboxConfig = SandboxConfig()
     feedback: FeedbackConfig = FeedbackConfig()
+    engine: EngineConfig = EngineConfig()
+    storage: StorageConfig = StorageConfig()
     rules: Path | None = None
     """Routing rule file; unset: the shipped ``pipelines/default_rules.yaml`` (CT axial volumes to ``ct_tissue``,
     T1 brain MRI to ``mri_brain``, derived objects never processed)."""
+
+    @model_validator(mode="after")
+    def _engine_store(self) -> "Config":
+        if self.engine.kind == "celery" and not self.store.url:
+            raise ValueError("engine.kind celery needs store.url (PostgreSQL): the workers on other hosts share "
+                             "the job store")
+        return self
 
     @model_validator(mode="after")
     def _orthanc_destinations(self) -> "Config":

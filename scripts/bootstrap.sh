@@ -10,9 +10,10 @@ cd "$(dirname "$0")/.."
 # audit collector (RFC 5425 syslog over TLS) for the tests; jing: an independent RELAX NG validator of the audit
 # messages; bubblewrap: the sandbox model folders are checked in; podman/runc: the engine that builds and runs
 # the MAP images, debootstrap: their offline Debian base (deploy/map/base/bookworm.sh); libpixelmed-java + a JRE:
-# PixelMed's DicomSRValidator (SR template checks) for the tests.
+# PixelMed's DicomSRValidator (SR template checks) for the tests; rabbitmq-server: the broker of the distributed
+# engine (the tests start a private node of it); iproute2: network namespaces that stand in for worker hosts.
 APT_PACKAGES=(dcmtk dicom3tools orthanc orthanc-python orthanc-dicomweb mricron-data postgresql-15 rsyslog rsyslog-gnutls
-  jing bubblewrap podman runc debootstrap libpixelmed-java default-jre-headless)
+  jing bubblewrap podman runc debootstrap libpixelmed-java default-jre-headless rabbitmq-server iproute2)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

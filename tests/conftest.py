@@ -225,3 +225,65 @@ def head_ct_nifti() -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(tar.extractfile(member).read())
     return target
+# --- RabbitMQ (Debian's 3.10): a private node for the session, so a test may stop it ---------------------
+
+@pytest.fixture(scope="session")
+def rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator["RabbitNode"]:
+    """A RabbitMQ node of this session's own (own name, port, data and vhost), stopped at the end."""
+    from radnode.benchmarks.cluster import RabbitNode
+
+    node = RabbitNode(tmp_path_factory.mktemp("rabbitmq"))
+    try:
+        yield node
+    finally:
+        node.close()
+
+
+@pytest.fixture(scope="module")
+def shared_store_url(postgres: PostgresServer) -> Iterator[str]:
+    """A PostgreSQL schema shared by the node and workers of one test module (dropped afterwards)."""
+    import secrets
+
+    schema = f"m_{secrets.token_hex(6)}"
+    postgres.psql(f"CREATE SCHEMA {schema} AUTHORIZATION {postgres.role}", postgres.database)
+    try:
+        yield postgres.url(schema)
+    finally:
+        postgres.psql(f"DROP SCHEMA {schema} CASCADE", postgres.database)
+
+
+# --- S3: moto's real HTTP server (ThreadedMotoServer), one per session -----------------------------------
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """The URL of a moto S3 server on loopback; AWS credentials for it in the environment (moto takes any)."""
+    import os
+
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    os.environ.update(AWS_ACCESS_KEY_ID="radnode-test", AWS_SECRET_ACCESS_KEY="radnode-test")
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str) -> str:
+    """A new, empty bucket on the moto server."""
+    import secrets
+
+    import boto3
+
+    name = f"radnode-{secrets.token_hex(4)}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return name

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -598,3 +598,30 @@ def write_malformed_corpus(folder: Path) -> list[Malformed]:
         + b"\x00" * 100)
     raw("empty-body", "StudyInstanceUID", b"")
     return corpus
+
+
+def queued_job(store: JobStore, pipeline: str = "ct_tissue") -> int:
+    """A job of a new one-instance study, queued (its study complete), not yet started or dispatched."""
+    from radnode.node.store import Instance
+    from radnode.pipelines.routing import SeriesDecision
+
+    _, job_id = store.record_instance(
+        Instance(generate_uid(), generate_uid(), generate_uid(), "P1", "CT", CT_IMAGE_STORAGE, "/spool/x.dcm",
+                 "SCANNER", "127.0.0.1:5000", "a1", 0.0), SeriesDecision((pipeline,)))
+    store.queue_complete_studies(idle_seconds=1)
+    return job_id
+
+
+def write_ct_studies(root: Path, patients: Iterable[str], n_slices: int = 16) -> dict[str, Path]:
+    """One small chest phantom CT study per patient ID (own study, series and instance UIDs), each in its own
+    folder under ``root``: patient ID → folder."""
+    folders = {}
+    for index, patient in enumerate(patients):
+        folder = root / patient
+        files = write_chest_phantom(folder, n_slices=n_slices, seed=index)
+        for path in files:
+            ds = pydicom.dcmread(path)
+            ds.PatientID = patient
+            ds.save_as(path)
+        folders[patient] = folder
+    return folders

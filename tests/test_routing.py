@@ -77,7 +77,7 @@ def test_a_decision_is_recorded_by_field_name_and_read_back_whole() -> None:
     assert record["priority"] == "stat" and record["execution"] == {"mode": "container", "timeout_seconds": 30}
     assert SeriesDecision.from_record(record) == decision
     # a record an older release wrote (fewer fields) or a newer one (more) still reads
-    older = {k: v for k, v in record.items() if k not in ("provenance", "note")} | {"queue": "gpu-large"}
+    older = {k: v for k, v in record.items() if k not in ("provenance", "note")} | {"result_versioning": "supersede"}
     assert SeriesDecision.from_record(older) == decision
     assert decision.with_defaults(LateInstances.RERUN) == decision
     assert SeriesDecision(("p",)).with_defaults(LateInstances.RERUN).late_instances is LateInstances.RERUN

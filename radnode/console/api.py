@@ -15,8 +15,8 @@ from pydantic import Field
 from radnode.console.accounts import same_secret
 from radnode.console.auth import Viewer, bearer_scheme, gate_of
 from radnode.console.schemas import (
-    CorrectionList, Document, PerformanceDocument, Health, JobDetail, JobIdPath, JobList, Me, Queued, correction_document,
-    delivery_document, event_document, job_summary,
+    CorrectionList, Document, PerformanceDocument, Health, JobDetail, JobIdPath, JobList, Me, Queued, WorkerList,
+    correction_document, delivery_document, event_document, job_summary,
 )
 from radnode.node.egress import Egress
 from radnode.node.store import CorrectionState, Job, JobState, JobStore, StudyDetails
@@ -33,6 +33,9 @@ class NodeView(Protocol):
     """The node's egress while it runs: re-sends go through :meth:`Egress.resend`, which wakes the workers."""
 
     def health(self) -> dict[str, Any]: ...
+
+    def workers(self) -> list[dict[str, object]]:
+        """The distributed engine's workers (none with the local engine)."""
 
     def orthanc_event(self, event: dict[str, str]) -> None:
         """Queue one plugin event (ValueError: this node takes none)."""
@@ -51,6 +54,12 @@ router = APIRouter()
 @router.get("/health", response_model=Health, tags=["node"], summary="Liveness and job counts (no authentication)")
 def health(request: Request) -> Health:
     return Health.model_validate(node_of(request).health())
+
+
+@router.get("/api/workers", response_model=WorkerList, tags=["node"],
+            summary="The distributed engine's workers: queues, GPUs, state, current job, last heartbeat")
+def list_workers(request: Request, identity: Viewer) -> WorkerList:
+    return WorkerList.model_validate({"workers": node_of(request).workers()})
 
 
 @router.get("/api/me", response_model=Me, tags=["accounts"], summary="Who the caller is")

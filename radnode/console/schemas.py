@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -173,6 +173,25 @@ class JobDetail(JobSummary):
 class JobList(Document):
     jobs: list[JobSummary]
     total: int = Field(description="jobs matching the filters (the page holds at most `limit` of them)")
+
+
+class WorkerSummary(Document):
+    """A ``radnode worker`` process of the distributed engine as it last reported itself."""
+
+    name: str
+    host: str
+    queues: list[str]
+    gpus: str = Field(description="GPU indices it sees (CUDA_VISIBLE_DEVICES), or cpu")
+    pid: int
+    state: Literal["idle", "busy", "lost", "stopped"] = Field(
+        description="lost: no heartbeat for longer than engine.lease_seconds")
+    current_job: int | None
+    last_heartbeat: float = Field(description="seconds since the epoch")
+    started_at: float
+
+
+class WorkerList(Document):
+    workers: list[WorkerSummary]
 
 
 class Health(Document):

@@ -43,6 +43,7 @@ import threading
 from collections.abc import Callable, Sequence
 from io import BytesIO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -65,6 +66,10 @@ from radnode.pipelines.rules import DEFAULT_RULES, RuleSet, load_rules
 from radnode.security.access import PeerPolicy
 from radnode.security.audit import AuditTrail
 from radnode.security.privacy import IdentitySeal, SiteKey, make_private, private_umask, write_owner_only
+
+if TYPE_CHECKING:
+    from radnode.node.engine.leader import Leadership
+    from radnode.node.engine.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +99,8 @@ class Node:
         os.umask(self._umask)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._leadership: Leadership | None = None
+        """With the distributed engine: whether this node schedules and delivers (one leader per store)."""
 
     def start(self) -> None:
         """Recover what a previous run left, then listen and schedule."""
@@ -111,6 +118,7 @@ class Node:
         rules = self.load_rules()
         router = Router(rules, LateInstances(self.config.ingress.late_instances),
                         PeerPolicy(self.config.ingress))
+        storage = self._check_engine()
         self.store = store = JobStore(store_target(data, self.config.store.url), seal=IdentitySeal(self.site_key))
         log.info("%s", store.opened)
         if sealed := store.seal_stored():
@@ -118,10 +126,10 @@ class Node:
         spool = Spool(data / "spool", fsync=self.config.ingress.sync_spool)
         self.disk_guard = DiskGuard.from_config(spool.root, self.config.retention)
         ingest = Ingest(spool, store, router, self.disk_guard)
-        self._recover(store, spool, ingest)
+        self._recover(store, spool, ingest, requeue_running=storage is None)
         self.egress = egress = Egress(self.config, store, self.poll_seconds, self.audit)
         scheduler = Scheduler(self.config, store, egress, self.job_command, config_file,
-                              rules.in_process_pipelines)
+                              rules.in_process_pipelines, storage)
         self._scp = StorageSCP(self.config.ingress, ingest, self.audit)
         self._scp.start()
         if self.config.orthanc.url:
@@ -133,12 +141,26 @@ class Node:
             self._web.start()
         self._stopping.clear()
         retention = Retention(self.config, store, should_stop=self._stopping.is_set)
-        egress.start()
         activity = ActivityLog(store.read_rows)
+        if storage is None:
+            egress.start()
+            self._threads = [self._loop("activity", activity.tick),
+                             self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
+                             self._loop("egress", egress.dispatch), self._loop("retention", retention.tick)]
+            return
+        from radnode.node.engine.leader import Leadership
+
+        self._leadership = leader = Leadership(store, on_gain=egress.start, on_loss=egress.stop)
+
+        def leading(step: Callable[[], None]) -> Callable[[], None]:
+            return lambda: step() if leader.is_leader.is_set() else None
+
         self._threads = [self._loop("activity", activity.tick),
-                         self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
-                         self._loop("egress", egress.dispatch), self._loop("retention", retention.tick),
-                         self._loop("feedback", CorrectionMatcher(self.config, store).tick)]
+                         self._loop("leader", leader.tick, on_exit=leader.release, poll_seconds=1.0),
+                         self._loop("scheduler", leading(scheduler.tick), on_exit=scheduler.stop),
+                         self._loop("egress", leading(egress.dispatch)),
+                         self._loop("retention", leading(retention.tick)),
+                         self._loop("feedback", leading(CorrectionMatcher(self.config, store).tick))]
 
     def load_rules(self) -> RuleSet:
         """The configured rule file (unset: the shipped ``pipelines/default_rules.yaml``), checked against the
@@ -153,18 +175,36 @@ class Node:
         counts, flagged = self._store().job_counts()
         return {"status": "ok", "jobs": counts, "needs_review": flagged}
 
+    def _check_engine(self) -> Storage | None:
+        """With ``engine.kind: celery``: the storage (writable) and the broker (reachable, queues declared),
+        checked before the store is opened and the node listens, each refused with one line; None with the local
+        engine."""
+        if self.config.engine.kind != "celery":
+            return None
+        from radnode.node.engine.broker import check_broker
+        from radnode.node.engine.storage import open_storage
+
+        storage = open_storage(self.config)
+        storage.check()
+        check_broker(self.config.engine, [self.config.engine.default_queue])
+        return storage
+
     @staticmethod
-    def _recover(store: JobStore, spool: Spool, ingest: Ingest) -> None:
-        """Drop half-written spool files, index unknown ones, queue interrupted jobs to run again."""
+    def _recover(store: JobStore, spool: Spool, ingest: Ingest, requeue_running: bool = True) -> None:
+        """Drop half-written spool files, index unknown ones, queue interrupted jobs to run again (not with
+        the distributed engine: those run on workers, and the reaper looks after them)."""
         if partial := spool.discard_partial():
             log.warning("discarded %d partial spool writes", partial)
         if found := ingest.reindex():
             log.warning("indexed %d spool files the job store did not know", found)
+        if not requeue_running:
+            return
         for job_id in store.running_jobs():
             store.requeue(job_id, "node restarted while the job was running; partial output discarded")
             log.warning("job %d was running when the node stopped; it runs again", job_id)
 
-    def _loop(self, name: str, step: Callable[[], None], on_exit: Callable[[], None] | None = None) -> threading.Thread:
+    def _loop(self, name: str, step: Callable[[], None], on_exit: Callable[[], None] | None = None,
+              poll_seconds: float | None = None) -> threading.Thread:
         """A thread calling ``step`` every ``poll_seconds`` until stop; an error is logged, never fatal.
 
         ``on_exit`` runs in the same thread at the end: job processes are tied to the thread that started
@@ -176,7 +216,7 @@ class Node:
                     step()
                 except Exception:
                     log.exception("%s step failed; carrying on", name)
-                self._stopping.wait(self.poll_seconds)
+                self._stopping.wait(poll_seconds or self.poll_seconds)
             if on_exit is not None:
                 on_exit()
 
@@ -268,6 +308,12 @@ class Node:
     def events(self, job_id: int, after_id: int = 0) -> list[Event]:
         """A job's event log (``after_id`` to poll only new lines)."""
         return self._store().events(job_id, after_id)
+
+    def workers(self) -> list[dict[str, object]]:
+        """The distributed engine's workers as ``GET /api/workers`` answers them (none with the local engine)."""
+        from radnode.node.engine.devices import worker_record
+
+        return [worker_record(w, self.config.engine.lease_seconds) for w in self._store().workers()]
 
     def deliveries(self, job_id: int) -> list[Delivery]:
         """A job's deliveries with their attempts and last errors."""

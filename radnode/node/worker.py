@@ -28,6 +28,7 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from radnode.config import Config
 from radnode.execution import ManifestError, RunManifest
@@ -40,6 +41,10 @@ from radnode.outputs.layout import RunOutput
 from radnode.node.warm import WarmPool, die_with_parent
 from radnode.pipelines.routing import ExecutionMode
 from radnode.security.sandbox import SandboxError, content_hash, sandbox_job
+
+if TYPE_CHECKING:
+    from radnode.node.engine.dispatch import Dispatcher
+    from radnode.node.engine.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +72,9 @@ class JobProcess:
     """The node's cgroup OOM-kill count when it started (None: not readable here)."""
 
     def end(self, grace: float = 0.0) -> str | None:
-        """Kill the process group (see :func:`_kill_group`), then stop and remove its container, if any;
+        """Kill the process group (see :func:`kill_group`), then stop and remove its container, if any;
         returns what happened to the container (for the job's events)."""
-        _kill_group(self.process, grace)
+        kill_group(self.process, grace)
         return self.launch.container.stop(grace) if self.launch.container else None
 
     def finished(self, status: int) -> str | None:
@@ -119,9 +124,11 @@ class Scheduler:
     paused (``radnode queue pause``) nothing new starts."""
 
     def __init__(self, config: Config, store: JobStore, egress: Egress, command: Sequence[str],
-                 config_file: Path, warm_pipelines: Iterable[str] = ()) -> None:
+                 config_file: Path, warm_pipelines: Iterable[str] = (), storage: Storage | None = None) -> None:
         """``warm_pipelines``: those the rules run in-process, each kept warm (``processing.warm_start``) when
-        the job command is the default one."""
+        the job command is the default one. ``storage``: with ``engine.kind: celery``, where jobs' inputs and
+        outputs go for the workers; the scheduler then dispatches pipeline jobs to the broker instead of running
+        them (``engine/``)."""
         self.config = config
         self.store = store
         self.egress = egress
@@ -137,6 +144,11 @@ class Scheduler:
         self.warm = WarmPool(warm_pipelines, in_process.env, config.data_dir) if (
             config.processing.warm_start and tuple(command) == DEFAULT_JOB_COMMAND
             and isinstance(in_process, InProcessExecutor)) else None
+        self.remote: Dispatcher | None = None
+        if storage is not None:
+            from radnode.node.engine.dispatch import Dispatcher
+
+            self.remote = Dispatcher(config, store, storage, self._prepare, self._finish)
 
     def tick(self) -> None:
         """One scheduling round; called repeatedly by the node's scheduler thread (the warm processes are
@@ -150,6 +162,11 @@ class Scheduler:
             self.store.restart(job_id)
         for job_id in self.store.cancelled(self.running):  # an operator cancelled it: end its process (container)
             self._note_container(job_id, self.running.pop(job_id).end())
+        if self.remote is not None:
+            self.remote.tick()
+            while (job := self.store.next_queued(forward_only=True)) is not None:
+                self._forward(job.id)
+            return
         for job_id in list(self.running):
             self._reap(self.running[job_id])
         paused = self.store.queue_paused()  # an operator paused the queue: nothing new starts
@@ -219,15 +236,11 @@ class Scheduler:
         except (ExecutionError, OSError) as e:
             self.store.fail_job(job.id, f"cannot start {job.pipeline} ({mode}): {e}")
             return
-        models = [Path(m) for m in self.config.processing.models.get(job.pipeline, ())]
-        digests = {str(m): content_hash(m) for m in models}
-        if models and mode is not ExecutionMode.CONTAINER:  # a model folder is code: run it sandboxed
-            try:
-                argv, env = sandbox_job(self.config, launch.argv, launch.env, root, self.config_file, models)
-            except SandboxError as e:
-                self.store.fail_job(job.id, str(e))
-                return
-            launch = Launch(argv, env, launch.cwd)
+        try:
+            launch, digests = with_model_sandbox(self.config, self.config_file, job.pipeline, mode, launch, root)
+        except SandboxError as e:
+            self.store.fail_job(job.id, str(e))
+            return
         command = shlex.join(launch.argv)
         spare = self.warm.claim(job.pipeline, launch.argv, launch.env) if (
             self.warm is not None and mode is ExecutionMode.IN_PROCESS) else None  # a sandboxed job never is
@@ -241,19 +254,15 @@ class Scheduler:
         if digests and self.egress.audit is not None:
             self.egress.audit.instances_processed(study_uid=job.study_instance_uid, patient_id=job.patient_id or None,
                                                   job=f"job {job.id}", pipeline=job.pipeline, models=digests)
-        with open(root / "stdout.log", "wb") as out, open(root / "stderr.log", "wb") as err:
-            try:
-                if spare is not None:
-                    WarmPool.hand(spare, launch.argv, launch.env, launch.cwd, root / "stdout.log",
-                                  root / "stderr.log")
-                    process = spare
-                else:
-                    process = subprocess.Popen(launch.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                               cwd=launch.cwd, env=launch.env, start_new_session=True,
-                                               preexec_fn=die_with_parent)
-            except OSError as e:
-                self.store.fail_job(job.id, f"cannot start the job command: {e}")
-                return
+        try:
+            if spare is not None:
+                WarmPool.hand(spare, launch.argv, launch.env, launch.cwd, root / "stdout.log", root / "stderr.log")
+                process = spare
+            else:
+                process = spawn(launch, root)
+        except OSError as e:
+            self.store.fail_job(job.id, f"cannot start the job command: {e}")
+            return
         self.running[job.id] = JobProcess(job.id, process, launch, mode, timeout.seconds,
                                           time.monotonic() + timeout.seconds, root / "stderr.log",
                                           attempt=job.runs + 1, oom_kills_before=oom_kills())
@@ -288,17 +297,21 @@ class Scheduler:
             self.store.fail_job(job.job_id, reason)
             log.debug("job %d failed: %s", job.job_id, reason)
             return
-        outputs = job_dir(self.config, job.job_id) / "out"
-        manifest = run_manifest(job.job_id, outputs)
+        self._finish(job.job_id, job_dir(self.config, job.job_id) / "out")
+
+    def _finish(self, job_id: int, outputs: Path) -> None:
+        """A run that ended well (here or on a worker): its warnings and review decision into the store, its
+        results staged for egress."""
+        manifest = run_manifest(job_id, outputs)
         if manifest is not None and manifest.warnings:  # what the outputs did without: the job still ends done
-            self.store.record_warnings(job.job_id, manifest.warnings)
-            log.warning("job %d: %s", job.job_id, "; ".join(manifest.warnings))
+            self.store.record_warnings(job_id, manifest.warnings)
+            log.warning("job %d: %s", job_id, "; ".join(manifest.warnings))
         review = manifest.review if manifest is not None else None
         if review is not None:
-            self.store.record_review(job.job_id, review.needs_review, review.reasons)
+            self.store.record_review(job_id, review.needs_review, review.reasons)
             if review.needs_review:
-                log.debug("job %d flagged for human review: %s", job.job_id, "; ".join(review.reasons))
-        self.egress.stage(job.job_id, outputs)
+                log.debug("job %d flagged for human review: %s", job_id, "; ".join(review.reasons))
+        self.egress.stage(job_id, outputs)
 
     def _note_container(self, job_id: int, message: str | None) -> None:
         if message:
@@ -306,7 +319,10 @@ class Scheduler:
             log.debug("job %d: %s", job_id, message)
 
     def stop(self) -> None:
-        """End running jobs (SIGTERM, then SIGKILL) and queue them to run again at the next start."""
+        """End running jobs (SIGTERM, then SIGKILL) and queue them to run again at the next start (jobs on
+        workers run on)."""
+        if self.remote is not None:
+            self.remote.close()
         for job in self.running.values():
             self._note_container(job.job_id, job.end(grace=STOP_GRACE_SECONDS))
             self.store.requeue(job.job_id, "node stopped while the job was running; it will run again")
@@ -351,7 +367,35 @@ def oom_kills(proc_self_cgroup: Path = Path("/proc/self/cgroup"), root: Path = P
     return None
 
 
-def _kill_group(process: subprocess.Popen, grace: float = 0.0) -> None:
+def with_model_sandbox(config: Config, config_file: Path, pipeline: str, mode: ExecutionMode, launch: Launch,
+                       root: Path) -> tuple[Launch, dict[str, str]]:
+    """The launch with the pipeline's ``processing.models`` folders run sandboxed (a model folder is code; a
+    container is its own sandbox), and each folder's content digest for the job's event; SandboxError when the
+    sandbox cannot be made."""
+    models = [Path(m) for m in config.processing.models.get(pipeline, ())]
+    digests = {str(m): content_hash(m) for m in models}
+    if models and mode is not ExecutionMode.CONTAINER:
+        argv, env = sandbox_job(config, launch.argv, launch.env, root, config_file, models)
+        launch = Launch(argv, env, launch.cwd)
+    return launch, digests
+
+
+def spawn(launch: Launch, root: Path) -> subprocess.Popen:
+    """Start a launch as its own process group (killed with the thread that starts it), its output in
+    ``root/stdout.log`` and ``root/stderr.log``; OSError when it cannot start."""
+    with open(root / "stdout.log", "wb") as out, open(root / "stderr.log", "wb") as err:
+        return subprocess.Popen(launch.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=launch.cwd,
+                                env=launch.env, start_new_session=True, preexec_fn=die_with_parent)
+
+
+def describe_status(status: int) -> str:
+    """A job process's exit status in words."""
+    if status < 0:
+        return f"job process killed by {signal.Signals(-status).name}"
+    return f"job process exited with status {status}"
+
+
+def kill_group(process: subprocess.Popen, grace: float = 0.0) -> None:
     """Terminate the job's whole process group: SIGTERM and a grace period when given, then SIGKILL."""
     try:
         if grace:

@@ -14,6 +14,7 @@ lives in its own module:
 ``deliveries`` egress: per-destination queues of deliveries, retries, re-sends, settling a job
 ``results``    result versions per study and pipeline: which job's results supersede which
 ``retention``  the purge's records
+``cluster``    the distributed engine: broker outbox, claims with fencing, leases, reaper, workers
 ``queries``    the job list, one job, counts
 ``identity``   patient identifiers sealed at rest under the site key, opened on reading
 ``console``    the web console's people, tokens and sessions, operators' actions, settings, study details
@@ -34,6 +35,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from radnode.node.store.cluster import Claim, Cluster, Publication
 from radnode.node.store.console import Console, StudyDetails
 from radnode.node.store.database import SQLITE_FILE, Database, StoreError, head_revision, open_database
 from radnode.node.store.deliveries import Deliveries
@@ -44,8 +46,8 @@ from radnode.node.store.ingest import Arrivals, Decide
 from radnode.node.store.jobs import Scheduling
 from radnode.node.store.queries import Queries
 from radnode.node.store.records import (
-    FINAL_STATES, ActionRefused, Arrival, Correction, CorrectionState, Delivery, Event, ForeignInstance, Instance,
-    InstanceBeingPurged, Job, JobState, PurgePlan,
+    FINAL_STATES, ActionRefused, Arrival, Attempt, Correction, CorrectionState, Delivery, Event, ForeignInstance,
+    Instance, InstanceBeingPurged, Job, JobState, PurgePlan, WorkerInfo,
 )
 from radnode.node.store.results import Results, Supersession
 from radnode.node.store.retention import Purges
@@ -53,13 +55,14 @@ from radnode.node.store.retention import Purges
 if TYPE_CHECKING:
     from radnode.node.store.identity import Seal
 
-__all__ = ["FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Correction", "CorrectionState", "Decide",
-           "Delivery", "Event", "ForeignInstance", "Instance", "InstanceBeingPurged", "Job", "JobState", "JobStore",
-           "PurgePlan", "StoreError", "StudyDetails", "Supersession", "head_revision", "store_target",
-           "upgrade_store"]
+__all__ = ["FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Attempt", "Claim", "Correction", "CorrectionState",
+           "Decide", "Delivery", "Event", "ForeignInstance", "Instance", "InstanceBeingPurged", "Job", "JobState",
+           "JobStore", "Publication", "PurgePlan", "StoreError", "StudyDetails", "Supersession", "WorkerInfo",
+           "head_revision", "store_target", "upgrade_store"]
 
 
-class JobStore(Arrivals, Scheduling, Deliveries, Results, Purges, Queries, EventLog, Identities, Console, Feedback):
+class JobStore(Arrivals, Scheduling, Deliveries, Results, Purges, Queries, EventLog, Identities, Console, Feedback,
+               Cluster):
     """Thread- and process-safe access to the node's job store (see the module docstring for its areas).
 
     ``target``: a SQLite file (``data_dir/radnode.db``) or a ``postgresql://`` URL. ``upgrade``: migrate an

@@ -21,7 +21,7 @@ from radnode.node.store.queries import job_select
 from radnode.node.store.records import (
     UNFINISHED_STATES, Instance, Job, JobState, instance_from_row, job_from_row,
 )
-from radnode.node.store.schema import instances, jobs, refusals, series, studies
+from radnode.node.store.schema import attempts, instances, jobs, refusals, series, studies
 from radnode.pipelines.routing import SeriesDecision, StudyRoute, study_route
 
 
@@ -30,6 +30,20 @@ def transition(conn: Connection, job_id: int, sources: Iterable[JobState], targe
     result = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state.in_([s.value for s in sources]))
                           .values(state=target.value, updated_at=time.time()))
     return result.rowcount == 1
+
+
+def close_attempt(conn: Connection, job_id: int, outcome: str, reason: str, now: float) -> None:
+    """End the job's running attempt (if any) with its outcome and reason."""
+    conn.execute(update(attempts).where(attempts.c.job_id == job_id, attempts.c.outcome == "running")
+                 .values(outcome=outcome, reason=reason, ended_at=now))
+
+
+def release(conn: Connection, job_id: int, outcome: str, reason: str, now: float) -> None:
+    """The job no longer belongs to its worker (stopped, requeued, restarted): its attempt ends and it will be
+    dispatched afresh."""
+    close_attempt(conn, job_id, outcome, reason, now)
+    conn.execute(update(jobs).where(jobs.c.id == job_id)
+                 .values(dispatch_id=None, lease_until=None, outcome=None))
 
 
 def lock_study(db: Database, conn: Connection, study_uid: str, at: float) -> None:
@@ -102,7 +116,8 @@ class Scheduling:
             main = route.execution(route.main_pipeline)
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(
                 pipeline=route.main_pipeline, priority=route.priority.rank, forwards=",".join(route.forwards),
-                restart_requested=False, execution_mode=main.mode or "", timeout_seconds=main.timeout_seconds))
+                restart_requested=False, execution_mode=main.mode or "", timeout_seconds=main.timeout_seconds,
+                queue=route.queue))
             if not self._queue(conn, job_id, now, why):
                 return None
             if route.sibling_pipelines:
@@ -137,7 +152,7 @@ class Scheduling:
                 state=JobState.QUEUED.value, calling_ae=main["calling_ae"], peer_address=main["peer_address"],
                 created_at=main["created_at"], last_instance_at=main["last_instance_at"], updated_at=now,
                 priority=route.priority.rank, whole_study=main["whole_study"], execution_mode=execution.mode or "",
-                timeout_seconds=execution.timeout_seconds, sibling_of=job_id)).inserted_primary_key[0]
+                timeout_seconds=execution.timeout_seconds, sibling_of=job_id, queue=route.queue)).inserted_primary_key[0]
             log_event(conn, sibling, "queued",
                       f"sibling of job {job_id}: the rules select {pipelines} for study {main['study_instance_uid']}; "
                       f"this job runs {pipeline} on job {job_id}'s input (forwards are sent by job {job_id})", now)
@@ -192,13 +207,17 @@ class Scheduling:
             if not transition(conn, job_id, (JobState.RUNNING,), JobState.RECEIVED):
                 return False
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(restart_requested=False))
+            release(conn, job_id, "stopped", "stopped for late instances", time.time())
             log_event(conn, job_id, "restarted", "run stopped for late instances; partial output discarded")
             return True
 
-    def next_queued(self) -> Job | None:
-        """The queued job to run next: most urgent priority first, then the earliest arrival."""
+    def next_queued(self, forward_only: bool = False) -> Job | None:
+        """The queued job to run next: most urgent priority first, then the earliest arrival (``forward_only``:
+        of those without a pipeline, which the distributed engine leaves to the node)."""
         query = (job_select().where(jobs.c.state == JobState.QUEUED.value)
                  .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id).limit(1))
+        if forward_only:
+            query = query.where(jobs.c.pipeline == "")
         with self._db.read() as conn:
             row = conn.execute(query).first()
         return job_from_row(row._mapping, self._db.opened_identity) if row else None
@@ -237,6 +256,7 @@ class Scheduling:
         with self._db.write() as conn:
             if not transition(conn, job_id, (JobState.RUNNING,), JobState.QUEUED):
                 return False
+            release(conn, job_id, "stopped", why, time.time())
             log_event(conn, job_id, kind, why)
             return True
 
@@ -270,6 +290,7 @@ class Scheduling:
         with self._db.write() as conn:
             if not transition(conn, job_id, UNFINISHED_STATES, JobState.FAILED):
                 return False
-            conn.execute(update(jobs).where(jobs.c.id == job_id).values(reason=reason))
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(reason=reason, lease_until=None))
+            close_attempt(conn, job_id, "failed", reason, time.time())
             log_event(conn, job_id, "failed", reason)
             return True

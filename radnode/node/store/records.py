@@ -119,6 +119,12 @@ class Job:
     own_results: int = 0
     """Instances recorded with the job that are results of the node's own (never processed; counted in
     ``late_instances`` too when they came after the job started)."""
+    queue: str = ""
+    """The broker queue the rules name for the job ('' for the default), with the distributed engine."""
+    attempt: int = 0
+    """The current (or last) attempt on a worker, with the distributed engine; 0 before any."""
+    worker: str = ""
+    """The worker running (or that last ran) the current attempt."""
 
 
 def _as_stored(value: str) -> str:
@@ -138,7 +144,8 @@ def job_from_row(row: Mapping[str, Any], open_identity: Callable[[str], str] = _
         forwards=split_names(row["forwards"]), execution=execution_from(row["execution_mode"], row["timeout_seconds"]),
         needs_review=None if row["needs_review"] is None else bool(row["needs_review"]),
         review_reasons=tuple(json.loads(row["review_reasons"] or "[]")), purged_at=row["purged_at"],
-        sibling_of=row["sibling_of"], own_results=row["own_results"])
+        sibling_of=row["sibling_of"], own_results=row["own_results"], queue=row["queue"], attempt=row["attempt"],
+        worker=row["worker"])
 
 
 def instance_from_row(row: Mapping[str, Any], open_identity: Callable[[str], str] = _as_stored) -> Instance:
@@ -167,6 +174,35 @@ class Event:
     at: float
     kind: str
     message: str
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One run of a job on a worker (the distributed engine)."""
+
+    job_id: int
+    number: int
+    worker: str
+    started_at: float
+    ended_at: float | None
+    outcome: str
+    """``running``, ``completed``, ``failed`` or ``lost`` (its worker died or vanished)."""
+    reason: str
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A ``radnode worker`` process as it last reported itself."""
+
+    name: str
+    host: str
+    queues: tuple[str, ...]
+    gpus: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    current_job: int | None
+    stopped_at: float | None
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,17 @@ jobs = Table(
     Column("sibling_of", Integer, ForeignKey("jobs.id")),
     Column("purge_started_at", Double),
     Column("purged_at", Double),
+    Column("queue", Text, nullable=False, server_default=""),
+    # The broker queue the rules name ('' for ``engine.default_queue``); the distributed engine only.
+    Column("dispatch_id", Integer),
+    # The job's current publication (``publications.id``): a broker message naming another one is stale.
+    Column("attempt", Integer, nullable=False, server_default=text("0")),
+    # The current attempt's number (``attempts.number``): a worker reporting an older one is fenced off.
+    Column("worker", Text, nullable=False, server_default=""),
+    Column("lease_until", Double),
+    # A running job's lease, renewed by its worker; the reaper requeues the job once it lapsed.
+    Column("outcome", Text),
+    # ``ok`` once the current attempt's outputs are in the shared storage (the leader then stages them).
     Index("jobs_study", "study_instance_uid"),
     Index("jobs_state", "state"),
     Index("jobs_purging", "purge_started_at", sqlite_where=text("purge_started_at IS NOT NULL"),
@@ -168,6 +179,54 @@ result_versions = Table(
 """One row per job that staged results: the study's result versions per pipeline (1, 2, …). A newer version
 supersedes the one before: its DICOM objects are withdrawn by an IOCM rejection note at every destination
 that received them, its FHIR report is updated in place."""
+# --- the distributed engine: publications (outbox), attempts, workers ----------------------------------
+
+publications = Table(
+    "publications", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
+    Column("queue", Text, nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("published_at", Double),
+    Column("tries", Integer, nullable=False, server_default=text("0")),
+    Column("last_error", Text),
+    Index("publications_unpublished", "published_at", sqlite_where=text("published_at IS NULL"),
+          postgresql_where=text("published_at IS NULL")),
+    sqlite_autoincrement=True,
+)
+"""The outbox of broker messages: written in the transaction that dispatches a job, published (and marked)
+afterwards, so a broker that is down delays jobs and loses none."""
+
+attempts = Table(
+    "attempts", metadata,
+    Column("id", Integer, primary_key=True),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
+    Column("number", Integer, nullable=False),
+    Column("worker", Text, nullable=False),
+    Column("started_at", Double, nullable=False),
+    Column("ended_at", Double),
+    Column("outcome", Text, nullable=False, server_default="running"),
+    # running, completed, failed or lost
+    Column("reason", Text, nullable=False, server_default=""),
+    UniqueConstraint("job_id", "number"),
+    sqlite_autoincrement=True,
+)
+"""One row per run of a job on a worker: who ran it and how it ended."""
+
+workers = Table(
+    "workers", metadata,
+    Column("name", Text, primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("queues", Text, nullable=False),
+    Column("gpus", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("started_at", Double, nullable=False),
+    Column("heartbeat_at", Double, nullable=False),
+    Column("current_job", Integer),
+    Column("stopped_at", Double),
+)
+"""The ``radnode worker`` processes that ever ran, with their last heartbeat."""
 
 # --- retention: purge_started_at / purged_at on jobs and instances (above) ----------------------------
 

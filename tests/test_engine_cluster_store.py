@@ -1,0 +1,156 @@
+"""The distributed engine's records in the job store (PostgreSQL, where several hosts share it): the
+outbox, claims fenced by the attempt number, leases and the reaper, the attempt limit, the leader lock.
+These are the rules the end-to-end tests (``test_engine.py``) rely on, each checked on its own."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from factories import queued_job
+from radnode.node.store import JobState, JobStore
+from support.waiting import wait_until
+
+LEASE = 30.0
+
+
+@pytest.fixture
+def store(postgres_url: str) -> Iterator[JobStore]:
+    store = JobStore(postgres_url)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _dispatched(store: JobStore) -> tuple[int, int]:
+    job_id = queued_job(store)
+    assert store.undispatched() == [job_id]
+    dispatch = store.dispatch(job_id, "radnode", 5)
+    assert dispatch is not None and store.dispatch(job_id, "radnode", 5) is None  # once
+    assert [p.id for p in store.unpublished()] == [dispatch]
+    return job_id, dispatch
+
+
+def test_a_dispatch_stays_in_the_outbox_until_the_broker_confirms(store: JobStore) -> None:
+    job_id, dispatch = _dispatched(store)
+    store.publish_failed(dispatch, "connection refused")
+    assert [p.id for p in store.unpublished()] == [dispatch]  # kept for the next round
+    store.published(dispatch)
+    assert store.unpublished() == [] and store.undispatched() == []
+
+
+def test_a_duplicate_message_claims_nothing(store: JobStore) -> None:
+    job_id, dispatch = _dispatched(store)
+    assert store.claim(job_id, dispatch, "w1", False, LEASE, 3).attempt == 1
+    second = store.claim(job_id, dispatch, "w2", False, LEASE, 3)
+    assert second.attempt == 0 and "duplicate message" in second.why
+    assert store.job(job_id).worker == "w1"  # type: ignore[union-attr]
+
+
+def test_a_redelivered_message_takes_the_job_from_the_lost_worker(store: JobStore) -> None:
+    job_id, dispatch = _dispatched(store)
+    store.claim(job_id, dispatch, "w1", False, LEASE, 3)
+    assert store.claim(job_id, dispatch, "w2", True, LEASE, 3).attempt == 2
+    first, second = store.attempts(job_id)
+    assert (first.worker, first.outcome, second.worker, second.outcome) == ("w1", "lost", "w2", "running")
+    assert "redelivered" in first.reason
+
+
+def test_a_fenced_attempt_cannot_report(store: JobStore) -> None:
+    """Attempt 1's worker was cut off and the job moved on to attempt 2: attempt 1 can neither renew, nor
+    report outputs, nor fail the job."""
+    job_id, dispatch = _dispatched(store)
+    store.claim(job_id, dispatch, "w1", False, LEASE, 3)
+    store.claim(job_id, dispatch, "w2", True, LEASE, 3)
+    assert not store.renew_lease(job_id, 1, LEASE)
+    assert not store.report_outputs(job_id, 1)
+    assert not store.report_failure(job_id, 1, "late news")
+    assert store.completed_remotely() == []
+    assert store.renew_lease(job_id, 2, LEASE) and store.report_outputs(job_id, 2)
+    assert store.completed_remotely() == [(job_id, 2)]
+
+
+def test_the_reaper_requeues_a_lapsed_lease_and_drops_the_stale_message(store: JobStore) -> None:
+    job_id, dispatch = _dispatched(store)
+    store.published(dispatch)
+    store.claim(job_id, dispatch, "w1", False, 0.01, 3)
+    time.sleep(0.05)
+    ((reaped, why),) = store.reap_expired(3)
+    assert reaped == job_id and "worker w1 lost: its lease lapsed" in why
+    job = store.job(job_id)
+    assert job is not None and job.state is JobState.QUEUED and store.undispatched() == [job_id]
+    new_dispatch = store.dispatch(job_id, "radnode", 5)
+    stale = store.claim(job_id, dispatch, "w2", True, LEASE, 3)  # the broker redelivers the old message late
+    assert stale.attempt == 0 and "stale message" in stale.why
+    assert store.claim(job_id, new_dispatch, "w2", False, LEASE, 3).attempt == 2  # type: ignore[arg-type]
+
+
+def test_a_job_that_loses_its_worker_n_times_fails_with_every_reason(store: JobStore) -> None:
+    job_id, dispatch = _dispatched(store)
+    for worker in ("w1", "w2", "w3"):
+        assert store.claim(job_id, dispatch, worker, True, LEASE, 3).attempt > 0
+    last = store.claim(job_id, dispatch, "w4", True, LEASE, 3)
+    assert last.exhausted and last.attempt == 0
+    job = store.job(job_id)
+    assert job is not None and job.state is JobState.FAILED
+    assert job.reason.startswith("gave up after 3 lost attempts: ")  # type: ignore[union-attr]
+    for n, worker in enumerate(("w1", "w2", "w3"), start=1):
+        assert f"attempt {n} on {worker}: worker {worker} lost mid-job" in job.reason  # type: ignore[operator]
+
+
+def test_a_failed_run_fails_the_job_with_its_reason(store: JobStore) -> None:
+    job_id, dispatch = _dispatched(store)
+    store.claim(job_id, dispatch, "w1", False, LEASE, 3)
+    assert store.report_failure(job_id, 1, "no image series in the input")
+    job = store.job(job_id)
+    assert job is not None and job.state is JobState.FAILED and job.reason == "no image series in the input"
+    assert [e.message for e in store.events(job_id) if e.kind == "failed"] == ["attempt 1: no image series in the input"]
+
+
+def test_one_leader_at_a_time_and_the_next_takes_over(postgres_url: str) -> None:
+    first, second = JobStore(postgres_url), JobStore(postgres_url)
+    try:
+        held = first.take_leadership()
+        assert held is not None and second.take_leadership() is None
+        assert first.leadership_held(held)
+        first.give_up_leadership(held)  # the leader stops (or dies): its session, and the lock, end
+        taken: list = []
+        # the server ends the old session a moment after its socket closes; the next node polls each second
+        wait_until(lambda: taken.append(second.take_leadership()) or taken[-1] is not None, timeout=10, step=0.2)
+        second.give_up_leadership(taken[-1])
+    finally:
+        first.close()
+        second.close()
+
+
+def test_workers_report_their_heartbeat(store: JobStore) -> None:
+    from radnode.node.engine.devices import worker_state, workers_table
+
+    store.worker_heartbeat("w1", "gpu-host-1", ["radnode", "large-gpu"], "0", 1234, None, started=True)
+    (worker,) = store.workers()
+    assert (worker.host, worker.queues, worker.gpus, worker_state(worker, LEASE)) == \
+        ("gpu-host-1", ("radnode", "large-gpu"), "0", "idle")
+    assert worker_state(worker, LEASE, now=worker.heartbeat_at + LEASE + 1) == "lost"
+    table = workers_table(store.workers(), LEASE)
+    assert "gpu-host-1" in table and "radnode,large-gpu" in table
+    store.worker_stopped("w1")
+    assert worker_state(store.workers()[0], LEASE) == "stopped"
+
+
+def test_the_api_lists_the_workers_a_node_s_store_knows(tmp_path) -> None:
+    """``GET /api/workers``: the workers' queues, GPUs, state, current job and last heartbeat (none: [])."""
+    from radnode.node.service import Node
+    from support.console import api_json, token_for
+    from support.node import node_config
+
+    with Node(node_config(tmp_path, api={"enabled": True, "port": 0, "host": "127.0.0.1"})) as node:
+        token = token_for(node, "viewer")
+        assert api_json(node, "/api/workers", token) == {"workers": []}
+        node.store.worker_heartbeat("gpu-host-1-gpu0", "gpu-host-1", ["radnode"], "0", 42, 7, started=True)  # type: ignore[union-attr]
+        (worker,) = api_json(node, "/api/workers", token)["workers"]
+    assert (worker["name"], worker["host"], worker["queues"], worker["gpus"], worker["state"], worker["current_job"]) == \
+        ("gpu-host-1-gpu0", "gpu-host-1", ["radnode"], "0", "busy", 7)
+    assert worker["last_heartbeat"] > 0
