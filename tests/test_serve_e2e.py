@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from fhir.resources.R4B.bundle import Bundle
 
-from factories import restore_totalseg_dicom
+from factories import restore_totalseg_dicom, write_chest_phantom
 from radnode.node.store import JobState
 from radnode.outputs.sr import read_measurements
 from radnode.peers import FhirServer, StoreSCP
@@ -175,3 +175,30 @@ def test_bad_studies_fail_with_reasons_while_a_good_one_completes(
     spooled = {p.name for p in (tmp_path / "node" / "spool").rglob("*.dcm")}
     sent = [p for p in gap + corrupt + good if p.exists()] + [tmp_path / "report.dcm"]
     assert len(spooled) == len(sent)
+
+
+def test_a_study_without_patient_id_is_delivered_and_done_with_a_warning(
+        tmp_path: Path, peers: tuple[StoreSCP, FhirServer]) -> None:
+    """A chest phantom whose sender left Patient ID empty, to ``radnode serve`` (the shipped rules, the real
+    ct_tissue pipeline): the SEG and the SRs reach the PACS, the EHR gets its report with no Patient, and the
+    job ends done with a warning naming the missing Patient ID."""
+    pacs, fhir = peers
+    files = write_chest_phantom(tmp_path / "study", n_slices=12)
+    for path in files:
+        ds = pydicom.dcmread(path)
+        ds.PatientID = ""
+        ds.save_as(path, enforce_file_format=True)
+    node = ServeProcess(tmp_path / "node", pacs, fhir)
+    try:
+        node.send(*files, options=())
+        ((job, events),) = node.jobs_when_final(1, timeout=300)
+    finally:
+        node.stop()
+    assert job.state is JobState.DONE, job.reason
+    warnings = [e.message for e in events if e.kind == "warning"]
+    assert any("Patient ID" in message for message in warnings), [(e.kind, e.message) for e in events]
+    received = [pydicom.dcmread(p, stop_before_pixels=True) for p in pacs.received()]
+    assert {"SEG", "SR"} <= {ds.Modality for ds in received}
+    assert all(ds.StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID for ds in received)
+    assert fhir.search("DiagnosticReport", "_summary=count")["total"] == 1
+    assert fhir.search("Patient", "_summary=count")["total"] == 0

@@ -150,9 +150,12 @@ class ServeProcess:
     """``radnode serve`` started as a user would, with a config file; stopped with SIGTERM."""
 
     def __init__(self, data_dir: Path, pacs: StoreSCP, fhir: FhirServer, idle: float = 2.0,
-                 rules: Path | None = None, late_instances: str = "ignore", settings: dict | None = None) -> None:
+                 rules: Path | None = None, late_instances: str = "ignore", settings: dict | None = None,
+                 fhir_url: str | None = None) -> None:
         """``rules``: the routing rule file (unset: the shipped rules, the node's default); ``settings``:
-        further sections of the configuration file (e.g. ``containers``)."""
+        further sections of the configuration file (e.g. ``containers``); ``fhir_url``: where the node sends
+        its Bundles when not straight to ``fhir`` (e.g. a slow proxy in front of it). A node started again on
+        the same ``data_dir`` appends to its log."""
         self.data_dir, self.port, self.api_port = data_dir, free_port(), free_port()
         config = data_dir.parent / f"{data_dir.name}.yaml"
         config.write_text(yaml.safe_dump({"ingress": {"host": "127.0.0.1", "study_idle_seconds": idle,
@@ -162,10 +165,10 @@ class ServeProcess:
                                           "feedback": {"preload_metrics": False},
                                           "api": {"port": 0},  # never the fixed 8765: tests run side by side
                                           **({"rules": str(rules)} if rules else {}), **(settings or {})}))
-        self.log = (data_dir.parent / f"{data_dir.name}.log").open("w")
+        self.log = (data_dir.parent / f"{data_dir.name}.log").open("a")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "radnode", "-v", "serve", "--config", str(config), "--port", str(self.port),
-             "--data-dir", str(data_dir), "--destination", pacs.address, "--fhir-url", fhir.base_url],
+             "--data-dir", str(data_dir), "--destination", pacs.address, "--fhir-url", fhir_url or fhir.base_url],
             stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "HOLOSCAN_LOG_LEVEL": "WARN"})
         deadline = time.monotonic() + 60
         while subprocess.run([ECHOSCU, "-aec", "RADNODE", "127.0.0.1", str(self.port)],
@@ -199,6 +202,12 @@ class ServeProcess:
             assert self.process.poll() is None, "radnode serve died"
             time.sleep(0.5)
         raise AssertionError(f"jobs not final within {timeout} s")
+
+    def kill(self) -> None:
+        """SIGKILL, as the OOM killer or a power cut ends the node: no shutdown code runs."""
+        self.process.kill()
+        self.process.wait(timeout=60)
+        self.log.close()
 
     def stop(self) -> None:
         self.process.terminate()
