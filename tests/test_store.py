@@ -184,22 +184,24 @@ def test_patient_ids_are_sealed_at_rest_and_those_stored_in_clear_are_sealed_by_
     (as the 0004 revision leaves them) read as they are and are sealed once; without the seal a tool sees the
     sealed text."""
     seal = IdentitySeal(SiteKey(b"k" * 32))
+    # "^" and " " are outside the seal's base64 alphabet: the ID cannot turn up in a token by chance ("P1" did)
+    patient = "DOE^J 0001"
     unsealed = JobStore(store_target)  # what a store written before sealing holds
-    _, first = unsealed.record_instance(instance("1.1", study="1.2.3"), to("ct_tissue"))
+    _, first = unsealed.record_instance(replace(instance("1.1", study="1.2.3"), patient_id=patient), to("ct_tissue"))
     unsealed.close()
     store = JobStore(store_target, seal=seal)
-    assert store.job(first).patient_id == "P1"
+    assert store.job(first).patient_id == patient
     assert store.seal_stored() == 2 and store.seal_stored() == 0  # the job's and its instance's, once
-    _, second = store.record_instance(instance("2.1", study="2.2.3"), to("ct_tissue"))
-    assert [j.patient_id for j in store.jobs()] == ["P1", "P1"]
-    assert {i.patient_id for i in store.instances(first) + store.instances(second)} == {"P1"}
+    _, second = store.record_instance(replace(instance("2.1", study="2.2.3"), patient_id=patient), to("ct_tissue"))
+    assert [j.patient_id for j in store.jobs()] == [patient, patient]
+    assert {i.patient_id for i in store.instances(first) + store.instances(second)} == {patient}
     store.close()
     database = connect(store_target)
     with database.read() as conn:
         stored = [*conn.execute(select(schema.jobs.c.sealed_patient_id)).scalars(),
                   *conn.execute(select(schema.instances.c.sealed_patient_id)).scalars()]
     database.close()
-    assert len(stored) == 4 and all(v.startswith("sealed:") and "P1" not in v for v in stored)
+    assert len(stored) == 4 and all(v.startswith("sealed:") and patient not in v for v in stored)
     without_key = JobStore(store_target)
     assert without_key.job(second).patient_id.startswith("sealed:")
     without_key.close()
