@@ -106,7 +106,10 @@ def test_results_reach_orthanc_by_stow_rs_with_authentication_listed_under_the_s
 def test_the_orthanc_types_check_through_the_nodes_orthanc(tmp_path: Path, orthanc: OrthancServer) -> None:
     """``orthanc`` asks Orthanc's /system; ``orthanc-modality`` has Orthanc C-ECHO the modality and
     ``orthanc-dicomweb`` has it relay a QIDO-RS search: the paths the results would take."""
-    node_orthanc = OrthancConfig(url=orthanc.url, username="radnode", password=PASSWORD)
+    secret = tmp_path / "orthanc-password"
+    secret.write_text(PASSWORD)
+    secret.chmod(0o600)
+    node_orthanc = OrthancConfig(url=orthanc.url, username="radnode", password={"file": str(secret)})
     auth = ("radnode", PASSWORD)
     port = free_port()
     requests.put(f"{orthanc.url}/modalities/ECHOED", json={"AET": "PACS", "Host": "127.0.0.1", "Port": port},

@@ -111,7 +111,7 @@ def test_a_job_that_leaks_and_segfaults_in_a_warm_process_leaves_the_next_job_un
         wait_until(lambda: len(node.jobs()) == 2)
         fine = final_job(node, max(j.id for j in node.jobs()), timeout=120)
         commands = [_running_event(node, job.id) for job in (crashed, fine)]
-    assert crashed.state is JobState.FAILED and crashed.reason.startswith("job process killed by SIGSEGV")
+    assert crashed.state is JobState.FAILED and crashed.reason.startswith("killed by signal 11 (SIGSEGV)")
     assert fine.state is JobState.DONE, fine.reason
     assert all(c.endswith(", warm process)") for c in commands), commands
     before = json.loads((jobs / str(crashed.id) / "crashed.json").read_text())
