@@ -131,7 +131,11 @@ def test_the_orthanc_types_check_through_the_nodes_orthanc(tmp_path: Path, ortha
     server = _check(parse_destination("orthanc-dicomweb:NOWHERE"), node_orthanc)
     assert not server.ok and server.detail.startswith(
         "QIDO-RS through Orthanc to NOWHERE: POST /dicom-web/servers/NOWHERE/get: HTTP 404"), server.detail
-    refused = _check(parse_destination("orthanc"), node_orthanc.model_copy(update={"password": "wrong"}))
+    wrong = tmp_path / "wrong-password"
+    wrong.write_text("wrong")
+    wrong.chmod(0o600)
+    refused = _check(parse_destination("orthanc"), OrthancConfig(url=orthanc.url, username="radnode",
+                                                                 password={"file": str(wrong)}))
     assert not refused.ok and "GET /system: HTTP 401" in refused.detail
 
 
