@@ -176,19 +176,10 @@ class Spool:
                 if self.fsync:
                     f.flush()
                     os.fsync(f.fileno())
-            for attempt in range(3):  # a retention purge may remove the folder, emptied, in between
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.replace(temp, target)
-                    break
-                except FileNotFoundError:
-                    if attempt == 2:
-                        raise
+            self._into_place(temp, target)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
-        if self.fsync:
-            _fsync_dir(target.parent)
 
     def adopt(self, source: Path, target: Path) -> None:
         """Move a received file into place as ``target`` (renamed when on the spool's file system, else copied
@@ -202,17 +193,22 @@ class Spool:
             if self.fsync:
                 with open(temp, "rb") as f:
                     os.fsync(f.fileno())
-            for attempt in range(3):
-                target.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    os.replace(temp, target)
-                    break
-                except FileNotFoundError:
-                    if attempt == 2:
-                        raise
+            self._into_place(temp, target)
         except BaseException:
             temp.unlink(missing_ok=True)
             raise
+
+    def _into_place(self, temp: Path, target: Path) -> None:
+        """Rename a finished temporary file to ``target`` (its folder fsync'd if so set); a retention purge may
+        remove the emptied folder in between, so the folder is made again, up to three times."""
+        for attempt in range(3):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(temp, target)
+                break
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise
         if self.fsync:
             _fsync_dir(target.parent)
 
