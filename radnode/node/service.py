@@ -146,7 +146,8 @@ class Node:
             egress.start()
             self._threads = [self._loop("activity", activity.tick),
                              self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
-                             self._loop("egress", egress.dispatch), self._loop("retention", retention.tick)]
+                             self._loop("egress", egress.dispatch), self._loop("retention", retention.tick),
+                             self._loop("feedback", CorrectionMatcher(self.config, store).tick)]
             return
         from radnode.node.engine.leader import Leadership
 
