@@ -8,7 +8,7 @@ language is described in ``docs/rules.md``; ``rules_cli.py`` holds ``radnode rul
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -113,6 +113,14 @@ class RuleSet:
         keeps a warm job process for."""
         return frozenset(p for r in self.rules for p in r.decision.pipelines
                          if r.decision.execution.mode in (None, ExecutionMode.IN_PROCESS))
+
+    def in_process_pipelines_on(self, queues: Iterable[str], default_queue: str) -> frozenset[str]:
+        """The in-process pipelines whose rule sends them to one of ``queues`` (a rule naming no queue uses
+        ``default_queue``): those a distributed worker serving those queues keeps a warm job process for."""
+        served = set(queues)
+        return frozenset(p for r in self.rules for p in r.decision.pipelines
+                         if r.decision.execution.mode in (None, ExecutionMode.IN_PROCESS)
+                         and (r.decision.queue or default_queue) in served)
 
     @property
     def keywords(self) -> frozenset[str]:

@@ -253,7 +253,8 @@ class ProcessingConfig(_Strict):
     its input within a fraction of a second instead of after 2–3 s of imports; each such process still runs
     one job only and exits (``radnode/node/warm.py``). Costs an idle process's memory per pipeline: about 175 MB
     for ct_tissue, 550 MB for mri_brain (torch); a node whose rules route a pipeline it never sees can drop that
-    route, or set this false to start every job cold."""
+    route, or set this false to start every job cold. With the distributed engine the spares are the workers'
+    (one per pipeline the rules send to a worker's queues), none on the node that dispatches."""
     retries: Annotated[int, Field(ge=0)] = 1
     """How many times a job whose process was ended by a signal it did not raise itself (the OOM killer's
     SIGKILL, a crash of the machine's software) runs again before it fails. A pipeline that refuses the study

@@ -130,6 +130,8 @@ def test_six_studies_two_workers_one_sigkilled_mid_job_each_result_once(
     running = [e.message for e in events if e.kind == "running"]
     assert len(running) == 2 and running[0].startswith(f"attempt 1 on worker {attempts[0].worker}") \
         and running[1].startswith(f"attempt 2 on worker {attempts[1].worker}"), running
+    every_start = [e.message for _, events, _ in jobs for e in events if e.kind == "running"]
+    assert all(m.endswith(", warm process)") for m in every_start), every_start  # workers start jobs warm too
 
 
 def _rules(path: Path, queue: str, stat_patient: str | None = None) -> Path:

@@ -55,7 +55,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from radnode.config import CONFIG_ENV, Config, ConfigError, ContainerLimits, ContainersConfig
 from radnode.container_engine import Engine, EngineError, cdi_gpu_devices, quantity_bytes
@@ -64,6 +64,9 @@ from radnode.map import APP_METADATA_FILE, INPUT_DIR, MODELS_DIR, OUTPUT_DIR, WO
     app_folder, app_manifest, model_names
 from radnode.pipelines.registry import UnknownPipelineError, get_pipeline, registered_pipelines
 from radnode.pipelines.routing import ExecutionMode
+
+if TYPE_CHECKING:
+    from radnode.pipelines.rules import RuleSet
 
 log = logging.getLogger(__name__)
 
@@ -443,6 +446,16 @@ def execution_modes(config: Config) -> tuple[ExecutionMode, ...]:
     """The modes this node can run: in-process and subprocess always, container with an engine configured."""
     optional = (ExecutionMode.CONTAINER,) if config.containers.engine else ()
     return ExecutionMode.IN_PROCESS, ExecutionMode.SUBPROCESS, *optional
+
+
+def configured_rules(config: Config) -> "RuleSet":
+    """The configured rule file (unset: the shipped ``pipelines/default_rules.yaml``), checked against the
+    known pipelines (built-in and site), the configured destinations and the execution modes this node has
+    (container only with an engine configured); RuleError on the first mistake."""
+    from radnode.pipelines.rules import DEFAULT_RULES, load_rules
+
+    return load_rules(config.rules or DEFAULT_RULES, known_pipelines=registered_pipelines().keys(),
+                      known_destinations=config.egress.destinations.keys(), execution_modes=execution_modes(config))
 
 
 def node_label(config: Config) -> str:

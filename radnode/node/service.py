@@ -54,15 +54,14 @@ from radnode.config import Config
 from radnode.feedback.corrections import CorrectionMatcher
 from radnode.node.activity import ActivityLog
 from radnode.node.egress import Egress
-from radnode.node.executors import check_models, execution_modes
+from radnode.node.executors import check_models, configured_rules
 from radnode.node.orthanc_ingress import OrthancIngress
 from radnode.node.retention import Retention
 from radnode.node.scp import DiskGuard, Ingest, Origin, Refused, Router, Spool, StorageSCP, index_tags
 from radnode.node.store import Delivery, Event, Job, JobState, JobStore, store_target
 from radnode.node.worker import DEFAULT_JOB_COMMAND, Scheduler
-from radnode.pipelines.registry import registered_pipelines
 from radnode.pipelines.routing import LateInstances
-from radnode.pipelines.rules import DEFAULT_RULES, RuleSet, load_rules
+from radnode.pipelines.rules import RuleSet
 from radnode.security.access import PeerPolicy
 from radnode.security.audit import AuditTrail
 from radnode.security.privacy import IdentitySeal, SiteKey, make_private, private_umask, write_owner_only
@@ -164,12 +163,8 @@ class Node:
                          self._loop("feedback", leading(CorrectionMatcher(self.config, store).tick))]
 
     def load_rules(self) -> RuleSet:
-        """The configured rule file (unset: the shipped ``pipelines/default_rules.yaml``), checked against the
-        known pipelines (built-in and site), the configured destinations and the execution modes this node has
-        (container only with an engine configured)."""
-        return load_rules(self.config.rules or DEFAULT_RULES, known_pipelines=registered_pipelines().keys(),
-                          known_destinations=self.config.egress.destinations.keys(),
-                          execution_modes=execution_modes(self.config))
+        """The configured rules, checked (``executors.configured_rules``)."""
+        return configured_rules(self.config)
 
     def health(self) -> dict[str, object]:
         """What ``GET /health`` answers: job counts by state, and how many jobs are flagged for review."""

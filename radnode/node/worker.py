@@ -142,8 +142,8 @@ class Scheduler:
         self.completeness = completeness_settings(config)
         in_process = self.executors[ExecutionMode.IN_PROCESS]
         self.warm = WarmPool(warm_pipelines, in_process.env, config.data_dir) if (
-            config.processing.warm_start and tuple(command) == DEFAULT_JOB_COMMAND
-            and isinstance(in_process, InProcessExecutor)) else None
+            config.processing.warm_start and tuple(command) == DEFAULT_JOB_COMMAND and storage is None
+            and isinstance(in_process, InProcessExecutor)) else None  # with an engine, the workers keep spares
         self.remote: Dispatcher | None = None
         if storage is not None:
             from radnode.node.engine.dispatch import Dispatcher

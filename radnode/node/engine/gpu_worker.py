@@ -6,7 +6,9 @@ the storage, run it, renew its lease while it runs (a lease that cannot be renew
 kills the run), write its outputs back to the storage and only then report them; the message is
 acknowledged after that (late acks), so a worker that dies at any point leaves the job to the next one.
 With several GPUs, ``radnode worker --gpus 0,1`` runs one such process per GPU, each seeing only its own
-(``CUDA_VISIBLE_DEVICES``), and restarts one that dies.
+(``CUDA_VISIBLE_DEVICES``), and restarts one that dies. With ``processing.warm_start`` (the default) an in-process
+job is handed to a pre-imported process of its pipeline (``node/warm.py``), as on a single node: one spare per
+pipeline the rules send to this worker's queues, each taking exactly one job and exiting.
 """
 
 from __future__ import annotations
@@ -30,12 +32,16 @@ from sqlalchemy.exc import OperationalError
 from radnode.config import Config
 from radnode.node.engine.broker import TASK, celery_app, check_broker, dead_letter_queue
 from radnode.node.engine.storage import StorageError, open_storage
-from radnode.node.executors import ContainerHandle, ExecutionError, JobRun, executors, resolve_timeout
+from radnode.node.executors import (
+    ContainerHandle, ExecutionError, InProcessExecutor, JobRun, configured_rules, executors, resolve_timeout,
+)
 from radnode.node.store import JobStore, store_target
+from radnode.node.warm import WarmPool
 from radnode.node.worker import (
     DEFAULT_JOB_COMMAND, describe_status, failure_reason, kill_group, last_line, spawn, with_model_sandbox,
 )
 from radnode.pipelines.routing import ExecutionMode
+from radnode.pipelines.rules import RuleError
 from radnode.security.sandbox import SandboxError
 
 log = logging.getLogger(__name__)
@@ -69,12 +75,28 @@ class GpuWorker:
         check_broker(self.config.engine, self.queues)
         self.config_file = config_file.resolve()
         self.executors = executors(self.config, list(job_command), self.config_file)
+        self.warm = self._warm_pool(job_command)
         self.current_job: int | None = None
         self._stopping = threading.Event()
 
     @property
     def work_dir(self) -> Path:
         return self.config.data_dir / "worker" / self.name
+
+    def _warm_pool(self, job_command: Sequence[str]) -> WarmPool | None:
+        """Spares for the in-process pipelines the rules send to this worker's queues (None: warm start off,
+        another job command, or rules this worker cannot read, which it says once: its jobs start cold)."""
+        in_process = self.executors.get(ExecutionMode.IN_PROCESS)
+        if not (self.config.processing.warm_start and tuple(job_command) == DEFAULT_JOB_COMMAND
+                and isinstance(in_process, InProcessExecutor)):
+            return None
+        try:
+            pipelines = configured_rules(self.config).in_process_pipelines_on(self.queues,
+                                                                             self.config.engine.default_queue)
+        except RuleError as e:
+            log.warning("worker %s keeps no warm job process: %s", self.name, e)
+            return None
+        return WarmPool(pipelines, in_process.env, self.work_dir)
 
     def run(self) -> None:
         """Consume the queues until SIGTERM/SIGINT (Celery's warm shutdown: the running job finishes)."""
@@ -90,6 +112,8 @@ class GpuWorker:
         beat.start()
         log.info("worker %s serving %s (GPUs %s), store %s, storage %s", self.name, ", ".join(self.queues),
                  self.gpus or "none", self.store.label, self.storage.label)
+        if self.warm is not None:  # from the main thread, which lives as long as the worker: the spares' parent
+            self.warm.fill()
         try:
             worker = app.Worker(hostname=f"{self.name}@{self.host}", pool="threads", concurrency=1,
                                 queues=self.queues, without_gossip=True, without_mingle=True,
@@ -97,6 +121,8 @@ class GpuWorker:
             worker.start()
         finally:
             self._stopping.set()
+            if self.warm is not None:
+                self.warm.close()
             try:
                 self.store.worker_stopped(self.name)
             except Exception as e:  # the store may be what went away
@@ -159,13 +185,24 @@ class GpuWorker:
             return
         where = f"host {self.host}, GPU {self.gpus}" if self.gpus else f"host {self.host}, CPU"
         code = "".join(f"; model {folder} {digest}" for folder, digest in digests.items())
+        spare = self.warm.claim(job.pipeline, launch.argv, launch.env) if (
+            self.warm is not None and mode is ExecutionMode.IN_PROCESS) else None  # a sandboxed job never is
+        warm = ", warm process" if spare is not None else ""
         self.store.started_remotely(job_id, attempt, self.name, f"({where}) {mode}: {shlex.join(launch.argv)} "
-                                                                f"(timeout {timeout.seconds:g} s, {timeout.source}){code}")
+                                                                f"(timeout {timeout.seconds:g} s, {timeout.source}"
+                                                                f"{warm}){code}")
         try:
-            process = spawn(launch, root)
+            if spare is not None:
+                WarmPool.hand(spare, launch.argv, launch.env, launch.cwd, root / "stdout.log", root / "stderr.log")
+                process = spare
+            else:
+                process = spawn(launch, root)
         except OSError as e:
             self._fail(job_id, attempt, f"cannot start the job command on worker {self.name}: {e}")
             return
+        finally:
+            if self.warm is not None:  # the next job's spare, from this (the pool's) thread, which lives on
+                self.warm.fill()
         status = self._watch(job_id, attempt, process, launch.container, timeout.seconds)
         if status is None:
             return  # fenced off, or timed out (already reported)
