@@ -403,6 +403,22 @@ def _iso_date(text: str) -> str:
     return text
 
 
+def cmd_drift(args: argparse.Namespace) -> int:
+    """``radnode drift``: a running node's drift figures per pipeline and attribute, and its alerts."""
+    import json
+
+    from radnode.console.client import NodeClient
+    from radnode.feedback.drift import drift_csv, drift_table
+
+    client = NodeClient.from_options(_load(args), args.url, None, args.token_file, args.ca_bundle)
+    answer = client.call("GET", "/api/drift", params={"pipeline": args.pipeline} if args.pipeline else {})
+    if args.format == "json":
+        print(json.dumps(answer, indent=2))
+    else:
+        print(drift_csv(answer) if args.format == "csv" else drift_table(answer), end="")
+    return 0
+
+
 def cmd_performance(args: argparse.Namespace) -> int:
     """``radnode performance``: a running node's local performance per pipeline, as a table and a plot."""
     from radnode.console.client import NodeClient
@@ -637,6 +653,13 @@ def build_parser() -> argparse.ArgumentParser:
     performance.add_argument("--plot", help="also write the figures as a plot (.png or .svg)")
     performance.add_argument("--json", action="store_true", help="the API's JSON document instead of the table")
     _node_options(performance, cmd_performance)
+
+    drift = sub.add_parser("drift", help="drift of each pipeline's inputs and outputs against its baseline: PSI "
+                                          "per attribute and alerts, no patient identifiers (API token)")
+    drift.add_argument("--pipeline", help="only this pipeline")
+    drift.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                       help="table (default), csv (one row per attribute) or the API's JSON document")
+    _node_options(drift, cmd_drift)
 
     users = sub.add_parser("users", help="people who sign in to the web console (viewer, operator, admin)")
     users_sub = users.add_subparsers(dest="users_command", required=True)

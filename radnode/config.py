@@ -5,6 +5,7 @@ An unknown key or a wrong type is refused with the file, the key path and what w
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -632,8 +633,46 @@ class SandboxConfig(_Strict):
     """``bubblewrap``: ``radnode models check`` and the node's start-up check parse and probe each model folder
     in a separate process with no network, no access to the data folder, secrets or home, and the model
     folder read-only. ``none``: in this process (development only; ``config check`` warns)."""
+class DriftConfig(_Strict):
+    """Drift of each pipeline's inputs and outputs against a baseline (``radnode/feedback/drift.py``,
+    docs/feedback.md "Drift")."""
+
+    enabled: bool = True
+    """Record each study's input and output attributes and compare them (off: nothing is recorded)."""
+    window: Annotated[int, Field(ge=2)] = 50
+    """The sliding window: the last N studies of the pipeline after its baseline."""
+    baseline_studies: Annotated[int, Field(ge=2)] = 100
+    """The baseline: the pipeline's first N studies (unless ``baseline_to`` sets a date range)."""
+    baseline_from: dt.datetime | None = None
+    """With ``baseline_to``: the baseline is the studies recorded between these times (ISO 8601, UTC if no zone)."""
+    baseline_to: dt.datetime | None = None
+    bins: Annotated[int, Field(ge=2, le=100)] = 10
+    """Numeric attributes: bins cut at the baseline's quantiles (10: deciles)."""
+    psi_alert: Annotated[float, Field(gt=0)] = 0.25
+    """An attribute whose population stability index reaches this shifts (0.1–0.25 is commonly read as a
+    moderate shift, ≥ 0.25 as a large one)."""
+    p_value: Annotated[float, Field(gt=0, le=1)] | None = 0.001
+    """…and whose two-sample test (Kolmogorov–Smirnov, χ² for categories) has a p-value below this, so a small
+    window's sampling noise raises nothing; null: PSI alone."""
+
+    @field_validator("baseline_from", "baseline_to")
+    @classmethod
+    def _utc(cls, value: dt.datetime | None) -> dt.datetime | None:
+        return value if value is None or value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+
+    @model_validator(mode="after")
+    def _range(self) -> "DriftConfig":
+        if self.baseline_from is not None and self.baseline_to is None:
+            raise ValueError("feedback.drift.baseline_from needs baseline_to (a date range has both ends)")
+        if self.baseline_from and self.baseline_to and self.baseline_from >= self.baseline_to:
+            raise ValueError("feedback.drift.baseline_from must be before baseline_to")
+        return self
+
+
 class FeedbackConfig(_Strict):
     """Clinicians' corrections of the node's segmentations (``radnode/feedback``)."""
+
+    drift: DriftConfig = DriftConfig()
 
     preload_metrics: bool = True
     """Load highdicom and MONAI's metrics in the feedback thread at start, so the first correction is matched in

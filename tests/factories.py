@@ -108,37 +108,38 @@ def _emphysema(masks: dict[str, np.ndarray]) -> np.ndarray:
     return masks["lung_left"] & upper
 
 
-def phantom_hounsfield(masks: dict[str, np.ndarray], seed: int = 0) -> np.ndarray:
-    """CT numbers of the phantom with scanner-like noise (σ 10 HU), int16."""
+def phantom_hounsfield(masks: dict[str, np.ndarray], seed: int = 0, noise_hu: float = 10.0) -> np.ndarray:
+    """CT numbers of the phantom with scanner-like Gaussian noise (σ ``noise_hu``, 10 HU by default), int16."""
     hu = np.full(masks["body"].shape, -1000.0)
     for key, value in (("body", 40), ("adipose_tissue", -100), ("skeletal_muscle", 55), ("bone", 700),
                        ("lung_left", -850), ("lung_right", -850)):
         hu[masks[key]] = value
     hu[_emphysema(masks)] = -975
-    hu += np.random.default_rng(seed).normal(0, 10, hu.shape)
+    hu += np.random.default_rng(seed).normal(0, noise_hu, hu.shape)
     return np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
 
 
 def write_chest_phantom(folder: Path, n_slices: int = 40, rows: int = 64, columns: int = 64, *,
-                        seed: int = 0) -> list[Path]:
-    """The phantom as single-frame CT Image Storage files in ``folder``, returned in InstanceNumber order."""
+                        seed: int = 0, slice_mm: float = SLICE_SPACING_MM, noise_hu: float = 10.0) -> list[Path]:
+    """The phantom as single-frame CT Image Storage files in ``folder``, returned in InstanceNumber order
+    (``slice_mm``: slice thickness and spacing; ``noise_hu``: σ of the image noise)."""
     masks = phantom_masks(n_slices, rows, columns)
-    stored = (phantom_hounsfield(masks, seed) + 1024).astype(np.uint16)  # Rescale Intercept −1024
+    stored = (phantom_hounsfield(masks, seed, noise_hu) + 1024).astype(np.uint16)  # Rescale Intercept −1024
     column_mm, row_mm = FIELD_OF_VIEW_MM / columns, FIELD_OF_VIEW_MM / rows
     z0 = -300.0
     head_first = list(reversed(range(n_slices)))  # InstanceNumber 1 is the most superior slice
     positions = np.array([[-FIELD_OF_VIEW_MM / 2 + column_mm / 2, -FIELD_OF_VIEW_MM / 2 + row_mm / 2,
-                           z0 + k * SLICE_SPACING_MM] for k in head_first])
+                           z0 + k * slice_mm] for k in head_first])
     identity = SeriesIdentity(
         patient_id=PATIENT["PatientID"], patient_name=PATIENT["PatientName"], accession=ACCESSION,
         study_uid=generate_uid(), series_uid=generate_uid(), frame_of_reference_uid=generate_uid(),
-        study_description="CT CHEST WITHOUT CONTRAST", series_description="Chest 2.5mm", series_number=3,
+        study_description="CT CHEST WITHOUT CONTRAST", series_description=f"Chest {slice_mm:g}mm", series_number=3,
         body_part="CHEST", model_name="Geometric CT")
     dates = {f"{kind}{part}": value for kind in ("Study", "Series", "Acquisition", "Content")
              for part, value in (("Date", STUDY_DATE), ("Time", STUDY_TIME))}
     scanner = {**dates, "PatientBirthDate": PATIENT["PatientBirthDate"], "PatientSex": PATIENT["PatientSex"],
                "Manufacturer": "Phantom Scanners", "InstitutionName": "Radnode Test Hospital",
-               "ReferringPhysicianName": "Referrer^Rita", "SliceThickness": SLICE_SPACING_MM, "KVP": 120,
+               "ReferringPhysicianName": "Referrer^Rita", "SliceThickness": slice_mm, "KVP": 120,
                "RescaleIntercept": -1024, "RescaleSlope": 1, "RescaleType": "HU",
                "WindowCenter": -600, "WindowWidth": 1500}
     return write_image_series(stored[head_first], positions, (1, 0, 0, 0, 1, 0), (row_mm, column_mm), folder,

@@ -15,7 +15,7 @@ from pydantic import Field
 from radnode.console.accounts import same_secret
 from radnode.console.auth import Viewer, bearer_scheme, gate_of
 from radnode.console.schemas import (
-    CorrectionList, Document, PerformanceDocument, Health, JobDetail, JobIdPath, JobList, Me, Queued, WorkerList,
+    CorrectionList, Document, DriftDocument, PerformanceDocument, Health, JobDetail, JobIdPath, JobList, Me, Queued, WorkerList,
     correction_document, delivery_document, event_document, job_summary,
 )
 from radnode.node.egress import Egress
@@ -177,3 +177,17 @@ def performance(request: Request, identity: Viewer,
     figures = local_performance(_store(request), pipeline, after)
     return PerformanceDocument.model_validate({"pipelines": [dataclasses.asdict(p) for p in figures],
                                                "since": since})
+
+
+@router.get("/api/drift", response_model=DriftDocument, tags=["feedback"],
+            summary="Drift of each pipeline's inputs and outputs: every attribute's latest PSI against the baseline "
+                    "and its alerts (no patient identifiers)")
+def drift(request: Request, identity: Viewer,
+          pipeline: Annotated[str | None, Query(max_length=128)] = None) -> DriftDocument:
+    from radnode.feedback.drift import METHOD, baseline_description
+
+    settings = request.app.state.config.feedback.drift
+    return DriftDocument.model_validate({
+        "method": METHOD, "window": settings.window, "baseline": baseline_description(settings),
+        "bins": settings.bins, "psi_alert": settings.psi_alert, "p_value": settings.p_value,
+        "pipelines": _store(request).drift_document(pipeline)})

@@ -26,9 +26,15 @@ the store exactly, survive restarts and agree between several node processes sha
 ``radnode_correction_hd95_mm``               gauge   median HD95 to the corrections, by ``pipeline``, ``segment``
 ``radnode_uncertainty_spearman``             gauge   Spearman(score, 1 − Dice), by ``pipeline`` and ``score``
 ``radnode_review_flag_auroc``                gauge   AUROC of the review flag for "needed a correction"
+``radnode_drift_psi``                        gauge   latest PSI of the window against the baseline, by
+                                                     ``pipeline``, ``attribute`` and ``kind`` (input, output)
+``radnode_drift_alerts_total``               counter drift alerts raised (one per episode), by ``pipeline``,
+                                                     ``attribute``
+``radnode_drift_alert_active``               gauge   1 while an attribute's drift alert is open
 =========================================== ======= ==========================================================
 
-The feedback figures are ``radnode.feedback.performance``'s, the same ``radnode performance`` prints.
+The feedback figures are ``radnode.feedback.performance``'s, the same ``radnode performance`` prints; the drift
+figures the store's (``JobStore.drift_document``), the same ``GET /api/drift`` and ``radnode drift`` show.
 
 Histograms are built from the event log of final jobs; each job is read once and kept as bucket counts.
 """
@@ -124,9 +130,11 @@ class NodeCollector(Collector):
 
     def __init__(self, source: MetricsSource, spool: Path, rejected: Callable[[], dict[str, int]] = dict,
                  paused: Callable[[], bool] = lambda: False,
-                 performance: Callable[[], list[PipelinePerformance]] = list) -> None:
+                 performance: Callable[[], list[PipelinePerformance]] = list,
+                 drift: Callable[[], list[dict]] = list) -> None:
         self.source = source
         self.performance = performance
+        self.drift = drift
         self.spool = spool
         self.rejected = rejected
         self.paused = paused
@@ -182,6 +190,20 @@ class NodeCollector(Collector):
                        [((reason,), n) for reason, n in refused.items()])
         yield from self._histograms()
         yield from self._feedback(self.performance())
+        yield from self._drift(self.drift())
+
+    @staticmethod
+    def _drift(pipelines: list[dict]) -> Iterator[Metric]:
+        yield _gauge("radnode_drift_psi", "Population stability index of the latest window against the baseline",
+                     ["pipeline", "attribute", "kind"], [((p["pipeline"], a["attribute"], a["kind"]), a["psi"])
+                                                         for p in pipelines for a in p["attributes"]])
+        raised: Counter[tuple[str, str]] = Counter((p["pipeline"], a["attribute"]) for p in pipelines
+                                                   for a in p["alerts"])
+        yield _counter("radnode_drift_alerts", "Drift alerts raised, one per episode", ["pipeline", "attribute"],
+                       list(raised.items()))
+        yield _gauge("radnode_drift_alert_active", "1 while a drift alert is open", ["pipeline", "attribute"],
+                     [(key, 1 if any(a["cleared_at"] is None and (p["pipeline"], a["attribute"]) == key
+                                     for p in pipelines for a in p["alerts"]) else 0) for key in raised])
 
     @staticmethod
     def _feedback(performance: list[PipelinePerformance]) -> Iterator[Metric]:

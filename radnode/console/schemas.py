@@ -162,6 +162,54 @@ class PerformanceDocument(Document):
     since: dt.datetime | None
 
 
+class DriftAttributeDocument(Document):
+    """One attribute's latest comparison of the window with the baseline (``radnode.feedback.drift``)."""
+
+    attribute: str
+    kind: Literal["input", "output"]
+    psi: float = Field(description="population stability index of the window against the baseline")
+    p_value: float = Field(description="two-sample test: Kolmogorov-Smirnov (numbers) or chi-squared (categories)")
+    drifting: bool = Field(description="PSI at or past feedback.drift.psi_alert and p below feedback.drift.p_value")
+    baseline_n: int
+    window_n: int
+    baseline: str = Field(description="the baseline in words: median and range, or the commonest categories")
+    window: str
+    evaluated_at: float
+
+
+class DriftAlertDocument(Document):
+    """One drift episode of an attribute: raised once, cleared when the attribute is back under the threshold."""
+
+    id: int
+    attribute: str
+    kind: Literal["input", "output"]
+    psi: float = Field(description="PSI when the alert was raised")
+    peak_psi: float
+    p_value: float
+    message: str
+    raised_at: float
+    cleared_at: float | None = Field(description="null while the shift lasts")
+
+
+class PipelineDriftDocument(Document):
+    pipeline: str
+    studies: int = Field(description="studies recorded for drift (done jobs of the pipeline)")
+    attributes: list[DriftAttributeDocument]
+    alerts: list[DriftAlertDocument]
+
+
+class DriftDocument(Document):
+    """Drift of each pipeline's inputs and outputs against its baseline; no patient identifier."""
+
+    method: str
+    window: int
+    baseline: str
+    bins: int
+    psi_alert: float
+    p_value: float | None
+    pipelines: list[PipelineDriftDocument]
+
+
 class JobDetail(JobSummary):
     """One job with its event log, deliveries and clinicians' corrections of its results."""
 

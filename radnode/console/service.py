@@ -50,7 +50,8 @@ class Console:
         api = config.api
         self.accounts = Accounts(store)
         self.collector = NodeCollector(node, config.data_dir / "spool", rejected_associations,  # type: ignore[arg-type]
-                                       store.queue_paused, performance=lambda: local_performance(store))
+                                       store.queue_paused, performance=lambda: local_performance(store),
+                                       drift=store.drift_document)
         token = read_event_token(config.orthanc.event_token_file) if config.orthanc.url else None
         if config.orthanc.url and token is None:
             log.warning("orthanc.url is set but orthanc.event_token_file is not: the plugin's events are refused "

@@ -52,6 +52,7 @@ from radnode.console.service import Console
 
 from radnode.config import Config
 from radnode.feedback.corrections import CorrectionMatcher
+from radnode.feedback.drift import DriftMonitor
 from radnode.node.activity import ActivityLog
 from radnode.node.egress import Egress
 from radnode.node.executors import check_models, configured_rules
@@ -140,13 +141,15 @@ class Node:
             self._web.start()
         self._stopping.clear()
         retention = Retention(self.config, store, should_stop=self._stopping.is_set)
+        drift = DriftMonitor(self.config.feedback.drift, store, self.audit)
         activity = ActivityLog(store.read_rows)
         if storage is None:
             egress.start()
             self._threads = [self._loop("activity", activity.tick),
                              self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
                              self._loop("egress", egress.dispatch), self._loop("retention", retention.tick),
-                             self._loop("feedback", CorrectionMatcher(self.config, store).tick)]
+                             self._loop("feedback", CorrectionMatcher(self.config, store).tick),
+                             self._loop("drift", drift.tick, poll_seconds=1.0)]
             return
         from radnode.node.engine.leader import Leadership
 
@@ -160,7 +163,8 @@ class Node:
                          self._loop("scheduler", leading(scheduler.tick), on_exit=scheduler.stop),
                          self._loop("egress", leading(egress.dispatch)),
                          self._loop("retention", leading(retention.tick)),
-                         self._loop("feedback", leading(CorrectionMatcher(self.config, store).tick))]
+                         self._loop("feedback", leading(CorrectionMatcher(self.config, store).tick)),
+                         self._loop("drift", leading(drift.tick), poll_seconds=1.0)]
 
     def load_rules(self) -> RuleSet:
         """The configured rules, checked (``executors.configured_rules``)."""

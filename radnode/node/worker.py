@@ -311,7 +311,25 @@ class Scheduler:
             self.store.record_review(job_id, review.needs_review, review.reasons)
             if review.needs_review:
                 log.debug("job %d flagged for human review: %s", job_id, "; ".join(review.reasons))
+        if self.config.feedback.drift.enabled:
+            self._observe_drift(job_id, manifest)
         self.egress.stage(job_id, outputs)
+
+    def _observe_drift(self, job_id: int, manifest: RunManifest | None) -> None:
+        """Record the study's input attributes (from the job's ``in/``, which the run just read) and its outputs
+        for drift monitoring; a study that cannot be measured is logged, never failed for it."""
+        from radnode.feedback.drift import input_attributes, output_attributes
+
+        job = self.store.job(job_id)
+        if job is None or not job.pipeline:
+            return
+        try:
+            inputs = input_attributes(job_dir(self.config, job_id) / "in")
+        except Exception as e:  # noqa: BLE001 - a pixel decoder's or header's surprise must not stop delivery
+            log.warning("job %d: drift attributes of the input not measured: %s", job_id, e)
+            inputs = {}
+        self.store.record_observation(job_id, job.pipeline, inputs,
+                                      output_attributes(manifest) if manifest is not None else {})
 
     def _note_container(self, job_id: int, message: str | None) -> None:
         if message:

@@ -11,7 +11,8 @@ Begin Transferring (110102)     a job's deliveries start
 Instances Accessed (110103)     a job ran a site model folder on a study (each folder's content hash)
 Export (110106)                 a study or results leave for a forward or de-identified destination
 Query (110112)                  a C-FIND answered (none yet: the node offers no query service)
-Security Alert (110113)         a rejected association, a failed TLS handshake, a refused API call
+Security Alert (110113)         a rejected association, a failed TLS handshake, a refused API call, a
+                                pipeline's drift alert (type ``RADNODE-DRIFT``, 99RADNODE: the attribute and PSI)
 User Authentication (110114)    a person's login or logout at the console
 ==============================  ==============================================================
 
@@ -68,6 +69,9 @@ SECURITY_CONFIGURATION: Code = ("110129", "DCM", "Security Configuration")
 SOFTWARE_CONFIGURATION: Code = ("110131", "DCM", "Software Configuration")
 NETWORK_CONFIGURATION: Code = ("110128", "DCM", "Network Configuration")
 LOCAL_SERVICE_OPERATION: Code = ("110141", "DCM", "Local Service Operation Started")
+DRIFT_ALERT: Code = ("RADNODE-DRIFT", "99RADNODE", "Input or output distribution shift")
+"""A Security Alert's type for a pipeline's drift alert: PS3.15 A.5.3.11 lets a site extend the Security Alert
+type codes, and none of the DICOM ones (configuration, authentication, service operations) says what this is."""
 
 APPLICATION: Code = ("110150", "DCM", "Application")
 APPLICATION_LAUNCHER: Code = ("110151", "DCM", "Application Launcher")

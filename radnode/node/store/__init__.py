@@ -19,6 +19,7 @@ lives in its own module:
 ``identity``   patient identifiers sealed at rest under the site key, opened on reading
 ``console``    the web console's people, tokens and sessions, operators' actions, settings, study details
 ``feedback``   clinicians' corrections of the node's segmentations, recorded at arrival, settled once
+``drift``      each study's input and output attributes, their comparison with the baseline, one alert per episode
 ============== ===========================================================================================
 
 Job states: ``received → queued → running → delivering → done / failed``. When the rules select several
@@ -41,6 +42,7 @@ from radnode.node.store.database import SQLITE_FILE, Database, StoreError, head_
 from radnode.node.store.deliveries import Deliveries
 from radnode.node.store.events import EventLog
 from radnode.node.store.identity import Identities
+from radnode.node.store.drift import Drift
 from radnode.node.store.feedback import Feedback
 from radnode.node.store.ingest import Arrivals, Decide
 from radnode.node.store.jobs import Scheduling
@@ -62,7 +64,7 @@ __all__ = ["FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Attempt",
 
 
 class JobStore(Arrivals, Scheduling, Deliveries, Results, Purges, Queries, EventLog, Identities, Console, Feedback,
-               Cluster):
+               Drift, Cluster):
     """Thread- and process-safe access to the node's job store (see the module docstring for its areas).
 
     ``target``: a SQLite file (``data_dir/radnode.db``) or a ``postgresql://`` URL. ``upgrade``: migrate an

@@ -319,3 +319,54 @@ corrections = Table(
 )
 """One row per correction candidate (``Provenance.CORRECTION``): recorded at arrival in the instance's own
 transaction, settled by the feedback thread (``radnode/feedback/corrections.py``)."""
+
+# --- drift: each pipeline's inputs and outputs against its baseline ------------------------------------
+
+drift_observations = Table(
+    "drift_observations", metadata,
+    Column("job_id", Integer, ForeignKey("jobs.id"), primary_key=True),
+    Column("pipeline", Text, nullable=False),
+    Column("recorded_at", Double, nullable=False),
+    Column("inputs", JSON, nullable=False),
+    # Attribute → number or category (``radnode.feedback.drift.input_attributes``); no patient identifier.
+    Column("outputs", JSON, nullable=False),
+    # Each measurement and uncertainty score of the run's report, and its review flag.
+    Index("drift_observations_pipeline", "pipeline", "job_id"),
+)
+"""One row per study a pipeline processed (its done job), recorded when the run ends well."""
+
+drift_states = Table(
+    "drift_states", metadata,
+    Column("pipeline", Text, primary_key=True),
+    Column("attribute", Text, primary_key=True),
+    Column("kind", Text, nullable=False),
+    Column("psi", Double, nullable=False),
+    Column("p_value", Double, nullable=False),
+    Column("drifting", Boolean, nullable=False),
+    Column("baseline_n", Integer, nullable=False),
+    Column("window_n", Integer, nullable=False),
+    Column("baseline", Text, nullable=False),
+    Column("window", Text, nullable=False),
+    Column("evaluated_at", Double, nullable=False),
+)
+"""Each (pipeline, attribute)'s latest comparison of the window with the baseline (``/metrics``' gauge)."""
+
+drift_alerts = Table(
+    "drift_alerts", metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("pipeline", Text, nullable=False),
+    Column("attribute", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("psi", Double, nullable=False),
+    # At the alert; ``peak_psi`` the largest while it lasted.
+    Column("peak_psi", Double, nullable=False),
+    Column("p_value", Double, nullable=False),
+    Column("message", Text, nullable=False),
+    Column("raised_at", Double, nullable=False),
+    Column("cleared_at", Double),
+    # Null while the shift lasts: one alert per (pipeline, attribute) episode.
+    Index("drift_alerts_open", "pipeline", "attribute", "cleared_at"),
+    sqlite_autoincrement=True,
+)
+"""One row per drift episode of a (pipeline, attribute): raised when its shift passes the threshold, cleared when
+it is back under it."""
