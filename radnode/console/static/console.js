@@ -177,6 +177,24 @@ async function refreshPerformance() {
     el("p", { class: "auroc" }, `review flag AUROC for 'needed a correction': ${figure(p.review_flag_auroc)}`))));
 }
 
+async function refreshDrift() {
+  const box = document.getElementById("drift");
+  if (!box) return;
+  const answer = await api("/api/drift");
+  const rule = el("p", { class: "drift-method" }, `Baseline: ${answer.baseline}; window: the last ${answer.window} ` +
+    `studies after it; alert at PSI \u2265 ${answer.psi_alert}` + (answer.p_value === null ? "" : ` with p < ${answer.p_value}`));
+  if (!answer.pipelines.length) { box.replaceChildren(rule, el("p", {}, "No studies recorded yet.")); return; }
+  box.replaceChildren(rule, ...answer.pipelines.map(p => el("section", { class: "drift", "data-pipeline": p.pipeline },
+    el("h3", {}, `${p.pipeline}: ${p.studies} studies recorded`),
+    ...p.alerts.filter(a => a.cleared_at === null).map(a => el("p", { class: "drift-alert", "data-attribute": a.attribute }, a.message)),
+    p.attributes.length ? el("table", {}, el("thead", {}, el("tr", {}, ...["kind", "attribute", "PSI", "p", "baseline", "window"]
+      .map(h => el("th", {}, h)))),
+      el("tbody", {}, ...p.attributes.map(a => el("tr", { "data-attribute": a.attribute, class: a.drifting ? "drifting" : "" },
+        el("td", {}, a.kind), el("td", {}, a.attribute), el("td", { class: "psi" }, figure(a.psi)),
+        el("td", {}, a.p_value.toPrecision(2)), el("td", {}, a.baseline), el("td", {}, a.window)))))
+      : el("p", {}, "Not compared yet: the baseline and a whole window after it are needed."))));
+}
+
 async function refreshAudit() {
   const list = document.getElementById("audit");
   if (!list) return;
@@ -195,7 +213,7 @@ async function tick() {
     else if (page === "destinations") await refreshDestinations();
     else if (page === "rules") await refreshRules();
     else if (page === "audit") await refreshAudit();
-    else if (page === "performance") await refreshPerformance();
+    else if (page === "performance") { await refreshPerformance(); await refreshDrift(); }
   } catch (e) { if (e.message !== "signed out") toast(e.message); }
 }
 
