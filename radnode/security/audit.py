@@ -70,8 +70,8 @@ SOFTWARE_CONFIGURATION: Code = ("110131", "DCM", "Software Configuration")
 NETWORK_CONFIGURATION: Code = ("110128", "DCM", "Network Configuration")
 LOCAL_SERVICE_OPERATION: Code = ("110141", "DCM", "Local Service Operation Started")
 DRIFT_ALERT: Code = ("RADNODE-DRIFT", "99RADNODE", "Input or output distribution shift")
-"""A Security Alert's type for a pipeline's drift alert: PS3.15 A.5.3.11 lets a site extend the Security Alert
-type codes, and none of the DICOM ones (configuration, authentication, service operations) says what this is."""
+"""A Security Alert's type (PS3.15 A.5.3.11) for a pipeline's drift alert: none of the DICOM types (configuration,
+authentication, service operations) says what this is, so it is a code of radnode's private scheme."""
 
 APPLICATION: Code = ("110150", "DCM", "Application")
 APPLICATION_LAUNCHER: Code = ("110151", "DCM", "Application Launcher")
