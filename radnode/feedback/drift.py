@@ -374,7 +374,7 @@ class DriftMonitor:
 
     def evaluate(self, pipeline: str) -> list[Shift]:
         """Compare one pipeline's window with its baseline, record each attribute's figures, raise what is new."""
-        baseline_n, window_n, shifts = evaluate(self.store.drift_observations(pipeline), self.settings)
+        baseline_n, window_n, shifts = evaluate(self.store.drift_observations(pipeline, self.settings), self.settings)
         raised = self.store.record_drift(pipeline, baseline_n, window_n, shifts,
                                          {s.attribute: alert_message(pipeline, s) for s in shifts if s.drifting})
         for shift in raised:

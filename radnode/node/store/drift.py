@@ -17,6 +17,7 @@ from radnode.node.store.database import Database
 from radnode.node.store.schema import drift_alerts, drift_observations, drift_states
 
 if TYPE_CHECKING:
+    from radnode.config import DriftConfig
     from radnode.feedback.drift import Observation, Shift, Value
 
 
@@ -40,14 +41,26 @@ class Drift:
                 select(drift_observations.c.pipeline, func.count().label("n"),
                        func.max(drift_observations.c.job_id).label("last")).group_by(drift_observations.c.pipeline))}
 
-    def drift_observations(self, pipeline: str) -> list["Observation"]:
-        """One pipeline's observations in job order."""
+    def drift_observations(self, pipeline: str, settings: "DriftConfig") -> list["Observation"]:
+        """The observations of one pipeline its comparison uses, in job order: the baseline's, and the last
+        ``window`` after it (``radnode.feedback.drift.split`` picks them apart), so a long history is not read
+        at each study."""
         from radnode.feedback.drift import Observation
 
+        t = drift_observations
+        mine = select(t).where(t.c.pipeline == pipeline)
         with self._db.read() as conn:
-            return [Observation(r.job_id, r.pipeline, r.recorded_at, r.inputs or {}, r.outputs or {})
-                    for r in conn.execute(select(drift_observations).where(drift_observations.c.pipeline == pipeline)
-                                          .order_by(drift_observations.c.job_id))]
+            if settings.baseline_to is not None:
+                start = settings.baseline_from.timestamp() if settings.baseline_from else float("-inf")
+                end = settings.baseline_to.timestamp()
+                rows = list(conn.execute(mine.where(t.c.recorded_at >= start, t.c.recorded_at <= end)
+                                         .order_by(t.c.job_id)))
+                after = mine.where(t.c.recorded_at > end)
+            else:
+                rows = list(conn.execute(mine.order_by(t.c.job_id).limit(settings.baseline_studies)))
+                after = mine.where(t.c.job_id > (rows[-1].job_id if rows else -1))
+            rows += reversed(list(conn.execute(after.order_by(t.c.job_id.desc()).limit(settings.window))))
+        return [Observation(r.job_id, r.pipeline, r.recorded_at, r.inputs or {}, r.outputs or {}) for r in rows]
 
     def record_drift(self, pipeline: str, baseline_n: int, window_n: int, shifts: Sequence["Shift"],
                      messages: Mapping[str, str]) -> list["Shift"]:
