@@ -115,6 +115,18 @@ def test_one_alert_per_episode_a_new_one_after_the_shift_clears_and_returns(stor
         assert (first["psi"], first["peak_psi"], second["psi"], second["peak_psi"]) == (3.0, 4.0, 5.0, 6.0)
         assert first["cleared_at"] is not None and second["cleared_at"] is None
         assert [(a["attribute"], a["psi"], a["drifting"]) for a in pipeline["attributes"]] == [("noise_hu", 6.0, True)]
+
+        from radnode.feedback.drift import drift_csv, drift_table
+
+        document = {"method": "PSI", "window": 10, "baseline": "the pipeline's first 20 studies", "psi_alert": 0.25,
+                    "p_value": 0.001, "bins": 10, "pipelines": [pipeline]}
+        table = drift_table(document)
+        assert "alert at PSI >= 0.25 with p < 0.001" in table and "ct: 0 studies recorded" in table
+        assert "input  noise_hu" in table and "PSI    6.000" in table and "DRIFT" in table
+        assert f"alert {first['id']} (cleared): PSI 3.0" in table and f"alert {second['id']} (open): PSI 5.0" in table
+        assert drift_csv(document).splitlines() == [
+            "pipeline,kind,attribute,psi,p_value,drifting,alert,baseline_n,window_n,baseline,window",
+            "ct,input,noise_hu,6.0,1e-06,True,open,20,10,median 10,median 25"]
     finally:
         store.close()
 

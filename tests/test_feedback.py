@@ -8,6 +8,7 @@ with numpy and scipy alone, on masks read here with pydicom alone.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,6 +102,12 @@ def test_a_corrected_seg_sent_back_is_matched_to_its_job_measured_and_never_proc
     assert by_label["Left lung"]["dice"] == 1 and by_label["Left lung"]["hd95_mm"] == 0
     assert by_label["Right lung"]["property_type"].endswith(", Right")  # laterality told the lungs apart
 
+    # drift recorded the real run: the input's headers and noise, and each measurement of its report
+    (inputs, outputs), = [[json.loads(c) if isinstance(c, str) else c for c in row]
+                          for row in node.store.read_rows("SELECT inputs, outputs FROM drift_observations", {})]
+    assert inputs["slice_thickness_mm"] == 2.5 and inputs["noise_hu"] == pytest.approx(10, rel=0.15)
+    assert sum(name.endswith("(mL)") for name in outputs) >= 5, outputs  # a volume per structure
+
     # never processed: still the one job, run once, and the correction is in its log, not a job's input
     assert [(j.id, j.runs) for j in node.jobs()] == [(job.id, 1)]
     assert "correction" in [e.kind for e in node.events(job.id)]
@@ -157,7 +164,6 @@ def _metric(text: str, name: str, **labels: str) -> float:
 @pytest.mark.slow
 def test_local_performance_after_corrections_on_ten_studies_in_the_cli_plot_metrics_and_dashboard(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, playwright_core: Path) -> None:
-    import json
     import os
     import subprocess
     import sys

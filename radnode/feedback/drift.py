@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,15 +62,16 @@ SAMPLED_SLICES = 3
 
 def input_attributes(folder: Path) -> dict[str, Value]:
     """The input attributes of the image series with the most instances in a job's input ``folder``: headers of
-    its first instance, and for CT the body HU mean and the noise estimate over ``SAMPLED_SLICES`` slices.
-    Attributes a header lacks are left out (a numeric attribute is never guessed)."""
+    its first instance, and for single-frame CT the body HU mean and the noise estimate over ``SAMPLED_SLICES``
+    slices. Attributes a header lacks are left out (a numeric attribute is never guessed)."""
     import pydicom
+    from pydicom.errors import InvalidDicomError
 
     by_series: dict[str, list[tuple[int, Path, Any]]] = {}
     for path in sorted(folder.iterdir()):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-        except Exception:  # a non-DICOM file in the input is the pipeline's business, not drift's
+        except (InvalidDicomError, OSError):  # a non-DICOM file in the input is the pipeline's business
             continue
         if "Rows" in ds and "SeriesInstanceUID" in ds:
             by_series.setdefault(str(ds.SeriesInstanceUID), []).append((int(ds.get("InstanceNumber") or 0), path, ds))
@@ -86,7 +88,7 @@ def input_attributes(folder: Path) -> dict[str, Value]:
             attributes[name] = number
     if (spacing := first.get("PixelSpacing")) and (number := _number(spacing[0])) is not None:
         attributes["pixel_spacing_mm"] = number
-    if str(first.get("Modality")) == "CT":
+    if str(first.get("Modality")) == "CT" and int(first.get("NumberOfFrames") or 1) == 1:  # single-frame CT
         n = len(series)
         picks = sorted({min(n - 1, max(0, round(n * k / (SAMPLED_SLICES + 1)))) for k in range(1, SAMPLED_SLICES + 1)})
         slices = [_hounsfield(pydicom.dcmread(series[i][1])) for i in picks]
@@ -140,10 +142,12 @@ def output_attributes(manifest: "RunManifest") -> dict[str, Value]:
 
 
 def _strings(value: Any) -> list[str]:
+    """A header's values as strings: none, one, or each of a multi-valued element's."""
+    from pydicom.multival import MultiValue
+
     if value is None or value == "":
         return []
-    return [str(v) for v in value] if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" \
-        else [str(value)]
+    return [str(v) for v in value] if isinstance(value, (list, tuple, MultiValue)) else [str(value)]
 
 
 def _number(value: Any) -> float | None:
@@ -232,8 +236,6 @@ def _numbers(values: np.ndarray) -> str:
 
 
 def _categories(values: Sequence[Value]) -> str:
-    from collections import Counter
-
     counts = Counter(str(v) for v in values)
     return ", ".join(f"{c} {100 * n / len(values):.0f}%" for c, n in counts.most_common(3))
 
