@@ -131,6 +131,41 @@ def test_one_alert_per_episode_a_new_one_after_the_shift_clears_and_returns(stor
         store.close()
 
 
+def test_the_store_reads_only_the_baseline_and_the_last_window(store_target: Path | str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import datetime as dt
+    import types
+
+    from radnode.node.store import JobStore
+    from radnode.node.store.records import Instance
+    from radnode.pipelines.routing import SeriesDecision
+
+    store = JobStore(store_target)
+    try:
+        jobs = []
+        for k in range(8):  # eight studies, recorded at 1000 s, 1001 s, … after the epoch
+            study = f"1.2.826.0.1.{k}"
+            _, job_id = store.record_instance(Instance(
+                sop_instance_uid=f"{study}.1.1", study_instance_uid=study, series_instance_uid=f"{study}.1",
+                patient_id="P1", modality="CT", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", path=f"/spool/{k}.dcm",
+                calling_ae="CT", peer_address="127.0.0.1:4000", association_id="a", received_at=1000.0 + k),
+                SeriesDecision(("ct",)))
+            monkeypatch.setattr("radnode.node.store.drift.time", types.SimpleNamespace(time=lambda k=k: 1000.0 + k))
+            store.record_observation(job_id, "ct", {"x": float(k)}, {})
+            jobs.append(job_id)
+        first = DriftConfig(window=2, baseline_studies=3)
+        assert [o.job_id for o in store.drift_observations("ct", first)] == [*jobs[:3], *jobs[6:]]
+        at = dt.datetime.fromtimestamp
+        dated = DriftConfig(window=2, baseline_from=at(1001, dt.timezone.utc), baseline_to=at(1003, dt.timezone.utc))
+        read = store.drift_observations("ct", dated)
+        assert [o.job_id for o in read] == [*jobs[1:4], *jobs[6:]]
+        baseline_n, window_n, (shift,) = evaluate(read, dated)
+        assert (baseline_n, window_n, shift.baseline, shift.window) == (3, 2, "median 2 (range 1–3)",
+                                                                        "median 6.5 (range 6–7)")
+    finally:
+        store.close()
+
+
 # --- the attributes ---------------------------------------------------------------------------------------
 
 def test_the_noise_estimate_recovers_a_known_sigma_beside_edges() -> None:
