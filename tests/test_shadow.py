@@ -16,6 +16,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 
@@ -139,6 +140,33 @@ def test_egress_refuses_a_shadow_runs_results_so_nothing_reaches_the_pacs_or_the
     finally:
         egress.stop()
         store.close()
+
+
+def test_the_summary_gives_median_and_worst_decile_dice_mean_differences_and_time_ratios() -> None:
+    from radnode.feedback.shadow import summarise, summary_table
+    from radnode.node.store import ShadowComparison
+
+    dice = [0.99, 0.97, 0.95, 0.9, 0.98, 0.96, 0.7, 0.99, 0.93, 0.94]
+
+    def compared(k: int, d: float) -> ShadowComparison:
+        return ShadowComparison(k + 2, k + 1, f"1.2.{k}", "ct_tissue", "ct_candidate", "compared", "",
+                                [{"segment": "Liver", "dice": d, "hd95_mm": 10 * (1 - d)}],
+                                [{"measurement": "Liver: Volume", "unit": "mL", "production": 1500.0,
+                                  "candidate": 1500.0 + k, "difference": float(k)}], 10.0, 20.0, 10.0 + k, 30.0, k)
+
+    failed = ShadowComparison(99, 98, "1.2.99", "ct_tissue", "ct_candidate", "not-compared",
+                              "the candidate run failed: out of memory", [], [], 10.0, 20.0, None, None, 99)
+    summary = summarise("ct_tissue", "ct_candidate", [*(compared(k, d) for k, d in enumerate(dice)), failed])
+    assert (summary.studies_compared, summary.not_compared, summary.candidate_failures) == (10, 1, 1)
+    (liver,) = summary.segments
+    assert liver.median_dice == pytest.approx(float(np.median(dice)))
+    assert liver.worst_decile_dice == pytest.approx(float(np.percentile(dice, 10)))
+    assert liver.median_hd95_mm == pytest.approx(float(np.median([10 * (1 - d) for d in dice])))
+    (volume,) = summary.measurements
+    assert (volume.studies, volume.mean_difference, volume.mean_absolute_difference) == (10, 4.5, 4.5)
+    assert summary.wall_time_ratio == pytest.approx(np.median([(10 + k) / 10 for k in range(10)]), abs=1e-3)
+    assert summary.cpu_time_ratio == 1.5
+    assert "studies compared: 10; not compared: 1 (candidate failed: 1)" in summary_table(summary)
 
 
 # --- the node, end to end -----------------------------------------------------------------------------
