@@ -11,6 +11,7 @@ masks read with pydicom.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -202,7 +203,7 @@ def test_a_failing_shadow_pipeline_leaves_the_production_job_done_and_delivered(
 
 @pytest.mark.slow
 def test_a_candidate_pipeline_in_shadow_is_compared_with_production_and_never_delivered(
-        tmp_path: Path, pacs: StoreSCP, fhir: FhirServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, pacs: StoreSCP, fhir: FhirServer, monkeypatch: pytest.MonkeyPatch, playwright_core: Path) -> None:
     site = tmp_path / "site" / "ct_candidate"
     site.mkdir(parents=True)
     (site / "__init__.py").write_text("")
@@ -232,6 +233,12 @@ def test_a_candidate_pipeline_in_shadow_is_compared_with_production_and_never_de
             metrics = client.get("/metrics").text
         to_pacs = {d.object for d in node.store.deliveries(production.id) if d.destination == "pacs"}
         assert node.store.deliveries(shadow.id) == []
+        node.accounts.add_user("operator", Role.OPERATOR, "a long enough password")
+        browser = subprocess.run(
+            ["node", str(Path(__file__).parent / "support" / "shadow_browser.cjs")], capture_output=True, text=True,
+            timeout=180, env={**os.environ, "PLAYWRIGHT_CORE": str(playwright_core), "JOB_ID": str(production.id),
+                              "CONSOLE_URL": f"http://127.0.0.1:{node.api_port}", "CONSOLE_USER": "operator",
+                              "CONSOLE_PASSWORD": "a long enough password"})
 
     # the destinations received the production results only: its DICOM objects, each once, and its report
     ours_folder, theirs_folder = outbox_dir(config, production.id), job_dir(config, shadow.id) / "out"
@@ -278,6 +285,13 @@ def test_a_candidate_pipeline_in_shadow_is_compared_with_production_and_never_de
         assert comparison[f"{side}_wall_seconds"] == pytest.approx(manifest["seconds"], abs=1e-3)
         assert comparison[f"{side}_cpu_seconds"] == pytest.approx(
             sum(p["cpu_seconds"] for p in manifest["phases"].values()), abs=1e-3)
+
+    # the console's job page shows the same comparison
+    assert browser.returncode == 0, browser.stdout + browser.stderr
+    (shown,) = json.loads(browser.stdout.strip().splitlines()[-1].removeprefix("SHADOW "))
+    assert (shown["candidate"], shown["state"]) == ("ct_candidate", "compared")
+    assert shown["dice"] == {s["segment"]: f"{s['dice']:.3f}" for s in comparison["segments"]}
+    assert shown["measurements"] == len(comparison["measurements"])
 
     # the summary a site promotes the candidate on, in the CLI and /metrics
     assert cli.returncode == 0, cli.stderr
