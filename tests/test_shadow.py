@@ -15,6 +15,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ from factories import (
 from radnode.console.accounts import Role
 from radnode.node.egress import Egress, outbox_dir
 from radnode.node.service import Node
-from radnode.node.store import ActionRefused, Instance, JobState, JobStore, ShadowNotDelivered
+from radnode.node.store import ActionRefused, Instance, JobState, JobStore, ShadowComparison, ShadowNotDelivered
 from radnode.node.worker import job_dir
 from radnode.peers import FhirServer, StoreSCP
 from radnode.pipelines.registry import SITE_PIPELINES_ENV
@@ -102,11 +104,24 @@ def test_a_shadow_job_waits_for_its_production_run_and_its_results_can_never_be_
         with pytest.raises(ShadowNotDelivered, match=f"job {shadow.id} is a shadow run"):
             store.begin_delivery(shadow.id, "results", [("pacs", "seg.dcm")])
         assert store.deliveries(shadow.id) == [] and store.job(shadow.id).state is JobState.RUNNING
-        assert store.finish_shadow(shadow.id, "8 outputs") and store.job(shadow.id).state is JobState.DONE
-        assert not store.finish_shadow(main, "not a shadow job")
+        assert store.fail_job(shadow.id, "out of memory")  # the candidate's first run fails
         with pytest.raises(ActionRefused, match="shadow run"):
             store.resend(shadow.id, user="ops", reason="try")
         assert [(s.id, p.id) for s, p in store.shadows_to_compare()] == [(shadow.id, main)]
+        first = ShadowComparison(shadow.id, main, "1.2.3", "ct_tissue", "model_seg", "not-compared",
+                                 "the candidate run failed: out of memory", [], [], 1.0, 1.0, None, None, time.time())
+        assert store.record_shadow_comparison(first) and not store.record_shadow_comparison(first)
+        assert store.shadows_to_compare() == []
+        # an operator's retry runs it again on the same input, and it is compared again
+        assert store.retry_job(shadow.id, "ops") == 1
+        assert store.job(shadow.id).state is JobState.QUEUED and store.start_job(shadow.id, "run")
+        assert store.finish_shadow(shadow.id, "8 outputs") and store.job(shadow.id).state is JobState.DONE
+        assert not store.finish_shadow(main, "not a shadow job")
+        assert [s.id for s, _ in store.shadows_to_compare()] == [shadow.id]
+        second = replace(first, state="compared", message="6 common segment(s)", compared_at=time.time())
+        assert store.record_shadow_comparison(second) and store.shadows_to_compare() == []
+        assert [c.message for c in store.shadow_comparisons(job_id=main)] == ["6 common segment(s)"]
+        assert [e.kind for e in store.events(main)].count("shadow") == 2
     finally:
         store.close()
 
@@ -145,7 +160,6 @@ def test_egress_refuses_a_shadow_runs_results_so_nothing_reaches_the_pacs_or_the
 
 def test_the_summary_gives_median_and_worst_decile_dice_mean_differences_and_time_ratios() -> None:
     from radnode.feedback.shadow import summarise, summary_table
-    from radnode.node.store import ShadowComparison
 
     dice = [0.99, 0.97, 0.95, 0.9, 0.98, 0.96, 0.7, 0.99, 0.93, 0.94]
 

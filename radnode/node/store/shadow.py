@@ -3,14 +3,15 @@
 A shadow job is a sibling of the study's main job (``sibling_of``, same input) with ``shadow`` set: it runs
 after its production job has run (``jobs.runnable``), ends ``done`` with its outputs kept under the job
 (:meth:`Shadows.finish_shadow`), and the store refuses to plan deliveries or re-sends for it
-(``deliveries.py``). Once both are final the feedback thread records their comparison here, once.
+(``deliveries.py``). Once both are final the shadow thread records their comparison here, once per run of
+the shadow job (an operator's retry of a failed one is compared again).
 """
 
 from __future__ import annotations
 
 import time
 
-from sqlalchemy import and_, exists, or_, select
+from sqlalchemy import and_, delete, exists, insert, or_, select
 
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
@@ -37,14 +38,15 @@ class Shadows:
             return True
 
     def shadows_to_compare(self, limit: int = 20) -> list[tuple[Job, Job]]:
-        """(shadow job, production job) pairs, both final (the production job delivering or final), not yet
-        compared; oldest first."""
+        """(shadow job, production job) pairs, both final (the production job delivering or final), not compared
+        since the shadow job last ended (a retried shadow run is compared again); oldest first."""
         production = jobs.alias("p")
         query = (job_select().where(
             jobs.c.shadow.is_(True), jobs.c.state.in_([s.value for s in FINAL_STATES]),
             exists(select(production.c.id).where(production.c.id == jobs.c.sibling_of, production.c.state.in_(
                 [s.value for s in PRODUCTION_RUN_OVER]))),
-            ~exists(select(shadow_comparisons.c.shadow_job_id).where(shadow_comparisons.c.shadow_job_id == jobs.c.id)))
+            ~exists(select(shadow_comparisons.c.shadow_job_id).where(
+                shadow_comparisons.c.shadow_job_id == jobs.c.id, shadow_comparisons.c.compared_at >= jobs.c.updated_at)))
             .order_by(jobs.c.id).limit(limit))
         with self._db.read() as conn:
             shadows = [job_from_row(r._mapping, self._db.opened_identity) for r in conn.execute(query)]
@@ -56,12 +58,17 @@ class Shadows:
         return pairs
 
     def record_shadow_comparison(self, comparison: ShadowComparison) -> bool:
-        """Keep a comparison (once per shadow job) and say so in both jobs' events; False if already kept."""
+        """Keep a shadow job's comparison (replacing one of an earlier run of it) and say so in both jobs' events;
+        False if one at least as recent is kept already."""
         values = comparison.to_record()
+        c = shadow_comparisons.c
         with self._db.write() as conn:
-            inserted = conn.execute(self._db.insert_ignoring_conflicts(shadow_comparisons).values(**values)).rowcount
-            if not inserted:
+            newer = conn.execute(select(c.compared_at).where(c.shadow_job_id == comparison.shadow_job_id,
+                                                             c.compared_at >= comparison.compared_at)).first()
+            if newer is not None:
                 return False
+            conn.execute(delete(shadow_comparisons).where(c.shadow_job_id == comparison.shadow_job_id))
+            conn.execute(insert(shadow_comparisons).values(**values))
             line = f"shadow comparison of {comparison.candidate_pipeline} (job {comparison.shadow_job_id}) with " \
                    f"{comparison.production_pipeline} (job {comparison.production_job_id}): {comparison.message}"
             for job_id in (comparison.production_job_id, comparison.shadow_job_id):
