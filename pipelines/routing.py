@@ -181,13 +181,17 @@ class SeriesDecision:
     refused_pipelines: tuple[str, ...] = _field((), _union)
     """Pipelines the rules chose that the sender may not trigger (``ingress.allowed_peers[].pipelines``): not
     run, and said so in :meth:`describe`."""
+    shadow: tuple[str, ...] = _field((), _union)
+    """Candidate pipelines run beside the production ones on the same input: their results are stored and
+    compared with the production run's, never delivered (``radnode/feedback/shadow.py``)."""
 
     def merged(self, other: SeriesDecision) -> SeriesDecision:
         """Both decisions' actions, field by field (union of pipelines and forwards, most urgent priority,
-        longest waits, most isolated execution); a discard clears pipelines and forwards."""
+        longest waits, most isolated execution, union of shadow pipelines); a discard clears pipelines, forwards and
+        shadows."""
         values = {f.name: f.metadata["merge"](getattr(self, f.name), getattr(other, f.name)) for f in fields(self)}
         if values["discard"]:
-            values.update(pipelines=(), forwards=())
+            values.update(pipelines=(), forwards=(), shadow=())
         return SeriesDecision(**values)
 
     @property
@@ -227,6 +231,7 @@ class SeriesDecision:
         else:
             parts = [f"pipelines {', '.join(self.pipelines)}"] if self.pipelines else []
             parts += [f"forward {', '.join(self.forwards)}"] if self.forwards else []
+            parts += [f"shadow {', '.join(self.shadow)}"] if self.shadow else []
             action = "; ".join(parts or ["no action"]) + f"; priority {self.priority}"
             action += f"; completeness {self.completeness.describe()}" if self.completeness.describe() else ""
             action += f"; execution {self.execution.describe()}" if self.execution.describe() else ""
@@ -261,7 +266,8 @@ class StudyRoute:
     """What the node does with a study: its series' decisions merged (:func:`study_route`).
 
     The study's job runs ``pipelines[0]``; each further pipeline runs as a sibling job on the same input.
-    Only the main job forwards, so the study is forwarded once.
+    Only the main job forwards, so the study is forwarded once. Each shadow pipeline runs as a *shadow* job on
+    the same input after the main job's run, its results never delivered.
     """
 
     pipelines: tuple[str, ...] = ()
@@ -273,6 +279,9 @@ class StudyRoute:
     """Why each skipped series' decision does nothing (its ``describe()``), each once."""
     queue: str = ""
     """The broker queue the rules name for the study ('' for the default), the first one a series' rule set."""
+    shadow: tuple[str, ...] = ()
+    """Candidate pipelines compared with the main job's (none that is also a production pipeline: that one's
+    results are delivered); empty when the study has no production pipeline to compare with."""
 
     @property
     def nothing_to_do(self) -> bool:
@@ -295,17 +304,20 @@ class StudyRoute:
 
 
 def study_route(decisions: Iterable[SeriesDecision]) -> StudyRoute:
-    """Merge a study's series decisions: union of pipelines and forwards (first-seen order), the most urgent
-    priority, and per pipeline the merged execution of the routes choosing it. Skipped series contribute
+    """Merge a study's series decisions: union of pipelines, forwards and shadows (first-seen order), the most
+    urgent priority, and per pipeline the merged execution of the routes choosing it. Skipped series contribute
     nothing but their reason."""
     decisions = list(decisions)
     kept = [d for d in decisions if not d.skipped]
     executions: dict[str, Execution] = {}
     for decision in kept:
-        for pipeline in decision.pipelines:
+        for pipeline in (*decision.pipelines, *decision.shadow):
             executions[pipeline] = executions.get(pipeline, Execution()).merged(decision.execution)
+    pipelines = reduce(_union, (d.pipelines for d in kept), ())
+    shadow = reduce(_union, (d.shadow for d in kept), ())
     return StudyRoute(
-        pipelines=reduce(_union, (d.pipelines for d in kept), ()),
+        pipelines=pipelines,
+        shadow=tuple(p for p in shadow if p not in pipelines) if pipelines else (),
         forwards=reduce(_union, (d.forwards for d in kept), ()),
         priority=reduce(_most_urgent, (d.priority for d in kept), Priority.OFF_PEAK) if kept else Priority.ROUTINE,
         executions=executions,

@@ -49,6 +49,7 @@ class Rule:
         parts = ["discard"] if d.discard else []
         parts += [f"pipelines {', '.join(d.pipelines)}"] if d.pipelines else []
         parts += [f"forward {', '.join(d.forwards)}"] if d.forwards else []
+        parts += [f"shadow {', '.join(d.shadow)}"] if d.shadow else []
         parts += [f"priority {d.priority}"]
         parts += [f"completeness {d.completeness.describe()}"] if d.completeness.describe() else []
         parts += [f"execution {d.execution.describe()}"] if d.execution.describe() else []
@@ -155,6 +156,7 @@ class _RuleSpec(BaseModel):
     name: Annotated[str, Field(min_length=1)]
     description: str = ""
     pipelines: list[Annotated[str, Field(min_length=1)]] = []
+    shadow: list[Annotated[str, Field(min_length=1)]] = []
     forward: list[Annotated[str, Field(min_length=1)]] = []
     discard: bool = False
     priority: Literal["stat", "routine", "off-peak"] = "routine"
@@ -208,14 +210,15 @@ class _Parser(ConditionParser):
             raise self._pydantic_error(node, e, label) from None
         if "when" not in node:
             raise self.error(node.line, f"{label}: missing 'when' (the condition)")
-        if spec.discard and (spec.pipelines or spec.forward):
+        if spec.discard and (spec.pipelines or spec.forward or spec.shadow):
             raise self.error(node.key_lines["discard"],
-                             f"{label}: 'discard' cannot be combined with pipelines or forward")
-        modifiers = {"priority", "completeness", "execution", "queue"}
+                             f"{label}: 'discard' cannot be combined with pipelines, forward or shadow")
+        modifiers = {"priority", "completeness", "execution", "queue", "shadow"}
         if not (spec.discard or spec.pipelines or spec.forward or modifiers & node.keys()):
             raise self.error(node.line, f"{label}: no action; give pipelines, forward, discard, priority, "
-                                        "completeness, execution or queue")
+                                        "completeness, execution, queue or shadow")
         self._check_names(node, "pipelines", self.known_pipelines, "pipeline", label)
+        self._check_names(node, "shadow", self.known_pipelines, "shadow pipeline", label)
         self._check_forwards(node, label)
         mode = spec.execution.mode
         if mode is not None and self.execution_modes is not None and mode not in self.execution_modes:
@@ -230,7 +233,8 @@ class _Parser(ConditionParser):
             raise self.error(e.line, f"{label}: {e.reason}") from None
         c, x = spec.completeness, spec.execution
         decision = SeriesDecision(
-            pipelines=tuple(dict.fromkeys(spec.pipelines)), forwards=tuple(dict.fromkeys(spec.forward)),
+            pipelines=tuple(dict.fromkeys(spec.pipelines)), shadow=tuple(dict.fromkeys(spec.shadow)),
+            forwards=tuple(dict.fromkeys(spec.forward)),
             discard=spec.discard, priority=Priority(spec.priority),
             completeness=Completeness(c.study_idle_seconds, c.series_grace_seconds,
                                       LateInstances(c.late_instances) if c.late_instances else None),

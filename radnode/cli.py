@@ -427,6 +427,22 @@ def cmd_performance(args: argparse.Namespace) -> int:
     from radnode.feedback.performance import from_document, plot, table
 
     client = NodeClient.from_options(_load(args), args.url, None, args.token_file, args.ca_bundle)
+    if args.compare:
+        from radnode.feedback.shadow import ShadowSummary, SegmentSummary, MeasurementSummary, summary_table
+
+        production, candidate = args.compare
+        params = {"production": production, "candidate": candidate, "since": args.since}
+        answer = client.call("GET", "/api/performance/compare",
+                             params={k: v for k, v in params.items() if v is not None})
+        if args.json:
+            print(json.dumps(answer, indent=2))
+            return 0
+        figures = {k: v for k, v in answer.items() if k != "since"}
+        print(summary_table(ShadowSummary(**{**figures,
+                                             "segments": [SegmentSummary(**s) for s in figures["segments"]],
+                                             "measurements": [MeasurementSummary(**m)
+                                                              for m in figures["measurements"]]})))
+        return 0
     params = {"pipeline": args.pipeline, "since": args.since}
     answer = client.call("GET", "/api/performance", params={k: v for k, v in params.items() if v is not None})
     if args.json:
@@ -649,7 +665,11 @@ def build_parser() -> argparse.ArgumentParser:
     performance = sub.add_parser("performance", help="local performance per pipeline: reviews, agreement with "
                                                       "clinicians' corrections, uncertainty ranking (API token)")
     performance.add_argument("--pipeline", help="only this pipeline")
-    performance.add_argument("--since", type=_iso_date, help="jobs created on or after (YYYY-MM-DD or ISO 8601)")
+    performance.add_argument("--since", type=_iso_date, help="jobs created (with --compare: compared) on or after "
+                                                             "(YYYY-MM-DD or ISO 8601)")
+    performance.add_argument("--compare", nargs=2, metavar=("PRODUCTION", "CANDIDATE"),
+                             help="a candidate pipeline's shadow runs against the production pipeline's: studies "
+                                  "compared, Dice per segment, measurement differences, time ratio")
     performance.add_argument("--plot", help="also write the figures as a plot (.png or .svg)")
     performance.add_argument("--json", action="store_true", help="the API's JSON document instead of the table")
     _node_options(performance, cmd_performance)

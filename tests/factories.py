@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pydicom
 from highdicom.sr import CodedConcept
+from scipy import ndimage
 from pydicom.sr.codedict import codes
 from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
@@ -449,7 +450,6 @@ def write_correction(result_seg: Path, source: list[Path], target: Path, changes
     ``changes``: per Segment Label, voxels of 3-D erosion (negative) or dilation (positive); other segments
     are kept as they were. Returns the corrected masks by segment number, in source slice order."""
     import highdicom as hd
-    from scipy import ndimage
 
     result = pydicom.dcmread(result_seg)
     images = _source_in_order(source)
@@ -626,3 +626,40 @@ def write_ct_studies(root: Path, patients: Iterable[str], n_slices: int = 16) ->
             ds.save_as(path)
         folders[patient] = folder
     return folders
+
+
+def independent_agreement(result: np.ndarray, corrected: np.ndarray,
+                          spacing: tuple[float, float, float]) -> dict[str, float]:
+    """Dice, volumes (mL) and the symmetric 95th-percentile distance between the masks' surface voxels (a
+    voxel of the mask with a background neighbour across a face), computed with numpy and scipy."""
+    voxel_ml = float(np.prod(spacing)) / 1000
+
+    def surface(mask: np.ndarray) -> np.ndarray:
+        return mask & ~ndimage.binary_erosion(mask)
+
+    def distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return ndimage.distance_transform_edt(~surface(b), sampling=spacing)[surface(a)]
+
+    both = np.count_nonzero(result & corrected)
+    hd95 = max(np.percentile(distances(result, corrected), 95), np.percentile(distances(corrected, result), 95))
+    return {"dice": 2 * both / (np.count_nonzero(result) + np.count_nonzero(corrected)),
+            "result_volume_ml": np.count_nonzero(result) * voxel_ml,
+            "corrected_volume_ml": np.count_nonzero(corrected) * voxel_ml, "hd95_mm": float(hd95)}
+
+
+def spacing_of(source: list[Path]) -> tuple[float, float, float]:
+    """(slice, row, column) spacing of a phantom series, from its headers."""
+    first, *_ = (pydicom.dcmread(p, stop_before_pixels=True) for p in source)
+    rows, columns = (float(v) for v in first.PixelSpacing)
+    return float(first.SliceThickness), rows, columns
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of the ``/metrics`` sample ``name`` with ``labels``, parsed by prometheus_client."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    raise AssertionError(f"{name} {labels} not in /metrics")

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from scipy import ndimage
 
-from factories import seg_masks_by_source, write_chest_phantom, write_correction
+from factories import (
+    independent_agreement, metric_value, seg_masks_by_source, spacing_of, write_chest_phantom, write_correction,
+)
 from radnode.console.accounts import Role
 from radnode.node.egress import outbox_dir
 from radnode.node.service import Node
@@ -26,32 +27,6 @@ from support.console import api_json, token_for
 from support.dicom_tools import storescu
 from support.node import final_job, node_config
 from support.waiting import wait_until
-
-
-def independent_agreement(result: np.ndarray, corrected: np.ndarray,
-                          spacing: tuple[float, float, float]) -> dict[str, float]:
-    """Dice, volumes (mL) and the symmetric 95th-percentile distance between the masks' surface voxels (a
-    voxel of the mask with a background neighbour across a face), computed with numpy and scipy."""
-    voxel_ml = float(np.prod(spacing)) / 1000
-
-    def surface(mask: np.ndarray) -> np.ndarray:
-        return mask & ~ndimage.binary_erosion(mask)
-
-    def distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        return ndimage.distance_transform_edt(~surface(b), sampling=spacing)[surface(a)]
-
-    both = np.count_nonzero(result & corrected)
-    hd95 = max(np.percentile(distances(result, corrected), 95), np.percentile(distances(corrected, result), 95))
-    return {"dice": 2 * both / (np.count_nonzero(result) + np.count_nonzero(corrected)),
-            "result_volume_ml": np.count_nonzero(result) * voxel_ml,
-            "corrected_volume_ml": np.count_nonzero(corrected) * voxel_ml, "hd95_mm": float(hd95)}
-
-
-def spacing_of(source: list[Path]) -> tuple[float, float, float]:
-    """(slice, row, column) spacing of a phantom series, from its headers."""
-    first, *_ = (pydicom.dcmread(p, stop_before_pixels=True) for p in source)
-    rows, columns = (float(v) for v in first.PixelSpacing)
-    return float(first.SliceThickness), rows, columns
 
 
 @pytest.fixture
@@ -151,16 +126,6 @@ LUNG_EROSION = [0, 0, 1, 0, 1, 2, 1, 2, 3, 2]
 with the uncertainty (which rises study by study), so the ranking is imperfect."""
 
 
-def _metric(text: str, name: str, **labels: str) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    raise AssertionError(f"{name} {labels} not in /metrics")
-
-
 @pytest.mark.slow
 def test_local_performance_after_corrections_on_ten_studies_in_the_cli_plot_metrics_and_dashboard(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, playwright_core: Path) -> None:
@@ -231,14 +196,14 @@ def test_local_performance_after_corrections_on_ten_studies_in_the_cli_plot_metr
 
         with api(node, token_for(node, Role.ADMIN, "scraper")) as client:
             metrics = client.get("/metrics").text
-        assert _metric(metrics, "radnode_uncertainty_spearman", pipeline="ct_tissue",
+        assert metric_value(metrics, "radnode_uncertainty_spearman", pipeline="ct_tissue",
                        score="UNC-BOUNDARY") == pytest.approx(rho, abs=1e-3)
-        assert _metric(metrics, "radnode_correction_dice", pipeline="ct_tissue", segment="Left lung",
+        assert metric_value(metrics, "radnode_correction_dice", pipeline="ct_tissue", segment="Left lung",
                        statistic="median") == pytest.approx(np.median(lung_dice), abs=1e-3)
-        assert _metric(metrics, "radnode_correction_dice", pipeline="ct_tissue", segment="Left lung",
+        assert metric_value(metrics, "radnode_correction_dice", pipeline="ct_tissue", segment="Left lung",
                        statistic="worst_decile") == pytest.approx(np.percentile(lung_dice, 10), abs=1e-3)
-        assert _metric(metrics, "radnode_review_flag_auroc", pipeline="ct_tissue") == pytest.approx(auroc, abs=1e-3)
-        assert _metric(metrics, "radnode_studies_feedback", pipeline="ct_tissue", outcome="corrected") == 7
+        assert metric_value(metrics, "radnode_review_flag_auroc", pipeline="ct_tissue") == pytest.approx(auroc, abs=1e-3)
+        assert metric_value(metrics, "radnode_studies_feedback", pipeline="ct_tissue", outcome="corrected") == 7
 
         node.accounts.add_user("quality", Role.VIEWER, "a long enough password")
         browser = subprocess.run(

@@ -177,3 +177,19 @@ def test_a_series_is_routed_on_its_first_instance_only(objects: Objects, tmp_pat
     assert [i.sop_instance_uid for i in store.job_inputs(job.id)] == [
         str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]  # the CT alone
     store.close()
+
+
+def test_shadow_pipelines_merge_as_a_union_apart_from_the_production_ones() -> None:
+    """Two rules' shadows are both run; a pipeline that is also production is not shadowed; no production
+    pipeline, nothing to compare with; a discard drops the shadows too."""
+    ct = SeriesDecision(("ct_tissue",), shadow=("ct_candidate",), execution=Execution(None, 120), matched_rules=("ct",))
+    trial = SeriesDecision(shadow=("ct_candidate", "model_seg", "ct_tissue"), matched_rules=("trial",))
+    merged = merge_decisions([ct, trial])
+    assert merged.shadow == ("ct_candidate", "model_seg", "ct_tissue")
+    assert "shadow ct_candidate, model_seg, ct_tissue" in merged.describe()
+    route = study_route([merged])
+    assert route.pipelines == ("ct_tissue",) and route.shadow == ("ct_candidate", "model_seg")
+    assert route.execution("ct_candidate") == Execution(None, 120)  # its own timeout, from the rules naming it
+    assert study_route([merge_decisions([trial])]).shadow == ()  # a shadow alone: nothing to compare with
+    assert merge_decisions([ct, SeriesDecision(discard=True, matched_rules=("drop",))]).shadow == ()
+    assert SeriesDecision.from_record(merged.to_record()) == merged

@@ -281,6 +281,20 @@ rules:
       - ct_tissue
       - ct_tisue   #!
 """, "rule 'a': unknown pipeline 'ct_tisue' (known: ct_tissue)"),
+    "unknown shadow pipeline": ("""
+rules:
+  - name: a
+    when: {Modality: CT}
+    pipelines: [ct_tissue]
+    shadow: [ct_tisue_v2]   #!
+""", "rule 'a': unknown shadow pipeline 'ct_tisue_v2' (known: ct_tissue)"),
+    "shadow with discard": ("""
+rules:
+  - name: a
+    when: {Modality: CT}
+    discard: true   #!
+    shadow: [ct_tissue]
+""", "'discard' cannot be combined with pipelines, forward or shadow"),
     "unknown destination": ("""
 rules:
   - name: a

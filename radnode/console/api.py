@@ -15,8 +15,9 @@ from pydantic import Field
 from radnode.console.accounts import same_secret
 from radnode.console.auth import Viewer, bearer_scheme, gate_of
 from radnode.console.schemas import (
-    CorrectionList, Document, DriftDocument, PerformanceDocument, Health, JobDetail, JobIdPath, JobList, Me, Queued, WorkerList,
-    correction_document, delivery_document, event_document, job_summary,
+    CorrectionList, Document, DriftDocument, PerformanceDocument, Health, JobDetail, JobIdPath, JobList, Me, Queued,
+    ShadowSummaryDocument, WorkerList, correction_document, delivery_document, event_document, job_summary,
+    shadow_document,
 )
 from radnode.node.egress import Egress
 from radnode.node.store import CorrectionState, Job, JobState, JobStore, StudyDetails
@@ -111,7 +112,7 @@ def list_jobs(request: Request, identity: Viewer,
 
 
 @router.get("/api/jobs/{job_id}", response_model=JobDetail, tags=["jobs"], summary="One job with its events, "
-            "deliveries and corrections", responses={404: {"description": "no such job"}})
+            "deliveries, corrections and shadow comparisons", responses={404: {"description": "no such job"}})
 def get_job(request: Request, identity: Viewer, job_id: JobIdPath) -> JobDetail:
     store = _store(request)
     job = store.job(job_id)
@@ -122,7 +123,8 @@ def get_job(request: Request, identity: Viewer, job_id: JobIdPath) -> JobDetail:
     summary = job_summary(job, gate_of(request).sees_patient_data(identity), details, reviewer)
     return JobDetail(**summary.model_dump(), events=[event_document(e) for e in store.events(job_id)],
                      deliveries=[delivery_document(d) for d in store.deliveries(job_id)],
-                     corrections=[correction_document(c) for c in store.corrections(job_id=job_id)])
+                     corrections=[correction_document(c) for c in store.corrections(job_id=job_id)],
+                     shadow_comparisons=[shadow_document(c) for c in store.shadow_comparisons(job_id=job_id)])
 
 
 @router.get("/api/corrections", response_model=CorrectionList, tags=["feedback"],
@@ -191,3 +193,17 @@ def drift(request: Request, identity: Viewer,
         "method": METHOD, "window": settings.window, "baseline": baseline_description(settings),
         "bins": settings.bins, "psi_alert": settings.psi_alert, "p_value": settings.p_value,
         "pipelines": _store(request).drift_document(pipeline)})
+@router.get("/api/performance/compare", response_model=ShadowSummaryDocument, tags=["feedback"],
+            summary="A candidate pipeline's shadow runs against the production pipeline: studies compared, median "
+                    "and worst-decile Dice per segment, mean measurement differences, time ratios")
+def compare_pipelines(request: Request, identity: Viewer,
+                      production: Annotated[str, Query(min_length=1, max_length=128)],
+                      candidate: Annotated[str, Query(min_length=1, max_length=128)],
+                      since: Annotated[dt.datetime | None, Query(description="compared at or after (ISO 8601)")] = None
+                      ) -> ShadowSummaryDocument:
+    from radnode.feedback.shadow import summarise
+
+    after = None if since is None else (since if since.tzinfo else since.replace(tzinfo=dt.timezone.utc)).timestamp()
+    comparisons = _store(request).shadow_comparisons(production=production, candidate=candidate, since=after)
+    return ShadowSummaryDocument.model_validate({**summarise(production, candidate, comparisons).to_record(),
+                                                 "since": since})

@@ -31,10 +31,17 @@ the store exactly, survive restarts and agree between several node processes sha
 ``radnode_drift_alerts_total``               counter drift alerts raised (one per episode), by ``pipeline``,
                                                      ``attribute``
 ``radnode_drift_alert_active``               gauge   1 while an attribute's drift alert is open
+``radnode_shadow_studies_compared``          gauge   shadow runs compared, by ``production`` and ``candidate``
+``radnode_shadow_dice``                      gauge   by ``production``, ``candidate``, ``segment`` and ``statistic``
+                                                     (median, worst_decile): Dice of a candidate's segments to
+                                                     production's
+``radnode_shadow_time_ratio``                gauge   candidate over production time (median), by ``production``,
+                                                     ``candidate`` and ``clock`` (wall, cpu)
 =========================================== ======= ==========================================================
 
 The feedback figures are ``radnode.feedback.performance``'s, the same ``radnode performance`` prints; the drift
-figures the store's (``JobStore.drift_document``), the same ``GET /api/drift`` and ``radnode drift`` show.
+figures the store's (``JobStore.drift_document``), the same ``GET /api/drift`` and ``radnode drift`` show; the
+shadow figures ``radnode.feedback.shadow.summarise``'s, the same ``radnode performance --compare`` prints.
 
 Histograms are built from the event log of final jobs; each job is read once and kept as bucket counts.
 """
@@ -55,6 +62,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from radnode.feedback.performance import PipelinePerformance
+from radnode.feedback.shadow import ShadowSummary
 
 DURATION_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 """Seconds: a study's run takes seconds to tens of minutes; delivery waits may reach hours in an outage."""
@@ -131,10 +139,12 @@ class NodeCollector(Collector):
     def __init__(self, source: MetricsSource, spool: Path, rejected: Callable[[], dict[str, int]] = dict,
                  paused: Callable[[], bool] = lambda: False,
                  performance: Callable[[], list[PipelinePerformance]] = list,
-                 drift: Callable[[], list[dict]] = list) -> None:
+                 drift: Callable[[], list[dict]] = list,
+                 shadow: Callable[[], list[ShadowSummary]] = list) -> None:
         self.source = source
         self.performance = performance
         self.drift = drift
+        self.shadow = shadow
         self.spool = spool
         self.rejected = rejected
         self.paused = paused
@@ -191,6 +201,7 @@ class NodeCollector(Collector):
         yield from self._histograms()
         yield from self._feedback(self.performance())
         yield from self._drift(self.drift())
+        yield from self._shadow(self.shadow())
 
     @staticmethod
     def _drift(pipelines: list[dict]) -> Iterator[Metric]:
@@ -204,6 +215,20 @@ class NodeCollector(Collector):
         yield _gauge("radnode_drift_alert_active", "1 while a drift alert is open", ["pipeline", "attribute"],
                      [(key, 1 if any(a["cleared_at"] is None and (p["pipeline"], a["attribute"]) == key
                                      for p in pipelines for a in p["alerts"]) else 0) for key in raised])
+
+    @staticmethod
+    def _shadow(summaries: list[ShadowSummary]) -> Iterator[Metric]:
+        yield _gauge("radnode_shadow_studies_compared", "Studies a candidate pipeline's shadow run was compared on",
+                     ["production", "candidate"], [((s.production, s.candidate), s.studies_compared)
+                                                   for s in summaries])
+        yield _gauge("radnode_shadow_dice", "Dice of a candidate pipeline's segments to the production pipeline's",
+                     ["production", "candidate", "segment", "statistic"],
+                     [((s.production, s.candidate, g.segment, stat), getattr(g, f"{stat}_dice")) for s in summaries
+                      for g in s.segments for stat in ("median", "worst_decile")])
+        yield _gauge("radnode_shadow_time_ratio", "A candidate pipeline's run time over the production pipeline's "
+                     "(median over the studies compared)", ["production", "candidate", "clock"],
+                     [((s.production, s.candidate, clock), value) for s in summaries
+                      for clock, value in (("wall", s.wall_time_ratio), ("cpu", s.cpu_time_ratio)) if value is not None])
 
     @staticmethod
     def _feedback(performance: list[PipelinePerformance]) -> Iterator[Metric]:

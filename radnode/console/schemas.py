@@ -12,7 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from radnode.node.store import Correction, CorrectionState, Delivery, Event, Job, JobState, StudyDetails
+from radnode.node.store import (
+    Correction, CorrectionState, Delivery, Event, Job, JobState, ShadowComparison, StudyDetails,
+)
 
 Priority = StrEnum("Priority", {"STAT": "stat", "ROUTINE": "routine", "OFF_PEAK": "off-peak"})  # type: ignore[misc]
 """A job's priority by name (the store orders by rank: off-peak 0, routine 1, stat 2)."""
@@ -65,6 +67,8 @@ class JobSummary(Document):
     updated_at: dt.datetime
     purged_at: dt.datetime | None = Field(description="when retention removed the job's files")
     sibling_of: int | None = Field(description="the study's main job when this one runs a further pipeline")
+    shadow: bool = Field(False, description="a shadow run of a candidate pipeline beside job sibling_of: its "
+                                            "results are compared with that job's, never delivered")
 
 
 class EventDocument(Document):
@@ -208,14 +212,87 @@ class DriftDocument(Document):
     psi_alert: float
     p_value: float | None
     pipelines: list[PipelineDriftDocument]
+class ShadowSegmentDocument(Document):
+    """A segment both runs wrote (same coded property type): the candidate's beside production's."""
+
+    segment: str = Field(description="the production SEG's Segment Label")
+    property_type: str
+    production_segment_number: int
+    candidate_segment_number: int
+    dice: float
+    production_volume_ml: float
+    candidate_volume_ml: float
+    volume_difference_ml: float = Field(description="candidate minus production, in mL")
+    hd95_mm: float | None = Field(description="symmetric 95th-percentile surface distance (MONAI); null when "
+                                              "either segment is empty")
+
+
+class ShadowMeasurementDocument(Document):
+    measurement: str
+    unit: str | None
+    production: float
+    candidate: float
+    difference: float = Field(description="candidate minus production")
+
+
+class ShadowComparisonDocument(Document):
+    """A shadow run compared with its production run on the same input."""
+
+    shadow_job_id: int
+    production_job_id: int
+    production_pipeline: str
+    candidate_pipeline: str
+    state: Literal["compared", "not-compared"]
+    message: str
+    segments: list[ShadowSegmentDocument]
+    measurements: list[ShadowMeasurementDocument]
+    production_wall_seconds: float | None
+    production_cpu_seconds: float | None
+    candidate_wall_seconds: float | None
+    candidate_cpu_seconds: float | None
+    compared_at: dt.datetime
+
+
+class ShadowSegmentSummaryDocument(Document):
+    segment: str
+    studies: int
+    median_dice: float
+    worst_decile_dice: float = Field(description="10th percentile of Dice")
+    median_hd95_mm: float | None
+
+
+class ShadowMeasurementSummaryDocument(Document):
+    measurement: str
+    unit: str | None
+    studies: int
+    mean_difference: float = Field(description="candidate minus production, averaged over the studies")
+    mean_absolute_difference: float
+
+
+class ShadowSummaryDocument(Document):
+    """A production/candidate pair over its compared studies (``radnode performance --compare``)."""
+
+    production: str
+    candidate: str
+    studies_compared: int
+    not_compared: int
+    candidate_failures: int
+    segments: list[ShadowSegmentSummaryDocument]
+    measurements: list[ShadowMeasurementSummaryDocument]
+    wall_time_ratio: float | None = Field(description="median of candidate over production wall time")
+    cpu_time_ratio: float | None = Field(description="median of candidate over production CPU time")
+    since: dt.datetime | None
 
 
 class JobDetail(JobSummary):
-    """One job with its event log, deliveries and clinicians' corrections of its results."""
+    """One job with its event log, deliveries, clinicians' corrections of its results and shadow comparisons."""
 
     events: list[EventDocument]
     deliveries: list[DeliveryDocument]
     corrections: list[CorrectionDocument]
+    shadow_comparisons: list[ShadowComparisonDocument] = Field(
+        default_factory=list, description="candidate pipelines' shadow runs compared with this job's run (or, for "
+                                          "a shadow job, its own comparison)")
 
 
 class JobList(Document):
@@ -302,7 +379,14 @@ def job_summary(job: Job, patient_data: bool, details: StudyDetails | None = Non
         priority=Priority(priority_name(job.priority)),
         calling_ae=job.calling_ae, peer_address=job.peer_address, instances=job.instances,
         late_instances=job.late_instances, runs=job.runs, created_at=utc(job.created_at),
-        updated_at=utc(job.updated_at), purged_at=utc(job.purged_at), sibling_of=job.sibling_of)
+        updated_at=utc(job.updated_at), purged_at=utc(job.purged_at), sibling_of=job.sibling_of,
+        shadow=job.shadow)
+
+
+def shadow_document(comparison: ShadowComparison) -> ShadowComparisonDocument:
+    record = comparison.to_record()
+    del record["study_instance_uid"]
+    return ShadowComparisonDocument.model_validate({**record, "compared_at": utc(comparison.compared_at)})
 
 
 def event_document(event: Event) -> EventDocument:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from radnode.config import Config
 from radnode.feedback.performance import local_performance
+from radnode.feedback.shadow import shadow_summaries
 from radnode.console.accounts import Accounts, Role
 from radnode.console.app import create_app
 from radnode.console.auth import AuditSink, Gate
@@ -51,7 +52,7 @@ class Console:
         self.accounts = Accounts(store)
         self.collector = NodeCollector(node, config.data_dir / "spool", rejected_associations,  # type: ignore[arg-type]
                                        store.queue_paused, performance=lambda: local_performance(store),
-                                       drift=store.drift_document)
+                                       drift=store.drift_document, shadow=lambda: shadow_summaries(store))
         token = read_event_token(config.orthanc.event_token_file) if config.orthanc.url else None
         if config.orthanc.url and token is None:
             log.warning("orthanc.url is set but orthanc.event_token_file is not: the plugin's events are refused "

@@ -21,7 +21,7 @@ from radnode.console.auth import Admin, Operator, Viewer, gate_of
 from radnode.console.schemas import Document
 from radnode.destinations import Destination as DestinationType
 from radnode.destinations import SendContext, Timeouts
-from radnode.node.egress import Egress, outbox_dir
+from radnode.node.egress import Egress
 from radnode.node.store import JobStore
 
 router = APIRouter()
@@ -106,8 +106,10 @@ def _job_or_404(store: JobStore, job_id: int):  # type: ignore[no-untyped-def]
 def job_files(request: Request, identity: Viewer, job_id: Annotated[int, PathParam(ge=1, le=2**62)]) -> JobFiles:
     from radnode.node.worker import job_dir
 
+    from radnode.feedback.shadow import run_outputs
+
     store, config = _store(request), _config(request)
-    _job_or_404(store, job_id)
+    job = _job_or_404(store, job_id)
     tally: Counter[tuple[str, str]] = Counter()
     late: Counter[tuple[str, str]] = Counter()
     for row in store.read_rows("SELECT series_instance_uid, modality, late FROM instances WHERE job_id = :j",
@@ -115,9 +117,9 @@ def job_files(request: Request, identity: Viewer, job_id: Annotated[int, PathPar
         (late if row[2] else tally)[(row[0], row[1])] += 1
     series = [SeriesDocument(series_instance_uid=uid, modality=modality, instances=tally[(uid, modality)],
                              late=late[(uid, modality)]) for uid, modality in sorted(set(tally) | set(late))]
-    outbox = outbox_dir(config, job_id)
-    outputs = [OutputDocument(name=p.name, bytes=p.stat().st_size) for p in sorted(outbox.iterdir()) if p.is_file()] \
-        if outbox.is_dir() else []
+    folder = run_outputs(config, job)
+    outputs = [OutputDocument(name=p.name, bytes=p.stat().st_size) for p in sorted(folder.iterdir()) if p.is_file()] \
+        if folder.is_dir() else []
     stderr = job_dir(config, job_id) / "stderr.log"
     tail = ""
     if stderr.is_file():
@@ -135,7 +137,10 @@ def job_output(request: Request, identity: Viewer, job_id: Annotated[int, PathPa
                name: Annotated[str, PathParam(pattern=r"^[\w.-]{1,200}$")]) -> FileResponse:
     if not gate_of(request).sees_patient_data(identity):
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"{identity.label} may not see patient data")
-    path = outbox_dir(_config(request), job_id) / name
+    from radnode.feedback.shadow import run_outputs
+
+    job = _job_or_404(_store(request), job_id)
+    path = run_outputs(_config(request), job) / name
     if name.startswith(".") or not path.is_file():
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} has no output {name}")
     return FileResponse(path, filename=name, media_type="application/octet-stream")

@@ -36,7 +36,7 @@ from radnode.destinations import Destination, DestinationError, Item, Outcome, S
 from radnode.destinations.base import Cancellation
 from radnode.destinations.dicom import DicomDestination
 from radnode.destinations.orthanc import OrthancDestination
-from radnode.node.store import Delivery, Job, JobStore
+from radnode.node.store import Delivery, Job, JobStore, ShadowNotDelivered
 from radnode.outputs.layout import RunOutput, dicom_files, is_dicom
 from radnode.outputs.rejection import write_rejection_note
 
@@ -122,11 +122,15 @@ class Egress:
 
         A pipeline's results go to every destination not marked ``forward_only``, back to the sender and to
         the study's route ``forward`` destinations, each taking the files it wants (DICOM objects, the FHIR
-        Bundle, ...); a forward-only job (no pipeline) sends the study itself to its forwards only.
+        Bundle, ...); a forward-only job (no pipeline) sends the study itself to its forwards only. A shadow
+        run's results are refused (ShadowNotDelivered), here and by the store: they never leave the node.
         """
         job = self.store.job(job_id)
         if job is None:
             return
+        if job.shadow:
+            raise ShadowNotDelivered(f"job {job_id} is a shadow run of job {job.sibling_of}: its results are "
+                                     "compared, never delivered")
         try:
             names = _copy_durably(outputs, outbox_dir(self.config, job_id))
             forwards = {name: self.destination(name) for name in job.forwards}

@@ -22,7 +22,9 @@ shipped ``pipelines/default_rules.yaml``): pipelines, forwards, discard, priorit
 (in-process, subprocess or container, see ``executors.py``). The node's own results coming back (from a PACS,
 from Orthanc) are recorded and never processed, whatever the rules say; so are clinicians' corrections of its
 segmentations (a foreign SEG referencing a source series), which the feedback thread matches to their job and
-measures against the node's SEG (``radnode/feedback``).
+measures against the node's SEG (``radnode/feedback``). A rule's ``shadow`` pipelines run as shadow jobs after
+the production run, their results kept under the job and never delivered; the shadow thread compares them
+with the production run's (``radnode/feedback/shadow.py``).
 
 On start, spool files the store does not know are indexed, jobs left ``running`` run again from
 scratch, and jobs left ``delivering`` carry on with only the deliveries not recorded as done. Egress runs one
@@ -53,6 +55,7 @@ from radnode.console.service import Console
 from radnode.config import Config
 from radnode.feedback.corrections import CorrectionMatcher
 from radnode.feedback.drift import DriftMonitor
+from radnode.feedback.shadow import ShadowComparer
 from radnode.node.activity import ActivityLog
 from radnode.node.egress import Egress
 from radnode.node.executors import check_models, configured_rules
@@ -149,7 +152,8 @@ class Node:
                              self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
                              self._loop("egress", egress.dispatch), self._loop("retention", retention.tick),
                              self._loop("feedback", CorrectionMatcher(self.config, store).tick),
-                             self._loop("drift", drift.tick, poll_seconds=1.0)]
+                             self._loop("drift", drift.tick, poll_seconds=1.0),
+                             self._loop("shadow", ShadowComparer(self.config, store).tick)]
             return
         from radnode.node.engine.leader import Leadership
 
@@ -164,7 +168,8 @@ class Node:
                          self._loop("egress", leading(egress.dispatch)),
                          self._loop("retention", leading(retention.tick)),
                          self._loop("feedback", leading(CorrectionMatcher(self.config, store).tick)),
-                         self._loop("drift", leading(drift.tick), poll_seconds=1.0)]
+                         self._loop("drift", leading(drift.tick), poll_seconds=1.0),
+                         self._loop("shadow", leading(ShadowComparer(self.config, store).tick))]
 
     def load_rules(self) -> RuleSet:
         """The configured rules, checked (``executors.configured_rules``)."""

@@ -243,8 +243,10 @@ class Scheduler:
             return
         command = shlex.join(launch.argv)
         spare = self.warm.claim(job.pipeline, launch.argv, launch.env) if (
-            self.warm is not None and mode is ExecutionMode.IN_PROCESS) else None  # a sandboxed job never is
+            self.warm is not None and mode is ExecutionMode.IN_PROCESS and not job.shadow) else None
+        # (a sandboxed job never is warm; nor a shadow one, which runs at a lower CPU priority)
         warm = ", warm process" if spare is not None else ""
+        warm += f", shadow run at nice {SHADOW_NICENESS}" if job.shadow else ""
         code = "".join(f"; model {folder} {digest}" for folder, digest in digests.items())
         if not self.store.start_job(job.id, f"{mode}: {command} (timeout {timeout.seconds:g} s, "
                                             f"{timeout.source}{warm}){code}"):
@@ -259,7 +261,7 @@ class Scheduler:
                 WarmPool.hand(spare, launch.argv, launch.env, launch.cwd, root / "stdout.log", root / "stderr.log")
                 process = spare
             else:
-                process = spawn(launch, root)
+                process = spawn(launch, root, niceness=SHADOW_NICENESS if job.shadow else 0)
         except OSError as e:
             self.store.fail_job(job.id, f"cannot start the job command: {e}")
             return
@@ -301,8 +303,13 @@ class Scheduler:
 
     def _finish(self, job_id: int, outputs: Path) -> None:
         """A run that ended well (here or on a worker): its warnings and review decision into the store, its
-        results staged for egress."""
+        results staged for egress; a shadow run's are kept where they are and never staged."""
         manifest = run_manifest(job_id, outputs)
+        job = self.store.job(job_id)
+        if job is not None and job.shadow:
+            files = sorted(p.name for p in outputs.iterdir() if p.is_file()) if outputs.is_dir() else []
+            self.store.finish_shadow(job_id, f"{len(files)} outputs in {outputs}")
+            return
         if manifest is not None and manifest.warnings:  # what the outputs did without: the job still ends done
             self.store.record_warnings(job_id, manifest.warnings)
             log.warning("job %d: %s", job_id, "; ".join(manifest.warnings))
@@ -347,6 +354,11 @@ class Scheduler:
         self.running.clear()
         if self.warm is not None:
             self.warm.close()
+
+
+SHADOW_NICENESS = 10
+"""How much lower a shadow run's process is in CPU priority than the node's jobs: a candidate pipeline takes the
+cores the production runs leave idle."""
 
 
 def failure_reason(status: int, last_stderr_line: str, oom_kills_before: int | None = None) -> str:
@@ -398,12 +410,18 @@ def with_model_sandbox(config: Config, config_file: Path, pipeline: str, mode: E
     return launch, digests
 
 
-def spawn(launch: Launch, root: Path) -> subprocess.Popen:
+def spawn(launch: Launch, root: Path, niceness: int = 0) -> subprocess.Popen:
     """Start a launch as its own process group (killed with the thread that starts it), its output in
-    ``root/stdout.log`` and ``root/stderr.log``; OSError when it cannot start."""
+    ``root/stdout.log`` and ``root/stderr.log``, ``niceness`` lower in CPU priority; OSError when it cannot
+    start."""
+    def prepare() -> None:
+        die_with_parent()
+        if niceness:
+            os.nice(niceness)
+
     with open(root / "stdout.log", "wb") as out, open(root / "stderr.log", "wb") as err:
         return subprocess.Popen(launch.argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=launch.cwd,
-                                env=launch.env, start_new_session=True, preexec_fn=die_with_parent)
+                                env=launch.env, start_new_session=True, preexec_fn=prepare)
 
 
 def describe_status(status: int) -> str:

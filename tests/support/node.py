@@ -43,7 +43,8 @@ STAND_IN = textwrap.dedent('''
         print("no image series in the input", file=sys.stderr)
         sys.exit(3)
     time.sleep(float(os.environ.get("STAND_IN_SECONDS_" + str(images[0].PatientID), "0")))
-    if failure := os.environ.get("STAND_IN_FAIL_" + str(images[0].PatientID)):
+    if failure := (os.environ.get("STAND_IN_FAIL_" + str(images[0].PatientID))
+                   or os.environ.get("STAND_IN_FAIL_PIPELINE_" + str(args.pipeline))):
         print(failure, file=sys.stderr)
         sys.exit(3)
     result = images[0]
@@ -56,8 +57,8 @@ STAND_IN = textwrap.dedent('''
 """The stand-in job command's script: copies the first image as its result, writes the bundle and a manifest.
 
 ``STAND_IN_SECONDS_<PatientID>`` makes it sleep first; a study without images fails with exit status 3, and so
-does one whose patient has ``STAND_IN_FAIL_<PatientID>`` set (its value is the reason, as a pipeline refusing a
-bad study writes it).
+does one whose patient has ``STAND_IN_FAIL_<PatientID>`` set, or run as a pipeline with
+``STAND_IN_FAIL_PIPELINE_<pipeline>`` set (its value is the reason, as a pipeline refusing a bad study writes it).
 """
 
 

@@ -116,12 +116,30 @@ async function refreshJob() {
     el("button", { class: "resend-one", "data-destination": d, onclick: () => act(`/api/jobs/${id}/resend`, { destination: d }) }, "Re-send to " + d)) : []));
   document.querySelector("#events tbody").replaceChildren(...job.events.map(e => el("tr", { "data-kind": e.kind },
     el("td", {}, when(e.at)), el("td", {}, e.kind), el("td", {}, e.message))));
+  document.getElementById("shadow-comparisons").replaceChildren(...(job.shadow_comparisons.length ? job.shadow_comparisons.map(shadowComparison)
+    : [el("p", { class: "muted" }, job.shadow ? "A shadow run: results kept, never delivered; compared once this job and job " + job.sibling_of + " are final."
+      : "No candidate pipeline shadows this job.")]));
   const files = await api(`/api/jobs/${id}/files`);
   document.querySelector("#series tbody").replaceChildren(...files.series.map(s => el("tr", {}, el("td", { class: "uid" }, s.series_instance_uid),
     el("td", {}, s.modality), el("td", {}, s.instances), el("td", {}, s.late))));
   document.getElementById("outputs").replaceChildren(...files.outputs.map(o => el("li", {},
     PATIENT ? el("a", { href: `/api/jobs/${id}/outputs/${encodeURIComponent(o.name)}` }, o.name) : o.name, " (" + o.bytes + " bytes)")));
   document.getElementById("stderr").textContent = files.stderr_tail || "(empty)";
+}
+
+function shadowComparison(c) {
+  const seconds = v => v === null || v === undefined ? "n/a" : v.toFixed(1) + " s";
+  return el("div", { class: "shadow-comparison", "data-candidate": c.candidate_pipeline, "data-state": c.state },
+    el("p", {}, `${c.candidate_pipeline} (shadow job `, el("a", { href: "/jobs/" + c.shadow_job_id }, String(c.shadow_job_id)),
+      `) vs ${c.production_pipeline} (job `, el("a", { href: "/jobs/" + c.production_job_id }, String(c.production_job_id)), `): ${c.message}`),
+    el("p", {}, `wall ${seconds(c.production_wall_seconds)} production, ${seconds(c.candidate_wall_seconds)} candidate; ` +
+      `CPU ${seconds(c.production_cpu_seconds)} production, ${seconds(c.candidate_cpu_seconds)} candidate`),
+    el("table", { class: "shadow-segments" }, el("thead", {}, el("tr", {}, ...["segment", "Dice", "HD95 mm", "production mL", "candidate mL"].map(h => el("th", {}, h)))),
+      el("tbody", {}, ...c.segments.map(s => el("tr", { "data-segment": s.segment }, el("td", {}, s.segment), el("td", { class: "dice" }, figure(s.dice)),
+        el("td", {}, figure(s.hd95_mm)), el("td", {}, figure(s.production_volume_ml)), el("td", {}, figure(s.candidate_volume_ml)))))),
+    el("table", { class: "shadow-measurements" }, el("thead", {}, el("tr", {}, ...["measurement", "unit", "production", "candidate", "difference"].map(h => el("th", {}, h)))),
+      el("tbody", {}, ...c.measurements.map(m => el("tr", {}, el("td", {}, m.measurement), el("td", {}, m.unit || ""), el("td", {}, figure(m.production)),
+        el("td", {}, figure(m.candidate)), el("td", {}, figure(m.difference)))))));
 }
 
 async function refreshDestinations() {

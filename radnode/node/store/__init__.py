@@ -20,11 +20,14 @@ lives in its own module:
 ``console``    the web console's people, tokens and sessions, operators' actions, settings, study details
 ``feedback``   clinicians' corrections of the node's segmentations, recorded at arrival, settled once
 ``drift``      each study's input and output attributes, their comparison with the baseline, one alert per episode
+``shadow``     shadow runs: candidate pipelines' jobs, never delivered, and their comparison with production
 ============== ===========================================================================================
 
 Job states: ``received → queued → running → delivering → done / failed``. When the rules select several
 pipelines for a study, its job (the *main* job) runs the first and, when it is queued, starts one *sibling*
 job per other pipeline (``sibling_of`` = the main job) on the main job's input; only the main job forwards.
+A rule's ``shadow`` pipelines get a *shadow* job each (a sibling with ``shadow`` set): run after the main job,
+never delivered, compared with it (``shadow``).
 Late instances apply to the main job only. A study whose every series is skipped (discarded by the rules,
 or results of the node's own) is ``done`` at once with ``reason`` ``not processed: …``; the node's own
 results arriving after their study's job started are recorded with it (``own-result`` event), never
@@ -49,22 +52,23 @@ from radnode.node.store.jobs import Scheduling
 from radnode.node.store.queries import Queries
 from radnode.node.store.records import (
     FINAL_STATES, ActionRefused, Arrival, Attempt, Correction, CorrectionState, Delivery, Event, ForeignInstance,
-    Instance, InstanceBeingPurged, Job, JobState, PurgePlan, WorkerInfo,
+    Instance, InstanceBeingPurged, Job, JobState, PurgePlan, ShadowComparison, ShadowNotDelivered, WorkerInfo,
 )
 from radnode.node.store.results import Results, Supersession
 from radnode.node.store.retention import Purges
+from radnode.node.store.shadow import Shadows
 
 if TYPE_CHECKING:
     from radnode.node.store.identity import Seal
 
 __all__ = ["FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Attempt", "Claim", "Correction", "CorrectionState",
            "Decide", "Delivery", "Event", "ForeignInstance", "Instance", "InstanceBeingPurged", "Job", "JobState",
-           "JobStore", "Publication", "PurgePlan", "StoreError", "StudyDetails", "Supersession", "WorkerInfo",
+           "JobStore", "Publication", "PurgePlan", "ShadowComparison", "ShadowNotDelivered", "StoreError", "StudyDetails", "Supersession", "WorkerInfo",
            "head_revision", "store_target", "upgrade_store"]
 
 
 class JobStore(Arrivals, Scheduling, Deliveries, Results, Purges, Queries, EventLog, Identities, Console, Feedback,
-               Drift, Cluster):
+               Drift, Cluster, Shadows):
     """Thread- and process-safe access to the node's job store (see the module docstring for its areas).
 
     ``target``: a SQLite file (``data_dir/radnode.db``) or a ``postgresql://`` URL. ``upgrade``: migrate an

@@ -21,7 +21,7 @@ from sqlalchemy import Connection, and_, func, insert, select, text, update
 
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
-from radnode.node.store.jobs import close_attempt, release, transition
+from radnode.node.store.jobs import close_attempt, release, run_order, runnable, transition
 from radnode.node.store.records import UNFINISHED_STATES, Attempt, JobState, WorkerInfo
 from radnode.node.store.schema import attempts, jobs, publications, workers
 
@@ -58,10 +58,11 @@ class Cluster:
     # --- the leader: dispatch, outbox, collection, reaper -----------------------------------------
 
     def undispatched(self, limit: int = 50) -> list[int]:
-        """Queued jobs with a pipeline and no publication yet, most urgent first."""
+        """Queued jobs with a pipeline and no publication yet, most urgent first (shadow jobs last, once their
+        production job's run is over: ``jobs.runnable``)."""
         query = (select(jobs.c.id).where(jobs.c.state == JobState.QUEUED.value, jobs.c.dispatch_id.is_(None),
-                                         jobs.c.pipeline != "")
-                 .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id).limit(limit))
+                                         jobs.c.pipeline != "", runnable())
+                 .order_by(*run_order()).limit(limit))
         with self._db.read() as conn:
             return list(conn.execute(query).scalars())
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import Row, delete, func, insert, select, true, update
+from sqlalchemy import Row, delete, false, func, insert, select, true, update
 
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
@@ -164,12 +164,24 @@ class Console:
 
     def retry_job(self, job_id: int, user: str, note: str = "") -> int:
         """A failed job runs again on every instance received for its study (late ones included, e.g. a
-        missing series sent after it failed), routed anew on them; its earlier deliveries go with the run.
-        Returns how many instances the new run covers."""
+        missing series sent after it failed), routed anew on them; its earlier deliveries go with the run. A
+        sibling or shadow job runs its pipeline again on its main job's input (a shadow run is then compared
+        again). Returns how many instances the new run covers."""
         with self._db.write() as conn:
             state = self._locked_state(conn, job_id)
             if state is not JobState.FAILED:
                 raise ActionRefused(f"job {job_id} is {state}: only a failed job can be retried")
+            main = conn.execute(select(jobs.c.sibling_of).where(jobs.c.id == job_id)).scalar()
+            if main is not None:  # a sibling or shadow job: its pipeline again, on its main job's input
+                conn.execute(delete(deliveries).where(deliveries.c.job_id == job_id))
+                transition(conn, job_id, (JobState.FAILED,), JobState.QUEUED)
+                conn.execute(update(jobs).where(jobs.c.id == job_id).values(reason=None))
+                count = int(conn.execute(select(func.count()).select_from(instances).where(
+                    instances.c.job_id == main, instances.c.late == false(),
+                    instances.c.purged_at.is_(None))).scalar() or 0)
+                log_event(conn, job_id, "retry", f"retried by {user}: runs again on job {main}'s {count} "
+                          "instance(s)" + (f" ({note})" if note else ""))
+                return count
             conn.execute(update(instances).where(instances.c.job_id == job_id, instances.c.late == true())
                          .values(late=False))
             conn.execute(delete(deliveries).where(deliveries.c.job_id == job_id))

@@ -17,7 +17,9 @@ from sqlalchemy import func, select, update
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
 from radnode.node.store.jobs import transition
-from radnode.node.store.records import DELIVERY_FIELDS, ActionRefused, Delivery, JobState, delivery_from_row
+from radnode.node.store.records import (
+    DELIVERY_FIELDS, ActionRefused, Delivery, JobState, ShadowNotDelivered, delivery_from_row,
+)
 from radnode.node.store.schema import deliveries as delivery_table
 from radnode.node.store.schema import jobs, result_versions
 
@@ -30,9 +32,12 @@ class Deliveries:
     _db: Database
 
     def begin_delivery(self, job_id: int, summary: str, deliveries: list[tuple[str, str]]) -> bool:
-        """``running → delivering`` with its (destination, object) deliveries; straight to ``done`` if none."""
+        """``running → delivering`` with its (destination, object) deliveries; straight to ``done`` if none.
+        ShadowNotDelivered for a shadow run's job, whatever it asks: its results never leave the node."""
         now = time.time()
         with self._db.write() as conn:
+            if conn.execute(select(jobs.c.shadow).where(jobs.c.id == job_id)).scalar():
+                raise ShadowNotDelivered(f"job {job_id} is a shadow run: its results are compared, never delivered")
             target = JobState.DELIVERING if deliveries else JobState.DONE
             if not transition(conn, job_id, (JobState.RUNNING,), target):
                 return False
@@ -156,10 +161,12 @@ class Deliveries:
         and why. Returns how many; LookupError for an unknown job, ActionRefused saying why none could be."""
         now = time.time()
         with self._db.write() as conn:
-            job = conn.execute(select(jobs.c.state, jobs.c.purged_at, jobs.c.purge_started_at)
+            job = conn.execute(select(jobs.c.state, jobs.c.purged_at, jobs.c.purge_started_at, jobs.c.shadow)
                                .where(jobs.c.id == job_id).with_for_update()).first()
             if job is None:
                 raise LookupError(f"job {job_id} does not exist")
+            if job.shadow:
+                raise ActionRefused(f"job {job_id} is a shadow run: its results are compared, never delivered")
             if job.purged_at is not None or job.purge_started_at is not None:
                 raise ActionRefused(f"job {job_id}'s results were purged by retention; nothing left to re-send")
             resendable = (JobState.DONE, JobState.FAILED, JobState.DELIVERING)

@@ -69,14 +69,16 @@ class Feedback:
 
     def jobs_with_series(self, series_uids: Iterable[str]) -> list[tuple[int, str, JobState]]:
         """(job id, pipeline, state) of the jobs whose input held any of these series, newest first: the main
-        jobs that received them and their siblings (which ran on the same input)."""
+        jobs that received them and their siblings (which ran on the same input); not shadow runs, whose results
+        no clinician saw (a correction waits for none of them)."""
         uids = list(series_uids)
         main = (select(instances.c.job_id).where(instances.c.series_instance_uid.in_(uids),
                                                  instances.c.late == false())
                 .join(series, series.c.series_instance_uid == instances.c.series_instance_uid)
                 .where(series.c.skipped == false()).distinct())
         query = (select(jobs.c.id, jobs.c.pipeline, jobs.c.state)
-                 .where(jobs.c.id.in_(main) | jobs.c.sibling_of.in_(main)).order_by(jobs.c.id.desc()))
+                 .where(jobs.c.id.in_(main) | jobs.c.sibling_of.in_(main), jobs.c.shadow == false())
+                 .order_by(jobs.c.id.desc()))
         with self._db.read() as conn:
             return [(row.id, row.pipeline, JobState(row.state)) for row in conn.execute(query)]
 
@@ -97,8 +99,9 @@ class Feedback:
 
     def performance_rows(self, pipeline: str | None = None, since: float | None = None) -> PerformanceRows:
         """What local performance is computed from, for jobs created since ``since`` (epoch seconds): each
-        pipeline's processed (done) jobs, each job's latest review decision, and the matched corrections."""
-        conditions = [jobs.c.pipeline != ""]
+        pipeline's processed (done) jobs, each job's latest review decision, and the matched corrections. Shadow
+        runs are not counted: clinicians never saw their results (their figures are the shadow comparisons)."""
+        conditions = [jobs.c.pipeline != "", jobs.c.shadow == false()]
         if pipeline is not None:
             conditions.append(jobs.c.pipeline == pipeline)
         if since is not None:

@@ -11,7 +11,7 @@ import json
 import time
 from collections.abc import Iterable
 
-from sqlalchemy import Connection, and_, false, func, insert, or_, select, true, update
+from sqlalchemy import ColumnElement, Connection, and_, exists, false, func, insert, or_, select, true, update
 
 from radnode.node.completeness import SeriesProgress
 from radnode.node.store.database import Database
@@ -19,10 +19,10 @@ from radnode.node.store.events import log_event
 from radnode.node.store.policy import not_processed_reason
 from radnode.node.store.queries import job_select
 from radnode.node.store.records import (
-    UNFINISHED_STATES, Instance, Job, JobState, instance_from_row, job_from_row,
+    FINAL_STATES, UNFINISHED_STATES, Instance, Job, JobState, instance_from_row, job_from_row,
 )
 from radnode.node.store.schema import attempts, instances, jobs, refusals, series, studies
-from radnode.pipelines.routing import SeriesDecision, StudyRoute, study_route
+from radnode.pipelines.routing import Priority, SeriesDecision, StudyRoute, study_route
 
 
 def transition(conn: Connection, job_id: int, sources: Iterable[JobState], target: JobState) -> bool:
@@ -52,6 +52,25 @@ def lock_study(db: Database, conn: Connection, study_uid: str, at: float) -> Non
     conn.execute(db.insert_ignoring_conflicts(studies).values(study_instance_uid=study_uid, first_received_at=at))
     conn.execute(select(studies.c.study_instance_uid).where(studies.c.study_instance_uid == study_uid)
                  .with_for_update())
+
+
+PRODUCTION_RUN_OVER = (JobState.DELIVERING, *FINAL_STATES)
+"""States of a production job whose run is over: its shadow may run, and be compared."""
+
+
+def runnable() -> ColumnElement[bool]:
+    """A queued job that may start now: any production job; a shadow job only once its production job's run is
+    over, so a candidate never takes a slot or a core from the production run it shadows."""
+    production = jobs.alias("production")
+    busy = exists(select(production.c.id).where(
+        production.c.id == jobs.c.sibling_of,
+        production.c.state.not_in([s.value for s in PRODUCTION_RUN_OVER])))
+    return or_(jobs.c.shadow == false(), ~busy)
+
+
+def run_order() -> tuple[ColumnElement, ...]:
+    """The queue's order: production jobs before shadow jobs, then most urgent, then earliest arrival."""
+    return jobs.c.shadow, jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id
 
 
 class Scheduling:
@@ -120,7 +139,7 @@ class Scheduling:
                 queue=route.queue))
             if not self._queue(conn, job_id, now, why):
                 return None
-            if route.sibling_pipelines:
+            if route.sibling_pipelines or route.shadow:
                 self._start_siblings(conn, job_id, route, now)
             return JobState.QUEUED
 
@@ -136,33 +155,44 @@ class Scheduling:
 
     @staticmethod
     def _start_siblings(conn: Connection, job_id: int, route: StudyRoute, now: float) -> None:
-        """A queued sibling job of the main job ``job_id`` for each further pipeline without one yet."""
-        existing = dict(conn.execute(select(jobs.c.pipeline, jobs.c.id).where(jobs.c.sibling_of == job_id)
-                                     .order_by(jobs.c.id)).all())
+        """A queued sibling job of the main job ``job_id`` for each further pipeline, and a shadow job for each
+        shadow pipeline, without one yet. A shadow job is queued at the lowest priority and runs once the main
+        job's run is over (:func:`runnable`)."""
+        existing = {(pipeline, bool(shadow)): sibling for pipeline, shadow, sibling in conn.execute(
+            select(jobs.c.pipeline, jobs.c.shadow, jobs.c.id).where(jobs.c.sibling_of == job_id).order_by(jobs.c.id))}
         main = conn.execute(select(jobs).where(jobs.c.id == job_id)).one()._mapping
-        started, earlier = [], []
+        started: dict[str, list[str]] = {"sibling": [], "shadow": []}
+        earlier: dict[str, list[str]] = {"sibling": [], "shadow": []}
         pipelines = ", ".join(route.pipelines)
-        for pipeline in route.sibling_pipelines:
-            if pipeline in existing:
-                earlier.append(f"job {existing[pipeline]} ({pipeline})")
+        for pipeline, shadow in [*((p, False) for p in route.sibling_pipelines), *((p, True) for p in route.shadow)]:
+            kind = "shadow" if shadow else "sibling"
+            if (pipeline, shadow) in existing:
+                earlier[kind].append(f"job {existing[pipeline, shadow]} ({pipeline})")
                 continue
             execution = route.execution(pipeline)
             sibling = conn.execute(insert(jobs).values(
                 study_instance_uid=main["study_instance_uid"], sealed_patient_id=main["sealed_patient_id"], pipeline=pipeline,
                 state=JobState.QUEUED.value, calling_ae=main["calling_ae"], peer_address=main["peer_address"],
                 created_at=main["created_at"], last_instance_at=main["last_instance_at"], updated_at=now,
-                priority=route.priority.rank, whole_study=main["whole_study"], execution_mode=execution.mode or "",
-                timeout_seconds=execution.timeout_seconds, sibling_of=job_id, queue=route.queue)).inserted_primary_key[0]
-            log_event(conn, sibling, "queued",
-                      f"sibling of job {job_id}: the rules select {pipelines} for study {main['study_instance_uid']}; "
-                      f"this job runs {pipeline} on job {job_id}'s input (forwards are sent by job {job_id})", now)
-            started.append(f"job {sibling} ({pipeline})")
+                priority=Priority.OFF_PEAK.rank if shadow else route.priority.rank, whole_study=main["whole_study"],
+                execution_mode=execution.mode or "", timeout_seconds=execution.timeout_seconds, sibling_of=job_id,
+                queue=route.queue, shadow=shadow)).inserted_primary_key[0]
+            if shadow:
+                log_event(conn, sibling, "queued",
+                          f"shadow of job {job_id}: the rules compare candidate {pipeline} with {route.main_pipeline} "
+                          f"for study {main['study_instance_uid']}; runs on job {job_id}'s input after its run, "
+                          "results kept and compared, never delivered", now)
+            else:
+                log_event(conn, sibling, "queued",
+                          f"sibling of job {job_id}: the rules select {pipelines} for study {main['study_instance_uid']}; "
+                          f"this job runs {pipeline} on job {job_id}'s input (forwards are sent by job {job_id})", now)
+            started[kind].append(f"job {sibling} ({pipeline})")
         message = f"rules select {pipelines}; this job runs {route.main_pipeline}"
-        if started:
-            message += f"; started sibling {', '.join(started)}"
-        if earlier:
-            message += (f"; already run by sibling {', '.join(earlier)}, not started again"
-                        " (late instances re-run this job only)")
+        for kind, jobs_ in started.items():
+            message += f"; started {kind} {', '.join(jobs_)}" if jobs_ else ""
+        for kind, jobs_ in earlier.items():
+            message += (f"; already run by {kind} {', '.join(jobs_)}, not started again"
+                        " (late instances re-run this job only)") if jobs_ else ""
         log_event(conn, job_id, "route", message, now)
 
     @staticmethod
@@ -212,10 +242,11 @@ class Scheduling:
             return True
 
     def next_queued(self, forward_only: bool = False) -> Job | None:
-        """The queued job to run next: most urgent priority first, then the earliest arrival (``forward_only``:
-        of those without a pipeline, which the distributed engine leaves to the node)."""
-        query = (job_select().where(jobs.c.state == JobState.QUEUED.value)
-                 .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id).limit(1))
+        """The queued job to run next: production jobs before shadow jobs (a shadow one only once its production
+        job's run is over), most urgent priority first, then the earliest arrival (``forward_only``: of those
+        without a pipeline, which the distributed engine leaves to the node)."""
+        query = (job_select().where(jobs.c.state == JobState.QUEUED.value, runnable())
+                 .order_by(*run_order()).limit(1))
         if forward_only:
             query = query.where(jobs.c.pipeline == "")
         with self._db.read() as conn:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any
 
@@ -33,6 +33,11 @@ UNFINISHED_STATES = tuple(s for s in JobState if s not in FINAL_STATES)
 class ActionRefused(ValueError):
     """An operator's action (re-send, retry, cancel, review) that does not apply to the job as it is; the
     message says why. Guarded like the node's own transitions, so two operators clicking at once act once."""
+
+
+class ShadowNotDelivered(RuntimeError):
+    """A shadow run's results offered for delivery: refused by the store, whoever asks (a candidate pipeline's
+    results are compared, never sent to a PACS or an EHR)."""
 
 
 class InstanceBeingPurged(OSError):
@@ -125,6 +130,9 @@ class Job:
     """The current (or last) attempt on a worker, with the distributed engine; 0 before any."""
     worker: str = ""
     """The worker running (or that last ran) the current attempt."""
+    shadow: bool = False
+    """A shadow run of a candidate pipeline beside job ``sibling_of`` (the production job): its results are
+    stored under the job and compared with the production run's, never delivered."""
 
 
 def _as_stored(value: str) -> str:
@@ -145,7 +153,7 @@ def job_from_row(row: Mapping[str, Any], open_identity: Callable[[str], str] = _
         needs_review=None if row["needs_review"] is None else bool(row["needs_review"]),
         review_reasons=tuple(json.loads(row["review_reasons"] or "[]")), purged_at=row["purged_at"],
         sibling_of=row["sibling_of"], own_results=row["own_results"], queue=row["queue"], attempt=row["attempt"],
-        worker=row["worker"])
+        worker=row["worker"], shadow=bool(row["shadow"]))
 
 
 def instance_from_row(row: Mapping[str, Any], open_identity: Callable[[str], str] = _as_stored) -> Instance:
@@ -306,3 +314,30 @@ class PerformanceRows:
     decisions: list[tuple[int, str, str]]
     """(job id, pipeline, latest review decision) of every reviewed job."""
     matched: list[MatchedCorrection]
+
+
+@dataclass(frozen=True)
+class ShadowComparison:
+    """A shadow run compared with its production run on the same input (``radnode/feedback/shadow.py``)."""
+
+    shadow_job_id: int
+    production_job_id: int
+    study_instance_uid: str
+    production_pipeline: str
+    candidate_pipeline: str
+    state: str
+    """``compared``, or ``not-compared`` (``message`` says why: a run failed, neither wrote a SEG, …)."""
+    message: str
+    segments: list[dict]
+    """Per common segment (same coded property type): label, property type, Dice, both volumes, HD95."""
+    measurements: list[dict]
+    """Each measurement both runs report: its name, unit, both values and the candidate's minus production's."""
+    production_wall_seconds: float | None
+    production_cpu_seconds: float | None
+    candidate_wall_seconds: float | None
+    candidate_cpu_seconds: float | None
+    compared_at: float
+
+    def to_record(self) -> dict[str, object]:
+        """As the API answers it."""
+        return asdict(self)

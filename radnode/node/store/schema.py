@@ -123,6 +123,8 @@ jobs = Table(
     # A running job's lease, renewed by its worker; the reaper requeues the job once it lapsed.
     Column("outcome", Text),
     # ``ok`` once the current attempt's outputs are in the shared storage (the leader then stages them).
+    Column("shadow", Boolean, nullable=False, server_default=false()),
+    # A shadow run (``sibling_of`` is the production job): results stored and compared, never delivered.
     Index("jobs_study", "study_instance_uid"),
     Index("jobs_state", "state"),
     Index("jobs_purging", "purge_started_at", sqlite_where=text("purge_started_at IS NOT NULL"),
@@ -370,3 +372,29 @@ drift_alerts = Table(
 )
 """One row per drift episode of a (pipeline, attribute): raised when its shift passes the threshold, cleared when
 it is back under it."""
+# --- shadow runs: a candidate pipeline beside the production one ---------------------------------------
+
+shadow_comparisons = Table(
+    "shadow_comparisons", metadata,
+    Column("shadow_job_id", Integer, ForeignKey("jobs.id"), primary_key=True),
+    Column("production_job_id", Integer, ForeignKey("jobs.id"), nullable=False),
+    Column("study_instance_uid", Text, nullable=False),
+    Column("production_pipeline", Text, nullable=False),
+    Column("candidate_pipeline", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    # compared, or not-compared (a run failed, no SEG on either side: ``message`` says why)
+    Column("message", Text, nullable=False, server_default=""),
+    Column("segments", JSON),
+    # per common segment (matched by coded property type): Dice, volumes, HD95 (``ShadowSegment``)
+    Column("measurements", JSON),
+    # each measurement both runs report: both values and their difference
+    Column("production_wall_seconds", Double),
+    Column("production_cpu_seconds", Double),
+    Column("candidate_wall_seconds", Double),
+    Column("candidate_cpu_seconds", Double),
+    Column("compared_at", Double, nullable=False),
+    Index("shadow_comparisons_pipelines", "production_pipeline", "candidate_pipeline"),
+    Index("shadow_comparisons_production", "production_job_id"),
+)
+"""One row per shadow job once it and its production job are final: how the candidate's results compare with
+the production run's on the same input (``radnode/feedback/shadow.py``)."""
