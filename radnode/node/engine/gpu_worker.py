@@ -38,7 +38,7 @@ from radnode.node.executors import (
 from radnode.node.store import JobStore, store_target
 from radnode.node.warm import WarmPool
 from radnode.node.worker import (
-    DEFAULT_JOB_COMMAND, describe_status, failure_reason, kill_group, last_line, spawn, with_model_sandbox,
+    DEFAULT_JOB_COMMAND, SHADOW_NICENESS, describe_status, failure_reason, kill_group, last_line, spawn, with_model_sandbox,
 )
 from radnode.pipelines.routing import ExecutionMode
 from radnode.pipelines.rules import RuleError
@@ -186,7 +186,8 @@ class GpuWorker:
         where = f"host {self.host}, GPU {self.gpus}" if self.gpus else f"host {self.host}, CPU"
         code = "".join(f"; model {folder} {digest}" for folder, digest in digests.items())
         spare = self.warm.claim(job.pipeline, launch.argv, launch.env) if (
-            self.warm is not None and mode is ExecutionMode.IN_PROCESS) else None  # a sandboxed job never is
+            self.warm is not None and mode is ExecutionMode.IN_PROCESS and not job.shadow) else None
+        # (a sandboxed job never runs warm; nor a shadow one, which runs at a lower CPU priority)
         warm = ", warm process" if spare is not None else ""
         self.store.started_remotely(job_id, attempt, self.name, f"({where}) {mode}: {shlex.join(launch.argv)} "
                                                                 f"(timeout {timeout.seconds:g} s, {timeout.source}"
@@ -196,7 +197,7 @@ class GpuWorker:
                 WarmPool.hand(spare, launch.argv, launch.env, launch.cwd, root / "stdout.log", root / "stderr.log")
                 process = spare
             else:
-                process = spawn(launch, root)
+                process = spawn(launch, root, niceness=SHADOW_NICENESS if job.shadow else 0)
         except OSError as e:
             self._fail(job_id, attempt, f"cannot start the job command on worker {self.name}: {e}")
             return
