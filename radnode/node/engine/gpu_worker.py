@@ -38,7 +38,8 @@ from radnode.node.executors import (
 from radnode.node.store import JobStore, store_target
 from radnode.node.warm import WarmPool
 from radnode.node.worker import (
-    DEFAULT_JOB_COMMAND, SHADOW_NICENESS, describe_status, failure_reason, kill_group, last_line, spawn, with_model_sandbox,
+    DEFAULT_JOB_COMMAND, SHADOW_NICENESS, describe_status, failure_reason, kill_group, last_line, spawn,
+    with_model_sandbox,
 )
 from radnode.pipelines.routing import ExecutionMode
 from radnode.pipelines.rules import RuleError
