@@ -400,6 +400,10 @@ class ApiConfig(_Strict):
     """Answer ``/metrics`` without a token (for a Prometheus on a trusted network)."""
     patient_data_roles: list[Literal["viewer", "operator", "admin"]] = ["operator", "admin"]
     """Roles shown patient identifiers (Patient ID) in the API and dashboard; others see jobs without them."""
+    export_identifier_roles: list[Literal["viewer", "operator", "admin"]] = ["admin"]
+    """Roles that may export the feedback records with patient identifiers (``GET /api/export/{kind}?identifiers=
+    true``, ``radnode export --identifiers``): a bulk export names many patients at once, so by default only
+    admins, not every role that sees one job's Patient ID."""
     session_hours: Annotated[float, Field(gt=0)] = 12.0
     """How long a dashboard login lasts (one shift)."""
     max_connections: Annotated[int, Field(ge=1)] = 200

@@ -8,6 +8,8 @@ with numpy and scipy alone, on masks read here with pydicom alone.
 
 from __future__ import annotations
 
+import csv
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import pydicom
 import pytest
 from scipy import ndimage
 
-from factories import seg_masks_by_source, write_chest_phantom, write_correction
+from factories import ACCESSION, PATIENT, seg_masks_by_source, write_chest_phantom, write_correction
 from pydicom import Dataset
 from pydicom.uid import ComprehensiveSRStorage, KeyObjectSelectionDocumentStorage
 
@@ -25,8 +27,8 @@ from radnode.feedback.reissue import report_identifier
 from radnode.node.egress import outbox_dir
 from radnode.node.service import Node
 from radnode.node.store import FINAL_STATES, JobState
-from support.console import api_json, token_for
 from radnode.peers import FhirServer, StoreSCP
+from support.console import api, api_json, token_for
 from support.dicom_tools import dciodvfy_errors, storescu
 from support.node import final_job, node_config
 from support.validators import pixelmed_sr_errors
@@ -113,6 +115,25 @@ def test_a_corrected_seg_sent_back_is_matched_to_its_job_measured_and_never_proc
     listed = api_json(node, "/api/corrections", token)["corrections"]
     assert [(c["state"], c["job_id"], c["calling_ae"]) for c in listed] == [("matched", job.id, "WORKSTATION")]
 
+    # exported per correction and segment, without the patient unless an allowed role asks for them
+    identifiers = (PATIENT["PatientID"], PATIENT["PatientName"], PATIENT["PatientBirthDate"], ACCESSION)
+    for role in (Role.VIEWER, Role.OPERATOR):
+        with api(node, token_for(node, role, f"export-{role}")) as client:
+            as_csv = client.get("/api/export/agreement", params={"format": "csv"})
+            as_json = client.get("/api/export/agreement", params={"format": "json"})
+            assert (as_csv.status_code, as_json.status_code) == (200, 200), (as_csv.text, as_json.text)
+            assert client.get("/api/export/agreement", params={"identifiers": "true"}).status_code == 403
+        assert not [i for i in identifiers for text in (as_csv.text, as_json.text) if i in text], role
+        assert job.study_instance_uid not in as_csv.text + as_json.text
+    rows = list(csv.DictReader(io.StringIO(as_csv.text)))
+    assert sorted(r["segment"] for r in rows) == sorted(by_label)
+    assert {r["segment"]: float(r["dice"]) for r in rows} == pytest.approx(
+        {label: figures["dice"] for label, figures in by_label.items()})
+    assert as_json.json()["rows"][0].keys() == rows[0].keys()
+    with api(node, token_for(node, Role.ADMIN, "quality-lead")) as client:
+        full = client.get("/api/export/agreement", params={"format": "csv", "identifiers": "true"})
+    assert full.status_code == 200 and all(i in full.text for i in identifiers), full.text[:500]
+
 
 def test_a_correction_that_fits_no_job_is_kept_and_listed_with_why(tmp_path: Path) -> None:
     """A corrected SEG of a series the node never processed: recorded, listed ``unmatched``, no job runs."""
@@ -170,7 +191,6 @@ def test_local_performance_after_corrections_on_ten_studies_in_the_cli_plot_metr
 
     from scipy import stats
 
-    from support.console import api
     from support.node import SEG_STAND_IN
 
     script = tmp_path / "seg_stand_in.py"
@@ -259,11 +279,11 @@ def test_local_performance_after_corrections_on_ten_studies_in_the_cli_plot_metr
 
 def test_review_decisions_are_recorded_with_the_reviewer_and_counted_in_local_performance(
         tmp_path: Path, stand_in: list[str]) -> None:
+    import json
     import subprocess
     import sys
 
     from factories import write_study
-    from support.console import api
 
     with Node(node_config(tmp_path), job_command=stand_in, poll_seconds=0.05) as node:
         for name in ("accepted", "rejected", "corrected"):
@@ -297,6 +317,34 @@ def test_review_decisions_are_recorded_with_the_reviewer_and_counted_in_local_pe
         (figures,) = api_json(node, "/api/performance", token_for(node, Role.VIEWER))["pipelines"]
         assert (figures["processed"], figures["reviewed"], figures["accepted_unchanged"], figures["corrected"],
                 figures["rejected"]) == (3, 3, 1, 1, 1)
+
+        # the decisions exported: without patient identifiers for an operator, with them for an admin who asks
+        cli = subprocess.run([sys.executable, "-m", "radnode", "export", "reviews", "--format", "csv",
+                              "--url", f"http://127.0.0.1:{node.api_port}", "--token-file", str(token_file)],
+                             capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0, cli.stderr
+        rows = list(csv.DictReader(io.StringIO(cli.stdout)))
+        assert sorted((r["job_id"], r["decision"], r["reason"], r["reviewer"]) for r in rows) == sorted([
+            (str(jobs["accepted"]), "accepted", "", "token:dr-lee"),
+            (str(jobs["rejected"]), "rejected", "wrong-series", "token:dr-lee"),
+            (str(jobs["corrected"]), "corrected", "", "token:dr-kim")])
+        assert all(r["at"] for r in rows) and "note" not in rows[0]  # free text may name the patient
+        reviews_json = api_json(node, "/api/export/reviews?format=json", token_for(node, Role.OPERATOR))
+        performance = api_json(node, "/api/export/performance?format=json", token_for(node, Role.VIEWER, "board"))
+        exported = cli.stdout + json.dumps(reviews_json) + json.dumps(performance)
+        assert not [p for p in ("ACCEPTED", "REJECTED", "CORRECTED", "Test^Patient") if p in exported]
+        assert [(r["pipeline"], r["processed"], r["rejected"]) for r in performance["rows"]] == [(figures["pipeline"], 3, 1)]
+        full = {r["job_id"]: r for r in api_json(node, "/api/export/reviews?format=json&identifiers=true",
+                                                 token_for(node, Role.ADMIN, "quality-lead"))["rows"]}
+        assert (full[jobs["rejected"]]["patient_id"], full[jobs["rejected"]]["patient_name"],
+                full[jobs["rejected"]]["note"]) == ("REJECTED", "Test^Patient", "the scout was sent")
+        trail = (node.config.data_dir / "audit" / "audit.log").read_text().splitlines()
+        assert [next(u for u in ("dr-lee", "dr-kim") if u in line) for d in ("accepted", "rejected", "corrected")
+                for line in trail if f">review-{d}<" in line] == ["dr-lee", "dr-lee", "dr-kim"]
+        audited = [line for line in trail if "export/reviews" in line]
+        assert [("token:dr-kim" in line, "identifiers removed" in line, "identifiers included" in line)
+                for line in audited] == [(True, True, False), (False, True, False), (False, False, True)], audited
+        assert "token:quality-lead" in audited[-1]
 
 
 @pytest.mark.slow
@@ -373,7 +421,6 @@ def test_review_decisions_reissue_a_verified_report_sr_or_a_rejection_note_and_t
     FHIR report final; the same decision again sends nothing; corrected: another verified version (amended);
     rejected: an IOCM rejection note withdrawing every object the PACS got, the FHIR report entered-in-error.
     Each object is read back from the PACS (DCMTK storescp) and checked with dciodvfy and PixelMed."""
-    from support.console import api
 
     write_chest_phantom(tmp_path / "ct", 16, 48, 48)
     config = node_config(tmp_path, feedback={"verifying_organization": "General Hospital"},
@@ -446,7 +493,6 @@ def test_a_decision_taken_while_the_fhir_server_is_down_reaches_it_once_when_it_
         tmp_path: Path) -> None:
     """The re-issue is a delivery like any other: queued while the EHR is down, retried, and the report ends
     final with the reviewer exactly once when the server is back; re-sendable like any delivery."""
-    from support.console import api
 
     write_chest_phantom(tmp_path / "ct", 16, 48, 48)
     fhir = FhirServer(tmp_path / "ehr")

@@ -136,7 +136,7 @@ class Node:
             self._orthanc.start()
         if self.config.api.enabled:
             self._ingest = ingest
-            self._web = Console(self.config, self, store)
+            self._web = Console(self.config, self, store, self.audit)
             self._web.start()
         self._stopping.clear()
         retention = Retention(self.config, store, should_stop=self._stopping.is_set)

@@ -16,7 +16,7 @@ from sqlalchemy import Connection, and_, false, func, insert, select, update
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
 from radnode.node.store.records import (
-    Correction, CorrectionState, Instance, JobState, MatchedCorrection, PerformanceRows,
+    Correction, CorrectionState, Instance, JobState, MatchedCorrection, PerformanceRows, ReviewRow,
 )
 from radnode.node.store.schema import corrections, instances, jobs, reviews, series
 
@@ -94,6 +94,19 @@ class Feedback:
             if done and job_id is not None:
                 log_event(conn, job_id, "correction", f"correction {sop_instance_uid}: {message}")
             return bool(done)
+
+    def review_rows(self, pipeline: str | None = None, since: float | None = None) -> list[ReviewRow]:
+        """Every decision on a job's results (not the ``reviewed`` marks of flagged jobs), recorded since
+        ``since`` (epoch seconds), of one pipeline's jobs or all, oldest first."""
+        query = (select(reviews.c.id, reviews.c.job_id, jobs.c.pipeline, reviews.c.decision, reviews.c.reviewer,
+                        reviews.c.note, reviews.c.at).join(jobs, jobs.c.id == reviews.c.job_id)
+                 .where(reviews.c.decision != "reviewed").order_by(reviews.c.id))
+        if pipeline is not None:
+            query = query.where(jobs.c.pipeline == pipeline)
+        if since is not None:
+            query = query.where(reviews.c.at >= since)
+        with self._db.read() as conn:
+            return [ReviewRow(*row) for row in conn.execute(query)]
 
     def performance_rows(self, pipeline: str | None = None, since: float | None = None) -> PerformanceRows:
         """What local performance is computed from, for jobs created since ``since`` (epoch seconds): each
