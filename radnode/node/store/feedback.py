@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from sqlalchemy import Connection, and_, false, func, insert, select, update
+from sqlalchemy import Connection, and_, false, func, insert, or_, select, update
 
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
@@ -110,7 +110,7 @@ class Feedback:
 
     def performance_rows(self, pipeline: str | None = None, since: float | None = None) -> PerformanceRows:
         """What local performance is computed from, for jobs created since ``since`` (epoch seconds): each
-        pipeline's processed (done) jobs, each job's latest review decision, and the matched corrections."""
+        pipeline's processed jobs (done, or decided on: a decision's re-issue takes the job back to delivering), each job's latest review decision, and the matched corrections."""
         conditions = [jobs.c.pipeline != ""]
         if pipeline is not None:
             conditions.append(jobs.c.pipeline == pipeline)
@@ -119,8 +119,10 @@ class Feedback:
         latest = (select(reviews.c.job_id, func.max(reviews.c.id).label("id")).group_by(reviews.c.job_id)
                   .subquery())
         with self._db.read() as conn:
+            decided = select(reviews.c.job_id).where(reviews.c.decision != "reviewed")  # re-issuing: delivering
             processed = {p: n for p, n in conn.execute(
-                select(jobs.c.pipeline, func.count()).where(*conditions, jobs.c.state == JobState.DONE.value)
+                select(jobs.c.pipeline, func.count()).where(*conditions, or_(jobs.c.state == JobState.DONE.value,
+                                                                             jobs.c.id.in_(decided)))
                 .group_by(jobs.c.pipeline))}
             decisions = [(row.id, row.pipeline, row.decision) for row in conn.execute(
                 select(jobs.c.id, jobs.c.pipeline, reviews.c.decision)
