@@ -465,6 +465,7 @@ def test_review_decisions_reissue_a_verified_report_sr_or_a_rejection_note_and_t
             assert decide("accepted") == f"job {job.id} accepted by token:dr-lee; already re-issued as accepted " \
                                          "by token:dr-lee: nothing sent again"
             assert len(pacs.received()) == received
+            assert [p.name for p in outbox_dir(config, job.id).glob("review-*")] == ["review-1"]  # nothing written
 
             decide("corrected")
             assert _report_status(fhir, identifier) == ("amended", [{"display": "token:dr-lee"}])

@@ -261,6 +261,10 @@ class Egress:
 
         from radnode.feedback.reissue import REPORT_REISSUE, REPORT_SR, Decision, write_reissue
 
+        if self.store.reissue_repeats(job_id, review_id):
+            self.store.note(job_id, "reissue", f"{decision} by {reviewer} (review {review_id}): already re-issued, "
+                                               "nothing sent again")
+            return f"already re-issued as {decision} by {reviewer}: nothing sent again"
         folder = outbox_dir(self.config, job_id)
         done = [d for d in self.store.deliveries(job_id) if d.state == "done"]
         skipped = sorted({d.destination for d in done if self._deidentifying(d.destination)})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Connection, func, select, update
 
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
@@ -23,6 +23,19 @@ from radnode.node.store.schema import jobs, result_versions, reviews
 from radnode.outputs.layout import REVIEW_FOLDER, review_of
 
 _DELIVERY_COLUMNS = tuple(delivery_table.c[name] for name in DELIVERY_FIELDS)
+
+
+def _earlier_reissue(conn: Connection, job_id: int, review_id: int) -> tuple[int | None, bool]:
+    """The latest review of the job, other than ``review_id``, whose re-issue was queued, and whether
+    ``review_id`` repeats it (same decision by the same reviewer, or an older review than it)."""
+    planned = [review_of(o) for o in conn.execute(select(delivery_table.c.object).where(
+        delivery_table.c.job_id == job_id, delivery_table.c.object.like(f"{REVIEW_FOLDER}%"))).scalars()]
+    earlier = max((r for r in planned if r is not None and r != review_id), default=None)
+    if earlier is None:
+        return None, False
+    decided = {row.id: (row.decision, row.reviewer) for row in conn.execute(
+        select(reviews.c.id, reviews.c.decision, reviews.c.reviewer).where(reviews.c.id.in_((earlier, review_id))))}
+    return earlier, earlier > review_id or decided.get(earlier) == decided.get(review_id)
 
 
 class Deliveries:
@@ -54,17 +67,12 @@ class Deliveries:
         now = time.time()
         with self._db.write() as conn:
             conn.execute(select(jobs.c.id).where(jobs.c.id == job_id).with_for_update())
-            planned = [review_of(o) for o in conn.execute(select(delivery_table.c.object).where(
-                delivery_table.c.job_id == job_id, delivery_table.c.object.like(f"{REVIEW_FOLDER}%"))).scalars()]
-            earlier = max((r for r in planned if r is not None and r != review_id), default=None)
+            earlier, repeated = _earlier_reissue(conn, job_id, review_id)
+            if repeated:
+                log_event(conn, job_id, "reissue", f"{summary}: already re-issued (review {earlier}), "
+                                                   "nothing sent again")
+                return None
             if earlier is not None:
-                decided = {row.id: (row.decision, row.reviewer) for row in conn.execute(
-                    select(reviews.c.id, reviews.c.decision, reviews.c.reviewer)
-                    .where(reviews.c.id.in_((earlier, review_id))))}
-                if earlier > review_id or decided.get(earlier) == decided.get(review_id):
-                    log_event(conn, job_id, "reissue", f"{summary}: already re-issued (review {earlier}), "
-                                                       "nothing sent again")
-                    return None
                 conn.execute(update(delivery_table).where(
                     delivery_table.c.job_id == job_id, delivery_table.c.state == "pending",
                     delivery_table.c.object.like(f"{REVIEW_FOLDER}%"))
@@ -81,6 +89,12 @@ class Deliveries:
             log_event(conn, job_id, "reissue", f"{summary}: {len(deliveries)} deliver"
                                                f"{'y' if len(deliveries) == 1 else 'ies'} queued")
             return count
+
+    def reissue_repeats(self, job_id: int, review_id: int) -> bool:
+        """Whether review ``review_id`` repeats the job's latest re-issued decision (same decision, same reviewer),
+        so there is nothing to write or send (:meth:`begin_reissue` checks again as it queues)."""
+        with self._db.read() as conn:
+            return _earlier_reissue(conn, job_id, review_id)[1]
 
     def due_deliveries(self, now: float | None = None) -> list[Delivery]:
         """Pending deliveries whose next attempt is due, of jobs that are delivering."""
