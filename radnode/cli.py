@@ -455,6 +455,24 @@ def cmd_performance(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """``radnode export KIND``: a running node's feedback records (``radnode/feedback/export.py``) as CSV or JSON,
+    on stdout or into ``--output``; without patient identifiers unless ``--identifiers`` (a role allowed them)."""
+    from radnode.console.client import NodeClient
+
+    client = NodeClient.from_options(_load(args), args.url, None, args.token_file, args.ca_bundle)
+    params = {"format": args.format, "pipeline": args.pipeline, "since": args.since,
+              "identifiers": "true" if args.identifiers else None}
+    answer = client.call("GET", f"/api/export/{args.kind}", params={k: v for k, v in params.items() if v is not None},
+                         text=True)
+    if args.output:
+        Path(args.output).write_text(answer)
+        print(f"{args.kind} written to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(answer if answer.endswith("\n") else answer + "\n")
+    return 0
+
+
 def _node_options(parser: argparse.ArgumentParser, func=None) -> None:  # type: ignore[no-untyped-def]
     parser.add_argument("--url", help="the node's web service (default: from the configuration, api.host/api.port)")
     parser.add_argument("--token-file", help="file holding an API token (default: $RADNODE_TOKEN)")
@@ -673,6 +691,18 @@ def build_parser() -> argparse.ArgumentParser:
     performance.add_argument("--plot", help="also write the figures as a plot (.png or .svg)")
     performance.add_argument("--json", action="store_true", help="the API's JSON document instead of the table")
     _node_options(performance, cmd_performance)
+    from radnode.feedback.export import EXPORTS
+
+    export = sub.add_parser("export", help="feedback records (agreement, reviews, performance) as CSV or JSON, "
+                                           "without patient identifiers unless asked for (API token)")
+    export.add_argument("kind", choices=sorted(EXPORTS), help="what to export")
+    export.add_argument("--format", choices=("csv", "json"), default="csv")
+    export.add_argument("--pipeline", help="only this pipeline")
+    export.add_argument("--since", type=_iso_date, help="records on or after (YYYY-MM-DD or ISO 8601)")
+    export.add_argument("--identifiers", action="store_true",
+                        help="add Patient ID, name, birth date, accession number, study UID (api.export_identifier_roles)")
+    export.add_argument("--output", help="write to this file instead of stdout")
+    _node_options(export, cmd_export)
 
     drift = sub.add_parser("drift", help="drift of each pipeline's inputs and outputs against its baseline: PSI "
                                           "per attribute and alerts, no patient identifiers (API token)")

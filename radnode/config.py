@@ -401,6 +401,10 @@ class ApiConfig(_Strict):
     """Answer ``/metrics`` without a token (for a Prometheus on a trusted network)."""
     patient_data_roles: list[Literal["viewer", "operator", "admin"]] = ["operator", "admin"]
     """Roles shown patient identifiers (Patient ID) in the API and dashboard; others see jobs without them."""
+    export_identifier_roles: list[Literal["viewer", "operator", "admin"]] = ["admin"]
+    """Roles that may export the feedback records with patient identifiers (``GET /api/export/{kind}?identifiers=
+    true``, ``radnode export --identifiers``): a bulk export names many patients at once, so by default only
+    admins, not every role that sees one job's Patient ID."""
     session_hours: Annotated[float, Field(gt=0)] = 12.0
     """How long a dashboard login lasts (one shift)."""
     max_connections: Annotated[int, Field(ge=1)] = 200
@@ -678,6 +682,9 @@ class FeedbackConfig(_Strict):
     """Load highdicom and MONAI's metrics in the feedback thread at start, so the first correction is matched in
     seconds rather than after MONAI's import (≈30 s measured on a loaded 2-core machine); off, they load on the
     first correction (a node that never gets one never pays for them)."""
+    verifying_organization: Annotated[str, Field(max_length=64)] | None = None
+    """The Verifying Organization a reviewed report SR names beside the reviewer (``radnode/feedback/reissue.py``);
+    unset: ``institution_name``, else the node's AE title."""
 
 
 class Config(_Strict):

@@ -53,7 +53,7 @@ def _endpoints(node: Node) -> list[tuple[str, str]]:
     """(method, path) of every operation in the node's own OpenAPI document, path parameters filled."""
     with api(node, token_for(node, Role.ADMIN, "lister")) as client:
         document = client.get("/openapi.json").json()
-    filled = {"job_id": "1", "study": "1.2.3", "study_uid": "1.2.3", "name": "result.dcm"}
+    filled = {"job_id": "1", "study": "1.2.3", "study_uid": "1.2.3", "name": "result.dcm", "kind": "reviews"}
     return [(method.upper(), re.sub(r"\{(\w+)\}", lambda m: filled[m.group(1)], path))
             for path, item in document["paths"].items() for method in item]
 

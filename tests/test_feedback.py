@@ -8,6 +8,8 @@ with numpy and scipy alone, on masks read here with pydicom alone.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,14 +19,20 @@ import pydicom
 import pytest
 
 from factories import (
-    independent_agreement, metric_value, seg_masks_by_source, spacing_of, write_chest_phantom, write_correction,
+    ACCESSION, PATIENT, independent_agreement, metric_value, seg_masks_by_source, spacing_of, write_chest_phantom,
+    write_correction,
 )
+from pydicom import Dataset
+from pydicom.uid import ComprehensiveSRStorage, KeyObjectSelectionDocumentStorage
+
 from radnode.console.accounts import Role
+from radnode.feedback.reissue import report_identifier
 from radnode.node.egress import outbox_dir
 from radnode.node.service import Node
 from radnode.node.store import FINAL_STATES, JobState
-from support.console import api_json, token_for
-from support.dicom_tools import storescu
+from radnode.peers import FhirServer, StoreSCP
+from support.console import api, api_json, token_for
+from support.dicom_tools import dciodvfy_errors, storescu
 from support.node import final_job, node_config
 from support.waiting import wait_until
 
@@ -89,6 +97,25 @@ def test_a_corrected_seg_sent_back_is_matched_to_its_job_measured_and_never_proc
     listed = api_json(node, "/api/corrections", token)["corrections"]
     assert [(c["state"], c["job_id"], c["calling_ae"]) for c in listed] == [("matched", job.id, "WORKSTATION")]
 
+    # exported per correction and segment, without the patient unless an allowed role asks for them
+    identifiers = (PATIENT["PatientID"], PATIENT["PatientName"], PATIENT["PatientBirthDate"], ACCESSION)
+    for role in (Role.VIEWER, Role.OPERATOR):
+        with api(node, token_for(node, role, f"export-{role}")) as client:
+            as_csv = client.get("/api/export/agreement", params={"format": "csv"})
+            as_json = client.get("/api/export/agreement", params={"format": "json"})
+            assert (as_csv.status_code, as_json.status_code) == (200, 200), (as_csv.text, as_json.text)
+            assert client.get("/api/export/agreement", params={"identifiers": "true"}).status_code == 403
+        assert not [i for i in identifiers for text in (as_csv.text, as_json.text) if i in text], role
+        assert job.study_instance_uid not in as_csv.text + as_json.text
+    rows = list(csv.DictReader(io.StringIO(as_csv.text)))
+    assert sorted(r["segment"] for r in rows) == sorted(by_label)
+    assert {r["segment"]: float(r["dice"]) for r in rows} == pytest.approx(
+        {label: figures["dice"] for label, figures in by_label.items()})
+    assert as_json.json()["rows"][0].keys() == rows[0].keys()
+    with api(node, token_for(node, Role.ADMIN, "quality-lead")) as client:
+        full = client.get("/api/export/agreement", params={"format": "csv", "identifiers": "true"})
+    assert full.status_code == 200 and all(i in full.text for i in identifiers), full.text[:500]
+
 
 def test_a_correction_that_fits_no_job_is_kept_and_listed_with_why(tmp_path: Path) -> None:
     """A corrected SEG of a series the node never processed: recorded, listed ``unmatched``, no job runs."""
@@ -135,7 +162,6 @@ def test_local_performance_after_corrections_on_ten_studies_in_the_cli_plot_metr
 
     from scipy import stats
 
-    from support.console import api
     from support.node import SEG_STAND_IN
 
     script = tmp_path / "seg_stand_in.py"
@@ -224,11 +250,11 @@ def test_local_performance_after_corrections_on_ten_studies_in_the_cli_plot_metr
 
 def test_review_decisions_are_recorded_with_the_reviewer_and_counted_in_local_performance(
         tmp_path: Path, stand_in: list[str]) -> None:
+    import json
     import subprocess
     import sys
 
     from factories import write_study
-    from support.console import api
 
     with Node(node_config(tmp_path), job_command=stand_in, poll_seconds=0.05) as node:
         for name in ("accepted", "rejected", "corrected"):
@@ -262,6 +288,34 @@ def test_review_decisions_are_recorded_with_the_reviewer_and_counted_in_local_pe
         (figures,) = api_json(node, "/api/performance", token_for(node, Role.VIEWER))["pipelines"]
         assert (figures["processed"], figures["reviewed"], figures["accepted_unchanged"], figures["corrected"],
                 figures["rejected"]) == (3, 3, 1, 1, 1)
+
+        # the decisions exported: without patient identifiers for an operator, with them for an admin who asks
+        cli = subprocess.run([sys.executable, "-m", "radnode", "export", "reviews", "--format", "csv",
+                              "--url", f"http://127.0.0.1:{node.api_port}", "--token-file", str(token_file)],
+                             capture_output=True, text=True, timeout=60)
+        assert cli.returncode == 0, cli.stderr
+        rows = list(csv.DictReader(io.StringIO(cli.stdout)))
+        assert sorted((r["job_id"], r["decision"], r["reason"], r["reviewer"]) for r in rows) == sorted([
+            (str(jobs["accepted"]), "accepted", "", "token:dr-lee"),
+            (str(jobs["rejected"]), "rejected", "wrong-series", "token:dr-lee"),
+            (str(jobs["corrected"]), "corrected", "", "token:dr-kim")])
+        assert all(r["at"] for r in rows) and "note" not in rows[0]  # free text may name the patient
+        reviews_json = api_json(node, "/api/export/reviews?format=json", token_for(node, Role.OPERATOR))
+        performance = api_json(node, "/api/export/performance?format=json", token_for(node, Role.VIEWER, "board"))
+        exported = cli.stdout + json.dumps(reviews_json) + json.dumps(performance)
+        assert not [p for p in ("ACCEPTED", "REJECTED", "CORRECTED", "Test^Patient") if p in exported]
+        assert [(r["pipeline"], r["processed"], r["rejected"]) for r in performance["rows"]] == [(figures["pipeline"], 3, 1)]
+        full = {r["job_id"]: r for r in api_json(node, "/api/export/reviews?format=json&identifiers=true",
+                                                 token_for(node, Role.ADMIN, "quality-lead"))["rows"]}
+        assert (full[jobs["rejected"]]["patient_id"], full[jobs["rejected"]]["patient_name"],
+                full[jobs["rejected"]]["note"]) == ("REJECTED", "Test^Patient", "the scout was sent")
+        trail = (node.config.data_dir / "audit" / "audit.log").read_text().splitlines()
+        assert [next(u for u in ("dr-lee", "dr-kim") if u in line) for d in ("accepted", "rejected", "corrected")
+                for line in trail if f">review-{d}<" in line] == ["dr-lee", "dr-lee", "dr-kim"]
+        audited = [line for line in trail if "export/reviews" in line]
+        assert [("token:dr-kim" in line, "identifiers removed" in line, "identifiers included" in line)
+                for line in audited] == [(True, True, False), (False, True, False), (False, False, True)], audited
+        assert "token:quality-lead" in audited[-1]
 
 
 @pytest.mark.slow
@@ -305,34 +359,149 @@ def test_a_correction_stored_to_orthanc_reaches_the_node_and_is_matched_the_same
             assert [(j.id, j.runs) for j in node.jobs()] == [(job.id, 1)]  # never processed
 
 
+def _by_sop_class(pacs: StoreSCP) -> dict[str, list[Dataset]]:
+    """What the PACS received, by SOP Class UID, in order of arrival."""
+    found: dict[str, list[Dataset]] = {}
+    for path in pacs.received():
+        ds = pydicom.dcmread(path)
+        ds.filename = str(path)
+        found.setdefault(str(ds.SOPClassUID), []).append(ds)
+    return found
+
+
+def _report_status(fhir, identifier: dict) -> tuple[str, list]:  # type: ignore[no-untyped-def]
+    """(status, resultsInterpreter) of the study's one DiagnosticReport on the server, and its Observations'
+    statuses must agree with it."""
+    (entry,) = fhir.search("DiagnosticReport", f"identifier={identifier['system']}|{identifier['value']}")["entry"]
+    report = entry["resource"]
+    statuses = {o["resource"]["status"] for o in fhir.search("Observation", "_count=500")["entry"]}
+    assert statuses == {report["status"]}, statuses
+    return report["status"], report.get("resultsInterpreter", [])
+
+
+def _settled(node: Node, job_id: int) -> JobState:
+    """The job's state once its deliveries (a re-issue's too) are settled."""
+    return final_job(node, job_id, timeout=60).state
+
+
 @pytest.mark.slow
-def test_a_reviewed_report_goes_out_again_final_amended_or_entered_in_error_with_the_reviewer(
-        tmp_path: Path, fhir) -> None:  # type: ignore[no-untyped-def]
-    """The real ct_tissue run's report reaches the FHIR server preliminary; each decision re-issues it there
-    (the DiagnosticReport and its Observations) with the FHIR status it means and the reviewer named."""
-    from support.console import api
+def test_review_decisions_reissue_a_verified_report_sr_or_a_rejection_note_and_the_fhir_report_once(
+        tmp_path: Path, pacs: StoreSCP, fhir) -> None:  # type: ignore[no-untyped-def]
+    """The real ct_tissue run's report SR reaches the PACS unverified and the FHIR report preliminary. Accepted:
+    a new SR instance in the same series, verified by the reviewer, naming the original as predecessor, and the
+    FHIR report final; the same decision again sends nothing; corrected: another verified version (amended);
+    rejected: an IOCM rejection note withdrawing every object the PACS got, the FHIR report entered-in-error.
+    Each object is read back from the PACS (DCMTK storescp) and checked with dciodvfy."""
 
     write_chest_phantom(tmp_path / "ct", 16, 48, 48)
-    config = node_config(tmp_path, egress={"destinations": {"ehr": {"type": "fhir", "url": fhir.base_url}}})
+    config = node_config(tmp_path, feedback={"verifying_organization": "General Hospital"},
+                         egress={"destinations": {"pacs": pacs.destination, "ehr": fhir.destination}})
     with Node(config, poll_seconds=0.1) as node:
         assert storescu(node.port, tmp_path / "ct").returncode == 0
         wait_until(lambda: node.jobs() and node.jobs()[0].state in FINAL_STATES, timeout=180)
         (job,) = node.jobs()
         assert job.state is JobState.DONE, job.reason
-        (entry,) = fhir.search("DiagnosticReport")["entry"]
-        identifier = entry["resource"]["identifier"][0]
-        query = f"identifier={identifier['system']}|{identifier['value']}"
-        assert entry["resource"]["status"] == "preliminary" and "resultsInterpreter" not in entry["resource"]
+        identifier = report_identifier(outbox_dir(config, job.id))
+        assert _report_status(fhir, identifier) == ("preliminary", [])
+        (original,) = _by_sop_class(pacs)[ComprehensiveSRStorage]
+        assert (original.CompletionFlag, original.VerificationFlag) == ("PARTIAL", "UNVERIFIED")
+        first_results = {ds.SOPInstanceUID for group in _by_sop_class(pacs).values() for ds in group}
+
         with api(node, token_for(node, Role.OPERATOR, "dr-lee")) as client:
-            for decision, status, extra in (("accepted", "final", {}), ("corrected", "amended", {}),
-                                            ("rejected", "entered-in-error", {"reason": "wrong-anatomy"})):
+            def decide(decision: str, **extra: str) -> str:
                 answer = client.post(f"/api/jobs/{job.id}/review", json={"decision": decision, **extra})
-                assert answer.status_code == 200 and f" {status} on {fhir.base_url}" in answer.json()["message"], \
-                    answer.text
-                (entry,) = fhir.search("DiagnosticReport", query)["entry"]
-                report = entry["resource"]
-                assert (report["status"], report["resultsInterpreter"]) == (status, [{"display": "token:dr-lee"}])
-                statuses = {o["resource"]["status"] for o in fhir.search("Observation", "_count=500")["entry"]}
-                assert statuses == {status}
-        assert [e.kind for e in node.events(job.id)].count("reissued") == 3
+                assert answer.status_code == 200, answer.text
+                assert _settled(node, job.id) is JobState.DONE, node.job(job.id).reason
+                return answer.json()["message"]
+
+            assert "re-issue queued" in decide("accepted")
+            assert _report_status(fhir, identifier) == ("final", [{"display": "token:dr-lee"}])
+            _, verified = _by_sop_class(pacs)[ComprehensiveSRStorage]
+            assert (verified.CompletionFlag, verified.VerificationFlag, verified.PreliminaryFlag) == \
+                ("COMPLETE", "VERIFIED", "FINAL")
+            (observer,) = verified.VerifyingObserverSequence
+            assert (str(observer.VerifyingObserverName), observer.VerifyingOrganization) == \
+                ("token:dr-lee", "General Hospital")
+            assert (verified.SeriesInstanceUID, verified.SeriesNumber, verified.InstanceNumber) == \
+                (original.SeriesInstanceUID, 903, 2) and verified.SOPInstanceUID != original.SOPInstanceUID
+            (predecessor,) = verified.PredecessorDocumentsSequence
+            (series,) = predecessor.ReferencedSeriesSequence
+            assert (predecessor.StudyInstanceUID, series.SeriesInstanceUID,
+                    series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID) == \
+                (original.StudyInstanceUID, original.SeriesInstanceUID, original.SOPInstanceUID)
+            assert verified.ContentSequence == original.ContentSequence  # the report's text is what was verified
+            assert dciodvfy_errors(Path(verified.filename)) == []  # the content is the original's, which
+            # tests/test_clinical_outputs.py checks with PixelMed's template validator (28 s here: not again)
+
+            received = len(pacs.received())
+            assert decide("accepted") == f"job {job.id} accepted by token:dr-lee; already re-issued as accepted " \
+                                         "by token:dr-lee: nothing sent again"
+            assert len(pacs.received()) == received
+            assert [p.name for p in outbox_dir(config, job.id).glob("review-*")] == ["review-1"]  # nothing written
+
+            decide("corrected")
+            assert _report_status(fhir, identifier) == ("amended", [{"display": "token:dr-lee"}])
+            *_, amended = _by_sop_class(pacs)[ComprehensiveSRStorage]
+            assert amended.InstanceNumber == 3 and amended.PredecessorDocumentsSequence[0].ReferencedSeriesSequence[
+                0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == verified.SOPInstanceUID
+
+            decide("rejected", reason="wrong-anatomy")
+            assert _report_status(fhir, identifier) == ("entered-in-error", [{"display": "token:dr-lee"}])
+            (note,) = _by_sop_class(pacs)[KeyObjectSelectionDocumentStorage]
+            assert note.ConceptNameCodeSequence[0].CodeValue == "113001"  # Rejected for Quality Reasons
+            withdrawn = {item.ReferencedSOPInstanceUID for study in note.CurrentRequestedProcedureEvidenceSequence
+                         for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
+            assert withdrawn == first_results | {verified.SOPInstanceUID, amended.SOPInstanceUID}
+            assert dciodvfy_errors(Path(note.filename)) == []
+        reissued = [d for d in node.store.deliveries(job.id) if d.object.startswith("review-")]
+        assert sorted((d.destination, d.object.split("/")[1], d.state, d.attempts) for d in reissued) == [
+            ("ehr", "fhir-reissue.json", "done", 1)] * 3 + [("pacs", "rejection-note.dcm", "done", 1)] + [
+            ("pacs", "report-sr.dcm", "done", 1)] * 2
         assert len(fhir.search("DiagnosticReport")["entry"]) == 1  # updated in place, never a second report
+
+
+@pytest.mark.slow
+def test_a_decision_taken_while_the_fhir_server_is_down_reaches_it_once_when_it_is_back(
+        tmp_path: Path) -> None:
+    """The re-issue is a delivery like any other: queued while the EHR is down, retried, and the report ends
+    final with the reviewer exactly once when the server is back; re-sendable like any delivery."""
+
+    write_chest_phantom(tmp_path / "ct", 16, 48, 48)
+    fhir = FhirServer(tmp_path / "ehr")
+    try:
+        config = node_config(tmp_path, egress={"destinations": {"ehr": fhir.destination}})
+        with Node(config, poll_seconds=0.1) as node:
+            assert storescu(node.port, tmp_path / "ct").returncode == 0
+            wait_until(lambda: node.jobs() and node.jobs()[0].state in FINAL_STATES, timeout=180)
+            (job,) = node.jobs()
+            assert job.state is JobState.DONE, job.reason
+            identifier = report_identifier(outbox_dir(config, job.id))
+            fhir.stop()
+            with api(node, token_for(node, Role.OPERATOR, "dr-kim")) as client:
+                answer = client.post(f"/api/jobs/{job.id}/review", json={"decision": "accepted"})
+                assert answer.status_code == 200, answer.text
+
+                def reissue_delivery():  # type: ignore[no-untyped-def]
+                    (delivery,) = [d for d in node.store.deliveries(job.id) if d.object.endswith("fhir-reissue.json")]
+                    return delivery
+
+                wait_until(lambda: reissue_delivery().attempts >= 2, timeout=30)
+                assert reissue_delivery().state == "pending" and "re-issue on" in reissue_delivery().last_error
+                shown = client.get(f"/api/jobs/{job.id}").json()
+                assert any(d["object"].endswith("fhir-reissue.json") and d["state"] == "pending"
+                           for d in shown["deliveries"]), shown["deliveries"]
+                fhir = FhirServer(tmp_path / "ehr", port=fhir.port)
+                assert _settled(node, job.id) is JobState.DONE
+                assert _report_status(fhir, identifier) == ("final", [{"display": "token:dr-kim"}])
+                assert reissue_delivery().state == "done"
+                delivered = [e.message for e in node.events(job.id) if e.kind == "delivered"
+                             and "final on" in e.message]
+                assert delivered == [f"DiagnosticReport/{fhir.search('DiagnosticReport')['entry'][0]['resource']['id']}"
+                                     f" and {len(fhir.search('Observation', '_count=500')['entry'])} Observation(s) "
+                                     f"final on {fhir.base_url}, by token:dr-kim"]
+                answer = client.post(f"/api/jobs/{job.id}/resend", json={"destination": "ehr"})
+                assert answer.status_code == 200, answer.text
+                assert _settled(node, job.id) is JobState.DONE
+                assert _report_status(fhir, identifier) == ("final", [{"display": "token:dr-kim"}])
+    finally:
+        fhir.stop()

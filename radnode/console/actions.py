@@ -57,7 +57,7 @@ def _store(request: Request) -> JobStore:
     return request.app.state.store
 
 
-def _act(request: Request, identity: Identity, action: str, job_id: int | None, run) -> str:  # type: ignore[no-untyped-def]
+def _act(request: Request, identity: Identity, action: str, job_id: int | None, run):  # type: ignore[no-untyped-def]
     """Run ``run()`` (the store's action), map refusals to HTTP answers, audit and log the outcome."""
     try:
         message = run()
@@ -117,10 +117,14 @@ class ReviewRequest(Note):
 def review(request: Request, identity: Operator, job_id: JobId,
            body: Annotated[ReviewRequest, Body()] = ReviewRequest()) -> ActionResult:
     action = "review" if body.decision == "reviewed" else f"review-{body.decision}"
-    _act(request, identity, action, job_id, lambda: _store(request).mark_reviewed(
+    egress = node_of(request).egress
+    if egress is None and body.decision != "reviewed":
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the node is stopping")
+    review_id = _act(request, identity, action, job_id, lambda: _store(request).mark_reviewed(
         job_id, identity.label, body.note, body.decision, body.reason))
-    reissued = node_of(request).reissue_report(job_id, body.decision, identity.label) \
-        if body.decision != "reviewed" else []
+    reissued = [egress.reissue(job_id, review_id, body.decision, identity.label)] \
+        if egress is not None and body.decision != "reviewed" else []
+    reissued = [line for line in reissued if line]
     return ActionResult(job_id=job_id, message="; ".join([f"job {job_id} {body.decision} by {identity.label}"
                                                           + (f" ({body.reason})" if body.reason else ""), *reissued]))
 

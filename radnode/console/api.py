@@ -9,6 +9,8 @@ import logging
 from typing import Annotated, Any, Literal, Protocol
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import Path as FastApiPath
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import Field
 
@@ -40,9 +42,6 @@ class NodeView(Protocol):
 
     def orthanc_event(self, event: dict[str, str]) -> None:
         """Queue one plugin event (ValueError: this node takes none)."""
-
-    def reissue_report(self, job_id: int, decision: str, reviewer: str) -> list[str]:
-        """Re-issue a reviewed job's report on the FHIR destinations; what happened, one line each."""
 
 
 def node_of(request: Request) -> NodeView:
@@ -193,6 +192,8 @@ def drift(request: Request, identity: Viewer,
         "method": METHOD, "window": settings.window, "baseline": baseline_description(settings),
         "bins": settings.bins, "psi_alert": settings.psi_alert, "p_value": settings.p_value,
         "pipelines": _store(request).drift_document(pipeline)})
+
+
 @router.get("/api/performance/compare", response_model=ShadowSummaryDocument, tags=["feedback"],
             summary="A candidate pipeline's shadow runs against the production pipeline: studies compared, median "
                     "and worst-decile Dice per segment, mean measurement differences, time ratios")
@@ -207,3 +208,45 @@ def compare_pipelines(request: Request, identity: Viewer,
     comparisons = _store(request).shadow_comparisons(production=production, candidate=candidate, since=after)
     return ShadowSummaryDocument.model_validate({**summarise(production, candidate, comparisons).to_record(),
                                                  "since": since})
+
+
+@router.get("/api/export/{kind}", tags=["feedback"],
+            summary="The feedback records as CSV or JSON (agreement, reviews, performance), without patient "
+                    "identifiers unless asked for by a role allowed them (api.export_identifier_roles); audited",
+            responses={200: {"content": {"text/csv": {}, "application/json": {}}},
+                       403: {"description": "identifiers asked for by a role not allowed them"},
+                       404: {"description": "no such export kind"}})
+def export(request: Request, identity: Viewer,
+           kind: Annotated[str, FastApiPath(max_length=64, pattern=r"^[a-z][a-z0-9-]*$")],
+           format: Annotated[Literal["csv", "json"], Query(description="csv (a header line) or json")] = "json",
+           pipeline: Annotated[str | None, Query(max_length=128)] = None,
+           since: Annotated[dt.datetime | None, Query(description="records from then on (ISO 8601)")] = None,
+           identifiers: Annotated[bool, Query(description="add Patient ID, name, birth date, accession number and "
+                                                          "the study's UID (a role of api.export_identifier_roles)")]
+           = False) -> Response:
+    from radnode.feedback.export import ExportQuery, UnknownExport, as_csv, export_rows
+    from radnode.node.egress import outbox_dir
+
+    gate = gate_of(request)
+    if identifiers and not gate.exports_identifiers(identity):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"role {identity.role} may not export patient identifiers "
+                                                       "(api.export_identifier_roles)")
+    after = None if since is None else (since if since.tzinfo else since.replace(tzinfo=dt.timezone.utc)).timestamp()
+    config = request.app.state.config
+    try:
+        rows = export_rows(kind, _store(request), lambda job_id: outbox_dir(config, job_id),
+                           ExportQuery(after, pipeline, identifiers))
+    except UnknownExport as e:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from None
+    if gate.audit is not None:
+        gate.audit.user_action(user=identity.label, address=request.client.host if request.client else None,
+                               action=f"export {kind} ({format}, {len(rows)} rows, identifiers "
+                                      f"{'included' if identifiers else 'removed'})",
+                               what=f"export/{kind}")
+    log.info("export %s by %s: %d rows, identifiers %s", kind, identity.label, len(rows),
+             "included" if identifiers else "removed")
+    if format == "csv":
+        return Response(as_csv(kind, rows, identifiers), media_type="text/csv; charset=utf-8",
+                        headers={"Content-Disposition": f'attachment; filename="radnode-{kind}.csv"'})
+    return JSONResponse({"kind": kind, "identifiers": identifiers, "pipeline": pipeline,
+                         "since": None if since is None else since.isoformat(), "rows": rows})

@@ -58,9 +58,14 @@ class Gate:
     audit: AuditSink | None = None
     on_refused: Callable[[str], None] = field(default=lambda reason: None)
     """Counts refused requests (``radnode_http_requests_refused_total``)."""
+    export_identifier_roles: frozenset[Role] = frozenset({Role.ADMIN})
+    """Roles that may export the feedback records with patient identifiers (``api.export_identifier_roles``)."""
 
     def sees_patient_data(self, identity: Identity) -> bool:
         return identity.role in self.patient_data_roles
+
+    def exports_identifiers(self, identity: Identity) -> bool:
+        return identity.role in self.export_identifier_roles
 
 
 def gate_of(request: Request) -> Gate:

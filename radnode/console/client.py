@@ -45,7 +45,7 @@ class NodeClient:
         return cls(url.rstrip("/"), token, ca_bundle or True)
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None,
-             params: dict[str, Any] | None = None) -> Any:
+             params: dict[str, Any] | None = None, text: bool = False) -> Any:
         try:
             answer = requests.request(method, self.url + path, json=body, params=params, timeout=self.timeout,
                                       headers={"Authorization": f"Bearer {self.token}"}, verify=self.verify)
@@ -57,7 +57,7 @@ class NodeClient:
             except ValueError:
                 detail = answer.text[:200]
             raise ApiError(f"{method} {path}: {answer.status_code} {detail if isinstance(detail, str) else json.dumps(detail)}")
-        return answer.json()
+        return answer.text if text else answer.json()
 
 
 def job_line(job: dict[str, Any]) -> str:

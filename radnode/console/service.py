@@ -60,7 +60,8 @@ class Console:
         self.gate = Gate(accounts=self.accounts, patient_data_roles=frozenset(Role(r) for r in api.patient_data_roles),
                          secure_cookies=api.tls is not None, session_hours=api.session_hours,
                          public_metrics=api.public_metrics, orthanc_token=token, audit=audit,
-                         on_refused=self.collector.count_refused)
+                         on_refused=self.collector.count_refused,
+                         export_identifier_roles=frozenset(Role(r) for r in api.export_identifier_roles))
         self.app = create_app(node, store, self.gate, node_registry(self.collector), int(api.max_upload_mb * 2**20),
                               config)
         self.server = WebServer(self.app, api)

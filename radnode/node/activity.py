@@ -17,7 +17,7 @@ log = logging.getLogger("radnode.activity")
 LOGGED_KINDS = frozenset({
     "received", "route", "queued", "running", "requeued", "restarted", "finished", "review", "done", "failed",
     "delivery-error", "delivery-failed", "purged", "retry", "resend", "cancelled", "completed",
-    "reviewed", "paused", "resumed",
+    "reviewed", "reissue", "paused", "resumed",
 })
 """Event kinds written as log lines at INFO (failures at WARNING)."""
 WARNING_KINDS = frozenset({"failed", "delivery-error", "delivery-failed"})
@@ -47,7 +47,7 @@ class ActivityLog:
                     delivered[job_id] = pipeline
                 elif kind in ("done", "failed") and job_id in delivered:
                     self._log_settled(job_id, delivered.pop(job_id))  # the deliveries' line before the job's end
-                if kind in ("resend", "retry"):
+                if kind in ("resend", "retry", "reissue"):
                     self._reported = {key for key in self._reported if key[0] != job_id}
                 if kind in LOGGED_KINDS:
                     level = logging.WARNING if kind in WARNING_KINDS else logging.INFO

@@ -18,7 +18,9 @@ Instances Transferred, or Export for a forward or a de-identified destination, w
 A job whose results supersede an earlier job's (a re-run on the whole study after late instances) also
 delivers an IHE IOCM rejection note (``rejection-note.dcm``, a KOS "Rejected for Quality Reasons") to every
 destination that received the earlier DICOM results, naming exactly those (``Outcome.sent_uid`` per delivery);
-the FHIR report is re-issued in place by the run itself (same identifier, status corrected).
+the FHIR report is re-issued in place by the run itself (same identifier, status corrected). A reviewer's
+decision goes out the same way (:meth:`Egress.reissue`, ``radnode/feedback/reissue.py``): a verified report SR
+or a rejection note, and the FHIR report's new status, as deliveries of the job's ``review-<id>/`` objects.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from radnode.destinations.base import Cancellation
 from radnode.destinations.dicom import DicomDestination
 from radnode.destinations.orthanc import OrthancDestination
 from radnode.node.store import Delivery, Job, JobStore, ShadowNotDelivered
-from radnode.outputs.layout import RunOutput, dicom_files, is_dicom
+from radnode.destinations.base import FHIR_BUNDLE
+from radnode.outputs.layout import RunOutput, dicom_files, is_dicom, review_of
 from radnode.outputs.rejection import write_rejection_note
 
 if TYPE_CHECKING:
@@ -248,6 +251,64 @@ class Egress:
             return self.destination(name).deidentify is not None
         except DestinationError:
             return True
+
+    def reissue(self, job_id: int, review_id: int, decision: str, reviewer: str) -> str:
+        """Send a review decision where the job's results went, as deliveries of ``review-<id>/``
+        (:mod:`radnode.feedback.reissue`): accepted or corrected, the report SR verified by ``reviewer`` to each
+        DICOM destination that received the report SR; rejected, an IOCM rejection note of every DICOM object the
+        job delivered to each destination that received them; either way the FHIR report's new status to each
+        FHIR destination that received the Bundle. Destinations that de-identify are left out (a verified report
+        or a note naming the patient must not follow de-identified copies). A repeated decision queues nothing
+        (the store's :meth:`begin_reissue`). What was queued, in words ("": nothing to re-issue, as the job's
+        log says)."""
+        import datetime
+
+        from radnode.feedback.reissue import REPORT_REISSUE, REPORT_SR, Decision, write_reissue
+
+        if self.store.reissue_repeats(job_id, review_id):
+            self.store.note(job_id, "reissue", f"{decision} by {reviewer} (review {review_id}): already re-issued, "
+                                               "nothing sent again")
+            return f"already re-issued as {decision} by {reviewer}: nothing sent again"
+        folder = outbox_dir(self.config, job_id)
+        done = [d for d in self.store.deliveries(job_id) if d.state == "done"]
+        skipped = sorted({d.destination for d in done if self._deidentifying(d.destination)})
+        done = [d for d in done if d.destination not in skipped]
+        reports = [d for d in done if Path(d.object).name == REPORT_SR and (d.object == REPORT_SR
+                                                                             or review_of(d.object) is not None)]
+        if decision == "rejected":
+            targets = [d for d in done if is_dicom(d.object) and Path(d.object).name != REJECTION_NOTE
+                       and (review_of(d.object) is not None or "/" not in d.object)]
+        else:
+            targets = [d for d in done if d.object == REPORT_SR]
+        fhir = sorted({d.destination for d in done if d.object == FHIR_BUNDLE})
+        versions = sorted((review_of(d.object) or 0, d.object) for d in reports)
+        previous = folder / versions[-1][1] if versions else None
+        config = self.config
+        try:
+            objects = write_reissue(
+                folder, Decision(review_id, decision, reviewer, datetime.datetime.now().astimezone()),
+                previous_report=previous if previous is not None and previous.is_file() else None,
+                instance_number=1 + len({o for _, o in versions}), fhir=bool(fhir),
+                withdrawn=sorted({folder / d.object for d in targets if (folder / d.object).is_file()}),
+                organization=config.feedback.verifying_organization or config.institution_name
+                or config.ingress.ae_title, uid_root=config.uid_root, institution_name=config.institution_name)
+        except Exception as e:  # a defect writing one decision's objects must not lose the decision or stop egress
+            log.exception("job %d: review %d cannot be re-issued", job_id, review_id)
+            said = f"{decision} by {reviewer}: cannot be re-issued ({type(e).__name__}: {e}); repeat the decision"
+            self.store.note(job_id, "reissue", said)
+            return said
+        plan = [(name, o) for o in objects if Path(o).name != REPORT_REISSUE
+                for name in sorted({d.destination for d in targets})]
+        plan += [(name, o) for o in objects if Path(o).name == REPORT_REISSUE for name in fhir]
+        summary = f"{decision} by {reviewer} (review {review_id})"
+        queued = self.store.begin_reissue(job_id, review_id, summary, plan)
+        if skipped:
+            self.store.note(job_id, "reissue", f"{summary}: not re-issued at {', '.join(skipped)} "
+                                               "(de-identified copies went there)")
+        if queued is None:
+            return f"already re-issued as {decision} by {reviewer}: nothing sent again"
+        self._wake({name for name, _ in plan})
+        return f"re-issue queued: {', '.join(sorted({f'{Path(o).name} → {n}' for n, o in plan}))}" if plan else ""
 
     def resend(self, job_id: int, destination: str | None = None, *, user: str, reason: str,
                failed_only: bool = False) -> int:

@@ -140,7 +140,7 @@ class Node:
             self._orthanc.start()
         if self.config.api.enabled:
             self._ingest = ingest
-            self._web = Console(self.config, self, store)
+            self._web = Console(self.config, self, store, self.audit)
             self._web.start()
         self._stopping.clear()
         retention = Retention(self.config, store, should_stop=self._stopping.is_set)
@@ -356,31 +356,6 @@ class Node:
     def stow_released(self, association_id: str) -> None:
         """A STOW-RS request ended: its series may be complete, as after an A-RELEASE."""
         self._store().association_released(association_id)
-
-    def reissue_report(self, job_id: int, decision: str, reviewer: str) -> list[str]:
-        """A reviewed job's report re-issued on every FHIR destination with the decision's status and the
-        reviewer (``radnode/feedback/reissue.py``); each outcome is an event in the job's log and a line of the
-        answer. A failure is said, not raised: the decision stands, and repeating it re-issues again."""
-        from radnode.destinations.fhir import FhirDestination
-        from radnode.feedback.reissue import ReissueError, reissue, report_identifier
-        from radnode.node.egress import outbox_dir
-
-        store = self._store()
-        identifier = report_identifier(outbox_dir(self.config, job_id))
-        targets = [d for d in self.config.egress.destinations.values() if isinstance(d, FhirDestination)]
-        if identifier is None or not targets:
-            return []
-        said = []
-        for target in targets:
-            try:
-                timeouts = self.config.egress.timeouts
-                message, kind = reissue(target, identifier, decision, reviewer,
-                                        (timeouts.connect_seconds, timeouts.network_seconds)), "reissued"
-            except ReissueError as e:
-                message, kind = f"the {decision} report could not be re-issued: {e}", "reissue-failed"
-            store.note_action(job_id, kind, message)
-            said.append(message)
-        return said
 
     def metric_rows(self, query: str, params: dict[str, object] | None = None) -> list[tuple]:
         """Rows of one of the metrics' read-only queries (:mod:`radnode.console.metrics`)."""

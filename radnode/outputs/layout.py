@@ -101,6 +101,11 @@ class RunOutput(Enum):
         file="fhir-bundle.json", format=OutputFormat.FHIR, media_type="application/fhir+json",
         description="FHIR R4 transaction Bundle: Patient, ImagingStudy, DiagnosticReport, Observations, Provenance",
         apps=EVERY_APP)
+    REPORT_REISSUE = OutputSpec(
+        file="fhir-reissue.json", format=OutputFormat.FHIR, media_type="application/json",
+        description="A review decision's new status and reviewer for the FHIR report already sent (applied in "
+                    "place by a FHIR destination); written by the node in review-<id>/, not by an app",
+        apps=frozenset())
     MANIFEST = OutputSpec(
         file="manifest.json", format=OutputFormat.MANIFEST, media_type="application/json",
         description="The run's manifest: outputs, measurements, time per phase, review decision", apps=EVERY_APP)
@@ -159,6 +164,23 @@ def is_dicom(file: str) -> bool:
     table does not know (a site application's result, a forward-only job's own instances)."""
     output = output_named(file)
     return output.format is OutputFormat.DICOM if output is not None else file.lower().endswith(".dcm")
+
+
+REVIEW_FOLDER = "review-"
+"""Prefix of the outbox folder a review decision's re-issued objects are written to (``review-<review id>/``,
+:mod:`radnode.feedback.reissue`)."""
+
+
+def review_folder(review_id: int) -> str:
+    """The outbox folder of one review decision's re-issued objects."""
+    return f"{REVIEW_FOLDER}{review_id}"
+
+
+def review_of(delivery_object: str) -> int | None:
+    """The review id of a delivery object in a decision's folder (``review-7/report-sr.dcm`` → 7); None else."""
+    folder, _, rest = delivery_object.partition("/")
+    number = folder[len(REVIEW_FOLDER):]
+    return int(number) if rest and folder.startswith(REVIEW_FOLDER) and number.isdigit() else None
 
 
 def dicom_files(files: Iterable[str]) -> list[str]:

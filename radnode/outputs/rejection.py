@@ -26,12 +26,15 @@ from radnode.outputs.layout import RunOutput
 REJECTED_FOR_QUALITY_REASONS = codes.DCM.RejectedForQualityReasons
 """DCM 113001: the IOCM title for instances withdrawn because they are wrong (here: made from part of a study)."""
 
+SUPERSEDED = "Rejected for Quality Reasons (superseded results)"
+
 _EQUIPMENT = AlgorithmInfo("radnode result versions", __version__)
 
 
-def build_rejection_note(rejected: Sequence[Dataset], *, uid_root: str,
-                         institution_name: str | None = None) -> hd.ko.KeyObjectSelectionDocument:
-    """A KOS rejecting every instance in ``rejected`` (their headers suffice), in the study they belong to."""
+def build_rejection_note(rejected: Sequence[Dataset], *, uid_root: str, institution_name: str | None = None,
+                         description: str = SUPERSEDED) -> hd.ko.KeyObjectSelectionDocument:
+    """A KOS rejecting every instance in ``rejected`` (their headers suffice), in the study they belong to;
+    ``description``: its Series Description, saying why (superseded, rejected by a reviewer)."""
     if not rejected:
         raise ValueError("a rejection note needs at least one instance to reject")
     content = hd.ko.KeyObjectSelection(document_title=REJECTED_FOR_QUALITY_REASONS, referenced_objects=rejected)
@@ -40,15 +43,16 @@ def build_rejection_note(rejected: Sequence[Dataset], *, uid_root: str,
         series_number=RunOutput.REJECTION_NOTE.series_number, sop_instance_uid=new_uid(uid_root),
         instance_number=1, manufacturer=_EQUIPMENT.manufacturer, institution_name=institution_name,
         contributing_equipment=[_EQUIPMENT.contributing_equipment()])
-    note.SeriesDescription = "Rejected for Quality Reasons (superseded results)"
+    note.SeriesDescription = description[:64]
     note.ManufacturerModelName, note.SoftwareVersions = _EQUIPMENT.name, _EQUIPMENT.version
     return note
 
 
 def write_rejection_note(rejected_files: Sequence[Path], target: Path, *, uid_root: str,
-                         institution_name: str | None = None) -> str:
+                         institution_name: str | None = None, description: str = SUPERSEDED) -> str:
     """Write the rejection note of the objects in ``rejected_files`` to ``target``; returns its SOP Instance UID."""
     headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in rejected_files]
-    note = build_rejection_note(headers, uid_root=uid_root, institution_name=institution_name)
+    note = build_rejection_note(headers, uid_root=uid_root, institution_name=institution_name,
+                                description=description)
     note.save_as(target, enforce_file_format=True)
     return str(note.SOPInstanceUID)

@@ -25,6 +25,8 @@ QUEUE_PAUSED = "queue_paused"
 REVIEW_DECISIONS = ("reviewed", "accepted", "corrected", "rejected")
 """What a reviewer records: looked at a flagged result; or, for local performance, accepted as it was,
 corrected (a corrected SEG usually follows), rejected."""
+DECISIONS = REVIEW_DECISIONS[1:]
+"""The decisions on a job's results (each re-issues them, ``radnode/feedback/reissue.py``)."""
 REJECT_REASONS = ("wrong-series", "wrong-anatomy", "segmentation-failed", "image-quality", "other")
 """Why a result was rejected: the short list the API offers."""
 
@@ -228,10 +230,11 @@ class Console:
         return receiving[0] if receiving else (rows[0].id if rows else None)
 
     def mark_reviewed(self, job_id: int, user: str, note: str = "", decision: str = "reviewed",
-                      reason: str | None = None) -> None:
+                      reason: str | None = None) -> int:
         """A person looked at a job's results; it leaves the review worklist. ``reviewed`` (looked at, for a
         flagged job), or a decision on a finished job's results for local performance: ``accepted``,
-        ``corrected``, ``rejected`` (with one of :data:`REJECT_REASONS`)."""
+        ``corrected``, ``rejected`` (with one of :data:`REJECT_REASONS`); a job still delivering (or that failed
+        to deliver) an earlier decision's re-issue takes a new one. Returns the review's id."""
         if decision not in REVIEW_DECISIONS:
             raise ActionRefused(f"unknown review decision {decision!r}: one of {', '.join(REVIEW_DECISIONS)}")
         if decision == "rejected" and reason is None:
@@ -247,12 +250,17 @@ class Console:
                 raise LookupError(f"no job {job_id}")
             if decision == "reviewed" and not row.needs_review:
                 raise ActionRefused(f"job {job_id} is not flagged for review")
-            if decision != "reviewed" and row.state != JobState.DONE.value:
+            if decision != "reviewed" and row.state != JobState.DONE.value and not (
+                    row.state in (JobState.DELIVERING.value, JobState.FAILED.value)
+                    and conn.execute(select(reviews.c.id).where(reviews.c.job_id == job_id,
+                                                                reviews.c.decision.in_(DECISIONS))).first()):
                 raise ActionRefused(f"job {job_id} is {row.state}: only a done job's results can be {decision}")
             text = note if reason is None else f"{reason}" + (f"; {note}" if note else "")
-            conn.execute(insert(reviews).values(job_id=job_id, decision=decision, reviewer=user, note=text,
-                                                at=time.time()))
+            review_id = conn.execute(insert(reviews).values(job_id=job_id, decision=decision, reviewer=user,
+                                                            note=text, at=time.time())
+                                     .returning(reviews.c.id)).scalar_one()
             log_event(conn, job_id, "reviewed", f"{decision} by {user}" + (f": {text}" if text else ""))
+            return review_id
 
     def reviewed_jobs(self, job_ids: Iterable[int]) -> dict[int, tuple[str, float]]:
         """The latest review (reviewer, when) of each of these jobs that has one."""

@@ -11,12 +11,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
-from sqlalchemy import Connection, and_, false, func, insert, select, update
+from sqlalchemy import Connection, and_, false, func, insert, or_, select, update
 
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
 from radnode.node.store.records import (
-    Correction, CorrectionState, Instance, JobState, MatchedCorrection, PerformanceRows,
+    Correction, CorrectionState, Instance, JobState, MatchedCorrection, PerformanceRows, ReviewRow,
 )
 from radnode.node.store.schema import corrections, instances, jobs, reviews, series
 
@@ -97,10 +97,24 @@ class Feedback:
                 log_event(conn, job_id, "correction", f"correction {sop_instance_uid}: {message}")
             return bool(done)
 
+    def review_rows(self, pipeline: str | None = None, since: float | None = None) -> list[ReviewRow]:
+        """Every decision on a job's results (not the ``reviewed`` marks of flagged jobs), recorded since
+        ``since`` (epoch seconds), of one pipeline's jobs or all, oldest first."""
+        query = (select(reviews.c.id, reviews.c.job_id, jobs.c.pipeline, reviews.c.decision, reviews.c.reviewer,
+                        reviews.c.note, reviews.c.at).join(jobs, jobs.c.id == reviews.c.job_id)
+                 .where(reviews.c.decision != "reviewed").order_by(reviews.c.id))
+        if pipeline is not None:
+            query = query.where(jobs.c.pipeline == pipeline)
+        if since is not None:
+            query = query.where(reviews.c.at >= since)
+        with self._db.read() as conn:
+            return [ReviewRow(*row) for row in conn.execute(query)]
+
     def performance_rows(self, pipeline: str | None = None, since: float | None = None) -> PerformanceRows:
         """What local performance is computed from, for jobs created since ``since`` (epoch seconds): each
-        pipeline's processed (done) jobs, each job's latest review decision, and the matched corrections. Shadow
-        runs are not counted: clinicians never saw their results (their figures are the shadow comparisons)."""
+        pipeline's processed jobs (done, or decided on: a decision's re-issue takes the job back to delivering),
+        each job's latest review decision, and the matched corrections. Shadow runs are not counted: clinicians
+        never saw their results (their figures are the shadow comparisons)."""
         conditions = [jobs.c.pipeline != "", jobs.c.shadow == false()]
         if pipeline is not None:
             conditions.append(jobs.c.pipeline == pipeline)
@@ -109,8 +123,10 @@ class Feedback:
         latest = (select(reviews.c.job_id, func.max(reviews.c.id).label("id")).group_by(reviews.c.job_id)
                   .subquery())
         with self._db.read() as conn:
+            decided = select(reviews.c.job_id).where(reviews.c.decision != "reviewed")  # re-issuing: delivering
             processed = {p: n for p, n in conn.execute(
-                select(jobs.c.pipeline, func.count()).where(*conditions, jobs.c.state == JobState.DONE.value)
+                select(jobs.c.pipeline, func.count()).where(*conditions, or_(jobs.c.state == JobState.DONE.value,
+                                                                             jobs.c.id.in_(decided)))
                 .group_by(jobs.c.pipeline))}
             decisions = [(row.id, row.pipeline, row.decision) for row in conn.execute(
                 select(jobs.c.id, jobs.c.pipeline, reviews.c.decision)

@@ -294,6 +294,20 @@ class Correction:
 
 
 @dataclass(frozen=True)
+class ReviewRow:
+    """One reviewer's decision on a job's results, as exported."""
+
+    id: int
+    job_id: int
+    pipeline: str
+    decision: str
+    reviewer: str
+    note: str
+    """The rejection reason first (``wrong-series; the scout was sent``), then the reviewer's free text."""
+    at: float
+
+
+@dataclass(frozen=True)
 class MatchedCorrection:
     """A matched correction as local performance reads it."""
 
