@@ -302,6 +302,14 @@ def test_a_thicker_noisier_stream_after_twenty_studies_raises_one_alert_per_shif
         assert ",True,open," in rows["slice_thickness_mm"] and ",False,," in rows["scanner"]
         assert PATIENT["PatientID"] not in cli.stdout and PATIENT["PatientName"] not in cli.stdout
 
+        with api(node, reader.viewer) as client:  # the export kinds a quality committee takes away
+            exported = client.get("/api/export/drift-alerts", params={"format": "json"}).json()["rows"]
+            states = client.get("/api/export/drift", params={"format": "csv"}).text
+        assert sorted(r["attribute"] for r in exported) == ["noise_hu", "slice_thickness_mm"]
+        assert {r["psi"] for r in exported} == {a["psi"] for a in alerts}
+        assert states.splitlines()[0].startswith("pipeline,attribute,kind,psi") and "slice_thickness_mm" in states
+        assert PATIENT["PatientID"] not in states + json.dumps(exported)
+
 
 @pytest.mark.slow
 def test_thirty_studies_of_the_first_distribution_raise_no_alert(tmp_path: Path, stand_in: list[str]) -> None:

@@ -245,6 +245,8 @@ def test_a_candidate_pipeline_in_shadow_is_compared_with_production_and_never_de
                              capture_output=True, text=True, timeout=120)
         with api(node, token_for(node, Role.ADMIN, "scraper")) as client:
             metrics = client.get("/metrics").text
+        with api(node, token) as client:
+            exported = client.get("/api/export/shadow", params={"format": "json"}).json()["rows"]
         to_pacs = {d.object for d in node.store.deliveries(production.id) if d.destination == "pacs"}
         assert node.store.deliveries(shadow.id) == []
         node.accounts.add_user("operator", Role.OPERATOR, "a long enough password")
@@ -299,6 +301,11 @@ def test_a_candidate_pipeline_in_shadow_is_compared_with_production_and_never_de
         assert comparison[f"{side}_wall_seconds"] == pytest.approx(manifest["seconds"], abs=1e-3)
         assert comparison[f"{side}_cpu_seconds"] == pytest.approx(
             sum(p["cpu_seconds"] for p in manifest["phases"].values()), abs=1e-3)
+
+    # the export has one row per common segment with the same figures, and no patient identifier
+    assert {r["segment"]: r["dice"] for r in exported} == {s["segment"]: s["dice"] for s in comparison["segments"]}
+    assert {(r["job_id"], r["shadow_job_id"]) for r in exported} == {(production.id, shadow.id)}
+    assert "patient_id" not in exported[0] and "study_instance_uid" not in exported[0]
 
     # the console's job page shows the same comparison
     assert browser.returncode == 0, browser.stdout + browser.stderr

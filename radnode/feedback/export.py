@@ -4,8 +4,8 @@ Each kind (:data:`EXPORTS`) names its columns and makes its rows from the job st
 /api/export/{kind}?format=csv|json`` and ``radnode export KIND`` serve every kind the same way. Rows carry no
 patient identifiers: the columns of :data:`IDENTIFIERS` (Patient ID, name, birth date, accession number, the
 study's and the correction's UIDs, a reviewer's free-text note, which may name the patient) are filled only for an
-export that asks for them, by a role the site allows (``api.export_identifier_roles``). A new kind (drift,
-shadow comparisons) is one function under :func:`export_kind`.
+export that asks for them, by a role the site allows (``api.export_identifier_roles``). A new kind is one
+function under :func:`export_kind`.
 """
 
 from __future__ import annotations
@@ -133,6 +133,49 @@ def _performance(store: JobStore, query: ExportQuery) -> list[Row]:
                   "worst_decile_dice": s.worst_decile_dice, "median_hd95_mm": s.median_hd95_mm,
                   "median_abs_volume_difference_percent": s.median_abs_volume_difference_percent}
                  for s in p.segments] or [common]
+    return rows
+
+
+@export_kind("drift", "Per pipeline and attribute: the latest PSI and two-sample p of the window against the baseline",
+             ("pipeline", "attribute", "kind", "psi", "p_value", "drifting", "baseline_n", "window_n", "baseline",
+              "window", "evaluated_at"))
+def _drift(store: JobStore, query: ExportQuery) -> list[Row]:
+    return [{"pipeline": p["pipeline"], **a, "evaluated_at": _iso(a["evaluated_at"])}
+            for p in store.drift_document(query.pipeline) for a in p["attributes"]
+            if query.since is None or a["evaluated_at"] >= query.since]
+
+
+@export_kind("drift-alerts", "Every drift episode: the attribute, its PSI when raised and at its peak, raised and "
+                             "cleared when", ("pipeline", "attribute", "kind", "psi", "peak_psi", "p_value", "message",
+                                              "raised_at", "cleared_at"))
+def _drift_alerts(store: JobStore, query: ExportQuery) -> list[Row]:
+    return [{"pipeline": p["pipeline"], **{k: v for k, v in a.items() if k != "id"},
+             "raised_at": _iso(a["raised_at"]), "cleared_at": _iso(a["cleared_at"])}
+            for p in store.drift_document(query.pipeline) for a in p["alerts"]
+            if query.since is None or a["raised_at"] >= query.since]
+
+
+SHADOW_SEGMENT_COLUMNS = ("segment", "property_type", "dice", "production_volume_ml", "candidate_volume_ml",
+                          "volume_difference_ml", "hd95_mm")
+
+
+@export_kind("shadow", "Per shadow run and common segment: the candidate's Dice, volumes and HD95 against production's, "
+                       "and both run times", ("job_id", "shadow_job_id", "production_pipeline", "candidate_pipeline",
+                                              "state", "message", *SHADOW_SEGMENT_COLUMNS, "production_wall_seconds",
+                                              "candidate_wall_seconds", "production_cpu_seconds",
+                                              "candidate_cpu_seconds", "compared_at"))
+def _shadow(store: JobStore, query: ExportQuery) -> list[Row]:
+    rows: list[Row] = []
+    for c in store.shadow_comparisons(since=query.since):
+        if query.pipeline is not None and query.pipeline not in (c.production_pipeline, c.candidate_pipeline):
+            continue
+        common: Row = {"job_id": c.production_job_id, "shadow_job_id": c.shadow_job_id,
+                       "production_pipeline": c.production_pipeline, "candidate_pipeline": c.candidate_pipeline,
+                       "state": c.state, "message": c.message, "production_wall_seconds": c.production_wall_seconds,
+                       "candidate_wall_seconds": c.candidate_wall_seconds,
+                       "production_cpu_seconds": c.production_cpu_seconds,
+                       "candidate_cpu_seconds": c.candidate_cpu_seconds, "compared_at": _iso(c.compared_at)}
+        rows += [{**common, **{k: segment.get(k) for k in SHADOW_SEGMENT_COLUMNS}} for segment in c.segments] or [common]
     return rows
 
 
