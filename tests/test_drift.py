@@ -2,11 +2,11 @@
 and a real node raising one alert per shifted attribute (and none on a stable stream).
 
 The node tests run the real node — DCMTK's storescu sends phantom CT studies, the node assembles each study,
-runs its job, records the study's attributes from the job's input folder, and its drift thread compares them
+runs its job, records the study's attributes from the job's input files, and its drift thread compares them
 — with the stand-in job command (``support.node.STAND_IN``), not ct_tissue: 60 real ct_tissue runs do not fit
 the test budget, and the input attributes are measured from the node's own copy of the input whatever the
 pipeline. Output attributes (measurements, uncertainty, review flag) are read from a run's manifest, checked
-here on a manifest written as the pipelines write it.
+here on a manifest written as the pipelines write it (and on a real ct_tissue run in test_feedback.py).
 """
 
 from __future__ import annotations
@@ -179,8 +179,8 @@ def test_the_noise_estimate_recovers_a_known_sigma_beside_edges() -> None:
 
 
 def test_input_attributes_are_read_from_the_series_headers_and_pixels(tmp_path: Path) -> None:
-    write_chest_phantom(tmp_path / "ct", 12, 48, 48, seed=1, slice_mm=5.0, noise_hu=20.0)
-    found = input_attributes(tmp_path / "ct")
+    files = write_chest_phantom(tmp_path / "ct", 12, 48, 48, seed=1, slice_mm=5.0, noise_hu=20.0)
+    found = input_attributes(files)
     assert {k: found[k] for k in ("scanner", "kvp", "slice_thickness_mm", "convolution_kernel", "contrast_agent")} \
         == {"scanner": "Phantom Scanners / Geometric CT", "kvp": 120.0, "slice_thickness_mm": 5.0,
             "convolution_kernel": "none", "contrast_agent": "none"}

@@ -2,7 +2,7 @@
 
 Per study the node records what went in — the processed series' scanner (manufacturer and model), kVp, slice
 thickness, pixel spacing, reconstruction kernel, contrast agent and, for CT, the body's mean HU and an image noise
-estimate, all from the job's own input folder (:func:`input_attributes`) — and what came out: every measurement
+estimate, all from the job's own input files (:func:`input_attributes`) — and what came out: every measurement
 of the run's report, its uncertainty scores and whether it was flagged for review (:func:`output_attributes`).
 
 The last ``feedback.drift.window`` studies are compared with the baseline (the pipeline's first N studies, or
@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,15 +60,15 @@ SAMPLED_SLICES = 3
 
 # --- observing a study ----------------------------------------------------------------------------------
 
-def input_attributes(folder: Path) -> dict[str, Value]:
-    """The input attributes of the image series with the most instances in a job's input ``folder``: headers of
+def input_attributes(files: Iterable[Path]) -> dict[str, Value]:
+    """The input attributes of the image series with the most instances among a job's input ``files``: headers of
     its first instance, and for single-frame CT the body HU mean and the noise estimate over ``SAMPLED_SLICES``
     slices. Attributes a header lacks are left out (a numeric attribute is never guessed)."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     by_series: dict[str, list[tuple[int, Path, Any]]] = {}
-    for path in sorted(folder.iterdir()):
+    for path in sorted(files):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError):  # a non-DICOM file in the input is the pipeline's business

@@ -323,15 +323,16 @@ class Scheduler:
         self.egress.stage(job_id, outputs)
 
     def _observe_drift(self, job_id: int, manifest: RunManifest | None) -> None:
-        """Record the study's input attributes (from the job's ``in/``, which the run just read) and its outputs
-        for drift monitoring; a study that cannot be measured is logged, never failed for it."""
+        """Record the study's input attributes (from the job's input instances in the spool, which the run just
+        read; a worker's copy is gone by now) and its outputs for drift monitoring; a study that cannot be measured
+        is logged, never failed for it."""
         from radnode.feedback.drift import input_attributes, output_attributes
 
         job = self.store.job(job_id)
         if job is None or not job.pipeline:
             return
         try:
-            inputs = input_attributes(job_dir(self.config, job_id) / "in")
+            inputs = input_attributes(Path(inst.path) for inst in self.store.job_inputs(job_id))
         except Exception as e:  # noqa: BLE001 - a pixel decoder's or header's surprise must not stop delivery
             log.warning("job %d: drift attributes of the input not measured: %s", job_id, e)
             inputs = {}
