@@ -29,7 +29,7 @@ from radnode.console.accounts import Role
 from radnode.feedback.reissue import report_identifier
 from radnode.node.egress import outbox_dir
 from radnode.node.service import Node
-from radnode.node.store import FINAL_STATES, JobState
+from radnode.node.store import FINAL_STATES, Job, JobState
 from radnode.peers import FhirServer, StoreSCP
 from support.console import api, api_json, token_for
 from support.dicom_tools import dciodvfy_errors, storescu
@@ -379,6 +379,15 @@ def _report_status(fhir, identifier: dict) -> tuple[str, list]:  # type: ignore[
     return report["status"], report.get("resultsInterpreter", [])
 
 
+def _one_done_job(node: Node, study: Path) -> Job:
+    """Send ``study`` to the node and wait for its one job to be done."""
+    assert storescu(node.port, study).returncode == 0
+    wait_until(lambda: node.jobs() and node.jobs()[0].state in FINAL_STATES, timeout=180)
+    (job,) = node.jobs()
+    assert job.state is JobState.DONE, job.reason
+    return job
+
+
 def _settled(node: Node, job_id: int) -> JobState:
     """The job's state once its deliveries (a re-issue's too) are settled."""
     return final_job(node, job_id, timeout=60).state
@@ -397,10 +406,7 @@ def test_review_decisions_reissue_a_verified_report_sr_or_a_rejection_note_and_t
     config = node_config(tmp_path, feedback={"verifying_organization": "General Hospital"},
                          egress={"destinations": {"pacs": pacs.destination, "ehr": fhir.destination}})
     with Node(config, poll_seconds=0.1) as node:
-        assert storescu(node.port, tmp_path / "ct").returncode == 0
-        wait_until(lambda: node.jobs() and node.jobs()[0].state in FINAL_STATES, timeout=180)
-        (job,) = node.jobs()
-        assert job.state is JobState.DONE, job.reason
+        job = _one_done_job(node, tmp_path / "ct")
         identifier = report_identifier(outbox_dir(config, job.id))
         assert _report_status(fhir, identifier) == ("preliminary", [])
         (original,) = _by_sop_class(pacs)[ComprehensiveSRStorage]
@@ -471,10 +477,7 @@ def test_a_decision_taken_while_the_fhir_server_is_down_reaches_it_once_when_it_
     try:
         config = node_config(tmp_path, egress={"destinations": {"ehr": fhir.destination}})
         with Node(config, poll_seconds=0.1) as node:
-            assert storescu(node.port, tmp_path / "ct").returncode == 0
-            wait_until(lambda: node.jobs() and node.jobs()[0].state in FINAL_STATES, timeout=180)
-            (job,) = node.jobs()
-            assert job.state is JobState.DONE, job.reason
+            job = _one_done_job(node, tmp_path / "ct")
             identifier = report_identifier(outbox_dir(config, job.id))
             fhir.stop()
             with api(node, token_for(node, Role.OPERATOR, "dr-kim")) as client:

@@ -35,11 +35,10 @@ from typing import TYPE_CHECKING
 
 from radnode.config import Config
 from radnode.destinations import Destination, DestinationError, Item, Outcome, SendContext, parse_destination
-from radnode.destinations.base import Cancellation
+from radnode.destinations.base import FHIR_BUNDLE, Cancellation
 from radnode.destinations.dicom import DicomDestination
 from radnode.destinations.orthanc import OrthancDestination
 from radnode.node.store import Delivery, Job, JobStore, ShadowNotDelivered
-from radnode.destinations.base import FHIR_BUNDLE
 from radnode.outputs.layout import RunOutput, dicom_files, is_dicom, review_of
 from radnode.outputs.rejection import write_rejection_note
 
