@@ -1,14 +1,21 @@
 """Ingest: one CT study sent by DCMTK storescu over loopback to radnode's SCP and to the receivers
 hospitals use today, with 1 and with N concurrent senders (the study's files split between them).
 
-Every receiver starts fresh (empty storage) for every send, the peers take turns within each round (the
-order rotates between rounds) and each send is checked: the receiver must hold every instance afterwards.
+Every receiver starts fresh (empty storage) for every send and has finished starting before it (radnode's
+node settled, Orthanc answering), the peers take turns within each round (the order rotates between rounds)
+and each send is checked: the receiver must hold every instance afterwards.
+
+radnode is compared with the minimal pynetdicom SCP like for like: ``radnode`` (fsync on) with
+``pynetdicom_minimal_fsync``, which makes the same promise (the instance's bytes and its file name on disk
+before the answer: the file and its folder fsync'd), and ``radnode_no_fsync`` with ``pynetdicom_minimal``
+(bytes written, nothing flushed). Both minimal SCPs receive into a file as radnode's SCP does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
 import urllib.request
@@ -16,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
-from pynetdicom.dsutils import encode_file_meta
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.events import Event
 
 from radnode.benchmarks import send_files, summary
@@ -25,34 +32,46 @@ from radnode.node.service import Node
 from radnode.peers import StoreSCP
 from radnode.viewer import ORTHANC_STORAGE_ROOT, OrthancServer
 
-PEERS = ("radnode", "radnode_no_fsync", "pynetdicom_minimal", "dcmtk_storescp", "orthanc")
+PEERS = ("radnode", "radnode_no_fsync", "pynetdicom_minimal_fsync", "pynetdicom_minimal", "dcmtk_storescp",
+         "orthanc")
 """``radnode``: the node as shipped (fsync per instance, SQLite index, completeness); ``radnode_no_fsync``:
-the same with ``ingress.sync_spool: false``; ``pynetdicom_minimal``: a pynetdicom SCP that only writes the bytes."""
+the same with ``ingress.sync_spool: false``; ``pynetdicom_minimal``: a pynetdicom SCP that only writes the bytes;
+``pynetdicom_minimal_fsync``: the same, each file and its folder fsync'd before the answer."""
+
+LIKE_FOR_LIKE = {"fsync": ("radnode", "pynetdicom_minimal_fsync"), "no_fsync": ("radnode_no_fsync", "pynetdicom_minimal")}
+"""radnode's ratio to the minimal SCP, each pair making the same durability promise."""
+
+SETTLE_SECONDS = 300.0
+"""How long a fresh node may take to settle (its feedback thread's imports) before its send."""
 
 Receiver = tuple[int, str, Callable[[], int]]
 """(DICOM port, called AE title, how many instances the receiver holds now)."""
 
 
 @contextlib.contextmanager
-def minimal_scp(folder: Path) -> Iterator[Receiver]:
-    """A pynetdicom Storage SCP that writes each received instance's bytes to a file, nothing else.
+def minimal_scp(folder: Path, fsync: bool = False) -> Iterator[Receiver]:
+    """A pynetdicom Storage SCP that writes each received instance's bytes to a file, nothing else (with
+    ``fsync``: the file, then its folder, flushed to disk before the answer, the promise radnode's spool makes).
 
-    Same PDU setting as radnode's SCP (unlimited), so the two differ only in what they do per instance.
+    Same PDU setting as radnode's SCP (unlimited) and the same receiving into a file
+    (``STORE_RECV_CHUNKED_DATASET``, which radnode's SCP turns on for the process), so the two differ only in
+    what they do per instance.
     """
     folder.mkdir(parents=True, exist_ok=True)
 
     def on_store(event: Event) -> int:
         target = folder / f"{event.request.AffectedSOPInstanceUID}.dcm"
-        try:  # pynetdicom received it into a file (radnode's SCP turns that on for the process)
-            shutil.copyfile(event.dataset_path, target)
-            return 0x0000
-        except AttributeError:
-            pass
-        with open(target, "wb") as f:
-            f.write(b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta))
-            f.write(event.request.DataSet.getbuffer())
+        shutil.copyfile(event.dataset_path, target)  # the Part 10 file pynetdicom received, copied by the kernel
+        if fsync:
+            for path, flags in ((target, os.O_RDONLY), (folder, os.O_RDONLY | os.O_DIRECTORY)):
+                descriptor = os.open(path, flags)
+                try:
+                    os.fsync(descriptor)
+                finally:
+                    os.close(descriptor)
         return 0x0000
 
+    pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
     ae = AE(ae_title="MINIMAL")
     ae.maximum_pdu_size = 0
     for context in AllStoragePresentationContexts:
@@ -69,8 +88,11 @@ def minimal_scp(folder: Path) -> Iterator[Receiver]:
 def radnode_scp(folder: Path, sync_spool: bool) -> Iterator[Receiver]:
     """The node with its full bookkeeping; jobs run ``/bin/true`` so no pipeline competes for the CPU."""
     config = Config.model_validate({"data_dir": str(folder),
-                                    "ingress": {"host": "127.0.0.1", "port": 0, "sync_spool": sync_spool}})
+                                    "ingress": {"host": "127.0.0.1", "port": 0, "sync_spool": sync_spool},
+                                    "api": {"port": 0}})
     with Node(config, job_command=["/bin/true"]) as node:
+        if not node.wait_settled(SETTLE_SECONDS):
+            raise RuntimeError(f"the node did not settle within {SETTLE_SECONDS:.0f} s of starting")
         spool = node.config.data_dir / "spool"
         yield node.port, config.ingress.ae_title, lambda: sum(1 for _ in spool.glob("*/*/*.dcm"))
 
@@ -97,6 +119,7 @@ def receiver(peer: str, folder: Path) -> contextlib.AbstractContextManager[Recei
     return {"radnode": lambda: radnode_scp(folder, sync_spool=True),
             "radnode_no_fsync": lambda: radnode_scp(folder, sync_spool=False),
             "pynetdicom_minimal": lambda: minimal_scp(folder),
+            "pynetdicom_minimal_fsync": lambda: minimal_scp(folder, fsync=True),
             "dcmtk_storescp": lambda: dcmtk_storescp(folder),
             "orthanc": lambda: orthanc(folder)}[peer]()
 
@@ -129,4 +152,7 @@ def run(files: list[Path], senders: tuple[int, ...] = (1, 8), repeats: int = 3,
         for peer, row in rows.items():
             row["radnode_ratio"] = round(reference / row["instances_per_s"], 2) if reference else None
         results["senders"][str(n)] = rows
+        results.setdefault("like_for_like", {})[str(n)] = {
+            kind: round(rows[ours]["instances_per_s"] / rows[theirs]["instances_per_s"], 2)
+            for kind, (ours, theirs) in LIKE_FOR_LIKE.items() if ours in rows and theirs in rows}
     return results
