@@ -23,7 +23,7 @@ from radnode.node.service import Node
 from radnode.node.store import JobState, JobStore
 from radnode.node.worker import failure_reason, oom_kills
 from radnode.peers import FhirServer, StoreSCP, free_port
-from support.dicom_tools import ECHOSCU, storescu
+from support.dicom_tools import ECHOSCU, STORESCU, storescu
 from support.node import final_job, jobs_by_patient, node_config, patients, process_alive
 from support.waiting import wait_until
 
@@ -163,6 +163,54 @@ def test_killed_while_running_the_job_runs_again_and_delivers_once(tmp_path: Pat
     assert "requeued" in [e.kind for e in store.events(job.id)]
     (result,) = (config.data_dir / "outbox" / "1").glob("*.dcm")
     assert pacs.received_uids() == [pydicom.dcmread(result).SOPInstanceUID]
+    store.close()
+
+
+def _stream_until_answered(port: int, files: list[Path], answered: int) -> list[Path]:
+    """Send ``files`` with DCMTK storescu (one association) and return, once ``answered`` of them got a Success
+    response, every file answered Success so far, in order; the caller then kills the node mid-stream."""
+    sender = subprocess.Popen([STORESCU, "-v", "-aet", "MODALITY", "-aec", "RADNODE", "127.0.0.1", str(port),
+                               *map(str, files)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert sender.stderr is not None
+    sending: Path | None = None
+    succeeded: list[Path] = []
+    for line in sender.stderr:  # "Sending file: PATH" ... "Received Store Response (Success)", one pair per file
+        if line.startswith("I: Sending file: "):
+            sending = Path(line.removeprefix("I: Sending file: ").strip())
+        elif line.startswith("I: Received Store Response (Success)"):
+            assert sending is not None
+            succeeded.append(sending)
+            if len(succeeded) == answered:
+                sender.stderr.close()  # storescu goes on sending until the node dies
+                break
+    return succeeded
+
+
+def test_every_instance_answered_success_before_a_sigkill_is_in_the_spool_and_the_store(tmp_path: Path,
+                                                                                       stand_in: list[str]) -> None:
+    """Per-object durability (issue 12): an instance answered Success was on disk and recorded before the answer,
+    so a node killed with SIGKILL in the middle of a stream holds every one of them after its restart, whole, and
+    no half-written file; what was in flight at the kill is either whole too or not there (the sender resends it)."""
+    config = node_config(tmp_path, port=free_port(), ingress={"study_idle_seconds": 60, "study_quiet_seconds": 60})
+    files = write_study(tmp_path / "study", n=120)
+    node = NodeProcess(config, stand_in, dict(os.environ)).start()
+    succeeded = _stream_until_answered(config.ingress.port, files, answered=40)
+    node.kill()
+    node.start()  # recovery: partial writes dropped, unknown spool files indexed
+    node.terminate()
+    store = JobStore(config.data_dir / "radnode.db")
+    spooled = {pydicom.dcmread(path).SOPInstanceUID: path for path in (config.data_dir / "spool").glob("*/*/*.dcm")}
+    indexed = {i.sop_instance_uid: i for job in store.jobs() for i in store.instances(job.id)}
+    for sent in succeeded:
+        source = pydicom.dcmread(sent)
+        uid = source.SOPInstanceUID
+        assert uid in spooled and uid in indexed and indexed[uid].path == str(spooled[uid])
+        assert pydicom.dcmread(spooled[uid]).PixelData == source.PixelData
+    assert len(succeeded) == 40 and set(spooled) == set(indexed)  # in flight at the kill: both or neither
+    for path in spooled.values():  # nothing half-written under a final name
+        kept = pydicom.dcmread(path)
+        assert kept.pixel_array.shape == (16, 16)
+    assert not list((config.data_dir / "spool" / ".incoming").iterdir())
     store.close()
 
 
