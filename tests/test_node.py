@@ -124,7 +124,8 @@ class NodeProcess:
                                         env=self.env, stderr=subprocess.DEVNULL)
         port = str(self.config.ingress.port)
         wait_until(lambda: subprocess.run([ECHOSCU, "-aec", "RADNODE", "127.0.0.1", port],
-                                          capture_output=True).returncode == 0)
+                                          capture_output=True).returncode == 0,
+                   timeout=60)  # a node's start (imports, recovery) took over 20 s at load 13 on 2 cores
         return self
 
     def kill(self) -> None:
