@@ -198,10 +198,11 @@ def table(results: dict) -> str:
         i = results["ingest"]
         lines += [f"Ingest: {i['instances']} instances, {i['megabytes']} MB, storescu over loopback, "
                   f"median of {i['repeats']}",
-                  "| receiver | senders | instances/s | MB/s | radnode ÷ receiver |", "|---|---|---|---|---|"]
+                  "| receiver | senders | instances/s | MB/s | radnode ÷ receiver | CPU ms/instance |",
+                  "|---|---|---|---|---|---|"]
         for n, rows in i["senders"].items():
-            lines += [f"| {peer} | {n} | {r['instances_per_s']} | {r['mb_per_s']} | {r['radnode_ratio']} |"
-                      for peer, r in rows.items()]
+            lines += [f"| {peer} | {n} | {r['instances_per_s']} | {r['mb_per_s']} | {r['radnode_ratio']} | "
+                      f"{r.get('cpu_ms_per_instance', '')} |" for peer, r in rows.items()]
         for n, pairs in i.get("like_for_like", {}).items():
             lines += [f"like for like, {n} sender(s): " + "; ".join(
                 f"{ingest.LIKE_FOR_LIKE[kind][0]} ÷ {ingest.LIKE_FOR_LIKE[kind][1]} = {ratio}"

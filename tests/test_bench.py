@@ -30,6 +30,8 @@ def test_tiny_suite_writes_measured_results(tmp_path: Path) -> None:
             assert row["instances_per_s"] == pytest.approx(20 / row["seconds"][0], rel=0.01)
             assert row["radnode_ratio"] == pytest.approx(
                 rows["radnode"]["instances_per_s"] / row["instances_per_s"], abs=0.01)
+        assert rows["radnode"]["cpu_ms_per_instance"] > 0 and rows["pynetdicom_minimal_fsync"]["cpu_ms_per_instance"] > 0
+        assert "cpu_ms_per_instance" not in rows["dcmtk_storescp"]  # its own process: not measured
     ratio = ingest["senders"]["1"]["pynetdicom_minimal_fsync"]["radnode_ratio"]
     assert ingest["like_for_like"]["1"] == {"fsync": pytest.approx(ratio, abs=0.01)}  # no no-fsync pair was run
     assert results["targets"]["ingest_vs_minimal_pynetdicom_fsync"] == {

@@ -1,9 +1,8 @@
 """Ingest: one CT study sent by DCMTK storescu over loopback to radnode's SCP and to the receivers
 hospitals use today, with 1 and with N concurrent senders (the study's files split between them).
 
-Every receiver starts fresh (empty storage) for every send and has finished starting before it (radnode's
-node settled, Orthanc answering), the peers take turns within each round (the order rotates between rounds)
-and each send is checked: the receiver must hold every instance afterwards.
+Every receiver starts fresh (empty storage) for every send, the peers take turns within each round (the
+order rotates between rounds) and each send is checked: the receiver must hold every instance afterwards.
 
 radnode is compared with the minimal pynetdicom SCP like for like: ``radnode`` (fsync on) with
 ``pynetdicom_minimal_fsync``, which makes the same promise (the instance's bytes and its file name on disk
@@ -18,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,8 +41,9 @@ the same with ``ingress.sync_spool: false``; ``pynetdicom_minimal``: a pynetdico
 LIKE_FOR_LIKE = {"fsync": ("radnode", "pynetdicom_minimal_fsync"), "no_fsync": ("radnode_no_fsync", "pynetdicom_minimal")}
 """radnode's ratio to the minimal SCP, each pair making the same durability promise."""
 
-SETTLE_SECONDS = 300.0
-"""How long a fresh node may take to settle (its feedback thread's imports) before its send."""
+IN_PROCESS = ("radnode", "radnode_no_fsync", "pynetdicom_minimal", "pynetdicom_minimal_fsync")
+"""Receivers running in the benchmark's process: their CPU time per instance is measured too (the figure the
+machine's load does not change, where wall times on a shared machine do)."""
 
 Receiver = tuple[int, str, Callable[[], int]]
 """(DICOM port, called AE title, how many instances the receiver holds now)."""
@@ -86,13 +87,13 @@ def minimal_scp(folder: Path, fsync: bool = False) -> Iterator[Receiver]:
 
 @contextlib.contextmanager
 def radnode_scp(folder: Path, sync_spool: bool) -> Iterator[Receiver]:
-    """The node with its full bookkeeping; jobs run ``/bin/true`` so no pipeline competes for the CPU."""
+    """The node with its full bookkeeping; jobs run ``/bin/true`` so no pipeline competes for the CPU, and the
+    feedback thread does not preload MONAI's metrics (``feedback.preload_metrics``: tens of CPU-seconds of imports
+    right after the start, which would overlap the send: start-up, not ingest)."""
     config = Config.model_validate({"data_dir": str(folder),
                                     "ingress": {"host": "127.0.0.1", "port": 0, "sync_spool": sync_spool},
-                                    "api": {"port": 0}})
+                                    "api": {"port": 0}, "feedback": {"preload_metrics": False}})
     with Node(config, job_command=["/bin/true"]) as node:
-        if not node.wait_settled(SETTLE_SECONDS):
-            raise RuntimeError(f"the node did not settle within {SETTLE_SECONDS:.0f} s of starting")
         spool = node.config.data_dir / "spool"
         yield node.port, config.ingress.ae_title, lambda: sum(1 for _ in spool.glob("*/*/*.dcm"))
 
@@ -129,13 +130,16 @@ def run(files: list[Path], senders: tuple[int, ...] = (1, 8), repeats: int = 3,
     """Instances/s and MB/s per peer and sender count (median of ``repeats``), and radnode's ratios."""
     total_bytes = sum(f.stat().st_size for f in files)
     seconds: dict[int, dict[str, list[float]]] = {n: {p: [] for p in peers} for n in senders}
+    cpu: dict[int, dict[str, list[float]]] = {n: {p: [] for p in peers} for n in senders}
     for round_ in range(repeats):
         order = peers[round_ % len(peers):] + peers[:round_ % len(peers)]
         for n in senders:
             for peer in order:
                 with tempfile.TemporaryDirectory(dir=ORTHANC_STORAGE_ROOT, prefix="radnode-ingest-") as tmp:
                     with receiver(peer, Path(tmp) / peer) as (port, aet, held):
+                        cpu_before = time.process_time()
                         elapsed = send_files(port, aet, files, n)
+                        cpu[n][peer].append(time.process_time() - cpu_before)
                         if (count := held()) != len(files):
                             raise RuntimeError(f"{peer} holds {count} of {len(files)} instances after the send")
                 seconds[n][peer].append(elapsed)
@@ -148,6 +152,8 @@ def run(files: list[Path], senders: tuple[int, ...] = (1, 8), repeats: int = 3,
             rows[peer] = {"seconds": [round(s, 3) for s in seconds[n][peer]],
                           "instances_per_s": round(len(files) / best["median"], 1),
                           "mb_per_s": round(total_bytes / 1e6 / best["median"], 1)}
+            if peer in IN_PROCESS:  # all the process's threads (radnode's scheduler and egress loops included)
+                rows[peer]["cpu_ms_per_instance"] = round(1000 * summary(cpu[n][peer])["median"] / len(files), 2)
         reference = rows["radnode"]["instances_per_s"] if "radnode" in rows else None
         for peer, row in rows.items():
             row["radnode_ratio"] = round(reference / row["instances_per_s"], 2) if reference else None

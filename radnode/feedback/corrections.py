@@ -17,7 +17,6 @@ reason and stays listed; one that cannot be read ``unreadable``.
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,17 +139,14 @@ class CorrectionMatcher:
     def __init__(self, config: Config, store: JobStore) -> None:
         self.config = config
         self.store = store
-        self.loaded = threading.Event()
-        """Set once the metrics' imports ``feedback.preload_metrics`` asks for are done (at once without it)."""
-        if not config.feedback.preload_metrics:
-            self.loaded.set()
+        self._loaded = not config.feedback.preload_metrics
 
     def tick(self) -> None:
-        if not self.loaded.is_set():  # feedback.preload_metrics: the heavy imports now, not on the first correction
+        if not self._loaded:  # feedback.preload_metrics: the heavy imports now, not on the first correction
             import highdicom  # noqa: F401
 
             monai_metrics()
-            self.loaded.set()
+            self._loaded = True
         for correction in self.store.pending_corrections():
             try:
                 self.settle(correction)

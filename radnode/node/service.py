@@ -100,7 +100,6 @@ class Node:
         self._threads: list[threading.Thread] = []
         self._leadership: Leadership | None = None
         """With the distributed engine: whether this node schedules and delivers (one leader per store)."""
-        self._feedback: CorrectionMatcher | None = None
 
     def start(self) -> None:
         """Recover what a previous run left, then listen and schedule."""
@@ -142,13 +141,12 @@ class Node:
         self._stopping.clear()
         retention = Retention(self.config, store, should_stop=self._stopping.is_set)
         activity = ActivityLog(store.read_rows)
-        self._feedback = feedback = CorrectionMatcher(self.config, store)
         if storage is None:
             egress.start()
             self._threads = [self._loop("activity", activity.tick),
                              self._loop("scheduler", scheduler.tick, on_exit=scheduler.stop),
                              self._loop("egress", egress.dispatch), self._loop("retention", retention.tick),
-                             self._loop("feedback", feedback.tick)]
+                             self._loop("feedback", CorrectionMatcher(self.config, store).tick)]
             return
         from radnode.node.engine.leader import Leadership
 
@@ -162,13 +160,7 @@ class Node:
                          self._loop("scheduler", leading(scheduler.tick), on_exit=scheduler.stop),
                          self._loop("egress", leading(egress.dispatch)),
                          self._loop("retention", leading(retention.tick)),
-                         self._loop("feedback", leading(feedback.tick))]
-
-    def wait_settled(self, timeout: float) -> bool:
-        """Wait until the start-up work that goes on after the node listens is done (the feedback thread's
-        metric imports, ``feedback.preload_metrics``: tens of CPU-seconds that slow ingest while they run);
-        False if it is not done within ``timeout`` seconds. Benchmarks measure a settled node."""
-        return self._feedback is None or self._feedback.loaded.wait(timeout)
+                         self._loop("feedback", leading(CorrectionMatcher(self.config, store).tick))]
 
     def load_rules(self) -> RuleSet:
         """The configured rules, checked (``executors.configured_rules``)."""
