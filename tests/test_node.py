@@ -167,9 +167,9 @@ def test_killed_while_running_the_job_runs_again_and_delivers_once(tmp_path: Pat
     store.close()
 
 
-def _stream_until_answered(port: int, files: list[Path], answered: int) -> list[Path]:
-    """Send ``files`` with DCMTK storescu (one association) and return, once ``answered`` of them got a Success
-    response, every file answered Success so far, in order; the caller then kills the node mid-stream."""
+def _stream_and_kill(port: int, files: list[Path], answered: int, kill: Callable[[], None]) -> list[Path]:
+    """Send ``files`` with DCMTK storescu (one association), call ``kill`` the moment ``answered`` of them got a
+    Success response (storescu is sending the next one), and return every file answered Success, in order."""
     sender = subprocess.Popen([STORESCU, "-v", "-aet", "MODALITY", "-aec", "RADNODE", "127.0.0.1", str(port),
                                *map(str, files)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert sender.stderr is not None
@@ -182,8 +182,8 @@ def _stream_until_answered(port: int, files: list[Path], answered: int) -> list[
             assert sending is not None
             succeeded.append(sending)
             if len(succeeded) == answered:
-                sender.stderr.close()  # storescu goes on sending until the node dies
-                break
+                kill()
+    assert sender.wait(30) != 0  # the association broke off: storescu did not get to the end
     return succeeded
 
 
@@ -195,8 +195,7 @@ def test_every_instance_answered_success_before_a_sigkill_is_in_the_spool_and_th
     config = node_config(tmp_path, port=free_port(), ingress={"study_idle_seconds": 60, "study_quiet_seconds": 60})
     files = write_study(tmp_path / "study", n=120)
     node = NodeProcess(config, stand_in, dict(os.environ)).start()
-    succeeded = _stream_until_answered(config.ingress.port, files, answered=40)
-    node.kill()
+    succeeded = _stream_and_kill(config.ingress.port, files, answered=40, kill=node.kill)
     node.start()  # recovery: partial writes dropped, unknown spool files indexed
     node.terminate()
     store = JobStore(config.data_dir / "radnode.db")
