@@ -3,20 +3,27 @@ hospitals use today, with 1 and with N concurrent senders (the study's files spl
 
 Every receiver starts fresh (empty storage) for every send, the peers take turns within each round (the
 order rotates between rounds) and each send is checked: the receiver must hold every instance afterwards.
+
+radnode is compared with the minimal pynetdicom SCP like for like: ``radnode`` (fsync on) with
+``pynetdicom_minimal_fsync``, which makes the same promise (the instance's bytes and its file name on disk
+before the answer: the file and its folder fsync'd), and ``radnode_no_fsync`` with ``pynetdicom_minimal``
+(bytes written, nothing flushed). Both minimal SCPs receive into a file as radnode's SCP does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import tempfile
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
-from pynetdicom.dsutils import encode_file_meta
+from pynetdicom import _config as pynetdicom_config
 from pynetdicom.events import Event
 
 from radnode.benchmarks import send_files, summary
@@ -25,34 +32,47 @@ from radnode.node.service import Node
 from radnode.peers import StoreSCP
 from radnode.viewer import ORTHANC_STORAGE_ROOT, OrthancServer
 
-PEERS = ("radnode", "radnode_no_fsync", "pynetdicom_minimal", "dcmtk_storescp", "orthanc")
+PEERS = ("radnode", "radnode_no_fsync", "pynetdicom_minimal_fsync", "pynetdicom_minimal", "dcmtk_storescp",
+         "orthanc")
 """``radnode``: the node as shipped (fsync per instance, SQLite index, completeness); ``radnode_no_fsync``:
-the same with ``ingress.sync_spool: false``; ``pynetdicom_minimal``: a pynetdicom SCP that only writes the bytes."""
+the same with ``ingress.sync_spool: false``; ``pynetdicom_minimal``: a pynetdicom SCP that only writes the bytes;
+``pynetdicom_minimal_fsync``: the same, each file and its folder fsync'd before the answer."""
+
+LIKE_FOR_LIKE = {"fsync": ("radnode", "pynetdicom_minimal_fsync"), "no_fsync": ("radnode_no_fsync", "pynetdicom_minimal")}
+"""radnode's ratio to the minimal SCP, each pair making the same durability promise."""
+
+IN_PROCESS = ("radnode", "radnode_no_fsync", "pynetdicom_minimal", "pynetdicom_minimal_fsync")
+"""Receivers running in the benchmark's process: their CPU time per instance is measured too (the figure the
+machine's load does not change, where wall times on a shared machine do)."""
 
 Receiver = tuple[int, str, Callable[[], int]]
 """(DICOM port, called AE title, how many instances the receiver holds now)."""
 
 
 @contextlib.contextmanager
-def minimal_scp(folder: Path) -> Iterator[Receiver]:
-    """A pynetdicom Storage SCP that writes each received instance's bytes to a file, nothing else.
+def minimal_scp(folder: Path, fsync: bool = False) -> Iterator[Receiver]:
+    """A pynetdicom Storage SCP that writes each received instance's bytes to a file, nothing else (with
+    ``fsync``: the file, then its folder, flushed to disk before the answer, the promise radnode's spool makes).
 
-    Same PDU setting as radnode's SCP (unlimited), so the two differ only in what they do per instance.
+    Same PDU setting as radnode's SCP (unlimited) and the same receiving into a file
+    (``STORE_RECV_CHUNKED_DATASET``, which radnode's SCP turns on for the process), so the two differ only in
+    what they do per instance.
     """
     folder.mkdir(parents=True, exist_ok=True)
 
     def on_store(event: Event) -> int:
         target = folder / f"{event.request.AffectedSOPInstanceUID}.dcm"
-        try:  # pynetdicom received it into a file (radnode's SCP turns that on for the process)
-            shutil.copyfile(event.dataset_path, target)
-            return 0x0000
-        except AttributeError:
-            pass
-        with open(target, "wb") as f:
-            f.write(b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta))
-            f.write(event.request.DataSet.getbuffer())
+        shutil.copyfile(event.dataset_path, target)  # the Part 10 file pynetdicom received, copied by the kernel
+        if fsync:
+            for path, flags in ((target, os.O_RDONLY), (folder, os.O_RDONLY | os.O_DIRECTORY)):
+                descriptor = os.open(path, flags)
+                try:
+                    os.fsync(descriptor)
+                finally:
+                    os.close(descriptor)
         return 0x0000
 
+    pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
     ae = AE(ae_title="MINIMAL")
     ae.maximum_pdu_size = 0
     for context in AllStoragePresentationContexts:
@@ -67,9 +87,12 @@ def minimal_scp(folder: Path) -> Iterator[Receiver]:
 
 @contextlib.contextmanager
 def radnode_scp(folder: Path, sync_spool: bool) -> Iterator[Receiver]:
-    """The node with its full bookkeeping; jobs run ``/bin/true`` so no pipeline competes for the CPU."""
+    """The node with its full bookkeeping; jobs run ``/bin/true`` so no pipeline competes for the CPU, and the
+    feedback thread does not preload MONAI's metrics (``feedback.preload_metrics``: tens of CPU-seconds of imports
+    right after the start, which would overlap the send: start-up, not ingest)."""
     config = Config.model_validate({"data_dir": str(folder),
-                                    "ingress": {"host": "127.0.0.1", "port": 0, "sync_spool": sync_spool}})
+                                    "ingress": {"host": "127.0.0.1", "port": 0, "sync_spool": sync_spool},
+                                    "api": {"port": 0}, "feedback": {"preload_metrics": False}})
     with Node(config, job_command=["/bin/true"]) as node:
         spool = node.config.data_dir / "spool"
         yield node.port, config.ingress.ae_title, lambda: sum(1 for _ in spool.glob("*/*/*.dcm"))
@@ -97,6 +120,7 @@ def receiver(peer: str, folder: Path) -> contextlib.AbstractContextManager[Recei
     return {"radnode": lambda: radnode_scp(folder, sync_spool=True),
             "radnode_no_fsync": lambda: radnode_scp(folder, sync_spool=False),
             "pynetdicom_minimal": lambda: minimal_scp(folder),
+            "pynetdicom_minimal_fsync": lambda: minimal_scp(folder, fsync=True),
             "dcmtk_storescp": lambda: dcmtk_storescp(folder),
             "orthanc": lambda: orthanc(folder)}[peer]()
 
@@ -106,13 +130,16 @@ def run(files: list[Path], senders: tuple[int, ...] = (1, 8), repeats: int = 3,
     """Instances/s and MB/s per peer and sender count (median of ``repeats``), and radnode's ratios."""
     total_bytes = sum(f.stat().st_size for f in files)
     seconds: dict[int, dict[str, list[float]]] = {n: {p: [] for p in peers} for n in senders}
+    cpu: dict[int, dict[str, list[float]]] = {n: {p: [] for p in peers} for n in senders}
     for round_ in range(repeats):
         order = peers[round_ % len(peers):] + peers[:round_ % len(peers)]
         for n in senders:
             for peer in order:
                 with tempfile.TemporaryDirectory(dir=ORTHANC_STORAGE_ROOT, prefix="radnode-ingest-") as tmp:
                     with receiver(peer, Path(tmp) / peer) as (port, aet, held):
+                        cpu_before = time.process_time()
                         elapsed = send_files(port, aet, files, n)
+                        cpu[n][peer].append(time.process_time() - cpu_before)
                         if (count := held()) != len(files):
                             raise RuntimeError(f"{peer} holds {count} of {len(files)} instances after the send")
                 seconds[n][peer].append(elapsed)
@@ -125,8 +152,13 @@ def run(files: list[Path], senders: tuple[int, ...] = (1, 8), repeats: int = 3,
             rows[peer] = {"seconds": [round(s, 3) for s in seconds[n][peer]],
                           "instances_per_s": round(len(files) / best["median"], 1),
                           "mb_per_s": round(total_bytes / 1e6 / best["median"], 1)}
+            if peer in IN_PROCESS:  # all the process's threads (radnode's scheduler and egress loops included)
+                rows[peer]["cpu_ms_per_instance"] = round(1000 * summary(cpu[n][peer])["median"] / len(files), 2)
         reference = rows["radnode"]["instances_per_s"] if "radnode" in rows else None
         for peer, row in rows.items():
             row["radnode_ratio"] = round(reference / row["instances_per_s"], 2) if reference else None
         results["senders"][str(n)] = rows
+        results.setdefault("like_for_like", {})[str(n)] = {
+            kind: round(rows[ours]["instances_per_s"] / rows[theirs]["instances_per_s"], 2)
+            for kind, (ours, theirs) in LIKE_FOR_LIKE.items() if ours in rows and theirs in rows}
     return results

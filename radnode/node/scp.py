@@ -364,15 +364,15 @@ class Ingest:
             path = self.spool.path_for(study_uid, series_uid, sop_uid)
             if (problem := content_problem(ds, size)) is not None:
                 raise Refused(problem)
-            owner = self.store.instance_study(sop_uid)
-            if owner is not None and owner != study_uid:
-                raise Refused(f"SOPInstanceUID {sop_uid} already belongs to study {owner}")
+            prior = self.store.prior(sop_uid)
+            if prior is not None and prior.study_instance_uid != study_uid:
+                raise Refused(f"SOPInstanceUID {sop_uid} already belongs to study {prior.study_instance_uid}")
         except Refused as e:
             self.store.record_refusal(study_uid, str(ds.get("SOPInstanceUID", "") or "?")[:64], str(e),
                                       origin.calling_ae)
             raise
-        if owner is None or not self.store.has_instance(sop_uid):
-            if self.store.being_purged(sop_uid):
+        if prior is None or not prior.kept:
+            if prior is not None and prior.being_purged:
                 raise InstanceBeingPurged(f"{sop_uid} is being removed by retention; send it again later")
             if self.guard is not None:
                 self.guard.check(size)
