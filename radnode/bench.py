@@ -117,7 +117,10 @@ def targets(results: dict) -> dict:
     checks: dict[str, dict] = {}
     one = results.get("ingest", {}).get("senders", {}).get("1", {})
     like_for_like = results.get("ingest", {}).get("like_for_like", {}).get("1", {})
-    if "fsync" in like_for_like:  # the acceptance: both flush each instance to disk before answering
+    if "radnode" in one and "pynetdicom_minimal" in one:  # the figure: the node as shipped (fsync on)
+        ratio = one["pynetdicom_minimal"]["radnode_ratio"]  # against the minimal SCP that only writes the bytes
+        checks["ingest_vs_minimal_pynetdicom"] = {"value": ratio, "target": ">= 0.8", "met": ratio >= 0.8}
+    if "fsync" in like_for_like:  # like for like: both flush each instance to disk before answering
         ratio = like_for_like["fsync"]
         checks["ingest_vs_minimal_pynetdicom_fsync"] = {"value": ratio, "target": ">= 0.8", "met": ratio >= 0.8}
     if "no_fsync" in like_for_like:
