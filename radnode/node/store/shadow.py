@@ -9,8 +9,6 @@ the shadow job (an operator's retry of a failed one is compared again).
 
 from __future__ import annotations
 
-import time
-
 from sqlalchemy import and_, delete, exists, insert, or_, select
 
 from radnode.node.store.database import Database
