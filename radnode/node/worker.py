@@ -318,9 +318,9 @@ class Scheduler:
             self.store.record_review(job_id, review.needs_review, review.reasons)
             if review.needs_review:
                 log.debug("job %d flagged for human review: %s", job_id, "; ".join(review.reasons))
-        if self.config.feedback.drift.enabled:
-            self._observe_drift(job_id, manifest)
         self.egress.stage(job_id, outputs)
+        if self.config.feedback.drift.enabled:  # after staging: reading the series' headers never delays delivery
+            self._observe_drift(job_id, manifest)
 
     def _observe_drift(self, job_id: int, manifest: RunManifest | None) -> None:
         """Record the study's input attributes (from the job's input instances in the spool, which the run just
