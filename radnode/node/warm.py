@@ -4,7 +4,7 @@ A cold job process spends 2–3 s (on 2 cores) starting the interpreter and impo
 the app before it reads a file. The scheduler keeps one spare process per pipeline that the routing rules
 run in-process; the spare has done those imports and blocks on its stdin. A job is handed to it as one JSON
 line (the argv after ``python -m radnode``, the environment, the working directory and the log files), and
-the scheduler starts the next spare at once.
+the scheduler starts the next spare once no job is running (its imports would take CPU from the job).
 
 Isolation is the cold path's: each process is the scheduler's own child, started with ``start_new_session``
 and the parent-death signal, runs one job only and exits, so its hard timeout kills its process group as
