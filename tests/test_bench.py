@@ -97,5 +97,5 @@ def test_end_to_end_says_where_the_time_goes_per_phase_with_the_load_and_the_tar
     assert run["cpu_seconds_total"] >= run["job_phase_cpu_seconds"] > 0
     assert len(run["load_average_before"]) == 3 and run["dicom_delivered"] >= 2
     text = table(results)
-    assert "| write_seg | job |" in text and "last instance → delivered" in text and "load average" in text
+    assert "| write_seg | job, child process beside the next phases |" in text and "last instance → delivered" in text and "load average" in text
     assert "study quiet time 3 s" in text
