@@ -217,7 +217,9 @@ def end_to_end_table(runs: dict) -> list[str]:
                                                                for r in runs.values()]),
               row("CPU s, node + job + spare + destinations, last instance → delivered",
                   [str(r["cpu_seconds_total"]) for r in runs.values()]),
-              row("CPU s of the job's phases", [str(r["job_phase_cpu_seconds"]) for r in runs.values()]),
+              row("of which the node's own process (scheduler, completeness, egress)",
+                  [str(r["cpu_seconds_node"]) for r in runs.values()]),
+              row("of which the job's phases", [str(r["job_phase_cpu_seconds"]) for r in runs.values()]),
               row("load average (1, 5, 15 min) before → after",
                   [f"{'/'.join(map(str, r['load_average_before']))} → {'/'.join(map(str, r['load_average_after']))}"
                    for r in runs.values()]),

@@ -153,6 +153,7 @@ def run_study(files: list[Path], pixel_bytes: int, work: Path, timeout: float = 
             tree_at_last_instance = tree()
             job_id = _wait_finished(node, timeout)
             tree_at_done = tree()
+            node_cpu.append(_own_cpu())
             load_after = os.getloadavg()
             events = node.events(job_id)
             at = {e.kind: e.at for e in events}
@@ -189,6 +190,7 @@ def run_study(files: list[Path], pixel_bytes: int, work: Path, timeout: float = 
             "total_seconds": round(total, 3),
             "study_in_to_delivered_seconds": round(total + receive, 3),
             "cpu_seconds_total": round(tree_at_done - tree_at_last_instance, 3),
+            "cpu_seconds_node": round(node_cpu[2] - node_cpu[1], 3),
             "job_phase_cpu_seconds": round(job_cpu, 3),
             "quiet_machine_estimate_seconds": round(total - (last_end - first.started_at) + _serial_cpu(job_phases), 3)
             if load_before[0] > LOADED * (os.cpu_count() or 1) else None,
