@@ -225,6 +225,8 @@ def end_to_end_table(runs: dict) -> list[str]:
                    for r in runs.values()]),
               row("quiet-machine estimate s (job phases at their CPU s; loaded runs only)",
                   [str(r.get("quiet_machine_estimate_seconds") or "") for r in runs.values()]),
+              row("node settled (spare ready, start-up imports done) s before sending",
+                  [str(r["node_settled_after_seconds"]) for r in runs.values()]),
               row("slowest phase", [r["slowest_phase"] for r in runs.values()]),
               row("job peak RSS MB", [str(r["peak_rss_mb"]) for r in runs.values()]),
               row("peak RSS ÷ pixel data", [str(r["peak_rss_over_pixel_data"]) for r in runs.values()]),

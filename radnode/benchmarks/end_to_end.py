@@ -7,8 +7,9 @@ returning (its last C-STORE answered, the association released) to the last deli
 
 The node runs with its default configuration, as a site does that sets nothing: the study-completeness quiet
 time (``ingress.study_quiet_seconds``) and the series grace after release are the defaults and are printed with
-the figure; the bench never shortens them. The warm spare is ready before the study is sent, as on a node that
-has been up.
+the figure; the bench never shortens them. The study is sent once the node is settled, as on a node that has been up:
+its warm spare ready and its start-up work done (the feedback thread's preload of MONAI's metrics takes
+several CPU-seconds once per start, which would otherwise land on the first study).
 
 Phases, and whose clock each comes from:
 
@@ -62,7 +63,7 @@ def _wait_finished(node: Node, timeout: float) -> int:
             if jobs[0].state is JobState.FAILED:
                 raise RuntimeError(f"job failed: {node.events(jobs[0].id)[-1].message}")
             return jobs[0].id
-        time.sleep(0.02)
+        time.sleep(0.1)  # the figures come from the job's event times, not from this poll
     raise TimeoutError(f"the job did not finish within {timeout:.0f} s")
 
 
@@ -72,6 +73,19 @@ def _wait_ready(log: Path, timeout: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"no warm {PIPELINE} process got ready within {timeout:.0f} s")
         time.sleep(0.05)
+
+
+def _wait_settled(timeout: float, quiet_cpu: float = 0.15) -> float:
+    """Wait until the node's process has finished its start-up work (the feedback thread's preload of highdicom
+    and MONAI, ``feedback.preload_metrics``: several CPU-seconds once per node start) and idles, using under
+    ``quiet_cpu`` CPU-seconds a second: a node that has been up. Returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        before = _own_cpu()
+        time.sleep(1.0)
+        if _own_cpu() - before < quiet_cpu:
+            break
+    return time.monotonic() - started
 
 
 def _descendants(pid: int) -> list[int]:
@@ -142,6 +156,7 @@ def run_study(files: list[Path], pixel_bytes: int, work: Path, timeout: float = 
             "egress": {"destinations": {"pacs": pacs.destination, "ehr": fhir.destination}}})
         with Node(config) as node:
             _wait_ready(warm_log(config.data_dir, PIPELINE), timeout)
+            settled = _wait_settled(timeout)
             load_before = os.getloadavg()
             tree = TreeCpu()
             node_cpu = [_own_cpu()]
@@ -198,6 +213,7 @@ def run_study(files: list[Path], pixel_bytes: int, work: Path, timeout: float = 
                              "series_grace_seconds": ingress.association_grace_seconds,
                              "study_idle_seconds": ingress.study_idle_seconds, "defaults": True,
                              "waited_seconds": round(waits, 3)},
+            "node_settled_after_seconds": round(settled, 1),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in load_after],
             "slowest_phase": slowest,
