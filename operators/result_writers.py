@@ -7,23 +7,32 @@ egress and the MAP manifests read too.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 from holoscan.core import ExecutionContext, InputContext, Operator, OperatorSpec, OutputContext
+from pydicom import Dataset
 
-from radnode.execution import timed_phase
+from radnode.execution import parent_alive, run_in_child, timed_phase
+from radnode.imaging.volume import Volume
 from radnode.outputs.algorithm import AlgorithmInfo
 from radnode.outputs.layout import RunOutput
-from radnode.outputs.seg import build_segmentation
+from radnode.outputs.seg import build_segmentation, plan_segmentation, segmentation_header
 from radnode.outputs.sr import build_measurement_report
+from radnode.results import PipelineResult
 
 log = logging.getLogger(__name__)
 
 
-def _write_atomically(path: Path, write) -> None:
-    """Write through a temporary name so a reader never sees half a file."""
+def _write_atomically(path: Path, write: Callable[[Path], object], keep: Callable[[], bool] = lambda: True) -> None:
+    """Write through a temporary name so a reader never sees half a file; dropped instead when ``keep()`` says
+    the run it belongs to has ended meanwhile (RuntimeError)."""
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
+    if not keep():
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"{path.name} not kept: the run it was written for has ended")
     tmp.replace(path)
 
 
@@ -38,23 +47,39 @@ class _WriterOperator(Operator):
 
 
 class SegmentationWriterOperator(_WriterOperator):
-    """Writes the segments as a binary DICOM SEG on the source series' frame of reference."""
+    """Writes the segments as a binary DICOM SEG on the source series' frame of reference.
+
+    The SEG's UIDs and segment descriptions are decided first and passed on at once (its header, no frames), so
+    the SR and the report, which only reference the SEG, are written while a child process encodes and saves its
+    frames (:func:`radnode.execution.run_in_child`, phase ``write_seg``): the same file, on another core."""
 
     def setup(self, spec: OperatorSpec) -> None:
         spec.input("volume")
         spec.input("result")
         spec.output("seg")
 
-    @timed_phase("write_seg")
     def compute(self, op_input: InputContext, op_output: OutputContext, context: ExecutionContext) -> None:
-        volume = op_input.receive("volume")
-        result = op_input.receive("result")
-        seg = build_segmentation(volume, result.segments, self.algorithm, uid_root=self.uid_root,
-                                 series_number=RunOutput.SEG.series_number)
-        self.output_folder.mkdir(parents=True, exist_ok=True)
-        _write_atomically(self.output_folder / RunOutput.SEG.file, seg.save_as)
-        log.info("wrote %s (%d segments)", RunOutput.SEG.file, len(result.segments))
-        op_output.emit(seg, "seg")
+        header = write_segmentation(self.fragment, op_input.receive("volume"), op_input.receive("result"),
+                                    self.output_folder, self.algorithm, self.uid_root)
+        op_output.emit(header, "seg")
+
+
+def write_segmentation(app: object, volume: Volume, result: PipelineResult, output_folder: Path,
+                       algorithm: AlgorithmInfo, uid_root: str) -> Dataset:
+    """Start writing ``result``'s SEG into ``output_folder`` as phase ``write_seg`` of ``app``'s run, in a child
+    process where that pays; returns its header (:func:`radnode.outputs.seg.segmentation_header`) at once."""
+    plan = plan_segmentation(volume, result.segments, algorithm, uid_root=uid_root,
+                             series_number=RunOutput.SEG.series_number)
+    output_folder.mkdir(parents=True, exist_ok=True)
+    path, parent = output_folder / RunOutput.SEG.file, os.getpid()
+
+    def write() -> None:
+        seg = build_segmentation(volume, result.segments, algorithm, uid_root=uid_root, plan=plan)
+        _write_atomically(path, seg.save_as, keep=lambda: os.getpid() == parent or parent_alive(parent))
+        log.info("wrote %s (%d segments, %d frames)", RunOutput.SEG.file, len(result.segments), seg.NumberOfFrames)
+
+    run_in_child(app, "write_seg", write)
+    return segmentation_header(volume, plan)
 
 
 class MeasurementReportWriterOperator(_WriterOperator):

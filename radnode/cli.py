@@ -205,6 +205,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if unknown := sorted(set(args.only) - set(BENCHMARKS)):
             raise ValueError(f"--only: unknown section {', '.join(unknown)} (sections: {', '.join(BENCHMARKS)})")
         plan = dataclasses.replace(plan, benchmarks=tuple(args.only))
+    if args.e2e_slices:
+        plan = dataclasses.replace(plan, e2e_slices=tuple(args.e2e_slices))
     results = run_suite(plan, Path(args.output))
     print(table(results))
     print(f"results written to {args.output}")
@@ -607,6 +609,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--output", default="bench-results.json", help="results JSON file")
     bench.add_argument("--only", nargs="+", metavar="SECTION",
                        help="run only these sections (ingest, trigger, job_start, end_to_end, seg_writing, gpu)")
+    bench.add_argument("--e2e-slices", nargs="+", type=int, metavar="N",
+                       help="end to end at these slice counts (default: 100 300 600; the target is at 300)")
     bench.set_defaults(func=cmd_bench)
 
     pipelines = sub.add_parser("pipelines", help="list the pipelines")

@@ -252,7 +252,8 @@ class ProcessingConfig(_Strict):
     warm_start: bool = True
     """Keep one pre-imported job process ready per pipeline the rules run in-process, so a job starts reading
     its input within a fraction of a second instead of after 2–3 s of imports; each such process still runs
-    one job only and exits (``radnode/node/warm.py``). Costs an idle process's memory per pipeline: about 175 MB
+    one job only and exits (``radnode/node/warm.py``); a taken spare is replaced once no job runs, so its imports
+    never take CPU from a running job. Costs an idle process's memory per pipeline: about 175 MB
     for ct_tissue, 550 MB for mri_brain (torch); a node whose rules route a pipeline it never sees can drop that
     route, or set this false to start every job cold. With the distributed engine the spares are the workers'
     (one per pipeline the rules send to a worker's queues), none on the node that dispatches."""

@@ -7,7 +7,9 @@ through here, so the three give the same outputs: the result files plus ``manife
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import json
 import logging
 import os
 import resource
@@ -146,6 +148,9 @@ class Phase:
     mark (:func:`reset_peak_rss`), the run's peak so far."""
     started_at: float = 0.0
     """Wall clock (Unix time) when its first call began: the first phase's is when the job began reading."""
+    in_child: bool = False
+    """It ran in a child process beside the phases after it (:func:`run_in_child`): its wall time overlaps theirs,
+    its CPU time and peak memory are the child's."""
 
 
 @dataclass
@@ -163,6 +168,9 @@ class RunState:
     """What the run's outputs had to do without (:meth:`record_warning`), in the order first recorded."""
     peak_outside_phases: int = 0
     """Peak resident memory seen between phases (start-up, imports), for :attr:`peak_rss_bytes`."""
+    children: list["ChildPhase"] = field(default_factory=list)
+    """Phases running in a child process beside the operators that follow (:func:`run_in_child`), joined by
+    :meth:`join_children` before the run's outputs are checked."""
 
     def begin_phase(self, name: str) -> None:
         """A call of phase ``name`` starts: the high-water mark so far is kept, then lowered to the present, so
@@ -173,13 +181,24 @@ class RunState:
         if name not in self.phases:
             self.phases[name] = Phase(started_at=time.time())
 
-    def end_phase(self, name: str, seconds: float, cpu_seconds: float = 0.0) -> None:
+    def end_phase(self, name: str, seconds: float, cpu_seconds: float = 0.0, peak: int | None = None) -> None:
         """A call of phase ``name`` ended after ``seconds`` (``cpu_seconds`` of CPU): its times and peak memory
-        are added to the phase."""
+        (``peak`` when it ran in another process, else this process's) are added to the phase."""
         phase = self.phases.setdefault(name, Phase(started_at=time.time() - seconds))
         phase.seconds += seconds
         phase.cpu_seconds += cpu_seconds
-        phase.peak_rss_bytes = max(phase.peak_rss_bytes, peak_rss_bytes())
+        phase.peak_rss_bytes = max(phase.peak_rss_bytes, peak_rss_bytes() if peak is None else peak)
+
+    def join_children(self) -> None:
+        """Wait for the phases running in child processes and record their times; RuntimeError naming the phase
+        and why when one failed (its outputs are then missing or incomplete: the run must not end well)."""
+        failures = []
+        while self.children:
+            child = self.children.pop(0)
+            if (failure := child.join(self)) is not None:
+                failures.append(failure)
+        if failures:
+            raise RuntimeError("; ".join(failures))
 
     @property
     def peak_rss_bytes(self) -> int:
@@ -199,6 +218,78 @@ class RunState:
         these warnings instead of failing it."""
         if text not in self.warnings:
             self.warnings.append(text)
+
+
+@dataclass
+class ChildPhase:
+    """A phase running in a forked child process (:func:`run_in_child`)."""
+
+    name: str
+    pid: int
+    report: int
+    """The read end of the pipe the child reports its wall time or its error on."""
+
+    def join(self, state: RunState) -> str | None:
+        """Wait for the child and record its phase in ``state``; None when it succeeded, else why not."""
+        _, status, usage = os.wait4(self.pid, 0)
+        with os.fdopen(self.report, "rb") as pipe:
+            text = pipe.read().decode(errors="replace")
+        try:
+            report = json.loads(text) if text else {}
+        except ValueError:
+            report = {}
+        state.end_phase(self.name, float(report.get("seconds", 0.0)), usage.ru_utime + usage.ru_stime,
+                        peak=usage.ru_maxrss * 1024)
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            return None
+        if os.WIFSIGNALED(status):
+            return f"{self.name} (child process {self.pid}) was killed by signal {os.WTERMSIG(status)}"
+        return f"{self.name} failed: {report.get('error') or f'child process exited with status {status}'}"
+
+
+def run_in_child(app: Any, name: str, work: Callable[[], None]) -> None:
+    """Run ``work`` as phase ``name`` of ``app``'s run in a forked child process, beside the operators that follow,
+    so a single-threaded writer (highdicom encoding a SEG's frames) uses another core while this process writes
+    the SR and the report. The child shares the data by copy-on-write (nothing is pickled); ``run_app`` joins it
+    before the outputs are checked, and a failed child fails the run. Where this process may use one CPU only
+    (the job's CPU request, ``OMP_NUM_THREADS``) or cannot fork, ``work`` runs here, as an ordinary phase."""
+    from radnode.imaging.slabs import worker_count
+
+    state = run_state(app)
+    if worker_count() < 2 or not hasattr(os, "fork"):
+        state.begin_phase(name)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        try:
+            work()
+        finally:
+            state.end_phase(name, time.perf_counter() - started, time.process_time() - cpu_started)
+        return
+    state.begin_phase(name)
+    state.phases[name].in_child = True
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: do the work, report, and leave without running the parent's exit handlers
+        os.close(read_end)
+        started, code = time.perf_counter(), 0
+        report: dict[str, Any] = {}
+        try:
+            work()
+        except BaseException as e:  # noqa: BLE001 - everything is reported to the parent, which fails the run
+            report["error"], code = f"{type(e).__name__}: {e}", 1
+        finally:
+            report["seconds"] = time.perf_counter() - started
+            try:
+                os.write(write_end, json.dumps(report).encode())
+            finally:
+                os._exit(code)
+    os.close(write_end)
+    state.children.append(ChildPhase(name, pid, read_end))
+
+
+def parent_alive(parent_pid: int) -> bool:
+    """In a :func:`run_in_child` child: whether the process that forked it still runs (an orphan's output is
+    for a run that has ended; it must not land in a folder a re-run has made since)."""
+    return os.getppid() == parent_pid
 
 
 _RUN_STATE = "radnode_run_state"
@@ -331,7 +422,13 @@ def run_app(pipeline_name: str, input_folder: Path, output_folder: Path, models:
     # Holoscan drops argv[0] (the program name) before handing argv to the application.
     app = app_cls(argv=[pipeline_name, "--input", str(input_folder), "--output", str(output_folder),
                         *(a for m in models for a in ("--model", str(Path(m).resolve())))])
-    app.run()
+    try:
+        app.run()
+    except BaseException:
+        with contextlib.suppress(Exception):  # no child outlives a failed run; the run's own error is the reason
+            run_state(app).join_children()
+        raise
+    run_state(app).join_children()
     problems = layout_problems(spec.built_in_app, (p.name for p in output_folder.iterdir()))
     if problems:  # an incomplete or mixed-up result never goes out as done
         raise OutputLayoutError(f"{spec.name} in {output_folder}: " + "; ".join(problems))
@@ -341,7 +438,7 @@ def run_app(pipeline_name: str, input_folder: Path, output_folder: Path, models:
                            outputs=outputs, measurements=measurements,
                            seconds=round(time.monotonic() - started, 3), study_instance_uid=study_uid,
                            phases={name: Phase(round(phase.seconds, 3), round(phase.cpu_seconds, 3),
-                                               phase.peak_rss_bytes, phase.started_at)
+                                               phase.peak_rss_bytes, phase.started_at, phase.in_child)
                                    for name, phase in state.phases.items()},
                            peak_rss_bytes=state.peak_rss_bytes,
                            review=state.review, warnings=list(state.warnings))

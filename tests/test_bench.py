@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -80,3 +81,24 @@ def test_job_start_benchmark_measures_warm_and_cold_job_processes(tmp_path: Path
     assert results["targets"]["job_start_queued_to_first_read_s"] == {"value": value, "target": "<= 0.5",
                                                                       "met": value <= 0.5}
     assert "| warm |" in table(results) and "| cold |" in table(results)
+
+
+@pytest.mark.slow
+def test_end_to_end_says_where_the_time_goes_per_phase_with_the_load_and_the_target(tmp_path: Path) -> None:
+    plan = dataclasses.replace(Plan(benchmarks=("end_to_end",), ct_size=128), e2e_slices=(20,))
+    results = run_suite(plan, tmp_path / "results.json")
+    run = results["end_to_end"]["20"]
+    phases = run["phases"]
+    assert list(phases)[:4] == ["receive", "completeness_wait", "pick_up", "job_start"]
+    assert list(phases)[-2:] == ["job_end", "send"]
+    assert {"load", "segment", "write_seg", "write_sr", "write_report_fhir"} <= set(phases)
+    assert all(row["wall"] >= 0 for row in phases.values())
+    assert all(row["cpu"] > 0 for name, row in phases.items() if name in run["phase_cpu_seconds"])
+    # the quiet time after release is the node's default and is waited for in full, never shortened
+    assert run["completeness"]["defaults"] and phases["completeness_wait"]["wall"] >= 3.0
+    assert run["total_seconds"] >= sum(phases[p]["wall"] for p in ("completeness_wait", "pick_up", "job_start"))
+    assert run["cpu_seconds_total"] >= run["job_phase_cpu_seconds"] + run["cpu_seconds_node"] > 0
+    assert len(run["load_average_before"]) == 3 and run["dicom_delivered"] >= 2
+    text = table(results)
+    assert "| write_seg | job, child process beside the next phases |" in text and "last instance → delivered" in text and "load average" in text
+    assert "study quiet time 3 s" in text

@@ -4,7 +4,7 @@ A cold job process spends 2–3 s (on 2 cores) starting the interpreter and impo
 the app before it reads a file. The scheduler keeps one spare process per pipeline that the routing rules
 run in-process; the spare has done those imports and blocks on its stdin. A job is handed to it as one JSON
 line (the argv after ``python -m radnode``, the environment, the working directory and the log files), and
-the scheduler starts the next spare at once.
+the scheduler starts the next spare once no job is running (its imports would take CPU from the job).
 
 Isolation is the cold path's: each process is the scheduler's own child, started with ``start_new_session``
 and the parent-death signal, runs one job only and exits, so its hard timeout kills its process group as
@@ -163,5 +163,25 @@ def serve_one(pipeline: str) -> int:
     return main(job["args"])
 
 
+def exit_at_once(status: int | str | None) -> None:
+    """End the job's process as soon as it is done: logs and standard streams flushed, then ``os._exit``, without
+    the interpreter's teardown of the run's objects and of Holoscan (about a second on two busy cores, after the
+    results are complete: every output is written through a temporary name and closed, the manifest last)."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    if isinstance(status, str):  # SystemExit("message"), as argparse and the CLI raise it
+        print(status, file=sys.stderr, flush=True)
+        status = 1
+    os._exit(status or 0)
+
+
 if __name__ == "__main__":
-    raise SystemExit(serve_one(sys.argv[1]))
+    try:
+        exit_status: int | str | None = serve_one(sys.argv[1])
+    except SystemExit as e:
+        exit_status = e.code
+    exit_at_once(exit_status)

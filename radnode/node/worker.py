@@ -152,8 +152,9 @@ class Scheduler:
 
     def tick(self) -> None:
         """One scheduling round; called repeatedly by the node's scheduler thread (the warm processes are
-        started here: they die with the thread that started them)."""
-        if self.warm is not None:
+        started here: they die with the thread that started them). A spare taken by a job is replaced once no job
+        runs: its imports take a core for seconds, which a running job (segmentation on every core) would lose."""
+        if self.warm is not None and not self.running:
             self.warm.fill()
         self.queue_complete_studies()
         for job_id in self.store.restart_requested():

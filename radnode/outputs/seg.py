@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import highdicom as hd
 from highdicom.spatial import VOLUME_INDEX_CONVENTION, get_normal_vector
 import numpy as np
+from pydicom import Dataset
+from pydicom.uid import SegmentationStorage
 
 from radnode.imaging.volume import Volume
 from radnode.outputs.algorithm import AlgorithmInfo, declare_private_coding_schemes, new_uid, stable_uid
@@ -102,7 +104,24 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> bool:
     return any(np.logical_and(a[z:z + step], b[z:z + step]).any() for z in range(0, len(a), step))
 
 
-def build_segmentation(
+@dataclass(frozen=True)
+class SegmentationPlan:
+    """Everything a SEG says but its frames: its UIDs, series and segment descriptions, decided before any
+    frame is encoded, so the SR and the report that reference the SEG can be written while its frames are
+    (:func:`segmentation_header`)."""
+
+    descriptions: list[hd.seg.SegmentDescription]
+    settings: dict
+    """highdicom's Segmentation arguments other than the pixels and the segment descriptions."""
+
+
+HEADER_KEYWORDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+                   "SeriesNumber", "InstanceNumber", "SeriesDescription")
+"""What :func:`segmentation_header` carries of the SEG besides its Segment Sequence: what the SR's evidence and
+references and the FHIR ImagingStudy read."""
+
+
+def plan_segmentation(
     volume: Volume,
     segments: list[Segment],
     algorithm: AlgorithmInfo,
@@ -110,15 +129,9 @@ def build_segmentation(
     uid_root: str,
     series_number: int = RunOutput.SEG.series_number,
     series_description: str | None = None,
-) -> hd.seg.Segmentation:
-    """A BINARY SEG with one segment per ``segments`` item (in order, numbered from 1), empty frames omitted.
-
-    Segments may overlap: each has its own frames. highdicom builds the SEG of each non-overlapping layer
-    from its label map (never a stacked (frames, rows, columns, segments) copy, which for a 600-slice CT
-    and six segments is 0.9 GB, plus highdicom's 8-byte-per-voxel overlap check); the layers' frames are
-    then put together in the order highdicom gives a SEG of the stacked masks: by segment, then along the
-    slice normal. Raises ValueError when a mask is not on the volume grid.
-    """
+) -> SegmentationPlan:
+    """The SEG's UIDs and descriptions (new UIDs under ``uid_root``); ValueError when the segments cannot make
+    one (none, or a mask not on the volume grid)."""
     if not segments:
         raise ValueError("a segmentation needs at least one segment")
     if len(volume.source) != volume.shape[0]:
@@ -143,6 +156,48 @@ def build_segmentation(
         omit_empty_frames=True,
         contributing_equipment=[algorithm.contributing_equipment()],
     )
+    return SegmentationPlan(descriptions, settings)
+
+
+def segmentation_header(volume: Volume, plan: SegmentationPlan) -> Dataset:
+    """The SEG of ``plan`` without its frames: :data:`HEADER_KEYWORDS` and the Segment Sequence, equal to those
+    of the SEG :func:`build_segmentation` makes from the plan."""
+    header = Dataset()
+    header.SOPClassUID = SegmentationStorage
+    header.SOPInstanceUID = plan.settings["sop_instance_uid"]
+    header.StudyInstanceUID = volume.study.StudyInstanceUID
+    header.SeriesInstanceUID = plan.settings["series_instance_uid"]
+    header.Modality = "SEG"
+    header.SeriesNumber = plan.settings["series_number"]
+    header.InstanceNumber = plan.settings["instance_number"]
+    header.SeriesDescription = plan.settings["series_description"]
+    header.SegmentSequence = copy.deepcopy(plan.descriptions)
+    return header
+
+
+def build_segmentation(
+    volume: Volume,
+    segments: list[Segment],
+    algorithm: AlgorithmInfo,
+    *,
+    uid_root: str,
+    series_number: int = RunOutput.SEG.series_number,
+    series_description: str | None = None,
+    plan: SegmentationPlan | None = None,
+) -> hd.seg.Segmentation:
+    """A BINARY SEG with one segment per ``segments`` item (in order, numbered from 1), empty frames omitted;
+    its UIDs and descriptions from ``plan`` when given (:func:`plan_segmentation`), else new ones.
+
+    Segments may overlap: each has its own frames. highdicom builds the SEG of each non-overlapping layer
+    from its label map (never a stacked (frames, rows, columns, segments) copy, which for a 600-slice CT
+    and six segments is 0.9 GB, plus highdicom's 8-byte-per-voxel overlap check); the layers' frames are
+    then put together in the order highdicom gives a SEG of the stacked masks: by segment, then along the
+    slice normal. Raises ValueError when a mask is not on the volume grid.
+    """
+    if plan is None:
+        plan = plan_segmentation(volume, segments, algorithm, uid_root=uid_root, series_number=series_number,
+                                 series_description=series_description)
+    descriptions, settings = plan.descriptions, plan.settings
     layers = _layers(segments)
     rows, columns = volume.shape[1:]
     if len(layers) == 1:

@@ -279,20 +279,25 @@ def read_measurements(sr_dataset: Dataset) -> list[dict[str, Any]]:
     observation_uids = _observation_uids(sr_dataset)
     rows: list[dict[str, Any]] = []
     for group in sr.content.get_volumetric_roi_measurement_groups():
+        # each of highdicom's group properties searches the group's content tree: read each once per group
         segment = group.referenced_segment
         segment_item = segment[0] if segment is not None else None
+        tracking_uid = group.tracking_uid
+        common = {
+            "structure": group.tracking_identifier,
+            "tracking_uid": str(tracking_uid) if tracking_uid else None,
+            "segment_number": (int(segment_item.ReferencedSOPSequence[0].ReferencedSegmentNumber)
+                               if segment_item is not None else None),
+            "seg_sop_instance_uid": (str(segment_item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+                                     if segment_item is not None else None),
+            "finding_type": _code(group.finding_type),
+        }
         for m in group.get_measurements():
             rows.append({
-                "structure": group.tracking_identifier,
-                "tracking_uid": str(group.tracking_uid) if group.tracking_uid else None,
-                "segment_number": (int(segment_item.ReferencedSOPSequence[0].ReferencedSegmentNumber)
-                                   if segment_item is not None else None),
-                "seg_sop_instance_uid": (str(segment_item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
-                                         if segment_item is not None else None),
-                "finding_type": _code(group.finding_type),
+                **common,
                 "concept": _code(m.name),
                 "derivation": _code(m.derivation),
-                "observation_uid": observation_uids.get((str(group.tracking_uid), str(m.name.value),
+                "observation_uid": observation_uids.get((str(tracking_uid), str(m.name.value),
                                                          str(m.derivation.value) if m.derivation else None)),
                 "value": m.value,
                 "unit": str(m.unit.value),
