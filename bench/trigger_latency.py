@@ -24,6 +24,7 @@ from pathlib import Path
 from radnode.config import Config
 from radnode.node.service import Node
 from radnode.node.store import JobState
+from radnode.orthanc_config import write_event_token
 from radnode.phantom import make_ct_phantom, write_ct_series
 from radnode.peers import free_port
 from radnode.viewer import OrthancServer
@@ -57,13 +58,18 @@ def run_once(mode: str, study: Path, work: Path) -> float:
     data = {"data_dir": str(work / "data"), "ingress": ingress}
     if mode == "orthanc":
         api_port = free_port()
-        with OrthancServer(node_url=f"http://127.0.0.1:{api_port}", stable_age=1) as orthanc:
-            config = Config.model_validate({**data, "orthanc": {"url": orthanc.url, "results_to_orthanc": False},
+        token = work / "event-token"  # the plugin's events are refused without the node's token
+        token.parent.mkdir(parents=True, exist_ok=True)
+        write_event_token(token)
+        with OrthancServer(node_url=f"http://127.0.0.1:{api_port}", stable_age=1, event_token_file=token) as orthanc:
+            config = Config.model_validate({**data, "orthanc": {"url": orthanc.url, "results_to_orthanc": False,
+                                                                "event_token_file": str(token)},
                                             "api": {"port": api_port}})
             with Node(config, job_command=JOB_COMMAND, poll_seconds=0.02) as node:
                 sent = send(orthanc.dicom_port, study, orthanc.aet)
                 return wait_running(node) - sent
-    with Node(Config.model_validate(data), job_command=JOB_COMMAND, poll_seconds=0.02) as node:
+    with Node(Config.model_validate({**data, "api": {"port": free_port()}}), job_command=JOB_COMMAND,
+              poll_seconds=0.02) as node:
         sent = send(node.port, study, "RADNODE")
         return wait_running(node) - sent
 
