@@ -143,12 +143,13 @@ def _redirect(fd: int, path: str) -> None:
 def serve_one(pipeline: str) -> int:
     """The spare's life: import what the pipeline's job needs, wait for one job on stdin, run it as ``radnode``
     would, exit with its status. End of input (the pool closed) ends it with status 0."""
-    from radnode.cli import main
+    from radnode.cli import build_parser, main
     from radnode.execution import prepare_holoscan_process
     from radnode.pipelines.registry import get_pipeline
 
     prepare_holoscan_process()
     get_pipeline(pipeline).load_app_class()  # the imports a cold job pays for before it reads a file
+    build_parser()  # and the command line's (its subcommands import what their choices list: ~0.5 s)
     print(f"{READY} {os.getpid()} {pipeline}", file=sys.stderr, flush=True)
     line = sys.stdin.buffer.readline()
     if not line:
