@@ -258,11 +258,7 @@ class Scheduler:
             self.egress.audit.instances_processed(study_uid=job.study_instance_uid, patient_id=job.patient_id or None,
                                                   job=f"job {job.id}", pipeline=job.pipeline, models=digests)
         try:
-            if spare is not None:
-                WarmPool.hand(spare, launch.argv, launch.env, launch.cwd, root / "stdout.log", root / "stderr.log")
-                process = spare
-            else:
-                process = spawn(launch, root, niceness=SHADOW_NICENESS if job.shadow else 0)
+            process = start_job_process(launch, root, spare, shadow=job.shadow)
         except OSError as e:
             self.store.fail_job(job.id, f"cannot start the job command: {e}")
             return
@@ -410,6 +406,15 @@ def with_model_sandbox(config: Config, config_file: Path, pipeline: str, mode: E
         argv, env = sandbox_job(config, launch.argv, launch.env, root, config_file, models)
         launch = Launch(argv, env, launch.cwd)
     return launch, digests
+
+
+def start_job_process(launch: Launch, root: Path, spare: subprocess.Popen | None, shadow: bool) -> subprocess.Popen:
+    """The job's process, its output in ``root``: the claimed warm ``spare`` handed the job, else a fresh one (a
+    shadow run's at :data:`SHADOW_NICENESS`); OSError when it cannot start."""
+    if spare is not None:
+        WarmPool.hand(spare, launch.argv, launch.env, launch.cwd, root / "stdout.log", root / "stderr.log")
+        return spare
+    return spawn(launch, root, niceness=SHADOW_NICENESS if shadow else 0)
 
 
 def spawn(launch: Launch, root: Path, niceness: int = 0) -> subprocess.Popen:

@@ -38,7 +38,7 @@ from radnode.node.executors import (
 from radnode.node.store import JobStore, store_target
 from radnode.node.warm import WarmPool
 from radnode.node.worker import (
-    DEFAULT_JOB_COMMAND, SHADOW_NICENESS, describe_status, failure_reason, kill_group, last_line, spawn,
+    DEFAULT_JOB_COMMAND, describe_status, failure_reason, kill_group, last_line, start_job_process,
     with_model_sandbox,
 )
 from radnode.pipelines.routing import ExecutionMode
@@ -161,6 +161,8 @@ class GpuWorker:
             self._fail(job_id, claim.attempt, f"worker {self.name} error: {type(e).__name__}: {e}")
         finally:
             self.current_job = None
+            if self.warm is not None:  # the next job's spare once this one is over (its imports would take a
+                self.warm.fill()       # core from the job), from the pool's thread, which lives on
 
     def _attempt(self, job_id: int, attempt: int) -> None:
         job = self.store.job(job_id)
@@ -194,17 +196,10 @@ class GpuWorker:
                                                                 f"(timeout {timeout.seconds:g} s, {timeout.source}"
                                                                 f"{warm}){code}")
         try:
-            if spare is not None:
-                WarmPool.hand(spare, launch.argv, launch.env, launch.cwd, root / "stdout.log", root / "stderr.log")
-                process = spare
-            else:
-                process = spawn(launch, root, niceness=SHADOW_NICENESS if job.shadow else 0)
+            process = start_job_process(launch, root, spare, shadow=job.shadow)
         except OSError as e:
             self._fail(job_id, attempt, f"cannot start the job command on worker {self.name}: {e}")
             return
-        finally:
-            if self.warm is not None:  # the next job's spare, from this (the pool's) thread, which lives on
-                self.warm.fill()
         status = self._watch(job_id, attempt, process, launch.container, timeout.seconds)
         if status is None:
             return  # fenced off, or timed out (already reported)
