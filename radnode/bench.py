@@ -267,6 +267,10 @@ def table(results: dict) -> str:
             lines += [f"like for like, {n} sender(s): " + "; ".join(
                 f"{ingest.LIKE_FOR_LIKE[kind][0]} ÷ {ingest.LIKE_FOR_LIKE[kind][1]} = {ratio}"
                 for kind, ratio in pairs.items())]
+        for n, ratio in i.get("ceiling_vs_orthanc", {}).items():
+            lines.append(f"ceiling, {n} sender(s): pynetdicom_minimal_fsync_processes ({ingest.MINIMAL_PROCESSES} "
+                         f"processes sharing the port) ÷ orthanc = {ratio}: what any pynetdicom receiver making "
+                         f"radnode's promise reaches here")
         lines.append("")
     if "trigger" in results:
         t = results["trigger"]

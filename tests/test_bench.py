@@ -102,3 +102,25 @@ def test_end_to_end_says_where_the_time_goes_per_phase_with_the_load_and_the_tar
     text = table(results)
     assert "| write_seg | job, child process beside the next phases |" in text and "last instance → delivered" in text and "load average" in text
     assert "study quiet time 3 s" in text
+
+
+def test_the_shared_port_minimal_scp_spreads_senders_over_its_processes_and_keeps_every_instance(tmp_path: Path) -> None:
+    """The ceiling the 8-sender figure is read against: several pynetdicom processes on one port (SO_REUSEPORT),
+    each instance received whole; the processes end with the receiver."""
+    from radnode.benchmarks import Studies, send_files
+    from radnode.benchmarks.ingest import minimal_scp_processes
+
+    files = Studies(tmp_path / "studies", size=128).ct(20)
+    with minimal_scp_processes(tmp_path / "in", fsync=True, processes=2) as (port, aet, held):
+        send_files(port, aet, files, senders=3)
+        assert held() == 20
+        listening = [line for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                     if line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A"]
+        assert len(listening) == 2  # two sockets listen on the one port
+    import pydicom
+
+    def content(path: Path) -> tuple[str, bytes]:
+        ds = pydicom.dcmread(path)
+        return str(ds.SOPInstanceUID), ds.PixelData
+
+    assert sorted(map(content, (tmp_path / "in").glob("*.dcm"))) == sorted(map(content, files))

@@ -16,6 +16,9 @@ import contextlib
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.request
@@ -25,6 +28,7 @@ from pathlib import Path
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.events import Event
+from pynetdicom.transport import ThreadedAssociationServer
 
 from radnode.benchmarks import send_files, summary
 from radnode.config import Config
@@ -32,11 +36,16 @@ from radnode.node.service import Node
 from radnode.peers import StoreSCP
 from radnode.viewer import ORTHANC_STORAGE_ROOT, OrthancServer
 
-PEERS = ("radnode", "radnode_no_fsync", "pynetdicom_minimal_fsync", "pynetdicom_minimal", "dcmtk_storescp",
-         "orthanc")
+MINIMAL_PROCESSES = 8
+"""Processes of the shared-port minimal SCP: one per sender of the benchmark's concurrent send."""
+
+PEERS = ("radnode", "radnode_no_fsync", "pynetdicom_minimal_fsync", "pynetdicom_minimal",
+         "pynetdicom_minimal_fsync_processes", "dcmtk_storescp", "orthanc")
 """``radnode``: the node as shipped (fsync per instance, SQLite index, completeness); ``radnode_no_fsync``:
 the same with ``ingress.sync_spool: false``; ``pynetdicom_minimal``: a pynetdicom SCP that only writes the bytes;
-``pynetdicom_minimal_fsync``: the same, each file and its folder fsync'd before the answer."""
+``pynetdicom_minimal_fsync``: the same, each file and its folder fsync'd before the answer;
+``pynetdicom_minimal_fsync_processes``: that one in :data:`MINIMAL_PROCESSES` processes sharing the port, the
+ceiling of a Python receiver with many senders on this machine."""
 
 LIKE_FOR_LIKE = {"fsync": ("radnode", "pynetdicom_minimal_fsync"), "no_fsync": ("radnode_no_fsync", "pynetdicom_minimal")}
 """radnode's ratio to the minimal SCP, each pair making the same durability promise."""
@@ -49,17 +58,8 @@ Receiver = tuple[int, str, Callable[[], int]]
 """(DICOM port, called AE title, how many instances the receiver holds now)."""
 
 
-@contextlib.contextmanager
-def minimal_scp(folder: Path, fsync: bool = False) -> Iterator[Receiver]:
-    """A pynetdicom Storage SCP that writes each received instance's bytes to a file, nothing else (with
-    ``fsync``: the file, then its folder, flushed to disk before the answer, the promise radnode's spool makes).
-
-    Same PDU setting as radnode's SCP (unlimited) and the same receiving into a file
-    (``STORE_RECV_CHUNKED_DATASET``, which radnode's SCP turns on for the process), so the two differ only in
-    what they do per instance.
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-
+def _minimal_handler(folder: Path, fsync: bool) -> Callable[[Event], int]:
+    """The minimal SCP's C-STORE handler: copy the received file into ``folder`` (and flush it and the folder)."""
     def on_store(event: Event) -> int:
         target = folder / f"{event.request.AffectedSOPInstanceUID}.dcm"
         shutil.copyfile(event.dataset_path, target)  # the Part 10 file pynetdicom received, copied by the kernel
@@ -71,18 +71,83 @@ def minimal_scp(folder: Path, fsync: bool = False) -> Iterator[Receiver]:
                 finally:
                     os.close(descriptor)
         return 0x0000
+    return on_store
 
+
+def _minimal_ae() -> AE:
+    """pynetdicom's AE as the minimal SCP runs it: every storage SOP class, unlimited PDU, receiving into files."""
     pynetdicom_config.STORE_RECV_CHUNKED_DATASET = True
     ae = AE(ae_title="MINIMAL")
     ae.maximum_pdu_size = 0
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    return ae
+
+
+@contextlib.contextmanager
+def minimal_scp(folder: Path, fsync: bool = False) -> Iterator[Receiver]:
+    """A pynetdicom Storage SCP that writes each received instance's bytes to a file, nothing else (with
+    ``fsync``: the file, then its folder, flushed to disk before the answer, the promise radnode's spool makes).
+
+    Same PDU setting as radnode's SCP (unlimited) and the same receiving into a file
+    (``STORE_RECV_CHUNKED_DATASET``, which radnode's SCP turns on for the process), so the two differ only in
+    what they do per instance.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    ae = _minimal_ae()
+    server = ae.start_server(("127.0.0.1", 0), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, _minimal_handler(folder, fsync))])
     try:
         yield server.server_address[1], "MINIMAL", lambda: sum(1 for _ in folder.glob("*.dcm"))
     finally:
         server.shutdown()
         ae.shutdown()
+
+
+class _SharedPortServer(ThreadedAssociationServer):
+    """pynetdicom's association server bound with SO_REUSEPORT, so several processes listen on one port."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+def _serve_minimal(port: int, folder: str, fsync: bool) -> None:
+    """One process of :func:`minimal_scp_processes`: says ``listening`` on its standard output, then serves."""
+    server = _minimal_ae().make_server(("127.0.0.1", port), server_class=_SharedPortServer,
+                                       evt_handlers=[(evt.EVT_C_STORE, _minimal_handler(Path(folder), fsync))])
+    print("listening", flush=True)
+    server.serve_forever()
+
+
+@contextlib.contextmanager
+def minimal_scp_processes(folder: Path, fsync: bool = True, processes: int = MINIMAL_PROCESSES) -> Iterator[Receiver]:
+    """The minimal SCP in ``processes`` processes sharing one port (SO_REUSEPORT: the kernel spreads the
+    associations over them), so no Python process serves more than one of the senders: the most a pynetdicom
+    receiver making radnode's promise reaches on this machine, whatever it does between the bytes and the disk."""
+    folder.mkdir(parents=True, exist_ok=True)
+    reserve = socket.socket()  # holds the port (bound, never listening) until the servers listen on it
+    reserve.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    reserve.bind(("127.0.0.1", 0))
+    port = reserve.getsockname()[1]
+    code = f"from radnode.benchmarks.ingest import _serve_minimal; _serve_minimal({port}, {str(folder)!r}, {fsync})"
+    workers: list[subprocess.Popen] = []
+    try:
+        for _ in range(processes):
+            workers.append(subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True))
+        for worker in workers:
+            if worker.stdout is None or worker.stdout.readline().strip() != "listening":
+                raise RuntimeError(f"minimal SCP process {worker.pid} did not start (exit status {worker.poll()})")
+        reserve.close()
+        yield port, "MINIMAL", lambda: sum(1 for _ in folder.glob("*.dcm"))
+    finally:
+        reserve.close()
+        for worker in workers:
+            worker.terminate()
+        for worker in workers:
+            worker.wait(30)
+            if worker.stdout is not None:
+                worker.stdout.close()
 
 
 @contextlib.contextmanager
@@ -121,6 +186,7 @@ def receiver(peer: str, folder: Path) -> contextlib.AbstractContextManager[Recei
             "radnode_no_fsync": lambda: radnode_scp(folder, sync_spool=False),
             "pynetdicom_minimal": lambda: minimal_scp(folder),
             "pynetdicom_minimal_fsync": lambda: minimal_scp(folder, fsync=True),
+            "pynetdicom_minimal_fsync_processes": lambda: minimal_scp_processes(folder, fsync=True),
             "dcmtk_storescp": lambda: dcmtk_storescp(folder),
             "orthanc": lambda: orthanc(folder)}[peer]()
 
@@ -161,4 +227,7 @@ def run(files: list[Path], senders: tuple[int, ...] = (1, 8), repeats: int = 3,
         results.setdefault("like_for_like", {})[str(n)] = {
             kind: round(rows[ours]["instances_per_s"] / rows[theirs]["instances_per_s"], 2)
             for kind, (ours, theirs) in LIKE_FOR_LIKE.items() if ours in rows and theirs in rows}
+        if "pynetdicom_minimal_fsync_processes" in rows and "orthanc" in rows:
+            results.setdefault("ceiling_vs_orthanc", {})[str(n)] = round(
+                rows["pynetdicom_minimal_fsync_processes"]["instances_per_s"] / rows["orthanc"]["instances_per_s"], 2)
     return results
