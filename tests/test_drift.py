@@ -107,9 +107,10 @@ def test_one_alert_per_episode_a_new_one_after_the_shift_clears_and_returns(stor
 
     store = JobStore(store_target)
     try:
-        raised = [len(store.record_drift("ct", 20, 10, [shift(value)], {"noise_hu": f"PSI {value}"}))
-                  for value in (3.0, 4.0, 2.0, 0.1, 0.05, 5.0, 6.0)]
-        assert raised == [1, 0, 0, 0, 0, 1, 0]  # raised, lasting, lasting, cleared, quiet, raised again, lasting
+        changes = [store.record_drift("ct", 20, 10, [shift(value)], {"noise_hu": f"PSI {value}"})
+                   for value in (3.0, 4.0, 2.0, 0.1, 0.05, 5.0, 6.0)]
+        assert [len(c.raised) for c in changes] == [1, 0, 0, 0, 0, 1, 0]  # raised, lasting, lasting, cleared, quiet,
+        assert [c.cleared for c in changes] == [[], [], [], ["noise_hu"], [], [], []]  # raised again, lasting
         (pipeline,) = store.drift_document()
         first, second = pipeline["alerts"]
         assert (first["psi"], first["peak_psi"], second["psi"], second["peak_psi"]) == (3.0, 4.0, 5.0, 6.0)
@@ -128,6 +129,57 @@ def test_one_alert_per_episode_a_new_one_after_the_shift_clears_and_returns(stor
             "pipeline,kind,attribute,psi,p_value,drifting,alert,baseline_n,window_n,baseline,window",
             "ct,input,noise_hu,6.0,1e-06,True,open,20,10,median 10,median 25"]
     finally:
+        store.close()
+
+
+def test_an_alerts_start_and_its_clearing_are_both_in_the_audit_trail(store_target: Path | str, tmp_path: Path) -> None:
+    """Ten studies of a baseline, ten far off (an alert opens: a Security Alert, outcome minor failure), ten back
+    at the baseline (it clears: a Security Alert with outcome success naming the attribute)."""
+    from radnode.config import AuditConfig
+    from radnode.feedback.drift import DriftMonitor
+    from radnode.node.store import JobStore
+    from radnode.node.store.records import Instance
+    from radnode.pipelines.routing import SeriesDecision
+    from radnode.security.audit import AuditTrail
+    from radnode.security.privacy import SiteKey
+
+    store = JobStore(store_target)
+    audit = AuditTrail(AuditConfig(), tmp_path / "data", "RADNODE", SiteKey(b"k" * 32))
+    monitor = DriftMonitor(DriftConfig(window=10, baseline_studies=10), store, audit)
+
+    def study(k: int, value: float) -> None:
+        uid = f"1.2.826.0.2.{k}"
+        _, job_id = store.record_instance(Instance(
+            sop_instance_uid=f"{uid}.1.1", study_instance_uid=uid, series_instance_uid=f"{uid}.1", patient_id="P1",
+            modality="CT", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", path=f"/spool/{k}.dcm", calling_ae="CT",
+            peer_address="127.0.0.1:4000", association_id="a", received_at=1000.0 + k), SeriesDecision(("ct",)))
+        store.record_observation(job_id, "ct", {"noise_hu": value}, {})
+
+    def drift_messages() -> list[str]:
+        return [m for m in audit.messages() if "RADNODE-DRIFT" in m]
+
+    try:
+        for k in range(10):
+            study(k, 10.0 + k / 10)
+        monitor.tick()
+        for k in range(10, 20):
+            study(k, 40.0 + k / 10)
+        monitor.tick()
+        (opened,) = drift_messages()
+        assert 'EventOutcomeIndicator="4"' in opened
+        for k in range(20, 30):
+            study(k, 10.0 + (k - 20) / 10)
+        monitor.tick()
+        opened_again, cleared = drift_messages()
+        assert opened_again == opened and 'EventOutcomeIndicator="0"' in cleared
+        import base64
+        import re
+
+        (description,) = re.findall(r'type="Alert Description" value="([^"]+)"', cleared)
+        assert base64.b64decode(description).decode().startswith("ct: drift alert on noise_hu cleared: PSI 0.000")
+        assert store.drift_document()[0]["alerts"][0]["cleared_at"] is not None
+    finally:
+        audit.close()
         store.close()
 
 

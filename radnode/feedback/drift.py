@@ -377,13 +377,22 @@ class DriftMonitor:
     def evaluate(self, pipeline: str) -> list[Shift]:
         """Compare one pipeline's window with its baseline, record each attribute's figures, raise what is new."""
         baseline_n, window_n, shifts = evaluate(self.store.drift_observations(pipeline, self.settings), self.settings)
-        raised = self.store.record_drift(pipeline, baseline_n, window_n, shifts,
+        change = self.store.record_drift(pipeline, baseline_n, window_n, shifts,
                                          {s.attribute: alert_message(pipeline, s) for s in shifts if s.drifting})
-        for shift in raised:
+        from radnode.security.audit import DRIFT_ALERT, SUCCESS
+
+        for shift in change.raised:
             message = alert_message(pipeline, shift)
             log.warning("drift alert: %s", message)
             if self.audit is not None:
-                from radnode.security.audit import DRIFT_ALERT
-
                 self.audit.security_alert(alert=DRIFT_ALERT, description=message)
+        figures = {s.attribute: s for s in shifts}
+        for attribute in change.cleared:  # the episode's end is on record as its start is
+            now = figures.get(attribute)
+            message = (f"{pipeline}: drift alert on {attribute} cleared: "
+                       + (f"PSI {now.psi:.3f} (p {now.p_value:.2g}) over the last {now.window_n} studies"
+                          if now is not None else "no longer compared (no window of studies)"))
+            log.warning("%s", message)
+            if self.audit is not None:
+                self.audit.security_alert(alert=DRIFT_ALERT, description=message, outcome=SUCCESS)
         return shifts

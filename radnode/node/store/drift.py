@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import and_, delete, func, insert, select, update
@@ -19,6 +20,16 @@ from radnode.node.store.schema import drift_alerts, drift_observations, drift_st
 if TYPE_CHECKING:
     from radnode.config import DriftConfig
     from radnode.feedback.drift import Observation, Shift, Value
+
+
+@dataclass(frozen=True)
+class DriftChange:
+    """What one evaluation changed in a pipeline's alerts."""
+
+    raised: list["Shift"]
+    """The attributes that began drifting (an alert opened for each)."""
+    cleared: list[str]
+    """The attributes whose open alert closed: back under the threshold, or no longer compared."""
 
 
 class Drift:
@@ -63,10 +74,11 @@ class Drift:
         return [Observation(r.job_id, r.pipeline, r.recorded_at, r.inputs or {}, r.outputs or {}) for r in rows]
 
     def record_drift(self, pipeline: str, baseline_n: int, window_n: int, shifts: Sequence["Shift"],
-                     messages: Mapping[str, str]) -> list["Shift"]:
+                     messages: Mapping[str, str]) -> "DriftChange":
         """Replace the pipeline's latest figures with ``shifts``; open an alert for each drifting attribute that
-        has none open (returned: the new ones), raise an open one's peak, clear those no longer drifting."""
-        now, raised = time.time(), []
+        has none open, raise an open one's peak, clear those no longer drifting (returned: what opened and
+        what cleared)."""
+        now, raised, cleared = time.time(), [], []
         with self._db.write() as conn:
             conn.execute(delete(drift_states).where(drift_states.c.pipeline == pipeline))
             if shifts:
@@ -83,13 +95,14 @@ class Drift:
                                  .values(peak_psi=max(row.peak_psi, drifting[attribute].psi)))
                 else:  # back under the threshold, or no longer compared (the window was emptied)
                     conn.execute(update(drift_alerts).where(drift_alerts.c.id == row.id).values(cleared_at=now))
+                    cleared.append(attribute)
             for attribute, shift in drifting.items():
                 if attribute not in open_alerts:
                     conn.execute(insert(drift_alerts).values(
                         pipeline=pipeline, attribute=attribute, kind=shift.kind, psi=shift.psi, peak_psi=shift.psi,
                         p_value=shift.p_value, message=messages[attribute], raised_at=now))
                     raised.append(shift)
-        return raised
+        return DriftChange(raised, cleared)
 
     def drift_document(self, pipeline: str | None = None) -> list[dict[str, Any]]:
         """Per pipeline: how many studies are recorded, each attribute's latest figures and every alert (what
