@@ -133,11 +133,12 @@ class IngressConfig(_Strict):
     SyncStorageArea does the same by default). Off, it survives a crash of the node but not of the machine."""
     max_pdu: Annotated[int, Field(ge=0)] = 0
     """Maximum PDU size offered (0 = unlimited, fastest for large studies)."""
-    study_quiet_seconds: Annotated[float, Field(ge=0)] = 3.0
+    study_quiet_seconds: Annotated[float, Field(ge=0)] = 0.5
     """A study whose associations were all released waits this long with nothing arriving before it counts as
-    complete (a sender that sends a study in batches, or re-sends after a restart, pauses between them); a
-    sender's ``peers`` entry or a rule's ``study_idle_seconds`` may set it longer. Instances that still come
-    later re-run the study and supersede the earlier result (``late_instances: rerun``)."""
+    complete: short by default, so a study sent in one association starts within a second of its last instance;
+    for a sender that sends a study in batches, or re-sends after a restart, pausing between associations, its
+    ``peers`` entry (or a rule's ``study_idle_seconds``) sets it longer. Instances that still come later re-run
+    the study and supersede the earlier result (``late_instances: rerun``)."""
     max_associations: Annotated[int, Field(ge=1)] = 40
     """Simultaneous associations the SCP accepts in all; one more is rejected (transient, local limit exceeded)."""
     max_associations_per_peer: Annotated[int, Field(ge=1)] = 20

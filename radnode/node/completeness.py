@@ -38,7 +38,7 @@ class CompletenessSettings:
     idle_seconds: float = 3.0
     series_grace_seconds: float = 0.5
     study_grace_seconds: float = 1.0
-    study_quiet_seconds: float = 3.0
+    study_quiet_seconds: float = 0.5
     """The wait after the study's associations were all released."""
     missing_wait_seconds: float = 60.0
     """How long a study short of its declared Number of Study Related Instances waits in silence."""
