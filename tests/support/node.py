@@ -164,7 +164,6 @@ class ServeProcess:
                                           "api": {"port": self.api_port},  # never the fixed default 8765
                                           "processing": {"max_concurrent_jobs": 2, "job_timeout_seconds": 300},
                                           "feedback": {"preload_metrics": False},
-                                          "api": {"port": 0},  # never the fixed 8765: tests run side by side
                                           **({"rules": str(rules)} if rules else {}), **(settings or {})}))
         self.log = (data_dir.parent / f"{data_dir.name}.log").open("a")
         self.process = subprocess.Popen(
