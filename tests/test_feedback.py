@@ -459,6 +459,12 @@ def test_review_decisions_reissue_a_verified_report_sr_or_a_rejection_note_and_t
                          for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
             assert withdrawn == first_results | {verified.SOPInstanceUID, amended.SOPInstanceUID}
             assert dciodvfy_errors(Path(note.filename)) == []
+
+            received = len(pacs.received())  # withdrawn for good: no later decision brings the results back
+            for later in ({"decision": "accepted"}, {"decision": "rejected", "reason": "wrong-anatomy"}):
+                refused = client.post(f"/api/jobs/{job.id}/review", json=later)
+                assert refused.status_code == 409 and "were rejected" in refused.json()["detail"], refused.text
+            assert len(pacs.received()) == received
         reissued = [d for d in node.store.deliveries(job.id) if d.object.startswith("review-")]
         assert sorted((d.destination, d.object.split("/")[1], d.state, d.attempts) for d in reissued) == [
             ("ehr", "fhir-reissue.json", "done", 1)] * 3 + [("pacs", "rejection-note.dcm", "done", 1)] + [

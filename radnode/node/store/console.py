@@ -234,7 +234,8 @@ class Console:
         """A person looked at a job's results; it leaves the review worklist. ``reviewed`` (looked at, for a
         flagged job), or a decision on a finished job's results for local performance: ``accepted``,
         ``corrected``, ``rejected`` (with one of :data:`REJECT_REASONS`); a job still delivering (or that failed
-        to deliver) an earlier decision's re-issue takes a new one. Returns the review's id."""
+        to deliver) an earlier decision's re-issue takes a new one; a rejected one takes no further decision (its
+        results are withdrawn for good). Returns the review's id."""
         if decision not in REVIEW_DECISIONS:
             raise ActionRefused(f"unknown review decision {decision!r}: one of {', '.join(REVIEW_DECISIONS)}")
         if decision == "rejected" and reason is None:
@@ -255,6 +256,11 @@ class Console:
                     and conn.execute(select(reviews.c.id).where(reviews.c.job_id == job_id,
                                                                 reviews.c.decision.in_(DECISIONS))).first()):
                 raise ActionRefused(f"job {job_id} is {row.state}: only a done job's results can be {decision}")
+            if decision != "reviewed" and conn.execute(select(reviews.c.id).where(
+                    reviews.c.job_id == job_id, reviews.c.decision == "rejected")).first():
+                raise ActionRefused(f"job {job_id}'s results were rejected: a rejection note withdrew them at the "
+                                    f"DICOM destinations and the EHR's report is entered-in-error, which is final "
+                                    f"(IHE IOCM); they cannot be {decision} now")
             text = note if reason is None else f"{reason}" + (f"; {note}" if note else "")
             review_id = conn.execute(insert(reviews).values(job_id=job_id, decision=decision, reviewer=user,
                                                             note=text, at=time.time())
