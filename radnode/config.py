@@ -681,9 +681,10 @@ class FeedbackConfig(_Strict):
     drift: DriftConfig = DriftConfig()
 
     preload_metrics: bool = True
-    """Load highdicom and MONAI's metrics in the feedback thread at start, so the first correction is matched in
-    seconds rather than after MONAI's import (≈30 s measured on a loaded 2-core machine); off, they load on the
-    first correction (a node that never gets one never pays for them)."""
+    """Load highdicom and MONAI's metrics in the feedback thread once the node is first idle after its start (no
+    study arriving, queued, running or delivering: the imports would slow those), so the first correction is
+    matched in seconds rather than after MONAI's import (≈30 s measured on a loaded 2-core machine); off, they load
+    on the first correction (a node that never gets one never pays for them)."""
     verifying_organization: Annotated[str, Field(max_length=64)] | None = None
     """The Verifying Organization a reviewed report SR names beside the reviewer (``radnode/feedback/reissue.py``);
     unset: ``institution_name``, else the node's AE title."""

@@ -514,3 +514,29 @@ def test_a_decision_taken_while_the_fhir_server_is_down_reaches_it_once_when_it_
                 assert _report_status(fhir, identifier) == ("final", [{"display": "token:dr-kim"}])
     finally:
         fhir.stop()
+
+
+def test_the_metrics_preload_waits_until_no_study_is_arriving_or_being_processed(tmp_path: Path) -> None:
+    """Its imports hold the interpreter for seconds: with a study arriving they wait; once every job is final they
+    load, on the next round."""
+    from radnode.config import Config
+    from radnode.feedback.corrections import CorrectionMatcher
+    from radnode.node.store import JobStore
+    from radnode.node.store.records import Instance
+    from radnode.pipelines.routing import SeriesDecision
+
+    config = Config.model_validate({"data_dir": str(tmp_path / "data")})
+    store = JobStore(tmp_path / "radnode.db")
+    try:
+        _, job_id = store.record_instance(Instance(
+            sop_instance_uid="1.2.826.0.3.1.1.1", study_instance_uid="1.2.826.0.3.1", series_instance_uid="1.2.826.0.3.1.1",
+            patient_id="P1", modality="CT", sop_class_uid="1.2.840.10008.5.1.4.1.1.2", path="/spool/1.dcm", calling_ae="CT",
+            peer_address="127.0.0.1:4000", association_id="a", received_at=1000.0), SeriesDecision(("ct_tissue",)))
+        matcher = CorrectionMatcher(config, store)
+        matcher.tick()
+        assert not matcher.metrics_loaded  # the study is still arriving
+        store.fail_job(job_id, "over for this test")
+        matcher.tick()
+        assert matcher.metrics_loaded
+    finally:
+        store.close()

@@ -136,17 +136,22 @@ def compare(result, correction, grid: SourceGrid,  # type: ignore[no-untyped-def
 class CorrectionMatcher:
     """Settles the store's pending corrections (one :meth:`tick` per round of the node's feedback thread)."""
 
+    BUSY_STATES = (JobState.RECEIVED, JobState.QUEUED, JobState.RUNNING, JobState.DELIVERING)
+    """While a job is in one of these, the preload waits: its imports hold the interpreter for seconds, which the
+    node's receiving and its jobs' start need more."""
+
     def __init__(self, config: Config, store: JobStore) -> None:
         self.config = config
         self.store = store
-        self._loaded = not config.feedback.preload_metrics
+        self.metrics_loaded = not config.feedback.preload_metrics
+        """highdicom and MONAI's metrics imported (``feedback.preload_metrics``), or no preload wanted."""
 
     def tick(self) -> None:
-        if not self._loaded:  # feedback.preload_metrics: the heavy imports now, not on the first correction
+        if not self.metrics_loaded and self._idle():  # the heavy imports now, not on the first correction
             import highdicom  # noqa: F401
 
             monai_metrics()
-            self._loaded = True
+            self.metrics_loaded = True
         for correction in self.store.pending_corrections():
             try:
                 self.settle(correction)
@@ -154,6 +159,11 @@ class CorrectionMatcher:
                 log.exception("correction %s cannot be matched", correction.sop_instance_uid)
                 self.store.settle_correction(correction.sop_instance_uid, CorrectionState.UNREADABLE,
                                              f"cannot be compared: {type(e).__name__}: {e}")
+
+    def _idle(self) -> bool:
+        """No study arriving, queued, running or being delivered (a correction pending loads the metrics itself)."""
+        counts, _ = self.store.job_counts()
+        return not any(counts.get(state.value) for state in self.BUSY_STATES)
 
     def settle(self, correction: Correction) -> None:
         """Match one pending correction and record the outcome (or leave it pending while its jobs run)."""
