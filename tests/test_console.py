@@ -554,7 +554,7 @@ def test_an_operator_watches_a_study_arrive_and_finish_then_resends_a_result_in_
             if browser.poll() is None:
                 browser.kill()
         (job,) = node.jobs()
-        resent = output[-1].removeprefix("RESENT ") if output[-1].startswith("RESENT ") else ""
+        resent = next((line.removeprefix("RESENT ") for line in output if line.startswith("RESENT ")), "")
         assert resent == f"{pacs.ae_title}@127.0.0.1:{pacs.port}", "\n".join(output)
         events = node.events(job.id)
         assert [e.message for e in events if e.kind == "resend"] == [f"olga re-sent 1 delivery to {resent}: no reason given"]
