@@ -227,7 +227,7 @@ def run(files: list[Path], senders: tuple[int, ...] = (1, 8), repeats: int = 3,
         results.setdefault("like_for_like", {})[str(n)] = {
             kind: round(rows[ours]["instances_per_s"] / rows[theirs]["instances_per_s"], 2)
             for kind, (ours, theirs) in LIKE_FOR_LIKE.items() if ours in rows and theirs in rows}
-        if "pynetdicom_minimal_fsync_processes" in rows and "orthanc" in rows:
+        if n > 1 and "pynetdicom_minimal_fsync_processes" in rows and "orthanc" in rows:  # one sender: one process
             results.setdefault("ceiling_vs_orthanc", {})[str(n)] = round(
                 rows["pynetdicom_minimal_fsync_processes"]["instances_per_s"] / rows["orthanc"]["instances_per_s"], 2)
     return results
