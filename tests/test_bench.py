@@ -95,13 +95,17 @@ def test_end_to_end_says_where_the_time_goes_per_phase_with_the_load_and_the_tar
     assert all(row["wall"] >= 0 for row in phases.values())
     assert all(row["cpu"] > 0 for name, row in phases.items() if name in run["phase_cpu_seconds"])
     # the quiet time after release is the node's default and is waited for in full, never shortened
-    assert run["completeness"]["defaults"] and phases["completeness_wait"]["wall"] >= 3.0
+    from radnode.config import IngressConfig
+
+    quiet = IngressConfig().study_quiet_seconds
+    assert run["completeness"]["defaults"] and run["completeness"]["study_quiet_seconds"] == quiet
+    assert phases["completeness_wait"]["wall"] >= quiet
     assert run["total_seconds"] >= sum(phases[p]["wall"] for p in ("completeness_wait", "pick_up", "job_start"))
     assert run["cpu_seconds_total"] >= run["job_phase_cpu_seconds"] + run["cpu_seconds_node"] > 0
     assert len(run["load_average_before"]) == 3 and run["dicom_delivered"] >= 2
     text = table(results)
     assert "| write_seg | job, child process beside the next phases |" in text and "last instance → delivered" in text and "load average" in text
-    assert "study quiet time 3 s" in text
+    assert f"study quiet time {quiet:g} s" in text
 
 
 def test_the_shared_port_minimal_scp_spreads_senders_over_its_processes_and_keeps_every_instance(tmp_path: Path) -> None:

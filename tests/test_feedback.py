@@ -465,6 +465,9 @@ def test_review_decisions_reissue_a_verified_report_sr_or_a_rejection_note_and_t
                 refused = client.post(f"/api/jobs/{job.id}/review", json=later)
                 assert refused.status_code == 409 and "were rejected" in refused.json()["detail"], refused.text
             assert len(pacs.received()) == received
+            trail = (config.data_dir / "audit" / "audit.log").read_text().splitlines()
+            tried = [line for line in trail if ">review-accepted<" in line and 'EventOutcomeIndicator="4"' in line]
+            assert len(tried) == 1 and "refused: job" in tried[0] and "were rejected" in tried[0]  # tried, on record
         reissued = [d for d in node.store.deliveries(job.id) if d.object.startswith("review-")]
         assert sorted((d.destination, d.object.split("/")[1], d.state, d.attempts) for d in reissued) == [
             ("ehr", "fhir-reissue.json", "done", 1)] * 3 + [("pacs", "rejection-note.dcm", "done", 1)] + [

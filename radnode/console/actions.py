@@ -58,22 +58,32 @@ def _store(request: Request) -> JobStore:
 
 
 def _act(request: Request, identity: Identity, action: str, job_id: int | None, run):  # type: ignore[no-untyped-def]
-    """Run ``run()`` (the store's action), map refusals to HTTP answers, audit and log the outcome."""
+    """Run ``run()`` (the store's action), map refusals to HTTP answers, audit and log the outcome: a refused
+    attempt is audited too (outcome minor failure, with why), so the trail holds what was tried, not only what
+    was done."""
     try:
         message = run()
     except LookupError as e:
+        _audit(request, identity, action, job_id, refused=str(e).strip("'"))
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(e).strip("'")) from None
     except ActionRefused as e:
+        _audit(request, identity, action, job_id, refused=str(e))
         raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
-    gate = gate_of(request)
-    what = f"job/{job_id}" if job_id is not None else "queue"
-    if gate.audit is not None:
-        job = _store(request).job(job_id) if job_id is not None else None
-        gate.audit.user_action(user=identity.label, address=client_address(request), action=action, what=what,
-                               study_uid=job.study_instance_uid if job else None,
-                               patient_id=job.patient_id if job else None)
-    log.info("%s by %s on %s: %s", action, identity.label, what, message)
+    _audit(request, identity, action, job_id)
+    log.info("%s by %s on %s: %s", action, identity.label, f"job/{job_id}" if job_id is not None else "queue", message)
     return message
+
+
+def _audit(request: Request, identity: Identity, action: str, job_id: int | None, refused: str | None = None) -> None:
+    """One audit message for a console action (or its refused attempt) when the node keeps an audit trail."""
+    gate = gate_of(request)
+    if gate.audit is None:
+        return
+    job = _store(request).job(job_id) if job_id is not None else None
+    gate.audit.user_action(user=identity.label, address=client_address(request), action=action,
+                           what=f"job/{job_id}" if job_id is not None else "queue",
+                           study_uid=job.study_instance_uid if job else None,
+                           patient_id=job.patient_id if job else None, refused=refused)
 
 
 @router.post("/api/jobs/{job_id}/retry", response_model=ActionResult, responses=_RESPONSES,

@@ -273,10 +273,11 @@ class AuditTrail:
 
     def user_action(self, *, user: str, address: str | None, action: str, what: str,
                     study_uid: str | None = None, patient_id: str | None = None, success: bool = True,
-                    configuration: bool = False) -> str:
+                    configuration: bool = False, refused: str | None = None) -> str:
         """An action a person took through the console or API (retry, re-send, cancel, configuration change):
         a Security Alert of type Local Service Operation (or Software Configuration for a config change) with
-        the user as the requestor, so the audit trail says who did what to which study."""
+        the user as the requestor, so the audit trail says who did what to which study. ``refused``: the
+        attempt was refused, and why (outcome minor failure, the reason in the description)."""
         person = Participant(user, True, None, user_name=user, address=address)
         node = Participant(self.node.user_id, False, None, (self.ae_title,), "radnode")
         objects = []
@@ -287,8 +288,9 @@ class AuditTrail:
         detail.append(_code("ParticipantObjectIDTypeCode", URI))
         ET.SubElement(detail, "ParticipantObjectName").text = action
         alert = SOFTWARE_CONFIGURATION if configuration else LOCAL_SERVICE_OPERATION
-        return self._emit(SECURITY_ALERT, "E", SUCCESS if success else MINOR_FAILURE, [alert], [person, node],
-                          [*objects, detail], f"{user}: {action} {what}")
+        outcome = SUCCESS if success and refused is None else MINOR_FAILURE
+        description = f"{user}: {action} {what}" + (f" refused: {refused}" if refused is not None else "")
+        return self._emit(SECURITY_ALERT, "E", outcome, [alert], [person, node], [*objects, detail], description)
 
     # -- plumbing ------------------------------------------------------------------------------------------
 
