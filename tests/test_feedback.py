@@ -310,8 +310,11 @@ def test_review_decisions_are_recorded_with_the_reviewer_and_counted_in_local_pe
         assert (full[jobs["rejected"]]["patient_id"], full[jobs["rejected"]]["patient_name"],
                 full[jobs["rejected"]]["note"]) == ("REJECTED", "Test^Patient", "the scout was sent")
         trail = (node.config.data_dir / "audit" / "audit.log").read_text().splitlines()
+        done = [line for line in trail if 'EventOutcomeIndicator="0"' in line]
         assert [next(u for u in ("dr-lee", "dr-kim") if u in line) for d in ("accepted", "rejected", "corrected")
-                for line in trail if f">review-{d}<" in line] == ["dr-lee", "dr-lee", "dr-kim"]
+                for line in done if f">review-{d}<" in line] == ["dr-lee", "dr-lee", "dr-kim"]
+        (tried,) = [line for line in trail if ">review-rejected<" in line and 'EventOutcomeIndicator="4"' in line]
+        assert "refused: a rejection needs a reason" in tried  # the 409 attempt is on record too (the 422 never ran)
         audited = [line for line in trail if "export/reviews" in line]
         assert [("token:dr-kim" in line, "identifiers removed" in line, "identifiers included" in line)
                 for line in audited] == [(True, True, False), (False, True, False), (False, False, True)], audited
