@@ -5,6 +5,7 @@ the store exactly, survive restarts and agree between several node processes sha
 ``radnode_instances_received_total``         counter instances indexed, by ``calling_ae``
 ``radnode_studies_received_total``           counter studies (a study's main job), by ``calling_ae``
 ``radnode_associations_rejected_total``      counter associations refused at A-ASSOCIATE, by ``reason``
+``radnode_tls_handshake_failures_total``     counter DICOM TLS handshakes refused or failed
 ``radnode_jobs``                             gauge   jobs by ``state`` and ``pipeline``
 ``radnode_queue_depth``                      gauge   jobs queued, waiting for a worker
 ``radnode_queue_paused``                     gauge   1 while an operator paused the queue
@@ -137,7 +138,7 @@ class NodeCollector(Collector):
     """The node's metrics, computed at scrape time (see the module docstring)."""
 
     def __init__(self, source: MetricsSource, spool: Path, rejected: Callable[[], dict[str, int]] = dict,
-                 paused: Callable[[], bool] = lambda: False,
+                 tls_failures: Callable[[], int] = lambda: 0, paused: Callable[[], bool] = lambda: False,
                  performance: Callable[[], list[PipelinePerformance]] = list,
                  drift: Callable[[], list[dict]] = list,
                  shadow: Callable[[], list[ShadowSummary]] = list) -> None:
@@ -147,6 +148,7 @@ class NodeCollector(Collector):
         self.shadow = shadow
         self.spool = spool
         self.rejected = rejected
+        self.tls_failures = tls_failures
         self.paused = paused
         self.refused: Counter[str] = Counter()
         self._lock = threading.Lock()
@@ -168,6 +170,8 @@ class NodeCollector(Collector):
                        [((ae,), n) for ae, n in rows["studies"]])
         yield _counter("radnode_associations_rejected", "Associations refused at A-ASSOCIATE", ["reason"],
                        [((reason,), n) for reason, n in self.rejected().items()])
+        yield CounterMetricFamily("radnode_tls_handshake_failures", "DICOM TLS handshakes refused or failed",
+                                  value=self.tls_failures())
         yield _gauge("radnode_jobs", "Jobs by state and pipeline", ["state", "pipeline"],
                      [((state, pipeline), n) for state, pipeline, n in rows["jobs"]])
         queued = sum(n for state, _, n in rows["jobs"] if state == "queued")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,11 +47,12 @@ class Console:
     """The web service of one node (``node`` answers the console's NodeView and StowIngest protocols)."""
 
     def __init__(self, config: Config, node: object, store: JobStore, audit: AuditSink | None = None,
-                 rejected_associations=dict) -> None:  # type: ignore[no-untyped-def]
+                 rejected_associations: Callable[[], dict[str, int]] = dict,
+                 tls_failures: Callable[[], int] = lambda: 0) -> None:
         api = config.api
         self.accounts = Accounts(store)
         self.collector = NodeCollector(node, config.data_dir / "spool", rejected_associations,  # type: ignore[arg-type]
-                                       store.queue_paused, performance=lambda: local_performance(store),
+                                       tls_failures, store.queue_paused, performance=lambda: local_performance(store),
                                        drift=store.drift_document, shadow=lambda: shadow_summaries(store))
         token = read_event_token(config.orthanc.event_token_file) if config.orthanc.url else None
         if config.orthanc.url and token is None:

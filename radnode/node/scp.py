@@ -17,6 +17,8 @@ import logging
 import os
 import re
 import shutil
+import socket
+import ssl
 import struct
 import threading
 import time
@@ -52,6 +54,7 @@ from radnode.security.access import REJECTED_PERMANENT, SERVICE_USER, PeerPolicy
 from radnode.security.tls import TlsAssociationServer, peer_identity, server_context
 
 if TYPE_CHECKING:
+    from radnode.node.receivers import SharedAssociations
     from radnode.security.audit import AuditTrail
 
 log = logging.getLogger(__name__)
@@ -456,12 +459,18 @@ class StorageSCP:
     Each data set is received into a file by pynetdicom (``STORE_RECV_CHUNKED_DATASET``), never whole in
     memory, and moved into the spool. No exception leaves the C-STORE handler: every failure is one log line
     and a failure status with its reason.
+
+    With ``shared`` (one of the node's receiver processes, :mod:`radnode.node.receivers`) it listens with
+    SO_REUSEPORT beside its siblings, takes its association slots from the node-wide count and adds its
+    refusals to the shared counters.
     """
 
-    def __init__(self, config: IngressConfig, ingest: Ingest, audit: "AuditTrail | None" = None) -> None:
+    def __init__(self, config: IngressConfig, ingest: Ingest, audit: "AuditTrail | None" = None,
+                 shared: "SharedAssociations | None" = None) -> None:
         self.config = config
         self.ingest = ingest
         self.audit = audit
+        self.shared = shared
         self.policy = ingest.router.policy or PeerPolicy(config)
         self.tls_failures = 0
         """TLS handshakes refused or failed (no client certificate, untrusted CA, not TLS at all)."""
@@ -471,6 +480,8 @@ class StorageSCP:
         self._tallies: weakref.WeakKeyDictionary[Association, _AssociationTally] = weakref.WeakKeyDictionary()
         self._tally_lock = threading.Lock()
         self._current: threading.local = threading.local()
+        self._tickets: weakref.WeakKeyDictionary[Association, str] = weakref.WeakKeyDictionary()
+        """The shared association slot each association holds (with ``shared``)."""
         ingest.on_received = self._on_received
 
     @staticmethod
@@ -492,23 +503,32 @@ class StorageSCP:
         handlers = [(evt.EVT_REQUESTED, self._on_requested), (evt.EVT_C_ECHO, self._on_echo),
                     (evt.EVT_C_STORE, self._on_store), (evt.EVT_RELEASED, self._on_end),
                     (evt.EVT_ABORTED, self._on_end)]
+        if self.shared is not None:
+            handlers.append((evt.EVT_CONN_CLOSE, self._on_closed))
         tls = self.config.tls
         if tls is not None:
             context = server_context(tls, tls.require_client_certificate)
-            server = self._ae.make_server((self.config.host, tls.port), ssl_context=context, evt_handlers=handlers,
-                                          server_class=TlsAssociationServer)
+            server = self._serve((self.config.host, tls.port), handlers, context)
             server.on_handshake_failed = self._on_handshake_failed
-            thread = threading.Thread(target=server.serve_forever, name="radnode-scp-tls", daemon=True)
-            thread.start()
-            self._ae._servers.append(server)  # so AE.shutdown() ends it, as with start_server
             self._tls_server = server
             log.info("Storage SCP %s listening with TLS %s+%s on %s:%d", self.config.ae_title, tls.min_version,
                      " (client certificates required)" if tls.require_client_certificate else "",
                      self.config.host, self.tls_port)
         if self.config.plain_listener:
-            self._server = self._ae.start_server((self.config.host, self.config.port), block=False,
-                                                 evt_handlers=handlers)
+            self._server = self._serve((self.config.host, self.config.port), handlers)
             log.info("Storage SCP %s listening on %s:%d", self.config.ae_title, self.config.host, self.port)
+
+    def _serve(self, address: tuple[str, int], handlers: list, ssl_context: ssl.SSLContext | None = None,
+               ) -> ThreadedAssociationServer:
+        """An association server on ``address`` (TLS with ``ssl_context``), serving in its own thread."""
+        server_class: type[ThreadedAssociationServer] = TlsAssociationServer if ssl_context else ThreadedAssociationServer
+        if self.shared is not None:
+            server_class = _SHARED_PORT[server_class]
+        server = self._ae.make_server(address, ssl_context=ssl_context, evt_handlers=handlers, server_class=server_class)
+        name = "radnode-scp-tls" if ssl_context else "radnode-scp"
+        threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
+        self._ae._servers.append(server)  # so AE.shutdown() ends it, as with start_server
+        return server
 
     @property
     def port(self) -> int:
@@ -549,6 +569,8 @@ class StorageSCP:
             return
         log.warning("rejected association from %s (%s:%d) to %s: %s", calling, address,
                     event.assoc.requestor.port, called, rejection.reason)
+        if self.shared is not None:
+            self.shared.count(f"rejected:{rejection.counter_key}")
         if self.audit is not None:
             from radnode.security.audit import NODE_AUTHENTICATION, dicom_node
 
@@ -566,21 +588,36 @@ class StorageSCP:
         return self.config.max_associations_per_peer
 
     def _limit_peer(self, event: Event, calling: str) -> None:
-        """Reject (transient, local limit exceeded) an association over its calling AE's limit."""
-        holding = sum(1 for a in self._ae.active_associations
-                      if a is not event.assoc and a.is_acceptor and a.is_established
-                      and a.requestor.ae_title.strip() == calling)
+        """Reject (transient, local limit exceeded) an association over its calling AE's limit (with ``shared``:
+        over the node's limits counted over every receiver process)."""
         limit = self.peer_limit(calling)
-        if holding < limit:
-            return
-        log.warning("rejecting association from %s (%s): it holds %d of its %d associations", calling,
-                    event.assoc.requestor.address, holding, limit)
+        if self.shared is not None:
+            with self._tally_lock:
+                live = [t for a, t in self._tickets.items() if a.is_alive()]
+            ticket = self.shared.admit(calling, self.config.max_associations, limit, live)
+            if ticket is not None:
+                with self._tally_lock:
+                    self._tickets[event.assoc] = ticket
+                return
+            log.warning("rejecting association from %s (%s): the node holds %d associations in all (limit %d), or "
+                        "this AE its %d", calling, event.assoc.requestor.address, self.shared.held(),
+                        self.config.max_associations, limit)
+        else:
+            holding = sum(1 for a in self._ae.active_associations
+                          if a is not event.assoc and a.is_acceptor and a.is_established
+                          and a.requestor.ae_title.strip() == calling)
+            if holding < limit:
+                return
+            log.warning("rejecting association from %s (%s): it holds %d of its %d associations", calling,
+                        event.assoc.requestor.address, holding, limit)
         event.assoc.acse.send_reject(0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit
         evt.trigger(event.assoc, evt.EVT_REJECTED, {})
         event.assoc.kill()  # as pynetdicom's own rejection: waits until the A-ASSOCIATE-RJ is out before closing
 
     def _on_handshake_failed(self, peer: str, reason: str) -> None:
         self.tls_failures += 1
+        if self.shared is not None:
+            self.shared.count("tls_failures")
         log.warning("TLS handshake with %s failed: %s", peer, reason)
         if self.audit is not None:
             from radnode.security.audit import NODE_AUTHENTICATION, Participant
@@ -649,6 +686,17 @@ class StorageSCP:
             self._ended(event)
         except Exception as e:  # never let the bookkeeping take the association thread down
             log.error("end of association: %s: %s", type(e).__name__, str(e)[:200])
+        self._on_closed(event)
+
+    def _on_closed(self, event: Event) -> None:
+        """Give the association's shared slot back (at its release or abort, or when its connection closes)."""
+        with self._tally_lock:
+            ticket = self._tickets.pop(event.assoc, None)
+        if ticket is not None and self.shared is not None:
+            try:
+                self.shared.release(ticket)
+            except OSError as e:  # the slot is dropped at the next request anyway (no live association holds it)
+                log.error("cannot release association slot: %s", e)
 
     def _ended(self, event: Event) -> None:
         with self._tally_lock:
@@ -682,6 +730,26 @@ class StorageSCP:
                 study=StudyObject(study_uid, dict(study.sop_classes)), patient_id=study.patient_id or None,
                 source=source, destination=destination, outcome=MINOR_FAILURE if problems else SUCCESS,
                 description="; ".join(problems) or None)
+
+
+class SharedPortServer(ThreadedAssociationServer):
+    """pynetdicom's association server bound with SO_REUSEPORT, beside the node's other receiver processes."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+class SharedPortTlsServer(TlsAssociationServer):
+    """The TLS association server bound with SO_REUSEPORT."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+_SHARED_PORT: dict[type[ThreadedAssociationServer], type[ThreadedAssociationServer]] = {
+    ThreadedAssociationServer: SharedPortServer, TlsAssociationServer: SharedPortTlsServer}
 
 
 def _requested_uid(event: Event) -> str:

@@ -60,6 +60,7 @@ from radnode.node.activity import ActivityLog
 from radnode.node.egress import Egress
 from radnode.node.executors import check_models, configured_rules
 from radnode.node.orthanc_ingress import OrthancIngress
+from radnode.node.receivers import ReceiverPool
 from radnode.node.retention import Retention
 from radnode.node.scp import DiskGuard, Ingest, Origin, Refused, Router, Spool, StorageSCP, index_tags
 from radnode.node.store import Delivery, Event, Job, JobState, JobStore, store_target
@@ -91,6 +92,8 @@ class Node:
         self.egress: Egress | None = None
         """Started with the node: one delivery worker per destination (``Egress.resend`` re-sends a job)."""
         self._scp: StorageSCP | None = None
+        self._receivers: ReceiverPool | None = None
+        """With ``ingress.receivers`` above 1: the receiver processes, in place of the in-process SCP."""
         self._web: Console | None = None
         self._orthanc: OrthancIngress | None = None
         self.disk_guard: DiskGuard | None = None
@@ -133,14 +136,19 @@ class Node:
         self.egress = egress = Egress(self.config, store, self.poll_seconds, self.audit)
         scheduler = Scheduler(self.config, store, egress, self.job_command, config_file,
                               rules.in_process_pipelines, storage)
-        self._scp = StorageSCP(self.config.ingress, ingest, self.audit)
-        self._scp.start()
+        if self.config.ingress.receivers > 1:
+            self._receivers = ReceiverPool(self.config, config_file)
+            self._receivers.start()
+        else:
+            self._scp = StorageSCP(self.config.ingress, ingest, self.audit)
+            self._scp.start()
         if self.config.orthanc.url:
             self._orthanc = OrthancIngress(self.config.orthanc, ingest, self.config.egress.timeouts.network_seconds)
             self._orthanc.start()
         if self.config.api.enabled:
             self._ingest = ingest
-            self._web = Console(self.config, self, store, self.audit)
+            self._web = Console(self.config, self, store, self.audit, self.rejected_associations,
+                                self.tls_failures)
             self._web.start()
         self._stopping.clear()
         retention = Retention(self.config, store, should_stop=self._stopping.is_set)
@@ -235,6 +243,10 @@ class Node:
             return
         if self._scp is not None:
             self._scp.stop()
+            self._scp = None
+        if self._receivers is not None:
+            self._receivers.stop()
+            self._receivers = None
         if self._web is not None:
             self._web.stop()
             self._web = None
@@ -265,23 +277,46 @@ class Node:
     @property
     def port(self) -> int:
         """The DICOM port the node listens on (useful with ``ingress.port: 0``)."""
-        if self._scp is None:
-            raise RuntimeError("the node is not started")
-        return self._scp.port
+        if self._receivers is not None:
+            return self._receivers.port
+        return self.scp.port
 
     @property
     def tls_port(self) -> int:
         """The DICOM TLS port the node listens on (``ingress.tls``)."""
-        if self._scp is None:
-            raise RuntimeError("the node is not started")
-        return self._scp.tls_port
+        if self._receivers is not None:
+            if not self._receivers.tls_port:
+                raise RuntimeError("the SCP has no TLS listener (ingress.tls is not set)")
+            return self._receivers.tls_port
+        return self.scp.tls_port
 
     @property
     def scp(self) -> StorageSCP:
-        """The Storage SCP (its ``policy.rejected`` and ``tls_failures`` count refused senders)."""
+        """The in-process Storage SCP (its ``policy.rejected`` and ``tls_failures`` count refused senders)."""
         if self._scp is None:
-            raise RuntimeError("the node is not started")
+            raise RuntimeError("the node is not started" if self._receivers is None else
+                               "the node receives in its receiver processes (ingress.receivers), see receivers")
         return self._scp
+
+    @property
+    def receivers(self) -> ReceiverPool:
+        """The receiver processes (``ingress.receivers`` above 1)."""
+        if self._receivers is None:
+            raise RuntimeError("the node has no receiver processes (ingress.receivers is 1 or it is not started)")
+        return self._receivers
+
+    def rejected_associations(self) -> dict[str, int]:
+        """Associations refused at A-ASSOCIATE by reason (``calling_ae``, ``called_ae``), over every receiver."""
+        if self._receivers is not None:
+            return {key.removeprefix("rejected:"): n for key, n in self._receivers.counters().items()
+                    if key.startswith("rejected:")}
+        return dict(self._scp.policy.rejected) if self._scp is not None else {}
+
+    def tls_failures(self) -> int:
+        """TLS handshakes refused or failed, over every receiver."""
+        if self._receivers is not None:
+            return self._receivers.counters().get("tls_failures", 0)
+        return self._scp.tls_failures if self._scp is not None else 0
 
     @property
     def api_port(self) -> int:

@@ -1,0 +1,342 @@
+"""Several Storage SCP processes sharing the node's DICOM port (``ingress.receivers``), so concurrent senders
+are received by several interpreters instead of queueing on one.
+
+pynetdicom serves each association with two polling threads in one interpreter; with many senders at once the
+receiving process is bound by that interpreter, not by the disk (8 senders cost it 2.5× the CPU per instance of
+one). With ``ingress.receivers: N`` the node starts N receiver processes, each a whole :class:`StorageSCP` with
+its own job store connection, spool writer, disk guard and audit trail, all listening on the same port(s) with
+``SO_REUSEPORT`` (the kernel spreads the connections over them). What must hold for the node as a whole is
+shared between them in :class:`SharedAssociations`: the association limits (``max_associations`` in all,
+``max_associations_per_peer`` / ``peers``) and the refusal counters the metrics report.
+
+The node's process keeps the port bound for as long as it runs (a receiver that dies is started again on the
+same port), recovers the spool before any receiver starts, and stops them on shutdown; a receiver ends by
+itself when the node's process is gone (its stdin closes). Orthanc and STOW-RS ingress stay in the node's
+process, through the same :class:`Ingest`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from radnode.config import Config
+
+log = logging.getLogger(__name__)
+
+READY = "listening"
+"""What a receiver prints on its standard output once it listens."""
+START_TIMEOUT_SECONDS = 120.0
+"""How long the node waits for a receiver to listen (imports and the store's first connection)."""
+RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+"""Waits before starting a receiver that died again, growing while it keeps dying within a minute."""
+
+
+class SharedAssociations:
+    """Association slots and refusal counters shared by the receiver processes of one node: a small JSON file
+    read and rewritten under an exclusive ``flock`` (once per association request, never per instance).
+
+    A slot names the process holding it; slots of a process that is gone are dropped at the next request, and
+    each process drops its own slots for associations it no longer holds, so neither a crashed receiver nor a
+    connection that ended without an event keeps a slot.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.path = folder / "associations.json"
+        self._lock_path = folder / "associations.lock"
+
+    def reset(self) -> None:
+        """Forget every slot and counter (the node does this before its receivers start)."""
+        with self._state() as state:
+            state.clear()
+
+    @contextlib.contextmanager
+    def _state(self) -> Iterator[dict]:
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                state = json.loads(self.path.read_text())
+            except (FileNotFoundError, ValueError):
+                state = {}
+            before = json.dumps(state, sort_keys=True)
+            yield state
+            if json.dumps(state, sort_keys=True) != before:
+                temp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+                temp.write_text(json.dumps(state))
+                os.replace(temp, self.path)
+        finally:
+            os.close(fd)  # releases the lock
+
+    def admit(self, calling_ae: str, total_limit: int, peer_limit: int, live: Iterable[str] = ()) -> str | None:
+        """A slot for an association from ``calling_ae`` (its ticket), or None when the node already holds
+        ``total_limit`` associations, or the AE ``peer_limit``. ``live``: the tickets this process still holds."""
+        me, live = os.getpid(), set(live)
+        with self._state() as state:
+            held: dict[str, list] = state.setdefault("held", {})
+            for ticket, (pid, _) in list(held.items()):
+                if (pid == me and ticket not in live) or (pid != me and not _alive(pid)):
+                    del held[ticket]
+            if len(held) >= total_limit or sum(1 for _, ae in held.values() if ae == calling_ae) >= peer_limit:
+                return None
+            ticket = uuid.uuid4().hex
+            held[ticket] = [me, calling_ae]
+            return ticket
+
+    def release(self, ticket: str) -> None:
+        """Give a slot back (again: no effect)."""
+        with self._state() as state:
+            state.get("held", {}).pop(ticket, None)
+
+    def count(self, counter: str) -> None:
+        """Add one to a counter (``tls_failures``, ``rejected:<reason>``)."""
+        with self._state() as state:
+            counters = state.setdefault("counters", {})
+            counters[counter] = counters.get(counter, 0) + 1
+
+    def counters(self) -> dict[str, int]:
+        """Every counter, summed over the receivers."""
+        with self._state() as state:
+            return dict(state.get("counters", {}))
+
+    def held(self) -> int:
+        """Associations held now by receivers that are alive."""
+        with self._state() as state:
+            return sum(1 for pid, _ in state.get("held", {}).values() if _alive(pid))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _reserve(host: str, port: int) -> socket.socket:
+    """A socket bound (never listening) to ``host:port`` with SO_REUSEPORT: it fixes the port (0: a free one)
+    and holds it while receivers come and go. A port something else holds is refused first, with a bind that
+    does not share (another node's receivers would otherwise split the senders with this node's)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    shares = (False, True) if port else (True,)
+    for share in shares:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if share:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            sock.close()
+            raise OSError(e.errno, f"cannot listen on {host}:{port} (ingress.host, port): {e.strerror}") from None
+        if not share:
+            sock.close()
+    return sock
+
+
+class ReceiverPool:
+    """The node's receiver processes (see the module's text): started, watched and restarted, stopped."""
+
+    def __init__(self, config: Config, config_file: Path) -> None:
+        self.config = config
+        self.config_file = config_file
+        self.shared = SharedAssociations(config.data_dir / "receivers")
+        self._reserved: list[socket.socket] = []
+        self.port = self.tls_port = 0
+        self._processes: list[subprocess.Popen | None] = []
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Fix the ports, start every receiver and return once all of them listen (RuntimeError otherwise)."""
+        ingress = self.config.ingress
+        self.shared.reset()
+        if ingress.plain_listener:
+            self._reserved.append(plain := _reserve(ingress.host, ingress.port))
+            self.port = plain.getsockname()[1]
+        if ingress.tls is not None:
+            self._reserved.append(tls := _reserve(ingress.host, ingress.tls.port))
+            self.tls_port = tls.getsockname()[1]
+        if not self.port:
+            self.port = self.tls_port
+        self._stopping.clear()
+        try:
+            self._processes = [self._spawn(i) for i in range(ingress.receivers)]
+            for index, process in enumerate(self._processes):
+                self._await_ready(index, process)
+        except BaseException:
+            self.stop()
+            raise
+        log.info("Storage SCP %s: %d receiver processes listening on %s:%d%s", ingress.ae_title, ingress.receivers,
+                 ingress.host, self.port, f" (TLS on {self.tls_port})" if ingress.tls is not None else "")
+        self._watcher = threading.Thread(target=self._watch, name="radnode-receivers", daemon=True)
+        self._watcher.start()
+
+    def _spawn(self, index: int) -> subprocess.Popen:
+        root = logging.getLogger()
+        log_format = "json" if any(type(h.formatter).__name__ == "JsonFormatter" for h in root.handlers) else "text"
+        command = [sys.executable, "-m", "radnode.node.receivers", str(self.config_file), "--index", str(index),
+                   "--port", str(self.port if self.config.ingress.plain_listener else 0),
+                   "--tls-port", str(self.tls_port), "--log-format", log_format]
+        if logging.getLogger("radnode").getEffectiveLevel() <= logging.DEBUG:
+            command.append("--verbose")
+        return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    @staticmethod
+    def _await_ready(index: int, process: subprocess.Popen) -> None:
+        assert process.stdout is not None
+        ready: list[str] = []
+        reader = threading.Thread(target=lambda: ready.append(process.stdout.readline().strip()), daemon=True)
+        reader.start()
+        reader.join(START_TIMEOUT_SECONDS)
+        if ready != [READY]:
+            raise RuntimeError(f"receiver process {index} (pid {process.pid}) did not start listening "
+                               f"(exit status {process.poll()}; its log lines are above)")
+
+    def _watch(self) -> None:
+        """Start a receiver that died again on the same port, waiting longer while it keeps dying."""
+        deaths: dict[int, list[float]] = {}
+        while not self._stopping.wait(0.5):
+            for index, process in enumerate(list(self._processes)):
+                if process is None or process.poll() is None:
+                    continue
+                now = time.monotonic()
+                recent = [t for t in deaths.get(index, []) if now - t < 60] + [now]
+                deaths[index] = recent
+                delay = RESTART_DELAYS[min(len(recent), len(RESTART_DELAYS)) - 1]
+                log.error("receiver process %d (pid %d) exited with status %s; starting it again in %.1f s", index,
+                          process.pid, process.returncode, delay)
+                self._close(process)
+                with self._lock:
+                    self._processes[index] = None
+                if self._stopping.wait(delay):
+                    return
+                try:
+                    replacement = self._spawn(index)
+                except OSError as e:
+                    log.error("receiver process %d cannot be started: %s", index, e)
+                    continue
+                with self._lock:
+                    self._processes[index] = replacement
+                try:
+                    self._await_ready(index, replacement)
+                except RuntimeError as e:
+                    log.error("%s", e)
+                    replacement.kill()  # the next round sees it dead and tries again
+                    continue
+                log.info("receiver process %d listening again (pid %d)", index, replacement.pid)
+
+    def pids(self) -> list[int]:
+        """The receivers' process ids (a receiver being restarted is left out)."""
+        with self._lock:
+            return [p.pid for p in self._processes if p is not None and p.poll() is None]
+
+    def counters(self) -> dict[str, int]:
+        """The refusal counters of every receiver (``tls_failures``, ``rejected:<reason>``)."""
+        return self.shared.counters()
+
+    def stop(self) -> None:
+        """End every receiver (SIGTERM: each stops listening and ends its associations) and free the ports."""
+        self._stopping.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join()
+            self._watcher = None
+        with self._lock:
+            processes, self._processes = [p for p in self._processes if p is not None], []
+        for process in processes:
+            if process.poll() is None:
+                process.terminate()
+        for process in processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                log.error("receiver process pid %d did not stop within 30 s; killed", process.pid)
+                process.kill()
+                process.wait()
+            self._close(process)
+        for sock in self._reserved:
+            sock.close()
+        self._reserved = []
+
+    @staticmethod
+    def _close(process: subprocess.Popen) -> None:
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.close()
+
+
+def serve(config: Config, port: int, tls_port: int) -> None:
+    """One receiver: the node's ingest (store, spool, rules, peer policy, disk guard, audit trail) behind a Storage
+    SCP on the shared port(s), until SIGTERM or until the node's process is gone."""
+    from radnode.node.executors import configured_rules
+    from radnode.node.scp import DiskGuard, Ingest, Router, Spool, StorageSCP
+    from radnode.node.store import JobStore, store_target
+    from radnode.pipelines.routing import LateInstances
+    from radnode.security.access import PeerPolicy
+    from radnode.security.audit import AuditTrail
+    from radnode.security.privacy import IdentitySeal, SiteKey
+
+    ingress = config.ingress.model_copy(update={"port": port})
+    if ingress.tls is not None:
+        ingress = ingress.model_copy(update={"tls": ingress.tls.model_copy(update={"port": tls_port})})
+    data = config.data_dir
+    site_key = SiteKey.load(config.privacy.site_key, data)
+    audit = AuditTrail(config.audit, data, ingress.ae_title, site_key)
+    router = Router(configured_rules(config), LateInstances(ingress.late_instances), PeerPolicy(ingress))
+    store = JobStore(store_target(data, config.store.url), seal=IdentitySeal(site_key))
+    spool = Spool(data / "spool", fsync=ingress.sync_spool)
+    ingest = Ingest(spool, store, router, DiskGuard.from_config(spool.root, config.retention))
+    scp = StorageSCP(ingress, ingest, audit, shared=SharedAssociations(data / "receivers"))
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node, which stops its receivers
+    threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), name="radnode-orphan-watch", daemon=True).start()
+    scp.start()
+    print(READY, flush=True)
+    os.dup2(2, 1)  # nobody reads the pipe from here on: anything printed later goes to the log stream
+    try:
+        stop.wait()
+    finally:
+        scp.stop()
+        store.close()
+        audit.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m radnode.node.receivers CONFIG --index I --port P --tls-port T``: run one receiver."""
+    from radnode.config import load_config
+    from radnode.logs import configure_logging
+
+    parser = argparse.ArgumentParser(prog="radnode.node.receivers", description=main.__doc__)
+    parser.add_argument("config", type=Path)
+    parser.add_argument("--index", type=int, default=0)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--tls-port", type=int, default=0)
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    configure_logging(args.verbose, args.log_format)
+    threading.current_thread().name = f"radnode-receiver-{args.index}"
+    serve(load_config(args.config), args.port, args.tls_port)
+
+
+if __name__ == "__main__":
+    main()
