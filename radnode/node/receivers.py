@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -310,6 +311,7 @@ def serve(config: Config, port: int, tls_port: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node, which stops its receivers
     threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), name="radnode-orphan-watch", daemon=True).start()
     scp.start()
+    gc.freeze()  # what start-up made lives as long as the process: no collection looks at it again
     print(READY, flush=True)
     os.dup2(2, 1)  # nobody reads the pipe from here on: anything printed later goes to the log stream
     try:
