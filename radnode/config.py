@@ -142,10 +142,10 @@ class IngressConfig(_Strict):
     max_associations: Annotated[int, Field(ge=1)] = 40
     """Simultaneous associations the SCP accepts in all; one more is rejected (transient, local limit exceeded)."""
     receivers: Annotated[int, Field(ge=1, le=64)] = 1
-    """Storage SCP processes sharing the DICOM port(s) (SO_REUSEPORT; the kernel spreads the connections over
-    them): 1 receives in the node's own process; a site whose modalities send at the same time sets about one
-    per concurrent sender (up to its cores and then some: a receiver waits on its disk and its senders much of
-    the time). The association limits hold for the node as a whole (``radnode.node.receivers``)."""
+    """Storage SCP processes accepting on the node's DICOM port(s) (whichever is free takes the next
+    connection): 1 receives in the node's own process; a site whose modalities send at the same time sets a
+    few per core (on 2 cores, 2 to 6 take 8 senders at about twice the rate of the node's own process). The
+    association limits hold for the node as a whole (``radnode.node.receivers``)."""
     max_associations_per_peer: Annotated[int, Field(ge=1)] = 20
     """Simultaneous associations one calling AE title may hold (``peers`` may set its own)."""
     acse_timeout_seconds: Annotated[float, Field(gt=0)] = 5.0

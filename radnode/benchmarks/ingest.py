@@ -28,22 +28,26 @@ from pathlib import Path
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom import _config as pynetdicom_config
 from pynetdicom.events import Event
+from pynetdicom.transport import ThreadedAssociationServer
 
 from radnode.benchmarks import send_files, summary
 from radnode.config import Config
-from radnode.node.scp import SharedPortServer
 from radnode.node.service import Node
 from radnode.peers import StoreSCP
 from radnode.viewer import ORTHANC_STORAGE_ROOT, OrthancServer
 
 MINIMAL_PROCESSES = 8
 """Processes of the shared-port minimal SCP: one per sender of the benchmark's concurrent send."""
+RADNODE_RECEIVERS = 4
+"""``ingress.receivers`` of ``radnode_receivers``: as the shipped deploy configurations set it (on these 2 cores
+2 to 6 receivers take 8 senders at about the same rate, 8 slightly slower)."""
 
 PEERS = ("radnode", "radnode_receivers", "radnode_no_fsync", "pynetdicom_minimal_fsync", "pynetdicom_minimal",
          "pynetdicom_minimal_fsync_processes", "dcmtk_storescp", "orthanc")
 """``radnode``: the node as shipped (fsync per instance, SQLite index, completeness); ``radnode_receivers``: the
-same with ``ingress.receivers:`` :data:`MINIMAL_PROCESSES` (receiver processes sharing the port, as a site with
-that many concurrent senders sets it); ``radnode_no_fsync``: the node with ``ingress.sync_spool: false``; ``pynetdicom_minimal``: a pynetdicom SCP that only writes the bytes;
+same with ``ingress.receivers:`` :data:`RADNODE_RECEIVERS` (receiver processes on the node's port);
+``radnode_no_fsync``: the node with ``ingress.sync_spool: false``; ``pynetdicom_minimal``: a pynetdicom SCP that
+only writes the bytes;
 ``pynetdicom_minimal_fsync``: the same, each file and its folder fsync'd before the answer;
 ``pynetdicom_minimal_fsync_processes``: that one in :data:`MINIMAL_PROCESSES` processes sharing the port, the
 ceiling of a Python receiver with many senders on this machine."""
@@ -105,9 +109,17 @@ def minimal_scp(folder: Path, fsync: bool = False) -> Iterator[Receiver]:
         ae.shutdown()
 
 
+class _SharedPortServer(ThreadedAssociationServer):
+    """pynetdicom's association server bound with SO_REUSEPORT, so several processes listen on one port."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 def _serve_minimal(port: int, folder: str, fsync: bool) -> None:
     """One process of :func:`minimal_scp_processes`: says ``listening`` on its standard output, then serves."""
-    server = _minimal_ae().make_server(("127.0.0.1", port), server_class=SharedPortServer,
+    server = _minimal_ae().make_server(("127.0.0.1", port), server_class=_SharedPortServer,
                                        evt_handlers=[(evt.EVT_C_STORE, _minimal_handler(Path(folder), fsync))])
     print("listening", flush=True)
     server.serve_forever()
@@ -145,8 +157,8 @@ def minimal_scp_processes(folder: Path, fsync: bool = True, processes: int = MIN
 
 @contextlib.contextmanager
 def radnode_scp(folder: Path, sync_spool: bool, receivers: int = 1) -> Iterator[Receiver]:
-    """The node with its full bookkeeping (in ``receivers`` processes); jobs run ``/bin/true`` so no pipeline competes for the CPU, and the
-    feedback thread does not preload MONAI's metrics (``feedback.preload_metrics``: tens of CPU-seconds of imports
+    """The node with its full bookkeeping (receiving in ``receivers`` processes when above 1); jobs run
+    ``/bin/true`` so no pipeline competes for the CPU, and the feedback thread does not preload MONAI's metrics (``feedback.preload_metrics``: tens of CPU-seconds of imports
     right after the start, which would overlap the send: start-up, not ingest)."""
     config = Config.model_validate({"data_dir": str(folder),
                                     "ingress": {"host": "127.0.0.1", "port": 0, "sync_spool": sync_spool,
@@ -177,7 +189,7 @@ def orthanc(folder: Path) -> Iterator[Receiver]:
 def receiver(peer: str, folder: Path) -> contextlib.AbstractContextManager[Receiver]:
     """A fresh receiver of the named kind storing under ``folder``."""
     return {"radnode": lambda: radnode_scp(folder, sync_spool=True),
-            "radnode_receivers": lambda: radnode_scp(folder, sync_spool=True, receivers=MINIMAL_PROCESSES),
+            "radnode_receivers": lambda: radnode_scp(folder, sync_spool=True, receivers=RADNODE_RECEIVERS),
             "radnode_no_fsync": lambda: radnode_scp(folder, sync_spool=False),
             "pynetdicom_minimal": lambda: minimal_scp(folder),
             "pynetdicom_minimal_fsync": lambda: minimal_scp(folder, fsync=True),

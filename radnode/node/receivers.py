@@ -4,14 +4,15 @@ are received by several interpreters instead of queueing on one.
 pynetdicom serves each association with two polling threads in one interpreter; with many senders at once the
 receiving process is bound by that interpreter, not by the disk (8 senders cost it 2.5× the CPU per instance of
 one). With ``ingress.receivers: N`` the node starts N receiver processes, each a whole :class:`StorageSCP` with
-its own job store connection, spool writer, disk guard and audit trail, all listening on the same port(s) with
-``SO_REUSEPORT`` (the kernel spreads the connections over them). What must hold for the node as a whole is
-shared between them in :class:`SharedAssociations`: the association limits (``max_associations`` in all,
-``max_associations_per_peer`` / ``peers``) and the refusal counters the metrics report.
+its own job store connection, spool writer, disk guard and audit trail, all accepting on the listening
+socket(s) the node's process made and passed down (the pre-fork model of nginx and gunicorn: whichever receiver
+is free first takes the next connection, so a busy one is not handed more). What must hold for the node as a
+whole is shared between them in :class:`SharedAssociations`: the association limits (``max_associations`` in
+all, ``max_associations_per_peer`` / ``peers``) and the refusal counters the metrics report.
 
-The node's process keeps the port bound for as long as it runs (a receiver that dies is started again on the
-same port), recovers the spool before any receiver starts, and stops them on shutdown; a receiver ends by
-itself when the node's process is gone (its stdin closes). Orthanc and STOW-RS ingress stay in the node's
+The node's process holds the listening sockets for as long as it runs (a receiver that dies is started again on
+them; no connection is refused meanwhile, the others take it), recovers the spool before any receiver starts,
+and stops them on shutdown; a receiver ends by itself when the node's process is gone (its stdin closes). Orthanc and STOW-RS ingress stay in the node's
 process, through the same :class:`Ingest`.
 """
 
@@ -130,25 +131,14 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _reserve(host: str, port: int) -> socket.socket:
-    """A socket bound (never listening) to ``host:port`` with SO_REUSEPORT: it fixes the port (0: a free one)
-    and holds it while receivers come and go. A port something else holds is refused first, with a bind that
-    does not share (another node's receivers would otherwise split the senders with this node's)."""
+def _listen(host: str, port: int) -> socket.socket:
+    """The listening socket the receivers share, made here so the port stays the node's while receivers come
+    and go (0: a free port); a port another program or node holds is refused with one line."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    shares = (False, True) if port else (True,)
-    for share in shares:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if share:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as e:
-            sock.close()
-            raise OSError(e.errno, f"cannot listen on {host}:{port} (ingress.host, port): {e.strerror}") from None
-        if not share:
-            sock.close()
-    return sock
+    try:
+        return socket.create_server((host, port), family=family, backlog=128)
+    except OSError as e:
+        raise OSError(e.errno, f"cannot listen on {host}:{port} (ingress.host, port): {e.strerror}") from None
 
 
 class ReceiverPool:
@@ -158,7 +148,7 @@ class ReceiverPool:
         self.config = config
         self.config_file = config_file
         self.shared = SharedAssociations(config.data_dir / "receivers")
-        self._reserved: list[socket.socket] = []
+        self._listening: dict[str, socket.socket] = {}
         self.port = self.tls_port = 0
         self._processes: list[subprocess.Popen | None] = []
         self._stopping = threading.Event()
@@ -169,16 +159,15 @@ class ReceiverPool:
         """Fix the ports, start every receiver and return once all of them listen (RuntimeError otherwise)."""
         ingress = self.config.ingress
         self.shared.reset()
-        if ingress.plain_listener:
-            self._reserved.append(plain := _reserve(ingress.host, ingress.port))
-            self.port = plain.getsockname()[1]
-        if ingress.tls is not None:
-            self._reserved.append(tls := _reserve(ingress.host, ingress.tls.port))
-            self.tls_port = tls.getsockname()[1]
-        if not self.port:
-            self.port = self.tls_port
         self._stopping.clear()
         try:
+            if ingress.plain_listener:
+                self._listening["plain"] = _listen(ingress.host, ingress.port)
+                self.port = self._listening["plain"].getsockname()[1]
+            if ingress.tls is not None:
+                self._listening["tls"] = _listen(ingress.host, ingress.tls.port)
+                self.tls_port = self._listening["tls"].getsockname()[1]
+            self.port = self.port or self.tls_port
             self._processes = [self._spawn(i) for i in range(ingress.receivers)]
             for index, process in enumerate(self._processes):
                 self._await_ready(index, process)
@@ -193,12 +182,13 @@ class ReceiverPool:
     def _spawn(self, index: int) -> subprocess.Popen:
         root = logging.getLogger()
         log_format = "json" if any(type(h.formatter).__name__ == "JsonFormatter" for h in root.handlers) else "text"
+        fds = {kind: sock.fileno() for kind, sock in self._listening.items()}
         command = [sys.executable, "-m", "radnode.node.receivers", str(self.config_file), "--index", str(index),
-                   "--port", str(self.port if self.config.ingress.plain_listener else 0),
-                   "--tls-port", str(self.tls_port), "--log-format", log_format]
+                   *(f"--{kind}-fd={fd}" for kind, fd in fds.items()), "--log-format", log_format]
         if logging.getLogger("radnode").getEffectiveLevel() <= logging.DEBUG:
             command.append("--verbose")
-        return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        return subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                pass_fds=tuple(fds.values()))
 
     @staticmethod
     def _await_ready(index: int, process: subprocess.Popen) -> None:
@@ -272,9 +262,9 @@ class ReceiverPool:
                 process.kill()
                 process.wait()
             self._close(process)
-        for sock in self._reserved:
+        for sock in self._listening.values():
             sock.close()
-        self._reserved = []
+        self._listening = {}
 
     @staticmethod
     def _close(process: subprocess.Popen) -> None:
@@ -284,9 +274,9 @@ class ReceiverPool:
                     stream.close()
 
 
-def serve(config: Config, port: int, tls_port: int) -> None:
+def serve(config: Config, listening: dict[str, socket.socket]) -> None:
     """One receiver: the node's ingest (store, spool, rules, peer policy, disk guard, audit trail) behind a Storage
-    SCP on the shared port(s), until SIGTERM or until the node's process is gone."""
+    SCP accepting on the node's listening sockets, until SIGTERM or until the node's process is gone."""
     from radnode.node.executors import configured_rules
     from radnode.node.scp import DiskGuard, Ingest, Router, Spool, StorageSCP
     from radnode.node.store import JobStore, store_target
@@ -295,9 +285,7 @@ def serve(config: Config, port: int, tls_port: int) -> None:
     from radnode.security.audit import AuditTrail
     from radnode.security.privacy import IdentitySeal, SiteKey
 
-    ingress = config.ingress.model_copy(update={"port": port})
-    if ingress.tls is not None:
-        ingress = ingress.model_copy(update={"tls": ingress.tls.model_copy(update={"port": tls_port})})
+    ingress = config.ingress
     data = config.data_dir
     site_key = SiteKey.load(config.privacy.site_key, data)
     audit = AuditTrail(config.audit, data, ingress.ae_title, site_key)
@@ -305,7 +293,7 @@ def serve(config: Config, port: int, tls_port: int) -> None:
     store = JobStore(store_target(data, config.store.url), seal=IdentitySeal(site_key))
     spool = Spool(data / "spool", fsync=ingress.sync_spool)
     ingest = Ingest(spool, store, router, DiskGuard.from_config(spool.root, config.retention))
-    scp = StorageSCP(ingress, ingest, audit, shared=SharedAssociations(data / "receivers"))
+    scp = StorageSCP(ingress, ingest, audit, shared=SharedAssociations(data / "receivers"), listening=listening)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the node, which stops its receivers
@@ -323,21 +311,24 @@ def serve(config: Config, port: int, tls_port: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m radnode.node.receivers CONFIG --index I --port P --tls-port T``: run one receiver."""
+    """``python -m radnode.node.receivers CONFIG --index I --plain-fd N --tls-fd M``: run one receiver on the
+    listening sockets the node passed down."""
     from radnode.config import load_config
     from radnode.logs import configure_logging
 
     parser = argparse.ArgumentParser(prog="radnode.node.receivers", description=main.__doc__)
     parser.add_argument("config", type=Path)
     parser.add_argument("--index", type=int, default=0)
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--tls-port", type=int, default=0)
+    parser.add_argument("--plain-fd", type=int)
+    parser.add_argument("--tls-fd", type=int)
     parser.add_argument("--log-format", choices=("text", "json"), default="text")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     configure_logging(args.verbose, args.log_format)
     threading.current_thread().name = f"radnode-receiver-{args.index}"
-    serve(load_config(args.config), args.port, args.tls_port)
+    listening = {kind: socket.socket(fileno=fd) for kind, fd in (("plain", args.plain_fd), ("tls", args.tls_fd))
+                 if fd is not None}
+    serve(load_config(args.config), listening)
 
 
 if __name__ == "__main__":

@@ -469,17 +469,18 @@ class StorageSCP:
     memory, and moved into the spool. No exception leaves the C-STORE handler: every failure is one log line
     and a failure status with its reason.
 
-    With ``shared`` (one of the node's receiver processes, :mod:`radnode.node.receivers`) it listens with
-    SO_REUSEPORT beside its siblings, takes its association slots from the node-wide count and adds its
-    refusals to the shared counters.
+    As one of the node's receiver processes (:mod:`radnode.node.receivers`) it accepts on the listening
+    sockets it inherited (``listening``: ``plain`` / ``tls``, shared with its siblings), takes its association
+    slots from the node-wide count in ``shared`` and adds its refusals to the shared counters.
     """
 
     def __init__(self, config: IngressConfig, ingest: Ingest, audit: "AuditTrail | None" = None,
-                 shared: "SharedAssociations | None" = None) -> None:
+                 shared: "SharedAssociations | None" = None, listening: dict[str, socket.socket] | None = None) -> None:
         self.config = config
         self.ingest = ingest
         self.audit = audit
         self.shared = shared
+        self.listening = listening or {}
         self.policy = ingest.router.policy or PeerPolicy(config)
         self.tls_failures = 0
         """TLS handshakes refused or failed (no client certificate, untrusted CA, not TLS at all)."""
@@ -517,22 +518,24 @@ class StorageSCP:
         tls = self.config.tls
         if tls is not None:
             context = server_context(tls, tls.require_client_certificate)
-            server = self._serve((self.config.host, tls.port), handlers, context)
+            server = self._serve((self.config.host, tls.port), handlers, context, self.listening.get("tls"))
             server.on_handshake_failed = self._on_handshake_failed
             self._tls_server = server
             log.info("Storage SCP %s listening with TLS %s+%s on %s:%d", self.config.ae_title, tls.min_version,
                      " (client certificates required)" if tls.require_client_certificate else "",
                      self.config.host, self.tls_port)
         if self.config.plain_listener:
-            self._server = self._serve((self.config.host, self.config.port), handlers)
+            self._server = self._serve((self.config.host, self.config.port), handlers, None, self.listening.get("plain"))
             log.info("Storage SCP %s listening on %s:%d", self.config.ae_title, self.config.host, self.port)
 
     def _serve(self, address: tuple[str, int], handlers: list, ssl_context: ssl.SSLContext | None = None,
-               ) -> ThreadedAssociationServer:
-        """An association server on ``address`` (TLS with ``ssl_context``), serving in its own thread."""
+               inherited: socket.socket | None = None) -> ThreadedAssociationServer:
+        """An association server on ``address`` (TLS with ``ssl_context``; accepting on the ``inherited``
+        listening socket when given), serving in its own thread."""
         server_class: type[ThreadedAssociationServer] = TlsAssociationServer if ssl_context else ThreadedAssociationServer
-        if self.shared is not None:
-            server_class = _SHARED_PORT[server_class]
+        if inherited is not None:
+            server_class = type(f"Inherited{server_class.__name__}", (_InheritedSocket, server_class),
+                                {"inherited": inherited})
         server = self._ae.make_server(address, ssl_context=ssl_context, evt_handlers=handlers, server_class=server_class)
         name = "radnode-scp-tls" if ssl_context else "radnode-scp"
         threading.Thread(target=server.serve_forever, name=name, daemon=True).start()
@@ -741,24 +744,25 @@ class StorageSCP:
                 description="; ".join(problems) or None)
 
 
-class SharedPortServer(ThreadedAssociationServer):
-    """pynetdicom's association server bound with SO_REUSEPORT, beside the node's other receiver processes."""
+class _InheritedSocket:
+    """Mixed into an association server: accept on a listening socket made by the node's process (shared by
+    its receiver processes) instead of binding one. Non-blocking, so a receiver that lost the race for a
+    connection to a sibling goes back to waiting instead of blocking in accept()."""
+
+    inherited: socket.socket
 
     def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        self.socket.close()  # type: ignore[attr-defined]
+        self.socket = self.inherited
+        self.socket.settimeout(0)
+        self.server_address = self.socket.getsockname()
 
+    def server_activate(self) -> None:
+        """Already listening."""
 
-class SharedPortTlsServer(TlsAssociationServer):
-    """The TLS association server bound with SO_REUSEPORT."""
-
-    def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
-
-
-_SHARED_PORT: dict[type[ThreadedAssociationServer], type[ThreadedAssociationServer]] = {
-    ThreadedAssociationServer: SharedPortServer, TlsAssociationServer: SharedPortTlsServer}
+    def server_close(self) -> None:
+        """Close this process's descriptor only: a shutdown() would stop the siblings' listening too."""
+        self.socket.close()
 
 
 def _requested_uid(event: Event) -> str:
