@@ -120,6 +120,9 @@ def targets(results: dict) -> dict:
     if "radnode" in one and "pynetdicom_minimal" in one:  # the figure: the node as shipped (fsync on)
         ratio = one["pynetdicom_minimal"]["radnode_ratio"]  # against the minimal SCP that only writes the bytes
         checks["ingest_vs_minimal_pynetdicom"] = {"value": ratio, "target": ">= 0.8", "met": ratio >= 0.8}
+    if "radnode_receivers" in one and "pynetdicom_minimal" in one:  # the node receiving in its receiver processes
+        ratio = round(one["radnode_receivers"]["instances_per_s"] / one["pynetdicom_minimal"]["instances_per_s"], 2)
+        checks["ingest_receivers_vs_minimal_pynetdicom"] = {"value": ratio, "target": ">= 0.8", "met": ratio >= 0.8}
     if "fsync" in like_for_like:  # like for like: both flush each instance to disk before answering
         ratio = like_for_like["fsync"]
         checks["ingest_vs_minimal_pynetdicom_fsync"] = {"value": ratio, "target": ">= 0.8", "met": ratio >= 0.8}
