@@ -180,8 +180,10 @@ class ReceiverPool:
         self._watcher.start()
 
     def _spawn(self, index: int) -> subprocess.Popen:
-        root = logging.getLogger()
-        log_format = "json" if any(type(h.formatter).__name__ == "JsonFormatter" for h in root.handlers) else "text"
+        from radnode.logs import JsonFormatter
+
+        json_logs = any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)
+        log_format = "json" if json_logs else "text"  # the receivers log as the node does, to the same stream
         fds = {kind: sock.fileno() for kind, sock in self._listening.items()}
         command = [sys.executable, "-m", "radnode.node.receivers", str(self.config_file), "--index", str(index),
                    *(f"--{kind}-fd={fd}" for kind, fd in fds.items()), "--log-format", log_format]
