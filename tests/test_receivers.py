@@ -17,7 +17,7 @@ from pynetdicom.sop_class import CTImageStorage
 from factories import make_pki, metric_value, write_study
 from radnode.node.service import Node
 from support.dicom_tools import STORESCU
-from support.node import node_config
+from support.node import node_config, process_alive
 from support.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,7 @@ def test_concurrent_senders_spread_over_the_receivers_and_every_study_is_indexed
         transferred = [m for m in audit if 'csd-code="110104"' in m]  # DICOM Instances Transferred
         assert len(transferred) == 6 and all(any(f"CT0{k}" in m for m in transferred) for k in range(6))
         assert sum('csd-code="110113"' in m and "STRANGER" in m for m in audit) == 1  # the rejection's alert
-    assert not any(_alive(pid) for pid in pids)  # the node's stop ends its receivers
+    assert not any(process_alive(pid) for pid in pids)  # the node's stop ends its receivers
 
 
 def test_association_limits_hold_across_the_receivers(tmp_path: Path) -> None:
@@ -117,11 +117,3 @@ def test_tls_only_receivers_store_over_tls_and_count_failed_handshakes(tmp_path:
         assert secure.returncode == 0, secure.stdout + secure.stderr
         wait_until(lambda: len(node.jobs()) == 1 and node.jobs()[0].instances == 3, 30)
         wait_until(lambda: node.tls_failures() == 3, 10)  # each plain attempt, in whichever receiver it landed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
