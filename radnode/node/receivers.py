@@ -280,10 +280,8 @@ def serve(config: Config, listening: dict[str, socket.socket]) -> None:
     """One receiver: the node's ingest (store, spool, rules, peer policy, disk guard, audit trail) behind a Storage
     SCP accepting on the node's listening sockets, until SIGTERM or until the node's process is gone."""
     from radnode.node.executors import configured_rules
-    from radnode.node.scp import DiskGuard, Ingest, Router, Spool, StorageSCP
+    from radnode.node.scp import Ingest, StorageSCP
     from radnode.node.store import JobStore, store_target
-    from radnode.pipelines.routing import LateInstances
-    from radnode.security.access import PeerPolicy
     from radnode.security.audit import AuditTrail
     from radnode.security.privacy import IdentitySeal, SiteKey
 
@@ -291,10 +289,8 @@ def serve(config: Config, listening: dict[str, socket.socket]) -> None:
     data = config.data_dir
     site_key = SiteKey.load(config.privacy.site_key, data)
     audit = AuditTrail(config.audit, data, ingress.ae_title, site_key)
-    router = Router(configured_rules(config), LateInstances(ingress.late_instances), PeerPolicy(ingress))
     store = JobStore(store_target(data, config.store.url), seal=IdentitySeal(site_key))
-    spool = Spool(data / "spool", fsync=ingress.sync_spool)
-    ingest = Ingest(spool, store, router, DiskGuard.from_config(spool.root, config.retention))
+    ingest = Ingest.for_node(config, store, configured_rules(config))
     scp = StorageSCP(ingress, ingest, audit, shared=SharedAssociations(data / "receivers"), listening=listening)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -45,7 +45,7 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
-from radnode.config import IngressConfig, RetentionConfig
+from radnode.config import Config, IngressConfig, RetentionConfig
 from radnode.imaging.plausibility import PLAUSIBILITY_TAGS, implausible, native_size_problem
 from radnode.log_safety import escape_control
 from radnode.node.completeness import COMPLETENESS_TAGS, expected_instances, study_expected_instances
@@ -351,6 +351,15 @@ class Ingest:
         self.on_received: Callable[[Dataset, Origin, Arrival], None] | None = None
         """Told of every instance kept, with its index tags (the SCP tallies studies for the audit trail)."""
         self._noted: OrderedDict[str, None] = OrderedDict()
+
+    @classmethod
+    def for_node(cls, config: Config, store: JobStore, rules: RuleSet) -> "Ingest":
+        """The ingest a node (or each of its receiver processes) runs: the rules with the node's late-instance
+        and peer policies, the spool under ``data_dir`` (fsync'd per ``ingress.sync_spool``) and its disk guard."""
+        ingress = config.ingress
+        spool = Spool(config.data_dir / "spool", fsync=ingress.sync_spool)
+        router = Router(rules, LateInstances(ingress.late_instances), PeerPolicy(ingress))
+        return cls(spool, store, router, DiskGuard.from_config(spool.root, config.retention))
 
     def receive(self, meta: bytes | memoryview, dataset: bytes | memoryview, origin: Origin) -> Arrival:
         """Spool the encoded instance as it arrived and index it; raises Refused when it cannot be kept.

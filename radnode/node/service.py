@@ -62,12 +62,10 @@ from radnode.node.executors import check_models, configured_rules
 from radnode.node.orthanc_ingress import OrthancIngress
 from radnode.node.receivers import ReceiverPool
 from radnode.node.retention import Retention
-from radnode.node.scp import DiskGuard, Ingest, Origin, Refused, Router, Spool, StorageSCP, index_tags
+from radnode.node.scp import DiskGuard, Ingest, Origin, Refused, Spool, StorageSCP, index_tags
 from radnode.node.store import Delivery, Event, Job, JobState, JobStore, store_target
 from radnode.node.worker import DEFAULT_JOB_COMMAND, Scheduler
-from radnode.pipelines.routing import LateInstances
 from radnode.pipelines.rules import RuleSet
-from radnode.security.access import PeerPolicy
 from radnode.security.audit import AuditTrail
 from radnode.security.privacy import IdentitySeal, SiteKey, make_private, private_umask, write_owner_only
 
@@ -122,17 +120,14 @@ class Node:
         self.audit = AuditTrail(self.config.audit, data, self.config.ingress.ae_title, self.site_key)
         self.audit.application_activity(started=True)
         rules = self.load_rules()
-        router = Router(rules, LateInstances(self.config.ingress.late_instances),
-                        PeerPolicy(self.config.ingress))
         storage = self._check_engine()
         self.store = store = JobStore(store_target(data, self.config.store.url), seal=IdentitySeal(self.site_key))
         log.info("%s", store.opened)
         if sealed := store.seal_stored():
             log.info("sealed %d patient identifiers the job store held in clear", sealed)
-        spool = Spool(data / "spool", fsync=self.config.ingress.sync_spool)
-        self.disk_guard = DiskGuard.from_config(spool.root, self.config.retention)
-        ingest = Ingest(spool, store, router, self.disk_guard)
-        self._recover(store, spool, ingest, requeue_running=storage is None)
+        ingest = Ingest.for_node(self.config, store, rules)
+        self.disk_guard = ingest.guard
+        self._recover(store, ingest.spool, ingest, requeue_running=storage is None)
         self.egress = egress = Egress(self.config, store, self.poll_seconds, self.audit)
         scheduler = Scheduler(self.config, store, egress, self.job_command, config_file,
                               rules.in_process_pipelines, storage)
