@@ -34,6 +34,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from radnode.config import Config
 
@@ -45,6 +46,16 @@ START_TIMEOUT_SECONDS = 120.0
 """How long the node waits for a receiver to listen (imports and the store's first connection)."""
 RESTART_DELAYS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 """Waits before starting a receiver that died again, growing while it keeps dying within a minute."""
+
+
+class Admission(NamedTuple):
+    """An association request's answer: its slot's ticket (None: refused) and what the node held when asked."""
+
+    ticket: str | None
+    held: int
+    """Associations the node held, over every receiver."""
+    held_by_peer: int
+    """Of those, the calling AE's."""
 
 
 class SharedAssociations:
@@ -84,8 +95,8 @@ class SharedAssociations:
         finally:
             os.close(fd)  # releases the lock
 
-    def admit(self, calling_ae: str, total_limit: int, peer_limit: int, live: Iterable[str] = ()) -> str | None:
-        """A slot for an association from ``calling_ae`` (its ticket), or None when the node already holds
+    def admit(self, calling_ae: str, total_limit: int, peer_limit: int, live: Iterable[str] = ()) -> Admission:
+        """A slot for an association from ``calling_ae``, refused (no ticket) when the node already holds
         ``total_limit`` associations, or the AE ``peer_limit``. ``live``: the tickets this process still holds."""
         me, live = os.getpid(), set(live)
         with self._state() as state:
@@ -93,11 +104,12 @@ class SharedAssociations:
             for ticket, (pid, _) in list(held.items()):
                 if (pid == me and ticket not in live) or (pid != me and not _alive(pid)):
                     del held[ticket]
-            if len(held) >= total_limit or sum(1 for _, ae in held.values() if ae == calling_ae) >= peer_limit:
-                return None
+            by_peer = sum(1 for _, ae in held.values() if ae == calling_ae)
+            if len(held) >= total_limit or by_peer >= peer_limit:
+                return Admission(None, len(held), by_peer)
             ticket = uuid.uuid4().hex
             held[ticket] = [me, calling_ae]
-            return ticket
+            return Admission(ticket, len(held) - 1, by_peer)
 
     def release(self, ticket: str) -> None:
         """Give a slot back (again: no effect)."""
@@ -114,11 +126,6 @@ class SharedAssociations:
         """Every counter, summed over the receivers."""
         with self._state() as state:
             return dict(state.get("counters", {}))
-
-    def held(self) -> int:
-        """Associations held now by receivers that are alive."""
-        with self._state() as state:
-            return sum(1 for pid, _ in state.get("held", {}).values() if _alive(pid))
 
 
 def _alive(pid: int) -> bool:

@@ -615,14 +615,14 @@ class StorageSCP:
         if self.shared is not None:
             with self._tally_lock:
                 live = [t for a, t in self._tickets.items() if a.is_alive()]
-            ticket = self.shared.admit(calling, self.config.max_associations, limit, live)
-            if ticket is not None:
+            admission = self.shared.admit(calling, self.config.max_associations, limit, live)
+            if admission.ticket is not None:
                 with self._tally_lock:
-                    self._tickets[event.assoc] = ticket
+                    self._tickets[event.assoc] = admission.ticket
                 return
-            log.warning("rejecting association from %s (%s): the node holds %d associations in all (limit %d), or "
-                        "this AE its %d", calling, event.assoc.requestor.address, self.shared.held(),
-                        self.config.max_associations, limit)
+            log.warning("rejecting association from %s (%s): the node holds %d of its %d associations, this AE %d "
+                        "of its %d", calling, event.assoc.requestor.address, admission.held,
+                        self.config.max_associations, admission.held_by_peer, limit)
         else:
             holding = sum(1 for a in self._ae.active_associations
                           if a is not event.assoc and a.is_acceptor and a.is_established
