@@ -70,8 +70,13 @@ def _act(request: Request, identity: Identity, action: str, job_id: int | None, 
         _audit(request, identity, action, job_id, refused=str(e))
         raise HTTPException(status.HTTP_409_CONFLICT, str(e)) from None
     _audit(request, identity, action, job_id)
-    log.info("%s by %s on %s: %s", action, identity.label, f"job/{job_id}" if job_id is not None else "queue", message)
+    log.info("%s by %s on %s: %s", action, identity.label, _target(job_id), message)
     return message
+
+
+def _target(job_id: int | None) -> str:
+    """What a console action acts on, as the log and the audit trail name it."""
+    return f"job/{job_id}" if job_id is not None else "queue"
 
 
 def _audit(request: Request, identity: Identity, action: str, job_id: int | None, refused: str | None = None) -> None:
@@ -81,7 +86,7 @@ def _audit(request: Request, identity: Identity, action: str, job_id: int | None
         return
     job = _store(request).job(job_id) if job_id is not None else None
     gate.audit.user_action(user=identity.label, address=client_address(request), action=action,
-                           what=f"job/{job_id}" if job_id is not None else "queue",
+                           what=_target(job_id),
                            study_uid=job.study_instance_uid if job else None,
                            patient_id=job.patient_id if job else None, refused=refused)
 
