@@ -11,8 +11,8 @@ import pytest
 from radnode.bench import Plan, run_suite, table
 
 TINY = Plan(benchmarks=("ingest", "seg_writing"), ct_size=128, ingest_slices=20, senders=(1, 2), ingest_repeats=1,
-            ingest_peers=("radnode", "radnode_receivers", "pynetdicom_minimal_fsync", "dcmtk_storescp"), seg_slices=20, seg_size=128,
-            seg_counts=(2, 3), seg_repeats=1)
+            ingest_peers=("radnode", "radnode_receivers", "pynetdicom_minimal_fsync", "dcmtk_storescp"), seg_slices=20,
+            seg_size=128, seg_counts=(2, 3), seg_repeats=1)
 
 
 @pytest.mark.slow

@@ -158,8 +158,9 @@ def minimal_scp_processes(folder: Path, fsync: bool = True, processes: int = MIN
 @contextlib.contextmanager
 def radnode_scp(folder: Path, sync_spool: bool, receivers: int = 1) -> Iterator[Receiver]:
     """The node with its full bookkeeping (receiving in ``receivers`` processes when above 1); jobs run
-    ``/bin/true`` so no pipeline competes for the CPU, and the feedback thread does not preload MONAI's metrics (``feedback.preload_metrics``: tens of CPU-seconds of imports
-    right after the start, which would overlap the send: start-up, not ingest)."""
+    ``/bin/true`` so no pipeline competes for the CPU, and the feedback thread does not preload MONAI's metrics
+    (``feedback.preload_metrics``: tens of CPU-seconds of imports right after the start, which would overlap the
+    send: start-up, not ingest)."""
     config = Config.model_validate({"data_dir": str(folder),
                                     "ingress": {"host": "127.0.0.1", "port": 0, "sync_spool": sync_spool,
                                                 "receivers": receivers},
