@@ -7,11 +7,12 @@ does no harm: exactly one caller wins.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Iterable
 
-from sqlalchemy import ColumnElement, Connection, and_, exists, false, func, insert, or_, select, true, update
+from sqlalchemy import ColumnElement, Connection, Select, and_, exists, false, func, insert, or_, select, true, update
 
 from radnode.node.completeness import SeriesProgress
 from radnode.node.store.database import Database
@@ -58,6 +59,7 @@ PRODUCTION_RUN_OVER = (JobState.DELIVERING, *FINAL_STATES)
 """States of a production job whose run is over: its shadow may run, and be compared."""
 
 
+@functools.cache
 def runnable() -> ColumnElement[bool]:
     """A queued job that may start now: any production job; a shadow job only once its production job's run is
     over, so a candidate never takes a slot or a core from the production run it shadows."""
@@ -73,6 +75,29 @@ def run_order() -> tuple[ColumnElement, ...]:
     return jobs.c.shadow, jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id
 
 
+@functools.cache
+def _next_queued(forward_only: bool) -> Select:
+    """:meth:`Scheduling.next_queued`'s query (built once: the scheduler runs it five times a second)."""
+    query = job_select().where(jobs.c.state == JobState.QUEUED.value, runnable()).order_by(*run_order()).limit(1)
+    return query.where(jobs.c.pipeline == "") if forward_only else query
+
+
+@functools.cache
+def _receiving() -> Select:
+    """:meth:`Scheduling.receiving`'s query: per received job and series, what arrived (built once)."""
+    return (select(instances.c.job_id, series.c.series_instance_uid, series.c.decision,
+                   func.count().label("received"), series.c.expected,
+                   func.max(instances.c.received_at).label("last_instance_at"), series.c.released_at,
+                   series.c.stable_at, func.max(jobs.c.calling_ae).label("calling_ae"),
+                   func.max(studies.c.expected_instances).label("expected_instances"))
+            .select_from(jobs.join(instances, and_(instances.c.job_id == jobs.c.id, instances.c.late == false()))
+                         .join(series, series.c.series_instance_uid == instances.c.series_instance_uid)
+                         .join(studies, studies.c.study_instance_uid == jobs.c.study_instance_uid))
+            .where(jobs.c.state == JobState.RECEIVED.value)
+            .group_by(instances.c.job_id, series.c.series_instance_uid)
+            .order_by(instances.c.job_id))
+
+
 class Scheduling:
     """The scheduler's side of the store."""
 
@@ -80,20 +105,9 @@ class Scheduling:
 
     def receiving(self) -> dict[int, list[SeriesProgress]]:
         """The series of every ``received`` job with what arrived of each, for the completeness policy."""
-        query = (select(instances.c.job_id, series.c.series_instance_uid, series.c.decision,
-                        func.count().label("received"), series.c.expected,
-                        func.max(instances.c.received_at).label("last_instance_at"), series.c.released_at,
-                        series.c.stable_at, func.max(jobs.c.calling_ae).label("calling_ae"),
-                        func.max(studies.c.expected_instances).label("expected_instances"))
-                 .select_from(jobs.join(instances, and_(instances.c.job_id == jobs.c.id, instances.c.late == false()))
-                              .join(series, series.c.series_instance_uid == instances.c.series_instance_uid)
-                              .join(studies, studies.c.study_instance_uid == jobs.c.study_instance_uid))
-                 .where(jobs.c.state == JobState.RECEIVED.value)
-                 .group_by(instances.c.job_id, series.c.series_instance_uid)
-                 .order_by(instances.c.job_id))
         studies_: dict[int, list[SeriesProgress]] = {}
         with self._db.read() as conn:
-            for row in conn.execute(query):
+            for row in conn.execute(_receiving()):
                 r = row._mapping
                 studies_.setdefault(r["job_id"], []).append(SeriesProgress(
                     r["series_instance_uid"], SeriesDecision.from_record(r["decision"]), r["received"], r["expected"],
@@ -245,12 +259,8 @@ class Scheduling:
         """The queued job to run next: production jobs before shadow jobs (a shadow one only once its production
         job's run is over), most urgent priority first, then the earliest arrival (``forward_only``: of those
         without a pipeline, which the distributed engine leaves to the node)."""
-        query = (job_select().where(jobs.c.state == JobState.QUEUED.value, runnable())
-                 .order_by(*run_order()).limit(1))
-        if forward_only:
-            query = query.where(jobs.c.pipeline == "")
         with self._db.read() as conn:
-            row = conn.execute(query).first()
+            row = conn.execute(_next_queued(forward_only)).first()
         return job_from_row(row._mapping, self._db.opened_identity) if row else None
 
     def start_job(self, job_id: int, command: str) -> bool:

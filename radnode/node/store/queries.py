@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from sqlalchemy import Select, false, func, select, text, true
 
 from radnode.node.store.database import Database
@@ -10,9 +12,12 @@ from radnode.node.store.schema import instances, jobs
 from radnode.pipelines.routing import Provenance
 
 
+@functools.cache
 def job_select() -> Select:
     """Every ``jobs`` column plus the job's instance counts, as :func:`~records.job_from_row` reads them:
-    ``instances`` (its input's: a sibling's are its main job's), ``late_instances``, ``own_results``."""
+    ``instances`` (its input's: a sibling's are its main job's), ``late_instances``, ``own_results``.
+    Built once (statements are immutable; building the alias's columns on every call was most of an idle
+    node's CPU)."""
     i = instances.alias("i")
     main = func.coalesce(jobs.c.sibling_of, jobs.c.id)
 

@@ -9,7 +9,9 @@ the shadow job (an operator's retry of a failed one is compared again).
 
 from __future__ import annotations
 
-from sqlalchemy import and_, delete, exists, insert, or_, select
+import functools
+
+from sqlalchemy import Select, and_, delete, exists, insert, or_, select
 
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
@@ -17,6 +19,20 @@ from radnode.node.store.jobs import PRODUCTION_RUN_OVER, transition
 from radnode.node.store.queries import job_select
 from radnode.node.store.records import FINAL_STATES, Job, JobState, ShadowComparison, job_from_row
 from radnode.node.store.schema import jobs, shadow_comparisons
+
+
+@functools.cache
+def _to_compare(limit: int) -> Select:
+    """:meth:`Shadows.shadows_to_compare`'s query, built once (the node's shadow loop runs it five times a second)."""
+    production = jobs.alias("p")
+    return (job_select().where(
+        jobs.c.shadow.is_(True), jobs.c.state.in_([s.value for s in FINAL_STATES]),
+        exists(select(production.c.id).where(production.c.id == jobs.c.sibling_of, production.c.state.in_(
+            [s.value for s in PRODUCTION_RUN_OVER]))),
+        ~exists(select(shadow_comparisons.c.shadow_job_id).where(
+            shadow_comparisons.c.shadow_job_id == jobs.c.id, shadow_comparisons.c.compared_at >= jobs.c.updated_at)))
+        .order_by(jobs.c.id).limit(limit))
+
 
 class Shadows:
     """The shadow runs' side of the store."""
@@ -38,16 +54,8 @@ class Shadows:
     def shadows_to_compare(self, limit: int = 20) -> list[tuple[Job, Job]]:
         """(shadow job, production job) pairs, both final (the production job delivering or final), not compared
         since the shadow job last ended (a retried shadow run is compared again); oldest first."""
-        production = jobs.alias("p")
-        query = (job_select().where(
-            jobs.c.shadow.is_(True), jobs.c.state.in_([s.value for s in FINAL_STATES]),
-            exists(select(production.c.id).where(production.c.id == jobs.c.sibling_of, production.c.state.in_(
-                [s.value for s in PRODUCTION_RUN_OVER]))),
-            ~exists(select(shadow_comparisons.c.shadow_job_id).where(
-                shadow_comparisons.c.shadow_job_id == jobs.c.id, shadow_comparisons.c.compared_at >= jobs.c.updated_at)))
-            .order_by(jobs.c.id).limit(limit))
         with self._db.read() as conn:
-            shadows = [job_from_row(r._mapping, self._db.opened_identity) for r in conn.execute(query)]
+            shadows = [job_from_row(r._mapping, self._db.opened_identity) for r in conn.execute(_to_compare(limit))]
             pairs = []
             for shadow in shadows:
                 row = conn.execute(job_select().where(jobs.c.id == shadow.sibling_of)).first()
