@@ -207,6 +207,26 @@ def test_patient_ids_are_sealed_at_rest_and_those_stored_in_clear_are_sealed_by_
     without_key.close()
 
 
+def test_a_studys_instances_share_one_sealed_patient_id_and_no_two_studies_do(store_target: Path | str) -> None:
+    """The seal encrypts a patient's identifier once per study (its instances are linked by the study anyway):
+    two studies of the same patient still get different sealed values, so the store does not link them."""
+    patient = "DOE^J 0001"
+    store = JobStore(store_target, seal=IdentitySeal(SiteKey(b"k" * 32)))
+    for sop, study in (("1.1", "1.2.3"), ("1.2", "1.2.3"), ("1.3", "1.2.3"), ("2.1", "2.2.3"), ("2.2", "2.2.3")):
+        store.record_instance(replace(instance(sop, study=study), patient_id=patient), to("ct_tissue"))
+    store.close()
+    database = connect(store_target)
+    with database.read() as conn:
+        rows = conn.execute(select(schema.instances.c.study_instance_uid, schema.instances.c.sealed_patient_id)).all()
+    database.close()
+    by_study: dict[str, set[str]] = {}
+    for study, sealed in rows:
+        by_study.setdefault(study, set()).add(sealed)
+    assert {study: len(values) for study, values in by_study.items()} == {"1.2.3": 1, "2.2.3": 1}
+    assert by_study["1.2.3"] != by_study["2.2.3"]
+    assert all(v.startswith("sealed:") and patient not in v for values in by_study.values() for v in values)
+
+
 def test_review_state_is_recorded_filterable_and_cleared_by_a_new_run(store: JobStore) -> None:
     jobs = []
     for study in ("1.2.3", "1.2.4", "1.2.5"):

@@ -18,6 +18,7 @@ refused with one line.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -70,6 +71,10 @@ def head_revision() -> str:
     return head
 
 
+_SEALED_STUDIES = 64
+"""Studies whose sealed patient identifier a store keeps at hand (those receiving now)."""
+
+
 @dataclass
 class Database:
     """One store's engine and how to run transactions on it (see the module docstring)."""
@@ -82,6 +87,8 @@ class Database:
     seal: "Seal | None" = None
     """Seals patient identifiers on writing and opens them on reading (``identity.py``); None: as they are."""
     _write_lock: Any = field(default_factory=threading.RLock)
+    _sealed_by_study: OrderedDict[tuple[str, str], str] = field(default_factory=OrderedDict)
+    _seal_lock: Any = field(default_factory=threading.Lock)
 
     @property
     def is_sqlite(self) -> bool:
@@ -110,9 +117,25 @@ class Database:
         with self.engine.connect() as conn:
             yield conn
 
-    def sealed(self, patient_id: str) -> str:
-        """A patient identifier (Patient ID, accession number) as the store keeps it."""
-        return self.seal.seal(patient_id) if self.seal is not None else patient_id
+    def sealed(self, patient_id: str, study: str = "") -> str:
+        """A patient identifier (Patient ID, accession number) as the store keeps it. With ``study``: one sealed
+        value for all the study's instances, encrypted once (they are linked by their study anyway; each study
+        gets its own, so sealed values never show which studies share a patient)."""
+        if self.seal is None:
+            return patient_id
+        if not study:
+            return self.seal.seal(patient_id)
+        key = (study, patient_id)
+        with self._seal_lock:
+            if (value := self._sealed_by_study.get(key)) is not None:
+                self._sealed_by_study.move_to_end(key)
+                return value
+        value = self.seal.seal(patient_id)
+        with self._seal_lock:
+            self._sealed_by_study[key] = value
+            if len(self._sealed_by_study) > _SEALED_STUDIES:
+                self._sealed_by_study.popitem(last=False)
+        return value
 
     def opened_identity(self, stored: str) -> str:
         """A stored patient identifier as records carry it."""

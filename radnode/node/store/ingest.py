@@ -175,7 +175,7 @@ class Arrivals:
 
     def _record(self, inst: Instance, decide: Decide, expected: int | None,
                 study_expected: int | None) -> tuple[Arrival, int]:
-        sealed = self._db.sealed(inst.patient_id)
+        sealed = self._db.sealed(inst.patient_id, inst.study_instance_uid)
         sql = self._statements
         study, sop, at = inst.study_instance_uid, inst.sop_instance_uid, inst.received_at
         with self._db.write() as conn:
