@@ -271,6 +271,9 @@ def table(results: dict) -> str:
             lines += [f"like for like, {n} sender(s): " + "; ".join(
                 f"{ingest.LIKE_FOR_LIKE[kind][0]} ÷ {ingest.LIKE_FOR_LIKE[kind][1]} = {ratio}"
                 for kind, ratio in pairs.items())]
+        for n, ratio in i.get("append_log_vs_minimal", {}).items():
+            lines.append(f"append log, {n} sender(s): pynetdicom_minimal_log ÷ pynetdicom_minimal = {ratio}: the "
+                         f"minimal SCP durable through one fdatasync'd log per association, no work besides")
         for n, ratio in i.get("ceiling_vs_orthanc", {}).items():
             lines.append(f"ceiling, {n} sender(s): pynetdicom_minimal_fsync_processes ({ingest.MINIMAL_PROCESSES} "
                          f"processes sharing the port) ÷ orthanc = {ratio}: what any pynetdicom receiver making "

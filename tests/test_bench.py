@@ -11,7 +11,8 @@ import pytest
 from radnode.bench import Plan, run_suite, table
 
 TINY = Plan(benchmarks=("ingest", "seg_writing"), ct_size=128, ingest_slices=20, senders=(1, 2), ingest_repeats=1,
-            ingest_peers=("radnode", "radnode_receivers", "pynetdicom_minimal_fsync", "dcmtk_storescp"), seg_slices=20,
+            ingest_peers=("radnode", "radnode_receivers", "pynetdicom_minimal_fsync", "pynetdicom_minimal",
+                          "pynetdicom_minimal_log", "dcmtk_storescp"), seg_slices=20,
             seg_size=128, seg_counts=(2, 3), seg_repeats=1)
 
 
@@ -34,6 +35,10 @@ def test_tiny_suite_writes_measured_results(tmp_path: Path) -> None:
         assert rows["radnode"]["cpu_ms_per_instance"] > 0 and rows["pynetdicom_minimal_fsync"]["cpu_ms_per_instance"] > 0
         assert "cpu_ms_per_instance" not in rows["dcmtk_storescp"]  # its own process: not measured
         assert "cpu_ms_per_instance" not in rows["radnode_receivers"]  # its receiver processes: not measured
+    for n, rows in ingest["senders"].items():  # the append log's cost beside the byte-writing SCP's, per sender count
+        assert ingest["append_log_vs_minimal"][n] == pytest.approx(
+            rows["pynetdicom_minimal_log"]["instances_per_s"] / rows["pynetdicom_minimal"]["instances_per_s"], abs=0.01)
+    assert "append log, 1 sender(s): pynetdicom_minimal_log ÷ pynetdicom_minimal" in table(results)
     ratio = ingest["senders"]["1"]["pynetdicom_minimal_fsync"]["radnode_ratio"]
     assert ingest["like_for_like"]["1"] == {"fsync": pytest.approx(ratio, abs=0.01)}  # no no-fsync pair was run
     assert results["targets"]["ingest_vs_minimal_pynetdicom_fsync"] == {

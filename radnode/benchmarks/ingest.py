@@ -7,7 +7,8 @@ order rotates between rounds) and each send is checked: the receiver must hold e
 radnode is compared with the minimal pynetdicom SCP like for like: ``radnode`` (fsync on) with
 ``pynetdicom_minimal_fsync``, which makes the same promise (the instance's bytes and its file name on disk
 before the answer: the file and its folder fsync'd), and ``radnode_no_fsync`` with ``pynetdicom_minimal``
-(bytes written, nothing flushed). Both minimal SCPs receive into a file as radnode's SCP does.
+(bytes written, nothing flushed). Both minimal SCPs receive into a file as radnode's SCP does. A third,
+``pynetdicom_minimal_log``, keeps the promise with an append log per association, the issue's other design.
 """
 
 from __future__ import annotations
@@ -17,16 +18,19 @@ import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom import _config as pynetdicom_config
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -43,19 +47,21 @@ RADNODE_RECEIVERS = 4
 2 to 6 receivers take 8 senders at about the same rate, 8 slightly slower)."""
 
 PEERS = ("radnode", "radnode_receivers", "radnode_no_fsync", "pynetdicom_minimal_fsync", "pynetdicom_minimal",
-         "pynetdicom_minimal_fsync_processes", "dcmtk_storescp", "orthanc")
+         "pynetdicom_minimal_log", "pynetdicom_minimal_fsync_processes", "dcmtk_storescp", "orthanc")
 """``radnode``: the node as shipped (fsync per instance, SQLite index, completeness); ``radnode_receivers``: the
 same with ``ingress.receivers:`` :data:`RADNODE_RECEIVERS` (receiver processes on the node's port);
 ``radnode_no_fsync``: the node with ``ingress.sync_spool: false``; ``pynetdicom_minimal``: a pynetdicom SCP that
 only writes the bytes;
 ``pynetdicom_minimal_fsync``: the same, each file and its folder fsync'd before the answer;
+``pynetdicom_minimal_log``: the same SCP durable the other way the issue names, an append log per association
+(:class:`_AppendLog`);
 ``pynetdicom_minimal_fsync_processes``: that one in :data:`MINIMAL_PROCESSES` processes sharing the port, the
 ceiling of a Python receiver with many senders on this machine."""
 
 LIKE_FOR_LIKE = {"fsync": ("radnode", "pynetdicom_minimal_fsync"), "no_fsync": ("radnode_no_fsync", "pynetdicom_minimal")}
 """radnode's ratio to the minimal SCP, each pair making the same durability promise."""
 
-IN_PROCESS = ("radnode", "radnode_no_fsync", "pynetdicom_minimal", "pynetdicom_minimal_fsync")
+IN_PROCESS = ("radnode", "radnode_no_fsync", "pynetdicom_minimal", "pynetdicom_minimal_fsync", "pynetdicom_minimal_log")
 """Receivers running in the benchmark's process: their CPU time per instance is measured too (the figure the
 machine's load does not change, where wall times on a shared machine do)."""
 
@@ -69,12 +75,8 @@ def _minimal_handler(folder: Path, fsync: bool) -> Callable[[Event], int]:
         target = folder / f"{event.request.AffectedSOPInstanceUID}.dcm"
         shutil.copyfile(event.dataset_path, target)  # the Part 10 file pynetdicom received, copied by the kernel
         if fsync:
-            for path, flags in ((target, os.O_RDONLY), (folder, os.O_RDONLY | os.O_DIRECTORY)):
-                descriptor = os.open(path, flags)
-                try:
-                    os.fsync(descriptor)
-                finally:
-                    os.close(descriptor)
+            _fsync(target, os.O_RDONLY)
+            _fsync(folder, os.O_RDONLY | os.O_DIRECTORY)
         return 0x0000
     return on_store
 
@@ -104,6 +106,69 @@ def minimal_scp(folder: Path, fsync: bool = False) -> Iterator[Receiver]:
                              evt_handlers=[(evt.EVT_C_STORE, _minimal_handler(folder, fsync))])
     try:
         yield server.server_address[1], "MINIMAL", lambda: sum(1 for _ in folder.glob("*.dcm"))
+    finally:
+        server.shutdown()
+        ae.shutdown()
+
+
+class _AppendLog:
+    """The minimal SCP made durable by an append log instead of a file per instance: each association's
+    instances go into one log file (its folder fsync'd once, when the log is made), each appended as its length
+    and its bytes and flushed (``fdatasync``) before the answer. What this design costs by itself tells how
+    much of the minimal SCP's rate a receiver keeping it has left for everything else."""
+
+    HEADER = struct.Struct("<Q")
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._logs: dict[Association, list[int]] = {}
+        """Per association: the log's descriptor and where its next record goes."""
+
+    def on_store(self, event: Event) -> int:
+        log = self._logs.get(event.assoc)
+        if log is None:
+            descriptor = os.open(self.folder / f"{uuid.uuid4().hex}.log", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            _fsync(self.folder, os.O_RDONLY | os.O_DIRECTORY)
+            log = self._logs[event.assoc] = [descriptor, 0]
+        data = Path(event.dataset_path).read_bytes()
+        log[1] += os.pwritev(log[0], [self.HEADER.pack(len(data)), data], log[1])
+        os.fdatasync(log[0])
+        return 0x0000
+
+    def on_end(self, event: Event) -> None:
+        log = self._logs.pop(event.assoc, None)
+        if log is not None:
+            os.close(log[0])
+
+    def held(self) -> int:
+        """The records in the logs."""
+        count = 0
+        for path in self.folder.glob("*.log"):
+            with open(path, "rb") as f:
+                while header := f.read(self.HEADER.size):
+                    f.seek(self.HEADER.unpack(header)[0], os.SEEK_CUR)
+                    count += 1
+        return count
+
+
+def _fsync(path: Path, flags: int) -> None:
+    descriptor = os.open(path, flags)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+@contextlib.contextmanager
+def minimal_log_scp(folder: Path) -> Iterator[Receiver]:
+    """:func:`minimal_scp` durable through an :class:`_AppendLog`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    logs = _AppendLog(folder)
+    ae = _minimal_ae()
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[
+        (evt.EVT_C_STORE, logs.on_store), (evt.EVT_RELEASED, logs.on_end), (evt.EVT_ABORTED, logs.on_end)])
+    try:
+        yield server.server_address[1], "MINIMAL", logs.held
     finally:
         server.shutdown()
         ae.shutdown()
@@ -194,6 +259,7 @@ def receiver(peer: str, folder: Path) -> contextlib.AbstractContextManager[Recei
             "radnode_no_fsync": lambda: radnode_scp(folder, sync_spool=False),
             "pynetdicom_minimal": lambda: minimal_scp(folder),
             "pynetdicom_minimal_fsync": lambda: minimal_scp(folder, fsync=True),
+            "pynetdicom_minimal_log": lambda: minimal_log_scp(folder),
             "pynetdicom_minimal_fsync_processes": lambda: minimal_scp_processes(folder, fsync=True),
             "dcmtk_storescp": lambda: dcmtk_storescp(folder),
             "orthanc": lambda: orthanc(folder)}[peer]()
@@ -235,6 +301,9 @@ def run(files: list[Path], senders: tuple[int, ...] = (1, 8), repeats: int = 3,
         results.setdefault("like_for_like", {})[str(n)] = {
             kind: round(rows[ours]["instances_per_s"] / rows[theirs]["instances_per_s"], 2)
             for kind, (ours, theirs) in LIKE_FOR_LIKE.items() if ours in rows and theirs in rows}
+        if "pynetdicom_minimal_log" in rows and "pynetdicom_minimal" in rows:
+            results.setdefault("append_log_vs_minimal", {})[str(n)] = round(
+                rows["pynetdicom_minimal_log"]["instances_per_s"] / rows["pynetdicom_minimal"]["instances_per_s"], 2)
         if n > 1 and "pynetdicom_minimal_fsync_processes" in rows and "orthanc" in rows:  # one sender: one process
             results.setdefault("ceiling_vs_orthanc", {})[str(n)] = round(
                 rows["pynetdicom_minimal_fsync_processes"]["instances_per_s"] / rows["orthanc"]["instances_per_s"], 2)
