@@ -84,7 +84,7 @@ def test_a_tls_only_node_refuses_plain_dicom_and_stores_over_tls(receiver, pki: 
     secure = send(node.scp.tls_port, study, "+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca))
     assert secure.returncode == 0, secure.stdout + secure.stderr
     assert node.stored() == 3
-    assert node.scp.tls_failures >= 1  # the plain attempt (and the aborted handshake) were counted
+    assert node.scp.refusals.tls_failures() >= 1  # the plain attempt (and the aborted handshake) were counted
     alerts = node.audit_events("110113")
     assert alerts and all(not schema_errors(m) for m in alerts)
 
@@ -98,7 +98,7 @@ def test_mutual_tls_refuses_a_client_without_a_certificate_from_the_ca(receiver,
     rogue = send(node.scp.tls_port, study, "+tls", str(pki.rogue_key), str(pki.rogue_cert), "+cf", str(pki.ca))
     assert rogue.returncode != 0
     assert node.stored() == 0
-    assert node.scp.tls_failures == 2
+    assert node.scp.refusals.tls_failures() == 2
     assert len(node.audit_events("110113")) == 2
 
     trusted = send(node.scp.tls_port, study, "+tls", str(pki.client_key), str(pki.client_cert), "+cf", str(pki.ca))
@@ -132,7 +132,7 @@ def test_unknown_senders_and_wrong_called_titles_are_rejected_at_association(rec
     wrong_called = send(node.scp.port, study, called_ae="PACS")
     assert "Called AE Title Not Recognized" in wrong_called.stderr + wrong_called.stdout
     assert node.stored() == 0
-    assert node.scp.policy.rejected == {"calling_ae": 2, "called_ae": 1}
+    assert node.scp.refusals.rejected() == {"calling_ae": 2, "called_ae": 1}
     rejections = [r for r in caplog.records if "rejected association" in r.getMessage()]
     assert len(rejections) == 3 and "127.0.0.1" in rejections[0].getMessage()
     alerts = node.audit_events("110113")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from radnode.config import Config
+from radnode.node.scp import Refusals
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class SharedAssociations:
             state.get("held", {}).pop(ticket, None)
 
     def count(self, counter: str) -> None:
-        """Add one to a counter (``tls_failures``, ``rejected:<reason>``)."""
+        """Add one to a counter (:class:`~radnode.node.scp.Refusals` keeps its counts here)."""
         with self._state() as state:
             counters = state.setdefault("counters", {})
             counters[counter] = counters.get(counter, 0) + 1
@@ -155,6 +156,8 @@ class ReceiverPool:
         self.config = config
         self.config_file = config_file
         self.shared = SharedAssociations(config.data_dir / "receivers")
+        self.refusals = Refusals(self.shared)
+        """The refusals of every receiver (counted in the shared ledger)."""
         self._listening: dict[str, socket.socket] = {}
         self.port = self.tls_port = 0
         self._processes: list[subprocess.Popen | None] = []
@@ -247,10 +250,6 @@ class ReceiverPool:
         """The receivers' process ids (a receiver being restarted is left out)."""
         with self._lock:
             return [p.pid for p in self._processes if p is not None and p.poll() is None]
-
-    def counters(self) -> dict[str, int]:
-        """The refusal counters of every receiver (``tls_failures``, ``rejected:<reason>``)."""
-        return self.shared.counters()
 
     def stop(self) -> None:
         """End every receiver (SIGTERM: each stops listening and ends its associations) and free the ports."""

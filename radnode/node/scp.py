@@ -462,6 +462,47 @@ class _AssociationTally:
     """The subject of the sender's TLS certificate ('' without one), read at its first C-STORE."""
 
 
+class Refusals:
+    """Refused senders, for ``/metrics``: associations rejected by reason (``calling_ae``, ``called_ae``) and
+    failed TLS handshakes. Counted in memory by the node's own SCP; with a ``ledger`` (the receiver processes'
+    :class:`~radnode.node.receivers.SharedAssociations`) in it, so every receiver adds to the node's counts."""
+
+    _TLS = "tls_failures"
+    _REJECTED = "rejected:"
+
+    def __init__(self, ledger: "SharedAssociations | None" = None) -> None:
+        self.ledger = ledger
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def association_rejected(self, reason: str) -> None:
+        self._add(self._REJECTED + reason)
+
+    def tls_failed(self) -> None:
+        self._add(self._TLS)
+
+    def rejected(self) -> dict[str, int]:
+        """Rejected associations by reason."""
+        return {key.removeprefix(self._REJECTED): n for key, n in self._all().items() if key.startswith(self._REJECTED)}
+
+    def tls_failures(self) -> int:
+        """TLS handshakes refused or failed (no client certificate, untrusted CA, not TLS at all)."""
+        return self._all().get(self._TLS, 0)
+
+    def _add(self, key: str) -> None:
+        if self.ledger is not None:
+            self.ledger.count(key)
+            return
+        with self._lock:
+            self._counts[key] += 1
+
+    def _all(self) -> dict[str, int]:
+        if self.ledger is not None:
+            return self.ledger.counters()
+        with self._lock:
+            return dict(self._counts)
+
+
 class StorageSCP:
     """pynetdicom Storage SCP (C-ECHO, C-STORE of every storage SOP class) feeding an :class:`Ingest`.
 
@@ -480,7 +521,7 @@ class StorageSCP:
 
     As one of the node's receiver processes (:mod:`radnode.node.receivers`) it accepts on the listening
     sockets it inherited (``listening``: ``plain`` / ``tls``, shared with its siblings), takes its association
-    slots from the node-wide count in ``shared`` and adds its refusals to the shared counters.
+    slots from the node-wide count in ``shared`` and counts its refusals there (:class:`Refusals`).
     """
 
     def __init__(self, config: IngressConfig, ingest: Ingest, audit: "AuditTrail | None" = None,
@@ -491,8 +532,7 @@ class StorageSCP:
         self.shared = shared
         self.listening = listening or {}
         self.policy = ingest.router.policy or PeerPolicy(config)
-        self.tls_failures = 0
-        """TLS handshakes refused or failed (no client certificate, untrusted CA, not TLS at all)."""
+        self.refusals = Refusals(shared)
         self._ae = self._make_ae(config)
         self._server: ThreadedAssociationServer | None = None
         self._tls_server: TlsAssociationServer | None = None
@@ -590,8 +630,7 @@ class StorageSCP:
             return
         log.warning("rejected association from %s (%s:%d) to %s: %s", calling, address,
                     event.assoc.requestor.port, called, rejection.reason)
-        if self.shared is not None:
-            self.shared.count(f"rejected:{rejection.counter_key}")
+        self.refusals.association_rejected(rejection.counter_key)
         if self.audit is not None:
             from radnode.security.audit import NODE_AUTHENTICATION, dicom_node
 
@@ -636,9 +675,7 @@ class StorageSCP:
         event.assoc.kill()  # as pynetdicom's own rejection: waits until the A-ASSOCIATE-RJ is out before closing
 
     def _on_handshake_failed(self, peer: str, reason: str) -> None:
-        self.tls_failures += 1
-        if self.shared is not None:
-            self.shared.count("tls_failures")
+        self.refusals.tls_failed()
         log.warning("TLS handshake with %s failed: %s", peer, reason)
         if self.audit is not None:
             from radnode.security.audit import NODE_AUTHENTICATION, Participant

@@ -287,7 +287,7 @@ class Node:
 
     @property
     def scp(self) -> StorageSCP:
-        """The in-process Storage SCP (its ``policy.rejected`` and ``tls_failures`` count refused senders)."""
+        """The in-process Storage SCP."""
         if self._scp is None:
             raise RuntimeError("the node is not started" if self._receivers is None else
                                "the node receives in its receiver processes (ingress.receivers), see receivers")
@@ -302,16 +302,13 @@ class Node:
 
     def rejected_associations(self) -> dict[str, int]:
         """Associations refused at A-ASSOCIATE by reason (``calling_ae``, ``called_ae``), over every receiver."""
-        if self._receivers is not None:
-            return {key.removeprefix("rejected:"): n for key, n in self._receivers.counters().items()
-                    if key.startswith("rejected:")}
-        return dict(self._scp.policy.rejected) if self._scp is not None else {}
+        receiving = self._receivers or self._scp
+        return receiving.refusals.rejected() if receiving is not None else {}
 
     def tls_failures(self) -> int:
         """TLS handshakes refused or failed, over every receiver."""
-        if self._receivers is not None:
-            return self._receivers.counters().get("tls_failures", 0)
-        return self._scp.tls_failures if self._scp is not None else 0
+        receiving = self._receivers or self._scp
+        return receiving.refusals.tls_failures() if receiving is not None else 0
 
     @property
     def api_port(self) -> int:

@@ -13,8 +13,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
-import threading
-from collections import Counter
 from dataclasses import dataclass, replace
 
 from radnode.config import AllowedPeer, IngressConfig
@@ -60,9 +58,6 @@ class PeerPolicy:
         self.called = {ingress.ae_title, *ingress.called_ae_titles}
         self.peers = list(ingress.allowed_peers)
         self._networks = {id(p): _networks(p.host) if p.host else None for p in self.peers}
-        self.rejected: Counter[str] = Counter()
-        """Refused associations by reason (``calling_ae``, ``called_ae``), for metrics."""
-        self._lock = threading.Lock()
 
     def match(self, calling_ae: str, address: str) -> AllowedPeer | None:
         """The allowed-peers entry for this sender (AE title, and address where the entry names one)."""
@@ -79,7 +74,7 @@ class PeerPolicy:
         return None
 
     def check(self, calling_ae: str, called_ae: str, address: str) -> Rejection | None:
-        """None when the association may go ahead, else the rejection (counted)."""
+        """None when the association may go ahead, else the rejection."""
         if not self.enforced:
             return None
         rejection = None
@@ -91,9 +86,6 @@ class PeerPolicy:
             rejection = Rejection(CALLING_AE_NOT_RECOGNISED,
                                   f"calling AE title {calling_ae!r} is not allowed from {address}" if known else
                                   f"calling AE title {calling_ae!r} is not in ingress.allowed_peers")
-        if rejection is not None:
-            with self._lock:
-                self.rejected[rejection.counter_key] += 1
         return rejection
 
     def allowed_pipelines(self, calling_ae: str, address: str) -> list[str] | None:
