@@ -62,7 +62,7 @@ from radnode.node.executors import check_models, configured_rules
 from radnode.node.orthanc_ingress import OrthancIngress
 from radnode.node.receivers import ReceiverPool
 from radnode.node.retention import Retention
-from radnode.node.scp import DiskGuard, Ingest, Origin, Refused, Spool, StorageSCP, index_tags
+from radnode.node.scp import DiskGuard, Ingest, Origin, Refused, StorageSCP, index_tags
 from radnode.node.store import Delivery, Event, Job, JobState, JobStore, store_target
 from radnode.node.worker import DEFAULT_JOB_COMMAND, Scheduler
 from radnode.pipelines.rules import RuleSet
@@ -82,7 +82,7 @@ class Node:
     def __init__(self, config: Config, job_command: Sequence[str] = DEFAULT_JOB_COMMAND,
                  poll_seconds: float = 0.2) -> None:
         """``job_command`` is run as ``COMMAND INPUT_DIR --output OUT_DIR --pipeline NAME`` per job;
-        ``ingress.sync_spool`` fsyncs each received instance before acknowledging it (see :class:`Spool`)."""
+        ``ingress.sync_spool`` fsyncs each received instance before acknowledging it (see :class:`~radnode.node.scp.Spool`)."""
         self.config = config.model_copy(update={"data_dir": config.data_dir.resolve()})
         self.job_command = list(job_command)
         self.poll_seconds = poll_seconds
@@ -127,7 +127,7 @@ class Node:
             log.info("sealed %d patient identifiers the job store held in clear", sealed)
         ingest = Ingest.for_node(self.config, store, rules)
         self.disk_guard = ingest.guard
-        self._recover(store, ingest.spool, ingest, requeue_running=storage is None)
+        self._recover(ingest, requeue_running=storage is None)
         self.egress = egress = Egress(self.config, store, self.poll_seconds, self.audit)
         scheduler = Scheduler(self.config, store, egress, self.job_command, config_file,
                               rules.in_process_pipelines, storage)
@@ -198,10 +198,11 @@ class Node:
         return storage
 
     @staticmethod
-    def _recover(store: JobStore, spool: Spool, ingest: Ingest, requeue_running: bool = True) -> None:
+    def _recover(ingest: Ingest, requeue_running: bool = True) -> None:
         """Drop half-written spool files, index unknown ones, queue interrupted jobs to run again (not with
         the distributed engine: those run on workers, and the reaper looks after them)."""
-        if partial := spool.discard_partial():
+        store = ingest.store
+        if partial := ingest.spool.discard_partial():
             log.warning("discarded %d partial spool writes", partial)
         if found := ingest.reindex():
             log.warning("indexed %d spool files the job store did not know", found)

@@ -212,7 +212,7 @@ class Arrivals:
             elif latest.state == JobState.RECEIVED:
                 job_id = latest.id
             else:
-                arrival, job_id = self._late(conn, inst, decision, latest.id, JobState(latest.state))
+                arrival, job_id = self._late(conn, inst, sealed, decision, latest.id, JobState(latest.state))
             if arrival is Arrival.NEW:
                 conn.execute(sql.last_instance_at, {"job": job_id, "at": at})
             written = conn.execute(sql.new_instance, {
@@ -254,7 +254,7 @@ class Arrivals:
                   f"({inst.peer_address or '?'}), association {inst.association_id or '?'}", inst.received_at)
         return job_id
 
-    def _late(self, conn: Connection, inst: Instance, decision: SeriesDecision, job_id: int,
+    def _late(self, conn: Connection, inst: Instance, sealed: str, decision: SeriesDecision, job_id: int,
               state: JobState) -> tuple[Arrival, int]:
         """An instance of a study whose latest job is past ``received``: apply :func:`~policy.late_action`."""
         what = (f"{inst.modality} {inst.sop_instance_uid} (series {inst.series_instance_uid}) arrived from "
@@ -277,7 +277,7 @@ class Arrivals:
             return Arrival.NEW, job_id
         if action in (LateAction.RERUN_STUDY, LateAction.NEW_JOB):
             whole = action is LateAction.RERUN_STUDY
-            new_id = self._new_job(conn, inst, self._db.sealed(inst.patient_id), decision, whole_study=whole)
+            new_id = self._new_job(conn, inst, sealed, decision, whole_study=whole)
             scope = "the whole study" if whole else "the late instances"
             if whole:
                 purged = conn.execute(select(func.count()).where(
