@@ -318,23 +318,89 @@ def test_every_selected_pipeline_runs_as_its_own_job_with_the_main_jobs_input(st
     assert store.next_queued().id == lung.id and store.start_job(lung.id, "run")
     assert store.begin_delivery(lung.id, "nothing", []) and store.job(lung.id).state is JobState.DONE
 
-    # a late instance (rerun) goes to the main job only; re-queued, it starts no sibling again
+    # a late instance (rerun) is recorded under the main job; the sibling that ran is run again, the queued one
+    # waits; re-queued, the main job starts no sibling again
     assert store.record_instance(instance("1.3"), to("ct_tissue")) == (Arrival.NEW, main)
     assert store.restart_requested() == [main] and store.restart(main)
+    lung_again = store.jobs()[-1]
+    assert (lung_again.id, lung_again.pipeline, lung_again.state) == (nodules.id + 1, "lung", JobState.QUEUED)
     assert store.queue_job(main, "idle") is JobState.QUEUED
-    assert len(store.jobs()) == 3 and [i.sop_instance_uid for i in store.job_inputs(nodules.id)] == [
-        "1.1", "1.2", "1.3"]
+    assert len(store.jobs()) == 4 and all([i.sop_instance_uid for i in store.job_inputs(j)] == ["1.1", "1.2", "1.3"]
+                                          for j in (nodules.id, lung_again.id))
     assert store.events(main)[-1].message.endswith(
-        f"already run by sibling job {lung.id} (lung), job {nodules.id} (nodules), not started again"
-        " (late instances re-run this job only)")
+        f"sibling job {lung_again.id} (lung), job {nodules.id} (nodules) exist already, not started again")
     # once the main job is final, a late instance (rerun) makes a whole-study job with its own sibling(s)
     assert store.start_job(main, "run") and store.begin_delivery(main, "nothing", [])
     arrival, rerun = store.record_instance(instance("1.4"), to("ct_tissue"))
-    assert arrival is Arrival.NEW and rerun == nodules.id + 1
+    assert arrival is Arrival.NEW and rerun == lung_again.id + 1
     assert store.queue_job(rerun, "idle") is JobState.QUEUED
     siblings = [j for j in store.jobs() if j.sibling_of == rerun]
     assert [j.pipeline for j in siblings] == ["lung"]  # the routes of the series its own instances belong to
     assert [i.sop_instance_uid for i in store.job_inputs(siblings[0].id)] == ["1.1", "1.2", "1.3", "1.4"]
+
+
+
+def test_no_sibling_runs_while_late_instances_reopen_its_study_and_each_one_run_runs_again(store: JobStore) -> None:
+    """``late_instances: rerun`` reopens the study for every pipeline, not the main job alone: a queued sibling
+    does not start on the incomplete study, a running one is stopped and queued again, one already run (its
+    results out of date) gets a queued re-run, one an operator cancelled stays cancelled; all start once the
+    main job is queued again, on the whole input."""
+    rerun = Completeness(late_instances=LateInstances.RERUN)
+    decision = SeriesDecision(("ct_tissue", "lung", "nodules", "liver"), completeness=rerun)
+    _, main = store.record_instance(instance("1.1"), decision)
+    assert store.queue_job(main, "idle") is JobState.QUEUED
+    _, lung, nodules, liver = (j.id for j in store.jobs())
+    assert store.start_job(lung, "run") and store.begin_delivery(lung, "nothing", [])  # ran: done
+    assert store.start_job(nodules, "run")  # running
+    store.cancel_job(liver, "ops")  # an operator's decision
+
+    # a late instance while the main job is queued: it waits for the study again, and so do its siblings
+    assert store.record_instance(instance("1.2"), decision) == (Arrival.NEW, main)
+    assert store.job(main).state is JobState.RECEIVED
+    assert store.next_queued() is None  # the re-run of lung is queued, yet nothing may start
+    assert store.restart_requested() == [nodules] and store.restart(nodules)
+    assert store.job(nodules).state is JobState.QUEUED
+    assert store.events(nodules)[-1].message == (
+        f"run stopped for late instances; partial output discarded; runs again once job {main}'s study is complete")
+    lung_again = store.jobs()[-1]
+    assert (lung_again.pipeline, lung_again.state, lung_again.sibling_of) == ("lung", JobState.QUEUED, main)
+    assert store.events(lung)[-1].message == (
+        f"job {main}'s study got a late instance (1.2): this run's input is out of date; sibling job "
+        f"{lung_again.id} runs lung again on the whole study (late_instances: rerun)")
+    assert [j.pipeline for j in store.jobs() if j.sibling_of == main] == ["lung", "nodules", "liver", "lung"]
+    # more late instances change nothing more
+    assert store.record_instance(instance("1.3"), decision) == (Arrival.NEW, main)
+    assert len(store.jobs()) == 5 and store.next_queued() is None
+
+    # complete again: the main job first, then each pipeline once, every one on the three instances
+    assert store.queue_job(main, "idle") is JobState.QUEUED and len(store.jobs()) == 5
+    started = []
+    while (job := store.next_queued()) is not None:
+        assert store.start_job(job.id, "run") and store.begin_delivery(job.id, "nothing", [])
+        started.append(job.id)
+    assert started == [main, nodules, lung_again.id]
+    for job_id in started:
+        assert [i.sop_instance_uid for i in store.job_inputs(job_id)] == ["1.1", "1.2", "1.3"]
+    assert store.job(liver).state is JobState.FAILED
+    # the re-run's results are the study's next version of lung's, superseding the out-of-date run's
+    assert store.supersede(lung, "REJECTION.dcm") is None
+    assert store.supersede(lung_again.id, "REJECTION.dcm").superseded == lung
+
+
+def test_a_running_sibling_of_a_running_main_job_is_stopped_by_a_late_instance_too(store: JobStore) -> None:
+    decision = SeriesDecision(("ct_tissue", "lung"), completeness=Completeness(late_instances=LateInstances.RERUN))
+    _, main = store.record_instance(instance("1.1"), decision)
+    store.queue_job(main, "idle")
+    lung = store.jobs()[-1].id
+    assert store.start_job(main, "run") and store.start_job(lung, "run")
+    store.record_instance(instance("1.2"), decision)
+    assert sorted(store.restart_requested()) == [main, lung]
+    assert store.restart(main) and store.restart(lung)
+    assert (store.job(main).state, store.job(lung).state) == (JobState.RECEIVED, JobState.QUEUED)
+    assert store.next_queued() is None
+    store.queue_job(main, "idle")
+    assert [store.next_queued().id] == [main] and store.start_job(main, "run")
+    assert store.next_queued().id == lung and len(store.jobs()) == 2
 
 
 # --- schema revisions ----------------------------------------------------------------------------

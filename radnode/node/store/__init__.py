@@ -28,7 +28,9 @@ pipelines for a study, its job (the *main* job) runs the first and, when it is q
 job per other pipeline (``sibling_of`` = the main job) on the main job's input; only the main job forwards.
 A rule's ``shadow`` pipelines get a *shadow* job each (a sibling with ``shadow`` set): run after the main job,
 never delivered, compared with it (``shadow``).
-Late instances apply to the main job only. A study whose every series is skipped (discarded by the rules,
+Late instances are recorded under the main job; when they send it back to wait for its study (``rerun``), its
+siblings wait too (none starts on an incomplete study), a running one is stopped and one already run is run
+again, its results superseded. A study whose every series is skipped (discarded by the rules,
 or results of the node's own) is ``done`` at once with ``reason`` ``not processed: …``; the node's own
 results arriving after their study's job started are recorded with it (``own-result`` event), never
 processed, whatever the late-instance policy.

@@ -24,7 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
 from radnode.node.store.feedback import record_correction
-from radnode.node.store.jobs import lock_study, transition
+from radnode.node.store.jobs import lock_study, reopen_siblings, transition
 from radnode.node.store.policy import LateAction, late_action
 from radnode.node.store.records import Arrival, ForeignInstance, Instance, InstanceBeingPurged, JobState
 from radnode.node.store.schema import instances, jobs, refusals, series, studies
@@ -274,6 +274,7 @@ class Arrivals:
                 conn.execute(update(jobs).where(jobs.c.id == job_id).values(restart_requested=True))
             log_event(conn, job_id, "late", f"{what}; added to the input, the job waits for the study again "
                                             "and runs from scratch (late_instances: rerun)", at)
+            reopen_siblings(conn, job_id, f"job {job_id}'s study got a late instance ({inst.sop_instance_uid})", at)
             return Arrival.NEW, job_id
         if action in (LateAction.RERUN_STUDY, LateAction.NEW_JOB):
             whole = action is LateAction.RERUN_STUDY

@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import Iterable
 
-from sqlalchemy import ColumnElement, Connection, Select, and_, exists, false, func, insert, or_, select, true, update
+from sqlalchemy import ColumnElement, Connection, Row, Select, and_, exists, false, func, insert, or_, select, true, update
 
 from radnode.node.completeness import SeriesProgress
 from radnode.node.store.database import Database
@@ -22,7 +22,7 @@ from radnode.node.store.queries import job_select
 from radnode.node.store.records import (
     FINAL_STATES, UNFINISHED_STATES, Instance, Job, JobState, instance_from_row, job_from_row,
 )
-from radnode.node.store.schema import attempts, instances, jobs, refusals, series, studies
+from radnode.node.store.schema import attempts, events, instances, jobs, refusals, series, studies
 from radnode.pipelines.routing import Priority, SeriesDecision, StudyRoute, study_route
 
 
@@ -61,13 +61,51 @@ PRODUCTION_RUN_OVER = (JobState.DELIVERING, *FINAL_STATES)
 
 @functools.cache
 def runnable() -> ColumnElement[bool]:
-    """A queued job that may start now: any production job; a shadow job only once its production job's run is
-    over, so a candidate never takes a slot or a core from the production run it shadows."""
-    production = jobs.alias("production")
-    busy = exists(select(production.c.id).where(
-        production.c.id == jobs.c.sibling_of,
-        production.c.state.not_in([s.value for s in PRODUCTION_RUN_OVER])))
-    return or_(jobs.c.shadow == false(), ~busy)
+    """A queued job that may start now: any main job; a sibling job only while its main job is not waiting for
+    the study again (late instances under ``late_instances: rerun``: the study is not complete, so no pipeline
+    runs on it); a shadow job only once its production job's run is over, so a candidate never takes a slot or
+    a core from the production run it shadows."""
+    main = jobs.alias("production")
+    of_main = main.c.id == jobs.c.sibling_of
+    waiting = exists(select(main.c.id).where(of_main, main.c.state == JobState.RECEIVED.value))
+    busy = exists(select(main.c.id).where(of_main, main.c.state.not_in([s.value for s in PRODUCTION_RUN_OVER])))
+    return and_(~waiting, or_(jobs.c.shadow == false(), ~busy))
+
+
+def reopen_siblings(conn: Connection, job_id: int, why: str, now: float) -> None:
+    """Main job ``job_id`` waits for its study again (late instances, ``late_instances: rerun``), so every
+    pipeline of the study runs again on the whole input once it is complete: a running sibling or shadow job is
+    stopped (restart requested: it goes back to the queue, held by :func:`runnable`), one whose run is over is
+    replaced by a queued re-run whose results supersede its own; a queued one simply waits. Safe to repeat: a
+    pipeline's latest job is the one considered, and a replacement is queued."""
+    latest: dict[tuple[str, bool], Row] = {}
+    for row in conn.execute(select(jobs).where(jobs.c.sibling_of == job_id).order_by(jobs.c.id)):
+        latest[row.pipeline, bool(row.shadow)] = row
+    cancelled = select(events.c.job_id).where(events.c.kind == "cancelled")
+    for (pipeline, shadow), row in latest.items():
+        kind = "shadow" if shadow else "sibling"
+        if row.state == JobState.RUNNING.value:
+            if not row.restart_requested:
+                conn.execute(update(jobs).where(jobs.c.id == row.id).values(restart_requested=True))
+                log_event(conn, row.id, "late", f"{why}: this run stops and runs again once job {job_id}'s study "
+                                                "is complete (late_instances: rerun)", now)
+            continue
+        if row.state == JobState.QUEUED.value or conn.execute(
+                select(exists(cancelled.where(events.c.job_id == row.id)))).scalar():
+            continue  # a queued one runs on the whole input anyway; one an operator cancelled stays cancelled
+        rerun = conn.execute(insert(jobs).values(
+            **{name: row._mapping[name] for name in _SIBLING_COPIED}, state=JobState.QUEUED.value, updated_at=now,
+            sibling_of=job_id, shadow=shadow)).inserted_primary_key[0]
+        log_event(conn, row.id, "late", f"{why}: this run's input is out of date; {kind} job {rerun} runs "
+                                        f"{pipeline} again on the whole study (late_instances: rerun)", now)
+        log_event(conn, rerun, "queued", f"re-run of {kind} job {row.id} ({pipeline}) for late instances of job "
+                                         f"{job_id}'s study: runs once it is complete; its results supersede job "
+                                         f"{row.id}'s", now)
+
+
+_SIBLING_COPIED = ("study_instance_uid", "sealed_patient_id", "pipeline", "calling_ae", "peer_address", "created_at",
+                   "last_instance_at", "priority", "whole_study", "execution_mode", "timeout_seconds", "queue")
+"""What a sibling's re-run takes from the job it replaces (its route is the same; only the input grew)."""
 
 
 def run_order() -> tuple[ColumnElement, ...]:
@@ -205,8 +243,7 @@ class Scheduling:
         for kind, jobs_ in started.items():
             message += f"; started {kind} {', '.join(jobs_)}" if jobs_ else ""
         for kind, jobs_ in earlier.items():
-            message += (f"; already run by {kind} {', '.join(jobs_)}, not started again"
-                        " (late instances re-run this job only)") if jobs_ else ""
+            message += f"; {kind} {', '.join(jobs_)} exist already, not started again" if jobs_ else ""
         log_event(conn, job_id, "route", message, now)
 
     @staticmethod
@@ -246,13 +283,16 @@ class Scheduling:
                                                              jobs.c.restart_requested == true())).scalars())
 
     def restart(self, job_id: int) -> bool:
-        """``running → received``: the run was stopped for late instances; the job waits for its study again."""
+        """The run was stopped for late instances: a main job ``running → received`` (it waits for its study
+        again), a sibling or shadow job ``running → queued`` (it starts again once its main job is queued)."""
         with self._db.write() as conn:
-            if not transition(conn, job_id, (JobState.RUNNING,), JobState.RECEIVED):
+            main = conn.execute(select(jobs.c.sibling_of).where(jobs.c.id == job_id)).scalar()
+            if not transition(conn, job_id, (JobState.RUNNING,), JobState.RECEIVED if main is None else JobState.QUEUED):
                 return False
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(restart_requested=False))
             release(conn, job_id, "stopped", "stopped for late instances", time.time())
-            log_event(conn, job_id, "restarted", "run stopped for late instances; partial output discarded")
+            log_event(conn, job_id, "restarted", "run stopped for late instances; partial output discarded" + (
+                f"; runs again once job {main}'s study is complete" if main is not None else ""))
             return True
 
     def next_queued(self, forward_only: bool = False) -> Job | None:
