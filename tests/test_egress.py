@@ -73,6 +73,46 @@ def test_results_reach_pacs_fhir_and_outbox(tmp_path: Path, pacs: StoreSCP, fhir
     store.close()
 
 
+
+def test_results_of_an_older_job_never_replace_a_later_jobs_of_the_same_pipeline(tmp_path: Path, pacs: StoreSCP) -> None:
+    """A sibling still running on the first part of a study when late instances re-run the whole study: the
+    re-run's sibling (same pipeline, the whole study) delivers first; the old one's results, finishing after,
+    stay in its outbox and go nowhere (sent, they would replace the newer ones at the PACS and in the EHR)."""
+    from radnode.node.store import Instance
+    from radnode.pipelines.routing import Completeness, LateInstances, SeriesDecision
+
+    def arrive(sop: str) -> int:
+        return store.record_instance(Instance(sop, "1.2.3", "1.2.3.1", "P1", "CT", str(CTImageStorage), f"/spool/{sop}",
+                                              "SCANNER", "127.0.0.1:5000", "a1", time.time()), decision)[1]
+
+    config = egress_config(tmp_path, destinations={"pacs": pacs.destination})
+    store = JobStore(tmp_path / "data" / "radnode.db")
+    decision = SeriesDecision(("ct_tissue", "lung"), completeness=Completeness(late_instances=LateInstances.RERUN))
+    main = arrive("1.1")
+    store.queue_job(main, "idle")
+    old_lung = store.jobs()[-1].id
+    assert store.start_job(main, "run") and store.begin_delivery(main, "nothing", [])
+    assert store.start_job(old_lung, "run")  # long: still running on instance 1.1 alone
+    rerun = arrive("1.2")  # late: the whole study again, with its own lung sibling
+    store.queue_job(rerun, "idle")
+    new_lung = store.jobs()[-1].id
+    assert store.start_job(rerun, "run") and store.begin_delivery(rerun, "nothing", [])
+    assert store.start_job(new_lung, "run")
+    egress = Egress(config, store)
+
+    newer = write_study(tmp_path / "new", n=2)
+    egress.stage(new_lung, newer[0].parent)
+    assert deliver_until_settled(egress, store, new_lung) is JobState.DONE
+    older = write_study(tmp_path / "old", n=2)
+    egress.stage(old_lung, older[0].parent)
+    assert store.job(old_lung).state is JobState.DONE and store.deliveries(old_lung) == []
+    assert sorted(pacs.received_uids()) == sorted(pydicom.dcmread(p).SOPInstanceUID for p in newer)
+    assert len(list(outbox_dir(config, old_lung).glob("*.dcm"))) == 2
+    finished = [e.message for e in store.events(old_lung) if e.kind == "finished"][-1]
+    assert finished == (f"2 outputs copied to the outbox; not delivered: job {new_lung}, made later from more of the "
+                        "study, delivered its lung results first; these are out of date")
+    store.close()
+
 def test_destination_down_then_up_gets_results_after_retries(tmp_path: Path) -> None:
     port = free_port()
     config = egress_config(tmp_path, destinations={"pacs": f"PACS@127.0.0.1:{port}"})

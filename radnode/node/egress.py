@@ -38,7 +38,7 @@ from radnode.destinations import Destination, DestinationError, Item, Outcome, S
 from radnode.destinations.base import FHIR_BUNDLE, Cancellation
 from radnode.destinations.dicom import DicomDestination
 from radnode.destinations.orthanc import OrthancDestination
-from radnode.node.store import Delivery, Job, JobStore, ShadowNotDelivered
+from radnode.node.store import Delivery, Job, JobStore, ResultsOutOfDate, ShadowNotDelivered
 from radnode.outputs.layout import RunOutput, dicom_files, is_dicom, review_of
 from radnode.outputs.rejection import write_rejection_note
 
@@ -125,7 +125,9 @@ class Egress:
         A pipeline's results go to every destination not marked ``forward_only``, back to the sender and to
         the study's route ``forward`` destinations, each taking the files it wants (DICOM objects, the FHIR
         Bundle, ...); a forward-only job (no pipeline) sends the study itself to its forwards only. A shadow
-        run's results are refused (ShadowNotDelivered), here and by the store: they never leave the node.
+        run's results are refused (ShadowNotDelivered), here and by the store: they never leave the node. Results
+        out of date (a later job of the study's pipeline delivered first, ``ResultsOutOfDate``) stay in the
+        outbox and the job is done, sent nowhere.
         """
         job = self.store.job(job_id)
         if job is None:
@@ -139,7 +141,11 @@ class Egress:
         except (OSError, DestinationError) as e:
             self.store.fail_job(job_id, f"cannot stage the results: {e}")
             return
-        withdraw = self._supersede(job_id, names) if job.pipeline else []
+        try:
+            withdraw = self._supersede(job_id, names) if job.pipeline else []
+        except ResultsOutOfDate as e:  # done, kept in the outbox, sent nowhere
+            self.store.begin_delivery(job_id, f"{len(names)} outputs copied to the outbox; not delivered: {e}", [])
+            return
         targets: dict[str, Destination] = {}
         if job.pipeline:
             targets |= {n: d for n, d in self.destinations.items() if not d.forward_only}

@@ -54,7 +54,7 @@ from radnode.node.store.jobs import Scheduling
 from radnode.node.store.queries import Queries
 from radnode.node.store.records import (
     FINAL_STATES, ActionRefused, Arrival, Attempt, Correction, CorrectionState, Delivery, Event, ForeignInstance,
-    Instance, InstanceBeingPurged, Job, JobState, PurgePlan, ShadowComparison, ShadowNotDelivered, WorkerInfo,
+    Instance, InstanceBeingPurged, Job, JobState, PurgePlan, ResultsOutOfDate, ShadowComparison, ShadowNotDelivered, WorkerInfo,
 )
 from radnode.node.store.results import Results, Supersession
 from radnode.node.store.retention import Purges
@@ -65,7 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Attempt", "Claim", "Correction", "CorrectionState",
            "Decide", "Delivery", "Event", "ForeignInstance", "Instance", "InstanceBeingPurged", "Job", "JobState",
-           "JobStore", "Publication", "PurgePlan", "ShadowComparison", "ShadowNotDelivered", "StoreError", "StudyDetails", "Supersession", "WorkerInfo",
+           "JobStore", "Publication", "PurgePlan", "ResultsOutOfDate", "ShadowComparison", "ShadowNotDelivered", "StoreError", "StudyDetails", "Supersession", "WorkerInfo",
            "head_revision", "store_target", "upgrade_store"]
 
 

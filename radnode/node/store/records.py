@@ -40,6 +40,12 @@ class ShadowNotDelivered(RuntimeError):
     results are compared, never sent to a PACS or an EHR)."""
 
 
+class ResultsOutOfDate(RuntimeError):
+    """A job's results offered for delivery after a later job of the same study and pipeline (made when more of
+    the study had arrived) delivered its own: sent now, the older ones would replace the newer at the PACS and
+    in the EHR, so they never go out."""
+
+
 class InstanceBeingPurged(OSError):
     """An instance arrived again while the retention purge removing its earlier copy is under way (a
     transient refusal: the sender is told to try again later)."""

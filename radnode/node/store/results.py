@@ -17,6 +17,7 @@ from sqlalchemy import Connection, insert, select, update
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
 from radnode.node.store.jobs import lock_study
+from radnode.node.store.records import ResultsOutOfDate
 from radnode.node.store.schema import deliveries, jobs, result_versions
 
 
@@ -38,7 +39,9 @@ class Results:
 
     def supersede(self, job_id: int, rejection_file: str) -> Supersession | None:
         """Record job ``job_id``'s results as the study's newest version of its pipeline; None when it is the
-        first (or a forward-only job). ``rejection_file`` is the rejection note's name, never itself withdrawn."""
+        first (or a forward-only job). ``rejection_file`` is the rejection note's name, never itself withdrawn.
+        ResultsOutOfDate when a later job of the study's pipeline (made from more of the study) has a version
+        already: this one finished after it, and its results must not replace the newer ones."""
         now = time.time()
         with self._db.write() as conn:
             job = conn.execute(select(jobs.c.study_instance_uid, jobs.c.pipeline).where(jobs.c.id == job_id)).first()
@@ -49,6 +52,11 @@ class Results:
             of_study = (result_versions.c.study_instance_uid == job.study_instance_uid,
                         result_versions.c.pipeline == job.pipeline)
             if mine is None:
+                newer = conn.execute(select(result_versions.c.job_id).where(
+                    *of_study, result_versions.c.job_id > job_id).order_by(result_versions.c.job_id.desc())).scalar()
+                if newer is not None:
+                    raise ResultsOutOfDate(f"job {newer}, made later from more of the study, delivered its "
+                                           f"{job.pipeline} results first; these are out of date")
                 latest = conn.execute(select(result_versions.c.job_id, result_versions.c.version,
                                              result_versions.c.superseded_by).where(*of_study)
                                       .order_by(result_versions.c.version.desc()).limit(1)).first()
