@@ -68,7 +68,7 @@ def run_once(mode: str, study: Path, work: Path) -> float:
             with Node(config, job_command=JOB_COMMAND, poll_seconds=0.02) as node:
                 sent = send(orthanc.dicom_port, study, orthanc.aet)
                 return wait_running(node) - sent
-    with Node(Config.model_validate({**data, "api": {"port": free_port()}}), job_command=JOB_COMMAND,
+    with Node(Config.model_validate({**data, "api": {"port": 0}}), job_command=JOB_COMMAND,
               poll_seconds=0.02) as node:
         sent = send(node.port, study, "RADNODE")
         return wait_running(node) - sent

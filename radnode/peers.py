@@ -6,6 +6,7 @@ hospital's PACS and FHIR server.
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -20,10 +21,33 @@ STORESCP = "/usr/bin/storescp"  # DCMTK's, not pynetdicom's command of the same 
 
 
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on now."""
-    with socket.socket() as s:
+    """A TCP port on loopback that nothing uses now, below the kernel's ephemeral range: a port from that range
+    (what binding port 0 gives) can be taken by any outgoing connection before the caller listens on it."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        port = random.randrange(PORTS_BELOW_EPHEMERAL, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every one tried is taken: an ephemeral one, as before
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+PORTS_BELOW_EPHEMERAL = 20000
+"""The lowest port :func:`free_port` hands out (above the well-known and the usual service ports)."""
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (``ip_local_port_range``; Linux's default 32768)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    return max(low, PORTS_BELOW_EPHEMERAL + 1000)
 
 
 def _wait_until(ready, process: subprocess.Popen, what: str, log: Path, timeout: float) -> None:
