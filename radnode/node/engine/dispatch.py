@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 
 class Dispatcher:
-    """Queued jobs → storage + outbox → broker; reported outputs → egress; lapsed leases → requeued."""
+    """Queued jobs → outbox → storage + broker; reported outputs → egress; lapsed leases → requeued."""
 
     def __init__(self, config: Config, store: JobStore, storage: Storage, prepare: Callable[[int], tuple[Path, Path]],
                  finish: Callable[[int, Path], None]) -> None:
@@ -36,25 +36,22 @@ class Dispatcher:
             log.warning("job %d: %s", job_id, what)
 
     def dispatch(self) -> None:
-        """Upload each undispatched queued job's input (once) and write its publication."""
+        """Write a publication for each undispatched queued job (its input goes up when it is published)."""
         for job_id in self.store.undispatched():
             job = self.store.job(job_id)
             if job is None:
                 continue
-            try:
-                if not self.storage.has_inputs(job_id):
-                    inputs, _ = self.prepare(job_id)
-                    self.storage.put_inputs(job_id, inputs)
-                    shutil.rmtree(inputs, ignore_errors=True)
-            except (OSError, StorageError) as e:
-                log.error("job %d: cannot put its input in the storage (%s); trying again", job_id, e)
-                return
             queue = job.queue or self.config.engine.default_queue
             self.store.dispatch(job_id, queue, BROKER_PRIORITY[job.priority.rank])
 
     def publish(self) -> None:
-        """Send the outbox's messages; a broker that is down leaves them there for the next round."""
+        """Send the outbox's messages, each once its job's input for that dispatch is in the storage (uploaded
+        here, as the job's instances are now). An input that cannot be put there waits for the next round and
+        holds up no other job; a job whose instances cannot be read fails, naming why. A broker that is down
+        leaves the messages there for the next round."""
         for pub in self.store.unpublished():
+            if not self._input_ready(pub.job_id, pub.id):
+                continue
             try:
                 self.app.send_task(TASK, args=[pub.job_id, pub.id], queue=job_queue(pub.queue),
                                    priority=pub.priority, retry=False)
@@ -68,6 +65,28 @@ class Dispatcher:
                 log.warning("broker reachable again: publishing the outbox")
                 self._broker_down = False
             self.store.published(pub.id)
+
+    def _input_ready(self, job_id: int, dispatch: int) -> bool:
+        """Put the job's input for ``dispatch`` in the storage unless it is there; False when it is not (yet)."""
+        try:
+            if self.storage.has_inputs(job_id, dispatch):
+                return True
+        except (OSError, StorageError) as e:
+            log.error("job %d: storage unusable (%s); its message waits", job_id, e)
+            return False
+        try:
+            inputs, _ = self.prepare(job_id)
+        except OSError as e:
+            self.store.fail_job(job_id, f"cannot prepare the job's input: {e}")
+            return False
+        try:
+            self.storage.put_inputs(job_id, dispatch, inputs)
+        except (OSError, StorageError) as e:
+            log.error("job %d: cannot put its input in the storage (%s); its message waits", job_id, e)
+            return False
+        finally:
+            shutil.rmtree(inputs, ignore_errors=True)
+        return True
 
     def collect(self) -> None:
         """Fetch the outputs of attempts their worker reported and hand them to egress."""

@@ -155,7 +155,7 @@ class GpuWorker:
             return
         self.current_job = job_id
         try:
-            self._attempt(job_id, claim.attempt)
+            self._attempt(job_id, dispatch_id, claim.attempt)
         except Exception as e:  # a defect here must end the attempt with its reason, never leave it running
             log.exception("job %d attempt %d: worker error", job_id, claim.attempt)
             self._fail(job_id, claim.attempt, f"worker {self.name} error: {type(e).__name__}: {e}")
@@ -164,7 +164,7 @@ class GpuWorker:
             if self.warm is not None:  # the next job's spare once this one is over (its imports would take a
                 self.warm.fill()       # core from the job), from the pool's thread, which lives on
 
-    def _attempt(self, job_id: int, attempt: int) -> None:
+    def _attempt(self, job_id: int, dispatch_id: int, attempt: int) -> None:
         job = self.store.job(job_id)
         assert job is not None
         root = self.work_dir / "jobs" / str(job_id) / f"attempt-{attempt}"
@@ -178,7 +178,7 @@ class GpuWorker:
                                         "(processing.container_engine is not set)")
             return
         try:
-            self.storage.get_inputs(job_id, root / "in")
+            self.storage.get_inputs(job_id, dispatch_id, root / "in")
             launch = executor.launch(JobRun(job_id, job.pipeline, root))
             timeout = resolve_timeout(mode, job.pipeline, job.execution.timeout_seconds,
                                       self.config.processing.job_timeout_seconds)

@@ -3,8 +3,11 @@
 ``shared_dir``: a folder every host mounts (NFS in production); ``s3``: an S3-compatible object store (boto3),
 so a worker host needs no shared file system. The layout is the same in both::
 
-    jobs/<job_id>/in/<file>                   the job's input, uploaded once per job
+    jobs/<job_id>/in-<dispatch>/<file>        the job's input as it was dispatched (message <dispatch>)
     jobs/<job_id>/attempt-<n>/out/<file>       what attempt n wrote
+
+The input is uploaded once per dispatch, not per job: a job dispatched again after its study got late
+instances (or an operator's retry) runs on its input as it is then, never on the first upload.
 
 Nothing half-written is ever taken for whole: a folder is written under a temporary name and renamed
 (``shared_dir``), or its files are listed in a completion marker written last (``s3``); the reader takes only
@@ -38,13 +41,13 @@ class Storage(Protocol):
     def check(self) -> None:
         """Write, read and remove a probe; StorageError with one line when the storage is not usable."""
 
-    def has_inputs(self, job_id: int) -> bool: ...
+    def has_inputs(self, job_id: int, dispatch: int) -> bool: ...
 
-    def put_inputs(self, job_id: int, folder: Path) -> None:
-        """Upload a job's input folder (once: a later call for the same job keeps the first)."""
+    def put_inputs(self, job_id: int, dispatch: int, folder: Path) -> None:
+        """Upload a job's input folder for its dispatch ``dispatch`` (once: a later call keeps the first)."""
 
-    def get_inputs(self, job_id: int, target: Path) -> None:
-        """The job's input into ``target`` (an empty folder)."""
+    def get_inputs(self, job_id: int, dispatch: int, target: Path) -> None:
+        """The job's input as dispatch ``dispatch`` has it into ``target`` (an empty folder)."""
 
     def put_outputs(self, job_id: int, attempt: int, folder: Path) -> None:
         """An attempt's output folder, whole or not at all."""
@@ -81,14 +84,14 @@ class SharedDirStorage:
         except OSError as e:
             raise StorageError(f"storage {self.label} is not writable: {e.strerror or e}") from None
 
-    def _inputs(self, job_id: int) -> Path:
-        return self.root / "jobs" / str(job_id) / "in"
+    def _inputs(self, job_id: int, dispatch: int) -> Path:
+        return self.root / "jobs" / str(job_id) / f"in-{dispatch}"
 
     def _outputs(self, job_id: int, attempt: int) -> Path:
         return self.root / "jobs" / str(job_id) / f"attempt-{attempt}" / "out"
 
-    def has_inputs(self, job_id: int) -> bool:
-        return self._inputs(job_id).is_dir()
+    def has_inputs(self, job_id: int, dispatch: int) -> bool:
+        return self._inputs(job_id, dispatch).is_dir()
 
     def _publish(self, folder: Path, target: Path) -> None:
         """Copy ``folder`` to ``target`` under a temporary name, fsync'd, then rename it into place."""
@@ -107,15 +110,15 @@ class SharedDirStorage:
             if not target.is_dir():
                 raise
 
-    def put_inputs(self, job_id: int, folder: Path) -> None:
-        if not self.has_inputs(job_id):
-            self._inputs(job_id).parent.mkdir(parents=True, exist_ok=True)
-            self._publish(folder, self._inputs(job_id))
+    def put_inputs(self, job_id: int, dispatch: int, folder: Path) -> None:
+        if not self.has_inputs(job_id, dispatch):
+            self._inputs(job_id, dispatch).parent.mkdir(parents=True, exist_ok=True)
+            self._publish(folder, self._inputs(job_id, dispatch))
 
-    def get_inputs(self, job_id: int, target: Path) -> None:
-        source = self._inputs(job_id)
+    def get_inputs(self, job_id: int, dispatch: int, target: Path) -> None:
+        source = self._inputs(job_id, dispatch)
         if not source.is_dir():
-            raise StorageError(f"storage {self.label}: job {job_id}'s input is missing")
+            raise StorageError(f"storage {self.label}: job {job_id}'s input of dispatch {dispatch} is missing")
         for file in _files(source):
             _link_or_copy(file, target / file.relative_to(source))
 
@@ -207,15 +210,16 @@ class S3Storage:
         except (BotoCoreError, ClientError) as e:
             raise self._error(e) from None
 
-    def has_inputs(self, job_id: int) -> bool:
-        return self._marker(self._key("jobs", str(job_id), "in")) is not None
+    def has_inputs(self, job_id: int, dispatch: int) -> bool:
+        return self._marker(self._key("jobs", str(job_id), f"in-{dispatch}")) is not None
 
-    def put_inputs(self, job_id: int, folder: Path) -> None:
-        if not self.has_inputs(job_id):
-            self._put_set(folder, self._key("jobs", str(job_id), "in"))
+    def put_inputs(self, job_id: int, dispatch: int, folder: Path) -> None:
+        if not self.has_inputs(job_id, dispatch):
+            self._put_set(folder, self._key("jobs", str(job_id), f"in-{dispatch}"))
 
-    def get_inputs(self, job_id: int, target: Path) -> None:
-        self._get_set(self._key("jobs", str(job_id), "in"), target, f"job {job_id}'s input")
+    def get_inputs(self, job_id: int, dispatch: int, target: Path) -> None:
+        self._get_set(self._key("jobs", str(job_id), f"in-{dispatch}"), target,
+                      f"job {job_id}'s input of dispatch {dispatch}")
 
     def put_outputs(self, job_id: int, attempt: int, folder: Path) -> None:
         self._put_set(folder, self._key("jobs", str(job_id), f"attempt-{attempt}", "out"))

@@ -82,10 +82,12 @@ class Cluster:
             return pub
 
     def unpublished(self, limit: int = 100) -> list[Publication]:
-        """Publications not yet acknowledged by the broker, oldest first, of jobs still waiting for them."""
+        """Publications not yet acknowledged by the broker, oldest first, of jobs still queued and waiting for
+        them (a job that failed meanwhile, e.g. its input unreadable, is not sent)."""
         query = (select(publications.c.id, publications.c.job_id, publications.c.queue, publications.c.priority)
                  .join(jobs, and_(jobs.c.id == publications.c.job_id, jobs.c.dispatch_id == publications.c.id))
-                 .where(publications.c.published_at.is_(None)).order_by(publications.c.id).limit(limit))
+                 .where(publications.c.published_at.is_(None), jobs.c.state == JobState.QUEUED.value)
+                 .order_by(publications.c.id).limit(limit))
         with self._db.read() as conn:
             return [Publication(*row) for row in conn.execute(query)]
 
