@@ -10,7 +10,8 @@ from collections.abc import Iterator
 import pytest
 
 from factories import queued_job
-from radnode.node.store import JobState, JobStore
+from radnode.node.store import Instance, JobState, JobStore
+from radnode.pipelines.routing import Completeness, LateInstances, SeriesDecision
 from support.waiting import wait_until
 
 LEASE = 30.0
@@ -109,6 +110,46 @@ def test_a_failed_run_fails_the_job_with_its_reason(store: JobStore) -> None:
     assert job is not None and job.state is JobState.FAILED and job.reason == "no image series in the input"
     assert [e.message for e in store.events(job_id) if e.kind == "failed"] == ["attempt 1: no image series in the input"]
 
+
+
+def test_a_late_instance_makes_the_messages_of_a_queued_study_stale_and_it_is_dispatched_again(
+        store: JobStore) -> None:
+    """``late_instances: rerun`` on a study whose jobs were dispatched but not yet claimed: the messages out are
+    stale (a worker drops them, so nothing runs on the incomplete study), nothing is dispatched while it is
+    incomplete, and once it is complete again every job is dispatched afresh (none is lost)."""
+    decision = SeriesDecision(("ct_tissue", "lung"), completeness=Completeness(late_instances=LateInstances.RERUN))
+
+    def arrive(sop: str) -> int:
+        return store.record_instance(Instance(sop, "1.2.3", "1.2.3.1", "P1", "CT", "1.2.840.10008.5.1.4.1.1.2",
+                                              f"/spool/{sop}.dcm", "SCANNER", "127.0.0.1:5000", "a1", 0.0), decision)[1]
+
+    main = arrive("1.1")
+    store.queue_job(main, "idle")
+    jobs = [job.id for job in store.jobs()]
+    messages = {job_id: store.dispatch(job_id, "radnode", 5) for job_id in jobs}
+    assert arrive("1.2") == main
+    for job_id, message in messages.items():
+        claim = store.claim(job_id, message, "w1", False, LEASE, 3)
+        assert claim.attempt == 0 and "stale message" in claim.why
+    assert store.undispatched() == []
+    assert store.queue_job(main, "idle") is JobState.QUEUED
+    assert store.undispatched() == jobs
+    for job_id in jobs:
+        message = store.dispatch(job_id, "radnode", 5)
+        assert message not in messages.values() and store.claim(job_id, message, "w1", False, LEASE, 3).attempt == 1
+
+
+def test_a_job_failed_on_a_worker_and_retried_is_dispatched_again(store: JobStore) -> None:
+    job_id, dispatch = _dispatched(store)
+    attempt = store.claim(job_id, dispatch, "w1", False, LEASE, 3).attempt
+    assert store.report_failure(job_id, attempt, "exit 139 (segfault)")
+    store.retry_job(job_id, "ops")
+    assert store.job(job_id).state is JobState.QUEUED  # type: ignore[union-attr]
+    assert store.undispatched() == [job_id]
+    again = store.dispatch(job_id, "radnode", 5)
+    assert again is not None and again != dispatch
+    assert store.claim(job_id, dispatch, "w2", True, LEASE, 3).attempt == 0  # the old message stays stale
+    assert store.claim(job_id, again, "w2", False, LEASE, 3).attempt == attempt + 1
 
 def test_one_leader_at_a_time_and_the_next_takes_over(postgres_url: str) -> None:
     first, second = JobStore(postgres_url), JobStore(postgres_url)

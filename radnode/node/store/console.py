@@ -15,7 +15,7 @@ from sqlalchemy import Row, delete, false, func, insert, select, true, update
 
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
-from radnode.node.store.jobs import transition
+from radnode.node.store.jobs import release, transition
 from radnode.node.store.records import FINAL_STATES, ActionRefused, JobState
 from radnode.node.store.schema import (
     api_tokens, deliveries, instances, jobs, node_settings, reviews, sessions, study_details, users,
@@ -173,6 +173,7 @@ class Console:
             state = self._locked_state(conn, job_id)
             if state is not JobState.FAILED:
                 raise ActionRefused(f"job {job_id} is {state}: only a failed job can be retried")
+            release(conn, job_id, "failed", "", time.time())  # dispatched afresh, with its input as it is now
             main = conn.execute(select(jobs.c.sibling_of).where(jobs.c.id == job_id)).scalar()
             if main is not None:  # a sibling or shadow job: its pipeline again, on its main job's input
                 conn.execute(delete(deliveries).where(deliveries.c.job_id == job_id))

@@ -24,7 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
 from radnode.node.store.feedback import record_correction
-from radnode.node.store.jobs import lock_study, reopen_siblings, transition
+from radnode.node.store.jobs import lock_study, release, reopen_siblings, transition
 from radnode.node.store.policy import LateAction, late_action
 from radnode.node.store.records import Arrival, ForeignInstance, Instance, InstanceBeingPurged, JobState
 from radnode.node.store.schema import instances, jobs, refusals, series, studies
@@ -270,7 +270,8 @@ class Arrivals:
         if action in (LateAction.WAIT_AGAIN, LateAction.RESTART):
             if action is LateAction.WAIT_AGAIN:
                 transition(conn, job_id, (JobState.QUEUED,), JobState.RECEIVED)
-            else:
+                release(conn, job_id, "stopped", "late instances: waits for its study again", at)  # a message out
+            else:                                                                              # for it is stale
                 conn.execute(update(jobs).where(jobs.c.id == job_id).values(restart_requested=True))
             log_event(conn, job_id, "late", f"{what}; added to the input, the job waits for the study again "
                                             "and runs from scratch (late_instances: rerun)", at)

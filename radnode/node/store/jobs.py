@@ -77,7 +77,9 @@ def reopen_siblings(conn: Connection, job_id: int, why: str, now: float) -> None
     pipeline of the study runs again on the whole input once it is complete: a running sibling or shadow job is
     stopped (restart requested: it goes back to the queue, held by :func:`runnable`), one whose run is over is
     replaced by a queued re-run whose results supersede its own; a queued one simply waits. Safe to repeat: a
-    pipeline's latest job is the one considered, and a replacement is queued."""
+    pipeline's latest job is the one considered, and a replacement is queued. A queued one's dispatch to the
+    distributed engine is dropped (its message, if out, is stale): it is dispatched afresh, with its input as it is
+    then."""
     latest: dict[tuple[str, bool], Row] = {}
     for row in conn.execute(select(jobs).where(jobs.c.sibling_of == job_id).order_by(jobs.c.id)):
         latest[row.pipeline, bool(row.shadow)] = row
@@ -90,9 +92,11 @@ def reopen_siblings(conn: Connection, job_id: int, why: str, now: float) -> None
                 log_event(conn, row.id, "late", f"{why}: this run stops and runs again once job {job_id}'s study "
                                                 "is complete (late_instances: rerun)", now)
             continue
-        if row.state == JobState.QUEUED.value or conn.execute(
-                select(exists(cancelled.where(events.c.job_id == row.id)))).scalar():
-            continue  # a queued one runs on the whole input anyway; one an operator cancelled stays cancelled
+        if row.state == JobState.QUEUED.value:  # it runs on the whole input; a message already out for it is stale
+            release(conn, row.id, "stopped", why, now)
+            continue
+        if conn.execute(select(exists(cancelled.where(events.c.job_id == row.id)))).scalar():
+            continue  # one an operator cancelled stays cancelled
         rerun = conn.execute(insert(jobs).values(
             **{name: row._mapping[name] for name in _SIBLING_COPIED}, state=JobState.QUEUED.value, updated_at=now,
             sibling_of=job_id, shadow=shadow)).inserted_primary_key[0]
