@@ -403,6 +403,22 @@ def test_a_running_sibling_of_a_running_main_job_is_stopped_by_a_late_instance_t
     assert store.next_queued().id == lung and len(store.jobs()) == 2
 
 
+
+def test_a_run_that_ends_as_late_instances_arrive_is_not_delivered_but_runs_again(store: JobStore) -> None:
+    """A late instance (``rerun``) recorded after the run ended but before its results were staged: the results
+    (made without it) are not delivered, and the job waits for its study again."""
+    decision = SeriesDecision(("ct_tissue",), completeness=Completeness(late_instances=LateInstances.RERUN))
+    _, job_id = store.record_instance(instance("1.1"), decision)
+    store.queue_job(job_id, "idle")
+    assert store.start_job(job_id, "run")
+    store.record_instance(instance("1.2"), decision)
+    assert not store.begin_delivery(job_id, "2 outputs", [("pacs", "seg.dcm")])
+    assert store.job(job_id).state is JobState.RUNNING and store.deliveries(job_id) == []
+    assert store.events(job_id)[-1].message == ("run finished, but late instances arrived during it: not delivered, "
+                                                "it runs again")
+    assert store.restart_requested() == [job_id] and store.restart(job_id)
+    assert store.job(job_id).state is JobState.RECEIVED
+
 # --- schema revisions ----------------------------------------------------------------------------
 
 

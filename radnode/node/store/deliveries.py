@@ -47,11 +47,19 @@ class Deliveries:
 
     def begin_delivery(self, job_id: int, summary: str, deliveries: list[tuple[str, str]]) -> bool:
         """``running → delivering`` with its (destination, object) deliveries; straight to ``done`` if none.
-        ShadowNotDelivered for a shadow run's job, whatever it asks: its results never leave the node."""
+        ShadowNotDelivered for a shadow run's job, whatever it asks: its results never leave the node. False, and
+        nothing delivered, when the job is not running or late instances asked for its restart meanwhile (its
+        input has grown since the run: the scheduler restarts it)."""
         now = time.time()
         with self._db.write() as conn:
-            if conn.execute(select(jobs.c.shadow).where(jobs.c.id == job_id)).scalar():
+            job = conn.execute(select(jobs.c.shadow, jobs.c.restart_requested).where(jobs.c.id == job_id)
+                               .with_for_update()).first()
+            if job is not None and job.shadow:
                 raise ShadowNotDelivered(f"job {job_id} is a shadow run: its results are compared, never delivered")
+            if job is not None and job.restart_requested:
+                log_event(conn, job_id, "late", "run finished, but late instances arrived during it: not delivered, "
+                                                "it runs again", now)
+                return False
             target = JobState.DELIVERING if deliveries else JobState.DONE
             if not transition(conn, job_id, (JobState.RUNNING,), target):
                 return False
