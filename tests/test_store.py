@@ -419,6 +419,28 @@ def test_a_run_that_ends_as_late_instances_arrive_is_not_delivered_but_runs_agai
     assert store.restart_requested() == [job_id] and store.restart(job_id)
     assert store.job(job_id).state is JobState.RECEIVED
 
+
+def test_a_job_of_late_instances_alone_neither_supersedes_the_studys_results_nor_is_out_of_date(
+        store: JobStore) -> None:
+    """``late_instances: new-job``: the job of the late instances is no new version of the study's results (it
+    did not see the whole study), so it withdraws nothing and the main job's results go out whenever it ends;
+    a whole-study re-run (``rerun``) is the next version."""
+    new_job = SeriesDecision(("ct_tissue",), completeness=Completeness(late_instances=LateInstances.NEW_JOB))
+    _, main = store.record_instance(instance("1.1"), new_job)
+    store.queue_job(main, "idle")
+    assert store.start_job(main, "run")  # long
+    arrival, late = store.record_instance(instance("1.2"), new_job)
+    assert arrival is Arrival.NEW and late != main and [i.sop_instance_uid for i in store.job_inputs(late)] == ["1.2"]
+    store.queue_job(late, "idle")
+    assert store.start_job(late, "run")
+    assert store.supersede(late, "REJECTION.dcm") is None  # delivers first
+    assert store.supersede(main, "REJECTION.dcm") is None  # not out of date: the study's first version
+    rerun = SeriesDecision(("ct_tissue",), completeness=Completeness(late_instances=LateInstances.RERUN))
+    assert store.begin_delivery(late, "done", []) and store.begin_delivery(main, "done", [])
+    _, whole = store.record_instance(replace(instance("2.1"), series_instance_uid="1.2.3.2"), rerun)
+    store.queue_job(whole, "idle")
+    assert store.supersede(whole, "REJECTION.dcm").superseded == main
+
 # --- schema revisions ----------------------------------------------------------------------------
 
 

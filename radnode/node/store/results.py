@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from sqlalchemy import Connection, insert, select, update
+from sqlalchemy import Connection, exists, func, insert, select, update
 
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
@@ -41,11 +41,12 @@ class Results:
         """Record job ``job_id``'s results as the study's newest version of its pipeline; None when it is the
         first (or a forward-only job). ``rejection_file`` is the rejection note's name, never itself withdrawn.
         ResultsOutOfDate when a later job of the study's pipeline (made from more of the study) has a version
-        already: this one finished after it, and its results must not replace the newer ones."""
+        already: this one finished after it, and its results must not replace the newer ones. A job of late
+        instances alone (``late_instances: new-job``) is no version: its results stand beside the study's."""
         now = time.time()
         with self._db.write() as conn:
             job = conn.execute(select(jobs.c.study_instance_uid, jobs.c.pipeline).where(jobs.c.id == job_id)).first()
-            if job is None or not job.pipeline:
+            if job is None or not job.pipeline or _of_late_instances_alone(conn, job_id):
                 return None
             lock_study(self._db, conn, job.study_instance_uid, now)
             mine = conn.execute(select(result_versions.c.version).where(result_versions.c.job_id == job_id)).scalar()
@@ -95,3 +96,14 @@ class Results:
                   f"({rejection_file})" + (f"; {stopped} pending deliveries stopped" if stopped else ""), now)
         log_event(conn, job_id, "supersedes",
                   f"version {version} of the study's {pipeline} results: replaces job {previous}'s", now)
+
+
+def _of_late_instances_alone(conn: Connection, job_id: int) -> bool:
+    """Whether the job (or the main job of a sibling) processes only instances that came after an earlier job of
+    its study (``late_instances: new-job``), not the whole study."""
+    main_id = conn.execute(select(func.coalesce(jobs.c.sibling_of, jobs.c.id)).where(jobs.c.id == job_id)).scalar()
+    main = conn.execute(select(jobs.c.study_instance_uid, jobs.c.whole_study).where(jobs.c.id == main_id)).first()
+    if main is None or main.whole_study:
+        return False
+    return bool(conn.execute(select(exists().where(jobs.c.study_instance_uid == main.study_instance_uid,
+                                                   jobs.c.sibling_of.is_(None), jobs.c.id < main_id))).scalar())
