@@ -441,6 +441,38 @@ def test_a_job_of_late_instances_alone_neither_supersedes_the_studys_results_nor
     store.queue_job(whole, "idle")
     assert store.supersede(whole, "REJECTION.dcm").superseded == main
 
+
+def test_an_instance_refused_after_its_study_was_queued_keeps_the_incomplete_study_from_going_out(
+        store: JobStore) -> None:
+    """``late_instances: rerun``: an instance of the study refused for its content after the job was queued
+    (running: the same, by a restart) sends it back to wait; complete again, it fails naming the refusal, and the
+    corrected instance re-sent runs the whole study."""
+    rerun = SeriesDecision(("ct_tissue", "lung"), completeness=Completeness(late_instances=LateInstances.RERUN))
+    _, job_id = store.record_instance(instance("1.1"), rerun)
+    assert store.queue_job(job_id, "idle") is JobState.QUEUED
+    store.record_refusal("1.2.3", "1.3", "PixelData declares 524288 bytes, the instance ends after 1000", "SCANNER")
+    assert store.job(job_id).state is JobState.RECEIVED and store.next_queued() is None
+    assert store.queue_job(job_id, "idle") is JobState.FAILED
+    assert "1.3: PixelData declares 524288 bytes" in (store.job(job_id).reason or "")
+    arrival, whole = store.record_instance(instance("1.3"), rerun)
+    assert arrival is Arrival.NEW and whole != job_id and store.queue_job(whole, "idle") is JobState.QUEUED
+
+    _, running = store.record_instance(instance("2.1", study="2.2.3"), rerun)
+    store.queue_job(running, "idle")
+    assert store.start_job(running, "run")
+    store.record_refusal("2.2.3", "2.2", "no SOPInstanceUID", "SCANNER")
+    assert store.restart_requested() == [running] and not store.begin_delivery(running, "done", [])
+
+
+def test_a_damaged_copy_of_an_instance_the_study_holds_leaves_it_complete(store: JobStore) -> None:
+    rerun = SeriesDecision(("ct_tissue",), completeness=Completeness(late_instances=LateInstances.RERUN))
+    _, job_id = store.record_instance(instance("1.1"), rerun)
+    store.record_instance(instance("1.2"), rerun)
+    store.record_refusal("1.2.3", "1.2", "PixelData declares 524288 bytes, the instance ends after 1000", "SCANNER")
+    assert store.queue_job(job_id, "idle") is JobState.QUEUED
+    (refused,) = [e.message for e in store.events(job_id) if e.kind == "refused"]
+    assert refused.endswith("a damaged copy of an instance the study holds: the first copy is kept")
+
 # --- schema revisions ----------------------------------------------------------------------------
 
 

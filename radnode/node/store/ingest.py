@@ -28,7 +28,7 @@ from radnode.node.store.jobs import lock_study, release, reopen_siblings, transi
 from radnode.node.store.policy import LateAction, late_action
 from radnode.node.store.records import Arrival, ForeignInstance, Instance, InstanceBeingPurged, JobState
 from radnode.node.store.schema import instances, jobs, refusals, series, studies
-from radnode.pipelines.routing import Provenance, SeriesDecision
+from radnode.pipelines.routing import LateInstances, Provenance, SeriesDecision
 
 Decide = SeriesDecision | Callable[[], SeriesDecision]
 """A series' decision, or the function that takes it (called on the series' first instance only)."""
@@ -122,20 +122,53 @@ class Arrivals:
     def record_refusal(self, study_instance_uid: str, sop_instance_uid: str, reason: str, calling_ae: str = "",
                        at: float | None = None) -> None:
         """An instance of the study was refused for its content: the study is incomplete until the same SOP
-        instance is received and kept; logged on the study's latest job when it has one."""
+        instance is received and kept; logged on the study's latest job when it has one. A damaged copy of an
+        instance the study already holds leaves it complete (the first copy is kept). Under ``late_instances:
+        rerun``, a job already queued or running waits for its study again (and then fails, naming the refusal,
+        unless the instance is re-sent and kept): results of a study known to be incomplete never go out."""
         at = time.time() if at is None else at
         with self._db.write() as conn:
             lock_study(self._db, conn, study_instance_uid, at)
+            job = conn.execute(select(jobs.c.id, jobs.c.state).where(jobs.c.study_instance_uid == study_instance_uid,
+                                                                     jobs.c.sibling_of.is_(None))
+                               .order_by(jobs.c.id.desc()).limit(1)).first()
+            what = f"{sop_instance_uid} from {calling_ae or '?'}: {reason}"
+            held = conn.execute(select(instances.c.study_instance_uid).where(
+                instances.c.sop_instance_uid == sop_instance_uid, instances.c.purged_at.is_(None))).scalar()
+            if held == study_instance_uid:
+                if job is not None:
+                    log_event(conn, job.id, "refused", f"{what}; a damaged copy of an instance the study holds: "
+                                                       "the first copy is kept", at)
+                return
             conn.execute(refusals.delete().where(refusals.c.study_instance_uid == study_instance_uid,
                                                  refusals.c.sop_instance_uid == sop_instance_uid))
             conn.execute(insert(refusals).values(study_instance_uid=study_instance_uid,
                                                  sop_instance_uid=sop_instance_uid, reason=reason,
                                                  calling_ae=calling_ae, at=at))
-            job_id = conn.execute(select(jobs.c.id).where(jobs.c.study_instance_uid == study_instance_uid,
-                                                          jobs.c.sibling_of.is_(None))
-                                  .order_by(jobs.c.id.desc()).limit(1)).scalar()
-            if job_id is not None:
-                log_event(conn, job_id, "refused", f"{sop_instance_uid} from {calling_ae or '?'}: {reason}", at)
+            if job is None:
+                return
+            log_event(conn, job.id, "refused", what, at)
+            if job.state in (JobState.QUEUED.value, JobState.RUNNING.value) and self._reruns(conn, job.id):
+                self._reopen(conn, job.id, JobState(job.state), f"an instance of job {job.id}'s study was refused "
+                                                                f"({sop_instance_uid})", at)
+
+    @staticmethod
+    def _reruns(conn: Connection, job_id: int) -> bool:
+        """Whether a series of the job's input takes ``late_instances: rerun``."""
+        own_series = select(instances.c.series_instance_uid).where(instances.c.job_id == job_id)
+        return any(SeriesDecision.from_record(d).late_instances is LateInstances.RERUN for d in conn.execute(
+            select(series.c.decision).where(series.c.series_instance_uid.in_(own_series))).scalars())
+
+    @staticmethod
+    def _reopen(conn: Connection, job_id: int, state: JobState, why: str, at: float) -> None:
+        """A queued or running main job waits for its study again (``rerun``), with every pipeline of the study:
+        queued, it is received again (its dispatch released); running, its restart is requested."""
+        if state is JobState.QUEUED:
+            transition(conn, job_id, (JobState.QUEUED,), JobState.RECEIVED)
+            release(conn, job_id, "stopped", "late instances: waits for its study again", at)
+        else:
+            conn.execute(update(jobs).where(jobs.c.id == job_id).values(restart_requested=True))
+        reopen_siblings(conn, job_id, why, at)
 
     def being_purged(self, sop_instance_uid: str) -> bool:
         """Whether a retention purge that removes this instance's file is under way (not finished)."""
@@ -268,14 +301,10 @@ class Arrivals:
             log_event(conn, job_id, "correction", f"{what}; kept in the spool, not processed: {decision.describe()}", at)
             return Arrival.LATE, job_id
         if action in (LateAction.WAIT_AGAIN, LateAction.RESTART):
-            if action is LateAction.WAIT_AGAIN:
-                transition(conn, job_id, (JobState.QUEUED,), JobState.RECEIVED)
-                release(conn, job_id, "stopped", "late instances: waits for its study again", at)  # a message out
-            else:                                                                              # for it is stale
-                conn.execute(update(jobs).where(jobs.c.id == job_id).values(restart_requested=True))
             log_event(conn, job_id, "late", f"{what}; added to the input, the job waits for the study again "
                                             "and runs from scratch (late_instances: rerun)", at)
-            reopen_siblings(conn, job_id, f"job {job_id}'s study got a late instance ({inst.sop_instance_uid})", at)
+            self._reopen(conn, job_id, state, f"job {job_id}'s study got a late instance ({inst.sop_instance_uid})",
+                         at)
             return Arrival.NEW, job_id
         if action in (LateAction.RERUN_STUDY, LateAction.NEW_JOB):
             whole = action is LateAction.RERUN_STUDY
