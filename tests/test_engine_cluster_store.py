@@ -151,6 +151,21 @@ def test_a_job_failed_on_a_worker_and_retried_is_dispatched_again(store: JobStor
     assert store.claim(job_id, dispatch, "w2", True, LEASE, 3).attempt == 0  # the old message stays stale
     assert store.claim(job_id, again, "w2", False, LEASE, 3).attempt == attempt + 1
 
+
+def test_a_forward_left_running_by_a_leader_that_died_is_queued_again_by_the_next(store: JobStore) -> None:
+    """A forward-only job is the leader's own work (no worker, no lease): one it started and did not hand to egress
+    before it died is queued again when another node becomes leader, and forwarded once."""
+    _, job_id = store.record_instance(Instance("1.1", "1.2.3", "1.2.3.1", "P1", "CT", "1.2.840.10008.5.1.4.1.1.2",
+                                               "/spool/1.1.dcm", "SCANNER", "127.0.0.1:5000", "a1", 0.0),
+                                      SeriesDecision((), forwards=("ARCHIVE",)))
+    assert store.queue_job(job_id, "idle") is JobState.QUEUED
+    assert store.next_queued(forward_only=True).id == job_id and store.start_job(job_id, "forward-only route")
+    assert store.reap_expired(3, now=time.time() + 1e6) == []  # no lease: the reaper never sees it
+    assert store.requeue_forwarding("leader gone") == [job_id]
+    assert store.next_queued(forward_only=True).id == job_id and store.start_job(job_id, "forward-only route")
+    assert store.begin_delivery(job_id, "1 instance", [("ARCHIVE", "1.1.dcm")])
+    assert store.requeue_forwarding("leader gone") == []
+
 def test_one_leader_at_a_time_and_the_next_takes_over(postgres_url: str) -> None:
     first, second = JobStore(postgres_url), JobStore(postgres_url)
     try:

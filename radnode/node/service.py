@@ -160,7 +160,13 @@ class Node:
             return
         from radnode.node.engine.leader import Leadership
 
-        self._leadership = leader = Leadership(store, on_gain=egress.start, on_loss=egress.stop)
+        def lead() -> None:
+            for job_id in store.requeue_forwarding("forwarded again: the leader forwarding it stopped before its "
+                                                   "deliveries were recorded"):
+                log.warning("job %d (forward only) was left running by an earlier leader; forwarded again", job_id)
+            egress.start()
+
+        self._leadership = leader = Leadership(store, on_gain=lead, on_loss=egress.stop)
 
         def leading(step: Callable[[], None]) -> Callable[[], None]:
             return lambda: step() if leader.is_leader.is_set() else None

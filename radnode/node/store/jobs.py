@@ -345,6 +345,15 @@ class Scheduling:
             log_event(conn, job_id, kind, why)
             return True
 
+    def requeue_forwarding(self, why: str) -> list[int]:
+        """Forward-only jobs left ``running`` (no pipeline: the leader forwarding them stopped between starting
+        them and recording their deliveries) back to the queue, for the leader taking over to forward; returns
+        them. Safe beside a forward still under way: its deliveries are then refused (the job is not running)."""
+        with self._db.read() as conn:
+            ids = list(conn.execute(select(jobs.c.id).where(jobs.c.state == JobState.RUNNING.value,
+                                                            jobs.c.pipeline == "")).scalars())
+        return [job_id for job_id in ids if self.requeue(job_id, why)]
+
     def running_jobs(self) -> list[int]:
         """Ids of the jobs recorded as running."""
         with self._db.read() as conn:
