@@ -234,6 +234,38 @@ def test_a_purge_interrupted_between_its_steps_is_finished_by_the_next(
     assert not (data / "jobs" / str(job_id)).exists() and not (data / "outbox" / str(job_id)).exists()
 
 
+
+def test_a_resend_keeping_its_earlier_copy_that_retention_removes_meanwhile_is_kept(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An instance sent again while its first copy is kept writes no file (the first copy stands for it); a
+    purge of its job that runs between that look and the record would leave it acknowledged and indexed with no
+    file. The ingest then writes the copy it received, so the instance is on disk."""
+    store = JobStore(tmp_path / "radnode.db")
+    ingest = Ingest(Spool(tmp_path / "spool"), store)
+    files = write_study(tmp_path / "study", n=2)
+    for file in files:
+        ingest.receive(file.read_bytes(), b"", _origin())
+    (job,) = store.jobs()
+    store.queue_job(job.id, "idle")
+    assert store.start_job(job.id, "run") and store.begin_delivery(job.id, "done", [])
+    look = store.prior
+
+    def look_then_purge(sop: str):  # type: ignore[no-untyped-def]
+        prior = look(sop)
+        plan = store.begin_purge(job.id, time.time() + 1, None)
+        for path in plan.paths:
+            Path(path).unlink()
+        store.finish_purge(job.id, plan.marker, "purged")
+        return prior
+
+    monkeypatch.setattr(store, "prior", look_then_purge)
+    ingest.receive(files[0].read_bytes(), b"", _origin())
+    sop = pydicom.dcmread(files[0]).SOPInstanceUID
+    (kept,) = [i for j in store.jobs() for i in store.instances(j.id) if i.sop_instance_uid == sop]
+    assert Path(kept.path).read_bytes() == files[0].read_bytes() and store.has_instance(sop)
+    store.close()
+
+
 def _origin():  # type: ignore[no-untyped-def]
     from radnode.node.scp import Origin
 

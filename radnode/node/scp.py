@@ -49,7 +49,7 @@ from radnode.config import Config, IngressConfig, RetentionConfig
 from radnode.imaging.plausibility import PLAUSIBILITY_TAGS, implausible, native_size_problem
 from radnode.log_safety import escape_control
 from radnode.node.completeness import COMPLETENESS_TAGS, expected_instances, study_expected_instances
-from radnode.node.store import Arrival, ForeignInstance, Instance, InstanceBeingPurged, JobStore
+from radnode.node.store import Arrival, ForeignInstance, Instance, InstanceBeingPurged, InstanceFileGone, JobStore
 from radnode.pipelines.routing import LateInstances, RoutingContext, SeriesDecision
 from radnode.pipelines.rules import DEFAULT_RULES, RuleSet, load_rules
 from radnode.security.access import REJECTED_PERMANENT, SERVICE_USER, PeerPolicy
@@ -392,16 +392,17 @@ class Ingest:
             self.store.record_refusal(study_uid, str(ds.get("SOPInstanceUID", "") or "?")[:64], str(e),
                                       origin.calling_ae)
             raise
-        if prior is None or not prior.kept:
+        written = prior is None or not prior.kept  # else the earlier copy's file stands for this one
+        if written:
             if prior is not None and prior.being_purged:
                 raise InstanceBeingPurged(f"{sop_uid} is being removed by retention; send it again later")
-            if self.guard is not None:
-                self.guard.check(size)
-            write(path)
+            self._write(path, size, write)
         try:
-            arrival, job_id = self.store.record_instance(describe(ds, path, origin, time.time()),
-                                                         lambda: self.router.route(ds, origin), expected_instances(ds),
-                                                         study_expected_instances(ds))
+            try:
+                arrival, job_id = self._record(ds, path, origin, written)
+            except InstanceFileGone:  # retention removed that copy since our look: keep this one
+                self._write(path, size, write)
+                arrival, job_id = self._record(ds, path, origin, True)
         except ForeignInstance as e:  # recorded under another study between our look and our insert
             self.store.record_refusal(study_uid, sop_uid, str(e), origin.calling_ae)
             raise Refused(str(e)) from None
@@ -411,6 +412,15 @@ class Ingest:
         if self.on_received is not None:
             self.on_received(ds, origin, arrival)
         return arrival
+
+    def _write(self, path: Path, size: int, write: Callable[[Path], None]) -> None:
+        if self.guard is not None:
+            self.guard.check(size)
+        write(path)
+
+    def _record(self, ds: Dataset, path: Path, origin: Origin, written: bool) -> tuple[Arrival, int]:
+        return self.store.record_instance(describe(ds, path, origin, time.time()), lambda: self.router.route(ds, origin),
+                                          expected_instances(ds), study_expected_instances(ds), file_written=written)
 
     def _note_study(self, ds: Dataset) -> None:
         study = str(ds.get("StudyInstanceUID", ""))

@@ -26,7 +26,9 @@ from radnode.node.store.events import log_event
 from radnode.node.store.feedback import record_correction
 from radnode.node.store.jobs import lock_study, release, reopen_siblings, transition
 from radnode.node.store.policy import LateAction, late_action
-from radnode.node.store.records import Arrival, ForeignInstance, Instance, InstanceBeingPurged, JobState
+from radnode.node.store.records import (
+    Arrival, ForeignInstance, Instance, InstanceBeingPurged, InstanceFileGone, JobState,
+)
 from radnode.node.store.schema import instances, jobs, refusals, series, studies
 from radnode.pipelines.routing import LateInstances, Provenance, SeriesDecision
 
@@ -192,22 +194,24 @@ class Arrivals:
         return None if data is None else SeriesDecision.from_record(data)
 
     def record_instance(self, inst: Instance, decision: Decide, expected: int | None = None,
-                        study_expected: int | None = None) -> tuple[Arrival, int]:
+                        study_expected: int | None = None, file_written: bool = True) -> tuple[Arrival, int]:
         """Index a received instance under its study's job (created on the first one); idempotent.
 
         ``decision`` is the series' routing decision (or the function taking it), used on its first instance;
         ``expected`` its expected instance count, ``study_expected`` the study's (when the sender gave them).
         Returns what the arrival meant and the job it belongs to.
         An instance whose file retention removed is indexed anew (its old row leaves its old job, whose log
-        says so); ``InstanceBeingPurged`` while that removal is still under way.
+        says so); ``InstanceBeingPurged`` while that removal is still under way. ``file_written`` False: the
+        caller kept the earlier copy's file rather than writing it (a re-send); InstanceFileGone when retention
+        removed that file meanwhile (the caller writes it and records again).
         """
         try:
-            return self._record(inst, decision, expected, study_expected)
+            return self._record(inst, decision, expected, study_expected, file_written)
         except _Raced:
-            return self._record(inst, decision, expected, study_expected)
+            return self._record(inst, decision, expected, study_expected, file_written)
 
-    def _record(self, inst: Instance, decide: Decide, expected: int | None,
-                study_expected: int | None) -> tuple[Arrival, int]:
+    def _record(self, inst: Instance, decide: Decide, expected: int | None, study_expected: int | None,
+                file_written: bool) -> tuple[Arrival, int]:
         sealed = self._db.sealed(inst.patient_id, inst.study_instance_uid)
         sql = self._statements
         study, sop, at = inst.study_instance_uid, inst.sop_instance_uid, inst.received_at
@@ -226,6 +230,8 @@ class Arrivals:
                 if known.purged_at == known.purge_started_at:
                     raise InstanceBeingPurged(f"{sop} is being removed by the retention purge "
                                               f"of job {known.job_id}; send it again later")
+                if not file_written:
+                    raise InstanceFileGone(f"{sop}: retention removed the copy this re-send was to keep")
                 conn.execute(instances.delete().where(instances.c.sop_instance_uid == sop))
                 log_event(conn, known.job_id, "re-received",
                           f"{sop}, purged by retention, received again from "

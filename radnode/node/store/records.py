@@ -46,6 +46,11 @@ class ResultsOutOfDate(RuntimeError):
     in the EHR, so they never go out."""
 
 
+class InstanceFileGone(RuntimeError):
+    """A re-sent instance was to keep its earlier copy's file, which a retention purge removed meanwhile: the
+    caller writes the file it received and records the instance again."""
+
+
 class InstanceBeingPurged(OSError):
     """An instance arrived again while the retention purge removing its earlier copy is under way (a
     transient refusal: the sender is told to try again later)."""
