@@ -473,6 +473,26 @@ def test_a_damaged_copy_of_an_instance_the_study_holds_leaves_it_complete(store:
     (refused,) = [e.message for e in store.events(job_id) if e.kind == "refused"]
     assert refused.endswith("a damaged copy of an instance the study holds: the first copy is kept")
 
+
+def test_a_job_that_failed_delivering_after_its_results_reached_a_destination_is_not_run_again(
+        store: JobStore) -> None:
+    """A retry runs the pipeline again, with new UIDs: where the first results went, there would be two sets. A
+    job that failed at delivery is re-sent instead (its failed deliveries); the retry is refused saying so."""
+    from radnode.node.store import ActionRefused
+
+    _, job_id = store.record_instance(instance("1.1"), to("ct_tissue"))
+    store.queue_complete_studies(idle_seconds=0, now=time.time() + 10)
+    assert store.start_job(job_id, "run")
+    assert store.begin_delivery(job_id, "2 outputs", [("pacs", "seg.dcm"), ("backup", "seg.dcm")])
+    first, second = store.deliveries(job_id)
+    store.delivery_done(first.id, "stored", sent_uid="1.2.3.9")
+    store.delivery_failed(second.id, "connection refused", max_attempts=1, backoff=(0.1, 0.1))
+    store.settle_job(job_id)
+    assert store.job(job_id).state is JobState.FAILED
+    with pytest.raises(ActionRefused, match=rf"reached {first.destination} already.*re-send its failed deliveries"):
+        store.retry_job(job_id, "ops")
+    assert store.job(job_id).state is JobState.FAILED and store.resend(job_id, user="ops", reason="", failed_only=True)
+
 # --- schema revisions ----------------------------------------------------------------------------
 
 

@@ -168,11 +168,18 @@ class Console:
         """A failed job runs again on every instance received for its study (late ones included, e.g. a
         missing series sent after it failed), routed anew on them; its earlier deliveries go with the run. A
         sibling or shadow job runs its pipeline again on its main job's input (a shadow run is then compared
-        again). Returns how many instances the new run covers."""
+        again). Returns how many instances the new run covers. Refused for a job whose results reached a
+        destination already (it failed delivering elsewhere): re-sending is what it needs."""
         with self._db.write() as conn:
             state = self._locked_state(conn, job_id)
             if state is not JobState.FAILED:
                 raise ActionRefused(f"job {job_id} is {state}: only a failed job can be retried")
+            reached = sorted(set(conn.execute(select(deliveries.c.destination).where(
+                deliveries.c.job_id == job_id, deliveries.c.state == "done")).scalars()))
+            if reached:  # a new run makes new UIDs: those destinations would hold two sets of results
+                raise ActionRefused(f"job {job_id}'s results reached {', '.join(reached)} already; a new run would "
+                                    "leave a second set of results there: re-send its failed deliveries instead "
+                                    "(resend, failed only)")
             release(conn, job_id, "failed", "", time.time())  # dispatched afresh, with its input as it is now
             main = conn.execute(select(jobs.c.sibling_of).where(jobs.c.id == job_id)).scalar()
             if main is not None:  # a sibling or shadow job: its pipeline again, on its main job's input
