@@ -57,14 +57,20 @@ def test_inputs_go_up_once_per_dispatch_and_come_back_whole(storage: Storage, tm
 
 def _leader(storage: Storage, tmp_path: Path, postgres_url: str, rabbitmq: "RabbitNode") -> tuple[JobStore, Dispatcher]:
     """The store and the dispatcher of a leader node's scheduler (the real broker, a queue of this test's own)."""
+    store, scheduler = _scheduler(storage, tmp_path, postgres_url, rabbitmq)
+    assert scheduler.remote is not None
+    return store, scheduler.remote
+
+
+def _scheduler(storage: Storage, tmp_path: Path, postgres_url: str, rabbitmq: "RabbitNode") -> tuple[JobStore, Scheduler]:
+    """The store and scheduler of a leader node with the distributed engine."""
     config = Config.model_validate({
         "data_dir": str(tmp_path / "data"), "store": {"url": postgres_url},
         "engine": {"kind": "celery", "broker_url": rabbitmq.url(), "default_queue": f"test-{secrets.token_hex(4)}"}})
     store = JobStore(postgres_url)
     scheduler = Scheduler(config, store, Egress(config, store), DEFAULT_JOB_COMMAND, tmp_path / "radnode.yaml",
                           storage=storage)
-    assert scheduler.remote is not None
-    return store, scheduler.remote
+    return store, scheduler
 
 
 def _instance(sop: str, study: str, path: Path) -> Instance:
@@ -129,6 +135,24 @@ def test_a_job_whose_input_cannot_be_read_fails_and_holds_up_no_other(
         assert store.unpublished() == [] and storage.has_inputs(second, messages[second])
     finally:
         dispatcher.close()
+        store.close()
+
+
+def test_a_paused_queue_dispatches_nothing_to_the_workers(
+        storage: Storage, tmp_path: Path, postgres_url: str, rabbitmq: "RabbitNode") -> None:
+    store, scheduler = _scheduler(storage, tmp_path, postgres_url, rabbitmq)
+    try:
+        path = _folder(tmp_path / "spool", {"1.1.dcm": b"x"}) / "1.1.dcm"
+        job_id = store.record_instance(_instance("1.1", "1.2.3", path), SeriesDecision(("ct_tissue",)))[1]
+        store.set_queue_paused(True, "ops")
+        store.queue_complete_studies(idle_seconds=0, now=1.0)
+        scheduler.tick()
+        assert store.undispatched() == [job_id]
+        store.set_queue_paused(False, "ops")
+        scheduler.tick()
+        assert store.undispatched() == [] and store.unpublished() == []
+    finally:
+        scheduler.stop()
         store.close()
 
 def test_outputs_are_per_attempt_and_missing_ones_are_refused(storage: Storage, tmp_path: Path) -> None:

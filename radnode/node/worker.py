@@ -163,14 +163,14 @@ class Scheduler:
             self.store.restart(job_id)
         for job_id in self.store.cancelled(self.running):  # an operator cancelled it: end its process (container)
             self._note_container(job_id, self.running.pop(job_id).end())
+        paused = self.store.queue_paused()  # an operator paused the queue: nothing new starts (or is dispatched)
         if self.remote is not None:
-            self.remote.tick()
-            while (job := self.store.next_queued(forward_only=True)) is not None:
+            self.remote.tick(dispatching=not paused)
+            while not paused and (job := self.store.next_queued(forward_only=True)) is not None:
                 self._forward(job.id)
             return
         for job_id in list(self.running):
             self._reap(self.running[job_id])
-        paused = self.store.queue_paused()  # an operator paused the queue: nothing new starts
         while not paused and len(self.running) < self.config.processing.max_concurrent_jobs:
             job = self.store.next_queued()
             if job is None:

@@ -28,8 +28,10 @@ class Dispatcher:
         self.app = celery_app(config.engine, [])
         self._broker_down = False
 
-    def tick(self) -> None:
-        self.dispatch()
+    def tick(self, dispatching: bool = True) -> None:
+        """One round; ``dispatching`` False (the queue paused): nothing newly dispatched, the rest goes on."""
+        if dispatching:
+            self.dispatch()
         self.publish()
         self.collect()
         for job_id, what in self.store.reap_expired(self.config.engine.max_attempts):
