@@ -165,7 +165,7 @@ class GpuWorker:
                 self.warm.fill()       # core from the job), from the pool's thread, which lives on
 
     def _attempt(self, job_id: int, dispatch_id: int, attempt: int) -> None:
-        job = self.store.job(job_id)
+        job = self._report(lambda: self.store.job(job_id))  # a database blip here must not fail the job
         assert job is not None
         root = self.work_dir / "jobs" / str(job_id) / f"attempt-{attempt}"
         shutil.rmtree(root, ignore_errors=True)
@@ -192,9 +192,9 @@ class GpuWorker:
             self.warm is not None and mode is ExecutionMode.IN_PROCESS and not job.shadow) else None
         # (a sandboxed job never runs warm; nor a shadow one, which runs at a lower CPU priority)
         warm = ", warm process" if spare is not None else ""
-        self.store.started_remotely(job_id, attempt, self.name, f"({where}) {mode}: {shlex.join(launch.argv)} "
-                                                                f"(timeout {timeout.seconds:g} s, {timeout.source}"
-                                                                f"{warm}){code}")
+        command = (f"({where}) {mode}: {shlex.join(launch.argv)} (timeout {timeout.seconds:g} s, {timeout.source}"
+                   f"{warm}){code}")
+        self._report(lambda: self.store.started_remotely(job_id, attempt, self.name, command))
         try:
             process = start_job_process(launch, root, spare, shadow=job.shadow)
         except OSError as e:
