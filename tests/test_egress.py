@@ -113,6 +113,42 @@ def test_results_of_an_older_job_never_replace_a_later_jobs_of_the_same_pipeline
                         "study, delivered its lung results first; these are out of date")
     store.close()
 
+
+def test_egress_stopped_during_a_slow_send_and_started_again_runs_one_worker_per_destination(
+        tmp_path: Path) -> None:
+    """Leadership lost while a FHIR server hangs on a POST, then regained (egress stopped, then started): the
+    stopped worker ends with its send, and a new one starts only then: never two sending to one destination."""
+    hanging = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    hanging.listen()
+    config = egress_config(tmp_path, destinations={"ehr": {"type": "fhir", "url": f"http://127.0.0.1:"
+                                                                                  f"{hanging.getsockname()[1]}",
+                                                           "timeouts": {"network_seconds": 2}}})
+    store = JobStore(tmp_path / "data" / "radnode.db")
+    job_id, out, _ = finished_job(store, tmp_path)
+    egress = Egress(config, store, poll_seconds=0.2)
+    try:
+        egress.start()
+        egress.stage(job_id, out)
+        wait_until(lambda: _egress_threads("ehr") == 1)
+        time.sleep(0.5)  # the POST is under way, the server holds it
+        egress.stop(timeout=0.2)
+        egress.start()
+        counts = []
+        deadline = time.monotonic() + 4  # the stopped worker's send times out after 2 s
+        while time.monotonic() < deadline:
+            egress.dispatch()  # as the node's egress loop does
+            counts.append(_egress_threads("ehr"))
+            time.sleep(0.05)
+        assert max(counts) == 1 and counts[-1] == 1
+    finally:
+        egress.stop()
+        hanging.close()
+        store.close()
+
+
+def _egress_threads(name: str) -> int:
+    return sum(t.name == f"radnode-egress-{name}" and t.is_alive() for t in threading.enumerate())
+
 def test_destination_down_then_up_gets_results_after_retries(tmp_path: Path) -> None:
     port = free_port()
     config = egress_config(tmp_path, destinations={"pacs": f"PACS@127.0.0.1:{port}"})

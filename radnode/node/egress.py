@@ -96,6 +96,8 @@ class Egress:
         """Destinations known by their one-line form only (return-to-sender, rows of an older configuration);
         known peers reached over TLS are there from the start, with their TLS settings."""
         self._workers: dict[str, _Worker] = {}
+        self._lingering: dict[str, _Worker] = {}
+        """Stopped workers whose send outlived :meth:`stop`'s wait."""
         self._lock = threading.Lock()
         self._stopping = threading.Event()
 
@@ -348,7 +350,8 @@ class Egress:
                 self._failed(delivery, str(e))
             destination = None
         for job_id, deliveries in by_job.items():
-            if destination is not None and not self._stopping.is_set():
+            stopped = self._stopping.is_set() or (cancellation is not None and cancellation.cancelled)
+            if destination is not None and not stopped:
                 self._send(destination, job_id, deliveries, cancellation or Cancellation())
             state = self.store.settle_job(job_id)
             if state is not None:
@@ -441,21 +444,29 @@ class Egress:
             workers = list(self._workers.values())
             self._workers.clear()
         for worker in workers:
-            worker.wake.set()
-            worker.cancellation.cancel()
+            worker.stop()
         for worker in workers:
             worker.thread.join(timeout)
             if worker.thread.is_alive():
                 log.warning("egress to %s still busy after %g s; its delivery stays pending", worker.name, timeout)
+                with self._lock:
+                    self._lingering[worker.name] = worker
         for deidentifier in self._deidentifiers.values():
             if deidentifier.mapping is not None:
                 deidentifier.mapping.close()
         self._deidentifiers.clear()
 
     def _worker(self, name: str) -> None:
+        """The destination's worker, unless it has one, egress is stopping, or a stopped one is still ending its
+        send (one worker per destination: :meth:`dispatch` starts it once that one is gone)."""
         with self._lock:
-            if name not in self._workers and not self._stopping.is_set():
-                self._workers[name] = _Worker(name, self)
+            if name in self._workers or self._stopping.is_set():
+                return
+            lingering = self._lingering.get(name)
+            if lingering is not None and lingering.thread.is_alive():
+                return
+            self._lingering.pop(name, None)
+            self._workers[name] = _Worker(name, self)
 
     def _wake(self, names: set[str]) -> None:
         with self._lock:
@@ -473,11 +484,19 @@ class _Worker:
         self.egress = egress
         self.wake = threading.Event()
         self.cancellation = Cancellation()
+        self.stopping = threading.Event()
+        """This worker's own: egress started again must not revive a stopped worker still ending its send."""
         self.thread = threading.Thread(target=self._run, name=f"radnode-egress-{name}", daemon=True)
         self.thread.start()
 
+    def stop(self) -> None:
+        """Ask it to end: its send in progress is cancelled where the type can, nothing more is sent."""
+        self.stopping.set()
+        self.wake.set()
+        self.cancellation.cancel()
+
     def _run(self) -> None:
-        stopping = self.egress._stopping
+        stopping = self.stopping
         while not stopping.is_set():
             self.wake.clear()
             try:
