@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from scipy import ndimage
 from pydicom.sr.codedict import codes
 from pydicom.uid import PYDICOM_ROOT_UID, generate_uid
 
+from radnode.config import Config
 from radnode.imaging.series import CT_IMAGE_STORAGE
 from radnode.imaging.synthetic import SeriesIdentity, write_image_series
 from radnode.imaging.volume import Volume
@@ -611,6 +613,47 @@ def queued_job(store: JobStore, pipeline: str = "ct_tissue") -> int:
                  "SCANNER", "127.0.0.1:5000", "a1", 0.0), SeriesDecision((pipeline,)))
     store.queue_complete_studies(idle_seconds=1)
     return job_id
+
+
+def study_version_job(store: JobStore, sop: str, study_uid: str = "1.2.3", pipeline: str = "ct_tissue") -> int:
+    """A started (``running``) job of ``study_uid`` made by instance ``sop``, late instances re-running the whole
+    study: called again once the first job's results are staged, it makes the re-run whose results supersede them."""
+    from radnode.node.store import Instance
+    from radnode.pipelines.routing import Completeness, LateInstances, SeriesDecision
+
+    decision = SeriesDecision((pipeline,), completeness=Completeness(late_instances=LateInstances.RERUN))
+    _, job_id = store.record_instance(Instance(sop, study_uid, f"{study_uid}.1", "P1", "CT", CT_IMAGE_STORAGE,
+                                               f"/spool/{sop}", "SCANNER", "127.0.0.1:5000", "a1", time.time()),
+                                      decision)
+    store.queue_job(job_id, "idle")
+    assert store.start_job(job_id, "run"), store.job(job_id)
+    return job_id
+
+
+def egress_test_config(tmp_path: Path, destinations: dict, **sections: object) -> Config:
+    """A node configuration (data in ``tmp_path/data``) delivering to ``destinations``, retrying fast (0.1 to 0.4 s,
+    30 attempts, 5 s timeouts) so a test never waits long; ``sections``: other top-level sections of it."""
+    timeouts = {"connect_seconds": 5, "acse_seconds": 5, "dimse_seconds": 5, "network_seconds": 5}
+    egress = {"retry_initial_seconds": 0.1, "retry_max_seconds": 0.4, "max_attempts": 30, "timeouts": timeouts,
+              "destinations": destinations}
+    return Config.model_validate({"data_dir": str(tmp_path / "data"), "egress": egress, **sections})
+
+
+def write_results(folder: Path, bundle: dict | None = None, report_sr: bool = False) -> list[str]:
+    """A run's output folder: two DICOM objects (the first named ``report-sr.dcm`` with ``report_sr``) and
+    ``bundle`` as ``fhir-bundle.json``; returns the objects' SOP Instance UIDs."""
+    files = write_study(folder, n=2)
+    if report_sr:
+        files[0] = files[0].rename(folder / "report-sr.dcm")
+    if bundle is not None:
+        (folder / "fhir-bundle.json").write_text(json.dumps(bundle))
+    return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
+
+
+def rejected_uids(note: pydicom.Dataset) -> set[str]:
+    """The SOP Instance UIDs an IOCM rejection note (a KOS) references in its Current Requested Procedure Evidence."""
+    return {str(instance.ReferencedSOPInstanceUID) for study in note.CurrentRequestedProcedureEvidenceSequence
+            for series in study.ReferencedSeriesSequence for instance in series.ReferencedSOPSequence}
 
 
 def write_ct_studies(root: Path, patients: Iterable[str], n_slices: int = 16) -> dict[str, Path]:

@@ -13,22 +13,25 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from factories import write_chest_phantom, write_study
+from factories import (
+    PATIENT_BUNDLE,
+    egress_test_config,
+    rejected_uids,
+    study_version_job,
+    write_chest_phantom,
+    write_results,
+    write_study,
+)
+from radnode.node.egress import Egress, outbox_dir
 from radnode.node.service import Node
 from radnode.node.store import JobState, JobStore
-from radnode.peers import FhirServer, StoreSCP
+from radnode.peers import FhirServer, StoreSCP, free_port
 from support.dicom_tools import dciodvfy_errors, storescu
 from support.node import ServeProcess, final_job, node_config
 from support.waiting import wait_until
 
 PAUSES = (1, 2, 5, 12)
 """Seconds between a study's two associations in the split-study test."""
-
-
-def _rejected_uids(note: pydicom.Dataset) -> set[str]:
-    """The SOP Instance UIDs a KOS references (its Current Requested Procedure Evidence)."""
-    return {str(instance.ReferencedSOPInstanceUID) for study in note.CurrentRequestedProcedureEvidenceSequence
-            for series in study.ReferencedSeriesSequence for instance in series.ReferencedSOPSequence}
 
 
 def test_late_instances_rerun_the_whole_study_and_the_earlier_result_is_withdrawn(
@@ -61,7 +64,7 @@ def test_late_instances_rerun_the_whole_study_and_the_earlier_result_is_withdraw
     assert first_result in received and deliveries["result.dcm"].sent_uid in received
     note = pydicom.dcmread(received[deliveries["rejection-note.dcm"].sent_uid])
     assert note.Modality == "KO" and note.ConceptNameCodeSequence[0].CodeValue == "113001"
-    assert _rejected_uids(note) == {first_result}
+    assert rejected_uids(note) == {first_result}
     assert dciodvfy_errors(received[deliveries["rejection-note.dcm"].sent_uid]) == []
 
     assert "superseded" in [e.kind for e in old_events]
@@ -79,6 +82,56 @@ def test_a_first_version_withdraws_nothing(tmp_path: Path, stand_in: list[str], 
         assert [d.object for d in node.deliveries(1)] == ["result.dcm"]
         assert not {"superseded", "supersedes", "withdraw"} & {e.kind for e in node.events(1)}
     assert job.state is JobState.DONE
+
+
+def test_a_superseded_job_with_its_fhir_bundle_still_pending_is_withdrawn_where_its_dicom_objects_went(
+        tmp_path: Path, pacs: StoreSCP) -> None:
+    """The first job's DICOM results reached the PACS, its FHIR Bundle is still queued (the EHR is down) when the
+    re-run's results come: the re-run is staged, and its rejection note withdraws the first job's DICOM objects at
+    the PACS, nothing at the EHR (a Bundle has no SOP Instance to reject; the re-run re-issues the report)."""
+    config = egress_test_config(tmp_path, {"pacs": pacs.destination, "ehr": f"fhir:http://127.0.0.1:{free_port()}"})
+    store = JobStore(tmp_path / "data" / "radnode.db")
+    egress = Egress(config, store)
+    first = study_version_job(store, "1.1")
+    first_uids = write_results(tmp_path / "first", bundle=PATIENT_BUNDLE)
+    egress.stage(first, tmp_path / "first")
+    wait_until(lambda: egress.deliver_due() or all(d.state == "done" for d in store.deliveries(first)
+                                                   if d.destination == "pacs"))
+    assert store.job(first).state is JobState.DELIVERING  # the Bundle still pending
+    rerun = study_version_job(store, "1.2")
+    write_results(tmp_path / "rerun", bundle=PATIENT_BUNDLE)
+    egress.stage(rerun, tmp_path / "rerun")
+    assert store.job(rerun).state is JobState.DELIVERING
+    planned = {(d.destination, d.object) for d in store.deliveries(rerun)}
+    assert ("pacs", "rejection-note.dcm") in planned and ("ehr", "rejection-note.dcm") not in planned
+    assert ("ehr", "fhir-bundle.json") in planned
+    assert rejected_uids(pydicom.dcmread(outbox_dir(config, rerun) / "rejection-note.dcm")) == set(first_uids)
+    store.close()
+
+
+def test_a_rejection_note_that_cannot_be_written_is_logged_and_the_new_results_still_go_out(
+        tmp_path: Path, pacs: StoreSCP) -> None:
+    """The first job's delivered objects are no longer readable DICOM in its outbox (damaged): the re-run's note
+    cannot be written; the re-run's log says so and its results are delivered all the same."""
+    config = egress_test_config(tmp_path, {"pacs": pacs.destination})
+    store = JobStore(tmp_path / "data" / "radnode.db")
+    egress = Egress(config, store)
+    first = study_version_job(store, "1.1")
+    write_results(tmp_path / "first")
+    egress.stage(first, tmp_path / "first")
+    wait_until(lambda: egress.deliver_due() or store.job(first).state is JobState.DONE)
+    for delivered in outbox_dir(config, first).glob("*.dcm"):
+        delivered.write_bytes(b"not DICOM any more")
+    rerun = study_version_job(store, "1.2")
+    rerun_uids = write_results(tmp_path / "rerun")
+    egress.stage(rerun, tmp_path / "rerun")
+    assert [d.object for d in store.deliveries(rerun) if d.object == "rejection-note.dcm"] == []
+    assert not (outbox_dir(config, rerun) / "rejection-note.dcm").exists()
+    (error,) = [e.message for e in store.events(rerun) if e.kind == "withdraw-error"]
+    assert error.startswith(f"job {first}'s results cannot be withdrawn: rejection note not written (")
+    wait_until(lambda: egress.deliver_due() or store.job(rerun).state is JobState.DONE)
+    assert set(rerun_uids) <= set(pacs.received_uids())
+    store.close()
 
 
 @pytest.mark.slow
@@ -117,7 +170,7 @@ def test_a_study_sent_in_two_associations_ends_with_one_whole_seg_whatever_the_p
     store.close()
     received = {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p, stop_before_pixels=True)
                                                       for p in pacs.received())}
-    rejected = set().union(*(_rejected_uids(ds) for ds in received.values() if ds.Modality == "KO"))
+    rejected = set().union(*(rejected_uids(ds) for ds in received.values() if ds.Modality == "KO"))
     for study_uid, files in studies.items():
         of_study = sorted((job for job, _ in jobs if job.study_instance_uid == study_uid), key=lambda j: j.id)
         for job in of_study:

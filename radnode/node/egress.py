@@ -242,10 +242,17 @@ class Egress:
         if not present:
             return []
         target = outbox_dir(self.config, job_id) / REJECTION_NOTE
-        uid = write_rejection_note(present, target, uid_root=self.config.uid_root,
-                                   institution_name=self.config.institution_name)
-        with open(target, "rb") as f:
-            os.fsync(f.fileno())
+        try:
+            uid = write_rejection_note(present, target, uid_root=self.config.uid_root,
+                                       institution_name=self.config.institution_name)
+            with open(target, "rb") as f:
+                os.fsync(f.fileno())
+        except Exception as e:  # an old object that cannot be read (damaged) must not keep the new results back
+            log.exception("job %d: the rejection note of job %d cannot be written", job_id, superseded.superseded)
+            target.unlink(missing_ok=True)
+            self.store.note(job_id, "withdraw-error", f"job {superseded.superseded}'s results cannot be withdrawn: "
+                                                     f"rejection note not written ({type(e).__name__}: {e})")
+            return []
         names.append(REJECTION_NOTE)
         self.store.note(job_id, "withdraw",
                        f"rejection note {uid} ({REJECTION_NOTE}, Rejected for Quality Reasons) withdraws job "

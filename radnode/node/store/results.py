@@ -19,6 +19,7 @@ from radnode.node.store.events import log_event
 from radnode.node.store.jobs import lock_study
 from radnode.node.store.records import ResultsOutOfDate
 from radnode.node.store.schema import deliveries, jobs, result_versions
+from radnode.outputs.layout import is_dicom
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,8 @@ class Supersession:
     superseded: int
     version: int
     sent: dict[str, list[str]] = field(default_factory=dict)
-    """Destination → the superseded job's outbox files it received (or was being sent when superseded) that
-    carry a SOP Instance UID: what the rejection note must withdraw there."""
+    """Destination → the superseded job's DICOM outbox files it received (or was being sent when superseded):
+    what the rejection note must withdraw there."""
 
 
 class Results:
@@ -78,7 +79,8 @@ class Results:
                            ((deliveries.c.state == "done") & deliveries.c.sent_uid.is_not(None))
                            | (deliveries.c.state == "superseded"))
                     .order_by(deliveries.c.destination, deliveries.c.object)):
-                sent.setdefault(destination, []).append(obj)
+                if is_dicom(obj):  # a FHIR Bundle or a re-issue has no SOP Instance to reject
+                    sent.setdefault(destination, []).append(obj)
             return Supersession(previous, mine, sent)
 
     @staticmethod
