@@ -19,17 +19,18 @@ import pydicom
 import pytest
 
 from factories import (
-    ACCESSION, PATIENT, independent_agreement, metric_value, seg_masks_by_source, spacing_of, write_chest_phantom,
-    write_correction,
+    ACCESSION, PATIENT, egress_test_config, independent_agreement, metric_value, seg_masks_by_source, spacing_of,
+    write_chest_phantom, write_correction, write_study,
 )
 from pydicom import Dataset
-from pydicom.uid import ComprehensiveSRStorage, KeyObjectSelectionDocumentStorage
+from pydicom.uid import ComprehensiveSRStorage, CTImageStorage, KeyObjectSelectionDocumentStorage, generate_uid
 
 from radnode.console.accounts import Role
 from radnode.feedback.reissue import report_identifier
-from radnode.node.egress import outbox_dir
+from radnode.node.egress import Egress, outbox_dir
 from radnode.node.service import Node
-from radnode.node.store import FINAL_STATES, Job, JobState
+from radnode.node.store import FINAL_STATES, ActionRefused, Instance, Job, JobState, JobStore
+from radnode.pipelines.routing import SeriesDecision
 from radnode.peers import FhirServer, StoreSCP
 from support.console import api, api_json, token_for
 from support.dicom_tools import dciodvfy_errors, storescu
@@ -476,6 +477,31 @@ def test_review_decisions_reissue_a_verified_report_sr_or_a_rejection_note_and_t
             ("ehr", "fhir-reissue.json", "done", 1)] * 3 + [("pacs", "rejection-note.dcm", "done", 1)] + [
             ("pacs", "report-sr.dcm", "done", 1)] * 2
         assert len(fhir.search("DiagnosticReport")["entry"]) == 1  # updated in place, never a second report
+
+
+def test_a_forward_only_job_takes_no_decision_and_no_rejection_note_withdraws_the_studys_images(
+        tmp_path: Path, pacs: StoreSCP) -> None:
+    """A forward-only job (no pipeline) delivered the study's own images: a decision on it is refused by the store
+    and by egress, and no rejection note is written (it would withdraw the acquired images at the PACS)."""
+    config = egress_test_config(tmp_path, {"pacs": {**pacs.destination, "forward_only": True}})
+    store = JobStore(tmp_path / "data" / "radnode.db")
+    egress = Egress(config, store)
+    _, job = store.record_instance(Instance(generate_uid(), generate_uid(), generate_uid(), "P1", "CT",
+                                            str(CTImageStorage), "/spool/x.dcm", "SCANNER", "127.0.0.1:5000", "a1",
+                                            0.0), SeriesDecision((), forwards=("pacs",)))
+    store.queue_job(job, "idle")
+    assert store.start_job(job, "run")
+    write_study(tmp_path / "study", n=2)
+    egress.stage(job, tmp_path / "study")
+    wait_until(lambda: egress.deliver_due() or store.job(job).state is JobState.DONE)
+    for decision, reason in (("accepted", None), ("corrected", None), ("rejected", "other")):
+        with pytest.raises(ActionRefused, match=f"job {job} forwarded the study without a pipeline"):
+            store.mark_reviewed(job, "dr-x", "", decision, reason)
+    with pytest.raises(ActionRefused, match=f"job {job} forwarded the study without a pipeline"):
+        egress.reissue(job, 1, "rejected", "dr-x")
+    assert list(outbox_dir(config, job).glob("review-*")) == []
+    assert [d.object for d in store.deliveries(job)] == sorted(p.name for p in (tmp_path / "study").iterdir())
+    store.close()
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ from radnode.destinations import Destination, DestinationError, Item, Outcome, S
 from radnode.destinations.base import FHIR_BUNDLE, Cancellation
 from radnode.destinations.dicom import DicomDestination
 from radnode.destinations.orthanc import OrthancDestination
-from radnode.node.store import Delivery, Job, JobStore, ResultsOutOfDate, ShadowNotDelivered
+from radnode.node.store import ActionRefused, Delivery, Job, JobStore, ResultsOutOfDate, ShadowNotDelivered
 from radnode.outputs.layout import RunOutput, dicom_files, is_dicom, review_of
 from radnode.outputs.rejection import write_rejection_note
 
@@ -274,11 +274,16 @@ class Egress:
         FHIR destination that received the Bundle. Destinations that de-identify are left out (a verified report
         or a note naming the patient must not follow de-identified copies). A repeated decision queues nothing
         (the store's :meth:`begin_reissue`). What was queued, in words ("": nothing to re-issue, as the job's
-        log says)."""
+        log says); ActionRefused for a forward-only job (what it delivered is the study, not results)."""
         import datetime
 
         from radnode.feedback.reissue import REPORT_REISSUE, REPORT_SR, Decision, write_reissue
 
+        job = self.store.job(job_id)
+        if job is None:
+            raise LookupError(f"no job {job_id}")
+        if not job.pipeline:  # its deliveries are the study's own images: a rejection note would withdraw them
+            raise ActionRefused(f"job {job_id} forwarded the study without a pipeline: no results to re-issue")
         if self.store.reissue_repeats(job_id, review_id):
             self.store.note(job_id, "reissue", f"{decision} by {reviewer} (review {review_id}): already re-issued, "
                                                "nothing sent again")

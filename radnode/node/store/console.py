@@ -241,9 +241,10 @@ class Console:
                       reason: str | None = None) -> int:
         """A person looked at a job's results; it leaves the review worklist. ``reviewed`` (looked at, for a
         flagged job), or a decision on a finished job's results for local performance: ``accepted``,
-        ``corrected``, ``rejected`` (with one of :data:`REJECT_REASONS`); a job still delivering (or that failed
-        to deliver) an earlier decision's re-issue takes a new one; a rejected one takes no further decision (its
-        results are withdrawn for good). Returns the review's id."""
+        ``corrected``, ``rejected`` (with one of :data:`REJECT_REASONS`), never on a forward-only job (it has
+        no results, only the study's images); a job still delivering (or that failed to deliver) an earlier
+        decision's re-issue takes a new one; a rejected one takes no further decision (its results are withdrawn
+        for good). Returns the review's id."""
         if decision not in REVIEW_DECISIONS:
             raise ActionRefused(f"unknown review decision {decision!r}: one of {', '.join(REVIEW_DECISIONS)}")
         if decision == "rejected" and reason is None:
@@ -253,10 +254,13 @@ class Console:
         if reason is not None and reason not in REJECT_REASONS:
             raise ActionRefused(f"unknown rejection reason {reason!r}: one of {', '.join(REJECT_REASONS)}")
         with self._db.write() as conn:
-            row = conn.execute(select(jobs.c.needs_review, jobs.c.state).where(jobs.c.id == job_id)
+            row = conn.execute(select(jobs.c.needs_review, jobs.c.state, jobs.c.pipeline).where(jobs.c.id == job_id)
                                .with_for_update()).first()
             if row is None:
                 raise LookupError(f"no job {job_id}")
+            if decision != "reviewed" and not row.pipeline:
+                raise ActionRefused(f"job {job_id} forwarded the study without a pipeline: it has no results to be "
+                                    f"{decision} (its outbox holds the study's own images)")
             if decision == "reviewed" and not row.needs_review:
                 raise ActionRefused(f"job {job_id} is not flagged for review")
             if decision != "reviewed" and row.state != JobState.DONE.value and not (
