@@ -20,7 +20,7 @@ import pytest
 
 from factories import (
     ACCESSION, PATIENT, egress_test_config, independent_agreement, metric_value, seg_masks_by_source, spacing_of,
-    write_chest_phantom, write_correction, write_study,
+    study_version_job, write_chest_phantom, write_correction, write_results, write_study,
 )
 from pydicom import Dataset
 from pydicom.uid import ComprehensiveSRStorage, CTImageStorage, KeyObjectSelectionDocumentStorage, generate_uid
@@ -501,6 +501,30 @@ def test_a_forward_only_job_takes_no_decision_and_no_rejection_note_withdraws_th
         egress.reissue(job, 1, "rejected", "dr-x")
     assert list(outbox_dir(config, job).glob("review-*")) == []
     assert [d.object for d in store.deliveries(job)] == sorted(p.name for p in (tmp_path / "study").iterdir())
+    store.close()
+
+
+def test_a_decision_on_superseded_results_is_refused_naming_the_newer_job(tmp_path: Path, pacs: StoreSCP) -> None:
+    """A re-run superseded the first job's results (withdrawn at the PACS): a decision on the first job is refused,
+    naming the job to review instead, and nothing of the first job (a verified copy of its report) goes out again."""
+    config = egress_test_config(tmp_path, {"pacs": pacs.destination})
+    store = JobStore(tmp_path / "data" / "radnode.db")
+    egress = Egress(config, store)
+    first = study_version_job(store, "1.1")
+    write_results(tmp_path / "first", report_sr=True)
+    egress.stage(first, tmp_path / "first")
+    wait_until(lambda: egress.deliver_due() or store.job(first).state is JobState.DONE)
+    rerun = study_version_job(store, "1.2")
+    write_results(tmp_path / "rerun", report_sr=True)
+    egress.stage(rerun, tmp_path / "rerun")
+    wait_until(lambda: egress.deliver_due() or store.job(rerun).state is JobState.DONE)
+    received = len(pacs.received())
+    for decision, reason in (("accepted", None), ("corrected", None), ("rejected", "other")):
+        with pytest.raises(ActionRefused, match=f"superseded by job {rerun}'s .*: review job {rerun} instead"):
+            store.mark_reviewed(first, "dr-x", "", decision, reason)
+    assert list(outbox_dir(config, first).glob("review-*")) == []
+    assert len(pacs.received()) == received
+    assert store.mark_reviewed(rerun, "dr-x", "", "accepted")  # the newer results take the decision
     store.close()
 
 

@@ -18,7 +18,7 @@ from radnode.node.store.events import log_event
 from radnode.node.store.jobs import release, transition
 from radnode.node.store.records import FINAL_STATES, ActionRefused, JobState
 from radnode.node.store.schema import (
-    api_tokens, deliveries, instances, jobs, node_settings, reviews, sessions, study_details, users,
+    api_tokens, deliveries, instances, jobs, node_settings, result_versions, reviews, sessions, study_details, users,
 )
 
 QUEUE_PAUSED = "queue_paused"
@@ -241,10 +241,10 @@ class Console:
                       reason: str | None = None) -> int:
         """A person looked at a job's results; it leaves the review worklist. ``reviewed`` (looked at, for a
         flagged job), or a decision on a finished job's results for local performance: ``accepted``,
-        ``corrected``, ``rejected`` (with one of :data:`REJECT_REASONS`), never on a forward-only job (it has
-        no results, only the study's images); a job still delivering (or that failed to deliver) an earlier
-        decision's re-issue takes a new one; a rejected one takes no further decision (its results are withdrawn
-        for good). Returns the review's id."""
+        ``corrected``, ``rejected`` (with one of :data:`REJECT_REASONS`); never on a forward-only job (no
+        results, only the study's images) nor on superseded results (the newer job's are the ones to review); a
+        job still delivering (or that failed to deliver) an earlier decision's re-issue takes a new one; a
+        rejected one takes no further decision (its results are withdrawn for good). Returns the review's id."""
         if decision not in REVIEW_DECISIONS:
             raise ActionRefused(f"unknown review decision {decision!r}: one of {', '.join(REVIEW_DECISIONS)}")
         if decision == "rejected" and reason is None:
@@ -261,6 +261,11 @@ class Console:
             if decision != "reviewed" and not row.pipeline:
                 raise ActionRefused(f"job {job_id} forwarded the study without a pipeline: it has no results to be "
                                     f"{decision} (its outbox holds the study's own images)")
+            newer = conn.execute(select(result_versions.c.superseded_by)
+                                 .where(result_versions.c.job_id == job_id)).scalar()
+            if decision != "reviewed" and newer is not None:
+                raise ActionRefused(f"job {job_id}'s results were superseded by job {newer}'s (withdrawn where they "
+                                    f"went): review job {newer} instead")
             if decision == "reviewed" and not row.needs_review:
                 raise ActionRefused(f"job {job_id} is not flagged for review")
             if decision != "reviewed" and row.state != JobState.DONE.value and not (
