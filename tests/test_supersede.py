@@ -134,6 +134,29 @@ def test_a_rejection_note_that_cannot_be_written_is_logged_and_the_new_results_s
     store.close()
 
 
+def test_a_reviewers_rejection_note_is_never_withdrawn_by_the_next_versions_note(tmp_path: Path,
+                                                                                  pacs: StoreSCP) -> None:
+    """A reviewer rejected the first job's results (``review-1/rejection-note.dcm`` at the PACS), then a re-run
+    superseded them: the re-run's note withdraws the first job's results, never the reviewer's note."""
+    config = egress_test_config(tmp_path, {"pacs": pacs.destination})
+    store = JobStore(tmp_path / "data" / "radnode.db")
+    egress = Egress(config, store)
+    first = study_version_job(store, "1.1")
+    first_uids = write_results(tmp_path / "first")
+    egress.stage(first, tmp_path / "first")
+    wait_until(lambda: egress.deliver_due() or store.job(first).state is JobState.DONE)
+    review = store.mark_reviewed(first, "dr-x", "", "rejected", "wrong-anatomy")
+    assert "rejection-note.dcm → pacs" in egress.reissue(first, review, "rejected", "dr-x")
+    wait_until(lambda: egress.deliver_due() or store.job(first).state is JobState.DONE)
+    (reviewers,) = [d for d in store.deliveries(first) if d.object == f"review-{review}/rejection-note.dcm"]
+    assert reviewers.state == "done" and reviewers.sent_uid
+    rerun = study_version_job(store, "1.2")
+    write_results(tmp_path / "rerun")
+    egress.stage(rerun, tmp_path / "rerun")
+    assert rejected_uids(pydicom.dcmread(outbox_dir(config, rerun) / "rejection-note.dcm")) == set(first_uids)
+    store.close()
+
+
 @pytest.mark.slow
 def test_a_study_sent_in_two_associations_ends_with_one_whole_seg_whatever_the_pause(
         tmp_path: Path, peers: tuple[StoreSCP, FhirServer]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 
 from sqlalchemy import Connection, exists, func, insert, select, update
 
@@ -40,7 +41,8 @@ class Results:
 
     def supersede(self, job_id: int, rejection_file: str) -> Supersession | None:
         """Record job ``job_id``'s results as the study's newest version of its pipeline; None when it is the
-        first (or a forward-only job). ``rejection_file`` is the rejection note's name, never itself withdrawn.
+        first (or a forward-only job). ``rejection_file`` is the rejection note's file name: no note, in whatever
+        folder (a reviewer's ``review-<id>/``), is itself withdrawn.
         ResultsOutOfDate when a later job of the study's pipeline (made from more of the study) has a version
         already: this one finished after it, and its results must not replace the newer ones. A job of late
         instances alone (``late_instances: new-job``) is no version: its results stand beside the study's."""
@@ -75,11 +77,13 @@ class Results:
             sent: dict[str, list[str]] = {}
             for destination, obj in conn.execute(
                     select(deliveries.c.destination, deliveries.c.object)
-                    .where(deliveries.c.job_id == previous, deliveries.c.object != rejection_file,
+                    .where(deliveries.c.job_id == previous,
                            ((deliveries.c.state == "done") & deliveries.c.sent_uid.is_not(None))
                            | (deliveries.c.state == "superseded"))
                     .order_by(deliveries.c.destination, deliveries.c.object)):
-                if is_dicom(obj):  # a FHIR Bundle or a re-issue has no SOP Instance to reject
+                # a FHIR Bundle or a re-issue has no SOP Instance to reject; a rejection note (its own, or a
+                # reviewer's in review-<id>/) withdraws, it is never withdrawn
+                if is_dicom(obj) and PurePosixPath(obj).name != rejection_file:
                     sent.setdefault(destination, []).append(obj)
             return Supersession(previous, mine, sent)
 
