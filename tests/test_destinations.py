@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 import radnode.destinations as package
-from factories import job_ready_for_delivery, write_chest_phantom
+from factories import job_ready_for_delivery, write_chest_phantom, write_results
 from radnode.cli import build_parser, main, serve_config
 from radnode.config import ConfigError, OrthancConfig, load_config, parse_config
 from radnode.destinations import Check, SendContext, Timeouts, destination_types, known_types, parse_destination
 from radnode.destinations.credentials import BearerAuth, http_session
-from radnode.node.egress import Egress
+from radnode.node.egress import Egress, outbox_dir
 from radnode.node.store import JobState, JobStore
 from radnode.peers import StoreSCP, free_port
 
@@ -140,6 +140,32 @@ def test_a_folder_destination_gets_every_output_and_a_resend_replaces_them(tmp_p
     egress.deliver_due()
     assert sorted(p.name for p in delivered.iterdir()) == sorted(p.name for p in out.iterdir())  # replaced, once
     assert all((delivered / p.name).read_bytes() == p.read_bytes() for p in out.iterdir())
+    store.close()
+
+
+def test_a_review_decision_reaches_a_folder_in_its_own_folder_beside_what_went_before(tmp_path: Path) -> None:
+    """An accepted decision's verified report SR goes to ``<job>/review-<id>/report-sr.dcm``: the report first
+    delivered stays as it was (it is what the decision verified; a PACS keeps both too)."""
+    out = tmp_path / "out"
+    write_results(out, report_sr=True)
+    config = parse_config({"data_dir": str(tmp_path / "data"),
+                           "egress": {"destinations": {"share": f"folder:{tmp_path / 'share'}"}}})
+    store = JobStore(tmp_path / "data" / "radnode.db")
+    egress = Egress(config, store)
+    job_id = job_ready_for_delivery(store)
+    egress.stage(job_id, out)
+    egress.deliver_due()
+    assert store.job(job_id).state is JobState.DONE  # type: ignore[union-attr]
+    review = store.mark_reviewed(job_id, "dr-x", "", "accepted")
+    assert "report-sr.dcm → share" in egress.reissue(job_id, review, "accepted", "dr-x")
+    egress.deliver_due()
+    assert store.job(job_id).state is JobState.DONE  # type: ignore[union-attr]
+    delivered, outbox = tmp_path / "share" / str(job_id), outbox_dir(config, job_id)
+    assert (delivered / "report-sr.dcm").read_bytes() == (out / "report-sr.dcm").read_bytes()
+    verified = f"review-{review}/report-sr.dcm"
+    assert (delivered / verified).read_bytes() == (outbox / verified).read_bytes()
+    assert sorted(str(p.relative_to(delivered)) for p in delivered.rglob("*") if p.is_file()) == sorted(
+        [p.name for p in out.iterdir()] + [verified])
     store.close()
 
 

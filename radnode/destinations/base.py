@@ -71,6 +71,9 @@ class Item:
 
     delivery_id: int
     path: Path
+    relative_path: str
+    """Its place among the job's delivered files, for a destination that keeps the job's files together (a
+    folder): ``seg.dcm``, a decision's ``review-3/report-sr.dcm``; a de-identified copy under the original's."""
 
     @property
     def name(self) -> str:

@@ -1,6 +1,7 @@
 """A folder (a share a research group mounts, a hand-off to another system): every output file of the job is
-copied into ``<path>/<job id>/``, each written to a temporary name, synced, then renamed, so a reader never sees
-half a file and a re-send replaces rather than duplicates.
+copied into ``<path>/<job id>/`` (a review decision's objects into its ``review-<id>/``), each written to a
+temporary name, synced, then renamed, so a reader never sees half a file and a re-send replaces rather than
+duplicates.
 """
 
 from __future__ import annotations
@@ -48,20 +49,23 @@ class FolderDestination(Destination):
         return Check(True, f"{self.path} writable{created}, {free:.1f} GiB free")
 
     def send(self, items: list[Item], context: SendContext) -> list[Outcome]:
-        target = self.path / str(context.job_id)
+        """Each item to ``<path>/<job id>/`` at its relative path (a decision's ``review-<id>/`` kept, so it
+        never replaces what went before)."""
         outcomes = []
         for item in items:
-            partial = target / f".{item.name}.partial"
+            target = self.path / str(context.job_id) / item.relative_path
+            partial = target.with_name(f".{target.name}.partial")
             try:
-                target.mkdir(parents=True, exist_ok=True)
+                target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(item.path, partial)
                 with open(partial, "rb") as f:
                     os.fsync(f.fileno())
-                os.replace(partial, target / item.name)
+                os.replace(partial, target)
             except OSError as e:
-                outcomes.append(Outcome(item, False, f"cannot write {target / item.name}: {e.strerror or e}"))
+                outcomes.append(Outcome(item, False, f"cannot write {target}: {e.strerror or e}"))
                 continue
-            outcomes.append(Outcome(item, True, f"{item.name} → {target}", sent_uid=_sop_instance_uid(item.path)))
+            outcomes.append(Outcome(item, True, f"{item.name} → {target.parent}",
+                                    sent_uid=_sop_instance_uid(item.path)))
         return outcomes
 
 

@@ -55,6 +55,17 @@ ORTHANC = "orthanc"
 """The name of the implicit destination for ``orthanc.results_to_orthanc`` (unless a destination has it)."""
 
 
+DEID_FOLDER = "deid-"
+"""Prefix of the outbox folder of a profile's de-identified copies (``deid-<profile>/``)."""
+
+
+def _delivered_as(delivery_object: str) -> str:
+    """Where a destination keeping the job's files together puts a delivery object: at its outbox path, a
+    de-identified copy at the original's (``deid-basic/seg.dcm`` → ``seg.dcm``)."""
+    folder, _, rest = delivery_object.partition("/")
+    return rest if rest and folder.startswith(DEID_FOLDER) else delivery_object
+
+
 def outbox_dir(config: Config, job_id: int) -> Path:
     """``data_dir/outbox/<job_id>``: every output of the job, whatever happens to the deliveries."""
     return config.data_dir / "outbox" / str(job_id)
@@ -184,7 +195,7 @@ class Egress:
         from radnode.security.deid import Refused, deidentify_file
 
         folder = outbox_dir(self.config, job_id)
-        target = folder / f"deid-{profile}"
+        target = folder / f"{DEID_FOLDER}{profile}"
         target.mkdir(exist_ok=True)
         copies, refused = {}, {}
         for file in files:
@@ -372,7 +383,7 @@ class Egress:
     def _send(self, destination: Destination, job_id: int, deliveries: list[Delivery],
               cancellation: Cancellation) -> None:
         folder = outbox_dir(self.config, job_id)
-        items = {d.id: Item(d.id, folder / d.object) for d in deliveries}
+        items = {d.id: Item(d.id, folder / d.object, _delivered_as(d.object)) for d in deliveries}
         by_id = {d.id: d for d in deliveries}
         recorded: set[int] = set()
 
