@@ -11,11 +11,14 @@ import pydicom
 import pytest
 import requests
 
-from factories import job_ready_for_delivery, phantom_result, write_chest_phantom
+from factories import (
+    egress_test_config, job_ready_for_delivery, phantom_result, rejected_uids, study_version_job, write_chest_phantom,
+    write_results,
+)
 from radnode.config import Config, OrthancConfig
 from radnode.destinations import Check, Destination, SendContext, Timeouts, parse_destination
 from radnode.imaging.series import VolumeCriteria, load_volume
-from radnode.node.egress import Egress
+from radnode.node.egress import Egress, outbox_dir
 from radnode.node.store import JobState, JobStore
 from radnode.outputs.algorithm import AlgorithmInfo
 from radnode.outputs.seg import build_segmentation
@@ -193,3 +196,34 @@ def test_a_node_sends_a_studys_results_to_an_authenticated_dicomweb_archive(
     by_modality = {i["00080018"]["Value"][0]: i["00080060"]["Value"][0] for i in listed}  # type: ignore[index, union-attr]
     assert set(by_modality) == sent and {"SEG", "SR"} <= set(by_modality.values())
     assert PASSWORD not in (config.data_dir / "node-config.yaml").read_text()
+
+
+def test_results_sent_through_orthanc_are_withdrawn_there_when_superseded(tmp_path: Path,
+                                                                          orthanc: OrthancServer) -> None:
+    """The node's Orthanc and a modality it relays to keep each result's SOP Instance UID per delivery, so a
+    re-run's rejection note names exactly those objects and goes the same two ways."""
+    port = free_port()
+    requests.put(f"{orthanc.url}/modalities/RELAYED", json={"AET": "RELAYED", "Host": "127.0.0.1", "Port": port},
+                 auth=("radnode", PASSWORD), timeout=10).raise_for_status()
+    password = {"file": str(_secret_file(tmp_path, PASSWORD))}
+    config = egress_test_config(tmp_path, {"relayed": "orthanc-modality:RELAYED"},
+                                orthanc={"url": orthanc.url, "username": "radnode", "password": password})
+    store = JobStore(tmp_path / "data" / "radnode.db")
+    egress = Egress(config, store)
+    with StoreSCP(tmp_path / "relayed", ae_title="RELAYED", port=port) as relayed:
+        first = study_version_job(store, "1.1")
+        first_uids = write_results(tmp_path / "first")
+        egress.stage(first, tmp_path / "first")
+        wait_until(lambda: egress.deliver_due() or store.job(first).state is JobState.DONE)
+        sent = {(d.destination, d.sent_uid) for d in store.deliveries(first)}
+        assert sent == {(name, uid) for name in ("orthanc", "relayed") for uid in first_uids}
+        rerun = study_version_job(store, "1.2")
+        write_results(tmp_path / "rerun")
+        egress.stage(rerun, tmp_path / "rerun")
+        notes = {d.destination for d in store.deliveries(rerun) if d.object == "rejection-note.dcm"}
+        assert notes == {"orthanc", "relayed"}
+        note = pydicom.dcmread(outbox_dir(config, rerun) / "rejection-note.dcm")
+        assert rejected_uids(note) == set(first_uids)
+        wait_until(lambda: egress.deliver_due() or store.job(rerun).state is JobState.DONE)
+        assert note.SOPInstanceUID in relayed.received_uids()
+    store.close()

@@ -94,6 +94,20 @@ class Outcome:
     sent_uid: str | None = None
 
 
+def sop_instance_uid(path: Path) -> str | None:
+    """The SOP Instance UID of a DICOM file, for ``Outcome.sent_uid`` (None for other files, or one unreadable:
+    what was sent is what counts; the UID is bookkeeping)."""
+    if path.suffix != ".dcm":
+        return None
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
+    except (OSError, InvalidDicomError, AttributeError):
+        return None
+
+
 @dataclass(frozen=True)
 class Check:
     """What a live check of a destination found: whether it answers as a destination of its type, in a few words

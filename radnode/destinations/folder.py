@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from radnode.destinations.base import Check, Destination, Item, Outcome, SendContext
+from radnode.destinations.base import Check, Destination, Item, Outcome, SendContext, sop_instance_uid
 from radnode.destinations.registry import destination_type
 
 
@@ -65,18 +65,5 @@ class FolderDestination(Destination):
                 outcomes.append(Outcome(item, False, f"cannot write {target}: {e.strerror or e}"))
                 continue
             outcomes.append(Outcome(item, True, f"{item.name} → {target.parent}",
-                                    sent_uid=_sop_instance_uid(item.path)))
+                                    sent_uid=sop_instance_uid(item.path)))
         return outcomes
-
-
-def _sop_instance_uid(path: Path) -> str | None:
-    """The SOP Instance UID of a DICOM file (None for other files)."""
-    if path.suffix != ".dcm":
-        return None
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    try:
-        return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID)
-    except (OSError, InvalidDicomError, AttributeError):  # the copy is what counts; the UID is bookkeeping
-        return None

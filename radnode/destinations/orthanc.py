@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from radnode.destinations.base import Check, Destination, DestinationError, Item, Outcome, SendContext
+from radnode.destinations.base import (
+    Check, Destination, DestinationError, Item, Outcome, SendContext, sop_instance_uid,
+)
 from radnode.destinations.credentials import http_failure
 from radnode.destinations.registry import destination_type
 from radnode.security.secrets import SecretError
@@ -35,8 +37,8 @@ class OrthancDestination(Destination):
 
     def send(self, items: list[Item], context: SendContext) -> list[Outcome]:
         outcomes, stored = self.store_into_orthanc(items, context)
-        return outcomes + [Outcome(item, True, f"{item.name} → Orthanc (instance {orthanc_id})")
-                           for item, orthanc_id in stored]
+        return outcomes + [Outcome(item, True, f"{item.name} → Orthanc (instance {orthanc_id})",
+                                   sent_uid=sop_instance_uid(item.path)) for item, orthanc_id in stored]
 
     def check(self, context: SendContext) -> Check:
         """``GET /system`` of the node's Orthanc: it answers and takes the node's credentials."""
@@ -104,4 +106,5 @@ class OrthancRelay(OrthancDestination):
             self.orthanc_request(context, "POST", path, json={"Resources": [i for _, i in stored], "Synchronous": True})
         except OrthancRequestError as e:
             return outcomes + [Outcome(item, False, f"Orthanc {e}") for item, _ in stored]
-        return outcomes + [Outcome(item, True, f"{item.name} → {self.describe()} via Orthanc") for item, _ in stored]
+        return outcomes + [Outcome(item, True, f"{item.name} → {self.describe()} via Orthanc",
+                                   sent_uid=sop_instance_uid(item.path)) for item, _ in stored]
