@@ -528,6 +528,21 @@ def test_a_decision_on_superseded_results_is_refused_naming_the_newer_job(tmp_pa
     store.close()
 
 
+
+def test_a_decision_whose_results_are_superseded_before_its_reissue_is_queued_sends_nothing(tmp_path: Path) -> None:
+    """The decision was taken on the current results; a re-run superseded them before its re-issue was queued:
+    the re-issue is refused (the withdrawn results are not sent again, verified)."""
+    store = JobStore(tmp_path / "radnode.db")
+    first = study_version_job(store, "1.1")
+    assert store.supersede(first, "rejection-note.dcm") is None and store.begin_delivery(first, "done", [])
+    review = store.mark_reviewed(first, "dr-x", "", "accepted")
+    rerun = study_version_job(store, "1.2")
+    assert store.supersede(rerun, "rejection-note.dcm").superseded == first
+    with pytest.raises(ActionRefused, match=f"superseded by job {rerun}'s .* since the decision: review job {rerun}"):
+        store.begin_reissue(first, review, "accepted", [("pacs", f"review-{review}/report-sr.dcm")])
+    assert store.deliveries(first) == []
+    store.close()
+
 @pytest.mark.slow
 def test_a_decision_taken_while_the_fhir_server_is_down_reaches_it_once_when_it_is_back(
         tmp_path: Path) -> None:

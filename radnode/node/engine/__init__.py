@@ -5,7 +5,7 @@ job store in PostgreSQL, study data in shared storage.
 ``broker``      Celery on RabbitMQ: late acks, redelivery of a lost worker's job, priorities, dead letters
 ``dispatch``    the leader: queued jobs → storage + outbox → broker; reported outputs → egress; the reaper
 ``gpu_worker``  ``radnode worker``: claims, runs (own process, hard timeout), leases, reports
-``storage``     shared folder or S3: inputs once per job, outputs whole or not at all
+``storage``     shared folder or S3: inputs once per dispatch, outputs whole or not at all
 ``leader``      one scheduler/egress leader among the ingress nodes sharing a store
 ``devices``     GPUs of a host; the workers as ``radnode workers`` lists them
 =============== =========================================================================================

@@ -76,10 +76,16 @@ class Deliveries:
         """Queue a review decision's re-issue (``review-<id>/…`` objects): the job goes back to ``delivering``
         and an earlier decision's re-issue still pending is superseded (the newer decision goes out instead).
         None, and nothing queued, when the job's latest re-issued decision is this one's decision by the same
-        reviewer (a repeated decision sends nothing twice); else how many deliveries were queued."""
+        reviewer (a repeated decision sends nothing twice); else how many deliveries were queued. ActionRefused
+        when a re-run superseded the job's results since the decision was taken (they were withdrawn)."""
         now = time.time()
         with self._db.write() as conn:
             conn.execute(select(jobs.c.id).where(jobs.c.id == job_id).with_for_update())
+            newer = conn.execute(select(result_versions.c.superseded_by)
+                                 .where(result_versions.c.job_id == job_id)).scalar()
+            if newer is not None:
+                raise ActionRefused(f"job {job_id}'s results were superseded by job {newer}'s (withdrawn where they "
+                                    f"went) since the decision: review job {newer} instead")
             earlier, repeated = _earlier_reissue(conn, job_id, review_id)
             if repeated:
                 log_event(conn, job_id, "reissue", f"{summary}: already re-issued (review {earlier}), "
