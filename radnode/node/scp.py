@@ -419,8 +419,9 @@ class Ingest:
         write(path)
 
     def _record(self, ds: Dataset, path: Path, origin: Origin, written: bool) -> tuple[Arrival, int]:
-        return self.store.record_instance(describe(ds, path, origin, time.time()), lambda: self.router.route(ds, origin),
-                                          expected_instances(ds), study_expected_instances(ds), file_written=written)
+        return self.store.record_instance(describe(ds, path, origin, time.time()),
+                                          lambda: self.router.route(ds, origin), expected_instances(ds),
+                                          study_expected_instances(ds), file_written=written)
 
     def _note_study(self, ds: Dataset) -> None:
         study = str(ds.get("StudyInstanceUID", ""))

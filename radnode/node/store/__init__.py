@@ -54,7 +54,8 @@ from radnode.node.store.jobs import Scheduling
 from radnode.node.store.queries import Queries
 from radnode.node.store.records import (
     FINAL_STATES, ActionRefused, Arrival, Attempt, Correction, CorrectionState, Delivery, Event, ForeignInstance,
-    Instance, InstanceBeingPurged, InstanceFileGone, Job, JobState, PurgePlan, ResultsOutOfDate, ShadowComparison, ShadowNotDelivered, WorkerInfo,
+    Instance, InstanceBeingPurged, InstanceFileGone, Job, JobState, PurgePlan, ResultsOutOfDate, ShadowComparison,
+    ShadowNotDelivered, WorkerInfo,
 )
 from radnode.node.store.results import Results, Supersession
 from radnode.node.store.retention import Purges
@@ -64,8 +65,9 @@ if TYPE_CHECKING:
     from radnode.node.store.identity import Seal
 
 __all__ = ["FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Attempt", "Claim", "Correction", "CorrectionState",
-           "Decide", "Delivery", "Event", "ForeignInstance", "Instance", "InstanceBeingPurged", "InstanceFileGone", "Job", "JobState",
-           "JobStore", "Publication", "PurgePlan", "ResultsOutOfDate", "ShadowComparison", "ShadowNotDelivered", "StoreError", "StudyDetails", "Supersession", "WorkerInfo",
+           "Decide", "Delivery", "Event", "ForeignInstance", "Instance", "InstanceBeingPurged", "InstanceFileGone",
+           "Job", "JobState", "JobStore", "Publication", "PurgePlan", "ResultsOutOfDate", "ShadowComparison",
+           "ShadowNotDelivered", "StoreError", "StudyDetails", "Supersession", "WorkerInfo",
            "head_revision", "store_target", "upgrade_store"]
 
 

@@ -12,7 +12,9 @@ import json
 import time
 from collections.abc import Iterable
 
-from sqlalchemy import ColumnElement, Connection, Row, Select, and_, exists, false, func, insert, or_, select, true, update
+from sqlalchemy import (
+    ColumnElement, Connection, Row, Select, and_, exists, false, func, insert, or_, select, true, update,
+)
 
 from radnode.node.completeness import SeriesProgress
 from radnode.node.store.database import Database
@@ -291,7 +293,8 @@ class Scheduling:
         again), a sibling or shadow job ``running → queued`` (it starts again once its main job is queued)."""
         with self._db.write() as conn:
             main = conn.execute(select(jobs.c.sibling_of).where(jobs.c.id == job_id)).scalar()
-            if not transition(conn, job_id, (JobState.RUNNING,), JobState.RECEIVED if main is None else JobState.QUEUED):
+            back_to = JobState.RECEIVED if main is None else JobState.QUEUED
+            if not transition(conn, job_id, (JobState.RUNNING,), back_to):
                 return False
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(restart_requested=False))
             release(conn, job_id, "stopped", "stopped for late instances", time.time())
