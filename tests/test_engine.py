@@ -4,6 +4,7 @@ modalities and the PACS. One cluster (store schema, shared folder, two workers) 
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -241,8 +242,8 @@ def test_s3_storage_end_to_end_with_no_shared_folder_between_hosts(
     keys = {o["Key"] for o in boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
             .list_objects_v2(Bucket=s3_bucket, Prefix="site/jobs/")["Contents"]}
     for job, _, _ in jobs:
-        inputs = [k for k in keys if k.startswith(f"site/jobs/{job.id}/in/files/")]
-        assert len(inputs) == 16, inputs  # the study, uploaded once
+        inputs = [k for k in keys if re.match(rf"site/jobs/{job.id}/in-\d+/files/", k)]
+        assert len(inputs) == 16, inputs  # the study, uploaded once (one dispatch)
         assert f"site/jobs/{job.id}/attempt-1/out/complete.json" in keys
 
 
