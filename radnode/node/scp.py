@@ -414,11 +414,13 @@ class Ingest:
         return arrival
 
     def _write(self, path: Path, size: int, write: Callable[[Path], None]) -> None:
+        """Spool the received copy at ``path``, under the disk guard's minimum free space."""
         if self.guard is not None:
             self.guard.check(size)
         write(path)
 
     def _record(self, ds: Dataset, path: Path, origin: Origin, written: bool) -> tuple[Arrival, int]:
+        """Index the instance (``written``: this copy's file was spooled, not an earlier copy's kept)."""
         return self.store.record_instance(describe(ds, path, origin, time.time()),
                                           lambda: self.router.route(ds, origin), expected_instances(ds),
                                           study_expected_instances(ds), file_written=written)

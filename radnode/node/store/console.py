@@ -17,8 +17,9 @@ from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
 from radnode.node.store.jobs import release, transition
 from radnode.node.store.records import FINAL_STATES, ActionRefused, JobState
+from radnode.node.store.results import superseded_by
 from radnode.node.store.schema import (
-    api_tokens, deliveries, instances, jobs, node_settings, result_versions, reviews, sessions, study_details, users,
+    api_tokens, deliveries, instances, jobs, node_settings, reviews, sessions, study_details, users,
 )
 
 QUEUE_PAUSED = "queue_paused"
@@ -261,8 +262,7 @@ class Console:
             if decision != "reviewed" and not row.pipeline:
                 raise ActionRefused(f"job {job_id} forwarded the study without a pipeline: it has no results to be "
                                     f"{decision} (its outbox holds the study's own images)")
-            newer = conn.execute(select(result_versions.c.superseded_by)
-                                 .where(result_versions.c.job_id == job_id)).scalar()
+            newer = superseded_by(conn, job_id)
             if decision != "reviewed" and newer is not None:
                 raise ActionRefused(f"job {job_id}'s results were superseded by job {newer}'s (withdrawn where they "
                                     f"went): review job {newer} instead")

@@ -20,8 +20,9 @@ from radnode.node.store.jobs import transition
 from radnode.node.store.records import (
     DELIVERY_FIELDS, ActionRefused, Delivery, JobState, ShadowNotDelivered, delivery_from_row,
 )
+from radnode.node.store.results import superseded_by
 from radnode.node.store.schema import deliveries as delivery_table
-from radnode.node.store.schema import jobs, result_versions, reviews
+from radnode.node.store.schema import jobs, reviews
 from radnode.outputs.layout import REVIEW_FOLDER, review_of
 
 _DELIVERY_COLUMNS = tuple(delivery_table.c[name] for name in DELIVERY_FIELDS)
@@ -81,8 +82,7 @@ class Deliveries:
         now = time.time()
         with self._db.write() as conn:
             conn.execute(select(jobs.c.id).where(jobs.c.id == job_id).with_for_update())
-            newer = conn.execute(select(result_versions.c.superseded_by)
-                                 .where(result_versions.c.job_id == job_id)).scalar()
+            newer = superseded_by(conn, job_id)
             if newer is not None:
                 raise ActionRefused(f"job {job_id}'s results were superseded by job {newer}'s (withdrawn where they "
                                     f"went) since the decision: review job {newer} instead")
@@ -237,8 +237,7 @@ class Deliveries:
             resendable = (JobState.DONE, JobState.FAILED, JobState.DELIVERING)
             if job.state not in resendable:
                 raise ActionRefused(f"job {job_id} is {job.state}: only a job that delivered (or tried to) can re-send")
-            newer = conn.execute(select(result_versions.c.superseded_by)
-                                 .where(result_versions.c.job_id == job_id)).scalar()
+            newer = superseded_by(conn, job_id)
             if newer is not None:
                 raise ActionRefused(f"job {job_id}'s results were superseded by job {newer}'s (withdrawn where they "
                                     f"went): re-send job {newer} instead")

@@ -113,3 +113,8 @@ def _of_late_instances_alone(conn: Connection, job_id: int) -> bool:
         return False
     return bool(conn.execute(select(exists().where(jobs.c.study_instance_uid == main.study_instance_uid,
                                                    jobs.c.sibling_of.is_(None), jobs.c.id < main_id))).scalar())
+
+
+def superseded_by(conn: Connection, job_id: int) -> int | None:
+    """The job whose results superseded job ``job_id``'s (withdrawn where they went), or None."""
+    return conn.execute(select(result_versions.c.superseded_by).where(result_versions.c.job_id == job_id)).scalar()
