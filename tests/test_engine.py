@@ -109,8 +109,11 @@ def test_six_studies_two_workers_one_sigkilled_mid_job_each_result_once(
         victim: dict[str, int] = {}
 
         def a_job_runs() -> bool:
-            for job, _, attempts in store_snapshot(cluster.store_url, cluster.key):
-                if job.patient_id in folders and job.state is JobState.RUNNING and job.worker in cluster.workers:
+            for job, events, attempts in store_snapshot(cluster.store_url, cluster.key):
+                started = any(e.kind == "running" and e.message.startswith(f"attempt {job.attempt} on worker ")
+                              for e in events)  # mid-job: its process started, not just claimed
+                if job.patient_id in folders and job.state is JobState.RUNNING and job.worker in cluster.workers \
+                        and started:
                     victim.update(job=job.id, attempt=job.attempt)
                     victim["worker"] = job.worker  # type: ignore[assignment]
                     return True
