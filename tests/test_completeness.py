@@ -37,13 +37,22 @@ def series(uid: str = "1", received: int = 3, expected: int | None = None, last:
 def test_expected_count_comes_from_the_modality_signals() -> None:
     assert expected_instances({"ImagesInAcquisition": "120"}) == 120
     assert expected_instances({"NumberOfSlices": 47, "NumberOfTimeSlices": 3}) == 141
-    assert expected_instances({"NumberOfFrames": "200"}) == 1
-    assert expected_instances({"NumberOfFrames": "1"}) is None
     assert expected_instances({"ImagesInAcquisition": "n/a"}) is None
     assert expected_instances({}) is None
     assert expected_instances({"NumberOfSeriesRelatedInstances": 24, "ImagesInAcquisition": 12}) == 24
     assert study_expected_instances({"NumberOfStudyRelatedInstances": "48"}) == 48
     assert study_expected_instances({"NumberOfStudyRelatedInstances": "0"}) is None
+
+
+def test_a_multi_frame_instance_is_no_whole_series() -> None:
+    """An enhanced series may be several multi-frame instances: Number of Frames declares no series count, so
+    the first of them does not complete the series; release or idle does."""
+    expected = expected_instances({"NumberOfFrames": "200"})
+    assert expected is None
+    first_stack = series(received=1, expected=expected)
+    assert not study_verdict([first_stack], 103, SETTINGS).complete
+    assert study_verdict([first_stack], 110.1, SETTINGS).complete
+    assert study_verdict([series(received=1, expected=expected, released=100.1)], 100.6 + 0.5, SETTINGS).complete
 
 
 def test_a_released_study_waits_the_quiet_time_the_sender_is_given() -> None:

@@ -3,8 +3,10 @@
 DICOM has no "end of study" message, so the node combines three signals per series, fastest first:
 
 1. **Expected count** — the sender said how many instances the series has (Number of Series Related
-   Instances, Images in Acquisition; Number of Slices × Number of Time Slices for PET/NM; an enhanced
-   multi-frame object with Number of Frames is a whole series in one instance) and that many arrived.
+   Instances, Images in Acquisition; Number of Slices × Number of Time Slices for PET/NM) and that many
+   arrived. Number of Frames says nothing about the series: an enhanced CT or MR series may be several
+   multi-frame instances (stacks, dimensions split by the scanner), so such a series completes by release
+   or idle like any series whose count is not declared.
 2. **Release** — every association that delivered to the series has been released (direct SCP), or
    Orthanc reported the study stable, and no more instances came within ``series_grace`` seconds.
 3. **Idle** — the fallback timer: nothing arrived for ``idle`` seconds.
@@ -27,7 +29,7 @@ from typing import Any
 from radnode.pipelines.routing import SeriesDecision
 
 COMPLETENESS_TAGS = ["NumberOfSeriesRelatedInstances", "NumberOfStudyRelatedInstances", "ImagesInAcquisition",
-                     "NumberOfSlices", "NumberOfTimeSlices", "NumberOfFrames"]
+                     "NumberOfSlices", "NumberOfTimeSlices"]
 """Tags read at ingest for the expected instance counts of a series and of its study."""
 
 
@@ -100,9 +102,6 @@ def expected_instances(attributes: Mapping[str, Any] | Any) -> int | None:
         return images
     if (slices := number("NumberOfSlices")) is not None:
         return slices * (number("NumberOfTimeSlices") or 1)
-    frames = number("NumberOfFrames")
-    if frames is not None and frames > 1:
-        return 1
     return None
 
 
