@@ -126,6 +126,40 @@ def test_a_shadow_job_waits_for_its_production_run_and_its_results_can_never_be_
         store.close()
 
 
+def test_a_retried_production_job_redoes_its_shadow_runs_after_its_new_run_and_compares_them_with_it(
+        store_target: Path | str) -> None:
+    """The shadow ran (and was compared) after the failed production run; the operator retries the production
+    job: the shadow goes back to the queue, waits for the new production run, runs again and is compared again.
+    A second shadow pipeline an operator cancelled stays cancelled."""
+    store = JobStore(store_target)
+    try:
+        _, main = store.record_instance(ct_instance("1.1", "1.2.3"),
+                                        SeriesDecision(("ct_tissue",), shadow=("model_seg", "model_b")))
+        assert store.queue_job(main, "idle") is JobState.QUEUED
+        shadow, cancelled = (next(j.id for j in store.jobs() if j.shadow and j.pipeline == p)
+                             for p in ("model_seg", "model_b"))
+        store.cancel_job(cancelled, "ops", "not this one")
+        assert store.start_job(main, "run") and store.fail_job(main, "the pipeline crashed")
+        assert store.next_queued().id == shadow and store.start_job(shadow, "run")
+        assert store.finish_shadow(shadow, "8 outputs")
+        old = ShadowComparison(shadow, main, "1.2.3", "ct_tissue", "model_seg", "not-compared",
+                               "the production run failed", [], [], 1.0, 1.0, None, None, time.time())
+        assert store.record_shadow_comparison(old)
+        assert [s.id for s, _ in store.shadows_to_compare()] == [cancelled]  # compared as "candidate failed"
+        assert store.retry_job(main, "ops") == 1
+        assert store.job(shadow).state is JobState.QUEUED and store.job(cancelled).state is JobState.FAILED
+        assert "production job" in store.events(shadow)[-1].message
+        assert store.next_queued().id == main and store.start_job(main, "run")
+        assert store.next_queued() is None, "the shadow ran before the new production run was over"
+        assert store.begin_delivery(main, "results", [("pacs", "seg.dcm")])
+        assert store.next_queued().id == shadow and store.start_job(shadow, "run")
+        assert store.finish_shadow(shadow, "8 outputs")
+        assert [(s.id, p.id, p.state) for s, p in store.shadows_to_compare()] == [
+            (shadow, main, JobState.DELIVERING), (cancelled, main, JobState.DELIVERING)]
+    finally:
+        store.close()
+
+
 def test_egress_refuses_a_shadow_runs_results_so_nothing_reaches_the_pacs_or_the_ehr(
         tmp_path: Path, pacs: StoreSCP, fhir: FhirServer) -> None:
     """The same outputs staged for the production job reach both servers (the path works); for its shadow job

@@ -15,7 +15,7 @@ from sqlalchemy import Row, delete, false, func, insert, select, true, update
 
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
-from radnode.node.store.jobs import release, transition
+from radnode.node.store.jobs import release, rerun_shadows, transition
 from radnode.node.store.records import FINAL_STATES, ActionRefused, JobState
 from radnode.node.store.results import superseded_by
 from radnode.node.store.schema import (
@@ -198,6 +198,7 @@ class Console:
             conn.execute(delete(deliveries).where(deliveries.c.job_id == job_id))
             transition(conn, job_id, (JobState.FAILED,), JobState.RECEIVED)
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(reason=None, restart_requested=False))
+            rerun_shadows(conn, job_id, f"job {job_id} retried by {user}", time.time())
             count = int(conn.execute(select(func.count()).select_from(instances).where(
                 instances.c.job_id == job_id, instances.c.purged_at.is_(None))).scalar() or 0)
             log_event(conn, job_id, "retry", f"retried by {user}: runs again on {count} received instance(s)"

@@ -109,6 +109,31 @@ def reopen_siblings(conn: Connection, job_id: int, why: str, now: float) -> None
                                          f"{row.id}'s", now)
 
 
+def rerun_shadows(conn: Connection, job_id: int, why: str, now: float) -> None:
+    """Main job ``job_id`` runs again (an operator's retry): each shadow pipeline's latest job runs again after
+    the new production run, so it is compared with that run, not with the failed one. A queued one's dispatch is
+    dropped (it is dispatched afresh); a running or finished one goes back to the queue, held by :func:`runnable`
+    until the new production run is over. One an operator cancelled stays cancelled."""
+    latest: dict[str, Row] = {}
+    for row in conn.execute(select(jobs).where(jobs.c.sibling_of == job_id, jobs.c.shadow == true())
+                            .order_by(jobs.c.id)):
+        latest[row.pipeline] = row
+    cancelled = select(events.c.job_id).where(events.c.kind == "cancelled")
+    for row in latest.values():
+        if row.state == JobState.QUEUED.value:
+            release(conn, row.id, "stopped", why, now)
+            continue
+        if conn.execute(select(exists(cancelled.where(events.c.job_id == row.id)))).scalar():
+            continue
+        if not transition(conn, row.id, (JobState.RUNNING, *FINAL_STATES), JobState.QUEUED):
+            continue
+        release(conn, row.id, "stopped", why, now)
+        conn.execute(update(jobs).where(jobs.c.id == row.id).values(reason=None, restart_requested=False))
+        log_event(conn, row.id, "requeued", f"{why}: production job {job_id} runs again, so this shadow run "
+                                            f"({row.pipeline}) runs again after it and is compared with the new run",
+                  now)
+
+
 _SIBLING_COPIED = ("study_instance_uid", "sealed_patient_id", "pipeline", "calling_ae", "peer_address", "created_at",
                    "last_instance_at", "priority", "whole_study", "execution_mode", "timeout_seconds", "queue")
 """What a sibling's re-run takes from the job it replaces (its route is the same; only the input grew)."""
