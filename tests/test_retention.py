@@ -399,3 +399,34 @@ def test_a_main_jobs_instances_are_kept_while_its_sibling_job_needs_them(tmp_pat
     plan = store.begin_purge(main, later, later)
     assert plan is not None and plan.paths == ("/spool/1.0.dcm", "/spool/1.1.dcm") and plan.kept_for == ()
     store.close()
+
+
+def test_a_purge_and_a_late_instance_rerunning_the_study_take_turns_on_postgresql(postgres_url: str) -> None:
+    """Ingest holds the study's lock while it adopts a done study's instances for a re-run; a purge of that
+    study's job takes the same lock first, so it waits for the arrival instead of removing files under it."""
+    import threading
+
+    from radnode.node.store.jobs import lock_study
+
+    route = SeriesDecision(("ct_tissue",))
+    ingest, retention = JobStore(postgres_url), JobStore(postgres_url)
+    try:
+        for n in range(2):
+            _, main = ingest.record_instance(Instance(f"1.{n}", "1.2.3", "1.2.3.1", "P1", "CT", CTImageStorage,
+                                                      f"/spool/1.{n}.dcm", received_at=n), route)
+        assert ingest.queue_job(main, "idle") is JobState.QUEUED and ingest.start_job(main, "run")
+        assert ingest.begin_delivery(main, "nothing", [])
+        later = time.time() + 10
+        plans: list = []
+        purge = threading.Thread(target=lambda: plans.append(retention.begin_purge(main, later, later)))
+        with ingest._db.write() as conn:  # an arrival of the study, inside its transaction
+            lock_study(ingest._db, conn, "1.2.3", time.time())
+            purge.start()
+            purge.join(1.0)
+            assert purge.is_alive(), "the purge went on while an arrival of its study held the study's lock"
+        purge.join(10)
+        assert not purge.is_alive() and plans[0] is not None
+        assert plans[0].paths == ("/spool/1.0.dcm", "/spool/1.1.dcm")
+    finally:
+        ingest.close()
+        retention.close()

@@ -14,6 +14,7 @@ from sqlalchemy import ColumnElement, Double, FromClause, and_, bindparam, case,
 
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
+from radnode.node.store.jobs import lock_study
 from radnode.node.store.policy import StudyJob, purge_keeper
 from radnode.node.store.records import FINAL_STATES, JobState, PurgePlan
 from radnode.node.store.schema import deliveries, instances, jobs
@@ -62,6 +63,12 @@ class Purges:
         None when the job is not purgeable, or was purged and nothing new is due. ``dry_run``: the same
         decision, rolled back."""
         with self._db.write(commit=not dry_run) as conn:
+            study = conn.execute(select(jobs.c.study_instance_uid).where(jobs.c.id == job_id)).scalar()
+            if study is None:
+                return None
+            # the study's lock first, as ingest takes it: a late instance re-running the study and this purge take
+            # turns (the instance sees the purge recorded, or the purge sees the study reopened), never a deadlock
+            lock_study(self._db, conn, study, time.time())
             j = jobs.alias("j")
             row = conn.execute(select(j.c.state, j.c.study_instance_uid, j.c.updated_at, j.c.purge_started_at,
                                       j.c.purged_at, purgeable(j, done_before, failed_before).label("purgeable"))
