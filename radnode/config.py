@@ -501,6 +501,10 @@ class EngineConfig(_Strict):
     lease_seconds: Annotated[float, Field(gt=0)] = 20.0
     """A running job's lease in the store, renewed by its worker every third of it; the leader's reaper
     requeues a job whose lease lapsed (its worker vanished unnoticed by the broker)."""
+    report_patience_seconds: Annotated[float, Field(gt=0)] = 600.0
+    """How long a worker keeps trying the job store while it is unreachable (a database restart) before it gives
+    up on a call: a claim it could not make goes back to the broker for another try; a report it could not make
+    leaves the attempt to its lease (the reaper requeues it)."""
     broker_heartbeat_seconds: Annotated[float, Field(gt=0)] = 10.0
     """AMQP heartbeat: RabbitMQ drops a silent worker's connection (and redelivers its job) after two
     missed beats."""

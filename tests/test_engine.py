@@ -283,6 +283,62 @@ def test_postgresql_restarted_mid_run_then_everything_completes_once(
     assert_each_result_once(pacs, 2)
 
 
+def test_a_claim_the_store_cannot_take_in_time_goes_back_to_the_broker_and_is_taken_later(
+        tmp_path: Path, rabbitmq: RabbitNode) -> None:
+    """The job store is down past the worker's patience while a job's message reaches it: the claim cannot be
+    made, and the message must not be acknowledged (the job would stay queued for good, nothing on its way to
+    it); once the store is back, the redelivered message is claimed, as the job's first attempt."""
+    from radnode.config import load_config
+    from radnode.node.engine.broker import TASK, celery_app, job_queue
+    from radnode.node.store import Instance
+    from radnode.pipelines.routing import SeriesDecision
+
+    database = PrivatePostgres()
+    storage = {"kind": "shared_dir", "path": str(tmp_path / "shared")}
+    try:
+        store = JobStore(database.url())
+        try:
+            _, job_id = store.record_instance(Instance("1.1", "1.2.3", "1.2.3.1", "P1", "CT",
+                                                       "1.2.840.10008.5.1.4.1.1.2", "/spool/1.1.dcm"),
+                                              SeriesDecision(("ct_tissue",)))
+            assert store.queue_job(job_id, "idle") is JobState.QUEUED
+            dispatch_id = store.dispatch(job_id, "claims", 0)
+        finally:
+            store.close()
+        config = engine_config(tmp_path / "w.yaml", tmp_path / "host-w", rabbitmq.url(), database.url(), storage,
+                               site_key(tmp_path / "site.key"), engine={"report_patience_seconds": 2})
+        worker = WorkerProcess(config, tmp_path / "w.log", "worker-claims", queues=("claims",))
+        app = celery_app(load_config(config).engine, [])
+        try:
+            wait_until(lambda: _workers_alive(database.url(), "worker-claims"), timeout=120, step=0.5)
+            database.stop()
+            app.send_task(TASK, args=[job_id, dispatch_id], queue=job_queue("claims"), retry=False)
+            wait_until(lambda: "its message goes back to the broker" in (tmp_path / "w.log").read_text(),
+                       timeout=60, step=0.5)
+            time.sleep(3)  # a second delivery's claim gives up too
+            database.start()
+
+            def claimed() -> bool:
+                store = JobStore(database.url())
+                try:
+                    return store.job(job_id).attempt >= 1
+                finally:
+                    store.close()
+            wait_until(claimed, timeout=120, step=0.5)
+        finally:
+            app.close()
+            worker.stop()
+        store = JobStore(database.url())
+        try:
+            job = store.job(job_id)
+            assert job.attempt == 1, "a claim the store never took counted as an attempt"
+            assert job.state in (JobState.RUNNING, JobState.FAILED), (job.state, job.reason)
+        finally:
+            store.close()
+    finally:
+        database.close()
+
+
 def _workers_alive(store_url: str, *names: str) -> bool:
     store = JobStore(store_url)
     try:

@@ -4,7 +4,9 @@ process (or container) with its hard timeout, exactly as the node runs them loca
 For each message: claim the job in the store (a new attempt, see ``store/cluster.py``), fetch its input from
 the storage, run it, renew its lease while it runs (a lease that cannot be renewed because the job moved on
 kills the run), write its outputs back to the storage and only then report them; the message is
-acknowledged after that (late acks), so a worker that dies at any point leaves the job to the next one.
+acknowledged after that (late acks), so a worker that dies at any point leaves the job to the next one. A
+claim the store cannot take (unreachable for ``engine.report_patience_seconds``) sends the message back to the
+broker (rejected and requeued), never acknowledged with the job left queued and nothing on its way to it.
 With several GPUs, ``radnode worker --gpus 0,1`` runs one such process per GPU, each seeing only its own
 (``CUDA_VISIBLE_DEVICES``), and restarts one that dies. With ``processing.warm_start`` (the default) an in-process
 job is handed to a pre-imported process of its pipeline (``node/warm.py``), as on a single node: one spare per
@@ -49,8 +51,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 POLL_SECONDS = 0.5
-REPORT_PATIENCE_SECONDS = 600.0
-"""How long a finished attempt keeps trying to report while the store is unreachable (a database restart)."""
 
 
 def worker_name(gpus: str) -> str:
@@ -145,8 +145,13 @@ class GpuWorker:
 
         redelivered = bool((task.request.delivery_info or {}).get("redelivered"))
         engine = self.config.engine
-        claim = self._report(lambda: self.store.claim(job_id, dispatch_id, self.name, redelivered,
-                                                      engine.lease_seconds, engine.max_attempts))
+        try:
+            claim = self._report(lambda: self.store.claim(job_id, dispatch_id, self.name, redelivered,
+                                                          engine.lease_seconds, engine.max_attempts))
+        except OperationalError as e:  # acknowledged, the message would be gone with the job still queued
+            log.error("job %d: store unreachable for %g s, its claim not made (%s); its message goes back to the "
+                      "broker", job_id, engine.report_patience_seconds, e)
+            raise Reject(f"store unreachable: {e}", requeue=True) from e
         if claim.exhausted:
             log.error("job %d: %s; its message goes to %s", job_id, claim.why, dead_letter_queue().name)
             raise Reject(claim.why, requeue=False)
@@ -264,7 +269,7 @@ class GpuWorker:
     def _report(self, call: Callable[[], T]) -> T:
         """Call the store, retrying while it is unreachable (a database restart; the message stays
         unacknowledged meanwhile); what the call returns (False: the attempt was fenced off)."""
-        give_up = time.monotonic() + REPORT_PATIENCE_SECONDS
+        give_up = time.monotonic() + self.config.engine.report_patience_seconds
         delay = 0.5
         while True:
             try:
