@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -263,6 +264,38 @@ def test_every_pipeline_the_rules_select_runs_and_delivers_and_the_study_is_forw
         forwarded = [pydicom.dcmread(p) for p in archive.received()]
     assert len(results) == 2 and len({ds.SOPInstanceUID for ds in results}) == 2
     assert len(forwarded) == 1 and forwarded[0].SOPInstanceUID in {ds.SOPInstanceUID for ds in results}
+
+
+def test_a_study_forwarded_again_after_late_instances_sends_only_what_the_destination_lacks(
+        tmp_path: Path, stand_in: list[str]) -> None:
+    """A forward-only rule under ``late_instances: rerun``: the study is forwarded, then two more slices arrive in
+    a second association; the re-run forwards those two only, so the archive holds each instance once."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - name: archive\n    when: {Modality: CT}\n    pipelines: []\n"
+                     "    forward: [ARCHIVE]\n    completeness: {late_instances: rerun}\n")
+    study = write_study(tmp_path / "study", n=5, patient_id="P1")
+    first, late = tmp_path / "first", tmp_path / "late"
+    for folder, files in ((first, study[:3]), (late, study[3:])):
+        folder.mkdir()
+        for path in files:
+            shutil.copy(path, folder / path.name)
+    with StoreSCP(tmp_path / "archive", ae_title="ARCHIVE") as archive:
+        config = node_config(tmp_path, egress={"destinations": {
+            "ARCHIVE": {**archive.destination, "forward_only": True}}}).model_copy(update={"rules": rules})
+        with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
+            assert storescu(node.port, first).returncode == 0
+            wait_until(lambda: len(node.jobs()) == 1)
+            forward = final_job(node, node.jobs()[0].id)
+            assert forward.state is JobState.DONE and len(archive.received()) == 3
+            assert storescu(node.port, late).returncode == 0
+            wait_until(lambda: len(node.jobs()) == 2)
+            rerun = final_job(node, max(j.id for j in node.jobs()))
+            finished = next(e.message for e in node.events(rerun.id) if e.kind == "finished")
+            node_inputs = node.store.job_inputs(rerun.id)
+        received = archive.received_uids()
+    assert rerun.state is JobState.DONE and len(node_inputs) == 5
+    assert sorted(received) == sorted(str(pydicom.dcmread(p).SOPInstanceUID) for p in study), received
+    assert f"3 instance(s) not sent to ARCHIVE again: forwarded there by job(s) {forward.id}" in finished
 
 
 def test_a_job_killed_by_sigkill_says_so_and_runs_once_more(tmp_path: Path, stand_in: list[str],

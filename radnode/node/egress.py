@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 from radnode.config import Config
 from radnode.destinations import Destination, DestinationError, Item, Outcome, SendContext, parse_destination
-from radnode.destinations.base import FHIR_BUNDLE, Cancellation
+from radnode.destinations.base import FHIR_BUNDLE, Cancellation, sop_instance_uid
 from radnode.destinations.dicom import DicomDestination
 from radnode.destinations.orthanc import OrthancDestination
 from radnode.node.store import ActionRefused, Delivery, Job, JobStore, ResultsOutOfDate, ShadowNotDelivered
@@ -180,6 +180,9 @@ class Egress:
             plan += [(name, copies[file]) for file in files if file in copies]
             notes += [f"{file} not sent to {name} ({destination.deidentify} de-identification): {why}"
                       for file, why in refused.items()]
+        if not job.pipeline:
+            plan, skipped = self._not_forwarded_before(job_id, plan)
+            notes += skipped
         plan += [(name, REJECTION_NOTE) for name in withdraw]  # last: the new results are there before the old go
         dicom = len(dicom_files(names))
         summary = "; ".join([f"{len(names)} outputs ({dicom} DICOM) copied to the outbox",
@@ -187,6 +190,26 @@ class Egress:
                              + (f" to {', '.join(sorted({n for n, _ in plan}))}" if plan else ""), *notes])
         self.store.begin_delivery(job_id, summary, plan)
         self._wake({name for name, _ in plan})
+
+    def _not_forwarded_before(self, job_id: int, plan: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[str]]:
+        """A forward-only job's plan without the instances an earlier job of the study forwarded to the same
+        destination (the study forwarded again after late instances: only what the destination lacks goes),
+        and a note per destination saying how many were left out."""
+        folder = outbox_dir(self.config, job_id)
+        kept: list[tuple[str, str]] = []
+        left_out: dict[str, set[int]] = {}
+        counts: dict[str, int] = {}
+        earlier = {name: self.store.forwarded_earlier(job_id, name) for name in {n for n, _ in plan}}
+        for name, item in plan:
+            uid = sop_instance_uid(folder / item) if earlier[name] else None
+            if uid is not None and uid in earlier[name]:
+                left_out.setdefault(name, set()).add(earlier[name][uid])
+                counts[name] = counts.get(name, 0) + 1
+                continue
+            kept.append((name, item))
+        notes = [f"{counts[name]} instance(s) not sent to {name} again: forwarded there by job(s) "
+                 f"{', '.join(map(str, sorted(jobs)))}" for name, jobs in sorted(left_out.items())]
+        return kept, notes
 
     def _deidentified(self, job_id: int, profile: str, files: list[str]) -> tuple[dict[str, str], dict[str, str]]:
         """De-identified copies of outbox files in ``outbox/<job>/deid-<profile>/`` under their own names (made

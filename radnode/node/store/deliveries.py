@@ -163,6 +163,19 @@ class Deliveries:
                        delivery_table.c.object == report_file, delivery_table.c.state == "done")).scalar()
             return bool(sent)
 
+    def forwarded_earlier(self, job_id: int, destination: str) -> dict[str, int]:
+        """SOP Instance UID → the earlier job of the same study that delivered it to ``destination`` (done): what a
+        re-forward of the study after late instances must not send there again."""
+        earlier = jobs.alias("earlier")
+        this = jobs.alias("this")
+        query = (select(delivery_table.c.sent_uid, delivery_table.c.job_id)
+                 .join(earlier, earlier.c.id == delivery_table.c.job_id)
+                 .join(this, this.c.study_instance_uid == earlier.c.study_instance_uid)
+                 .where(this.c.id == job_id, earlier.c.id < job_id, delivery_table.c.destination == destination,
+                        delivery_table.c.state == "done", delivery_table.c.sent_uid.is_not(None)))
+        with self._db.read() as conn:
+            return {uid: job for uid, job in conn.execute(query)}
+
     def delivery_done(self, delivery_id: int, message: str, sent_uid: str | None = None) -> None:
         """Record a delivery as done (with the SOP Instance UID that went out): it will never be attempted again."""
         with self._db.write() as conn:
