@@ -381,7 +381,8 @@ def cmd_node(args: argparse.Namespace) -> int:
     if args.command == "jobs":
         body = {**note, **({"destination": args.destination, "failed_only": args.failed_only}
                            if args.jobs_command == "resend" else {}),
-                **({"decision": args.decision, "reason": args.reason} if args.jobs_command == "review" else {})}
+                **({"decision": args.decision, "reason": args.reason} if args.jobs_command == "review" else {}),
+                **({"without_refused": True} if getattr(args, "without_refused", False) else {})}
         answer = client.call("POST", f"/api/jobs/{args.job}/{args.jobs_command}", body)
     elif args.command == "queue":
         answer = client.call("GET" if args.queue_command == "status" else "POST",
@@ -669,6 +670,10 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--decision", choices=REVIEW_DECISIONS, default="reviewed",
                                  help="reviewed (a flagged job looked at), or accepted / corrected / rejected")
             command.add_argument("--reason", choices=REJECT_REASONS, help="why it was rejected (with --decision rejected)")
+        if name == "retry":
+            command.add_argument("--without-refused", action="store_true",
+                                 help="process the study without its refused instances (they cannot be corrected); "
+                                      "needs --note")
         if name == "resend":
             command.add_argument("--destination", help="only this destination (as `jobs show` names it)")
             command.add_argument("--failed-only", action="store_true", help="only the deliveries not made")

@@ -177,6 +177,45 @@ def test_the_same_instance_sent_again_corrected_lifts_the_refusal(tmp_path: Path
     assert job.state is JobState.DONE and job.instances == 4
 
 
+def test_instances_without_a_sop_instance_uid_hold_the_study_until_an_operator_gives_them_up(
+        tmp_path: Path, stand_in: list[str]) -> None:
+    """Two instances of a study come without SOP Instance UID (the request names one, the dataset none): both
+    refused and counted, the study not processed, and no corrected re-send can lift that; a plain retry fails
+    again; the operator's retry without the refused instances (a note required, over the API) processes the
+    rest, and the job's events name what was given up."""
+    from radnode.console.accounts import Role
+    from support.console import api, token_for
+
+    study = write_study(tmp_path / "study", n=5)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in study[3:]:
+        ds = pydicom.dcmread(path)
+        del ds.SOPInstanceUID
+        ds.save_as(broken / path.name, enforce_file_format=False)
+        path.unlink()
+    with Node(node_config(tmp_path), job_command=stand_in, poll_seconds=0.05) as node:
+        assert storescu(node.port, tmp_path / "study").returncode == 0
+        answers = _send_unparsed(node.port, sorted(broken.iterdir()))
+        assert [status for status, _ in answers] == [0xC000, 0xC000], answers
+        job = final_job(node, 1)
+        assert job.state is JobState.FAILED and "2 instance(s) of the study were refused" in job.reason, job.reason
+        assert "retry the job without them" in job.reason
+        assert node.store.retry_job(job.id, "ops") == 3 and final_job(node, job.id).state is JobState.FAILED
+        with api(node, token_for(node, Role.OPERATOR)) as client:
+            unexplained = client.post(f"/api/jobs/{job.id}/retry", json={"without_refused": True})
+            assert unexplained.status_code == 409 and "needs a note" in unexplained.json()["detail"]
+            answer = client.post(f"/api/jobs/{job.id}/retry",
+                                 json={"without_refused": True, "note": "scanner bug, the images are complete"})
+            assert answer.status_code == 200, answer.text
+        done = final_job(node, job.id)
+        waived = [e.message for e in node.events(job.id) if e.kind == "refusals-waived"]
+    assert done.state is JobState.DONE and done.instances == 3
+    (message,) = waived
+    assert "gave up on 2 refused instance(s)" in message and "scanner bug" in message
+    assert message.count("(no SOP Instance UID)") == 2
+
+
 def test_an_instance_is_received_into_a_file_never_whole_in_memory(
         scp: tuple[StorageSCP, JobStore], tmp_path: Path) -> None:
     """A 64 MB instance: Python allocations during its receipt and spooling stay far below its size."""

@@ -34,6 +34,12 @@ class Note(Document):
     note: Annotated[str, Field(max_length=500)] = ""
 
 
+class RetryRequest(Note):
+    without_refused: bool = Field(False, description="give up on the study's refused instances (an instance a "
+                                                     "sender cannot correct, one without a SOP Instance UID): it "
+                                                     "is processed without them; needs a note saying why")
+
+
 class ResendRequest(Note):
     destination: Annotated[str | None, Field(max_length=256, description="only this destination (as the job's "
                                                                            "deliveries name it); null: all")] = None
@@ -93,9 +99,10 @@ def _audit(request: Request, identity: Identity, action: str, job_id: int | None
 
 @router.post("/api/jobs/{job_id}/retry", response_model=ActionResult, responses=_RESPONSES,
              summary="Run a failed job again on every instance received for its study")
-def retry(request: Request, identity: Operator, job_id: JobId, body: Annotated[Note, Body()] = Note()) -> ActionResult:
-    count = _act(request, identity, "retry", job_id,
-                 lambda: _store(request).retry_job(job_id, identity.label, body.note))
+def retry(request: Request, identity: Operator, job_id: JobId,
+          body: Annotated[RetryRequest, Body()] = RetryRequest()) -> ActionResult:
+    count = _act(request, identity, "retry", job_id, lambda: _store(request).retry_job(
+        job_id, identity.label, body.note, without_refused=body.without_refused))
     return ActionResult(job_id=job_id, message=f"job {job_id} queued again on {count} instance(s)")
 
 

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import secrets
 import socket
 import ssl
 import struct
@@ -229,6 +230,13 @@ class Spool:
         return self.root.glob("*/*/*.dcm")
 
 
+def _refused_key(ds: Dataset) -> str:
+    """The refused instance's SOP Instance UID; for one without any, a key of its own, so each such instance
+    counts (a corrected re-send cannot clear it: the operator retries the job without it)."""
+    uid = str(ds.get("SOPInstanceUID", "") or "").strip()[:64]
+    return uid or f"(no SOP Instance UID) {secrets.token_hex(6)}"
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -389,8 +397,7 @@ class Ingest:
             if prior is not None and prior.study_instance_uid != study_uid:
                 raise Refused(f"SOPInstanceUID {sop_uid} already belongs to study {prior.study_instance_uid}")
         except Refused as e:
-            self.store.record_refusal(study_uid, str(ds.get("SOPInstanceUID", "") or "?")[:64], str(e),
-                                      origin.calling_ae)
+            self.store.record_refusal(study_uid, _refused_key(ds), str(e), origin.calling_ae)
             raise
         written = prior is None or not prior.kept  # else the earlier copy's file stands for this one
         if written:

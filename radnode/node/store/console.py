@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import Row, delete, false, func, insert, select, true, update
+from sqlalchemy import Connection, Row, delete, false, func, insert, select, true, update
 
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
@@ -19,7 +19,7 @@ from radnode.node.store.jobs import release, rerun_shadows, transition
 from radnode.node.store.records import FINAL_STATES, ActionRefused, JobState
 from radnode.node.store.results import superseded_by
 from radnode.node.store.schema import (
-    api_tokens, deliveries, instances, jobs, node_settings, reviews, sessions, study_details, users,
+    api_tokens, deliveries, instances, jobs, node_settings, refusals, reviews, sessions, study_details, users,
 )
 
 QUEUE_PAUSED = "queue_paused"
@@ -165,16 +165,20 @@ class Console:
             raise LookupError(f"no job {job_id}")
         return JobState(state)
 
-    def retry_job(self, job_id: int, user: str, note: str = "") -> int:
+    def retry_job(self, job_id: int, user: str, note: str = "", without_refused: bool = False) -> int:
         """A failed job runs again on every instance received for its study (late ones included, e.g. a
         missing series sent after it failed), routed anew on them; its earlier deliveries go with the run. A
         sibling or shadow job runs its pipeline again on its main job's input (a shadow run is then compared
         again). Returns how many instances the new run covers. Refused for a job whose results reached a
-        destination already (it failed delivering elsewhere): re-sending is what it needs."""
+        destination already (it failed delivering elsewhere): re-sending is what it needs. ``without_refused``
+        (a main job, with a note): the study's refused instances are given up on, so it is processed without
+        them; the event names each one, for the record."""
         with self._db.write() as conn:
             state = self._locked_state(conn, job_id)
             if state is not JobState.FAILED:
                 raise ActionRefused(f"job {job_id} is {state}: only a failed job can be retried")
+            if without_refused:
+                self._give_up_refused(conn, job_id, user, note)
             reached = sorted(set(conn.execute(select(deliveries.c.destination).where(
                 deliveries.c.job_id == job_id, deliveries.c.state == "done")).scalars()))
             if reached:  # a new run makes new UIDs: those destinations would hold two sets of results
@@ -205,6 +209,25 @@ class Console:
                       + (f" ({note})" if note else ""))
         self.queue_job(job_id, f"retried by {user}")  # type: ignore[attr-defined]
         return count
+
+    @staticmethod
+    def _give_up_refused(conn: Connection, job_id: int, user: str, note: str) -> None:
+        """Delete the refusals that keep job ``job_id``'s study from being processed, naming each in its events."""
+        main = conn.execute(select(jobs.c.sibling_of, jobs.c.study_instance_uid).where(jobs.c.id == job_id)).one()
+        if main.sibling_of is not None:
+            raise ActionRefused(f"job {job_id} runs on job {main.sibling_of}'s input: retry job {main.sibling_of} "
+                                "without the refused instances")
+        if not note.strip():
+            raise ActionRefused("a retry without the refused instances needs a note saying why the study may be "
+                                "processed without them")
+        of_study = refusals.c.study_instance_uid == main.study_instance_uid
+        gone = conn.execute(select(refusals.c.sop_instance_uid, refusals.c.reason).where(of_study)
+                            .order_by(refusals.c.at)).all()
+        conn.execute(delete(refusals).where(of_study))
+        if not gone:
+            raise ActionRefused(f"job {job_id}'s study has no refused instances: retry it without --without-refused")
+        log_event(conn, job_id, "refusals-waived", f"{user} gave up on {len(gone)} refused instance(s) of the study "
+                  f"({note.strip()}); processed without: " + "; ".join(f"{sop}: {why}" for sop, why in gone))
 
     def cancel_job(self, job_id: int, user: str, note: str = "") -> JobState:
         """A job that has not finished ends ``failed`` (cancelled); a running one's process is ended by the

@@ -234,7 +234,8 @@ class Scheduling:
         if not rows:
             return None
         return (f"not processed: {len(rows)} instance(s) of the study were refused at ingest, so it is incomplete "
-                f"(first: {rows[0].sop_instance_uid}: {rows[0].reason}); re-send them corrected to process it")
+                f"(first: {rows[0].sop_instance_uid}: {rows[0].reason}); re-send them corrected to process it, or "
+                "retry the job without them (jobs retry --without-refused, with a note saying why)")
 
     @staticmethod
     def _start_siblings(conn: Connection, job_id: int, route: StudyRoute, now: float) -> None:
