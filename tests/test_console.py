@@ -25,7 +25,7 @@ from radnode.node.service import Node
 from radnode.node.store import JobState
 from radnode.peers import StoreSCP, free_port
 from support.console import api, token_for
-from support.dicom_tools import ECHOSCU, STORESCU, storescu
+from support.dicom_tools import ECHOSCU, STORESCU, send_unparsed, storescu
 from support.node import final_job, node_config
 from support.waiting import wait_until
 
@@ -561,6 +561,36 @@ def test_an_operator_watches_a_study_arrive_and_finish_then_resends_a_result_in_
         assert [d.state for d in node.deliveries(job.id)] == ["done"]
     assert any("STEP the study appeared" in line for line in output)
     assert screenshot.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_an_operator_retries_a_job_without_the_instance_no_sender_can_correct_in_chromium(
+        tmp_path: Path, stand_in: list[str], playwright_core: Path) -> None:
+    """An instance without SOP Instance UID holds its study back (failure kind "refused"); on the job's page the
+    operator retries without it, gives the reason the prompt asks for, and the job is done on the rest."""
+    files = write_study(tmp_path / "study", n=3, patient_id="REFUSED1")
+    broken = tmp_path / "broken.dcm"
+    ds = pydicom.dcmread(files[2])
+    del ds.SOPInstanceUID
+    ds.save_as(broken, enforce_file_format=False)
+    files[2].unlink()
+    with Node(node_config(tmp_path), job_command=stand_in, poll_seconds=0.05) as node:
+        node.accounts.add_user("olga", Role.OPERATOR, PASSWORD)
+        assert storescu(node.port, tmp_path / "study").returncode == 0
+        assert [status for status, _ in send_unparsed(node.port, [broken])] == [0xC000]
+        job = final_job(node, 1)
+        with api(node, token_for(node, Role.VIEWER)) as client:
+            assert client.get(f"/api/jobs/{job.id}").json()["failure"] == "refused"
+        browser = subprocess.run(
+            ["node", str(Path(__file__).parent / "support" / "refused_browser.cjs")], capture_output=True, text=True,
+            timeout=180, env={**os.environ, "PLAYWRIGHT_CORE": str(playwright_core), "JOB_ID": str(job.id),
+                              "CONSOLE_URL": f"http://127.0.0.1:{node.api_port}", "CONSOLE_USER": "olga",
+                              "CONSOLE_PASSWORD": PASSWORD, "NOTE": "modality bug, series complete without it"})
+        assert browser.returncode == 0, browser.stdout + browser.stderr
+        done = final_job(node, job.id)
+    assert done.state is JobState.DONE and done.instances == 2
+    waived = next(line for line in browser.stdout.splitlines() if line.startswith("DONE "))
+    assert "olga gave up on 1 refused instance(s) of the study (modality bug, series complete without it)" in waived
 
 
 def test_a_flagged_job_leaves_the_review_worklist_once_marked_reviewed_by_an_operator(

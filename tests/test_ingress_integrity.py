@@ -22,7 +22,6 @@ import pytest
 from pydicom.datadict import keyword_dict
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom import _config as pynetdicom_config
 from pynetdicom.sop_class import CTImageStorage
 
 from factories import write_malformed_corpus, write_study
@@ -32,12 +31,9 @@ from radnode.node.scp import Ingest, Origin, Refused, Spool, StorageSCP
 from radnode.node.service import Node
 from radnode.node.store import JobState, JobStore
 from radnode.peers import FhirServer, StoreSCP
-from support.dicom_tools import STORESCU, storescu
+from support.dicom_tools import STORESCU, send_unparsed, storescu
 from support.node import ServeProcess, final_job, node_config
 from support.waiting import wait_until
-
-TRANSFER_SYNTAXES = ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2")
-
 
 @pytest.fixture
 def scp(tmp_path: Path) -> Iterator[tuple[StorageSCP, JobStore]]:
@@ -52,31 +48,6 @@ def scp(tmp_path: Path) -> Iterator[tuple[StorageSCP, JobStore]]:
     store.close()
 
 
-def _send_unparsed(port: int, paths: list[Path], calling_ae: str = "FUZZER") -> list[tuple[int | None, str]]:
-    """Each file's bytes after its file meta sent as they are, over associations from pynetdicom's SCU; the
-    (status, error comment) of each (None: no response)."""
-    ae = AE(ae_title=calling_ae)
-    for syntax in TRANSFER_SYNTAXES:
-        ae.add_requested_context(CTImageStorage, syntax)
-    answers: list[tuple[int | None, str]] = []
-    previous, pynetdicom_config.STORE_SEND_CHUNKED_DATASET = pynetdicom_config.STORE_SEND_CHUNKED_DATASET, True
-    try:
-        assoc = ae.associate("127.0.0.1", port, ae_title="RADNODE")
-        for path in paths:
-            for _ in range(5):  # a sender whose association ended associates again, as a modality does
-                if assoc.is_established:
-                    break
-                time.sleep(0.5)
-                assoc = ae.associate("127.0.0.1", port, ae_title="RADNODE")
-            assert assoc.is_established, f"no association for {path.name}"
-            status = assoc.send_c_store(path)
-            answers.append((int(status.Status), str(status.get("ErrorComment", ""))) if status else (None, ""))
-        assoc.release()
-    finally:
-        pynetdicom_config.STORE_SEND_CHUNKED_DATASET = previous
-    return answers
-
-
 @pytest.mark.slow
 def test_the_malformed_corpus_is_refused_naming_the_attribute_with_no_traceback_or_forged_line(
         tmp_path: Path, peers: tuple[StoreSCP, FhirServer]) -> None:
@@ -87,7 +58,7 @@ def test_the_malformed_corpus_is_refused_naming_the_attribute_with_no_traceback_
     assert len(corpus) >= 75
     node = ServeProcess(tmp_path / "node", *peers)
     try:
-        answers = _send_unparsed(node.port, [m.path for m in corpus])
+        answers = send_unparsed(node.port, [m.path for m in corpus])
         good = write_study(tmp_path / "good", n=2)
         assert storescu(node.port, tmp_path / "good").returncode == 0
         wait_until(lambda: JobStore(node.data_dir / "radnode.db").jobs(), timeout=30)
@@ -119,7 +90,7 @@ def test_a_request_without_affected_sop_instance_uid_ends_one_association_in_one
     ds = pydicom.dcmread(path)
     ds.file_meta.MediaStorageSOPInstanceUID = ""
     ds.save_as(path, enforce_file_format=False)
-    _send_unparsed(server.port, [path])
+    send_unparsed(server.port, [path])
     write_study(tmp_path / "good", n=2)
     assert storescu(server.port, tmp_path / "good").returncode == 0
     assert [j.instances for j in store.jobs()] == [2]
@@ -196,7 +167,7 @@ def test_instances_without_a_sop_instance_uid_hold_the_study_until_an_operator_g
         path.unlink()
     with Node(node_config(tmp_path), job_command=stand_in, poll_seconds=0.05) as node:
         assert storescu(node.port, tmp_path / "study").returncode == 0
-        answers = _send_unparsed(node.port, sorted(broken.iterdir()))
+        answers = send_unparsed(node.port, sorted(broken.iterdir()))
         assert [status for status, _ in answers] == [0xC000, 0xC000], answers
         job = final_job(node, 1)
         assert job.state is JobState.FAILED and "2 instance(s) of the study were refused" in job.reason, job.reason

@@ -56,7 +56,8 @@ class JobSummary(Document):
     review_reasons: list[str]
     reviewed_by: str | None = Field(description="who marked the flagged job reviewed (null: not yet)")
     failure: str | None = Field(description="why a failed job failed, by kind: delivery (re-send it), cancelled, "
-                                            "or processing; null unless failed")
+                                            "refused (instances of its study were refused at ingest: re-send them "
+                                            "corrected, or retry without them), or processing; null unless failed")
     priority: Priority
     calling_ae: str
     peer_address: str
@@ -358,12 +359,14 @@ JobIdPath = Annotated[int, Field(ge=1, le=2**62)]
 
 
 def failure_kind(job: Job) -> str | None:
-    """``delivery``, ``cancelled`` or ``processing`` for a failed job (from its reason), else None."""
+    """``delivery``, ``cancelled``, ``refused`` or ``processing`` for a failed job (from its reason), else None."""
     if job.state is not JobState.FAILED:
         return None
     reason = job.reason or ""
     if reason.startswith("delivery") or " undelivered" in reason:
         return "delivery"
+    if reason.startswith("not processed:") and "refused at ingest" in reason:
+        return "refused"
     return "cancelled" if reason.startswith("cancelled by") else "processing"
 
 

@@ -84,6 +84,10 @@ function jobActions(job) {
   if (!OPERATOR) return [];
   const id = job.id, buttons = [];
   if (job.state === "failed") buttons.push(el("button", { class: "primary", id: "action-retry", onclick: () => act(`/api/jobs/${id}/retry`, {}) }, "Retry"));
+  if (job.failure === "refused") buttons.push(el("button", { id: "action-retry-without-refused", onclick: () => {
+    const note = window.prompt("Process the study without its refused instances (listed in the events). Why may it be processed without them?");
+    if (note && note.trim()) act(`/api/jobs/${id}/retry`, { without_refused: true, note });
+  } }, "Retry without the refused instances"));
   if (["done", "failed", "delivering"].includes(job.state) && job.deliveries.length)
     buttons.push(el("button", { id: "action-resend", onclick: () => act(`/api/jobs/${id}/resend`, {}) }, "Re-send all results"));
   if (!["done", "failed"].includes(job.state)) buttons.push(el("button", { id: "action-cancel", onclick: () => act(`/api/jobs/${id}/cancel`, {}) }, "Cancel"));
