@@ -8,6 +8,7 @@ Orthanc to a second DICOM destination. Nothing is triggered by hand.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from factories import write_study
 from radnode.config import Config
 from radnode.execution import RunManifest
 from radnode.node.egress import outbox_dir
@@ -25,6 +27,7 @@ from radnode.orthanc_config import write_event_token
 from radnode.viewer import ORTHANC_BINARY, OrthancServer
 from radnode.peers import StoreSCP, free_port
 from support.dicom_tools import storescu
+from support.node import node_config
 from support.waiting import wait_until
 
 pytestmark = pytest.mark.skipif(not ORTHANC_BINARY.exists(), reason="Orthanc is not installed")
@@ -119,3 +122,25 @@ def test_a_ct_sent_to_orthanc_comes_back_as_seg_and_sr_and_is_forwarded(tmp_path
             assert len(node.jobs()) == 1
     forwarded = sorted(pydicom.dcmread(p, stop_before_pixels=True).Modality for p in second.folder.iterdir())
     assert forwarded == results
+
+
+def test_a_study_orthanc_received_while_the_node_was_down_is_pulled_when_it_starts(tmp_path: Path,
+                                                                                 stand_in: list[str]) -> None:
+    """Orthanc takes a study while the node is stopped: the plugin's stored and stable-study events find no node
+    and are dropped. Started again, the node catches up from Orthanc's change log and pulls the whole study."""
+    study = write_study(tmp_path / "study", n=3)
+    api_port = free_port()
+    token = tmp_path / "event-token"
+    write_event_token(token)
+    with OrthancServer(node_url=f"http://127.0.0.1:{api_port}", stable_age=1, event_token_file=token) as orthanc:
+        config = node_config(tmp_path, orthanc={"url": orthanc.url, "event_token_file": str(token)},
+                             api={"port": api_port})
+        with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
+            assert node.jobs() == []  # the node has run with this Orthanc before
+        orthanc.upload(study)
+        log = orthanc.storage / "orthanc.log"  # type: ignore[operator]
+        wait_until(lambda: re.search(r"event stable-study \S+ dropped", log.read_text()), timeout=60)
+        with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
+            wait_until(lambda: node.jobs() and node.jobs()[0].instances == 3, timeout=30)
+            (job,) = node.jobs()
+            assert job.study_instance_uid == pydicom.dcmread(study[0]).StudyInstanceUID

@@ -5,14 +5,21 @@ A ``stored`` event pulls one instance (``GET /instances/{id}/file``) into the sp
 event first pulls any instance of the study the node does not have (an event lost while the node was
 down or busy is caught up here; no instance is lost), then marks the study's series complete: Orthanc
 shows no association release, its StableAge is the release signal of this path.
+
+A stable-study event the plugin could not deliver (the node was stopped, or could not take it) is caught up
+from Orthanc's own change log (``GET /changes``): at each start the node handles every study that became
+stable since its previous start (``checkpoint`` keeps where the log was then), and only then moves the
+checkpoint on; the first start only records where the log is.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import requests
@@ -25,6 +32,8 @@ log = logging.getLogger(__name__)
 EVENT_TYPES = ("stored", "stable-study")
 RETRY_SECONDS = (0.5, 2.0, 5.0)
 """Waits between attempts at an event Orthanc could not answer; then it is dropped (stable-study catches up)."""
+CHANGES_PAGE = 1000
+"""Changes read per ``GET /changes`` while catching up."""
 
 
 def validate_event(event: Any) -> dict[str, str]:
@@ -39,12 +48,16 @@ def validate_event(event: Any) -> dict[str, str]:
 class OrthancIngress:
     """A queue of plugin events and the thread that carries them out against Orthanc's REST API."""
 
-    def __init__(self, config: OrthancConfig, ingest: Ingest, timeout: float = 30.0) -> None:
+    def __init__(self, config: OrthancConfig, ingest: Ingest, timeout: float = 30.0,
+                 checkpoint: Path | None = None) -> None:
         if not config.url:
             raise ValueError("orthanc.url is not configured")
         self.url = config.url
         self.ingest = ingest
         self.timeout = timeout
+        self.checkpoint = checkpoint
+        """The file keeping the sequence number Orthanc's change log had at the node's previous start (None: no
+        catch-up)."""
         self._session = requests.Session()
         if config.username:
             self._session.auth = (config.username, config.password.reveal() if config.password else "")
@@ -65,18 +78,58 @@ class OrthancIngress:
         self._session.close()
 
     def _run(self) -> None:
+        self._catch_up()
         while (event := self._events.get()) is not None:
-            for wait in (*RETRY_SECONDS, None):
-                try:
-                    self._handle(event)
+            self._carry_out(event)
+
+    def _carry_out(self, event: dict[str, str]) -> bool:
+        """Handle one event, retrying what Orthanc or the disk could not do; False when it was dropped."""
+        for wait in (*RETRY_SECONDS, None):
+            try:
+                self._handle(event)
+                return True
+            except requests.HTTPError as e:
+                if e.response is not None and e.response.status_code == 404:  # deleted from Orthanc since
+                    log.info("Orthanc event %s %s: no longer in Orthanc, nothing to pull", event["type"], event["id"])
+                    return True
+                error: Exception = e
+            except (requests.RequestException, ValueError, KeyError, OSError) as e:  # OSError: disk low
+                error = e
+            if wait is None:
+                log.error("Orthanc event %s %s dropped: %s", event["type"], event["id"], error)
+            else:
+                log.warning("Orthanc event %s %s failed (%s); retry in %g s", event["type"], event["id"], error, wait)
+                time.sleep(wait)
+        return False
+
+    def _catch_up(self) -> None:
+        """Handle the studies Orthanc's change log says became stable since the previous start (their events may
+        never have reached the node), then record where the log is now; the first start only records it. A study
+        not handled, or an Orthanc that does not answer, leaves the checkpoint for the next start to try again."""
+        if self.checkpoint is None:
+            return
+        try:
+            last = int(self._get("/changes?last").json()["Last"])
+            since = int(self.checkpoint.read_text()) if self.checkpoint.exists() else None
+            studies: list[str] = []
+            while since is not None and since < last:
+                page = self._get(f"/changes?since={since}&limit={CHANGES_PAGE}").json()
+                studies += [c["ID"] for c in page["Changes"] if c["ChangeType"] == "StableStudy" and c["Seq"] <= last
+                            and c["ID"] not in studies]
+                if page["Done"] or not page["Changes"]:
                     break
-                except (requests.RequestException, ValueError, KeyError, OSError) as e:  # OSError: disk low
-                    if wait is None:
-                        log.error("Orthanc event %s %s dropped: %s", event["type"], event["id"], e)
-                    else:
-                        log.warning("Orthanc event %s %s failed (%s); retry in %g s", event["type"], event["id"],
-                                    e, wait)
-                        time.sleep(wait)
+                since = int(page["Last"])
+        except (requests.RequestException, ValueError, KeyError, TypeError, OSError) as e:
+            log.error("Orthanc's change log cannot be read (%s): studies it took while the node was stopped are "
+                      "pulled when their next event comes, or at the next start", e)
+            return
+        if studies:
+            log.info("catching up with %d study(ies) Orthanc reported stable while the node was stopped", len(studies))
+        handled = [self._carry_out({"type": "stable-study", "id": study, "remote_aet": ""}) for study in studies]
+        if all(handled):
+            partial = self.checkpoint.with_name(self.checkpoint.name + ".partial")
+            partial.write_text(str(last))
+            os.replace(partial, self.checkpoint)
 
     def _get(self, path: str) -> requests.Response:
         response = self._session.get(f"{self.url}{path}", timeout=self.timeout)
@@ -91,6 +144,9 @@ class OrthancIngress:
         for instance in self._get(f"/studies/{event['id']}/instances").json():
             if not self.ingest.store.has_instance(instance["MainDicomTags"].get("SOPInstanceUID", "")):
                 self._pull(instance["ID"], "")
+        if not study.get("IsStable", True):  # receiving again since the event (one caught up at start, say)
+            log.info("study %s receiving again in Orthanc: its next stable-study event completes it", event["id"])
+            return
         marked = self.ingest.store.study_stable(study["MainDicomTags"]["StudyInstanceUID"])
         log.info("study %s stable in Orthanc: %d series marked complete", event["id"], marked)
 

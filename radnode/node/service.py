@@ -138,7 +138,8 @@ class Node:
             self._scp = StorageSCP(self.config.ingress, ingest, self.audit)
             self._scp.start()
         if self.config.orthanc.url:
-            self._orthanc = OrthancIngress(self.config.orthanc, ingest, self.config.egress.timeouts.network_seconds)
+            self._orthanc = OrthancIngress(self.config.orthanc, ingest, self.config.egress.timeouts.network_seconds,
+                                           checkpoint=data / "orthanc-changes")
             self._orthanc.start()
         if self.config.api.enabled:
             self._ingest = ingest
