@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -525,6 +526,30 @@ def test_a_decision_on_superseded_results_is_refused_naming_the_newer_job(tmp_pa
     assert list(outbox_dir(config, first).glob("review-*")) == []
     assert len(pacs.received()) == received
     assert store.mark_reviewed(rerun, "dr-x", "", "accepted")  # the newer results take the decision
+    store.close()
+
+
+
+def test_a_decision_on_results_retention_purged_is_refused_saying_so(tmp_path: Path, pacs: StoreSCP) -> None:
+    """A done job's results went to the PACS, then retention removed its outbox: a decision on it is refused,
+    saying why (no rejection note or verified report can be made of files that are gone), never recorded as if
+    it had been re-issued while nothing went out and the PACS kept the results as they were."""
+    from radnode.node.retention import DAY, Retention
+
+    config = egress_test_config(tmp_path, {"pacs": pacs.destination})
+    store = JobStore(tmp_path / "data" / "radnode.db")
+    egress = Egress(config, store)
+    job = study_version_job(store, "1.1")
+    write_results(tmp_path / "results", report_sr=True)
+    egress.stage(job, tmp_path / "results")
+    wait_until(lambda: egress.deliver_due() or store.job(job).state is JobState.DONE)
+    assert Retention(config, store).purge(now=time.time() + 30 * DAY).results
+    assert store.job(job).purged_at is not None and not outbox_dir(config, job).exists()
+    received = len(pacs.received())
+    for decision, reason in (("accepted", None), ("corrected", None), ("rejected", "other")):
+        with pytest.raises(ActionRefused, match=f"job {job}'s results were purged by retention"):
+            store.mark_reviewed(job, "dr-x", "", decision, reason)
+    assert not outbox_dir(config, job).exists() and len(pacs.received()) == received
     store.close()
 
 

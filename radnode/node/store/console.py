@@ -267,7 +267,8 @@ class Console:
         """A person looked at a job's results; it leaves the review worklist. ``reviewed`` (looked at, for a
         flagged job), or a decision on a finished job's results for local performance: ``accepted``,
         ``corrected``, ``rejected`` (with one of :data:`REJECT_REASONS`); never on a forward-only job (no
-        results, only the study's images) nor on superseded results (the newer job's are the ones to review); a
+        results, only the study's images), on superseded results (the newer job's are the ones to review) nor on
+        results retention purged (no verified report or rejection note can be made of them any more); a
         job still delivering (or that failed to deliver) an earlier decision's re-issue takes a new one; a
         rejected one takes no further decision (its results are withdrawn for good). Returns the review's id."""
         if decision not in REVIEW_DECISIONS:
@@ -279,13 +280,16 @@ class Console:
         if reason is not None and reason not in REJECT_REASONS:
             raise ActionRefused(f"unknown rejection reason {reason!r}: one of {', '.join(REJECT_REASONS)}")
         with self._db.write() as conn:
-            row = conn.execute(select(jobs.c.needs_review, jobs.c.state, jobs.c.pipeline).where(jobs.c.id == job_id)
-                               .with_for_update()).first()
+            row = conn.execute(select(jobs.c.needs_review, jobs.c.state, jobs.c.pipeline, jobs.c.purged_at,
+                                      jobs.c.purge_started_at).where(jobs.c.id == job_id).with_for_update()).first()
             if row is None:
                 raise LookupError(f"no job {job_id}")
             if decision != "reviewed" and not row.pipeline:
                 raise ActionRefused(f"job {job_id} forwarded the study without a pipeline: it has no results to be "
                                     f"{decision} (its outbox holds the study's own images)")
+            if decision != "reviewed" and (row.purged_at is not None or row.purge_started_at is not None):
+                raise ActionRefused(f"job {job_id}'s results were purged by retention: no verified report or rejection "
+                                    f"note can be made of them any more, so the decision cannot go where they went")
             newer = superseded_by(conn, job_id)
             if decision != "reviewed" and newer is not None:
                 raise ActionRefused(f"job {job_id}'s results were superseded by job {newer}'s (withdrawn where they "
