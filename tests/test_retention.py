@@ -24,8 +24,8 @@ from radnode.config import Config
 from radnode.node.retention import DAY, Retention, purge_data_dir
 from radnode.node.scp import Ingest, Spool
 from radnode.node.service import Node
-from radnode.node.store import Instance, InstanceBeingPurged, JobState, JobStore
-from radnode.pipelines.routing import SeriesDecision
+from radnode.node.store import ActionRefused, Instance, InstanceBeingPurged, JobState, JobStore
+from radnode.pipelines.routing import Completeness, LateInstances, SeriesDecision
 from radnode.peers import StoreSCP, free_port
 from support.dicom_tools import ECHOSCU, storescu
 from support.node import final_job, jobs_by_patient, node_config
@@ -400,6 +400,29 @@ def test_a_main_jobs_instances_are_kept_while_its_sibling_job_needs_them(tmp_pat
     assert plan is not None and plan.paths == ("/spool/1.0.dcm", "/spool/1.1.dcm") and plan.kept_for == ()
     store.close()
 
+
+def test_a_failed_job_whose_input_retention_removed_is_not_retried_on_what_is_left(tmp_path: Path) -> None:
+    """A failed job past ``failed_days`` is purged; one late instance (``late_instances: ignore``) came after the
+    cutoff and is still there. A retry would run the pipeline on that one instance and deliver the result of a
+    part of the study as done: it is refused, saying retention removed the input, and the job stays failed."""
+    store = JobStore(tmp_path / "radnode.db")
+    route = SeriesDecision(("ct_tissue",), completeness=Completeness(late_instances=LateInstances.IGNORE))
+    for n in range(3):
+        _, job = store.record_instance(Instance(f"1.{n}", "1.2.3", "1.2.3.1", "P1", "CT", CTImageStorage,
+                                                f"/spool/1.{n}.dcm", received_at=n), route)
+    assert store.queue_job(job, "idle") is JobState.QUEUED and store.start_job(job, "run")
+    assert store.fail_job(job, "the pipeline crashed")
+    later = time.time() + 10
+    store.record_instance(Instance("1.3", "1.2.3", "1.2.3.1", "P1", "CT", CTImageStorage, "/spool/1.3.dcm",
+                                   received_at=later + 5), route)
+    plan = store.begin_purge(job, None, later)
+    assert plan is not None and len(plan.paths) == 3
+    assert store.finish_purge(job, plan.marker, "removed")
+    with pytest.raises(ActionRefused, match=f"job {job}'s input was purged by retention: 3 instance"):
+        store.retry_job(job, "dr-x")
+    job_row = store.job(job)
+    assert job_row is not None and job_row.state is JobState.FAILED
+    store.close()
 
 def test_a_purge_and_a_late_instance_rerunning_the_study_take_turns_on_postgresql(postgres_url: str) -> None:
     """Ingest holds the study's lock while it adopts a done study's instances for a re-run; a purge of that

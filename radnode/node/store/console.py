@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from sqlalchemy import Connection, Row, delete, false, func, insert, select, true, update
+from sqlalchemy import Connection, Row, and_, delete, false, func, insert, or_, select, true, update
 
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
@@ -39,6 +39,20 @@ class StudyDetails:
     accession_number: str = ""
     study_description: str = ""
     modalities: tuple[str, ...] = ()
+
+
+def _purged_input(conn: Connection, job_id: int, sibling: bool) -> int:
+    """How many instances of job ``job_id``'s input retention removed: its own (late ones too, which a retry
+    takes in; a sibling reads only the others) and, for a whole-study job, the study's earlier jobs'."""
+    j = jobs.alias("j")
+    query = (select(func.count()).select_from(instances.join(j, j.c.id == job_id))
+             .where(instances.c.purged_at.is_not(None),
+                    or_(instances.c.job_id == j.c.id,
+                        and_(j.c.whole_study == true(), instances.c.study_instance_uid == j.c.study_instance_uid,
+                             instances.c.job_id < j.c.id, instances.c.late == false()))))
+    if sibling:
+        query = query.where(instances.c.late == false())
+    return int(conn.execute(query).scalar() or 0)
 
 
 class Console:
@@ -170,9 +184,10 @@ class Console:
         missing series sent after it failed), routed anew on them; its earlier deliveries go with the run. A
         sibling or shadow job runs its pipeline again on its main job's input (a shadow run is then compared
         again). Returns how many instances the new run covers. Refused for a job whose results reached a
-        destination already (it failed delivering elsewhere): re-sending is what it needs. ``without_refused``
-        (a main job, with a note): the study's refused instances are given up on, so it is processed without
-        them; the event names each one, for the record."""
+        destination already (it failed delivering elsewhere): re-sending is what it needs; and for a job whose
+        input retention removed, even in part (a run on what is left would deliver a partial study's results).
+        ``without_refused`` (a main job, with a note): the study's refused instances are given up on, so it is
+        processed without them; the event names each one, for the record."""
         with self._db.write() as conn:
             state = self._locked_state(conn, job_id)
             if state is not JobState.FAILED:
@@ -185,8 +200,11 @@ class Console:
                 raise ActionRefused(f"job {job_id}'s results reached {', '.join(reached)} already; a new run would "
                                     "leave a second set of results there: re-send its failed deliveries instead "
                                     "(resend, failed only)")
-            release(conn, job_id, "failed", "", time.time())  # dispatched afresh, with its input as it is now
             main = conn.execute(select(jobs.c.sibling_of).where(jobs.c.id == job_id)).scalar()
+            if purged := _purged_input(conn, job_id if main is None else main, sibling=main is not None):
+                raise ActionRefused(f"job {job_id}'s input was purged by retention: {purged} instance(s) removed; "
+                                    "a new run would cover only what is left of the study")
+            release(conn, job_id, "failed", "", time.time())  # dispatched afresh, with its input as it is now
             if main is not None:  # a sibling or shadow job: its pipeline again, on its main job's input
                 conn.execute(delete(deliveries).where(deliveries.c.job_id == job_id))
                 transition(conn, job_id, (JobState.FAILED,), JobState.QUEUED)
