@@ -17,10 +17,14 @@ import pydicom
 import pytest
 import yaml
 from pynetdicom import AE
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, KeyObjectSelectionDocumentStorage
 
-from factories import RELEASE_0_1_SCHEMA, open_store_made_by, write_study
+from factories import (
+    RELEASE_0_1_SCHEMA, egress_test_config, open_store_made_by, rejected_uids, study_version_job, write_results,
+    write_study,
+)
 from radnode.config import Config
+from radnode.node.egress import Egress, outbox_dir
 from radnode.node.retention import DAY, Retention, purge_data_dir
 from radnode.node.scp import Ingest, Spool
 from radnode.node.service import Node
@@ -400,6 +404,33 @@ def test_a_main_jobs_instances_are_kept_while_its_sibling_job_needs_them(tmp_pat
     assert plan is not None and plan.paths == ("/spool/1.0.dcm", "/spool/1.1.dcm") and plan.kept_for == ()
     store.close()
 
+
+def test_the_outbox_a_running_rerun_withdraws_is_kept_until_the_rerun_no_longer_needs_it(tmp_path: Path) -> None:
+    """A done job's results went to the PACS; a late instance started a whole-study re-run, and the first job passes
+    ``done_days`` while the re-run runs. Its instances are kept for the re-run, and so is its outbox: the re-run's
+    IOCM rejection note is made of the objects there, and it still withdraws exactly them at the PACS. The purge
+    after the re-run is purgeable too removes the first job's folders."""
+    with StoreSCP(tmp_path / "pacs") as pacs:
+        config = egress_test_config(tmp_path, {"pacs": pacs.destination})
+        store = JobStore(tmp_path / "data" / "radnode.db")
+        egress = Egress(config, store)
+        first = study_version_job(store, "1.1")
+        first_uids = write_results(tmp_path / "first")
+        egress.stage(first, tmp_path / "first")
+        wait_until(lambda: egress.deliver_due() or store.job(first).state is JobState.DONE)
+        rerun = study_version_job(store, "1.2")  # running on the whole study
+        report = Retention(config, store).purge(now=time.time() + 8 * DAY)
+        assert [(r.job_id, r.kept_for) for r in report.results] == [(first, ((rerun, 1),))]
+        assert outbox_dir(config, first).is_dir()
+        write_results(tmp_path / "rerun")
+        egress.stage(rerun, tmp_path / "rerun")
+        wait_until(lambda: egress.deliver_due() or store.job(rerun).state is JobState.DONE)
+        received = [pydicom.dcmread(path) for path in pacs.received()]
+        (note,) = [ds for ds in received if ds.SOPClassUID == KeyObjectSelectionDocumentStorage]
+        assert rejected_uids(note) == set(first_uids)
+        report = Retention(config, store).purge(now=time.time() + 8 * DAY)
+        assert {r.job_id for r in report.results} == {first, rerun} and not outbox_dir(config, first).exists()
+        store.close()
 
 def test_a_failed_job_whose_input_retention_removed_is_not_retried_on_what_is_left(tmp_path: Path) -> None:
     """A failed job past ``failed_days`` is purged; one late instance (``late_instances: ignore``) came after the

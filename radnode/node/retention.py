@@ -4,7 +4,9 @@ What a job leaves on disk: its instances in ``spool/``, ``jobs/<id>/`` (input li
 ``outbox/<id>/`` (results). They are removed when the job is ``done`` (every delivery done) for
 ``retention.done_days`` or ``failed`` (no delivery still pending) for ``retention.failed_days``; 0 keeps them
 forever. An instance a newer whole-study job of the same study needs (``late_instances: rerun`` of a finished
-study reads the earlier jobs' instances) stays until that job is purgeable too; the next purge takes it.
+study reads the earlier jobs' instances) stays until that job is purgeable too; the next purge takes it. Until
+that job has staged its results, the folders stay as well (its IOCM rejection note is made of the objects in this
+job's outbox); they go with the instances kept.
 A job still receiving, queued, running or delivering is never touched, and neither is anything it needs.
 
 Each job is purged in three steps, each safe to repeat: (1) the store records the purge (which instances,
@@ -58,6 +60,8 @@ class PurgeResult:
     """The store records the job as purged (False in a dry run, on an error, or when another purge finished
     it first)."""
     error: str | None = None
+    folders_kept_for: int | None = None
+    """The newer job this job's folders were kept for (see :attr:`PurgePlan.folders_kept_for`)."""
 
     def describe(self, dry_run: bool = False) -> str:
         """One line, as the ``purged`` event and ``radnode purge`` say it."""
@@ -66,6 +70,8 @@ class PurgeResult:
                f"{_size(self.bytes_freed)} {'to free' if dry_run else 'freed'} ({self.bytes_freed} bytes)"
         if self.kept_for:
             text += "; kept " + ", ".join(f"{n} instance(s) job {job} still needs" for job, n in self.kept_for)
+        if self.folders_kept_for is not None:
+            text += f"; kept its folders, which job {self.folders_kept_for} still reads before it delivers"
         if self.error:
             text += f"; unfinished, the next purge carries on: {self.error}"
         return text
@@ -142,7 +148,7 @@ class Retention:
         spool_files = [Path(p) for p in plan.paths if _inside(Path(p), self.spool)]
         folders = [(f"{name}/{plan.job_id}", self.data_dir / name / str(plan.job_id)) for name in ("jobs", "outbox")]
         folders.append((f"outbox/{plan.job_id}.partial", self.data_dir / "outbox" / f"{plan.job_id}.partial"))
-        folders = [(name, path) for name, path in folders if path.is_dir()]
+        folders = [(name, path) for name, path in folders if path.is_dir() and plan.folders_kept_for is None]
         stats = [s for s in map(_lstat, spool_files) if s is not None]
         counts = []
         for name, path in folders:
@@ -154,7 +160,7 @@ class Retention:
         if not dry_run:
             error = self._delete(spool_files, [path for _, path in folders])
         result = PurgeResult(plan.job_id, plan.state, len(spool_files), plan.kept_for, tuple(counts), len(stats),
-                             freed, plan.resumed, finished=False, error=error)
+                             freed, plan.resumed, finished=False, error=error, folders_kept_for=plan.folders_kept_for)
         if dry_run or error:
             return result
         message = result.describe()

@@ -240,6 +240,9 @@ class PurgePlan:
     """(job id, instances): instances of this job kept because that newer, not yet purgeable job needs them."""
     resumed: bool = False
     """Finishing a purge that was interrupted (the node or the command stopped between its steps)."""
+    folders_kept_for: int | None = None
+    """The newer job, not staged yet, that still needs this job's ``jobs/`` and ``outbox/`` folders (a re-run's
+    rejection note is made of the results in the outbox): they stay, and go with the purge of the instances kept."""
 
 
 @dataclass(frozen=True)

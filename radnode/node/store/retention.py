@@ -19,6 +19,9 @@ from radnode.node.store.policy import StudyJob, purge_keeper
 from radnode.node.store.records import FINAL_STATES, JobState, PurgePlan
 from radnode.node.store.schema import deliveries, instances, jobs
 
+_NOT_STAGED = (JobState.RECEIVED.value, JobState.QUEUED.value, JobState.RUNNING.value)
+"""States of a job whose results are not in its outbox yet."""
+
 
 def purgeable(j: FromClause, done_before: float | None, failed_before: float | None) -> ColumnElement[bool]:
     """SQL: job ``j`` is final before its state's cutoff (None: kept forever) and no delivery of it is pending."""
@@ -77,18 +80,18 @@ class Purges:
                 return None
             state = JobState(row.state)
             kept: dict[int, int] = {}
+            k = jobs.alias("k")
+            study_jobs = [StudyJob(r.id, r.sibling_of, bool(r.whole_study),
+                                   r.purged_at is not None or r.purge_started_at is not None, bool(r.purgeable))
+                          for r in conn.execute(select(k.c.id, k.c.sibling_of, k.c.whole_study, k.c.purged_at,
+                                                       k.c.purge_started_at,
+                                                       purgeable(k, done_before, failed_before).label("purgeable"))
+                                                .where(k.c.study_instance_uid == row.study_instance_uid))]
+            keeper = purge_keeper(job_id, study_jobs)
             if row.purge_started_at is None:
                 if state not in FINAL_STATES or not row.purgeable:
                     return None
                 marker = time.time()
-                k = jobs.alias("k")
-                study_jobs = [StudyJob(r.id, r.sibling_of, bool(r.whole_study),
-                                       r.purged_at is not None or r.purge_started_at is not None, bool(r.purgeable))
-                              for r in conn.execute(select(k.c.id, k.c.sibling_of, k.c.whole_study, k.c.purged_at,
-                                                           k.c.purge_started_at,
-                                                           purgeable(k, done_before, failed_before).label("purgeable"))
-                                                    .where(k.c.study_instance_uid == row.study_instance_uid))]
-                keeper = purge_keeper(job_id, study_jobs)
                 cutoff = done_before if state is JobState.DONE else failed_before
                 fresh = []
                 for sop, late in conn.execute(
@@ -110,8 +113,15 @@ class Purges:
             paths = tuple(conn.execute(select(instances.c.path).where(instances.c.job_id == job_id,
                                                                       instances.c.purged_at == marker)
                                        .order_by(instances.c.received_at)).scalars())
+            # a keeper that has not staged its results yet reads this job's folders too (a re-run's rejection note
+            # is made of the objects in its outbox): they stay while instances do, which bring the job back to a purge
+            keeper_state = None if keeper is None else conn.execute(
+                select(jobs.c.state).where(jobs.c.id == keeper)).scalar()
+            keep_folders = keeper_state in _NOT_STAGED and conn.execute(select(instances.c.sop_instance_uid).where(
+                instances.c.job_id == job_id, instances.c.purged_at.is_(None)).limit(1)).first() is not None
             return PurgePlan(job_id, state, row.updated_at, marker, paths, tuple(sorted(kept.items())),
-                             resumed=row.purge_started_at is not None)
+                             resumed=row.purge_started_at is not None,
+                             folders_kept_for=keeper if keep_folders else None)
 
     def finish_purge(self, job_id: int, marker: float, message: str) -> bool:
         """The purge's files are gone: the job gets ``purged_at`` and a ``purged`` event with ``message``.
