@@ -378,6 +378,24 @@ def test_the_destinations_page_lists_egress_destinations_and_checks_one_live(nod
                              ).status_code == 404, "only a destination egress has"
 
 
+def test_the_rules_test_shows_header_values_only_to_roles_that_see_patient_data(
+        tmp_path: Path, stand_in: list[str], pacs: StoreSCP) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("rules:\n  - name: research-cohort\n    when: {PatientID: COHORT7}\n    forward: [PACS]\n"
+                     "  - name: ct\n    when: {Modality: CT}\n    pipelines: [ct_tissue]\n")
+    config = node_config(tmp_path, egress={"named_destinations": {"PACS": pacs.address}})
+    with Node(config.model_copy(update={"rules": rules}), job_command=stand_in, poll_seconds=0.05) as node:
+        write_study(tmp_path / "study", n=2, patient_id="SECRET-MRN-4711")
+        job_id = _sent_and_done(node, tmp_path / "study")
+        with api(node, token_for(node, Role.VIEWER)) as viewer:
+            refused = viewer.post("/api/rules/test", params={"job_id": job_id})
+        assert refused.status_code == 403 and "patient data" in refused.json()["detail"], refused.text
+        assert "SECRET-MRN-4711" not in refused.text
+        with api(node, token_for(node, Role.OPERATOR)) as operator:
+            report = operator.post("/api/rules/test", params={"job_id": job_id}).json()["report"]
+        assert "PatientID = 'COHORT7' not matched: 'SECRET-MRN-4711'" in report, "the report names header values"
+
+
 def test_a_paused_queue_keeps_ingesting_and_starts_nothing_until_resumed(node: Node, tmp_path: Path) -> None:
     operator = token_for(node, Role.OPERATOR)
     with api(node, operator) as client:

@@ -220,9 +220,16 @@ class RulesTest(Document):
 
 
 @router.post("/api/rules/test", response_model=RulesTest, tags=["rules"],
-             summary="Which rules match each series of a job's study, and why",
-             responses={404: {"description": "no such job, or its instances were purged"}})
+             summary="Which rules match each series of a job's study, and why (patient data: roles that may "
+                     "see it)",
+             responses={403: {"description": "the caller's role may not see patient data"},
+                        404: {"description": "no such job, or its instances were purged"}})
 def test_rules(request: Request, identity: Viewer, job_id: Annotated[int, Query(ge=1, le=2**62)]) -> RulesTest:
+    """The rules' verdicts on a job's study; refused to a role without patient data, since each verdict quotes
+    the header values it read (a rule on PatientID shows the patient's ID)."""
+    if not gate_of(request).sees_patient_data(identity):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"{identity.label} may not see patient data (the report "
+                                                       "quotes the study's header values)")
     from radnode.pipelines.routing import RoutingContext
     from radnode.pipelines.rules import DEFAULT_RULES
     from radnode.pipelines.rules_cli import test_rules_on_path
