@@ -312,23 +312,44 @@ def _read_password(args: argparse.Namespace) -> str:
     return first
 
 
+def _audit_account(config: Config, action: str, account: str) -> None:
+    """One audit message for a change to who may use the console (``radnode users``/``tokens``), in the node's
+    own audit trail: these commands change access without the node, so they write it themselves."""
+    if not config.audit.enabled:
+        return
+    from radnode.security.audit import AuditTrail
+    from radnode.security.privacy import SiteKey
+
+    data = config.data_dir.resolve()
+    trail = AuditTrail(config.audit, data, config.ingress.ae_title, SiteKey.load(config.privacy.site_key, data))
+    try:
+        trail.account_changed(action=action, account=account)
+    finally:
+        trail.close()
+
+
 def cmd_users(args: argparse.Namespace) -> int:
-    """People who sign in to the dashboard: add, list, change role or password, remove."""
+    """People who sign in to the dashboard: add, list, change role or password, remove; each change audited."""
     from radnode.console.accounts import parse_role
     from radnode.console.service import accounts_for
 
-    with accounts_for(_load(args)) as accounts:
+    config = _load(args)
+    with accounts_for(config) as accounts:
         if args.users_command == "add":
             accounts.add_user(args.name, parse_role(args.role), _read_password(args))
+            _audit_account(config, f"user added (role {args.role})", f"user/{args.name}")
             print(f"user {args.name} added ({args.role})")
         elif args.users_command == "passwd":
             accounts.set_password(args.name, _read_password(args))
+            _audit_account(config, "password changed (sessions closed)", f"user/{args.name}")
             print(f"password of {args.name} changed; their sessions are closed")
         elif args.users_command == "role":
             accounts.set_role(args.name, parse_role(args.role))
+            _audit_account(config, f"role changed (role {args.role})", f"user/{args.name}")
             print(f"{args.name} is now {args.role}")
         elif args.users_command == "remove":
             accounts.remove_user(args.name)
+            _audit_account(config, "user removed (sessions closed)", f"user/{args.name}")
             print(f"user {args.name} removed")
         else:
             for name, role, created, last_login in accounts.users():
@@ -341,12 +362,17 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     from radnode.console.accounts import parse_role
     from radnode.console.service import accounts_for
 
-    with accounts_for(_load(args)) as accounts:
+    config = _load(args)
+    with accounts_for(config) as accounts:
         if args.tokens_command == "create":
-            print(accounts.create_token(args.name, parse_role(args.role), args.days))
+            token = accounts.create_token(args.name, parse_role(args.role), args.days)
+            _audit_account(config, f"token created (role {args.role}, "
+                           + (f"expires in {args.days:g} days)" if args.days else "never expires)"), f"token/{args.name}")
+            print(token)
             print(f"token {args.name} ({args.role}) created; it is shown only this once", file=sys.stderr)
         elif args.tokens_command == "revoke":
             accounts.revoke_token(args.name)
+            _audit_account(config, "token revoked", f"token/{args.name}")
             print(f"token {args.name} revoked")
         else:
             for name, role, created, expires, used in accounts.tokens():

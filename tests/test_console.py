@@ -156,6 +156,35 @@ def test_a_person_signs_in_with_a_session_cookie_and_csrf_guards_changes(node: N
         assert browser.get("/api/me").status_code == 401, "the session ended at logout"
 
 
+def test_every_change_to_people_and_tokens_is_audited_with_who_made_it(tmp_path: Path) -> None:
+    from radnode.security.audit_schema import schema_errors
+
+    config = tmp_path / "radnode.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data")}))
+
+    def radnode(*argv: str, stdin: str = "") -> None:
+        done = subprocess.run([sys.executable, "-m", "radnode", *argv, "--config", str(config)], input=stdin,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+
+    radnode("users", "add", "olga", "--role", "viewer", "--password-stdin", stdin=PASSWORD + "\n")
+    radnode("users", "role", "olga", "--role", "admin")
+    radnode("users", "passwd", "olga", "--password-stdin", stdin=PASSWORD + " again\n")
+    radnode("tokens", "create", "ci-bot", "--role", "operator")
+    radnode("tokens", "revoke", "ci-bot")
+    radnode("users", "remove", "olga")
+    log = tmp_path / "data" / "audit" / "audit.log"
+    messages = log.read_text().splitlines() if log.exists() else []
+    changes = [m for m in messages if 'csd-code="110137"' in m]  # Security Alert: User Security Attributes Changed
+    assert [re.search(r'ParticipantObjectID="([^"]+)"', m).group(1) for m in changes] == [  # type: ignore[union-attr]
+        "user/olga", "user/olga", "user/olga", "token/ci-bot", "token/ci-bot", "user/olga"], messages
+    assert "role admin" in changes[1] and "role operator" in changes[3]
+    import getpass
+    assert all(f'UserID="{getpass.getuser()}" UserIsRequestor="true"' in m for m in changes), changes[0]
+    assert PASSWORD not in log.read_text() and "rnt_" not in log.read_text(), "no secret in the audit log"
+    assert all(not schema_errors(m) for m in changes), schema_errors(changes[0])
+
+
 def test_five_wrong_passwords_lock_the_name_for_a_while(node: Node) -> None:
     node.accounts.add_user("mallory-target", Role.VIEWER, PASSWORD)
     with api(node) as browser:

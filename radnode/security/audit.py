@@ -14,6 +14,8 @@ Query (110112)                  a C-FIND answered (none yet: the node offers no 
 Security Alert (110113)         a rejected association, a failed TLS handshake, a refused API call, a
                                 pipeline's drift alert (type ``RADNODE-DRIFT``, 99RADNODE: the attribute and PSI)
 User Authentication (110114)    a person's login or logout at the console
+Security Alert (110113)         a console account or API token added, removed or changed (type User Security
+                                Attributes Changed, 110137: ``radnode users``/``tokens``)
 ==============================  ==============================================================
 
 Each message is one line of the local log (``audit.log_file``, opened append-only, owner-only, fsync'd per
@@ -68,6 +70,7 @@ UNAUTHORIZED_USER: Code = ("110132", "DCM", "Use of Restricted Function")
 SECURITY_CONFIGURATION: Code = ("110129", "DCM", "Security Configuration")
 SOFTWARE_CONFIGURATION: Code = ("110131", "DCM", "Software Configuration")
 NETWORK_CONFIGURATION: Code = ("110128", "DCM", "Network Configuration")
+USER_SECURITY_ATTRIBUTES_CHANGED: Code = ("110137", "DCM", "User Security Attributes Changed")
 LOCAL_SERVICE_OPERATION: Code = ("110141", "DCM", "Local Service Operation Started")
 DRIFT_ALERT: Code = ("RADNODE-DRIFT", "99RADNODE", "Input or output distribution shift")
 """A Security Alert's type (PS3.15 A.5.3.11) for a pipeline's drift alert: none of the DICOM types (configuration,
@@ -291,6 +294,21 @@ class AuditTrail:
         outcome = SUCCESS if success and refused is None else MINOR_FAILURE
         description = f"{user}: {action} {what}" + (f" refused: {refused}" if refused is not None else "")
         return self._emit(SECURITY_ALERT, "E", outcome, [alert], [person, node], [*objects, detail], description)
+
+    def account_changed(self, *, action: str, account: str) -> str:
+        """A console account or API token added, removed, or its role or password changed (``radnode users``,
+        ``radnode tokens``): a Security Alert of type User Security Attributes Changed with the OS user who ran
+        the command as the requestor, so the trail says who gave whom which access. ``account``: ``user/NAME``
+        or ``token/NAME``; never a password or token value."""
+        operator = _os_user()
+        person = Participant(operator, True, None, user_name=operator)
+        node = Participant(self.node.user_id, False, None, (self.ae_title,), "radnode")
+        detail = ET.Element("ParticipantObjectIdentification", {
+            "ParticipantObjectID": account, "ParticipantObjectTypeCode": "2", "ParticipantObjectTypeCodeRole": "20"})
+        detail.append(_code("ParticipantObjectIDTypeCode", URI))
+        ET.SubElement(detail, "ParticipantObjectName").text = action
+        return self._emit(SECURITY_ALERT, "E", SUCCESS, [USER_SECURITY_ATTRIBUTES_CHANGED], [person, node], [detail],
+                          f"{operator}: {action} {account}")
 
     # -- plumbing ------------------------------------------------------------------------------------------
 
