@@ -7,6 +7,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import pydicom
 import pytest
 
 from factories import Pki, make_pki, write_study
@@ -180,6 +181,31 @@ def test_a_peer_triggers_only_the_pipelines_its_entry_lists(tmp_path: Path) -> N
     assert jobs["RESEARCH"].pipeline == "" and jobs["RESEARCH"].state is JobState.DONE
     assert "not run for this sender" in jobs["RESEARCH"].reason
     store.close()
+
+
+def test_a_peer_limited_to_some_pipelines_triggers_no_shadow_run_of_another(tmp_path: Path) -> None:
+    """A shadow pipeline is a job too: a sender whose entry does not list it gets no shadow run of it (the
+    refusal named like any other), while a sender allowed it gets one."""
+    from radnode.node.scp import Origin, Router
+    from radnode.pipelines.rules import parse_rules
+    from radnode.security.access import PeerPolicy
+
+    rules = parse_rules("rules:\n  - name: ct\n    when: {Modality: {exists: true}}\n"
+                        "    pipelines: [ct_tissue]\n    shadow: [mri_brain]\n")
+    policy = PeerPolicy(IngressConfig(allowed_peers=[{"ae_title": "CT01", "pipelines": ["ct_tissue"]},
+                                                     {"ae_title": "CT02", "pipelines": ["ct_tissue", "mri_brain"]}]))
+    store = JobStore(tmp_path / "radnode.db")
+    ingest = Ingest(Spool(tmp_path / "spool"), store, Router(rules, policy=policy))
+    for n, sender in enumerate(("CT01", "CT02")):
+        ingest.receive(write_study(tmp_path / sender, n=1)[0].read_bytes(), b"", Origin(sender, "10.0.0.20:4000", f"a{n}"))
+    for job in store.jobs():
+        store.queue_job(job.id, "idle")
+    runs = {(job.calling_ae, job.pipeline, job.shadow) for job in store.jobs()}
+    decision = Router(rules, policy=policy).route(pydicom.dcmread(write_study(tmp_path / "one", n=1)[0]),
+                                                  Origin("CT01", "10.0.0.20:4000", "a2"))
+    store.close()
+    assert runs == {("CT01", "ct_tissue", False), ("CT02", "ct_tissue", False), ("CT02", "mri_brain", True)}
+    assert decision.shadow == () and "not run for this sender (ingress.allowed_peers): mri_brain" in decision.describe()
 
 
 def test_a_tls_only_node_sends_its_results_over_tls_to_a_storescp_tls_destination(

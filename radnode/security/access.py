@@ -96,12 +96,13 @@ class PeerPolicy:
     def restrict(self, decision: SeriesDecision, calling_ae: str, address: str) -> SeriesDecision:
         """The rules' decision for a series this sender sent, with the pipelines its ``allowed_peers`` entry does
         not list moved to ``refused_pipelines`` (without an entry or a ``pipelines`` list, no limit): no job is
-        ever made for a pipeline the sender may not trigger."""
+        ever made for a pipeline the sender may not trigger, a shadow run's included."""
         allowed = self.allowed_pipelines(calling_ae, address)
-        if allowed is None or not decision.pipelines:
+        if allowed is None or not (decision.pipelines or decision.shadow):
             return decision
-        refused = tuple(p for p in decision.pipelines if p not in allowed)
+        refused = tuple(dict.fromkeys(p for p in (*decision.pipelines, *decision.shadow) if p not in allowed))
         if not refused:
             return decision
         return replace(decision, pipelines=tuple(p for p in decision.pipelines if p in allowed),
+                       shadow=tuple(p for p in decision.shadow if p in allowed),
                        refused_pipelines=(*decision.refused_pipelines, *refused))
