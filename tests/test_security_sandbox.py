@@ -89,6 +89,68 @@ PROBE = textwrap.dedent('''
 ''')
 
 
+READER = textwrap.dedent('''
+    """Job command: what it can read of the given secret files, and one result."""
+    import argparse, json, pathlib
+    import pydicom
+    from pydicom.uid import generate_uid
+    parser = argparse.ArgumentParser()
+    parser.add_argument("input")
+    parser.add_argument("--output", required=True)
+    parser.add_argument("--pipeline")
+    args = parser.parse_args()
+    read = {}
+    for name in %(secrets)r:
+        try:
+            read[name] = pathlib.Path(name).read_text()
+        except OSError as e:  # /dev/null bound over it on a nodev mount: not even opened
+            read[name] = type(e).__name__
+    first = pydicom.dcmread(sorted(pathlib.Path(args.input).iterdir())[0])
+    first.SOPInstanceUID = first.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    first.SeriesInstanceUID = generate_uid()
+    first.save_as(pathlib.Path(args.output) / "result.dcm")
+    (pathlib.Path(args.output) / "read.json").write_text(json.dumps(read))
+''')
+
+
+def test_a_sandboxed_job_reads_no_secret_file_of_the_configuration_wherever_it_is_kept(tmp_path: Path) -> None:
+    """Every secret file of the configuration is hidden, not only those under the paths the sandbox hides
+    anyway: the web service's TLS key and the Orthanc plugin's token, kept where a site keeps them (a folder
+    outside /tmp, $HOME and the data directory, as /etc/radnode would be), unreadable to a job's process."""
+    import shutil
+    import tempfile
+
+    cache = Path(__file__).resolve().parents[1] / ".cache"  # visible in the sandbox, as /etc would be
+    cache.mkdir(exist_ok=True)
+    keys = Path(tempfile.mkdtemp(prefix="sandbox-secrets-", dir=cache))
+    try:
+        secrets = {keys / "api-key.pem": "API KEY", keys / "orthanc.token": "ORTHANC TOKEN"}
+        for path, text in secrets.items():
+            path.write_text(text)
+        model = tmp_path / "site-model"
+        model.mkdir()
+        (model / "weights.bin").write_bytes(b"\x01" * 100)
+        rules = tmp_path / "rules.yaml"
+        rules.write_text("rules:\n  - name: site model\n    when: {Modality: {exists: true}}\n    pipelines: [model_seg]\n")
+        (tmp_path / "reader.py").write_text(READER % {"secrets": [str(p) for p in secrets]})
+        config = Config.model_validate({
+            "data_dir": str(tmp_path / "data"), "ingress": {"host": "127.0.0.1", "port": 0, "study_idle_seconds": 0.5},
+            "processing": {"models": {"model_seg": [str(model)]}}, "rules": str(rules), "api": {"port": 0, "tls": {
+                "certificate": str(keys / "api-cert.pem"), "private_key": str(keys / "api-key.pem")}, "enabled": False},
+            "orthanc": {"event_token_file": str(keys / "orthanc.token")}})
+        with Node(config, job_command=[sys.executable, str(tmp_path / "reader.py")], poll_seconds=0.05) as node:
+            sent = storescu(node.port, *write_chest_phantom(tmp_path / "study", 2, 16, 16))
+            assert sent.returncode == 0, sent.stderr
+            wait_until(lambda: node.jobs(), timeout=30)
+            job = final_job(node, node.jobs()[0].id, timeout=60)
+        assert job.state is JobState.DONE, job.reason
+        read = json.loads((tmp_path / "data" / "jobs" / str(job.id) / "out" / "read.json").read_text())
+    finally:
+        shutil.rmtree(keys)
+    assert set(read) == {str(p) for p in secrets}
+    assert all(value in ("", "PermissionError") for value in read.values()), f"secrets the sandboxed job read: {read}"
+
+
 def test_a_job_with_a_site_model_runs_without_the_data_directory_or_the_network(tmp_path: Path) -> None:
     model = tmp_path / "site-model"
     model.mkdir()

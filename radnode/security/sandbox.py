@@ -70,6 +70,10 @@ def _secret_files(config: Config) -> list[Path]:
                 files.append(t.private_key_password.file)
 
     tls(config.ingress.tls)
+    if config.api.tls is not None:  # the web service's key: not a TlsConfig, so named here
+        files.append(config.api.tls.private_key)
+    if config.orthanc.event_token_file is not None:  # who holds it may post events as the Orthanc plugin
+        files.append(config.orthanc.event_token_file)
     if config.audit.syslog is not None:
         tls(config.audit.syslog.tls)
     for peer in config.egress.known_peers:
