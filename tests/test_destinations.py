@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 import radnode.destinations as package
-from factories import job_ready_for_delivery, write_chest_phantom, write_results
+from factories import job_ready_for_delivery, make_pki, write_chest_phantom, write_results
 from radnode.cli import build_parser, main, serve_config
 from radnode.config import ConfigError, OrthancConfig, load_config, parse_config
 from radnode.destinations import Check, SendContext, Timeouts, destination_types, known_types, parse_destination
@@ -218,3 +218,24 @@ def test_each_type_checks_its_peer_live_and_sends_nothing(tmp_path: Path, pacs: 
     assert share.ok and f"(created under {tmp_path} on the first delivery)" in share.detail
     assert found[f"folder:{pacs.log_path}"] == Check(False, f"{pacs.log_path} is not a folder")
     assert not (tmp_path / "share").exists() and list(pacs.folder.iterdir()) == [], "a check sends nothing"
+
+
+def test_the_check_of_a_tls_destination_associates_over_tls_as_a_delivery_does(tmp_path: Path) -> None:
+    """A C-ECHO check of a ``dicom`` destination with ``tls`` shakes hands with its CA bundle and the node's
+    certificate (mutual TLS), as the delivery would; a CA bundle that cannot be read is a failed check."""
+    pki = make_pki(tmp_path / "pki")
+    context = SendContext(ae_title="RADNODE", timeouts=Timeouts(connect_seconds=5, acse_seconds=5, dimse_seconds=5,
+                                                                network_seconds=5),
+                          orthanc=OrthancConfig(), job_id=0)
+    with StoreSCP(tmp_path / "pacs", tls=(pki.server_key, pki.server_cert, pki.ca),
+                  require_client_certificate=True) as pacs:
+        def destination(tls: dict) -> object:
+            return parse_config({"egress": {"destinations": {"pacs": {
+                "type": "dicom", "ae_title": pacs.ae_title, "host": "localhost", "port": pacs.port,
+                "tls": tls}}}}).egress.destinations["pacs"]
+
+        mutual = {"ca_bundle": str(pki.ca), "certificate": str(pki.client_cert), "private_key": str(pki.client_key)}
+        checked = destination(mutual).check(context)  # type: ignore[attr-defined]
+        unreadable = destination({**mutual, "ca_bundle": str(tmp_path / "missing-ca.pem")}).check(context)  # type: ignore[attr-defined]
+    assert checked == Check(True, f"C-ECHO to PACS@localhost:{pacs.port} (TLS): status 0x0000")
+    assert not unreadable.ok and "missing-ca.pem: no such file" in unreadable.detail

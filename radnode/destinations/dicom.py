@@ -92,15 +92,22 @@ class DicomDestination(Destination):
         return outcomes
 
     def check(self, context: SendContext) -> Check:
-        """C-ECHO (Verification) with the node's AE title: the same association a delivery would open."""
+        """C-ECHO (Verification) with the node's AE title: the same association a delivery would open (over
+        TLS with this destination's ``tls``: a plain one would neither reach a TLS peer nor test its trust)."""
         from pydicom.uid import ImplicitVRLittleEndian
         from pynetdicom import evt
         from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+        from radnode.security.tls import TlsSetupError
+
+        try:
+            tls_args = None if self.tls is None else (self._tls_context(), self.host)
+        except TlsSetupError as e:  # a certificate, key or CA bundle that cannot be used
+            return Check(False, str(e))
         ae = self._application_entity(context, {Verification: {ImplicitVRLittleEndian}})
         connected: list[Association] = []
         started = time.monotonic()
-        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title,
+        assoc = ae.associate(self.host, self.port, ae_title=self.ae_title, tls_args=tls_args,
                              evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(event.assoc))])
         if not assoc.is_established:
             return Check(False, self._not_established(assoc, bool(connected), time.monotonic() - started, context))
