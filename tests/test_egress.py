@@ -146,6 +146,41 @@ def test_egress_stopped_during_a_slow_send_and_started_again_runs_one_worker_per
         store.close()
 
 
+def test_a_send_cancelled_by_the_nodes_stop_is_no_attempt_and_goes_at_the_next_start(
+        tmp_path: Path, pacs: StoreSCP) -> None:
+    """The node stopped while a PACS holds the association open without answering, on the deliveries' only
+    attempt: the cancelled send counts as no attempt (no back-off, job not failed), and after the next start,
+    the PACS working again, the results go and the job is done."""
+    hanging = socket.create_server(("127.0.0.1", 0))  # accepts, never answers
+    hanging.listen()
+    settings = {"max_attempts": 1, "retry_initial_seconds": 60, "retry_max_seconds": 60}
+    config = egress_config(tmp_path, destinations={"pacs": f"PACS@127.0.0.1:{hanging.getsockname()[1]}"},
+                           **settings)
+    store = JobStore(tmp_path / "data" / "radnode.db")
+    job_id, out, uids = finished_job(store, tmp_path)
+    egress = Egress(config, store)
+    try:
+        egress.start()
+        egress.stage(job_id, out)
+        time.sleep(1.0)  # the association request is under way, the peer holds it
+        egress.stop()
+    finally:
+        hanging.close()
+    job = store.job(job_id)
+    assert job is not None and job.state is JobState.DELIVERING
+    assert all(d.state == "pending" and d.attempts == 0 for d in store.deliveries(job_id))
+    config = egress_config(tmp_path, destinations={"pacs": pacs.destination}, **settings)
+    egress = Egress(config, store)
+    try:
+        egress.start()
+        wait_until(lambda: store.job(job_id).state in (JobState.DONE, JobState.FAILED), 15)
+    finally:
+        egress.stop()
+    assert store.job(job_id).state is JobState.DONE
+    assert sorted(pacs.received_uids()) == sorted(uids)
+    store.close()
+
+
 def _egress_threads(name: str) -> int:
     return sum(t.name == f"radnode-egress-{name}" and t.is_alive() for t in threading.enumerate())
 

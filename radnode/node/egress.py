@@ -4,7 +4,8 @@ Every (job, destination, object) is a delivery row naming the destination by its
 return-to-sender and rows a configuration no longer names, by its one-line form). Each destination has one
 worker thread that sends its due deliveries, one batch per job, with the destination's own timeouts, so a
 hung or slow peer delays nobody else. A delivery recorded as done is never attempted again; one that fails is
-retried with exponential back-off until ``egress.max_attempts``. The job is ``done`` when all its deliveries
+retried with exponential back-off until ``egress.max_attempts``; a send ended by the node's own stop counts
+as no attempt (it stays pending, due at once after the next start). The job is ``done`` when all its deliveries
 are done, ``failed`` (results kept in the outbox) when some gave up; :meth:`Egress.resend` puts delivered or
 failed deliveries back in the queue (same outbox files, so the same SOP Instance UIDs). After a restart the
 workers pick up whatever is pending.
@@ -417,6 +418,9 @@ class Egress:
             recorded.add(outcome.item.delivery_id)
             if outcome.ok:
                 self.store.delivery_done(outcome.item.delivery_id, outcome.message, sent_uid=outcome.sent_uid)
+            elif cancellation.cancelled:  # ended by the node's own stop: no attempt, sent at once after the next start
+                log.info("job %d: %s → %s stopped with egress (%s); still pending", job_id,
+                         by_id[outcome.item.delivery_id].object, destination.describe(), outcome.message)
             else:
                 self._failed(by_id[outcome.item.delivery_id], outcome.message)
 
@@ -484,7 +488,7 @@ class Egress:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the workers: sends in progress are cancelled where the type can, the rest end at their timeout
-        (their deliveries stay pending and are sent after the next start)."""
+        (their deliveries stay pending, no attempt counted, and are sent after the next start)."""
         self._stopping.set()
         with self._lock:
             workers = list(self._workers.values())
