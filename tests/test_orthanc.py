@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +20,13 @@ import pydicom
 import pytest
 
 from factories import write_study
-from radnode.config import Config
+from radnode.config import Config, OrthancConfig
 from radnode.execution import RunManifest
 from radnode.node.egress import outbox_dir
+from radnode.node.orthanc_ingress import OrthancIngress
+from radnode.node.scp import Ingest, Spool
 from radnode.node.service import Node
-from radnode.node.store import JobState
+from radnode.node.store import JobState, JobStore
 from radnode.orthanc_config import write_event_token
 from radnode.viewer import ORTHANC_BINARY, OrthancServer
 from radnode.peers import StoreSCP, free_port
@@ -144,3 +148,20 @@ def test_a_study_orthanc_received_while_the_node_was_down_is_pulled_when_it_star
             wait_until(lambda: node.jobs() and node.jobs()[0].instances == 3, timeout=30)
             (job,) = node.jobs()
             assert job.study_instance_uid == pydicom.dcmread(study[0]).StudyInstanceUID
+
+
+def test_stopping_with_orthanc_down_drops_the_queued_events_and_their_retry_waits(tmp_path: Path) -> None:
+    """Orthanc down and a backlog of plugin events: the node stops at once (a systemd stop must not SIGKILL it),
+    the events dropped; the stable-study catch-up of the next start pulls what they were for."""
+    store = JobStore(tmp_path / "radnode.db")
+    ingress = OrthancIngress(OrthancConfig(url=f"http://127.0.0.1:{free_port()}"),
+                             Ingest(Spool(tmp_path / "spool"), store), timeout=2)
+    ingress.start()
+    for n in range(5):
+        ingress.submit({"type": "stored", "id": f"0000000{n}-00000000-00000000-00000000-00000000"})
+    time.sleep(0.3)  # the first event has failed and waits to be tried again
+    stopping = threading.Thread(target=ingress.stop, daemon=True)
+    stopping.start()
+    stopping.join(3)
+    assert not stopping.is_alive(), "stop() still handling the queued events"
+    store.close()

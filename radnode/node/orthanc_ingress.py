@@ -9,7 +9,8 @@ shows no association release, its StableAge is the release signal of this path.
 A stable-study event the plugin could not deliver (the node was stopped, or could not take it) is caught up
 from Orthanc's own change log (``GET /changes``): at each start the node handles every study that became
 stable since its previous start (``checkpoint`` keeps where the log was then), and only then moves the
-checkpoint on; the first start only records where the log is.
+checkpoint on; the first start only records where the log is. Events still queued when the node stops are
+dropped the same way (a stop must not wait out Orthanc's retries) and caught up at the next start.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import logging
 import os
 import queue
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,8 @@ class OrthancIngress:
         if config.username:
             self._session.auth = (config.username, config.password.reveal() if config.password else "")
         self._events: queue.Queue[dict[str, str] | None] = queue.Queue()
+        self._stopping = threading.Event()
+        """Set by :meth:`stop`: no queued event is handled any more and a retry wait ends at once."""
         self._thread = threading.Thread(target=self._run, name="radnode-orthanc-ingress", daemon=True)
 
     def submit(self, event: Any) -> None:
@@ -72,19 +74,25 @@ class OrthancIngress:
         self._thread.start()
 
     def stop(self) -> None:
-        """Finish the event in hand and stop; queued events are dropped (Orthanc keeps the instances)."""
+        """Finish the attempt in hand and stop; queued events and retries are dropped (Orthanc keeps the instances,
+        the next start's catch-up pulls them): with Orthanc down, each would hold the stop for seconds."""
+        self._stopping.set()
         self._events.put(None)
         self._thread.join()
         self._session.close()
 
     def _run(self) -> None:
         self._catch_up()
-        while (event := self._events.get()) is not None:
+        while (event := self._events.get()) is not None and not self._stopping.is_set():
             self._carry_out(event)
 
     def _carry_out(self, event: dict[str, str]) -> bool:
-        """Handle one event, retrying what Orthanc or the disk could not do; False when it was dropped."""
+        """Handle one event, retrying what Orthanc or the disk could not do; False when it was dropped (retries
+        given up, or the node stopping)."""
         for wait in (*RETRY_SECONDS, None):
+            if self._stopping.is_set():
+                log.info("Orthanc event %s %s dropped: the node is stopping", event["type"], event["id"])
+                return False
             try:
                 self._handle(event)
                 return True
@@ -99,7 +107,7 @@ class OrthancIngress:
                 log.error("Orthanc event %s %s dropped: %s", event["type"], event["id"], error)
             else:
                 log.warning("Orthanc event %s %s failed (%s); retry in %g s", event["type"], event["id"], error, wait)
-                time.sleep(wait)
+                self._stopping.wait(wait)
         return False
 
     def _catch_up(self) -> None:
