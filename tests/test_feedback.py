@@ -568,6 +568,36 @@ def test_a_decision_whose_results_are_superseded_before_its_reissue_is_queued_se
     assert store.deliveries(first) == []
     store.close()
 
+def test_results_superseded_between_the_decision_and_its_reissue_answer_409_naming_the_newer_job(
+        tmp_path: Path, pacs: StoreSCP) -> None:
+    """A re-run supersedes a done job's results just as a reviewer's decision on them is recorded, before its
+    re-issue is queued: the review endpoint answers 409 naming the job to review instead (never a 500), and
+    nothing of the withdrawn results goes out again."""
+    import sqlite3
+
+    config = node_config(tmp_path, egress={"destinations": {"pacs": pacs.destination}})
+    with Node(config, poll_seconds=0.1) as node:
+        node.store.set_queue_paused(True, "test")  # the jobs are driven here, never run by the node
+        first = study_version_job(node.store, "1.1")
+        write_results(tmp_path / "first", report_sr=True)
+        node.egress.stage(first, tmp_path / "first")
+        assert final_job(node, first).state is JobState.DONE
+        rerun = study_version_job(node.store, "1.2")
+        db = sqlite3.connect(config.data_dir / "radnode.db")
+        # the re-run's results supersede the first job's (store.supersede's record) the moment the decision is in
+        db.execute(f"CREATE TRIGGER rerun_lands AFTER INSERT ON reviews WHEN NEW.job_id = {first} BEGIN "
+                   f"UPDATE result_versions SET superseded_by = {rerun} WHERE job_id = {first}; END")
+        db.commit()
+        db.close()
+        received = len(pacs.received())
+        with api(node, token_for(node, Role.OPERATOR, "dr-kim")) as client:
+            answer = client.post(f"/api/jobs/{first}/review", json={"decision": "accepted"})
+        assert answer.status_code == 409, answer.text
+        assert f"superseded by job {rerun}'s" in answer.json()["detail"]
+        assert not [d for d in node.store.deliveries(first) if d.object.startswith("review-")]
+        assert len(pacs.received()) == received
+
+
 @pytest.mark.slow
 def test_a_decision_taken_while_the_fhir_server_is_down_reaches_it_once_when_it_is_back(
         tmp_path: Path) -> None:

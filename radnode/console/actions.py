@@ -142,11 +142,16 @@ def review(request: Request, identity: Operator, job_id: JobId,
     egress = node_of(request).egress
     if egress is None and body.decision != "reviewed":
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the node is stopping")
-    review_id = _act(request, identity, action, job_id, lambda: _store(request).mark_reviewed(
-        job_id, identity.label, body.note, body.decision, body.reason))
-    reissued = [egress.reissue(job_id, review_id, body.decision, identity.label)] \
-        if egress is not None and body.decision != "reviewed" else []
-    reissued = [line for line in reissued if line]
+
+    def decide() -> list[str]:
+        """Record the review, then send the decision where the results went; either one's refusal (results a
+        re-run superseded in between, say) is the action's: a 409, never a 500."""
+        review_id = _store(request).mark_reviewed(job_id, identity.label, body.note, body.decision, body.reason)
+        if egress is None or body.decision == "reviewed":
+            return []
+        return [line for line in [egress.reissue(job_id, review_id, body.decision, identity.label)] if line]
+
+    reissued = _act(request, identity, action, job_id, decide)
     return ActionResult(job_id=job_id, message="; ".join([f"job {job_id} {body.decision} by {identity.label}"
                                                           + (f" ({body.reason})" if body.reason else ""), *reissued]))
 
