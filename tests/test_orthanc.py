@@ -165,3 +165,26 @@ def test_stopping_with_orthanc_down_drops_the_queued_events_and_their_retry_wait
     stopping.join(3)
     assert not stopping.is_alive(), "stop() still handling the queued events"
     store.close()
+
+
+def test_a_study_with_an_instance_refused_on_the_orthanc_path_fails_naming_the_refusal(
+        tmp_path: Path, stand_in: list[str]) -> None:
+    """An instance Orthanc took but the node refuses (an implausible rescale) is recorded with its study, as on the
+    node's own SCP: the study is never processed without it, and its job fails naming the refusal."""
+    study = write_study(tmp_path / "study", n=3)
+    ds = pydicom.dcmread(study[1])
+    ds.RescaleSlope = "1e30"
+    ds.save_as(study[1])
+    api_port = free_port()
+    token = tmp_path / "event-token"
+    write_event_token(token)
+    with OrthancServer(node_url=f"http://127.0.0.1:{api_port}", stable_age=1, event_token_file=token) as orthanc:
+        config = node_config(tmp_path, orthanc={"url": orthanc.url, "event_token_file": str(token)},
+                             api={"port": api_port})
+        with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
+            orthanc.upload(study)
+            wait_until(lambda: node.jobs() and node.jobs()[0].state in (JobState.DONE, JobState.FAILED), timeout=60)
+            (job,) = node.jobs()
+            kinds = [e.kind for e in node.events(job.id)]
+    assert job.state is JobState.FAILED and job.instances == 2 and "running" not in kinds, job
+    assert "RescaleSlope 1e+30 out of range" in job.reason and "refused at ingest" in job.reason, job.reason
