@@ -101,8 +101,9 @@ READER = textwrap.dedent('''
     args = parser.parse_args()
     read = {}
     for name in %(secrets)r:
-        try:
-            read[name] = pathlib.Path(name).read_text()
+        try:  # a folder: the names in it
+            path = pathlib.Path(name)
+            read[name] = sorted(p.name for p in path.iterdir()) if path.is_dir() else path.read_text()
         except OSError as e:  # /dev/null bound over it on a nodev mount: not even opened
             read[name] = type(e).__name__
     first = pydicom.dcmread(sorted(pathlib.Path(args.input).iterdir())[0])
@@ -149,6 +150,53 @@ def test_a_sandboxed_job_reads_no_secret_file_of_the_configuration_wherever_it_i
         shutil.rmtree(keys)
     assert set(read) == {str(p) for p in secrets}
     assert all(value in ("", "PermissionError") for value in read.values()), f"secrets the sandboxed job read: {read}"
+
+
+def test_a_sandboxed_job_reads_neither_the_audit_log_nor_the_pseudonym_mapping_kept_outside_the_data_directory(
+        tmp_path: Path) -> None:
+    """The audit log (with ``patient_identity: clear`` it names patients, and its rotated copies) and the
+    de-identification mapping folder (original ↔ pseudonym) are the node's private records: kept outside the
+    data directory, as a site keeps them under /var/log or /srv, they are still hidden from a job's process,
+    the mapping folder as a whole (its database, its journal, whatever it holds)."""
+    import shutil
+    import tempfile
+
+    from factories import PATIENT
+
+    cache = Path(__file__).resolve().parents[1] / ".cache"  # visible in the sandbox, as /var/log would be
+    cache.mkdir(exist_ok=True)
+    site = Path(tempfile.mkdtemp(prefix="sandbox-private-", dir=cache))
+    try:
+        audit_log, rotated, mapping = site / "log" / "audit.log", site / "log" / "audit.log.1", site / "deid"
+        rotated.parent.mkdir()
+        rotated.write_text(f"an older audit message naming {PATIENT['PatientID']}")
+        mapping.mkdir()
+        (mapping / "pseudonyms.db").write_text("ORIGINAL -> PSEUDONYM")
+        model = tmp_path / "site-model"
+        model.mkdir()
+        (model / "weights.bin").write_bytes(b"\x01" * 100)
+        rules = tmp_path / "rules.yaml"
+        rules.write_text("rules:\n  - name: site model\n    when: {Modality: {exists: true}}\n    pipelines: [model_seg]\n")
+        paths = [audit_log, rotated, mapping, mapping / "pseudonyms.db"]
+        (tmp_path / "reader.py").write_text(READER % {"secrets": [str(p) for p in paths]})
+        config = Config.model_validate({
+            "data_dir": str(tmp_path / "data"), "ingress": {"host": "127.0.0.1", "port": 0, "study_idle_seconds": 0.5},
+            "processing": {"models": {"model_seg": [str(model)]}}, "rules": str(rules), "api": {"enabled": False},
+            "audit": {"log_file": str(audit_log), "patient_identity": "clear"},
+            "deidentification": {"mapping_dir": str(mapping)}})
+        with Node(config, job_command=[sys.executable, str(tmp_path / "reader.py")], poll_seconds=0.05) as node:
+            sent = storescu(node.port, *write_chest_phantom(tmp_path / "study", 2, 16, 16))
+            assert sent.returncode == 0, sent.stderr
+            wait_until(lambda: node.jobs(), timeout=30)
+            job = final_job(node, node.jobs()[0].id, timeout=60)
+        assert job.state is JobState.DONE, job.reason
+        assert PATIENT["PatientID"] in audit_log.read_text()  # what there is to hide
+        read = json.loads((tmp_path / "data" / "jobs" / str(job.id) / "out" / "read.json").read_text())
+    finally:
+        shutil.rmtree(site)
+    assert read[str(mapping)] == [], f"the mapping folder as the job saw it: {read[str(mapping)]}"
+    files = {str(p) for p in (audit_log, rotated, mapping / "pseudonyms.db")}
+    assert all(read[name] in ("", "PermissionError", "FileNotFoundError") for name in files), f"what the job read: {read}"
 
 
 def test_a_job_with_a_site_model_runs_without_the_data_directory_or_the_network(tmp_path: Path) -> None:

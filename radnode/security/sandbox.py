@@ -6,8 +6,9 @@ untrusted code: ``radnode models check`` parses and probes it in a separate proc
 (``bwrap``), and the node runs every job of a pipeline with a site model folder the same way:
 
 * no network (``--unshare-net``: a fresh network namespace with only its own loopback),
-* the file system read-only, with the node's data directory, ``$HOME``, ``/root``, ``/tmp`` and every
-  secret file of the configuration (keys, passwords) hidden behind empty tmpfs mounts,
+* the file system read-only, with the node's data directory, ``$HOME``, ``/root``, ``/tmp`` and the
+  de-identification mapping folder hidden behind empty tmpfs mounts, and every secret file of the
+  configuration (keys, passwords) and the audit log (with its rotated copies) behind ``/dev/null``,
 * writable only: the job's own folder (its output; its input is read-only) and a private ``/tmp``,
 * its own PID, IPC and UTS namespaces, a clean environment, killed with its parent.
 
@@ -89,6 +90,17 @@ def _secret_files(config: Config) -> list[Path]:
     return [Path(f).resolve() for f in files]
 
 
+def _private_records(config: Config) -> tuple[list[Path], list[Path]]:
+    """The node's records a job must not read wherever they are kept: (folders, files). The pseudonym mapping
+    folder (original ↔ pseudonymous identities; hidden as a whole, whatever files it holds) and the audit log
+    with its rotated copies (``audit.log.1``…; with ``patient_identity: clear`` they hold Patient IDs)."""
+    data = config.data_dir.resolve()
+    folders = [Path(config.deidentification.mapping_dir or data / "deid").resolve()]
+    log = Path(config.audit.log_file or data / "audit" / "audit.log").resolve()
+    rotated = sorted(log.parent.glob(f"{log.name}.*")) if log.parent.is_dir() else []
+    return folders, [log, *(p.resolve() for p in rotated if p.is_file())]
+
+
 def bwrap_prefix(config: Config, writable: Sequence[Path] = (), readable: Sequence[Path] = (),
                  env: dict[str, str] | None = None) -> list[str]:
     """The ``bwrap`` arguments that run a command as described in the module docstring; ``writable`` and
@@ -101,7 +113,9 @@ def bwrap_prefix(config: Config, writable: Sequence[Path] = (), readable: Sequen
     for gpu in sorted(Path("/dev").glob("nvidia*")) + ([Path("/dev/dri")] if Path("/dev/dri").exists() else []):
         argv += ["--dev-bind", str(gpu), str(gpu)]
     data = config.data_dir.resolve()
-    hidden = [Path("/tmp"), Path("/var/tmp"), Path("/root"), Path.home(), Path("/run")]
+    private_folders, private_files = _private_records(config)
+    hidden = [Path("/tmp"), Path("/var/tmp"), Path("/root"), Path.home(), Path("/run"),
+              *(f for f in private_folders if not _inside(f, data))]
     for folder in dict.fromkeys(hidden):
         if folder.is_dir():
             argv += ["--tmpfs", str(folder)]
@@ -110,8 +124,8 @@ def bwrap_prefix(config: Config, writable: Sequence[Path] = (), readable: Sequen
             argv += ["--ro-bind", str(code), str(code)]
     if data.is_dir():
         argv += ["--tmpfs", str(data)]
-    for secret in _secret_files(config):
-        if secret.exists():
+    for secret in _secret_files(config) + private_files:
+        if secret.exists() and not _inside(secret, data):
             argv += ["--ro-bind", "/dev/null", str(secret)]
     for path in readable:
         argv += ["--ro-bind", str(Path(path).resolve()), str(Path(path).resolve())]
