@@ -185,6 +185,25 @@ def test_every_change_to_people_and_tokens_is_audited_with_who_made_it(tmp_path:
     assert all(not schema_errors(m) for m in changes), schema_errors(changes[0])
 
 
+def test_a_failed_login_writes_no_unknown_name_into_the_audit_trail_or_the_log(
+        node: Node, caplog: pytest.LogCaptureFixture) -> None:
+    """People type their password into the name field: a name that is no account is recorded as an unknown user
+    with a short keyed digest (repeated attempts correlate, the text cannot be read back), a known one by name."""
+    node.accounts.add_user("olga", Role.OPERATOR, PASSWORD)
+    typed = "Tr0ub4dor-3-my-password"
+    with caplog.at_level("WARNING", logger="radnode"), api(node) as browser:
+        for name in (typed, typed, "olga"):
+            assert browser.post("/login", data={"username": name, "password": "wrong password here"}).status_code == 401
+    failures = [m for m in node.audit.path.read_text().splitlines()
+                if 'csd-code="110114"' in m and 'EventOutcomeIndicator="4"' in m]
+    users = [re.search(r'UserID="([^"]+)"', m).group(1) for m in failures]  # type: ignore[union-attr]
+    assert len(users) == 3 and users[2] == "olga", failures
+    assert users[0] == users[1] and re.fullmatch(r"unknown user \([0-9a-f]{8}\)", users[0]), users
+    logged = [r.getMessage() for r in caplog.records if "failed login" in r.getMessage()]
+    assert len(logged) == 3 and users[0] in logged[0] and "olga" in logged[2], logged
+    assert typed not in node.audit.path.read_text() and typed not in caplog.text
+
+
 def test_five_wrong_passwords_lock_the_name_for_a_while(node: Node) -> None:
     node.accounts.add_user("mallory-target", Role.VIEWER, PASSWORD)
     with api(node) as browser:

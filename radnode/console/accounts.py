@@ -141,6 +141,10 @@ class Accounts:
         """(name, role, created_at, last_login_at) of every person, by name."""
         return [(r.name, Role(r.role), r.created_at, r.last_login_at) for r in self._rows.user_rows()]
 
+    def is_user(self, name: str) -> bool:
+        """Whether ``name`` is a person's account (a failed login names only those in the logs)."""
+        return bool(self._rows.user_rows(name))
+
     def verify_password(self, name: str, password: str) -> Identity | None:
         """The person when the password is theirs, else None (as slowly for an unknown name)."""
         rows = self._rows.user_rows(name)

@@ -12,6 +12,7 @@ No identity: 401 with ``WWW-Authenticate: Bearer``. A role below the one require
 from __future__ import annotations
 
 import logging
+import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Protocol
@@ -20,6 +21,7 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 
 from radnode.console.accounts import Accounts, Identity, Role, same_secret
+from radnode.security.privacy import SiteKey
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,16 @@ class Gate:
     """Counts refused requests (``radnode_http_requests_refused_total``)."""
     export_identifier_roles: frozenset[Role] = frozenset({Role.ADMIN})
     """Roles that may export the feedback records with patient identifiers (``api.export_identifier_roles``)."""
+    name_key: SiteKey = field(default_factory=lambda: SiteKey(secrets.token_bytes(32)))
+    """Keys the digest of an unknown login name (the node gives the site key, so digests agree across restarts)."""
+
+    def login_name(self, typed: str) -> str:
+        """How a failed login names who tried: a known account by its name; anything else (often a password
+        typed into the name field) as ``unknown user (<8 hex>)``, a keyed digest that correlates repeated
+        attempts without keeping the text."""
+        if self.accounts.is_user(typed):
+            return typed
+        return f"unknown user ({self.name_key.pseudonym('login-name', typed, 8)})"
 
     def sees_patient_data(self, identity: Identity) -> bool:
         return identity.role in self.patient_data_roles

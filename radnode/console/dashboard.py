@@ -4,7 +4,9 @@ served by the node (no CDN, nothing fetched from elsewhere).
 ``GET /login`` / ``POST /login`` sign a person in: the password is checked (Argon2id), a session opened and
 its id set as the ``radnode_session`` cookie (HttpOnly, SameSite=Strict, Secure under HTTPS). A login form
 posted from another site (``Origin`` not this node) is refused. Five wrong passwords for one name within
-15 minutes lock that name for 15 minutes. Pages need a session; without one they redirect to the login.
+15 minutes lock that name for 15 minutes. A failed login is audited and logged under the name only when it is
+an account (anything else may be a password typed into the name field: :meth:`Gate.login_name`). Pages need a
+session; without one they redirect to the login.
 Every page carries the session's CSRF token for the script's POSTs (``X-CSRF-Token``).
 """
 
@@ -133,9 +135,10 @@ def login(request: Request, username: Annotated[str, Form(max_length=64)],
 
 def _login_failed(request: Request, username: str, address: str | None, message: str, code: int) -> HTMLResponse:
     gate = gate_of(request)
+    who = gate.login_name(username)  # never the typed text of a name that is no account: often a password
     if gate.audit is not None:
-        gate.audit.user_authentication(user=username, address=address, success=False, description=message)
-    log.warning("failed login for %r from %s: %s", username, address, message)
+        gate.audit.user_authentication(user=who, address=address, success=False, description=message)
+    log.warning("failed login for %s from %s: %s", who, address, message)
     response = render("login.html", next="/", error=message)
     response.status_code = code
     return response

@@ -16,6 +16,7 @@ from radnode.console.auth import AuditSink, Gate
 from radnode.console.metrics import NodeCollector, node_registry
 from radnode.console.server import WebServer
 from radnode.node.store import JobStore, store_target
+from radnode.security.privacy import SiteKey
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ class Console:
                          secure_cookies=api.tls is not None, session_hours=api.session_hours,
                          public_metrics=api.public_metrics, orthanc_token=token, audit=audit,
                          on_refused=self.collector.count_refused,
-                         export_identifier_roles=frozenset(Role(r) for r in api.export_identifier_roles))
+                         export_identifier_roles=frozenset(Role(r) for r in api.export_identifier_roles),
+                         name_key=SiteKey.load(config.privacy.site_key, config.data_dir))
         self.app = create_app(node, store, self.gate, node_registry(self.collector), int(api.max_upload_mb * 2**20),
                               config)
         self.server = WebServer(self.app, api)
