@@ -377,7 +377,7 @@ class Pki:
 
 
 def _key_and_cert(folder: Path, name: str, subject: str, issuer: tuple | None, *, ca: bool = False,
-                  server: bool = False) -> tuple[Path, Path, object, object]:
+                  server: bool = False, days: float = 2) -> tuple[Path, Path, object, object]:
     import datetime as dt
     import ipaddress
 
@@ -393,7 +393,7 @@ def _key_and_cert(folder: Path, name: str, subject: str, issuer: tuple | None, *
     builder = (x509.CertificateBuilder().subject_name(name_)
                .issuer_name(issuer_cert.subject if issuer_cert else name_).public_key(key.public_key())
                .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(minutes=5))
-               .not_valid_after(now + dt.timedelta(days=2))
+               .not_valid_after(now + dt.timedelta(days=days))
                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
     if ca:
         builder = builder.add_extension(x509.KeyUsage(True, False, False, False, False, True, True, False, False), True)
@@ -412,11 +412,13 @@ def _key_and_cert(folder: Path, name: str, subject: str, issuer: tuple | None, *
     return key_path, cert_path, cert, key
 
 
-def make_pki(folder: Path) -> Pki:
-    """A fresh test PKI in ``folder`` (see :class:`Pki`)."""
+def make_pki(folder: Path, days: float = 2) -> Pki:
+    """A fresh test PKI in ``folder`` (see :class:`Pki`); the CA and server certificates valid for ``days``
+    (``config check`` warns for one expiring within 30)."""
     folder.mkdir(parents=True, exist_ok=True)
-    _, ca_path, ca_cert, ca_key = _key_and_cert(folder, "ca", "radnode test CA", None, ca=True)
-    server_key, server_cert, _, _ = _key_and_cert(folder, "server", "radnode", (ca_cert, ca_key), server=True)
+    _, ca_path, ca_cert, ca_key = _key_and_cert(folder, "ca", "radnode test CA", None, ca=True, days=days)
+    server_key, server_cert, _, _ = _key_and_cert(folder, "server", "radnode", (ca_cert, ca_key), server=True,
+                                                  days=days)
     client_key, client_cert, _, _ = _key_and_cert(folder, "client", "CT01", (ca_cert, ca_key))
     _, _, other_cert, other_key = _key_and_cert(folder, "other-ca", "some other CA", None, ca=True)
     rogue_key, rogue_cert, _, _ = _key_and_cert(folder, "rogue", "STRANGER", (other_cert, other_key))

@@ -93,6 +93,43 @@ def test_config_check_reports_each_setting_and_warns_for_what_is_left_open(tmp_p
     assert "not a PEM certificate" in out  # checked, not only named
 
 
+def test_config_check_counts_https_on_the_api_and_warns_for_metrics_open_to_the_network(tmp_path: Path,
+                                                                                       capsys) -> None:
+    """An API on the network over HTTPS (``api.tls``) is a closed setting, so ``--strict`` passes a node with
+    nothing left open; without TLS, or with ``/metrics`` answering without a token off loopback, it warns."""
+    from factories import make_pki
+    from radnode.security.check import security_findings
+
+    pki = make_pki(tmp_path / "pki", days=400)
+    api_tls = {"certificate": str(pki.server_cert), "private_key": str(pki.server_key)}
+    closed = {"data_dir": str(tmp_path / "data"),
+              "ingress": {"host": "127.0.0.1", "plain_listener": False, "reject_unknown": True,
+                          "allowed_peers": [{"ae_title": "CT01", "host": "10.0.0.20"}],
+                          "tls": {"certificate": str(pki.server_cert), "private_key": str(pki.server_key),
+                                  "ca_bundle": str(pki.ca), "require_client_certificate": True}},
+              "audit": {"syslog": {"host": "10.0.0.9", "tls": {"ca_bundle": str(pki.ca)}}},
+              "api": {"host": "0.0.0.0", "tls": api_tls}}
+
+    def findings(**api: object) -> dict[str, object]:
+        return {f.setting: f for f in security_findings(parse_config({**closed, "api": {**closed["api"], **api}}))}
+
+    https = findings()
+    assert not https["api.host"].open and "HTTPS" in https["api.host"].message, https["api.host"]
+    assert not https["api.tls.private_key"].open and not https["api.public_metrics"].open
+    assert "valid until" in https["api.tls.certificate"].message  # the certificate read, not only named
+    assert findings(tls=None)["api.host"].open
+    assert findings(public_metrics=True)["api.public_metrics"].open
+    assert not findings(host="127.0.0.1", public_metrics=True)["api.public_metrics"].open  # a local Prometheus
+
+    path = tmp_path / "closed.yaml"
+    path.write_text(yaml.safe_dump(closed))
+    assert main(["config", "check", str(path), "--strict"]) == 0, capsys.readouterr().out
+    path.write_text(yaml.safe_dump({**closed, "api": {**closed["api"], "public_metrics": True}}))
+    assert main(["config", "check", str(path), "--strict"]) == 1
+    assert any(line.startswith("warn") and "  api.public_metrics:" in line
+               for line in capsys.readouterr().out.splitlines())
+
+
 def test_settings_that_would_leave_the_node_deaf_or_closed_to_all_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="plain_listener is false and no tls listener"):
         parse_config({"ingress": {"plain_listener": False}})

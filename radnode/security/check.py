@@ -126,6 +126,34 @@ def _destination_findings(setting: str, destination: Destination) -> list[Findin
     return found
 
 
+def _api_findings(config: Config) -> list[Finding]:
+    """The web service: whether it is on the network and over HTTPS (``api.tls``, its certificate and key
+    checked), and whether ``/metrics`` answers without a token (``api.public_metrics``) from the network."""
+    api = config.api
+    if not api.enabled:
+        return [Finding("api.enabled", "off: no web service")]
+    local = _loopback(api.host)
+    where = f"{api.host}:{api.port}"
+    if local:
+        found = [Finding("api.host", f"{where} (this machine only)" + (", HTTPS" if api.tls else ""))]
+    elif api.tls is not None:
+        found = [Finding("api.host", f"{where} reachable from the network, over HTTPS")]
+    else:
+        found = [Finding("api.host", f"{where} reachable from the network over plain HTTP (set api.tls)", True)]
+    if api.tls is not None:
+        found += _file_findings("api.tls.certificate", api.tls.certificate)
+        found += _certificate_findings("api.tls.certificate", api.tls.certificate)
+        found += _file_findings("api.tls.private_key", api.tls.private_key, private=True)
+    if not api.public_metrics:
+        found.append(Finding("api.public_metrics", "off: /metrics needs a token"))
+    elif local:
+        found.append(Finding("api.public_metrics", "on: /metrics answers without a token, on this machine only"))
+    else:
+        found.append(Finding("api.public_metrics", f"on: /metrics answers anyone who reaches {where}, without "
+                             "a token", True))
+    return found
+
+
 def security_findings(config: Config) -> list[Finding]:
     """Every security-relevant setting of ``config`` with what it means."""
     f: list[Finding] = []
@@ -175,9 +203,7 @@ def security_findings(config: Config) -> list[Finding]:
     if orthanc.password is not None:
         f += _secret_findings("orthanc.password", orthanc.password)
 
-    api = config.api
-    f.append(Finding("api.host", f"{api.host}:{api.port}" + ("" if _loopback(api.host) else
-                     " reachable from the network (no TLS on the node's HTTP API)"), not _loopback(api.host)))
+    f += _api_findings(config)
 
     audit = config.audit
     if not audit.enabled:
