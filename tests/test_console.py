@@ -414,6 +414,32 @@ def test_a_viewer_cannot_act_an_operator_can_and_every_action_names_its_user(nod
     assert len(resend) == 1 and "token:night-shift" in resend[0].message and "PACS lost it" in resend[0].message
 
 
+def test_refused_attempts_are_audited_like_the_actions_they_tried(node: Node, tmp_path: Path) -> None:
+    """docs/console.md: a refused attempt is audited too (outcome minor failure, why): completing a study the
+    node has no job for, an action needing deliveries while the node is stopping, an export of patient
+    identifiers by a role not allowed them."""
+    write_study(tmp_path / "study", n=2)
+    job_id = _sent_and_done(node, tmp_path / "study")
+    study = node.job(job_id).study_instance_uid  # type: ignore[union-attr]
+    with api(node, token_for(node, Role.OPERATOR, "night-shift")) as client:
+        assert client.post("/api/studies/1.2.3.999/complete").status_code == 404
+        egress, node.egress = node.egress, None  # the node between stopping its deliveries and its web service
+        try:
+            assert client.post(f"/api/jobs/{job_id}/resend").status_code == 503
+            assert client.post(f"/api/jobs/{job_id}/review", json={"decision": "accepted"}).status_code == 503
+        finally:
+            node.egress = egress
+        assert client.get("/api/export/reviews", params={"identifiers": "true"}).status_code == 403
+    trail = node.audit.path.read_text().splitlines()  # type: ignore[union-attr]
+    refused = [line for line in trail if 'EventOutcomeIndicator="4"' in line and "token:night-shift" in line]
+    assert len(refused) == 4, refused
+    unknown, resend, review, export = refused
+    assert ">complete-study<" in unknown and "1.2.3.999" in unknown and "refused: no job for study" in unknown
+    for line, action in ((resend, "resend"), (review, "review-accepted")):
+        assert f">{action}<" in line and f"job/{job_id}" in line and study in line and "the node is stopping" in line
+    assert "export/reviews" in export and "may not export patient identifiers" in export, export
+
+
 def test_the_destinations_page_lists_egress_destinations_and_checks_one_live(node: Node, pacs: StoreSCP) -> None:
     with api(node, token_for(node, Role.VIEWER)) as viewer:
         assert viewer.get("/api/destinations").json() == [{"name": pacs.address, "kind": "dicom",

@@ -80,21 +80,31 @@ def _act(request: Request, identity: Identity, action: str, job_id: int | None, 
     return message
 
 
-def _target(job_id: int | None) -> str:
+def _target(job_id: int | None, study_uid: str | None = None) -> str:
     """What a console action acts on, as the log and the audit trail name it."""
-    return f"job/{job_id}" if job_id is not None else "queue"
+    return f"job/{job_id}" if job_id is not None else f"study/{study_uid}" if study_uid else "queue"
 
 
-def _audit(request: Request, identity: Identity, action: str, job_id: int | None, refused: str | None = None) -> None:
-    """One audit message for a console action (or its refused attempt) when the node keeps an audit trail."""
+def _audit(request: Request, identity: Identity, action: str, job_id: int | None, refused: str | None = None,
+           study_uid: str | None = None) -> None:
+    """One audit message for a console action (or its refused attempt) when the node keeps an audit trail;
+    ``study_uid``: the study acted on when there is no job (one the node has no job for)."""
     gate = gate_of(request)
     if gate.audit is None:
         return
     job = _store(request).job(job_id) if job_id is not None else None
     gate.audit.user_action(user=identity.label, address=client_address(request), action=action,
-                           what=_target(job_id),
-                           study_uid=job.study_instance_uid if job else None,
+                           what=_target(job_id, study_uid),
+                           study_uid=job.study_instance_uid if job else study_uid,
                            patient_id=job.patient_id if job else None, refused=refused)
+
+
+def _refuse(request: Request, identity: Identity, action: str, job_id: int | None, code: int, reason: str,
+            study_uid: str | None = None) -> HTTPException:
+    """The HTTP error for an attempt refused before the store's action runs, audited as :func:`_act` audits
+    one (the trail holds what was tried, whoever refused it)."""
+    _audit(request, identity, action, job_id, refused=reason, study_uid=study_uid)
+    return HTTPException(code, reason)
 
 
 @router.post("/api/jobs/{job_id}/retry", response_model=ActionResult, responses=_RESPONSES,
@@ -112,7 +122,7 @@ def resend(request: Request, identity: Operator, job_id: JobId,
            body: Annotated[ResendRequest, Body()] = ResendRequest()) -> ActionResult:
     egress = node_of(request).egress
     if egress is None:
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the node is stopping")
+        raise _refuse(request, identity, "resend", job_id, status.HTTP_503_SERVICE_UNAVAILABLE, "the node is stopping")
     count = _act(request, identity, "resend", job_id, lambda: egress.resend(
         job_id, body.destination, user=identity.label, reason=body.note, failed_only=body.failed_only))
     return ActionResult(job_id=job_id, message=f"{count} deliver{'y' if count == 1 else 'ies'} queued")
@@ -141,7 +151,7 @@ def review(request: Request, identity: Operator, job_id: JobId,
     action = "review" if body.decision == "reviewed" else f"review-{body.decision}"
     egress = node_of(request).egress
     if egress is None and body.decision != "reviewed":
-        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the node is stopping")
+        raise _refuse(request, identity, action, job_id, status.HTTP_503_SERVICE_UNAVAILABLE, "the node is stopping")
 
     def decide() -> list[str]:
         """Record the review, then send the decision where the results went; either one's refusal (results a
@@ -164,7 +174,8 @@ def complete_study(request: Request, identity: Operator,
     store = _store(request)
     job_id = store.study_job(study_uid)
     if job_id is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job for study {study_uid}")
+        raise _refuse(request, identity, "complete-study", None, status.HTTP_404_NOT_FOUND,
+                      f"no job for study {study_uid}", study_uid=study_uid)
 
     def force() -> str:
         state = store.queue_job(job_id, f"forced complete by {identity.label}" + (f" ({body.note})" if body.note else ""))

@@ -229,8 +229,12 @@ def export(request: Request, identity: Viewer,
 
     gate = gate_of(request)
     if identifiers and not gate.exports_identifiers(identity):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, f"role {identity.role} may not export patient identifiers "
-                                                       "(api.export_identifier_roles)")
+        reason = f"role {identity.role} may not export patient identifiers (api.export_identifier_roles)"
+        if gate.audit is not None:  # a refused attempt is audited too (docs/console.md)
+            gate.audit.user_action(user=identity.label, address=request.client.host if request.client else None,
+                                   action=f"export {kind} ({format}, identifiers asked for)", what=f"export/{kind}",
+                                   refused=reason)
+        raise HTTPException(status.HTTP_403_FORBIDDEN, reason)
     after = None if since is None else (since if since.tzinfo else since.replace(tzinfo=dt.timezone.utc)).timestamp()
     config = request.app.state.config
     try:

@@ -43,7 +43,7 @@ class AuditSink(Protocol):
 
     def user_action(self, *, user: str, address: str | None, action: str, what: str,
                     study_uid: str | None = None, patient_id: str | None = None, success: bool = True,
-                    configuration: bool = False) -> str: ...
+                    configuration: bool = False, refused: str | None = None) -> str: ...
 
 
 @dataclass
