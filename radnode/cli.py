@@ -366,8 +366,8 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     with accounts_for(config) as accounts:
         if args.tokens_command == "create":
             token = accounts.create_token(args.name, parse_role(args.role), args.days)
-            _audit_account(config, f"token created (role {args.role}, "
-                           + (f"expires in {args.days:g} days)" if args.days else "never expires)"), f"token/{args.name}")
+            expiry = f"expires in {args.days:g} days" if args.days else "never expires"
+            _audit_account(config, f"token created (role {args.role}, {expiry})", f"token/{args.name}")
             print(token)
             print(f"token {args.name} ({args.role}) created; it is shown only this once", file=sys.stderr)
         elif args.tokens_command == "revoke":

@@ -236,6 +236,7 @@ def test_the_check_of_a_tls_destination_associates_over_tls_as_a_delivery_does(t
 
         mutual = {"ca_bundle": str(pki.ca), "certificate": str(pki.client_cert), "private_key": str(pki.client_key)}
         checked = destination(mutual).check(context)  # type: ignore[attr-defined]
-        unreadable = destination({**mutual, "ca_bundle": str(tmp_path / "missing-ca.pem")}).check(context)  # type: ignore[attr-defined]
+        missing_ca = {**mutual, "ca_bundle": str(tmp_path / "missing-ca.pem")}
+        unreadable = destination(missing_ca).check(context)  # type: ignore[attr-defined]
     assert checked == Check(True, f"C-ECHO to PACS@localhost:{pacs.port} (TLS): status 0x0000")
     assert not unreadable.ok and "missing-ca.pem: no such file" in unreadable.detail

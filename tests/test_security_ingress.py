@@ -173,7 +173,8 @@ def test_a_peer_triggers_only_the_pipelines_its_entry_lists(tmp_path: Path) -> N
     store = JobStore(tmp_path / "radnode.db")
     ingest = Ingest(Spool(tmp_path / "spool"), store, router)
     for n, sender in enumerate(("CT01", "RESEARCH")):
-        ingest.receive(write_study(tmp_path / sender, n=1)[0].read_bytes(), b"", Origin(sender, "10.0.0.20:4000", f"a{n}"))
+        instance = write_study(tmp_path / sender, n=1)[0].read_bytes()
+        ingest.receive(instance, b"", Origin(sender, "10.0.0.20:4000", f"a{n}"))
     for job in store.jobs():
         store.queue_job(job.id, "idle")
     jobs = {job.calling_ae: job for job in store.jobs()}
@@ -197,7 +198,8 @@ def test_a_peer_limited_to_some_pipelines_triggers_no_shadow_run_of_another(tmp_
     store = JobStore(tmp_path / "radnode.db")
     ingest = Ingest(Spool(tmp_path / "spool"), store, Router(rules, policy=policy))
     for n, sender in enumerate(("CT01", "CT02")):
-        ingest.receive(write_study(tmp_path / sender, n=1)[0].read_bytes(), b"", Origin(sender, "10.0.0.20:4000", f"a{n}"))
+        instance = write_study(tmp_path / sender, n=1)[0].read_bytes()
+        ingest.receive(instance, b"", Origin(sender, "10.0.0.20:4000", f"a{n}"))
     for job in store.jobs():
         store.queue_job(job.id, "idle")
     runs = {(job.calling_ae, job.pipeline, job.shadow) for job in store.jobs()}

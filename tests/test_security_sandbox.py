@@ -132,7 +132,8 @@ def test_a_sandboxed_job_reads_no_secret_file_of_the_configuration_wherever_it_i
         model.mkdir()
         (model / "weights.bin").write_bytes(b"\x01" * 100)
         rules = tmp_path / "rules.yaml"
-        rules.write_text("rules:\n  - name: site model\n    when: {Modality: {exists: true}}\n    pipelines: [model_seg]\n")
+        rules.write_text("rules:\n  - name: site model\n    when: {Modality: {exists: true}}\n"
+                         "    pipelines: [model_seg]\n")
         (tmp_path / "reader.py").write_text(READER % {"secrets": [str(p) for p in secrets]})
         config = Config.model_validate({
             "data_dir": str(tmp_path / "data"), "ingress": {"host": "127.0.0.1", "port": 0, "study_idle_seconds": 0.5},
@@ -176,7 +177,8 @@ def test_a_sandboxed_job_reads_neither_the_audit_log_nor_the_pseudonym_mapping_k
         model.mkdir()
         (model / "weights.bin").write_bytes(b"\x01" * 100)
         rules = tmp_path / "rules.yaml"
-        rules.write_text("rules:\n  - name: site model\n    when: {Modality: {exists: true}}\n    pipelines: [model_seg]\n")
+        rules.write_text("rules:\n  - name: site model\n    when: {Modality: {exists: true}}\n"
+                         "    pipelines: [model_seg]\n")
         paths = [audit_log, rotated, mapping, mapping / "pseudonyms.db"]
         (tmp_path / "reader.py").write_text(READER % {"secrets": [str(p) for p in paths]})
         config = Config.model_validate({
@@ -196,7 +198,8 @@ def test_a_sandboxed_job_reads_neither_the_audit_log_nor_the_pseudonym_mapping_k
         shutil.rmtree(site)
     assert read[str(mapping)] == [], f"the mapping folder as the job saw it: {read[str(mapping)]}"
     files = {str(p) for p in (audit_log, rotated, mapping / "pseudonyms.db")}
-    assert all(read[name] in ("", "PermissionError", "FileNotFoundError") for name in files), f"what the job read: {read}"
+    unreadable = ("", "PermissionError", "FileNotFoundError")
+    assert all(read[name] in unreadable for name in files), f"what the job read: {read}"
 
 
 def test_a_job_with_a_site_model_runs_without_the_data_directory_or_the_network(tmp_path: Path) -> None:

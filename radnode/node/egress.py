@@ -192,7 +192,8 @@ class Egress:
         self.store.begin_delivery(job_id, summary, plan)
         self._wake({name for name, _ in plan})
 
-    def _not_forwarded_before(self, job_id: int, plan: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[str]]:
+    def _not_forwarded_before(self, job_id: int,
+                              plan: list[tuple[str, str]]) -> tuple[list[tuple[str, str]], list[str]]:
         """A forward-only job's plan without the instances an earlier job of the study forwarded to the same
         destination (the study forwarded again after late instances: only what the destination lacks goes),
         and a note per destination saying how many were left out."""
