@@ -171,6 +171,10 @@ def test_every_change_to_people_and_tokens_is_audited_with_who_made_it(tmp_path:
     radnode("users", "role", "olga", "--role", "admin")
     radnode("users", "passwd", "olga", "--password-stdin", stdin=PASSWORD + " again\n")
     radnode("tokens", "create", "ci-bot", "--role", "operator")
+    for days in ("0", "-1"):  # neither a never-expiring token nor one born expired
+        refused = subprocess.run([sys.executable, "-m", "radnode", "tokens", "create", f"bot{days}", "--role", "viewer",
+                                  "--days", days, "--config", str(config)], capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and "must be a positive number" in refused.stderr, refused.stderr
     radnode("tokens", "revoke", "ci-bot")
     radnode("users", "remove", "olga")
     log = tmp_path / "data" / "audit" / "audit.log"

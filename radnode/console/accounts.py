@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import re
 import secrets
 import time
@@ -169,8 +170,12 @@ class Accounts:
     # --- API tokens ----------------------------------------------------------------------------------
 
     def create_token(self, name: str, role: Role, days: float | None = None) -> str:
-        """A new API token (shown this once; only its hash is kept); ``days`` until it expires (None: never)."""
+        """A new API token (shown this once; only its hash is kept); ``days`` until it expires (None: never; 0 or
+        less is refused, never read as "never" nor as a token born expired)."""
         check_name(name)
+        if days is not None and not (math.isfinite(days) and days > 0):
+            raise AccountError(f"a token's days must be a positive number, not {days:g} (leave it out for a token that "
+                               "never expires)")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         now = time.time()
         if not self._rows.insert_token({"name": name, "role": role.value, "token_sha256": _digest(token),
