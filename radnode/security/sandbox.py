@@ -114,14 +114,17 @@ def bwrap_prefix(config: Config, writable: Sequence[Path] = (), readable: Sequen
         argv += ["--dev-bind", str(gpu), str(gpu)]
     data = config.data_dir.resolve()
     private_folders, private_files = _private_records(config)
-    hidden = [Path("/tmp"), Path("/var/tmp"), Path("/root"), Path.home(), Path("/run"),
-              *(f for f in private_folders if not _inside(f, data))]
+    hidden = [Path("/tmp"), Path("/var/tmp"), Path("/root"), Path.home(), Path("/run")]
     for folder in dict.fromkeys(hidden):
         if folder.is_dir():
             argv += ["--tmpfs", str(folder)]
     for code in _python_paths():  # the interpreter and radnode itself, wherever they are installed
         if any(_inside(code, h) for h in hidden) and not _inside(code, data):
             argv += ["--ro-bind", str(code), str(code)]
+    # after the code is re-exposed: a private folder inside a checkout under /tmp stays hidden
+    for folder in dict.fromkeys(f for f in private_folders if not _inside(f, data)):
+        if folder.is_dir():
+            argv += ["--tmpfs", str(folder)]
     if data.is_dir():
         argv += ["--tmpfs", str(data)]
     for secret in _secret_files(config) + private_files:
