@@ -7,6 +7,7 @@ Orthanc to a second DICOM destination. Nothing is triggered by hand.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -55,6 +56,18 @@ def second(tmp_path: Path) -> Iterator[StoreSCP]:
         yield receiver
 
 
+@contextlib.contextmanager
+def orthanc_for_node(tmp_path: Path, **options: object) -> Iterator[tuple[OrthancServer, int, Path]]:
+    """A real Orthanc whose plugin posts its events, with its own token, to a node's web service on a free port:
+    (the server, that port, the token file)."""
+    api_port = free_port()
+    token = tmp_path / "event-token"
+    write_event_token(token)
+    with OrthancServer(node_url=f"http://127.0.0.1:{api_port}", stable_age=1, event_token_file=token,
+                       **options) as orthanc:
+        yield orthanc, api_port, token
+
+
 def test_orthanc_config_command_writes_a_configuration_orthanc_starts_with(tmp_path: Path) -> None:
     http_port, dicom_port = free_port(), free_port()
     folder = Path("/var/tmp") / f"radnode-test-{tmp_path.name}"
@@ -94,11 +107,8 @@ def test_a_ct_sent_to_orthanc_comes_back_as_seg_and_sr_and_is_forwarded(tmp_path
     write_ct_series(make_ct_phantom(n_slices=24, size=128), tmp_path / "ct")
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
-    api_port = free_port()
-    token = tmp_path / "event-token"
-    write_event_token(token)
-    with OrthancServer(node_url=f"http://127.0.0.1:{api_port}", stable_age=1, event_token_file=token,
-                       modalities={"SECOND": ["SECOND", "127.0.0.1", second.port]}) as orthanc:
+    with orthanc_for_node(tmp_path, modalities={"SECOND": ["SECOND", "127.0.0.1", second.port]}) as (
+            orthanc, api_port, token):
         config = Config.model_validate({
             "data_dir": str(tmp_path / "data"), "rules": str(rules),
             "ingress": {"host": "127.0.0.1", "port": 0},
@@ -133,10 +143,7 @@ def test_a_study_orthanc_received_while_the_node_was_down_is_pulled_when_it_star
     """Orthanc takes a study while the node is stopped: the plugin's stored and stable-study events find no node
     and are dropped. Started again, the node catches up from Orthanc's change log and pulls the whole study."""
     study = write_study(tmp_path / "study", n=3)
-    api_port = free_port()
-    token = tmp_path / "event-token"
-    write_event_token(token)
-    with OrthancServer(node_url=f"http://127.0.0.1:{api_port}", stable_age=1, event_token_file=token) as orthanc:
+    with orthanc_for_node(tmp_path) as (orthanc, api_port, token):
         config = node_config(tmp_path, orthanc={"url": orthanc.url, "event_token_file": str(token)},
                              api={"port": api_port})
         with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
@@ -175,10 +182,7 @@ def test_a_study_with_an_instance_refused_on_the_orthanc_path_fails_naming_the_r
     ds = pydicom.dcmread(study[1])
     ds.RescaleSlope = "1e30"
     ds.save_as(study[1])
-    api_port = free_port()
-    token = tmp_path / "event-token"
-    write_event_token(token)
-    with OrthancServer(node_url=f"http://127.0.0.1:{api_port}", stable_age=1, event_token_file=token) as orthanc:
+    with orthanc_for_node(tmp_path) as (orthanc, api_port, token):
         config = node_config(tmp_path, orthanc={"url": orthanc.url, "event_token_file": str(token)},
                              api={"port": api_port})
         with Node(config, job_command=stand_in, poll_seconds=0.05) as node:
