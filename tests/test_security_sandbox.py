@@ -202,6 +202,36 @@ def test_a_sandboxed_job_reads_neither_the_audit_log_nor_the_pseudonym_mapping_k
     assert all(read[name] in unreadable for name in files), f"what the job read: {read}"
 
 
+def test_a_mapping_folder_made_after_a_job_started_stays_hidden_from_that_job(tmp_path: Path) -> None:
+    """The de-identification mapping folder is made on the first pseudonymised delivery, which can come while a
+    job already runs: the job's sandbox hides it even so, not only where it existed when the job started."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from radnode.security.sandbox import sandboxed_argv
+
+    cache = Path(__file__).resolve().parents[1] / ".cache"  # visible in the sandbox, as /srv would be
+    cache.mkdir(exist_ok=True)
+    site = Path(tempfile.mkdtemp(prefix="sandbox-mapping-", dir=cache))
+    mapping = site / "deid"
+    config = Config.model_validate({"data_dir": str(tmp_path / "data"), "deidentification": {"mapping_dir": str(mapping)}})
+    lister = ("import os, sys; print('ready', flush=True); sys.stdin.readline(); "
+              f"p = {str(mapping)!r}; print(sorted(os.listdir(p)) if os.path.isdir(p) else 'absent', flush=True)")
+    try:
+        job = subprocess.Popen(sandboxed_argv(config, [sys.executable, "-c", lister]), stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert job.stdout is not None and job.stdin is not None
+        assert job.stdout.readline().strip() == "ready", job.stderr.read() if job.stderr else ""
+        mapping.mkdir(exist_ok=True)  # as the first pseudonymised delivery makes it, while the job runs
+        (mapping / "pseudonyms.db").write_text("ORIGINAL -> PSEUDONYM")
+        seen, errors = job.communicate("go\n", timeout=60)
+    finally:
+        shutil.rmtree(site)
+    assert job.returncode == 0, errors
+    assert "pseudonyms.db" not in seen, f"the mapping folder as the running job saw it: {seen}"
+
+
 def test_a_job_with_a_site_model_runs_without_the_data_directory_or_the_network(tmp_path: Path) -> None:
     model = tmp_path / "site-model"
     model.mkdir()

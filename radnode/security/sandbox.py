@@ -7,7 +7,8 @@ untrusted code: ``radnode models check`` parses and probes it in a separate proc
 
 * no network (``--unshare-net``: a fresh network namespace with only its own loopback),
 * the file system read-only, with the node's data directory, ``$HOME``, ``/root``, ``/tmp`` and the
-  de-identification mapping folder hidden behind empty tmpfs mounts, and every secret file of the
+  de-identification mapping folder (made owner-only first if it does not exist yet, so one made while the job
+  runs is hidden too) behind empty tmpfs mounts, and every secret file of the
   configuration (keys, passwords) and the audit log (with its rotated copies) behind ``/dev/null``,
 * writable only: the job's own folder (its output; its input is read-only) and a private ``/tmp``,
 * its own PID, IPC and UTS namespaces, a clean environment, killed with its parent.
@@ -123,8 +124,8 @@ def bwrap_prefix(config: Config, writable: Sequence[Path] = (), readable: Sequen
             argv += ["--ro-bind", str(code), str(code)]
     # after the code is re-exposed: a private folder inside a checkout under /tmp stays hidden
     for folder in dict.fromkeys(f for f in private_folders if not _inside(f, data)):
-        if folder.is_dir():
-            argv += ["--tmpfs", str(folder)]
+        _make_private_folder(folder)  # one made later, while the job runs, would be in plain view
+        argv += ["--tmpfs", str(folder)]
     if data.is_dir():
         argv += ["--tmpfs", str(data)]
     for secret in _secret_files(config) + private_files:
@@ -138,6 +139,14 @@ def bwrap_prefix(config: Config, writable: Sequence[Path] = (), readable: Sequen
     for key, value in (env or {}).items():
         argv += ["--setenv", key, value]
     return argv + ["--"]
+
+
+def _make_private_folder(folder: Path) -> None:
+    """Make a private records folder (owner-only) where it does not exist yet, so it can be hidden."""
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise SandboxError(f"cannot make the private folder {folder} to hide it from the job: {e.strerror}") from None
 
 
 def _python_paths() -> list[Path]:
