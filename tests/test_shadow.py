@@ -160,6 +160,37 @@ def test_a_retried_production_job_redoes_its_shadow_runs_after_its_new_run_and_c
         store.close()
 
 
+def test_a_shadow_run_that_ends_after_late_instances_asked_its_restart_is_queued_again_not_done(
+        store_target: Path | str) -> None:
+    """Late instances (``rerun``) arrive while the shadow runs; its run ends before the scheduler stops it: like
+    a production run's, it is not finished (its input grew since) but restarted, so it is never compared with
+    the production run on the incomplete study, only after the production job's run on the whole study."""
+    store = JobStore(store_target)
+    try:
+        decision = SeriesDecision(("ct_tissue",), shadow=("model_seg",),
+                                  completeness=Completeness(late_instances=LateInstances.RERUN))
+        _, main = store.record_instance(ct_instance("1.1", "1.2.3"), decision)
+        assert store.queue_job(main, "idle") is JobState.QUEUED
+        (shadow,) = [j.id for j in store.jobs() if j.shadow]
+        assert store.start_job(main, "run") and store.start_job(shadow, "run")
+        store.record_instance(ct_instance("1.2", "1.2.3", 2.0), decision)
+        assert sorted(store.restart_requested()) == [main, shadow]
+        assert not store.finish_shadow(shadow, "8 outputs")
+        assert store.job(shadow).state is JobState.RUNNING
+        assert store.events(shadow)[-1].message == ("run finished, but late instances arrived during it: not kept "
+                                                    "as the shadow run, it runs again")
+        assert store.restart(main) and store.restart(shadow) and store.job(shadow).state is JobState.QUEUED
+        assert store.shadows_to_compare() == []
+        assert store.queue_job(main, "idle") is JobState.QUEUED and store.start_job(main, "run")
+        assert store.begin_delivery(main, "results", [("pacs", "seg.dcm")])
+        assert store.next_queued().id == shadow and store.start_job(shadow, "run")
+        assert store.finish_shadow(shadow, "8 outputs") and store.job(shadow).state is JobState.DONE
+        assert [i.sop_instance_uid for i in store.job_inputs(shadow)] == ["1.1", "1.2"]
+        assert [(s.id, p.id) for s, p in store.shadows_to_compare()] == [(shadow, main)]
+    finally:
+        store.close()
+
+
 def test_egress_refuses_a_shadow_runs_results_so_nothing_reaches_the_pacs_or_the_ehr(
         tmp_path: Path, pacs: StoreSCP, fhir: FhirServer) -> None:
     """The same outputs staged for the production job reach both servers (the path works); for its shadow job

@@ -41,10 +41,19 @@ class Shadows:
 
     def finish_shadow(self, job_id: int, summary: str) -> bool:
         """``running → done`` for a shadow run that ended well: its outputs stay in the job's folder, nothing is
-        delivered. False if the job is not a running shadow job."""
+        delivered. False if the job is not a running shadow job, or when late instances asked for its restart
+        meanwhile (its input has grown since the run, as for a production run's delivery: the scheduler restarts
+        it, so it is compared only once it ran on the whole study)."""
         with self._db.write() as conn:
-            shadow = conn.execute(select(jobs.c.shadow, jobs.c.sibling_of).where(jobs.c.id == job_id)).first()
-            if shadow is None or not shadow.shadow or not transition(conn, job_id, (JobState.RUNNING,), JobState.DONE):
+            shadow = conn.execute(select(jobs.c.shadow, jobs.c.sibling_of, jobs.c.state, jobs.c.restart_requested)
+                                  .where(jobs.c.id == job_id).with_for_update()).first()
+            if shadow is None or not shadow.shadow or shadow.state != JobState.RUNNING.value:
+                return False
+            if shadow.restart_requested:
+                log_event(conn, job_id, "late", "run finished, but late instances arrived during it: not kept as "
+                                                "the shadow run, it runs again")
+                return False
+            if not transition(conn, job_id, (JobState.RUNNING,), JobState.DONE):
                 return False
             log_event(conn, job_id, "finished", f"{summary}; shadow run of job {shadow.sibling_of}: kept under the "
                                                 "job, never delivered")
