@@ -160,6 +160,32 @@ def test_a_retried_production_job_redoes_its_shadow_runs_after_its_new_run_and_c
         store.close()
 
 
+def test_a_shadow_job_cancelled_then_retried_runs_again_with_its_retried_production_job(
+        store_target: Path | str) -> None:
+    """An operator cancelled both shadow jobs, then retried them: one ran, the other was cancelled again. Only
+    the latest decision counts when the production job is retried: the one that ran is redone after the new
+    production run, the one cancelled again stays cancelled."""
+    store = JobStore(store_target)
+    try:
+        _, main = store.record_instance(ct_instance("1.1", "1.2.3"),
+                                        SeriesDecision(("ct_tissue",), shadow=("model_seg", "model_b")))
+        assert store.queue_job(main, "idle") is JobState.QUEUED
+        shadow, again = (next(j.id for j in store.jobs() if j.shadow and j.pipeline == p)
+                         for p in ("model_seg", "model_b"))
+        for job_id in (shadow, again):
+            store.cancel_job(job_id, "ops", "wrong candidate")
+            assert store.retry_job(job_id, "ops", "the right one after all") == 1
+        store.cancel_job(again, "ops", "not this one after all")
+        assert store.start_job(main, "run") and store.fail_job(main, "the pipeline crashed")
+        assert store.next_queued().id == shadow and store.start_job(shadow, "run")
+        assert store.finish_shadow(shadow, "8 outputs")
+        assert store.retry_job(main, "ops") == 1
+        assert store.job(shadow).state is JobState.QUEUED and store.job(again).state is JobState.FAILED
+        assert f"production job {main} runs again" in store.events(shadow)[-1].message
+    finally:
+        store.close()
+
+
 def test_a_shadow_run_that_ends_after_late_instances_asked_its_restart_is_queued_again_not_done(
         store_target: Path | str) -> None:
     """Late instances (``rerun``) arrive while the shadow runs; its run ends before the scheduler stops it: like

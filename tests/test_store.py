@@ -387,6 +387,26 @@ def test_no_sibling_runs_while_late_instances_reopen_its_study_and_each_one_run_
     assert store.supersede(lung_again.id, "REJECTION.dcm").superseded == lung
 
 
+def test_a_sibling_cancelled_then_retried_is_run_again_for_late_instances_like_any_other(store: JobStore) -> None:
+    """An operator cancelled two siblings and retried them; one ran, the other was cancelled again. A late
+    instance (``rerun``) re-runs the one whose latest decision is the retry; the one cancelled again stays
+    cancelled."""
+    decision = SeriesDecision(("ct_tissue", "lung", "liver"),
+                              completeness=Completeness(late_instances=LateInstances.RERUN))
+    _, main = store.record_instance(instance("1.1"), decision)
+    assert store.queue_job(main, "idle") is JobState.QUEUED
+    _, lung, liver = (j.id for j in store.jobs())
+    for job_id in (lung, liver):
+        store.cancel_job(job_id, "ops", "wrong pipeline")
+        assert store.retry_job(job_id, "ops", "the right one after all") == 1
+    store.cancel_job(liver, "ops", "not this one after all")
+    assert store.start_job(lung, "run") and store.begin_delivery(lung, "nothing", [])
+    store.record_instance(instance("1.2"), decision)
+    assert [(j.pipeline, j.state) for j in store.jobs() if j.sibling_of == main] == [
+        ("lung", JobState.DONE), ("liver", JobState.FAILED), ("lung", JobState.QUEUED)]
+    assert "this run's input is out of date" in store.events(lung)[-1].message
+
+
 def test_a_running_sibling_of_a_running_main_job_is_stopped_by_a_late_instance_too(store: JobStore) -> None:
     decision = SeriesDecision(("ct_tissue", "lung"), completeness=Completeness(late_instances=LateInstances.RERUN))
     _, main = store.record_instance(instance("1.1"), decision)

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from radnode.node.store import (
-    Correction, CorrectionState, Delivery, Event, Job, JobState, ShadowComparison, StudyDetails,
+    CANCELLED_BY, Correction, CorrectionState, Delivery, Event, Job, JobState, ShadowComparison, StudyDetails,
 )
 
 Priority = StrEnum("Priority", {"STAT": "stat", "ROUTINE": "routine", "OFF_PEAK": "off-peak"})  # type: ignore[misc]
@@ -367,7 +367,7 @@ def failure_kind(job: Job) -> str | None:
         return "delivery"
     if reason.startswith("not processed:") and "refused at ingest" in reason:
         return "refused"
-    return "cancelled" if reason.startswith("cancelled by") else "processing"
+    return "cancelled" if reason.startswith(CANCELLED_BY) else "processing"
 
 
 def job_summary(job: Job, patient_data: bool, details: StudyDetails | None = None,

@@ -53,9 +53,9 @@ from radnode.node.store.ingest import Arrivals, Decide
 from radnode.node.store.jobs import Scheduling
 from radnode.node.store.queries import Queries
 from radnode.node.store.records import (
-    FINAL_STATES, ActionRefused, Arrival, Attempt, Correction, CorrectionState, Delivery, Event, ForeignInstance,
-    Instance, InstanceBeingPurged, InstanceFileGone, Job, JobState, PurgePlan, ResultsOutOfDate, ShadowComparison,
-    ShadowNotDelivered, WorkerInfo,
+    CANCELLED_BY, FINAL_STATES, ActionRefused, Arrival, Attempt, Correction, CorrectionState, Delivery, Event,
+    ForeignInstance, Instance, InstanceBeingPurged, InstanceFileGone, Job, JobState, PurgePlan, ResultsOutOfDate,
+    ShadowComparison, ShadowNotDelivered, WorkerInfo,
 )
 from radnode.node.store.results import Results, Supersession
 from radnode.node.store.retention import Purges
@@ -64,10 +64,10 @@ from radnode.node.store.shadow import Shadows
 if TYPE_CHECKING:
     from radnode.node.store.identity import Seal
 
-__all__ = ["FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Attempt", "Claim", "Correction", "CorrectionState",
-           "Decide", "Delivery", "Event", "ForeignInstance", "Instance", "InstanceBeingPurged", "InstanceFileGone",
-           "Job", "JobState", "JobStore", "Publication", "PurgePlan", "ResultsOutOfDate", "ShadowComparison",
-           "ShadowNotDelivered", "StoreError", "StudyDetails", "Supersession", "WorkerInfo",
+__all__ = ["CANCELLED_BY", "FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Attempt", "Claim", "Correction",
+           "CorrectionState", "Decide", "Delivery", "Event", "ForeignInstance", "Instance", "InstanceBeingPurged",
+           "InstanceFileGone", "Job", "JobState", "JobStore", "Publication", "PurgePlan", "ResultsOutOfDate",
+           "ShadowComparison", "ShadowNotDelivered", "StoreError", "StudyDetails", "Supersession", "WorkerInfo",
            "head_revision", "store_target", "upgrade_store"]
 
 

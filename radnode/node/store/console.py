@@ -16,7 +16,7 @@ from sqlalchemy import Connection, Row, and_, delete, false, func, insert, or_, 
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
 from radnode.node.store.jobs import release, rerun_shadows, transition
-from radnode.node.store.records import FINAL_STATES, ActionRefused, JobState
+from radnode.node.store.records import CANCELLED_BY, FINAL_STATES, ActionRefused, JobState
 from radnode.node.store.results import superseded_by
 from radnode.node.store.schema import (
     api_tokens, deliveries, instances, jobs, node_settings, refusals, reviews, sessions, study_details, users,
@@ -254,7 +254,7 @@ class Console:
             state = self._locked_state(conn, job_id)
             if state in FINAL_STATES:
                 raise ActionRefused(f"job {job_id} is {state} already")
-            reason = f"cancelled by {user}" + (f": {note}" if note else "")
+            reason = f"{CANCELLED_BY} {user}" + (f": {note}" if note else "")
             transition(conn, job_id, (state,), JobState.FAILED)
             conn.execute(update(jobs).where(jobs.c.id == job_id).values(reason=reason))
             conn.execute(update(deliveries).where(deliveries.c.job_id == job_id, deliveries.c.state == "pending")

@@ -22,9 +22,9 @@ from radnode.node.store.events import log_event
 from radnode.node.store.policy import not_processed_reason
 from radnode.node.store.queries import job_select
 from radnode.node.store.records import (
-    FINAL_STATES, UNFINISHED_STATES, Instance, Job, JobState, instance_from_row, job_from_row,
+    CANCELLED_BY, FINAL_STATES, UNFINISHED_STATES, Instance, Job, JobState, instance_from_row, job_from_row,
 )
-from radnode.node.store.schema import attempts, events, instances, jobs, refusals, series, studies
+from radnode.node.store.schema import attempts, instances, jobs, refusals, series, studies
 from radnode.pipelines.routing import Priority, SeriesDecision, StudyRoute, study_route
 
 
@@ -74,6 +74,13 @@ def runnable() -> ColumnElement[bool]:
     return and_(~waiting, or_(jobs.c.shadow == false(), ~busy))
 
 
+def cancelled_for_good(row: Row) -> bool:
+    """Whether an operator's cancel is the job's latest decision: it is failed with the cancel's reason. A
+    ``cancelled`` event alone says nothing of now: a retry or re-send since (each clears the reason) made it run
+    or deliver again, and a later failure has its own reason."""
+    return row.state == JobState.FAILED.value and (row.reason or "").startswith(CANCELLED_BY)
+
+
 def reopen_siblings(conn: Connection, job_id: int, why: str, now: float) -> None:
     """Main job ``job_id`` waits for its study again (late instances, ``late_instances: rerun``), so every
     pipeline of the study runs again on the whole input once it is complete: a running sibling or shadow job is
@@ -85,7 +92,6 @@ def reopen_siblings(conn: Connection, job_id: int, why: str, now: float) -> None
     latest: dict[tuple[str, bool], Row] = {}
     for row in conn.execute(select(jobs).where(jobs.c.sibling_of == job_id).order_by(jobs.c.id)):
         latest[row.pipeline, bool(row.shadow)] = row
-    cancelled = select(events.c.job_id).where(events.c.kind == "cancelled")
     for (pipeline, shadow), row in latest.items():
         kind = "shadow" if shadow else "sibling"
         if row.state == JobState.RUNNING.value:
@@ -97,8 +103,8 @@ def reopen_siblings(conn: Connection, job_id: int, why: str, now: float) -> None
         if row.state == JobState.QUEUED.value:  # it runs on the whole input; a message already out for it is stale
             release(conn, row.id, "stopped", why, now)
             continue
-        if conn.execute(select(exists(cancelled.where(events.c.job_id == row.id)))).scalar():
-            continue  # one an operator cancelled stays cancelled
+        if cancelled_for_good(row):
+            continue  # one an operator cancelled (and did not retry since) stays cancelled
         rerun = conn.execute(insert(jobs).values(
             **{name: row._mapping[name] for name in _SIBLING_COPIED}, state=JobState.QUEUED.value, updated_at=now,
             sibling_of=job_id, shadow=shadow)).inserted_primary_key[0]
@@ -113,17 +119,16 @@ def rerun_shadows(conn: Connection, job_id: int, why: str, now: float) -> None:
     """Main job ``job_id`` runs again (an operator's retry): each shadow pipeline's latest job runs again after
     the new production run, so it is compared with that run, not with the failed one. A queued one's dispatch is
     dropped (it is dispatched afresh); a running or finished one goes back to the queue, held by :func:`runnable`
-    until the new production run is over. One an operator cancelled stays cancelled."""
+    until the new production run is over. One an operator cancelled stays cancelled, unless retried since."""
     latest: dict[str, Row] = {}
     for row in conn.execute(select(jobs).where(jobs.c.sibling_of == job_id, jobs.c.shadow == true())
                             .order_by(jobs.c.id)):
         latest[row.pipeline] = row
-    cancelled = select(events.c.job_id).where(events.c.kind == "cancelled")
     for row in latest.values():
         if row.state == JobState.QUEUED.value:
             release(conn, row.id, "stopped", why, now)
             continue
-        if conn.execute(select(exists(cancelled.where(events.c.job_id == row.id)))).scalar():
+        if cancelled_for_good(row):
             continue
         if not transition(conn, row.id, (JobState.RUNNING, *FINAL_STATES), JobState.QUEUED):
             continue

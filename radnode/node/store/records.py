@@ -29,6 +29,9 @@ class JobState(StrEnum):
 FINAL_STATES = (JobState.DONE, JobState.FAILED)
 UNFINISHED_STATES = tuple(s for s in JobState if s not in FINAL_STATES)
 
+CANCELLED_BY = "cancelled by"
+"""How the reason of a job an operator cancelled begins (it ends ``failed`` with it)."""
+
 
 class ActionRefused(ValueError):
     """An operator's action (re-send, retry, cancel, review) that does not apply to the job as it is; the
