@@ -156,8 +156,8 @@ def test_a_review_decision_reaches_a_folder_in_its_own_folder_beside_what_went_b
     egress.stage(job_id, out)
     egress.deliver_due()
     assert store.job(job_id).state is JobState.DONE  # type: ignore[union-attr]
-    review = store.mark_reviewed(job_id, "dr-x", "", "accepted")
-    assert "report-sr.dcm → share" in egress.reissue(job_id, review, "accepted", "dr-x")
+    assert "report-sr.dcm → share" in egress.decide(job_id, "dr-x", "", "accepted", None)
+    (review,) = [r.id for r in store.review_rows()]
     egress.deliver_due()
     assert store.job(job_id).state is JobState.DONE  # type: ignore[union-attr]
     delivered, outbox = tmp_path / "share" / str(job_id), outbox_dir(config, job_id)

@@ -499,7 +499,7 @@ def test_a_forward_only_job_takes_no_decision_and_no_rejection_note_withdraws_th
         with pytest.raises(ActionRefused, match=f"job {job} forwarded the study without a pipeline"):
             store.mark_reviewed(job, "dr-x", "", decision, reason)
     with pytest.raises(ActionRefused, match=f"job {job} forwarded the study without a pipeline"):
-        egress.reissue(job, 1, "rejected", "dr-x")
+        egress.decide(job, "dr-x", "", "rejected", "other")
     assert list(outbox_dir(config, job).glob("review-*")) == []
     assert [d.object for d in store.deliveries(job)] == sorted(p.name for p in (tmp_path / "study").iterdir())
     store.close()
@@ -554,25 +554,13 @@ def test_a_decision_on_results_retention_purged_is_refused_saying_so(tmp_path: P
 
 
 
-def test_a_decision_whose_results_are_superseded_before_its_reissue_is_queued_sends_nothing(tmp_path: Path) -> None:
-    """The decision was taken on the current results; a re-run superseded them before its re-issue was queued:
-    the re-issue is refused (the withdrawn results are not sent again, verified)."""
-    store = JobStore(tmp_path / "radnode.db")
-    first = study_version_job(store, "1.1")
-    assert store.supersede(first, "rejection-note.dcm") is None and store.begin_delivery(first, "done", [])
-    review = store.mark_reviewed(first, "dr-x", "", "accepted")
-    rerun = study_version_job(store, "1.2")
-    assert store.supersede(rerun, "rejection-note.dcm").superseded == first
-    with pytest.raises(ActionRefused, match=f"superseded by job {rerun}'s .* since the decision: review job {rerun}"):
-        store.begin_reissue(first, review, "accepted", [("pacs", f"review-{review}/report-sr.dcm")])
-    assert store.deliveries(first) == []
-    store.close()
-
 def test_results_superseded_between_the_decision_and_its_reissue_answer_409_naming_the_newer_job(
         tmp_path: Path, pacs: StoreSCP) -> None:
     """A re-run supersedes a done job's results just as a reviewer's decision on them is recorded, before its
     re-issue is queued: the review endpoint answers 409 naming the job to review instead (never a 500), and
-    nothing of the withdrawn results goes out again."""
+    nothing of the withdrawn results goes out again. The refused decision leaves nothing recorded (no review, no
+    event, no ``review-<id>/``), so a later decision is taken as if it had never been tried: its verified report
+    names its own reviewer, not the refused one's (the rolled-back review's id is given again)."""
     import sqlite3
 
     config = node_config(tmp_path, egress={"destinations": {"pacs": pacs.destination}})
@@ -583,9 +571,12 @@ def test_results_superseded_between_the_decision_and_its_reissue_answer_409_nami
         node.egress.stage(first, tmp_path / "first")
         assert final_job(node, first).state is JobState.DONE
         rerun = study_version_job(node.store, "1.2")
+        events = [(e.kind, e.message) for e in node.store.events(first)]
         db = sqlite3.connect(config.data_dir / "radnode.db")
-        # the re-run's results supersede the first job's (store.supersede's record) the moment the decision is in
-        db.execute(f"CREATE TRIGGER rerun_lands AFTER INSERT ON reviews WHEN NEW.job_id = {first} BEGIN "
+        # the re-run's results supersede the first job's (store.supersede's record) the moment dr-kim's decision
+        # is in; rolled back with it, the first job's results are current again for the next decision
+        db.execute(f"CREATE TRIGGER rerun_lands AFTER INSERT ON reviews WHEN NEW.job_id = {first} "
+                   f"AND NEW.reviewer = 'token:dr-kim' BEGIN "
                    f"UPDATE result_versions SET superseded_by = {rerun} WHERE job_id = {first}; END")
         db.commit()
         db.close()
@@ -596,6 +587,18 @@ def test_results_superseded_between_the_decision_and_its_reissue_answer_409_nami
         assert f"superseded by job {rerun}'s" in answer.json()["detail"]
         assert not [d for d in node.store.deliveries(first) if d.object.startswith("review-")]
         assert len(pacs.received()) == received
+        assert node.store.review_rows() == [] and node.store.reviewed_jobs([first]) == {}
+        assert [(e.kind, e.message) for e in node.store.events(first)] == events
+        assert list(outbox_dir(config, first).glob("review-*")) == []
+
+        with api(node, token_for(node, Role.OPERATOR, "dr-lee")) as client:
+            answer = client.post(f"/api/jobs/{first}/review", json={"decision": "accepted"})
+        assert answer.status_code == 200, answer.text
+        assert "report-sr.dcm → pacs" in answer.json()["message"]
+        assert final_job(node, first).state is JobState.DONE
+        assert [(r.decision, r.reviewer) for r in node.store.review_rows()] == [("accepted", "token:dr-lee")]
+    (verified,) = [ds for ds in map(pydicom.dcmread, pacs.received()) if ds.get("VerificationFlag") == "VERIFIED"]
+    assert str(verified.VerifyingObserverSequence[0].VerifyingObserverName) == "token:dr-lee"
 
 
 @pytest.mark.slow

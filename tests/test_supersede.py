@@ -145,8 +145,8 @@ def test_a_reviewers_rejection_note_is_never_withdrawn_by_the_next_versions_note
     first_uids = write_results(tmp_path / "first")
     egress.stage(first, tmp_path / "first")
     wait_until(lambda: egress.deliver_due() or store.job(first).state is JobState.DONE)
-    review = store.mark_reviewed(first, "dr-x", "", "rejected", "wrong-anatomy")
-    assert "rejection-note.dcm → pacs" in egress.reissue(first, review, "rejected", "dr-x")
+    assert "rejection-note.dcm → pacs" in egress.decide(first, "dr-x", "", "rejected", "wrong-anatomy")
+    (review,) = [r.id for r in store.review_rows()]
     wait_until(lambda: egress.deliver_due() or store.job(first).state is JobState.DONE)
     (reviewers,) = [d for d in store.deliveries(first) if d.object == f"review-{review}/rejection-note.dcm"]
     assert reviewers.state == "done" and reviewers.sent_uid

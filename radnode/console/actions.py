@@ -154,12 +154,12 @@ def review(request: Request, identity: Operator, job_id: JobId,
         raise _refuse(request, identity, action, job_id, status.HTTP_503_SERVICE_UNAVAILABLE, "the node is stopping")
 
     def decide() -> list[str]:
-        """Record the review, then send the decision where the results went; either one's refusal (results a
-        re-run superseded in between, say) is the action's: a 409, never a 500."""
-        review_id = _store(request).mark_reviewed(job_id, identity.label, body.note, body.decision, body.reason)
+        """Record the review; a decision with its re-issue where the results went, in one transaction, so a
+        refusal (results a re-run superseded in between, say) is the action's 409 and leaves nothing recorded."""
         if egress is None or body.decision == "reviewed":
+            _store(request).mark_reviewed(job_id, identity.label, body.note, body.decision, body.reason)
             return []
-        return [line for line in [egress.reissue(job_id, review_id, body.decision, identity.label)] if line]
+        return [line for line in [egress.decide(job_id, identity.label, body.note, body.decision, body.reason)] if line]
 
     reissued = _act(request, identity, action, job_id, decide)
     return ActionResult(job_id=job_id, message="; ".join([f"job {job_id} {body.decision} by {identity.label}"

@@ -5,7 +5,7 @@ The run's report went out preliminary: the report SR (``report-sr.dcm``, series 
 PARTIAL and Verification Flag UNVERIFIED, the FHIR DiagnosticReport ``preliminary``. A reviewer's decision
 (``POST /api/jobs/{id}/review``) is written into the job's outbox as a folder of its own,
 ``review-<review id>/`` (:func:`write_reissue`), and egress delivers its files with the destinations' retries
-(:meth:`radnode.node.egress.Egress.reissue`):
+(:meth:`radnode.node.egress.Egress.decide`):
 
 - ``accepted`` / ``corrected``: ``report-sr.dcm``, a new SOP Instance in the report's series: Completion Flag
   COMPLETE, Verification Flag VERIFIED with the reviewer as Verifying Observer (organisation from the config),

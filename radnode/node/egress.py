@@ -20,7 +20,7 @@ A job whose results supersede an earlier job's (a re-run on the whole study afte
 delivers an IHE IOCM rejection note (``rejection-note.dcm``, a KOS "Rejected for Quality Reasons") to every
 destination that received the earlier DICOM results, naming exactly those (``Outcome.sent_uid`` per delivery);
 the FHIR report is re-issued in place by the run itself (same identifier, status corrected). A reviewer's
-decision goes out the same way (:meth:`Egress.reissue`, ``radnode/feedback/reissue.py``): a verified report SR
+decision goes out the same way (:meth:`Egress.decide`, ``radnode/feedback/reissue.py``): a verified report SR
 or a rejection note, and the FHIR report's new status, as deliveries of the job's ``review-<id>/`` objects.
 """
 
@@ -39,8 +39,8 @@ from radnode.destinations import Destination, DestinationError, Item, Outcome, S
 from radnode.destinations.base import FHIR_BUNDLE, Cancellation, sop_instance_uid
 from radnode.destinations.dicom import DicomDestination
 from radnode.destinations.orthanc import OrthancDestination
-from radnode.node.store import ActionRefused, Delivery, Job, JobStore, ResultsOutOfDate, ShadowNotDelivered
-from radnode.outputs.layout import RunOutput, dicom_files, is_dicom, review_of
+from radnode.node.store import Delivery, Job, JobStore, ReissuePlan, ResultsOutOfDate, ShadowNotDelivered
+from radnode.outputs.layout import RunOutput, dicom_files, is_dicom, review_folder, review_of
 from radnode.outputs.rejection import write_rejection_note
 
 if TYPE_CHECKING:
@@ -302,31 +302,50 @@ class Egress:
         except DestinationError:
             return True
 
-    def reissue(self, job_id: int, review_id: int, decision: str, reviewer: str) -> str:
-        """Send a review decision where the job's results went, as deliveries of ``review-<id>/``
-        (:mod:`radnode.feedback.reissue`): accepted or corrected, the report SR verified by ``reviewer`` to each
-        DICOM destination that received the report SR; rejected, an IOCM rejection note of every DICOM object the
-        job delivered to each destination that received them; either way the FHIR report's new status to each
-        FHIR destination that received the Bundle. Destinations that de-identify are left out (a verified report
-        or a note naming the patient must not follow de-identified copies). A repeated decision queues nothing
-        (the store's :meth:`begin_reissue`). What was queued, in words ("": nothing to re-issue, as the job's
-        log says); ActionRefused for a forward-only job (what it delivered is the study, not results)."""
+    def decide(self, job_id: int, reviewer: str, note: str, decision: str, reason: str | None) -> str:
+        """Record a reviewer's decision on a job's results and send it where they went, as deliveries of
+        ``review-<id>/`` (:mod:`radnode.feedback.reissue`), in one store transaction (``JobStore.decide``): a
+        refusal (results a re-run superseded or retention purged, a forward-only job: what it delivered is the
+        study, not results) records nothing and leaves no ``review-<id>/`` behind. What was queued, in words ("":
+        nothing to re-issue, as the job's log says); LookupError for an unknown job."""
+        planned: dict[int, ReissuePlan] = {}
+
+        def plan(review_id: int) -> ReissuePlan:
+            planned[review_id] = self._plan_reissue(job_id, review_id, decision, reviewer)
+            return planned[review_id]
+
+        try:
+            review_id, queued = self.store.decide(job_id, reviewer, note, decision, reason, plan)
+        except BaseException:
+            for tried in planned:  # rolled back: its id is given again, never to these objects
+                shutil.rmtree(outbox_dir(self.config, job_id) / review_folder(tried), ignore_errors=True)
+            raise
+        if queued is None:
+            return f"already re-issued as {decision} by {reviewer}: nothing sent again"
+        reissue = planned[review_id]
+        if reissue.deliveries is None:
+            return f"{reissue.summary}: {reissue.notes[-1]}"
+        self._wake({name for name, _ in reissue.deliveries})
+        return (f"re-issue queued: {', '.join(sorted({f'{Path(o).name} → {n}' for n, o in reissue.deliveries}))}"
+                if reissue.deliveries else "")
+
+    def _plan_reissue(self, job_id: int, review_id: int, decision: str, reviewer: str) -> ReissuePlan:
+        """Write a decision's objects into ``review-<id>/`` and plan where they go: accepted or corrected, the
+        report SR verified by ``reviewer`` to each DICOM destination that received the report SR; rejected, an
+        IOCM rejection note of every DICOM object the job delivered to each destination that received them;
+        either way the FHIR report's new status to each FHIR destination that received the Bundle. Destinations
+        that de-identify are left out (a verified report or a note naming the patient must not follow
+        de-identified copies). Runs inside the decision's transaction: it writes nothing to the store."""
         import datetime
 
         from radnode.feedback.reissue import REPORT_REISSUE, REPORT_SR, Decision, write_reissue
 
-        job = self.store.job(job_id)
-        if job is None:
-            raise LookupError(f"no job {job_id}")
-        if not job.pipeline:  # its deliveries are the study's own images: a rejection note would withdraw them
-            raise ActionRefused(f"job {job_id} forwarded the study without a pipeline: no results to re-issue")
-        if self.store.reissue_repeats(job_id, review_id):
-            self.store.note(job_id, "reissue", f"{decision} by {reviewer} (review {review_id}): already re-issued, "
-                                               "nothing sent again")
-            return f"already re-issued as {decision} by {reviewer}: nothing sent again"
+        summary = f"{decision} by {reviewer} (review {review_id})"
         folder = outbox_dir(self.config, job_id)
+        shutil.rmtree(folder / review_folder(review_id), ignore_errors=True)  # a crashed attempt's, of this id
         done = [d for d in self.store.deliveries(job_id) if d.state == "done"]
         skipped = sorted({d.destination for d in done if self._deidentifying(d.destination)})
+        notes = [f"not re-issued at {', '.join(skipped)} (de-identified copies went there)"] if skipped else []
         done = [d for d in done if d.destination not in skipped]
         reports = [d for d in done if Path(d.object).name == REPORT_SR and (d.object == REPORT_SR
                                                                              or review_of(d.object) is not None)]
@@ -349,21 +368,12 @@ class Egress:
                 or config.ingress.ae_title, uid_root=config.uid_root, institution_name=config.institution_name)
         except Exception as e:  # a defect writing one decision's objects must not lose the decision or stop egress
             log.exception("job %d: review %d cannot be re-issued", job_id, review_id)
-            said = f"{decision} by {reviewer}: cannot be re-issued ({type(e).__name__}: {e}); repeat the decision"
-            self.store.note(job_id, "reissue", said)
-            return said
+            return ReissuePlan(summary, None, [*notes, f"cannot be re-issued ({type(e).__name__}: {e}); "
+                                                       "repeat the decision"])
         plan = [(name, o) for o in objects if Path(o).name != REPORT_REISSUE
                 for name in sorted({d.destination for d in targets})]
         plan += [(name, o) for o in objects if Path(o).name == REPORT_REISSUE for name in fhir]
-        summary = f"{decision} by {reviewer} (review {review_id})"
-        queued = self.store.begin_reissue(job_id, review_id, summary, plan)
-        if skipped:
-            self.store.note(job_id, "reissue", f"{summary}: not re-issued at {', '.join(skipped)} "
-                                               "(de-identified copies went there)")
-        if queued is None:
-            return f"already re-issued as {decision} by {reviewer}: nothing sent again"
-        self._wake({name for name, _ in plan})
-        return f"re-issue queued: {', '.join(sorted({f'{Path(o).name} → {n}' for n, o in plan}))}" if plan else ""
+        return ReissuePlan(summary, plan, notes)
 
     def resend(self, job_id: int, destination: str | None = None, *, user: str, reason: str,
                failed_only: bool = False) -> int:

@@ -54,8 +54,8 @@ from radnode.node.store.jobs import Scheduling
 from radnode.node.store.queries import Queries
 from radnode.node.store.records import (
     CANCELLED_BY, FINAL_STATES, ActionRefused, Arrival, Attempt, Correction, CorrectionState, Delivery, Event,
-    ForeignInstance, Instance, InstanceBeingPurged, InstanceFileGone, Job, JobState, PurgePlan, ResultsOutOfDate,
-    ShadowComparison, ShadowNotDelivered, WorkerInfo,
+    ForeignInstance, Instance, InstanceBeingPurged, InstanceFileGone, Job, JobState, PurgePlan, ReissuePlan,
+    ResultsOutOfDate, ShadowComparison, ShadowNotDelivered, WorkerInfo,
 )
 from radnode.node.store.results import Results, Supersession
 from radnode.node.store.retention import Purges
@@ -66,8 +66,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CANCELLED_BY", "FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Attempt", "Claim", "Correction",
            "CorrectionState", "Decide", "Delivery", "Event", "ForeignInstance", "Instance", "InstanceBeingPurged",
-           "InstanceFileGone", "Job", "JobState", "JobStore", "Publication", "PurgePlan", "ResultsOutOfDate",
-           "ShadowComparison", "ShadowNotDelivered", "StoreError", "StudyDetails", "Supersession", "WorkerInfo",
+           "InstanceFileGone", "Job", "JobState", "JobStore", "Publication", "PurgePlan", "ReissuePlan",
+           "ResultsOutOfDate", "ShadowComparison", "ShadowNotDelivered", "StoreError", "StudyDetails", "Supersession", "WorkerInfo",
            "head_revision", "store_target", "upgrade_store"]
 
 

@@ -8,15 +8,16 @@ nothing and says why (:class:`ActionRefused`), so two operators clicking at once
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, Row, and_, delete, false, func, insert, or_, select, true, update
 
 from radnode.node.store.database import Database
+from radnode.node.store.deliveries import earlier_reissue, queue_reissue
 from radnode.node.store.events import log_event
 from radnode.node.store.jobs import release, rerun_shadows, transition
-from radnode.node.store.records import CANCELLED_BY, FINAL_STATES, ActionRefused, JobState
+from radnode.node.store.records import CANCELLED_BY, FINAL_STATES, ActionRefused, JobState, ReissuePlan
 from radnode.node.store.results import superseded_by
 from radnode.node.store.schema import (
     api_tokens, deliveries, instances, jobs, node_settings, refusals, reviews, sessions, study_details, users,
@@ -53,6 +54,51 @@ def _purged_input(conn: Connection, job_id: int, sibling: bool) -> int:
     if sibling:
         query = query.where(instances.c.late == false())
     return int(conn.execute(query).scalar() or 0)
+
+
+def record_review(conn: Connection, job_id: int, user: str, note: str, decision: str, reason: str | None) -> int:
+    """Record a review in the caller's transaction, refused (ActionRefused) where it does not apply: see
+    :meth:`Console.mark_reviewed`. Returns the review's id."""
+    if decision not in REVIEW_DECISIONS:
+        raise ActionRefused(f"unknown review decision {decision!r}: one of {', '.join(REVIEW_DECISIONS)}")
+    if decision == "rejected" and reason is None:
+        raise ActionRefused(f"a rejection needs a reason: one of {', '.join(REJECT_REASONS)}")
+    if decision != "rejected" and reason is not None:
+        raise ActionRefused(f"only a rejection takes a reason, not {decision}")
+    if reason is not None and reason not in REJECT_REASONS:
+        raise ActionRefused(f"unknown rejection reason {reason!r}: one of {', '.join(REJECT_REASONS)}")
+    row = conn.execute(select(jobs.c.needs_review, jobs.c.state, jobs.c.pipeline, jobs.c.purged_at,
+                              jobs.c.purge_started_at).where(jobs.c.id == job_id).with_for_update()).first()
+    if row is None:
+        raise LookupError(f"no job {job_id}")
+    if decision != "reviewed" and not row.pipeline:
+        raise ActionRefused(f"job {job_id} forwarded the study without a pipeline: it has no results to be "
+                            f"{decision} (its outbox holds the study's own images)")
+    if decision != "reviewed" and (row.purged_at is not None or row.purge_started_at is not None):
+        raise ActionRefused(f"job {job_id}'s results were purged by retention: no verified report or rejection "
+                            f"note can be made of them any more, so the decision cannot go where they went")
+    newer = superseded_by(conn, job_id)
+    if decision != "reviewed" and newer is not None:
+        raise ActionRefused(f"job {job_id}'s results were superseded by job {newer}'s (withdrawn where they "
+                            f"went): review job {newer} instead")
+    if decision == "reviewed" and not row.needs_review:
+        raise ActionRefused(f"job {job_id} is not flagged for review")
+    if decision != "reviewed" and row.state != JobState.DONE.value and not (
+            row.state in (JobState.DELIVERING.value, JobState.FAILED.value)
+            and conn.execute(select(reviews.c.id).where(reviews.c.job_id == job_id,
+                                                        reviews.c.decision.in_(DECISIONS))).first()):
+        raise ActionRefused(f"job {job_id} is {row.state}: only a done job's results can be {decision}")
+    if decision != "reviewed" and conn.execute(select(reviews.c.id).where(
+            reviews.c.job_id == job_id, reviews.c.decision == "rejected")).first():
+        raise ActionRefused(f"job {job_id}'s results were rejected: a rejection note withdrew them at the "
+                            f"DICOM destinations and the EHR's report is entered-in-error, which is final "
+                            f"(IHE IOCM); they cannot be {decision} now")
+    text = note if reason is None else f"{reason}" + (f"; {note}" if note else "")
+    review_id = conn.execute(insert(reviews).values(job_id=job_id, decision=decision, reviewer=user,
+                                                    note=text, at=time.time())
+                             .returning(reviews.c.id)).scalar_one()
+    log_event(conn, job_id, "reviewed", f"{decision} by {user}" + (f": {text}" if text else ""))
+    return review_id
 
 
 class Console:
@@ -289,47 +335,32 @@ class Console:
         results retention purged (no verified report or rejection note can be made of them any more); a
         job still delivering (or that failed to deliver) an earlier decision's re-issue takes a new one; a
         rejected one takes no further decision (its results are withdrawn for good). Returns the review's id."""
-        if decision not in REVIEW_DECISIONS:
-            raise ActionRefused(f"unknown review decision {decision!r}: one of {', '.join(REVIEW_DECISIONS)}")
-        if decision == "rejected" and reason is None:
-            raise ActionRefused(f"a rejection needs a reason: one of {', '.join(REJECT_REASONS)}")
-        if decision != "rejected" and reason is not None:
-            raise ActionRefused(f"only a rejection takes a reason, not {decision}")
-        if reason is not None and reason not in REJECT_REASONS:
-            raise ActionRefused(f"unknown rejection reason {reason!r}: one of {', '.join(REJECT_REASONS)}")
         with self._db.write() as conn:
-            row = conn.execute(select(jobs.c.needs_review, jobs.c.state, jobs.c.pipeline, jobs.c.purged_at,
-                                      jobs.c.purge_started_at).where(jobs.c.id == job_id).with_for_update()).first()
-            if row is None:
-                raise LookupError(f"no job {job_id}")
-            if decision != "reviewed" and not row.pipeline:
-                raise ActionRefused(f"job {job_id} forwarded the study without a pipeline: it has no results to be "
-                                    f"{decision} (its outbox holds the study's own images)")
-            if decision != "reviewed" and (row.purged_at is not None or row.purge_started_at is not None):
-                raise ActionRefused(f"job {job_id}'s results were purged by retention: no verified report or rejection "
-                                    f"note can be made of them any more, so the decision cannot go where they went")
-            newer = superseded_by(conn, job_id)
-            if decision != "reviewed" and newer is not None:
-                raise ActionRefused(f"job {job_id}'s results were superseded by job {newer}'s (withdrawn where they "
-                                    f"went): review job {newer} instead")
-            if decision == "reviewed" and not row.needs_review:
-                raise ActionRefused(f"job {job_id} is not flagged for review")
-            if decision != "reviewed" and row.state != JobState.DONE.value and not (
-                    row.state in (JobState.DELIVERING.value, JobState.FAILED.value)
-                    and conn.execute(select(reviews.c.id).where(reviews.c.job_id == job_id,
-                                                                reviews.c.decision.in_(DECISIONS))).first()):
-                raise ActionRefused(f"job {job_id} is {row.state}: only a done job's results can be {decision}")
-            if decision != "reviewed" and conn.execute(select(reviews.c.id).where(
-                    reviews.c.job_id == job_id, reviews.c.decision == "rejected")).first():
-                raise ActionRefused(f"job {job_id}'s results were rejected: a rejection note withdrew them at the "
-                                    f"DICOM destinations and the EHR's report is entered-in-error, which is final "
-                                    f"(IHE IOCM); they cannot be {decision} now")
-            text = note if reason is None else f"{reason}" + (f"; {note}" if note else "")
-            review_id = conn.execute(insert(reviews).values(job_id=job_id, decision=decision, reviewer=user,
-                                                            note=text, at=time.time())
-                                     .returning(reviews.c.id)).scalar_one()
-            log_event(conn, job_id, "reviewed", f"{decision} by {user}" + (f": {text}" if text else ""))
-            return review_id
+            return record_review(conn, job_id, user, note, decision, reason)
+
+    def decide(self, job_id: int, user: str, note: str, decision: str, reason: str | None,
+               reissue: Callable[[int], ReissuePlan]) -> tuple[int, int | None]:
+        """Record a decision on a job's results (as :meth:`mark_reviewed`) and queue its re-issue in one transaction:
+        ``reissue(review_id)`` writes the decision's objects and plans their deliveries (it writes nothing to the
+        store). A refusal of either (results a re-run superseded since the checks) rolls the decision back with the
+        re-issue, so a refused decision leaves no review and no event, and a later one is taken as if it had never
+        been tried. A decision repeating the job's latest re-issued one is recorded and re-issues nothing (no
+        objects written). Returns the review's id and how many deliveries were queued (None: a repeat)."""
+        if decision not in DECISIONS:
+            raise ActionRefused(f"{decision!r} is no decision on a job's results: one of {', '.join(DECISIONS)}")
+        with self._db.write() as conn:
+            review_id = record_review(conn, job_id, user, note, decision, reason)
+            earlier, repeated = earlier_reissue(conn, job_id, review_id)
+            if repeated:
+                log_event(conn, job_id, "reissue", f"{decision} by {user} (review {review_id}): already re-issued "
+                                                   f"(review {earlier}), nothing sent again")
+                return review_id, None
+            plan = reissue(review_id)
+            for line in plan.notes:
+                log_event(conn, job_id, "reissue", f"{plan.summary}: {line}")
+            if plan.deliveries is None:
+                return review_id, 0
+            return review_id, queue_reissue(self._db, conn, job_id, review_id, plan.summary, plan.deliveries)
 
     def reviewed_jobs(self, job_ids: Iterable[int]) -> dict[int, tuple[str, float]]:
         """The latest review (reviewer, when) of each of these jobs that has one."""

@@ -28,7 +28,7 @@ from radnode.outputs.layout import REVIEW_FOLDER, review_of
 _DELIVERY_COLUMNS = tuple(delivery_table.c[name] for name in DELIVERY_FIELDS)
 
 
-def _earlier_reissue(conn: Connection, job_id: int, review_id: int) -> tuple[int | None, bool]:
+def earlier_reissue(conn: Connection, job_id: int, review_id: int) -> tuple[int | None, bool]:
     """The latest review of the job, other than ``review_id``, whose re-issue was queued, and whether
     ``review_id`` repeats it (same decision by the same reviewer, or an older review than it)."""
     planned = [review_of(o) for o in conn.execute(select(delivery_table.c.object).where(
@@ -39,6 +39,36 @@ def _earlier_reissue(conn: Connection, job_id: int, review_id: int) -> tuple[int
     decided = {row.id: (row.decision, row.reviewer) for row in conn.execute(
         select(reviews.c.id, reviews.c.decision, reviews.c.reviewer).where(reviews.c.id.in_((earlier, review_id))))}
     return earlier, earlier > review_id or decided.get(earlier) == decided.get(review_id)
+
+
+def queue_reissue(db: Database, conn: Connection, job_id: int, review_id: int, summary: str,
+                  deliveries: list[tuple[str, str]]) -> int:
+    """Queue a review decision's re-issue (``review-<id>/…`` objects) in the caller's transaction (the one that
+    recorded the decision, the job's row locked): the job goes back to ``delivering`` and an earlier decision's
+    re-issue still pending is superseded (the newer decision goes out instead); returns how many deliveries were
+    queued. ActionRefused when a re-run superseded the job's results since the decision's checks (they were
+    withdrawn): the caller's transaction, the decision with it, is rolled back."""
+    newer = superseded_by(conn, job_id)
+    if newer is not None:
+        raise ActionRefused(f"job {job_id}'s results were superseded by job {newer}'s (withdrawn where they "
+                            f"went) since the decision: review job {newer} instead")
+    conn.execute(update(delivery_table).where(
+        delivery_table.c.job_id == job_id, delivery_table.c.state == "pending",
+        delivery_table.c.object.like(f"{REVIEW_FOLDER}%"))
+        .values(state="superseded", last_error=f"superseded by review {review_id}"))
+    if not deliveries:
+        log_event(conn, job_id, "reissue", f"{summary}: nothing to re-issue (no destination received "
+                                           "the report or results)")
+        return 0
+    now = time.time()
+    count = conn.execute(db.insert_ignoring_conflicts(delivery_table),
+                         [{"job_id": job_id, "destination": d, "object": o, "next_attempt_at": now}
+                          for d, o in deliveries]).rowcount
+    transition(conn, job_id, (JobState.DONE, JobState.DELIVERING, JobState.FAILED), JobState.DELIVERING)
+    conn.execute(update(jobs).where(jobs.c.id == job_id).values(reason=None))
+    log_event(conn, job_id, "reissue", f"{summary}: {len(deliveries)} deliver"
+                                       f"{'y' if len(deliveries) == 1 else 'ies'} queued")
+    return count
 
 
 class Deliveries:
@@ -72,48 +102,6 @@ class Deliveries:
             else:
                 log_event(conn, job_id, "done", "nothing to deliver beyond the outbox")
             return True
-
-    def begin_reissue(self, job_id: int, review_id: int, summary: str, deliveries: list[tuple[str, str]]) -> int | None:
-        """Queue a review decision's re-issue (``review-<id>/…`` objects): the job goes back to ``delivering``
-        and an earlier decision's re-issue still pending is superseded (the newer decision goes out instead).
-        None, and nothing queued, when the job's latest re-issued decision is this one's decision by the same
-        reviewer (a repeated decision sends nothing twice); else how many deliveries were queued. ActionRefused
-        when a re-run superseded the job's results since the decision was taken (they were withdrawn)."""
-        now = time.time()
-        with self._db.write() as conn:
-            conn.execute(select(jobs.c.id).where(jobs.c.id == job_id).with_for_update())
-            newer = superseded_by(conn, job_id)
-            if newer is not None:
-                raise ActionRefused(f"job {job_id}'s results were superseded by job {newer}'s (withdrawn where they "
-                                    f"went) since the decision: review job {newer} instead")
-            earlier, repeated = _earlier_reissue(conn, job_id, review_id)
-            if repeated:
-                log_event(conn, job_id, "reissue", f"{summary}: already re-issued (review {earlier}), "
-                                                   "nothing sent again")
-                return None
-            if earlier is not None:
-                conn.execute(update(delivery_table).where(
-                    delivery_table.c.job_id == job_id, delivery_table.c.state == "pending",
-                    delivery_table.c.object.like(f"{REVIEW_FOLDER}%"))
-                    .values(state="superseded", last_error=f"superseded by review {review_id}"))
-            if not deliveries:
-                log_event(conn, job_id, "reissue", f"{summary}: nothing to re-issue (no destination received "
-                                                   "the report or results)")
-                return 0
-            count = conn.execute(self._db.insert_ignoring_conflicts(delivery_table),
-                                 [{"job_id": job_id, "destination": d, "object": o, "next_attempt_at": now}
-                                  for d, o in deliveries]).rowcount
-            transition(conn, job_id, (JobState.DONE, JobState.DELIVERING, JobState.FAILED), JobState.DELIVERING)
-            conn.execute(update(jobs).where(jobs.c.id == job_id).values(reason=None))
-            log_event(conn, job_id, "reissue", f"{summary}: {len(deliveries)} deliver"
-                                               f"{'y' if len(deliveries) == 1 else 'ies'} queued")
-            return count
-
-    def reissue_repeats(self, job_id: int, review_id: int) -> bool:
-        """Whether review ``review_id`` repeats the job's latest re-issued decision (same decision, same reviewer),
-        so there is nothing to write or send (:meth:`begin_reissue` checks again as it queues)."""
-        with self._db.read() as conn:
-            return _earlier_reissue(conn, job_id, review_id)[1]
 
     def due_deliveries(self, now: float | None = None) -> list[Delivery]:
         """Pending deliveries whose next attempt is due, of jobs that are delivering."""

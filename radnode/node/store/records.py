@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -322,6 +322,19 @@ class ReviewRow:
     note: str
     """The rejection reason first (``wrong-series; the scout was sent``), then the reviewer's free text."""
     at: float
+
+
+@dataclass(frozen=True)
+class ReissuePlan:
+    """What a decision's re-issue sends, as egress planned it once the decision's objects were written: the store
+    queues it in the transaction that records the decision (``Console.decide``)."""
+
+    summary: str
+    """What the job's ``reissue`` events start with (the decision, who, the review)."""
+    deliveries: list[tuple[str, str]] | None
+    """(destination, ``review-<id>/…`` object) to queue; None: the objects could not be written, nothing goes."""
+    notes: list[str] = field(default_factory=list)
+    """What else the job's log says of it (destinations left out, why nothing could be written)."""
 
 
 @dataclass(frozen=True)
