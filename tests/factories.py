@@ -658,6 +658,12 @@ def rejected_uids(note: pydicom.Dataset) -> set[str]:
             for series in study.ReferencedSeriesSequence for instance in series.ReferencedSOPSequence}
 
 
+def selected_uids(note: pydicom.Dataset) -> set[str]:
+    """The SOP Instance UIDs a KOS's content tree selects (its IMAGE / COMPOSITE items' Referenced SOP Sequence)."""
+    return {str(reference.ReferencedSOPInstanceUID) for item in note.ContentSequence
+            for reference in item.get("ReferencedSOPSequence") or []}
+
+
 def write_ct_studies(root: Path, patients: Iterable[str], n_slices: int = 16) -> dict[str, Path]:
     """One small chest phantom CT study per patient ID (own study, series and instance UIDs), each in its own
     folder under ``root``: patient ID → folder."""

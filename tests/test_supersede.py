@@ -17,6 +17,7 @@ from factories import (
     PATIENT_BUNDLE,
     egress_test_config,
     rejected_uids,
+    selected_uids,
     study_version_job,
     write_chest_phantom,
     write_results,
@@ -155,6 +156,40 @@ def test_a_reviewers_rejection_note_is_never_withdrawn_by_the_next_versions_note
     egress.stage(rerun, tmp_path / "rerun")
     assert rejected_uids(pydicom.dcmread(outbox_dir(config, rerun) / "rejection-note.dcm")) == set(first_uids)
     store.close()
+
+
+def test_each_destination_gets_a_rejection_note_of_only_what_it_received(tmp_path: Path, pacs: StoreSCP) -> None:
+    """The first job's report SR and SEG went to the PACS and to the archive, its Encapsulated PDF to the archive
+    alone (``encapsulated_pdf``); a re-run supersedes them. Each destination's rejection note (read back from its
+    storescp) references exactly what that destination received: the PACS's never the PDF it was never sent."""
+    with StoreSCP(tmp_path / "archive") as archive:
+        config = egress_test_config(tmp_path, {"pacs": pacs.destination,
+                                               "archive": {**archive.destination, "encapsulated_pdf": True}})
+        store = JobStore(tmp_path / "data" / "radnode.db")
+        egress = Egress(config, store)
+        first = study_version_job(store, "1.1")
+        both = set(write_results(tmp_path / "first", report_sr=True))
+        study = pydicom.dcmread(tmp_path / "first" / "report-sr.dcm", stop_before_pixels=True).StudyInstanceUID
+        (pdf,) = write_study(tmp_path / "pdf", n=1, study_uid=study)
+        pdf_uid = str(pydicom.dcmread(pdf, stop_before_pixels=True).SOPInstanceUID)
+        pdf.rename(tmp_path / "first" / "report-pdf.dcm")
+        egress.stage(first, tmp_path / "first")
+        wait_until(lambda: egress.deliver_due() or store.job(first).state is JobState.DONE)
+        assert {(d.destination, d.object) for d in store.deliveries(first)} >= {("archive", "report-pdf.dcm")}
+        assert ("pacs", "report-pdf.dcm") not in {(d.destination, d.object) for d in store.deliveries(first)}
+        rerun = study_version_job(store, "1.2")
+        write_results(tmp_path / "rerun", report_sr=True)
+        egress.stage(rerun, tmp_path / "rerun")
+        wait_until(lambda: egress.deliver_due() or store.job(rerun).state is JobState.DONE)
+        assert {(d.destination, d.object) for d in store.deliveries(rerun) if d.object.endswith("rejection-note.dcm")} \
+            == {("archive", "rejection-note.dcm"), ("pacs", "rejection-2/rejection-note.dcm")}
+        notes = {name: [ds for ds in map(pydicom.dcmread, peer.received()) if ds.Modality == "KO"]
+                 for name, peer in (("pacs", pacs), ("archive", archive))}
+        store.close()
+    (at_pacs,), (at_archive,) = notes["pacs"], notes["archive"]
+    assert rejected_uids(at_pacs) == selected_uids(at_pacs) == both
+    assert rejected_uids(at_archive) == selected_uids(at_archive) == both | {pdf_uid}
+    assert dciodvfy_errors(Path(at_pacs.filename)) == [] and dciodvfy_errors(Path(at_archive.filename)) == []
 
 
 @pytest.mark.slow

@@ -17,8 +17,10 @@ Every send (one batch of one job to one destination) is audited (:mod:`radnode.s
 Instances Transferred, or Export for a forward or a de-identified destination, with its outcome.
 
 A job whose results supersede an earlier job's (a re-run on the whole study after late instances) also
-delivers an IHE IOCM rejection note (``rejection-note.dcm``, a KOS "Rejected for Quality Reasons") to every
-destination that received the earlier DICOM results, naming exactly those (``Outcome.sent_uid`` per delivery);
+delivers an IHE IOCM rejection note (a KOS "Rejected for Quality Reasons") to every destination that received
+the earlier DICOM results, each naming exactly what that destination received (``Outcome.sent_uid`` per
+delivery): ``rejection-note.dcm``, and ``rejection-<n>/rejection-note.dcm`` for destinations that received
+other objects (the Encapsulated PDF only some take, say);
 the FHIR report is re-issued in place by the run itself (same identifier, status corrected). A reviewer's
 decision goes out the same way (:meth:`Egress.decide`, ``radnode/feedback/reissue.py``): a verified report SR
 or a rejection note, and the FHIR report's new status, as deliveries of the job's ``review-<id>/`` objects.
@@ -26,12 +28,14 @@ or a rejection note, and the FHIR report's new status, as deliveries of the job'
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
 import threading
 from collections import defaultdict
-from pathlib import Path
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
 from radnode.config import Config
@@ -85,6 +89,24 @@ def _copy_durably(source: Path, target: Path) -> list[str]:
     shutil.rmtree(target, ignore_errors=True)
     os.replace(staging, target)
     return names
+
+
+def rejection_notes() -> Iterator[str]:
+    """Where a re-run's rejection notes go in its outbox: ``rejection-note.dcm``, then, for destinations that
+    received other objects of the superseded job, ``rejection-2/rejection-note.dcm``, ``rejection-3/…``."""
+    yield REJECTION_NOTE
+    for n in itertools.count(2):
+        yield f"rejection-{n}/{REJECTION_NOTE}"
+
+
+def _by_withdrawn(sent: dict[str, list[str]]) -> dict[tuple[str, ...], list[str]]:
+    """The destinations by the superseded objects each received (one note per distinct set, in the order of
+    the destinations' names); a destination left nothing to withdraw is in none."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for name, objects in sorted(sent.items()):
+        if objects:
+            groups.setdefault(tuple(sorted(set(objects))), []).append(name)
+    return groups
 
 
 class Egress:
@@ -169,7 +191,7 @@ class Egress:
         notes: list[str] = []
         for name, destination in targets.items():
             files = [file for file in names if destination.wants(file) and (job.pipeline or is_dicom(file))
-                     and file != REJECTION_NOTE]
+                     and PurePosixPath(file).name != REJECTION_NOTE]
             if destination.deidentify is None:
                 plan += [(name, file) for file in files]
                 continue
@@ -184,7 +206,7 @@ class Egress:
         if not job.pipeline:
             plan, skipped = self._not_forwarded_before(job_id, plan)
             notes += skipped
-        plan += [(name, REJECTION_NOTE) for name in withdraw]  # last: the new results are there before the old go
+        plan += withdraw  # last: the new results are there before the old go
         dicom = len(dicom_files(names))
         summary = "; ".join([f"{len(names)} outputs ({dicom} DICOM) copied to the outbox",
                              f"{len(plan)} deliveries planned"
@@ -254,10 +276,11 @@ class Egress:
             self._deidentifiers[profile] = deidentifier_for(self.config, profile, site_key)
         return self._deidentifiers[profile]
 
-    def _supersede(self, job_id: int, names: list[str]) -> list[str]:
+    def _supersede(self, job_id: int, names: list[str]) -> list[tuple[str, str]]:
         """When this job's results supersede an earlier job's (a re-run on the whole study), write the IOCM
-        rejection note of what that job sent into this job's outbox (added to ``names``); returns the destinations
-        that must receive it: every one that got (or was being sent) a superseded DICOM object."""
+        rejection notes of what that job sent into this job's outbox (added to ``names``); returns the
+        (destination, note) deliveries: each destination that got (or was being sent) a superseded DICOM object
+        gets a note referencing only those objects, never one that went elsewhere only (:func:`rejection_notes`)."""
         superseded = self.store.supersede(job_id, REJECTION_NOTE)
         if superseded is None:
             return []
@@ -266,34 +289,34 @@ class Egress:
         if len(sent) < len(superseded.sent):  # a note naming the patient must not follow de-identified copies
             self.store.note(job_id, "withdraw-error", "not withdrawn at "
                            f"{', '.join(sorted(set(superseded.sent) - set(sent)))} (de-identified copies went there)")
-        if not sent:
-            return []
         old = outbox_dir(self.config, superseded.superseded)
         files = sorted({name for objects in sent.values() for name in objects})
-        present = [old / name for name in files if (old / name).is_file()]
-        if len(present) < len(files):
-            missing = ", ".join(name for name in files if not (old / name).is_file())
-            self.store.note(job_id, "withdraw-error", f"job {superseded.superseded}'s {missing} no longer in its "
-                                                     "outbox (purged?): not referenced by the rejection note")
-        if not present:
-            return []
-        target = outbox_dir(self.config, job_id) / REJECTION_NOTE
-        try:
-            uid = write_rejection_note(present, target, uid_root=self.config.uid_root,
-                                       institution_name=self.config.institution_name)
-            with open(target, "rb") as f:
-                os.fsync(f.fileno())
-        except Exception as e:  # an old object that cannot be read (damaged) must not keep the new results back
-            log.exception("job %d: the rejection note of job %d cannot be written", job_id, superseded.superseded)
-            target.unlink(missing_ok=True)
-            self.store.note(job_id, "withdraw-error", f"job {superseded.superseded}'s results cannot be withdrawn: "
-                                                     f"rejection note not written ({type(e).__name__}: {e})")
-            return []
-        names.append(REJECTION_NOTE)
-        self.store.note(job_id, "withdraw",
-                       f"rejection note {uid} ({REJECTION_NOTE}, Rejected for Quality Reasons) withdraws job "
-                       f"{superseded.superseded}'s {', '.join(p.name for p in present)} at {', '.join(sorted(sent))}")
-        return sorted(sent)
+        if missing := [name for name in files if not (old / name).is_file()]:
+            self.store.note(job_id, "withdraw-error", f"job {superseded.superseded}'s {', '.join(missing)} no longer "
+                                                     "in its outbox (purged?): not referenced by the rejection note")
+        present = {name: [o for o in objects if o not in missing] for name, objects in sent.items()}
+        plan: list[tuple[str, str]] = []
+        for note, (withdrawn, destinations) in zip(rejection_notes(), _by_withdrawn(present).items()):
+            target = outbox_dir(self.config, job_id) / note
+            try:
+                target.parent.mkdir(exist_ok=True)
+                uid = write_rejection_note([old / name for name in withdrawn], target, uid_root=self.config.uid_root,
+                                           institution_name=self.config.institution_name)
+                with open(target, "rb") as f:
+                    os.fsync(f.fileno())
+            except Exception as e:  # an old object that cannot be read (damaged) must not keep the new results back
+                log.exception("job %d: the rejection note of job %d cannot be written", job_id, superseded.superseded)
+                target.unlink(missing_ok=True)
+                self.store.note(job_id, "withdraw-error", f"job {superseded.superseded}'s results cannot be withdrawn: "
+                                                         f"rejection note not written ({type(e).__name__}: {e}); "
+                                                         f"not withdrawn at {', '.join(destinations)}")
+                continue
+            names.append(note)
+            plan += [(name, note) for name in destinations]
+            self.store.note(job_id, "withdraw",
+                           f"rejection note {uid} ({note}, Rejected for Quality Reasons) withdraws job "
+                           f"{superseded.superseded}'s {', '.join(withdrawn)} at {', '.join(destinations)}")
+        return plan
 
     def _deidentifying(self, name: str) -> bool:
         """Whether the destination a delivery row names de-identifies (an unknown one counts as doing so)."""
