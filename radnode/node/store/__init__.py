@@ -67,7 +67,8 @@ if TYPE_CHECKING:
 __all__ = ["CANCELLED_BY", "FINAL_STATES", "SQLITE_FILE", "ActionRefused", "Arrival", "Attempt", "Claim", "Correction",
            "CorrectionState", "Decide", "Delivery", "Event", "ForeignInstance", "Instance", "InstanceBeingPurged",
            "InstanceFileGone", "Job", "JobState", "JobStore", "Publication", "PurgePlan", "ReissuePlan",
-           "ResultsOutOfDate", "ShadowComparison", "ShadowNotDelivered", "StoreError", "StudyDetails", "Supersession", "WorkerInfo",
+           "ResultsOutOfDate", "ShadowComparison", "ShadowNotDelivered", "StoreError", "StudyDetails", "Supersession",
+           "WorkerInfo",
            "head_revision", "store_target", "upgrade_store"]
 
 

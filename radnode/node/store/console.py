@@ -1,5 +1,6 @@
 """The console's records: people, API tokens and sessions; operators' actions on jobs, each in the job's event
-log with the person who took it (a re-send is egress's: ``Deliveries.resend``); run-time settings (the queue paused); study details for the job list.
+log with the person who took it (a re-send is egress's: ``Deliveries.resend``); run-time settings (the queue
+paused); study details for the job list.
 
 Actions are guarded transitions like the node's own: one that does not apply to the job's state changes
 nothing and says why (:class:`ActionRefused`), so two operators clicking at once act once.
