@@ -3,6 +3,7 @@ sessions and CSRF, metrics against the store, STOW-RS beside C-STORE, bounded co
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -376,7 +377,6 @@ def test_radnode_serve_logs_each_study_job_and_delivery_once_and_no_instance(tmp
     delivered = [line for line in lines if re.search(r"job 1 \S+ delivered to \S*ARCHIVE\S*: 4 object", line)]
     assert (len(association), len(study), len(queued), len(delivered), len(done)) == (1, 1, 1, 1, 1), "\n".join(lines)
     assert all(re.match(r"\d{4}-\d\d-\d\dT[\d:.]+Z (INFO|WARNING) ", line) for line in lines), "\n".join(lines)
-    import json
     first = json.loads((tmp_path / "verbose.log").read_text().splitlines()[0])
     assert {"time", "level", "logger", "message"} <= set(first)
 
@@ -474,6 +474,76 @@ def test_the_rules_test_shows_header_values_only_to_roles_that_see_patient_data(
         assert "PatientID = 'COHORT7' not matched: 'SECRET-MRN-4711'" in report, "the report names header values"
 
 
+def _free_texts_shown_to(node: Node, role: Role, job_id: int) -> tuple[dict, dict, dict]:
+    """The job, the job list and the job's files as a token of ``role`` gets them from the API."""
+    with api(node, token_for(node, role, f"reader-{role.value}")) as client:
+        return (client.get(f"/api/jobs/{job_id}").json(), client.get("/api/jobs").json(),
+                client.get(f"/api/jobs/{job_id}/files").json())
+
+
+@pytest.fixture
+def failed_with_notes(tmp_path: Path, stand_in: list[str],
+                      monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Node, int]]:
+    """A node and a job whose pipeline failed quoting the patient's name on stderr, then was retried and
+    cancelled by ``token:ops`` with notes naming the patient."""
+    monkeypatch.setenv("STAND_IN_FAIL_WITHHELD1", "cannot read PatientName DOE^JANE")  # before the node's workers
+    with Node(node_config(tmp_path), job_command=stand_in, poll_seconds=0.05) as node:
+        write_study(tmp_path / "study", n=2, patient_id="WITHHELD1")
+        job_id = _sent_and_done(node, tmp_path / "study")
+        with api(node, token_for(node, Role.OPERATOR, "ops")) as operator:
+            operator.post("/api/queue/pause").raise_for_status()
+            operator.post(f"/api/jobs/{job_id}/retry", json={"note": "ward of DOE^JANE called"}).raise_for_status()
+            operator.post(f"/api/jobs/{job_id}/cancel", json={"note": "DOE^JANE moved"}).raise_for_status()
+            operator.post("/api/queue/resume").raise_for_status()
+        yield node, job_id
+
+
+def test_stderr_and_operators_notes_are_withheld_from_roles_without_patient_data(
+        failed_with_notes: tuple[Node, int]) -> None:
+    """A pipeline's error output and the notes operators type can quote the patient: a viewer gets them as null,
+    each named in the document's ``withheld``; an operator gets them as they are."""
+    node, job_id = failed_with_notes
+    job, listed, files = _free_texts_shown_to(node, Role.VIEWER, job_id)
+    assert "DOE^JANE" not in str((job, listed, files)), (job, files)
+    assert (job["reason"], job["withheld"], job["failure"]) == (None, ["reason"], "cancelled")
+    assert (listed["jobs"][0]["reason"], listed["jobs"][0]["withheld"]) == (None, ["reason"])
+    assert (files["stderr_tail"], files["withheld"]) == (None, ["stderr_tail"])
+    by_kind = {e["kind"]: e for e in job["events"]}
+    for kind in ("failed", "retry", "cancelled"):
+        assert (by_kind[kind]["message"], by_kind[kind]["withheld"]) == (None, ["message"]), by_kind[kind]
+    assert by_kind["received"]["message"] and by_kind["received"]["withheld"] == [], "the node's own lines stay"
+    shown = subprocess.run([sys.executable, "-m", "radnode", "jobs", "show", str(job_id), "--url",
+                            f"http://127.0.0.1:{node.api_port}"], capture_output=True, text=True, timeout=60,
+                           env={**os.environ, "RADNODE_TOKEN": token_for(node, Role.VIEWER, "cli-viewer")})
+    assert "DOE^JANE" not in shown.stdout and "(withheld for your role)" in shown.stdout, shown.stdout + shown.stderr
+    job, listed, files = _free_texts_shown_to(node, Role.OPERATOR, job_id)
+    assert job["reason"] == "cancelled by token:ops: DOE^JANE moved" and job["withheld"] == []
+    assert "cannot read PatientName DOE^JANE" in files["stderr_tail"] and files["withheld"] == []
+    by_kind = {e["kind"]: e for e in job["events"]}
+    assert "ward of DOE^JANE called" in by_kind["retry"]["message"] and by_kind["retry"]["withheld"] == []
+    assert "PatientName DOE^JANE" in by_kind["failed"]["message"]
+
+
+@pytest.mark.slow
+def test_the_job_page_shows_withheld_for_your_role_to_a_viewer_in_chromium(
+        failed_with_notes: tuple[Node, int], playwright_core: Path) -> None:
+    node, job_id = failed_with_notes
+    shown = {}
+    for role in (Role.VIEWER, Role.OPERATOR):
+        node.accounts.add_user(f"page-{role.value}", role, PASSWORD)
+        browser = subprocess.run(
+            ["node", str(Path(__file__).parent / "support" / "withheld_browser.cjs")], capture_output=True, text=True,
+            timeout=180, env={**os.environ, "PLAYWRIGHT_CORE": str(playwright_core), "JOB_ID": str(job_id),
+                              "CONSOLE_URL": f"http://127.0.0.1:{node.api_port}", "CONSOLE_USER": f"page-{role.value}",
+                              "CONSOLE_PASSWORD": PASSWORD})
+        assert browser.returncode == 0, browser.stdout + browser.stderr
+        shown[role] = json.loads(browser.stdout.strip().splitlines()[-1])
+    assert shown[Role.VIEWER] == dict.fromkeys(("reason", "retry", "cancelled", "stderr"), "withheld for your role")
+    assert shown[Role.OPERATOR]["reason"] == "cancelled by token:ops: DOE^JANE moved"
+    assert "ward of DOE^JANE called" in shown[Role.OPERATOR]["retry"]
+    assert "cannot read PatientName DOE^JANE" in shown[Role.OPERATOR]["stderr"]
+
+
 def test_a_paused_queue_keeps_ingesting_and_starts_nothing_until_resumed(node: Node, tmp_path: Path) -> None:
     operator = token_for(node, Role.OPERATOR)
     with api(node, operator) as client:
@@ -499,7 +569,7 @@ def test_a_study_still_arriving_is_forced_complete_and_a_queued_job_cancelled(tm
         assert job.state is JobState.RECEIVED, "the study waits (an hour of completeness grace)"
         with api(node, token_for(node, Role.OPERATOR, "ops")) as client:
             client.post("/api/queue/pause").raise_for_status()
-            forced = client.post(f"/api/studies/{job.study_instance_uid}/complete")
+            forced = client.post(f"/api/studies/{job.study_instance_uid}/complete", json={"note": "modality done"})
             assert forced.status_code == 200, forced.text
             assert node.job(job.id).state is JobState.QUEUED  # type: ignore[union-attr]
             cancelled = client.post(f"/api/jobs/{job.id}/cancel", json={"note": "wrong patient"})
@@ -509,6 +579,8 @@ def test_a_study_still_arriving_is_forced_complete_and_a_queued_job_cancelled(tm
         assert final.state is JobState.FAILED and final.reason == "cancelled by token:ops: wrong patient"  # type: ignore[union-attr]
         queued = [e.message for e in node.events(job.id) if e.kind == "queued"]
         assert len(queued) == 1 and queued[0].endswith("forced complete by token:ops")
+        assert [e.message for e in node.events(job.id) if e.kind == "forced-complete"] == [
+            "forced complete by token:ops: modality done"], "the note in an event of its own"
         time.sleep(0.5)
         assert node.job(job.id).runs == 0, "a cancelled job never runs"  # type: ignore[union-attr]
 

@@ -178,10 +178,14 @@ def complete_study(request: Request, identity: Operator,
                       f"no job for study {study_uid}", study_uid=study_uid)
 
     def force() -> str:
-        state = store.queue_job(job_id, f"forced complete by {identity.label}" + (f" ({body.note})" if body.note else ""))
+        """Queue the job; a note goes into an event of its own (``forced-complete``), which roles without
+        patient data are not shown, while the ``queued`` line stays readable to them."""
+        state = store.queue_job(job_id, f"forced complete by {identity.label}")
         if state is None:
             job = store.job(job_id)
             raise ActionRefused(f"job {job_id} of study {study_uid} is {job.state if job else 'gone'}, not receiving")
+        if body.note:
+            store.note_action(job_id, "forced-complete", f"forced complete by {identity.label}: {body.note}")
         return f"job {job_id} {state}"
 
     return ActionResult(job_id=job_id, message=_act(request, identity, "complete-study", job_id, force))

@@ -119,9 +119,11 @@ def get_job(request: Request, identity: Viewer, job_id: JobIdPath) -> JobDetail:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id}")
     details = store.study_details([job.study_instance_uid])[job.study_instance_uid]
     reviewer = store.reviewed_jobs([job.id]).get(job.id, (None,))[0]
-    summary = job_summary(job, gate_of(request).sees_patient_data(identity), details, reviewer)
-    return JobDetail(**summary.model_dump(), events=[event_document(e) for e in store.events(job_id)],
-                     deliveries=[delivery_document(d) for d in store.deliveries(job_id)],
+    patient_data = gate_of(request).sees_patient_data(identity)
+    summary = job_summary(job, patient_data, details, reviewer)
+    withheld_reason = job.reason if "reason" in summary.withheld else None
+    return JobDetail(**summary.model_dump(), events=[event_document(e, patient_data) for e in store.events(job_id)],
+                     deliveries=[delivery_document(d, withheld_reason) for d in store.deliveries(job_id)],
                      corrections=[correction_document(c) for c in store.corrections(job_id=job_id)],
                      shadow_comparisons=[shadow_document(c) for c in store.shadow_comparisons(job_id=job_id)])
 

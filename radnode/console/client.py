@@ -16,6 +16,7 @@ from typing import Any
 import requests
 
 from radnode.config import Config
+from radnode.console.schemas import WITHHELD
 
 TOKEN_ENV = "RADNODE_TOKEN"
 
@@ -60,16 +61,21 @@ class NodeClient:
         return answer.text if text else answer.json()
 
 
+def _text(document: dict[str, Any], field: str) -> str:
+    """A document's free-text field, or the marker when the node withheld it from this token's role."""
+    return f"({WITHHELD})" if field in document.get("withheld", []) else document.get(field) or ""
+
+
 def job_line(job: dict[str, Any]) -> str:
     """One job as ``radnode jobs list`` prints it."""
     review = {True: "flagged", False: "", None: ""}[job["needs_review"]]
     if review and job.get("reviewed_by"):
         review = f"reviewed by {job['reviewed_by']}"
-    patient = job.get("patient_id")
+    patient, reason = job.get("patient_id"), _text(job, "reason")
     return (f"{job['id']:>6}  {job['state']:<10} {job['pipeline'] or '-':<12} {job['priority']:<8} "
             f"{job['created_at'][:19]}Z  {','.join(job.get('modalities') or []) or '-':<6} "
             + (f"{patient:<14} " if patient is not None else "")
-            + f"{job['study_instance_uid']}  {review}{'  ' + job['reason'] if job.get('reason') else ''}")
+            + f"{job['study_instance_uid']}  {review}{'  ' + reason if reason else ''}")
 
 
 def job_text(job: dict[str, Any]) -> str:
@@ -83,7 +89,7 @@ def job_text(job: dict[str, Any]) -> str:
         lines.append("deliveries:")
         for d in job["deliveries"]:
             lines.append(f"  {d['destination']}  {d['object']}  {d['state']}  attempts {d['attempts']}"
-                         + (f"  last error: {d['last_error']}" if d.get("last_error") else ""))
+                         + (f"  last error: {error}" if (error := _text(d, "last_error")) else ""))
     lines.append("events:")
-    lines += [f"  {e['at'][:19]}Z  {e['kind']:<14} {e['message']}" for e in job["events"]]
+    lines += [f"  {e['at'][:19]}Z  {e['kind']:<14} {_text(e, 'message')}" for e in job["events"]]
     return "\n".join(lines)

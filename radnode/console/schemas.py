@@ -1,7 +1,9 @@
 """The API's documents (Pydantic models, which FastAPI turns into the OpenAPI schema).
 
 Times are ISO-8601 in UTC (``2026-12-01T10:15:00.250000Z``), states and priorities by name. Patient fields
-(``patient_id``) are null for a caller whose role may not see patient data (``api.patient_data_roles``).
+(``patient_id``) are null for a caller whose role may not see patient data (``api.patient_data_roles``), and so
+are free texts that may quote it (a pipeline's error output, a note an operator typed): those are named in the
+document's ``withheld``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,20 @@ class Document(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+WITHHELD = "withheld for your role"
+"""What the dashboard and ``radnode jobs`` show in place of a text named in a document's ``withheld``."""
+
+WITHHELD_DESCRIPTION = ("fields given as null because they are free text that may quote patient data (a "
+                        "pipeline's error output, an operator's note) and the caller's role may not see it")
+
+WITHHELD_EVENTS = frozenset({"retry", "refusals-waived", "cancelled", "reviewed", "resend", "forced-complete", "failed"})
+"""Event kinds whose message may quote what a person typed (an operator's note) or a pipeline wrote (``failed``:
+the last line of its stderr), either of which can name the patient."""
+
+WITHHELD_FAILURES = frozenset({"cancelled", "processing"})
+"""Failure kinds whose reason may quote patient data: a cancel's note, a processing failure's last stderr line."""
+
+
 class JobSummary(Document):
     """A job as the job list shows it."""
 
@@ -70,13 +86,15 @@ class JobSummary(Document):
     sibling_of: int | None = Field(description="the study's main job when this one runs a further pipeline")
     shadow: bool = Field(False, description="a shadow run of a candidate pipeline beside job sibling_of: its "
                                             "results are compared with that job's, never delivered")
+    withheld: list[Literal["reason"]] = Field(default_factory=list, description=WITHHELD_DESCRIPTION)
 
 
 class EventDocument(Document):
     id: int
     at: dt.datetime
     kind: str
-    message: str
+    message: str | None = Field(description="null when withheld")
+    withheld: list[Literal["message"]] = Field(default_factory=list, description=WITHHELD_DESCRIPTION)
 
 
 class DeliveryDocument(Document):
@@ -86,9 +104,11 @@ class DeliveryDocument(Document):
     state: str
     attempts: int
     next_attempt_at: dt.datetime | None
-    last_error: str | None
+    last_error: str | None = Field(description="null when withheld (a cancelled delivery's error is the job's "
+                                                "cancel reason, with its note)")
     sent_uid: str | None = Field(None, description="the SOP Instance UID that went out (a DICOM object), once "
                                                    "delivered: a re-send sends the same")
+    withheld: list[Literal["last_error"]] = Field(default_factory=list, description=WITHHELD_DESCRIPTION)
 
 
 class SegmentAgreementDocument(Document):
@@ -372,18 +392,22 @@ def failure_kind(job: Job) -> str | None:
 
 def job_summary(job: Job, patient_data: bool, details: StudyDetails | None = None,
                 reviewed_by: str | None = None) -> JobSummary:
+    """The job as the caller's role may see it: patient fields and a reason that may quote patient data
+    (:data:`WITHHELD_FAILURES`) are null without ``patient_data``."""
     details = details or StudyDetails()
+    failure = failure_kind(job)
+    hide_reason = not patient_data and job.reason is not None and failure in WITHHELD_FAILURES
     return JobSummary(
         id=job.id, study_instance_uid=job.study_instance_uid, patient_id=job.patient_id if patient_data else None,
         accession_number=details.accession_number if patient_data else None,
         study_description=details.study_description, modalities=list(details.modalities),
-        pipeline=job.pipeline, state=job.state, reason=job.reason, needs_review=job.needs_review,
-        review_reasons=list(job.review_reasons), reviewed_by=reviewed_by, failure=failure_kind(job),
-        priority=Priority(priority_name(job.priority)),
+        pipeline=job.pipeline, state=job.state, reason=None if hide_reason else job.reason,
+        needs_review=job.needs_review, review_reasons=list(job.review_reasons), reviewed_by=reviewed_by,
+        failure=failure, priority=Priority(priority_name(job.priority)),
         calling_ae=job.calling_ae, peer_address=job.peer_address, instances=job.instances,
         late_instances=job.late_instances, runs=job.runs, created_at=utc(job.created_at),
         updated_at=utc(job.updated_at), purged_at=utc(job.purged_at), sibling_of=job.sibling_of,
-        shadow=job.shadow)
+        shadow=job.shadow, withheld=["reason"] if hide_reason else [])
 
 
 def shadow_document(comparison: ShadowComparison) -> ShadowComparisonDocument:
@@ -392,16 +416,24 @@ def shadow_document(comparison: ShadowComparison) -> ShadowComparisonDocument:
     return ShadowComparisonDocument.model_validate({**record, "compared_at": utc(comparison.compared_at)})
 
 
-def event_document(event: Event) -> EventDocument:
-    return EventDocument(id=event.id, at=utc(event.at), kind=event.kind, message=event.message)
+def event_document(event: Event, patient_data: bool) -> EventDocument:
+    """One event; without ``patient_data`` the message of a kind that may quote patient data
+    (:data:`WITHHELD_EVENTS`) is null."""
+    hide = not patient_data and event.kind in WITHHELD_EVENTS
+    return EventDocument(id=event.id, at=utc(event.at), kind=event.kind, message=None if hide else event.message,
+                         withheld=["message"] if hide else [])
 
 
-def delivery_document(delivery: Delivery) -> DeliveryDocument:
+def delivery_document(delivery: Delivery, withheld_reason: str | None = None) -> DeliveryDocument:
+    """One delivery; its last error is null when it is ``withheld_reason`` (the job's reason, withheld from the
+    caller: a cancel writes it into the deliveries it stops)."""
     pending = delivery.state == "pending"
+    hide = withheld_reason is not None and delivery.last_error == withheld_reason
     return DeliveryDocument(id=delivery.id, destination=delivery.destination, object=delivery.object,
                             state=delivery.state, attempts=delivery.attempts,
                             next_attempt_at=utc(delivery.next_attempt_at) if pending else None,
-                            last_error=delivery.last_error, sent_uid=delivery.sent_uid)
+                            last_error=None if hide else delivery.last_error, sent_uid=delivery.sent_uid,
+                            withheld=["last_error"] if hide else [])
 
 
 def correction_document(correction: Correction) -> CorrectionDocument:

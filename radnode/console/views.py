@@ -10,7 +10,7 @@ import shutil
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Path as PathParam, Query, Request, status
 from fastapi.responses import FileResponse
@@ -18,7 +18,7 @@ from pydantic import Field
 
 from radnode.config import Config
 from radnode.console.auth import Admin, Operator, Viewer, gate_of
-from radnode.console.schemas import Document
+from radnode.console.schemas import WITHHELD_DESCRIPTION, Document
 from radnode.destinations import Destination as DestinationType
 from radnode.destinations import SendContext, Timeouts
 from radnode.node.egress import Egress
@@ -91,7 +91,9 @@ class OutputDocument(Document):
 class JobFiles(Document):
     series: list[SeriesDocument]
     outputs: list[OutputDocument] = Field(description="files in the job's outbox (download: /api/jobs/{id}/outputs/NAME)")
-    stderr_tail: str = Field(description="the end of the job process's stderr")
+    stderr_tail: str | None = Field(description="the end of the job process's stderr; null when withheld (it may "
+                                                "quote header values, a PatientName)")
+    withheld: list[Literal["stderr_tail"]] = Field(default_factory=list, description=WITHHELD_DESCRIPTION)
 
 
 def _job_or_404(store: JobStore, job_id: int):  # type: ignore[no-untyped-def]
@@ -102,7 +104,8 @@ def _job_or_404(store: JobStore, job_id: int):  # type: ignore[no-untyped-def]
 
 
 @router.get("/api/jobs/{job_id}/files", response_model=JobFiles, tags=["jobs"],
-            summary="A job's series, outputs and the tail of its stderr", responses={404: {"description": "no such job"}})
+            summary="A job's series, outputs and, for roles that see patient data, the tail of its stderr",
+            responses={404: {"description": "no such job"}})
 def job_files(request: Request, identity: Viewer, job_id: Annotated[int, PathParam(ge=1, le=2**62)]) -> JobFiles:
     from radnode.node.worker import job_dir
 
@@ -120,6 +123,8 @@ def job_files(request: Request, identity: Viewer, job_id: Annotated[int, PathPar
     folder = run_outputs(config, job)
     outputs = [OutputDocument(name=p.name, bytes=p.stat().st_size) for p in sorted(folder.iterdir()) if p.is_file()] \
         if folder.is_dir() else []
+    if not gate_of(request).sees_patient_data(identity):
+        return JobFiles(series=series, outputs=outputs, stderr_tail=None, withheld=["stderr_tail"])
     stderr = job_dir(config, job_id) / "stderr.log"
     tail = ""
     if stderr.is_file():

@@ -4,6 +4,7 @@
 const CSRF = document.querySelector('meta[name="csrf-token"]').content;
 const PATIENT = document.body.dataset.patientData === "true";
 const POLL_MS = 1500;
+const WITHHELD = "withheld for your role";  // a text the API withholds from this role (named in `withheld`)
 
 async function api(path, options = {}) {
   const headers = Object.assign({ "Accept": "application/json" }, options.headers || {});
@@ -22,6 +23,9 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+function shown(doc, field, empty = "") {  // a document's text, or the marker where the API withheld it
+  return (doc.withheld || []).includes(field) ? WITHHELD : (doc[field] || empty);
+}
 function when(iso) { return iso ? iso.replace("T", " ").replace(/\.\d+Z$/, "Z") : ""; }
 function toast(text) { const t = document.getElementById("toast"); t.textContent = text; t.style.display = "block"; setTimeout(() => { t.style.display = "none"; }, 4000); }
 
@@ -33,7 +37,8 @@ function jobRow(job) {
   cells.push(el("td", { class: "uid" }, job.study_instance_uid), el("td", {}, job.calling_ae), el("td", {}, job.pipeline),
     el("td", {}, (job.modalities || []).join(", ")), el("td", {}, job.study_description || ""));
   if (PATIENT) cells.push(el("td", {}, job.accession_number || ""));
-  cells.push(el("td", {}, el("span", { class: "state " + job.state }, job.state), job.reason ? el("div", { class: "muted" }, job.reason) : ""),
+  const reason = shown(job, "reason");
+  cells.push(el("td", {}, el("span", { class: "state " + job.state }, job.state), reason ? el("div", { class: "muted" }, reason) : ""),
     el("td", {}, job.priority), el("td", {}, when(job.created_at)), el("td", {}, when(job.updated_at)),
     el("td", {}, job.needs_review === true ? (job.reviewed_by ? "reviewed by " + job.reviewed_by : "flagged") : job.needs_review === false ? "ok" : ""));
   return el("tr", { "data-job-id": job.id, "data-state": job.state }, ...cells);
@@ -107,19 +112,20 @@ async function refreshJob() {
     OPERATOR ? el("button", { class: "primary", id: "resend-undelivered", onclick: () => act(`/api/jobs/${id}/resend`, { failed_only: true }) }, "Re-send undelivered") : "")] : []));
   const facts = [["Study", job.study_instance_uid], ["Description", job.study_description], ["Modalities", (job.modalities || []).join(", ")],
     ["Pipeline", job.pipeline], ["Priority", job.priority], ["From", job.calling_ae + " " + job.peer_address], ["Instances", job.instances],
-    ["Runs", job.runs], ["Received", when(job.created_at)], ["Updated", when(job.updated_at)], ["Reason", job.reason || ""],
+    ["Runs", job.runs], ["Received", when(job.created_at)], ["Updated", when(job.updated_at)],
+    ["Reason", shown(job, "reason")],
     ["Review", job.needs_review === true ? "flagged: " + job.review_reasons.join("; ") + (job.reviewed_by ? " (reviewed by " + job.reviewed_by + ")" : "") : job.needs_review === false ? "not flagged" : "not assessed"]];
   if (PATIENT) facts.unshift(["Patient ID", job.patient_id || ""], ["Accession", job.accession_number || ""]);
   document.getElementById("job-facts").replaceChildren(...facts.flatMap(([k, v]) => [el("dt", {}, k), el("dd", {}, v)]));
   document.getElementById("job-actions").replaceChildren(...jobActions(job));
   document.querySelector("#deliveries tbody").replaceChildren(...job.deliveries.map(d => el("tr", { "data-destination": d.destination, "data-state": d.state },
     el("td", {}, d.destination), el("td", {}, d.object), el("td", {}, el("span", { class: "state " + d.state }, d.state)),
-    el("td", {}, d.attempts), el("td", {}, d.last_error || ""), el("td", { class: "uid" }, d.sent_uid || ""))));
+    el("td", {}, d.attempts), el("td", {}, shown(d, "last_error")), el("td", { class: "uid" }, d.sent_uid || ""))));
   const destinations = [...new Set(job.deliveries.map(d => d.destination))];
   document.getElementById("destination-actions").replaceChildren(...(OPERATOR && ["done", "failed"].includes(job.state) ? destinations.map(d =>
     el("button", { class: "resend-one", "data-destination": d, onclick: () => act(`/api/jobs/${id}/resend`, { destination: d }) }, "Re-send to " + d)) : []));
   document.querySelector("#events tbody").replaceChildren(...job.events.map(e => el("tr", { "data-kind": e.kind },
-    el("td", {}, when(e.at)), el("td", {}, e.kind), el("td", {}, e.message))));
+    el("td", {}, when(e.at)), el("td", {}, e.kind), el("td", {}, shown(e, "message")))));
   document.getElementById("shadow-comparisons").replaceChildren(...(job.shadow_comparisons.length ? job.shadow_comparisons.map(shadowComparison)
     : [el("p", { class: "muted" }, job.shadow ? "A shadow run: results kept, never delivered; compared once this job and job " + job.sibling_of + " are final."
       : "No candidate pipeline shadows this job.")]));
@@ -128,7 +134,7 @@ async function refreshJob() {
     el("td", {}, s.modality), el("td", {}, s.instances), el("td", {}, s.late))));
   document.getElementById("outputs").replaceChildren(...files.outputs.map(o => el("li", {},
     PATIENT ? el("a", { href: `/api/jobs/${id}/outputs/${encodeURIComponent(o.name)}` }, o.name) : o.name, " (" + o.bytes + " bytes)")));
-  document.getElementById("stderr").textContent = files.stderr_tail || "(empty)";
+  document.getElementById("stderr").textContent = shown(files, "stderr_tail", "(empty)");
 }
 
 function shadowComparison(c) {
