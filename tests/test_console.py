@@ -444,6 +444,23 @@ def test_refused_attempts_are_audited_like_the_actions_they_tried(node: Node, tm
     assert "export/reviews" in export and "may not export patient identifiers" in export, export
 
 
+def test_an_export_of_an_unknown_kind_is_refused_and_audited(node: Node) -> None:
+    """A refused export is in the trail like a refused action: asking for a kind the node has none of (404)
+    writes a minor-failure message naming the kind and why. (``radnode export`` refuses such a kind itself,
+    from the registry's names, before asking the node.)"""
+    with api(node, token_for(node, Role.ADMIN, "auditor")) as client:
+        answer = client.get("/api/export/no-such-kind", params={"format": "csv"})
+        assert client.get("/api/export/reviews").status_code == 200
+    assert answer.status_code == 404 and "no export 'no-such-kind'" in answer.json()["detail"], answer.text
+    trail = [line for line in node.audit.path.read_text().splitlines()  # type: ignore[union-attr]
+             if "token:auditor" in line and "export/" in line]
+    assert len(trail) == 2, trail
+    refused, done = trail
+    assert 'EventOutcomeIndicator="4"' in refused and ">export no-such-kind (csv)<" in refused, refused
+    assert "export/no-such-kind" in refused and "refused: no export" in refused, refused
+    assert 'EventOutcomeIndicator="0"' in done and "export/reviews" in done, done
+
+
 def test_the_destinations_page_lists_egress_destinations_and_checks_one_live(node: Node, pacs: StoreSCP) -> None:
     with api(node, token_for(node, Role.VIEWER)) as viewer:
         assert viewer.get("/api/destinations").json() == [{"name": pacs.address, "kind": "dicom",

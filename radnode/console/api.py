@@ -14,8 +14,8 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import Field
 
-from radnode.console.accounts import same_secret
-from radnode.console.auth import Viewer, bearer_scheme, gate_of
+from radnode.console.accounts import Identity, same_secret
+from radnode.console.auth import Viewer, bearer_scheme, client_address, gate_of
 from radnode.console.schemas import (
     CorrectionList, Document, DriftDocument, PerformanceDocument, Health, JobDetail, JobIdPath, JobList, Me, Queued,
     ShadowSummaryDocument, WorkerList, correction_document, delivery_document, event_document, job_summary,
@@ -212,6 +212,17 @@ def compare_pipelines(request: Request, identity: Viewer,
                                                  "since": since})
 
 
+def _refused_export(request: Request, identity: Identity, action: str, kind: str, code: int,
+                    reason: str) -> HTTPException:
+    """The HTTP error for a refused export, audited first (outcome minor failure, with why) as every refused
+    console attempt is (``actions._refuse``), so the trail holds what was tried, not only what was exported."""
+    gate = gate_of(request)
+    if gate.audit is not None:
+        gate.audit.user_action(user=identity.label, address=client_address(request), action=action,
+                               what=f"export/{kind}", refused=reason)
+    return HTTPException(code, reason)
+
+
 @router.get("/api/export/{kind}", tags=["feedback"],
             summary="The feedback records as CSV or JSON (agreement, reviews, performance), without patient "
                     "identifiers unless asked for by a role allowed them (api.export_identifier_roles); audited",
@@ -231,21 +242,19 @@ def export(request: Request, identity: Viewer,
 
     gate = gate_of(request)
     if identifiers and not gate.exports_identifiers(identity):
-        reason = f"role {identity.role} may not export patient identifiers (api.export_identifier_roles)"
-        if gate.audit is not None:  # a refused attempt is audited too (docs/console.md)
-            gate.audit.user_action(user=identity.label, address=request.client.host if request.client else None,
-                                   action=f"export {kind} ({format}, identifiers asked for)", what=f"export/{kind}",
-                                   refused=reason)
-        raise HTTPException(status.HTTP_403_FORBIDDEN, reason)
+        raise _refused_export(request, identity, f"export {kind} ({format}, identifiers asked for)", kind,
+                              status.HTTP_403_FORBIDDEN, f"role {identity.role} may not export patient identifiers "
+                                                         "(api.export_identifier_roles)")
     after = None if since is None else (since if since.tzinfo else since.replace(tzinfo=dt.timezone.utc)).timestamp()
     config = request.app.state.config
     try:
         rows = export_rows(kind, _store(request), lambda job_id: outbox_dir(config, job_id),
                            ExportQuery(after, pipeline, identifiers))
     except UnknownExport as e:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, str(e)) from None
+        raise _refused_export(request, identity, f"export {kind} ({format})", kind, status.HTTP_404_NOT_FOUND,
+                              str(e)) from None
     if gate.audit is not None:
-        gate.audit.user_action(user=identity.label, address=request.client.host if request.client else None,
+        gate.audit.user_action(user=identity.label, address=client_address(request),
                                action=f"export {kind} ({format}, {len(rows)} rows, identifiers "
                                       f"{'included' if identifiers else 'removed'})",
                                what=f"export/{kind}")
