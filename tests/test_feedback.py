@@ -20,8 +20,8 @@ import pydicom
 import pytest
 
 from factories import (
-    ACCESSION, PATIENT, egress_test_config, independent_agreement, metric_value, seg_masks_by_source, spacing_of,
-    study_version_job, write_chest_phantom, write_correction, write_results, write_study,
+    ACCESSION, PATIENT, egress_test_config, independent_agreement, metric_value, rejected_uids, seg_masks_by_source,
+    selected_uids, spacing_of, study_version_job, write_chest_phantom, write_correction, write_results, write_study,
 )
 from pydicom import Dataset
 from pydicom.uid import ComprehensiveSRStorage, CTImageStorage, KeyObjectSelectionDocumentStorage, generate_uid
@@ -31,6 +31,7 @@ from radnode.feedback.reissue import report_identifier
 from radnode.node.egress import Egress, outbox_dir
 from radnode.node.service import Node
 from radnode.node.store import FINAL_STATES, ActionRefused, Instance, Job, JobState, JobStore
+from radnode.outputs.layout import review_of
 from radnode.pipelines.routing import SeriesDecision
 from radnode.peers import FhirServer, StoreSCP
 from support.console import api, api_json, token_for
@@ -478,6 +479,40 @@ def test_review_decisions_reissue_a_verified_report_sr_or_a_rejection_note_and_t
             ("ehr", "fhir-reissue.json", "done", 1)] * 3 + [("pacs", "rejection-note.dcm", "done", 1)] + [
             ("pacs", "report-sr.dcm", "done", 1)] * 2
         assert len(fhir.search("DiagnosticReport")["entry"]) == 1  # updated in place, never a second report
+
+
+def test_a_rejection_sends_each_destination_a_note_of_only_what_it_received(tmp_path: Path, pacs: StoreSCP) -> None:
+    """The job's report SR and SEG went to the PACS and to the archive, its Encapsulated PDF to the archive alone
+    (``encapsulated_pdf``); a reviewer rejects the results. Each destination's rejection note (read back from its
+    storescp, checked with dciodvfy) references exactly what that destination received: the PACS's never the PDF
+    it was never sent (nor its UID)."""
+    with StoreSCP(tmp_path / "archive") as archive:
+        config = egress_test_config(tmp_path, {"pacs": pacs.destination,
+                                               "archive": {**archive.destination, "encapsulated_pdf": True}})
+        store = JobStore(tmp_path / "data" / "radnode.db")
+        egress = Egress(config, store)
+        job = study_version_job(store, "1.1")
+        both = set(write_results(tmp_path / "results", report_sr=True))
+        study = pydicom.dcmread(tmp_path / "results" / "report-sr.dcm", stop_before_pixels=True).StudyInstanceUID
+        (pdf,) = write_study(tmp_path / "pdf", n=1, study_uid=study)
+        pdf_uid = str(pydicom.dcmread(pdf, stop_before_pixels=True).SOPInstanceUID)
+        pdf.rename(tmp_path / "results" / "report-pdf.dcm")
+        egress.stage(job, tmp_path / "results")
+        wait_until(lambda: egress.deliver_due() or store.job(job).state is JobState.DONE)
+        delivered = {(d.destination, d.object) for d in store.deliveries(job)}
+        assert ("archive", "report-pdf.dcm") in delivered and ("pacs", "report-pdf.dcm") not in delivered
+        assert "re-issue queued" in egress.decide(job, "dr-lee", "", "rejected", "wrong-anatomy")
+        wait_until(lambda: egress.deliver_due() or store.job(job).state is JobState.DONE)
+        reissued = [(d.destination, d.object, d.state) for d in store.deliveries(job) if review_of(d.object) == 1]
+        assert sorted(reissued) == [("archive", "review-1/rejection-note.dcm", "done"),
+                                    ("pacs", "review-1/rejection-2/rejection-note.dcm", "done")]
+        notes = {name: [ds for ds in map(pydicom.dcmread, peer.received()) if ds.Modality == "KO"]
+                 for name, peer in (("pacs", pacs), ("archive", archive))}
+        store.close()
+    (at_pacs,), (at_archive,) = notes["pacs"], notes["archive"]
+    assert rejected_uids(at_pacs) == selected_uids(at_pacs) == both
+    assert rejected_uids(at_archive) == selected_uids(at_archive) == both | {pdf_uid}
+    assert dciodvfy_errors(Path(at_pacs.filename)) == [] and dciodvfy_errors(Path(at_archive.filename)) == []
 
 
 def test_a_forward_only_job_takes_no_decision_and_no_rejection_note_withdraws_the_studys_images(

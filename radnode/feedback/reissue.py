@@ -10,8 +10,9 @@ PARTIAL and Verification Flag UNVERIFIED, the FHIR DiagnosticReport ``preliminar
 - ``accepted`` / ``corrected``: ``report-sr.dcm``, a new SOP Instance in the report's series: Completion Flag
   COMPLETE, Verification Flag VERIFIED with the reviewer as Verifying Observer (organisation from the config),
   Preliminary Flag FINAL, and a Predecessor Documents Sequence naming the version it replaces;
-- ``rejected``: ``rejection-note.dcm``, an IHE IOCM rejection note (KOS, Rejected for Quality Reasons) that
-  withdraws every DICOM object the job delivered;
+- ``rejected``: IHE IOCM rejection notes (KOS, Rejected for Quality Reasons), each destination's withdrawing
+  the DICOM objects the job delivered to it: ``rejection-note.dcm``, and ``rejection-<n>/rejection-note.dcm``
+  for destinations that received other objects (the Encapsulated PDF only some take, say);
 - each: ``fhir-reissue.json`` (:data:`REPORT_REISSUE`), which a FHIR destination applies to the report it holds
   (:func:`reissue`): ``final``, ``amended`` or ``entered-in-error``, the reviewer as ``resultsInterpreter``.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -39,7 +41,6 @@ REISSUED_STATUS = {"accepted": "final", "corrected": "amended", "rejected": "ent
 """The FHIR status a decision gives the DiagnosticReport and its Observations."""
 
 REPORT_SR = RunOutput.REPORT_SR.file
-REJECTION_NOTE = RunOutput.REJECTION_NOTE.file
 REPORT_REISSUE = RunOutput.REPORT_REISSUE.file
 
 
@@ -110,7 +111,7 @@ def _write_durably(target: Path, write) -> None:  # type: ignore[no-untyped-def]
     decision was written before, and the same SOP Instance UID goes out)."""
     if target.exists():
         return
-    target.parent.mkdir(exist_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     write(partial)
     with open(partial, "rb") as f:
@@ -119,20 +120,22 @@ def _write_durably(target: Path, write) -> None:  # type: ignore[no-untyped-def]
 
 
 def write_reissue(outbox: Path, decision: Decision, *, previous_report: Path | None, instance_number: int,
-                  withdrawn: list[Path], fhir: bool, organization: str, uid_root: str,
+                  withdrawn: dict[str, list[Path]], fhir: bool, organization: str, uid_root: str,
                   institution_name: str | None) -> list[str]:
     """Write a decision's objects into ``outbox/review-<id>/``: the verified report SR (from
-    ``previous_report``, the latest version that went out) when accepted or corrected, the rejection note of
-    ``withdrawn`` when rejected, and the FHIR re-issue when ``fhir``; returns their delivery objects (paths
-    relative to ``outbox``). Written once: a repeated call keeps what is there."""
+    ``previous_report``, the latest version that went out) when accepted or corrected, the rejection notes
+    ``withdrawn`` names when rejected (note file in the folder → the objects it withdraws: one per set of objects
+    destinations received, :func:`radnode.node.egress.rejection_notes`), and the FHIR re-issue when ``fhir``;
+    returns their delivery objects (paths relative to ``outbox``). Written once: a repeated call keeps what is
+    there."""
     folder = outbox / review_folder(decision.review_id)
     written = []
     if decision.decision == "rejected":
-        if withdrawn:
-            _write_durably(folder / REJECTION_NOTE, lambda path: write_rejection_note(
-                withdrawn, path, uid_root=uid_root, institution_name=institution_name,
+        for note, objects in withdrawn.items():
+            _write_durably(folder / note, functools.partial(
+                write_rejection_note, objects, uid_root=uid_root, institution_name=institution_name,
                 description=f"Rejected for Quality Reasons (rejected by {decision.reviewer})"))
-            written.append(REJECTION_NOTE)
+            written.append(note)
     elif previous_report is not None:
         report = verified_report(pydicom.dcmread(previous_report), reviewer=decision.reviewer,
                                  organization=organization, uid_root=uid_root, instance_number=instance_number,

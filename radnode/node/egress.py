@@ -23,7 +23,8 @@ delivery): ``rejection-note.dcm``, and ``rejection-<n>/rejection-note.dcm`` for 
 other objects (the Encapsulated PDF only some take, say);
 the FHIR report is re-issued in place by the run itself (same identifier, status corrected). A reviewer's
 decision goes out the same way (:meth:`Egress.decide`, ``radnode/feedback/reissue.py``): a verified report SR
-or a rejection note, and the FHIR report's new status, as deliveries of the job's ``review-<id>/`` objects.
+or rejection notes (named and grouped as above, inside ``review-<id>/``), and the FHIR report's new status, as
+deliveries of the job's ``review-<id>/`` objects.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import os
 import shutil
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 
@@ -91,22 +91,18 @@ def _copy_durably(source: Path, target: Path) -> list[str]:
     return names
 
 
-def rejection_notes() -> Iterator[str]:
-    """Where a re-run's rejection notes go in its outbox: ``rejection-note.dcm``, then, for destinations that
-    received other objects of the superseded job, ``rejection-2/rejection-note.dcm``, ``rejection-3/…``."""
-    yield REJECTION_NOTE
-    for n in itertools.count(2):
-        yield f"rejection-{n}/{REJECTION_NOTE}"
-
-
-def _by_withdrawn(sent: dict[str, list[str]]) -> dict[tuple[str, ...], list[str]]:
-    """The destinations by the superseded objects each received (one note per distinct set, in the order of
-    the destinations' names); a destination left nothing to withdraw is in none."""
+def rejection_notes(received: dict[str, list[str]]) -> dict[str, tuple[tuple[str, ...], list[str]]]:
+    """One IOCM rejection note per distinct set of objects the destinations received, so none is told to reject
+    (or learns the UIDs of) what it never had: note file → (the objects it withdraws, the destinations it goes to,
+    in name order). ``rejection-note.dcm`` first, then ``rejection-2/rejection-note.dcm``, ``rejection-3/…``,
+    relative to the folder the notes are written to (a re-run's outbox, a decision's ``review-<id>/``); a
+    destination left nothing to withdraw gets none."""
     groups: dict[tuple[str, ...], list[str]] = {}
-    for name, objects in sorted(sent.items()):
+    for name, objects in sorted(received.items()):
         if objects:
             groups.setdefault(tuple(sorted(set(objects))), []).append(name)
-    return groups
+    files = itertools.chain([REJECTION_NOTE], (f"rejection-{n}/{REJECTION_NOTE}" for n in itertools.count(2)))
+    return dict(zip(files, groups.items()))
 
 
 class Egress:
@@ -296,7 +292,7 @@ class Egress:
                                                      "in its outbox (purged?): not referenced by the rejection note")
         present = {name: [o for o in objects if o not in missing] for name, objects in sent.items()}
         plan: list[tuple[str, str]] = []
-        for note, (withdrawn, destinations) in zip(rejection_notes(), _by_withdrawn(present).items()):
+        for note, (withdrawn, destinations) in rejection_notes(present).items():
             target = outbox_dir(self.config, job_id) / note
             try:
                 target.parent.mkdir(exist_ok=True)
@@ -354,29 +350,37 @@ class Egress:
 
     def _plan_reissue(self, job_id: int, review_id: int, decision: str, reviewer: str) -> ReissuePlan:
         """Write a decision's objects into ``review-<id>/`` and plan where they go: accepted or corrected, the
-        report SR verified by ``reviewer`` to each DICOM destination that received the report SR; rejected, an
-        IOCM rejection note of every DICOM object the job delivered to each destination that received them;
-        either way the FHIR report's new status to each FHIR destination that received the Bundle. Destinations
-        that de-identify are left out (a verified report or a note naming the patient must not follow
-        de-identified copies). Runs inside the decision's transaction: it writes nothing to the store."""
+        report SR verified by ``reviewer`` to each DICOM destination that received the report SR; rejected, IOCM
+        rejection notes of the DICOM objects the job delivered, each destination's referencing only those it
+        received (:func:`rejection_notes`, as for superseded results); either way the FHIR report's new status to
+        each FHIR destination that received the Bundle. Destinations that de-identify are left out (a verified
+        report or a note naming the patient must not follow de-identified copies). Runs inside the decision's
+        transaction: it writes nothing to the store."""
         import datetime
 
         from radnode.feedback.reissue import REPORT_REISSUE, REPORT_SR, Decision, write_reissue
 
         summary = f"{decision} by {reviewer} (review {review_id})"
         folder = outbox_dir(self.config, job_id)
-        shutil.rmtree(folder / review_folder(review_id), ignore_errors=True)  # a crashed attempt's, of this id
+        review = review_folder(review_id)
+        shutil.rmtree(folder / review, ignore_errors=True)  # a crashed attempt's, of this id
         done = [d for d in self.store.deliveries(job_id) if d.state == "done"]
         skipped = sorted({d.destination for d in done if self._deidentifying(d.destination)})
         notes = [f"not re-issued at {', '.join(skipped)} (de-identified copies went there)"] if skipped else []
         done = [d for d in done if d.destination not in skipped]
         reports = [d for d in done if Path(d.object).name == REPORT_SR and (d.object == REPORT_SR
                                                                              or review_of(d.object) is not None)]
+        rejections: dict[str, tuple[tuple[str, ...], list[str]]] = {}
         if decision == "rejected":
-            targets = [d for d in done if is_dicom(d.object) and Path(d.object).name != REJECTION_NOTE
-                       and (review_of(d.object) is not None or "/" not in d.object)]
+            received: dict[str, list[str]] = defaultdict(list)
+            for d in done:  # the results and their verified versions, never a rejection note or a de-identified copy
+                if (is_dicom(d.object) and Path(d.object).name != REJECTION_NOTE and (folder / d.object).is_file()
+                        and (review_of(d.object) is not None or "/" not in d.object)):
+                    received[d.destination].append(d.object)
+            rejections = rejection_notes(received)
+            recipients = {f"{review}/{note}": destinations for note, (_, destinations) in rejections.items()}
         else:
-            targets = [d for d in done if d.object == REPORT_SR]
+            recipients = {f"{review}/{REPORT_SR}": sorted({d.destination for d in done if d.object == REPORT_SR})}
         fhir = sorted({d.destination for d in done if d.object == FHIR_BUNDLE})
         versions = sorted((review_of(d.object) or 0, d.object) for d in reports)
         previous = folder / versions[-1][1] if versions else None
@@ -386,15 +390,14 @@ class Egress:
                 folder, Decision(review_id, decision, reviewer, datetime.datetime.now().astimezone()),
                 previous_report=previous if previous is not None and previous.is_file() else None,
                 instance_number=1 + len({o for _, o in versions}), fhir=bool(fhir),
-                withdrawn=sorted({folder / d.object for d in targets if (folder / d.object).is_file()}),
+                withdrawn={note: [folder / o for o in names] for note, (names, _) in rejections.items()},
                 organization=config.feedback.verifying_organization or config.institution_name
                 or config.ingress.ae_title, uid_root=config.uid_root, institution_name=config.institution_name)
         except Exception as e:  # a defect writing one decision's objects must not lose the decision or stop egress
             log.exception("job %d: review %d cannot be re-issued", job_id, review_id)
             return ReissuePlan(summary, None, [*notes, f"cannot be re-issued ({type(e).__name__}: {e}); "
                                                        "repeat the decision"])
-        plan = [(name, o) for o in objects if Path(o).name != REPORT_REISSUE
-                for name in sorted({d.destination for d in targets})]
+        plan = [(name, o) for o in objects for name in recipients.get(o, [])]
         plan += [(name, o) for o in objects if Path(o).name == REPORT_REISSUE for name in fhir]
         return ReissuePlan(summary, plan, notes)
 
