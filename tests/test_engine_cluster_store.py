@@ -152,6 +152,37 @@ def test_a_job_failed_on_a_worker_and_retried_is_dispatched_again(store: JobStor
     assert store.claim(job_id, again, "w2", False, LEASE, 3).attempt == attempt + 1
 
 
+def test_a_shadow_dispatched_after_its_production_job_was_retried_is_not_claimed_until_the_new_run_is_over(
+        store: JobStore) -> None:
+    """The leader listed the shadow job for dispatch (its production run had failed), an operator retried the
+    production job, then the leader dispatched the shadow: a worker's claim of that message refuses it, so it
+    never runs beside the new production run. Its dispatch is dropped: it is dispatched again, and claimed, once
+    the new production run is over, and compared with that run."""
+    _, main = store.record_instance(Instance("1.1", "1.2.3", "1.2.3.1", "P1", "CT", "1.2.840.10008.5.1.4.1.1.2",
+                                             "/spool/1.1.dcm", "SCANNER", "127.0.0.1:5000", "a1", 0.0),
+                                    SeriesDecision(("ct_tissue",), shadow=("model_seg",)))
+    assert store.queue_job(main, "idle") is JobState.QUEUED
+    (shadow,) = [job.id for job in store.jobs() if job.shadow]
+    attempt = store.claim(main, store.dispatch(main, "radnode", 5), "w1", False, LEASE, 3).attempt
+    assert store.report_failure(main, attempt, "exit 139 (segfault)")
+    assert store.undispatched() == [shadow]  # the leader's read...
+    store.retry_job(main, "ops")  # ...then the operator's retry, before the leader's dispatch
+    message = store.dispatch(shadow, "radnode", 5)
+    assert message is not None
+    held = store.claim(shadow, message, "w2", False, LEASE, 3)
+    assert held.attempt == 0 and f"held until job {main}'s run is over" in held.why
+    assert store.job(shadow).state is JobState.QUEUED and store.attempts(shadow) == []  # type: ignore[union-attr]
+    assert store.undispatched() == [main]
+    attempt = store.claim(main, store.dispatch(main, "radnode", 5), "w1", False, LEASE, 3).attempt
+    assert store.undispatched() == [] and store.report_outputs(main, attempt)
+    assert store.begin_delivery(main, "results", [("PACS", "seg.dcm")])
+    assert store.undispatched() == [shadow]
+    assert store.claim(shadow, message, "w2", True, LEASE, 3).attempt == 0  # the refused message stays stale
+    attempt = store.claim(shadow, store.dispatch(shadow, "radnode", 5), "w2", False, LEASE, 3).attempt
+    assert attempt == 1 and store.report_outputs(shadow, attempt) and store.finish_shadow(shadow, "8 outputs")
+    assert [(s.id, p.id, p.state) for s, p in store.shadows_to_compare()] == [(shadow, main, JobState.DELIVERING)]
+
+
 def test_a_forward_left_running_by_a_leader_that_died_is_queued_again_by_the_next(store: JobStore) -> None:
     """A forward-only job is the leader's own work (no worker, no lease): one it started and did not hand to egress
     before it died is queued again when another node becomes leader, and forwarded once."""

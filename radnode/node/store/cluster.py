@@ -5,10 +5,11 @@ A queued job is *dispatched* by writing a publication (the outbox) in the same t
 job's ``dispatch_id``; the leader publishes it to the broker afterwards and marks it, so a broker outage only
 delays jobs. A worker *claims* the job named by a message: it wins when the job is queued under that
 dispatch, or running under it while its previous worker is gone (the broker redelivered the message, or the
-lease lapsed); a stale or duplicate message claims nothing. Each claim is a new attempt, and its number is
-the fencing token: a worker that reports with an older one (it was cut off and the job moved on) changes
-nothing. A job whose workers were lost ``engine.max_attempts`` times ends ``failed`` with every attempt's
-reason.
+lease lapsed); a stale or duplicate message claims nothing, nor does one of a job held by ``jobs.runnable``
+(a shadow job whose production job was retried after its dispatch): its dispatch is dropped, so it is
+dispatched again once it may run. Each claim is a new attempt, and its number is the fencing token: a worker
+that reports with an older one (it was cut off and the job moved on) changes nothing. A job whose workers were
+lost ``engine.max_attempts`` times ends ``failed`` with every attempt's reason.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sqlalchemy import Connection, and_, func, insert, select, text, update
 
 from radnode.node.store.database import Database
 from radnode.node.store.events import log_event
-from radnode.node.store.jobs import close_attempt, release, run_order, runnable, transition
+from radnode.node.store.jobs import close_attempt, lock_main_job, release, run_order, runnable, transition
 from radnode.node.store.records import UNFINISHED_STATES, Attempt, JobState, WorkerInfo
 from radnode.node.store.schema import attempts, jobs, publications, workers
 
@@ -138,9 +139,11 @@ class Cluster:
         """Take the job a message names for a new attempt on ``worker`` (see the module docstring)."""
         now = time.time()
         with self._db.write() as conn:
+            lock_main_job(conn, job_id)
             row = conn.execute(select(jobs.c.state, jobs.c.dispatch_id, jobs.c.attempt, jobs.c.worker,
-                                      jobs.c.lease_until, jobs.c.outcome)
-                               .where(jobs.c.id == job_id).with_for_update()).first()
+                                      jobs.c.lease_until, jobs.c.outcome, jobs.c.sibling_of,
+                                      runnable().label("runnable"))
+                               .where(jobs.c.id == job_id).with_for_update(of=jobs)).first()
             if row is None:
                 return Claim(0, "no such job")
             if row.dispatch_id != dispatch_id:
@@ -154,6 +157,11 @@ class Cluster:
                 close_attempt(conn, job_id, "lost", why, now)
             elif row.state != JobState.QUEUED.value:
                 return Claim(0, f"the job is {row.state}")
+            elif not row.runnable:  # dispatched from an earlier read: its production job was retried since
+                why = f"held until job {row.sibling_of}'s run is over; it is dispatched again then"
+                release(conn, job_id, "stopped", why, now)
+                log_event(conn, job_id, "held", f"message {dispatch_id} not run: {why}", now)
+                return Claim(0, why)
             if _lost_attempts(conn, job_id) >= max_attempts:
                 return Claim(0, self._fail_exhausted(conn, job_id, max_attempts, now), exhausted=True)
             number = row.attempt + 1

@@ -28,11 +28,14 @@ from radnode.node.store.schema import attempts, instances, jobs, refusals, serie
 from radnode.pipelines.routing import Priority, SeriesDecision, StudyRoute, study_route
 
 
-def transition(conn: Connection, job_id: int, sources: Iterable[JobState], target: JobState) -> bool:
-    """Move a job from one of ``sources`` to ``target``; False (nothing changed) when it is in none of them."""
-    result = conn.execute(update(jobs).where(jobs.c.id == job_id, jobs.c.state.in_([s.value for s in sources]))
-                          .values(state=target.value, updated_at=time.time()))
-    return result.rowcount == 1
+def transition(conn: Connection, job_id: int, sources: Iterable[JobState], target: JobState,
+               only_if: ColumnElement[bool] | None = None) -> bool:
+    """Move a job from one of ``sources`` to ``target`` (and only while ``only_if`` holds for its row, when
+    given); False (nothing changed) when it is in none of them, or ``only_if`` does not hold."""
+    query = update(jobs).where(jobs.c.id == job_id, jobs.c.state.in_([s.value for s in sources]))
+    if only_if is not None:
+        query = query.where(only_if)
+    return conn.execute(query.values(state=target.value, updated_at=time.time())).rowcount == 1
 
 
 def close_attempt(conn: Connection, job_id: int, outcome: str, reason: str, now: float) -> None:
@@ -72,6 +75,17 @@ def runnable() -> ColumnElement[bool]:
     waiting = exists(select(main.c.id).where(of_main, main.c.state == JobState.RECEIVED.value))
     busy = exists(select(main.c.id).where(of_main, main.c.state.not_in([s.value for s in PRODUCTION_RUN_OVER])))
     return and_(~waiting, or_(jobs.c.shadow == false(), ~busy))
+
+
+def lock_main_job(conn: Connection, job_id: int) -> None:
+    """Share-lock the row of the main job of sibling or shadow job ``job_id`` (none for a main job) for the
+    rest of the transaction, before the job's own row: a check of :func:`runnable` then sees the main job's
+    latest state, which cannot change until the transaction ends. An operator's retry of the main job (it locks
+    its row first) either waits for this transaction, and then finds the job started and requeues it, or ends
+    before, and the job is seen held. (SQLite: its write transactions run one at a time; nothing to lock.)"""
+    main = jobs.alias("production")
+    of_job = select(jobs.c.sibling_of).where(jobs.c.id == job_id).scalar_subquery()
+    conn.execute(select(main.c.id).where(main.c.id == of_job).with_for_update(read=True))
 
 
 def cancelled_for_good(row: Row) -> bool:
@@ -343,9 +357,13 @@ class Scheduling:
 
     def start_job(self, job_id: int, command: str) -> bool:
         """``queued → running``; counts the run and logs the command; a previous run's review state is cleared.
-        False if the job was not queued."""
+        False if the job was not queued, or is held (:func:`runnable`, checked again here: the job was picked
+        from an earlier read, and an operator may have retried its production job since; a shadow started then
+        would run beside the new production run and be compared with a stale or unfinished one). A held job
+        stays queued and starts once it is runnable."""
         with self._db.write() as conn:
-            if not transition(conn, job_id, (JobState.QUEUED,), JobState.RUNNING):
+            lock_main_job(conn, job_id)
+            if not transition(conn, job_id, (JobState.QUEUED,), JobState.RUNNING, runnable()):
                 return False
             conn.execute(update(jobs).where(jobs.c.id == job_id)
                          .values(runs=jobs.c.runs + 1, needs_review=None, review_reasons=""))
