@@ -43,12 +43,15 @@ from radnode.config import Config
 from radnode.imaging.series import CT_IMAGE_STORAGE
 from radnode.imaging.synthetic import SeriesIdentity, write_image_series
 from radnode.imaging.volume import Volume
-from radnode.node.store import JobStore
+from radnode.node.store import JobState, JobStore
 from radnode.phantom import CTPhantom, write_ct_series
 from radnode.results import Measurement, PipelineResult, Segment, Structure
+from support.waiting import wait_until
 
 if TYPE_CHECKING:
     import torch
+
+    from radnode.node.egress import Egress
     from monai.networks.nets import UNet
 
 PATIENT = {"PatientName": "Phantom^Chest", "PatientID": "PHANTOM001", "PatientBirthDate": "19600521",
@@ -650,6 +653,20 @@ def write_results(folder: Path, bundle: dict | None = None, report_sr: bool = Fa
     if bundle is not None:
         (folder / "fhir-bundle.json").write_text(json.dumps(bundle))
     return [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files]
+
+
+def deliver_results_and_a_pdf(egress: "Egress", store: JobStore, job_id: int, folder: Path) -> tuple[set[str], str]:
+    """Stage and deliver job ``job_id``'s results: two DICOM objects (``report-sr.dcm`` among them) for every
+    destination and an Encapsulated PDF of the same study (``report-pdf.dcm``, taken only by the destinations set
+    to ``encapsulated_pdf``); returns the two objects' SOP Instance UIDs and the PDF's."""
+    both = set(write_results(folder, report_sr=True))
+    study = pydicom.dcmread(folder / "report-sr.dcm", stop_before_pixels=True).StudyInstanceUID
+    (pdf,) = write_study(folder.with_name(folder.name + "-pdf"), n=1, study_uid=study)
+    pdf_uid = str(pydicom.dcmread(pdf, stop_before_pixels=True).SOPInstanceUID)
+    pdf.rename(folder / "report-pdf.dcm")
+    egress.stage(job_id, folder)
+    wait_until(lambda: egress.deliver_due() or store.job(job_id).state is JobState.DONE)
+    return both, pdf_uid
 
 
 def rejected_uids(note: pydicom.Dataset) -> set[str]:

@@ -20,8 +20,9 @@ import pydicom
 import pytest
 
 from factories import (
-    ACCESSION, PATIENT, egress_test_config, independent_agreement, metric_value, rejected_uids, seg_masks_by_source,
-    selected_uids, spacing_of, study_version_job, write_chest_phantom, write_correction, write_results, write_study,
+    ACCESSION, PATIENT, deliver_results_and_a_pdf, egress_test_config, independent_agreement, metric_value,
+    rejected_uids, seg_masks_by_source, selected_uids, spacing_of, study_version_job, write_chest_phantom,
+    write_correction, write_results, write_study,
 )
 from pydicom import Dataset
 from pydicom.uid import ComprehensiveSRStorage, CTImageStorage, KeyObjectSelectionDocumentStorage, generate_uid
@@ -492,13 +493,7 @@ def test_a_rejection_sends_each_destination_a_note_of_only_what_it_received(tmp_
         store = JobStore(tmp_path / "data" / "radnode.db")
         egress = Egress(config, store)
         job = study_version_job(store, "1.1")
-        both = set(write_results(tmp_path / "results", report_sr=True))
-        study = pydicom.dcmread(tmp_path / "results" / "report-sr.dcm", stop_before_pixels=True).StudyInstanceUID
-        (pdf,) = write_study(tmp_path / "pdf", n=1, study_uid=study)
-        pdf_uid = str(pydicom.dcmread(pdf, stop_before_pixels=True).SOPInstanceUID)
-        pdf.rename(tmp_path / "results" / "report-pdf.dcm")
-        egress.stage(job, tmp_path / "results")
-        wait_until(lambda: egress.deliver_due() or store.job(job).state is JobState.DONE)
+        both, pdf_uid = deliver_results_and_a_pdf(egress, store, job, tmp_path / "results")
         delivered = {(d.destination, d.object) for d in store.deliveries(job)}
         assert ("archive", "report-pdf.dcm") in delivered and ("pacs", "report-pdf.dcm") not in delivered
         assert "re-issue queued" in egress.decide(job, "dr-lee", "", "rejected", "wrong-anatomy")

@@ -14,6 +14,7 @@ import pydicom
 import pytest
 
 from factories import (
+    deliver_results_and_a_pdf,
     PATIENT_BUNDLE,
     egress_test_config,
     rejected_uids,
@@ -168,13 +169,7 @@ def test_each_destination_gets_a_rejection_note_of_only_what_it_received(tmp_pat
         store = JobStore(tmp_path / "data" / "radnode.db")
         egress = Egress(config, store)
         first = study_version_job(store, "1.1")
-        both = set(write_results(tmp_path / "first", report_sr=True))
-        study = pydicom.dcmread(tmp_path / "first" / "report-sr.dcm", stop_before_pixels=True).StudyInstanceUID
-        (pdf,) = write_study(tmp_path / "pdf", n=1, study_uid=study)
-        pdf_uid = str(pydicom.dcmread(pdf, stop_before_pixels=True).SOPInstanceUID)
-        pdf.rename(tmp_path / "first" / "report-pdf.dcm")
-        egress.stage(first, tmp_path / "first")
-        wait_until(lambda: egress.deliver_due() or store.job(first).state is JobState.DONE)
+        both, pdf_uid = deliver_results_and_a_pdf(egress, store, first, tmp_path / "first")
         assert {(d.destination, d.object) for d in store.deliveries(first)} >= {("archive", "report-pdf.dcm")}
         assert ("pacs", "report-pdf.dcm") not in {(d.destination, d.object) for d in store.deliveries(first)}
         rerun = study_version_job(store, "1.2")
