@@ -10,6 +10,7 @@ that base (``deploy/map/base/Containerfile.cuda``) for one that does, or any ima
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -137,6 +138,12 @@ def gather_wheels(pins: list[tuple[str, str]], target: Path, cache: Path | None 
     cache = cache or wheel_cache()
     cache.mkdir(parents=True, exist_ok=True)
     target.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as lock:  # one build at a time fills the cache: no half-written wheel is linked
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _gather_locked(pins, target, cache)
+
+
+def _gather_locked(pins: list[tuple[str, str]], target: Path, cache: Path) -> list[Wheel]:
     wanted = [(n, v) for n, v in pins if _cached_wheel(cache, n, v) is None]
     if wanted:  # one resolver-free download for all, then one by one with a build fallback for the rest
         _pip("download", "-q", "--no-deps", "--only-binary", ":all:", "--dest", str(cache),

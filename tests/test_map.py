@@ -298,3 +298,32 @@ def test_map_command_gives_the_same_results_as_radnode_run(contexts: dict[str, P
     map_manifest = json.loads((by_map / "manifest.json").read_text())
     assert run_manifest["pipeline"] == map_manifest["pipeline"] == app
     assert len(run_manifest["measurements"]) == len(map_manifest["measurements"]) == len(run_values)
+
+
+def test_a_build_waits_while_another_fills_the_shared_wheel_cache(tmp_path: Path) -> None:
+    """Two ``map build`` runs on one machine share the wheel cache: while one holds it (downloading, building a
+    wheel), the other must not link a wheel from it, which could be half written."""
+    import threading
+
+    from radnode.map_image import gather_wheels, pinned
+
+    cache = tmp_path / "cache"
+    (pin,) = pinned(["pip"])
+    gather_wheels([pin], tmp_path / "first", cache)  # the cache now holds pip's wheel
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"
+                               f"f = open({str(cache / '.lock')!r}, 'w'); fcntl.flock(f, fcntl.LOCK_EX)\n"
+                               "print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = threading.Event()
+        thread = threading.Thread(target=lambda: (gather_wheels([pin], tmp_path / "second", cache), done.set()))
+        thread.start()
+        assert not done.wait(1.5), "gathered from the cache while another build held it"
+        holder.stdin.close()  # the other build is done with the cache
+        assert done.wait(30)
+        thread.join()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [p.name for p in (tmp_path / "second").iterdir()] == [p.name for p in (tmp_path / "first").iterdir()]
