@@ -14,7 +14,8 @@ several CPU-seconds once per start, which would otherwise land on the first stud
 Phases, and whose clock each comes from:
 
 * ``receive``: storescu's wall time; CPU: the node's process (this one) plus storescu's.
-* ``completeness_wait``: last instance → job queued (node events): the series grace and the quiet time.
+* ``completeness_wait``: the node's last instance received → job queued (node clock: the quiet time starts at the
+  release, after the last instance, so it is never shorter than the quiet time; storescu's exit comes later).
 * ``pick_up``: queued → running (the scheduler's tick, preparing ``in/``, handing the job to the spare).
 * ``job_start``: running → the job's first phase began (the warm process reading its job, composing the app).
 * each operator phase from the run manifest (``load`` … ``write_report_fhir``): wall and CPU of the job process
@@ -42,7 +43,7 @@ from radnode.config import Config
 from radnode.execution import RunManifest
 from radnode.node.egress import outbox_dir
 from radnode.node.service import Node
-from radnode.node.store import JobState
+from radnode.node.store import Job, JobState
 from radnode.node.warm import READY, warm_log
 from radnode.peers import FhirServer, StoreSCP
 from radnode.viewer import ORTHANC_STORAGE_ROOT
@@ -54,15 +55,15 @@ estimate (the job's phases taking their CPU seconds, :func:`_serial_cpu`; the re
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def _wait_finished(node: Node, timeout: float) -> int:
-    """The job's id once it is done; raises with its last event if it failed or ran out of time."""
+def _wait_finished(node: Node, timeout: float) -> Job:
+    """The job once it is done; raises with its last event if it failed or ran out of time."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         jobs = node.jobs()
         if jobs and jobs[0].state in (JobState.DONE, JobState.FAILED):
             if jobs[0].state is JobState.FAILED:
                 raise RuntimeError(f"job failed: {node.events(jobs[0].id)[-1].message}")
-            return jobs[0].id
+            return jobs[0]
         time.sleep(0.1)  # the figures come from the job's event times, not from this poll
     raise TimeoutError(f"the job did not finish within {timeout:.0f} s")
 
@@ -166,7 +167,8 @@ def run_study(files: list[Path], pixel_bytes: int, work: Path, timeout: float = 
             after_receive = resource.getrusage(resource.RUSAGE_CHILDREN)
             node_cpu.append(_own_cpu())
             tree_at_last_instance = tree()
-            job_id = _wait_finished(node, timeout)
+            job = _wait_finished(node, timeout)
+            job_id = job.id
             tree_at_done = tree()
             node_cpu.append(_own_cpu())
             load_after = os.getloadavg()
@@ -182,7 +184,7 @@ def run_study(files: list[Path], pixel_bytes: int, work: Path, timeout: float = 
     last_end = max(p.started_at + p.seconds for p in job_phases.values())
     phases: dict[str, dict] = {
         "receive": {"wall": receive, "cpu": node_cpu[1] - node_cpu[0] + storescu_cpu, "where": "node + storescu"},
-        "completeness_wait": {"wall": at["queued"] - sent_at, "where": "node"},
+        "completeness_wait": {"wall": at["queued"] - job.last_instance_at, "where": "node"},
         "pick_up": {"wall": at["running"] - at["queued"], "where": "node"},
         "job_start": {"wall": first.started_at - at["running"], "where": "job"},
         **{name: {"wall": p.seconds, "cpu": p.cpu_seconds,
