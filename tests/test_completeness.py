@@ -148,7 +148,8 @@ def test_series_sent_in_separate_associations_with_pauses_wait_for_the_route_stu
 @pytest.mark.parametrize("policy", ["rerun", "new-job", "ignore"])
 def test_a_late_series_after_the_job_started_follows_the_rule(tmp_path: Path, stand_in: list[str], policy: str,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("STAND_IN_SECONDS_P1", "3")
+    gate = tmp_path / "job-may-end"
+    monkeypatch.setenv("STAND_IN_GATE_P1", str(gate))  # the job runs until the late series is in
     config = node_config(tmp_path).model_copy(
         update={"rules": Path(_rules(tmp_path, f"{{late_instances: {policy}}}"))})
     first = write_study(tmp_path / "first", n=3)
@@ -157,6 +158,7 @@ def test_a_late_series_after_the_job_started_follows_the_rule(tmp_path: Path, st
         assert storescu(node.port, tmp_path / "first").returncode == 0
         wait_until(lambda: node.jobs() and node.jobs()[0].state is JobState.RUNNING)
         assert storescu(node.port, tmp_path / "late").returncode == 0
+        gate.touch()
         wait_until(lambda: all(j.state in (JobState.DONE, JobState.FAILED) for j in node.jobs()), timeout=60)
         jobs = node.jobs()
     inputs = [(tmp_path / "data" / "outbox" / str(j.id) / "manifest.json").read_text() for j in jobs]

@@ -73,7 +73,8 @@ def test_a_job_over_its_time_limit_is_killed_and_the_next_one_runs(tmp_path: Pat
 
 def test_instances_arriving_while_the_job_runs_are_kept_but_not_its_input(
         tmp_path: Path, stand_in: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("STAND_IN_SECONDS_P1", "2")
+    gate = tmp_path / "job-may-end"
+    monkeypatch.setenv("STAND_IN_GATE_P1", str(gate))  # the job runs until the late instance is in
     config = node_config(tmp_path, ingress={"late_instances": "ignore"})
     first = write_study(tmp_path / "first", n=3)
     study_uid = pydicom.dcmread(first[0]).StudyInstanceUID
@@ -82,6 +83,7 @@ def test_instances_arriving_while_the_job_runs_are_kept_but_not_its_input(
         assert storescu(node.port, tmp_path / "first").returncode == 0
         wait_until(lambda: node.jobs() and node.jobs()[0].state is JobState.RUNNING)
         assert storescu(node.port, tmp_path / "late").returncode == 0
+        gate.touch()
         job = final_job(node, node.jobs()[0].id)
         assert job.state is JobState.DONE and (job.instances, job.late_instances) == (3, 1)
         assert "late" in [e.kind for e in node.events(job.id)]

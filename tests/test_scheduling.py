@@ -40,7 +40,8 @@ def _started(node: Node, job_id: int) -> float:
 
 def test_queued_jobs_start_by_priority_then_arrival(tmp_path: Path, stand_in: list[str],
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("STAND_IN_SECONDS_BLOCKER", "3")
+    gate = tmp_path / "blocker-may-end"
+    monkeypatch.setenv("STAND_IN_GATE_BLOCKER", str(gate))
     rules = tmp_path / "rules.yaml"
     rules.write_text(PRIORITY_RULES)
     config = node_config(tmp_path, processing={"max_concurrent_jobs": 1}).model_copy(update={"rules": rules})
@@ -53,6 +54,8 @@ def test_queued_jobs_start_by_priority_then_arrival(tmp_path: Path, stand_in: li
         wait_until(lambda: node.jobs() and node.jobs()[0].state is JobState.RUNNING)
         for name, aet in senders:  # all queued while the blocker runs, the stat study last
             assert storescu(node.port, tmp_path / name, calling_ae=aet).returncode == 0
+        wait_until(lambda: [j.state for j in node.jobs()].count(JobState.QUEUED) == 4, timeout=60)
+        gate.touch()
         wait_until(lambda: len(node.jobs()) == 5 and all(j.state is JobState.DONE for j in node.jobs()), timeout=90)
         order = [j.patient_id for j in sorted(node.jobs(), key=lambda j: _started(node, j.id))]
     assert order == ["BLOCKER", "STAT", "ROUTINE1", "ROUTINE2", "RESEARCH"]

@@ -43,6 +43,9 @@ STAND_IN = textwrap.dedent('''
         print("no image series in the input", file=sys.stderr)
         sys.exit(3)
     time.sleep(float(os.environ.get("STAND_IN_SECONDS_" + str(images[0].PatientID), "0")))
+    if gate := os.environ.get("STAND_IN_GATE_" + str(images[0].PatientID)):
+        while not pathlib.Path(gate).exists():
+            time.sleep(0.05)
     if failure := (os.environ.get("STAND_IN_FAIL_" + str(images[0].PatientID))
                    or os.environ.get("STAND_IN_FAIL_PIPELINE_" + str(args.pipeline))):
         print(failure, file=sys.stderr)
@@ -56,7 +59,7 @@ STAND_IN = textwrap.dedent('''
 '''.replace("PATIENT_BUNDLE", repr(PATIENT_BUNDLE)))
 """The stand-in job command's script: copies the first image as its result, writes the bundle and a manifest.
 
-``STAND_IN_SECONDS_<PatientID>`` makes it sleep first; a study without images fails with exit status 3, and so
+``STAND_IN_SECONDS_<PatientID>`` makes it sleep first, ``STAND_IN_GATE_<PatientID>`` wait until that file exists; a study without images fails with exit status 3, and so
 does one whose patient has ``STAND_IN_FAIL_<PatientID>`` set, or run as a pipeline with
 ``STAND_IN_FAIL_PIPELINE_<pipeline>`` set (its value is the reason, as a pipeline refusing a bad study writes it).
 """
