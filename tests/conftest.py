@@ -17,6 +17,7 @@ import pytest
 from factories import restore_totalseg_dicom, train_tiny_unet, write_bundle
 from radnode.peers import FhirServer, StoreSCP
 from support.node import STAND_IN
+from support.once import one_process_at_a_time
 
 REPO = Path(__file__).resolve().parents[1]
 CACHE = REPO / ".cache" / "testdata"
@@ -25,6 +26,11 @@ TOTALSEG_VERSION = "2.18.0"
 
 def _totalseg_reference_dir() -> Path:
     """Unpack tests/reference_files of the TotalSegmentator sdist (real CT + ground truth) once."""
+    with one_process_at_a_time("totalsegmentator"):
+        return _unpack_totalseg_reference()
+
+
+def _unpack_totalseg_reference() -> Path:
     target = CACHE / f"totalsegmentator-{TOTALSEG_VERSION}" / "reference_files"
     if target.is_dir():
         return target
@@ -71,6 +77,23 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_unet) -> Path:
     return write_bundle(tmp_path_factory.mktemp("models") / "tiny_bundle", tiny_unet)
 
 
+LONGEST_MODULES = ("test_engine.py", "test_containers.py", "test_mri_brain.py", "test_map.py", "test_bench.py",
+                   "test_console.py", "test_feedback.py", "test_clinical_outputs.py", "test_execution.py")
+"""The modules that take longest (``--durations`` of a full run on 2 cores, longest first)."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``--dist loadfile``: a module runs whole on one worker) the longest modules are handed
+    out first, so that no long one is left to start when the other worker has nothing more to do."""
+    if getattr(config.option, "numprocesses", None) in (None, 0):
+        return
+
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_MODULES.index(name) if name in LONGEST_MODULES else len(LONGEST_MODULES)
+    items.sort(key=rank)  # stable: each module's own order is kept
+
+
 PLAYWRIGHT_DIR = REPO / ".cache" / "playwright"
 PLAYWRIGHT_VERSION = "1.65.1"
 
@@ -79,10 +102,11 @@ PLAYWRIGHT_VERSION = "1.65.1"
 def playwright_core() -> Path:
     """npm's playwright-core (no browser download: it drives Debian's /usr/bin/chromium), installed once."""
     module = PLAYWRIGHT_DIR / "node_modules" / "playwright-core"
-    if not module.is_dir():
-        PLAYWRIGHT_DIR.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["npm", "install", "--no-save", "--no-audit", "--no-fund", "--silent",
-                        f"playwright-core@{PLAYWRIGHT_VERSION}"], cwd=PLAYWRIGHT_DIR, check=True, timeout=300)
+    with one_process_at_a_time("playwright"):
+        if not module.is_dir():
+            PLAYWRIGHT_DIR.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["npm", "install", "--no-save", "--no-audit", "--no-fund", "--silent",
+                            f"playwright-core@{PLAYWRIGHT_VERSION}"], cwd=PLAYWRIGHT_DIR, check=True, timeout=300)
     assert Path("/usr/bin/chromium").exists(), "Debian chromium is needed (deploy/ohif/install.sh installs it)"
     return module
 
@@ -130,13 +154,14 @@ class PostgresServer:
 
         if shutil.which("pg_lsclusters") is None:
             pytest.fail("PostgreSQL 15 is not installed: run scripts/bootstrap.sh")
-        status = self._cluster()
-        if status is None:
-            subprocess.run(["pg_createcluster", self.VERSION, self.CLUSTER], check=True, capture_output=True)
+        with one_process_at_a_time("postgresql"):
             status = self._cluster()
-        if status is None or status[1] != "online":
-            subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", self.VERSION, self.CLUSTER, "start"],
-                           check=True, capture_output=True)
+            if status is None:
+                subprocess.run(["pg_createcluster", self.VERSION, self.CLUSTER], check=True, capture_output=True)
+                status = self._cluster()
+            if status is None or status[1] != "online":
+                subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", self.VERSION, self.CLUSTER, "start"],
+                               check=True, capture_output=True)
         self.port = int(self._cluster()[0])  # type: ignore[index]
         suffix = secrets.token_hex(4)
         self.role, self.database = f"radnode_test_{suffix}", f"radnode_test_{suffix}"
@@ -212,6 +237,11 @@ def head_ct_nifti() -> Path:
     """A real head CT (190×240×95, 1.01×1.01×2.5 mm, Hounsfield units, vertex to the upper neck, dental
     streaks): ``examples/Data/ct_head.nii.gz`` of the dicom2stl source distribution on PyPI (Apache-2.0;
     the package's tutorial uses it as its "CT Head"). Unpacked once into .cache/testdata."""
+    with one_process_at_a_time("dicom2stl"):
+        return _unpack_head_ct()
+
+
+def _unpack_head_ct() -> Path:
     target = CACHE / f"dicom2stl-{DICOM2STL_VERSION}" / "ct_head.nii.gz"
     if target.exists():
         return target
@@ -225,6 +255,8 @@ def head_ct_nifti() -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(tar.extractfile(member).read())
     return target
+
+
 # --- RabbitMQ (Debian's 3.10): a private node for the session, so a test may stop it ---------------------
 
 @pytest.fixture(scope="session")
