@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import json
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from radnode.bench import Plan, run_suite, table
+
+
+@contextlib.contextmanager
+def _held_port(port: int) -> Iterator[None]:
+    """``127.0.0.1:port`` listened on for the block, as a running node's would be (or already taken: the same)."""
+    sock = socket.socket()
+    try:
+        try:
+            sock.bind(("127.0.0.1", port))
+            sock.listen()
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
+                raise
+        yield
+    finally:
+        sock.close()
 
 TINY = Plan(benchmarks=("ingest", "seg_writing"), ct_size=128, ingest_slices=20, senders=(1, 2), ingest_repeats=1,
             ingest_peers=("radnode", "radnode_receivers", "pynetdicom_minimal_fsync", "pynetdicom_minimal",
@@ -91,8 +111,12 @@ def test_job_start_benchmark_measures_warm_and_cold_job_processes(tmp_path: Path
 
 @pytest.mark.slow
 def test_end_to_end_says_where_the_time_goes_per_phase_with_the_load_and_the_target(tmp_path: Path) -> None:
+    """Also on a machine where a node already serves its web service on the default port."""
+    from radnode.config import ApiConfig
+
     plan = dataclasses.replace(Plan(benchmarks=("end_to_end",), ct_size=128), e2e_slices=(20,))
-    results = run_suite(plan, tmp_path / "results.json")
+    with _held_port(ApiConfig().port):
+        results = run_suite(plan, tmp_path / "results.json")
     run = results["end_to_end"]["20"]
     phases = run["phases"]
     assert list(phases)[:4] == ["receive", "completeness_wait", "pick_up", "job_start"]

@@ -15,6 +15,8 @@ from radnode.phantom import make_ct_phantom, write_ct_series
 
 STORESCU = "/usr/bin/storescu"
 """DCMTK's sender (the venv has pynetdicom's command of the same name)."""
+BENCH_API = {"host": "127.0.0.1", "port": 0}
+"""The web service of every node a bench starts: on a free port, never the default one a running node holds."""
 
 
 def send_files(port: int, called_ae: str, files: Sequence[Path], senders: int = 1) -> float:

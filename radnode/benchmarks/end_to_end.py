@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from radnode.benchmarks import send_files
+from radnode.benchmarks import BENCH_API, send_files
 from radnode.config import Config
 from radnode.execution import RunManifest
 from radnode.node.egress import outbox_dir
@@ -154,7 +154,7 @@ def run_study(files: list[Path], pixel_bytes: int, work: Path, timeout: float = 
     with StoreSCP(work / "pacs", ae_title="PACS") as pacs, FhirServer(work / "fhir") as fhir:
         config = Config.model_validate({
             "data_dir": str(work / "node"), "ingress": {"host": "127.0.0.1", "port": 0},
-            "egress": {"destinations": {"pacs": pacs.destination, "ehr": fhir.destination}}})
+            "egress": {"destinations": {"pacs": pacs.destination, "ehr": fhir.destination}}, "api": BENCH_API})
         with Node(config) as node:
             _wait_ready(warm_log(config.data_dir, PIPELINE), timeout)
             settled = _wait_settled(timeout)

@@ -160,10 +160,10 @@ def _engine_overhead(cluster: _Cluster, pacs: StoreSCP, repeats: int, slices: in
 
 def _local_overhead(work: Path, pacs: StoreSCP, repeats: int, slices: int) -> list[float]:
     """The same on the local executor (a node without engine settings, SQLite)."""
-    from radnode.benchmarks import send_files
+    from radnode.benchmarks import BENCH_API, send_files
 
     config = Config.model_validate({"data_dir": str(work / "local-node"), "ingress": {"host": "127.0.0.1", "port": 0},
-                                    "egress": {"destinations": {"pacs": pacs.destination}}})
+                                    "egress": {"destinations": {"pacs": pacs.destination}}, "api": BENCH_API})
     samples = []
     with Node(config) as node:
         for i in range(repeats):

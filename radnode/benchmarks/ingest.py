@@ -34,7 +34,7 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.transport import ThreadedAssociationServer
 
-from radnode.benchmarks import send_files, summary
+from radnode.benchmarks import BENCH_API, send_files, summary
 from radnode.config import Config
 from radnode.node.service import Node
 from radnode.peers import StoreSCP
@@ -229,7 +229,7 @@ def radnode_scp(folder: Path, sync_spool: bool, receivers: int = 1) -> Iterator[
     config = Config.model_validate({"data_dir": str(folder),
                                     "ingress": {"host": "127.0.0.1", "port": 0, "sync_spool": sync_spool,
                                                 "receivers": receivers},
-                                    "api": {"port": 0}, "feedback": {"preload_metrics": False}})
+                                    "api": BENCH_API, "feedback": {"preload_metrics": False}})
     with Node(config, job_command=["/bin/true"]) as node:
         spool = node.config.data_dir / "spool"
         yield node.port, config.ingress.ae_title, lambda: sum(1 for _ in spool.glob("*/*/*.dcm"))

@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from radnode.benchmarks import send_files, summary
+from radnode.benchmarks import BENCH_API, send_files, summary
 from radnode.config import Config
 from radnode.execution import RunManifest
 from radnode.node.egress import outbox_dir
@@ -36,7 +36,7 @@ def _wait(condition: object, timeout: float, what: str) -> None:
 def start_once(files: list[Path], work: Path, warm: bool, timeout: float = 600) -> dict:
     """One study through a fresh node: seconds from queued to the first file read, and to the process running."""
     config = Config.model_validate({"data_dir": str(work / "node"), "ingress": {"host": "127.0.0.1", "port": 0},
-                                    "processing": {"warm_start": warm}})
+                                    "processing": {"warm_start": warm}, "api": BENCH_API})
     log = warm_log(config.data_dir, PIPELINE)
     with Node(config) as node:
         if warm:
