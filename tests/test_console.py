@@ -348,7 +348,7 @@ def test_radnode_serve_logs_each_study_job_and_delivery_once_and_no_instance(tmp
         config.write_text(yaml.safe_dump({
             "data_dir": str(tmp_path / "data"), "rules": str(rules),
             "ingress": {"host": "127.0.0.1", "port": port, "study_idle_seconds": 0.5},
-            "egress": {"named_destinations": {"ARCHIVE": archive.address}}}))
+            "egress": {"named_destinations": {"ARCHIVE": archive.address}}, "api": {"port": 0}}))
         log = tmp_path / "serve.log"
         process = _serve(config, log, "--api-port", str(api_port))
         try:

@@ -48,7 +48,7 @@ def test_a_rule_sends_its_pipeline_to_a_named_queue() -> None:
 def test_an_unreachable_broker_stops_serve_and_worker_at_start_in_one_line(tmp_path: Path, postgres_url: str) -> None:
     broker = f"amqp://guest:secret@127.0.0.1:{free_port()}/radnode"
     config = _config(tmp_path, store={"url": postgres_url}, engine={"kind": "celery", "broker_url": broker},
-                     ingress={"host": "127.0.0.1", "port": 0})
+                     ingress={"host": "127.0.0.1", "port": 0}, api={"port": 0})
     for command in (("serve", "--config", str(config)), ("worker", "--config", str(config), "--cpu")):
         result = _radnode(*command)
         assert result.returncode == 2, result.stderr

@@ -39,7 +39,7 @@ def test_node_config_for_jobs_is_owner_only_and_holds_no_secret(tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RADNODE_TEST_ORTHANC_PW", "the-orthanc-password")
     config = parse_config({"data_dir": str(tmp_path / "data"), "ingress": {"host": "127.0.0.1", "port": 0},
-                           "orthanc": {"password": {"env": "RADNODE_TEST_ORTHANC_PW"}}})
+                           "api": {"port": 0}, "orthanc": {"password": {"env": "RADNODE_TEST_ORTHANC_PW"}}})
     (tmp_path / "data").mkdir(mode=0o755)
     (tmp_path / "data" / "old.log").write_text("left by an older version")
     (tmp_path / "data" / "old.log").chmod(0o644)

@@ -241,7 +241,7 @@ def test_a_job_with_a_site_model_runs_without_the_data_directory_or_the_network(
     rules.write_text("rules:\n  - name: site model\n    when: {Modality: {exists: true}}\n    pipelines: [model_seg]\n")
     config = Config.model_validate({
         "data_dir": str(data), "ingress": {"host": "127.0.0.1", "port": 0, "study_idle_seconds": 0.5},
-        "processing": {"models": {"model_seg": [str(model)]}}, "rules": str(rules)})
+        "processing": {"models": {"model_seg": [str(model)]}}, "rules": str(rules), "api": {"port": 0}})
     with Node(config, job_command=[sys.executable, str(tmp_path / "probe.py")], poll_seconds=0.05) as node:
         (tmp_path / "probe.py").write_text(PROBE % {"data": str(data), "model": str(model), "port": node.port})
         study = write_chest_phantom(tmp_path / "study", 2, 16, 16)

@@ -639,7 +639,7 @@ def test_a_postgresql_store_at_an_older_schema_stops_the_node_until_it_is_upgrad
     database.close()
     config = tmp_path / "radnode.yaml"
     config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "store": {"url": postgres_url},
-                                      "ingress": {"host": "127.0.0.1", "port": 0}}))
+                                      "ingress": {"host": "127.0.0.1", "port": 0}, "api": {"port": 0}}))
     radnode = [sys.executable, "-m", "radnode"]
     serve = subprocess.run([*radnode, "serve", "--config", str(config)], capture_output=True, text=True, timeout=120)
     assert serve.returncode == 2 and serve.stdout == ""
