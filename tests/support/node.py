@@ -59,9 +59,10 @@ STAND_IN = textwrap.dedent('''
 '''.replace("PATIENT_BUNDLE", repr(PATIENT_BUNDLE)))
 """The stand-in job command's script: copies the first image as its result, writes the bundle and a manifest.
 
-``STAND_IN_SECONDS_<PatientID>`` makes it sleep first, ``STAND_IN_GATE_<PatientID>`` wait until that file exists; a study without images fails with exit status 3, and so
-does one whose patient has ``STAND_IN_FAIL_<PatientID>`` set, or run as a pipeline with
-``STAND_IN_FAIL_PIPELINE_<pipeline>`` set (its value is the reason, as a pipeline refusing a bad study writes it).
+``STAND_IN_SECONDS_<PatientID>`` makes it sleep first, ``STAND_IN_GATE_<PatientID>`` wait until that file
+exists; a study without images fails with exit status 3, and so does one whose patient has
+``STAND_IN_FAIL_<PatientID>`` set, or run as a pipeline with ``STAND_IN_FAIL_PIPELINE_<pipeline>`` set (its value
+is the reason, as a pipeline refusing a bad study writes it).
 """
 
 
