@@ -4,12 +4,14 @@ These are the rules the end-to-end tests (``test_engine.py``) rely on, each chec
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from factories import queued_job
+from radnode.node.activity import ActivityLog
 from radnode.node.store import Instance, JobState, JobStore
 from radnode.pipelines.routing import Completeness, LateInstances, SeriesDecision
 from support.waiting import wait_until
@@ -153,7 +155,7 @@ def test_a_job_failed_on_a_worker_and_retried_is_dispatched_again(store: JobStor
 
 
 def test_a_shadow_dispatched_after_its_production_job_was_retried_is_not_claimed_until_the_new_run_is_over(
-        store: JobStore) -> None:
+        store: JobStore, caplog: pytest.LogCaptureFixture) -> None:
     """The leader listed the shadow job for dispatch (its production run had failed), an operator retried the
     production job, then the leader dispatched the shadow: a worker's claim of that message refuses it, so it
     never runs beside the new production run. Its dispatch is dropped: it is dispatched again, and claimed, once
@@ -169,8 +171,13 @@ def test_a_shadow_dispatched_after_its_production_job_was_retried_is_not_claimed
     store.retry_job(main, "ops")  # ...then the operator's retry, before the leader's dispatch
     message = store.dispatch(shadow, "radnode", 5)
     assert message is not None
+    activity = ActivityLog(store.read_rows)
     held = store.claim(shadow, message, "w2", False, LEASE, 3)
     assert held.attempt == 0 and f"held until job {main}'s run is over" in held.why
+    with caplog.at_level(logging.INFO, logger="radnode.activity"):
+        activity.tick()
+    assert [r.getMessage() for r in caplog.records if "held" in r.getMessage()] == [
+        f"job {shadow} (model_seg) held: message {message} not run: {held.why}"]  # the node's log says so too
     assert store.job(shadow).state is JobState.QUEUED and store.attempts(shadow) == []  # type: ignore[union-attr]
     assert store.undispatched() == [main]
     attempt = store.claim(main, store.dispatch(main, "radnode", 5), "w1", False, LEASE, 3).attempt

@@ -17,7 +17,7 @@ log = logging.getLogger("radnode.activity")
 LOGGED_KINDS = frozenset({
     "received", "route", "queued", "running", "requeued", "restarted", "finished", "review", "done", "failed",
     "delivery-error", "delivery-failed", "purged", "retry", "resend", "cancelled", "completed",
-    "reviewed", "reissue", "paused", "resumed",
+    "reviewed", "reissue", "paused", "resumed", "held",
 })
 """Event kinds written as log lines at INFO (failures at WARNING)."""
 WARNING_KINDS = frozenset({"failed", "delivery-error", "delivery-failed"})
