@@ -19,9 +19,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
+from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.events import Event
 
 from factories import write_study
 from radnode.config import Config, OrthancConfig
+from radnode.destinations import Item, Outcome, SendContext
+from radnode.destinations.base import Timeouts
+from radnode.destinations.orthanc_modality import OrthancModalityDestination
 from radnode.execution import RunManifest
 from radnode.node.egress import outbox_dir
 from radnode.node.orthanc_ingress import OrthancIngress
@@ -192,3 +197,43 @@ def test_a_study_with_an_instance_refused_on_the_orthanc_path_fails_naming_the_r
             kinds = [e.kind for e in node.events(job.id)]
     assert job.state is JobState.FAILED and job.instances == 2 and "running" not in kinds, job
     assert "RescaleSlope 1e+30 out of range" in job.reason and "refused at ingest" in job.reason, job.reason
+
+
+def test_a_result_the_modality_behind_orthanc_refuses_fails_alone_and_its_resend_sends_nothing_twice(
+        tmp_path: Path) -> None:
+    """Orthanc relays each result in a job of its own: the peer refusing one leaves the others delivered (each
+    handed to egress as it is known), and the re-send of the refused one is the only thing sent again."""
+    results = write_study(tmp_path / "results", n=3)
+    uids = [str(pydicom.dcmread(path).SOPInstanceUID) for path in results]
+    refusing = {uids[1]}
+    received: list[str] = []
+
+    def on_store(event: Event) -> int:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        if uid in refusing:
+            return 0xA700
+        received.append(uid)
+        return 0x0000
+
+    peer = AE(ae_title="PICKY")
+    peer.supported_contexts = AllStoragePresentationContexts
+    server = peer.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        modalities = {"PICKY": ["PICKY", "127.0.0.1", server.server_address[1]]}
+        with OrthancServer(node_url=None, modalities=modalities) as orthanc:
+            handed: list[Outcome] = []
+            context = SendContext(ae_title="RADNODE", timeouts=Timeouts(connect_seconds=5, network_seconds=30),
+                                  orthanc=OrthancConfig(url=orthanc.url), job_id=1, on_outcome=handed.append)
+            destination = OrthancModalityDestination(modality="PICKY")
+            items = [Item(number, path, path.name) for number, path in enumerate(results, 1)]
+            outcomes = destination.send(items, context)
+            assert [o.ok for o in outcomes] == [True, False, True], [o.message for o in outcomes]
+            assert handed == outcomes
+            assert "modalities/PICKY/store" in outcomes[1].message
+            assert received == [uids[0], uids[2]]
+
+            refusing.clear()  # the peer takes it now: egress re-sends the failed delivery only
+            assert [o.ok for o in destination.send([items[1]], context)] == [True]
+    finally:
+        server.shutdown()
+    assert sorted(received) == sorted(uids), "each result reached the modality exactly once"

@@ -36,9 +36,18 @@ class OrthancDestination(Destination):
         return "Orthanc"
 
     def send(self, items: list[Item], context: SendContext) -> list[Outcome]:
-        outcomes, stored = self.store_into_orthanc(items, context)
-        return outcomes + [Outcome(item, True, f"{item.name} → Orthanc (instance {orthanc_id})",
-                                   sent_uid=sop_instance_uid(item.path)) for item, orthanc_id in stored]
+        """Each item stored into Orthanc and its outcome handed to egress at once, so a kill mid-send never loses
+        the record of one already stored."""
+        return [context.answered(self.send_one(item, context)) for item in items]
+
+    def send_one(self, item: Item, context: SendContext) -> Outcome:
+        """One item's delivery: stored into Orthanc."""
+        try:
+            orthanc_id = self.store_into_orthanc(item, context)
+        except OrthancRequestError as e:
+            return Outcome(item, False, f"store into Orthanc: {e}")
+        return Outcome(item, True, f"{item.name} → Orthanc (instance {orthanc_id})",
+                       sent_uid=sop_instance_uid(item.path))
 
     def check(self, context: SendContext) -> Check:
         """``GET /system`` of the node's Orthanc: it answers and takes the node's credentials."""
@@ -50,18 +59,18 @@ class OrthancDestination(Destination):
             return Check(False, f"Orthanc {context.orthanc.url}: {e}")
         return Check(True, f"Orthanc {version} at {context.orthanc.url}")
 
-    def store_into_orthanc(self, items: list[Item], context: SendContext
-                           ) -> tuple[list[Outcome], list[tuple[Item, str]]]:
-        """``POST /instances`` for each item: failures as outcomes, and (item, Orthanc id) of those stored."""
-        failed, stored = [], []
-        for item in items:
-            try:
-                answer = self.orthanc_request(context, "POST", "/instances", data=item.path.read_bytes(),
-                                              headers={"Content-Type": "application/dicom"}).json()
-                stored.append((item, str(answer["ID"])))
-            except (OrthancRequestError, OSError, ValueError, KeyError) as e:
-                failed.append(Outcome(item, False, f"store into Orthanc: {e}"))
-        return failed, stored
+    def store_into_orthanc(self, item: Item, context: SendContext) -> str:
+        """``POST /instances`` of one item; its Orthanc id, or OrthancRequestError saying why not."""
+        try:
+            data = item.path.read_bytes()
+        except OSError as e:
+            raise OrthancRequestError(f"cannot read {item.name}: {e.strerror}") from None
+        answer = self.orthanc_request(context, "POST", "/instances", data=data,
+                                      headers={"Content-Type": "application/dicom"})
+        try:
+            return str(answer.json()["ID"])
+        except (ValueError, KeyError, TypeError):
+            raise OrthancRequestError(f"POST /instances: answer without an instance ID: {answer.text[:200]}") from None
 
     @staticmethod
     def orthanc_request(context: SendContext, method: str, path: str, **kwargs: Any) -> Any:
@@ -90,21 +99,24 @@ class OrthancDestination(Destination):
 
 
 class OrthancRelay(OrthancDestination):
-    """A destination Orthanc sends to: results are stored into Orthanc, then Orthanc sends them on in one
-    synchronous job (``orthanc_path``); they are delivered only when that job succeeded."""
+    """A destination Orthanc sends to: each result is stored into Orthanc, then Orthanc sends it on in a
+    synchronous job of its own (``orthanc_path``); it is delivered only when that job succeeded. One job per item,
+    so when the peer refuses one result the others are recorded delivered and a re-send sends only that one
+    (Orthanc's job reports success or failure for all its instances together)."""
 
     def orthanc_path(self) -> str:
         """The Orthanc call that sends stored instances on."""
         raise NotImplementedError
 
-    def send(self, items: list[Item], context: SendContext) -> list[Outcome]:
-        outcomes, stored = self.store_into_orthanc(items, context)
-        if not stored:
-            return outcomes
-        path = self.orthanc_path()
+    def send_one(self, item: Item, context: SendContext) -> Outcome:
         try:
-            self.orthanc_request(context, "POST", path, json={"Resources": [i for _, i in stored], "Synchronous": True})
+            orthanc_id = self.store_into_orthanc(item, context)
         except OrthancRequestError as e:
-            return outcomes + [Outcome(item, False, f"Orthanc {e}") for item, _ in stored]
-        return outcomes + [Outcome(item, True, f"{item.name} → {self.describe()} via Orthanc",
-                                   sent_uid=sop_instance_uid(item.path)) for item, _ in stored]
+            return Outcome(item, False, f"store into Orthanc: {e}")
+        try:
+            self.orthanc_request(context, "POST", self.orthanc_path(), json={"Resources": [orthanc_id],
+                                                                             "Synchronous": True})
+        except OrthancRequestError as e:
+            return Outcome(item, False, f"Orthanc {e}")
+        return Outcome(item, True, f"{item.name} → {self.describe()} via Orthanc",
+                       sent_uid=sop_instance_uid(item.path))

@@ -1,5 +1,5 @@
 """One of Orthanc's DICOMweb servers (``DicomWeb.Servers``): results are stored into Orthanc, then Orthanc sends
-them by STOW-RS in one synchronous job (for a STOW-RS server the node reaches itself, use ``dicomweb``)."""
+each by STOW-RS in a synchronous job of its own (for a STOW-RS server the node reaches itself, use ``dicomweb``)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """One of Orthanc's DICOM modalities (``DicomModalities``): results are stored into Orthanc, then Orthanc
-C-STOREs them in one synchronous job."""
+C-STOREs each in a synchronous job of its own."""
 
 from __future__ import annotations
 
