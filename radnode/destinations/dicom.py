@@ -234,9 +234,14 @@ class DicomDestination(Destination):
 def _abort_now(ae: "AE", connected: list["Association"]) -> None:
     """End the AE's association at once, also one still waiting for the peer's answer (it runs in the requesting
     thread, not among ``active_associations``): closing the transport connection wakes pynetdicom's waits, where
-    an A-ABORT alone would wait out the ACSE or DIMSE timeout."""
+    an A-ABORT alone would wait out the ACSE or DIMSE timeout. The DUL reactor can die on the closed socket before
+    it tells the waiting thread, so an A-P-ABORT is also put where that thread reads the peer's answer: pynetdicom's
+    ACSE takes it as the association aborted and returns at once."""
+    from pynetdicom.pdu_primitives import A_P_ABORT
+
     for assoc in [*connected, *ae.active_associations]:
         transport = assoc.dul.socket
         if transport is not None:
             transport.close()
+        assoc.dul.to_user_queue.put(A_P_ABORT())
     ae.shutdown()
